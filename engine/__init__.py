@@ -1,0 +1,1 @@
+"""The fleet side: simulated engines, the prefill/decode sidecar, presets and the shared cost model."""

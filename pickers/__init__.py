@@ -1,0 +1,1 @@
+"""The scheduling framework: admission, profiles, filters, scorers, pickers and their data layer."""

@@ -1,0 +1,149 @@
+"""The types that cross the boundary between the ext_proc server and the scheduling framework.
+
+extproc turns an HTTP request into an ``InferenceRequest``, asks a ``Scheduler`` for a ``Decision`` and
+reports what it sees on the response path through the scheduler's hooks. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+Api = Literal["completions", "chat", "responses", "other"]
+
+
+class Role(str, enum.Enum):
+    """What a pod may do in a disaggregated pool (llm-d's ``llm-d.ai/role`` label values)."""
+
+    PREFILL = "prefill"
+    DECODE = "decode"
+    BOTH = "both"
+
+    def can_decode(self) -> bool:
+        return self is not Role.PREFILL
+
+    def can_prefill(self) -> bool:
+        return self is not Role.DECODE
+
+
+@dataclass(slots=True)
+class Endpoint:
+    """One engine instance the picker can route to."""
+
+    address: str  # "ip:port", the value that goes into x-gateway-destination-endpoint
+    role: Role = Role.BOTH
+    model: str = ""
+    accelerator: str = "H100"
+    model_profile: str = "llama-3.1-8b"  # cost-model profile for this pod's model
+    labels: dict[str, str] = field(default_factory=dict)
+    metrics_url: str | None = None  # default: http://{address}/metrics
+    kv_events: str | None = None  # ZMQ endpoint of the pod's KV event publisher, e.g. tcp://ip:5557
+    block_size: int = 16
+
+    def __post_init__(self) -> None:
+        if isinstance(self.role, str):
+            self.role = Role(self.role)
+        host, sep, port = self.address.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"endpoint address must be ip:port, got {self.address!r}")
+
+    @property
+    def scrape_url(self) -> str:
+        return self.metrics_url or f"http://{self.address}/metrics"
+
+
+@dataclass(slots=True)
+class InferenceRequest:
+    """An OpenAI-style request as the picker sees it: parsed once, never re-read from the body."""
+
+    request_id: str
+    model: str
+    api: Api = "completions"
+    prompt: str | None = None  # completions / responses: the prompt text
+    prompt_token_ids: list[int] | None = None  # completions given as token ids
+    messages: list[dict[str, Any]] | None = None  # chat: the messages as sent
+    stream: bool = False
+    max_tokens: int | None = None
+    headers: dict[str, str] = field(default_factory=dict)  # lower-cased, only those that matter
+    subset: list[str] | None = None  # gateway subset hint: pick only among these addresses
+    body_size: int = 0
+    arrival: float = 0.0  # clock time the request reached the picker
+    # Filled by the framework on first use and kept for the hooks (token ids, block hashes, ...).
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        """The prompt as one string, for byte-level (approximate) matching and rough token counts."""
+        if self.prompt is not None:
+            return self.prompt
+        if self.messages:
+            from engine.tokens.tokenizer import message_text
+
+            return "".join(
+                f"{m.get('role', '')}:{message_text(m.get('content'))}\n" for m in self.messages
+            )
+        return ""
+
+
+@dataclass(slots=True)
+class Decision:
+    """Where a request goes: an ordered decode fallback list and, maybe, a prefill pod.
+
+    ``explanation`` maps each considered address to its per-scorer scores and the total, so every
+    decision can be explained in a log line or a response header.
+    """
+
+    request: InferenceRequest
+    endpoints: list[str]  # decode destinations, best first; never empty
+    prefill: str | None = None
+    profile: str = "default"
+    explanation: dict[str, dict[str, float]] = field(default_factory=dict)
+    decided_at: float = 0.0
+
+    @property
+    def primary(self) -> str:
+        return self.endpoints[0]
+
+
+class SchedulingError(Exception):
+    """A request the picker will not route. extproc answers it with an OpenAI-format error body."""
+
+    def __init__(self, status: int, message: str, code: str, err_type: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.err_type = err_type or {
+            400: "invalid_request_error",
+            413: "invalid_request_error",
+            429: "rate_limit_exceeded",
+            503: "service_unavailable",
+        }.get(status, "server_error")
+
+
+@dataclass(slots=True)
+class Usage:
+    """What the response path saw of a finished request."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+class Scheduler(Protocol):
+    """What extproc needs from the scheduling framework. Implementations must not block the loop."""
+
+    async def schedule(self, request: InferenceRequest) -> Decision:
+        """Pick destinations, or raise ``SchedulingError`` (400/429/503)."""
+        ...
+
+    def on_served(self, decision: Decision, served: str) -> None:
+        """The gateway reports which endpoint of the fallback list actually took the request."""
+        ...
+
+    def on_first_token(self, decision: Decision, at: float) -> None: ...
+
+    def on_finished(self, decision: Decision, usage: Usage | None, at: float) -> None: ...
+
+    def on_failed(self, decision: Decision, reason: str, at: float) -> None: ...
