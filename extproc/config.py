@@ -1,0 +1,131 @@
+"""The picker's one YAML configuration file, validated at start (errors name the bad key).
+
+    server: {grpc_port, metrics_port, host, body_limit_bytes, debug_headers, model_rewrite, drain_seconds}
+    endpoints: [{address, role, model, accelerator, model_profile, labels, kv_events, metrics_url}]
+    scheduler: {...}   # passed as-is to pickers.config.build_scheduler when that module exists
+
+Every key has a default, so no file is needed; ``--endpoint`` flags add endpoints.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+import yaml
+
+from pickers.types import Endpoint, Role
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key."""
+
+
+class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    host: str = "0.0.0.0"
+    grpc_port: int = 9002
+    metrics_port: int = 9090  # 0 picks a free port; -1 turns the metrics server off
+    body_limit_bytes: int = 8 * 1024 * 1024
+    debug_headers: bool = False
+    model_rewrite: dict[str, str] = {}
+    drain_seconds: float = 10.0
+    max_fallback: int = 0  # endpoints in the fallback list; 0 = all eligible, 1 = ORIGINAL_DST clusters
+
+
+class EndpointConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    address: str
+    role: Literal["prefill", "decode", "both"] = "both"
+    model: str = ""
+    accelerator: str = "H100"
+    model_profile: str = "llama-3.1-8b"
+    labels: dict[str, str] = {}
+    kv_events: str | None = None
+    metrics_url: str | None = None
+
+    def to_endpoint(self) -> Endpoint:
+        return Endpoint(address=self.address, role=Role(self.role), model=self.model,
+                        accelerator=self.accelerator, model_profile=self.model_profile,
+                        labels=dict(self.labels), kv_events=self.kv_events, metrics_url=self.metrics_url)
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    endpoints: list[EndpointConfig] = []
+    scheduler: dict[str, Any] | None = None
+
+    def endpoint_objects(self) -> list[Endpoint]:
+        return [e.to_endpoint() for e in self.endpoints]
+
+
+def _check(cfg: Config) -> Config:
+    s = cfg.server
+    for key in ("grpc_port", "metrics_port"):
+        port = getattr(s, key)
+        if not -1 <= port <= 65535:
+            raise ConfigError(f"server.{key}: {port} is not a port number (0-65535)")
+    if s.body_limit_bytes <= 0:
+        raise ConfigError(f"server.body_limit_bytes: must be positive, got {s.body_limit_bytes}")
+    if s.max_fallback < 0:
+        raise ConfigError(f"server.max_fallback: must be >= 0, got {s.max_fallback}")
+    if s.drain_seconds < 0:
+        raise ConfigError(f"server.drain_seconds: must be >= 0, got {s.drain_seconds}")
+    seen: set[str] = set()
+    for i, e in enumerate(cfg.endpoints):
+        try:
+            e.to_endpoint()
+        except ValueError as exc:
+            raise ConfigError(f"endpoints[{i}].address: {exc}") from None
+        if e.address in seen:
+            raise ConfigError(f"endpoints[{i}].address: {e.address} is listed twice")
+        seen.add(e.address)
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any] | None) -> Config:
+    try:
+        cfg = msgspec.convert(raw or {}, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None
+    return _check(cfg)
+
+
+def load_config(path: str | None) -> Config:
+    if path is None:
+        return config_from_dict(None)
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with server/endpoints/scheduler keys")
+    try:
+        return config_from_dict(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def parse_endpoint_flag(value: str) -> EndpointConfig:
+    """``ADDR[,role=decode,accelerator=H100,model=...,label.k=v]`` -> EndpointConfig."""
+    address, *opts = value.split(",")
+    fields: dict[str, Any] = {"address": address.strip()}
+    labels: dict[str, str] = {}
+    for opt in opts:
+        key, sep, val = opt.partition("=")
+        if not sep:
+            raise ConfigError(f"--endpoint {value!r}: option {opt!r} must be key=value")
+        key = key.strip()
+        if key.startswith("label."):
+            labels[key[6:]] = val
+        else:
+            fields[key] = val
+    if labels:
+        fields["labels"] = labels
+    try:
+        ep = msgspec.convert(fields, EndpointConfig)
+        ep.to_endpoint()
+    except (msgspec.ValidationError, ValueError) as exc:
+        raise ConfigError(f"--endpoint {value!r}: {exc}") from None
+    return ep

@@ -1,0 +1,261 @@
+"""Build an Envoy bootstrap that routes through the kvswitch picker.
+
+The configuration is assembled from envoy-data-plane's typed dataclasses (betterproto2), so a misspelt field
+fails here, then serialised to proto3 JSON (or YAML). Two ways to reach the chosen pod:
+
+- ``override-host`` (default): a STATIC/EDS cluster with ``envoy.load_balancing_policies.override_host``
+  reading the fallback list from the ``x-gateway-destination-endpoint`` header and the ``envoy.lb`` metadata,
+  walking it on retries, and reporting the served host in ``envoy.lb`` / ``x-gateway-destination-endpoint-served``.
+  The cluster must list the pods (``endpoints``); a request that reaches it without a decision (fail-open)
+  goes round robin.
+- ``original-dst``: an ORIGINAL_DST cluster that connects to whatever single ``ip:port`` the header names;
+  no endpoint list needed, but no fallback list (run the picker with ``server.max_fallback: 1``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import yaml
+from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
+from envoy_data_plane.envoy.config.cluster.v3 import (
+    Cluster,
+    ClusterDiscoveryType,
+    ClusterLbPolicy,
+    ClusterOriginalDstLbConfig,
+    LoadBalancingPolicy,
+    LoadBalancingPolicyPolicy,
+)
+from envoy_data_plane.envoy.config.core.v3 import (
+    Address,
+    GrpcService,
+    GrpcServiceEnvoyGrpc,
+    HealthCheck,
+    HealthCheckGrpcHealthCheck,
+    Http2ProtocolOptions,
+    SocketAddress,
+    TypedExtensionConfig,
+)
+from envoy_data_plane.envoy.config.endpoint.v3 import (
+    ClusterLoadAssignment,
+    Endpoint,
+    LbEndpoint,
+    LocalityLbEndpoints,
+)
+from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
+from envoy_data_plane.envoy.config.route.v3 import (
+    RetryPolicy,
+    Route,
+    RouteAction,
+    RouteConfiguration,
+    RouteMatch,
+    VirtualHost,
+)
+from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
+    ExternalProcessor,
+    MetadataOptions,
+    MetadataOptionsMetadataNamespaces,
+    ProcessingMode,
+    ProcessingModeBodySendMode,
+    ProcessingModeHeaderSendMode,
+)
+from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
+    HttpConnectionManager,
+    HttpFilter,
+)
+from envoy_data_plane.envoy.extensions.load_balancing_policies.override_host.v3 import (
+    OverrideHost,
+    OverrideHostOverrideHostSource,
+)
+from envoy_data_plane.envoy.extensions.load_balancing_policies.round_robin.v3 import RoundRobin
+from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
+    HttpProtocolOptions,
+    HttpProtocolOptionsExplicitHttpConfig,
+)
+from envoy_data_plane.envoy.type.metadata.v3 import MetadataKey, MetadataKeyPathSegment
+from envoy_data_plane.google.protobuf import Any as AnyProto
+
+DESTINATION = "x-gateway-destination-endpoint"
+SERVED = "x-gateway-destination-endpoint-served"
+LB_NAMESPACE = "envoy.lb"
+SUBSET_NAMESPACE = "envoy.lb.subset_hint"
+EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+PICKER_CLUSTER = "kvswitch_picker"
+POOL_CLUSTER = "inference_pool"
+
+
+@dataclass
+class EnvoyConfigOptions:
+    """Everything the generated bootstrap depends on."""
+
+    listen_port: int = 8081
+    listen_host: str = "0.0.0.0"
+    picker: str = "127.0.0.1:9002"
+    fail_open: bool = False
+    lb: str = "override-host"  # or "original-dst"
+    admin_port: int = 9901
+    endpoints: list[str] = field(default_factory=list)  # pool pods (override-host)
+    route_timeout_s: float = 3600.0
+    retries: int = 3
+    picker_grpc_timeout_s: float = 10.0
+    message_timeout_s: float = 1000.0
+    buffer_limit_bytes: int = 32 * 1024 * 1024  # large prompts pass through Envoy's buffers
+    picker_health_interval_s: float = 1.0
+    # Extra HTTP filters (already-serialised proto3 JSON dicts with "name"/"typedConfig") placed before
+    # ext_proc; tests use it to inject a subset hint. Plain dicts on purpose: they are test-only.
+    extra_http_filters: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _addr(hostport: str) -> Address:
+    host, _, port = hostport.rpartition(":")
+    return Address(socket_address=SocketAddress(address=host.strip("[]"), port_value=int(port)))
+
+
+def _pack(msg) -> AnyProto:
+    return AnyProto.pack(msg)
+
+
+def _seconds(s: float) -> timedelta:
+    return timedelta(seconds=s)
+
+
+def _load_assignment(name: str, addresses: list[str]) -> ClusterLoadAssignment:
+    return ClusterLoadAssignment(
+        cluster_name=name,
+        endpoints=[LocalityLbEndpoints(lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=_addr(a)))
+                                                     for a in addresses])],
+    )
+
+
+def _ext_proc(opts: EnvoyConfigOptions) -> ExternalProcessor:
+    send = ProcessingModeHeaderSendMode.SEND
+    duplex = ProcessingModeBodySendMode.FULL_DUPLEX_STREAMED
+    return ExternalProcessor(
+        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=PICKER_CLUSTER),
+                                 timeout=_seconds(opts.picker_grpc_timeout_s)),
+        failure_mode_allow=opts.fail_open,
+        processing_mode=ProcessingMode(
+            request_header_mode=send, response_header_mode=send,
+            request_body_mode=duplex, response_body_mode=duplex,
+            request_trailer_mode=send, response_trailer_mode=send,
+        ),
+        message_timeout=_seconds(opts.message_timeout_s),
+        metadata_options=MetadataOptions(
+            forwarding_namespaces=MetadataOptionsMetadataNamespaces(untyped=[LB_NAMESPACE, SUBSET_NAMESPACE]),
+            receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[LB_NAMESPACE]),
+        ),
+    )
+
+
+def _listener(opts: EnvoyConfigOptions) -> Listener:
+    route = Route(
+        match=RouteMatch(prefix="/"),
+        route=RouteAction(
+            cluster=POOL_CLUSTER,
+            timeout=_seconds(opts.route_timeout_s),
+            retry_policy=RetryPolicy(retry_on="connect-failure,refused-stream,reset", num_retries=opts.retries),
+        ),
+    )
+    filters = [HttpFilter(name="envoy.filters.http.ext_proc", typed_config=_pack(_ext_proc(opts))),
+               HttpFilter(name="envoy.filters.http.router", typed_config=_pack(Router()))]
+    hcm = HttpConnectionManager(
+        stat_prefix="kvswitch_ingress",
+        route_config=RouteConfiguration(
+            name="inference",
+            virtual_hosts=[VirtualHost(name="inference", domains=["*"], routes=[route])],
+        ),
+        http_filters=filters,
+    )
+    return Listener(
+        name="inference",
+        address=_addr(f"{opts.listen_host}:{opts.listen_port}"),
+        per_connection_buffer_limit_bytes=opts.buffer_limit_bytes,
+        filter_chains=[FilterChain(filters=[
+            Filter(name="envoy.filters.network.http_connection_manager", typed_config=_pack(hcm))
+        ])],
+    )
+
+
+def _pool_cluster(opts: EnvoyConfigOptions) -> Cluster:
+    if opts.lb == "original-dst":
+        return Cluster(
+            name=POOL_CLUSTER,
+            type=ClusterDiscoveryType.ORIGINAL_DST,
+            lb_policy=ClusterLbPolicy.CLUSTER_PROVIDED,
+            connect_timeout=_seconds(1),
+            per_connection_buffer_limit_bytes=opts.buffer_limit_bytes,
+            original_dst_lb_config=ClusterOriginalDstLbConfig(use_http_header=True, http_header_name=DESTINATION),
+        )
+    if opts.lb != "override-host":
+        raise ValueError(f"lb must be override-host or original-dst, got {opts.lb!r}")
+    if not opts.endpoints:
+        raise ValueError("the override-host cluster needs the pool's endpoints (--endpoint ip:port, repeatable)")
+    policy = OverrideHost(
+        override_host_sources=[OverrideHostOverrideHostSource(header=DESTINATION),
+                               OverrideHostOverrideHostSource(metadata=MetadataKey(
+                                   key=LB_NAMESPACE, path=[MetadataKeyPathSegment(key=DESTINATION)]))],
+        selected_host_key=MetadataKey(key=LB_NAMESPACE, path=[MetadataKeyPathSegment(key=SERVED)]),
+        fallback_policy=LoadBalancingPolicy(policies=[LoadBalancingPolicyPolicy(
+            typed_extension_config=TypedExtensionConfig(
+                name="envoy.load_balancing_policies.round_robin", typed_config=_pack(RoundRobin())))]),
+    )
+    return Cluster(
+        name=POOL_CLUSTER,
+        type=ClusterDiscoveryType.STATIC,
+        connect_timeout=_seconds(1),
+        per_connection_buffer_limit_bytes=opts.buffer_limit_bytes,
+        load_assignment=_load_assignment(POOL_CLUSTER, opts.endpoints),
+        load_balancing_policy=LoadBalancingPolicy(policies=[LoadBalancingPolicyPolicy(
+            typed_extension_config=TypedExtensionConfig(
+                name="envoy.load_balancing_policies.override_host", typed_config=_pack(policy)))]),
+    )
+
+
+def _picker_cluster(opts: EnvoyConfigOptions) -> Cluster:
+    h2 = HttpProtocolOptions(explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+        http2_protocol_options=Http2ProtocolOptions()))
+    return Cluster(
+        name=PICKER_CLUSTER,
+        type=ClusterDiscoveryType.STATIC,
+        connect_timeout=_seconds(1),
+        load_assignment=_load_assignment(PICKER_CLUSTER, [opts.picker]),
+        typed_extension_protocol_options={"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _pack(h2)},
+        health_checks=[HealthCheck(
+            timeout=_seconds(1),
+            interval=_seconds(opts.picker_health_interval_s),
+            unhealthy_threshold=2,
+            healthy_threshold=1,
+            grpc_health_check=HealthCheckGrpcHealthCheck(service_name=EXT_PROC_SERVICE),
+        )],
+    )
+
+
+def build_bootstrap(opts: EnvoyConfigOptions) -> Bootstrap:
+    return Bootstrap(
+        static_resources=BootstrapStaticResources(
+            listeners=[_listener(opts)],
+            clusters=[_pool_cluster(opts), _picker_cluster(opts)],
+        ),
+        admin=Admin(address=_addr(f"127.0.0.1:{opts.admin_port}")),
+    )
+
+
+def to_dict(opts: EnvoyConfigOptions) -> dict[str, Any]:
+    """The bootstrap as proto3 JSON (camelCase), with any test-only filters spliced in before ext_proc."""
+    doc = build_bootstrap(opts).to_dict()
+    if opts.extra_http_filters:
+        hcm = doc["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
+        hcm["httpFilters"][0:0] = list(opts.extra_http_filters)
+    return doc
+
+
+def render(opts: EnvoyConfigOptions, fmt: str = "yaml") -> str:
+    doc = to_dict(opts)
+    if fmt == "json":
+        return json.dumps(doc, indent=2) + "\n"
+    header = "# Generated by `kvswitch envoy-config` (extproc/envoyconfig). Do not edit by hand.\n"
+    return header + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)

@@ -1,0 +1,46 @@
+"""``kvswitch envoy-config``: write an Envoy bootstrap that sends every request through the picker."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from extproc.envoyconfig.builder import EnvoyConfigOptions, render
+
+
+def parse_args(argv: list[str]) -> tuple[EnvoyConfigOptions, str | None, str]:
+    p = argparse.ArgumentParser(prog="kvswitch envoy-config", description=__doc__)
+    p.add_argument("--listen-port", type=int, default=8081)
+    p.add_argument("--listen-host", default="0.0.0.0")
+    p.add_argument("--picker", default="127.0.0.1:9002", metavar="HOST:PORT", help="the kvswitch gRPC address")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--fail-open", dest="fail_open", action="store_true",
+                      help="let requests through (round robin) when the picker is down")
+    mode.add_argument("--fail-closed", dest="fail_open", action="store_false",
+                      help="fail requests when the picker is down (default)")
+    p.add_argument("--lb", choices=["override-host", "original-dst"], default="override-host")
+    p.add_argument("--endpoint", action="append", default=[], metavar="IP:PORT",
+                   help="a pool pod (repeatable; required with --lb override-host)")
+    p.add_argument("--admin-port", type=int, default=9901)
+    p.add_argument("--format", choices=["yaml", "json"], default="yaml")
+    p.add_argument("--out", help="write here instead of stdout")
+    a = p.parse_args(argv)
+    opts = EnvoyConfigOptions(listen_port=a.listen_port, listen_host=a.listen_host, picker=a.picker,
+                              fail_open=a.fail_open, lb=a.lb, admin_port=a.admin_port,
+                              endpoints=[e.split(",")[0] for e in a.endpoint])
+    return opts, a.out, a.format
+
+
+def main(argv: list[str]) -> int:
+    opts, out, fmt = parse_args(argv)
+    try:
+        text = render(opts, fmt)
+    except ValueError as exc:
+        print(f"kvswitch envoy-config: {exc}", file=sys.stderr)
+        return 2
+    if out:
+        with open(out, "w", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0

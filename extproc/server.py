@@ -1,0 +1,184 @@
+"""The ext_proc gRPC server: ExternalProcessor servicer, gRPC health, metrics port, graceful drain.
+
+    server = build_server(config, scheduler)      # config: extproc.config.Config
+    await server.start()                           # binds; server.port / server.metrics_port are now known
+    ...
+    await server.stop()                            # NOT_SERVING, stop accepting, drain up to drain_seconds
+
+The server only talks to the scheduler through pickers.types.Scheduler, so any implementation plugs in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from extproc import metrics
+from extproc.config import Config
+from extproc.stream import ExtProcStream, StreamSettings
+from pickers.clock import Clock, MonotonicClock
+from pickers.types import Scheduler
+
+log = logging.getLogger("kvswitch.extproc")
+
+EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+HEALTH_SERVICES = ("", "liveness", "readiness", EXT_PROC_SERVICE)
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+_GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.so_reuseport", 0),
+]
+
+
+class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
+    """One ExtProcStream per gRPC stream; replies go back in the order the state machine returns them."""
+
+    def __init__(self, scheduler: Scheduler, settings: StreamSettings, clock: Clock) -> None:
+        self.scheduler = scheduler
+        self.settings = settings
+        self.clock = clock
+        self.active = 0
+
+    async def Process(
+        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        stream = ExtProcStream(self.scheduler, self.settings, self.clock)
+        self.active += 1
+        metrics.STREAMS.inc()
+        try:
+            async for request in request_iterator:
+                for reply in await stream.handle(request):
+                    yield reply
+        finally:
+            stream.close()
+            self.active -= 1
+            metrics.STREAMS.dec()
+
+
+def _scheduler_ready(scheduler: Scheduler, config: Config) -> bool:
+    ready = getattr(scheduler, "ready", None)
+    if callable(ready):
+        return bool(ready())
+    endpoints = getattr(scheduler, "endpoints", None)
+    if endpoints is not None:
+        return len(endpoints) > 0
+    return bool(config.endpoints)
+
+
+class Server:
+    """The running picker: gRPC (ext_proc + health) and, unless disabled, the Prometheus port."""
+
+    def __init__(self, config: Config, scheduler: Scheduler, clock: Clock | None = None,
+                 manage_scheduler: bool = True) -> None:
+        self.config = config
+        self.scheduler = scheduler
+        self.clock = clock or MonotonicClock()
+        self.manage_scheduler = manage_scheduler
+        s = config.server
+        self.processor = ExternalProcessor(
+            scheduler, StreamSettings(s.body_limit_bytes, s.debug_headers, dict(s.model_rewrite), s.max_fallback), self.clock
+        )
+        self.health = health_aio.HealthServicer()
+        self.port: int = 0
+        self.metrics_port: int | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._metrics_httpd = None
+        self._ready_task: asyncio.Task | None = None
+        self._stopping = False
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        s = self.config.server
+        if self.manage_scheduler:
+            await self.scheduler.start()
+        server = grpc.aio.server(options=_GRPC_OPTIONS)
+        pb_grpc.add_ExternalProcessorServicer_to_server(self.processor, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        self.port = server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {s.host}:{s.grpc_port} (port in use?)")
+        for name in ("", "liveness", EXT_PROC_SERVICE):
+            await self.health.set(name, _SERVING)
+        await self._update_readiness()
+        await server.start()
+        self._grpc = server
+        if s.metrics_port >= 0:
+            from prometheus_client import start_http_server
+
+            self._metrics_httpd, _ = start_http_server(s.metrics_port, addr=s.host)
+            self.metrics_port = self._metrics_httpd.server_port
+        self._ready_task = asyncio.create_task(self._watch_readiness(), name="kvswitch-readiness")
+        log.info("kvswitch ext_proc listening on %s:%d (metrics %s)", s.host, self.port, self.metrics_port)
+
+    async def _update_readiness(self) -> bool:
+        ready = not self._stopping and _scheduler_ready(self.scheduler, self.config)
+        status = _SERVING if ready else _NOT_SERVING
+        await self.health.set("readiness", status)
+        await self.health.set(EXT_PROC_SERVICE, status if not self._stopping else _NOT_SERVING)
+        return ready
+
+    async def _watch_readiness(self) -> None:
+        """Endpoints can come and go (discovery): re-check readiness twice a second."""
+        while not self._stopping:
+            await self._update_readiness()
+            await asyncio.sleep(0.5)
+
+    async def wait_for_termination(self) -> None:
+        if self._grpc is not None:
+            await self._grpc.wait_for_termination()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, stop accepting streams, let open ones finish for up to ``grace`` seconds."""
+        if self._stopping:
+            return
+        self._stopping = True
+        grace = self.config.server.drain_seconds if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self._ready_task is not None:
+            self._ready_task.cancel()
+            try:
+                await self._ready_task
+            except asyncio.CancelledError:
+                pass
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+        if self._metrics_httpd is not None:
+            self._metrics_httpd.shutdown()
+            self._metrics_httpd.server_close()
+        if self.manage_scheduler:
+            await self.scheduler.stop()
+
+
+def build_server(config: Config, scheduler: Scheduler, clock: Clock | None = None,
+                 manage_scheduler: bool = True) -> Server:
+    """Construct (not start) the picker server; ``kvswitch up`` and tests use this in-process."""
+    return Server(config, scheduler, clock, manage_scheduler)
+
+
+def build_scheduler(config: Config, clock: Clock | None = None) -> Scheduler:
+    """The framework's scheduler when pickers.config exists, else LeastInFlight (warning if configured)."""
+    clock = clock or MonotonicClock()
+    endpoints = config.endpoint_objects()
+    try:
+        from pickers.config import build_scheduler as framework_build
+    except ImportError:
+        framework_build = None
+    if framework_build is not None:
+        return framework_build(config.scheduler, endpoints, clock)
+    if config.scheduler:
+        log.warning("scheduler: configuration ignored (pickers.config is not available); using LeastInFlight")
+    from pickers.simple import LeastInFlight
+
+    return LeastInFlight(endpoints, clock)

@@ -1,0 +1,327 @@
+"""The per-request ext_proc state machine: one instance per gRPC stream.
+
+request headers -> request body chunks (FULL_DUPLEX_STREAMED: the headers reply waits for end_of_stream)
+-> decision -> headers reply (destination header + envoy.lb metadata) and the body as streamed chunks ->
+response headers -> response body chunks passed straight back while observed -> end. ``handle`` returns the
+replies for one incoming message, in order; it never blocks on anything but the scheduler.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from extproc import messages as msg
+from extproc import metrics
+from extproc.errors import RequestRejected, body_for
+from extproc.observe import ResponseObserver
+from extproc.parse import HEADERS_THAT_MATTER, api_for_path, parse_request, rewrite_model
+from pickers.clock import Clock
+from pickers.types import Decision, InferenceRequest, Scheduler, SchedulingError
+
+log = logging.getLogger("kvswitch.extproc")
+
+_ids = itertools.count(1)
+_ID_PREFIX = os.urandom(4).hex()
+
+
+@dataclass(slots=True)
+class StreamSettings:
+    """What a stream needs from the server configuration."""
+
+    body_limit_bytes: int = 8 * 1024 * 1024
+    debug_headers: bool = False
+    model_rewrite: dict[str, str] = field(default_factory=dict)
+    max_fallback: int = 0  # 0: the whole fallback list
+
+
+class Phase(enum.Enum):
+    HEADERS = "headers"  # waiting for request headers
+    BODY = "body"  # buffering the request body
+    ROUTED = "routed"  # decision sent, request on its way upstream
+    REJECTED = "rejected"  # answered with an immediate response
+    DONE = "done"  # response finished
+
+
+def _headers_of(hdrs: pb.HttpHeaders) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for h in hdrs.headers.headers:
+        out[h.key.lower()] = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+    return out
+
+
+def _metadata_value(md, namespace: str, key: str):
+    """A value from ProcessingRequest.metadata_context (filter_metadata first, typed ignored)."""
+    fm = md.filter_metadata
+    if namespace not in fm:
+        return None
+    fields = fm[namespace].fields
+    if key not in fields:
+        return None
+    v = fields[key]
+    kind = v.WhichOneof("kind")
+    if kind == "string_value":
+        return v.string_value
+    if kind == "list_value":
+        return [x.string_value for x in v.list_value.values if x.WhichOneof("kind") == "string_value"]
+    return None
+
+
+def _split_addresses(value) -> list[str]:
+    if isinstance(value, str):
+        return [a.strip() for a in value.split(",") if a.strip()]
+    out: list[str] = []
+    for item in value:
+        out.extend(_split_addresses(item))
+    return out
+
+
+class ExtProcStream:
+    """State of one ext_proc stream (one HTTP request through Envoy)."""
+
+    def __init__(self, scheduler: Scheduler, settings: StreamSettings, clock: Clock) -> None:
+        self.scheduler = scheduler
+        self.settings = settings
+        self.clock = clock
+        self.phase = Phase.HEADERS
+        self.started = time.perf_counter()
+        self.headers: dict[str, str] = {}
+        self.subset: list[str] | None = None
+        self.decision: Decision | None = None
+        self.served: str | None = None
+        self.observer: ResponseObserver | None = None
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._counted: str | None = None  # endpoint whose in-flight gauge this request holds
+        self._ended = False  # on_finished/on_failed called
+
+    # ---- dispatch -------------------------------------------------------------------------------------
+    async def handle(self, req: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        kind = req.WhichOneof("request")
+        if kind == "request_body":
+            return await self._on_request_body(req.request_body)
+        if kind == "response_body":
+            return self._on_response_body(req.response_body)
+        if kind == "request_headers":
+            return await self._on_request_headers(req)
+        if kind == "response_headers":
+            return self._on_response_headers(req)
+        if kind == "request_trailers":
+            return await self._on_request_trailers()
+        if kind == "response_trailers":
+            self._finish()
+            return [msg.response_trailers_reply()]
+        return []
+
+    # ---- request path ---------------------------------------------------------------------------------
+    async def _on_request_headers(self, req: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        if self.phase is not Phase.HEADERS:
+            return []
+        self.headers = _headers_of(req.request_headers)
+        if req.HasField("metadata_context"):
+            hint = _metadata_value(req.metadata_context, msg.SUBSET_NAMESPACE, msg.SUBSET)
+            if hint is not None:
+                self.subset = _split_addresses(hint)
+        if req.request_headers.end_of_stream:
+            return await self._decide(None)
+        self.phase = Phase.BODY
+        return []
+
+    async def _on_request_body(self, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
+        if self.phase is not Phase.BODY:
+            return []  # duplicate end_of_stream after the body ended, or chunks after a rejection
+        chunk = body.body
+        if chunk:
+            self._size += len(chunk)
+            if self._size > self.settings.body_limit_bytes:
+                self._chunks = []
+                limit = self.settings.body_limit_bytes
+                return self._reject(RequestRejected(
+                    413,
+                    f"request body is larger than this gateway accepts ({limit} bytes); send a shorter prompt "
+                    "or ask the operator to raise server.body_limit_bytes",
+                    "request_too_large",
+                ))
+            self._chunks.append(chunk)
+        if not body.end_of_stream:
+            return []
+        return await self._decide(self._take_body())
+
+    async def _on_request_trailers(self) -> list[pb.ProcessingResponse]:
+        if self.phase is Phase.BODY:
+            out = await self._decide(self._take_body())
+            return out + [msg.request_trailers_reply()]
+        return [msg.request_trailers_reply()]
+
+    def _take_body(self) -> bytes:
+        chunks, self._chunks = self._chunks, []
+        if len(chunks) == 1:
+            return chunks[0]
+        return b"".join(chunks)
+
+    async def _decide(self, body: bytes | None) -> list[pb.ProcessingResponse]:
+        t0 = time.perf_counter()
+        path = self.headers.get(":path", "/")
+        request_id = self.headers.get("x-request-id") or f"{_ID_PREFIX}-{next(_ids)}"
+        wanted = {k: v for k, v in self.headers.items() if k in HEADERS_THAT_MATTER}
+        now = self.clock.now()
+        try:
+            if body:
+                request, doc = parse_request(body, path, request_id, wanted, now)
+                new_model = self.settings.model_rewrite.get(request.model)
+                if new_model:
+                    body = rewrite_model(doc, new_model)
+                    request.model = new_model
+                    rewritten = True
+                else:
+                    rewritten = False
+            else:
+                if body is not None:
+                    raise RequestRejected(400, "request body is empty: send a JSON object with a 'model'",
+                                          "invalid_json")
+                request = InferenceRequest(request_id=request_id, model="", api=api_for_path(path) or "other",
+                                           headers=wanted, arrival=now)
+                rewritten = False
+            if self.subset is not None:
+                request.subset = self.subset
+                if not self.subset:
+                    raise SchedulingError(503, "the gateway's subset hint is empty: no endpoint may serve this "
+                                          "request", "subset_empty")
+            decision = await self.scheduler.schedule(request)
+            endpoints = decision.endpoints
+            if self.subset is not None:
+                allowed = set(self.subset)
+                endpoints = [e for e in endpoints if e in allowed]
+                if not endpoints:
+                    raise SchedulingError(503, "no ready endpoint in the gateway's subset hint can serve this "
+                                          "request", "subset_no_match")
+                decision.endpoints = endpoints
+        except SchedulingError as exc:
+            metrics.DECISION_SECONDS.observe(time.perf_counter() - t0)
+            return self._reject(exc)
+        except Exception:  # a scheduler bug must not take the stream down silently
+            log.exception("scheduler failed for request %s", request_id)
+            metrics.DECISION_SECONDS.observe(time.perf_counter() - t0)
+            return self._reject(SchedulingError(503, "the endpoint picker failed to choose an endpoint; retry "
+                                                "the request", "picker_error"))
+        self.decision = decision
+        self.phase = Phase.ROUTED
+        self._count(decision.primary)
+        if self.settings.max_fallback:
+            decision.endpoints = decision.endpoints[: self.settings.max_fallback]
+        value = ",".join(decision.endpoints)
+        remove = [h for h in msg.CONTROLLED_HEADERS if h in self.headers and h != msg.DESTINATION
+                  and not (h == msg.PREFILLER and decision.prefill)]
+        extra = [("content-length", str(len(body)))] if rewritten and body is not None else None
+        out = [msg.destination_headers(value, decision.prefill, remove, extra)]
+        if body is not None:
+            out.extend(msg.body_chunks(body))
+        metrics.DECISIONS.labels("routed").inc()
+        metrics.DECISION_SECONDS.observe(time.perf_counter() - t0)
+        return out
+
+    def _reject(self, exc: SchedulingError) -> list[pb.ProcessingResponse]:
+        self.phase = Phase.REJECTED
+        metrics.DECISIONS.labels(str(exc.status)).inc()
+        metrics.ERRORS.labels(exc.code).inc()
+        return [msg.immediate(exc.status, body_for(exc), f"kvswitch_{exc.code}")]
+
+    # ---- response path --------------------------------------------------------------------------------
+    def _on_response_headers(self, req: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        hdrs = _headers_of(req.response_headers)
+        status = int(hdrs.get(":status", "200") or 200)
+        self.observer = ResponseObserver(status, hdrs.get("content-type", ""))
+        if self.decision is not None and req.HasField("metadata_context"):
+            served = _metadata_value(req.metadata_context, msg.LB_NAMESPACE, msg.SERVED)
+            if isinstance(served, str) and served:
+                self.served = served
+                if served != self._counted:
+                    self._count(served)
+                try:
+                    self.scheduler.on_served(self.decision, served)
+                except Exception:
+                    log.exception("scheduler.on_served failed")
+        extra = self._debug_headers() if self.settings.debug_headers else None
+        out = [msg.response_headers_reply(extra)]
+        if req.response_headers.end_of_stream:
+            self._finish()
+        return out
+
+    def _on_response_body(self, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
+        chunk = body.body
+        obs = self.observer
+        if obs is not None and self.decision is not None and not self._ended:
+            if obs.feed(chunk) and obs.error is None:
+                try:
+                    self.scheduler.on_first_token(self.decision, self.clock.now())
+                except Exception:
+                    log.exception("scheduler.on_first_token failed")
+        out = [msg.response_body_chunk(chunk, body.end_of_stream)]
+        if body.end_of_stream:
+            self._finish()
+        return out
+
+    def _debug_headers(self) -> list[tuple[str, str]]:
+        d = self.decision
+        if d is None:
+            return []
+        out = [("x-kvswitch-endpoint", self.served or d.primary)]
+        if d.prefill:
+            out.append(("x-kvswitch-prefill-endpoint", d.prefill))
+        if d.explanation:
+            parts = []
+            for addr, scores in list(d.explanation.items())[:4]:
+                parts.append(addr + " " + " ".join(f"{k}={v:.3g}" for k, v in list(scores.items())[:8]))
+            out.append(("x-kvswitch-explanation", f"profile={d.profile}; " + "; ".join(parts)[:1024]))
+        return out
+
+    # ---- end --------------------------------------------------------------------------------------------
+    def _count(self, endpoint: str) -> None:
+        if self._counted is not None:
+            metrics.INFLIGHT.labels(self._counted).dec()
+        self._counted = endpoint
+        metrics.INFLIGHT.labels(endpoint).inc()
+
+    def _uncount(self) -> None:
+        if self._counted is not None:
+            metrics.INFLIGHT.labels(self._counted).dec()
+            self._counted = None
+
+    def _finish(self) -> None:
+        """Response complete: report usage or the error once."""
+        if self._ended or self.decision is None:
+            self.phase = Phase.DONE
+            return
+        self._ended = True
+        self.phase = Phase.DONE
+        self._uncount()
+        obs = self.observer
+        at = self.clock.now()
+        try:
+            if obs is not None and obs.error is None:
+                self.scheduler.on_finished(self.decision, obs.finish(), at)
+            else:
+                reason = obs.error if obs is not None else "no response"
+                metrics.ERRORS.labels("upstream_error").inc()
+                self.scheduler.on_failed(self.decision, reason or "error", at)
+        except Exception:
+            log.exception("scheduler hook failed at end of request")
+
+    def close(self) -> None:
+        """The gRPC stream ended (normally or not): a request still in flight failed."""
+        if self.decision is not None and not self._ended:
+            self._ended = True
+            self._uncount()
+            metrics.ERRORS.labels("stream_aborted").inc()
+            try:
+                self.scheduler.on_failed(self.decision, "stream closed before the response ended",
+                                         self.clock.now())
+            except Exception:
+                log.exception("scheduler.on_failed failed")
+        metrics.STREAM_SECONDS.observe(time.perf_counter() - self.started)
