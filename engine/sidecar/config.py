@@ -17,6 +17,7 @@ class SidecarConfig:
     connector: Connector = Connector.NIXL
     prefill_pods: tuple[str, ...] = ()  # the static allow list, host:port each
     prefill_pods_file: str | None = None  # more allowed pods, one per line, re-read on change
+    prefill_pods_reload_s: float = 1.0  # how often the file's mtime is checked
     picker_secret: bytes | None = None  # enables picker-signed targets (see allowlist.py)
     max_retries: int = 2  # extra prefill attempts on 502/503/504 and connect errors
     retry_backoff_s: float = 0.05  # first backoff; doubles per attempt

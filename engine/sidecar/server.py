@@ -82,6 +82,7 @@ class Sidecar:
         self.metrics = SidecarMetrics()
         self.allow_list = PrefillAllowList(
             config.prefill_pods, config.prefill_pods_file, secret=config.picker_secret,
+            reload_interval_s=config.prefill_pods_reload_s,
         )
         self._session = session
         self._own_session = session is None
