@@ -1,0 +1,225 @@
+"""Routers: who picks the pods in the cluster simulator.
+
+The simulator talks to one small ``Router`` protocol, so the built-in policies and the real picker
+(pickers/, through ``SchedulerRouter``) plug in the same way. The simulator calls, in virtual time:
+
+- ``route(req, now) -> (decode_pod, prefill_pod | None)`` when a request arrives (raise
+  ``pickers.types.SchedulingError`` to reject it, e.g. admission's 429);
+- ``on_first_token(req, at)``, ``on_finished(req, usage, at)``, ``on_failed(req, reason, at)``;
+- ``on_kv_events(pod, events, at)`` after every step that changed a pod's cache, if ``wants_kv_events``;
+- ``on_metrics(pod, stats, at)`` every scrape interval, if ``wants_metrics`` (stale by design).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+
+from engine.sim.blockpool import KVEvent
+from engine.sim.core import EngineStats
+from pickers.clock import ManualClock
+from pickers.types import Decision, Endpoint, InferenceRequest, Role, Usage
+
+
+@dataclass(slots=True)
+class ClusterRequest:
+    """A request as the simulator routes it."""
+
+    request_id: str
+    arrival: float
+    prompt: np.ndarray
+    max_tokens: int
+    model: str = "sim"
+    hash_ids: Sequence[int] = ()
+    state: dict[str, Any] = field(default_factory=dict)  # a router's own per-request data
+
+
+Route = tuple[str, "str | None"]
+
+
+class Router(Protocol):
+    name: str
+    wants_kv_events: bool
+    wants_metrics: bool
+
+    def route(self, req: ClusterRequest, now: float) -> Route: ...
+    def on_first_token(self, req: ClusterRequest, at: float) -> None: ...
+    def on_finished(self, req: ClusterRequest, usage: Usage, at: float) -> None: ...
+    def on_failed(self, req: ClusterRequest, reason: str, at: float) -> None: ...
+    def on_kv_events(self, pod: str, events: list[KVEvent], at: float) -> None: ...
+    def on_metrics(self, pod: str, stats: EngineStats, at: float) -> None: ...
+
+
+class BaseRouter:
+    """No-op hooks; subclasses implement ``route``."""
+
+    name = "base"
+    wants_kv_events = False
+    wants_metrics = False
+
+    def route(self, req: ClusterRequest, now: float) -> Route:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def on_first_token(self, req: ClusterRequest, at: float) -> None:
+        return None
+
+    def on_finished(self, req: ClusterRequest, usage: Usage, at: float) -> None:
+        return None
+
+    def on_failed(self, req: ClusterRequest, reason: str, at: float) -> None:
+        return None
+
+    def on_kv_events(self, pod: str, events: list[KVEvent], at: float) -> None:
+        return None
+
+    def on_metrics(self, pod: str, stats: EngineStats, at: float) -> None:
+        return None
+
+
+class RoundRobinRouter(BaseRouter):
+    """Decode pods in turn; on a P/D fleet every request also takes the next prefill pod in turn."""
+
+    name = "round-robin"
+
+    def __init__(self, endpoints: list[Endpoint]) -> None:
+        self._decode = [e.address for e in endpoints if e.role.can_decode() and e.role is not Role.BOTH] or [
+            e.address for e in endpoints if e.role.can_decode()
+        ]
+        self._prefill = [e.address for e in endpoints if e.role is Role.PREFILL]
+        if not self._decode:
+            raise ValueError("round-robin needs at least one decode-capable pod")
+        self._d = 0
+        self._p = 0
+
+    def route(self, req: ClusterRequest, now: float) -> Route:
+        d = self._decode[self._d % len(self._decode)]
+        self._d += 1
+        p = None
+        if self._prefill:
+            p = self._prefill[self._p % len(self._prefill)]
+            self._p += 1
+        return d, p
+
+
+def _run_sync(coro: Any) -> Any:
+    """Drive a coroutine that never really awaits (a scheduler's ``schedule``) to its result."""
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return stop.value
+    coro.close()
+    raise RuntimeError("the scheduler awaited something; the simulator needs a synchronous decision")
+
+
+class SchedulerRouter(BaseRouter):
+    """Adapter for any pickers scheduler: sync ``decide(request)`` or async ``schedule(request)``.
+
+    Hooks go to the scheduler's on_served/on_first_token/on_finished/on_failed with its Decision. If the
+    scheduler exposes a data layer that accepts KV events and metrics (``feed_kv_events`` /
+    ``feed_metrics`` on the scheduler or its ``datalayer``), the simulator feeds it directly.
+    """
+
+    def __init__(self, scheduler: Any, name: str, clock: ManualClock) -> None:
+        self.scheduler = scheduler
+        self.name = name
+        self.clock = clock
+        decide = getattr(scheduler, "decide", None)
+        self._decide: Callable[[InferenceRequest], Decision] = (
+            decide if callable(decide) else (lambda r: _run_sync(scheduler.schedule(r)))
+        )
+        layer = getattr(scheduler, "datalayer", None) or getattr(scheduler, "data", None)
+        self._kv = _find(scheduler, layer, ("feed_kv_events", "on_kv_events", "apply_kv_events"))
+        self._metrics = _find(scheduler, layer, ("feed_metrics", "on_metrics", "update_metrics"))
+        self.wants_kv_events = self._kv is not None
+        self.wants_metrics = self._metrics is not None
+
+    def route(self, req: ClusterRequest, now: float) -> Route:
+        ir = InferenceRequest(
+            request_id=req.request_id, model=req.model, api="completions",
+            prompt_token_ids=req.prompt.tolist(), max_tokens=req.max_tokens, arrival=now,
+            body_size=4 * len(req.prompt),
+        )
+        decision = self._decide(ir)
+        req.state["decision"] = decision
+        self.scheduler.on_served(decision, decision.endpoints[0])
+        return decision.endpoints[0], decision.prefill
+
+    def on_first_token(self, req: ClusterRequest, at: float) -> None:
+        d = req.state.get("decision")
+        if d is not None:
+            self.scheduler.on_first_token(d, at)
+
+    def on_finished(self, req: ClusterRequest, usage: Usage, at: float) -> None:
+        d = req.state.pop("decision", None)
+        if d is not None:
+            self.scheduler.on_finished(d, usage, at)
+
+    def on_failed(self, req: ClusterRequest, reason: str, at: float) -> None:
+        d = req.state.pop("decision", None)
+        if d is not None:
+            self.scheduler.on_failed(d, reason, at)
+
+    def on_kv_events(self, pod: str, events: list[KVEvent], at: float) -> None:
+        if self._kv is not None:
+            self._kv(pod, events, at)
+
+    def on_metrics(self, pod: str, stats: EngineStats, at: float) -> None:
+        if self._metrics is not None:
+            self._metrics(pod, _metrics_dict(stats), at)
+
+
+def _find(obj: Any, layer: Any, names: tuple[str, ...]) -> Callable[..., Any] | None:
+    for target in (layer, obj):
+        if target is None:
+            continue
+        for n in names:
+            fn = getattr(target, n, None)
+            if callable(fn):
+                return fn
+    return None
+
+
+def _metrics_dict(s: EngineStats) -> dict[str, float]:
+    """vLLM metric names, as a scrape of the pod's /metrics would give them."""
+    return {
+        "vllm:num_requests_running": float(s.num_running),
+        "vllm:num_requests_waiting": float(s.num_waiting),
+        "vllm:kv_cache_usage_perc": float(s.kv_usage),
+        "vllm:prefix_cache_queries": float(s.prefix_queries),
+        "vllm:prefix_cache_hits": float(s.prefix_hits),
+        "vllm:num_preemptions": float(s.num_preemptions),
+    }
+
+
+BUILTIN = ("round-robin", "least-inflight")
+
+
+def make_router(name: str, endpoints: list[Endpoint], clock: ManualClock, seed: int = 0,
+                config: dict[str, Any] | None = None) -> Router:
+    """A router by policy name: built-ins, or a picker profile name when pickers.config is there."""
+    if name == "round-robin":
+        return RoundRobinRouter(endpoints)
+    if name == "least-inflight":
+        from pickers.simple import LeastInFlight
+
+        decoders = [e for e in endpoints if e.role.can_decode()]
+        return SchedulerRouter(LeastInFlight(decoders, clock=clock, seed=seed), name, clock)
+    try:
+        from pickers.config import build_scheduler  # type: ignore[import-not-found]
+    except ImportError:
+        raise ValueError(
+            f"unknown policy {name!r}: built-in policies are {', '.join(BUILTIN)}; picker profiles need "
+            "pickers.config.build_scheduler, which is not available"
+        ) from None
+    raw = dict(config or {})
+    raw.setdefault("profile", name)
+    scheduler = build_scheduler(raw, endpoints, clock=clock, network=False)
+    return SchedulerRouter(scheduler, name, clock)
+
+
+__all__ = [
+    "BUILTIN", "BaseRouter", "ClusterRequest", "RoundRobinRouter", "Route", "Router", "SchedulerRouter",
+    "make_router",
+]
