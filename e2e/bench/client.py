@@ -1,0 +1,143 @@
+"""The client: aiperf replays a Mooncake trace against one base URL; its exports become a RunResult.
+
+aiperf is the same real client for every router (streaming completions, fixed schedule from the trace's
+timestamps, prompts built from hash ids with the shared tokenizer). We read its per-request export
+(profile_export.jsonl) ourselves so every percentile and CDF comes from the same raw samples.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from e2e.bench import peersenv
+from e2e.bench.procs import Proc
+from e2e.bench.tokenizer import ensure_hub_cache
+
+
+@dataclass
+class RunResult:
+    """One router x rate x repetition: raw per-request samples plus aiperf's run totals."""
+
+    router: str
+    rate: float
+    repetition: int
+    ttft_ms: list[float] = field(default_factory=list)
+    itl_ms: list[float] = field(default_factory=list)  # per-request mean inter-token latency
+    e2e_ms: list[float] = field(default_factory=list)
+    output_tokens: list[int] = field(default_factory=list)
+    errors: int = 0
+    error_kinds: dict[str, int] = field(default_factory=dict)
+    requests_sent: int = 0
+    duration_s: float = 0.0
+    request_throughput: float = 0.0
+    output_tok_s: float = 0.0
+    hit_rate: float | None = None
+    max_pod_share: float | None = None
+    wall_s: float = 0.0
+
+    @property
+    def ok(self) -> int:
+        return len(self.e2e_ms)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "RunResult":
+        return cls(**d)
+
+
+def _value(metrics: dict[str, Any], name: str) -> Any:
+    m = metrics.get(name)
+    return m.get("value") if isinstance(m, dict) else None
+
+
+def parse_exports(artifact_dir: Path, router: str, rate: float, repetition: int) -> RunResult:
+    """A RunResult from aiperf's profile_export.jsonl (per request) and profile_export_aiperf.json."""
+    art = Path(artifact_dir)
+    res = RunResult(router, rate, repetition)
+    records = art / "profile_export.jsonl"
+    if records.exists():
+        for line in records.read_text().splitlines():
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            res.requests_sent += 1
+            err = rec.get("error")
+            metrics = rec.get("metrics") or {}
+            if err:
+                res.errors += 1
+                kind = str(err.get("type") or err.get("code") or "error") if isinstance(err, dict) else "error"
+                res.error_kinds[kind] = res.error_kinds.get(kind, 0) + 1
+                continue
+            latency = _value(metrics, "request_latency")
+            if latency is None:
+                res.errors += 1
+                res.error_kinds["no-latency"] = res.error_kinds.get("no-latency", 0) + 1
+                continue
+            res.e2e_ms.append(float(latency))
+            ttft = _value(metrics, "time_to_first_token")
+            if ttft is not None:
+                res.ttft_ms.append(float(ttft))
+            itl = _value(metrics, "inter_token_latency")
+            if itl is not None and not (isinstance(itl, float) and math.isnan(itl)):
+                res.itl_ms.append(float(itl))
+            osl = _value(metrics, "output_sequence_length")
+            res.output_tokens.append(int(osl or 0))
+    summary = art / "profile_export_aiperf.json"
+    if summary.exists():
+        s = json.loads(summary.read_text())
+
+        def avg(key: str) -> float:
+            v = s.get(key)
+            return float(v.get("avg") or 0.0) if isinstance(v, dict) else 0.0
+
+        res.duration_s = avg("benchmark_duration")
+        res.request_throughput = avg("request_throughput")
+        res.output_tok_s = avg("output_token_throughput")
+    if res.duration_s and not res.request_throughput:
+        res.request_throughput = res.ok / res.duration_s
+        res.output_tok_s = sum(res.output_tokens) / res.duration_s
+    return res
+
+
+def aiperf_command(url: str, model: str, trace: Path, artifact_dir: Path, tokenizer_id: str,
+                   timeout_s: float, seed: int) -> list[str]:
+    return [
+        str(peersenv.tool("aiperf")), "profile",
+        "--model", model, "--url", url, "--endpoint-type", "completions", "--streaming",
+        "--tokenizer", tokenizer_id, "--input-file", str(trace), "--custom-dataset-type", "mooncake_trace",
+        "--fixed-schedule", "--artifact-dir", str(artifact_dir), "--ui-type", "none",
+        "--extra-inputs", "ignore_eos:true", "--random-seed", str(seed),
+        "--request-timeout-seconds", str(int(timeout_s)), "--no-server-metrics", "--no-gpu-telemetry",
+        "--workers-max", "2",
+    ]
+
+
+def run_aiperf(url: str, model: str, trace: Path, artifact_dir: Path, *, router: str, rate: float,
+               repetition: int, timeout_s: float, seed: int = 0, cache_dir: Path | None = None) -> RunResult:
+    """Replay ``trace`` against ``url`` and parse the result; raises with aiperf's log tail if it fails."""
+    tokenizer_id, env = ensure_hub_cache(cache_dir)
+    artifact_dir.mkdir(parents=True, exist_ok=True)
+    cmd = aiperf_command(url, model, trace, artifact_dir, tokenizer_id, timeout_s, seed)
+    proc = Proc(f"aiperf -> {router}", cmd, artifact_dir / "aiperf-stdout.log", env)
+    try:
+        proc.popen.wait(timeout_s + 120)
+    except subprocess.TimeoutExpired:
+        raise proc.fail(f"still running after {timeout_s + 120:.0f} s") from None
+    finally:
+        proc.stop()
+    if not (artifact_dir / "profile_export_aiperf.json").exists():
+        raise proc.fail(f"no profile_export_aiperf.json (exit {proc.popen.returncode})")
+    return parse_exports(artifact_dir, router, rate, repetition)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")

@@ -1,0 +1,137 @@
+"""The simulated fleet as one subprocess (``python -m engine.sim``), restarted for fresh caches.
+
+A restart is the simplest way to give every router the same cold start: caches empty, counters at zero,
+no queued work. The fleet also reports its prefix-cache counters so a run can compute its hit rate.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from e2e.bench.procs import Proc, free_port_range
+
+_METRIC = re.compile(r"^(vllm:[a-z_]+)(\{[^}]*\})?\s+([-+0-9.eE]+|NaN)\s*$")
+
+
+@dataclass
+class FleetSpec:
+    """What the sim should run; every pod the same unless ``roles`` says otherwise (P/D)."""
+
+    pods: int = 2
+    time_scale: float = 1.0
+    tokenizer: Path | None = None
+    model_profile: str = "llama-3.1-8b"
+    accelerator: str = "H100"
+    roles: list[str] | None = None  # per pod: both | prefill | decode; None: all "both"
+    extra_args: list[str] = field(default_factory=list)
+    python: str = sys.executable
+
+
+def scrape(url: str, timeout: float = 5.0) -> dict[str, float]:
+    """Sum of each vllm:* sample over its labels (one pod's /metrics)."""
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = _METRIC.match(line)
+        if m and m.group(3) != "NaN":
+            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
+    return out
+
+
+def cache_block_size(url: str) -> int | None:
+    """The pod's KV block size from ``vllm:cache_config_info{block_size=...}``."""
+    with urllib.request.urlopen(url, timeout=5) as r:
+        m = re.search(r'vllm:cache_config_info\{[^}]*block_size="(\d+)"', r.read().decode())
+    return int(m.group(1)) if m else None
+
+
+class SimFleetProcess:
+    """``python -m engine.sim --pods N ...`` on consecutive free ports, restartable."""
+
+    def __init__(self, spec: FleetSpec, log_dir: Path) -> None:
+        self.spec, self.log_dir = spec, Path(log_dir)
+        self.proc: Proc | None = None
+        self.base_port = self.kv_base_port = 0
+        self.starts = 0
+        self.model = "sim-model"
+
+    @property
+    def addresses(self) -> list[str]:
+        """host:port of each pod."""
+        return [f"127.0.0.1:{self.base_port + i}" for i in range(self.spec.pods)]
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"http://{a}" for a in self.addresses]
+
+    @property
+    def kv_event_endpoints(self) -> list[str]:
+        return [f"tcp://127.0.0.1:{self.kv_base_port + i}" for i in range(self.spec.pods)]
+
+    @property
+    def roles(self) -> list[str]:
+        return list(self.spec.roles or ["both"] * self.spec.pods)
+
+    def command(self) -> list[str]:
+        s = self.spec
+        cmd = [s.python, "-m", "engine.sim", "--pods", str(s.pods), "--base-port", str(self.base_port),
+               "--kv-events-base-port", str(self.kv_base_port), "--time-scale", str(s.time_scale)]
+        if s.tokenizer:
+            cmd += ["--tokenizer", str(s.tokenizer)]
+        if s.roles:
+            cmd += ["--roles", ",".join(s.roles)]
+        return cmd + list(s.extra_args)
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.base_port = free_port_range(self.spec.pods)
+        self.kv_base_port = free_port_range(self.spec.pods)
+        self.starts += 1
+        self.proc = Proc("sim fleet", self.command(), self.log_dir / f"fleet-{self.starts}.log")
+        self.proc.wait_log("ready", timeout)
+        for url in self.urls:
+            self.proc.wait_http(url + "/v1/models", timeout)
+        import json
+
+        with urllib.request.urlopen(self.urls[0] + "/v1/models", timeout=5) as r:
+            data = json.loads(r.read()).get("data") or [{}]
+        self.model = data[0].get("id", self.model)
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.stop()
+            self.proc = None
+
+    def restart(self, timeout: float = 60.0) -> None:
+        """Fresh caches and counters. Ports change: routers must be (re)started after this."""
+        self.stop()
+        self.start(timeout)
+
+    def prefix_counters(self) -> dict[str, tuple[float, float]]:
+        """Per pod: (prefix_cache_hits_total, prefix_cache_queries_total), in tokens."""
+        out = {}
+        for addr, url in zip(self.addresses, self.urls):
+            m = scrape(url + "/metrics")
+            out[addr] = (m.get("vllm:prefix_cache_hits_total", 0.0), m.get("vllm:prefix_cache_queries_total", 0.0))
+        return out
+
+    def __enter__(self) -> "SimFleetProcess":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def hit_rate(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """Fleet prefix hit rate between two scrapes, plus per-pod query share (how evenly load spread)."""
+    hits = sum(after[a][0] - before.get(a, (0.0, 0.0))[0] for a in after)
+    queries = {a: after[a][1] - before.get(a, (0.0, 0.0))[1] for a in after}
+    total = sum(queries.values())
+    out = {"hit_rate": hits / total if total > 0 else 0.0, "query_tokens": total}
+    out["max_pod_share"] = max(queries.values()) / total if total > 0 else 0.0
+    return out
