@@ -1,0 +1,125 @@
+"""Summaries of a replay: the figures a routing policy is judged by, as a dict and as a table."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from engine.sim.cluster.simulator import SimResult
+
+
+def _pct(values: np.ndarray, q: float) -> float:
+    return float(np.percentile(values, q)) if len(values) else math.nan
+
+
+def summarize(result: SimResult, wall_s: float | None = None) -> dict[str, Any]:
+    """Completed/rejected/failed counts, throughput, TTFT/TPOT/e2e percentiles, prefix hit rate, shares.
+
+    TPOT = (e2e - TTFT) / (output tokens - 1), over requests with at least two output tokens. Throughput
+    is over the makespan: first arrival to last finish.
+    """
+    recs = result.records
+    ok = [r for r in recs if r.status == "ok"]
+    arrival = np.array([r.arrival for r in ok])
+    first = np.array([r.first_token for r in ok])
+    finish = np.array([r.finish for r in ok])
+    out_tok = np.array([r.output_tokens for r in ok], dtype=np.float64)
+    prompt = np.array([r.prompt_tokens for r in ok], dtype=np.float64)
+    cached = np.array([r.cached_tokens for r in ok], dtype=np.float64)
+    ttft = first - arrival
+    e2e = finish - arrival
+    multi = out_tok > 1
+    tpot = (e2e[multi] - ttft[multi]) / (out_tok[multi] - 1)
+    start = min((r.arrival for r in recs), default=0.0)
+    makespan = (float(finish.max()) - start) if len(ok) else 0.0
+    span = makespan if makespan > 0 else math.nan
+    share: dict[str, int] = {p.name: 0 for p in result.pods if p.spec.role != "prefill"}
+    pshare: dict[str, int] = {p.name: 0 for p in result.pods if p.spec.role == "prefill"}
+    for r in recs:
+        if r.decode_pod:
+            share[r.decode_pod] = share.get(r.decode_pod, 0) + 1
+        if r.prefill_pod:
+            pshare[r.prefill_pod] = pshare.get(r.prefill_pod, 0) + 1
+    counts = np.array(list(share.values()), dtype=np.float64)
+    out: dict[str, Any] = {
+        "policy": result.policy,
+        "requests": len(recs),
+        "completed": len(ok),
+        "rejected": sum(1 for r in recs if r.status == "rejected"),
+        "failed": sum(1 for r in recs if r.status == "failed"),
+        "makespan_s": makespan,
+        "throughput_req_s": len(ok) / span,
+        "output_tok_s": float(out_tok.sum()) / span,
+        "input_tok_s": float(prompt.sum()) / span,
+        "ttft_p50_s": _pct(ttft, 50), "ttft_p90_s": _pct(ttft, 90), "ttft_p99_s": _pct(ttft, 99),
+        "tpot_mean_s": float(tpot.mean()) if len(tpot) else math.nan, "tpot_p90_s": _pct(tpot, 90),
+        "e2e_p50_s": _pct(e2e, 50), "e2e_p90_s": _pct(e2e, 90),
+        "prefix_hit_rate": float(cached.sum() / prompt.sum()) if prompt.sum() else 0.0,
+        "preemptions": sum(p.core.num_preemptions for p in result.pods),
+        "pod_share": {k: v / max(1, len(recs)) for k, v in share.items()},
+        "prefill_share": {k: v / max(1, len(recs)) for k, v in pshare.items()},
+        "share_cv": float(counts.std() / counts.mean()) if len(counts) and counts.mean() else 0.0,
+        "pod_busy": {p.name: p.busy_time / span for p in result.pods},
+        "sim_events": result.events,
+    }
+    if wall_s is not None:
+        out["wall_s"] = wall_s
+    return out
+
+
+_ROWS: list[tuple[str, str, str]] = [
+    ("requests", "requests", "{:.0f}"),
+    ("completed", "completed", "{:.0f}"),
+    ("rejected", "rejected", "{:.0f}"),
+    ("failed", "failed (400)", "{:.0f}"),
+    ("makespan_s", "makespan s", "{:.1f}"),
+    ("throughput_req_s", "throughput req/s", "{:.3f}"),
+    ("output_tok_s", "output tok/s", "{:.0f}"),
+    ("input_tok_s", "input tok/s", "{:.0f}"),
+    ("ttft_p50_s", "TTFT p50 ms", "ms"),
+    ("ttft_p90_s", "TTFT p90 ms", "ms"),
+    ("ttft_p99_s", "TTFT p99 ms", "ms"),
+    ("tpot_mean_s", "TPOT mean ms", "ms"),
+    ("tpot_p90_s", "TPOT p90 ms", "ms"),
+    ("e2e_p50_s", "e2e p50 ms", "ms"),
+    ("e2e_p90_s", "e2e p90 ms", "ms"),
+    ("prefix_hit_rate", "prefix hit rate", "{:.1%}"),
+    ("preemptions", "preemptions", "{:.0f}"),
+    ("share_cv", "pod share CV", "{:.3f}"),
+    ("max_share", "max pod share", "{:.1%}"),
+    ("wall_s", "wall s", "{:.1f}"),
+]
+
+
+def _fmt(v: Any, fmt: str) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if fmt == "ms":
+        return f"{v * 1e3:.1f}"
+    return fmt.format(v)
+
+
+def format_table(summaries: list[dict[str, Any]]) -> str:
+    """One column per policy, one row per figure."""
+    cols = [s.get("policy") or f"run {i + 1}" for i, s in enumerate(summaries)]
+    rows: list[list[str]] = []
+    for key, label, fmt in _ROWS:
+        vals = []
+        for s in summaries:
+            v = max(s["pod_share"].values(), default=0.0) if key == "max_share" else s.get(key)
+            vals.append(_fmt(v, fmt))
+        if key == "wall_s" and all(v == "-" for v in vals):
+            continue
+        rows.append([label, *vals])
+    width0 = max(len(r[0]) for r in rows + [["metric"]])
+    widths = [max(len(c), *(len(r[i + 1]) for r in rows)) for i, c in enumerate(cols)]
+    line = "  ".join(["metric".ljust(width0), *(c.rjust(w) for c, w in zip(cols, widths))])
+    out = [line, "-" * len(line)]
+    for r in rows:
+        out.append("  ".join([r[0].ljust(width0), *(v.rjust(w) for v, w in zip(r[1:], widths))]))
+    return "\n".join(out)
+
+
+__all__ = ["format_table", "summarize"]
