@@ -1,0 +1,129 @@
+"""BlockPool: vLLM v1 prefix-cache semantics with exact expectations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.sim.blockpool import AllBlocksCleared, BlockPool, BlockRemoved, BlockStored
+from pickers.kvblocks.hashing import hash_blocks
+
+BS = 4
+ROOT = 12345
+
+
+def pool(n: int = 8) -> BlockPool:
+    return BlockPool(n, BS, ROOT)
+
+
+def store(p: BlockPool, tokens: list[int]) -> list[int]:
+    """Allocate and commit the full blocks of ``tokens`` as one request would; returns block ids."""
+    hashes = p.hash_tokens(tokens)
+    ids = p.allocate(len(hashes))
+    assert ids is not None
+    p.commit(ids, hashes, None, tokens)
+    return ids
+
+
+def test_hashes_chain_from_the_pod_root():
+    p = pool()
+    toks = list(range(10))
+    assert p.hash_tokens(toks) == hash_blocks(toks, BS, ROOT)
+    assert len(p.hash_tokens(toks)) == 2  # only full blocks
+    assert BlockPool(8, BS, ROOT + 1).hash_tokens(toks) != p.hash_tokens(toks)
+
+
+def test_commit_publishes_block_stored_with_tokens_and_parent():
+    p = pool()
+    toks = list(range(8))
+    ids = store(p, toks)
+    h = p.hash_tokens(toks)
+    assert p.drain_events() == [BlockStored(h, None, toks, BS, None, "GPU", None)]
+    # extending the prefix: the new block's parent is the last block of the prefix
+    more = p.allocate(1)
+    p.commit(ids + more, p.hash_tokens(toks + [8, 9, 10, 11]), None, toks + [8, 9, 10, 11])
+    (ev,) = p.drain_events()
+    assert ev.block_hashes == [p.hash_tokens(toks + [8, 9, 10, 11])[2]]
+    assert ev.parent_block_hash == h[1]
+    assert ev.token_ids == [8, 9, 10, 11]
+
+
+def test_hit_on_shared_prefix_and_revival_of_freed_blocks():
+    p = pool()
+    a = list(range(12))
+    ids = store(p, a)
+    p.free(ids)
+    assert p.num_free == 8 and p.usage == 0.0
+    b = a[:8] + [99, 98, 97, 96]
+    hits = p.find_cached(p.hash_tokens(b))
+    assert hits == ids[:2]  # the shared first two blocks, not the third
+    p.touch(hits)
+    assert [p.ref_count(x) for x in hits] == [1, 1]
+    assert p.num_free == 6 and p.usage == pytest.approx(2 / 8)
+    assert hits[0] not in p.free_order()
+
+
+def test_lru_eviction_order_and_block_removed():
+    p = pool(4)
+    first = store(p, list(range(8)))  # 2 blocks
+    second = store(p, list(range(100, 108)))  # 2 blocks
+    p.drain_events()
+    p.free(first)  # freed tail first: first[1] then first[0]
+    p.free(second)
+    assert p.free_order() == [first[1], first[0], second[1], second[0]]
+    got = p.allocate(1)
+    assert got == [first[1]]
+    h_first = p.hash_tokens(list(range(8)))
+    assert p.drain_events() == [BlockRemoved([h_first[1]], "GPU")]
+    assert p.cached_block(h_first[1]) is None
+    assert p.cached_block(h_first[0]) == first[0]  # not evicted yet
+
+
+def test_only_free_blocks_are_evicted():
+    p = pool(4)
+    used = store(p, list(range(8)))  # held (ref 1)
+    freed = store(p, list(range(50, 58)))
+    p.free(freed)
+    p.drain_events()
+    assert p.allocate(3) is None  # only 2 free
+    got = p.allocate(2)
+    assert sorted(got) == sorted(freed)
+    assert all(p.ref_count(b) == 1 for b in used)
+    assert p.find_cached(p.hash_tokens(list(range(8)))) == used
+    (ev,) = p.drain_events()
+    assert sorted(ev.block_hashes) == sorted(p.hash_tokens(list(range(50, 58))))
+
+
+def test_can_allocate_counts_revived_blocks():
+    p = pool(4)
+    ids = store(p, list(range(8)))
+    p.free(ids)
+    assert p.can_allocate(4)
+    assert not p.can_allocate(3, touching=ids)  # touching takes 2 of the 4 free blocks
+    assert p.can_allocate(2, touching=ids)
+
+
+def test_clear_forgets_hashes_and_publishes_all_blocks_cleared():
+    p = pool()
+    ids = store(p, list(range(8)))
+    p.free(ids)
+    p.drain_events()
+    p.clear()
+    assert p.drain_events() == [AllBlocksCleared()]
+    assert p.find_cached(p.hash_tokens(list(range(8)))) == []
+    assert p.allocate(8) is not None
+    assert p.drain_events() == []  # nothing left to remove
+
+
+def test_double_free_is_caught():
+    p = pool()
+    ids = p.allocate(1)
+    p.free(ids)
+    with pytest.raises(AssertionError):
+        p.free(ids)
+
+
+def test_numpy_tokens_give_the_same_hashes():
+    p = pool()
+    toks = list(range(16))
+    assert p.hash_tokens(np.asarray(toks, dtype=np.uint32)) == p.hash_tokens(toks)
