@@ -235,6 +235,9 @@ def _capture(base_url: str, model: str, collector, max_model_len: int) -> None:
                                "remote_block_ids": None, "remote_host": None, "remote_port": None}})
     _dump(f"prefill leg with kv_transfer_params.do_remote_decode=true -> {status}", shorten(pd))
 
+    if collector:
+        _capture_removals(base_url, model, collector, max_model_len)
+
     text = request(base_url, "GET", "/metrics")[2].decode()
     fams = metric_families(text)
     print("\n## Metric families (vllm:*)\n")
@@ -258,6 +261,32 @@ def _capture(base_url: str, model: str, collector, max_model_len: int) -> None:
     for path in ("/v1/models", "/health", "/version"):
         status, _, data = request(base_url, "GET", path)
         print(f"\nGET {path} -> {status}: `{data.decode()[:400]}`")
+
+
+def _capture_removals(base_url: str, model: str, collector, max_model_len: int) -> None:
+    """Evictions (BlockRemoved) by filling a small cache, then AllBlocksCleared by /reset_prefix_cache."""
+    collector.clear()
+    for i in range(6):  # distinct ~1900-token prompts: 6 x 15 blocks > 64 blocks
+        post_json(base_url, "/v1/completions", {"model": model, "prompt": [100 + i] + [7 + i] * (max_model_len - 150),
+                                                "max_tokens": 1})
+    time.sleep(0.5)
+    msgs = collector.snapshot()
+    kinds = [[e.get("type") if isinstance(e, dict) else e[0] for e in m.events] for m in msgs]
+    print(f"\n### After 6 distinct ~1900-token prompts: {len(msgs)} messages, event types per message: {kinds}")
+    for m in msgs:
+        for e in m.events:
+            if isinstance(e, dict) and e.get("type") == "BlockRemoved":
+                _dump(f"BlockRemoved (message seq {m.seq}, {len(m.events)} events in it)", shorten(e, 40))
+                break
+        else:
+            continue
+        break
+    collector.clear()
+    status, _, body = request(base_url, "POST", "/reset_prefix_cache")
+    time.sleep(0.5)
+    print(f"\nPOST /reset_prefix_cache -> {status} {body[:200]!r}")
+    for m in collector.snapshot():
+        _dump(f"message seq {m.seq} after reset", shorten(m.payload, 40))
 
 
 def main(argv: list[str] | None = None) -> int:

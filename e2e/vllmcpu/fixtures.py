@@ -27,6 +27,8 @@ from .tinymodel import ensure_tiny_model
 
 MODEL_NAME = "tiny"
 MAX_MODEL_LEN = 2048
+# 64 blocks x 128 tokens = 8192 tokens of KV: usage moves visibly, and a few long prompts force evictions.
+NUM_BLOCKS = 64
 
 
 @dataclass
@@ -72,7 +74,8 @@ def vllm_pair(tiny_model_dir: Path) -> Iterator[VllmPair]:
     share = Path(tempfile.mkdtemp(prefix="kvswitch-kvshare-"))
     servers = [
         VllmServer(tiny_model_dir, model_name=MODEL_NAME, max_model_len=MAX_MODEL_LEN,
-                   block_size=int(forced) if forced else None, shared_storage_path=share)
+                   block_size=int(forced) if forced else None, num_blocks=NUM_BLOCKS,
+                   shared_storage_path=share)
         for _ in range(2)
     ]
     try:

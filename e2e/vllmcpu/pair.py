@@ -21,6 +21,7 @@ from .tinymodel import ensure_tiny_model
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--block-size", type=int)
+    ap.add_argument("--num-blocks", type=int, default=64)
     ap.add_argument("--single", action="store_true", help="one server instead of two")
     ap.add_argument("--no-connector", action="store_true", help="no ExampleConnector")
     ap.add_argument("--exit", action="store_true", help="stop as soon as both are up (timing)")
@@ -29,9 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     model = ensure_tiny_model()
     made = time.monotonic() - t0
     share = Path(tempfile.mkdtemp(prefix="kvswitch-kvshare-"))
-    servers = [VllmServer(model, block_size=args.block_size,
+    servers = [VllmServer(model, block_size=args.block_size, num_blocks=args.num_blocks or None,
                           shared_storage_path=None if args.no_connector else share)
                for _ in range(1 if args.single else 2)]
+    # Block SIGINT/SIGTERM so sigwait() receives them (an unblocked SIGINT never wakes sigwait).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     t1 = time.monotonic()
     start_all(servers)
     info = {

@@ -51,6 +51,11 @@ class VllmServer:
     kv_cache_space_gib: int = 1
     # usage.prompt_tokens_details.cached_tokens in responses (vLLM's default is off: the field is null).
     prompt_tokens_details: bool = True
+    # Cap the KV cache at this many blocks (--num-gpu-blocks-override): small caches make kv_cache_usage_perc
+    # move and let tests force evictions (BlockRemoved events). None: whatever VLLM_CPU_KVCACHE_SPACE gives.
+    num_blocks: int | None = None
+    # VLLM_SERVER_DEV_MODE=1 adds POST /reset_prefix_cache (-> AllBlocksCleared event), /sleep, /wake_up.
+    dev_mode: bool = True
     extra_args: list[str] = field(default_factory=list)
     start_timeout: float = DEFAULT_START_TIMEOUT
     log_path: Path | None = None
@@ -94,6 +99,8 @@ class VllmServer:
         ]
         if self.prompt_tokens_details:
             args.append("--enable-prompt-tokens-details")
+        if self.num_blocks is not None:
+            args += ["--num-gpu-blocks-override", str(self.num_blocks)]
         if self.block_size is not None:
             args += ["--block-size", str(self.block_size)]
         if self.kv_events:
@@ -123,6 +130,8 @@ class VllmServer:
             "TRANSFORMERS_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
         })
+        if self.dev_mode:
+            env["VLLM_SERVER_DEV_MODE"] = "1"
         return env
 
     # -- life cycle --------------------------------------------------------------------------------------
