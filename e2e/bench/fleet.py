@@ -12,6 +12,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from e2e.bench.procs import Proc, free_port_range
 
 _METRIC = re.compile(r"^(vllm:[a-z_]+)(\{[^}]*\})?\s+([-+0-9.eE]+|NaN)\s*$")
@@ -27,6 +29,7 @@ class FleetSpec:
     model_profile: str = "llama-3.1-8b"
     accelerator: str = "H100"
     roles: list[str] | None = None  # per pod: both | prefill | decode; None: all "both"
+    seed: int = 0  # pod i hashes with seed + i (reproducible runs)
     extra_args: list[str] = field(default_factory=list)
     python: str = sys.executable
 
@@ -80,12 +83,26 @@ class SimFleetProcess:
     def command(self) -> list[str]:
         s = self.spec
         cmd = [s.python, "-m", "engine.sim", "--pods", str(s.pods), "--base-port", str(self.base_port),
-               "--kv-events-base-port", str(self.kv_base_port), "--time-scale", str(s.time_scale)]
+               "--kv-events-base-port", str(self.kv_base_port), "--time-scale", str(s.time_scale),
+               "--model-profile", s.model_profile, "--accelerator", s.accelerator, "--seed", str(s.seed)]
         if s.tokenizer:
             cmd += ["--tokenizer", str(s.tokenizer)]
         if s.roles:
-            cmd += ["--roles", ",".join(s.roles)]
+            cmd += ["--config", str(self._write_roles_config())]
         return cmd + list(s.extra_args)
+
+    def _write_roles_config(self) -> Path:
+        """A fleet YAML with one group per run of equal roles, in pod order (pod i keeps port base+i)."""
+        groups: list[dict] = []
+        for role in self.roles:
+            if groups and groups[-1]["role"] == role:
+                groups[-1]["count"] += 1
+            else:
+                groups.append({"count": 1, "role": role, "name": f"{role}{len(groups)}"})
+        path = self.log_dir / "fleet.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump({"pods": groups, "time_scale": self.spec.time_scale}))
+        return path
 
     def start(self, timeout: float = 60.0) -> None:
         self.base_port = free_port_range(self.spec.pods)

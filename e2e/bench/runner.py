@@ -1,0 +1,192 @@
+"""The comparison loop: for each repetition x rate x router, a fresh fleet, the router, aiperf, counters.
+
+Every run starts from the same cold state (the fleet process is restarted: empty caches, zeroed counters)
+and replays the very same trace (same seed) through a different router. Results are written as they come
+(results.json is rewritten after every run) so a long comparison that dies keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from e2e.bench import peersenv
+from e2e.bench.client import RunResult, percentile, run_aiperf
+from e2e.bench.fleet import FleetSpec, SimFleetProcess, hit_rate
+from e2e.bench.routers import make_router
+from e2e.bench.tokenizer import ensure_tokenizer
+from e2e.bench.workloads import Workload, make
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS_DIR = REPO / "e2e" / "bench" / "results"
+
+
+@dataclass
+class CompareConfig:
+    workload: str = "shared-prefix"
+    workload_params: dict[str, Any] = field(default_factory=dict)
+    routers: list[str] = field(default_factory=lambda: ["kvswitch", "envoy-rr"])
+    rates: list[float] = field(default_factory=lambda: [4.0])
+    pods: int = 4
+    time_scale: float = 1.0
+    repetitions: int = 1
+    seed: int = 0
+    roles: list[str] | None = None  # P/D fleets: per-pod role
+    model_profile: str = "llama-3.1-8b"
+    accelerator: str = "H100"
+    out: Path | None = None
+    cache_dir: Path | None = None
+
+    def out_dir(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        stamp = _dt.datetime.now().strftime("%Y-%m-%d-%H%M")
+        return RESULTS_DIR / f"{stamp}-{self.workload}"
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpus": os.cpu_count(), "cpu_model": model or platform.processor(), "platform": platform.platform(),
+            "python": sys.version.split()[0]}
+
+
+def build_workload(cfg: CompareConfig, rate: float, repetition: int) -> Workload:
+    """The trace for one rate and repetition: the same for every router (seed = seed + repetition)."""
+    params = dict(cfg.workload_params)
+    params["seed"] = cfg.seed + repetition
+    return make(cfg.workload, rate=rate, **params)
+
+
+def _fmt_s(s: float) -> str:
+    s = int(max(0, s))
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+class Comparison:
+    """Runs a CompareConfig and keeps meta + results in ``out_dir/results.json``."""
+
+    def __init__(self, cfg: CompareConfig, log: Callable[[str], None] = print) -> None:
+        self.cfg, self.log = cfg, log
+        self.out = cfg.out_dir()
+        self.raw = self.out / "raw"
+        self.results: list[RunResult] = []
+        self.failures: list[dict[str, Any]] = []
+        self.meta: dict[str, Any] = {}
+
+    def plan(self) -> list[tuple[int, float, str]]:
+        return [(rep, rate, router) for rep in range(self.cfg.repetitions) for rate in self.cfg.rates
+                for router in self.cfg.routers]
+
+    def save(self) -> Path:
+        path = self.out / "results.json"
+        doc = {"meta": self.meta, "runs": [r.to_json() for r in self.results], "failures": self.failures}
+        path.write_text(json.dumps(doc, indent=1, default=str))
+        return path
+
+    def run(self) -> Path:
+        cfg = self.cfg
+        for name in cfg.routers:  # bad names fail before anything starts
+            make_router(name, self.raw)
+        self.raw.mkdir(parents=True, exist_ok=True)
+        tokenizer = ensure_tokenizer(cfg.cache_dir)
+        wl0 = build_workload(cfg, cfg.rates[0], 0)
+        self.meta = {
+            "date": _dt.datetime.now().isoformat(timespec="seconds"),
+            "workload": cfg.workload, "workload_params": {**wl0.params, "rate": None},
+            "workload_stats": wl0.stats(), "routers": cfg.routers, "rates": cfg.rates, "pods": cfg.pods,
+            "roles": cfg.roles, "time_scale": cfg.time_scale, "repetitions": cfg.repetitions, "seed": cfg.seed,
+            "model_profile": cfg.model_profile, "accelerator": cfg.accelerator, "machine": machine(),
+            "versions": peersenv.versions(), "client": "aiperf (streaming completions, fixed schedule)",
+            "command": " ".join(sys.argv),
+        }
+        fleet = SimFleetProcess(FleetSpec(pods=cfg.pods, time_scale=cfg.time_scale, tokenizer=tokenizer,
+                                          model_profile=cfg.model_profile, accelerator=cfg.accelerator,
+                                          roles=cfg.roles, seed=cfg.seed), self.raw)
+        plan = self.plan()
+        started = time.monotonic()
+        try:
+            for i, (rep, rate, name) in enumerate(plan, 1):
+                t0 = time.monotonic()
+                try:
+                    res = self.one(fleet, name, rate, rep)
+                    self.results.append(res)
+                    line = (f"{res.ok} ok, {res.errors} errors, {res.request_throughput:.2f} req/s, "
+                            f"TTFT p90 {percentile(res.ttft_ms, 90):.0f} ms, hit {100 * (res.hit_rate or 0):.0f}%")
+                except Exception as exc:  # noqa: BLE001 - one router failing must not sink the comparison
+                    self.failures.append({"router": name, "rate": rate, "repetition": rep,
+                                          "error": str(exc)[-4000:]})
+                    line = f"FAILED: {str(exc).splitlines()[0][:200]}"
+                self.save()
+                elapsed = time.monotonic() - started
+                eta = elapsed / i * (len(plan) - i)
+                self.log(f"[{i}/{len(plan)}] {name} rate={rate:g} rep={rep}: {line} "
+                         f"({time.monotonic() - t0:.0f}s, ETA {_fmt_s(eta)})")
+        finally:
+            fleet.stop()
+        self.meta["wall_s"] = time.monotonic() - started
+        return self.save()
+
+    def one(self, fleet: SimFleetProcess, name: str, rate: float, rep: int) -> RunResult:
+        wl = build_workload(self.cfg, rate, rep)
+        run_dir = self.raw / f"{name.replace(':', '-')}-r{rate:g}-rep{rep}"
+        trace = wl.write(run_dir / "trace.jsonl")
+        fleet.restart()
+        router = make_router(name, run_dir)
+        t0 = time.monotonic()
+        try:
+            url = router.start(fleet)
+            before = fleet.prefix_counters()
+            res = run_aiperf(url, fleet.model, trace, run_dir / "aiperf", router=name, rate=rate, repetition=rep,
+                             timeout_s=wl.duration_s * 4 + 120, seed=self.cfg.seed + rep,
+                             cache_dir=self.cfg.cache_dir)
+            hr = hit_rate(before, fleet.prefix_counters())
+            res.hit_rate, res.max_pod_share = hr["hit_rate"], hr["max_pod_share"]
+        finally:
+            router.stop()
+        res.wall_s = time.monotonic() - t0
+        return res
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # `make bench`: every peer once against kvswitch, two loads, one repetition; < 15 min on 2 cores.
+    "reduced": dict(
+        workload="shared-prefix",
+        workload_params=dict(num_requests=120, groups=6, prefix_tokens=4096, question_tokens=256,
+                             output_tokens=64),
+        routers=["kvswitch", "envoy-rr", "vllm-router:cache_aware", "vllm-router:kv_aware",
+                 "vllm-router:power_of_two", "sglang-router:cache_aware"],
+        rates=[4.0, 8.0], pods=4, time_scale=1.0, repetitions=1,
+    ),
+    # The end-to-end test's size: seconds, not minutes.
+    "tiny": dict(
+        workload="shared-prefix",
+        workload_params=dict(num_requests=20, groups=2, prefix_tokens=1024, question_tokens=64,
+                             output_tokens=16),
+        routers=["envoy-rr", "vllm-router:cache_aware"], rates=[10.0], pods=2, time_scale=0.2, repetitions=1,
+    ),
+}
+
+
+def config_from_preset(name: str, **overrides: Any) -> CompareConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    fields = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
+    return CompareConfig(**fields)
+
+
+def asdict_config(cfg: CompareConfig) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
