@@ -23,6 +23,7 @@ import yaml
 from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
 from envoy_data_plane.envoy.config.cluster.v3 import (
     Cluster,
+    ClusterCommonLbConfig,
     ClusterDiscoveryType,
     ClusterLbPolicy,
     ClusterOriginalDstLbConfig,
@@ -77,6 +78,7 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptionsExplicitHttpConfig,
 )
 from envoy_data_plane.envoy.type.metadata.v3 import MetadataKey, MetadataKeyPathSegment
+from envoy_data_plane.envoy.type.v3 import Percent
 from envoy_data_plane.google.protobuf import Any as AnyProto
 
 DESTINATION = "x-gateway-destination-endpoint"
@@ -223,10 +225,16 @@ def _picker_cluster(opts: EnvoyConfigOptions) -> Cluster:
         type=ClusterDiscoveryType.STATIC,
         connect_timeout=_seconds(1),
         load_assignment=_load_assignment(PICKER_CLUSTER, [opts.picker]),
+        # No panic routing to an unhealthy picker: with no healthy host the ext_proc stream fails at once,
+        # before any body chunk is sent, which is when Envoy still honours failure_mode_allow (fail-open)
+        # under FULL_DUPLEX_STREAMED; it also makes fail-closed answer fast.
+        common_lb_config=ClusterCommonLbConfig(healthy_panic_threshold=Percent(value=0.0)),
         typed_extension_protocol_options={"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _pack(h2)},
         health_checks=[HealthCheck(
             timeout=_seconds(1),
             interval=_seconds(opts.picker_health_interval_s),
+            # Without this Envoy checks an idle cluster only once a minute, and a dead picker goes unnoticed.
+            no_traffic_interval=_seconds(opts.picker_health_interval_s),
             unhealthy_threshold=2,
             healthy_threshold=1,
             grpc_health_check=HealthCheckGrpcHealthCheck(service_name=EXT_PROC_SERVICE),

@@ -1,0 +1,91 @@
+"""Envoy + picker + pods wired together for one test: ``async with envoy_stack(...) as stack``."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from e2e.support.envoy import EnvoyProcess
+from e2e.support.picker import picker_config, running_picker
+from extproc.envoyconfig.builder import EnvoyConfigOptions
+from extproc.server import Server, build_scheduler
+from pickers.types import Decision, InferenceRequest, Usage
+
+
+@dataclass
+class RecordingScheduler:
+    """Wraps a scheduler and records what the hooks were told (for assertions in tests)."""
+
+    inner: Any
+    requests: list[InferenceRequest] = field(default_factory=list)
+    served: list[str] = field(default_factory=list)
+    first_tokens: int = 0
+    finished: list[Usage | None] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    order: list[str] | None = None  # force this fallback list (tests of the gateway's fallback walk)
+
+    @property
+    def endpoints(self):
+        return getattr(self.inner, "endpoints", [])
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def stop(self) -> None:
+        await self.inner.stop()
+
+    async def schedule(self, request: InferenceRequest) -> Decision:
+        self.requests.append(request)
+        decision = await self.inner.schedule(request)
+        if self.order is not None:
+            decision.endpoints = list(self.order)
+        return decision
+
+    def on_served(self, decision: Decision, served: str) -> None:
+        self.served.append(served)
+        self.inner.on_served(decision, served)
+
+    def on_first_token(self, decision: Decision, at: float) -> None:
+        self.first_tokens += 1
+        self.inner.on_first_token(decision, at)
+
+    def on_finished(self, decision: Decision, usage: Usage | None, at: float) -> None:
+        self.finished.append(usage)
+        self.inner.on_finished(decision, usage, at)
+
+    def on_failed(self, decision: Decision, reason: str, at: float) -> None:
+        self.failed.append(reason)
+        self.inner.on_failed(decision, reason, at)
+
+
+@dataclass
+class Stack:
+    envoy: EnvoyProcess
+    picker: Server
+    scheduler: RecordingScheduler
+
+    @property
+    def url(self) -> str:
+        return self.envoy.url
+
+
+@contextlib.asynccontextmanager
+async def envoy_stack(
+    pool: list[str],
+    picker_endpoints: list[str] | None = None,
+    fail_open: bool = False,
+    server: dict[str, Any] | None = None,
+    extra_http_filters: list[dict[str, Any]] | None = None,
+    order: list[str] | None = None,
+) -> AsyncIterator[Stack]:
+    """Picker (in-process, LeastInFlight or the framework) + Envoy (override-host over ``pool``)."""
+    cfg = picker_config(picker_endpoints if picker_endpoints is not None else pool,
+                        **{"debug_headers": True, **(server or {})})
+    sched = RecordingScheduler(build_scheduler(cfg), order=order)
+    async with running_picker(cfg, sched) as picker:
+        opts = EnvoyConfigOptions(picker=picker.address, endpoints=pool, fail_open=fail_open,
+                                  extra_http_filters=extra_http_filters or [])
+        async with EnvoyProcess(opts) as envoy:
+            yield Stack(envoy, picker, sched)

@@ -1,0 +1,81 @@
+"""A tiny OpenAI-like upstream (aiohttp) for tests that need exact bytes or when the simulator is absent.
+
+Every request's raw body is recorded; responses name the pod that served them (``x-served-by`` header and
+``system_fingerprint``), stream SSE when asked, and carry ``usage`` like vLLM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import orjson
+from aiohttp import web
+
+
+@dataclass
+class Seen:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class FakeUpstream:
+    port: int
+    host: str = "127.0.0.1"
+    tokens: int = 3
+    delay_s: float = 0.0
+    seen: list[Seen] = field(default_factory=list)
+    max_seen: int = 1000
+    _runner: web.AppRunner | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        if len(self.seen) < self.max_seen:
+            self.seen.append(Seen(request.path, {k.lower(): v for k, v in request.headers.items()}, body))
+        if request.method == "GET":
+            return web.json_response({"object": "list", "data": [{"id": "m", "object": "model"}]},
+                                     headers={"x-served-by": self.address})
+        doc = orjson.loads(body) if body else {}
+        n = min(int(doc.get("max_tokens") or doc.get("max_completion_tokens") or self.tokens), 64)
+        chat = "chat" in request.path
+        usage = {"prompt_tokens": len(body) // 4, "completion_tokens": n, "total_tokens": len(body) // 4 + n,
+                 "prompt_tokens_details": {"cached_tokens": 0}}
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        base = {"id": "cmpl-1", "created": int(time.time()), "model": doc.get("model", ""),
+                "system_fingerprint": self.address}
+        if not doc.get("stream"):
+            choice = ({"index": 0, "message": {"role": "assistant", "content": "x" * n}, "finish_reason": "length"}
+                      if chat else {"index": 0, "text": "x" * n, "finish_reason": "length"})
+            return web.Response(body=orjson.dumps({**base, "object": "chat.completion" if chat else
+                                                   "text_completion", "choices": [choice], "usage": usage}),
+                                content_type="application/json", headers={"x-served-by": self.address})
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream", "x-served-by": self.address})
+        await resp.prepare(request)
+        for _ in range(n):
+            choice = ({"index": 0, "delta": {"content": "x"}, "finish_reason": None} if chat
+                      else {"index": 0, "text": "x", "finish_reason": None})
+            await resp.write(b"data: " + orjson.dumps({**base, "choices": [choice]}) + b"\n\n")
+        await resp.write(b"data: " + orjson.dumps({**base, "choices": [], "usage": usage}) + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
