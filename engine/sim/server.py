@@ -236,8 +236,10 @@ class SimPod:
         self._driver = asyncio.get_running_loop().create_task(self._drive(), name=f"sim-driver-{self.name}")
 
     def _fail_streams(self) -> None:
-        for st in self._streams.values():
+        """End every in-flight request: its handler sees None, and the engine forgets it."""
+        for rid, st in self._streams.items():
             st.queue.put_nowait(None)
+            self.core.abort(rid)
         self._streams.clear()
 
     # ---- clock and driver ------------------------------------------------------------------------

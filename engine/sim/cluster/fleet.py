@@ -1,14 +1,15 @@
 """Fleet spec for the cluster simulator: N pods x (model profile, accelerator, role).
 
 From flags (``--pods 16 --accelerator H100 --model-profile 8b``, ``--pd 4:12`` for 4 prefill + 12 decode
-pods) or a YAML file::
+pods) or the real-time fleet's YAML file (engine/sim/fleet.py, parsed by its own ``load_fleet_config``)::
 
-    link: rdma-400g            # optional, KV transfer link for P/D
+    defaults: {model_profile: llama-3.1-8b}     # optional
     pods:
-      - {count: 4, role: prefill, accelerator: H100, model_profile: 8b}
-      - {count: 12, role: decode, accelerator: H100, model_profile: 8b, max_num_seqs: 256}
+      - {count: 4, role: prefill, accelerator: H100}
+      - {count: 12, role: decode, accelerator: H100, max_num_seqs: 256, name: dec}
 
-Each pod gets a stable address (10.<group>.<i>.<j>:8000) so it is a valid picker ``Endpoint``.
+Fields the virtual-time simulator has no use for (ports, event format, ...) are ignored. Each pod gets a
+stable address (10.<group>.<i>.<j>:8000) so it is a valid picker ``Endpoint``; ``label`` keeps its name.
 """
 
 from __future__ import annotations
@@ -19,11 +20,6 @@ from typing import Any
 
 from engine.costmodel import CostModel, Deployment
 from engine.sim.core import ROLES, EngineConfig
-
-_POD_KEYS = {
-    "count", "role", "accelerator", "model_profile", "model", "tp", "ep", "max_num_seqs",
-    "max_num_batched_tokens", "max_model_len", "block_size", "num_blocks", "name",
-}
 
 
 @dataclass(slots=True)
@@ -39,6 +35,9 @@ class PodSpec:
     max_model_len: int | None = None
     block_size: int = 16
     num_blocks: int | None = None
+    link: str | None = None  # None: the fleet's
+    kv_transfer_timeout_s: float = 30.0
+    label: str = ""
 
     def cost_model(self) -> CostModel:
         dep = None
@@ -51,7 +50,8 @@ class PodSpec:
         return EngineConfig(
             block_size=self.block_size, num_blocks=self.num_blocks, max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=self.max_model_len,
-            role=self.role, link=link, engine_id=f"sim-{index}", hash_seed=seed * 1_000_003 + index,
+            role=self.role, link=self.link or link, kv_transfer_timeout_s=self.kv_transfer_timeout_s,
+            engine_id=f"sim-{index}", hash_seed=seed * 1_000_003 + index,
             remote_host=host, remote_port=int(port),
         )
 
@@ -103,39 +103,36 @@ def fleet_from_flags(
     return spec
 
 
-def fleet_from_dict(raw: dict[str, Any], **overrides: Any) -> FleetSpec:
-    if not isinstance(raw, dict) or not isinstance(raw.get("pods"), list) or not raw["pods"]:
-        raise ValueError("fleet file: needs a non-empty 'pods' list")
-    unknown = set(raw) - {"pods", "link"}
-    if unknown:
-        raise ValueError(f"fleet file: unknown key(s) {sorted(unknown)}; expected 'pods', 'link'")
-    spec = FleetSpec(link=str(raw.get("link", "rdma-400g")))
-    for g, item in enumerate(raw["pods"]):
-        if not isinstance(item, dict):
-            raise ValueError(f"fleet file: pods[{g}] must be a mapping")
-        bad = set(item) - _POD_KEYS
-        if bad:
-            raise ValueError(f"fleet file: pods[{g}] has unknown key(s) {sorted(bad)}")
-        item = {**item, **{k: v for k, v in overrides.items() if v is not None and k not in item}}
-        count = int(item.pop("count", 1))
-        name = item.pop("name", None)
-        if "model" in item:
-            item.setdefault("model_profile", item.pop("model"))
-        if count <= 0:
-            raise ValueError(f"fleet file: pods[{g}].count must be positive")
-        for i in range(count):
-            addr = name if (name and count == 1) else _address(g, i)
-            spec.pods.append(PodSpec(addr, **item))
+def load_fleet(path: str | Path, **overrides: Any) -> FleetSpec:
+    """The real-time fleet's YAML (engine.sim.fleet) as a virtual-time fleet; ``overrides`` (flags that
+    are not None) fill fields the file leaves unset."""
+    from engine.sim.fleet import load_fleet_config, specs_from_config
+
+    cfg = load_fleet_config(path)
+    base = _spec_defaults(overrides)
+    specs = specs_from_config(cfg, base)
+    spec = FleetSpec()
+    groups: dict[str, int] = {}
+    for s in specs:
+        prefix = s.name.rsplit("-", 1)[0]
+        g = groups.setdefault(prefix, len(groups))
+        i = sum(1 for p in spec.pods if p.label.rsplit("-", 1)[0] == prefix)
+        spec.pods.append(PodSpec(
+            _address(g, i), s.role, s.accelerator, s.model_profile, s.tp, s.ep, s.max_num_seqs,
+            s.max_num_batched_tokens, s.max_model_len, s.block_size, s.num_blocks, s.link,
+            s.kv_transfer_timeout_s, label=s.name,
+        ))
     _check(spec)
     return spec
 
 
-def load_fleet(path: str | Path, **overrides: Any) -> FleetSpec:
-    import yaml
+def _spec_defaults(overrides: dict[str, Any]) -> Any:
+    import dataclasses
 
-    with open(path, encoding="utf-8") as fh:
-        raw = yaml.safe_load(fh)
-    return fleet_from_dict(raw, **overrides)
+    from engine.sim.spec import PodSpec as RealtimeSpec
+
+    names = {f.name for f in dataclasses.fields(RealtimeSpec)}
+    return RealtimeSpec(**{k: v for k, v in overrides.items() if v is not None and k in names})
 
 
 def _check(spec: FleetSpec) -> None:
@@ -143,6 +140,7 @@ def _check(spec: FleetSpec) -> None:
     for p in spec.pods:
         if p.role not in ROLES:
             raise ValueError(f"pod {p.name}: role must be one of {ROLES}, got {p.role!r}")
+        p.label = p.label or p.name
         if p.name in names:
             raise ValueError(f"pod name {p.name} is used twice")
         names.add(p.name)
@@ -151,4 +149,4 @@ def _check(spec: FleetSpec) -> None:
         raise ValueError("the fleet needs at least one pod that can decode")
 
 
-__all__ = ["FleetSpec", "PodSpec", "fleet_from_dict", "fleet_from_flags", "load_fleet"]
+__all__ = ["FleetSpec", "PodSpec", "fleet_from_flags", "load_fleet"]

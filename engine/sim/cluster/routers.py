@@ -117,8 +117,9 @@ class SchedulerRouter(BaseRouter):
     """Adapter for any pickers scheduler: sync ``decide(request)`` or async ``schedule(request)``.
 
     Hooks go to the scheduler's on_served/on_first_token/on_finished/on_failed with its Decision. If the
-    scheduler exposes a data layer that accepts KV events and metrics (``feed_kv_events`` /
-    ``feed_metrics`` on the scheduler or its ``datalayer``), the simulator feeds it directly.
+    scheduler exposes its data layer (``.dl``), the simulator feeds it directly, as documented in
+    pickers/datalayer: ``dl.metrics.update(addr, PodMetrics(...), at)`` every scrape and
+    ``dl.kv_index.apply_events(addr, [wire events], now=at)`` after every step that changed a cache.
     """
 
     def __init__(self, scheduler: Any, name: str, clock: ManualClock) -> None:
@@ -129,11 +130,16 @@ class SchedulerRouter(BaseRouter):
         self._decide: Callable[[InferenceRequest], Decision] = (
             decide if callable(decide) else (lambda r: _run_sync(scheduler.schedule(r)))
         )
-        layer = getattr(scheduler, "datalayer", None) or getattr(scheduler, "data", None)
-        self._kv = _find(scheduler, layer, ("feed_kv_events", "on_kv_events", "apply_kv_events"))
-        self._metrics = _find(scheduler, layer, ("feed_metrics", "on_metrics", "update_metrics"))
-        self.wants_kv_events = self._kv is not None
-        self.wants_metrics = self._metrics is not None
+        dl = next((getattr(scheduler, a) for a in ("dl", "datalayer", "data_layer")
+                   if getattr(scheduler, a, None) is not None), None)
+        self._metrics_store = getattr(dl, "metrics", None) if dl is not None else None
+        self._kv_index = getattr(dl, "kv_index", None) if dl is not None else None
+        self.wants_metrics = callable(getattr(self._metrics_store, "update", None))
+        self.wants_kv_events = callable(getattr(self._kv_index, "apply_events", None))
+        if self.wants_metrics:
+            from pickers.datalayer.metrics import PodMetrics
+
+            self._pod_metrics = PodMetrics
 
     def route(self, req: ClusterRequest, now: float) -> Route:
         ir = InferenceRequest(
@@ -162,35 +168,16 @@ class SchedulerRouter(BaseRouter):
             self.scheduler.on_failed(d, reason, at)
 
     def on_kv_events(self, pod: str, events: list[KVEvent], at: float) -> None:
-        if self._kv is not None:
-            self._kv(pod, events, at)
+        from engine.sim.kvevents import event_to_wire
+
+        self._kv_index.apply_events(pod, [event_to_wire(e) for e in events], now=at)  # type: ignore[union-attr]
 
     def on_metrics(self, pod: str, stats: EngineStats, at: float) -> None:
-        if self._metrics is not None:
-            self._metrics(pod, _metrics_dict(stats), at)
-
-
-def _find(obj: Any, layer: Any, names: tuple[str, ...]) -> Callable[..., Any] | None:
-    for target in (layer, obj):
-        if target is None:
-            continue
-        for n in names:
-            fn = getattr(target, n, None)
-            if callable(fn):
-                return fn
-    return None
-
-
-def _metrics_dict(s: EngineStats) -> dict[str, float]:
-    """vLLM metric names, as a scrape of the pod's /metrics would give them."""
-    return {
-        "vllm:num_requests_running": float(s.num_running),
-        "vllm:num_requests_waiting": float(s.num_waiting),
-        "vllm:kv_cache_usage_perc": float(s.kv_usage),
-        "vllm:prefix_cache_queries": float(s.prefix_queries),
-        "vllm:prefix_cache_hits": float(s.prefix_hits),
-        "vllm:num_preemptions": float(s.num_preemptions),
-    }
+        m = self._pod_metrics(
+            waiting=float(stats.num_waiting), running=float(stats.num_running), kv_usage=float(stats.kv_usage),
+            prefix_cache_queries=float(stats.prefix_queries), prefix_cache_hits=float(stats.prefix_hits),
+        )
+        self._metrics_store.update(pod, m, at)  # type: ignore[union-attr]
 
 
 BUILTIN = ("round-robin", "least-inflight")
