@@ -191,8 +191,8 @@ def multi_turn(
     Turn k's hash ids are turn k-1's hash ids followed by new ones, and its input length covers turn k-1's
     blocks in full, so the previous prompt is a prefix of the new one. All conversations share one system
     prompt (``system_tokens // 512`` blocks). Conversations start as a Poisson process at ``rate`` per
-    second; a turn follows the previous one after an exponential think time (mean ``think_time_s``), which
-    should exceed the expected latency because the replay does not wait for answers.
+    second; a turn follows the previous one after a think time drawn uniformly in [0.5, 1.5] x
+    ``think_time_s``, which should exceed the expected latency because the replay does not wait for answers.
     """
     rng = np.random.default_rng(seed)
     ids = _Ids()
@@ -208,7 +208,7 @@ def multi_turn(
             # Next turn: all of this prompt's blocks (the last one now full), the answer, a new message.
             length = len(hash_ids) * BLOCK_TOKENS + output_tokens + user_tokens
             hash_ids = hash_ids + ids.take(num_blocks(length) - len(hash_ids))
-            t += 1000.0 * float(rng.exponential(think_time_s))
+            t += 1000.0 * think_time_s * float(rng.uniform(0.5, 1.5))
     records.sort(key=lambda r: r.timestamp)
     params = dict(
         conversations=conversations, turns=turns, system_tokens=system_tokens,

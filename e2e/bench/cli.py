@@ -1,0 +1,172 @@
+"""``kvswitch bench``: kvswitch side by side with its peers on one simulated fleet.
+
+    kvswitch bench compare --preset reduced                     (what `make bench` runs)
+    kvswitch bench compare --workload shared-prefix --routers kvswitch,envoy-rr,vllm-router:cache_aware \
+        --rates 2,4,8 --pods 4 --time-scale 1 --repetitions 3 --seed 0 [--param groups=8 ...] [--out DIR]
+    kvswitch bench report DIR/results.json                      (re-render the report)
+    kvswitch bench workload --workload multi-turn --rate 2 --out trace.jsonl   (write a trace only)
+    kvswitch bench peers                                        (is the peers' environment there?)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from e2e.bench.workloads import GENERATORS
+
+
+def _value(text: str) -> Any:
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    if text.lower() in ("none", "null"):
+        return None
+    return text
+
+
+def parse_params(items: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        key, sep, val = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--param {item!r}: expected key=value")
+        out[key.replace("-", "_")] = _value(val)
+    return out
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers") from None
+    if not vals or any(v <= 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"{text!r}: rates must be positive")
+    return vals
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvswitch bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("compare", help="run routers side by side and write a dated report")
+    c.add_argument("--preset", help="reduced (make bench) or tiny; other flags override it")
+    c.add_argument("--workload", choices=sorted(GENERATORS))
+    c.add_argument("--routers", help="comma-separated: kvswitch[:profile], envoy-rr, vllm-router:<policy>, "
+                                     "sglang-router:<policy>")
+    c.add_argument("--rates", type=_floats, help="offered loads in requests/s, comma-separated")
+    c.add_argument("--pods", type=int)
+    c.add_argument("--pd", metavar="P:D", help="P/D fleet: P prefill pods then D decode pods (overrides --pods)")
+    c.add_argument("--time-scale", type=float, help="wall seconds per simulated second (0.1: 10x faster)")
+    c.add_argument("--repetitions", type=int)
+    c.add_argument("--seed", type=int)
+    c.add_argument("--requests", type=int, help="requests per run (workload num_requests)")
+    c.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="workload parameter (e.g. groups=8, prefix_tokens=6144, speedup=2)")
+    c.add_argument("--model-profile")
+    c.add_argument("--accelerator")
+    c.add_argument("--out", type=Path, help="results folder (default e2e/bench/results/<date>-<workload>)")
+    c.add_argument("--no-plots", action="store_true")
+    r = sub.add_parser("report", help="re-render README.md and plots from a results.json")
+    r.add_argument("results", type=Path)
+    r.add_argument("--no-plots", action="store_true")
+    w = sub.add_parser("workload", help="write a workload's Mooncake-format trace")
+    w.add_argument("--workload", choices=sorted(GENERATORS), required=True)
+    w.add_argument("--rate", type=float)
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--requests", type=int)
+    w.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
+    w.add_argument("--out", type=Path, required=True)
+    sub.add_parser("peers", help="check the peers' environment and print versions")
+    return p
+
+
+def _compare(a: argparse.Namespace) -> int:
+    from e2e.bench.report import render
+    from e2e.bench.runner import PRESETS, CompareConfig, Comparison, config_from_preset
+
+    params = parse_params(a.param)
+    if a.requests is not None:
+        params["num_requests"] = a.requests
+    roles = None
+    pods = a.pods
+    if a.pd:
+        try:
+            n_p, n_d = (int(x) for x in a.pd.split(":"))
+        except ValueError:
+            print(f"kvswitch bench: --pd {a.pd!r}: expected P:D, e.g. 1:2", file=sys.stderr)
+            return 2
+        roles, pods = ["prefill"] * n_p + ["decode"] * n_d, n_p + n_d
+    overrides = dict(workload=a.workload, routers=a.routers.split(",") if a.routers else None, rates=a.rates,
+                     pods=pods, time_scale=a.time_scale, repetitions=a.repetitions, seed=a.seed, out=a.out,
+                     roles=roles, model_profile=a.model_profile, accelerator=a.accelerator)
+    if a.preset:
+        cfg = config_from_preset(a.preset, **overrides)
+        if a.workload and a.workload != PRESETS[a.preset]["workload"]:
+            cfg.workload_params = {}
+        cfg.workload_params = {**cfg.workload_params, **params}
+    else:
+        cfg = CompareConfig(**{k: v for k, v in overrides.items() if v is not None}, workload_params=params)
+    if cfg.time_scale <= 0 or cfg.pods < 1 or cfg.repetitions < 1:
+        print("kvswitch bench: --time-scale must be > 0, --pods and --repetitions >= 1", file=sys.stderr)
+        return 2
+    from e2e.bench import peersenv
+
+    needs_peers = True  # aiperf is the client of every run
+    if needs_peers and (why := peersenv.missing()):
+        print(f"kvswitch bench: {why}", file=sys.stderr)
+        return 2
+    try:
+        comparison = Comparison(cfg)
+        print(f"kvswitch bench: {len(comparison.plan())} runs -> {comparison.out}", flush=True)
+        results = comparison.run()
+    except (ValueError, TypeError) as exc:
+        print(f"kvswitch bench: {exc}", file=sys.stderr)
+        return 2
+    readme = render(results, with_plots=not a.no_plots)
+    print(f"report: {readme}")
+    return 0 if comparison.results and not comparison.failures else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    if a.cmd == "compare":
+        return _compare(a)
+    if a.cmd == "report":
+        from e2e.bench.report import render
+
+        print(render(a.results, with_plots=not a.no_plots))
+        return 0
+    if a.cmd == "workload":
+        from e2e.bench.workloads import make
+
+        try:
+            params = parse_params(a.param)
+            if a.requests is not None:
+                params["num_requests"] = a.requests
+            wl = make(a.workload, rate=a.rate, seed=a.seed, **params)
+        except (ValueError, TypeError) as exc:
+            print(f"kvswitch bench workload: {exc}", file=sys.stderr)
+            return 2
+        wl.write(a.out)
+        print(json.dumps(wl.stats()))
+        return 0
+    if a.cmd == "peers":
+        from e2e.bench import peersenv
+
+        why = peersenv.missing()
+        print(json.dumps(peersenv.versions(), indent=1))
+        if why:
+            print(why, file=sys.stderr)
+            return 1
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
