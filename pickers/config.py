@@ -1,0 +1,203 @@
+"""Building a scheduler from the ``scheduler:`` section of the picker's YAML file (validated, paths in
+every error message). No section at all gives the ``default`` profile with every default below.
+
+    scheduler:
+      profile: default            # default | round-robin | random | load-only | approximate | precise | <own>
+      handler: {type: decode-only}
+      admission:                  # list; default: [saturation]
+        - {type: saturation, queue_threshold: 5, kv_threshold: 0.8, objectives: {batch: -1, chat: 0}}
+      profiles:                   # your own, or overriding built-in ones by name
+        mine:
+          filters: [health, subset, {type: role, role: decode}]
+          scorers:
+            - {type: ttft, weight: 3}
+            - {type: prefix, mode: auto, gate_ttft_ratio: 1.5, weight: 1}
+            - {type: queue, weight: 1}
+          picker: {type: max-score, max_endpoints: 3}
+      # or, short for one profile named after `profile` (or "custom"):
+      # filters: [...]; scorers: [...]; picker: {...}
+      tokenizer: {path: null, cache_size: 4096, offload_min_chars: 16384}
+      datalayer: {scrape_interval_ms: 50, stale_after_intervals: 4, failure_threshold: 3,
+                  max_endpoints: 1024, inflight_ttl_s: 600}
+      prefix:
+        approximate: {max_blocks: 4000000, pod_blocks: 200000}
+        precise: {max_blocks: 10000000, medium_weights: {GPU: 1.0, CPU: 0.8}, engine_map_cap: 2000000,
+                  degraded_after_s: 10, topic: ""}
+      explain_top: 5
+      default_decode_tokens: 256
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pickers.plugins  # noqa: F401  (registers the built-in plugins)
+from engine.tokens.tokenizer import load_tokenizer
+from pickers.clock import Clock, MonotonicClock
+from pickers.costs import coefficients
+from pickers.datalayer import DataLayer, DataLayerSettings
+from pickers.datalayer.endpoints import StaticDiscovery
+from pickers.framework import ConfigError, Param, Profile, check_value, create
+from pickers.profiles import BUILTIN_PROFILES, DECODE_FILTERS
+from pickers.promstats import scheduler_metrics
+from pickers.scheduler import KVScheduler
+from pickers.tokenize import TokenService
+from pickers.types import Endpoint
+
+__all__ = ["ConfigError", "build_scheduler"]
+
+ROOT = "scheduler"
+_TOP = {"profile", "handler", "admission", "profiles", "filters", "scorers", "picker", "tokenizer",
+        "datalayer", "prefix", "explain_top", "default_decode_tokens"}
+
+
+def _mapping(path: str, v: Any) -> dict[str, Any]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise ConfigError(f"{path}: expected a mapping, got {v!r}")
+    return v
+
+
+def _keys(path: str, d: dict[str, Any], allowed: set[str]) -> None:
+    for k in d:
+        if k not in allowed:
+            raise ConfigError(f"{path}.{k}: unknown key; known: {', '.join(sorted(allowed))}")
+
+
+def _get(path: str, d: dict[str, Any], key: str, p: Param) -> Any:
+    if key not in d or d[key] is None and p.default is not None:
+        return p.default
+    return check_value(f"{path}.{key}", d[key], p)
+
+
+def _list(path: str, v: Any) -> list[Any]:
+    if not isinstance(v, list):
+        raise ConfigError(f"{path}: expected a list, got {v!r}")
+    return v
+
+
+def _profile(path: str, name: str, raw: Any) -> Profile:
+    raw = _mapping(path, raw)
+    _keys(path, raw, {"filters", "scorers", "picker"})
+    filters = [create("filter", f, f"{path}.filters[{i}]")
+               for i, f in enumerate(_list(f"{path}.filters", raw.get("filters", DECODE_FILTERS)))]
+    scorers = []
+    for i, s in enumerate(_list(f"{path}.scorers", raw.get("scorers", []))):
+        sp = f"{path}.scorers[{i}]"
+        weight = 1.0
+        if isinstance(s, dict) and "weight" in s:
+            weight = check_value(f"{sp}.weight", s["weight"], Param(float, 1.0, min=0.0))
+        scorers.append((create("scorer", s, sp, reserved=("weight",)), weight))
+    picker = create("picker", raw.get("picker", {"type": "max-score"}), f"{path}.picker")
+    return Profile(name, filters, scorers, picker)
+
+
+def build_scheduler(
+    raw: dict[str, Any] | None,
+    endpoints: list[Endpoint],
+    clock: Clock | None = None,
+    *,
+    network: bool = True,
+    registry: Any = None,
+) -> KVScheduler:
+    """A scheduler from the ``scheduler:`` section (``None`` = defaults) over ``endpoints``.
+
+    ``network=False`` (virtual time, tests): no scrapers or subscribers; feed ``scheduler.datalayer``
+    directly. ``registry``: a prometheus CollectorRegistry (default: the global one).
+    """
+    clock = clock or MonotonicClock()
+    cfg = _mapping(ROOT, copy.deepcopy(raw))
+    _keys(ROOT, cfg, _TOP)
+
+    # data layer settings
+    dlp = f"{ROOT}.datalayer"
+    d = _mapping(dlp, cfg.get("datalayer"))
+    _keys(dlp, d, {"scrape_interval_ms", "stale_after_intervals", "failure_threshold", "max_endpoints",
+                   "inflight_ttl_s"})
+    pp = f"{ROOT}.prefix"
+    pr = _mapping(pp, cfg.get("prefix"))
+    _keys(pp, pr, {"approximate", "precise"})
+    ap = _mapping(f"{pp}.approximate", pr.get("approximate"))
+    _keys(f"{pp}.approximate", ap, {"max_blocks", "pod_blocks"})
+    pc = _mapping(f"{pp}.precise", pr.get("precise"))
+    _keys(f"{pp}.precise", pc, {"max_blocks", "medium_weights", "engine_map_cap", "degraded_after_s", "topic"})
+    weights = _get(f"{pp}.precise", pc, "medium_weights", Param(dict, {"GPU": 1.0, "CPU": 0.8}))
+    for k, v in weights.items():
+        check_value(f"{pp}.precise.medium_weights.{k}", v, Param(float, min=0.0, max=1.0))
+    if not weights:
+        raise ConfigError(f"{pp}.precise.medium_weights: must name at least one medium")
+    settings = DataLayerSettings(
+        max_endpoints=_get(dlp, d, "max_endpoints", Param(int, 1024, min=1, max=65536)),
+        scrape_interval_s=_get(dlp, d, "scrape_interval_ms", Param(float, 50.0, min=1.0)) / 1000.0,
+        stale_after_intervals=_get(dlp, d, "stale_after_intervals", Param(float, 4.0, min=1.0)),
+        failure_threshold=_get(dlp, d, "failure_threshold", Param(int, 3, min=1)),
+        inflight_ttl_s=_get(dlp, d, "inflight_ttl_s", Param(float, 600.0, min=1.0)),
+        approx_max_blocks=_get(f"{pp}.approximate", ap, "max_blocks", Param(int, 4_000_000, min=1)),
+        approx_pod_blocks=_get(f"{pp}.approximate", ap, "pod_blocks", Param(int, 200_000, min=1)),
+        precise_max_blocks=_get(f"{pp}.precise", pc, "max_blocks", Param(int, 10_000_000, min=1)),
+        medium_weights={str(k).upper(): float(v) for k, v in weights.items()},
+        engine_map_cap=_get(f"{pp}.precise", pc, "engine_map_cap", Param(int, 2_000_000, min=1)),
+        degraded_after_s=_get(f"{pp}.precise", pc, "degraded_after_s", Param(float, 10.0, min=0.0)),
+        kv_events_topic=_get(f"{pp}.precise", pc, "topic", Param(str, "")),
+    )
+
+    # tokens
+    tp = f"{ROOT}.tokenizer"
+    t = _mapping(tp, cfg.get("tokenizer"))
+    _keys(tp, t, {"path", "cache_size", "offload_min_chars"})
+    path = _get(tp, t, "path", Param((str, type(None)), None))
+    try:
+        tokenizer = load_tokenizer(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{tp}.path: cannot load a tokenizer from {path!r}: {e}") from None
+    tokens = TokenService(tokenizer, _get(tp, t, "cache_size", Param(int, 4096, min=1)),
+                          _get(tp, t, "offload_min_chars", Param(int, 16384, min=0)))
+
+    # profiles
+    profiles_raw: dict[str, Any] = {k: v for k, v in BUILTIN_PROFILES.items()}
+    own = _mapping(f"{ROOT}.profiles", cfg.get("profiles"))
+    own_paths = {name: f"{ROOT}.profiles.{name}" for name in own}
+    profiles_raw.update(own)
+    name = _get(ROOT, cfg, "profile", Param(str, None)) if "profile" in cfg else None
+    inline = {k: cfg[k] for k in ("filters", "scorers", "picker") if k in cfg}
+    if inline:
+        name = name or "custom"
+        profiles_raw[name] = inline
+        own_paths[name] = ROOT
+    name = name or "default"
+    if name not in profiles_raw:
+        raise ConfigError(f"{ROOT}.profile: unknown profile {name!r}; known: {', '.join(sorted(profiles_raw))}")
+    profiles = {n: _profile(own_paths.get(n, f"{ROOT}.profiles.{n}"), n, r) for n, r in profiles_raw.items()}
+
+    handler = create("handler", cfg.get("handler", {"type": "decode-only"}), f"{ROOT}.handler")
+    hp = getattr(handler, "profile", None)
+    if hp is not None and hp not in profiles:
+        raise ConfigError(f"{ROOT}.handler.profile: unknown profile {hp!r}; known: {', '.join(sorted(profiles))}")
+    admission = [create("admission", a, f"{ROOT}.admission[{i}]")
+                 for i, a in enumerate(_list(f"{ROOT}.admission", cfg.get("admission", ["saturation"])))]
+
+    stats = scheduler_metrics(registry)
+    dl = DataLayer(
+        clock, tokens, settings,
+        on_degraded=lambda addr, on, why: stats.degraded.labels(addr).set(1 if on else 0),
+        on_health=lambda addr, ok: stats.healthy.labels(addr).set(1 if ok else 0),
+    )
+    sched = KVScheduler(
+        dl, profiles, name, handler, admission, clock, stats, network=network,
+        discovery=StaticDiscovery(endpoints),
+        explain_top=_get(ROOT, cfg, "explain_top", Param(int, 5, min=1)),
+        default_decode_tokens=_get(ROOT, cfg, "default_decode_tokens", Param(int, 256, min=1)),
+    )
+    seen: set[str] = set()
+    for i, ep in enumerate(endpoints):
+        if ep.address in seen:
+            raise ConfigError(f"endpoints[{i}].address: duplicate endpoint {ep.address!r}")
+        seen.add(ep.address)
+        try:
+            coefficients(ep.model_profile, ep.accelerator)  # validates the cost-model names
+        except ValueError as e:
+            raise ConfigError(f"endpoints[{i}]: {e}") from None
+        sched.add_endpoint(ep)
+    return sched

@@ -1,0 +1,145 @@
+"""The data layer every plugin reads: endpoints, scraped metrics, health, in-flight load, KV-block indexes
+(approximate, learned from our own decisions; precise, fed by KV events), cost coefficients, tokens.
+
+Feed it directly in virtual time or tests::
+
+    dl.metrics.update("10.0.0.1:8000", PodMetrics(waiting=2, running=10, kv_usage=0.4))
+    dl.kv_index.apply_events("10.0.0.1:8000", [{"type": "BlockStored", ...}], now=clock.now())
+    dl.endpoints.add(Endpoint(...)); dl.endpoints.remove("10.0.0.1:8000")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from pickers.clock import Clock
+from pickers.costs import CostTable
+from pickers.datalayer.endpoints import Discovery, EndpointTable, StaticDiscovery
+from pickers.datalayer.health import HealthTracker
+from pickers.datalayer.inflight import InflightTracker
+from pickers.datalayer.metrics import MetricsStore, PodMetrics
+from pickers.kvblocks.index import BlockIndex
+from pickers.kvblocks.precise import PreciseIndex
+from pickers.tokenize import TokenService
+
+__all__ = ["DataLayer", "DataLayerSettings", "Discovery", "EndpointTable", "PodMetrics", "StaticDiscovery"]
+
+
+@dataclass
+class DataLayerSettings:
+    max_endpoints: int = 1024
+    scrape_interval_s: float = 0.05
+    stale_after_intervals: float = 4.0
+    failure_threshold: int = 3
+    approx_max_blocks: int = 4_000_000
+    approx_pod_blocks: int = 200_000  # per pod when /metrics gives no num_gpu_blocks
+    precise_max_blocks: int = 10_000_000
+    medium_weights: dict[str, float] = field(default_factory=lambda: {"GPU": 1.0, "CPU": 0.8})
+    engine_map_cap: int = 2_000_000
+    degraded_after_s: float = 10.0
+    inflight_ttl_s: float = 600.0
+    kv_events_topic: str = ""
+
+
+class DataLayer:
+    def __init__(self, clock: Clock, tokens: TokenService, settings: DataLayerSettings | None = None,
+                 on_degraded: Callable[[str, bool, str], None] | None = None,
+                 on_health: Callable[[str, bool], None] | None = None) -> None:
+        s = self.settings = settings or DataLayerSettings()
+        self.clock = clock
+        self.tokens = tokens
+        n = s.max_endpoints
+        self.endpoints = EndpointTable(n)
+        ep = self.endpoints
+        self.metrics = MetricsStore(clock, ep.slot, n, s.scrape_interval_s * s.stale_after_intervals)
+        self.metrics.on_block_size = self._block_size_seen
+        self.health = HealthTracker(ep.address, n, s.failure_threshold, on_health)
+        self.inflight = InflightTracker(n, s.inflight_ttl_s)
+        self.costs = CostTable(n)
+        self.approx = BlockIndex(s.approx_max_blocks, ("GPU",), max_pods=64, per_pod_cap=None)
+        self.approx_pod_cap = np.full(n, s.approx_pod_blocks, dtype=np.int64)
+        self.kv_index = PreciseIndex(ep.slot, ep.address, s.precise_max_blocks, s.medium_weights, 64,
+                                     s.engine_map_cap, s.degraded_after_s, on_degraded)
+        self.precise_enabled = False
+        ep.listen(self._on_endpoint)
+
+    # ---- endpoint lifecycle -------------------------------------------------------------------------
+    def _on_endpoint(self, what: str, slot: int, e) -> None:
+        if what == "add":
+            self.approx.ensure_pods(slot + 1)
+            self.kv_index.ensure_pods(slot + 1)
+            self.kv_index.set_source(slot, bool(e.kv_events))
+            self.precise_enabled = self.precise_enabled or bool(e.kv_events)
+            self.costs.set(slot, e.model_profile, e.accelerator)
+        else:
+            self.approx.drop_pod(slot)
+            self.kv_index.forget_pod(slot)
+            self.metrics.reset(slot)
+            self.health.reset(slot)
+            self.inflight.reset(slot)
+            self.approx_pod_cap[slot] = self.settings.approx_pod_blocks
+
+    def _block_size_seen(self, slot: int, block_size: int) -> None:
+        if self.endpoints.block_size[slot] != block_size:
+            self.endpoints.block_size[slot] = block_size
+
+    # ---- derived signals ----------------------------------------------------------------------------
+    def fresh(self, cands: np.ndarray, now: float) -> np.ndarray:
+        return self.metrics.fresh(cands, now)
+
+    def queue_depth(self, cands: np.ndarray, now: float) -> np.ndarray:
+        """Requests waiting for prefill: the pod's own count when fresh, never below what we sent."""
+        w = np.where(self.fresh(cands, now), self.metrics.waiting[cands], 0.0)
+        return np.maximum(w, self.inflight.prefill_requests[cands])
+
+    def running(self, cands: np.ndarray, now: float) -> np.ndarray:
+        r = np.where(self.fresh(cands, now), self.metrics.running[cands], 0.0)
+        return np.maximum(r, self.inflight.requests[cands] - self.inflight.prefill_requests[cands])
+
+    def prefix_hits(self, ctx, mode: str) -> np.ndarray:
+        """Per endpoint slot: cached prompt tokens (weighted by medium) under ``mode``."""
+        ep = self.endpoints
+        n = ep.slot_count
+        out = np.zeros(n)
+        slots = ep.active_slots()
+        if slots.size == 0:
+            return out
+        sizes = ep.block_size[slots]
+        bs0 = int(sizes[0])
+        groups = [(bs0, None)] if (sizes == bs0).all() else [(int(b), sizes == b) for b in np.unique(sizes)]
+        use_precise = mode in ("precise", "auto") and self.precise_enabled
+        degraded = self.kv_index.degraded_mask(ctx.now)[:n] if mode == "auto" and use_precise else None
+        for bs, sel in groups:
+            hashes = ctx.block_hashes(bs)
+            if not hashes:
+                continue
+            vals = np.zeros(n)
+            if mode == "approximate" or not use_precise or (degraded is not None and degraded[slots].any()):
+                m = self.approx.match(hashes)
+                if m is not None:
+                    vals = m[1][:n].astype(np.float64)
+            if use_precise:
+                m = self.kv_index.index.match(hashes)
+                pv = m[1][:n] if m is not None else np.zeros(n)
+                vals = pv if degraded is None else np.where(degraded, vals, pv)
+            vals = vals * bs
+            if sel is None:
+                out[slots] = vals[slots]
+            else:
+                out[slots[sel]] = vals[slots[sel]]
+        return out
+
+    def learn(self, hashes_by_bs: dict[int, list[int]], slots: list[int]) -> None:
+        """Approximate index: the pods we sent a prompt to will hold its blocks."""
+        bsz = self.endpoints.block_size
+        for slot in slots:
+            hashes = hashes_by_bs.get(int(bsz[slot]))
+            if hashes:
+                cap = int(self.metrics.num_gpu_blocks[slot]) or int(self.approx_pod_cap[slot])
+                self.approx.add(slot, hashes)
+                held = int(self.approx.pod_counts[0, slot])
+                if held > cap:
+                    self.approx._evict_pod(slot, held - cap + cap // 8)

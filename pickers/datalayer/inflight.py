@@ -1,0 +1,105 @@
+"""Load the picker puts on each pod itself, known the moment it decides (metrics lag by a scrape).
+
+Per pod slot: requests routed and not finished, those still before their first token (queued or in
+prefill), their uncached prompt tokens (prefill work ahead of a new request) and the decode tokens they may
+still produce. Fed by the scheduler's hooks; records expire after ``ttl_s`` so a lost "finished" report
+cannot leak load forever, and at most ``max_records`` are kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(slots=True)
+class _Rec:
+    slot: int
+    prefill_slot: int  # where the prompt is computed (== slot without a prefill leg)
+    uncached: float
+    decode: float
+    at: float
+    started: bool = False
+
+
+class InflightTracker:
+    def __init__(self, max_endpoints: int = 1024, ttl_s: float = 600.0, max_records: int = 100_000) -> None:
+        n = max_endpoints
+        self.requests = np.zeros(n)
+        self.prefill_requests = np.zeros(n)
+        self.prefill_tokens = np.zeros(n)
+        self.decode_tokens = np.zeros(n)
+        self.ttl_s = ttl_s
+        self.max_records = max_records
+        self._recs: dict[str, _Rec] = {}
+
+    def __len__(self) -> int:
+        return len(self._recs)
+
+    def add(self, rid: str, slot: int, prefill_slot: int | None, uncached: float, decode: float, now: float) -> None:
+        self._expire(now)
+        if rid in self._recs:
+            self.finish(rid)
+        p = slot if prefill_slot is None else prefill_slot
+        self._recs[rid] = _Rec(slot, p, float(uncached), float(decode), now)
+        self.requests[slot] += 1
+        self.decode_tokens[slot] += decode
+        self.prefill_requests[p] += 1
+        self.prefill_tokens[p] += uncached
+
+    def move(self, rid: str, slot: int) -> None:
+        """The gateway used another endpoint of the fallback list."""
+        r = self._recs.get(rid)
+        if r is None or r.slot == slot:
+            return
+        same = r.prefill_slot == r.slot
+        self.requests[r.slot] -= 1
+        self.decode_tokens[r.slot] -= r.decode
+        self.requests[slot] += 1
+        self.decode_tokens[slot] += r.decode
+        if same and not r.started:
+            self.prefill_requests[r.slot] -= 1
+            self.prefill_tokens[r.slot] -= r.uncached
+            self.prefill_requests[slot] += 1
+            self.prefill_tokens[slot] += r.uncached
+        if same:
+            r.prefill_slot = slot
+        r.slot = slot
+
+    def first_token(self, rid: str) -> None:
+        r = self._recs.get(rid)
+        if r is None or r.started:
+            return
+        r.started = True
+        self.prefill_requests[r.prefill_slot] -= 1
+        self.prefill_tokens[r.prefill_slot] -= r.uncached
+
+    def finish(self, rid: str) -> _Rec | None:
+        r = self._recs.pop(rid, None)
+        if r is None:
+            return None
+        self.first_token_rec(r)
+        self.requests[r.slot] -= 1
+        self.decode_tokens[r.slot] -= r.decode
+        return r
+
+    def first_token_rec(self, r: _Rec) -> None:
+        if not r.started:
+            r.started = True
+            self.prefill_requests[r.prefill_slot] -= 1
+            self.prefill_tokens[r.prefill_slot] -= r.uncached
+
+    def reset(self, slot: int) -> None:
+        for rid in [k for k, r in self._recs.items() if r.slot == slot or r.prefill_slot == slot]:
+            self.finish(rid)
+        self.requests[slot] = self.prefill_requests[slot] = 0.0
+        self.prefill_tokens[slot] = self.decode_tokens[slot] = 0.0
+
+    def _expire(self, now: float) -> None:
+        recs = self._recs
+        while recs:
+            rid, r = next(iter(recs.items()))
+            if now - r.at <= self.ttl_s and len(recs) < self.max_records:
+                break
+            self.finish(rid)

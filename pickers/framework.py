@@ -1,0 +1,290 @@
+"""The scheduling framework: plugin kinds, the per-request cycle context, profiles and the registry.
+
+A request goes through: admission plugins (accept or raise SchedulingError 429) -> the profile handler,
+which runs one or more profiles. A profile is filters (narrow the candidate slots) -> scorers (each returns
+one number in [0,1] per candidate, combined as a weighted sum) -> a picker (orders candidates, best first,
+giving the fallback list). The decode-only handler runs one profile; a prefill/decode handler runs the
+decode profile first, looks at the chosen pod's cache, then maybe a prefill profile, and sets
+``Decision.prefill``.
+
+Candidates are numpy int arrays of endpoint slots and every signal is an array indexed by slot, so a
+decision over 64 pods is a few dozen vector operations, not 64 x plugins Python calls.
+
+Plugins may also implement request hooks (``on_routed``, ``on_served``, ``on_first_token``,
+``on_finished``, ``on_failed``), which the scheduler calls for every plugin that defines them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import numpy as np
+
+from pickers.types import Decision, InferenceRequest, SchedulingError
+
+if TYPE_CHECKING:
+    from pickers.datalayer import DataLayer
+
+
+# ---- parameters and registry ------------------------------------------------------------------------
+class ConfigError(ValueError):
+    """Invalid configuration; the message starts with the key path (``scheduler.scorers[2].weight``)."""
+
+
+@dataclass(frozen=True)
+class Param:
+    kind: type | tuple[type, ...]
+    default: Any = None
+    min: float | None = None
+    max: float | None = None
+    choices: tuple[Any, ...] | None = None
+    doc: str = ""
+
+
+_KIND_WORDS = {float: "a number", int: "an integer", str: "a string", bool: "true or false",
+               list: "a list", dict: "a mapping"}
+
+
+def check_value(path: str, value: Any, p: Param) -> Any:
+    kinds = p.kind if isinstance(p.kind, tuple) else (p.kind,)
+    ok = False
+    for k in kinds:
+        if k is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value, ok = float(value), True
+        elif k is int and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        elif k is type(None) and value is None:
+            ok = True
+        elif k not in (float, int) and isinstance(value, k):
+            ok = True
+        if ok:
+            break
+    if not ok:
+        words = " or ".join(_KIND_WORDS.get(k, "null" if k is type(None) else k.__name__) for k in kinds)
+        raise ConfigError(f"{path}: expected {words}, got {value!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{path}: must be finite, got {value!r}")
+        if p.min is not None and value < p.min:
+            raise ConfigError(f"{path}: must be >= {p.min:g}, got {value!r}")
+        if p.max is not None and value > p.max:
+            raise ConfigError(f"{path}: must be <= {p.max:g}, got {value!r}")
+    if p.choices is not None and value not in p.choices:
+        raise ConfigError(f"{path}: must be one of {', '.join(map(str, p.choices))}, got {value!r}")
+    return value
+
+
+class Plugin:
+    """Base of every plugin. ``PARAMS`` declares the accepted parameters (validated by the registry)."""
+
+    KIND: ClassVar[str] = ""
+    TYPE: ClassVar[str] = ""
+    PARAMS: ClassVar[dict[str, Param]] = {}
+    needs_tokens: ClassVar[bool] = False
+
+    def __init__(self, **params: Any) -> None:
+        for k, p in self.PARAMS.items():
+            setattr(self, k, params.get(k, p.default))
+
+    def bind(self, dl: "DataLayer") -> None:
+        """Called once when the scheduler is built (plugins keep references to what they read)."""
+        self.dl = dl
+
+    @property
+    def label(self) -> str:
+        return self.TYPE
+
+
+REGISTRY: dict[str, dict[str, type[Plugin]]] = {
+    "admission": {}, "filter": {}, "scorer": {}, "picker": {}, "handler": {},
+}
+
+
+def register(cls: type[Plugin]) -> type[Plugin]:
+    """Class decorator: make a plugin available by ``TYPE`` under its ``KIND``."""
+    kinds = REGISTRY[cls.KIND]
+    if cls.TYPE in kinds and kinds[cls.TYPE] is not cls:
+        raise ValueError(f"duplicate {cls.KIND} plugin {cls.TYPE!r}")
+    kinds[cls.TYPE] = cls
+    return cls
+
+
+def create(kind: str, spec: Any, path: str, reserved: tuple[str, ...] = ()) -> Plugin:
+    """A plugin from ``{type: name, param: value, ...}`` (or just ``name``), validated."""
+    if isinstance(spec, str):
+        spec = {"type": spec}
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path}: expected a mapping with 'type' or a plugin name, got {spec!r}")
+    t = spec.get("type")
+    if not isinstance(t, str):
+        raise ConfigError(f"{path}.type: expected a string naming a {kind} plugin")
+    cls = REGISTRY[kind].get(t)
+    if cls is None:
+        raise ConfigError(f"{path}.type: unknown {kind} {t!r}; known: {', '.join(sorted(REGISTRY[kind]))}")
+    params = {}
+    for k, v in spec.items():
+        if k == "type" or k in reserved:
+            continue
+        p = cls.PARAMS.get(k)
+        if p is None:
+            known = ", ".join(sorted(set(cls.PARAMS) | set(reserved) | {"type"}))
+            raise ConfigError(f"{path}.{k}: unknown parameter of {kind} {t!r}; known: {known}")
+        params[k] = check_value(f"{path}.{k}", v, p)
+    try:
+        plugin = cls(**params)
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return plugin
+
+
+# ---- plugin kinds -------------------------------------------------------------------------------------
+class Admission(Plugin):
+    KIND = "admission"
+
+    def admit(self, ctx: "CycleContext") -> None:
+        """Return to accept; raise SchedulingError(429, ...) to shed."""
+        raise NotImplementedError
+
+
+class Filter(Plugin):
+    KIND = "filter"
+
+    def filter(self, ctx: "CycleContext", cands: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class Scorer(Plugin):
+    KIND = "scorer"
+
+    def score(self, ctx: "CycleContext", cands: np.ndarray) -> np.ndarray:
+        """One float in [0, 1] per candidate, higher is better."""
+        raise NotImplementedError
+
+
+class Picker(Plugin):
+    KIND = "picker"
+    PARAMS = {"max_endpoints": Param(int, 3, min=1, max=64, doc="length of the fallback list")}
+
+    def pick(self, ctx: "CycleContext", cands: np.ndarray, totals: np.ndarray) -> np.ndarray:
+        """Positions into ``cands``, best first, at most ``max_endpoints``."""
+        raise NotImplementedError
+
+
+class ProfileHandler(Plugin):
+    KIND = "handler"
+
+    def handle(self, ctx: "CycleContext", profiles: dict[str, "Profile"], default: str) -> Decision:
+        raise NotImplementedError
+
+
+# ---- profiles -----------------------------------------------------------------------------------------
+@dataclass
+class ProfileResult:
+    profile: str
+    ranked: np.ndarray  # endpoint slots, best first
+    cands: np.ndarray  # every candidate that passed the filters
+    totals: np.ndarray  # per candidate
+    scores: dict[str, np.ndarray]  # scorer label -> per candidate
+
+
+@dataclass
+class Profile:
+    name: str
+    filters: list[Filter]
+    scorers: list[tuple[Scorer, float]]
+    picker: Picker
+
+    @property
+    def needs_tokens(self) -> bool:
+        return any(s.needs_tokens for s, _ in self.scorers) or any(f.needs_tokens for f in self.filters)
+
+    def run(self, ctx: "CycleContext", cands: np.ndarray) -> ProfileResult:
+        for f in self.filters:
+            cands = f.filter(ctx, cands)
+            if cands.size == 0:
+                break
+        if cands.size == 0:
+            raise ctx.no_endpoint(self.name)
+        totals = np.zeros(cands.size)
+        scores: dict[str, np.ndarray] = {}
+        for s, w in self.scorers:
+            v = s.score(ctx, cands)
+            scores[s.label] = v
+            totals += w * v
+        order = self.picker.pick(ctx, cands, totals)
+        return ProfileResult(self.name, cands[order], cands, totals, scores)
+
+
+# ---- the per-request context ----------------------------------------------------------------------------
+class CycleContext:
+    """What one decision needs, computed lazily once and shared by every plugin of the cycle."""
+
+    __slots__ = ("request", "dl", "now", "_tokens", "_hashes", "_hits", "memo", "rejected")
+
+    def __init__(self, request: InferenceRequest, dl: "DataLayer", now: float) -> None:
+        self.request = request
+        self.dl = dl
+        self.now = now
+        self._tokens: np.ndarray | None = None
+        self._hashes: dict[int, list[int]] = {}
+        self._hits: dict[str, np.ndarray] = {}
+        self.memo: dict[str, Any] = {}  # plugins share derived values here (e.g. the TTFT estimate)
+        self.rejected: dict[str, int] = {}  # filter label -> candidates it removed (for 503 messages)
+
+    # tokens and block hashes
+    def token_ids(self) -> np.ndarray:
+        if self._tokens is None:
+            self._tokens = self.dl.tokens.tokens_sync(self.request)
+        return self._tokens
+
+    def prompt_tokens(self) -> int:
+        if self._tokens is not None:
+            return int(self._tokens.size)
+        cached = self.request.cache.get("tokens")
+        if cached is not None:
+            return int(len(cached))
+        if self.request.prompt_token_ids is not None:
+            return len(self.request.prompt_token_ids)
+        return self.dl.tokens.estimate(self.request)
+
+    def block_hashes(self, block_size: int) -> list[int]:
+        h = self._hashes.get(block_size)
+        if h is None:
+            cache = self.request.cache.setdefault("block_hashes", {})
+            h = cache.get(block_size)
+            if h is None:
+                from pickers.kvblocks.hashing import hash_blocks
+
+                h = hash_blocks(self.token_ids(), block_size)
+                cache[block_size] = h
+            self._hashes[block_size] = h
+        return h
+
+    def hit_tokens(self, mode: str) -> np.ndarray:
+        """Per endpoint slot: prompt tokens already cached (weighted by medium) per ``mode``:
+        ``approximate`` (learned from our decisions), ``precise`` (KV events) or ``auto`` (precise where the
+        pod publishes events and is not degraded, approximate elsewhere)."""
+        got = self._hits.get(mode)
+        if got is None:
+            got = self.dl.prefix_hits(self, mode)
+            self._hits[mode] = got
+        return got
+
+    def no_endpoint(self, profile: str) -> SchedulingError:
+        dl = self.dl
+        n = len(dl.endpoints)
+        healthy = int(np.count_nonzero(dl.health.healthy[dl.endpoints.active_slots()]))
+        why = ", ".join(f"{k} removed {v}" for k, v in self.rejected.items() if v) or "no endpoints configured"
+        if self.request.subset is not None:
+            why += f"; gateway subset hint {self.request.subset[:8]}"
+        return SchedulingError(
+            503,
+            f"no ready endpoint for model {self.request.model!r} (profile {profile}): {n} endpoints known, "
+            f"{healthy} healthy; {why}. Check that the pods are up and that /metrics answers.",
+            "no_endpoint_available",
+        )
+
+
+Hook = Callable[..., None]

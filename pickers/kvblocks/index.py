@@ -1,0 +1,329 @@
+"""Which pods hold which KV blocks: a bounded index from our own block hash to a per-medium pod bitmask.
+
+Layout (chosen for the decision hot path and for bytes per block):
+
+- ``_slot_of``: a Python dict own-hash -> row. One ``dict.get`` per prompt block is the fastest lookup
+  Python offers (~40 ns) and the walk stops at the first block no pod holds.
+- numpy rows: ``_keys[row]`` (the hash, for eviction), ``_masks[row, medium, word]`` (bit ``p`` of word
+  ``p // 64`` set when pod slot ``p`` holds the block on that medium) and ``_stamp[row]`` (last use, for LRU).
+
+A prompt's per-pod hit is then a few vector operations: gather the masks of the matched rows, OR over media,
+cumulative AND down the prompt (a pod's prefix ends at its first missing block), unpack the bits and count.
+
+Bounds: at most ``max_blocks`` rows; when full, the least recently used 1/16 are evicted in one batch
+(``argpartition`` over the stamps), so eviction costs O(rows) once per ``max_blocks/16`` inserts. An optional
+per-pod cap (the approximate index: a pod cannot hold more than its KV capacity) evicts that pod's oldest
+blocks the same way. Rows whose masks become empty are freed at once.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Iterable, Sequence
+
+import numpy as np
+
+assert sys.byteorder == "little", "bit unpacking below assumes a little-endian host"
+
+_EVICT_FRACTION = 16
+_FREE = 0  # stamp of a free row; live rows have stamps >= 1
+
+
+class BlockIndex:
+    """Own block hash -> {medium: set of pod slots}, bounded, LRU-evicted, with per-pod counts."""
+
+    def __init__(
+        self,
+        max_blocks: int,
+        media: Sequence[str] = ("GPU",),
+        weights: Sequence[float] | None = None,
+        max_pods: int = 64,
+        per_pod_cap: int | None = None,
+        initial_rows: int = 1 << 14,
+    ) -> None:
+        if max_blocks < 1:
+            raise ValueError("max_blocks must be >= 1")
+        self.max_blocks = int(max_blocks)
+        self.media = list(media)
+        self.weights = np.asarray(weights if weights is not None else [1.0] * len(self.media), dtype=np.float64)
+        self._medium_ix = {m: i for i, m in enumerate(self.media)}
+        self.per_pod_cap = per_pod_cap
+        self._words = max(1, -(-max_pods // 64))
+        rows = min(self.max_blocks, initial_rows)
+        self._slot_of: dict[int, int] = {}
+        self._keys = np.zeros(rows, dtype=np.uint64)
+        self._masks = np.zeros((rows, len(self.media), self._words), dtype=np.uint64)
+        self._stamp = np.zeros(rows, dtype=np.uint64)
+        self._next_row = 0  # rows below this have been used at least once
+        self._free_rows: list[int] = []
+        self._tick = 1
+        self.pod_counts = np.zeros((len(self.media), self._words * 64), dtype=np.int64)
+        self.evictions = 0
+        # Descending weight order, for weighting a pod's hit by the best medium holding each block.
+        self._order = [int(i) for i in np.argsort(-self.weights, kind="stable")]
+
+    # ---- shape --------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._slot_of)
+
+    @property
+    def pod_slots(self) -> int:
+        return self._words * 64
+
+    def medium_index(self, medium: str | None) -> int:
+        """The column of ``medium``; unknown media count as the lowest-weight one (never dropped)."""
+        if medium is None:
+            return 0
+        ix = self._medium_ix.get(str(medium).upper())
+        return ix if ix is not None else self._order[-1]
+
+    def ensure_pods(self, n: int) -> None:
+        """Widen the masks so that pod slots ``0..n-1`` fit."""
+        words = -(-n // 64)
+        if words <= self._words:
+            return
+        masks = np.zeros((self._masks.shape[0], len(self.media), words), dtype=np.uint64)
+        masks[:, :, : self._words] = self._masks
+        self._masks = masks
+        counts = np.zeros((len(self.media), words * 64), dtype=np.int64)
+        counts[:, : self.pod_counts.shape[1]] = self.pod_counts
+        self.pod_counts = counts
+        self._words = words
+
+    def nbytes(self) -> int:
+        """Approximate memory: numpy arrays plus the dict and its int objects (measured constants)."""
+        arrays = self._keys.nbytes + self._masks.nbytes + self._stamp.nbytes
+        # dict: ~1.5 slots of 8-byte index + 24-byte entry per key at typical fill; key int 40 B, row int 32 B.
+        return arrays + int(len(self._slot_of) * (1.5 * 8 + 24 + 40 + 32)) + sys.getsizeof(self._free_rows)
+
+    # ---- writes -------------------------------------------------------------------------------------
+    def add(self, pod: int, hashes: Iterable[int], medium: int = 0) -> int:
+        """Record that ``pod`` holds ``hashes`` on ``medium``; returns how many were new for that pod."""
+        self._tick += 1
+        rows = self._rows_for(hashes)
+        if not rows:
+            return 0
+        r = np.fromiter(rows, dtype=np.intp, count=len(rows))
+        word, bit = divmod(pod, 64)
+        b = np.uint64(1 << bit)
+        col = self._masks[r, medium, word]
+        new = int(np.count_nonzero((col & b) == 0))
+        self._masks[r, medium, word] = col | b
+        self._stamp[r] = self._tick
+        self.pod_counts[medium, pod] += new
+        if self.per_pod_cap is not None and self.pod_counts[:, pod].sum() > self.per_pod_cap:
+            self._evict_pod(pod, int(self.pod_counts[:, pod].sum()) - self.per_pod_cap + self.per_pod_cap // 8)
+        return new
+
+    def remove(self, pod: int, hashes: Iterable[int], medium: int = 0) -> int:
+        """Forget that ``pod`` holds ``hashes`` on ``medium``; returns how many it held."""
+        get = self._slot_of.get
+        rows = {s for h in hashes if (s := get(h)) is not None}
+        if not rows:
+            return 0
+        r = np.fromiter(rows, dtype=np.intp, count=len(rows))
+        word, bit = divmod(pod, 64)
+        b = np.uint64(1 << bit)
+        col = self._masks[r, medium, word]
+        held = (col & b) != 0
+        n = int(np.count_nonzero(held))
+        self._masks[r, medium, word] = col & ~b
+        self.pod_counts[medium, pod] -= n
+        self._free_if_empty(r[held])
+        return n
+
+    def drop_pod(self, pod: int) -> int:
+        """Forget everything ``pod`` holds (sequence gap, restart, removal); returns blocks dropped."""
+        word, bit = divmod(pod, 64)
+        if word >= self._words:
+            return 0
+        b = np.uint64(1 << bit)
+        hi = self._next_row
+        col = self._masks[:hi, :, word]
+        held = ((col & b) != 0).any(axis=1)
+        rows = np.nonzero(held)[0]
+        n = int(self.pod_counts[:, pod].sum())
+        if rows.size:
+            self._masks[rows, :, word] &= ~b
+            self._free_if_empty(rows)
+        self.pod_counts[:, pod] = 0
+        return n
+
+    def clear(self) -> None:
+        self._slot_of.clear()
+        self._masks[:] = 0
+        self._stamp[:] = _FREE
+        self._keys[:] = 0
+        self._next_row = 0
+        self._free_rows.clear()
+        self.pod_counts[:] = 0
+
+    # ---- reads --------------------------------------------------------------------------------------
+    def match(self, hashes: Sequence[int], touch: bool = True) -> tuple[np.ndarray, np.ndarray] | None:
+        """Per pod slot: (prefix blocks held on any medium, the same weighted by the best medium per block).
+
+        ``None`` when no pod holds even the first block. The walk stops at the first block nobody holds.
+        """
+        get = self._slot_of.get
+        rows: list[int] = []
+        append = rows.append
+        for h in hashes:
+            s = get(h)
+            if s is None:
+                break
+            append(s)
+        if not rows:
+            return None
+        m = self._masks[rows]  # (n, media, words)
+        if touch:
+            self._tick += 1
+            self._stamp[rows] = self._tick
+        if m.shape[1] == 1:
+            cum = np.bitwise_and.accumulate(m[:, 0, :], axis=0)
+            blocks = np.unpackbits(cum.view(np.uint8), axis=1, bitorder="little").sum(axis=0, dtype=np.int64)
+            return blocks, blocks * self.weights[0]
+        anym = np.bitwise_or.reduce(m, axis=1)
+        cum = np.bitwise_and.accumulate(anym, axis=0)
+        blocks = np.unpackbits(cum.view(np.uint8), axis=1, bitorder="little").sum(axis=0, dtype=np.int64)
+        weighted = np.zeros(blocks.shape, dtype=np.float64)
+        seen = np.zeros_like(cum)
+        for mi in self._order:
+            here = cum & m[:, mi, :] & ~seen
+            seen |= here
+            weighted += self.weights[mi] * np.unpackbits(here.view(np.uint8), axis=1, bitorder="little").sum(axis=0)
+        return blocks, weighted
+
+    def pods_holding(self, h: int) -> dict[str, list[int]]:
+        """For tests and debugging: medium -> pod slots holding block ``h``."""
+        row = self._slot_of.get(h)
+        if row is None:
+            return {}
+        out: dict[str, list[int]] = {}
+        for mi, name in enumerate(self.media):
+            bits = np.unpackbits(self._masks[row, mi].view(np.uint8), bitorder="little")
+            pods = [int(p) for p in np.nonzero(bits)[0]]
+            if pods:
+                out[name] = pods
+        return out
+
+    def contents(self) -> dict[int, dict[str, tuple[int, ...]]]:
+        """The whole index as plain data (tests, replica comparison). O(blocks): not for the hot path."""
+        return {h: {m: tuple(p) for m, p in self.pods_holding(h).items()} for h in self._slot_of}
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError when the structure is inconsistent (used by property tests)."""
+        assert len(self._slot_of) <= self.max_blocks, "over the block cap"
+        live = np.zeros(self._next_row, dtype=bool)
+        for h, row in self._slot_of.items():
+            assert int(self._keys[row]) == h, "row key differs from dict key"
+            assert self._stamp[row] != _FREE, "dict points at a free row"
+            live[row] = True
+        assert int(np.count_nonzero(self._stamp[: self._next_row] != _FREE)) == len(self._slot_of)
+        rows = np.nonzero(live)[0]
+        bits = np.unpackbits(self._masks[rows].view(np.uint8), axis=2, bitorder="little")  # (n, media, pods)
+        assert bits.sum(axis=1).min(initial=1) >= 1, "a live row holds no pod"
+        counts = bits.sum(axis=0)
+        assert np.array_equal(counts, self.pod_counts), "per-pod counts differ from the masks"
+        assert not self._masks[~np.isin(np.arange(self._masks.shape[0]), rows)].any(), "free row has bits"
+        if self.per_pod_cap is not None:
+            assert int(self.pod_counts.sum(axis=0).max(initial=0)) <= self.per_pod_cap, "pod over its cap"
+
+    # ---- internals ----------------------------------------------------------------------------------
+    def _rows_for(self, hashes: Iterable[int]) -> list[int]:
+        """Rows for ``hashes`` (allocating), all stamped with the current tick. Stops early when the
+        index is full of this very call's rows (a call larger than the cap keeps its first blocks)."""
+        slot_of = self._slot_of
+        out: list[int] = []
+        for h in hashes:
+            row = slot_of.get(h)
+            if row is None:
+                row = self._alloc(h, out)
+                if row < 0:
+                    break
+            out.append(row)
+        if len(out) > 1 and len(set(out)) != len(out):
+            out = list(dict.fromkeys(out))
+        return out
+
+    def _alloc(self, h: int, pending: list[int]) -> int:
+        if len(self._slot_of) >= self.max_blocks:
+            if pending:  # protect this call's rows: eviction must not free a row we are about to use
+                self._stamp[pending] = self._tick
+            self._evict_lru(max(1, self.max_blocks // _EVICT_FRACTION), protect=self._tick)
+            if len(self._slot_of) >= self.max_blocks:
+                return -1
+        if self._free_rows:
+            row = self._free_rows.pop()
+        else:
+            if self._next_row >= self._keys.shape[0]:
+                self._grow()
+            row = self._next_row
+            self._next_row += 1
+        self._slot_of[h] = row
+        self._keys[row] = h
+        self._stamp[row] = self._tick
+        return row
+
+    def _grow(self) -> None:
+        old = self._keys.shape[0]
+        new = min(self.max_blocks, max(old * 2, 1024))
+        if new <= old:
+            raise RuntimeError("index rows exhausted")  # cannot happen: free rows exist when at the cap
+        for name in ("_keys", "_stamp"):
+            arr = getattr(self, name)
+            grown = np.zeros(new, dtype=arr.dtype)
+            grown[:old] = arr
+            setattr(self, name, grown)
+        masks = np.zeros((new,) + self._masks.shape[1:], dtype=np.uint64)
+        masks[:old] = self._masks
+        self._masks = masks
+
+    def _evict_rows(self, rows: np.ndarray) -> None:
+        if rows.size == 0:
+            return
+        bits = np.unpackbits(self._masks[rows].view(np.uint8), axis=2, bitorder="little")
+        self.pod_counts -= bits.sum(axis=0)
+        self._masks[rows] = 0
+        self._release(rows)
+        self.evictions += int(rows.size)
+
+    def _evict_lru(self, n: int, protect: int | None = None) -> None:
+        hi = self._next_row
+        stamps = self._stamp[:hi]
+        live = np.nonzero((stamps != _FREE) & (stamps != (protect or _FREE)))[0]
+        if live.size == 0:
+            return
+        n = min(n, live.size)
+        oldest = live[np.argpartition(stamps[live], n - 1)[:n]] if n < live.size else live
+        self._evict_rows(oldest)
+
+    def _evict_pod(self, pod: int, n: int) -> None:
+        word, bit = divmod(pod, 64)
+        b = np.uint64(1 << bit)
+        hi = self._next_row
+        rows = np.nonzero(((self._masks[:hi, :, word] & b) != 0).any(axis=1))[0]
+        if rows.size == 0:
+            return
+        n = min(n, rows.size)
+        oldest = rows[np.argpartition(self._stamp[rows], n - 1)[:n]] if n < rows.size else rows
+        held = (self._masks[oldest, :, word] & b) != 0  # (n, media)
+        self.pod_counts[:, pod] -= held.sum(axis=0)
+        self._masks[oldest, :, word] &= ~b
+        self._free_if_empty(oldest)
+        self.evictions += int(n)
+
+    def _free_if_empty(self, rows: np.ndarray) -> None:
+        if rows.size == 0:
+            return
+        empty = rows[~self._masks[rows].reshape(rows.size, -1).any(axis=1)]
+        self._release(empty)
+
+    def _release(self, rows: np.ndarray) -> None:
+        if rows.size == 0:
+            return
+        slot_of = self._slot_of
+        for h in self._keys[rows].tolist():
+            del slot_of[h]
+        self._stamp[rows] = _FREE
+        self._keys[rows] = 0
+        self._free_rows.extend(rows.tolist())

@@ -1,0 +1,21 @@
+"""Every built-in plugin; importing this package registers them by name."""
+
+from pickers.plugins import (  # noqa: F401
+    admission_saturation,
+    filter_health,
+    filter_role,
+    filter_subset,
+    handler_decode_only,
+    pick_max_score,
+    pick_random,
+    pick_round_robin,
+    pick_weighted_random,
+    score_inflight,
+    score_kv_usage,
+    score_lora,
+    score_prefix,
+    score_queue,
+    score_running,
+    score_session,
+    score_ttft,
+)

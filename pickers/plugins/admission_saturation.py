@@ -1,0 +1,61 @@
+"""Saturation admission (GIE legacy): shed sheddable requests with 429 when the pool is saturated.
+
+saturation = mean over ready decode pods of max(waiting / queue_threshold, kv_usage / kv_threshold); a pod
+whose metrics are stale counts as saturated (1.0). A request is sheddable when its objective (header
+``x-gateway-inference-objective``) has a negative priority in ``objectives``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pickers.framework import Admission, Param, register
+from pickers.types import SchedulingError
+
+OBJECTIVE_HEADER = "x-gateway-inference-objective"
+
+
+@register
+class SaturationAdmission(Admission):
+    TYPE = "saturation"
+    PARAMS = {
+        "queue_threshold": Param(float, 5.0, min=1e-9),
+        "kv_threshold": Param(float, 0.8, min=1e-9, max=1.0),
+        "objectives": Param(dict, {}, doc="objective name -> priority (negative = sheddable)"),
+        "stale_counts_as_saturated": Param(bool, True),
+    }
+
+    def __init__(self, **params) -> None:
+        super().__init__(**params)
+        for k, v in self.objectives.items():
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"objectives.{k}: priority must be an integer, got {v!r}")
+
+    def saturation(self, now: float) -> tuple[float, int]:
+        dl = self.dl
+        slots = dl.endpoints.active_slots()
+        slots = slots[dl.endpoints.can_decode[slots] & dl.health.healthy[slots]]
+        if slots.size == 0:
+            return 0.0, 0
+        m = dl.metrics
+        per = np.maximum(m.waiting[slots] / self.queue_threshold, m.kv_usage[slots] / self.kv_threshold)
+        if self.stale_counts_as_saturated:
+            per = np.where(m.fresh(slots, now), per, np.maximum(per, 1.0))
+        return float(per.mean()), int(slots.size)
+
+    def admit(self, ctx) -> None:
+        name = ctx.request.headers.get(OBJECTIVE_HEADER)
+        if not name:
+            return
+        prio = self.objectives.get(name, 0)
+        if prio >= 0:
+            return
+        sat, n = self.saturation(ctx.now)
+        if sat >= 1.0:
+            raise SchedulingError(
+                429,
+                f"the pool is saturated ({sat:.2f} >= 1.0: mean over {n} pods of max(waiting/"
+                f"{self.queue_threshold:g}, kv_usage/{self.kv_threshold:g})) and objective {name!r} has "
+                f"priority {prio} (sheddable). Retry later, or send it under an objective with priority >= 0.",
+                "pool_saturated",
+            )

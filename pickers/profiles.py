@@ -1,0 +1,46 @@
+"""Built-in profiles, selectable by name (``scheduler.profile``) and side by side in the benchmark.
+
+Each is plain configuration, validated like a user's own profile.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+DECODE_FILTERS: list[Any] = ["health", "subset", {"type": "role", "role": "decode"}]
+
+BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
+    # Expected TTFT from the cost model (prefix hit + queued prefill + decode load), a TTFT-gated prefix
+    # bonus and KV pressure. See pickers/plugins/score_ttft.py for the formula.
+    "default": {
+        "filters": DECODE_FILTERS,
+        "scorers": [
+            {"type": "ttft", "weight": 3.0},
+            {"type": "prefix", "mode": "auto", "gate_ttft_ratio": 1.5, "weight": 1.0},
+            {"type": "kv-usage", "weight": 1.0},
+        ],
+        "picker": {"type": "max-score", "max_endpoints": 3},
+    },
+    "round-robin": {"filters": DECODE_FILTERS, "scorers": [], "picker": {"type": "round-robin"}},
+    "random": {"filters": DECODE_FILTERS, "scorers": [], "picker": {"type": "random"}},
+    "load-only": {
+        "filters": DECODE_FILTERS,
+        "scorers": [{"type": "queue", "weight": 2.0}, {"type": "kv-usage", "weight": 2.0},
+                    {"type": "inflight-tokens", "weight": 1.0}],
+        "picker": {"type": "max-score"},
+    },
+    # The reference picker's defaults: queue 2, KV utilisation 2, (approximate) prefix 3.
+    "approximate": {
+        "filters": DECODE_FILTERS,
+        "scorers": [{"type": "queue", "weight": 2.0}, {"type": "kv-usage", "weight": 2.0},
+                    {"type": "prefix", "mode": "approximate", "weight": 3.0}],
+        "picker": {"type": "max-score"},
+    },
+    # llm-d style precise prefix routing; degraded pods fall back to the approximate index.
+    "precise": {
+        "filters": DECODE_FILTERS,
+        "scorers": [{"type": "queue", "weight": 2.0}, {"type": "kv-usage", "weight": 2.0},
+                    {"type": "prefix", "mode": "auto", "weight": 3.0}],
+        "picker": {"type": "max-score"},
+    },
+}

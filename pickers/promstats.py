@@ -1,0 +1,41 @@
+"""Prometheus metrics of the scheduling framework (one set per registry, so tests and two replicas in one
+process do not collide)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+
+
+@dataclass
+class SchedulerMetrics:
+    decisions: Counter
+    rejections: Counter
+    degraded: Gauge
+    healthy: Gauge
+    index_blocks: Gauge
+
+
+_BY_REGISTRY: dict[int, SchedulerMetrics] = {}
+
+
+def scheduler_metrics(registry: CollectorRegistry | None = None) -> SchedulerMetrics:
+    reg = registry or REGISTRY
+    got = _BY_REGISTRY.get(id(reg))
+    if got is None:
+        got = SchedulerMetrics(
+            decisions=Counter("kvswitch_scheduler_decisions", "Routing decisions made", ["profile"], registry=reg),
+            rejections=Counter("kvswitch_scheduler_rejections", "Requests not routed", ["status", "code"],
+                               registry=reg),
+            degraded=Gauge("kvswitch_prefix_index_degraded",
+                           "1 while the precise prefix index is not trusted for this endpoint (no KV events "
+                           "while serving, or a sequence gap); it is then scored with the approximate index",
+                           ["endpoint"], registry=reg),
+            healthy=Gauge("kvswitch_endpoint_healthy", "1 while the endpoint is eligible", ["endpoint"],
+                          registry=reg),
+            index_blocks=Gauge("kvswitch_prefix_index_blocks", "Blocks held by a prefix index", ["index"],
+                               registry=reg),
+        )
+        _BY_REGISTRY[id(reg)] = got
+    return got

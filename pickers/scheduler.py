@@ -1,0 +1,235 @@
+"""The scheduler extproc talks to: admission -> profile handler -> Decision, plus the request hooks.
+
+``decide`` is synchronous and never awaits: the virtual-time simulator calls it with a ManualClock.
+``schedule`` only adds the part that must not block the loop (tokenizing a big prompt in a thread), then
+calls ``decide``. Background work (scrapers, KV-event subscribers, discovery) runs between ``start`` and
+``stop`` and only when the scheduler was built with ``network=True``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import numpy as np
+
+from pickers.clock import Clock
+from pickers.datalayer import DataLayer
+from pickers.datalayer.endpoints import Discovery, StaticDiscovery
+from pickers.datalayer.scraper import MetricsScraper
+from pickers.explain import explain_text
+from pickers.framework import Admission, CycleContext, Plugin, Profile, ProfileHandler
+from pickers.kvblocks.subscriber import KVEventSubscriber
+from pickers.promstats import SchedulerMetrics
+from pickers.types import Decision, Endpoint, InferenceRequest, SchedulingError, Usage
+
+log = logging.getLogger("kvswitch.pickers.scheduler")
+
+_HOOKS = ("on_routed", "on_served", "on_first_token", "on_finished", "on_failed")
+
+
+class KVScheduler:
+    def __init__(
+        self,
+        datalayer: DataLayer,
+        profiles: dict[str, Profile],
+        profile: str,
+        handler: ProfileHandler,
+        admission: list[Admission],
+        clock: Clock,
+        stats: SchedulerMetrics,
+        network: bool = True,
+        discovery: Discovery | None = None,
+        explain_top: int = 5,
+        default_decode_tokens: int = 256,
+    ) -> None:
+        self.datalayer = self.dl = datalayer
+        self.profiles = profiles
+        self.profile = profile
+        self.handler = handler
+        self.admission = admission
+        self.clock = clock
+        self.stats = stats
+        self.network = network
+        self.discovery = discovery
+        self.explain_top = explain_top
+        self.default_decode_tokens = default_decode_tokens
+        plugins: list[Plugin] = [handler, *admission]
+        for p in profiles.values():
+            plugins += [*p.filters, *(s for s, _ in p.scorers), p.picker]
+        for p in plugins:
+            p.bind(datalayer)
+        self._hooks: dict[str, list[Any]] = {
+            h: [getattr(p, h) for p in plugins if callable(getattr(p, h, None))] for h in _HOOKS}
+        self._needs_tokens = profiles[profile].needs_tokens
+        self._scraper: MetricsScraper | None = None
+        self._subscriber: KVEventSubscriber | None = None
+        self._discovery_task: asyncio.Task | None = None
+        self._started = False
+        datalayer.endpoints.listen(self._on_endpoint)
+
+    # ---- endpoints (discovery interface) ---------------------------------------------------------------
+    def add_endpoint(self, endpoint: Endpoint) -> None:
+        self.dl.endpoints.add(endpoint)
+
+    def remove_endpoint(self, address: str) -> None:
+        self.dl.endpoints.remove(address)
+
+    def _on_endpoint(self, what: str, slot: int, ep: Endpoint) -> None:
+        if what == "add":
+            self.stats.healthy.labels(ep.address).set(1)
+        else:
+            for g in (self.stats.healthy, self.stats.degraded):
+                try:
+                    g.remove(ep.address)
+                except KeyError:
+                    pass
+        if not self._started:
+            return
+        if what == "add":
+            self._watch(slot, ep)
+        else:
+            assert self._scraper is not None and self._subscriber is not None
+            self._scraper.unwatch(ep.address)
+            self._subscriber.unsubscribe(ep.address)
+
+    def _watch(self, slot: int, ep: Endpoint) -> None:
+        assert self._scraper is not None and self._subscriber is not None
+        self._scraper.watch(slot, ep.address, ep.scrape_url)
+        if ep.kv_events:
+            self._subscriber.subscribe(ep.address, ep.kv_events)
+
+    # ---- lifecycle --------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._started or not self.network:
+            return
+        s = self.dl.settings
+        self._scraper = MetricsScraper(self.dl.metrics, self.dl.health, s.scrape_interval_s)
+        self._subscriber = KVEventSubscriber(self.dl.kv_index, self.clock, s.kv_events_topic)
+        self._started = True
+        for slot in self.dl.endpoints.active_slots().tolist():
+            ep = self.dl.endpoints.endpoints[slot]
+            assert ep is not None
+            self._watch(slot, ep)
+        if self.discovery is not None and not isinstance(self.discovery, StaticDiscovery):
+            self._discovery_task = asyncio.get_running_loop().create_task(
+                self.discovery.run(self.dl.endpoints), name="endpoint discovery")
+
+    async def stop(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        if self._discovery_task is not None:
+            self._discovery_task.cancel()
+            await asyncio.gather(self._discovery_task, return_exceptions=True)
+            self._discovery_task = None
+        if self._scraper is not None:
+            await self._scraper.stop()
+        if self._subscriber is not None:
+            await self._subscriber.stop()
+
+    # ---- deciding -----------------------------------------------------------------------------------------
+    async def schedule(self, request: InferenceRequest) -> Decision:
+        if self._needs_tokens and "tokens" not in request.cache:
+            await self.dl.tokens.tokens(request)
+        return self.decide(request)
+
+    def decide(self, request: InferenceRequest) -> Decision:
+        """Pick destinations now (synchronous; raises SchedulingError 429/503)."""
+        now = self.clock.now()
+        if not request.arrival:
+            request.arrival = now
+        dl = self.dl
+        if dl.precise_enabled:
+            dl.kv_index.refresh(now)
+        ctx = CycleContext(request, dl, now)
+        try:
+            for a in self.admission:
+                a.admit(ctx)
+            decision = self.handler.handle(ctx, self.profiles, self.profile)
+        except SchedulingError as e:
+            self.stats.rejections.labels(str(e.status), e.code).inc()
+            log.info("request %s not routed: %d %s", request.request_id, e.status, e.message)
+            raise
+        decision.explanation = self._explain(ctx, decision)
+        self._routed(ctx, decision)
+        self.stats.decisions.labels(decision.profile).inc()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("request %s -> %s", request.request_id, explain_text(decision))
+        return decision
+
+    def _explain(self, ctx: CycleContext, decision: Decision) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        addr = self.dl.endpoints.address
+        for res in ctx.memo.get("results", ()):
+            n = res.cands.size
+            top = np.argsort(-res.totals, kind="stable")[: self.explain_top] if n > self.explain_top else range(n)
+            pos = {int(c): i for i, c in enumerate(res.cands.tolist())}
+            chosen = [pos[int(s)] for s in res.ranked.tolist()]
+            for i in dict.fromkeys([*chosen, *(int(i) for i in top)]):
+                a = addr(int(res.cands[i]))
+                entry = {label: round(float(v[i]), 4) for label, v in res.scores.items()}
+                entry["total"] = round(float(res.totals[i]), 4)
+                out[a] = entry
+        return out
+
+    def _routed(self, ctx: CycleContext, decision: Decision) -> None:
+        dl = self.dl
+        req = decision.request
+        slot = dl.endpoints.slot(decision.primary)
+        pslot = dl.endpoints.slot(decision.prefill) if decision.prefill else None
+        assert slot is not None
+        p = ctx.prompt_tokens()
+        hits = ctx._hits.get("auto")
+        compute_on = pslot if pslot is not None else slot
+        uncached = max(1.0, p - float(hits[compute_on])) if hits is not None and compute_on < hits.size else p
+        decode = min(req.max_tokens or self.default_decode_tokens, 32768)
+        dl.inflight.add(req.request_id or str(id(req)), slot, pslot, uncached, decode, ctx.now)
+        hashes = req.cache.get("block_hashes")
+        targets = [slot] if pslot is None else [slot, pslot]
+        if hashes:
+            dl.learn(hashes, targets)
+        if dl.precise_enabled:
+            for s in targets:
+                dl.kv_index.note_routed(s, ctx.now)
+        for h in self._hooks["on_routed"]:
+            h(decision)
+
+    # ---- hooks from the response path ------------------------------------------------------------------
+    def on_served(self, decision: Decision, served: str) -> None:
+        req = decision.request
+        req.cache["served"] = served
+        if served != decision.primary:
+            slot = self.dl.endpoints.slot(served)
+            if slot is not None:
+                self.dl.inflight.move(req.request_id or str(id(req)), slot)
+                hashes = req.cache.get("block_hashes")
+                if hashes:
+                    self.dl.learn(hashes, [slot])
+        for h in self._hooks["on_served"]:
+            h(decision, served)
+
+    def on_first_token(self, decision: Decision, at: float) -> None:
+        req = decision.request
+        self.dl.inflight.first_token(req.request_id or str(id(req)))
+        for h in self._hooks["on_first_token"]:
+            h(decision, at)
+
+    def on_finished(self, decision: Decision, usage: Usage | None, at: float) -> None:
+        req = decision.request
+        self.dl.inflight.finish(req.request_id or str(id(req)))
+        slot = self.dl.endpoints.slot(req.cache.get("served", decision.primary))
+        if slot is not None:
+            self.dl.health.success(slot)
+        for h in self._hooks["on_finished"]:
+            h(decision, usage, at)
+
+    def on_failed(self, decision: Decision, reason: str, at: float) -> None:
+        req = decision.request
+        self.dl.inflight.finish(req.request_id or str(id(req)))
+        slot = self.dl.endpoints.slot(req.cache.get("served", decision.primary))
+        if slot is not None:
+            self.dl.health.failure(slot, f"request failed: {reason}")
+        for h in self._hooks["on_failed"]:
+            h(decision, reason, at)

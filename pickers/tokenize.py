@@ -1,0 +1,90 @@
+"""Prompt -> the engine's token ids, cheaply: cached by a hash of the text, off the event loop when big.
+
+Precise prefix scoring only works when the picker tokenizes exactly as the engine does: the same
+tokenizer and, for chat, the chat template rendered as the engine renders it (engine.tokens). The built-in
+tokenizer (4 bytes per token, what the simulator uses) costs microseconds and is never offloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+
+import numpy as np
+import xxhash
+
+from engine.tokens.tokenizer import BuiltinTokenizer, Tokenizer
+from pickers.types import InferenceRequest
+
+
+class TokenService:
+    def __init__(self, tokenizer: Tokenizer | None = None, cache_size: int = 4096,
+                 offload_min_chars: int = 16384) -> None:
+        self.tokenizer = tokenizer or BuiltinTokenizer()
+        self.builtin = isinstance(self.tokenizer, BuiltinTokenizer)
+        self.cache_size = cache_size
+        self.offload_min_chars = offload_min_chars
+        self._cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def text_for(self, request: InferenceRequest) -> str:
+        if request.messages is not None:
+            return self.tokenizer.render_chat(request.messages)
+        return request.prompt or ""
+
+    def estimate(self, request: InferenceRequest) -> int:
+        """A token count without tokenizing (~4 bytes per token), for profiles that need no ids."""
+        if request.prompt_token_ids is not None:
+            return len(request.prompt_token_ids)
+        n = len(request.prompt) if request.prompt is not None else max(request.body_size, len(request.text))
+        return max(1, n // 4)
+
+    def _encode(self, text: str) -> np.ndarray:
+        if self.builtin:
+            return self.tokenizer.encode_array(text)
+        key = xxhash.xxh3_128_digest(text.encode("utf-8", "surrogatepass"))
+        got = self._cache.get(key)
+        if got is not None:
+            self._cache.move_to_end(key)
+            self.hits += 1
+            return got
+        self.misses += 1
+        arr = self.tokenizer.encode_array(text)
+        arr.setflags(write=False)
+        self._cache[key] = arr
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return arr
+
+    def _given(self, request: InferenceRequest) -> np.ndarray | None:
+        got = request.cache.get("tokens")
+        if got is not None:
+            return got
+        if request.prompt_token_ids is not None:
+            arr = np.asarray(request.prompt_token_ids, dtype=np.uint32)
+            request.cache["tokens"] = arr
+            return arr
+        return None
+
+    def tokens_sync(self, request: InferenceRequest) -> np.ndarray:
+        got = self._given(request)
+        if got is None:
+            got = self._encode(self.text_for(request))
+            request.cache["tokens"] = got
+        return got
+
+    async def tokens(self, request: InferenceRequest) -> np.ndarray:
+        """Like tokens_sync, but a big prompt through a real tokenizer is encoded in a worker thread."""
+        got = self._given(request)
+        if got is not None:
+            return got
+        if self.builtin:
+            return self.tokens_sync(request)
+        text = self.text_for(request)
+        if len(text) >= self.offload_min_chars:
+            got = await asyncio.to_thread(self._encode, text)
+        else:
+            got = self._encode(text)
+        request.cache["tokens"] = got
+        return got
