@@ -149,6 +149,8 @@ class ClusterSim:
         pop = heapq.heappop
         last_arrival = -math.inf
         while True:
+            while heap and heap[0][2] == _TIMER and self._stale_timer(heap[0][0], self.pods[heap[0][3]]):
+                pop(heap)
             t_arr = nxt[0].arrival if nxt is not None else math.inf
             t_heap = heap[0][0] if heap else math.inf
             t = min(t_arr, t_heap, scrape)
@@ -179,6 +181,24 @@ class ClusterSim:
             if scrape == math.inf and router.wants_metrics:
                 scrape = now
         return SimResult(self.records, self.pods, clock.now(), self.events, getattr(router, "name", ""))
+
+    def _stale_timer(self, t: float, pod: Pod) -> bool:
+        """A timer whose reason went away (blocks released early, a step ran past it): drop it without
+        moving the clock, and re-arm the pod's timer if its next deadline moved later."""
+        if pod.timer_at != t:
+            return True
+        if pod.busy:
+            pod.timer_at = math.inf  # the step end re-checks the core's timers
+            return True
+        nt = pod.core.next_event_time()
+        if nt is not None and nt <= t:
+            return False
+        pod.timer_at = math.inf
+        if nt is not None:
+            pod.timer_at = nt
+            self._seq += 1
+            heapq.heappush(self._heap, (nt, self._seq, _TIMER, pod.index, None))
+        return True
 
     def _scrape(self, now: float) -> None:
         for pod in self.pods:
