@@ -1,0 +1,51 @@
+"""The gRPC server: health services, readiness tied to endpoints, a real ext_proc stream, drain on stop."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import orjson
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from e2e.support.picker import picker_config, running_picker
+from tests.extproc.fakes import REQUEST_HEADERS, body, headers
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+async def _status(addr: str, service: str) -> int:
+    async with grpc.aio.insecure_channel(addr) as ch:
+        r = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+        return r.status
+
+
+async def test_health_and_readiness():
+    async with running_picker(picker_config([])) as srv:
+        assert await _status(srv.address, "liveness") == SERVING
+        assert await _status(srv.address, "") == SERVING
+        assert await _status(srv.address, "readiness") != SERVING
+        assert await _status(srv.address, "envoy.service.ext_proc.v3.ExternalProcessor") != SERVING
+    async with running_picker(picker_config(["10.0.0.1:8000"])) as srv:
+        assert await _status(srv.address, "readiness") == SERVING
+        assert await _status(srv.address, "envoy.service.ext_proc.v3.ExternalProcessor") == SERVING
+
+
+async def test_ext_proc_stream_over_grpc_and_drain():
+    async with running_picker(picker_config(["10.0.0.1:8000"])) as srv:
+        async with grpc.aio.insecure_channel(srv.address) as ch:
+            call = pb_grpc.ExternalProcessorStub(ch).Process()
+            await call.write(headers(REQUEST_HEADERS))
+            await call.write(body(orjson.dumps({"model": "m", "prompt": "x"}), True))
+            first = await call.read()
+            assert first.request_headers.response.header_mutation.set_headers[0].header.raw_value == b"10.0.0.1:8000"
+            assert (await call.read()).request_body.response.body_mutation.streamed_response.end_of_stream
+            # stop while this stream is open: health goes NOT_SERVING and the open stream may still finish
+            stopping = asyncio.create_task(srv.stop(2.0))
+            await asyncio.sleep(0.1)
+            await call.write(headers({":status": "200"}, response=True, end_of_stream=True))
+            assert (await call.read()).HasField("response_headers")
+            await call.done_writing()
+            await stopping
+        assert srv.processor.active == 0
