@@ -160,8 +160,8 @@ class BlockPool:
                 removed.append(h)
             ref[b] = 1
             out.append(b)
-        if removed:
-            self.events.append(BlockRemoved(removed))
+        for h in removed:  # vLLM publishes one BlockRemoved per evicted block
+            self.events.append(BlockRemoved([h]))
         return out
 
     def commit(

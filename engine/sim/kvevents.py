@@ -41,7 +41,7 @@ def event_to_wire(ev: KVEvent, fmt: str = "map", group_idx: int | None = 0) -> A
         out = {
             "type": "BlockStored", "block_hashes": ev.block_hashes, "parent_block_hash": ev.parent_block_hash,
             "token_ids": ev.token_ids, "block_size": ev.block_size, "lora_id": ev.lora_id,
-            "medium": ev.medium, "lora_name": ev.lora_name, "extra_keys": None,
+            "medium": ev.medium, "lora_name": ev.lora_name, "extra_keys": [None] * len(ev.block_hashes),
         }
     elif isinstance(ev, BlockRemoved):
         if fmt == "array":
@@ -53,6 +53,8 @@ def event_to_wire(ev: KVEvent, fmt: str = "map", group_idx: int | None = 0) -> A
         raise TypeError(f"not a KV event: {ev!r}")
     if group_idx is not None:
         out["group_idx"] = group_idx
+    if out["type"] == "BlockStored":
+        out["kv_cache_spec_kind"] = "full_attention"
     return out
 
 

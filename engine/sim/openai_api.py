@@ -58,13 +58,26 @@ class ParsedRequest:
     seed: int | None
 
 
+def invalid(name: str, message: str) -> APIError:
+    """A request-validation error as vLLM's FastAPI/pydantic layer reports it (type, param body.<field>)."""
+    return APIError(400, f"1 validation error: {message}", f"body.{name}", "Bad Request")
+
+
 def _int_field(body: dict[str, Any], name: str) -> int | None:
     v = body.get(name)
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, int):
-        raise APIError(400, f"{name} must be an integer, got {v!r}", name)
+        raise invalid(name, f"{name}: Input should be a valid integer, got {v!r}")
     return v
+
+
+def _encode_chat(tokenizer: Tokenizer, text: str) -> np.ndarray:
+    """A rendered chat template carries its own BOS: encode it without special tokens, as vLLM does."""
+    inner = getattr(tokenizer, "_tok", None)
+    if inner is not None and hasattr(inner, "encode"):
+        return np.asarray(inner.encode(text, add_special_tokens=False).ids, dtype=np.uint32)
+    return tokenizer.encode_array(text)
 
 
 def _prompt_ids(prompt: Any, tokenizer: Tokenizer) -> np.ndarray:
@@ -75,11 +88,11 @@ def _prompt_ids(prompt: Any, tokenizer: Tokenizer) -> np.ndarray:
         return tokenizer.encode_array(prompt)
     if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         if any(t < 0 or t >= 2**32 for t in prompt):
-            raise APIError(400, "token ids must be non-negative 32-bit integers", "prompt")
+            raise invalid("prompt", "prompt: token ids must be non-negative 32-bit integers")
         return np.asarray(prompt, dtype=np.uint32)
     if isinstance(prompt, list) and len(prompt) > 1:
-        raise APIError(400, "only one prompt per request is supported by this server", "prompt")
-    raise APIError(400, "prompt must be a string, a list of token ids, or a list of one of either", "prompt")
+        raise APIError(400, "only one prompt per request is supported by the simulator", "prompt")
+    raise invalid("prompt", "prompt: must be a string, a list of token ids, or a list of one of either")
 
 
 def parse_request(
@@ -88,66 +101,71 @@ def parse_request(
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise APIError(400, f"JSON decode error: {exc}") from None
+        raise APIError(400, f"1 validation error: json_invalid: JSON decode error: {exc}", "body.1",
+                       "Bad Request") from None
     if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
+        raise APIError(400, "1 validation error: model_attributes_type: Input should be a valid dictionary",
+                       "body", "Bad Request")
     model = body.get("model")
     if model is None:
         model = served_models[0]  # vLLM serves its default model when "model" is omitted
     elif not isinstance(model, str):
-        raise APIError(400, "model must be a string", "model")
+        raise invalid("model", "model: Input should be a valid string")
     elif model not in served_models:
-        raise APIError(404, f"The model `{model}` does not exist.", "model")
+        raise APIError(404, f"The model `{model}` does not exist. Valid aliases: {', '.join(served_models)}.",
+                       "model", "NotFoundError")
     n = body.get("n", 1)
     if n != 1:
-        raise APIError(400, "only n=1 is supported by this server", "n")
+        raise APIError(400, "only n=1 is supported by the simulator", "n")
     if chat:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-            raise APIError(400, "messages must be a non-empty list of message objects", "messages")
+            raise invalid("messages", "messages: Field required (a non-empty list of message objects)")
         try:
             text = tokenizer.render_chat(messages, add_generation_prompt=True)
         except (TypeError, ValueError) as exc:
-            raise APIError(400, f"invalid messages: {exc}", "messages") from None
-        ids = tokenizer.encode_array(text)
+            raise invalid("messages", f"messages: {exc}") from None
+        ids = _encode_chat(tokenizer, text)
     else:
-        if "prompt" not in body:
-            raise APIError(400, "prompt is required", "prompt")
+        if body.get("prompt") in (None, "", []):
+            raise APIError(400, "Either prompt or prompt_embeds must be provided and non-empty.", "prompt")
         ids = _prompt_ids(body["prompt"], tokenizer)
     if len(ids) == 0:
-        raise APIError(400, "the prompt must not be empty", "prompt")
+        raise APIError(400, "Either prompt or prompt_embeds must be provided and non-empty.", "prompt")
     max_tokens = _int_field(body, "max_completion_tokens") if chat else None
     if max_tokens is None:
         max_tokens = _int_field(body, "max_tokens")
     if max_tokens is not None and max_tokens < 1:
-        raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}.", "max_tokens")
+        raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}. "
+                       f"(parameter=max_tokens, value={max_tokens})", "max_tokens")
     plen = len(ids)
-    if plen >= max_model_len or (max_tokens is not None and plen + max_tokens > max_model_len):
-        requested = plen + (max_tokens or 0)
+    if plen > max_model_len - 1:
         raise APIError(
             400,
-            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-            f"{requested} tokens ({plen} in the {'messages' if chat else 'prompt'}, {max_tokens or 0} in "
-            f"the completion). Please reduce the length of the {'messages' if chat else 'prompt'} or "
-            "completion.",
-            "max_tokens" if plen < max_model_len else "prompt",
+            f"This model's maximum context length is {max_model_len} tokens. However, your prompt contains at "
+            f"least {plen} input tokens, which exceeds the limit. Please reduce the length of the input. "
+            f"(parameter=input_tokens, value={plen})",
+            "input_tokens",
         )
+    room = max_model_len - plen
     if max_tokens is None:
-        max_tokens = max_model_len - plen
+        max_tokens = room if chat else min(16, room)  # vLLM's defaults
+    max_tokens = min(max_tokens, room)  # vLLM clamps silently when the prompt fits
     min_tokens = _int_field(body, "min_tokens") or 0
-    if min_tokens < 0 or min_tokens > max_tokens:
-        raise APIError(400, f"min_tokens must be in [0, max_tokens={max_tokens}], got {min_tokens}", "min_tokens")
+    if min_tokens < 0:
+        raise APIError(400, f"min_tokens must be greater than or equal to 0, got {min_tokens}.", "min_tokens")
+    min_tokens = min(min_tokens, max_tokens)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise APIError(400, "stream must be a boolean", "stream")
+        raise invalid("stream", "stream: Input should be a valid boolean")
     opts = body.get("stream_options")
     if opts is not None and not isinstance(opts, dict):
-        raise APIError(400, "stream_options must be an object", "stream_options")
+        raise invalid("stream_options", "stream_options: Input should be a valid dictionary")
     if opts and not stream:
-        raise APIError(400, "Stream options can only be defined when `stream=True`.", "stream_options")
+        raise invalid("stream_options", "Value error, Stream options can only be defined when `stream=True`.")
     kvp = body.get("kv_transfer_params")
     if kvp is not None and not isinstance(kvp, dict):
-        raise APIError(400, "kv_transfer_params must be an object", "kv_transfer_params")
+        raise invalid("kv_transfer_params", "kv_transfer_params: Input should be a valid dictionary")
     seed = _int_field(body, "seed")
     return ParsedRequest(
         chat=chat, model=model, prompt_ids=ids, max_tokens=max_tokens, min_tokens=min_tokens,
@@ -157,13 +175,19 @@ def parse_request(
 
 
 # ---- responses ---------------------------------------------------------------------------------------
-def usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
-    return {
-        "prompt_tokens": prompt,
-        "total_tokens": prompt + completion,
-        "completion_tokens": completion,
-        "prompt_tokens_details": {"cached_tokens": cached},
-    }
+# Key sets and nulls as vLLM 0.32 sends them (e2e/vllm_facts.md, "Responses").
+def usage(prompt: int, completion: int, cached: int, chat: bool, stream: bool) -> dict[str, Any]:
+    if stream:
+        details: dict[str, Any] = {"cached_tokens": cached}
+        if chat:
+            details["created_cache_tokens"] = 0
+    else:
+        details = {"cached_tokens": cached, "created_cache_tokens": 0 if chat else None, "multimodal_tokens": None}
+    out: dict[str, Any] = {"prompt_tokens": prompt, "total_tokens": prompt + completion,
+                           "completion_tokens": completion, "prompt_tokens_details": details}
+    if not stream:
+        out["completion_tokens_details"] = None
+    return out
 
 
 def now_s() -> int:
@@ -177,55 +201,79 @@ def sse(obj: Any) -> bytes:
 SSE_DONE = b"data: [DONE]\n\n"
 
 
-def completion_chunk(rid: str, created: int, model: str, text: str, finish: str | None) -> bytes:
-    return sse({
+def completion_chunk(rid: str, created: int, model: str, text: str, finish: str | None,
+                     fingerprint: str | None = None) -> bytes:
+    out: dict[str, Any] = {
         "id": rid, "object": "text_completion", "created": created, "model": model,
         "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish,
-                     "stop_reason": None}],
-    })
+                     "stop_reason": None, "prompt_token_ids": None, "token_ids": None}],
+    }
+    if fingerprint:
+        out["system_fingerprint"] = fingerprint
+    return sse(out)
 
 
-def chat_chunk(rid: str, created: int, model: str, delta: dict[str, Any], finish: str | None) -> bytes:
+def chat_role_chunk(rid: str, created: int, model: str) -> bytes:
     return sse({
         "id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish,
-                     "stop_reason": None}],
+        "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                     "finish_reason": None}],
+        "prompt_token_ids": None, "prompt_text": None,
     })
 
 
-def usage_chunk(rid: str, created: int, model: str, chat: bool, u: dict[str, Any]) -> bytes:
+def chat_chunk(rid: str, created: int, model: str, text: str, finish: str | None,
+               fingerprint: str | None = None) -> bytes:
+    choice: dict[str, Any] = {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": finish}
+    if finish is not None:
+        choice["stop_reason"] = None
+    choice["token_ids"] = None
+    out: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                           "choices": [choice]}
+    if fingerprint:
+        out["system_fingerprint"] = fingerprint
+    return sse(out)
+
+
+def usage_chunk(rid: str, created: int, model: str, chat: bool, u: dict[str, Any], fingerprint: str) -> bytes:
     return sse({
         "id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
-        "model": model, "choices": [], "usage": u,
+        "model": model, "choices": [], "usage": u, "system_fingerprint": fingerprint,
     })
 
 
 def completion_response(
     rid: str, created: int, model: str, text: str, finish: str | None, u: dict[str, Any],
-    kv_transfer_params: dict[str, Any] | None,
+    kv_transfer_params: dict[str, Any] | None, fingerprint: str,
 ) -> dict[str, Any]:
     return {
         "id": rid, "object": "text_completion", "created": created, "model": model,
         "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish,
-                     "stop_reason": None, "prompt_logprobs": None}],
-        "usage": u, "kv_transfer_params": kv_transfer_params,
+                     "stop_reason": None, "token_ids": None, "prompt_logprobs": None,
+                     "prompt_token_ids": None, "routed_experts": None}],
+        "service_tier": None, "system_fingerprint": fingerprint, "usage": u,
+        "kv_transfer_params": kv_transfer_params, "ec_transfer_params": None, "metrics": None,
     }
 
 
 def chat_response(
     rid: str, created: int, model: str, text: str, finish: str | None, u: dict[str, Any],
-    kv_transfer_params: dict[str, Any] | None,
+    kv_transfer_params: dict[str, Any] | None, fingerprint: str,
 ) -> dict[str, Any]:
     return {
         "id": rid, "object": "chat.completion", "created": created, "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None,
-                                             "tool_calls": [], "reasoning_content": None},
-                     "logprobs": None, "finish_reason": finish, "stop_reason": None}],
-        "usage": u, "prompt_logprobs": None, "kv_transfer_params": kv_transfer_params,
+                                             "annotations": None, "audio": None, "function_call": None,
+                                             "reasoning": None},
+                     "logprobs": None, "finish_reason": finish, "stop_reason": None, "token_ids": None,
+                     "routed_experts": None}],
+        "service_tier": None, "system_fingerprint": fingerprint, "usage": u,
+        "prompt_logprobs": None, "prompt_token_ids": None, "prompt_text": None,
+        "kv_transfer_params": kv_transfer_params, "ec_transfer_params": None, "metrics": None,
     }
 
 
 __all__ = [
-    "APIError", "ParsedRequest", "SSE_DONE", "chat_chunk", "chat_response", "completion_chunk",
+    "APIError", "ParsedRequest", "SSE_DONE", "chat_chunk", "chat_role_chunk", "invalid", "chat_response", "completion_chunk",
     "completion_response", "error_body", "parse_request", "usage", "usage_chunk",
 ]

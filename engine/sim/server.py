@@ -88,6 +88,7 @@ class SimPod:
         self.core: EngineCore = self._new_core()
         self.metrics = self._new_metrics()
         self.port = spec.port
+        self.fingerprint = f"vllm-0.32.0-{uuid.uuid4().hex[:8]}"
         self.crashed = False
         self._streams: dict[str, _Stream] = {}
         self._wake = asyncio.Event()
@@ -170,6 +171,7 @@ class SimPod:
             web.post("/v1/chat/completions", self._chat),
             web.get("/v1/models", self._models),
             web.get("/health", self._health),
+            web.get("/version", self._version),
             web.get("/metrics", self._metrics),
             web.post("/reset_prefix_cache", self._reset_prefix_cache),
             web.get("/sim/faults", self._get_faults),
@@ -341,7 +343,7 @@ class SimPod:
         if len(self._streams) >= self.spec.max_pending:
             return self._error(api.APIError(503, "the server is overloaded; try again later"))
         header_id = request.headers.get("X-Request-Id")
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{header_id or uuid.uuid4().hex}"
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{header_id or uuid.uuid4().hex[:16]}"
         internal = uuid.uuid4().hex
         eos_at = self.spec.eos_after
         sreq = SimRequest(
@@ -377,9 +379,9 @@ class SimPod:
             if out.finished:
                 break
         text = self.tokenizer.decode(ids)
-        u = api.usage(out.num_prompt_tokens, out.num_output_tokens, out.num_cached_tokens)
+        u = api.usage(out.num_prompt_tokens, out.num_output_tokens, out.num_cached_tokens, p.chat, False)
         build = api.chat_response if p.chat else api.completion_response
-        body = build(rid, created, p.model, text, out.finish_reason, u, out.kv_transfer_params)
+        body = build(rid, created, p.model, text, out.finish_reason, u, out.kv_transfer_params, self.fingerprint)
         return web.Response(body=orjson.dumps(body), content_type=_JSON)
 
     async def _stream(
@@ -389,8 +391,9 @@ class SimPod:
                                            "Cache-Control": "no-cache"})
         await resp.prepare(request)
         model, decode = p.model, self.tokenizer.decode
+        fp = self.fingerprint
         if p.chat:
-            await resp.write(api.chat_chunk(rid, created, model, {"role": "assistant", "content": ""}, None))
+            await resp.write(api.chat_role_chunk(rid, created, model))
         out: RequestOutput | None = None
         while True:
             out = await st.queue.get()
@@ -398,17 +401,18 @@ class SimPod:
                 break  # the pod crashed: end the stream without [DONE], as a dropped connection would
             text = decode(out.new_token_ids)
             fin = out.finish_reason if out.finished else None
+            last_fp = fp if out.finished and not p.include_usage else None
             if p.chat:
-                chunk = api.chat_chunk(rid, created, model, {"content": text}, fin)
+                chunk = api.chat_chunk(rid, created, model, text, fin, last_fp)
             else:
-                chunk = api.completion_chunk(rid, created, model, text, fin)
+                chunk = api.completion_chunk(rid, created, model, text, fin, last_fp)
             await resp.write(chunk)
             if out.finished:
                 break
         if out is not None and out.finished:
             if p.include_usage:
-                u = api.usage(out.num_prompt_tokens, out.num_output_tokens, out.num_cached_tokens)
-                await resp.write(api.usage_chunk(rid, created, model, p.chat, u))
+                u = api.usage(out.num_prompt_tokens, out.num_output_tokens, out.num_cached_tokens, p.chat, True)
+                await resp.write(api.usage_chunk(rid, created, model, p.chat, u, fp))
             await resp.write(api.SSE_DONE)
         await resp.write_eof()
         return resp
@@ -424,13 +428,16 @@ class SimPod:
     async def _health(self, request: web.Request) -> web.Response:
         return web.Response(status=200)
 
+    async def _version(self, request: web.Request) -> web.Response:
+        return web.Response(body=b'{"version":"0.32.0"}', content_type=_JSON)
+
     async def _metrics(self, request: web.Request) -> web.Response:
         self.metrics.update(self.core.stats())
         return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
 
     async def _reset_prefix_cache(self, request: web.Request) -> web.Response:
         self.reset_prefix_cache()
-        return web.Response(status=200)
+        return web.Response(body=b'{"success":true}', content_type=_JSON)
 
     def reset_prefix_cache(self) -> None:
         self.core.reset_prefix_cache()

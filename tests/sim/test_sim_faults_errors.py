@@ -103,26 +103,28 @@ async def test_crash_ends_inflight_streams(fleet_factory):
         assert st == 200
 
 
-BAD = [
-    (b"not json", 400, None),
-    (b"[1, 2]", 400, None),
-    (b'{"model": "other", "prompt": "x"}', 404, "model"),
-    (b'{"model": "sim-model"}', 400, "prompt"),
-    (b'{"model": "sim-model", "prompt": "x", "max_tokens": 0}', 400, "max_tokens"),
-    (b'{"model": "sim-model", "prompt": "x", "max_tokens": -3}', 400, "max_tokens"),
-    (b'{"model": "sim-model", "prompt": "x", "max_tokens": "5"}', 400, "max_tokens"),
-    (b'{"model": "sim-model", "prompt": "x", "n": 2}', 400, "n"),
-    (b'{"model": "sim-model", "prompt": ""}', 400, "prompt"),
-    (b'{"model": "sim-model", "prompt": [1, -1]}', 400, "prompt"),
-    (b'{"model": "sim-model", "prompt": ["a", "b"]}', 400, "prompt"),
-    (b'{"model": "sim-model", "prompt": "x", "stream": "yes"}', 400, "stream"),
-    (b'{"model": "sim-model", "prompt": "x", "stream_options": {"include_usage": true}}', 400, "stream_options"),
-    (b'{"model": "sim-model", "prompt": "x", "kv_transfer_params": 3}', 400, "kv_transfer_params"),
+BAD = [  # (body, status, error type, param) as vLLM 0.32 answers (e2e/vllm_facts.md)
+    (b"not json", 400, "Bad Request", "body.1"),
+    (b"[1, 2]", 400, "Bad Request", "body"),
+    (b'{"model": "other", "prompt": "x"}', 404, "NotFoundError", "model"),
+    (b'{"model": "sim-model"}', 400, "BadRequestError", "prompt"),
+    (b'{"model": "sim-model", "prompt": "x", "max_tokens": 0}', 400, "BadRequestError", "max_tokens"),
+    (b'{"model": "sim-model", "prompt": "x", "max_tokens": -3}', 400, "BadRequestError", "max_tokens"),
+    (b'{"model": "sim-model", "prompt": "x", "max_tokens": "5"}', 400, "Bad Request", "body.max_tokens"),
+    (b'{"model": "sim-model", "prompt": "x", "n": 2}', 400, "BadRequestError", "n"),
+    (b'{"model": "sim-model", "prompt": ""}', 400, "BadRequestError", "prompt"),
+    (b'{"model": "sim-model", "prompt": [1, -1]}', 400, "Bad Request", "body.prompt"),
+    (b'{"model": "sim-model", "prompt": ["a", "b"]}', 400, "BadRequestError", "prompt"),
+    (b'{"model": "sim-model", "prompt": "x", "stream": "yes"}', 400, "Bad Request", "body.stream"),
+    (b'{"model": "sim-model", "prompt": "x", "stream_options": {"include_usage": true}}', 400, "Bad Request",
+     "body.stream_options"),
+    (b'{"model": "sim-model", "prompt": "x", "kv_transfer_params": 3}', 400, "Bad Request",
+     "body.kv_transfer_params"),
 ]
 
 
-@pytest.mark.parametrize("raw,status,param", BAD)
-async def test_bad_completions_input(fleet_factory, raw, status, param):
+@pytest.mark.parametrize("raw,status,etype,param", BAD)
+async def test_bad_completions_input(fleet_factory, raw, status, etype, param):
     fleet = await fleet_factory([PodSpec(name="p", num_blocks=64)], time_scale=0.05)
     pod = fleet.pods[0]
     async with aiohttp.ClientSession() as s:
@@ -131,8 +133,7 @@ async def test_bad_completions_input(fleet_factory, raw, status, param):
         assert st == status
         err = body["error"]
         assert set(err) == {"message", "type", "param", "code"} and err["code"] == status
-        assert err["type"] == ("NotFoundError" if status == 404 else "BadRequestError")
-        assert err["param"] == param
+        assert (err["type"], err["param"]) == (etype, param)
         st, _ = await status_of(s, f"http://{pod.address}/v1/completions", json=OK)
         assert st == 200
     assert pod.core.stats().num_waiting == 0 and pod.core.stats().kv_usage == 0.0
@@ -145,13 +146,18 @@ async def test_too_long_prompt_and_bad_chat(fleet_factory):
     async with aiohttp.ClientSession() as s:
         st, body = await status_of(s, f"{base}/completions", json={**OK, "prompt": list(range(1, 1100))})
         assert st == 400 and "maximum context length is 1024" in body["error"]["message"]
-        st, body = await status_of(s, f"{base}/completions", json={**OK, "prompt": list(range(1, 1000)),
+        assert body["error"]["param"] == "input_tokens"
+        # prompt fits, prompt + max_tokens does not: vLLM clamps max_tokens silently
+        st, body = await status_of(s, f"{base}/completions", json={**OK, "prompt": list(range(1, 1015)),
                                                                   "max_tokens": 100})
-        assert st == 400 and body["error"]["param"] == "max_tokens"
+        assert st == 200 and body["usage"]["completion_tokens"] == 10
+        # completions default to 16 tokens
+        st, body = await status_of(s, f"{base}/completions", json={"prompt": "x", "model": "sim-model"})
+        assert st == 200 and body["usage"]["completion_tokens"] == 16
         for bad in ({"model": "sim-model"}, {"model": "sim-model", "messages": []},
                     {"model": "sim-model", "messages": ["hi"]}):
             st, body = await status_of(s, f"{base}/chat/completions", json=bad)
-            assert st == 400 and body["error"]["param"] == "messages"
+            assert st == 400 and body["error"]["param"] == "body.messages"
         st, body = await status_of(s, f"{base}/chat/completions",
                                    json={"model": "sim-model", "messages": [{"role": "user", "content": "hi"}],
                                          "max_completion_tokens": 2})

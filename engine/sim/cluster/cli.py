@@ -77,7 +77,8 @@ def replay(
     """One replay of ``reqs`` on a fresh fleet; returns the result and its wall time."""
     start = time.perf_counter()
     sim = ClusterSim(
-        fleet, lambda eps, clock: make_router(policy, eps, clock, seed=seed, config=picker_config),
+        fleet, lambda eps, clock: make_router(policy, eps, clock, seed=seed, config=picker_config,
+                                        scrape_interval=scrape_interval),
         scrape_interval=scrape_interval, seed=seed,
     )
     res = sim.run(trace_prompts(reqs, blocks))

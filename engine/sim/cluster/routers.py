@@ -184,8 +184,10 @@ BUILTIN = ("round-robin", "least-inflight")
 
 
 def make_router(name: str, endpoints: list[Endpoint], clock: ManualClock, seed: int = 0,
-                config: dict[str, Any] | None = None) -> Router:
-    """A router by policy name: built-ins, or a picker profile name when pickers.config is there."""
+                config: dict[str, Any] | None = None, scrape_interval: float = 0.05) -> Router:
+    """A router by policy name: a built-in (``round-robin``, ``least-inflight``), or a picker profile
+    (``default``, ``load-only``, ``approximate``, ``precise``, ... or ``picker:NAME`` to force the picker's
+    own profile of a built-in's name) built by ``pickers.config.build_scheduler`` in virtual time."""
     if name == "round-robin":
         return RoundRobinRouter(endpoints)
     if name == "least-inflight":
@@ -194,15 +196,23 @@ def make_router(name: str, endpoints: list[Endpoint], clock: ManualClock, seed: 
         decoders = [e for e in endpoints if e.role.can_decode()]
         return SchedulerRouter(LeastInFlight(decoders, clock=clock, seed=seed), name, clock)
     try:
-        from pickers.config import build_scheduler  # type: ignore[import-not-found]
+        from pickers.config import build_scheduler
     except ImportError:
         raise ValueError(
             f"unknown policy {name!r}: built-in policies are {', '.join(BUILTIN)}; picker profiles need "
             "pickers.config.build_scheduler, which is not available"
         ) from None
     raw = dict(config or {})
-    raw.setdefault("profile", name)
-    scheduler = build_scheduler(raw, endpoints, clock=clock, network=False)
+    if isinstance(raw.get("scheduler"), dict):  # a whole picker config file: take its scheduler section
+        raw = dict(raw["scheduler"])
+    raw["profile"] = name.removeprefix("picker:")
+    dl = dict(raw.get("datalayer") or {})
+    dl.setdefault("scrape_interval_ms", scrape_interval * 1000.0)
+    raw["datalayer"] = dl
+    try:
+        scheduler = build_scheduler(raw, endpoints, clock=clock, network=False)
+    except ValueError as exc:  # ConfigError: an unknown profile or a bad key
+        raise ValueError(f"policy {name!r}: {exc}") from None
     return SchedulerRouter(scheduler, name, clock)
 
 
