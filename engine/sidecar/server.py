@@ -168,6 +168,7 @@ class Sidecar:
                                   code="invalid_prefill_address")
         request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
         headers[REQUEST_ID_HEADER] = request_id
+        headers["Content-Type"] = "application/json"  # both legs carry bodies we serialise (vLLM insists)
         why = self.allow_list.check(target, request_id, request.headers.get(SIGNATURE_HEADER))
         if why is not None:
             self.metrics.refused.labels("not_allowed").inc()

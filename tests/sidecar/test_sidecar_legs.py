@@ -38,6 +38,8 @@ async def test_prefill_leg_body_is_exactly_the_protocol(fakes, sidecars):
                                "remote_block_ids": None, "remote_host": None, "remote_port": None},
     }
     assert headers["x-kvswitch-prefill-endpoint"] == prefill.address
+    # The client sent no content type (aiohttp: octet-stream); vLLM rejects anything but JSON.
+    assert prefill.seen[0].headers["Content-Type"] == decode.seen[0].headers["Content-Type"] == "application/json"
     # The routing header itself never travels on.
     assert "x-prefiller-host-port" not in {k.lower() for k in prefill.seen[0].headers}
     assert "x-prefiller-host-port" not in {k.lower() for k in decode.seen[0].headers}
