@@ -1,0 +1,44 @@
+"""A tiny real comparison: sim fleet, Envoy (alone and with kvswitch), a Rust peer, aiperf, the report."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from e2e.bench import peersenv
+from e2e.bench.report import render
+from e2e.bench.runner import Comparison, config_from_preset
+
+pytestmark = [pytest.mark.slow, pytest.mark.envoy, pytest.mark.timeout(240)]
+
+
+@pytest.fixture
+def peers():
+    why = peersenv.missing()
+    if why:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(why, pytrace=False)
+        pytest.skip(why)
+
+
+def test_tiny_comparison_every_router_serves(tmp_path, peers):
+    routers = ["envoy-rr", "vllm-router:cache_aware", "kvswitch"]
+    cfg = config_from_preset("tiny", routers=routers, out=tmp_path, cache_dir=tmp_path / "cache")
+    lines: list[str] = []
+    comparison = Comparison(cfg, log=lines.append)
+    results = comparison.run()
+    assert comparison.failures == [], comparison.failures
+    assert len(lines) == 3 and all("ETA" in line for line in lines)
+    doc = json.loads(results.read_text())
+    assert {r["router"] for r in doc["runs"]} == set(routers)
+    for run in doc["runs"]:
+        assert run["errors"] == 0, run
+        assert len(run["e2e_ms"]) == cfg.workload_params["num_requests"], run["router"]
+        assert all(t > 0 for t in run["ttft_ms"])
+        assert 0.0 < run["hit_rate"] < 1.0  # two groups share a prefix: some hits, never all
+    readme = render(results, with_plots=False).read_text()
+    for router in routers:
+        assert f"| {router} | 10 |" in readme
+    assert "aiperf 0.13.0" in readme and "envoy" in readme
