@@ -221,8 +221,8 @@ class BlockIndex:
         assert int(np.count_nonzero(self._stamp[: self._next_row] != _FREE)) == len(self._slot_of)
         rows = np.nonzero(live)[0]
         bits = np.unpackbits(self._masks[rows].view(np.uint8), axis=2, bitorder="little")  # (n, media, pods)
-        assert bits.sum(axis=1).min(initial=1) >= 1, "a live row holds no pod"
-        counts = bits.sum(axis=0)
+        assert rows.size == 0 or bits.reshape(rows.size, -1).any(axis=1).all(), "a live row holds no pod"
+        counts = bits.sum(axis=0, dtype=np.int64)
         assert np.array_equal(counts, self.pod_counts), "per-pod counts differ from the masks"
         assert not self._masks[~np.isin(np.arange(self._masks.shape[0]), rows)].any(), "free row has bits"
         if self.per_pod_cap is not None:
@@ -282,7 +282,7 @@ class BlockIndex:
         if rows.size == 0:
             return
         bits = np.unpackbits(self._masks[rows].view(np.uint8), axis=2, bitorder="little")
-        self.pod_counts -= bits.sum(axis=0)
+        self.pod_counts -= bits.sum(axis=0, dtype=np.int64)
         self._masks[rows] = 0
         self._release(rows)
         self.evictions += int(rows.size)
@@ -307,7 +307,7 @@ class BlockIndex:
         n = min(n, rows.size)
         oldest = rows[np.argpartition(self._stamp[rows], n - 1)[:n]] if n < rows.size else rows
         held = (self._masks[oldest, :, word] & b) != 0  # (n, media)
-        self.pod_counts[:, pod] -= held.sum(axis=0)
+        self.pod_counts[:, pod] -= held.sum(axis=0, dtype=np.int64)
         self._masks[oldest, :, word] &= ~b
         self._free_if_empty(oldest)
         self.evictions += int(n)

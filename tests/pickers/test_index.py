@@ -1,0 +1,176 @@
+"""BlockIndex and the block hasher: exact behaviour plus hypothesis properties against a plain model."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings, strategies as st
+
+from pickers.kvblocks.hashing import ROOT_HASH, chain_hash, hash_blocks
+from pickers.kvblocks.index import BlockIndex
+
+
+def test_match_counts_prefix_blocks_per_pod():
+    ix = BlockIndex(100, max_pods=4)
+    h = hash_blocks(np.arange(64), 16)  # 4 blocks
+    ix.add(0, h)  # pod 0 holds all 4
+    ix.add(1, h[:2])  # pod 1 holds the first 2
+    ix.add(2, h[1:])  # pod 2 lacks block 0: no prefix at all
+    blocks, weighted = ix.match(h)
+    assert blocks[:4].tolist() == [4, 2, 0, 0]
+    assert weighted[:4].tolist() == [4.0, 2.0, 0.0, 0.0]
+    assert ix.match(hash_blocks(np.arange(100, 164), 16)) is None
+
+
+def test_medium_weights_use_best_medium_per_block():
+    ix = BlockIndex(100, media=("GPU", "CPU"), weights=(1.0, 0.8), max_pods=2)
+    h = hash_blocks(np.arange(48), 16)
+    ix.add(0, h[:1], ix.medium_index("GPU"))
+    ix.add(0, h[1:], ix.medium_index("cpu"))
+    ix.add(0, h[1:2], ix.medium_index("GPU"))  # block 1 on both: counts as GPU
+    blocks, weighted = ix.match(h)
+    assert blocks[0] == 3
+    assert abs(weighted[0] - (1.0 + 1.0 + 0.8)) < 1e-9
+    assert ix.medium_index("NVME") == ix.medium_index("CPU")  # unknown media: lowest weight
+
+
+def test_lru_eviction_keeps_recently_used():
+    ix = BlockIndex(16, max_pods=1, initial_rows=4)
+    old = list(range(1000, 1008))
+    new = list(range(2000, 2008))
+    ix.add(0, old)
+    ix.add(0, new)
+    ix.match([2000, 2001])  # touch
+    ix.add(0, [3000])  # full: evicts 1 (16 // 16) least recently used
+    assert len(ix) == 16
+    assert 1000 not in ix._slot_of and 2000 in ix._slot_of and 3000 in ix._slot_of
+    ix.check_invariants()
+
+
+def test_call_larger_than_cap_keeps_first_blocks():
+    ix = BlockIndex(4, max_pods=1)
+    ix.add(0, list(range(10, 20)))
+    assert len(ix) <= 4
+    assert 10 in ix._slot_of
+    ix.check_invariants()
+
+
+def test_per_pod_cap_and_drop_pod():
+    ix = BlockIndex(1000, max_pods=2, per_pod_cap=8)
+    ix.add(0, list(range(1, 21)))
+    ix.add(1, list(range(1, 5)))
+    assert ix.pod_counts[0, 0] <= 8
+    ix.check_invariants()
+    assert ix.drop_pod(1) == 4
+    assert ix.pod_counts[0, 1] == 0
+    ix.check_invariants()
+
+
+def test_ensure_pods_widens_masks():
+    ix = BlockIndex(100, max_pods=64)
+    ix.add(3, [7, 8])
+    ix.ensure_pods(130)
+    ix.add(129, [7])
+    blocks, _ = ix.match([7, 8])
+    assert blocks[3] == 2 and blocks[129] == 1
+    ix.check_invariants()
+
+
+# ---- hasher properties --------------------------------------------------------------------------------
+tokens = st.lists(st.integers(0, 2**32 - 1), max_size=80)
+
+
+@given(tokens, tokens, st.sampled_from([1, 4, 16]))
+def test_hasher_blocks_equal_iff_prefixes_equal(a, b, bs):
+    ha, hb = hash_blocks(a, bs), hash_blocks(b, bs)
+    assert len(ha) == len(a) // bs
+    for i in range(min(len(ha), len(hb))):
+        same_prefix = a[: (i + 1) * bs] == b[: (i + 1) * bs]
+        assert (ha[i] == hb[i]) == same_prefix
+
+
+@given(tokens, st.sampled_from([2, 16]), st.integers(0, 5))
+def test_hasher_chains_from_parent(a, bs, k):
+    full = hash_blocks(a, bs)
+    k = min(k, len(full))
+    parent = full[k - 1] if k else ROOT_HASH
+    assert hash_blocks(a[k * bs:], bs, parent) == full[k:]
+    if full:
+        assert chain_hash(ROOT_HASH, a[:bs]) == full[0]
+
+
+# ---- index properties ------------------------------------------------------------------------------------
+ops = st.lists(
+    st.tuples(
+        st.sampled_from(["add", "remove", "drop", "match"]),
+        st.integers(0, 69),  # pod (crosses a 64-bit word)
+        st.lists(st.integers(1, 40), max_size=12),  # block hashes
+        st.integers(0, 1),  # medium
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops)
+def test_index_matches_model_without_eviction(operations):
+    ix = BlockIndex(10_000, media=("GPU", "CPU"), weights=(1.0, 0.8), max_pods=70, initial_rows=2)
+    model: dict[tuple[int, int], set[int]] = {}  # (pod, medium) -> hashes
+    for op, pod, hashes, medium in operations:
+        if op == "add":
+            ix.add(pod, hashes, medium)
+            model.setdefault((pod, medium), set()).update(hashes)
+        elif op == "remove":
+            ix.remove(pod, hashes, medium)
+            model.setdefault((pod, medium), set()).difference_update(hashes)
+        elif op == "drop":
+            ix.drop_pod(pod)
+            for m in (0, 1):
+                model.pop((pod, m), None)
+        else:
+            res = ix.match(hashes, touch=False)
+            expect = np.zeros(ix.pod_slots, dtype=np.int64)
+            for p in range(70):
+                n = 0
+                for h in hashes:
+                    if h in model.get((p, 0), ()) or h in model.get((p, 1), ()):
+                        n += 1
+                    else:
+                        break
+                expect[p] = n
+            got = res[0] if res is not None else np.zeros(ix.pod_slots, dtype=np.int64)
+            # match stops at the first block nobody holds, as the model does per pod
+            assert got.tolist() == expect.tolist()
+        ix.check_invariants()
+    want = {}
+    for (pod, medium), hs in model.items():
+        for h in hs:
+            want.setdefault(h, {}).setdefault(ix.media[medium], []).append(pod)
+    got = {h: {m: sorted(p) for m, p in v.items()} for h, v in ix.contents().items()}
+    assert got == {h: {m: sorted(p) for m, p in v.items()} for h, v in want.items()}
+    for (pod, medium), hs in model.items():
+        assert ix.pod_counts[medium, pod] == len(hs)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops, st.integers(1, 20), st.one_of(st.none(), st.integers(1, 10)))
+def test_index_stays_within_caps_and_consistent(operations, cap, per_pod):
+    ix = BlockIndex(cap, max_pods=70, per_pod_cap=per_pod, initial_rows=2)
+    stored: dict[int, set[int]] = {}
+    for op, pod, hashes, _ in operations:
+        if op == "add":
+            ix.add(pod, hashes)
+            stored.setdefault(pod, set()).update(hashes)
+        elif op == "remove":
+            ix.remove(pod, hashes)
+            stored.setdefault(pod, set()).difference_update(hashes)
+        elif op == "drop":
+            ix.drop_pod(pod)
+            stored.pop(pod, None)
+        else:
+            ix.match(hashes)
+        ix.check_invariants()
+        assert len(ix) <= cap
+        # never invents: everything indexed for a pod was stored by it and not removed since
+        for h, media in ix.contents().items():
+            for p in media.get("GPU", ()):
+                assert h in stored.get(p, ())
