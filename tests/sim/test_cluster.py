@@ -244,3 +244,16 @@ def test_cli_replay_writes_json_and_rejects_bad_input(tmp_path, capsys):
     trace.write_text('{"timestamp": 0}\n')
     assert replay_main([str(trace)]) == 2
     assert "not a Mooncake record" in capsys.readouterr().err
+
+
+def test_precise_picker_profile_follows_kv_events_to_the_cached_pod():
+    pytest.importorskip("pickers.config")
+    ids = list(range(50, 58))
+    reqs = [tr(0, 0.0, 4096, 2, ids), tr(1, 0.5, 4096, 2, [900]), tr(2, 5.0, 4608, 2, ids + [99])]
+    _, res = run(reqs, pods=4, policy="precise")
+    first, _, again = res.records
+    assert again.decode_pod == first.decode_pod
+    assert again.cached_tokens == 4096
+    _, rr = run([TraceRequest(r.index, r.arrival, r.input_length, r.output_length, r.hash_ids) for r in reqs],
+                pods=4, policy="round-robin")
+    assert rr.records[2].cached_tokens == 0  # round-robin sent it elsewhere

@@ -21,13 +21,12 @@ from engine.sim.cluster.fleet import fleet_from_flags
 from engine.sim.cluster.report import format_table, summarize
 from engine.sim.cluster.trace import BlockTokens, read_mooncake
 
-TRACE = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "mooncake_synthetic_trace.jsonl"
-DEFAULT_TRACE = Path("/work/shared/data/mooncake_synthetic_trace.jsonl")
+DEFAULT_TRACE = Path(__file__).resolve().parents[4] / "shared" / "data" / "mooncake_synthetic_trace.jsonl"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m engine.sim.cluster.bench")
-    p.add_argument("--trace", default=str(DEFAULT_TRACE if DEFAULT_TRACE.exists() else TRACE))
+    p.add_argument("--trace", default=str(DEFAULT_TRACE))
     p.add_argument("--policies", default="round-robin")
     p.add_argument("--pods", type=int, default=16)
     p.add_argument("--max-model-len", type=int, default=131072)
