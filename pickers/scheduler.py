@@ -167,7 +167,8 @@ class KVScheduler:
             top = np.argsort(-res.totals, kind="stable")[: self.explain_top] if n > self.explain_top else range(n)
             pos = {int(c): i for i, c in enumerate(res.cands.tolist())}
             chosen = [pos[int(s)] for s in res.ranked.tolist()]
-            for i in dict.fromkeys([*chosen, *(int(i) for i in top)]):
+            keep = list(dict.fromkeys([*chosen, *(int(i) for i in top)]))[: max(self.explain_top, len(chosen))]
+            for i in keep:
                 a = addr(int(res.cands[i]))
                 entry = {label: round(float(v[i]), 4) for label, v in res.scores.items()}
                 entry["total"] = round(float(res.totals[i]), 4)

@@ -1,0 +1,88 @@
+"""/metrics parsing (old and new vLLM names) and the scraper's health accounting against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from aiohttp import web
+
+from pickers.datalayer.promparse import MetricsParseError, parse_vllm_metrics
+from pickers.types import Endpoint
+
+from .helpers import request, scheduler
+
+NEW = """# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 3.0
+vllm:num_requests_running{engine="1",model_name="m"} 2.0
+vllm:num_requests_waiting{engine="0",model_name="m"} 4.0
+vllm:num_requests_waiting_by_reason{engine="0",reason="x"} 99.0
+vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25
+vllm:prefix_cache_queries_total{engine="0",model_name="m"} 1000.0
+vllm:prefix_cache_hits_total{engine="0",model_name="m"} 400.0
+vllm:time_to_first_token_seconds_bucket{le="0.1"} 5.0
+vllm:cache_config_info{block_size="128",cache_dtype="auto",enable_prefix_caching="True",num_gpu_blocks="5000"} 1.0
+vllm:lora_requests_info{max_lora="2",running_lora_adapters="a,b",waiting_lora_adapters=""} 100.0
+vllm:lora_requests_info{max_lora="2",running_lora_adapters="c",waiting_lora_adapters="d"} 200.0
+"""
+OLD = "vllm:gpu_cache_usage_perc{model_name=\"m\"} 0.5\nvllm:num_requests_running{model_name=\"m\"} 1\n"
+
+
+def test_parse_new_and_old_names():
+    m = parse_vllm_metrics(NEW)
+    assert (m.running, m.waiting, m.kv_usage) == (5.0, 4.0, 0.25)
+    assert (m.block_size, m.num_gpu_blocks) == (128, 5000)
+    assert (m.prefix_cache_queries, m.prefix_cache_hits) == (1000.0, 400.0)
+    assert (m.running_lora_adapters, m.waiting_lora_adapters, m.max_lora) == (("c",), ("d",), 2)
+    assert parse_vllm_metrics(OLD).kv_usage == 0.5
+    with pytest.raises(MetricsParseError):
+        parse_vllm_metrics("<html>not metrics</html>")
+
+
+async def test_scraper_feeds_metrics_and_health():
+    state = {"ok": True}
+
+    async def metrics(_):
+        return web.Response(text=NEW) if state["ok"] else web.Response(status=500)
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    ep = Endpoint(f"127.0.0.1:{port}")
+    from prometheus_client import CollectorRegistry
+
+    from pickers.clock import MonotonicClock
+    from pickers.config import build_scheduler
+
+    s = build_scheduler({"datalayer": {"scrape_interval_ms": 10, "failure_threshold": 2}}, [ep],
+                        MonotonicClock(), registry=CollectorRegistry())
+    dl = s.datalayer
+    try:
+        await s.start()
+        for _ in range(200):
+            if dl.metrics.running[0] == 5.0:
+                break
+            await asyncio.sleep(0.01)
+        assert dl.metrics.waiting[0] == 4.0 and dl.endpoints.block_size[0] == 128
+        state["ok"] = False
+        for _ in range(200):
+            if not dl.health.healthy[0]:
+                break
+            await asyncio.sleep(0.01)
+        assert not dl.health.healthy[0]
+        state["ok"] = True
+        for _ in range(200):
+            if dl.health.healthy[0]:
+                break
+            await asyncio.sleep(0.01)
+        assert dl.health.healthy[0]
+        s.decide(request("r", list(range(300))))
+    finally:
+        await s.stop()
+        await runner.cleanup()
+    assert not s._scraper._tasks

@@ -1,0 +1,184 @@
+"""Each plugin with exact expectations, through a scheduler built without network."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pickers.datalayer import PodMetrics
+from pickers.framework import CycleContext, create
+from pickers.types import SchedulingError
+
+from .helpers import endpoints, request, scheduler
+
+A, B, C = "10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"
+
+
+def ctx_for(s, clock, req=None):
+    return CycleContext(req or request("r", list(range(64))), s.datalayer, clock.now())
+
+
+def plugin(s, kind, spec):
+    p = create(kind, spec, "t")
+    p.bind(s.datalayer)
+    return p
+
+
+def feed(s, **per_addr):
+    for addr, (w, r, kv) in per_addr.items():
+        s.datalayer.metrics.update(addr, PodMetrics(waiting=w, running=r, kv_usage=kv))
+
+
+def cands(s):
+    return s.datalayer.endpoints.active_slots()
+
+
+def test_queue_running_kv_scorers_exact():
+    s, clock = scheduler()
+    feed(s, **{A: (0, 10, 0.2), B: (4, 0, 0.5), C: (2, 5, 1.0)})
+    ctx = ctx_for(s, clock)
+    c = cands(s)
+    assert plugin(s, "scorer", "queue").score(ctx, c).tolist() == [1.0, 0.0, 0.5]
+    assert plugin(s, "scorer", "running").score(ctx, c).tolist() == [0.0, 1.0, 0.5]
+    assert plugin(s, "scorer", "kv-usage").score(ctx, c).tolist() == pytest.approx([0.8, 0.5, 0.0])
+
+
+def test_stale_metrics_fall_back_to_tracked_load():
+    s, clock = scheduler()
+    feed(s, **{A: (9, 0, 0.9), B: (0, 0, 0.0), C: (0, 0, 0.0)})
+    clock.advance(1.0)  # 1 s > 4 x 50 ms: stale
+    s.datalayer.inflight.add("x", 1, None, 100, 10, clock.now())  # one request tracked on B
+    ctx = ctx_for(s, clock)
+    c = cands(s)
+    assert plugin(s, "scorer", "queue").score(ctx, c).tolist() == [1.0, 0.0, 1.0]
+    assert plugin(s, "scorer", "kv-usage").score(ctx, c).tolist() == [0.5, 0.5, 0.5]
+
+
+def test_inflight_tokens_scorer_and_hooks():
+    s, clock = scheduler()
+    dl = s.datalayer
+    dl.inflight.add("a", 0, None, 1000, 100, clock.now())
+    dl.inflight.add("b", 1, None, 200, 100, clock.now())
+    sc = plugin(s, "scorer", {"type": "inflight-tokens", "decode_weight": 1.0})
+    assert sc.score(ctx_for(s, clock), cands(s)).tolist() == pytest.approx([0.0, 1 - 300 / 1100, 1.0])
+    dl.inflight.first_token("a")
+    assert dl.inflight.prefill_tokens[0] == 0 and dl.inflight.decode_tokens[0] == 100
+    dl.inflight.move("b", 2)
+    assert dl.inflight.requests[1] == 0 and dl.inflight.prefill_tokens[2] == 200
+    dl.inflight.finish("a"), dl.inflight.finish("b")
+    assert not dl.inflight.requests.any() and not dl.inflight.prefill_tokens.any()
+
+
+def test_prefix_scorer_modes_and_gate():
+    s, clock = scheduler(eps=endpoints(3, kv=True))
+    toks = list(range(64))  # 4 blocks of 16
+    from pickers.kvblocks.hashing import hash_blocks
+
+    h = hash_blocks(toks, 16)
+    s.datalayer.approx.add(1, h[:2])
+    s.datalayer.kv_index.index.add(0, h)
+    s.datalayer.kv_index.set_source(0, True)
+    ctx = ctx_for(s, clock, request("r", toks))
+    c = cands(s)
+    assert plugin(s, "scorer", {"type": "prefix", "mode": "precise"}).score(ctx, c).tolist() == [1.0, 0.0, 0.0]
+    assert plugin(s, "scorer", {"type": "prefix", "mode": "approximate"}).score(ctx, c).tolist() == [0.0, 0.5, 0.0]
+    # gate: pod 0 has the whole prompt cached but a huge queue -> its prefix score is gated to 0
+    s.datalayer.inflight.add("q", 0, None, 500_000, 0, clock.now())
+    ctx = ctx_for(s, clock, request("r2", toks))
+    ttft = plugin(s, "scorer", "ttft")
+    ttft.score(ctx, c)
+    gated = plugin(s, "scorer", {"type": "prefix", "mode": "precise", "gate_ttft_ratio": 1.5})
+    assert gated.score(ctx, c).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_ttft_scorer_prefers_cache_until_queue_outweighs_it():
+    s, clock = scheduler()
+    toks = list(range(8192))
+    from pickers.kvblocks.hashing import hash_blocks
+
+    s.datalayer.approx.add(0, hash_blocks(toks, 16))
+    sc = plugin(s, "scorer", {"type": "ttft", "mode": "approximate"})
+    c = cands(s)
+    v = sc.score(ctx_for(s, clock, request("r", toks)), c)
+    assert v[0] == 1.0 and v[1] == v[2] and v[1] < 0.1  # 1 uncached token vs 8192
+    s.datalayer.inflight.add("q", 0, None, 3 * 8192, 0, clock.now())  # 3 full prefills queued on pod 0
+    v = sc.score(ctx_for(s, clock, request("r2", toks)), c)
+    assert v[0] < 1.0 and v[1] == 1.0
+
+
+def test_session_and_lora_scorers():
+    s, clock = scheduler()
+    sess = plugin(s, "scorer", "session-affinity")
+    req = request("r", list(range(16)), headers={"x-session-id": "abc"})
+    from pickers.types import Decision
+
+    sess.on_routed(Decision(request=req, endpoints=[B]))
+    assert sess.score(ctx_for(s, clock, req), cands(s)).tolist() == [0.0, 1.0, 0.0]
+    sess.on_served(Decision(request=req, endpoints=[B]), C)
+    assert sess.score(ctx_for(s, clock, req), cands(s)).tolist() == [0.0, 0.0, 1.0]
+
+    m = s.datalayer.metrics
+    m.update(A, PodMetrics(running_lora_adapters=("sql",), max_lora=2))
+    m.update(B, PodMetrics(running_lora_adapters=("x", "y"), waiting_lora_adapters=(), max_lora=2))
+    m.update(C, PodMetrics(running_lora_adapters=("x",), waiting_lora_adapters=("sql",), max_lora=1))
+    lora = plugin(s, "scorer", "lora-affinity")
+    assert lora.score(ctx_for(s, clock, request("r", model="sql")), cands(s)).tolist() == [1.0, 0.0, 0.8]
+    m.update(C, PodMetrics(running_lora_adapters=("x",), max_lora=4))
+    assert lora.score(ctx_for(s, clock, request("r", model="sql")), cands(s)).tolist() == [1.0, 0.0, 0.5]
+
+
+def test_filters_health_role_subset():
+    from pickers.types import Endpoint, Role
+
+    eps = [Endpoint(A, role=Role.PREFILL), Endpoint(B, role=Role.DECODE), Endpoint(C)]
+    s, clock = scheduler(eps=eps)
+    c = cands(s)
+    ctx = ctx_for(s, clock)
+    assert plugin(s, "filter", {"type": "role", "role": "decode"}).filter(ctx, c).tolist() == [1, 2]
+    assert plugin(s, "filter", {"type": "role", "role": "prefill"}).filter(ctx, c).tolist() == [0, 2]
+    for _ in range(3):
+        s.datalayer.health.failure(2, "boom")
+    assert plugin(s, "filter", "health").filter(ctx, c).tolist() == [0, 1]
+    s.datalayer.health.success(2)
+    assert plugin(s, "filter", "health").filter(ctx, c).tolist() == [0, 1, 2]
+    sub = plugin(s, "filter", "subset")
+    assert sub.filter(ctx_for(s, clock, request("r", subset=[C, "9.9.9.9:1"])), c).tolist() == [2]
+    with pytest.raises(SchedulingError) as e:
+        sub.filter(ctx_for(s, clock, request("r", subset=[])), c)
+    assert e.value.status == 503
+
+
+def test_pickers():
+    s, clock = scheduler(eps=endpoints(4))
+    c = cands(s)
+    ctx = ctx_for(s, clock)
+    totals = np.array([1.0, 3.0, 3.0, 2.0])
+    mx = plugin(s, "picker", {"type": "max-score", "max_endpoints": 3, "seed": 1})
+    firsts = set()
+    for _ in range(40):
+        order = mx.pick(ctx, c, totals).tolist()
+        assert sorted(order[:2]) == [1, 2] and order[2] == 3
+        firsts.add(order[0])
+    assert firsts == {1, 2}  # ties broken at random
+    rr = plugin(s, "picker", {"type": "round-robin", "max_endpoints": 2})
+    assert [rr.pick(ctx, c, totals).tolist() for _ in range(5)] == [[0, 1], [1, 2], [2, 3], [3, 0], [0, 1]]
+    wr = plugin(s, "picker", {"type": "weighted-random", "seed": 3})
+    counts = np.zeros(4)
+    for _ in range(2000):
+        order = wr.pick(ctx, c, np.array([0.0, 1.0, 3.0, 0.0]))
+        counts[order[0]] += 1
+        assert len(set(order.tolist())) == len(order) == 3
+    assert counts[0] == 0 and counts[3] == 0 and 0.65 < counts[2] / 2000 < 0.85
+
+
+def test_saturation_admission_sheds_only_sheddable():
+    s, clock = scheduler(raw={"admission": [{"type": "saturation", "objectives": {"batch": -1, "chat": 0}}]})
+    feed(s, **{A: (5, 0, 0.1), B: (10, 0, 0.1), C: (0, 0, 0.9)})  # max(1, 2, 1.125) -> mean 1.375
+    batch = request("b", list(range(32)), headers={"x-gateway-inference-objective": "batch"})
+    with pytest.raises(SchedulingError) as e:
+        s.decide(batch)
+    assert e.value.status == 429 and "saturated" in e.value.message and "batch" in e.value.message
+    s.decide(request("c", list(range(32)), headers={"x-gateway-inference-objective": "chat"}))
+    s.decide(request("n", list(range(32))))
+    feed(s, **{A: (0, 0, 0.1), B: (1, 0, 0.1), C: (0, 0, 0.1)})
+    s.decide(request("b2", list(range(32)), headers={"x-gateway-inference-objective": "batch"}))

@@ -1,0 +1,101 @@
+"""Decisions end to end through the scheduler: hooks, errors, explanations, affinity without hot spots."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pickers.datalayer import PodMetrics
+from pickers.explain import explain_header
+from pickers.types import Endpoint, SchedulingError, Usage
+
+from .helpers import endpoints, request, scheduler
+
+
+def test_decision_has_explanation_fallbacks_and_tracks_load():
+    s, clock = scheduler(eps=endpoints(8))
+    d = s.decide(request("r1", list(range(2048)), max_tokens=50))
+    assert len(d.endpoints) == 3 and len(set(d.endpoints)) == 3
+    assert d.primary in d.explanation and set(d.explanation[d.primary]) == {"ttft", "prefix", "kv-usage", "total"}
+    assert len(d.explanation) == 5  # explain_top
+    dl = s.datalayer
+    slot = dl.endpoints.slot(d.primary)
+    assert dl.inflight.prefill_tokens[slot] == 2048 and dl.inflight.decode_tokens[slot] == 50
+    s.on_first_token(d, clock.now())
+    assert dl.inflight.prefill_tokens[slot] == 0
+    s.on_finished(d, Usage(2048, 50), clock.now())
+    assert dl.inflight.requests[slot] == 0
+    assert explain_header(d).startswith("profile=default; ")
+
+
+def test_no_endpoint_503_names_the_cause():
+    s, clock = scheduler(eps=endpoints(2))
+    for slot in (0, 1):
+        for _ in range(3):
+            s.datalayer.health.failure(slot, "connect refused")
+    with pytest.raises(SchedulingError) as e:
+        s.decide(request("r", list(range(16))))
+    assert e.value.status == 503 and "health removed 2" in e.value.message
+    s2, _ = scheduler(eps=[])
+    with pytest.raises(SchedulingError) as e:
+        s2.decide(request("r", list(range(16))))
+    assert e.value.status == 503 and "0 endpoints known" in e.value.message
+
+
+def test_request_failures_take_a_pod_out_and_success_brings_it_back():
+    s, clock = scheduler(eps=endpoints(2), raw={"profile": "round-robin"})
+    ds = [s.decide(request(f"r{i}", list(range(16)))) for i in range(6)]
+    bad = ds[0].primary
+    for d in ds:
+        if d.primary == bad:
+            s.on_failed(d, "reset", clock.now())
+    assert all(s.decide(request(f"x{i}", list(range(16)))).primary != bad for i in range(4))
+    s.datalayer.health.success(s.datalayer.endpoints.slot(bad))
+    assert {s.decide(request(f"y{i}", list(range(16)))).primary for i in range(4)} == {a.address for a in endpoints(2)}
+
+
+def test_prefix_affinity_without_hot_spot():
+    """Same 8K-token prefix, requests never finish: the first few stick to the pod with the cache, then
+    the queue there outweighs the saved prefill and traffic spreads over every pod."""
+    s, clock = scheduler(eps=endpoints(4))
+    shared = list(range(6000))
+    primaries = []
+    for i in range(40):
+        toks = shared + [100_000 + i] * 2000
+        primaries.append(s.decide(request(f"r{i}", toks)).primary)
+    assert primaries[1] == primaries[0]  # affinity: the second request follows the cache
+    counts = {a: primaries.count(a) for a in set(primaries)}
+    assert len(counts) == 4 and max(counts.values()) <= 20, counts
+
+
+def test_served_elsewhere_moves_load_and_learns():
+    s, clock = scheduler(eps=endpoints(3))
+    d = s.decide(request("r", list(range(320))))
+    other = next(e.address for e in endpoints(3) if e.address != d.primary)
+    s.on_served(d, other)
+    dl = s.datalayer
+    assert dl.inflight.requests[dl.endpoints.slot(other)] == 1
+    assert dl.inflight.requests[dl.endpoints.slot(d.primary)] == 0
+    blocks = dl.approx.match(d.request.cache["block_hashes"][16])[0]
+    assert blocks[dl.endpoints.slot(other)] == 20
+
+
+def test_endpoints_added_and_removed_at_run_time():
+    s, clock = scheduler(eps=endpoints(1), raw={"profile": "round-robin"})
+    s.add_endpoint(Endpoint("10.9.9.9:8000"))
+    assert {s.decide(request(f"r{i}", list(range(16)))).primary for i in range(2)} == {"10.0.0.1:8000",
+                                                                                       "10.9.9.9:8000"}
+    s.remove_endpoint("10.0.0.1:8000")
+    assert {s.decide(request(f"x{i}", list(range(16)))).primary for i in range(3)} == {"10.9.9.9:8000"}
+    with pytest.raises(KeyError):
+        s.datalayer.metrics.update("10.0.0.1:8000", PodMetrics())
+
+
+async def test_schedule_uses_prompt_and_chat_and_token_ids():
+    s, clock = scheduler()
+    d = await s.schedule(request("p", prompt="hello " * 100))
+    assert d.request.cache["tokens"].size == 150
+    d = await s.schedule(request("c", messages=[{"role": "user", "content": "hi there"}], api="chat"))
+    assert d.request.cache["tokens"].size > 0
+    d = await s.schedule(request("t", [5, 6, 7]))
+    assert d.request.cache["tokens"].tolist() == [5, 6, 7]
