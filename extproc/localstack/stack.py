@@ -1,0 +1,346 @@
+"""LocalStack: a simulated fleet, the picker and Envoy on loopback, started and stopped together.
+
+    async with LocalStack(StackOptions(pods=4)) as stack:
+        stack.url          # "http://127.0.0.1:8080/v1", what an OpenAI client uses as base_url
+        stack.pods         # [StackPod(name, role, address, engine_address, kv_events, metrics_url)]
+    # or: stack = LocalStack(opts); await stack.start(); ...; await stack.stop()
+
+Everything runs in this process except Envoy (a child process in its own process group). Ports are
+free ones picked at start, except Envoy's listener (``port``, 8080 by default; 0 picks a free one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from engine.sidecar import SidecarConfig
+from engine.sidecar.server import Sidecar
+from engine.sim.fleet import SimFleet, load_fleet_config, specs_from_config
+from engine.sim.spec import PodSpec
+from engine.tokens.tokenizer import load_tokenizer
+from extproc.config import Config, ConfigError, EndpointConfig, load_config
+from extproc.envoyconfig.builder import EnvoyConfigOptions
+from extproc.localstack.envoy import EnvoyChild
+from extproc.server import Server, build_scheduler, build_server
+
+log = logging.getLogger("kvswitch.up")
+
+# Handler type names a prefill/decode handler may be registered under in pickers/ (first match wins).
+PD_HANDLER_NAMES = ("prefill-decode", "pd", "prefill_decode", "disaggregated", "p-d")
+
+
+@dataclass
+class StackOptions:
+    """What ``kvswitch up`` starts; every field has a default that works on a laptop."""
+
+    pods: int = 4
+    pd: tuple[int, int] | None = None  # (prefill pods, decode pods): P/D with a sidecar per decode pod
+    fleet_file: str | None = None  # engine.sim fleet YAML instead of pods/pd
+    port: int = 8080  # Envoy listener; 0 = a free port
+    time_scale: float = 1.0
+    accelerator: str = "H100"
+    model_profile: str = "llama-3.1-8b"
+    model_name: str = "sim-model"
+    profile: str | None = None  # picker profile (scheduler.profile)
+    tokenizer: str | None = None  # tokenizer.json (or its folder) for the pods and the picker
+    config_file: str | None = None  # picker YAML (server/scheduler sections; endpoints come from the fleet)
+    debug_headers: bool = True
+    envoy_concurrency: int = 1
+    envoy_log_level: str = "warning"
+    seed: int | None = None
+    ready_timeout_s: float = 30.0
+
+
+@dataclass
+class StackPod:
+    """One routable pod as the picker sees it (for P/D decode pods: the sidecar in front)."""
+
+    name: str
+    role: str
+    address: str  # what the picker routes to and x-kvswitch-endpoint names
+    engine_address: str  # the simulated engine itself (== address unless a sidecar fronts it)
+    kv_events: str | None
+    metrics_url: str  # the engine's /metrics
+
+
+def find_pd_handler() -> str | None:
+    """The registered prefill/decode profile handler's type name, or None while pickers has none."""
+    try:
+        import pickers.plugins  # noqa: F401  (registers the built-in plugins)
+        from pickers.framework import REGISTRY
+    except ImportError:
+        return None
+    handlers = REGISTRY.get("handler", {})
+    for name in PD_HANDLER_NAMES:
+        if name in handlers:
+            return name
+    return next((n for n in handlers if "prefill" in n), None)
+
+
+def _check_port_free(port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise OSError(f"port {port} is in use ({exc.strerror}); pick another with --port") from None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class _Started:
+    """What has been started so far, so stop() undoes exactly that."""
+
+    fleet: SimFleet | None = None
+    sidecars: list[Sidecar] = field(default_factory=list)
+    server: Server | None = None
+    envoy: EnvoyChild | None = None
+
+
+class LocalStack:
+    """Fleet + picker + Envoy on loopback. ``start()`` returns once GET /v1/models works through Envoy."""
+
+    def __init__(self, options: StackOptions | None = None) -> None:
+        self.options = options or StackOptions()
+        self.pods: list[StackPod] = []
+        self.notes: list[str] = []  # things a person should know (e.g. P/D running decode-only)
+        self.pd_handler: str | None = None
+        self.config: Config | None = None
+        self.workdir: Path | None = None
+        self.port = 0
+        self._s = _Started()
+        self._stopped = False
+
+    # ---- addresses ------------------------------------------------------------------------------
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"{self.base_url}/v1"
+
+    @property
+    def fleet(self) -> SimFleet:
+        assert self._s.fleet is not None, "stack not started"
+        return self._s.fleet
+
+    @property
+    def sidecars(self) -> list[Sidecar]:
+        return list(self._s.sidecars)
+
+    @property
+    def server(self) -> Server:
+        assert self._s.server is not None, "stack not started"
+        return self._s.server
+
+    @property
+    def envoy(self) -> EnvoyChild:
+        assert self._s.envoy is not None, "stack not started"
+        return self._s.envoy
+
+    @property
+    def picker_address(self) -> str:
+        return self.server.address
+
+    @property
+    def picker_metrics_url(self) -> str | None:
+        port = self.server.metrics_port
+        return f"http://127.0.0.1:{port}/metrics" if port else None
+
+    @property
+    def admin_url(self) -> str:
+        return self.envoy.admin_url
+
+    def describe(self) -> str:
+        """The one line ``kvswitch up`` prints once the stack answers."""
+        o = self.options
+        roles = {}
+        for p in self.pods:
+            roles[p.role] = roles.get(p.role, 0) + 1
+        shape = ", ".join(f"{n} {r}" for r, n in roles.items()) if o.pd or o.fleet_file else f"{len(self.pods)}"
+        metrics = f", metrics {self.picker_metrics_url}" if self.picker_metrics_url else ""
+        return (f"kvswitch is up: {self.url}  ({shape} pods {o.model_profile} on {o.accelerator}, "
+                f"time scale {o.time_scale:g}; picker {self.picker_address}{metrics}; "
+                f"envoy admin {self.admin_url})")
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        o = self.options
+        if o.time_scale <= 0:
+            raise ValueError("time scale must be positive")
+        self.port = o.port or _free_port()
+        _check_port_free(self.port)
+        self.config = self._picker_config()  # before anything starts: a bad file changes nothing
+        self.workdir = Path(tempfile.mkdtemp(prefix="kvswitch-up-"))
+        try:
+            await self._start_fleet()
+            await self._start_picker()
+            await self._start_envoy()
+            await self._wait_models()
+        except BaseException:
+            await self.stop()
+            raise
+
+    def _picker_config(self) -> Config:
+        o = self.options
+        cfg = load_config(o.config_file)
+        if cfg.endpoints:
+            raise ConfigError(f"{o.config_file}: endpoints: `kvswitch up` routes to its own simulated pods; "
+                              "remove the endpoints section (use --fleet for another fleet shape)")
+        s = cfg.server
+        s.host, s.grpc_port, s.metrics_port = "127.0.0.1", 0, 0
+        s.debug_headers = s.debug_headers or o.debug_headers
+        s.drain_seconds = min(s.drain_seconds, 1.0)
+        sched: dict[str, Any] = dict(cfg.scheduler or {})
+        if o.profile:
+            sched["profile"] = o.profile
+        if o.tokenizer:
+            sched["tokenizer"] = {**(sched.get("tokenizer") or {}), "path": o.tokenizer}
+        cfg.scheduler = sched
+        return cfg
+
+    def _specs(self) -> list[PodSpec]:
+        o = self.options
+        base = PodSpec(model_name=o.model_name, model_profile=o.model_profile, accelerator=o.accelerator,
+                       seed=o.seed)
+        if o.fleet_file:
+            return specs_from_config(load_fleet_config(o.fleet_file), base)
+        if o.pd:
+            p, d = o.pd
+            if p < 1 or d < 1:
+                raise ValueError("--pd P:D needs at least one prefill and one decode pod")
+            return ([replace(base, name=f"prefill-{i}", role="prefill") for i in range(p)]
+                    + [replace(base, name=f"decode-{i}", role="decode") for i in range(d)])
+        if o.pods < 1:
+            raise ValueError("--pods must be at least 1")
+        return [replace(base, name=f"pod-{i}") for i in range(o.pods)]
+
+    async def _start_fleet(self) -> None:
+        o = self.options
+        tokenizer = load_tokenizer(o.tokenizer) if o.tokenizer else None
+        self._s.fleet = fleet = SimFleet(self._specs(), time_scale=o.time_scale, tokenizer=tokenizer)
+        await fleet.start()
+        prefill = [p.address for p in fleet.by_role("prefill")]
+        decode = fleet.by_role("decode")
+        for pod in fleet.pods:
+            engine = pod.address
+            address = engine
+            if pod.role == "decode" and prefill:
+                sidecar = Sidecar(SidecarConfig(decode_url=f"http://{engine}", host="127.0.0.1", port=0,
+                                                prefill_pods=tuple(prefill)))
+                await sidecar.start()
+                self._s.sidecars.append(sidecar)
+                address = sidecar.address
+            self.pods.append(StackPod(pod.name, pod.role, address, engine, pod.kv_events_endpoint,
+                                      f"http://{engine}/metrics"))
+        if decode and not prefill:
+            self.notes.append("decode pods without prefill pods: no sidecars, requests decode locally")
+
+    def _endpoint_configs(self) -> list[EndpointConfig]:
+        eps = []
+        for p in self.pods:
+            spec = self.fleet[p.name].spec
+            eps.append(EndpointConfig(address=p.address, role=p.role, accelerator=spec.accelerator,
+                                      model_profile=spec.model_profile, kv_events=p.kv_events,
+                                      metrics_url=p.metrics_url, labels={"kvswitch.local/pod": p.name}))
+        return eps
+
+    async def _start_picker(self) -> None:
+        cfg = self.config
+        assert cfg is not None
+        has_prefill = any(p.role == "prefill" for p in self.pods)
+        cfg.endpoints = self._endpoint_configs()
+        if has_prefill and "handler" not in (cfg.scheduler or {}):
+            self.pd_handler = find_pd_handler()
+            if self.pd_handler is None:
+                self.notes.append("the picker runs decode-only: pickers/ has no prefill/decode handler yet, so "
+                                  "requests go to the decode sidecars without a prefill leg")
+            else:
+                cfg.scheduler = {**(cfg.scheduler or {}), "handler": {"type": self.pd_handler}}
+        elif has_prefill:
+            self.pd_handler = str((cfg.scheduler or {}).get("handler", {}).get("type", "")) or None
+        try:
+            scheduler = build_scheduler(cfg)
+        except ConfigError:
+            if not self.pd_handler or "handler" not in (cfg.scheduler or {}):
+                raise
+            log.warning("the %s handler did not build with defaults; running decode-only", self.pd_handler,
+                        exc_info=True)
+            self.notes.append(f"the picker runs decode-only: the {self.pd_handler!r} handler failed to build")
+            cfg.scheduler = {k: v for k, v in (cfg.scheduler or {}).items() if k != "handler"}
+            self.pd_handler = None
+            scheduler = build_scheduler(cfg)
+        self._s.server = server = build_server(cfg, scheduler)
+        await server.start()
+
+    async def _start_envoy(self) -> None:
+        o = self.options
+        assert self.workdir is not None
+        opts = EnvoyConfigOptions(listen_port=self.port, listen_host="127.0.0.1", picker=self.picker_address,
+                                  fail_open=False, admin_port=_free_port(),
+                                  endpoints=[p.address for p in self.pods])
+        self._s.envoy = envoy = EnvoyChild(opts, self.workdir, o.envoy_concurrency, o.envoy_log_level)
+        await envoy.start(o.ready_timeout_s)
+
+    async def _wait_models(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options.ready_timeout_s
+        last = ""
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
+            while True:
+                try:
+                    async with s.get(f"{self.url}/models") as r:
+                        if r.status == 200:
+                            return
+                        last = f"HTTP {r.status}: {(await r.text())[:200]}"
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    last = repr(exc)
+                if loop.time() > deadline:
+                    raise TimeoutError(f"GET {self.url}/models never answered 200 ({last})\n"
+                                       f"{self.envoy.log_tail()}")
+                await asyncio.sleep(0.1)
+
+    async def stop(self) -> None:
+        """Envoy first (no new requests), then the picker, sidecars and pods; removes the temp dir. Idempotent."""
+        s, self._s = self._s, _Started()
+        if s.envoy is not None:
+            await _quietly(s.envoy.stop())
+        if s.server is not None:
+            await _quietly(s.server.stop(0.5))
+        for sc in s.sidecars:
+            await _quietly(sc.stop())
+        if s.fleet is not None:
+            await _quietly(s.fleet.stop())
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+    async def __aenter__(self) -> "LocalStack":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+async def _quietly(coro: Any) -> None:
+    """Stopping one part must not keep the others running."""
+    try:
+        await coro
+    except Exception:  # noqa: BLE001
+        log.warning("error while stopping", exc_info=True)
