@@ -72,14 +72,6 @@ def _int_field(body: dict[str, Any], name: str) -> int | None:
     return v
 
 
-def _encode_chat(tokenizer: Tokenizer, text: str) -> np.ndarray:
-    """A rendered chat template carries its own BOS: encode it without special tokens, as vLLM does."""
-    inner = getattr(tokenizer, "_tok", None)
-    if inner is not None and hasattr(inner, "encode"):
-        return np.asarray(inner.encode(text, add_special_tokens=False).ids, dtype=np.uint32)
-    return tokenizer.encode_array(text)
-
-
 def _prompt_ids(prompt: Any, tokenizer: Tokenizer) -> np.ndarray:
     """A completions prompt: a string, a list of token ids, or a batch of one of either."""
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
@@ -122,10 +114,9 @@ def parse_request(
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise invalid("messages", "messages: Field required (a non-empty list of message objects)")
         try:
-            text = tokenizer.render_chat(messages, add_generation_prompt=True)
+            ids = tokenizer.encode_chat(messages)
         except (TypeError, ValueError) as exc:
             raise invalid("messages", f"messages: {exc}") from None
-        ids = _encode_chat(tokenizer, text)
     else:
         if body.get("prompt") in (None, "", []):
             raise APIError(400, "Either prompt or prompt_embeds must be provided and non-empty.", "prompt")

@@ -46,16 +46,6 @@ def build_cost(spec: PodSpec) -> CostModel:
     return CostModel(spec.model_profile, spec.accelerator, dep)
 
 
-def _vocab_size(tok: Tokenizer) -> int:
-    v = getattr(tok, "vocab_size", None)
-    if isinstance(v, int):
-        return v
-    inner = getattr(tok, "_tok", None)
-    if inner is not None and hasattr(inner, "get_vocab_size"):
-        return int(inner.get_vocab_size())
-    return 32000
-
-
 class _Stream:
     """Outputs of one in-flight request, bounded by its max_tokens."""
 
@@ -108,7 +98,7 @@ class SimPod:
             block_size=s.block_size, num_blocks=s.num_blocks, max_num_seqs=s.max_num_seqs,
             max_num_batched_tokens=s.max_num_batched_tokens, max_model_len=s.max_model_len, role=s.role,
             link=s.link, kv_transfer_timeout_s=s.kv_transfer_timeout_s,
-            vocab_size=_vocab_size(self.tokenizer), hash_seed=s.seed, remote_host=s.host,
+            vocab_size=self.tokenizer.vocab_size, hash_seed=s.seed, remote_host=s.host,
             remote_port=self.port if hasattr(self, "port") else s.port,
         )
         old = getattr(self, "core", None)

@@ -30,6 +30,13 @@ class Tokenizer(Protocol):
 
     def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str: ...
 
+    def encode_chat(self, messages: Sequence[Message]) -> np.ndarray:
+        """The prompt token ids of a chat request exactly as the engine computes them."""
+        ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
     def decode(self, ids: Sequence[int]) -> str: ...
 
 
@@ -57,7 +64,11 @@ class BuiltinTokenizer:
     BYTES_PER_TOKEN = 4
 
     def __init__(self, vocab_size: int = 32000) -> None:
-        self.vocab_size = vocab_size
+        self._vocab_size = vocab_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
 
     def encode_array(self, text: str) -> np.ndarray:
         data = text.encode("utf-8")
@@ -65,7 +76,7 @@ class BuiltinTokenizer:
         if pad:
             data += b"\0" * pad
         words = np.frombuffer(data, dtype="<u4")
-        return (words % np.uint32(self.vocab_size)).astype(np.uint32, copy=False)
+        return (words % np.uint32(self._vocab_size)).astype(np.uint32, copy=False)
 
     def encode(self, text: str) -> list[int]:
         return self.encode_array(text).tolist()
@@ -78,6 +89,9 @@ class BuiltinTokenizer:
         if add_generation_prompt:
             out.append("<|assistant|>\n")
         return "".join(out)
+
+    def encode_chat(self, messages: Sequence[Message]) -> np.ndarray:
+        return self.encode_array(self.render_chat(messages))
 
     def decode(self, ids: Sequence[int]) -> str:
         # Ids are lossy (modulo the vocabulary); a readable stand-in keeps responses printable.
@@ -120,11 +134,20 @@ class HFTokenizer:
                 env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.Undefined)
                 self._template = env.from_string(template)
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=True).ids
+    @property
+    def vocab_size(self) -> int:
+        return int(self._tok.get_vocab_size())
 
-    def encode_array(self, text: str) -> np.ndarray:
-        return np.asarray(self.encode(text), dtype=np.uint32)
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``; a completions prompt gets the special tokens (BOS) as in vLLM."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_array(self, text: str, add_special_tokens: bool = True) -> np.ndarray:
+        return np.asarray(self.encode(text, add_special_tokens), dtype=np.uint32)
+
+    def encode_chat(self, messages: Sequence[Message]) -> np.ndarray:
+        # A rendered chat template carries its own BOS: vLLM encodes it without adding special tokens.
+        return self.encode_array(self.render_chat(messages), add_special_tokens=False)
 
     def count(self, text: str) -> int:
         return len(self.encode(text))
