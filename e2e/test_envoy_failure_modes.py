@@ -10,6 +10,7 @@ import pytest
 from e2e.support.envoy import EnvoyProcess
 from e2e.support.picker import picker_config, running_picker
 from extproc.envoyconfig.builder import EnvoyConfigOptions
+from pickers.simple import LeastInFlight
 
 pytestmark = pytest.mark.envoy
 GOOD = {"model": "llama-3.1-8b", "prompt": "hi", "max_tokens": 2}
@@ -19,7 +20,7 @@ GOOD = {"model": "llama-3.1-8b", "prompt": "hi", "max_tokens": 2}
 async def test_picker_down(fake_pods, fail_open):
     pool = [p.address for p in fake_pods]
     cfg = picker_config(pool)
-    async with running_picker(cfg) as picker:
+    async with running_picker(cfg, LeastInFlight(cfg.endpoint_objects())) as picker:
         opts = EnvoyConfigOptions(picker=picker.address, endpoints=pool, fail_open=fail_open)
         envoy = EnvoyProcess(opts)
         await envoy.start()

@@ -31,7 +31,7 @@ def _body(api: str, stream: bool, **extra) -> dict:
 @pytest.mark.parametrize("stream", [False, True])
 async def test_request_reaches_a_pod_and_comes_back(sim_pods, api, stream):
     path = "/v1/chat/completions" if api == "chat" else "/v1/completions"
-    async with envoy_stack(sim_pods) as stack, aiohttp.ClientSession() as s:
+    async with envoy_stack(sim_pods, simple=False) as stack, aiohttp.ClientSession() as s:
         body = _body(api, stream, **({"stream_options": {"include_usage": True}} if stream else {}))
         async with s.post(stack.url + path, json=body) as r:
             text = await r.text()

@@ -69,7 +69,7 @@ class EnvoyProcess:
         )
         log.close()
         await self._wait_ready(timeout)
-        if wait_picker:
+        if wait_picker and self.opts.ext_proc:
             await self.wait_picker_health(True, timeout)
 
     async def _wait_ready(self, timeout: float) -> None:

@@ -11,6 +11,7 @@ from e2e.support.envoy import EnvoyProcess
 from e2e.support.picker import picker_config, running_picker
 from extproc.envoyconfig.builder import EnvoyConfigOptions
 from extproc.server import Server, build_scheduler
+from pickers.simple import LeastInFlight
 from pickers.types import Decision, InferenceRequest, Usage
 
 
@@ -26,9 +27,11 @@ class RecordingScheduler:
     failed: list[str] = field(default_factory=list)
     order: list[str] | None = None  # force this fallback list (tests of the gateway's fallback walk)
 
-    @property
-    def endpoints(self):
-        return getattr(self.inner, "endpoints", [])
+    def __getattr__(self, name: str):
+        # ready(), endpoints, ... whatever the wrapped scheduler offers (the server looks for them)
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
 
     async def start(self) -> None:
         await self.inner.start()
@@ -79,11 +82,17 @@ async def envoy_stack(
     server: dict[str, Any] | None = None,
     extra_http_filters: list[dict[str, Any]] | None = None,
     order: list[str] | None = None,
+    simple: bool = True,
 ) -> AsyncIterator[Stack]:
-    """Picker (in-process, LeastInFlight or the framework) + Envoy (override-host over ``pool``)."""
+    """Picker (in-process) + Envoy (override-host over ``pool``).
+
+    ``simple``: LeastInFlight (works with any upstream); False: the configured framework scheduler, which
+    scrapes vLLM metrics and so needs simulator or vLLM pods.
+    """
     cfg = picker_config(picker_endpoints if picker_endpoints is not None else pool,
                         **{"debug_headers": True, **(server or {})})
-    sched = RecordingScheduler(build_scheduler(cfg), order=order)
+    inner = LeastInFlight(cfg.endpoint_objects()) if simple else build_scheduler(cfg)
+    sched = RecordingScheduler(inner, order=order)
     async with running_picker(cfg, sched) as picker:
         opts = EnvoyConfigOptions(picker=picker.address, endpoints=pool, fail_open=fail_open,
                                   extra_http_filters=extra_http_filters or [])

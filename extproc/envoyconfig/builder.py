@@ -107,6 +107,7 @@ class EnvoyConfigOptions:
     message_timeout_s: float = 1000.0
     buffer_limit_bytes: int = 32 * 1024 * 1024  # large prompts pass through Envoy's buffers
     picker_health_interval_s: float = 1.0
+    ext_proc: bool = True  # False: Envoy alone, round robin over ``endpoints`` (the benchmark baseline)
     # Extra HTTP filters (already-serialised proto3 JSON dicts with "name"/"typedConfig") placed before
     # ext_proc; tests use it to inject a subset hint. Plain dicts on purpose: they are test-only.
     extra_http_filters: list[dict[str, Any]] = field(default_factory=list)
@@ -162,8 +163,9 @@ def _listener(opts: EnvoyConfigOptions) -> Listener:
             retry_policy=RetryPolicy(retry_on="connect-failure,refused-stream,reset", num_retries=opts.retries),
         ),
     )
-    filters = [HttpFilter(name="envoy.filters.http.ext_proc", typed_config=_pack(_ext_proc(opts))),
-               HttpFilter(name="envoy.filters.http.router", typed_config=_pack(Router()))]
+    filters = [HttpFilter(name="envoy.filters.http.router", typed_config=_pack(Router()))]
+    if opts.ext_proc:
+        filters.insert(0, HttpFilter(name="envoy.filters.http.ext_proc", typed_config=_pack(_ext_proc(opts))))
     hcm = HttpConnectionManager(
         stat_prefix="kvswitch_ingress",
         route_config=RouteConfiguration(
@@ -192,6 +194,10 @@ def _pool_cluster(opts: EnvoyConfigOptions) -> Cluster:
             per_connection_buffer_limit_bytes=opts.buffer_limit_bytes,
             original_dst_lb_config=ClusterOriginalDstLbConfig(use_http_header=True, http_header_name=DESTINATION),
         )
+    if not opts.ext_proc:
+        return Cluster(name=POOL_CLUSTER, type=ClusterDiscoveryType.STATIC, connect_timeout=_seconds(1),
+                       per_connection_buffer_limit_bytes=opts.buffer_limit_bytes,
+                       load_assignment=_load_assignment(POOL_CLUSTER, opts.endpoints))
     if opts.lb != "override-host":
         raise ValueError(f"lb must be override-host or original-dst, got {opts.lb!r}")
     if not opts.endpoints:
@@ -246,7 +252,7 @@ def build_bootstrap(opts: EnvoyConfigOptions) -> Bootstrap:
     return Bootstrap(
         static_resources=BootstrapStaticResources(
             listeners=[_listener(opts)],
-            clusters=[_pool_cluster(opts), _picker_cluster(opts)],
+            clusters=[_pool_cluster(opts)] + ([_picker_cluster(opts)] if opts.ext_proc else []),
         ),
         admin=Admin(address=_addr(f"127.0.0.1:{opts.admin_port}")),
     )

@@ -10,7 +10,7 @@ from extproc import messages as msg
 from extproc.stream import ExtProcStream, Phase, StreamSettings
 from pickers.clock import ManualClock
 from pickers.types import SchedulingError, Usage
-from tests.extproc.fakes import REQUEST_HEADERS, ScriptedScheduler, body, headers
+from e2e.support.extproc_fakes import REQUEST_HEADERS, ScriptedScheduler, body, headers
 
 BODY = orjson.dumps({"model": "m", "prompt": "hello", "max_tokens": 3, "stream": True})
 
