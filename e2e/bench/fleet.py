@@ -77,6 +77,10 @@ class SimFleetProcess:
         return [f"tcp://127.0.0.1:{self.kv_base_port + i}" for i in range(self.spec.pods)]
 
     @property
+    def tokenizer(self) -> Path | None:
+        return self.spec.tokenizer
+
+    @property
     def roles(self) -> list[str]:
         return list(self.spec.roles or ["both"] * self.spec.pods)
 

@@ -155,8 +155,14 @@ class KvSwitch(Router):
         for addr, url, kv, role in zip(fleet.addresses, fleet.urls, fleet.kv_event_endpoints, fleet.roles):
             endpoints.append({"address": addr, "role": role, "model": fleet.model, "kv_events": kv,
                               "metrics_url": url + "/metrics"})
-        return {"server": {"host": "127.0.0.1", "grpc_port": grpc_port, "metrics_port": metrics_port},
-                "endpoints": endpoints, "scheduler": {"profile": self.profile}}
+        scheduler: dict = {"profile": self.profile}
+        tokenizer = getattr(fleet, "tokenizer", None)
+        if tokenizer:  # the picker must hash the very token ids the pods hash
+            scheduler["tokenizer"] = {"path": str(tokenizer)}
+        # drain_seconds: nothing is in flight when a run ends; do not wait 10 s per run for it.
+        return {"server": {"host": "127.0.0.1", "grpc_port": grpc_port, "metrics_port": metrics_port,
+                           "drain_seconds": 0.5},
+                "endpoints": endpoints, "scheduler": scheduler}
 
     def _launch(self, fleet: FleetView) -> str:
         grpc, metrics, port, admin = free_port(), free_port(), free_port(), free_port()
