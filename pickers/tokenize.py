@@ -7,6 +7,7 @@ tokenizer (4 bytes per token, what the simulator uses) costs microseconds and is
 
 from __future__ import annotations
 
+import array
 import asyncio
 from collections import OrderedDict
 
@@ -15,6 +16,16 @@ import xxhash
 
 from engine.tokens.tokenizer import BuiltinTokenizer, Tokenizer
 from pickers.types import InferenceRequest
+
+
+def _as_u32(ids) -> np.ndarray:
+    """Token ids as a uint32 array; array.array converts a list 4x faster than np.asarray."""
+    if isinstance(ids, np.ndarray):
+        return ids if ids.dtype == np.uint32 else ids.astype(np.uint32)
+    try:
+        return np.frombuffer(array.array("I", ids), dtype=np.uint32)
+    except (OverflowError, TypeError):
+        return np.asarray(ids, dtype=np.int64).astype(np.uint32)
 
 
 class TokenService:
@@ -62,7 +73,7 @@ class TokenService:
         if got is not None:
             return got
         if request.prompt_token_ids is not None:
-            arr = np.asarray(request.prompt_token_ids, dtype=np.uint32)
+            arr = _as_u32(request.prompt_token_ids)
             request.cache["tokens"] = arr
             return arr
         return None

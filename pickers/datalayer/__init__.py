@@ -139,7 +139,7 @@ class DataLayer:
             hashes = hashes_by_bs.get(int(bsz[slot]))
             if hashes:
                 cap = int(self.metrics.num_gpu_blocks[slot]) or int(self.approx_pod_cap[slot])
-                self.approx.add(slot, hashes)
+                self.approx.add(slot, hashes, unique=True)
                 held = int(self.approx.pod_counts[0, slot])
                 if held > cap:
                     self.approx._evict_pod(slot, held - cap + cap // 8)

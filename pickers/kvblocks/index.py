@@ -29,6 +29,23 @@ _EVICT_FRACTION = 16
 _FREE = 0  # stamp of a free row; live rows have stamps >= 1
 
 
+def _prefix_lengths(cum: np.ndarray) -> np.ndarray:
+    """Per pod bit: how many leading rows of the monotone (bits only clear) ``cum`` have it set.
+
+    Only rows where some pod drops out are unpacked, so this costs a few vector operations however long
+    the prompt is.
+    """
+    n, words = cum.shape
+    dropped = cum[:-1] & ~cum[1:]  # bits that clear between row i and i+1: those pods matched i+1 rows
+    at = np.flatnonzero(dropped.any(axis=1))
+    out = np.unpackbits(cum[-1].view(np.uint8), bitorder="little").astype(np.int64) * n
+    if at.size:
+        bits = np.unpackbits(dropped[at].view(np.uint8), axis=1, bitorder="little")  # (k, pods)
+        out = np.maximum(out, (bits * (at + 1)[:, None]).max(axis=0))
+    # pods absent from the very first block match 0 rows: already 0
+    return out
+
+
 class BlockIndex:
     """Own block hash -> {medium: set of pod slots}, bounded, LRU-evicted, with per-pod counts."""
 
@@ -97,10 +114,11 @@ class BlockIndex:
         return arrays + int(len(self._slot_of) * (1.5 * 8 + 24 + 40 + 32)) + sys.getsizeof(self._free_rows)
 
     # ---- writes -------------------------------------------------------------------------------------
-    def add(self, pod: int, hashes: Iterable[int], medium: int = 0) -> int:
-        """Record that ``pod`` holds ``hashes`` on ``medium``; returns how many were new for that pod."""
+    def add(self, pod: int, hashes: Iterable[int], medium: int = 0, unique: bool = False) -> int:
+        """Record that ``pod`` holds ``hashes`` on ``medium``; returns how many were new for that pod.
+        ``unique=True`` skips the duplicate check (chained hashes of one prompt never repeat)."""
         self._tick += 1
-        rows = self._rows_for(hashes)
+        rows = self._rows_for(hashes, unique)
         if not rows:
             return 0
         r = np.fromiter(rows, dtype=np.intp, count=len(rows))
@@ -174,23 +192,23 @@ class BlockIndex:
             append(s)
         if not rows:
             return None
-        m = self._masks[rows]  # (n, media, words)
+        r = np.fromiter(rows, dtype=np.intp, count=len(rows))
+        m = self._masks[r]  # (n, media, words)
         if touch:
             self._tick += 1
-            self._stamp[rows] = self._tick
-        if m.shape[1] == 1:
-            cum = np.bitwise_and.accumulate(m[:, 0, :], axis=0)
-            blocks = np.unpackbits(cum.view(np.uint8), axis=1, bitorder="little").sum(axis=0, dtype=np.int64)
+            self._stamp[r] = self._tick
+        anym = m[:, 0, :] if m.shape[1] == 1 else np.bitwise_or.reduce(m, axis=1)
+        cum = np.bitwise_and.accumulate(anym, axis=0)  # (n, words): pods still matching after block i
+        blocks = _prefix_lengths(cum)
+        if m.shape[1] == 1 or not self.pod_counts[1:].any():
             return blocks, blocks * self.weights[0]
-        anym = np.bitwise_or.reduce(m, axis=1)
-        cum = np.bitwise_and.accumulate(anym, axis=0)
-        blocks = np.unpackbits(cum.view(np.uint8), axis=1, bitorder="little").sum(axis=0, dtype=np.int64)
         weighted = np.zeros(blocks.shape, dtype=np.float64)
         seen = np.zeros_like(cum)
         for mi in self._order:
             here = cum & m[:, mi, :] & ~seen
             seen |= here
-            weighted += self.weights[mi] * np.unpackbits(here.view(np.uint8), axis=1, bitorder="little").sum(axis=0)
+            weighted += self.weights[mi] * np.unpackbits(here.view(np.uint8), axis=1, bitorder="little").sum(
+                axis=0, dtype=np.int64)
         return blocks, weighted
 
     def pods_holding(self, h: int) -> dict[str, list[int]]:
@@ -229,7 +247,7 @@ class BlockIndex:
             assert int(self.pod_counts.sum(axis=0).max(initial=0)) <= self.per_pod_cap, "pod over its cap"
 
     # ---- internals ----------------------------------------------------------------------------------
-    def _rows_for(self, hashes: Iterable[int]) -> list[int]:
+    def _rows_for(self, hashes: Iterable[int], unique: bool = False) -> list[int]:
         """Rows for ``hashes`` (allocating), all stamped with the current tick. Stops early when the
         index is full of this very call's rows (a call larger than the cap keeps its first blocks)."""
         slot_of = self._slot_of
@@ -241,7 +259,7 @@ class BlockIndex:
                 if row < 0:
                     break
             out.append(row)
-        if len(out) > 1 and len(set(out)) != len(out):
+        if not unique and len(out) > 1 and len(set(out)) != len(out):
             out = list(dict.fromkeys(out))
         return out
 

@@ -1,0 +1,205 @@
+"""Decision-path benchmark (on demand, not a test): decisions per second on one core and per-decision
+latency with 8K-token prompts, 64 pods and a precise index of 10M blocks; index memory per million blocks;
+KV-event ingestion rate; tokenization cost.
+
+    .venv/bin/python -m pickers.bench_decisions [--blocks 10000000] [--pods 64] [--decisions 3000]
+        [--tokenizer DIR]
+
+DESIGN.md budget: >= 3,000 decisions/s with 8K-token prompts and 64 pods.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import random
+import time
+
+import numpy as np
+from prometheus_client import CollectorRegistry
+
+from pickers.clock import ManualClock
+from pickers.config import build_scheduler
+from pickers.datalayer import PodMetrics
+from pickers.kvblocks.hashing import hash_blocks
+from pickers.types import Endpoint, InferenceRequest, Usage
+
+BS = 16
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def build(profile: str, pods: int, max_blocks: int):
+    eps = [Endpoint(f"10.1.{i // 250}.{i % 250}:8000", kv_events=f"tcp://10.1.0.{i}:5557") for i in range(pods)]
+    clock = ManualClock(0.0)
+    s = build_scheduler({"profile": profile, "prefix": {"precise": {"max_blocks": max_blocks}}}, eps, clock,
+                        network=False, registry=CollectorRegistry())
+    return s, clock, eps
+
+
+def feed_metrics(s, eps, rng: random.Random) -> None:
+    for e in eps:
+        s.datalayer.metrics.update(e.address, PodMetrics(waiting=rng.randint(0, 4), running=rng.randint(0, 64),
+                                                        kv_usage=rng.random() * 0.7))
+
+
+def fill_index(s, pods: int, blocks: int, prefixes: list[np.ndarray], rng: np.random.Generator) -> float:
+    """Shared prefixes on a few pods each (so decisions find real hits), then filler up to ``blocks``."""
+    ix = s.datalayer.kv_index.index
+    t0 = time.perf_counter()
+    for i, p in enumerate(prefixes):
+        h = hash_blocks(p, BS)
+        for pod in rng.choice(pods, size=4, replace=False).tolist():
+            ix.add(pod, h)
+    chunk = 512
+    while len(ix) < blocks:
+        n = min(chunk, blocks - len(ix))
+        hs = rng.integers(1, 2**63, size=n, dtype=np.int64).tolist()
+        ix.add(int(rng.integers(pods)), hs)
+    return time.perf_counter() - t0
+
+
+def bench_events(n_blocks: int) -> tuple[float, float]:
+    """Blocks per second through apply_events (map form, 32 blocks per BlockStored), bytes per block
+    including the engine-hash map."""
+    s, clock, eps = build("precise", 8, n_blocks * 2)
+    kv = s.datalayer.kv_index
+    rng = np.random.default_rng(1)
+    per = 32
+    batches = []
+    eh = 1
+    for i in range(n_blocks // per):
+        toks = rng.integers(0, 32000, size=per * BS).tolist()
+        batches.append((eps[i % 8].address, {"type": "BlockStored", "block_hashes": list(range(eh, eh + per)),
+                                              "parent_block_hash": None, "token_ids": toks, "block_size": BS,
+                                              "lora_id": None, "medium": "GPU"}))
+        eh += per
+    gc.collect()
+    r0 = rss()
+    t0 = time.perf_counter()
+    for addr, ev in batches:
+        kv.apply_events(addr, [ev])
+    dt = time.perf_counter() - t0
+    del batches
+    gc.collect()
+    return n_blocks / dt, (rss() - r0) / n_blocks
+
+
+def run_decisions(s, clock, prompts: list[list[int]], n: int, text: bool = False) -> tuple[float, np.ndarray]:
+    lat = np.zeros(n)
+    t_all = time.perf_counter()
+    for i in range(n):
+        p = prompts[i % len(prompts)]
+        if text:
+            req = InferenceRequest(request_id=f"r{i}", model="m", prompt=p)
+        else:
+            req = InferenceRequest(request_id=f"r{i}", model="m", prompt_token_ids=p)
+        t0 = time.perf_counter()
+        d = s.decide(req)
+        lat[i] = time.perf_counter() - t0
+        clock.advance(0.0003)
+        s.on_first_token(d, clock.now())
+        s.on_finished(d, Usage(), clock.now())
+    total = time.perf_counter() - t_all
+    return n / lat.sum(), lat * 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--blocks", type=int, default=10_000_000)
+    ap.add_argument("--pods", type=int, default=64)
+    ap.add_argument("--decisions", type=int, default=3000)
+    ap.add_argument("--prompt-tokens", type=int, default=8192)
+    ap.add_argument("--event-blocks", type=int, default=200_000)
+    ap.add_argument("--tokenizer", default=None, help="folder with tokenizer.json to time a real tokenizer")
+    ap.add_argument("--profiles", default="default,precise,approximate,load-only,round-robin")
+    a = ap.parse_args(argv)
+    rng = random.Random(7)
+    nrng = np.random.default_rng(7)
+
+    # prompts: 8K tokens = a 6K-token shared context (one of 64) + 2K unique tokens
+    shared_len = a.prompt_tokens * 3 // 4
+    prefixes = [nrng.integers(0, 32000, size=shared_len, dtype=np.uint32) for _ in range(64)]
+    prompts = [np.concatenate([prefixes[i % 64], nrng.integers(0, 32000, size=a.prompt_tokens - shared_len,
+                                                               dtype=np.uint32)]) for i in range(512)]
+
+    print(f"== precise index: {a.blocks:,} blocks over {a.pods} pods")
+    gc.collect()
+    r0 = rss()
+    s, clock, eps = build("default", a.pods, a.blocks)
+    fill_s = fill_index(s, a.pods, a.blocks, prefixes, nrng)
+    gc.collect()
+    ix = s.datalayer.kv_index.index
+    used = rss() - r0
+    print(f"filled in {fill_s:.1f} s ({len(ix) / fill_s / 1e6:.2f} M blocks/s direct add); RSS +{used / 2**20:.0f} MiB"
+          f" = {used / len(ix):.0f} B/block = {used / len(ix) * 1e6 / 2**20:.0f} MiB per million blocks"
+          f" (index estimate {ix.nbytes() / len(ix):.0f} B/block)")
+
+    gc.freeze()  # the index's millions of objects stay out of the collector's way (serve should do this too)
+    ev_rate, ev_bytes = bench_events(a.event_blocks)
+    print(f"KV events: {ev_rate / 1e3:.0f} K blocks/s through apply_events (32-block BlockStored, hashing "
+          f"included); {ev_bytes:.0f} B/block with the engine-hash map")
+
+    print(f"== decisions: {a.prompt_tokens}-token prompts (prompt_token_ids as uint32 arrays), {a.pods} pods, one core")
+    for prof in a.profiles.split(","):
+        s.profile = prof
+        s._needs_tokens = s.profiles[prof].needs_tokens
+        feed_metrics(s, eps, rng)
+        run_decisions(s, clock, prompts, 200)  # warm up
+        feed_metrics(s, eps, rng)
+        rate, lat = run_decisions(s, clock, prompts, a.decisions)
+        print(f"{prof:>12}: {rate:8,.0f} decisions/s  p50 {np.percentile(lat, 50):6.0f} us  "
+              f"p99 {np.percentile(lat, 99):6.0f} us  max {lat.max():6.0f} us")
+
+    s.profile = "default"
+    s._needs_tokens = True
+    feed_metrics(s, eps, rng)
+    bt = s.datalayer.tokens.tokenizer
+    texts = ["".join(chr(97 + (int(t) % 26)) for t in p) * 4 for p in prompts[:64]]
+    rate, lat = run_decisions(s, clock, texts, min(a.decisions, 1000), text=True)
+    lists = [p.tolist() for p in prompts[:64]]
+    rate_l, lat_l = run_decisions(s, clock, lists, min(a.decisions, 1000))
+    print(f"{'default+text':>12}: {rate:8,.0f} decisions/s  p50 {np.percentile(lat, 50):6.0f} us  "
+          f"p99 {np.percentile(lat, 99):6.0f} us  (builtin tokenizer, {len(texts[0]):,}-char prompts)")
+    print(f"{'default+list':>12}: {rate_l:8,.0f} decisions/s  p50 {np.percentile(lat_l, 50):6.0f} us  "
+          f"p99 {np.percentile(lat_l, 99):6.0f} us  (prompt_token_ids as a Python list)")
+
+    print("== tokenization (per prompt)")
+    from engine.tokens.tokenizer import BuiltinTokenizer
+
+    t0 = time.perf_counter()
+    for t in texts:
+        BuiltinTokenizer().encode_array(t)
+    print(f"builtin: {(time.perf_counter() - t0) / len(texts) * 1e6:.0f} us for {len(texts[0]):,} chars")
+    t0 = time.perf_counter()
+    for p in prompts[:64]:
+        hash_blocks(p, BS)
+    print(f"block hashing: {(time.perf_counter() - t0) / 64 * 1e6:.0f} us per {a.prompt_tokens}-token prompt "
+          f"(block size {BS}, from a list)")
+    if a.tokenizer:
+        from pickers.tokenize import TokenService
+        from engine.tokens.tokenizer import HFTokenizer
+
+        hf = HFTokenizer(a.tokenizer)
+        words = " ".join(f"word{i % 977} token{i % 131}" for i in range(a.prompt_tokens // 2))
+        ts = TokenService(hf)
+        t0 = time.perf_counter()
+        n = 20
+        for i in range(n):
+            ids = hf.encode(f"{i} " + words)
+        dt = (time.perf_counter() - t0) / n
+        t0 = time.perf_counter()
+        for i in range(200):
+            ts.tokens_sync(InferenceRequest(request_id="x", model="m", prompt=words))
+        ct = (time.perf_counter() - t0) / 200
+        print(f"HF tokenizer ({a.tokenizer}): {dt * 1e3:.2f} ms for {len(words):,} chars -> {len(ids):,} tokens;"
+              f" cached (same text): {ct * 1e6:.0f} us")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
