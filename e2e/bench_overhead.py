@@ -1,0 +1,253 @@
+"""Latency kvswitch adds to Envoy: Envoy alone -> one sim pod vs Envoy + kvswitch -> the same pod.
+
+    .venv/bin/python -m e2e.bench_overhead [--quick] [--requests-scale 1.0]
+
+Non-streaming completions with max_tokens 1 on a fast simulated pod (time scale 0.001), 4 KB and 200 KB
+prompts, concurrency 1, 32 and 150. Runs alternate between the two paths in halves to cancel drift. Prints
+p50/p99 per path, the added latency and its ratio to DESIGN.md's budgets, throughput, the picker process's CPU
+per request, and an in-process decisions/s figure (parse + schedule + reply messages, 64 pods, 8K-token
+prompts) on one core. Not part of `make test`: timings belong in benchmarks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import string
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+from e2e.support.envoy import EnvoyProcess
+from e2e.support.picker import wait_grpc_health
+from e2e.support.ports import free_port
+from extproc.envoyconfig.builder import EnvoyConfigOptions
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "bench-model"
+# DESIGN.md budgets for the added latency (ms): (prompt size, concurrency, percentile) -> budget
+BUDGETS = {("4KB", 1, "p50"): 1.0, ("4KB", 1, "p99"): 3.0, ("200KB", 1, "p50"): 2.0, ("200KB", 150, "p99"): 20.0}
+SIZES = {"4KB": 4 * 1024, "200KB": 200 * 1024}
+
+
+def _prompts(size: int, n: int = 32) -> list[bytes]:
+    rnd = random.Random(size)
+    out = []
+    for _ in range(n):
+        text = "".join(rnd.choices(string.ascii_lowercase + " ", k=size))
+        out.append(orjson.dumps({"model": MODEL, "prompt": text, "max_tokens": 1}))
+    return out
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _run(url: str, bodies: list[bytes], concurrency: int, total: int) -> tuple[list[float], float]:
+    lat: list[float] = []
+    next_i = 0
+    errors = 0
+    conn = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
+    async with aiohttp.ClientSession(connector=conn) as s:
+        async def worker() -> None:
+            nonlocal next_i, errors
+            while next_i < total:
+                i = next_i
+                next_i += 1
+                body = bodies[i % len(bodies)]
+                t0 = time.perf_counter()
+                async with s.post(url + "/v1/completions", data=body,
+                                  headers={"content-type": "application/json"}) as r:
+                    await r.read()
+                    if r.status != 200:
+                        errors += 1
+                lat.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+    if errors:
+        print(f"  warning: {errors} non-200 responses", file=sys.stderr)
+    return lat, elapsed
+
+
+def _pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] * 1000
+
+
+async def _wait_http(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as s:
+        while True:
+            try:
+                async with s.get(url) as r:
+                    if r.status < 500:
+                        return
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(url)
+            await asyncio.sleep(0.1)
+
+
+def decisions_per_second(prompt_tokens: int = 8192, pods: int = 64, seconds: float = 3.0,
+                         simple: bool = False) -> tuple[float, str]:
+    """In-process: ext_proc state machine (request and response path) + the framework scheduler, one core,
+    no network; pods' metrics are fed once and a frozen clock keeps them fresh."""
+    from e2e.support.extproc_fakes import REQUEST_HEADERS, body, headers
+    from extproc.config import config_from_dict
+    from extproc.stream import ExtProcStream, StreamSettings
+    from pickers.clock import ManualClock
+
+    cfg = config_from_dict({"endpoints": [{"address": f"10.0.{i // 250}.{i % 250 + 1}:8000", "role": "decode"}
+                                          for i in range(pods)]})
+    clock = ManualClock(1000.0)  # frozen: the metrics fed below never go stale
+    try:
+        if simple:
+            raise ImportError("LeastInFlight asked for")
+        from pickers.config import build_scheduler as framework_build
+        from pickers.datalayer.metrics import PodMetrics
+
+        sched = framework_build(None, cfg.endpoint_objects(), clock, network=False)
+        for i, ep in enumerate(cfg.endpoints):
+            sched.dl.metrics.update(ep.address, PodMetrics(waiting=i % 3, running=i % 7, kv_usage=0.3))
+    except ImportError:
+        from pickers.simple import LeastInFlight
+
+        sched = LeastInFlight(cfg.endpoint_objects(), clock)
+    rnd = random.Random(1)
+    # 8K tokens at ~4 bytes per token; 16 shared prefixes so prefix scoring has something to find
+    prefixes = ["".join(rnd.choices(string.ascii_lowercase, k=prompt_tokens * 3)) for _ in range(16)]
+    reqs = [orjson.dumps({"model": MODEL, "prompt": prefixes[i % 16] + "".join(
+        rnd.choices(string.ascii_lowercase, k=prompt_tokens))}) for i in range(64)]
+    settings = StreamSettings()
+    hdr = headers(REQUEST_HEADERS)
+    msgs = [body(r, True) for r in reqs]
+    resp_hdr = headers({":status": "200", "content-type": "application/json"}, response=True)
+    resp_body = body(orjson.dumps({"choices": [{"text": "x"}], "usage": {"prompt_tokens": prompt_tokens,
+                                                                         "completion_tokens": 1}}), True,
+                     response=True)
+
+    async def go() -> int:
+        n = 0
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            s = ExtProcStream(sched, settings, clock)
+            await s.handle(hdr)
+            out = await s.handle(msgs[n % len(msgs)])
+            assert out[0].HasField("request_headers"), out[0]
+            await s.handle(resp_hdr)
+            await s.handle(resp_body)
+            s.close()
+            n += 1
+        return n
+
+    t0 = time.process_time()
+    n = asyncio.run(go())
+    cpu = time.process_time() - t0
+    return n / cpu, type(sched).__name__
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    pod_port = free_port()
+    picker_port = free_port()
+    logdir = Path(tempfile.mkdtemp(prefix="kvswitch-bench-"))
+    sim = subprocess.Popen([sys.executable, "-m", "engine.sim", "--pods", "1", "--base-port", str(pod_port),
+                            "--no-kv-events", "--time-scale", "0.001", "--model-name", MODEL, "--host", "127.0.0.1"],
+                           cwd=REPO, stdout=open(logdir / "sim.log", "wb"), stderr=subprocess.STDOUT)
+    picker = subprocess.Popen([sys.executable, "-m", "extproc.cli", "serve", "--host", "127.0.0.1", "--port",
+                               str(picker_port), "--metrics-port", "-1", "--endpoint", f"127.0.0.1:{pod_port}",
+                               "--log-level", "WARNING"],
+                              cwd=REPO, stdout=open(logdir / "picker.log", "wb"), stderr=subprocess.STDOUT)
+    pod = f"127.0.0.1:{pod_port}"
+    alone = EnvoyProcess(EnvoyConfigOptions(ext_proc=False, endpoints=[pod]))
+    withk = EnvoyProcess(EnvoyConfigOptions(picker=f"127.0.0.1:{picker_port}", endpoints=[pod]))
+    try:
+        await _wait_http(f"http://{pod}/health")
+        await wait_grpc_health(f"127.0.0.1:{picker_port}")
+        await alone.start()
+        await withk.start()
+        print(f"# Envoy alone vs Envoy + kvswitch; one sim pod (time scale 0.001); non-streaming, max_tokens 1; "
+              f"{os.cpu_count()} CPUs shared by client, Envoy, picker and sim")
+        print(f"{'prompt':>6} {'conc':>4} {'n':>5} | {'alone p50':>9} {'p99':>7} | {'kvs p50':>8} {'p99':>7} | "
+              f"{'+p50':>6} {'+p99':>6} | {'budget':>14} | {'req/s a':>7} {'req/s k':>7} | {'picker CPU/req':>14}")
+        concs = [1, 32, 150]
+        for size_name, size in SIZES.items():
+            bodies = _prompts(size)
+            for conc in concs:
+                base = {1: 400, 32: 1600, 150: 3000}[conc]
+                if size_name == "200KB":
+                    base //= 2
+                total = max(conc * 2, int(base * args.requests_scale))
+                await _run(alone.url, bodies, conc, min(total, 200))  # warm-up both
+                await _run(withk.url, bodies, conc, min(total, 200))
+                la, lk, ta, tk = [], [], 0.0, 0.0
+                cpu0 = _cpu_seconds(picker.pid)
+                cpu_k = 0.0
+                for _ in range(2):
+                    x, t = await _run(alone.url, bodies, conc, total // 2)
+                    la += x
+                    ta += t
+                    c0 = _cpu_seconds(picker.pid)
+                    x, t = await _run(withk.url, bodies, conc, total // 2)
+                    cpu_k += _cpu_seconds(picker.pid) - c0
+                    lk += x
+                    tk += t
+                del cpu0
+                a50, a99, k50, k99 = _pct(la, 50), _pct(la, 99), _pct(lk, 50), _pct(lk, 99)
+                budget = []
+                for pname, added in (("p50", k50 - a50), ("p99", k99 - a99)):
+                    b = BUDGETS.get((size_name, conc, pname))
+                    if b:
+                        budget.append(f"{pname} {added / b:.2f}x of {b:g}ms")
+                print(f"{size_name:>6} {conc:>4} {len(lk):>5} | {a50:8.2f}m {a99:6.2f}m | {k50:7.2f}m {k99:6.2f}m | "
+                      f"{k50 - a50:6.2f} {k99 - a99:6.2f} | {', '.join(budget) or '-':>14} | "
+                      f"{len(la) / ta:7.0f} {len(lk) / tk:7.0f} | {cpu_k / len(lk) * 1e3:10.3f} ms", flush=True)
+        simple_rate, _ = decisions_per_second(simple=True)
+        print(f"\ndecisions/s on one core with LeastInFlight (the ext_proc path alone): {simple_rate:,.0f}")
+        rate, kind = decisions_per_second()
+        print(f"decisions/s on one core (in-process ext_proc state machine + {kind}, 64 pods, 8K-token prompts): "
+              f"{rate:,.0f}  (budget >= 3,000: {rate / 3000:.2f}x)")
+    finally:
+        await alone.stop()
+        await withk.stop()
+        for p in (picker, sim):
+            p.terminate()
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench_overhead", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--requests-scale", type=float, default=1.0, help="multiply request counts")
+    p.add_argument("--decisions-only", action="store_true")
+    args = p.parse_args(argv)
+    if args.decisions_only:
+        for simple in (False, True):
+            rate, kind = decisions_per_second(simple=simple)
+            print(f"decisions/s ({kind}, 64 pods, 8K-token prompts, one core): {rate:,.0f}")
+        return 0
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(main_async(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
