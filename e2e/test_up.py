@@ -1,0 +1,218 @@
+"""`kvswitch up` and `kvswitch demo` as a person runs them: subprocesses, real Envoy, simulated pods."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from e2e.support.ports import free_port
+from extproc.localstack import find_pd_handler
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.envoy, pytest.mark.slow]
+
+_UP = re.compile(r"kvswitch is up: (http://127\.0\.0\.1:(\d+)/v1) .*envoy admin http://127\.0\.0\.1:(\d+)\)")
+_POD = re.compile(r"^\s+(\S+)\s+(both|prefill|decode)\s+(\d+\.\d+\.\d+\.\d+:\d+)(?: via sidecar (\S+))?")
+
+
+@dataclass
+class Up:
+    proc: subprocess.Popen
+    lines: list[str] = field(default_factory=list)
+    url: str = ""
+    port: int = 0
+    admin_port: int = 0
+    routable: dict[str, str] = field(default_factory=dict)  # address the picker routes to -> pod name
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def envoy_pids(self) -> list[int]:
+        return _children(self.proc.pid, "envoy")
+
+
+def _children(pid: int, name: str) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        if ppid == pid and name in comm:
+            out.append(int(entry.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+@contextlib.contextmanager
+def kvswitch_up(*args: str, timeout: float = 40.0) -> Iterator[Up]:
+    """`python -m extproc.cli up ARGS` until its URL line; SIGKILL at exit if the test did not stop it."""
+    proc = subprocess.Popen([sys.executable, "-m", "extproc.cli", "up", *args], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    up = Up(proc)
+    ready = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            up.lines.append(line.rstrip("\n"))
+            if (m := _UP.search(line)) is not None:
+                up.url, up.port, up.admin_port = m.group(1), int(m.group(2)), int(m.group(3))
+            elif (m := _POD.match(line)) is not None:
+                up.routable[m.group(4) or m.group(3)] = m.group(1)
+            if line.startswith("Ctrl-C to stop"):
+                ready.set()
+        ready.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        if not ready.wait(timeout) or not up.url:
+            raise AssertionError(f"kvswitch up did not come up in {timeout}s:\n{up.output}")
+        yield up
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        reader.join(5)
+
+
+@dataclass
+class Reply:
+    status_code: int
+    headers: dict[str, str]
+    text: str
+
+    def json(self):
+        return json.loads(self.text)
+
+
+def _http(url: str, body: dict | None = None) -> Reply:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=20) as r:
+            return Reply(r.status, {k.lower(): v for k, v in r.headers.items()}, r.read().decode())
+    except urllib.error.HTTPError as e:
+        return Reply(e.code, {k.lower(): v for k, v in e.headers.items()}, e.read().decode())
+
+
+def _complete(url: str, prompt: str, max_tokens: int = 4) -> Reply:
+    return _http(f"{url}/completions", {"model": "sim-model", "prompt": prompt, "max_tokens": max_tokens})
+
+
+def test_up_serves_through_envoy_and_stops_cleanly_on_sigterm():
+    port = free_port()
+    with kvswitch_up("--pods", "2", "--port", str(port)) as up:
+        assert up.port == port and len(up.routable) == 2, up.output
+        envoys = up.envoy_pids()
+        assert len(envoys) == 1, up.output
+
+        models = _http(f"{up.url}/models")
+        assert models.status_code == 200
+        assert [m["id"] for m in models.json()["data"]] == ["sim-model"]
+
+        seen = set()
+        for i in range(4):
+            r = _complete(up.url, f"hello {i}")
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"]
+            assert r.headers["x-kvswitch-endpoint"] in up.routable, (r.headers, up.routable)
+            seen.add(r.headers["x-kvswitch-endpoint"])
+        assert seen
+
+        bad = _http(f"{up.url}/completions", {"model": "sim-model"})
+        assert bad.status_code == 400 and "error" in bad.json()
+
+        t0 = time.monotonic()
+        up.proc.send_signal(signal.SIGTERM)
+        assert up.proc.wait(10) == 0, up.output
+        assert time.monotonic() - t0 < 8
+        assert not any(_alive(pid) for pid in envoys)
+        assert _port_free(up.port) and _port_free(up.admin_port)
+        assert "kvswitch: stopped" in up.output
+
+
+def test_up_refuses_a_busy_port_with_a_clear_message():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "extproc.cli", "up", "--pods", "1", "--port", str(port)],
+                              cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert f"port {port} is in use" in proc.stderr
+
+
+def test_up_pd_fronts_decode_pods_with_sidecars():
+    with kvswitch_up("--pd", "1:1", "--port", "0") as up:
+        decode = {a for a, name in up.routable.items() if name.startswith("decode")}
+        assert len(decode) == 1 and "via sidecar" in up.output, up.output
+        r = _complete(up.url, "short prompt")
+        assert r.status_code == 200, r.text
+        assert r.headers["x-kvswitch-endpoint"] in decode
+
+        long = _complete(up.url, "a long shared document " * 600)
+        assert long.status_code == 200, long.text
+        assert long.headers["x-kvswitch-endpoint"] in decode
+        if find_pd_handler() is None:
+            assert "decode-only" in up.output
+            assert "x-kvswitch-prefill-endpoint" not in long.headers
+        else:
+            prefill = {a for a, name in up.routable.items() if name.startswith("prefill")}
+            assert long.headers.get("x-kvswitch-prefill-endpoint") in prefill, long.headers
+
+        up.proc.send_signal(signal.SIGINT)
+        assert up.proc.wait(10) == 0, up.output
+
+
+def test_demo_runs_a_workload_and_prints_the_summary():
+    proc = subprocess.run([sys.executable, "-m", "extproc.cli", "demo", "--requests", "20", "--rate", "6",
+                           "--pods", "2"], cwd=REPO, capture_output=True, text=True, timeout=90)
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    for section in ("== workload ==", "== latency", "== prefix cache", "== requests per pod", "== picker"):
+        assert section in out, out
+    assert "20 requests" in out and "errors 0" in out
+    assert re.search(r"TTFT\s+p50\s+[\d,]+ ms", out), out
+    assert re.search(r"hit rate\s+\d+\.\d%", out), out
+    assert re.search(r"decisions\s+routed 20\b", out), out
+    assert "stack stopped." in out
