@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from multidict import CIMultiDict
-from sidecar_fakes import FakeServer, Handler, Seen
+from tests.sidecar.sidecar_fakes import FakeServer, Handler, Seen
 
 from engine.sidecar import Sidecar, SidecarConfig
 

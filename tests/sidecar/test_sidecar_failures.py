@@ -8,7 +8,7 @@ import time
 import aiohttp
 import orjson
 import pytest
-from sidecar_fakes import decode_json, free_port, json_response, prefill_ok
+from tests.sidecar.sidecar_fakes import decode_json, free_port, json_response, prefill_ok
 
 from engine.sidecar import PrefillAllowList, normalize_address, sign
 from engine.sidecar.allowlist import AddressError

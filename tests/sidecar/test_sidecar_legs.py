@@ -10,7 +10,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from engine.sidecar import PREFILL_KV_PARAMS
-from sidecar_fakes import decode_json, decode_sse, prefill_ok
+from tests.sidecar.sidecar_fakes import decode_json, decode_sse, prefill_ok
 
 CHAT = {
     "model": "m", "messages": [{"role": "user", "content": "hi there"}], "stream": True,
