@@ -216,3 +216,26 @@ def test_demo_runs_a_workload_and_prints_the_summary():
     assert re.search(r"hit rate\s+\d+\.\d%", out), out
     assert re.search(r"decisions\s+routed 20\b", out), out
     assert "stack stopped." in out
+
+
+async def test_localstack_api_serves_and_stops():
+    import aiohttp
+
+    from extproc.localstack import LocalStack, StackOptions
+
+    stack = LocalStack(StackOptions(pods=2, port=0, time_scale=0.2))
+    async with stack:
+        assert stack.url.endswith("/v1") and len(stack.pods) == 2
+        assert all(p.kv_events and p.kv_events.startswith("tcp://127.0.0.1:") for p in stack.pods)
+        workdir = stack.workdir
+        assert workdir is not None and (workdir / "envoy.yaml").exists()
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"{stack.url}/chat/completions", json={
+                    "model": "sim-model", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}) as r:
+                assert r.status == 200
+                assert r.headers["x-kvswitch-endpoint"] in {p.address for p in stack.pods}
+        envoy_pid = stack.envoy.pid
+        port = stack.port
+    assert envoy_pid is not None and not _alive(envoy_pid)
+    assert not workdir.exists() and _port_free(port)
+    await stack.stop()  # a second stop is a no-op
