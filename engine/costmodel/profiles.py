@@ -117,22 +117,22 @@ MODELS: dict[str, ModelProfile] = {
     m.name: m
     for m in (
         ModelProfile(
-            "llama-3.1-8b", 8.03e9, 8.03e9, 32, 4096, _L8_ATTN, _L8_KV,
+            "llama-3.1-8b", 8.03e9, 8.03e9, 32, 4096, _L8_ATTN, _L8_KV, max_model_len=131072,
             default_tp={"L40S": 1},
         ),
         ModelProfile(
-            "llama-3.1-70b", 70.6e9, 70.6e9, 80, 8192, _L70_ATTN, _L70_KV,
+            "llama-3.1-70b", 70.6e9, 70.6e9, 80, 8192, _L70_ATTN, _L70_KV, max_model_len=131072,
             default_tp={"H100": 4, "H200": 2, "A100": 4, "MI300X": 1, "L40S": 8},
         ),
         ModelProfile(
             "qwen3-30b-a3b", 30.5e9, 3.3e9, 48, 2048, _Q3_ATTN, _Q3_KV,
             num_experts=128, experts_per_token=8, expert_params=48 * 128 * 3 * 2048 * 768,
-            max_model_len=32768, default_tp={"L40S": 2},
+            max_model_len=40960, default_tp={"L40S": 2},
         ),
         ModelProfile(
             "deepseek-v3", 671e9, 37e9, 61, 7168, _DS_ATTN, _DS_KV, weight_bytes_per_param=1.0,
             num_experts=256, experts_per_token=8, expert_params=58 * 256 * 3 * 7168 * 2048,
-            max_model_len=131072,
+            max_model_len=163840,
             default_ep={"H100": 16, "H200": 8, "A100": 32, "MI300X": 8, "L40S": 32},
         ),
     )

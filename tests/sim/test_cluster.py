@@ -128,7 +128,7 @@ def test_no_busy_stepping_idle_pods_do_not_step():
 
 def test_prompt_too_long_fails_with_400_and_reports_to_router():
     spy = SpyRouter(["10.0.0.0:8000"])
-    _, res = run([tr(0, 0.0, 40000, 2, list(range(79)))], router=spy)  # 8b profile: 32768 max
+    _, res = run([tr(0, 0.0, 140000, 2, list(range(274)))], router=spy)  # 8b profile: 131072 max
     rec = res.records[0]
     assert rec.status == "failed" and rec.reason.startswith("400")
     assert ("failed", "req-0", rec.reason) in spy.calls
