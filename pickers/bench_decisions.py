@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     for p in prompts[:64]:
         hash_blocks(p, BS)
     print(f"block hashing: {(time.perf_counter() - t0) / 64 * 1e6:.0f} us per {a.prompt_tokens}-token prompt "
-          f"(block size {BS}, from a list)")
+          f"(block size {BS}, uint32 array)")
     if a.tokenizer:
         from pickers.tokenize import TokenService
         from engine.tokens.tokenizer import HFTokenizer
