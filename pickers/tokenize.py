@@ -39,10 +39,15 @@ class TokenService:
         self.hits = 0
         self.misses = 0
 
-    def text_for(self, request: InferenceRequest) -> str:
+    def text_for(self, request: InferenceRequest) -> tuple[str, bool]:
+        """The text the engine tokenizes, and whether it adds special tokens to it.
+
+        A rendered chat template carries its own BOS, so vLLM encodes it without special tokens; a
+        completions prompt gets them (engine.tokens.Tokenizer.encode_chat).
+        """
         if request.messages is not None:
-            return self.tokenizer.render_chat(request.messages)
-        return request.prompt or ""
+            return self.tokenizer.render_chat(request.messages), False
+        return request.prompt or "", True
 
     def estimate(self, request: InferenceRequest) -> int:
         """A token count without tokenizing (~4 bytes per token), for profiles that need no ids."""
@@ -51,17 +56,17 @@ class TokenService:
         n = len(request.prompt) if request.prompt is not None else max(request.body_size, len(request.text))
         return max(1, n // 4)
 
-    def _encode(self, text: str) -> np.ndarray:
+    def _encode(self, text: str, special: bool = True) -> np.ndarray:
         if self.builtin:
             return self.tokenizer.encode_array(text)
-        key = xxhash.xxh3_128_digest(text.encode("utf-8", "surrogatepass"))
+        key = xxhash.xxh3_128_digest(text.encode("utf-8", "surrogatepass"), seed=int(special))
         got = self._cache.get(key)
         if got is not None:
             self._cache.move_to_end(key)
             self.hits += 1
             return got
         self.misses += 1
-        arr = self.tokenizer.encode_array(text)
+        arr = self.tokenizer.encode_array(text, add_special_tokens=special)
         arr.setflags(write=False)
         self._cache[key] = arr
         if len(self._cache) > self.cache_size:
@@ -81,7 +86,7 @@ class TokenService:
     def tokens_sync(self, request: InferenceRequest) -> np.ndarray:
         got = self._given(request)
         if got is None:
-            got = self._encode(self.text_for(request))
+            got = self._encode(*self.text_for(request))
             request.cache["tokens"] = got
         return got
 
@@ -92,10 +97,10 @@ class TokenService:
             return got
         if self.builtin:
             return self.tokens_sync(request)
-        text = self.text_for(request)
+        text, special = self.text_for(request)
         if len(text) >= self.offload_min_chars:
-            got = await asyncio.to_thread(self._encode, text)
+            got = await asyncio.to_thread(self._encode, text, special)
         else:
-            got = self._encode(text)
+            got = self._encode(text, special)
         request.cache["tokens"] = got
         return got

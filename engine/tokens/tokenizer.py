@@ -26,7 +26,7 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
-    def encode_array(self, text: str) -> np.ndarray: ...
+    def encode_array(self, text: str, add_special_tokens: bool = True) -> np.ndarray: ...
 
     def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str: ...
 
@@ -70,7 +70,8 @@ class BuiltinTokenizer:
     def vocab_size(self) -> int:
         return self._vocab_size
 
-    def encode_array(self, text: str) -> np.ndarray:
+    def encode_array(self, text: str, add_special_tokens: bool = True) -> np.ndarray:
+        # The built-in tokenizer has no special tokens; the flag exists to match HFTokenizer.
         data = text.encode("utf-8")
         pad = -len(data) % self.BYTES_PER_TOKEN
         if pad:
