@@ -6,6 +6,7 @@ from pickers.plugins import (  # noqa: F401
     filter_role,
     filter_subset,
     handler_decode_only,
+    handler_prefill_decode,
     pick_max_score,
     pick_random,
     pick_round_robin,
