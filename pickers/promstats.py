@@ -15,6 +15,7 @@ class SchedulerMetrics:
     degraded: Gauge
     healthy: Gauge
     index_blocks: Gauge
+    stale_ignored: Gauge
 
 
 _BY_REGISTRY: dict[int, SchedulerMetrics] = {}
@@ -36,6 +37,9 @@ def scheduler_metrics(registry: CollectorRegistry | None = None) -> SchedulerMet
                           registry=reg),
             index_blocks=Gauge("kvswitch_prefix_index_blocks", "Blocks held by a prefix index", ["index"],
                                registry=reg),
+            stale_ignored=Gauge("kvswitch_saturation_stale_endpoints",
+                                "Ready endpoints whose stale metrics saturation admission ignored at its last "
+                                "check (stale data is not evidence of saturation)", registry=reg),
         )
         _BY_REGISTRY[id(reg)] = got
     return got

@@ -146,7 +146,12 @@ class KVScheduler:
         ctx = CycleContext(request, dl, now)
         try:
             for a in self.admission:
-                a.admit(ctx)
+                try:
+                    a.admit(ctx)
+                finally:
+                    stale = getattr(a, "stale_endpoints", None)
+                    if stale is not None:
+                        self.stats.stale_ignored.set(stale)
             decision = self.handler.handle(ctx, self.profiles, self.profile)
         except SchedulingError as e:
             self.stats.rejections.labels(str(e.status), e.code).inc()
@@ -193,9 +198,24 @@ class KVScheduler:
             dl.learn(hashes, targets)
         if dl.precise_enabled:
             for s in targets:
-                dl.kv_index.note_routed(s, ctx.now)
+                dl.kv_index.note_routed(s, ctx.now, self._new_blocks(ctx, s))
         for h in self._hooks["on_routed"]:
             h(decision)
+
+    def _new_blocks(self, ctx: CycleContext, slot: int) -> int:
+        """Full prompt blocks pod ``slot`` does not hold per the precise index: the blocks it will store and
+        announce in KV events. Without block hashes (a profile that never tokenizes) every full block counts."""
+        bs = int(self.dl.endpoints.block_size[slot]) or 16
+        hashes = ctx.request.cache.get("block_hashes", {}).get(bs)
+        if hashes is None:
+            return ctx.prompt_tokens() // bs
+        hits = ctx._hits.get("precise")
+        if hits is None:
+            hits = ctx._hits.get("auto")
+            if hits is None or self.dl.kv_index.degraded[slot]:
+                hits = ctx.hit_tokens("precise")
+        held = int(hits[slot]) // bs if slot < hits.size else 0
+        return len(hashes) - held
 
     # ---- hooks from the response path ------------------------------------------------------------------
     def on_served(self, decision: Decision, served: str) -> None:

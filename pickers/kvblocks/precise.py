@@ -7,8 +7,11 @@ parents. Requests are hashed with the same function, so the index answers "how m
 prompt does each pod hold" exactly, as long as the picker tokenizes as the engine does.
 
 Sequence numbers are checked per pod: a gap (lost messages) or a step back (pod restarted) drops that
-pod's entries (they may be wrong now) and marks the pod degraded while it re-learns. A pod that serves
-traffic but sends no event for ``degraded_after_s`` is degraded too. Degraded pods are scored with the
+pod's entries (they may be wrong now) and marks the pod degraded while it re-learns. Silence alone is no
+evidence of loss: a pod serving full prefix hits with short outputs stores no new block and sends nothing
+(real vLLM too). So a pod is degraded for silence only when it was sent traffic that must have produced new
+full blocks (``note_routed(slot, now, new_blocks)`` with at least one full prompt block it did not hold) and
+no event followed within ``degraded_after_s``. Degraded pods are scored with the
 approximate index instead; the state is exported as ``kvswitch_prefix_index_degraded{endpoint}`` and logged
 on every change.
 """
@@ -189,8 +192,12 @@ class PreciseIndex:
             del emap[k]
 
     # ---- degradation --------------------------------------------------------------------------------
-    def note_routed(self, slot: int, now: float) -> None:
-        """The pod got traffic: if no event follows within ``degraded_after_s``, it is degraded."""
+    def note_routed(self, slot: int, now: float, new_blocks: int = 1) -> None:
+        """The pod got traffic that makes it store ``new_blocks`` full blocks it did not hold: if no event
+        follows within ``degraded_after_s``, events were lost and it is degraded. Traffic that stores nothing
+        new (full prefix hits) proves nothing and is ignored."""
+        if new_blocks <= 0:
+            return
         if slot < self.pending_since.size and self.pending_since[slot] == math.inf:
             self.pending_since[slot] = now
 
@@ -212,7 +219,8 @@ class PreciseIndex:
             on = bool(state[slot])
             if on:
                 why = ("sequence gap: re-learning" if gap[slot]
-                       else f"no KV events for {self.degraded_after_s:g}s while serving traffic")
+                       else f"no KV events for {self.degraded_after_s:g}s after sending it prompts with "
+                          "uncached full blocks")
                 self.reasons[slot] = why
                 log.warning("precise prefix index degraded for %s (%s): scoring it with the approximate index",
                             addr, why)

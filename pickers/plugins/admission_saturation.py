@@ -1,7 +1,11 @@
 """Saturation admission (GIE legacy): shed sheddable requests with 429 when the pool is saturated.
 
-saturation = mean over ready decode pods of max(waiting / queue_threshold, kv_usage / kv_threshold); a pod
-whose metrics are stale counts as saturated (1.0). A request is sheddable when its objective (header
+saturation = mean over ready decode pods with fresh metrics of max(waiting / queue_threshold,
+kv_usage / kv_threshold). Stale metrics are no evidence of saturation: by default a pod whose metrics are
+stale is left out of the mean (its signal is ignored, never shed on), and ``stale_endpoints`` (exported by
+the scheduler as ``kvswitch_saturation_stale_endpoints``) says how many were ignored at the last check; with
+no fresh pod at all nothing is shed. ``stale_counts_as_saturated: true`` restores the strict rule (a stale
+pod counts as saturated, 1.0). A request is sheddable when its objective (header
 ``x-gateway-inference-objective``) has a negative priority in ``objectives``.
 """
 
@@ -22,11 +26,12 @@ class SaturationAdmission(Admission):
         "queue_threshold": Param(float, 5.0, min=1e-9),
         "kv_threshold": Param(float, 0.8, min=1e-9, max=1.0),
         "objectives": Param(dict, {}, doc="objective name -> priority (negative = sheddable)"),
-        "stale_counts_as_saturated": Param(bool, True),
+        "stale_counts_as_saturated": Param(bool, False),
     }
 
     def __init__(self, **params) -> None:
         super().__init__(**params)
+        self.stale_endpoints = 0  # ready pods whose (stale) metrics the last check ignored
         for k, v in self.objectives.items():
             if isinstance(v, bool) or not isinstance(v, int):
                 raise ValueError(f"objectives.{k}: priority must be an integer, got {v!r}")
@@ -39,9 +44,15 @@ class SaturationAdmission(Admission):
             return 0.0, 0
         m = dl.metrics
         per = np.maximum(m.waiting[slots] / self.queue_threshold, m.kv_usage[slots] / self.kv_threshold)
+        fresh = m.fresh(slots, now)
+        self.stale_endpoints = int(slots.size - np.count_nonzero(fresh))
         if self.stale_counts_as_saturated:
-            per = np.where(m.fresh(slots, now), per, np.maximum(per, 1.0))
-        return float(per.mean()), int(slots.size)
+            per = np.where(fresh, per, np.maximum(per, 1.0))
+        elif self.stale_endpoints:
+            per = per[fresh]
+            if per.size == 0:
+                return 0.0, 0
+        return float(per.mean()), int(per.size)
 
     def admit(self, ctx) -> None:
         name = ctx.request.headers.get(OBJECTIVE_HEADER)

@@ -182,3 +182,22 @@ def test_saturation_admission_sheds_only_sheddable():
     s.decide(request("n", list(range(32))))
     feed(s, **{A: (0, 0, 0.1), B: (1, 0, 0.1), C: (0, 0, 0.1)})
     s.decide(request("b2", list(range(32)), headers={"x-gateway-inference-objective": "batch"}))
+
+
+def test_saturation_admission_ignores_stale_metrics_by_default():
+    raw = {"admission": [{"type": "saturation", "objectives": {"batch": -1}}]}
+    s, clock = scheduler(raw=raw)
+    batch = lambda rid: request(rid, list(range(32)), headers={"x-gateway-inference-objective": "batch"})
+    s.decide(batch("never-scraped"))  # no metrics at all: stale, not saturated
+    assert s.test_registry.get_sample_value("kvswitch_saturation_stale_endpoints") == 3.0
+    feed(s, **{A: (10, 0, 0.1), B: (0, 0, 0.1), C: (0, 0, 0.1)})  # mean(2, 0.125, 0.125) < 1
+    s.decide(batch("fresh"))
+    clock.advance(1.0)  # all stale now
+    feed(s, **{A: (10, 0, 0.1)})  # only A fresh, and saturated: mean over fresh pods = 2
+    with pytest.raises(SchedulingError):
+        s.decide(batch("a-saturated"))
+    assert s.test_registry.get_sample_value("kvswitch_saturation_stale_endpoints") == 2.0
+    strict, clock2 = scheduler(raw={"admission": [{"type": "saturation", "objectives": {"batch": -1},
+                                                   "stale_counts_as_saturated": True}]})
+    with pytest.raises(SchedulingError):
+        strict.decide(batch("strict"))

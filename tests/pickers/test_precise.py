@@ -102,3 +102,22 @@ def test_bytes_hashes_are_identities():
     assert kv.index.match(hash_blocks(TOK, BS))[0][0] == 3
     kv.apply_events(a, [removed([b"\x03" * 32])])
     assert kv.index.match(hash_blocks(TOK, BS))[0][0] == 2
+
+
+def test_full_prefix_hits_without_events_do_not_degrade():
+    """A pod that only serves prompts it already holds stores nothing new and sends no event: not a loss."""
+    s, clock = scheduler(eps=endpoints(1, kv=True), raw={"profile": "precise",
+                                                          "prefix": {"precise": {"degraded_after_s": 2}}})
+    a = "10.0.0.1:8000"
+    deg = lambda: s.test_registry.get_sample_value("kvswitch_prefix_index_degraded", {"endpoint": a})
+    kv = s.datalayer.kv_index
+    kv.apply_events(a, [stored([1, 2, 3, 4], TOK)], now=clock.now())
+    for i in range(5):
+        clock.advance(1.5)
+        s.decide(request(f"hit{i}", TOK))  # every full block already held: nothing to announce
+    assert not kv.degraded_mask(clock.now())[0] and deg() in (None, 0.0)
+    # a prompt with a new full block must produce an event; silence after it is evidence of loss
+    s.decide(request("new", np.arange(1, 6 * BS + 1)))
+    clock.advance(3)
+    s.decide(request("after", TOK))
+    assert deg() == 1.0 and "uncached full blocks" in kv.reasons[0]
