@@ -197,9 +197,7 @@ class BlockPool:
         toks = token_ids[first * bs : (first + len(stored)) * bs]
         parent = parent_hash if first == 0 else block_hashes[first - 1]
         self.events.append(
-            BlockStored(
-                stored, parent, [int(t) for t in toks], bs, lora_id=lora_id, lora_name=lora_name
-            )
+            BlockStored(stored, parent, _int_list(toks), bs, lora_id=lora_id, lora_name=lora_name)
         )
 
     def free(self, block_ids: Sequence[int]) -> None:
@@ -229,6 +227,13 @@ class BlockPool:
     def drain_events(self) -> list[KVEvent]:
         ev, self.events = self.events, []
         return ev
+
+
+def _int_list(tokens: Sequence[int] | np.ndarray) -> list[int]:
+    """Plain Python ints, as events carry them (ndarray.tolist() converts in C, ~10x a comprehension)."""
+    if isinstance(tokens, np.ndarray):
+        return tokens.tolist()
+    return [int(t) for t in tokens]
 
 
 def new_root_hash(seed: int | None = None) -> int:
