@@ -157,13 +157,14 @@ class _Req:
     __slots__ = (
         "req", "prompt", "output", "status", "num_computed", "block_ids", "hashes", "committed",
         "num_cached", "first_scheduled_at", "first_token_at", "remote_decode", "remote_prefill",
-        "ready_at", "remote_done", "rng", "num_prompt",
+        "ready_at", "remote_done", "rng", "num_prompt", "num_tokens",
     )
 
     def __init__(self, req: SimRequest, prompt: np.ndarray, hashes: list[int]) -> None:
         self.req = req
         self.prompt = prompt
         self.num_prompt = len(prompt)
+        self.num_tokens = self.num_prompt  # prompt + output; kept as a field: the scheduler reads it often
         self.output: list[int] = []
         self.status = WAITING
         self.num_computed = 0
@@ -180,9 +181,9 @@ class _Req:
         seed = req.seed if req.seed is not None else zlib.crc32(req.request_id.encode())
         self.rng = random.Random(seed)
 
-    @property
-    def num_tokens(self) -> int:
-        return self.num_prompt + len(self.output)
+    def append_output(self, token: int) -> None:
+        self.output.append(token)
+        self.num_tokens += 1
 
     def tokens(self, start: int, end: int) -> list[int] | np.ndarray:
         p = self.num_prompt
@@ -477,7 +478,7 @@ class EngineCore:
             if r.num_computed < r.num_tokens:
                 continue  # a prefill chunk that did not reach the end of the prompt
             tok = r.rng.randrange(vocab)
-            r.output.append(tok)
+            r.append_output(tok)
             self.generation_tokens += 1
             if r.first_token_at < 0:
                 r.first_token_at = end
