@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
+from pickers.kvblocks import hashing
 from pickers.kvblocks.hashing import ROOT_HASH, chain_hash, hash_blocks
 from pickers.kvblocks.index import BlockIndex
 
@@ -96,6 +97,19 @@ def test_hasher_chains_from_parent(a, bs, k):
     assert hash_blocks(a[k * bs:], bs, parent) == full[k:]
     if full:
         assert chain_hash(ROOT_HASH, a[:bs]) == full[0]
+
+
+@given(st.lists(st.integers(0, 7), max_size=200), st.sampled_from([1, 2, 3]), st.integers(0, 2**64 - 1),
+       st.one_of(st.none(), st.integers(0, 90)))
+def test_hasher_chunk_memo_gives_the_reference_chain(a, bs, parent, limit):
+    """Long prompts go through the chunk memo (a miss, then a hit): the same values as chaining
+    chain_hash block by block. A tiny alphabet makes chunks repeat across examples."""
+    ref, h = [], parent
+    for i in range(len(a) // bs if limit is None else min(len(a) // bs, limit)):
+        h = chain_hash(h, a[i * bs:(i + 1) * bs])
+        ref.append(h)
+    assert hash_blocks(a, bs, parent, limit) == ref
+    assert hash_blocks(a, bs, parent, limit) == ref
 
 
 # ---- index properties ------------------------------------------------------------------------------------
