@@ -13,6 +13,9 @@ hit and evict blocks the way vLLM does, and say so in the same events:
   evicted (``BlockRemoved``). Blocks in use are never evicted;
 - ``clear()`` forgets every hash (``AllBlocksCleared``).
 
+With ``publish_events=False`` (nobody subscribes, e.g. a simulated router that ignores KV events) the pool
+behaves the same but builds no events, which saves converting every committed token id to a Python int.
+
 Everything is bounded by ``num_blocks``: the hash map holds at most one entry per block.
 """
 
@@ -66,7 +69,7 @@ class PrefixCacheCounters:
 class BlockPool:
     """Blocks, reference counts, the prefix-cache map and the LRU free queue of one pod."""
 
-    def __init__(self, num_blocks: int, block_size: int, root_hash: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, root_hash: int, publish_events: bool = True) -> None:
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError("num_blocks and block_size must be positive")
         self.num_blocks = num_blocks
@@ -78,6 +81,7 @@ class BlockPool:
         # Free blocks, head first = evicted first. Values unused; OrderedDict gives O(1) removal.
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.events: list[KVEvent] = []  # pending, drained by the engine once per step
+        self.publish_events = publish_events
         self.counters = PrefixCacheCounters()
 
     # ---- hashing ---------------------------------------------------------------------------------
@@ -160,8 +164,9 @@ class BlockPool:
                 removed.append(h)
             ref[b] = 1
             out.append(b)
-        for h in removed:  # vLLM publishes one BlockRemoved per evicted block
-            self.events.append(BlockRemoved([h]))
+        if self.publish_events:
+            for h in removed:  # vLLM publishes one BlockRemoved per evicted block
+                self.events.append(BlockRemoved([h]))
         return out
 
     def commit(
@@ -191,7 +196,7 @@ class BlockPool:
             if first < 0:
                 first = i
             stored.append(h)
-        if not stored:
+        if not stored or not self.publish_events:
             return
         bs = self.block_size
         toks = token_ids[first * bs : (first + len(stored)) * bs]
@@ -216,7 +221,8 @@ class BlockPool:
         self._cached.clear()
         for i in range(self.num_blocks):
             self._hash[i] = None
-        self.events.append(AllBlocksCleared())
+        if self.publish_events:
+            self.events.append(AllBlocksCleared())
 
     def record_query(self, query_tokens: int, hit_tokens: int) -> None:
         c = self.counters

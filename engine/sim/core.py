@@ -12,7 +12,8 @@ API (the virtual-time cluster simulator depends on it)::
     core = EngineCore(cost: CostModel, config: EngineConfig = EngineConfig(), events=None)
         events(batch: list[KVEvent], ts: float) is called once per step that produced KV events
         (BlockStored / BlockRemoved / AllBlocksCleared from engine.sim.blockpool); the same batch is
-        also in StepResult.events.
+        also in StepResult.events. EngineConfig(kv_events=False): no subscriber, no events are built
+        (StepResult.events stays empty; scheduling and caching are the same).
     core.on_kv_pulled = callable(kv_transfer_params: dict) | None
         called when a do_remote_prefill request finished pulling its KV: the fleet calls the prefill
         pod's ``release_remote(params["remote_block_ids"])`` (in process, or POST /sim/kv/release).
@@ -85,6 +86,7 @@ class EngineConfig:
     remote_host: str = "127.0.0.1"  # what a prefill result advertises (the pod's address)
     remote_port: int = 0
     tp_size: int | None = None  # None: cost.deployment.tp
+    kv_events: bool = True  # False: nobody subscribes to KV events; skip building them
 
 
 @dataclass(slots=True)
@@ -211,7 +213,7 @@ class EngineCore:
         self.max_model_len = min(model_len, self.num_blocks * cfg.block_size)
         self.engine_id = cfg.engine_id
         self.tp_size = cfg.tp_size if cfg.tp_size is not None else cost.deployment.tp
-        self.pool = BlockPool(self.num_blocks, cfg.block_size, new_root_hash(cfg.hash_seed))
+        self.pool = BlockPool(self.num_blocks, cfg.block_size, new_root_hash(cfg.hash_seed), cfg.kv_events)
         self.events_cb = events
         self.on_kv_pulled: Callable[[dict[str, Any]], None] | None = None
         self._waiting: deque[_Req] = deque()

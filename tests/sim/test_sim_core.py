@@ -128,6 +128,23 @@ def test_full_pool_evicts_lru_and_emits_block_removed():
     assert removed[0] == a_hashes[-1]
 
 
+def test_without_kv_events_nothing_is_built_and_scheduling_is_the_same():
+    def replay(kv_events: bool):
+        events = []
+        c = EngineCore(COST, EngineConfig(block_size=16, num_blocks=22, hash_seed=1, kv_events=kv_events),
+                       events=lambda ev, ts: events.extend(ev))
+        for i in range(3):  # shared prefix, evictions and preemptions
+            c.add_request(SimRequest(f"r{i}", prompt(100 + 20 * i, 1000 * (i % 2)), 40))
+        _, outs = run(c)
+        c.reset_prefix_cache()
+        return events, {k: [(o.new_token_ids, o.time, o.num_cached_tokens) for o in v] for k, v in outs.items()}, c
+
+    ev_on, outs_on, c_on = replay(True)
+    ev_off, outs_off, c_off = replay(False)
+    assert ev_on and any(isinstance(e, BlockRemoved) for e in ev_on) and ev_off == []
+    assert outs_off == outs_on and c_off.stats() == c_on.stats()
+
+
 def test_abort_frees_blocks():
     c = core(num_blocks=64)
     c.add_request(SimRequest("a", prompt(300), 100))

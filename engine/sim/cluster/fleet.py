@@ -45,14 +45,14 @@ class PodSpec:
             dep = Deployment(tp=self.tp or 1, ep=self.ep or 1)
         return CostModel(self.model_profile, self.accelerator, dep)
 
-    def engine_config(self, link: str, seed: int, index: int) -> EngineConfig:
+    def engine_config(self, link: str, seed: int, index: int, kv_events: bool = True) -> EngineConfig:
         host, _, port = self.name.rpartition(":")
         return EngineConfig(
             block_size=self.block_size, num_blocks=self.num_blocks, max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=self.max_model_len,
             role=self.role, link=self.link or link, kv_transfer_timeout_s=self.kv_transfer_timeout_s,
             engine_id=f"sim-{index}", hash_seed=seed * 1_000_003 + index,
-            remote_host=host, remote_port=int(port),
+            remote_host=host, remote_port=int(port), kv_events=kv_events,
         )
 
 

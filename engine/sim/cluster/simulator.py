@@ -126,7 +126,9 @@ class ClusterSim:
         self.by_name: dict[str, Pod] = {}
         self.by_engine: dict[str, Pod] = {}
         for i, spec in enumerate(fleet.pods):
-            core = EngineCore(spec.cost_model(), spec.engine_config(fleet.link, seed, i))
+            # Pods build KV events only when the router reads them.
+            core = EngineCore(spec.cost_model(),
+                              spec.engine_config(fleet.link, seed, i, kv_events=self.router.wants_kv_events))
             pod = Pod(i, spec, core)
             core.on_kv_pulled = self._on_kv_pulled
             self.pods.append(pod)
