@@ -26,6 +26,8 @@ import numpy as np
 assert sys.byteorder == "little", "bit unpacking below assumes a little-endian host"
 
 _EVICT_FRACTION = 16
+_CHUNK = 16  # blocks per entry of the chunk-row cache
+_CHUNK_CACHE = 16384  # entries (~0.6 KB each); cleared when full
 _FREE = 0  # stamp of a free row; live rows have stamps >= 1
 
 
@@ -73,6 +75,10 @@ class BlockIndex:
         self._stamp = np.zeros(rows, dtype=np.uint64)
         self._next_row = 0  # rows below this have been used at least once
         self._free_rows: list[int] = []
+        # Chunk-row cache: last hash of 16 consecutive prompt blocks -> (their hashes, their rows as an array).
+        # A hit skips 16 dict lookups; rows are re-checked against _keys in one vector compare, so an entry
+        # made stale by eviction or removal is never trusted (see _present_rows).
+        self._chunks: dict[int, tuple[list[int], np.ndarray, np.ndarray]] = {}
         self._tick = 1
         self.pod_counts = np.zeros((len(self.media), self._words * 64), dtype=np.int64)
         self.evictions = 0
@@ -118,10 +124,17 @@ class BlockIndex:
         """Record that ``pod`` holds ``hashes`` on ``medium``; returns how many were new for that pod.
         ``unique=True`` skips the duplicate check (chained hashes of one prompt never repeat)."""
         self._tick += 1
-        rows = self._rows_for(hashes, unique)
-        if not rows:
-            return 0
-        r = np.fromiter(rows, dtype=np.intp, count=len(rows))
+        if unique and isinstance(hashes, list) and len(hashes) >= _CHUNK:
+            head = self._present_rows(hashes)
+            rest = self._rows_for(hashes[head.size:], True, head.tolist())
+            r = np.concatenate([head, np.asarray(rest, dtype=np.intp)]) if rest else head
+            if r.size == 0:
+                return 0
+        else:
+            rows = self._rows_for(hashes, unique)
+            if not rows:
+                return 0
+            r = np.fromiter(rows, dtype=np.intp, count=len(rows))
         word, bit = divmod(pod, 64)
         b = np.uint64(1 << bit)
         col = self._masks[r, medium, word]
@@ -169,6 +182,7 @@ class BlockIndex:
 
     def clear(self) -> None:
         self._slot_of.clear()
+        self._chunks.clear()
         self._masks[:] = 0
         self._stamp[:] = _FREE
         self._keys[:] = 0
@@ -182,17 +196,9 @@ class BlockIndex:
 
         ``None`` when no pod holds even the first block. The walk stops at the first block nobody holds.
         """
-        get = self._slot_of.get
-        rows: list[int] = []
-        append = rows.append
-        for h in hashes:
-            s = get(h)
-            if s is None:
-                break
-            append(s)
-        if not rows:
+        r = self._present_rows(hashes)
+        if r.size == 0:
             return None
-        r = np.fromiter(rows, dtype=np.intp, count=len(rows))
         m = self._masks[r]  # (n, media, words)
         if touch:
             self._tick += 1
@@ -247,15 +253,63 @@ class BlockIndex:
             assert int(self.pod_counts.sum(axis=0).max(initial=0)) <= self.per_pod_cap, "pod over its cap"
 
     # ---- internals ----------------------------------------------------------------------------------
-    def _rows_for(self, hashes: Iterable[int], unique: bool = False) -> list[int]:
+    def _present_rows(self, hashes: Sequence[int]) -> np.ndarray:
+        """Rows of the leading ``hashes`` the index holds, up to the first it does not (the exact walk),
+        served 16 blocks at a time from the chunk-row cache where its entries are still valid."""
+        n = len(hashes)
+        chunks = self._chunks
+        parts: list[np.ndarray] = []
+        kparts: list[np.ndarray] = []
+        i = 0
+        while i + _CHUNK <= n:
+            e = chunks.get(hashes[i + _CHUNK - 1])
+            if e is None or e[0] != hashes[i:i + _CHUNK]:
+                break
+            parts.append(e[1])
+            kparts.append(e[2])
+            i += _CHUNK
+        if parts:
+            if len(parts) == 1:
+                head, keys = parts[0], kparts[0]
+            else:
+                head, keys = np.concatenate(parts), np.concatenate(kparts)
+            ok = (self._keys[head] == keys) & (self._stamp[head] != _FREE)
+            if not ok.all():  # a row was freed or reused since: walk again from that chunk
+                i = int(np.argmin(ok)) // _CHUNK * _CHUNK
+                chunks.pop(hashes[i + _CHUNK - 1], None)
+                head = head[:i]
+        else:
+            head = np.empty(0, dtype=np.intp)
+        get = self._slot_of.get
+        tail: list[int] = []
+        while i < n:
+            row = get(hashes[i])
+            if row is None:
+                break
+            tail.append(row)
+            i += 1
+            if i % _CHUNK == 0:  # i started at a chunk boundary, so tail[-16:] are this chunk's rows
+                if len(chunks) >= _CHUNK_CACHE:
+                    chunks.clear()
+                hs = hashes[i - _CHUNK:i]
+                chunks[hashes[i - 1]] = (list(hs), np.asarray(tail[-_CHUNK:], dtype=np.intp),
+                                         np.asarray(hs, dtype=np.uint64))
+        if not tail:
+            return head
+        t = np.asarray(tail, dtype=np.intp)
+        return np.concatenate([head, t]) if head.size else t
+
+    def _rows_for(self, hashes: Iterable[int], unique: bool = False, pending: list[int] | None = None
+                  ) -> list[int]:
         """Rows for ``hashes`` (allocating), all stamped with the current tick. Stops early when the
-        index is full of this very call's rows (a call larger than the cap keeps its first blocks)."""
+        index is full of this very call's rows (a call larger than the cap keeps its first blocks).
+        ``pending``: rows this call already holds (protected from eviction, not returned)."""
         slot_of = self._slot_of
         out: list[int] = []
         for h in hashes:
             row = slot_of.get(h)
             if row is None:
-                row = self._alloc(h, out)
+                row = self._alloc(h, out if pending is None else pending + out)
                 if row < 0:
                     break
             out.append(row)

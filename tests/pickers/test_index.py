@@ -188,3 +188,46 @@ def test_index_stays_within_caps_and_consistent(operations, cap, per_pod):
         for h, media in ix.contents().items():
             for p in media.get("GPU", ()):
                 assert h in stored.get(p, ())
+
+
+def _walk_reference(ix: BlockIndex, hashes: list[int]) -> list[int]:
+    """Per pod: leading blocks held (any medium), by a plain walk over the contents."""
+    held = ix.contents()
+    out = [0] * ix.pod_slots
+    alive = set(range(ix.pod_slots))
+    for i, h in enumerate(hashes):
+        pods = {p for ps in held.get(h, {}).values() for p in ps}
+        alive &= pods
+        if not alive:
+            break
+        for p in alive:
+            out[p] = i + 1
+    return out
+
+
+prompts = st.lists(st.integers(1, 3), min_size=1, max_size=4)  # chunk labels: shared prefixes repeat
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["learn", "remove", "drop", "match"]), st.integers(0, 3), prompts,
+                          st.integers(0, 63)), max_size=40), st.integers(40, 200))
+def test_chunk_row_cache_never_changes_match(operations, cap):
+    """Long prompts (16-block chunks) through learn/match with removals and LRU eviction in between: the
+    chunk-row cache must give the exact walk's answer every time."""
+    ix = BlockIndex(cap, max_pods=4)
+
+    def hashes_of(labels):
+        return hash_blocks(np.repeat(np.asarray(labels, dtype=np.uint32), 16 * 16), 16)  # 16 blocks per label
+
+    for op, pod, labels, k in operations:
+        hs = hashes_of(labels)
+        if op == "learn":
+            ix.add(pod, hs, unique=True)
+        elif op == "remove":
+            ix.remove(pod, hs[k % len(hs):k % len(hs) + 1])
+        elif op == "drop":
+            ix.drop_pod(pod)
+        got = ix.match(hs, touch=False)
+        want = _walk_reference(ix, hs)
+        assert (got[0].tolist() if got is not None else [0] * ix.pod_slots) == want
+        ix.check_invariants()
