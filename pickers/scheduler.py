@@ -167,17 +167,18 @@ class KVScheduler:
     def _explain(self, ctx: CycleContext, decision: Decision) -> dict[str, dict[str, float]]:
         out: dict[str, dict[str, float]] = {}
         addr = self.dl.endpoints.address
+        k = self.explain_top
         for res in ctx.memo.get("results", ()):
             n = res.cands.size
-            top = np.argsort(-res.totals, kind="stable")[: self.explain_top] if n > self.explain_top else range(n)
-            pos = {int(c): i for i, c in enumerate(res.cands.tolist())}
-            chosen = [pos[int(s)] for s in res.ranked.tolist()]
-            keep = list(dict.fromkeys([*chosen, *(int(i) for i in top)]))[: max(self.explain_top, len(chosen))]
-            for i in keep:
-                a = addr(int(res.cands[i]))
-                entry = {label: round(float(v[i]), 4) for label, v in res.scores.items()}
-                entry["total"] = round(float(res.totals[i]), 4)
-                out[a] = entry
+            top = np.argsort(-res.totals, kind="stable")[:k].tolist() if n > k else range(n)
+            cands = res.cands.tolist()
+            chosen = [cands.index(s) for s in res.ranked.tolist()]
+            keep = list(dict.fromkeys([*chosen, *top]))[: max(k, len(chosen))]
+            # one vector gather per scorer, then plain floats: the same values as float(v[i]) per entry
+            cols = [(label, np.asarray(v[keep], dtype=np.float64).tolist()) for label, v in res.scores.items()]
+            cols.append(("total", np.asarray(res.totals[keep], dtype=np.float64).tolist()))
+            for j, i in enumerate(keep):
+                out[addr(cands[i])] = {label: round(vals[j], 4) for label, vals in cols}
         return out
 
     def _routed(self, ctx: CycleContext, decision: Decision) -> None:

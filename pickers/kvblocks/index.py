@@ -26,8 +26,8 @@ import numpy as np
 assert sys.byteorder == "little", "bit unpacking below assumes a little-endian host"
 
 _EVICT_FRACTION = 16
-_CHUNK = 16  # blocks per entry of the chunk-row cache
-_CHUNK_CACHE = 16384  # entries (~0.6 KB each); cleared when full
+_CHUNK = 32  # blocks per entry of the chunk-row cache (16: ~5% slower decisions, 64: ~2% faster, coarser)
+_CHUNK_CACHE = 8192  # entries (~1 KB each: 8 MiB, 256K blocks of hot prefixes); cleared when full
 _FREE = 0  # stamp of a free row; live rows have stamps >= 1
 
 
@@ -75,8 +75,8 @@ class BlockIndex:
         self._stamp = np.zeros(rows, dtype=np.uint64)
         self._next_row = 0  # rows below this have been used at least once
         self._free_rows: list[int] = []
-        # Chunk-row cache: last hash of 16 consecutive prompt blocks -> (their hashes, their rows as an array).
-        # A hit skips 16 dict lookups; rows are re-checked against _keys in one vector compare, so an entry
+        # Chunk-row cache: last hash of _CHUNK consecutive prompt blocks -> (their hashes, their rows as an array).
+        # A hit skips _CHUNK dict lookups; rows are re-checked against _keys in one vector compare, so an entry
         # made stale by eviction or removal is never trusted (see _present_rows).
         self._chunks: dict[int, tuple[list[int], np.ndarray, np.ndarray]] = {}
         self._tick = 1
@@ -255,7 +255,7 @@ class BlockIndex:
     # ---- internals ----------------------------------------------------------------------------------
     def _present_rows(self, hashes: Sequence[int]) -> np.ndarray:
         """Rows of the leading ``hashes`` the index holds, up to the first it does not (the exact walk),
-        served 16 blocks at a time from the chunk-row cache where its entries are still valid."""
+        served _CHUNK blocks at a time from the chunk-row cache where its entries are still valid."""
         n = len(hashes)
         chunks = self._chunks
         parts: list[np.ndarray] = []
@@ -288,7 +288,7 @@ class BlockIndex:
                 break
             tail.append(row)
             i += 1
-            if i % _CHUNK == 0:  # i started at a chunk boundary, so tail[-16:] are this chunk's rows
+            if i % _CHUNK == 0:  # i started at a chunk boundary, so tail[-_CHUNK:] are this chunk's rows
                 if len(chunks) >= _CHUNK_CACHE:
                     chunks.clear()
                 hs = hashes[i - _CHUNK:i]

@@ -210,14 +210,14 @@ prompts = st.lists(st.integers(1, 3), min_size=1, max_size=4)  # chunk labels: s
 
 @settings(max_examples=120, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["learn", "remove", "drop", "match"]), st.integers(0, 3), prompts,
-                          st.integers(0, 63)), max_size=40), st.integers(40, 200))
+                          st.integers(0, 127)), max_size=40), st.integers(64, 400))
 def test_chunk_row_cache_never_changes_match(operations, cap):
-    """Long prompts (16-block chunks) through learn/match with removals and LRU eviction in between: the
+    """Long prompts (32-block chunks) through learn/match with removals and LRU eviction in between: the
     chunk-row cache must give the exact walk's answer every time."""
     ix = BlockIndex(cap, max_pods=4)
 
     def hashes_of(labels):
-        return hash_blocks(np.repeat(np.asarray(labels, dtype=np.uint32), 16 * 16), 16)  # 16 blocks per label
+        return hash_blocks(np.repeat(np.asarray(labels, dtype=np.uint32), 32 * 16), 16)  # 32 blocks per label
 
     for op, pod, labels, k in operations:
         hs = hashes_of(labels)
@@ -231,3 +231,19 @@ def test_chunk_row_cache_never_changes_match(operations, cap):
         want = _walk_reference(ix, hs)
         assert (got[0].tolist() if got is not None else [0] * ix.pod_slots) == want
         ix.check_invariants()
+
+
+def test_chunk_row_cache_entry_made_stale_by_row_reuse_is_not_trusted():
+    ix = BlockIndex(1000, max_pods=4)
+    a = hash_blocks(np.arange(64 * 16), 16)  # 64 blocks: two cached chunks after a walk
+    b = hash_blocks(np.arange(10**6, 10**6 + 16), 16)  # one unrelated block
+    ix.add(0, a, unique=True)
+    ix.add(1, a[:40], unique=True)
+    assert ix.match(a)[0][:2].tolist() == [64, 40]  # walks and caches the chunks
+    ix.remove(0, [a[10]])
+    ix.remove(1, [a[10]])  # row of a[10] is free now
+    ix.add(1, b)  # ... and reused for b, held by pod 1
+    assert ix.match(a)[0][:2].tolist() == [10, 10]
+    ix.add(0, [a[10]])
+    assert ix.match(a)[0][:2].tolist() == [64, 10]
+    ix.check_invariants()
