@@ -104,6 +104,21 @@ def _memo_account(lookups: int, hits: int) -> None:
         st["lookups"] = st["hits"] = 0
 
 
+def hash_blocks_unshared(
+    tokens: Sequence[int] | np.ndarray, block_size: int, parent: int = ROOT_HASH, limit: int | None = None
+) -> list[int]:
+    """``hash_blocks`` without the chunk memo, for inputs that will not recur in the same alignment (the
+    blocks of KV events): they would only evict prompt chunks and drag the memo's hit rate down."""
+    if block_size <= 0:
+        raise ValueError("block_size must be positive")
+    buf = _as_u32(tokens).tobytes()
+    step = 4 * block_size
+    n = len(buf) // step
+    if limit is not None:
+        n = min(n, limit)
+    return _chain(memoryview(buf), step, 0, n, parent)
+
+
 def _chain(mv: memoryview, step: int, first: int, count: int, parent: int) -> list[int]:
     """Chained hashes of ``count`` blocks starting at block ``first`` (the reference definition)."""
     out = [0] * count

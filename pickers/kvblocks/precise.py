@@ -34,7 +34,7 @@ from pickers.kvblocks.events import (
     decode_payload,
     decode_seq,
 )
-from pickers.kvblocks.hashing import ROOT_HASH, hash_blocks
+from pickers.kvblocks.hashing import ROOT_HASH, hash_blocks_unshared
 from pickers.kvblocks.index import BlockIndex
 
 log = logging.getLogger("kvswitch.pickers.precise")
@@ -165,7 +165,7 @@ class PreciseIndex:
                         self.stats["orphans"] += 1  # parent unknown (evicted from our map or before a gap)
                         continue
                 bs = ev.block_size or 16
-                own = hash_blocks(ev.token_ids, bs, parent, limit=len(ev.block_hashes))
+                own = hash_blocks_unshared(ev.token_ids, bs, parent, limit=len(ev.block_hashes))
                 n = len(own)
                 if n == 0:
                     continue

@@ -110,6 +110,7 @@ def test_hasher_chunk_memo_gives_the_reference_chain(a, bs, parent, limit):
         ref.append(h)
     assert hash_blocks(a, bs, parent, limit) == ref
     assert hash_blocks(a, bs, parent, limit) == ref
+    assert hashing.hash_blocks_unshared(a, bs, parent, limit) == ref
 
 
 # ---- index properties ------------------------------------------------------------------------------------
