@@ -89,11 +89,16 @@ def bench_events(n_blocks: int) -> tuple[float, float]:
     return n_blocks / dt, (rss() - r0) / n_blocks
 
 
-def run_decisions(s, clock, prompts: list[list[int]], n: int, text: bool = False) -> tuple[float, np.ndarray]:
+def run_decisions(s, clock, prompts: list[list[int]], n: int, text: bool = False, fresh=None
+                  ) -> tuple[float, np.ndarray]:
+    """``fresh``: a generator; when given, each prompt gets a new unique tail (made outside the timing)."""
     lat = np.zeros(n)
     cpu = 0.0
     for i in range(n):
         p = prompts[i % len(prompts)]
+        if fresh is not None:
+            p = np.concatenate([p[: p.size * 3 // 4], fresh.integers(0, 32000, size=p.size - p.size * 3 // 4,
+                                                                      dtype=np.uint32)])
         if text:
             req = InferenceRequest(request_id=f"r{i}", model="m", prompt=p)
         else:
@@ -119,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--event-blocks", type=int, default=200_000)
     ap.add_argument("--tokenizer", default=None, help="folder with tokenizer.json to time a real tokenizer")
     ap.add_argument("--profiles", default="default,precise,approximate,load-only,round-robin")
+    ap.add_argument("--fresh-tails", action="store_true",
+                    help="a new unique 2K-token tail for every decision (default: 512 prompts that recur)")
     a = ap.parse_args(argv)
     rng = random.Random(7)
     nrng = np.random.default_rng(7)
@@ -127,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     shared_len = a.prompt_tokens * 3 // 4
     prefixes = [nrng.integers(0, 32000, size=shared_len, dtype=np.uint32) for _ in range(64)]
     prompts = [np.concatenate([prefixes[i % 64], nrng.integers(0, 32000, size=a.prompt_tokens - shared_len,
-                                                               dtype=np.uint32)]) for i in range(512)]
+                                                               dtype=np.uint32)])
+               for i in range(512)]
 
     print(f"== precise index: {a.blocks:,} blocks over {a.pods} pods")
     gc.collect()
@@ -151,9 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         s.profile = prof
         s._needs_tokens = s.profiles[prof].needs_tokens
         feed_metrics(s, eps, rng)
-        run_decisions(s, clock, prompts, 200)  # warm up
+        fresh = np.random.default_rng(11) if a.fresh_tails else None
+        run_decisions(s, clock, prompts, 200, fresh=fresh)  # warm up
         feed_metrics(s, eps, rng)
-        rate, lat = run_decisions(s, clock, prompts, a.decisions)
+        rate, lat = run_decisions(s, clock, prompts, a.decisions, fresh=fresh)
         print(f"{prof:>12}: {rate:8,.0f} decisions/s  p50 {np.percentile(lat, 50):6.0f} us  "
               f"p99 {np.percentile(lat, 99):6.0f} us  max {lat.max():6.0f} us")
 

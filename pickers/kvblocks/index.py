@@ -305,17 +305,48 @@ class BlockIndex:
         index is full of this very call's rows (a call larger than the cap keeps its first blocks).
         ``pending``: rows this call already holds (protected from eviction, not returned)."""
         slot_of = self._slot_of
-        out: list[int] = []
-        for h in hashes:
-            row = slot_of.get(h)
-            if row is None:
-                row = self._alloc(h, out if pending is None else pending + out)
-                if row < 0:
-                    break
-            out.append(row)
+        if not isinstance(hashes, list):
+            hashes = list(hashes)
+        got = list(map(slot_of.get, hashes))
+        if None not in got:
+            out = got
+        elif self._alloc_many([h for h, r in zip(hashes, got) if r is None]):
+            out = list(map(slot_of.get, hashes))  # the same rows, in the same order, as one by one
+        else:  # the cap is in reach: allocate one by one, evicting (and protecting this call's rows)
+            out = []
+            for h in hashes:
+                row = slot_of.get(h)
+                if row is None:
+                    row = self._alloc(h, out if pending is None else pending + out)
+                    if row < 0:
+                        break
+                out.append(row)
         if not unique and len(out) > 1 and len(set(out)) != len(out):
             out = list(dict.fromkeys(out))
         return out
+
+    def _alloc_many(self, missing: list[int]) -> bool:
+        """Rows for new hashes ``missing`` (in order, repeats allowed) exactly as ``_alloc`` would give them one
+        by one, in a few vector operations; False (nothing done) when that would need an eviction."""
+        new = list(dict.fromkeys(missing))
+        k = len(new)
+        if len(self._slot_of) + k > self.max_blocks:
+            return False
+        free = self._free_rows
+        take = min(k, len(free))
+        rows = free[len(free) - take:][::-1]  # _alloc pops from the end
+        del free[len(free) - take:]
+        fresh = k - take
+        if fresh:
+            while self._next_row + fresh > self._keys.shape[0]:
+                self._grow()
+            rows.extend(range(self._next_row, self._next_row + fresh))
+            self._next_row += fresh
+        self._slot_of.update(zip(new, rows))
+        r = np.asarray(rows, dtype=np.intp)
+        self._keys[r] = np.asarray(new, dtype=np.uint64)
+        self._stamp[r] = self._tick
+        return True
 
     def _alloc(self, h: int, pending: list[int]) -> int:
         if len(self._slot_of) >= self.max_blocks:

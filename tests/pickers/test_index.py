@@ -248,3 +248,21 @@ def test_chunk_row_cache_entry_made_stale_by_row_reuse_is_not_trusted():
     ix.add(0, [a[10]])
     assert ix.match(a)[0][:2].tolist() == [64, 10]
     ix.check_invariants()
+
+
+@settings(max_examples=100, deadline=None)
+@given(ops, st.integers(1, 30))
+def test_bulk_row_allocation_equals_one_by_one(operations, cap):
+    """Same rows for the same hashes (so LRU ties among equal stamps evict the same blocks)."""
+    bulk, single = BlockIndex(cap, max_pods=70), BlockIndex(cap, max_pods=70)
+    single._alloc_many = lambda missing: False
+    for op, pod, hashes, medium in operations:
+        for ix in (bulk, single):
+            if op == "add":
+                ix.add(pod, hashes)
+            elif op == "remove":
+                ix.remove(pod, hashes)
+            elif op == "drop":
+                ix.drop_pod(pod)
+        assert bulk._slot_of == single._slot_of and bulk.contents() == single.contents()
+        assert np.array_equal(bulk._stamp, single._stamp)
