@@ -159,6 +159,8 @@ class SimPod:
         app.add_routes([
             web.post("/v1/completions", self._completions),
             web.post("/v1/chat/completions", self._chat),
+            web.post("/v1/completions/render", self._render_completions),
+            web.post("/v1/chat/completions/render", self._render_chat),
             web.get("/v1/models", self._models),
             web.get("/health", self._health),
             web.get("/version", self._version),
@@ -406,6 +408,33 @@ class SimPod:
             await resp.write(api.SSE_DONE)
         await resp.write_eof()
         return resp
+
+    async def _render(self, request: web.Request, chat: bool) -> web.Response:
+        """vLLM's Renderer API (served by ``vllm serve --enable-scale-out``): the request as token ids.
+
+        Routers that route on tokens (vllm-router 0.1.17 cache_aware/kv_aware) call it on the worker; the
+        ids are the very ones the pod would schedule. Completions answer a list, chat one object.
+        """
+        try:
+            raw = await request.read()
+            p = api.parse_request(raw, chat, self.tokenizer, (self.spec.model_name,), self.core.max_model_len)
+        except api.APIError as exc:
+            return self._error(exc)
+        except web.HTTPRequestEntityTooLarge:
+            return self._error(api.APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes"))
+        item = {"request_id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:16]}",
+                "token_ids": p.prompt_ids.tolist(), "features": None,
+                "sampling_params": {"max_tokens": p.max_tokens, "min_tokens": p.min_tokens,
+                                    "ignore_eos": p.ignore_eos, "seed": p.seed},
+                "model": p.model, "stream": p.stream, "stream_options": None, "cache_salt": None,
+                "priority": 0, "kv_transfer_params": p.kv_transfer_params}
+        return web.Response(body=orjson.dumps(item if chat else [item]), content_type=_JSON)
+
+    async def _render_completions(self, request: web.Request) -> web.Response:
+        return await self._render(request, chat=False)
+
+    async def _render_chat(self, request: web.Request) -> web.Response:
+        return await self._render(request, chat=True)
 
     async def _models(self, request: web.Request) -> web.Response:
         m = self.spec.model_name
