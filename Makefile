@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install $(PIP_FLAGS) --upgrade pip
-	$(VENV)/bin/pip install $(PIP_FLAGS) -e '.[test,bench]'
+	$(VENV)/bin/pip install $(PIP_FLAGS) -e '.[local,test,bench]'
 	touch $@
 
 # Real vLLM (CPU build) lives in its own environment: it pins torch and many packages that the picker
