@@ -78,7 +78,8 @@ class BlockIndex:
         # Chunk-row cache: last hash of _CHUNK consecutive prompt blocks -> (their hashes, their rows as an array).
         # A hit skips _CHUNK dict lookups; rows are re-checked against _keys in one vector compare, so an entry
         # made stale by eviction or removal is never trusted (see _present_rows).
-        self._chunks: dict[int, tuple[list[int], np.ndarray, np.ndarray]] = {}
+        self._chunks: dict[int, tuple[list[int], np.ndarray, np.ndarray, int]] = {}
+        self._releases = 0  # bumped whenever rows are freed: entries younger than the last bump need no check
         self._tick = 1
         self.pod_counts = np.zeros((len(self.media), self._words * 64), dtype=np.int64)
         self.evictions = 0
@@ -126,7 +127,7 @@ class BlockIndex:
         self._tick += 1
         if unique and isinstance(hashes, list) and len(hashes) >= _CHUNK:
             head = self._present_rows(hashes)
-            rest = self._rows_for(hashes[head.size:], True, head.tolist())
+            rest = self._rows_for(hashes[head.size:], True, head.tolist()) if head.size < len(hashes) else []
             r = np.concatenate([head, np.asarray(rest, dtype=np.intp)]) if rest else head
             if r.size == 0:
                 return 0
@@ -261,20 +262,25 @@ class BlockIndex:
         parts: list[np.ndarray] = []
         kparts: list[np.ndarray] = []
         i = 0
+        gen = self._releases
+        check = False
         while i + _CHUNK <= n:
             e = chunks.get(hashes[i + _CHUNK - 1])
             if e is None or e[0] != hashes[i:i + _CHUNK]:
                 break
             parts.append(e[1])
             kparts.append(e[2])
+            check = check or e[3] != gen
             i += _CHUNK
         if parts:
             if len(parts) == 1:
                 head, keys = parts[0], kparts[0]
             else:
-                head, keys = np.concatenate(parts), np.concatenate(kparts)
-            ok = (self._keys[head] == keys) & (self._stamp[head] != _FREE)
-            if not ok.all():  # a row was freed or reused since: walk again from that chunk
+                head = np.concatenate(parts)
+                keys = np.concatenate(kparts) if check else None
+            # rows are only ever freed by _release: entries made since its last call are valid as they are
+            ok = (self._keys[head] == keys) & (self._stamp[head] != _FREE) if check else None
+            if ok is not None and not ok.all():  # a row was freed or reused since: walk again from that chunk
                 i = int(np.argmin(ok)) // _CHUNK * _CHUNK
                 chunks.pop(hashes[i + _CHUNK - 1], None)
                 head = head[:i]
@@ -293,7 +299,7 @@ class BlockIndex:
                     chunks.clear()
                 hs = hashes[i - _CHUNK:i]
                 chunks[hashes[i - 1]] = (list(hs), np.asarray(tail[-_CHUNK:], dtype=np.intp),
-                                         np.asarray(hs, dtype=np.uint64))
+                                         np.asarray(hs, dtype=np.uint64), gen)
         if not tail:
             return head
         t = np.asarray(tail, dtype=np.intp)
@@ -424,6 +430,7 @@ class BlockIndex:
     def _release(self, rows: np.ndarray) -> None:
         if rows.size == 0:
             return
+        self._releases += 1
         slot_of = self._slot_of
         for h in self._keys[rows].tolist():
             del slot_of[h]
