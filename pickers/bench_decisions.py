@@ -3,7 +3,11 @@ latency with 8K-token prompts, 64 pods and a precise index of 10M blocks; index 
 KV-event ingestion rate; tokenization cost.
 
     .venv/bin/python -m pickers.bench_decisions [--blocks 10000000] [--pods 64] [--decisions 3000]
-        [--tokenizer DIR]
+        [--tokenizer DIR] [--fresh-tails]
+
+The default 512 prompts (64 shared 6K-token contexts + a 2K-token tail each) recur, so a tail is seen
+again every 512 decisions; ``--fresh-tails`` gives every decision a new tail (the harder case for the
+hash memo, the chunk-row cache and approximate learning).
 
 DESIGN.md budget: >= 3,000 decisions/s with 8K-token prompts and 64 pods.
 """
