@@ -1,4 +1,9 @@
-"""Builders for the ext_proc ProcessingResponse messages kvswitch sends (xds-protos, upb-backed)."""
+"""Builders for the ext_proc ProcessingResponse messages kvswitch sends (xds-protos, upb-backed).
+
+Messages are built in place (``r.request_body.response...streamed_response.body = chunk``), never from nested
+constructors: upb copies a sub-message passed to a constructor, once per level, so a 62 KB body chunk four
+levels down cost ~50 us that way against ~4 us in place (~9 us against ~1 us for a small SSE chunk).
+"""
 
 from __future__ import annotations
 
@@ -18,55 +23,57 @@ CONTROLLED_HEADERS = (DESTINATION, PREFILLER, SUBSET, SERVED)
 MAX_CHUNK = 62_000  # bytes per streamed_response chunk (Envoy's ext_proc message limit, with headroom)
 
 
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
 def header(key: str, value: str) -> base_pb2.HeaderValueOption:
     return base_pb2.HeaderValueOption(
         header=base_pb2.HeaderValue(key=key, raw_value=value.encode()),
-        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+        append_action=_OVERWRITE,
     )
+
+
+def _add_header(mutation: pb.HeaderMutation, key: str, value: str) -> None:
+    h = mutation.set_headers.add()
+    h.header.key = key
+    h.header.raw_value = value.encode()
+    h.append_action = _OVERWRITE
 
 
 def destination_headers(
     endpoints: str, prefill: str | None, remove: list[str], extra: list[tuple[str, str]] | None = None
 ) -> pb.ProcessingResponse:
     """The request-headers reply that routes: header + envoy.lb metadata with the same fallback list."""
-    sets = [header(DESTINATION, endpoints)]
+    r = pb.ProcessingResponse()
+    common = r.request_headers.response
+    mutation = common.header_mutation
+    _add_header(mutation, DESTINATION, endpoints)
     if prefill:
-        sets.append(header(PREFILLER, prefill))
+        _add_header(mutation, PREFILLER, prefill)
     if extra:
-        sets.extend(header(k, v) for k, v in extra)
-    mutation = pb.HeaderMutation(set_headers=sets, remove_headers=remove)
-    meta = struct_pb2.Struct()
-    meta.fields[LB_NAMESPACE].struct_value.fields[DESTINATION].string_value = endpoints
-    return pb.ProcessingResponse(
-        request_headers=pb.HeadersResponse(
-            response=pb.CommonResponse(header_mutation=mutation, clear_route_cache=True)
-        ),
-        dynamic_metadata=meta,
-    )
+        for k, v in extra:
+            _add_header(mutation, k, v)
+    if remove:
+        mutation.remove_headers.extend(remove)
+    common.clear_route_cache = True
+    r.dynamic_metadata.fields[LB_NAMESPACE].struct_value.fields[DESTINATION].string_value = endpoints
+    return r
 
 
 def request_body_chunk(body: bytes | memoryview, end_of_stream: bool) -> pb.ProcessingResponse:
-    return pb.ProcessingResponse(
-        request_body=pb.BodyResponse(
-            response=pb.CommonResponse(
-                body_mutation=pb.BodyMutation(
-                    streamed_response=pb.StreamedBodyResponse(body=bytes(body), end_of_stream=end_of_stream)
-                )
-            )
-        )
-    )
+    r = pb.ProcessingResponse()
+    s = r.request_body.response.body_mutation.streamed_response
+    s.body = body if isinstance(body, bytes) else bytes(body)
+    s.end_of_stream = end_of_stream
+    return r
 
 
 def response_body_chunk(body: bytes, end_of_stream: bool) -> pb.ProcessingResponse:
-    return pb.ProcessingResponse(
-        response_body=pb.BodyResponse(
-            response=pb.CommonResponse(
-                body_mutation=pb.BodyMutation(
-                    streamed_response=pb.StreamedBodyResponse(body=body, end_of_stream=end_of_stream)
-                )
-            )
-        )
-    )
+    r = pb.ProcessingResponse()
+    s = r.response_body.response.body_mutation.streamed_response
+    s.body = body
+    s.end_of_stream = end_of_stream
+    return r
 
 
 def body_chunks(body: bytes, factory=request_body_chunk) -> list[pb.ProcessingResponse]:
@@ -79,10 +86,13 @@ def body_chunks(body: bytes, factory=request_body_chunk) -> list[pb.ProcessingRe
 
 
 def response_headers_reply(extra: list[tuple[str, str]] | None = None) -> pb.ProcessingResponse:
-    common = pb.CommonResponse()
+    r = pb.ProcessingResponse()
+    common = r.response_headers.response
+    common.SetInParent()  # an empty CommonResponse, present (as the nested constructor made it)
     if extra:
-        common.header_mutation.set_headers.extend(header(k, v) for k, v in extra)
-    return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=common))
+        for k, v in extra:
+            _add_header(common.header_mutation, k, v)
+    return r
 
 
 def request_trailers_reply() -> pb.ProcessingResponse:
