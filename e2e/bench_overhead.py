@@ -1,9 +1,13 @@
 """Latency kvswitch adds to Envoy: Envoy alone -> one sim pod vs Envoy + kvswitch -> the same pod.
 
-    .venv/bin/python -m e2e.bench_overhead [--quick] [--requests-scale 1.0]
+    .venv/bin/python -m e2e.bench_overhead [--requests-scale 1.0] [--upstream fast|sim] [--pods 4]
+        [--scheduler framework|simple] [--sizes 4KB,200KB] [--concurrency 1,32,150]
 
-Non-streaming completions with max_tokens 1 on a fast simulated pod (time scale 0.001), 4 KB and 200 KB
-prompts, concurrency 1, 32 and 150. Runs alternate between the two paths in halves to cancel drift. Prints
+Non-streaming completions with max_tokens 1, 4 KB and 200 KB prompts, concurrency 1, 32 and 150. The
+upstream is by default a fast fake vLLM (``--upstream fast``: aiohttp, fixed JSON reply with ``usage``, a
+vLLM-shaped /metrics page so the framework's scraper finds it healthy) on ``--pods`` ports in one process, so
+the upstream keeps up at 200 KB and concurrency 150 (one sim pod saturates near 140 req/s there);
+``--upstream sim`` uses the simulator (time scale 0.001) instead. Envoy alone round-robins over the same pods. Runs alternate between the two paths in halves to cancel drift. Prints
 p50/p99 per path, the added latency and its ratio to DESIGN.md's budgets, throughput, the picker process's CPU
 per request, and an in-process decisions/s figure (parse + schedule + reply messages, 64 pods, 8K-token
 prompts) on one core. Not part of `make test`: timings belong in benchmarks.
@@ -16,6 +20,7 @@ import asyncio
 import os
 import random
 import statistics
+import signal
 import string
 import subprocess
 import sys
@@ -32,6 +37,64 @@ from e2e.support.ports import free_port
 from extproc.envoyconfig.builder import EnvoyConfigOptions
 
 REPO = Path(__file__).resolve().parents[1]
+_FAST_METRICS = (b"# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name=\"m\"} 0.0\n"
+                 b"vllm:num_requests_waiting{model_name=\"m\"} 0.0\nvllm:kv_cache_usage_perc{model_name=\"m\"} 0.1\n"
+                 b"vllm:cache_config_info{block_size=\"16\",num_gpu_blocks=\"100000\"} 1.0\n")
+
+
+def serve_fast_upstream(ports: list[int], host: str = "127.0.0.1") -> None:
+    """A fake vLLM that costs almost nothing per request: read the body, answer a fixed completion."""
+    from aiohttp import web
+
+    reply = orjson.dumps({"id": "cmpl-1", "object": "text_completion", "model": MODEL,
+                          "choices": [{"index": 0, "text": "x", "finish_reason": "length"}],
+                          "usage": {"prompt_tokens": 1024, "completion_tokens": 1, "total_tokens": 1025,
+                                    "prompt_tokens_details": {"cached_tokens": 0}}})
+
+    async def complete(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=reply, content_type="application/json")
+
+    async def metrics(_request: web.Request) -> web.Response:
+        return web.Response(body=_FAST_METRICS, content_type="text/plain")
+
+    async def health(_request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def go() -> None:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/completions", complete)
+        app.router.add_get("/metrics", metrics)
+        app.router.add_get("/health", health)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        for port in ports:
+            await web.TCPSite(runner, host, port).start()
+        await asyncio.Event().wait()
+
+    asyncio.run(go())
+
+
+def serve_picker(port: int, endpoints: list[str], simple: bool) -> None:
+    """The picker as ``kvswitch serve`` runs it, optionally with LeastInFlight (the ext_proc path alone)."""
+    from extproc.config import config_from_dict
+    from extproc.server import build_scheduler, build_server
+
+    cfg = config_from_dict({"server": {"host": "127.0.0.1", "grpc_port": port, "metrics_port": -1},
+                            "endpoints": [{"address": a} for a in endpoints]})
+    if simple:
+        from pickers.simple import LeastInFlight
+
+        sched = LeastInFlight(cfg.endpoint_objects())
+    else:
+        sched = build_scheduler(cfg)
+
+    async def go() -> None:
+        server = build_server(cfg, sched)
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(go())
 MODEL = "bench-model"
 # DESIGN.md budgets for the added latency (ms): (prompt size, concurrency, percentile) -> budget
 BUDGETS = {("4KB", 1, "p50"): 1.0, ("4KB", 1, "p99"): 3.0, ("200KB", 1, "p50"): 2.0, ("200KB", 150, "p99"): 20.0}
@@ -158,32 +221,43 @@ def decisions_per_second(prompt_tokens: int = 8192, pods: int = 64, seconds: flo
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    pod_port = free_port()
+    ports = [free_port() for _ in range(args.pods)]
     picker_port = free_port()
     logdir = Path(tempfile.mkdtemp(prefix="kvswitch-bench-"))
-    fleet = logdir / "fleet.yaml"  # 200 KB prompts (~50K tokens) need a context longer than the 32K default
-    fleet.write_text(f"defaults: {{max_model_len: 131072, model_name: {MODEL}}}\npods:\n  - {{count: 1, name: bench}}\n")
-    sim = subprocess.Popen([sys.executable, "-m", "engine.sim", "--config", str(fleet), "--base-port", str(pod_port),
-                            "--no-kv-events", "--time-scale", "0.001", "--host", "127.0.0.1"],
-                           cwd=REPO, stdout=open(logdir / "sim.log", "wb"), stderr=subprocess.STDOUT)
-    picker = subprocess.Popen([sys.executable, "-m", "extproc.cli", "serve", "--host", "127.0.0.1", "--port",
-                               str(picker_port), "--metrics-port", "-1", "--endpoint", f"127.0.0.1:{pod_port}",
-                               "--log-level", "WARNING"],
-                              cwd=REPO, stdout=open(logdir / "picker.log", "wb"), stderr=subprocess.STDOUT)
-    pod = f"127.0.0.1:{pod_port}"
-    alone = EnvoyProcess(EnvoyConfigOptions(ext_proc=False, endpoints=[pod]))
-    withk = EnvoyProcess(EnvoyConfigOptions(picker=f"127.0.0.1:{picker_port}", endpoints=[pod]))
+    pods = [f"127.0.0.1:{p}" for p in ports]
+    if args.upstream == "sim":
+        fleet = logdir / "fleet.yaml"  # 200 KB prompts (~50K tokens) need a context longer than the 32K default
+        fleet.write_text(f"defaults: {{max_model_len: 131072, model_name: {MODEL}}}\npods:\n"
+                         f"  - {{count: {args.pods}, name: bench}}\n")
+        up_cmd = [sys.executable, "-m", "engine.sim", "--config", str(fleet), "--base-port", str(ports[0]),
+                  "--no-kv-events", "--time-scale", "0.001", "--host", "127.0.0.1"]
+        pods = [f"127.0.0.1:{ports[0] + i}" for i in range(args.pods)]
+    else:
+        up_cmd = [sys.executable, "-m", "e2e.bench_overhead", "--serve-upstream", ",".join(map(str, ports))]
+    sim = subprocess.Popen(up_cmd, cwd=REPO, stdout=open(logdir / "upstream.log", "wb"), stderr=subprocess.STDOUT)
+    picker_cmd = [sys.executable, "-m", "e2e.bench_overhead", "--serve-picker", str(picker_port),
+                  "--endpoints", ",".join(pods)] + (["--simple"] if args.scheduler == "simple" else [])
+    if args.picker_profile:
+        picker_cmd = [sys.executable, "-m", "cProfile", "-o", args.picker_profile] + picker_cmd[1:]
+    picker = subprocess.Popen(picker_cmd, cwd=REPO, stdout=open(logdir / "picker.log", "wb"),
+                              stderr=subprocess.STDOUT)
+    pod = pods[0]
+    alone = EnvoyProcess(EnvoyConfigOptions(ext_proc=False, endpoints=pods))
+    withk = EnvoyProcess(EnvoyConfigOptions(picker=f"127.0.0.1:{picker_port}", endpoints=pods))
     try:
-        await _wait_http(f"http://{pod}/health")
+        for a in pods:
+            await _wait_http(f"http://{a}/health")
         await wait_grpc_health(f"127.0.0.1:{picker_port}")
         await alone.start()
         await withk.start()
-        print(f"# Envoy alone vs Envoy + kvswitch; one sim pod (time scale 0.001); non-streaming, max_tokens 1; "
-              f"{os.cpu_count()} CPUs shared by client, Envoy, picker and sim")
+        print(f"# Envoy alone vs Envoy + kvswitch ({args.scheduler} scheduler); {args.pods} {args.upstream} pods; "
+              f"non-streaming, max_tokens 1; {os.cpu_count()} CPUs shared by client, Envoy, picker and upstream; "
+              f"load {os.getloadavg()[0]:.2f}")
         print(f"{'prompt':>6} {'conc':>4} {'n':>5} | {'alone p50':>9} {'p99':>7} | {'kvs p50':>8} {'p99':>7} | "
               f"{'+p50':>6} {'+p99':>6} | {'budget':>14} | {'req/s a':>7} {'req/s k':>7} | {'picker CPU/req':>14}")
-        concs = [1, 32, 150]
-        for size_name, size in SIZES.items():
+        concs = [int(c) for c in args.concurrency.split(",")]
+        for size_name in args.sizes.split(","):
+            size = SIZES[size_name]
             bodies = _prompts(size)
             for conc in concs:
                 base = {1: 400, 32: 1600, 150: 3000}[conc]
@@ -218,7 +292,7 @@ async def main_async(args: argparse.Namespace) -> None:
         await alone.stop()
         await withk.stop()
         for p in (picker, sim):
-            p.terminate()
+            p.send_signal(signal.SIGINT)  # cProfile writes its file on KeyboardInterrupt
             try:
                 p.wait(10)
             except subprocess.TimeoutExpired:
@@ -230,7 +304,37 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests-scale", type=float, default=1.0, help="multiply request counts")
     p.add_argument("--decisions-only", action="store_true")
+    p.add_argument("--upstream", choices=("fast", "sim"), default="fast")
+    p.add_argument("--pods", type=int, default=4)
+    p.add_argument("--scheduler", choices=("framework", "simple"), default="framework")
+    p.add_argument("--sizes", default="4KB,200KB")
+    p.add_argument("--concurrency", default="1,32,150")
+    p.add_argument("--no-decisions", action="store_true", help="skip the in-process decisions/s figures")
+    p.add_argument("--picker-profile", metavar="FILE", help="run the picker under cProfile, stats to FILE")
+    p.add_argument("--serve-upstream", metavar="PORTS", help=argparse.SUPPRESS)
+    p.add_argument("--serve-picker", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    p.add_argument("--endpoints", default="", help=argparse.SUPPRESS)
+    p.add_argument("--simple", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.serve_upstream:
+        try:
+            serve_fast_upstream([int(x) for x in args.serve_upstream.split(",")])
+        except KeyboardInterrupt:
+            pass
+        return 0
+    if args.serve_picker:
+        if os.environ.get("KVSWITCH_BENCH_LOOP", "uvloop") == "uvloop":
+            try:
+                import uvloop
+
+                uvloop.install()
+            except ImportError:
+                pass
+        try:
+            serve_picker(args.serve_picker, args.endpoints.split(","), args.simple)
+        except KeyboardInterrupt:
+            pass
+        return 0
     if args.decisions_only:
         for simple in (False, True):
             rate, kind = decisions_per_second(simple=simple)
@@ -243,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     asyncio.run(main_async(args))
+    if args.no_decisions:
+        return 0
     simple_rate, _ = decisions_per_second(simple=True)
     print(f"\ndecisions/s on one core with LeastInFlight (the ext_proc path alone): {simple_rate:,.0f}")
     rate, kind = decisions_per_second()
