@@ -76,6 +76,12 @@ class KVScheduler:
     def remove_endpoint(self, address: str) -> None:
         self.dl.endpoints.remove(address)
 
+    def ready(self) -> bool:
+        """Ready to serve once some endpoint can decode. Pod health is not part of it on purpose: a picker
+        whose pods are all down still answers every request with a clear 503, which beats Envoy's own error."""
+        slots = self.dl.endpoints.active_slots()
+        return bool(self.dl.endpoints.can_decode[slots].any()) if len(slots) else False
+
     def _on_endpoint(self, what: str, slot: int, ep: Endpoint) -> None:
         if what == "add":
             self.stats.healthy.labels(ep.address).set(1)

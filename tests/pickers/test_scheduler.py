@@ -99,3 +99,19 @@ async def test_schedule_uses_prompt_and_chat_and_token_ids():
     assert d.request.cache["tokens"].size > 0
     d = await s.schedule(request("t", [5, 6, 7]))
     assert d.request.cache["tokens"].tolist() == [5, 6, 7]
+
+
+def test_ready_follows_decode_capable_endpoints_not_pod_health():
+    from pickers.config import build_scheduler
+    from pickers.types import Endpoint
+
+    s = build_scheduler(None, [Endpoint("10.0.0.1:8000", role="prefill")], network=False)
+    assert not s.ready()  # a prefill pod alone cannot serve a request
+    s.add_endpoint(Endpoint("10.0.0.2:8000", role="decode"))
+    assert s.ready()
+    slot = s.dl.endpoints.slot("10.0.0.2:8000")
+    for _ in range(10):
+        s.dl.health.failure(slot, "test")
+    assert s.ready()  # unhealthy pods give 503s from the picker, not an unready picker
+    s.remove_endpoint("10.0.0.2:8000")
+    assert not s.ready()
