@@ -41,6 +41,28 @@ class RunResult:
     hit_rate: float | None = None
     max_pod_share: float | None = None
     wall_s: float = 0.0
+    pod_query_tokens: list[float] = field(default_factory=list)  # prompt tokens each pod scheduled
+    engine_ttft_ms: float | None = None  # mean TTFT the pods measured themselves (simulated ms)
+    time_scale: float = 1.0  # samples are in simulated time: wall / time_scale (see to_simulated)
+
+    def to_simulated(self, time_scale: float) -> "RunResult":
+        """Wall-clock samples -> simulated time (the fleet runs ``time_scale`` x slower than simulated)."""
+        ts = float(time_scale)
+        self.ttft_ms = [v / ts for v in self.ttft_ms]
+        self.itl_ms = [v / ts for v in self.itl_ms]
+        self.e2e_ms = [v / ts for v in self.e2e_ms]
+        self.duration_s /= ts
+        self.request_throughput *= ts
+        self.output_tok_s *= ts
+        self.time_scale = ts
+        return self
+
+    @property
+    def path_ms(self) -> float:
+        """Mean client TTFT minus the pods' own mean TTFT: what router + proxy + client add per request."""
+        if self.engine_ttft_ms is None or not self.ttft_ms:
+            return float("nan")
+        return float(np.mean(self.ttft_ms)) - self.engine_ttft_ms
 
     @property
     def ok(self) -> int:

@@ -11,6 +11,7 @@ import sys
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -81,6 +82,14 @@ class SimFleetProcess:
         return self.spec.tokenizer
 
     @property
+    def accelerator(self) -> str:
+        return self.spec.accelerator
+
+    @property
+    def model_profile(self) -> str:
+        return self.spec.model_profile
+
+    @property
     def roles(self) -> list[str]:
         return list(self.spec.roles or ["both"] * self.spec.pods)
 
@@ -140,6 +149,20 @@ class SimFleetProcess:
             out[addr] = (m.get("vllm:prefix_cache_hits_total", 0.0), m.get("vllm:prefix_cache_queries_total", 0.0))
         return out
 
+    def ttft_counters(self) -> tuple[float, float]:
+        """Fleet totals of the engines' own TTFT histogram: (sum in simulated seconds, count).
+
+        The engine's TTFT starts when the request reaches the pod, so client TTFT minus engine TTFT is
+        what the path in front of the pods (router, proxy, client) adds; the engine part holds queueing
+        and prefill, i.e. what routing decides.
+        """
+        total = count = 0.0
+        for url in self.urls:
+            m = scrape(url + "/metrics")
+            total += m.get("vllm:time_to_first_token_seconds_sum", 0.0)
+            count += m.get("vllm:time_to_first_token_seconds_count", 0.0)
+        return total, count
+
     def __enter__(self) -> "SimFleetProcess":
         self.start()
         return self
@@ -148,11 +171,12 @@ class SimFleetProcess:
         self.stop()
 
 
-def hit_rate(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, float]:
+def hit_rate(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, Any]:
     """Fleet prefix hit rate between two scrapes, plus per-pod query share (how evenly load spread)."""
     hits = sum(after[a][0] - before.get(a, (0.0, 0.0))[0] for a in after)
     queries = {a: after[a][1] - before.get(a, (0.0, 0.0))[1] for a in after}
     total = sum(queries.values())
     out = {"hit_rate": hits / total if total > 0 else 0.0, "query_tokens": total}
     out["max_pod_share"] = max(queries.values()) / total if total > 0 else 0.0
+    out["pod_query_tokens"] = list(queries.values())  # per pod, fleet order: where prefill work ran
     return out

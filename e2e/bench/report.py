@@ -23,6 +23,10 @@ METRICS: list[tuple[str, str, Any, str]] = [
     ("ttft_p50", "TTFT p50 ms", lambda r: percentile(r.ttft_ms, 50), "{:.0f}"),
     ("ttft_p90", "TTFT p90 ms", lambda r: percentile(r.ttft_ms, 90), "{:.0f}"),
     ("ttft_p99", "TTFT p99 ms", lambda r: percentile(r.ttft_ms, 99), "{:.0f}"),
+    ("ttft_mean", "TTFT mean ms", lambda r: float(np.mean(r.ttft_ms)) if r.ttft_ms else math.nan, "{:.0f}"),
+    ("engine_ttft", "pod TTFT mean ms",
+     lambda r: r.engine_ttft_ms if r.engine_ttft_ms is not None else math.nan, "{:.0f}"),
+    ("path", "path ms", lambda r: r.path_ms, "{:.1f}"),
     ("itl_p50", "ITL p50 ms", lambda r: percentile(r.itl_ms, 50), "{:.1f}"),
     ("itl_p90", "ITL p90 ms", lambda r: percentile(r.itl_ms, 90), "{:.1f}"),
     ("e2e_p90", "e2e p90 ms", lambda r: percentile(r.e2e_ms, 90), "{:.0f}"),
@@ -151,7 +155,7 @@ def render(results_path: Path, with_plots: bool = True) -> Path:
         f"{100 * stats.get('reusable_block_share', 0):.0f}% (upper bound on the hit rate)",
         f"- Fleet: {meta.get('pods')} simulated pods ({meta.get('model_profile')} on {meta.get('accelerator')}"
         f"{', roles ' + ','.join(meta['roles']) if meta.get('roles') else ''}), time scale {meta.get('time_scale')}"
-        " (wall seconds per simulated second)",
+        " (wall seconds per simulated second; every rate, latency and throughput below is in simulated time)",
         f"- Offered loads (req/s): {', '.join(f'{r:g}' for r in meta.get('rates', []))}; repetitions: "
         f"{meta.get('repetitions')}; seed {meta.get('seed')}",
         f"- Client: {meta.get('client', 'aiperf')}",
@@ -162,7 +166,9 @@ def render(results_path: Path, with_plots: bool = True) -> Path:
         "## Results",
         "Median over repetitions" + (" [min-max]" if (meta.get("repetitions") or 1) > 1 else "") +
         ". req/s and out tok/s are achieved throughput; ITL is each request's mean inter-token latency; hit "
-        "rate is the fleet's prefix-cache hits / queries (tokens) during the run.",
+        "rate is the fleet's prefix-cache hits / queries (tokens) during the run. pod TTFT is the pods' own mean TTFT "
+        "(from arrival at the pod: queueing + prefill, what routing decides); path = client mean TTFT - pod mean "
+        "TTFT, what the router, proxy and client add per request.",
         "",
         table(meta, runs),
         "",

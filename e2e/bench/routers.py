@@ -31,6 +31,7 @@ from e2e.bench.procs import Proc, free_port
 READY_TIMEOUT_S = 60.0
 KVSWITCH_PROFILES = ("default", "round-robin", "load-only", "approximate", "precise")
 VLLM_ROUTER_POLICIES = ("cache_aware", "kv_aware", "power_of_two", "round_robin", "random", "consistent_hash")
+PD_HANDLER = "prefill-decode"  # pickers' P/D profile handler (scheduler.handler.type)
 SGLANG_ROUTER_POLICIES = ("cache_aware", "round_robin", "power_of_two", "random")
 
 
@@ -42,6 +43,8 @@ class FleetView(Protocol):
     kv_event_endpoints: list[str]
     roles: list[str]
     model: str
+    accelerator: str
+    model_profile: str
 
 
 def probe_completion(base_url: str, model: str, timeout: float = 10.0) -> bool:
@@ -150,24 +153,61 @@ class KvSwitch(Router):
         super().__init__(name, workdir)
         self.profile = profile
 
-    def picker_config(self, fleet: FleetView, grpc_port: int, metrics_port: int) -> dict:
+    def picker_config(self, fleet: FleetView, grpc_port: int, metrics_port: int,
+                      sidecars: dict[str, str] | None = None) -> dict:
+        """The picker's YAML: every pod with its role, accelerator and model profile (the cost model's
+        inputs), KV events and metrics; a decode pod behind a sidecar is addressed at its sidecar."""
+        sidecars = sidecars or {}
+        accelerator = getattr(fleet, "accelerator", None)
+        profile = getattr(fleet, "model_profile", None)
         endpoints = []
         for addr, url, kv, role in zip(fleet.addresses, fleet.urls, fleet.kv_event_endpoints, fleet.roles):
-            endpoints.append({"address": addr, "role": role, "model": fleet.model, "kv_events": kv,
-                              "metrics_url": url + "/metrics"})
+            ep = {"address": sidecars.get(addr, addr), "role": role, "model": fleet.model, "kv_events": kv,
+                  "metrics_url": url + "/metrics"}
+            if accelerator:
+                ep["accelerator"] = accelerator
+            if profile:
+                ep["model_profile"] = profile
+            endpoints.append(ep)
         scheduler: dict = {"profile": self.profile}
         tokenizer = getattr(fleet, "tokenizer", None)
         if tokenizer:  # the picker must hash the very token ids the pods hash
             scheduler["tokenizer"] = {"path": str(tokenizer)}
+        if sidecars:  # P/D fleet: the picker's prefill-decode handler decides whether and where to prefill
+            scheduler["handler"] = {"type": PD_HANDLER}
         # drain_seconds: nothing is in flight when a run ends; do not wait 10 s per run for it.
         return {"server": {"host": "127.0.0.1", "grpc_port": grpc_port, "metrics_port": metrics_port,
                            "drain_seconds": 0.5},
                 "endpoints": endpoints, "scheduler": scheduler}
 
+    def _start_sidecars(self, fleet: FleetView) -> dict[str, str]:
+        """One ``kvswitch sidecar`` per decode pod of a P/D fleet (engine address -> sidecar address).
+
+        The sidecar runs the prefill leg the picker names (x-prefiller-host-port, only towards the fleet's
+        prefill pods) and then decodes on its pod with the NIXL-style kv_transfer_params handshake.
+        """
+        prefill = [a for a, r in zip(fleet.addresses, fleet.roles) if r == "prefill"]
+        if not prefill:
+            return {}
+        out = {}
+        for addr, role in zip(fleet.addresses, fleet.roles):
+            if role != "decode":
+                continue
+            port = free_port()
+            cmd = [sys.executable, "-m", "extproc.cli", "sidecar", "--host", "127.0.0.1", "--port", str(port),
+                   "--decode-url", f"http://{addr}", "--connector", "nixl", "--log-level", "warning"]
+            for p in prefill:
+                cmd += ["--prefill-pod", p]
+            sc = self._proc(f"sidecar-{port}", cmd)
+            sc.wait_until(lambda port=port: _port_open(port), READY_TIMEOUT_S, "listening")
+            out[addr] = f"127.0.0.1:{port}"
+        return out
+
     def _launch(self, fleet: FleetView) -> str:
+        sidecars = self._start_sidecars(fleet)
         grpc, metrics, port, admin = free_port(), free_port(), free_port(), free_port()
         cfg = self.workdir / f"{self.slug}-picker.yaml"
-        cfg.write_text(yaml.safe_dump(self.picker_config(fleet, grpc, metrics), sort_keys=False))
+        cfg.write_text(yaml.safe_dump(self.picker_config(fleet, grpc, metrics, sidecars), sort_keys=False))
         picker = self._proc("picker", [sys.executable, "-m", "extproc.cli", "serve", "--config", str(cfg)])
         picker.wait_log("ext_proc on port", READY_TIMEOUT_S)
         from extproc.envoyconfig.cli import main as envoy_config
@@ -176,11 +216,19 @@ class KvSwitch(Router):
         argv = ["--listen-port", str(port), "--listen-host", "127.0.0.1", "--picker", f"127.0.0.1:{grpc}",
                 "--admin-port", str(admin), "--out", str(bootstrap)]
         for addr in fleet.addresses:
-            argv += ["--endpoint", addr]
+            argv += ["--endpoint", sidecars.get(addr, addr)]
         if envoy_config(argv) != 0:
             raise RuntimeError(f"kvswitch envoy-config failed for {argv}")
         self._proc("envoy", _envoy_cmd(bootstrap))
         return f"http://127.0.0.1:{port}"
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 class VllmRouter(Router):

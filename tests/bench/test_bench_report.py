@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
 from e2e.bench.client import RunResult, parse_exports
@@ -81,3 +82,23 @@ def test_parse_aiperf_exports(tmp_path):
     assert res.error_kinds == {"ServiceUnavailable": 1}
     assert res.ttft_ms == [20.0, 40.0] and res.itl_ms == [4.0] and res.e2e_ms == [100.0, 300.0]
     assert res.request_throughput == 1.0 and res.output_tok_s == 11.0
+
+
+def test_to_simulated_converts_wall_samples_by_the_time_scale():
+    run = _run("kvswitch", 4.0, 0, ttft=100.0, hit=0.5)
+    run.to_simulated(2.0)
+    assert run.ttft_ms[0] == 50.0 and run.itl_ms[0] == 2.5 and run.e2e_ms[0] == 300.0
+    assert run.request_throughput == 4.0 and run.output_tok_s == 400.0 and run.duration_s == 2.5
+    assert RunResult.from_json(run.to_json()).time_scale == 2.0
+
+
+def test_path_is_client_ttft_minus_pod_ttft_and_shows_in_the_table(tmp_path):
+    run = _run("kvswitch", 4.0, 0, ttft=10.0, hit=0.5)  # client mean TTFT (9 x 10 + 100) / 10 = 19 ms
+    assert math.isnan(run.path_ms)  # no pod TTFT scraped: unknown, not zero
+    run.engine_ttft_ms = 15.0
+    assert run.path_ms == 4.0
+    meta = {"routers": ["kvswitch"], "rates": [4.0], "repetitions": 1}
+    (tmp_path / "results.json").write_text(json.dumps({"meta": meta, "runs": [run.to_json()], "failures": []}))
+    row = next(line for line in render(tmp_path / "results.json", with_plots=False).read_text().splitlines()
+               if line.startswith("| kvswitch | 4 |"))
+    assert "| 19 | 15 | 4.0 |" in row
