@@ -20,3 +20,19 @@ ERRORS = Counter("kvswitch_errors_total", "Requests answered with an error or fa
 INFLIGHT = Gauge("kvswitch_inflight_requests", "Requests routed to an endpoint and not yet finished",
                  ["endpoint"])
 STREAMS = Gauge("kvswitch_extproc_streams", "Open ext_proc streams")
+
+
+# Children resolved once: labels() takes a lock and builds a tuple on every call, several times per request.
+ROUTED = DECISIONS.labels("routed")
+_INFLIGHT_CHILDREN: dict[str, object] = {}
+_MAX_INFLIGHT_CHILDREN = 4096  # endpoints are a bounded fleet; past this, fall back to labels()
+
+
+def inflight(endpoint: str):
+    """The in-flight gauge child of one endpoint (cached)."""
+    child = _INFLIGHT_CHILDREN.get(endpoint)
+    if child is None:
+        child = INFLIGHT.labels(endpoint)
+        if len(_INFLIGHT_CHILDREN) < _MAX_INFLIGHT_CHILDREN:
+            _INFLIGHT_CHILDREN[endpoint] = child
+    return child

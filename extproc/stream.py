@@ -56,6 +56,20 @@ def _headers_of(hdrs: pb.HttpHeaders) -> dict[str, str]:
     return out
 
 
+def _status_and_type(hdrs: pb.HttpHeaders) -> tuple[str, str]:
+    """(:status, content-type) of the response headers, the only two the response path reads."""
+    status, ctype = "200", ""
+    for h in hdrs.headers.headers:
+        key = h.key.lower()
+        if key == ":status" or key == "content-type":
+            value = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+            if key == ":status":
+                status = value
+            else:
+                ctype = value
+    return status, ctype
+
+
 def _metadata_value(md, namespace: str, key: str):
     """A value from ProcessingRequest.metadata_context (filter_metadata first, typed ignored)."""
     fm = md.filter_metadata
@@ -222,7 +236,7 @@ class ExtProcStream:
         out = [msg.destination_headers(value, decision.prefill, remove, extra)]
         if body is not None:
             out.extend(msg.body_chunks(body))
-        metrics.DECISIONS.labels("routed").inc()
+        metrics.ROUTED.inc()
         metrics.DECISION_SECONDS.observe(time.perf_counter() - t0)
         return out
 
@@ -234,9 +248,9 @@ class ExtProcStream:
 
     # ---- response path --------------------------------------------------------------------------------
     def _on_response_headers(self, req: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
-        hdrs = _headers_of(req.response_headers)
-        status = int(hdrs.get(":status", "200") or 200)
-        self.observer = ResponseObserver(status, hdrs.get("content-type", ""))
+        status_text, content_type = _status_and_type(req.response_headers)
+        status = int(status_text or 200)
+        self.observer = ResponseObserver(status, content_type)
         if self.decision is not None and req.HasField("metadata_context"):
             served = _metadata_value(req.metadata_context, msg.LB_NAMESPACE, msg.SERVED)
             if isinstance(served, str) and served:
@@ -284,13 +298,13 @@ class ExtProcStream:
     # ---- end --------------------------------------------------------------------------------------------
     def _count(self, endpoint: str) -> None:
         if self._counted is not None:
-            metrics.INFLIGHT.labels(self._counted).dec()
+            metrics.inflight(self._counted).dec()
         self._counted = endpoint
-        metrics.INFLIGHT.labels(endpoint).inc()
+        metrics.inflight(endpoint).inc()
 
     def _uncount(self) -> None:
         if self._counted is not None:
-            metrics.INFLIGHT.labels(self._counted).dec()
+            metrics.inflight(self._counted).dec()
             self._counted = None
 
     def _finish(self) -> None:
