@@ -22,7 +22,7 @@ every error message). No section at all gives the ``default`` profile with every
       prefix:
         approximate: {max_blocks: 4000000, pod_blocks: 200000}
         precise: {max_blocks: 10000000, medium_weights: {GPU: 1.0, CPU: 0.8}, engine_map_cap: 2000000,
-                  degraded_after_s: 10, topic: ""}
+                  degraded_after_s: 10, topic: "", pending_ttl_s: 5, pending_max_blocks: 1000000}
       explain_top: 5
       default_decode_tokens: 256
 """
@@ -122,7 +122,8 @@ def build_scheduler(
     ap = _mapping(f"{pp}.approximate", pr.get("approximate"))
     _keys(f"{pp}.approximate", ap, {"max_blocks", "pod_blocks"})
     pc = _mapping(f"{pp}.precise", pr.get("precise"))
-    _keys(f"{pp}.precise", pc, {"max_blocks", "medium_weights", "engine_map_cap", "degraded_after_s", "topic"})
+    _keys(f"{pp}.precise", pc, {"max_blocks", "medium_weights", "engine_map_cap", "degraded_after_s", "topic",
+                                    "pending_ttl_s", "pending_max_blocks"})
     weights = _get(f"{pp}.precise", pc, "medium_weights", Param(dict, {"GPU": 1.0, "CPU": 0.8}))
     for k, v in weights.items():
         check_value(f"{pp}.precise.medium_weights.{k}", v, Param(float, min=0.0, max=1.0))
@@ -141,6 +142,8 @@ def build_scheduler(
         engine_map_cap=_get(f"{pp}.precise", pc, "engine_map_cap", Param(int, 2_000_000, min=1)),
         degraded_after_s=_get(f"{pp}.precise", pc, "degraded_after_s", Param(float, 10.0, min=0.0)),
         kv_events_topic=_get(f"{pp}.precise", pc, "topic", Param(str, "")),
+        pending_ttl_s=_get(f"{pp}.precise", pc, "pending_ttl_s", Param(float, 5.0, min=0.0)),
+        pending_max_blocks=_get(f"{pp}.precise", pc, "pending_max_blocks", Param(int, 1_000_000, min=0)),
     )
 
     # tokens

@@ -206,8 +206,20 @@ class KVScheduler:
         if dl.precise_enabled:
             for s in targets:
                 dl.kv_index.note_routed(s, ctx.now, self._new_blocks(ctx, s))
+            if hashes:
+                self._pend(req, targets, hashes, ctx.now)
         for h in self._hooks["on_routed"]:
             h(decision)
+
+    def _pend(self, req: InferenceRequest, slots: list[int], hashes: dict[int, list[int]], now: float) -> None:
+        """Speculative blocks: the pods computing this prompt count as holding it until its first token."""
+        kv = self.dl.kv_index
+        bsz = self.dl.endpoints.block_size
+        key = req.request_id or str(id(req))
+        for s in slots:
+            h = hashes.get(int(bsz[s]))
+            if h and kv.has_events[s]:
+                kv.add_pending(key, s, h, now)
 
     def _new_blocks(self, ctx: CycleContext, slot: int) -> int:
         """Full prompt blocks pod ``slot`` does not hold per the precise index: the blocks it will store and
@@ -231,22 +243,31 @@ class KVScheduler:
         if served != decision.primary:
             slot = self.dl.endpoints.slot(served)
             if slot is not None:
-                self.dl.inflight.move(req.request_id or str(id(req)), slot)
+                key = req.request_id or str(id(req))
+                self.dl.inflight.move(key, slot)
                 hashes = req.cache.get("block_hashes")
                 if hashes:
                     self.dl.learn(hashes, [slot])
+                    if self.dl.precise_enabled:  # the pending blocks follow the request to the pod serving it
+                        self.dl.kv_index.clear_pending(key)
+                        pslot = self.dl.endpoints.slot(decision.prefill) if decision.prefill else None
+                        self._pend(req, [slot] if pslot is None else [slot, pslot], hashes, self.clock.now())
         for h in self._hooks["on_served"]:
             h(decision, served)
 
     def on_first_token(self, decision: Decision, at: float) -> None:
         req = decision.request
-        self.dl.inflight.first_token(req.request_id or str(id(req)))
+        key = req.request_id or str(id(req))
+        self.dl.inflight.first_token(key)
+        self.dl.kv_index.clear_pending(key)
         for h in self._hooks["on_first_token"]:
             h(decision, at)
 
     def on_finished(self, decision: Decision, usage: Usage | None, at: float) -> None:
         req = decision.request
-        self.dl.inflight.finish(req.request_id or str(id(req)))
+        key = req.request_id or str(id(req))
+        self.dl.inflight.finish(key)
+        self.dl.kv_index.clear_pending(key)
         slot = self.dl.endpoints.slot(req.cache.get("served", decision.primary))
         if slot is not None:
             self.dl.health.success(slot)
@@ -255,7 +276,9 @@ class KVScheduler:
 
     def on_failed(self, decision: Decision, reason: str, at: float) -> None:
         req = decision.request
-        self.dl.inflight.finish(req.request_id or str(id(req)))
+        key = req.request_id or str(id(req))
+        self.dl.inflight.finish(key)
+        self.dl.kv_index.clear_pending(key)
         slot = self.dl.endpoints.slot(req.cache.get("served", decision.primary))
         if slot is not None:
             self.dl.health.failure(slot, f"request failed: {reason}")

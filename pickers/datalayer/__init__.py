@@ -40,6 +40,8 @@ class DataLayerSettings:
     medium_weights: dict[str, float] = field(default_factory=lambda: {"GPU": 1.0, "CPU": 0.8})
     engine_map_cap: int = 2_000_000
     degraded_after_s: float = 10.0
+    pending_ttl_s: float = 5.0
+    pending_max_blocks: int = 1_000_000
     inflight_ttl_s: float = 600.0
     kv_events_topic: str = ""
 
@@ -62,7 +64,8 @@ class DataLayer:
         self.approx = BlockIndex(s.approx_max_blocks, ("GPU",), max_pods=64, per_pod_cap=None)
         self.approx_pod_cap = np.full(n, s.approx_pod_blocks, dtype=np.int64)
         self.kv_index = PreciseIndex(ep.slot, ep.address, s.precise_max_blocks, s.medium_weights, 64,
-                                     s.engine_map_cap, s.degraded_after_s, on_degraded)
+                                     s.engine_map_cap, s.degraded_after_s, on_degraded,
+                                     s.pending_ttl_s, s.pending_max_blocks)
         self.precise_enabled = False
         ep.listen(self._on_endpoint)
 

@@ -59,13 +59,19 @@ class BlockIndex:
         max_pods: int = 64,
         per_pod_cap: int | None = None,
         initial_rows: int = 1 << 14,
+        hidden_media: int = 0,
     ) -> None:
+        """``hidden_media``: the last that many media are the owner's own columns (the precise index's pending
+        blocks): ``medium_index`` never maps a name, unknown or None, to them."""
         if max_blocks < 1:
             raise ValueError("max_blocks must be >= 1")
         self.max_blocks = int(max_blocks)
         self.media = list(media)
         self.weights = np.asarray(weights if weights is not None else [1.0] * len(self.media), dtype=np.float64)
-        self._medium_ix = {m: i for i, m in enumerate(self.media)}
+        named = len(self.media) - hidden_media
+        if named < 1:
+            raise ValueError("at least one medium must be addressable by name")
+        self._medium_ix = {m: i for i, m in enumerate(self.media[:named])}
         self.per_pod_cap = per_pod_cap
         self._words = max(1, -(-max_pods // 64))
         rows = min(self.max_blocks, initial_rows)
@@ -85,6 +91,7 @@ class BlockIndex:
         self.evictions = 0
         # Descending weight order, for weighting a pod's hit by the best medium holding each block.
         self._order = [int(i) for i in np.argsort(-self.weights, kind="stable")]
+        self._fallback = [i for i in self._order if i < named][-1]  # lowest-weight named medium
 
     # ---- shape --------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -99,7 +106,7 @@ class BlockIndex:
         if medium is None:
             return 0
         ix = self._medium_ix.get(str(medium).upper())
-        return ix if ix is not None else self._order[-1]
+        return ix if ix is not None else self._fallback
 
     def ensure_pods(self, n: int) -> None:
         """Widen the masks so that pod slots ``0..n-1`` fit."""

@@ -14,12 +14,23 @@ full blocks (``note_routed(slot, now, new_blocks)`` with at least one full promp
 no event followed within ``degraded_after_s``. Degraded pods are scored with the
 approximate index instead; the state is exported as ``kvswitch_prefix_index_degraded{endpoint}`` and logged
 on every change.
+
+Pending (speculative) blocks, as llm-d's speculative indexing: a pod announces a prompt's blocks only when its
+prefill has computed them, seconds after we sent it the prompt. A second request with the same prefix in that
+window would see a cold index and pay a second cold prefill elsewhere. So the scheduler records the prompt's
+block hashes as *pending* on the pods it routed the request to (``add_pending``); a lookup counts a block as
+held when the events say so OR it is pending there (one more medium column of the same index, weighted like the
+best medium, so the union is exact per block). Pending blocks go at the request's first token or failure
+(``clear_pending``: by then the events have them, or never will), after ``pending_ttl_s`` at the latest, and the
+oldest go first beyond ``pending_max_blocks``. Clearing a request's blocks clears them for the pod even where
+another in-flight request pended the same ones: the first request's prefill has stored them by then.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections import OrderedDict
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
@@ -40,6 +51,7 @@ from pickers.kvblocks.index import BlockIndex
 log = logging.getLogger("kvswitch.pickers.precise")
 
 DEFAULT_MEDIUM_WEIGHTS = {"GPU": 1.0, "CPU": 0.8}
+PENDING = "(pending)"  # the index's own medium column for speculative blocks; no event can name it
 
 
 class PreciseIndex:
@@ -55,10 +67,19 @@ class PreciseIndex:
         engine_map_cap: int = 2_000_000,
         degraded_after_s: float = 10.0,
         on_degraded: Callable[[str, bool, str], None] | None = None,
+        pending_ttl_s: float = 5.0,
+        pending_max_blocks: int = 1_000_000,
     ) -> None:
         weights = dict(medium_weights or DEFAULT_MEDIUM_WEIGHTS)
-        self.index = BlockIndex(max_blocks, media=[m.upper() for m in weights], weights=list(weights.values()),
-                                max_pods=max_pods)
+        media = [m.upper() for m in weights] + [PENDING]
+        self.index = BlockIndex(max_blocks, media=media, weights=[*weights.values(), max(weights.values())],
+                                max_pods=max_pods, hidden_media=1)
+        self.pending_medium = len(media) - 1
+        self.pending_ttl_s = pending_ttl_s
+        self.pending_max_blocks = pending_max_blocks
+        # request key -> (expiry, [(pod slot, block hashes)]), oldest first (one TTL: expiry order = insertion)
+        self._pending: OrderedDict[Any, tuple[float, list[tuple[int, list[int]]]]] = OrderedDict()
+        self._pending_blocks = 0
         self._resolve = resolve
         self._address_of = address_of
         self.engine_map_cap = engine_map_cap
@@ -94,6 +115,11 @@ class PreciseIndex:
     def forget_pod(self, slot: int) -> None:
         """The pod left (or restarted): drop its blocks, engine map and sequence state."""
         self.index.drop_pod(slot)
+        for _, parts in self._pending.values():  # its pending blocks went with drop_pod; a new pod may take the slot
+            kept = [(s, h) for s, h in parts if s != slot]
+            if len(kept) != len(parts):
+                self._pending_blocks -= sum(len(h) for s, h in parts if s == slot)
+                parts[:] = kept
         self._engine_maps.pop(slot, None)
         self._last_seq.pop(slot, None)
         self.has_events[slot] = False
@@ -191,6 +217,47 @@ class PreciseIndex:
         for k in [k for _, k in zip(range(n), emap)]:
             del emap[k]
 
+    # ---- pending (speculative) blocks -----------------------------------------------------------------
+    def add_pending(self, key: Any, slot: int, hashes: list[int], now: float) -> None:
+        """Request ``key`` was sent to pod ``slot``: count its prompt blocks ``hashes`` as held there until
+        ``clear_pending(key)`` or ``pending_ttl_s``."""
+        if not hashes or self.pending_ttl_s <= 0 or self.pending_max_blocks <= 0:
+            return
+        if len(hashes) > self.pending_max_blocks:
+            hashes = hashes[: self.pending_max_blocks]
+        self.expire_pending(now)
+        while self._pending and self._pending_blocks + len(hashes) > self.pending_max_blocks:
+            self._release_pending(self._pending.popitem(last=False)[1][1])
+        entry = self._pending.get(key)
+        if entry is None:
+            entry = self._pending[key] = (now + self.pending_ttl_s, [])
+        entry[1].append((slot, hashes))
+        self._pending_blocks += len(hashes)
+        self.index.add(slot, hashes, self.pending_medium, unique=True)
+
+    def clear_pending(self, key: Any) -> None:
+        """Request ``key`` reached its first token, failed or ended: its pods' events tell the rest."""
+        entry = self._pending.pop(key, None)
+        if entry is not None:
+            self._release_pending(entry[1])
+
+    def expire_pending(self, now: float) -> None:
+        pending = self._pending
+        while pending:
+            key, (expiry, _) = next(iter(pending.items()))
+            if expiry > now:
+                break
+            self._release_pending(pending.popitem(last=False)[1][1])
+
+    def pending_count(self) -> int:
+        """Pending block entries (a block pended on two pods counts twice)."""
+        return self._pending_blocks
+
+    def _release_pending(self, parts: list[tuple[int, list[int]]]) -> None:
+        for slot, hashes in parts:
+            self._pending_blocks -= len(hashes)
+            self.index.remove(slot, hashes, self.pending_medium)
+
     # ---- degradation --------------------------------------------------------------------------------
     def note_routed(self, slot: int, now: float, new_blocks: int = 1) -> None:
         """The pod got traffic that makes it store ``new_blocks`` full blocks it did not hold: if no event
@@ -207,7 +274,9 @@ class PreciseIndex:
         return ~self.has_events | stale | (now < self.gap_until)
 
     def refresh(self, now: float) -> None:
-        """Publish state changes (metric + log line) for pods that publish events."""
+        """Expire pending blocks; publish state changes (metric + log line) for pods that publish events."""
+        if self._pending:
+            self.expire_pending(now)
         stale = (now - self.pending_since) > self.degraded_after_s
         gap = now < self.gap_until
         state = self.has_events & (stale | gap)
@@ -241,7 +310,10 @@ class PreciseIndex:
         """Index content with pod addresses instead of slots (replica comparison, tests)."""
         out = {}
         for h, media in self.index.contents().items():
-            out[h] = {m: tuple(sorted(self._address_of(p) or str(p) for p in pods)) for m, pods in media.items()}
+            held = {m: tuple(sorted(self._address_of(p) or str(p) for p in pods))
+                    for m, pods in media.items() if m != PENDING}
+            if held:
+                out[h] = held
         return out
 
     def check_invariants(self) -> None:

@@ -121,3 +121,88 @@ def test_full_prefix_hits_without_events_do_not_degrade():
     clock.advance(3)
     s.decide(request("after", TOK))
     assert deg() == 1.0 and "uncached full blocks" in kv.reasons[0]
+
+
+# ---- pending (speculative) blocks -------------------------------------------------------------------------
+LONG = np.arange(1, 64 * BS + 1)  # 64 blocks nobody holds yet
+
+
+def _precise(n=3, **precise):
+    return scheduler(eps=endpoints(n, kv=True), raw={"profile": "precise", "prefix": {"precise": precise}})
+
+
+def test_second_request_before_any_event_follows_the_first_to_its_pod():
+    s, clock = _precise()
+    d1 = s.decide(request("r1", LONG))
+    clock.advance(0.05)  # r1's prefill still runs: no BlockStored yet
+    d2 = s.decide(request("r2", np.concatenate([LONG, np.arange(9000, 9000 + 2 * BS)])))
+    assert d2.primary == d1.primary
+    assert d2.explanation[d1.primary]["prefix"] > 0.9  # no event yet: the pod holds r1's blocks as pending
+    kv = s.datalayer.kv_index
+    assert kv.pending_count() == 64 + 66
+    kv.check_invariants()
+
+
+def test_pending_blocks_go_at_first_token_failure_or_ttl():
+    s, clock = _precise(pending_ttl_s=2)
+    kv = s.datalayer.kv_index
+    own = hash_blocks(LONG, BS)
+    d1 = s.decide(request("r1", LONG))
+    a = s.datalayer.endpoints.slot(d1.primary)
+    assert kv.index.match(own)[0][a] == 64
+    s.on_first_token(d1, clock.now())
+    assert kv.index.match(own) is None and kv.pending_count() == 0
+    d2 = s.decide(request("r2", LONG))
+    s.on_failed(d2, "boom", clock.now())
+    assert kv.index.match(own) is None
+    s.decide(request("r3", LONG))
+    clock.advance(2.5)
+    s.decide(request("other", np.arange(50_000, 50_000 + 4 * BS)))  # refresh expires r3's blocks
+    assert kv.index.match(own) is None
+    # the events' own blocks are untouched by clearing pending ones
+    kv.apply_events(d1.primary, [stored([1, 2], LONG[: 2 * BS])], now=clock.now())
+    d4 = s.decide(request("r4", LONG))
+    s.on_first_token(d4, clock.now())
+    assert kv.index.match(own)[0][a] == 2
+    assert all("(pending)" not in m for m in kv.contents_by_address().values())
+    kv.check_invariants()
+
+
+def test_pending_blocks_are_capped_oldest_first():
+    s, clock = _precise(pending_max_blocks=100)
+    kv = s.datalayer.kv_index
+    d1 = s.decide(request("r1", LONG))
+    other = np.arange(70_000, 70_000 + 64 * BS)
+    s.decide(request("r2", other))
+    assert kv.pending_count() == 64  # r1's 64 went to make room
+    assert kv.index.match(hash_blocks(LONG, BS)) is None
+    assert kv.index.match(hash_blocks(other, BS)) is not None
+    s.on_finished(d1, None, clock.now())  # already gone: harmless
+    kv.check_invariants()
+
+
+def test_unknown_media_never_land_in_the_pending_column():
+    s, clock = _precise(medium_weights={"GPU": 1.0})
+    kv = s.datalayer.kv_index
+    kv.apply_events("10.0.0.1:8000", [stored([1], LONG[:BS], medium="DISK"), stored([2], LONG[BS:2 * BS], parent=1,
+                                                                                     medium=None)])
+    assert kv.index.pods_holding(hash_blocks(LONG, BS)[0]) == {"GPU": [0]}
+    assert kv.index.pods_holding(hash_blocks(LONG, BS)[1]) == {"GPU": [0]}
+
+
+def test_pd_decision_pends_on_the_prefill_pod_too():
+    from pickers.types import Endpoint
+
+    eps = [Endpoint(f"10.0.1.{i + 1}:8000", role="prefill", kv_events=f"tcp://127.0.0.1:{20 + i}") for i in range(2)]
+    eps += [Endpoint(f"10.0.2.{i + 1}:8000", role="decode", kv_events=f"tcp://127.0.0.1:{30 + i}") for i in range(2)]
+    s, clock = scheduler(eps=eps, raw={"profile": "precise", "handler": {"type": "prefill-decode"}})
+    toks = np.arange(1, 4096 + 1)
+    d = s.decide(request("r1", toks))
+    assert d.prefill is not None
+    kv = s.datalayer.kv_index
+    blocks = kv.index.match(hash_blocks(toks, BS))[0]
+    ep = s.datalayer.endpoints
+    assert blocks[ep.slot(d.prefill)] == 256 and blocks[ep.slot(d.primary)] == 256
+    clock.advance(0.05)
+    d2 = s.decide(request("r2", toks))  # its prefix is (speculatively) on r1's decode pod: no leg
+    assert d2.primary == d.primary and d2.prefill is None

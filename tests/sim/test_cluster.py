@@ -257,3 +257,17 @@ def test_precise_picker_profile_follows_kv_events_to_the_cached_pod():
     _, rr = run([TraceRequest(r.index, r.arrival, r.input_length, r.output_length, r.hash_ids) for r in reqs],
                 pods=4, policy="round-robin")
     assert rr.records[2].cached_tokens == 0  # round-robin sent it elsewhere
+
+
+@pytest.mark.parametrize("policy", ["precise", "default"])
+def test_same_new_prefix_50ms_apart_shares_the_pod_before_any_kv_event(policy):
+    """The second request arrives while the first's cold 4K prefill still runs (no BlockStored yet): the
+    first's blocks are pending on its pod, so the second goes there instead of paying a second cold prefill."""
+    pytest.importorskip("pickers.config")
+    ids = list(range(300, 308))  # 8 x 512 tokens: a 4K prefix nobody holds
+    reqs = [tr(0, 0.0, 4096, 2, ids), tr(1, 0.05, 4608, 2, ids + [999])]
+    _, res = run(reqs, pods=4, policy=policy)
+    first, second = res.records
+    assert first.first_token > second.arrival  # the first prefill had not finished when the second came
+    assert second.decode_pod == first.decode_pod
+    assert second.cached_tokens == 4096
