@@ -204,8 +204,9 @@ class KVScheduler:
         if hashes:
             dl.learn(hashes, targets)
         if dl.precise_enabled:
-            for s in targets:
-                dl.kv_index.note_routed(s, ctx.now, self._new_blocks(ctx, s))
+            expect = [s for s in targets if self._new_blocks(ctx, s) > 0]
+            if expect:  # these pods will announce new blocks: judged from the first token (on_first_token)
+                req.cache["kv_expect"] = (ctx.now, expect)
             if hashes:
                 self._pend(req, targets, hashes, ctx.now)
         for h in self._hooks["on_routed"]:
@@ -236,6 +237,13 @@ class KVScheduler:
         held = int(hits[slot]) // bs if slot < hits.size else 0
         return len(hashes) - held
 
+    def _expect_events(self, req: InferenceRequest, at: float) -> None:
+        expect = req.cache.pop("kv_expect", None)
+        if expect is not None:
+            routed_at, slots = expect
+            for s in slots:
+                self.dl.kv_index.expect_events(s, routed_at, at)
+
     # ---- hooks from the response path ------------------------------------------------------------------
     def on_served(self, decision: Decision, served: str) -> None:
         req = decision.request
@@ -245,6 +253,10 @@ class KVScheduler:
             if slot is not None:
                 key = req.request_id or str(id(req))
                 self.dl.inflight.move(key, slot)
+                expect = req.cache.get("kv_expect")
+                was = self.dl.endpoints.slot(decision.primary)
+                if expect is not None and was in expect[1]:
+                    expect[1][expect[1].index(was)] = slot
                 hashes = req.cache.get("block_hashes")
                 if hashes:
                     self.dl.learn(hashes, [slot])
@@ -260,6 +272,7 @@ class KVScheduler:
         key = req.request_id or str(id(req))
         self.dl.inflight.first_token(key)
         self.dl.kv_index.clear_pending(key)
+        self._expect_events(req, at)
         for h in self._hooks["on_first_token"]:
             h(decision, at)
 
@@ -268,6 +281,7 @@ class KVScheduler:
         key = req.request_id or str(id(req))
         self.dl.inflight.finish(key)
         self.dl.kv_index.clear_pending(key)
+        self._expect_events(req, at)  # no first token was reported: judge from the end
         slot = self.dl.endpoints.slot(req.cache.get("served", decision.primary))
         if slot is not None:
             self.dl.health.success(slot)
@@ -279,6 +293,7 @@ class KVScheduler:
         key = req.request_id or str(id(req))
         self.dl.inflight.finish(key)
         self.dl.kv_index.clear_pending(key)
+        req.cache.pop("kv_expect", None)  # a failed request may never have stored its blocks: no evidence
         slot = self.dl.endpoints.slot(req.cache.get("served", decision.primary))
         if slot is not None:
             self.dl.health.failure(slot, f"request failed: {reason}")

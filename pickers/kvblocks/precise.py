@@ -9,9 +9,12 @@ prompt does each pod hold" exactly, as long as the picker tokenizes as the engin
 Sequence numbers are checked per pod: a gap (lost messages) or a step back (pod restarted) drops that
 pod's entries (they may be wrong now) and marks the pod degraded while it re-learns. Silence alone is no
 evidence of loss: a pod serving full prefix hits with short outputs stores no new block and sends nothing
-(real vLLM too). So a pod is degraded for silence only when it was sent traffic that must have produced new
-full blocks (``note_routed(slot, now, new_blocks)`` with at least one full prompt block it did not hold) and
-no event followed within ``degraded_after_s``. Degraded pods are scored with the
+(real vLLM too). So a pod is degraded for silence only when a request that must have produced new full blocks
+(at least one full prompt block it did not hold) reached its first token there, no event at all came from
+the pod since that request was routed, and none followed within ``degraded_after_s`` of the first token
+(``expect_events(slot, routed_at, first_token_at)``). The clock starts at the first token, not at routing:
+the engine has committed the prompt's blocks by then, while a 100K-token prefill can take longer than
+``degraded_after_s`` and a P/D decode pod stores its blocks only after the prefill leg and the transfer. Degraded pods are scored with the
 approximate index instead; the state is exported as ``kvswitch_prefix_index_degraded{endpoint}`` and logged
 on every change.
 
@@ -259,14 +262,15 @@ class PreciseIndex:
             self.index.remove(slot, hashes, self.pending_medium)
 
     # ---- degradation --------------------------------------------------------------------------------
-    def note_routed(self, slot: int, now: float, new_blocks: int = 1) -> None:
-        """The pod got traffic that makes it store ``new_blocks`` full blocks it did not hold: if no event
-        follows within ``degraded_after_s``, events were lost and it is degraded. Traffic that stores nothing
-        new (full prefix hits) proves nothing and is ignored."""
-        if new_blocks <= 0:
+    def expect_events(self, slot: int, routed_at: float, at: float) -> None:
+        """A request routed to pod ``slot`` at ``routed_at`` with full blocks the pod did not hold reached its
+        first token (or its end) at ``at``: its blocks are committed, so the pod has announced them. If no
+        event came since ``routed_at`` and none follows within ``degraded_after_s`` of ``at``, events were
+        lost and the pod is degraded. Requests that store nothing new (full prefix hits) never get here."""
+        if slot >= self.pending_since.size or self.last_event[slot] >= routed_at:
             return
-        if slot < self.pending_since.size and self.pending_since[slot] == math.inf:
-            self.pending_since[slot] = now
+        if self.pending_since[slot] == math.inf:
+            self.pending_since[slot] = at
 
     def degraded_mask(self, now: float) -> np.ndarray:
         """Per pod slot: True where precise scoring must not be trusted (no source, silent, or gap)."""

@@ -68,7 +68,8 @@ def test_silent_pod_degrades_and_falls_back_to_approximate():
     deg = lambda addr: s.test_registry.get_sample_value("kvswitch_prefix_index_degraded", {"endpoint": addr})
     d = s.decide(request("r1", TOK))
     first = d.primary
-    clock.advance(3)  # routed traffic, no events for 3 s
+    s.on_first_token(d, clock.now())
+    clock.advance(3)  # r1's blocks are committed at its first token, no events for 3 s
     d2 = s.decide(request("r2", TOK))
     assert deg(first) == 1.0
     # degraded pod is scored from the approximate index, which learned r1: full prefix hit
@@ -117,7 +118,8 @@ def test_full_prefix_hits_without_events_do_not_degrade():
         s.decide(request(f"hit{i}", TOK))  # every full block already held: nothing to announce
     assert not kv.degraded_mask(clock.now())[0] and deg() in (None, 0.0)
     # a prompt with a new full block must produce an event; silence after it is evidence of loss
-    s.decide(request("new", np.arange(1, 6 * BS + 1)))
+    d = s.decide(request("new", np.arange(1, 6 * BS + 1)))
+    s.on_first_token(d, clock.now())
     clock.advance(3)
     s.decide(request("after", TOK))
     assert deg() == 1.0 and "uncached full blocks" in kv.reasons[0]
@@ -206,3 +208,64 @@ def test_pd_decision_pends_on_the_prefill_pod_too():
     clock.advance(0.05)
     d2 = s.decide(request("r2", toks))  # its prefix is (speculatively) on r1's decode pod: no leg
     assert d2.primary == d.primary and d2.prefill is None
+
+
+# ---- degradation judged from the first token ----------------------------------------------------------------
+def _deg(s, addr):
+    return s.test_registry.get_sample_value("kvswitch_prefix_index_degraded", {"endpoint": addr}) or 0.0
+
+
+def test_long_prefill_is_not_silence_the_clock_starts_at_first_token():
+    s, clock = _precise(degraded_after_s=10)
+    d = s.decide(request("long", LONG))
+    a = d.primary
+    clock.advance(15)  # a 100K-token prefill takes longer than degraded_after_s: no event, no first token yet
+    s.decide(request("x", np.arange(80_000, 80_000 + 2 * BS)))
+    assert _deg(s, a) == 0.0
+    s.on_first_token(d, clock.now())  # the blocks are committed now, and still no event came
+    clock.advance(5)
+    s.decide(request("y", np.arange(90_000, 90_000 + 2 * BS)))
+    assert _deg(s, a) == 0.0
+    clock.advance(6)
+    s.decide(request("z", np.arange(95_000, 95_000 + 2 * BS)))
+    assert _deg(s, a) == 1.0 and "uncached full blocks" in s.datalayer.kv_index.reasons[s.datalayer.endpoints.slot(a)]
+
+
+def test_events_during_the_prefill_satisfy_it_and_finish_starts_the_clock_without_first_token():
+    s, clock = _precise(degraded_after_s=10)
+    d = s.decide(request("r1", LONG))
+    a = d.primary
+    clock.advance(8)
+    s.datalayer.kv_index.apply_events(a, [stored([1, 2], LONG[: 2 * BS])], now=clock.now())  # chunked prefill
+    clock.advance(4)
+    s.on_first_token(d, clock.now())
+    clock.advance(30)
+    s.decide(request("later", np.arange(80_000, 80_000 + 2 * BS)))
+    assert _deg(s, a) == 0.0  # the pod announced blocks after r1 was routed: alive
+    # no first token reported (a non-streamed response): the end starts the clock
+    other = np.arange(200_000, 200_000 + 8 * BS)
+    d2 = s.decide(request("r2", other, max_tokens=4))
+    b = d2.primary
+    clock.advance(5)
+    s.on_finished(d2, None, clock.now())
+    clock.advance(7)  # 12 s after routing, 7 s after the end
+    s.decide(request("after", np.arange(80_000, 80_000 + 2 * BS)))
+    assert _deg(s, b) == 0.0
+    clock.advance(4)
+    s.decide(request("after2", np.arange(80_000, 80_000 + 2 * BS)))
+    assert _deg(s, b) == 1.0
+
+
+def test_failed_request_is_no_evidence_and_gaps_still_degrade_at_once():
+    s, clock = _precise(degraded_after_s=10)
+    d = s.decide(request("r1", LONG))
+    a = d.primary
+    s.on_failed(d, "upstream reset", clock.now())
+    clock.advance(30)
+    s.decide(request("x", np.arange(80_000, 80_000 + 2 * BS)))
+    assert _deg(s, a) == 0.0
+    kv = s.datalayer.kv_index
+    kv.apply_events(a, [stored([1], LONG[:BS])], now=clock.now(), seq=1)
+    kv.apply_events(a, [stored([2], LONG[BS:2 * BS], parent=1)], now=clock.now(), seq=5)
+    s.decide(request("y", np.arange(90_000, 90_000 + 2 * BS)))
+    assert _deg(s, a) == 1.0
