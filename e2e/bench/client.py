@@ -32,6 +32,8 @@ class RunResult:
     itl_ms: list[float] = field(default_factory=list)  # per-request mean inter-token latency
     e2e_ms: list[float] = field(default_factory=list)
     output_tokens: list[int] = field(default_factory=list)
+    input_tokens: list[int] = field(default_factory=list)  # per request, from the server's usage
+    cached_tokens: list[int] = field(default_factory=list)  # per request: usage prompt cached tokens
     errors: int = 0
     error_kinds: dict[str, int] = field(default_factory=dict)
     requests_sent: int = 0
@@ -56,6 +58,13 @@ class RunResult:
         self.output_tok_s *= ts
         self.time_scale = ts
         return self
+
+    @property
+    def cold_prompts(self) -> float:
+        """Requests that found less than half their prompt cached: prefix misses the routing paid for."""
+        if not self.input_tokens:
+            return float("nan")
+        return float(sum(1 for n, c in zip(self.input_tokens, self.cached_tokens) if n and c < n / 2))
 
     @property
     def path_ms(self) -> float:
@@ -113,6 +122,8 @@ def parse_exports(artifact_dir: Path, router: str, rate: float, repetition: int)
                 res.itl_ms.append(float(itl))
             osl = _value(metrics, "output_sequence_length")
             res.output_tokens.append(int(osl or 0))
+            res.input_tokens.append(int(_value(metrics, "usage_prompt_tokens") or 0))
+            res.cached_tokens.append(int(_value(metrics, "usage_prompt_cache_read_tokens") or 0))
     summary = art / "profile_export_aiperf.json"
     if summary.exists():
         s = json.loads(summary.read_text())

@@ -30,6 +30,7 @@ METRICS: list[tuple[str, str, Any, str]] = [
     ("itl_p50", "ITL p50 ms", lambda r: percentile(r.itl_ms, 50), "{:.1f}"),
     ("itl_p90", "ITL p90 ms", lambda r: percentile(r.itl_ms, 90), "{:.1f}"),
     ("e2e_p90", "e2e p90 ms", lambda r: percentile(r.e2e_ms, 90), "{:.0f}"),
+    ("cold", "cold prompts", lambda r: r.cold_prompts, "{:.0f}"),
     ("errors", "errors", lambda r: float(r.errors), "{:.0f}"),
     ("hit", "hit rate", lambda r: r.hit_rate if r.hit_rate is not None else float("nan"), "{:.0%}"),
 ]
@@ -168,7 +169,8 @@ def render(results_path: Path, with_plots: bool = True) -> Path:
         ". req/s and out tok/s are achieved throughput; ITL is each request's mean inter-token latency; hit "
         "rate is the fleet's prefix-cache hits / queries (tokens) during the run. pod TTFT is the pods' own mean TTFT "
         "(from arrival at the pod: queueing + prefill, what routing decides); path = client mean TTFT - pod mean "
-        "TTFT, what the router, proxy and client add per request.",
+        "TTFT, what the router, proxy and client add per request. cold prompts: requests that found less than half "
+        "their prompt cached (from each response's usage), i.e. the prefix misses the placement cost.",
         "",
         table(meta, runs),
         "",

@@ -68,7 +68,9 @@ def test_single_repetition_has_no_ranges(tmp_path):
 def test_parse_aiperf_exports(tmp_path):
     recs = [
         {"metadata": {}, "metrics": {"request_latency": {"value": 100.0}, "time_to_first_token": {"value": 20.0},
-                                     "inter_token_latency": {"value": 4.0}, "output_sequence_length": {"value": 21}}},
+                                     "inter_token_latency": {"value": 4.0}, "output_sequence_length": {"value": 21},
+                                     "usage_prompt_tokens": {"value": 4608},
+                                     "usage_prompt_cache_read_tokens": {"value": 4096}}},
         {"metadata": {}, "metrics": {}, "error": {"code": 503, "type": "ServiceUnavailable", "message": "x"}},
         {"metadata": {}, "metrics": {"request_latency": {"value": 300.0}, "time_to_first_token": {"value": 40.0},
                                      "output_sequence_length": {"value": 1}}},
@@ -82,6 +84,7 @@ def test_parse_aiperf_exports(tmp_path):
     assert res.error_kinds == {"ServiceUnavailable": 1}
     assert res.ttft_ms == [20.0, 40.0] and res.itl_ms == [4.0] and res.e2e_ms == [100.0, 300.0]
     assert res.request_throughput == 1.0 and res.output_tok_s == 11.0
+    assert res.input_tokens == [4608, 0] and res.cached_tokens == [4096, 0]  # usage absent: 0
 
 
 def test_to_simulated_converts_wall_samples_by_the_time_scale():
@@ -102,3 +105,10 @@ def test_path_is_client_ttft_minus_pod_ttft_and_shows_in_the_table(tmp_path):
     row = next(line for line in render(tmp_path / "results.json", with_plots=False).read_text().splitlines()
                if line.startswith("| kvswitch | 4 |"))
     assert "| 19 | 15 | 4.0 |" in row
+
+
+def test_cold_prompts_count_requests_with_less_than_half_cached():
+    run = _run("kvswitch", 4.0, 0, ttft=10.0, hit=0.5)
+    assert math.isnan(run.cold_prompts)  # no usage parsed: unknown
+    run.input_tokens, run.cached_tokens = [4608, 4608, 4608, 100], [4096, 0, 2000, 0]
+    assert run.cold_prompts == 3.0
