@@ -96,6 +96,12 @@ class Plugin:
     def label(self) -> str:
         return self.TYPE
 
+    @property
+    def uses_kv_events(self) -> bool:
+        """Whether this plugin reads the precise index (fed by KV events): plugins with a ``mode`` parameter
+        do unless it is ``approximate``. The scheduler subscribes to KV events only when some plugin does."""
+        return getattr(self, "mode", None) in ("precise", "auto")
+
 
 REGISTRY: dict[str, dict[str, type[Plugin]]] = {
     "admission": {}, "filter": {}, "scorer": {}, "picker": {}, "handler": {},

@@ -63,6 +63,11 @@ class KVScheduler:
         self._hooks: dict[str, list[Any]] = {
             h: [getattr(p, h) for p in plugins if callable(getattr(p, h, None))] for h in _HOOKS}
         self._needs_tokens = profiles[profile].needs_tokens
+        run = profiles[getattr(handler, "profile", None) or profile]
+        used: list[Plugin] = [handler, *admission, *run.filters, *(s for s, _ in run.scorers), run.picker]
+        # KV events cost a subscription per pod and index upkeep per event: only when a plugin reads them
+        self.uses_kv_events = any(p.uses_kv_events for p in used)
+        datalayer.want_precise(self.uses_kv_events)
         self._scraper: MetricsScraper | None = None
         self._subscriber: KVEventSubscriber | None = None
         self._discovery_task: asyncio.Task | None = None
@@ -103,7 +108,7 @@ class KVScheduler:
     def _watch(self, slot: int, ep: Endpoint) -> None:
         assert self._scraper is not None and self._subscriber is not None
         self._scraper.watch(slot, ep.address, ep.scrape_url)
-        if ep.kv_events:
+        if ep.kv_events and self.uses_kv_events:
             self._subscriber.subscribe(ep.address, ep.kv_events)
 
     # ---- lifecycle --------------------------------------------------------------------------------------

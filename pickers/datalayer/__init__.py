@@ -66,8 +66,15 @@ class DataLayer:
         self.kv_index = PreciseIndex(ep.slot, ep.address, s.precise_max_blocks, s.medium_weights, 64,
                                      s.engine_map_cap, s.degraded_after_s, on_degraded,
                                      s.pending_ttl_s, s.pending_max_blocks)
-        self.precise_enabled = False
+        self.precise_enabled = False  # some pod publishes KV events and the scheduler reads them
+        self._precise_wanted = True
         ep.listen(self._on_endpoint)
+
+    def want_precise(self, wanted: bool) -> None:
+        """The scheduler says whether any of its plugins reads the precise index; if none does, it stays off
+        (no degradation tracking, no pending blocks) even where pods publish events."""
+        self._precise_wanted = wanted
+        self.precise_enabled = wanted and bool(self.kv_index.has_events.any())
 
     # ---- endpoint lifecycle -------------------------------------------------------------------------
     def _on_endpoint(self, what: str, slot: int, e) -> None:
@@ -75,7 +82,7 @@ class DataLayer:
             self.approx.ensure_pods(slot + 1)
             self.kv_index.ensure_pods(slot + 1)
             self.kv_index.set_source(slot, bool(e.kv_events))
-            self.precise_enabled = self.precise_enabled or bool(e.kv_events)
+            self.precise_enabled = self.precise_enabled or (self._precise_wanted and bool(e.kv_events))
             self.costs.set(slot, e.model_profile, e.accelerator)
         else:
             self.approx.drop_pod(slot)

@@ -39,9 +39,6 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 
 from pickers.kvblocks.events import (
-    AllBlocksCleared,
-    BlockRemoved,
-    BlockStored,
     EventError,
     KVEvent,
     _event,
@@ -153,18 +150,20 @@ class PreciseIndex:
         self, address: str, events: Iterable[KVEvent | Mapping[str, Any] | list[Any]], now: float = 0.0,
         seq: int | None = None,
     ) -> int:
-        """Apply decoded (or raw map/array form) events from pod ``address`` directly (virtual time, tests)."""
+        """Apply events from pod ``address`` directly (virtual time, tests): raw map/array (wire) forms, or
+        records with the fields of ``events.BlockStored``/``BlockRemoved``/``AllBlocksCleared`` and those class
+        names (ours, or the simulator's own, handed over without the wire-format round trip)."""
         slot = self._resolve(address)
         if slot is None:
             raise KeyError(f"unknown endpoint {address!r}")
-        evs: list[KVEvent] = []
+        evs: list[Any] = []
         for e in events:
-            if isinstance(e, (BlockStored, BlockRemoved, AllBlocksCleared)):
-                evs.append(e)
-            else:
+            if isinstance(e, (dict, list, tuple)):
                 ev = _event(e)
                 if ev is not None:
                     evs.append(ev)
+            else:
+                evs.append(e)
         return self._apply(slot, address, evs, seq, now)
 
     def _apply(self, slot: int, address: str, events: list[KVEvent], seq: int | None, now: float) -> int:
@@ -183,9 +182,23 @@ class PreciseIndex:
         self.pending_since[slot] = math.inf
         index = self.index
         emap = self._engine_maps.setdefault(slot, {})
+        pop = emap.pop
+        gone: list[int] = []  # own hashes of consecutive BlockRemoved events of one medium: one batched remove
+        gone_medium = None
+        self.stats["events"] += len(events)
         for ev in events:
-            self.stats["events"] += 1
-            if type(ev) is BlockStored:
+            kind = type(ev).__name__
+            if kind == "BlockRemoved":
+                if ev.medium != gone_medium and gone:
+                    index.remove(slot, gone, index.medium_index(gone_medium))
+                    gone = []
+                gone_medium = ev.medium
+                gone.extend(o for eh in ev.block_hashes if (o := pop(eh, None)) is not None)
+                continue
+            if gone:  # keep the order: what was removed before this event is gone before it applies
+                index.remove(slot, gone, index.medium_index(gone_medium))
+                gone = []
+            if kind == "BlockStored":
                 if ev.parent_block_hash is None:
                     parent = ROOT_HASH
                 else:
@@ -202,13 +215,14 @@ class PreciseIndex:
                 emap.update(zip(ev.block_hashes[:n], own))
                 if len(emap) > self.engine_map_cap:
                     self._trim(emap)
-            elif type(ev) is BlockRemoved:
-                pop = emap.pop
-                own = [o for eh in ev.block_hashes if (o := pop(eh, None)) is not None]
-                if own:
-                    index.remove(slot, own, index.medium_index(ev.medium))
-            elif type(ev) is AllBlocksCleared:
+            elif kind == "AllBlocksCleared":
                 self._drop(slot)
+                emap = self._engine_maps.setdefault(slot, {})
+                pop = emap.pop
+            else:
+                self.stats["unknown"] += 1
+        if gone:
+            index.remove(slot, gone, index.medium_index(gone_medium))
         return len(events)
 
     def _drop(self, slot: int) -> int:

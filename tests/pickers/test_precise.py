@@ -269,3 +269,50 @@ def test_failed_request_is_no_evidence_and_gaps_still_degrade_at_once():
     kv.apply_events(a, [stored([2], LONG[BS:2 * BS], parent=1)], now=clock.now(), seq=5)
     s.decide(request("y", np.arange(90_000, 90_000 + 2 * BS)))
     assert _deg(s, a) == 1.0
+
+
+# ---- cost: who reads KV events, batched removals, records handed over directly ----------------------------
+@pytest.mark.parametrize("raw,uses", [
+    ({"profile": "load-only"}, False), ({"profile": "approximate"}, False), ({"profile": "round-robin"}, False),
+    ({"profile": "precise"}, True), ({"profile": "default"}, True),
+    ({"profile": "load-only", "handler": {"type": "prefill-decode"}}, True),  # the P/D decider reads it
+    ({"profile": "load-only", "handler": {"type": "prefill-decode", "mode": "approximate"}}, False),
+])
+def test_kv_events_are_used_only_when_a_plugin_reads_the_precise_index(raw, uses):
+    s, clock = scheduler(raw=raw, eps=endpoints(2, kv=True))
+    assert s.uses_kv_events is uses
+    assert s.datalayer.precise_enabled is uses
+    s.decide(request("r", LONG))
+    assert (s.datalayer.kv_index.pending_count() > 0) is uses  # no precise upkeep for a profile that never reads it
+
+
+def test_consecutive_removals_of_one_medium_are_one_batched_remove(monkeypatch):
+    s, clock = scheduler(eps=endpoints(1, kv=True))
+    kv = s.datalayer.kv_index
+    a = "10.0.0.1:8000"
+    own = hash_blocks(LONG, BS)
+    kv.apply_events(a, [stored(list(range(1, 9)), LONG[: 8 * BS])])
+    calls = []
+    real = kv.index.remove
+    monkeypatch.setattr(kv.index, "remove", lambda pod, hs, medium=0: calls.append(list(hs)) or real(pod, hs, medium))
+    kv.apply_events(a, [removed([8]), removed([7]), removed([6]), removed([999])])  # as vLLM: one per block
+    assert calls == [[own[7], own[6], own[5]]] and kv.index.match(own)[0][0] == 5
+    # order kept around other events: removed then stored again within one batch, and per medium
+    calls.clear()
+    kv.apply_events(a, [removed([5]), stored([5], LONG[4 * BS: 5 * BS], parent=4), removed([4], medium="CPU"),
+                        removed([3])])
+    assert calls == [[own[4]], [own[3]], [own[2]]]
+    assert kv.index.match(own)[0][0] == 2  # block 2 went (GPU)
+    assert kv.index.pods_holding(own[2]) == {}
+    assert kv.index.pods_holding(own[4]) == {"GPU": [0]}  # removed, then stored again
+    assert kv.index.pods_holding(own[3]) == {"GPU": [0]}  # the CPU removal found nothing on CPU
+    kv.check_invariants()
+
+
+def test_blocks_stored_after_a_clear_in_the_same_batch_are_kept():
+    s, clock = scheduler(eps=endpoints(1, kv=True))
+    kv = s.datalayer.kv_index
+    a = "10.0.0.1:8000"
+    kv.apply_events(a, [stored([1, 2], LONG[: 2 * BS]), cleared(), stored([11, 12], LONG[: 2 * BS]),
+                        stored([13], LONG[2 * BS: 3 * BS], parent=12)])
+    assert kv.index.match(hash_blocks(LONG, BS))[0][0] == 3 and kv.engine_map_size(0) == 3

@@ -271,3 +271,38 @@ def test_same_new_prefix_50ms_apart_shares_the_pod_before_any_kv_event(policy):
     assert first.first_token > second.arrival  # the first prefill had not finished when the second came
     assert second.decode_pod == first.decode_pod
     assert second.cached_tokens == 4096
+
+
+@pytest.mark.parametrize("policy,wants", [("load-only", False), ("approximate", False), ("precise", True),
+                                          ("default", True)])
+def test_picker_profiles_get_kv_events_only_when_they_read_them(policy, wants):
+    pytest.importorskip("pickers.config")
+    fleet = fleet_from_flags(2, "H100", "8b")
+    sim = ClusterSim(fleet, lambda eps, clock: make_router(policy, eps, clock))
+    assert sim.router.wants_kv_events is wants
+    assert all(p.core.pool.publish_events is wants for p in sim.pods)
+
+
+def test_pool_events_handed_over_directly_build_the_same_index_as_the_wire_form():
+    pytest.importorskip("pickers.config")
+    from engine.sim.kvevents import event_to_wire
+    from pickers.kvblocks.precise import PreciseIndex
+
+    fleet = fleet_from_flags(2, "H100", "8b", num_blocks=300)  # small pools: evictions (BlockRemoved) too
+    sim = ClusterSim(fleet, lambda eps, clock: make_router("precise", eps, clock))
+    kv = sim.router._kv_index
+    captured: list = []
+    apply = kv.apply_events
+    kv.apply_events = lambda pod, evs, now=0.0: (captured.append((pod, list(evs), now)), apply(pod, evs, now=now))[1]
+    reqs = [tr(i, 0.01 * i, 2048, 4, [i % 5, 100 + i, 200 + i, 300 + i]) for i in range(12)]
+    sim.run(trace_prompts(shape_trace(reqs)))
+    assert captured and type(captured[0][1][0]).__module__ == "engine.sim.blockpool"  # no wire round trip
+    assert any(type(e).__name__ == "BlockRemoved" for _, evs, _ in captured for e in evs)
+    ep = sim.router.scheduler.dl.endpoints
+    via_wire = PreciseIndex(ep.slot, ep.address)
+    for slot in ep.active_slots().tolist():
+        via_wire.set_source(slot, True)
+    for pod, evs, now in captured:
+        via_wire.apply_events(pod, [event_to_wire(e) for e in evs], now=now)
+    direct = kv.contents_by_address()
+    assert direct and via_wire.contents_by_address() == direct

@@ -119,7 +119,8 @@ class SchedulerRouter(BaseRouter):
     Hooks go to the scheduler's on_served/on_first_token/on_finished/on_failed with its Decision. If the
     scheduler exposes its data layer (``.dl``), the simulator feeds it directly, as documented in
     pickers/datalayer: ``dl.metrics.update(addr, PodMetrics(...), at)`` every scrape and
-    ``dl.kv_index.apply_events(addr, [wire events], now=at)`` after every step that changed a cache.
+    ``dl.kv_index.apply_events(addr, events, now=at)`` after every step that changed a cache (the pool's own
+    event records; only when the scheduler reads KV events, ``scheduler.uses_kv_events``).
     """
 
     def __init__(self, scheduler: Any, name: str, clock: ManualClock) -> None:
@@ -135,7 +136,9 @@ class SchedulerRouter(BaseRouter):
         self._metrics_store = getattr(dl, "metrics", None) if dl is not None else None
         self._kv_index = getattr(dl, "kv_index", None) if dl is not None else None
         self.wants_metrics = callable(getattr(self._metrics_store, "update", None))
-        self.wants_kv_events = callable(getattr(self._kv_index, "apply_events", None))
+        # KV events only for a scheduler that reads them (the pods then skip building them altogether)
+        self.wants_kv_events = (callable(getattr(self._kv_index, "apply_events", None))
+                                and bool(getattr(scheduler, "uses_kv_events", True)))
         if self.wants_metrics:
             from pickers.datalayer.metrics import PodMetrics
 
@@ -168,9 +171,9 @@ class SchedulerRouter(BaseRouter):
             self.scheduler.on_failed(d, reason, at)
 
     def on_kv_events(self, pod: str, events: list[KVEvent], at: float) -> None:
-        from engine.sim.kvevents import event_to_wire
-
-        self._kv_index.apply_events(pod, [event_to_wire(e) for e in events], now=at)  # type: ignore[union-attr]
+        # The pool's event records have the fields and class names of pickers.kvblocks.events' own: handed
+        # over as they are, without the wire-format (map) round trip.
+        self._kv_index.apply_events(pod, events, now=at)  # type: ignore[union-attr]
 
     def on_metrics(self, pod: str, stats: EngineStats, at: float) -> None:
         m = self._pod_metrics(
