@@ -42,3 +42,20 @@ def test_tiny_comparison_every_router_serves(tmp_path, peers):
     for router in routers:
         assert f"| {router} | 10 |" in readme
     assert "aiperf 0.13.0" in readme and "envoy" in readme
+
+
+def test_tiny_pd_comparison_kvswitch_runs_prefill_legs_through_its_sidecars(tmp_path, peers):
+    routers = ["kvswitch", "vllm-router:round_robin"]
+    cfg = config_from_preset("tiny", routers=routers, out=tmp_path, cache_dir=tmp_path / "cache",
+                             roles=["prefill", "decode"], pods=2)
+    cfg.workload_params = {**cfg.workload_params, "num_requests": 10, "prefix_tokens": 3072}
+    comparison = Comparison(cfg, log=lambda line: None)
+    doc = json.loads(comparison.run().read_text())
+    assert comparison.failures == [], comparison.failures
+    runs = {r["router"]: r for r in doc["runs"]}
+    assert set(runs) == set(routers)
+    for run in runs.values():
+        assert run["errors"] == 0 and len(run["e2e_ms"]) == 10, run["router"]
+        assert run["pod_query_tokens"][0] > 0, run["router"]  # the prefill pod (pod 0) prefilled something
+    # kvswitch prefills on the prefill pod only where it pays; vllm-router sends every request there
+    assert runs["kvswitch"]["pod_query_tokens"][0] < runs["vllm-router:round_robin"]["pod_query_tokens"][0]
