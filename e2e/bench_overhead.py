@@ -292,7 +292,7 @@ async def main_async(args: argparse.Namespace) -> None:
         await alone.stop()
         await withk.stop()
         for p in (picker, sim):
-            p.send_signal(signal.SIGINT)  # cProfile writes its file on KeyboardInterrupt
+            p.terminate()  # SIGTERM: the serve helpers exit through SystemExit, so cProfile still writes
             try:
                 p.wait(10)
             except subprocess.TimeoutExpired:
@@ -316,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--endpoints", default="", help=argparse.SUPPRESS)
     p.add_argument("--simple", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.serve_upstream or args.serve_picker:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     if args.serve_upstream:
         try:
             serve_fast_upstream([int(x) for x in args.serve_upstream.split(",")])
