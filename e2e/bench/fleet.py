@@ -17,6 +17,7 @@ import yaml
 
 from e2e.bench.procs import Proc, free_port_range
 
+VLLM_DEFAULT_KV_TOPIC = ""  # vLLM's KVEventsConfig.topic default
 _METRIC = re.compile(r"^(vllm:[a-z_]+)(\{[^}]*\})?\s+([-+0-9.eE]+|NaN)\s*$")
 
 
@@ -100,12 +101,16 @@ class SimFleetProcess:
                "--model-profile", s.model_profile, "--accelerator", s.accelerator, "--seed", str(s.seed)]
         if s.tokenizer:
             cmd += ["--tokenizer", str(s.tokenizer)]
-        if s.roles:
-            cmd += ["--config", str(self._write_roles_config())]
+        cmd += ["--config", str(self._write_fleet_config())]
         return cmd + list(s.extra_args)
 
-    def _write_roles_config(self) -> Path:
-        """A fleet YAML with one group per run of equal roles, in pod order (pod i keeps port base+i)."""
+    def _write_fleet_config(self) -> Path:
+        """A fleet YAML with one group per run of equal roles, in pod order (pod i keeps port base+i).
+
+        Every pod publishes KV events on vLLM's default topic (the empty string; vLLM's
+        ``KVEventsConfig.topic``): vllm-router's kv_aware only takes events published there, and a
+        subscriber to "" (kvswitch's default) takes every topic.
+        """
         groups: list[dict] = []
         for role in self.roles:
             if groups and groups[-1]["role"] == role:
@@ -114,7 +119,8 @@ class SimFleetProcess:
                 groups.append({"count": 1, "role": role, "name": f"{role}{len(groups)}"})
         path = self.log_dir / "fleet.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump({"pods": groups, "time_scale": self.spec.time_scale}))
+        path.write_text(yaml.safe_dump({"pods": groups, "time_scale": self.spec.time_scale,
+                                        "defaults": {"kv_events_topic": VLLM_DEFAULT_KV_TOPIC}}))
         return path
 
     def start(self, timeout: float = 60.0) -> None:
