@@ -1,6 +1,7 @@
 """The picker's one YAML configuration file, validated at start (errors name the bad key).
 
-    server: {grpc_port, metrics_port, host, body_limit_bytes, debug_headers, model_rewrite, drain_seconds}
+    server: {grpc_port, metrics_port, host, body_limit_bytes, debug_headers, model_rewrite, drain_seconds,
+             max_fallback, response_body}
     endpoints: [{address, role, model, accelerator, model_profile, labels, kv_events, metrics_url}]
     scheduler: {...}   # passed as-is to pickers.config.build_scheduler when that module exists
 
@@ -30,6 +31,10 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     model_rewrite: dict[str, str] = {}
     drain_seconds: float = 10.0
     max_fallback: int = 0  # endpoints in the fallback list; 0 = all eligible, 1 = ORIGINAL_DST clusters
+    # observe: Envoy streams every response body chunk through the picker (first token, usage, end).
+    # skip: Envoy sends no response body (its ext_proc filter must say response_body_mode NONE; the stream
+    # tells the picker so in protocol_config); first token = response headers, end = the stream's end.
+    response_body: Literal["observe", "skip"] = "observe"
 
 
 class EndpointConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

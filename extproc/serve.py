@@ -21,6 +21,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, help="Prometheus port (server.metrics_port; -1 disables)")
     p.add_argument("--host", help="listen address (server.host)")
     p.add_argument("--debug-headers", action="store_true", help="add x-kvswitch-* response headers")
+    p.add_argument("--response-body", choices=["observe", "skip"],
+                   help="server.response_body: observe (default) reads every response chunk; skip expects Envoy "
+                        "to send none (kvswitch envoy-config --response-body skip) and ends requests at stream end")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -59,6 +62,8 @@ def main(argv: list[str]) -> int:
         s.host = args.host
     if args.debug_headers:
         s.debug_headers = True
+    if args.response_body:
+        s.response_body = args.response_body
     try:
         import uvloop
 

@@ -85,7 +85,9 @@ class Server:
         self.manage_scheduler = manage_scheduler
         s = config.server
         self.processor = ExternalProcessor(
-            scheduler, StreamSettings(s.body_limit_bytes, s.debug_headers, dict(s.model_rewrite), s.max_fallback), self.clock
+            scheduler, StreamSettings(s.body_limit_bytes, s.debug_headers, dict(s.model_rewrite), s.max_fallback,
+                                      s.response_body == "observe"),
+            self.clock
         )
         self.health = health_aio.HealthServicer()
         self.port: int = 0

@@ -4,6 +4,11 @@ request headers -> request body chunks (FULL_DUPLEX_STREAMED: the headers reply 
 -> decision -> headers reply (destination header + envoy.lb metadata) and the body as streamed chunks ->
 response headers -> response body chunks passed straight back while observed -> end. ``handle`` returns the
 replies for one incoming message, in order; it never blocks on anything but the scheduler.
+
+When Envoy sends no response body (``response_body_mode: NONE``, said in the first message's
+``protocol_config``; ``server.response_body: skip``), the response headers stand for the first token and the
+end of the gRPC stream for the end of the request: Envoy keeps the stream open until the HTTP stream completes
+as long as response trailers are SEND (with trailers SKIP it closes it right after the headers reply).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pickers.types import Decision, InferenceRequest, Scheduler, SchedulingError
 
 log = logging.getLogger("kvswitch.extproc")
 
+_BODY_NONE = 0  # ProcessingMode.BodySendMode.NONE
 _ids = itertools.count(1)
 _ID_PREFIX = os.urandom(4).hex()
 
@@ -39,6 +45,7 @@ class StreamSettings:
     debug_headers: bool = False
     model_rewrite: dict[str, str] = field(default_factory=dict)
     max_fallback: int = 0  # 0: the whole fallback list
+    response_body: bool = True  # Envoy sends response bodies (observe); the stream's protocol_config decides
 
 
 class Phase(enum.Enum):
@@ -114,6 +121,7 @@ class ExtProcStream:
         self._size = 0
         self._counted: str | None = None  # endpoint whose in-flight gauge this request holds
         self._ended = False  # on_finished/on_failed called
+        self._body_expected = settings.response_body  # response body messages will come (observe)
 
     # ---- dispatch -------------------------------------------------------------------------------------
     async def handle(self, req: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
@@ -138,6 +146,8 @@ class ExtProcStream:
         if self.phase is not Phase.HEADERS:
             return []
         self.headers = _headers_of(req.request_headers)
+        if req.HasField("protocol_config"):  # what Envoy's filter is configured to send, when it says
+            self._body_expected = req.protocol_config.response_body_mode != _BODY_NONE
         if req.HasField("metadata_context"):
             hint = _metadata_value(req.metadata_context, msg.SUBSET_NAMESPACE, msg.SUBSET)
             if hint is not None:
@@ -251,6 +261,13 @@ class ExtProcStream:
         status_text, content_type = _status_and_type(req.response_headers)
         status = int(status_text or 200)
         self.observer = ResponseObserver(status, content_type)
+        if not self._body_expected and self.decision is not None and status < 400:
+            # No body will be seen: the headers are the first sign of output (vLLM sends a streaming
+            # response's headers when generation starts; a non-streaming one's when it is done).
+            try:
+                self.scheduler.on_first_token(self.decision, self.clock.now())
+            except Exception:
+                log.exception("scheduler.on_first_token failed")
         if self.decision is not None and req.HasField("metadata_context"):
             served = _metadata_value(req.metadata_context, msg.LB_NAMESPACE, msg.SERVED)
             if isinstance(served, str) and served:
@@ -328,7 +345,11 @@ class ExtProcStream:
             log.exception("scheduler hook failed at end of request")
 
     def close(self) -> None:
-        """The gRPC stream ended (normally or not): a request still in flight failed."""
+        """The gRPC stream ended (normally or not): a request still in flight failed, unless no response
+        body was to come, in which case the stream's end is the response's end (usage unknown)."""
+        if self.decision is not None and not self._ended and self.observer is not None \
+                and not self._body_expected:
+            self._finish()
         if self.decision is not None and not self._ended:
             self._ended = True
             self._uncount()

@@ -107,6 +107,13 @@ class EnvoyConfigOptions:
     message_timeout_s: float = 1000.0
     buffer_limit_bytes: int = 32 * 1024 * 1024  # large prompts pass through Envoy's buffers
     picker_health_interval_s: float = 1.0
+    # "observe": every response body chunk goes through the picker (FULL_DUPLEX_STREAMED). "skip": none does
+    # (response_body_mode NONE); run the picker with server.response_body: skip. Response trailers stay SEND
+    # on purpose: it keeps the ext_proc stream open until the HTTP stream ends, which is how the picker learns
+    # the end (with SKIP Envoy 1.40 closes the stream right after the response headers reply). A per-request
+    # mode_override cannot do this instead: Envoy ignores mode_override when the filter's request or response
+    # body mode is FULL_DUPLEX_STREAMED (checked with Envoy 1.40).
+    response_body: str = "observe"
     ext_proc: bool = True  # False: Envoy alone, round robin over ``endpoints`` (the benchmark baseline)
     # Extra HTTP filters (already-serialised proto3 JSON dicts with "name"/"typedConfig") placed before
     # ext_proc; tests use it to inject a subset hint. Plain dicts on purpose: they are test-only.
@@ -137,13 +144,16 @@ def _load_assignment(name: str, addresses: list[str]) -> ClusterLoadAssignment:
 def _ext_proc(opts: EnvoyConfigOptions) -> ExternalProcessor:
     send = ProcessingModeHeaderSendMode.SEND
     duplex = ProcessingModeBodySendMode.FULL_DUPLEX_STREAMED
+    if opts.response_body not in ("observe", "skip"):
+        raise ValueError(f"response_body must be observe or skip, got {opts.response_body!r}")
+    response_body = duplex if opts.response_body == "observe" else ProcessingModeBodySendMode.NONE
     return ExternalProcessor(
         grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=PICKER_CLUSTER),
                                  timeout=_seconds(opts.picker_grpc_timeout_s)),
         failure_mode_allow=opts.fail_open,
         processing_mode=ProcessingMode(
             request_header_mode=send, response_header_mode=send,
-            request_body_mode=duplex, response_body_mode=duplex,
+            request_body_mode=duplex, response_body_mode=response_body,
             request_trailer_mode=send, response_trailer_mode=send,
         ),
         message_timeout=_seconds(opts.message_timeout_s),

@@ -21,12 +21,16 @@ def parse_args(argv: list[str]) -> tuple[EnvoyConfigOptions, str | None, str]:
     p.add_argument("--lb", choices=["override-host", "original-dst"], default="override-host")
     p.add_argument("--endpoint", action="append", default=[], metavar="IP:PORT",
                    help="a pool pod (repeatable; required with --lb override-host)")
+    p.add_argument("--response-body", choices=["observe", "skip"], default="observe",
+                   help="skip: Envoy sends no response body to the picker (pair with kvswitch serve "
+                        "--response-body skip): fewer messages, no usage/cached-token feedback")
     p.add_argument("--admin-port", type=int, default=9901)
     p.add_argument("--format", choices=["yaml", "json"], default="yaml")
     p.add_argument("--out", help="write here instead of stdout")
     a = p.parse_args(argv)
     opts = EnvoyConfigOptions(listen_port=a.listen_port, listen_host=a.listen_host, picker=a.picker,
                               fail_open=a.fail_open, lb=a.lb, admin_port=a.admin_port,
+                              response_body=a.response_body,
                               endpoints=[e.split(",")[0] for e in a.endpoint])
     return opts, a.out, a.format
 

@@ -14,6 +14,8 @@ EXAMPLES: dict[str, EnvoyConfigOptions] = {
     "envoy-override-host.yaml": EnvoyConfigOptions(endpoints=_POOL),
     "envoy-override-host-fail-open.yaml": EnvoyConfigOptions(endpoints=_POOL, fail_open=True),
     "envoy-original-dst.yaml": EnvoyConfigOptions(lb="original-dst"),
+    # pair with `kvswitch serve --response-body skip`
+    "envoy-override-host-skip-response-body.yaml": EnvoyConfigOptions(endpoints=_POOL, response_body="skip"),
 }
 
 

@@ -293,7 +293,8 @@ class LocalStack:
         assert self.workdir is not None
         opts = EnvoyConfigOptions(listen_port=self.port, listen_host="127.0.0.1", picker=self.picker_address,
                                   fail_open=False, admin_port=_free_port(),
-                                  endpoints=[p.address for p in self.pods])
+                                  endpoints=[p.address for p in self.pods],
+                                  response_body=self.config.server.response_body if self.config else "observe")
         self._s.envoy = envoy = EnvoyChild(opts, self.workdir, o.envoy_concurrency, o.envoy_log_level)
         await envoy.start(o.ready_timeout_s)
 
