@@ -1,0 +1,125 @@
+"""server.response_body skip vs observe through real Envoy: which messages reach the picker, and whether every
+request still ends (in-flight released, on_finished once) with usage only where the body is observed."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+
+import aiohttp
+import orjson
+import pytest
+from prometheus_client import REGISTRY
+
+from e2e.support.envoy import EnvoyProcess
+from e2e.support.ports import dead_address
+from e2e.support.picker import picker_config, running_picker
+from e2e.support.stack import RecordingScheduler
+from extproc.envoyconfig.builder import EnvoyConfigOptions
+from extproc.stream import ExtProcStream
+from pickers.simple import LeastInFlight
+
+pytestmark = pytest.mark.envoy
+MODEL = "llama-3.1-8b"
+
+
+@pytest.fixture
+def message_counts(monkeypatch):
+    """Count every ext_proc message the picker receives, by kind."""
+    counts: collections.Counter[str] = collections.Counter()
+    handle = ExtProcStream.handle
+
+    async def counting(self, req):
+        counts[req.WhichOneof("request")] += 1
+        return await handle(self, req)
+
+    monkeypatch.setattr(ExtProcStream, "handle", counting)
+    return counts
+
+
+async def _stack(pool: list[str], mode: str, stack):
+    cfg = picker_config(pool, response_body=mode, debug_headers=True)
+    sched = RecordingScheduler(LeastInFlight(cfg.endpoint_objects()))
+    picker = await stack.enter_async_context(running_picker(cfg, sched))
+    envoy = await stack.enter_async_context(
+        EnvoyProcess(EnvoyConfigOptions(picker=picker.address, endpoints=pool, response_body=mode)))
+    return envoy, sched
+
+
+def _inflight(pool: list[str]) -> float:
+    return sum(REGISTRY.get_sample_value("kvswitch_inflight_requests", {"endpoint": a}) or 0.0 for a in pool)
+
+
+async def _settled(sched: RecordingScheduler, n: int, pool: list[str]) -> None:
+    """The picker learns the end when the ext_proc stream closes, just after the client has its last byte."""
+    for _ in range(200):
+        if len(sched.finished) + len(sched.failed) >= n and _inflight(pool) == 0:
+            return
+        await asyncio.sleep(0.01)
+
+
+def _body(stream: bool, chat: bool) -> dict:
+    doc = {"model": MODEL, "stream": stream, "max_tokens": 8}
+    if chat:
+        doc["messages"] = [{"role": "user", "content": "hello there"}]
+    else:
+        doc["prompt"] = "hello there"
+    if stream:
+        doc["stream_options"] = {"include_usage": True}
+    return doc
+
+
+@pytest.mark.parametrize("mode", ["skip", "observe"])
+async def test_requests_end_and_release_load_in_both_modes(sim_pods, message_counts, mode):
+    import contextlib
+
+    async with contextlib.AsyncExitStack() as stack:
+        envoy, sched = await _stack(sim_pods, mode, stack)
+        cases = [(False, False), (True, False), (False, True), (True, True)]
+        async with aiohttp.ClientSession() as s:
+            for i, (stream, chat) in enumerate(cases, 1):
+                path = "/v1/chat/completions" if chat else "/v1/completions"
+                async with s.post(envoy.url + path, json=_body(stream, chat)) as r:
+                    text = await r.text()
+                    assert r.status == 200, text
+                    assert r.headers["x-kvswitch-endpoint"] in sim_pods
+                if stream:
+                    assert text.rstrip().endswith("data: [DONE]")
+                else:
+                    assert orjson.loads(text)["usage"]["completion_tokens"] > 0
+                await _settled(sched, i, sim_pods)
+                assert len(sched.finished) == i and sched.failed == []
+                assert _inflight(sim_pods) == 0
+                assert all(v == 0 for v in sched.inner.inflight.values())
+        assert sched.first_tokens == len(cases)
+        assert message_counts["request_headers"] == len(cases)
+        if mode == "skip":
+            assert message_counts["response_body"] == 0
+            assert sched.finished == [None] * len(cases)  # usage is not observed
+        else:
+            assert message_counts["response_body"] >= len(cases)
+            assert all(u is not None and u.completion_tokens > 0 for u in sched.finished)
+
+
+async def test_skip_error_status_is_a_failure_and_rejections_still_work(message_counts):
+    """An error status is known from the response headers alone: on_failed, load released, no body read."""
+    import contextlib
+
+    pool = [dead_address()]  # Envoy answers 503 itself after its connect retries
+    async with contextlib.AsyncExitStack() as stack:
+        envoy, sched = await _stack(pool, "skip", stack)
+        async with aiohttp.ClientSession() as s:
+            async with s.post(envoy.url + "/v1/completions", json=_body(True, False)) as r:
+                assert r.status == 503
+                await r.read()
+            for _ in range(200):
+                if sched.failed and _inflight(pool) == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert sched.failed == ["http 503"] and sched.finished == [] and sched.first_tokens == 0
+            assert _inflight(pool) == 0
+            async with s.post(envoy.url + "/v1/completions", data=b"{nope",
+                              headers={"content-type": "application/json"}) as r:
+                assert r.status == 400
+                assert (await r.json())["error"]["code"] == "invalid_json"
+        assert message_counts["response_body"] == 0
