@@ -2,6 +2,7 @@
 
     .venv/bin/python -m e2e.bench_overhead [--requests-scale 1.0] [--upstream fast|sim] [--pods 4]
         [--scheduler framework|simple] [--sizes 4KB,200KB] [--concurrency 1,32,150]
+        [--response-body observe|skip|observe,skip] [--stream-tokens 64]
 
 Non-streaming completions with max_tokens 1, 4 KB and 200 KB prompts, concurrency 1, 32 and 150. The
 upstream is by default a fast fake vLLM (``--upstream fast``: aiohttp, fixed JSON reply with ``usage``, a
@@ -11,6 +12,11 @@ the upstream keeps up at 200 KB and concurrency 150 (one sim pod saturates near 
 p50/p99 per path, the added latency and its ratio to DESIGN.md's budgets, throughput, the picker process's CPU
 per request, and an in-process decisions/s figure (parse + schedule + reply messages, 64 pods, 8K-token
 prompts) on one core. Not part of `make test`: timings belong in benchmarks.
+
+``--response-body observe,skip`` runs one picker + Envoy pair per mode (skip: Envoy sends no response body to
+the picker) and interleaves them with Envoy alone in every row. ``--stream-tokens N`` adds rows with streamed
+responses (``stream: true``, N SSE events from the fast upstream, ``--token-interval-ms`` apart so Envoy sees
+them as separate body chunks): that is where skip saves picker CPU.
 """
 
 from __future__ import annotations
@@ -51,9 +57,26 @@ def serve_fast_upstream(ports: list[int], host: str = "127.0.0.1") -> None:
                           "usage": {"prompt_tokens": 1024, "completion_tokens": 1, "total_tokens": 1025,
                                     "prompt_tokens_details": {"cached_tokens": 0}}})
 
-    async def complete(request: web.Request) -> web.Response:
-        await request.read()
-        return web.Response(body=reply, content_type="application/json")
+    interval = float(os.environ.get("KVSWITCH_BENCH_TOKEN_INTERVAL_MS", "1")) / 1000
+    event = b'data: {"id":"cmpl-1","object":"text_completion","choices":[{"index":0,"text":"x"}]}\n\n'
+    last = (b"data: " + orjson.dumps({"id": "cmpl-1", "object": "text_completion", "choices": [],
+                                      "usage": {"prompt_tokens": 1024, "completion_tokens": 1,
+                                                "prompt_tokens_details": {"cached_tokens": 0}}})
+            + b"\n\ndata: [DONE]\n\n")
+
+    async def complete(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        if b'"stream":true' not in body:
+            return web.Response(body=reply, content_type="application/json")
+        n = int(orjson.loads(body).get("max_tokens") or 1)
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        for _ in range(n):
+            await resp.write(event)
+            await asyncio.sleep(interval)
+        await resp.write(last)
+        await resp.write_eof()
+        return resp
 
     async def metrics(_request: web.Request) -> web.Response:
         return web.Response(body=_FAST_METRICS, content_type="text/plain")
@@ -75,12 +98,13 @@ def serve_fast_upstream(ports: list[int], host: str = "127.0.0.1") -> None:
     asyncio.run(go())
 
 
-def serve_picker(port: int, endpoints: list[str], simple: bool) -> None:
+def serve_picker(port: int, endpoints: list[str], simple: bool, response_body: str = "observe") -> None:
     """The picker as ``kvswitch serve`` runs it, optionally with LeastInFlight (the ext_proc path alone)."""
     from extproc.config import config_from_dict
     from extproc.server import build_scheduler, build_server
 
-    cfg = config_from_dict({"server": {"host": "127.0.0.1", "grpc_port": port, "metrics_port": -1},
+    cfg = config_from_dict({"server": {"host": "127.0.0.1", "grpc_port": port, "metrics_port": -1,
+                                       "response_body": response_body},
                             "endpoints": [{"address": a} for a in endpoints]})
     if simple:
         from pickers.simple import LeastInFlight
@@ -101,12 +125,15 @@ BUDGETS = {("4KB", 1, "p50"): 1.0, ("4KB", 1, "p99"): 3.0, ("200KB", 1, "p50"): 
 SIZES = {"4KB": 4 * 1024, "200KB": 200 * 1024}
 
 
-def _prompts(size: int, n: int = 32) -> list[bytes]:
+def _prompts(size: int, n: int = 32, stream_tokens: int = 0) -> list[bytes]:
     rnd = random.Random(size)
     out = []
     for _ in range(n):
         text = "".join(rnd.choices(string.ascii_lowercase + " ", k=size))
-        out.append(orjson.dumps({"model": MODEL, "prompt": text, "max_tokens": 1}))
+        doc = {"model": MODEL, "prompt": text, "max_tokens": 1}
+        if stream_tokens:
+            doc.update(max_tokens=stream_tokens, stream=True)
+        out.append(orjson.dumps(doc))
     return out
 
 
@@ -220,9 +247,20 @@ def decisions_per_second(prompt_tokens: int = 8192, pods: int = 64, seconds: flo
     return n / cpu, type(sched).__name__
 
 
+def _uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return f"load {os.getloadavg()[0]:.2f}"
+
+
 async def main_async(args: argparse.Namespace) -> None:
     ports = [free_port() for _ in range(args.pods)]
-    picker_port = free_port()
+    modes = args.response_body.split(",")
+    for m in modes:
+        if m not in ("observe", "skip"):
+            raise SystemExit(f"--response-body: {m!r} is not observe or skip")
+    picker_ports = {m: free_port() for m in modes}
     logdir = Path(tempfile.mkdtemp(prefix="kvswitch-bench-"))
     pods = [f"127.0.0.1:{p}" for p in ports]
     if args.upstream == "sim":
@@ -234,64 +272,86 @@ async def main_async(args: argparse.Namespace) -> None:
         pods = [f"127.0.0.1:{ports[0] + i}" for i in range(args.pods)]
     else:
         up_cmd = [sys.executable, "-m", "e2e.bench_overhead", "--serve-upstream", ",".join(map(str, ports))]
-    sim = subprocess.Popen(up_cmd, cwd=REPO, stdout=open(logdir / "upstream.log", "wb"), stderr=subprocess.STDOUT)
-    picker_cmd = [sys.executable, "-m", "e2e.bench_overhead", "--serve-picker", str(picker_port),
-                  "--endpoints", ",".join(pods)] + (["--simple"] if args.scheduler == "simple" else [])
-    if args.picker_profile:
-        picker_cmd = [sys.executable, "-m", "cProfile", "-o", args.picker_profile] + picker_cmd[1:]
-    picker = subprocess.Popen(picker_cmd, cwd=REPO, stdout=open(logdir / "picker.log", "wb"),
-                              stderr=subprocess.STDOUT)
-    pod = pods[0]
+    env = {**os.environ, "KVSWITCH_BENCH_TOKEN_INTERVAL_MS": str(args.token_interval_ms)}
+    sim = subprocess.Popen(up_cmd, cwd=REPO, stdout=open(logdir / "upstream.log", "wb"), stderr=subprocess.STDOUT,
+                           env=env)
+    pickers: dict[str, subprocess.Popen] = {}
+    for m, port in picker_ports.items():
+        cmd = [sys.executable, "-m", "e2e.bench_overhead", "--serve-picker", str(port), "--endpoints",
+               ",".join(pods), "--picker-response-body", m] + (["--simple"] if args.scheduler == "simple" else [])
+        if args.picker_profile:
+            cmd = [sys.executable, "-m", "cProfile", "-o", f"{args.picker_profile}.{m}"] + cmd[1:]
+        pickers[m] = subprocess.Popen(cmd, cwd=REPO, stdout=open(logdir / f"picker-{m}.log", "wb"),
+                                      stderr=subprocess.STDOUT)
     alone = EnvoyProcess(EnvoyConfigOptions(ext_proc=False, endpoints=pods))
-    withk = EnvoyProcess(EnvoyConfigOptions(picker=f"127.0.0.1:{picker_port}", endpoints=pods))
+    withk = {m: EnvoyProcess(EnvoyConfigOptions(picker=f"127.0.0.1:{port}", endpoints=pods, response_body=m))
+             for m, port in picker_ports.items()}
     try:
         for a in pods:
             await _wait_http(f"http://{a}/health")
-        await wait_grpc_health(f"127.0.0.1:{picker_port}")
+        for port in picker_ports.values():
+            await wait_grpc_health(f"127.0.0.1:{port}")
         await alone.start()
-        await withk.start()
-        print(f"# Envoy alone vs Envoy + kvswitch ({args.scheduler} scheduler); {args.pods} {args.upstream} pods; "
-              f"non-streaming, max_tokens 1; {os.cpu_count()} CPUs shared by client, Envoy, picker and upstream; "
-              f"load {os.getloadavg()[0]:.2f}")
-        print(f"{'prompt':>6} {'conc':>4} {'n':>5} | {'alone p50':>9} {'p99':>7} | {'kvs p50':>8} {'p99':>7} | "
-              f"{'+p50':>6} {'+p99':>6} | {'budget':>14} | {'req/s a':>7} {'req/s k':>7} | {'picker CPU/req':>14}")
+        for e in withk.values():
+            await e.start()
+        shapes = [("", 0)] + ([(f"s{args.stream_tokens}", args.stream_tokens)] if args.stream_tokens else [])
+        print(f"# Envoy alone vs Envoy + kvswitch ({args.scheduler} scheduler, response body: {', '.join(modes)}); "
+              f"{args.pods} {args.upstream} pods; non-streaming max_tokens 1"
+              + (f", and s{args.stream_tokens} rows: stream true, {args.stream_tokens} SSE events "
+                 f"{args.token_interval_ms:g} ms apart" if args.stream_tokens else "")
+              + f"; {os.cpu_count()} CPUs shared by client, Envoy, picker and upstream")
+        print(f"# uptime: {_uptime()}")
+        print(f"{'prompt':>9} {'conc':>4} {'path':>7} {'n':>5} | {'alone p50':>9} {'p99':>7} | {'kvs p50':>8} "
+              f"{'p99':>7} | {'+p50':>6} {'+p99':>6} | {'budget':>14} | {'req/s a':>7} {'req/s k':>7} | "
+              f"{'picker CPU/req':>14}")
         concs = [int(c) for c in args.concurrency.split(",")]
-        for size_name in args.sizes.split(","):
-            size = SIZES[size_name]
-            bodies = _prompts(size)
-            for conc in concs:
-                base = {1: 400, 32: 1600, 150: 3000}[conc]
-                if size_name == "200KB":
-                    base //= 2
-                total = max(conc * 2, int(base * args.requests_scale))
-                await _run(alone.url, bodies, conc, min(total, 200))  # warm-up both
-                await _run(withk.url, bodies, conc, min(total, 200))
-                la, lk, ta, tk = [], [], 0.0, 0.0
-                cpu0 = _cpu_seconds(picker.pid)
-                cpu_k = 0.0
-                for _ in range(2):
-                    x, t = await _run(alone.url, bodies, conc, total // 2)
-                    la += x
-                    ta += t
-                    c0 = _cpu_seconds(picker.pid)
-                    x, t = await _run(withk.url, bodies, conc, total // 2)
-                    cpu_k += _cpu_seconds(picker.pid) - c0
-                    lk += x
-                    tk += t
-                del cpu0
-                a50, a99, k50, k99 = _pct(la, 50), _pct(la, 99), _pct(lk, 50), _pct(lk, 99)
-                budget = []
-                for pname, added in (("p50", k50 - a50), ("p99", k99 - a99)):
-                    b = BUDGETS.get((size_name, conc, pname))
-                    if b:
-                        budget.append(f"{pname} {added / b:.2f}x of {b:g}ms")
-                print(f"{size_name:>6} {conc:>4} {len(lk):>5} | {a50:8.2f}m {a99:6.2f}m | {k50:7.2f}m {k99:6.2f}m | "
-                      f"{k50 - a50:6.2f} {k99 - a99:6.2f} | {', '.join(budget) or '-':>14} | "
-                      f"{len(la) / ta:7.0f} {len(lk) / tk:7.0f} | {cpu_k / len(lk) * 1e3:10.3f} ms", flush=True)
+        for shape, stream_tokens in shapes:
+            for size_name in args.sizes.split(","):
+                size = SIZES[size_name]
+                bodies = _prompts(size, stream_tokens=stream_tokens)
+                for conc in concs:
+                    base = {1: 400, 32: 1600, 150: 3000}.get(conc, 1600)
+                    if size_name == "200KB":
+                        base //= 2
+                    if stream_tokens:
+                        base //= 4
+                    total = max(conc * 2, int(base * args.requests_scale))
+                    await _run(alone.url, bodies, conc, min(total, 200))  # warm-up every path
+                    for e in withk.values():
+                        await _run(e.url, bodies, conc, min(total, 200))
+                    la, ta = [], 0.0
+                    lk = {m: [] for m in modes}
+                    tk = {m: 0.0 for m in modes}
+                    cpu_k = {m: 0.0 for m in modes}
+                    for half in range(2):  # alone, then each mode, twice (order flipped) to cancel drift
+                        x, t = await _run(alone.url, bodies, conc, total // 2)
+                        la += x
+                        ta += t
+                        for m in (modes if half == 0 else modes[::-1]):
+                            c0 = _cpu_seconds(pickers[m].pid)
+                            x, t = await _run(withk[m].url, bodies, conc, total // 2)
+                            cpu_k[m] += _cpu_seconds(pickers[m].pid) - c0
+                            lk[m] += x
+                            tk[m] += t
+                    a50, a99 = _pct(la, 50), _pct(la, 99)
+                    label = f"{size_name}{'/' + shape if shape else ''}"
+                    for m in modes:
+                        k50, k99 = _pct(lk[m], 50), _pct(lk[m], 99)
+                        budget = []
+                        for pname, added in (("p50", k50 - a50), ("p99", k99 - a99)):
+                            b = None if stream_tokens else BUDGETS.get((size_name, conc, pname))
+                            if b:
+                                budget.append(f"{pname} {added / b:.2f}x of {b:g}ms")
+                        print(f"{label:>9} {conc:>4} {m:>7} {len(lk[m]):>5} | {a50:8.2f}m {a99:6.2f}m | "
+                              f"{k50:7.2f}m {k99:6.2f}m | {k50 - a50:6.2f} {k99 - a99:6.2f} | "
+                              f"{', '.join(budget) or '-':>14} | {len(la) / ta:7.0f} {len(lk[m]) / tk[m]:7.0f} | "
+                              f"{cpu_k[m] / len(lk[m]) * 1e3:10.3f} ms", flush=True)
+        print(f"# uptime: {_uptime()}")
     finally:
         await alone.stop()
-        await withk.stop()
-        for p in (picker, sim):
+        for e in withk.values():
+            await e.stop()
+        for p in (*pickers.values(), sim):
             p.terminate()  # SIGTERM: the serve helpers exit through SystemExit, so cProfile still writes
             try:
                 p.wait(10)
@@ -310,7 +370,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="4KB,200KB")
     p.add_argument("--concurrency", default="1,32,150")
     p.add_argument("--no-decisions", action="store_true", help="skip the in-process decisions/s figures")
-    p.add_argument("--picker-profile", metavar="FILE", help="run the picker under cProfile, stats to FILE")
+    p.add_argument("--picker-profile", metavar="FILE", help="run each picker under cProfile, stats to FILE.<mode>")
+    p.add_argument("--response-body", default="observe",
+                   help="observe, skip, or observe,skip: one picker + Envoy per mode, interleaved in every row")
+    p.add_argument("--stream-tokens", type=int, default=0,
+                   help="also run rows with streamed responses of this many SSE events (e.g. 64)")
+    p.add_argument("--token-interval-ms", type=float, default=1.0,
+                   help="gap between the fast upstream's SSE events (so they reach Envoy as separate chunks)")
+    p.add_argument("--picker-response-body", default="observe", help=argparse.SUPPRESS)
     p.add_argument("--serve-upstream", metavar="PORTS", help=argparse.SUPPRESS)
     p.add_argument("--serve-picker", type=int, metavar="PORT", help=argparse.SUPPRESS)
     p.add_argument("--endpoints", default="", help=argparse.SUPPRESS)
@@ -333,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
             except ImportError:
                 pass
         try:
-            serve_picker(args.serve_picker, args.endpoints.split(","), args.simple)
+            serve_picker(args.serve_picker, args.endpoints.split(","), args.simple, args.picker_response_body)
         except KeyboardInterrupt:
             pass
         return 0
