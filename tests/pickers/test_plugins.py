@@ -201,3 +201,24 @@ def test_saturation_admission_ignores_stale_metrics_by_default():
                                                    "stale_counts_as_saturated": True}]})
     with pytest.raises(SchedulingError):
         strict.decide(batch("strict"))
+
+
+def test_ttft_stall_weight_keeps_a_group_on_its_warm_pod_when_the_spill_would_stall_decodes():
+    s, clock = scheduler()
+    toks = list(range(4608))
+    from pickers.kvblocks.hashing import hash_blocks
+
+    s.datalayer.approx.add(0, hash_blocks(toks[:4096], 16))  # the group's shared context is warm on pod 0
+    s.datalayer.inflight.add("q", 0, None, 6 * 1024, 0, clock.now())  # a queue on the warm pod
+    feed(s, **{A: (0, 4, 0.1), B: (0, 24, 0.1), C: (0, 24, 0.1)})  # the cold pods run many decodes
+    c = cands(s)
+    plain = plugin(s, "scorer", {"type": "ttft", "mode": "approximate"})
+    stall = plugin(s, "scorer", {"type": "ttft", "mode": "approximate", "stall_weight": 0.5})
+    v = plain.score(ctx_for(s, clock, request("r", toks)), c)
+    assert v[1] == 1.0 and v[0] < 1.0  # TTFT alone: the queue costs more than recomputing 4096 tokens
+    w = stall.score(ctx_for(s, clock, request("r2", toks)), c)
+    assert w[0] == 1.0 and w[1] < 1.0  # recomputing them would stall 24 decodes: stay warm
+    # without running decodes the stall term is zero and the scores are TTFT's alone
+    feed(s, **{A: (0, 0, 0.1), B: (0, 0, 0.1), C: (0, 0, 0.1)})
+    ctx = ctx_for(s, clock, request("r3", toks))
+    assert np.allclose(stall.score(ctx, c), plain.score(ctx_for(s, clock, request("r4", toks)), c))
