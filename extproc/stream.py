@@ -28,6 +28,7 @@ from extproc.errors import RequestRejected, body_for
 from extproc.observe import ResponseObserver
 from extproc.parse import HEADERS_THAT_MATTER, api_for_path, parse_request, rewrite_model
 from pickers.clock import Clock
+from pickers.explain import explain_header
 from pickers.types import Decision, InferenceRequest, Scheduler, SchedulingError
 
 log = logging.getLogger("kvswitch.extproc")
@@ -306,10 +307,7 @@ class ExtProcStream:
         if d.prefill:
             out.append(("x-kvswitch-prefill-endpoint", d.prefill))
         if d.explanation:
-            parts = []
-            for addr, scores in list(d.explanation.items())[:4]:
-                parts.append(addr + " " + " ".join(f"{k}={v:.3g}" for k, v in list(scores.items())[:8]))
-            out.append(("x-kvswitch-explanation", f"profile={d.profile}; " + "; ".join(parts)[:1024]))
+            out.append(("x-kvswitch-explanation", explain_header(d, 1024)))
         return out
 
     # ---- end --------------------------------------------------------------------------------------------

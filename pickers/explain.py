@@ -18,5 +18,5 @@ def explain_text(decision: Decision, max_len: int = 1024) -> str:
 
 
 def explain_header(decision: Decision, max_len: int = 512) -> str:
-    """Header-safe (ASCII, no newlines) text for ``x-kvswitch-explain``."""
+    """Header-safe (ASCII, no newlines) text for ``x-kvswitch-explanation``."""
     return explain_text(decision, max_len).encode("ascii", "replace").decode().replace("\n", " ")
