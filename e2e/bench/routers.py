@@ -77,18 +77,27 @@ class Router:
     def _launch(self, fleet: FleetView) -> str:
         raise NotImplementedError
 
-    def start(self, fleet: FleetView, timeout: float = READY_TIMEOUT_S) -> str:
-        self.starts += 1
+    def start(self, fleet: FleetView, timeout: float = READY_TIMEOUT_S, attempts: int = 3) -> str:
+        """Launch and wait until a completion goes through. A port picked free can be taken (e.g. as the
+        source port of some client's connection) before the router binds it, so a failed start is retried
+        on fresh ports; each attempt's logs are kept."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        try:
-            self.url = self._launch(fleet)
-            last = self.procs[-1]
-            last.wait_until(lambda: probe_completion(self.url, fleet.model), timeout,
-                            "serving a completion through the router")
-        except BaseException:
-            self.stop()
-            raise
-        return self.url
+        for attempt in range(1, attempts + 1):
+            self.starts += 1
+            try:
+                self.url = self._launch(fleet)
+                last = self.procs[-1]
+                last.wait_until(lambda: probe_completion(self.url, fleet.model), timeout,
+                                "serving a completion through the router")
+                return self.url
+            except Exception:
+                self.stop()
+                if attempt == attempts:
+                    raise
+            except BaseException:
+                self.stop()
+                raise
+        raise AssertionError("unreachable")
 
     def stop(self) -> None:
         for p in reversed(self.procs):
