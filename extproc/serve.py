@@ -74,5 +74,9 @@ def main(argv: list[str]) -> int:
     async def go() -> None:
         await _run(build_server(config, build_scheduler(config)))
 
-    asyncio.run(go())
+    try:
+        asyncio.run(go())
+    except OSError as exc:  # a port in use: say which, without a traceback
+        print(f"kvswitch serve: {exc}", file=sys.stderr)
+        return 2
     return 0

@@ -102,6 +102,25 @@ class Server:
         return f"127.0.0.1:{self.port}"
 
     async def start(self) -> None:
+        """Start the scheduler, the gRPC server and the metrics port; on any failure undo what started."""
+        try:
+            await self._start()
+        except BaseException:
+            await self._undo_start()
+            raise
+
+    async def _undo_start(self) -> None:
+        if self._grpc is not None:
+            await self._grpc.stop(0)
+            self._grpc = None
+        if self._metrics_httpd is not None:
+            self._metrics_httpd.shutdown()
+            self._metrics_httpd.server_close()
+            self._metrics_httpd = None
+        if self.manage_scheduler:
+            await self.scheduler.stop()
+
+    async def _start(self) -> None:
         s = self.config.server
         if self.manage_scheduler:
             await self.scheduler.start()
@@ -119,7 +138,10 @@ class Server:
         if s.metrics_port >= 0:
             from prometheus_client import start_http_server
 
-            self._metrics_httpd, _ = start_http_server(s.metrics_port, addr=s.host)
+            try:
+                self._metrics_httpd, _ = start_http_server(s.metrics_port, addr=s.host)
+            except OSError as exc:
+                raise OSError(f"cannot serve metrics on {s.host}:{s.metrics_port}: {exc.strerror}") from None
             self.metrics_port = self._metrics_httpd.server_port
         self._ready_task = asyncio.create_task(self._watch_readiness(), name="kvswitch-readiness")
         log.info("kvswitch ext_proc listening on %s:%d (metrics %s)", s.host, self.port, self.metrics_port)

@@ -49,3 +49,22 @@ async def test_ext_proc_stream_over_grpc_and_drain():
             await call.done_writing()
             await stopping
         assert srv.processor.active == 0
+
+
+def test_serve_with_its_metrics_port_taken_exits_2_with_one_clear_line():
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "extproc.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+             "--metrics-port", str(port), "--endpoint", "127.0.0.1:9"],
+            capture_output=True, text=True, timeout=60,
+        )
+    assert proc.returncode == 2
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in proc.stderr
+    assert "Traceback" not in proc.stderr
