@@ -6,13 +6,12 @@ import aiohttp
 import orjson
 import pytest
 
-from e2e.vllmcpu.fixtures import tiny_model_dir, vllm_pair, vllm_python_path  # noqa: F401 (fixtures)
 from engine.sidecar import Sidecar, SidecarConfig
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 
-async def test_shared_storage_split_on_real_vllm(vllm_pair):  # noqa: F811
+async def test_shared_storage_split_on_real_vllm(vllm_pair):  # the session pair (root conftest.py)
     pair = vllm_pair
     pair.clear_shared_storage()
     prompt = "kvswitch shared storage split " * 60  # several 128-token blocks
