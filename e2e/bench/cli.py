@@ -87,7 +87,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _compare(a: argparse.Namespace) -> int:
-    from e2e.bench.report import render
     from e2e.bench.runner import PRESETS, CompareConfig, Comparison, config_from_preset
 
     params = parse_params(a.param)
@@ -128,9 +127,18 @@ def _compare(a: argparse.Namespace) -> int:
     except (ValueError, TypeError) as exc:
         print(f"kvswitch bench: {exc}", file=sys.stderr)
         return 2
-    readme = render(results, with_plots=not a.no_plots)
-    print(f"report: {readme}")
+    _print_report(results, with_plots=not a.no_plots)
     return 0 if comparison.results and not comparison.failures else 1
+
+
+def _print_report(results: Path, with_plots: bool) -> None:
+    """Write the report beside results.json and print its table, so a terminal run ends with the numbers."""
+    from e2e.bench.report import load, render, table
+
+    readme = render(results, with_plots=with_plots)
+    meta, runs, _ = load(results)
+    print(table(meta, runs))
+    print(f"report: {readme}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,9 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "compare":
         return _compare(a)
     if a.cmd == "report":
-        from e2e.bench.report import render
-
-        print(render(a.results, with_plots=not a.no_plots))
+        _print_report(Path(a.results), with_plots=not a.no_plots)
         return 0
     if a.cmd == "workload":
         from e2e.bench.workloads import make
