@@ -54,14 +54,7 @@ def hash_blocks(
     tokens: Sequence[int] | np.ndarray, block_size: int, parent: int = ROOT_HASH, limit: int | None = None
 ) -> list[int]:
     """Hashes of every full block of ``tokens`` (at most ``limit``), chained from ``parent``."""
-    if block_size <= 0:
-        raise ValueError("block_size must be positive")
-    buf = _as_u32(tokens).tobytes()
-    step = 4 * block_size
-    n = len(buf) // step
-    if limit is not None:
-        n = min(n, limit)
-    mv = memoryview(buf)
+    mv, step, n = _full_blocks(tokens, block_size, limit)
     if n < MEMO_BLOCKS:
         return _chain(mv, step, 0, n, parent)
     st = _memo_state
@@ -109,6 +102,12 @@ def hash_blocks_unshared(
 ) -> list[int]:
     """``hash_blocks`` without the chunk memo, for inputs that will not recur in the same alignment (the
     blocks of KV events): they would only evict prompt chunks and drag the memo's hit rate down."""
+    mv, step, n = _full_blocks(tokens, block_size, limit)
+    return _chain(mv, step, 0, n, parent)
+
+
+def _full_blocks(tokens: Sequence[int] | np.ndarray, block_size: int, limit: int | None) -> tuple[memoryview, int, int]:
+    """The tokens as bytes, the bytes per block and how many full blocks to hash (at most ``limit``)."""
     if block_size <= 0:
         raise ValueError("block_size must be positive")
     buf = _as_u32(tokens).tobytes()
@@ -116,7 +115,7 @@ def hash_blocks_unshared(
     n = len(buf) // step
     if limit is not None:
         n = min(n, limit)
-    return _chain(memoryview(buf), step, 0, n, parent)
+    return memoryview(buf), step, n
 
 
 def _chain(mv: memoryview, step: int, first: int, count: int, parent: int) -> list[int]:
