@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.sim.cluster.fleet import FleetSpec, fleet_from_flags, load_fleet
+from engine.sim.cluster.progress import ReplayProgress
 from engine.sim.cluster.report import format_table, summarize
 from engine.sim.cluster.routers import BUILTIN, make_router
 from engine.sim.cluster.simulator import ClusterSim, SimResult, trace_prompts
@@ -72,16 +73,23 @@ def _fleet(args: argparse.Namespace) -> FleetSpec:
 
 def replay(
     reqs: list[TraceRequest], fleet: FleetSpec, policy: str, *, seed: int = 0, scrape_interval: float = 0.05,
-    picker_config: dict[str, Any] | None = None, blocks: BlockTokens | None = None,
+    picker_config: dict[str, Any] | None = None, blocks: BlockTokens | None = None, progress: bool = False,
 ) -> tuple[SimResult, float]:
-    """One replay of ``reqs`` on a fresh fleet; returns the result and its wall time."""
+    """One replay of ``reqs`` on a fresh fleet; returns the result and its wall time. ``progress``: report
+    on stderr while it runs (see ``ReplayProgress``)."""
     start = time.perf_counter()
     sim = ClusterSim(
         fleet, lambda eps, clock: make_router(policy, eps, clock, seed=seed, config=picker_config,
                                         scrape_interval=scrape_interval),
         scrape_interval=scrape_interval, seed=seed,
     )
-    res = sim.run(trace_prompts(reqs, blocks))
+    bar = ReplayProgress(policy, len(reqs), reqs[-1].arrival if reqs else 0.0) if progress else None
+    sim.progress = bar
+    try:
+        res = sim.run(trace_prompts(reqs, blocks))
+    finally:
+        if bar is not None:
+            bar.close()
     res.policy = policy
     return res, time.perf_counter() - start
 
@@ -123,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     for policy in policies:
         try:
             res, wall = replay(reqs, fleet, policy, seed=args.seed, scrape_interval=args.scrape_interval,
-                               picker_config=picker_config, blocks=blocks)
+                               picker_config=picker_config, blocks=blocks, progress=not args.quiet)
         except ValueError as exc:
             print(f"kvswitch sim replay: policy {policy}: {exc}", file=sys.stderr)
             return 2

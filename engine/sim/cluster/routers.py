@@ -12,6 +12,7 @@ The simulator talks to one small ``Router`` protocol, so the built-in policies a
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
@@ -212,10 +213,16 @@ def make_router(name: str, endpoints: list[Endpoint], clock: ManualClock, seed: 
     dl = dict(raw.get("datalayer") or {})
     dl.setdefault("scrape_interval_ms", scrape_interval * 1000.0)
     raw["datalayer"] = dl
+    # Plugins without a configured seed (max-score's tie-break, random pickers) seed themselves from the
+    # random module when built: seed it for the build, so the same seed replays the same decisions.
+    saved = random.getstate()
+    random.seed(seed)
     try:
         scheduler = build_scheduler(raw, endpoints, clock=clock, network=False)
     except ValueError as exc:  # ConfigError: an unknown profile or a bad key
         raise ValueError(f"policy {name!r}: {exc}") from None
+    finally:
+        random.setstate(saved)
     return SchedulerRouter(scheduler, name, clock)
 
 

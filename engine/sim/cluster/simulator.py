@@ -30,6 +30,8 @@ from pickers.types import Endpoint, SchedulingError, Usage
 
 _STEP = 0
 _TIMER = 1
+_QUIET = 2  # the end of a pod's quiet decode run; payload: the run's generation
+_MAX_QUIET = 1024  # steps planned at once (bounds the per-pod list of durations)
 _PREFILL_SUFFIX = "/prefill"
 
 
@@ -78,7 +80,10 @@ class RequestRecord:
 
 
 class Pod:
-    __slots__ = ("index", "spec", "name", "core", "busy", "timer_at", "steps", "busy_time")
+    """One engine in the simulation, with its lazily applied quiet decode run (see ``ClusterSim``)."""
+
+    __slots__ = ("index", "spec", "name", "core", "busy", "timer_at", "steps", "busy_time",
+                 "run", "run_start", "run_next", "run_applied", "run_gen")
 
     def __init__(self, index: int, spec: PodSpec, core: EngineCore) -> None:
         self.index = index
@@ -89,6 +94,40 @@ class Pod:
         self.timer_at = math.inf
         self.steps = 0
         self.busy_time = 0.0
+        self.run: list[float] = []  # durations of the quiet steps of the current run (empty: none)
+        self.run_start = 0.0  # start of the run's next step to apply
+        self.run_next = 0  # index in ``run`` of the next step to apply
+        self.run_applied = 0  # steps applied to the core
+        self.run_gen = 0  # bumped when a run is cut short: its end event is then stale
+
+    def settle(self, now: float, inclusive: bool) -> None:
+        """Apply the quiet steps that have started by ``now`` (``inclusive``: also one starting at it)."""
+        run = self.run
+        i, t = self.run_next, self.run_start
+        if i >= len(run):
+            return
+        first, start = i, t
+        while i < len(run) and (t < now or (inclusive and t == now)):
+            self.busy_time += run[i]
+            start = t
+            t = t + run[i]
+            i += 1
+        if i > first:
+            self.core.apply_quiet(i - first, start)
+            self.steps += i - first
+            self.run_next, self.run_start = i, t
+
+    def cut(self, now: float) -> float | None:
+        """Something reaches the pod at ``now``: apply the steps started by then and end the run after
+        the one in progress. Returns the new end of the run if it moved (the caller pushes the event)."""
+        if not self.run:
+            return None
+        self.settle(now, inclusive=True)
+        if self.run_next < len(self.run):
+            del self.run[self.run_next:]
+            self.run_gen += 1
+            return self.run_start
+        return None
 
 
 @dataclass(slots=True)
@@ -114,6 +153,7 @@ class ClusterSim:
     def __init__(
         self, fleet: FleetSpec, router: Router | Callable[[list[Endpoint], ManualClock], Router],
         clock: ManualClock | None = None, scrape_interval: float = 0.05, seed: int = 0,
+        quiet_runs: bool = True,
     ) -> None:
         if scrape_interval <= 0:
             raise ValueError("scrape_interval must be positive")
@@ -122,6 +162,7 @@ class ClusterSim:
         self.router: Router = router if not callable(router) or hasattr(router, "route") else router(
             endpoints_for(fleet), self.clock)  # type: ignore[call-arg]
         self.scrape_interval = scrape_interval
+        self.quiet_runs = quiet_runs  # False: one event per engine step (the reference the runs must match)
         self.pods: list[Pod] = []
         self.by_name: dict[str, Pod] = {}
         self.by_engine: dict[str, Pod] = {}
@@ -134,12 +175,16 @@ class ClusterSim:
             self.pods.append(pod)
             self.by_name[spec.name] = pod
             self.by_engine[core.engine_id] = pod
-        self._heap: list[tuple[float, int, int, int, StepResult | None]] = []
+        self._heap: list[tuple[float, int, int, int, StepResult | int | None]] = []
         self._seq = 0
         self._live: dict[str, RequestRecord] = {}  # engine request id -> record
         self._released: list[Pod] = []  # prefill pods freed during a step, kicked after it
         self.records: list[RequestRecord] = []
         self.events = 0
+        self.ended = 0  # requests that completed, failed or were rejected
+        # progress(sim_time, arrived, ended): called every ``progress_every`` events (and once at the end)
+        self.progress: Callable[[float, int, int], None] | None = None
+        self.progress_every = 8192
 
     # ---- running -------------------------------------------------------------------------------
     def run(self, requests: Iterable[tuple[TraceRequest, np.ndarray]]) -> SimResult:
@@ -161,6 +206,8 @@ class ClusterSim:
             clock.set(max(t, clock.now()))
             now = clock.now()
             self.events += 1
+            if self.progress is not None and self.events % self.progress_every == 0:
+                self.progress(now, len(self.records), self.ended)
             if scrape <= t_heap and scrape <= t_arr:
                 self._scrape(now)
                 scrape = now + self.scrape_interval if (heap or nxt is not None) else math.inf
@@ -170,6 +217,9 @@ class ClusterSim:
                 pod = self.pods[idx]
                 if kind == _STEP:
                     self._step_end(pod, res, now)  # type: ignore[arg-type]
+                elif kind == _QUIET:
+                    if res == pod.run_gen:
+                        self._quiet_end(pod, now)
                 elif pod.timer_at <= now:
                     pod.timer_at = math.inf
                     self._kick(pod, now)
@@ -182,6 +232,8 @@ class ClusterSim:
             self._arrive(tr, prompt, now)
             if scrape == math.inf and router.wants_metrics:
                 scrape = now
+        if self.progress is not None:
+            self.progress(clock.now(), len(self.records), self.ended)
         return SimResult(self.records, self.pods, clock.now(), self.events, getattr(router, "name", ""))
 
     def _stale_timer(self, t: float, pod: Pod) -> bool:
@@ -204,6 +256,8 @@ class ClusterSim:
 
     def _scrape(self, now: float) -> None:
         for pod in self.pods:
+            if pod.run:
+                pod.settle(now, inclusive=False)  # a scrape at a step's start sees the state before it
             self.router.on_metrics(pod.name, pod.core.stats(), now)
 
     # ---- requests --------------------------------------------------------------------------------
@@ -217,6 +271,7 @@ class ClusterSim:
             decode, prefill = self.router.route(req, now)
         except SchedulingError as exc:
             rec.status, rec.reason = "rejected", f"{exc.status} {exc.code}"
+            self.ended += 1
             rec.req = None
             return
         dpod = self.by_name.get(decode)
@@ -234,6 +289,8 @@ class ClusterSim:
                                                seed=tr.index), now)
 
     def _submit(self, rec: RequestRecord, pod: Pod, sreq: SimRequest, now: float) -> None:
+        if pod.run:
+            self._cut(pod, now)
         try:
             pod.core.add_request(sreq)
         except ValueError as exc:
@@ -244,6 +301,7 @@ class ClusterSim:
 
     def _fail(self, rec: RequestRecord, reason: str, now: float) -> None:
         rec.status, rec.reason = "failed", reason
+        self.ended += 1
         if rec.req is not None:
             self.router.on_failed(rec.req, reason, now)
             rec.req = None
@@ -253,6 +311,11 @@ class ClusterSim:
         if pod.busy:
             return
         core = pod.core
+        if self.quiet_runs and core.has_work():
+            run = core.plan_quiet(now, _MAX_QUIET, with_blocks=not core.pool.publish_events)
+            if len(run) > 1:
+                self._start_run(pod, run, now)
+                return
         res = core.step(now)
         if res.num_new_tokens:
             pod.busy = True
@@ -276,8 +339,33 @@ class ClusterSim:
         for p in released:
             self._kick(p, now)
 
+    def _start_run(self, pod: Pod, run: list[float], now: float) -> None:
+        """Step lazily: one event at the run's end instead of one per step (see ``Pod.settle``)."""
+        pod.run, pod.run_next, pod.run_start = run, 0, now
+        pod.busy = True
+        end = now
+        for d in run:
+            end = end + d
+        self._seq += 1
+        heapq.heappush(self._heap, (end, self._seq, _QUIET, pod.index, pod.run_gen))
+
+    def _cut(self, pod: Pod, now: float) -> None:
+        end = pod.cut(now)
+        if end is not None:
+            self._seq += 1
+            heapq.heappush(self._heap, (end, self._seq, _QUIET, pod.index, pod.run_gen))
+
+    def _quiet_end(self, pod: Pod, now: float) -> None:
+        pod.settle(now, inclusive=False)
+        pod.run = []
+        pod.run_next = 0
+        pod.busy = False
+        self._kick(pod, now)
+
     def _on_kv_pulled(self, params: dict) -> None:
         pod = self.by_engine.get(str(params.get("remote_engine_id")))
+        if pod is not None and pod.run:
+            self._cut(pod, self.clock.now())
         if pod is not None and pod.core.release_remote(params.get("remote_block_ids") or ()):
             self._released.append(pod)
 
@@ -305,6 +393,7 @@ class ClusterSim:
                 del live[rid]
                 rec.finish = now
                 rec.status = "ok"
+                self.ended += 1
                 rec.prompt_tokens = out.num_prompt_tokens
                 rec.output_tokens = out.num_output_tokens
                 if rec.prefill_pod is None:
