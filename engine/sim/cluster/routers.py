@@ -7,7 +7,9 @@ The simulator talks to one small ``Router`` protocol, so the built-in policies a
   ``pickers.types.SchedulingError`` to reject it, e.g. admission's 429);
 - ``on_first_token(req, at)``, ``on_finished(req, usage, at)``, ``on_failed(req, reason, at)``;
 - ``on_kv_events(pod, events, at)`` after every step that changed a pod's cache, if ``wants_kv_events``;
-- ``on_metrics(pod, stats, at)`` every scrape interval, if ``wants_metrics`` (stale by design).
+- ``on_metrics(pod, stats, at)`` every scrape interval, if ``wants_metrics`` (stale by design);
+- ``on_pod_added(endpoint, at)`` when a pod added at run time is ready, ``on_pod_removed(pod, at)`` when a
+  pod starts draining: from then on the router must not pick it (its in-flight requests still report).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 from engine.sim.blockpool import KVEvent
 from engine.sim.core import EngineStats
 from pickers.clock import ManualClock
-from pickers.types import Decision, Endpoint, InferenceRequest, Role, Usage
+from pickers.types import Decision, Endpoint, InferenceRequest, Role, SchedulingError, Usage
 
 
 @dataclass(slots=True)
@@ -51,6 +53,8 @@ class Router(Protocol):
     def on_failed(self, req: ClusterRequest, reason: str, at: float) -> None: ...
     def on_kv_events(self, pod: str, events: list[KVEvent], at: float) -> None: ...
     def on_metrics(self, pod: str, stats: EngineStats, at: float) -> None: ...
+    def on_pod_added(self, endpoint: Endpoint, at: float) -> None: ...
+    def on_pod_removed(self, pod: str, at: float) -> None: ...
 
 
 class BaseRouter:
@@ -78,6 +82,12 @@ class BaseRouter:
     def on_metrics(self, pod: str, stats: EngineStats, at: float) -> None:
         return None
 
+    def on_pod_added(self, endpoint: Endpoint, at: float) -> None:
+        return None
+
+    def on_pod_removed(self, pod: str, at: float) -> None:
+        return None
+
 
 class RoundRobinRouter(BaseRouter):
     """Decode pods in turn; on a P/D fleet every request also takes the next prefill pod in turn."""
@@ -94,7 +104,20 @@ class RoundRobinRouter(BaseRouter):
         self._d = 0
         self._p = 0
 
+    def on_pod_added(self, endpoint: Endpoint, at: float) -> None:
+        if endpoint.role is Role.PREFILL:
+            self._prefill.append(endpoint.address)
+        elif endpoint.role.can_decode():
+            self._decode.append(endpoint.address)
+
+    def on_pod_removed(self, pod: str, at: float) -> None:
+        for pods in (self._decode, self._prefill):
+            if pod in pods:
+                pods.remove(pod)
+
     def route(self, req: ClusterRequest, now: float) -> Route:
+        if not self._decode:
+            raise SchedulingError(503, "no pod can decode", "no_endpoints")
         d = self._decode[self._d % len(self._decode)]
         self._d += 1
         p = None
@@ -175,6 +198,18 @@ class SchedulerRouter(BaseRouter):
         # The pool's event records have the fields and class names of pickers.kvblocks.events' own: handed
         # over as they are, without the wire-format (map) round trip.
         self._kv_index.apply_events(pod, events, now=at)  # type: ignore[union-attr]
+
+    def on_pod_added(self, endpoint: Endpoint, at: float) -> None:
+        add = getattr(self.scheduler, "add_endpoint", None)
+        if add is None:
+            raise ValueError(f"policy {self.name!r} cannot take pods added at run time")
+        add(endpoint)
+
+    def on_pod_removed(self, pod: str, at: float) -> None:
+        remove = getattr(self.scheduler, "remove_endpoint", None)
+        if remove is None:
+            raise ValueError(f"policy {self.name!r} cannot drop pods at run time")
+        remove(pod)
 
     def on_metrics(self, pod: str, stats: EngineStats, at: float) -> None:
         m = self._pod_metrics(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 
@@ -31,6 +31,10 @@ from pickers.types import Endpoint, SchedulingError, Usage
 _STEP = 0
 _TIMER = 1
 _QUIET = 2  # the end of a pod's quiet decode run; payload: the run's generation
+_READY = 3  # a pod added at run time finished starting
+_DRAIN_DEADLINE = 4  # a draining pod's in-flight requests ran out of time
+STARTING, READY, DRAINING, RELEASED = "starting", "ready", "draining", "released"
+LOST = "503 pod removed"  # the failure reason of a request lost because its pod went away
 _MAX_QUIET = 1024  # steps planned at once (bounds the per-pod list of durations)
 _PREFILL_SUFFIX = "/prefill"
 
@@ -83,10 +87,19 @@ class Pod:
     """One engine in the simulation, with its lazily applied quiet decode run (see ``ClusterSim``)."""
 
     __slots__ = ("index", "spec", "name", "core", "busy", "timer_at", "steps", "busy_time",
-                 "run", "run_start", "run_next", "run_applied", "run_gen")
+                 "run", "run_start", "run_next", "run_applied", "run_gen", "state", "requested_at", "ready_at",
+                 "released_at", "gpus", "assigned")
 
-    def __init__(self, index: int, spec: PodSpec, core: EngineCore) -> None:
+    def __init__(self, index: int, spec: PodSpec, core: EngineCore, requested_at: float = 0.0,
+                 ready_at: float = 0.0) -> None:
         self.index = index
+        # starting (paid, not routable) -> ready -> draining (no new requests) -> released (no longer paid)
+        self.state = READY if ready_at <= requested_at else STARTING
+        self.requested_at = requested_at
+        self.ready_at = ready_at
+        self.released_at = math.inf
+        self.gpus = core.cost.deployment.gpus
+        self.assigned = 0  # requests with a leg on this pod that has not ended
         self.spec = spec
         self.name = spec.name
         self.core = core
@@ -137,14 +150,25 @@ class SimResult:
     end_time: float
     events: int
     policy: str = ""
+    scaling_actions: int = 0  # pods added or drained while it ran
+
+
+def endpoint_for(p: PodSpec) -> Endpoint:
+    return Endpoint(p.name, role=p.role, model="sim", accelerator=p.accelerator, model_profile=p.model_profile,
+                    block_size=p.block_size, kv_events=f"inproc://{p.label or p.name}")
 
 
 def endpoints_for(fleet: FleetSpec) -> list[Endpoint]:
-    return [
-        Endpoint(p.name, role=p.role, model="sim", accelerator=p.accelerator, model_profile=p.model_profile,
-                 block_size=p.block_size, kv_events=f"inproc://{p.label or p.name}")
-        for p in fleet.pods
-    ]
+    return [endpoint_for(p) for p in fleet.pods]
+
+
+class Controller(Protocol):
+    """Changes the fleet while a replay runs (an autoscaler): ``tick`` every ``interval_s`` simulated seconds
+    calls ``ClusterSim.add_pod`` / ``drain_pod``."""
+
+    interval_s: float
+
+    def tick(self, sim: ClusterSim, now: float) -> None: ...
 
 
 class ClusterSim:
@@ -175,6 +199,11 @@ class ClusterSim:
             self.pods.append(pod)
             self.by_name[spec.name] = pod
             self.by_engine[core.engine_id] = pod
+        self.seed = seed
+        self.controller: Controller | None = None
+        self.drain_timeout_s = 600.0  # a draining pod's requests still running after this are lost
+        self.scaling_actions = 0  # pods added or drained at run time
+        self._added = 0
         self._heap: list[tuple[float, int, int, int, StepResult | int | None]] = []
         self._seq = 0
         self._live: dict[str, RequestRecord] = {}  # engine request id -> record
@@ -193,6 +222,7 @@ class ClusterSim:
         nxt = next(it, None)
         heap, router, clock = self._heap, self.router, self.clock
         scrape = 0.0 if router.wants_metrics else math.inf
+        control = 0.0 if self.controller is not None else math.inf
         pop = heapq.heappop
         last_arrival = -math.inf
         while True:
@@ -200,7 +230,7 @@ class ClusterSim:
                 pop(heap)
             t_arr = nxt[0].arrival if nxt is not None else math.inf
             t_heap = heap[0][0] if heap else math.inf
-            t = min(t_arr, t_heap, scrape)
+            t = min(t_arr, t_heap, scrape, control)
             if t == math.inf:
                 break
             clock.set(max(t, clock.now()))
@@ -208,9 +238,16 @@ class ClusterSim:
             self.events += 1
             if self.progress is not None and self.events % self.progress_every == 0:
                 self.progress(now, len(self.records), self.ended)
-            if scrape <= t_heap and scrape <= t_arr:
+            if scrape <= t_heap and scrape <= t_arr and scrape <= control:
                 self._scrape(now)
                 scrape = now + self.scrape_interval if (heap or nxt is not None) else math.inf
+                continue
+            if control <= t_heap and control <= t_arr:
+                assert self.controller is not None
+                self.controller.tick(self, now)
+                control = now + self.controller.interval_s if (heap or nxt is not None) else math.inf
+                if scrape == math.inf and router.wants_metrics and (heap or nxt is not None):
+                    scrape = now
                 continue
             if t_heap <= t_arr:
                 _, _, kind, idx, res = pop(heap)
@@ -220,6 +257,10 @@ class ClusterSim:
                 elif kind == _QUIET:
                     if res == pod.run_gen:
                         self._quiet_end(pod, now)
+                elif kind == _READY:
+                    self._ready(pod, now)
+                elif kind == _DRAIN_DEADLINE:
+                    self._drain_deadline(pod, now)
                 elif pod.timer_at <= now:
                     pod.timer_at = math.inf
                     self._kick(pod, now)
@@ -232,9 +273,12 @@ class ClusterSim:
             self._arrive(tr, prompt, now)
             if scrape == math.inf and router.wants_metrics:
                 scrape = now
+            if control == math.inf and self.controller is not None:
+                control = now
         if self.progress is not None:
             self.progress(clock.now(), len(self.records), self.ended)
-        return SimResult(self.records, self.pods, clock.now(), self.events, getattr(router, "name", ""))
+        return SimResult(self.records, self.pods, clock.now(), self.events, getattr(router, "name", ""),
+                         self.scaling_actions)
 
     def _stale_timer(self, t: float, pod: Pod) -> bool:
         """A timer whose reason went away (blocks released early, a step ran past it): drop it without
@@ -256,6 +300,8 @@ class ClusterSim:
 
     def _scrape(self, now: float) -> None:
         for pod in self.pods:
+            if pod.state != READY:
+                continue  # the router does not know it (yet, or any more)
             if pod.run:
                 pod.settle(now, inclusive=False)  # a scrape at a step's start sees the state before it
             self.router.on_metrics(pod.name, pod.core.stats(), now)
@@ -278,9 +324,14 @@ class ClusterSim:
         ppod = self.by_name.get(prefill) if prefill else None
         if dpod is None or (prefill and ppod is None):
             raise ValueError(f"router {self.router.name!r} picked an unknown pod: {decode!r} / {prefill!r}")
+        if dpod.state != READY or (ppod is not None and ppod.state != READY):
+            raise ValueError(f"router {self.router.name!r} picked a pod that is not serving: {decode!r} / "
+                             f"{prefill!r} (removed pods must leave the router at once)")
         rec.decode_pod = decode
+        dpod.assigned += 1
         if ppod is not None and ppod is not dpod:
             rec.prefill_pod = ppod.name
+            ppod.assigned += 1
             sreq = SimRequest(rid + _PREFILL_SUFFIX, prompt, 1, arrival=now,
                               kv_transfer_params={"do_remote_decode": True}, seed=tr.index)
             self._submit(rec, ppod, sreq, now)
@@ -289,6 +340,9 @@ class ClusterSim:
                                                seed=tr.index), now)
 
     def _submit(self, rec: RequestRecord, pod: Pod, sreq: SimRequest, now: float) -> None:
+        if pod.state == RELEASED:  # its decode pod went away while the prefill leg ran
+            self._fail(rec, LOST, now)
+            return
         if pod.run:
             self._cut(pod, now)
         try:
@@ -302,6 +356,7 @@ class ClusterSim:
     def _fail(self, rec: RequestRecord, reason: str, now: float) -> None:
         rec.status, rec.reason = "failed", reason
         self.ended += 1
+        self._unassign(rec, now)
         if rec.req is not None:
             self.router.on_failed(rec.req, reason, now)
             rec.req = None
@@ -316,6 +371,8 @@ class ClusterSim:
             if len(run) > 1:
                 self._start_run(pod, run, now)
                 return
+        if pod.state == RELEASED:
+            return
         res = core.step(now)
         if res.num_new_tokens:
             pod.busy = True
@@ -323,7 +380,7 @@ class ClusterSim:
             pod.busy_time += res.duration
             self._seq += 1
             heapq.heappush(self._heap, (res.end, self._seq, _STEP, pod.index, res))
-        elif res.events and self.router.wants_kv_events:
+        elif res.events and self.router.wants_kv_events and pod.state == READY:
             self.router.on_kv_events(pod.name, res.events, now)
         if self._released:
             self._kick_released(now)
@@ -333,6 +390,8 @@ class ClusterSim:
                 pod.timer_at = t
                 self._seq += 1
                 heapq.heappush(self._heap, (t, self._seq, _TIMER, pod.index, None))
+            if pod.state == DRAINING:
+                self._maybe_release(pod, now)
 
     def _kick_released(self, now: float) -> None:
         released, self._released = self._released, []
@@ -372,7 +431,7 @@ class ClusterSim:
     def _step_end(self, pod: Pod, res: StepResult, now: float) -> None:
         pod.busy = False
         router = self.router
-        if res.events and router.wants_kv_events:
+        if res.events and router.wants_kv_events and pod.state == READY:
             router.on_kv_events(pod.name, res.events, now)
         live = self._live
         for out in res.outputs:
@@ -394,6 +453,7 @@ class ClusterSim:
                 rec.finish = now
                 rec.status = "ok"
                 self.ended += 1
+                self._unassign(rec, now)
                 rec.prompt_tokens = out.num_prompt_tokens
                 rec.output_tokens = out.num_output_tokens
                 if rec.prefill_pod is None:
@@ -407,6 +467,10 @@ class ClusterSim:
     def _prefill_done(self, rec: RequestRecord, params: dict | None, cached: int, now: float) -> None:
         rec.prefill_done = now
         rec.cached_tokens = cached
+        if rec.prefill_pod is not None:
+            ppod = self.by_name[rec.prefill_pod]
+            ppod.assigned -= 1
+            self._maybe_release(ppod, now)
         dpod = self.by_name[rec.decode_pod]
         req = rec.req
         if req is None:  # pragma: no cover - a record always keeps its request until it ends
@@ -418,6 +482,92 @@ class ClusterSim:
             self._on_kv_pulled(params)
             self._kick_released(now)
 
+    # ---- the fleet at run time -----------------------------------------------------------------------
+    def add_pod(self, spec: PodSpec, now: float, startup_s: float = 0.0) -> Pod:
+        """Request a pod now: it is paid for from ``now`` and joins the router after ``startup_s``."""
+        if spec.name in self.by_name:
+            raise ValueError(f"pod name {spec.name} is used twice")
+        i = len(self.pods)
+        core = EngineCore(spec.cost_model(), spec.engine_config(
+            self.fleet.link, self.seed, i, kv_events=self.router.wants_kv_events))
+        core.on_kv_pulled = self._on_kv_pulled
+        pod = Pod(i, spec, core, requested_at=now, ready_at=now + max(0.0, startup_s))
+        self.pods.append(pod)
+        self.by_name[spec.name] = pod
+        self.by_engine[core.engine_id] = pod
+        self.scaling_actions += 1
+        self._added += 1
+        if pod.state == READY:
+            self._ready(pod, now)
+        else:
+            self._seq += 1
+            heapq.heappush(self._heap, (pod.ready_at, self._seq, _READY, i, None))
+        return pod
+
+    def new_pod_name(self) -> str:
+        """A fresh address for a pod added at run time (10.200+.x.y:8000)."""
+        n = self._added
+        return f"10.{200 + n // 65536 % 56}.{n // 256 % 256}.{n % 256}:8000"
+
+    def drain_pod(self, name: str, now: float) -> None:
+        """Drain-first removal: the router forgets the pod now (no new requests), the pod finishes what it
+        holds and is released (no longer paid) once idle; what still runs after ``drain_timeout_s`` is lost.
+        A pod still starting is released at once."""
+        pod = self.by_name[name]
+        if pod.state in (DRAINING, RELEASED):
+            return
+        self.scaling_actions += 1
+        if pod.state == STARTING:
+            self._release(pod, now)
+            return
+        pod.state = DRAINING
+        self.router.on_pod_removed(pod.name, now)
+        self._seq += 1
+        heapq.heappush(self._heap, (now + self.drain_timeout_s, self._seq, _DRAIN_DEADLINE, pod.index, None))
+        self._maybe_release(pod, now)
+
+    def _ready(self, pod: Pod, now: float) -> None:
+        if pod.state == RELEASED:
+            return  # drained while it was starting
+        pod.state = READY
+        pod.ready_at = now
+        self.router.on_pod_added(endpoint_for(pod.spec), now)
+
+    def _maybe_release(self, pod: Pod, now: float) -> None:
+        core = pod.core
+        if (pod.state == DRAINING and pod.assigned <= 0 and not pod.busy and not core.has_work()
+                and core.next_event_time() is None):
+            self._release(pod, now)
+
+    def _release(self, pod: Pod, now: float) -> None:
+        pod.state = RELEASED
+        pod.released_at = now
+
+    def _drain_deadline(self, pod: Pod, now: float) -> None:
+        """The drain ran out of time: what the pod still runs is lost, and the pod goes."""
+        if pod.state != DRAINING:
+            return
+        if pod.run:
+            self._cut(pod, now)
+        for rid, rec in list(self._live.items()):
+            on_prefill = rid.endswith(_PREFILL_SUFFIX)
+            if (rec.prefill_pod if on_prefill else rec.decode_pod) == pod.name:
+                pod.core.abort(rid)
+                del self._live[rid]
+                self._fail(rec, LOST, now)
+        self._release(pod, now)
+
+    def _unassign(self, rec: RequestRecord, now: float) -> None:
+        """A request ended: its legs no longer hold their pods (a draining pod may go)."""
+        dpod = self.by_name.get(rec.decode_pod) if rec.decode_pod else None
+        if dpod is not None:
+            dpod.assigned -= 1
+            self._maybe_release(dpod, now)
+        if rec.prefill_pod is not None and rec.prefill_done < 0:
+            ppod = self.by_name[rec.prefill_pod]
+            ppod.assigned -= 1
+            self._maybe_release(ppod, now)
+
 
 def trace_prompts(reqs: list[TraceRequest], blocks: BlockTokens | None = None) -> Iterator[tuple[TraceRequest, np.ndarray]]:
     """Prompts made lazily, one request at a time, so memory holds only requests in flight."""
@@ -426,4 +576,7 @@ def trace_prompts(reqs: list[TraceRequest], blocks: BlockTokens | None = None) -
         yield r, blocks.prompt(r.hash_ids, r.input_length, r.index)
 
 
-__all__ = ["ClusterSim", "Pod", "RequestRecord", "SimResult", "endpoints_for", "trace_prompts"]
+__all__ = [
+    "DRAINING", "LOST", "READY", "RELEASED", "STARTING", "ClusterSim", "Controller", "Pod", "RequestRecord",
+    "SimResult", "endpoint_for", "endpoints_for", "trace_prompts",
+]
