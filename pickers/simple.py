@@ -32,6 +32,20 @@ class LeastInFlight:
     def ready(self) -> bool:
         return bool(self._decoders)
 
+    def add_endpoint(self, endpoint: Endpoint) -> None:
+        """A pod joined (autoscaling): it takes requests from now on."""
+        self.remove_endpoint(endpoint.address)
+        self.endpoints.append(endpoint)
+        self.inflight.setdefault(endpoint.address, 0)
+        if endpoint.role.can_decode():
+            self._decoders.append(endpoint.address)
+
+    def remove_endpoint(self, address: str) -> None:
+        """A pod is leaving (drain-first): no new requests; its in-flight ones still report their end."""
+        self.endpoints = [e for e in self.endpoints if e.address != address]
+        if address in self._decoders:
+            self._decoders.remove(address)
+
     async def schedule(self, request: InferenceRequest) -> Decision:
         candidates = self._decoders
         if request.subset is not None:

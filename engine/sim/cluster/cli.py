@@ -19,10 +19,11 @@ from typing import Any
 
 from engine.sim.cluster.fleet import FleetSpec, fleet_from_flags, load_fleet
 from engine.sim.cluster.progress import ReplayProgress
-from engine.sim.cluster.report import format_table, summarize
+from engine.sim.cluster.report import SloTargets, format_table, summarize
 from engine.sim.cluster.routers import BUILTIN, make_router
 from engine.sim.cluster.simulator import ClusterSim, SimResult, trace_prompts
 from engine.sim.cluster.trace import BlockTokens, TraceRequest, read_mooncake
+from pickers.planner.catalogue import PRICE_SOURCE, parse_accelerators
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,13 +48,24 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--max-num-seqs", type=int, default=256)
     f.add_argument("--max-num-batched-tokens", type=int, default=8192)
     r = p.add_argument_group("routing")
-    r.add_argument("--policy", default="round-robin",
+    r.add_argument("--policy", default=None,
                    help=f"built-in ({', '.join(BUILTIN)}) or a picker profile name (default round-robin)")
     r.add_argument("--policies", default=None, help="comma-separated policies, run in turn on a fresh fleet")
     r.add_argument("--picker-config", default=None, help="picker YAML passed to pickers.config.build_scheduler")
     r.add_argument("--scrape-interval", type=float, default=0.05,
                    help="seconds between metric scrapes the picker sees (default 0.05)")
     r.add_argument("--seed", type=int, default=0)
+    a = p.add_argument_group("autoscaling and SLOs")
+    a.add_argument("--autoscale", default=None, metavar="PLANNERS",
+                   help="comma-separated planners run in the loop, one replay each: kvswitch, static-peak, "
+                        "queue-hpa, dynamo-throughput (routing: --policy, default least-inflight here)")
+    a.add_argument("--startup-s", type=float, default=60.0, help="start-up time of a pod added at run time")
+    a.add_argument("--accelerators", default=None, metavar="KIND=PRICE,...",
+                   help="kinds the planner may buy and their price per GPU-hour (default: --accelerator at "
+                        "its default price); prices also give the summary's cost")
+    a.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT target (ms) for slo_attainment")
+    a.add_argument("--slo-tpot-ms", type=float, default=None, help="TPOT target (ms) for slo_attainment")
+    a.add_argument("--attainment", type=float, default=0.95, help="the planners' attainment goal (0-1)")
     o = p.add_argument_group("output")
     o.add_argument("--json", dest="json_out", default=None, help="write the summaries as JSON here")
     o.add_argument("--requests-out", default=None,
@@ -107,14 +119,66 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
+def _slo(args: argparse.Namespace) -> SloTargets | None:
+    if (args.slo_ttft_ms is None) != (args.slo_tpot_ms is None):
+        raise ValueError("give both --slo-ttft-ms and --slo-tpot-ms")
+    if not 0 < args.attainment <= 1:
+        raise ValueError(f"--attainment must be in (0, 1], got {args.attainment}")
+    if args.slo_ttft_ms is None:
+        return None
+    return SloTargets(args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
+
+
+def _autoscale(args: argparse.Namespace, reqs: list[TraceRequest], slo: SloTargets | None) -> int:
+    from engine.sim.cluster.autoscale import run_planner
+    from pickers.planner import PLANNERS
+
+    if slo is None:
+        raise ValueError("--autoscale needs --slo-ttft-ms and --slo-tpot-ms (the planners size for them)")
+    if args.fleet or args.pd:
+        raise ValueError("--autoscale plans aggregated pods itself: drop --fleet/--pd")
+    names = [s.strip() for s in args.autoscale.split(",") if s.strip()]
+    for n in names:
+        if n not in PLANNERS:
+            raise ValueError(f"unknown planner {n!r}; known: {', '.join(PLANNERS)}")
+    if not reqs:
+        raise ValueError("the trace is empty")
+    catalogue = parse_accelerators(args.accelerators or args.accelerator, startup_s=args.startup_s)
+    engine = {"max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
+              "max_num_batched_tokens": args.max_num_batched_tokens}
+    summaries = []
+    for name in names:
+        res, wall, ctl = run_planner(reqs, name, catalogue, slo, args.model_profile, args.attainment,
+                                     policy=args.policy or "least-inflight", seed=args.seed,
+                                     progress=not args.quiet, **engine)
+        s = summarize(res, wall, slo=slo, prices=catalogue.prices)  # type: ignore[arg-type]
+        s = {"planner": name, **s, "startup_s": args.startup_s, "accelerators": catalogue.prices,
+             "decisions": [{"at": t, "desired": d} for t, d in ctl.decisions]}
+        summaries.append(s)
+        if not args.quiet:
+            print(f"{name}: attainment {s['slo_attainment']:.3f}, {s['gpu_hours']:.2f} GPU-h, "
+                  f"{s['scaling_actions_per_hour']:.1f} actions/h, {wall:.1f} s wall", file=sys.stderr)
+    print(format_table(summaries))
+    if args.json_out:
+        payload = {"requests": len(reqs), "slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms,
+                   "attainment_goal": args.attainment, "startup_s": args.startup_s, "price_source": PRICE_SOURCE,
+                   "runs": [_clean(s) for s in summaries]}
+        Path(args.json_out).write_text(json.dumps(payload, indent=2), encoding="utf-8")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        policies = [s.strip() for s in (args.policies or args.policy).split(",") if s.strip()]
+        slo = _slo(args)
+        reqs = read_mooncake(args.trace, args.speedup, args.max_requests, args.duration)
+        if args.autoscale:
+            return _autoscale(args, reqs, slo)
+        policies = [s.strip() for s in (args.policies or args.policy or "round-robin").split(",") if s.strip()]
         if not policies:
             raise ValueError("--policies is empty")
         fleet = _fleet(args)
-        reqs = read_mooncake(args.trace, args.speedup, args.max_requests, args.duration)
+        prices = parse_accelerators(args.accelerators).prices if args.accelerators else None
         picker_config = None
         if args.picker_config:
             import yaml
@@ -135,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             print(f"kvswitch sim replay: policy {policy}: {exc}", file=sys.stderr)
             return 2
-        summary = summarize(res, wall)
+        summary = summarize(res, wall, slo=slo, prices=prices)
         summaries.append(summary)
         if not args.quiet:
             print(f"{policy}: {summary['completed']} completed in {wall:.1f} s wall", file=sys.stderr)
