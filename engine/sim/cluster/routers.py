@@ -127,6 +127,59 @@ class RoundRobinRouter(BaseRouter):
         return d, p
 
 
+class LengthSplitRouter(BaseRouter):
+    """Prompts longer than ``split_tokens`` go to pods of ``long_kind``, the rest to the other pods; the pod
+    with the fewest requests in flight within the group (ties: in turn). Without a split: least in flight
+    over all pods. The router a planned heterogeneous fleet (``kvswitch plan``) is replayed with."""
+
+    name = "length-split"
+
+    def __init__(self, endpoints: list[Endpoint], split_tokens: int | None = None, long_kind: str | None = None
+                 ) -> None:
+        self.split = split_tokens
+        self.long_kind = (long_kind or "").upper()
+        self._kind: dict[str, str] = {}
+        self._load: dict[str, int] = {}
+        self._turn = 0
+        for e in endpoints:
+            self.on_pod_added(e, 0.0)
+
+    def on_pod_added(self, endpoint: Endpoint, at: float) -> None:
+        if endpoint.role.can_decode():
+            self._kind[endpoint.address] = endpoint.accelerator.upper()
+            self._load.setdefault(endpoint.address, 0)
+
+    def on_pod_removed(self, pod: str, at: float) -> None:
+        self._kind.pop(pod, None)
+
+    def route(self, req: ClusterRequest, now: float) -> Route:
+        pods = list(self._kind)
+        if self.split is not None:
+            want_long = len(req.prompt) > self.split
+            group = [p for p in pods if (self._kind[p] == self.long_kind) == want_long]
+            pods = group or pods
+        if not pods:
+            raise SchedulingError(503, "no pod can decode", "no_endpoints")
+        self._turn += 1
+        n = len(pods)
+        best = min(range(n), key=lambda i: (self._load[pods[i]], (i - self._turn) % n))
+        pod = pods[best]
+        self._load[pod] += 1
+        req.state["pod"] = pod
+        return pod, None
+
+    def _done(self, req: ClusterRequest) -> None:
+        pod = req.state.pop("pod", None)
+        if pod is not None and self._load.get(pod, 0) > 0:
+            self._load[pod] -= 1
+
+    def on_finished(self, req: ClusterRequest, usage: Usage, at: float) -> None:
+        self._done(req)
+
+    def on_failed(self, req: ClusterRequest, reason: str, at: float) -> None:
+        self._done(req)
+
+
 def _run_sync(coro: Any) -> Any:
     """Drive a coroutine that never really awaits (a scheduler's ``schedule``) to its result."""
     try:
@@ -262,6 +315,6 @@ def make_router(name: str, endpoints: list[Endpoint], clock: ManualClock, seed: 
 
 
 __all__ = [
-    "BUILTIN", "BaseRouter", "ClusterRequest", "RoundRobinRouter", "Route", "Router", "SchedulerRouter",
+    "BUILTIN", "BaseRouter", "ClusterRequest", "LengthSplitRouter", "RoundRobinRouter", "Route", "Router", "SchedulerRouter",
     "make_router",
 ]
