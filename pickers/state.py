@@ -89,6 +89,25 @@ class PDVerdict:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class SLOTargets:
+    """What this request must meet, resolved once at arrival from its headers, its objective and the
+    pool's defaults (None: no target of that kind). ``priority`` orders admission: higher is admitted
+    first; below zero is sheddable (InferenceObjective semantics)."""
+
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+    priority: int = 0
+    objective: str | None = None
+
+    @property
+    def any(self) -> bool:
+        return self.ttft_s is not None or self.tpot_s is not None
+
+
+NO_TARGETS = SLOTargets()
+
+
 @dataclass(slots=True)
 class KVExpectation:
     """Pods that will announce new blocks for this prompt in KV events: judged at first token (or end)."""
@@ -104,6 +123,7 @@ class RequestState:
     request: InferenceRequest
     key: str  # keys in-flight load and pending blocks; unique per request (the gateway's request id)
     arrival: float
+    slo: SLOTargets = NO_TARGETS
     tokens: np.ndarray | None = None  # the engine's token ids of the prompt, when a plugin needs them
     block_hashes: dict[int, list[int]] = field(default_factory=dict)  # block size -> chained hashes
     hits: dict[PrefixMode, np.ndarray] = field(default_factory=dict)  # mode -> cached tokens per slot
@@ -126,5 +146,5 @@ class RequestState:
 
 __all__ = [
     "KVExpectation", "PD_REASON_CODES", "PDReason", "PDVerdict", "PREFIX_MODES", "Prediction", "PrefixMode",
-    "ProfileResult", "RequestState",
+    "ProfileResult", "RequestState", "NO_TARGETS", "SLOTargets",
 ]
