@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from engine.sim.cluster.fleet import FleetSpec, PodSpec
-from engine.sim.cluster.routers import ClusterRequest, Router
+from engine.sim.cluster.routers import ClusterRequest, Endpoint, ManualClock, Role, Router, SchedulingError, Usage
 from engine.sim.cluster.trace import BlockTokens, TraceRequest
 from engine.sim.core import EngineCore, SimRequest, StepResult
-from pickers.clock import ManualClock
-from pickers.types import Endpoint, SchedulingError, Usage
 
 _STEP = 0
 _TIMER = 1
@@ -154,8 +153,9 @@ class SimResult:
 
 
 def endpoint_for(p: PodSpec) -> Endpoint:
-    return Endpoint(p.name, role=p.role, model="sim", accelerator=p.accelerator, model_profile=p.model_profile,
-                    block_size=p.block_size, kv_events=f"inproc://{p.label or p.name}")
+    return Endpoint(p.name, role=Role(p.role), model="sim", accelerator=p.accelerator, model_profile=p.model_profile,
+                    block_size=p.block_size, kv_events=f"inproc://{p.label or p.name}",
+                    max_num_batched_tokens=p.max_num_batched_tokens)
 
 
 def endpoints_for(fleet: FleetSpec) -> list[Endpoint]:
@@ -183,8 +183,7 @@ class ClusterSim:
             raise ValueError("scrape_interval must be positive")
         self.fleet = fleet
         self.clock = clock or ManualClock()
-        self.router: Router = router if not callable(router) or hasattr(router, "route") else router(
-            endpoints_for(fleet), self.clock)  # type: ignore[call-arg]
+        self.router: Router = router if isinstance(router, Router) else router(endpoints_for(fleet), self.clock)
         self.scrape_interval = scrape_interval
         self.quiet_runs = quiet_runs  # False: one event per engine step (the reference the runs must match)
         self.pods: list[Pod] = []
@@ -569,7 +568,8 @@ class ClusterSim:
             self._maybe_release(ppod, now)
 
 
-def trace_prompts(reqs: list[TraceRequest], blocks: BlockTokens | None = None) -> Iterator[tuple[TraceRequest, np.ndarray]]:
+def trace_prompts(reqs: list[TraceRequest],
+                  blocks: BlockTokens | None = None) -> Iterator[tuple[TraceRequest, np.ndarray]]:
     """Prompts made lazily, one request at a time, so memory holds only requests in flight."""
     blocks = blocks or BlockTokens()
     for r in reqs:
