@@ -7,8 +7,17 @@ observations into desired replicas, with forecast, hysteresis and cooldown).
 """
 
 from pickers.planner.autoscale import (
-    PLANNERS, Desired, DynamoThroughputPlanner, KvswitchPlanner, Observation, PoolState, QueueHpaPlanner, Slo,
-    StaticPlanner, cheapest_kind, make_planner,
+    PLANNERS,
+    Desired,
+    DynamoThroughputPlanner,
+    KvswitchPlanner,
+    Observation,
+    PoolState,
+    QueueHpaPlanner,
+    Slo,
+    StaticPlanner,
+    cheapest_kind,
+    make_planner,
 )
 from pickers.planner.capacity import LoadShape, PodKind, pod_capacity, pods_needed
 from pickers.planner.catalogue import DEFAULT_PRICES, PRICE_SOURCE, Catalogue, parse_accelerators

@@ -19,9 +19,9 @@ request alone misses them: the kind cannot serve this workload's tail within the
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
 
 import numpy as np
 

@@ -112,10 +112,9 @@ def search(inputs: list[int], outputs: list[int], peak_rate: float, catalogue: C
 
 def _fits(kind: str, model: str, tp: int) -> bool:
     try:
-        PodKind(kind, model, tp).cost().kv_capacity_tokens
-    except ValueError:
+        return PodKind(kind, model, tp).cost().kv_capacity_tokens > 0
+    except ValueError:  # the weights do not fit in tp GPUs of this kind
         return False
-    return True
 
 
 __all__ = ["Candidate", "Pool", "search"]

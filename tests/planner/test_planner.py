@@ -9,8 +9,16 @@ import pytest
 from engine.sim.cluster.autoscale import PlannerController, peak_rate
 from engine.sim.cluster.trace import TraceRequest
 from pickers.planner import (
-    DEFAULT_PRICES, KvswitchPlanner, LoadShape, Observation, PodKind, PoolState, Slo, parse_accelerators,
-    pod_capacity, pods_needed,
+    DEFAULT_PRICES,
+    KvswitchPlanner,
+    LoadShape,
+    Observation,
+    PodKind,
+    PoolState,
+    Slo,
+    parse_accelerators,
+    pod_capacity,
+    pods_needed,
 )
 from pickers.planner.capacity import estimate
 from pickers.planner.search import search

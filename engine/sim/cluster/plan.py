@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     # the model errs on the safe side: shrink the cheapest confirmed fleet of each family pod by pod while the
     # replay still meets the goal (each step one more replay)
     for family in (False, True):
-        fam = [(r, c) for r, c in zip(rows, confirmed) if r["mixed"] == family and r["slo_attainment"] >= args.attainment]
+        fam = [(r, c) for r, c in zip(rows, confirmed, strict=True)
+               if r["mixed"] == family and r["slo_attainment"] >= args.attainment]
         if not fam:
             continue
         row, cand = min(fam, key=lambda rc: rc[0]["cost_per_hour"])
