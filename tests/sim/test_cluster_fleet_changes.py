@@ -24,6 +24,7 @@ class Script:
     def tick(self, sim: ClusterSim, now: float) -> None:
         while self.actions and self.actions[0][0] <= now:
             _, act = self.actions.pop(0)
+            sim.scaling_actions += 1
             if act[0] == "add":
                 pod = sim.add_pod(PodSpec(sim.new_pod_name(), "both", act[1], "llama-3.1-8b"), now, act[2])
                 self.added.append(pod.name)

@@ -149,7 +149,7 @@ class SimResult:
     end_time: float
     events: int
     policy: str = ""
-    scaling_actions: int = 0  # pods added or drained while it ran
+    scaling_actions: int = 0  # fleet-changing decisions while it ran (one may add or drain several pods)
 
 
 def endpoint_for(p: PodSpec) -> Endpoint:
@@ -201,7 +201,8 @@ class ClusterSim:
         self.seed = seed
         self.controller: Controller | None = None
         self.drain_timeout_s = 600.0  # a draining pod's requests still running after this are lost
-        self.scaling_actions = 0  # pods added or drained at run time
+        # decisions that changed the fleet (counted by the controller: one decision may move several pods)
+        self.scaling_actions = 0
         self._added = 0
         self._heap: list[tuple[float, int, int, int, StepResult | int | None]] = []
         self._seq = 0
@@ -494,7 +495,6 @@ class ClusterSim:
         self.pods.append(pod)
         self.by_name[spec.name] = pod
         self.by_engine[core.engine_id] = pod
-        self.scaling_actions += 1
         self._added += 1
         if pod.state == READY:
             self._ready(pod, now)
@@ -515,7 +515,6 @@ class ClusterSim:
         pod = self.by_name[name]
         if pod.state in (DRAINING, RELEASED):
             return
-        self.scaling_actions += 1
         if pod.state == STARTING:
             self._release(pod, now)
             return
