@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from engine.sim.cluster.autoscale import PLANNERS, PRICE_SOURCE, parse_accelerators, run_planner
 from engine.sim.cluster.fleet import FleetSpec, fleet_from_flags, load_fleet
 from engine.sim.cluster.progress import ReplayProgress
 from engine.sim.cluster.report import SloTargets, format_table, summarize
 from engine.sim.cluster.routers import BUILTIN, make_router
 from engine.sim.cluster.simulator import ClusterSim, SimResult, trace_prompts
 from engine.sim.cluster.trace import BlockTokens, TraceRequest, read_mooncake
-from pickers.planner.catalogue import PRICE_SOURCE, parse_accelerators
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,9 +130,6 @@ def _slo(args: argparse.Namespace) -> SloTargets | None:
 
 
 def _autoscale(args: argparse.Namespace, reqs: list[TraceRequest], slo: SloTargets | None) -> int:
-    from engine.sim.cluster.autoscale import run_planner
-    from pickers.planner import PLANNERS
-
     if slo is None:
         raise ValueError("--autoscale needs --slo-ttft-ms and --slo-tpot-ms (the planners size for them)")
     if args.fleet or args.pd:
