@@ -83,7 +83,10 @@ class KVScheduler:
 
     def ready(self) -> bool:
         """Ready to serve once some endpoint can decode. Pod health is not part of it on purpose: a picker
-        whose pods are all down still answers every request with a clear 503, which beats Envoy's own error."""
+        whose pods are all down still answers every request with a clear 503, which beats Envoy's own error.
+        A discovery that has not completed its first list (``synced`` False) is not ready yet."""
+        if not getattr(self.discovery, "synced", True):
+            return False
         slots = self.dl.endpoints.active_slots()
         return bool(self.dl.endpoints.can_decode[slots].any()) if len(slots) else False
 

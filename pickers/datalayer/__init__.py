@@ -69,6 +69,12 @@ class DataLayer:
         self.precise_enabled = False  # some pod publishes KV events and the scheduler reads them
         self._precise_wanted = True
         ep.listen(self._on_endpoint)
+        ep.set_busy_probe(self._busy)
+
+    def _busy(self, slot: int) -> bool:
+        """A request this picker routed is still open on ``slot`` (decoding there, or prefilling there)."""
+        inf = self.inflight
+        return bool(inf.requests[slot] > 0 or inf.prefill_requests[slot] > 0)
 
     def want_precise(self, wanted: bool) -> None:
         """The scheduler says whether any of its plugins reads the precise index; if none does, it stays off
