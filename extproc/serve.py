@@ -5,11 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
+from pathlib import Path
 
-from extproc.config import ConfigError, load_config, parse_endpoint_flag
+import msgspec
+
+from extproc.config import Config, ConfigError, config_from_dict, load_config, parse_endpoint_flag
 from extproc.server import build_scheduler, build_server
+
+
+SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,8 +31,41 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--response-body", choices=["observe", "skip"],
                    help="server.response_body: observe (default) reads every response chunk; skip expects Envoy "
                         "to send none (kvswitch envoy-config --response-body skip) and ends requests at stream end")
+    k8s = p.add_argument_group("Kubernetes discovery (discovery.kubernetes)")
+    k8s.add_argument("--pool", help="watch this InferencePool and the pods it selects (instead of endpoints)")
+    k8s.add_argument("--namespace", help="the pool's namespace (default: $POD_NAMESPACE, the service account's)")
+    k8s.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster service account)")
+    tls = p.add_argument_group("TLS on the gRPC port")
+    tls.add_argument("--tls-cert", help="PEM certificate chain (server.tls_cert)")
+    tls.add_argument("--tls-key", help="PEM private key (server.tls_key)")
+    tls.add_argument("--tls-self-signed", action="store_true",
+                     help="serve TLS with a certificate made at start (server.tls_self_signed)")
     p.add_argument("--log-level", default="INFO")
     return p
+
+
+def _namespace(given: str) -> str:
+    if given:
+        return given
+    if os.environ.get("POD_NAMESPACE"):
+        return os.environ["POD_NAMESPACE"]
+    try:
+        return SA_NAMESPACE.read_text().strip() or "default"
+    except OSError:
+        return "default"
+
+
+def attach_discovery(config: Config, scheduler: object) -> None:
+    """Give the scheduler its Kubernetes discovery when the configuration asks for one."""
+    k = config.discovery.kubernetes
+    if k is None:
+        return
+    from pickers.datalayer.k8s import KubernetesDiscovery, KubernetesDiscoverySettings
+
+    if not hasattr(scheduler, "discovery"):
+        raise ConfigError("discovery.kubernetes: this scheduler has no discovery (use the framework scheduler)")
+    scheduler.discovery = KubernetesDiscovery(KubernetesDiscoverySettings(  # type: ignore[attr-defined]
+        pool=k.pool, namespace=_namespace(k.namespace), kubeconfig=k.kubeconfig, drain_seconds=k.drain_seconds))
 
 
 async def _run(server) -> None:
@@ -50,6 +90,21 @@ def main(argv: list[str]) -> int:
             if any(e.address == ep.address for e in config.endpoints):
                 raise ConfigError(f"--endpoint {ep.address} is already configured")
             config.endpoints.append(ep)
+        if args.pool or args.namespace or args.kubeconfig:
+            if not args.pool and config.discovery.kubernetes is None:
+                raise ConfigError("--namespace/--kubeconfig need --pool (or discovery.kubernetes.pool)")
+            k = config.discovery.kubernetes
+            raw = msgspec.to_builtins(config)
+            raw["discovery"]["kubernetes"] = {
+                **(msgspec.to_builtins(k) if k is not None else {}),
+                **{key: v for key, v in (("pool", args.pool), ("namespace", args.namespace),
+                                         ("kubeconfig", args.kubeconfig)) if v}}
+            config = config_from_dict(raw)
+        if args.tls_cert or args.tls_key or args.tls_self_signed:
+            raw = msgspec.to_builtins(config)
+            raw["server"].update({k: v for k, v in (("tls_cert", args.tls_cert), ("tls_key", args.tls_key),
+                                                     ("tls_self_signed", args.tls_self_signed)) if v})
+            config = config_from_dict(raw)
     except ConfigError as exc:
         print(f"kvswitch serve: {exc}", file=sys.stderr)
         return 2
@@ -72,11 +127,13 @@ def main(argv: list[str]) -> int:
         pass
 
     async def go() -> None:
-        await _run(build_server(config, build_scheduler(config)))
+        scheduler = build_scheduler(config)
+        attach_discovery(config, scheduler)
+        await _run(build_server(config, scheduler))
 
     try:
         asyncio.run(go())
-    except OSError as exc:  # a port in use: say which, without a traceback
+    except (OSError, ConfigError) as exc:  # a port in use, an unreadable file: say which, without a traceback
         print(f"kvswitch serve: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -21,8 +22,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from extproc import metrics
-from extproc.config import Config
+from extproc.config import Config, ConfigError
 from extproc.stream import ExtProcStream, StreamSettings
+from extproc.tls import bind
 from pickers.clock import Clock, MonotonicClock
 from pickers.types import Scheduler
 
@@ -74,6 +76,19 @@ def _scheduler_ready(scheduler: Scheduler, config: Config) -> bool:
     return bool(config.endpoints)
 
 
+def _secret(path: str | None) -> bytes | None:
+    """The prefill-signing secret (the same file the sidecars read with --picker-secret-file)."""
+    if path is None:
+        return None
+    try:
+        secret = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"server.prefill_signing_secret_file: cannot read {path}: {exc.strerror}") from None
+    if not secret:
+        raise ConfigError(f"server.prefill_signing_secret_file: {path} is empty")
+    return secret
+
+
 class Server:
     """The running picker: gRPC (ext_proc + health) and, unless disabled, the Prometheus port."""
 
@@ -86,11 +101,12 @@ class Server:
         s = config.server
         self.processor = ExternalProcessor(
             scheduler, StreamSettings(s.body_limit_bytes, s.debug_headers, dict(s.model_rewrite), s.max_fallback,
-                                      s.response_body == "observe"),
+                                      s.response_body == "observe", _secret(s.prefill_signing_secret_file)),
             self.clock
         )
         self.health = health_aio.HealthServicer()
         self.port: int = 0
+        self.transport = "plaintext"  # or "tls" / "tls-self-signed" (extproc/tls.py)
         self.metrics_port: int | None = None
         self._grpc: grpc.aio.Server | None = None
         self._metrics_httpd = None
@@ -127,7 +143,8 @@ class Server:
         server = grpc.aio.server(options=_GRPC_OPTIONS)
         pb_grpc.add_ExternalProcessorServicer_to_server(self.processor, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        self.port = server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        self.port, self.transport = bind(server, f"{s.host}:{s.grpc_port}", s.tls_cert, s.tls_key,
+                                         s.tls_self_signed)
         if self.port == 0:
             raise OSError(f"cannot listen on {s.host}:{s.grpc_port} (port in use?)")
         for name in ("", "liveness", EXT_PROC_SERVICE):
@@ -144,7 +161,8 @@ class Server:
                 raise OSError(f"cannot serve metrics on {s.host}:{s.metrics_port}: {exc.strerror}") from None
             self.metrics_port = self._metrics_httpd.server_port
         self._ready_task = asyncio.create_task(self._watch_readiness(), name="kvswitch-readiness")
-        log.info("kvswitch ext_proc listening on %s:%d (metrics %s)", s.host, self.port, self.metrics_port)
+        log.info("kvswitch ext_proc listening on %s:%d (%s; metrics %s)", s.host, self.port, self.transport,
+                 self.metrics_port)
 
     async def _update_readiness(self) -> bool:
         ready = not self._stopping and _scheduler_ready(self.scheduler, self.config)
