@@ -7,7 +7,7 @@ updates a per-pod cache of the endpoints that pod gives (``k8s_pods.pod_endpoint
 table: new or changed endpoints are added at once; endpoints no ready pod gives any more are *drained*
 (``EndpointTable.drain``): no new decision picks them, requests already routed there finish, and the reaper
 removes them once idle or after ``drain_seconds``. When two pods claim one address (an IP reused while the
-old pod's deletion is still on its way), the pod created last wins.
+old pod's deletion is still on its way), the pod seen taking the IP last wins.
 
 Nothing here is on the decision path: the table's arrays change between decisions, in the same loop, and a
 slow or broken API server only delays changes (the reflectors retry with backoff). ``synced`` turns True once
@@ -69,6 +69,8 @@ class KubernetesDiscovery:
         self._pods_listed = False
         self._pods: dict[str, dict[str, Any]] = {}  # uid -> pod
         self._given: dict[str, list[Endpoint]] = {}  # uid -> endpoints it gives now
+        self._ip_seen: dict[str, tuple[str, int]] = {}  # uid -> (pod IP, order in which we saw it assigned)
+        self._ip_seq = 0
         self._table: EndpointTable | None = None
         self._pods_task: asyncio.Task | None = None
         self._api: KubeApi | None = None
@@ -154,6 +156,7 @@ class KubernetesDiscovery:
         if spec is None:
             self._pods.clear()
             self._given.clear()
+            self._ip_seen.clear()
             self._reconcile()
             return
         assert self._api is not None
@@ -173,6 +176,9 @@ class KubernetesDiscovery:
 
     def _pods_list(self, items: list[dict[str, Any]]) -> None:
         self._pods = {self._uid(p): p for p in items}
+        self._ip_seen = {uid: v for uid, v in self._ip_seen.items() if uid in self._pods}
+        for uid, p in sorted(self._pods.items(), key=lambda kv: str(kv[1]["metadata"].get("creationTimestamp"))):
+            self._note_ip(uid, p)
         self._given = {uid: self._endpoints_of(p) for uid, p in self._pods.items()}
         self._pods_listed = True
         self._reconcile()
@@ -183,8 +189,10 @@ class KubernetesDiscovery:
         if ev.type == "DELETED":
             self._pods.pop(uid, None)
             self._given.pop(uid, None)
+            self._ip_seen.pop(uid, None)
         else:
             self._pods[uid] = ev.object
+            self._note_ip(uid, ev.object)
             self._given[uid] = self._endpoints_of(ev.object)
         self._reconcile()
 
@@ -203,14 +211,21 @@ class KubernetesDiscovery:
             return []
 
     # ---- the table --------------------------------------------------------------------------------------
+    def _note_ip(self, uid: str, pod: dict[str, Any]) -> None:
+        ip = (pod.get("status") or {}).get("podIP")
+        seen = self._ip_seen.get(uid)
+        if ip and (seen is None or seen[0] != ip):
+            self._ip_seq += 1
+            self._ip_seen[uid] = (ip, self._ip_seq)
+
     def desired(self) -> dict[str, Endpoint]:
-        """Address -> endpoint from every ready pod; of two pods with one address the newest wins."""
-        def age(uid: str) -> tuple[str, str]:
-            meta = self._pods[uid].get("metadata") or {}
-            return str(meta.get("creationTimestamp", "")), str(meta.get("name", ""))
+        """Address -> endpoint from every ready pod. Of two pods with one address, the one that got the IP
+        last wins (the other's deletion has not reached us yet: an IP is reused only once it was released)."""
+        def order(uid: str) -> int:
+            return self._ip_seen.get(uid, ("", 0))[1]
 
         out: dict[str, Endpoint] = {}
-        for uid in sorted(self._given, key=age):
+        for uid in sorted(self._given, key=order):
             for ep in self._given[uid]:
                 out[ep.address] = ep
         return out

@@ -23,8 +23,7 @@ comma-separated, in the same order (one value applies to all).
 Accelerator from the node: kvswitch reads no Node objects (that would need a ClusterRole); it reads the pod's
 ``spec.nodeSelector`` and required node-affinity terms for the usual GPU product labels
 (``nvidia.com/gpu.product``, ``cloud.google.com/gke-accelerator``, ``amd.com/gpu.product-name``,
-``karpenter.k8s.aws/instance-gpu-name``, ``node.kubernetes.io/instance-type`` is not used) and finds a known
-kind in the value: ``NVIDIA-H100-80GB-HBM3`` -> H100, ``nvidia-h200-141gb`` -> H200, ``AMD_Instinct_MI300X``
+``karpenter.k8s.aws/instance-gpu-name``) and finds a known kind in the value: ``NVIDIA-H100-80GB-HBM3`` -> H100, ``nvidia-h200-141gb`` -> H200, ``AMD_Instinct_MI300X``
 -> MI300X.
 """
 
