@@ -48,7 +48,7 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class KubernetesDiscoveryConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    pool: str  # the InferencePool's name
+    pool: str = ""  # the InferencePool's name (required; kvswitch serve --pool may give it)
     namespace: str = ""  # "": $POD_NAMESPACE, else the service account's namespace, else "default"
     kubeconfig: str | None = None  # None: in-cluster service account (else $KUBECONFIG / ~/.kube/config)
     drain_seconds: float = 30.0  # longest a leaving pod keeps the requests already routed to it
@@ -102,8 +102,6 @@ def _check(cfg: Config) -> Config:
         raise ConfigError("server.tls_self_signed: not together with server.tls_cert/tls_key")
     k8s = cfg.discovery.kubernetes
     if k8s is not None:
-        if not k8s.pool:
-            raise ConfigError("discovery.kubernetes.pool: name the InferencePool")
         if k8s.drain_seconds < 0:
             raise ConfigError(f"discovery.kubernetes.drain_seconds: must be >= 0, got {k8s.drain_seconds}")
         if cfg.endpoints:

@@ -62,6 +62,8 @@ def attach_discovery(config: Config, scheduler: object) -> None:
         return
     from pickers.datalayer.k8s import KubernetesDiscovery, KubernetesDiscoverySettings
 
+    if not k.pool:
+        raise ConfigError("discovery.kubernetes.pool: name the InferencePool (or kvswitch serve --pool NAME)")
     if not hasattr(scheduler, "discovery"):
         raise ConfigError("discovery.kubernetes: this scheduler has no discovery (use the framework scheduler)")
     scheduler.discovery = KubernetesDiscovery(KubernetesDiscoverySettings(  # type: ignore[attr-defined]
@@ -105,6 +107,8 @@ def main(argv: list[str]) -> int:
             raw["server"].update({k: v for k, v in (("tls_cert", args.tls_cert), ("tls_key", args.tls_key),
                                                      ("tls_self_signed", args.tls_self_signed)) if v})
             config = config_from_dict(raw)
+        if config.discovery.kubernetes is not None and not config.discovery.kubernetes.pool:
+            raise ConfigError("discovery.kubernetes.pool: name the InferencePool (or kvswitch serve --pool NAME)")
     except ConfigError as exc:
         print(f"kvswitch serve: {exc}", file=sys.stderr)
         return 2
