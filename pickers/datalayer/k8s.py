@@ -243,7 +243,11 @@ class KubernetesDiscovery:
         for addr, ep in want.items():
             slot = table.slot(addr)
             if slot is None or table.is_draining(addr) or table.endpoints[slot] != ep:
-                table.add(ep)
+                try:
+                    table.add(ep)
+                except ValueError as exc:  # the table is full (max_endpoints): say so, keep the others
+                    log.error("endpoint %s not added: %s", addr, exc)
+                    continue
                 log.info("endpoint %s ready (%s, %s)", addr, ep.role.value, ep.accelerator)
         self._reap()
 

@@ -11,14 +11,16 @@ or engines of one pod, as the Gateway API Inference Extension defines them). Wha
 |---|---|---|
 | ``kvswitch.io/role`` or llm-d's ``llm-d.ai/role`` | ``prefill`` / ``decode`` / ``both`` | ``both`` |
 | ``kvswitch.io/accelerator`` | cost-model accelerator kind (H100, H200, A100, L40S, MI300X) | from the node selector, else H100 |
-| ``kvswitch.io/model-profile`` | cost-model profile (llama-3.1-8b, llama-3.1-70b, ...) | ``llama-3.1-8b`` |
-| ``kvswitch.io/model`` | served model name | ``""`` |
+| ``kvswitch.io/model`` | cost-model profile (llama-3.1-8b, llama-3.1-70b, 8b, ...; as ``engine/presets`` labels pods) | ``llama-3.1-8b`` |
+| ``kvswitch.io/served-model`` | the model name vLLM serves (LoRA affinity compares it) | ``""`` |
 | ``kvswitch.io/kv-events-port`` | vLLM's ZMQ KV-event port; ``tcp://<pod ip>:<port>`` | none (no precise index) |
 | ``kvswitch.io/metrics-port`` | port of ``/metrics`` when it is not the target port | the target port |
 | ``kvswitch.io/block-size`` | the engine's KV block size in tokens | 16 |
 
 With several target ports, ``kv-events-port`` and ``metrics-port`` may list one port per target port,
-comma-separated, in the same order (one value applies to all).
+comma-separated, in the same order (one value applies to all). An accelerator or model the cost model does not
+know is logged and replaced by the default (the pod still serves); a role that is not one of the three, or a
+malformed port, leaves the pod out (routing decode traffic to a pod whose role is unknown could break it).
 
 Accelerator from the node: kvswitch reads no Node objects (that would need a ClusterRole); it reads the pod's
 ``spec.nodeSelector`` and required node-affinity terms for the usual GPU product labels
@@ -34,6 +36,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from engine.costmodel import resolve_accelerator, resolve_model
 from pickers.types import Endpoint, Role
 
 log = logging.getLogger("kvswitch.pickers.k8s")
@@ -41,8 +44,8 @@ log = logging.getLogger("kvswitch.pickers.k8s")
 PREFIX = "kvswitch.io/"
 ROLE_KEYS = (PREFIX + "role", "llm-d.ai/role")
 ACCELERATOR_KEY = PREFIX + "accelerator"
-MODEL_PROFILE_KEY = PREFIX + "model-profile"
-MODEL_KEY = PREFIX + "model"
+MODEL_PROFILE_KEY = PREFIX + "model"
+SERVED_MODEL_KEY = PREFIX + "served-model"
 KV_EVENTS_PORT_KEY = PREFIX + "kv-events-port"
 METRICS_PORT_KEY = PREFIX + "metrics-port"
 BLOCK_SIZE_KEY = PREFIX + "block-size"
@@ -156,6 +159,19 @@ def pod_endpoints(pod: dict[str, Any], pool: PoolSpec) -> list[Endpoint]:
         node = _node_terms(pod.get("spec") or {})
         accel = next((a for k in GPU_PRODUCT_KEYS if k in node and (a := accelerator_from_product(node[k]))),
                      DEFAULT_ACCELERATOR)
+    try:
+        accel = resolve_accelerator(accel).name
+    except ValueError:
+        log.warning("pod %s: accelerator %r unknown to the cost model; costed as %s", name, accel,
+                    DEFAULT_ACCELERATOR)
+        accel = DEFAULT_ACCELERATOR
+    profile = get(MODEL_PROFILE_KEY) or DEFAULT_MODEL_PROFILE
+    try:
+        profile = resolve_model(profile).name
+    except ValueError:
+        log.warning("pod %s: model %r unknown to the cost model; costed as %s", name, profile,
+                    DEFAULT_MODEL_PROFILE)
+        profile = DEFAULT_MODEL_PROFILE
     block_size = get(BLOCK_SIZE_KEY) or "16"
     if not block_size.isdigit() or int(block_size) <= 0:
         raise ValueError(f"pod {name}: {BLOCK_SIZE_KEY} {block_size!r} is not a positive integer")
@@ -167,8 +183,8 @@ def pod_endpoints(pod: dict[str, Any], pool: PoolSpec) -> list[Endpoint]:
     out = []
     for port, kv, mp in zip(pool.target_ports, kv_ports, metrics_ports):
         out.append(Endpoint(
-            address=f"{host}:{port}", role=role, model=get(MODEL_KEY) or "", accelerator=accel,
-            model_profile=get(MODEL_PROFILE_KEY) or DEFAULT_MODEL_PROFILE, labels=labels,
+            address=f"{host}:{port}", role=role, model=get(SERVED_MODEL_KEY) or "", accelerator=accel,
+            model_profile=profile, labels=labels,
             metrics_url=f"http://{host}:{mp}/metrics" if mp else None,
             kv_events=f"tcp://{host}:{kv}" if kv else None, block_size=int(block_size),
         ))

@@ -199,7 +199,7 @@ async def test_bad_labels_exclude_only_that_pod(api, tmp_path):
     api.set_pool("llm-pool", APP, [8000])
     api.add_pod("bad", {**APP, "llm-d.ai/role": "prefil"}, ip="10.0.0.1", ready=True)
     api.add_pod("good", APP, ip="10.0.0.2", ready=True,
-                annotations={"kvswitch.io/kv-events-port": "5557", "kvswitch.io/model-profile": "llama-3.1-70b"},
+                annotations={"kvswitch.io/kv-events-port": "5557", "kvswitch.io/model": "llama-3.1-70b"},
                 node_selector={"nvidia.com/gpu.product": "NVIDIA-H200"})
     async with discovery(api, tmp_path) as (d, table, _):
         await until(lambda: d.synced)

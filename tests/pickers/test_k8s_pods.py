@@ -65,14 +65,18 @@ def test_labels_annotations_and_node_selector():
     spec = pool_spec(recorded_pool())
     pod = ready_pod(**{"kvswitch.io/role": "prefill"})  # kvswitch's own label wins over llm-d's
     pod["metadata"]["annotations"] = {"kvswitch.io/kv-events-port": "5557,5558", "kvswitch.io/block-size": "32",
-                                      "kvswitch.io/metrics-port": "9100", "kvswitch.io/model": "llama"}
+                                      "kvswitch.io/metrics-port": "9100", "kvswitch.io/served-model": "llama",
+                                      "kvswitch.io/model": "70b"}
     pod["spec"]["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
         "nodeSelectorTerms": [{"matchExpressions": [
             {"key": "cloud.google.com/gke-accelerator", "operator": "In", "values": ["nvidia-h200-141gb"]}]}]}}}
     a, b = pod_endpoints(pod, spec)
     assert (a.role, a.accelerator, a.block_size, a.model) == (Role.PREFILL, "H200", 32, "llama")
+    assert a.model_profile == "llama-3.1-70b"  # the cost model's name for the alias engine/presets accepts
     assert (a.kv_events, b.kv_events) == ("tcp://10.0.0.11:5557", "tcp://10.0.0.11:5558")
     assert a.scrape_url == b.scrape_url == "http://10.0.0.11:9100/metrics"
+    pod["metadata"]["labels"].update({"kvswitch.io/accelerator": "TPU9", "kvswitch.io/model": "nope"})
+    assert {(e.accelerator, e.model_profile) for e in pod_endpoints(pod, spec)} == {("H100", "llama-3.1-8b")}
     pod["metadata"]["annotations"]["kvswitch.io/kv-events-port"] = "1,2,3"
     with pytest.raises(ValueError, match="one per target port"):
         pod_endpoints(pod, spec)
