@@ -38,6 +38,9 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     response_body: Literal["observe", "skip"] = "observe"
     # TLS on the gRPC port (several gateways connect to the picker over TLS): a PEM certificate chain and key,
     # or a self-signed pair made at start (GIE's picker does the same; gateways then skip verification).
+    # A second, plaintext gRPC port serving only grpc.health.v1 (the same statuses): kubelet's gRPC probes cannot
+    # speak TLS. -1: none.
+    health_port: int = -1
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_self_signed: bool = False
@@ -86,7 +89,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 def _check(cfg: Config) -> Config:
     s = cfg.server
-    for key in ("grpc_port", "metrics_port"):
+    for key in ("grpc_port", "metrics_port", "health_port"):
         port = getattr(s, key)
         if not -1 <= port <= 65535:
             raise ConfigError(f"server.{key}: {port} is not a port number (0-65535)")

@@ -27,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="gRPC port (server.grpc_port)")
     p.add_argument("--metrics-port", type=int, help="Prometheus port (server.metrics_port; -1 disables)")
     p.add_argument("--host", help="listen address (server.host)")
+    p.add_argument("--health-port", type=int, help="plaintext gRPC health port for kubelet probes (server.health_port)")
+    p.add_argument("--max-fallback", type=int, help="endpoints in the fallback list; 1 for ORIGINAL_DST clusters "
+                   "(server.max_fallback)")
     p.add_argument("--debug-headers", action="store_true", help="add x-kvswitch-* response headers")
     p.add_argument("--response-body", choices=["observe", "skip"],
                    help="server.response_body: observe (default) reads every response chunk; skip expects Envoy "
@@ -119,6 +122,13 @@ def main(argv: list[str]) -> int:
         s.metrics_port = args.metrics_port
     if args.host:
         s.host = args.host
+    if args.health_port is not None:
+        s.health_port = args.health_port
+    if args.max_fallback is not None:
+        if args.max_fallback < 0:
+            print("kvswitch serve: --max-fallback must be >= 0", file=sys.stderr)
+            return 2
+        s.max_fallback = args.max_fallback
     if args.debug_headers:
         s.debug_headers = True
     if args.response_body:

@@ -109,6 +109,8 @@ class Server:
         self.transport = "plaintext"  # or "tls" / "tls-self-signed" (extproc/tls.py)
         self.metrics_port: int | None = None
         self._grpc: grpc.aio.Server | None = None
+        self._health_grpc: grpc.aio.Server | None = None  # server.health_port: plaintext health for kubelet
+        self.health_port: int | None = None
         self._metrics_httpd = None
         self._ready_task: asyncio.Task | None = None
         self._stopping = False
@@ -129,6 +131,9 @@ class Server:
         if self._grpc is not None:
             await self._grpc.stop(0)
             self._grpc = None
+        if self._health_grpc is not None:
+            await self._health_grpc.stop(0)
+            self._health_grpc = None
         if self._metrics_httpd is not None:
             self._metrics_httpd.shutdown()
             self._metrics_httpd.server_close()
@@ -152,6 +157,14 @@ class Server:
         await self._update_readiness()
         await server.start()
         self._grpc = server
+        if s.health_port >= 0:  # kubelet's gRPC probes speak plaintext only: a TLS picker needs this port
+            hs = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, hs)
+            self.health_port = hs.add_insecure_port(f"{s.host}:{s.health_port}")
+            if self.health_port == 0:
+                raise OSError(f"cannot listen on {s.host}:{s.health_port} (server.health_port in use?)")
+            await hs.start()
+            self._health_grpc = hs
         if s.metrics_port >= 0:
             from prometheus_client import start_http_server
 
@@ -196,6 +209,8 @@ class Server:
                 pass
         if self._grpc is not None:
             await self._grpc.stop(grace)
+        if self._health_grpc is not None:
+            await self._health_grpc.stop(0)
         if self._metrics_httpd is not None:
             self._metrics_httpd.shutdown()
             self._metrics_httpd.server_close()
