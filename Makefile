@@ -9,7 +9,27 @@ PY := $(VENV)/bin/python
 PIP_FLAGS := --quiet --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast bench venv vllm-venv bench-venv clean
+.PHONY: demo test test-fast bench venv vllm-venv bench-venv clean promtool image
+
+# promtool checks and unit-tests the PrometheusRule (tests/gateway_api). Debian's prometheus package ships it;
+# CI runs as root on a possibly bare machine, so install it when missing (sudo when not root).
+promtool:
+	@command -v promtool >/dev/null 2>&1 || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		echo "installing promtool (Debian package prometheus)"; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+# The container image (Dockerfile): buildah or podman, chroot isolation (no daemon, works in an unprivileged
+# CI container). BASE_IMAGE must be reachable or already local (no registry is reachable where kvswitch is built:
+# import or build one first, e.g. `podman load`). Not part of `make test`.
+IMAGE ?= kvswitch:0.1.0
+BASE_IMAGE ?= docker.io/library/python:3.11-slim-bookworm
+image:
+	@if command -v buildah >/dev/null 2>&1; then \
+		buildah bud --isolation chroot --build-arg BASE_IMAGE=$(BASE_IMAGE) -t $(IMAGE) . ; \
+	elif command -v podman >/dev/null 2>&1; then \
+		podman build --isolation=chroot --build-arg BASE_IMAGE=$(BASE_IMAGE) -t $(IMAGE) . ; \
+	else echo "make image: needs buildah or podman (apt-get install buildah)"; exit 2; fi
 
 $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,12 +61,12 @@ venv: $(VENV)/.stamp
 vllm-venv: $(VLLM_VENV)/.stamp
 bench-venv: $(BENCH_VENV)/.stamp
 
-test: $(VENV)/.stamp $(VLLM_VENV)/.stamp $(BENCH_VENV)/.stamp
+test: $(VENV)/.stamp $(VLLM_VENV)/.stamp $(BENCH_VENV)/.stamp promtool
 	KVSWITCH_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python KVSWITCH_BENCH_VENV=$(CURDIR)/$(BENCH_VENV) \
 		$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Everything but the tests that start real vLLM: for quick iterations.
-test-fast: $(VENV)/.stamp
+test-fast: $(VENV)/.stamp promtool
 	$(PY) -m pytest -q -m 'not vllm' $(PYTEST_ARGS)
 
 demo: $(VENV)/.stamp
