@@ -204,7 +204,6 @@ async def test_picker_follows_the_pool(tmp_path):
         print(f"\nready after pool+pods created: {ready_after * 1000:.0f} ms; add followed in {add_lag * 1000:.0f} ms;"
               f" last request to the unready pod {unready_lag * 1000:.0f} ms after the event; to the deleted pod"
               f" {delete_lag * 1000:.0f} ms; {len(routed)} requests, 0 failed")
-        del envoy
 
 
 async def running_on(pod) -> bool:

@@ -15,7 +15,6 @@ import msgspec
 from extproc.config import Config, ConfigError, config_from_dict, load_config, parse_endpoint_flag
 from extproc.server import build_scheduler, build_server
 
-
 SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 

@@ -41,7 +41,7 @@ def self_signed(hosts: list[str] | None = None, days: int = 365) -> TlsPair:
             sans.append(x509.DNSName(h))
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kvswitch")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject).issuer_name(subject)

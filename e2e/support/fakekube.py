@@ -26,7 +26,7 @@ import json
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ PODS = "/api/v1/namespaces/{ns}/pods"
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _matches(selector: str | None, labels: dict[str, str]) -> bool:
@@ -133,7 +133,7 @@ class FakeKubeApi:
             await self._runner.cleanup()
             self._runner = None
 
-    async def __aenter__(self) -> "FakeKubeApi":
+    async def __aenter__(self) -> FakeKubeApi:
         await self.start()
         return self
 
@@ -338,7 +338,7 @@ class FakeKubeApi:
                     break
                 try:
                     item = await asyncio.wait_for(w.queue.get(), min(left, self.bookmark_interval_s))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     if bookmarks:
                         item = {"type": "BOOKMARK", "object": {
                             "kind": "Pod" if w.kind == "pods" else "InferencePool",

@@ -58,7 +58,7 @@ class KubeApi:
         self.request_timeout_s = request_timeout_s
 
     @classmethod
-    async def connect(cls, kubeconfig: str | None = None, context: str | None = None) -> "KubeApi":
+    async def connect(cls, kubeconfig: str | None = None, context: str | None = None) -> KubeApi:
         """In-cluster configuration when running in a pod (unless ``kubeconfig`` is given), else kubeconfig."""
         import os
 

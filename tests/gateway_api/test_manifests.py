@@ -160,7 +160,7 @@ def test_pd_fleet_wires_sidecar_signing_probes_cache_shm_and_token():
     docs = render("istio-pd-monitoring")
     deps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
     decode = deps["vllm-decode"]["spec"]["template"]
-    sidecar, vllm = decode["spec"]["containers"]
+    sidecar = decode["spec"]["containers"][0]
     assert "--prefill-pods-file" not in sidecar["args"]  # the old manifest named a file nothing created
     secret_file = sidecar["args"][sidecar["args"].index("--picker-secret-file") + 1]
     picker = deps["kvswitch"]["spec"]["template"]["spec"]

@@ -83,7 +83,7 @@ async def test_synced_only_after_the_pool_and_its_pods_were_listed(api, tmp_path
 async def test_pod_flapping_ready_drains_then_comes_back_in_the_same_slot(api, tmp_path):
     api.set_pool("llm-pool", APP, [8000])
     api.add_pod("vllm-0", APP, ip="10.0.0.10", ready=True)
-    async with discovery(api, tmp_path) as (d, table, busy):
+    async with discovery(api, tmp_path) as (_, table, busy):
         await until(lambda: active(table) == {"10.0.0.10:8000"}, what="ready pod listed")
         slot = table.slot("10.0.0.10:8000")
         assert slot is not None
@@ -106,7 +106,7 @@ async def test_pod_flapping_ready_drains_then_comes_back_in_the_same_slot(api, t
 async def test_drain_deadline_bounds_a_stuck_request(api, tmp_path):
     api.set_pool("llm-pool", APP, [8000])
     api.add_pod("vllm-0", APP, ip="10.0.0.10", ready=True)
-    async with discovery(api, tmp_path, drain_seconds=0.5) as (d, table, busy):
+    async with discovery(api, tmp_path, drain_seconds=0.5) as (_, table, busy):
         await until(lambda: len(table) == 1)
         busy.slots.add(table.slot("10.0.0.10:8000"))  # never finishes
         loop = asyncio.get_running_loop()
@@ -119,7 +119,7 @@ async def test_drain_deadline_bounds_a_stuck_request(api, tmp_path):
 async def test_ip_reused_by_another_pod(api, tmp_path):
     api.set_pool("llm-pool", APP, [8000])
     api.add_pod("old", {**APP, "llm-d.ai/role": "prefill"}, ip="10.0.0.10", ready=True)
-    async with discovery(api, tmp_path) as (d, table, _):
+    async with discovery(api, tmp_path) as (_, table, _busy):
         await until(lambda: len(table) == 1)
         addr = "10.0.0.10:8000"
         # the new pod is Ready with the same IP before the old pod's deletion reaches the watch
