@@ -119,7 +119,11 @@ class EndpointTable:
         return address in self.draining
 
     def reap(self, now: float) -> list[str]:
-        """Remove the draining endpoints that are idle or past their deadline; returns their addresses."""
+        """Remove the draining endpoints that are idle or past their deadline; returns their addresses.
+
+        The table has no clock or task of its own: whoever drains calls this periodically with the clock the
+        deadlines were given in (``KubernetesDiscovery`` every ``reap_interval_s``; a planner in virtual time
+        with its ManualClock)."""
         gone = [a for a, deadline in self.draining.items()
                 if now >= deadline or not self.busy(self.by_address[a])]
         for a in gone:
