@@ -11,9 +11,11 @@ import sys
 from pathlib import Path
 
 import msgspec
+import uvloop
 
 from extproc.config import Config, ConfigError, config_from_dict, load_config, parse_endpoint_flag
 from extproc.server import build_scheduler, build_server
+from pickers.director import Director
 
 SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
@@ -57,8 +59,9 @@ def _namespace(given: str) -> str:
         return "default"
 
 
-def attach_discovery(config: Config, scheduler: object) -> None:
-    """Give the scheduler its Kubernetes discovery when the configuration asks for one."""
+def attach_discovery(config: Config, director: Director) -> None:
+    """Give the director's data layer its Kubernetes discovery when the configuration asks for one (it runs
+    between the director's start and stop, like the scrapers)."""
     k = config.discovery.kubernetes
     if k is None:
         return
@@ -66,9 +69,7 @@ def attach_discovery(config: Config, scheduler: object) -> None:
 
     if not k.pool:
         raise ConfigError("discovery.kubernetes.pool: name the InferencePool (or kvswitch serve --pool NAME)")
-    if not hasattr(scheduler, "discovery"):
-        raise ConfigError("discovery.kubernetes: this scheduler has no discovery (use the framework scheduler)")
-    scheduler.discovery = KubernetesDiscovery(KubernetesDiscoverySettings(  # type: ignore[attr-defined]
+    director.dl.discovery = KubernetesDiscovery(KubernetesDiscoverySettings(
         pool=k.pool, namespace=_namespace(k.namespace), kubeconfig=k.kubeconfig, drain_seconds=k.drain_seconds))
 
 
@@ -132,17 +133,16 @@ def main(argv: list[str]) -> int:
         s.debug_headers = True
     if args.response_body:
         s.response_body = args.response_body
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
+    try:  # the scheduler section is validated here: a bad key is one line and exit 2, like the rest
+        director = build_scheduler(config)
+        attach_discovery(config, director)
+    except ConfigError as exc:
+        print(f"kvswitch serve: {exc}", file=sys.stderr)
+        return 2
+    uvloop.install()
 
     async def go() -> None:
-        scheduler = build_scheduler(config)
-        attach_discovery(config, scheduler)
-        await _run(build_server(config, scheduler))
+        await _run(build_server(config, director))
 
     try:
         asyncio.run(go())

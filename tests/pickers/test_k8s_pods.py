@@ -114,10 +114,10 @@ class _Unsynced:
 def test_scheduler_not_ready_until_discovery_synced_and_drained_pods_not_chosen():
     sched, _ = scheduler()
     assert sched.ready()
-    real = sched.discovery
-    sched.discovery = _Unsynced()
+    real = sched.dl.discovery
+    sched.dl.discovery = _Unsynced()
     assert not sched.ready()
-    sched.discovery = real
+    sched.dl.discovery = real
     table = sched.dl.endpoints
     for addr in ["10.0.0.1:8000", "10.0.0.2:8000"]:
         table.drain(addr, 1e9)
