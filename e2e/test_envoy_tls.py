@@ -12,10 +12,9 @@ import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from e2e.support.envoy import EnvoyProcess
-from e2e.support.picker import picker_config, running_picker
+from e2e.support.picker import LEAST_INFLIGHT, picker_config, running_picker
 from e2e.support.ports import free_port
 from extproc.envoyconfig.builder import EnvoyConfigOptions
-from pickers.simple import LeastInFlight
 
 pytestmark = pytest.mark.envoy
 BODY = {"model": "llama-3.1-8b", "prompt": "hello over tls", "max_tokens": 2}
@@ -34,8 +33,9 @@ async def _plaintext_health(port: int) -> int:
 
 
 async def test_self_signed_picker_through_envoy(sim_pods):
-    cfg = picker_config(sim_pods, debug_headers=True, tls_self_signed=True, health_port=free_port())
-    async with running_picker(cfg, LeastInFlight(cfg.endpoint_objects())) as picker:
+    cfg = picker_config(sim_pods, LEAST_INFLIGHT, debug_headers=True, tls_self_signed=True,
+                        health_port=free_port())
+    async with running_picker(cfg) as picker:
         assert picker.transport == "tls-self-signed"
         # a plaintext client cannot talk to the TLS port; the health port stays plaintext for kubelet
         async with grpc.aio.insecure_channel(picker.address) as ch:
@@ -58,9 +58,9 @@ async def test_verified_certificate_and_a_wrong_ca(sim_pods, tmp_path):
     cert.private_key_pem.write_to_path(tmp_path / "tls.key")
     ca.cert_pem.write_to_path(tmp_path / "ca.crt")
     trustme.CA().cert_pem.write_to_path(tmp_path / "other-ca.crt")
-    cfg = picker_config(sim_pods, debug_headers=True, tls_cert=str(tmp_path / "tls.crt"),
+    cfg = picker_config(sim_pods, LEAST_INFLIGHT, debug_headers=True, tls_cert=str(tmp_path / "tls.crt"),
                         tls_key=str(tmp_path / "tls.key"))
-    async with running_picker(cfg, LeastInFlight(cfg.endpoint_objects())) as picker:
+    async with running_picker(cfg) as picker:
         assert picker.transport == "tls"
         good = EnvoyConfigOptions(picker=picker.address, endpoints=sim_pods, picker_tls=True,
                                   picker_tls_ca=str(tmp_path / "ca.crt"), picker_tls_sni="kvswitch.llm.svc")

@@ -6,11 +6,10 @@ import asyncio
 
 import pytest
 
-from e2e.support.picker import picker_config, running_picker
+from e2e.support.picker import LEAST_INFLIGHT, picker_config, running_picker
 from e2e.support.ports import free_port
 from extproc import healthcheck
 from extproc.serve import main as serve_main
-from pickers.simple import LeastInFlight
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -32,9 +31,8 @@ def test_config_discovery_without_pool_names_the_key(tmp_path, capsys):
 
 async def test_healthcheck_follows_readiness_on_the_health_port():
     port = free_port()
-    cfg = picker_config([], health_port=port)  # no endpoint: alive, not ready
-    sched = LeastInFlight([])
-    async with running_picker(cfg, sched):
+    cfg = picker_config([], LEAST_INFLIGHT, health_port=port)  # no endpoint: alive, not ready
+    async with running_picker(cfg):
         assert await asyncio.to_thread(healthcheck.main, [f"127.0.0.1:{port}", "liveness"]) == 0
         assert await asyncio.to_thread(healthcheck.main, [f"127.0.0.1:{port}", "readiness"]) == 1
     assert await asyncio.to_thread(healthcheck.main, [f"127.0.0.1:{port}"]) == 1  # gone
