@@ -11,7 +11,7 @@ old pod's deletion is still on its way), the pod seen taking the IP last wins.
 
 Nothing here is on the decision path: the table's arrays change between decisions, in the same loop, and a
 slow or broken API server only delays changes (the reflectors retry with backoff). ``synced`` turns True once
-the pool was read and its pods listed; until then the scheduler reports NOT_SERVING (``KVScheduler.ready``).
+the pool was read and its pods listed; until then the picker reports NOT_SERVING (``DataLayer.ready``).
 
 RBAC (namespaced Role): ``get, list, watch`` on ``pods`` and on ``inferencepools.inference.networking.k8s.io``.
 """
