@@ -207,3 +207,20 @@ async def test_bad_labels_exclude_only_that_pod(api, tmp_path):
         ep = table.endpoints[table.slot("10.0.0.2:8000")]
         assert (ep.accelerator, ep.model_profile, ep.kv_events) == ("H200", "llama-3.1-70b", "tcp://10.0.0.2:5557")
         assert np.count_nonzero(table.can_decode) == 1
+
+
+async def test_status_subresource_update_is_seen(api, tmp_path):
+    """A kubelet-style PUT of the pod's status subresource (as the recording did) makes it an endpoint."""
+    import aiohttp
+
+    api.set_pool("llm-pool", APP, [8000])
+    api.add_pod("vllm-1", APP)  # Pending, no IP
+    async with discovery(api, tmp_path) as (d, table, _):
+        await until(lambda: d.synced)
+        assert len(table) == 0
+        status = {"phase": "Running", "podIP": "10.0.0.11", "podIPs": [{"ip": "10.0.0.11"}],
+                  "conditions": [{"type": "Ready", "status": "True"}]}
+        async with aiohttp.ClientSession() as s, s.put(f"{api.url}/api/v1/namespaces/default/pods/vllm-1/status",
+                                                       json={"status": status}) as r:
+            assert r.status == 200
+        await until(lambda: active(table) == {"10.0.0.11:8000"}, what="status update routed")
