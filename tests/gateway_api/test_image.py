@@ -30,7 +30,7 @@ def test_lock_pins_every_runtime_dependency():
 def test_dockerfile_installs_only_locked_wheels_as_non_root():
     text = (REPO / "Dockerfile").read_text()
     assert "ARG BASE_IMAGE=" in text and "FROM ${BASE_IMAGE}" in text
-    assert "--constraint requirements.lock" in text and "--no-index" in text
+    assert "--constraint requirements.lock" in text and "--no-index" in text and "/opt/kvswitch" in text
     user = re.findall(r"^USER (\S+)", text, re.M)
     assert user and not user[-1].startswith(("0", "root"))
     assert "HEALTHCHECK" in text and "extproc.healthcheck" in text
