@@ -14,11 +14,10 @@ COPY extproc extproc
 COPY pickers pickers
 COPY engine engine
 COPY kernels kernels
+# kvswitch's own wheel plus every dependency's at the locked versions (binary wheels for dependencies), then an
+# install from those wheels only: nothing unpinned can slip in
 RUN python3 -m venv /opt/kvswitch \
- && /opt/kvswitch/bin/pip install --no-cache-dir --quiet --upgrade pip \
- # kvswitch's own wheel plus every dependency's, at the locked versions (binary wheels for dependencies)
  && /opt/kvswitch/bin/pip wheel --no-cache-dir --wheel-dir /wheels --constraint requirements.lock --prefer-binary . \
- # then install from those wheels only: nothing unpinned can slip in
  && /opt/kvswitch/bin/pip install --no-cache-dir --no-index --find-links /wheels --constraint requirements.lock kvswitch
 
 FROM ${BASE_IMAGE}
