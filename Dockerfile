@@ -30,7 +30,7 @@ USER 10001:10001
 # 8000 the sidecar (decode pods)
 EXPOSE 9002 9003 9090 8000
 # Health: Kubernetes probes gRPC health on 9003 itself (gateway-api/base/picker.yaml); other runtimes use this
-# (OCI images drop HEALTHCHECK: build with --format docker to keep it).
+# (OCI images drop HEALTHCHECK; `make image` builds with --format docker to keep it).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
   CMD ["python", "-m", "extproc.healthcheck", "127.0.0.1:9003", "readiness"]
 ENTRYPOINT ["kvswitch"]

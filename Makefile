@@ -20,8 +20,8 @@ promtool:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
 # The container image (Dockerfile): buildah or podman, chroot isolation (no daemon, works in an unprivileged
-# CI container). BASE_IMAGE must be reachable or already local (no registry is reachable where kvswitch is built:
-# import or build one first, e.g. `podman load`). Not part of `make test`.
+# CI container; STORAGE_DRIVER=vfs where overlay mounts are not allowed), docker format to keep HEALTHCHECK.
+# BASE_IMAGE must be reachable or already local (a locally made one works: see the README). Not part of `make test`.
 # requirements.lock: the versions the image installs (pyproject.toml's runtime dependencies, resolved once).
 lock:
 	rm -rf .venv-lock
@@ -35,9 +35,9 @@ IMAGE ?= kvswitch:0.1.0
 BASE_IMAGE ?= docker.io/library/python:3.11-slim-bookworm
 image:
 	@if command -v buildah >/dev/null 2>&1; then \
-		buildah bud --isolation chroot --build-arg BASE_IMAGE=$(BASE_IMAGE) -t $(IMAGE) . ; \
+		buildah bud --isolation chroot --format docker --build-arg BASE_IMAGE=$(BASE_IMAGE) -t $(IMAGE) . ; \
 	elif command -v podman >/dev/null 2>&1; then \
-		podman build --isolation=chroot --build-arg BASE_IMAGE=$(BASE_IMAGE) -t $(IMAGE) . ; \
+		podman build --isolation=chroot --format docker --build-arg BASE_IMAGE=$(BASE_IMAGE) -t $(IMAGE) . ; \
 	else echo "make image: needs buildah or podman (apt-get install buildah)"; exit 2; fi
 
 $(VENV)/.stamp: pyproject.toml
