@@ -118,14 +118,14 @@ class EndpointTable:
     def is_draining(self, address: str) -> bool:
         return address in self.draining
 
-    def reap(self, now: float) -> list[str]:
+    def reap(self, now: float, limit: int | None = None) -> list[str]:
         """Remove the draining endpoints that are idle or past their deadline; returns their addresses.
 
         The table has no clock or task of its own: whoever drains calls this periodically with the clock the
         deadlines were given in (``KubernetesDiscovery`` every ``reap_interval_s``; a planner in virtual time
-        with its ManualClock)."""
+        with its ManualClock). ``limit`` bounds the removals of one call (each runs every listener)."""
         gone = [a for a, deadline in self.draining.items()
-                if now >= deadline or not self.busy(self.by_address[a])]
+                if now >= deadline or not self.busy(self.by_address[a])][:limit]
         for a in gone:
             self.remove(a)
         return gone

@@ -9,8 +9,11 @@ table: new or changed endpoints are added at once; endpoints no ready pod gives 
 removes them once idle or after ``drain_seconds``. When two pods claim one address (an IP reused while the
 old pod's deletion is still on its way), the pod seen taking the IP last wins.
 
-Nothing here is on the decision path: the table's arrays change between decisions, in the same loop, and a
-slow or broken API server only delays changes (the reflectors retry with backoff). ``synced`` turns True once
+Nothing here is on the decision path: events only update the per-pod cache and mark the table out of date; one
+applier coroutine brings the table in line, at most ``apply_batch`` endpoint changes at a time with the event
+loop free between batches (a relist of a thousand pods must not stall decisions for the half second the table
+changes take), and it coalesces bursts of events. A slow or broken API server only delays changes (the
+reflectors retry with backoff). ``synced`` turns True once
 the pool was read and its pods listed; until then the picker reports NOT_SERVING (``DataLayer.ready``).
 
 RBAC (namespaced Role): ``get, list, watch`` on ``pods`` and on ``inferencepools.inference.networking.k8s.io``.
@@ -51,7 +54,8 @@ class KubernetesDiscoverySettings:
     kubeconfig: str | None = None  # None: in-cluster service account, else ~/.kube/config or $KUBECONFIG
     drain_seconds: float = 30.0  # longest a leaving pod keeps serving the requests it already has
     watch_timeout_s: int = 300
-    reap_interval_s: float = 0.1
+    reap_interval_s: float = 0.1  # drained endpoints are checked for idleness this often
+    apply_batch: int = 32  # endpoint adds/drains/removals between two yields to the event loop
 
 
 ApiFactory = Callable[[], Awaitable[KubeApi]]
@@ -66,7 +70,10 @@ class KubernetesDiscovery:
         self._api_factory = api_factory or (lambda: KubeApi.connect(settings.kubeconfig))
         self.clock = clock
         self.pool: PoolSpec | None = None
-        self._pods_listed = False
+        self._synced = False  # a pod list of the current pool was applied to the table
+        self._list_pending = False  # a pod list arrived and is not applied yet
+        self._dirty = asyncio.Event()
+        self._refused: set[str] = set()  # addresses the full table refused (logged once)
         self._pods: dict[str, dict[str, Any]] = {}  # uid -> pod
         self._given: dict[str, list[Endpoint]] = {}  # uid -> endpoints it gives now
         self._ip_seen: dict[str, tuple[str, int]] = {}  # uid -> (pod IP, order in which we saw it assigned)
@@ -79,8 +86,9 @@ class KubernetesDiscovery:
 
     @property
     def synced(self) -> bool:
-        """The pool was read and its pods listed (so the table is what the cluster says, not empty by default)."""
-        return self.pool is not None and self._pods_listed
+        """The pool was read and a list of its pods applied (the table is what the cluster says, not empty by
+        default). A relist or a selector change keeps it True: the table holds the last known pods meanwhile."""
+        return self.pool is not None and self._synced
 
     async def run(self, table: EndpointTable) -> None:
         self._table = table
@@ -102,8 +110,12 @@ class KubernetesDiscovery:
         pool_task = asyncio.create_task(self.pool_reflector.run(), name="k8s pool watch")
         try:
             while True:
-                await asyncio.sleep(s.reap_interval_s)
-                self._reap()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._dirty.wait(), s.reap_interval_s)
+                if self._dirty.is_set():
+                    self._dirty.clear()
+                    await self._apply()
+                await self._reap()
         finally:
             pool_task.cancel()
             await self._stop_pods()
@@ -143,7 +155,7 @@ class KubernetesDiscovery:
             self._restart_pods(spec)  # another selector: list the pods it selects
         else:  # the same pods, other target ports
             self._given = {uid: self._endpoints_of(p) for uid, p in self._pods.items()}
-            self._reconcile()
+            self._dirty.set()
 
     # ---- the pods ---------------------------------------------------------------------------------------
     def _restart_pods(self, spec: PoolSpec | None) -> None:
@@ -151,13 +163,13 @@ class KubernetesDiscovery:
         if old is not None:
             old.cancel()
         self._pods_task = None
-        self._pods_listed = False
-        SYNCED.set(0)
         if spec is None:
+            self._synced = False
+            SYNCED.set(0)
             self._pods.clear()
             self._given.clear()
             self._ip_seen.clear()
-            self._reconcile()
+            self._dirty.set()
             return
         assert self._api is not None
         s = self.settings
@@ -180,9 +192,8 @@ class KubernetesDiscovery:
         for uid, p in sorted(self._pods.items(), key=lambda kv: str(kv[1]["metadata"].get("creationTimestamp"))):
             self._note_ip(uid, p)
         self._given = {uid: self._endpoints_of(p) for uid, p in self._pods.items()}
-        self._pods_listed = True
-        self._reconcile()
-        SYNCED.set(1)
+        self._list_pending = True
+        self._dirty.set()
 
     def _pod_event(self, ev: WatchEvent) -> None:
         uid = self._uid(ev.object)
@@ -194,7 +205,7 @@ class KubernetesDiscovery:
             self._pods[uid] = ev.object
             self._note_ip(uid, ev.object)
             self._given[uid] = self._endpoints_of(ev.object)
-        self._reconcile()
+        self._dirty.set()
 
     @staticmethod
     def _uid(pod: dict[str, Any]) -> str:
@@ -230,32 +241,54 @@ class KubernetesDiscovery:
                 out[ep.address] = ep
         return out
 
-    def _reconcile(self) -> None:
+    async def _apply(self) -> None:
+        """Bring the table in line with ``desired()``: adds and drains, ``apply_batch`` at a time."""
         table = self._table
         if table is None:
             return
+        listed = self._list_pending
+        self._list_pending = False
         want = self.desired()
+        self._refused &= want.keys()
         deadline = self.clock() + self.settings.drain_seconds
+        batch = self.settings.apply_batch
+        done = 0
         for addr in list(table.by_address):
             if addr not in want and not table.is_draining(addr):
                 table.drain(addr, deadline)
                 log.info("endpoint %s draining (pod gone, unready or unselected)", addr)
+                done += 1
+                if done % batch == 0:
+                    await asyncio.sleep(0)
         for addr, ep in want.items():
             slot = table.slot(addr)
             if slot is None or table.is_draining(addr) or table.endpoints[slot] != ep:
                 try:
                     table.add(ep)
-                except ValueError as exc:  # the table is full (max_endpoints): say so, keep the others
-                    log.error("endpoint %s not added: %s", addr, exc)
+                except ValueError as exc:  # the table is full (max_endpoints): say so once, keep the others
+                    if addr not in self._refused:
+                        self._refused.add(addr)
+                        log.error("endpoint %s not added: %s", addr, exc)
                     continue
+                self._refused.discard(addr)
                 log.info("endpoint %s ready (%s, %s)", addr, ep.role.value, ep.accelerator)
-        self._reap()
+                done += 1
+                if done % batch == 0:
+                    await asyncio.sleep(0)
+        if listed and self.pool is not None:
+            self._synced = True
+            SYNCED.set(1)
 
-    def _reap(self) -> None:
+    async def _reap(self) -> None:
         table = self._table
         if table is None:
             return
-        for addr in table.reap(self.clock()):
-            log.info("endpoint %s removed (drained)", addr)
+        while True:
+            gone = table.reap(self.clock(), limit=self.settings.apply_batch)
+            for addr in gone:
+                log.info("endpoint %s removed (drained)", addr)
+            if len(gone) < self.settings.apply_batch:
+                break
+            await asyncio.sleep(0)
         DISCOVERED.labels("draining").set(len(table.draining))
         DISCOVERED.labels("active").set(len(table) - len(table.draining))

@@ -38,9 +38,9 @@ class Busy:
 
 
 @contextlib.asynccontextmanager
-async def discovery(api: FakeKubeApi, tmp_path: Path, drain_seconds: float = 30.0,
+async def discovery(api: FakeKubeApi, tmp_path: Path, drain_seconds: float = 30.0, slots: int = 64,
                     ) -> AsyncIterator[tuple[KubernetesDiscovery, EndpointTable, Busy]]:
-    table = EndpointTable(64)
+    table = EndpointTable(slots)
     busy = Busy()
     table.set_busy_probe(busy)
     d = KubernetesDiscovery(KubernetesDiscoverySettings(
@@ -224,3 +224,26 @@ async def test_status_subresource_update_is_seen(api, tmp_path):
                                                        json={"status": status}) as r:
             assert r.status == 200
         await until(lambda: active(table) == {"10.0.0.11:8000"}, what="status update routed")
+
+
+async def test_a_large_list_is_applied_in_batches_with_the_loop_free_between(api, tmp_path):
+    """Adding an endpoint runs every listener (cost table, indexes): a relist of hundreds of pods must not hold
+    the event loop (decisions) for the whole of it. Another task runs while the table is partly filled."""
+    api.set_pool("llm-pool", APP, [8000])
+    n = 200
+    for i in range(n):
+        api.add_pod(f"p{i}", APP, ip=f"10.1.{i // 250}.{i % 250 + 1}", ready=True)
+    seen: list[int] = []
+    async with discovery(api, tmp_path, slots=256) as (d, table, _):
+        async def watch() -> None:
+            while len(table) < n:
+                seen.append(len(table))
+                await asyncio.sleep(0)
+
+        watcher = asyncio.create_task(watch())
+        await until(lambda: len(active(table)) == n, what="every pod added")
+        await watcher
+        assert d.synced
+    partial = [k for k in seen if 0 < k < n]
+    assert partial, "the whole list was applied without yielding once"
+    assert max(b - a for a, b in zip(partial, partial[1:]) or [(0, 0)]) <= d.settings.apply_batch
