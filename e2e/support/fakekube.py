@@ -8,7 +8,8 @@ starts from a compacted resourceVersion.
 
 Served (all GET unless said):
 - ``/api/v1/namespaces/{ns}/pods`` with ``labelSelector`` (equality terms), ``fieldSelector``
-  (``metadata.name=``), ``watch``, ``resourceVersion``, ``allowWatchBookmarks``, ``timeoutSeconds``
+  (``metadata.name=``), ``limit``/``continue`` (pages of one snapshot), ``watch``, ``resourceVersion``,
+  ``allowWatchBookmarks``, ``timeoutSeconds``
 - ``/api/v1/namespaces/{ns}/pods/{name}``; PUT ``.../pods/{name}/status`` (the status subresource)
 - ``/apis/inference.networking.k8s.io/v1/namespaces/{ns}/inferencepools[/{name}]``, same query parameters
 
@@ -108,6 +109,8 @@ class FakeKubeApi:
         self.pod_template = json.loads((DATA / "pods-list.json").read_text())["items"][0]
         self.pool_template = json.loads((DATA / "inferencepool-get.json").read_text())
         self.fail_next: list[int] = []  # statuses the next requests answer with (errors injection)
+        self._snapshots: dict[str, tuple[int, list[dict[str, Any]]]] = {}  # continue token -> rest of a list
+        self.pages_served = 0  # list responses that had a next page
 
     @property
     def url(self) -> str:
@@ -251,9 +254,11 @@ class FakeKubeApi:
         self._commit("pools", (ns, name), None)
 
     def compact(self) -> None:
-        """Forget all history (etcd compaction): watches from an older version now get 410 Gone."""
+        """Forget all history (etcd compaction): watches from an older version and list continue tokens now get
+        410 Gone."""
         self.log.clear()
         self.compacted = self.rv
+        self._snapshots.clear()
 
     def drop_watches(self) -> None:
         """Cut every open watch connection (an API server restart, a load balancer timeout)."""
@@ -282,12 +287,27 @@ class FakeKubeApi:
             fields = req.query.get("fieldSelector")
             if req.query.get("watch") in ("1", "true"):
                 return await self._watch(req, _Watch(kind, ns, labels, fields))
-            w = _Watch(kind, ns, labels, fields)
-            items = [o for o in self.objects[kind].values() if w.selects(o)]
             list_kind = "PodList" if kind == "pods" else "InferencePoolList"
             api = "v1" if kind == "pods" else "inference.networking.k8s.io/v1"
-            return web.json_response({"kind": list_kind, "apiVersion": api,
-                                      "metadata": {"resourceVersion": str(self.rv)}, "items": items})
+            token = req.query.get("continue")
+            if token:  # the next page of an earlier list's snapshot (410 once it expired)
+                snap = self._snapshots.get(token)
+                if snap is None:
+                    return web.json_response(_status(410, "The provided continue parameter is too old", "Expired"),
+                                             status=410)
+                rv, items = snap
+            else:
+                w = _Watch(kind, ns, labels, fields)
+                rv, items = self.rv, [copy.deepcopy(o) for o in self.objects[kind].values() if w.selects(o)]
+            limit = int(req.query.get("limit") or 0)
+            meta: dict[str, Any] = {"resourceVersion": str(rv)}
+            if limit and len(items) > limit:
+                self.pages_served += 1
+                nxt = f"{rv}-{uuid.uuid4().hex}"
+                self._snapshots[nxt] = (rv, items[limit:])
+                meta.update({"continue": nxt, "remainingItemCount": len(items) - limit})
+                items = items[:limit]
+            return web.json_response({"kind": list_kind, "apiVersion": api, "metadata": meta, "items": items})
         return handler
 
     def _get(self, kind: str) -> Callable:

@@ -73,6 +73,7 @@ class KubernetesDiscovery:
         self._synced = False  # a pod list of the current pool was applied to the table
         self._list_pending = False  # a pod list arrived and is not applied yet
         self._dirty = asyncio.Event()
+        self._stale: set[str] = set()  # pods listed whose endpoints are not worked out yet
         self._refused: set[str] = set()  # addresses the full table refused (logged once)
         self._pods: dict[str, dict[str, Any]] = {}  # uid -> pod
         self._given: dict[str, list[Endpoint]] = {}  # uid -> endpoints it gives now
@@ -154,7 +155,7 @@ class KubernetesDiscovery:
         elif old is None or old.selector != spec.selector:
             self._restart_pods(spec)  # another selector: list the pods it selects
         else:  # the same pods, other target ports
-            self._given = {uid: self._endpoints_of(p) for uid, p in self._pods.items()}
+            self._stale = set(self._pods)  # the same pods, other target ports
             self._dirty.set()
 
     # ---- the pods ---------------------------------------------------------------------------------------
@@ -169,6 +170,7 @@ class KubernetesDiscovery:
             self._pods.clear()
             self._given.clear()
             self._ip_seen.clear()
+            self._stale.clear()
             self._dirty.set()
             return
         assert self._api is not None
@@ -191,7 +193,9 @@ class KubernetesDiscovery:
         self._ip_seen = {uid: v for uid, v in self._ip_seen.items() if uid in self._pods}
         for uid, p in sorted(self._pods.items(), key=lambda kv: str(kv[1]["metadata"].get("creationTimestamp"))):
             self._note_ip(uid, p)
-        self._given = {uid: self._endpoints_of(p) for uid, p in self._pods.items()}
+        # what each pod gives is worked out by the applier, in batches (a thousand pods take tens of ms)
+        self._given = {uid: v for uid, v in self._given.items() if uid in self._pods}
+        self._stale = set(self._pods)
         self._list_pending = True
         self._dirty.set()
 
@@ -201,10 +205,12 @@ class KubernetesDiscovery:
             self._pods.pop(uid, None)
             self._given.pop(uid, None)
             self._ip_seen.pop(uid, None)
+            self._stale.discard(uid)
         else:
             self._pods[uid] = ev.object
             self._note_ip(uid, ev.object)
             self._given[uid] = self._endpoints_of(ev.object)
+            self._stale.discard(uid)
         self._dirty.set()
 
     @staticmethod
@@ -248,10 +254,14 @@ class KubernetesDiscovery:
             return
         listed = self._list_pending
         self._list_pending = False
+        batch = self.settings.apply_batch
+        while self._stale:  # events arriving meanwhile replace entries directly (and leave the stale set)
+            for uid in [self._stale.pop() for _ in range(min(batch, len(self._stale)))]:
+                self._given[uid] = self._endpoints_of(self._pods[uid])
+            await asyncio.sleep(0)
         want = self.desired()
         self._refused &= want.keys()
         deadline = self.clock() + self.settings.drain_seconds
-        batch = self.settings.apply_batch
         done = 0
         for addr in list(table.by_address):
             if addr not in want and not table.is_draining(addr):

@@ -247,3 +247,21 @@ async def test_a_large_list_is_applied_in_batches_with_the_loop_free_between(api
     partial = [k for k in seen if 0 < k < n]
     assert partial, "the whole list was applied without yielding once"
     assert max(b - a for a, b in zip(partial, partial[1:]) or [(0, 0)]) <= d.settings.apply_batch
+
+
+async def test_lists_are_paged_and_an_expired_continue_token_restarts_the_list(api, tmp_path):
+    api.set_pool("llm-pool", APP, [8000])
+    for i in range(250):
+        api.add_pod(f"p{i}", APP, ip=f"10.3.{i // 250}.{i % 250 + 1}", ready=True)
+    api.compact()  # so that tokens and old versions expire below
+    async with discovery(api, tmp_path, slots=512) as (d, table, _):
+        await until(lambda: d.synced and len(active(table)) == 250, what="every page applied")
+        pages = [q for q in api.requests if "pods?" in q and "watch=1" not in q]
+        assert len(pages) == 3 and all("limit=100" in q for q in pages) and "continue=" in pages[1]
+        # the watch drops, history is compacted: the resume gets 410, the relist (paged again) sees a deletion
+        await until(lambda: len(api.watches) == 2, what="watches open")
+        api.drop_watches()
+        api.delete_pod("p0", graceful=False)
+        api.compact()
+        await until(lambda: len(active(table)) == 249, what="deletion seen through a paged relist")
+        assert d.pods_reflector.stats.lists == 2
