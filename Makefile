@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 PIP_FLAGS := --quiet --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast bench venv vllm-venv bench-venv clean promtool image lock
+.PHONY: demo test test-fast check bench venv vllm-venv bench-venv clean promtool image lock
 
 # promtool checks and unit-tests the PrometheusRule (tests/gateway_api). Debian's prometheus package ships it;
 # CI runs as root on a possibly bare machine, so install it when missing (sudo when not root).
@@ -70,7 +70,12 @@ venv: $(VENV)/.stamp
 vllm-venv: $(VLLM_VENV)/.stamp
 bench-venv: $(BENCH_VENV)/.stamp
 
-test: $(VENV)/.stamp $(VLLM_VENV)/.stamp $(BENCH_VENV)/.stamp promtool
+# Static checks first (seconds): lint and import order, then types of the library packages.
+check: $(VENV)/.stamp
+	$(VENV)/bin/ruff check extproc pickers engine kernels e2e tests conftest.py
+	$(VENV)/bin/mypy
+
+test: check $(VENV)/.stamp $(VLLM_VENV)/.stamp $(BENCH_VENV)/.stamp promtool
 	KVSWITCH_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python KVSWITCH_BENCH_VENV=$(CURDIR)/$(BENCH_VENV) \
 		$(PY) -m pytest -q $(PYTEST_ARGS)
 

@@ -15,6 +15,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -104,9 +105,14 @@ class Server:
         self._grpc: grpc.aio.Server | None = None
         self._health_grpc: grpc.aio.Server | None = None  # server.health_port: plaintext health for kubelet
         self.health_port: int | None = None
-        self._metrics_httpd = None
+        self._metrics_httpd: WSGIServer | None = None
         self._ready_task: asyncio.Task | None = None
         self._stopping = False
+
+    @property
+    def stopping(self) -> bool:
+        """True once ``stop`` began: health says NOT_SERVING, open streams drain."""
+        return self._stopping
 
     @property
     def address(self) -> str:

@@ -15,7 +15,8 @@ the same address while it drains brings it back (a pod that flapped Ready).
 from __future__ import annotations
 
 import asyncio
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 
