@@ -7,15 +7,16 @@ gives one endpoint per pool target port (``ip:port``; several target ports are s
 or engines of one pod, as the Gateway API Inference Extension defines them). What kvswitch reads from a pod
 (label, or annotation of the same name; the label wins):
 
-| key | meaning | default |
-|---|---|---|
-| ``kvswitch.io/role`` or llm-d's ``llm-d.ai/role`` | ``prefill`` / ``decode`` / ``both`` | ``both`` |
-| ``kvswitch.io/accelerator`` | cost-model accelerator kind (H100, H200, A100, L40S, MI300X) | from the node selector, else H100 |
-| ``kvswitch.io/model`` | cost-model profile (llama-3.1-8b, llama-3.1-70b, 8b, ...; as ``engine/presets`` labels pods) | ``llama-3.1-8b`` |
-| ``kvswitch.io/served-model`` | the model name vLLM serves (LoRA affinity compares it) | ``""`` |
-| ``kvswitch.io/kv-events-port`` | vLLM's ZMQ KV-event port; ``tcp://<pod ip>:<port>`` | none (no precise index) |
-| ``kvswitch.io/metrics-port`` | port of ``/metrics`` when it is not the target port | the target port |
-| ``kvswitch.io/block-size`` | the engine's KV block size in tokens | 16 |
+- ``kvswitch.io/role`` or llm-d's ``llm-d.ai/role``: ``prefill`` / ``decode`` / ``both`` (default ``both``)
+- ``kvswitch.io/accelerator``: cost-model accelerator kind, H100, H200, A100, L40S or MI300X (default: from
+  the node selector, below, else H100)
+- ``kvswitch.io/model``: cost-model profile, llama-3.1-8b, llama-3.1-70b, 8b, ... as ``engine/presets``
+  labels pods (default llama-3.1-8b)
+- ``kvswitch.io/served-model``: the model name vLLM serves; LoRA affinity compares it (default "")
+- ``kvswitch.io/kv-events-port``: vLLM's ZMQ KV-event port, ``tcp://<pod ip>:<port>`` (default none: no
+  precise prefix index for the pod)
+- ``kvswitch.io/metrics-port``: port of ``/metrics`` when it is not the target port (default the target port)
+- ``kvswitch.io/block-size``: the engine's KV block size in tokens (default 16)
 
 With several target ports, ``kv-events-port`` and ``metrics-port`` may list one port per target port,
 comma-separated, in the same order (one value applies to all). An accelerator or model the cost model does not
@@ -25,8 +26,8 @@ malformed port, leaves the pod out (routing decode traffic to a pod whose role i
 Accelerator from the node: kvswitch reads no Node objects (that would need a ClusterRole); it reads the pod's
 ``spec.nodeSelector`` and required node-affinity terms for the usual GPU product labels
 (``nvidia.com/gpu.product``, ``cloud.google.com/gke-accelerator``, ``amd.com/gpu.product-name``,
-``karpenter.k8s.aws/instance-gpu-name``) and finds a known kind in the value: ``NVIDIA-H100-80GB-HBM3`` -> H100, ``nvidia-h200-141gb`` -> H200, ``AMD_Instinct_MI300X``
--> MI300X.
+``karpenter.k8s.aws/instance-gpu-name``) and finds a known kind in the value: ``NVIDIA-H100-80GB-HBM3`` ->
+H100, ``nvidia-h200-141gb`` -> H200, ``AMD_Instinct_MI300X`` -> MI300X.
 """
 
 from __future__ import annotations
