@@ -45,3 +45,10 @@ BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
         "picker": {"type": "max-score"},
     },
 }
+
+# The default profile seeing each data-parallel pod as one endpoint, as a router without rank support does:
+# ranked endpoints are folded into their pods, no rank header is sent (the pod balances its ranks itself),
+# metrics are summed over ranks and every rank's KV events count for the pod. A baseline, not a choice.
+RANK_OBLIVIOUS = "rank-oblivious"
+BUILTIN_PROFILES[RANK_OBLIVIOUS] = BUILTIN_PROFILES["default"]
+

@@ -22,6 +22,7 @@ from pickers.explain import explain_text
 from pickers.framework import Admission, CycleContext, Plugin, Profile, ProfileHandler
 from pickers.kvblocks.subscriber import KVEventSubscriber
 from pickers.promstats import SchedulerMetrics
+from pickers.ranks import learn_ranks
 from pickers.types import Decision, Endpoint, InferenceRequest, SchedulingError, Usage
 
 log = logging.getLogger("kvswitch.pickers.scheduler")
@@ -78,8 +79,8 @@ class KVScheduler:
     def add_endpoint(self, endpoint: Endpoint) -> None:
         self.dl.endpoints.add(endpoint)
 
-    def remove_endpoint(self, address: str) -> None:
-        self.dl.endpoints.remove(address)
+    def remove_endpoint(self, endpoint_id: str) -> None:
+        self.dl.endpoints.remove(endpoint_id)
 
     def ready(self) -> bool:
         """Ready to serve once some endpoint can decode. Pod health is not part of it on purpose: a picker
@@ -89,11 +90,11 @@ class KVScheduler:
 
     def _on_endpoint(self, what: str, slot: int, ep: Endpoint) -> None:
         if what == "add":
-            self.stats.healthy.labels(ep.address).set(1)
+            self.stats.healthy.labels(ep.id).set(1)
         else:
             for g in (self.stats.healthy, self.stats.degraded):
                 try:
-                    g.remove(ep.address)
+                    g.remove(ep.id)
                 except KeyError:
                     pass
         if not self._started:
@@ -102,21 +103,22 @@ class KVScheduler:
             self._watch(slot, ep)
         else:
             assert self._scraper is not None and self._subscriber is not None
-            self._scraper.unwatch(ep.address)
-            self._subscriber.unsubscribe(ep.address)
+            self._scraper.unwatch(ep.id)
+            self._subscriber.unsubscribe(ep.id)
 
     def _watch(self, slot: int, ep: Endpoint) -> None:
         assert self._scraper is not None and self._subscriber is not None
-        self._scraper.watch(slot, ep.address, ep.scrape_url)
+        self._scraper.watch(slot, ep.id, ep.scrape_url, ep.engine_label)
         if ep.kv_events and self.uses_kv_events:
-            self._subscriber.subscribe(ep.address, ep.kv_events)
+            self._subscriber.subscribe(ep.id, ep.kv_events)
 
     # ---- lifecycle --------------------------------------------------------------------------------------
     async def start(self) -> None:
         if self._started or not self.network:
             return
         s = self.dl.settings
-        self._scraper = MetricsScraper(self.dl.metrics, self.dl.health, s.scrape_interval_s)
+        on_engines = (lambda url, engines: learn_ranks(self.dl.endpoints, url, engines)) if s.dp_ranks == "auto" else None
+        self._scraper = MetricsScraper(self.dl.metrics, self.dl.health, s.scrape_interval_s, on_engines=on_engines)
         self._subscriber = KVEventSubscriber(self.dl.kv_index, self.clock, s.kv_events_topic)
         self._started = True
         for slot in self.dl.endpoints.active_slots().tolist():

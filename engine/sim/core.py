@@ -304,6 +304,16 @@ class EngineCore:
 
     # ---- the step --------------------------------------------------------------------------------
     def step(self, now: float) -> StepResult:
+        sched = self.schedule(now)
+        return self.execute(now, sched)
+
+    def schedule(self, now: float) -> list[tuple[_Req, int]]:
+        """The first half of ``step``: what runs in the step starting at ``now`` (blocks are allocated).
+
+        A data-parallel group (engine.sim.dpgroup) schedules every rank, asks each for ``step_work``, takes
+        the group's step time from the cost model and then ``execute``s every rank with that duration: the
+        ranks step together and the slowest decides. ``step`` is ``execute(now, schedule(now))``.
+        """
         self._now = now
         self._expire_held(now)
         self._finish_remote_loads(now)
@@ -333,7 +343,20 @@ class EngineCore:
             i += 1
         if not preempted:
             budget = self._admit(now, budget, sched)
-        return self._execute(now, sched)
+        return sched
+
+    @staticmethod
+    def step_work(sched: list[tuple[_Req, int]]) -> tuple[int, float, int]:
+        """(new tokens, attention pairs, KV tokens read) of a scheduled step, as the cost model takes them."""
+        new_tokens = 0
+        pairs = 0.0
+        kv_read = 0
+        for r, n in sched:
+            c = r.num_computed
+            new_tokens += n
+            pairs += prefill_pairs(n, c)
+            kv_read += c
+        return new_tokens, pairs, kv_read
 
     def _admit(self, now: float, budget: int, sched: list[tuple[_Req, int]]) -> int:
         pool, bs, waiting = self.pool, self.block_size, self._waiting
@@ -453,7 +476,9 @@ class EngineCore:
         )
         r.committed = full
 
-    def _execute(self, now: float, sched: list[tuple[_Req, int]]) -> StepResult:
+    def execute(self, now: float, sched: list[tuple[_Req, int]], duration: float | None = None) -> StepResult:
+        """The second half of ``step``: apply the scheduled step; it lasts ``duration`` (None: this engine's
+        own step time from the cost model)."""
         new_tokens = 0
         pairs = 0.0
         kv_read = 0
@@ -468,7 +493,10 @@ class EngineCore:
                 decodes += 1
             else:
                 prefill_tokens += n
-        duration = self.cost.step_time(new_tokens, pairs, kv_read) if new_tokens else 0.0
+        if duration is None:
+            duration = self.cost.step_time(new_tokens, pairs, kv_read) if new_tokens else 0.0
+        elif not new_tokens:
+            duration = 0.0
         end = now + duration
         outputs: list[RequestOutput] = []
         vocab = self.config.vocab_size

@@ -44,6 +44,7 @@ class DataLayerSettings:
     pending_max_blocks: int = 1_000_000
     inflight_ttl_s: float = 600.0
     kv_events_topic: str = ""
+    dp_ranks: str = "auto"  # auto: learn a pod's data-parallel ranks from its metrics' engine labels; off: don't
 
 
 class DataLayer:
@@ -65,7 +66,7 @@ class DataLayer:
         self.approx_pod_cap = np.full(n, s.approx_pod_blocks, dtype=np.int64)
         self.kv_index = PreciseIndex(ep.slot, ep.address, s.precise_max_blocks, s.medium_weights, 64,
                                      s.engine_map_cap, s.degraded_after_s, on_degraded,
-                                     s.pending_ttl_s, s.pending_max_blocks)
+                                     s.pending_ttl_s, s.pending_max_blocks, resolve_rank=ep.rank_slot)
         self.precise_enabled = False  # some pod publishes KV events and the scheduler reads them
         self._precise_wanted = True
         ep.listen(self._on_endpoint)

@@ -1,7 +1,8 @@
 """The endpoint registry: stable integer slots for pods, so every signal can live in a numpy array.
 
 Scorers work on arrays indexed by slot (``candidates`` is an int array of slots), which keeps the hot path
-free of per-pod Python objects. Slots of removed pods are reused after every listener has cleared them.
+free of per-pod Python objects. A slot is an endpoint id (``Endpoint.id``): a pod, or one data-parallel rank
+of a pod (``ip:port#rank``), so every signal (load, queue, KV usage, prefix index) is per rank. Slots of removed pods are reused after every listener has cleared them.
 Endpoints come from a ``Discovery`` (static list now; Kubernetes later implements the same interface).
 """
 
@@ -21,7 +22,8 @@ class EndpointTable:
     def __init__(self, max_endpoints: int = 1024) -> None:
         self.max_endpoints = max_endpoints
         self.endpoints: list[Endpoint | None] = []
-        self.by_address: dict[str, int] = {}
+        self.by_id: dict[str, int] = {}  # endpoint id -> slot
+        self.by_pod: dict[str, list[int]] = {}  # ip:port -> slots of that pod (its ranks)
         self._free: list[int] = []
         self.active = np.zeros(max_endpoints, dtype=bool)
         self.can_decode = np.zeros(max_endpoints, dtype=bool)
@@ -34,13 +36,13 @@ class EndpointTable:
         self._listeners.append(fn)
 
     def __len__(self) -> int:
-        return len(self.by_address)
+        return len(self.by_id)
 
     def add(self, ep: Endpoint) -> int:
         """Add or replace an endpoint; returns its slot."""
-        old = self.by_address.get(ep.address)
+        old = self.by_id.get(ep.id)
         if old is not None:
-            self.remove(ep.address)
+            self.remove(ep.id)
         if self._free:
             slot = self._free.pop()
         else:
@@ -49,7 +51,8 @@ class EndpointTable:
                 raise ValueError(f"too many endpoints (max_endpoints={self.max_endpoints})")
             self.endpoints.append(None)
         self.endpoints[slot] = ep
-        self.by_address[ep.address] = slot
+        self.by_id[ep.id] = slot
+        self.by_pod.setdefault(ep.address, []).append(slot)
         self.active[slot] = True
         self.can_decode[slot] = ep.role.can_decode()
         self.can_prefill[slot] = ep.role.can_prefill()
@@ -59,12 +62,16 @@ class EndpointTable:
             fn("add", slot, ep)
         return slot
 
-    def remove(self, address: str) -> Endpoint | None:
-        slot = self.by_address.pop(address, None)
+    def remove(self, endpoint_id: str) -> Endpoint | None:
+        slot = self.by_id.pop(endpoint_id, None)
         if slot is None:
             return None
         ep = self.endpoints[slot]
         assert ep is not None
+        pod = self.by_pod[ep.address]
+        pod.remove(slot)
+        if not pod:
+            del self.by_pod[ep.address]
         self.active[slot] = False
         self.can_decode[slot] = False
         self.can_prefill[slot] = False
@@ -75,12 +82,34 @@ class EndpointTable:
         self._free.append(slot)
         return ep
 
-    def slot(self, address: str) -> int | None:
-        return self.by_address.get(address)
+    def slot(self, endpoint_id: str) -> int | None:
+        return self.by_id.get(endpoint_id)
 
     def address(self, slot: int) -> str | None:
+        """The endpoint id of ``slot`` (``ip:port``, or ``ip:port#rank``): what a Decision names."""
         ep = self.endpoints[slot] if 0 <= slot < len(self.endpoints) else None
-        return ep.address if ep is not None else None
+        return ep.id if ep is not None else None
+
+    def rank_slot(self, slot: int, engine_index: int) -> int | None:
+        """The slot of vLLM engine ``engine_index`` in the pod of ``slot``: ``slot`` itself when it is the whole
+        pod (no ranks) or that rank, another rank's slot of the same pod, or None when the pod has no such rank."""
+        ep = self.endpoints[slot] if 0 <= slot < len(self.endpoints) else None
+        if ep is None:
+            return None
+        if ep.dp_rank is None:
+            return slot
+        want = str(engine_index)
+        if ep.engine_label == want:
+            return slot
+        for s in self.by_pod.get(ep.address, ()):
+            other = self.endpoints[s]
+            if other is not None and other.engine_label == want:
+                return s
+        return None
+
+    def pod_slots(self, address: str) -> list[int]:
+        """Every slot of pod ``ip:port`` (one per data-parallel rank, or just the pod's)."""
+        return self.by_pod.get(address, [])
 
     def active_slots(self) -> np.ndarray:
         if self._active_cache is None:
@@ -94,12 +123,12 @@ class EndpointTable:
 
     def sync(self, endpoints: list[Endpoint]) -> None:
         """Make the table hold exactly ``endpoints`` (what a discovery source reports)."""
-        want = {e.address: e for e in endpoints}
-        for addr in list(self.by_address):
+        want = {e.id: e for e in endpoints}
+        for addr in list(self.by_id):
             if addr not in want:
                 self.remove(addr)
         for addr, ep in want.items():
-            cur = self.by_address.get(addr)
+            cur = self.by_id.get(addr)
             if cur is None or self.endpoints[cur] != ep:
                 self.add(ep)
 

@@ -17,8 +17,8 @@ class SubsetFilter(Filter):
         if not subset:
             raise SchedulingError(503, "the gateway's subset hint (x-gateway-destination-endpoint-subset) is "
                                   "empty: no endpoint may serve this request", "subset_empty")
-        slot = self.dl.endpoints.by_address
-        allowed = {s for a in subset if (s := slot.get(a)) is not None}
+        table = self.dl.endpoints  # the hint names pods (ip:port); every rank of a named pod may serve
+        allowed = {s for a in subset for s in table.pod_slots(a)}
         keep = np.fromiter((c for c in cands.tolist() if c in allowed), dtype=cands.dtype)
         ctx.rejected["subset"] = ctx.rejected.get("subset", 0) + cands.size - keep.size
         return keep

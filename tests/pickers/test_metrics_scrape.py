@@ -59,7 +59,7 @@ async def test_scraper_feeds_metrics_and_health():
     from pickers.clock import MonotonicClock
     from pickers.config import build_scheduler
 
-    s = build_scheduler({"datalayer": {"scrape_interval_ms": 10, "failure_threshold": 2}}, [ep],
+    s = build_scheduler({"datalayer": {"scrape_interval_ms": 10, "failure_threshold": 2, "dp_ranks": "off"}}, [ep],
                         MonotonicClock(), registry=CollectorRegistry())
     dl = s.datalayer
     try:

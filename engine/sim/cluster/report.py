@@ -57,7 +57,7 @@ def summarize(result: SimResult, wall_s: float | None = None) -> dict[str, Any]:
         "tpot_mean_s": float(tpot.mean()) if len(tpot) else math.nan, "tpot_p90_s": _pct(tpot, 90),
         "e2e_p50_s": _pct(e2e, 50), "e2e_p90_s": _pct(e2e, 90),
         "prefix_hit_rate": float(cached.sum() / prompt.sum()) if prompt.sum() else 0.0,
-        "preemptions": sum(p.core.num_preemptions for p in result.pods),
+        "preemptions": sum(p.num_preemptions for p in result.pods),
         "pod_share": {k: v / max(1, len(recs)) for k, v in share.items()},
         "prefill_share": {k: v / max(1, len(recs)) for k, v in pshare.items()},
         "share_cv": float(counts.std() / counts.mean()) if len(counts) and counts.mean() else 0.0,
