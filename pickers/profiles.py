@@ -19,6 +19,8 @@ BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
             {"type": "ttft", "weight": 3.0, "stall_weight": 0.5},
             {"type": "prefix", "mode": "auto", "gate_ttft_ratio": 1.5, "weight": 1.0},
             {"type": "kv-usage", "weight": 1.0},
+            # data-parallel ranks only (1 for every other endpoint): fill a pod's idle ranks before its slowest
+            {"type": "rank-balance", "weight": 1.0},
         ],
         "picker": {"type": "max-score", "max_endpoints": 3},
     },

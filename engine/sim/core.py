@@ -284,9 +284,10 @@ class EngineCore:
         self.pool.free(list(key))
         return True
 
-    def reset_prefix_cache(self) -> None:
+    def reset_prefix_cache(self) -> list[KVEvent]:
+        """Forget cached hashes; returns the AllBlocksCleared batch (also given to the events callback)."""
         self.pool.clear()
-        self._emit(self._now)
+        return self._emit(self._now)
 
     def stats(self) -> EngineStats:
         c = self.pool.counters

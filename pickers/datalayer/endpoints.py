@@ -29,6 +29,10 @@ class EndpointTable:
         self.can_decode = np.zeros(max_endpoints, dtype=bool)
         self.can_prefill = np.zeros(max_endpoints, dtype=bool)
         self.block_size = np.full(max_endpoints, 16, dtype=np.int64)
+        # data-parallel ranks: the pod group of each slot (one id per ip:port) and whether the slot is a rank
+        self.pod_group = np.full(max_endpoints, -1, dtype=np.int64)
+        self.is_rank = np.zeros(max_endpoints, dtype=bool)
+        self._groups: dict[str, int] = {}
         self._listeners: list[Listener] = []
         self._active_cache: np.ndarray | None = None
 
@@ -57,6 +61,8 @@ class EndpointTable:
         self.can_decode[slot] = ep.role.can_decode()
         self.can_prefill[slot] = ep.role.can_prefill()
         self.block_size[slot] = ep.block_size
+        self.pod_group[slot] = self._groups.setdefault(ep.address, len(self._groups))
+        self.is_rank[slot] = ep.dp_rank is not None
         self._active_cache = None
         for fn in self._listeners:
             fn("add", slot, ep)
@@ -72,6 +78,7 @@ class EndpointTable:
         pod.remove(slot)
         if not pod:
             del self.by_pod[ep.address]
+        self.is_rank[slot] = False
         self.active[slot] = False
         self.can_decode[slot] = False
         self.can_prefill[slot] = False

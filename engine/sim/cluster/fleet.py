@@ -40,6 +40,7 @@ class PodSpec:
     kv_transfer_timeout_s: float = 30.0
     label: str = ""
     dp: int = 1  # data-parallel attention ranks (engine cores) behind the pod's one address
+    dp_balancer: str = "vllm"  # how the pod balances requests without a rank header (engine.sim.dpgroup)
 
     def deployment(self) -> Deployment | None:
         if self.dp > 1:  # DP attention + EP experts over every rank's GPUs

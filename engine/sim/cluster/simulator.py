@@ -156,7 +156,8 @@ class ClusterSim:
         for i, spec in enumerate(fleet.pods):
             # Pods build KV events only when the router reads them.
             group = DPGroup(spec.group_cost(),
-                            spec.engine_config(fleet.link, seed, i, kv_events=self.router.wants_kv_events))
+                            spec.engine_config(fleet.link, seed, i, kv_events=self.router.wants_kv_events),
+                            balancer=spec.dp_balancer)
             pod = Pod(i, spec, group)
             self.pods.append(pod)
             self.by_name[spec.name] = pod

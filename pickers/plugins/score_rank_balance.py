@@ -1,0 +1,56 @@
+"""Straggler cost of a data-parallel rank: fill the idle ranks of a pod before lengthening its slowest one.
+
+The ranks of a DP-attention + EP-experts pod step together (every MoE layer is an all-to-all among them), so
+a step lasts as long as its slowest rank (engine.costmodel.dataparallel). Prefill work sent to a rank whose
+queue is below the pod's longest runs in steps the pod takes anyway; only the part that makes it the new
+longest queue costs the pod time, and it costs every rank of the pod. With W_s the prefill tokens queued on
+rank s (sent by us and not at first token yet, or the rank's waiting requests x mean prompt) and U_r this
+prompt's uncached tokens on rank r:
+
+    M_p     = max W_s over the ranks s of r's pod
+    extra_r = max(0, W_r + U_r - M_p)             tokens by which the pod's straggler grows
+    score_r = 1 - extra_r / U_r                   1: fits in the pod's idle capacity; 0: all of it is new
+
+Endpoints that are not ranks score 1 (nothing to balance), so the scorer changes no decision among them.
+"""
+
+import numpy as np
+
+from pickers.framework import Param, Scorer, register
+
+
+@register
+class RankBalanceScorer(Scorer):
+    TYPE = "rank-balance"
+    needs_tokens = True
+    PARAMS = {
+        "mode": Param(str, "auto", choices=("approximate", "precise", "auto"),
+                      doc="prefix index for this prompt's cached tokens on each rank"),
+        "waiting_prompt_tokens": Param(float, 1024.0, min=0.0, doc="tokens per waiting request (fresh /metrics)"),
+        "decode_tokens": Param(float, 0.0, min=0.0,
+                               doc="prefill-token equivalent of one running decode in a rank's load"),
+    }
+
+    def score(self, ctx, cands):
+        dl = self.dl
+        table = dl.endpoints
+        ranked = table.is_rank[cands]
+        out = np.ones(cands.size)
+        if not ranked.any():
+            return out
+        active = table.active_slots()
+        fresh = dl.fresh(active, ctx.now)
+        waiting = np.where(fresh, dl.metrics.waiting[active], 0.0) * self.waiting_prompt_tokens
+        queued = np.maximum(dl.inflight.prefill_tokens[active], waiting)
+        if self.decode_tokens:
+            queued = queued + self.decode_tokens * dl.running(active, ctx.now)
+        groups = table.pod_group[active]
+        longest = np.zeros(int(groups.max()) + 1 if groups.size else 1)
+        np.maximum.at(longest, groups, queued)
+        w = np.zeros(table.slot_count)
+        w[active] = queued
+        p = float(ctx.prompt_tokens())
+        u = np.maximum(p - np.minimum(ctx.hit_tokens(self.mode)[cands], p), 1.0)
+        extra = np.maximum(0.0, w[cands] + u - longest[table.pod_group[cands]])
+        out[ranked] = 1.0 - extra[ranked] / u[ranked]
+        return out
