@@ -29,6 +29,7 @@ from extproc.observe import ResponseObserver
 from extproc.parse import HEADERS_THAT_MATTER, api_for_path, parse_request, rewrite_model
 from pickers.clock import Clock
 from pickers.explain import explain_header
+from pickers.ranks import destinations, endpoint_address, served_id, split_endpoint_id
 from pickers.types import Decision, InferenceRequest, Scheduler, SchedulingError
 
 log = logging.getLogger("kvswitch.extproc")
@@ -221,8 +222,8 @@ class ExtProcStream:
             decision = await self.scheduler.schedule(request)
             endpoints = decision.endpoints
             if self.subset is not None:
-                allowed = set(self.subset)
-                endpoints = [e for e in endpoints if e in allowed]
+                allowed = set(self.subset)  # pods (ip:port); a data-parallel rank's id is ip:port#rank
+                endpoints = [e for e in endpoints if endpoint_address(e) in allowed]
                 if not endpoints:
                     raise SchedulingError(503, "no ready endpoint in the gateway's subset hint can serve this "
                                           "request", "subset_no_match")
@@ -240,10 +241,14 @@ class ExtProcStream:
         self._count(decision.primary)
         if self.settings.max_fallback:
             decision.endpoints = decision.endpoints[: self.settings.max_fallback]
-        value = ",".join(decision.endpoints)
+        # Data-parallel ranks: the gateway gets pods (ip:port), the chosen rank goes to the pod in a header.
+        addresses, rank = destinations(decision.endpoints)
+        value = ",".join(addresses)
         remove = [h for h in msg.CONTROLLED_HEADERS if h in self.headers and h != msg.DESTINATION
-                  and not (h == msg.PREFILLER and decision.prefill)]
+                  and not (h == msg.PREFILLER and decision.prefill) and not (h == msg.DP_RANK and rank is not None)]
         extra = [("content-length", str(len(body)))] if rewritten and body is not None else None
+        if rank is not None:
+            extra = [*(extra or []), (msg.DP_RANK, str(rank))]
         out = [msg.destination_headers(value, decision.prefill, remove, extra)]
         if body is not None:
             out.extend(msg.body_chunks(body))
@@ -272,6 +277,7 @@ class ExtProcStream:
         if self.decision is not None and req.HasField("metadata_context"):
             served = _metadata_value(req.metadata_context, msg.LB_NAMESPACE, msg.SERVED)
             if isinstance(served, str) and served:
+                served = served_id(self.decision.primary, served)  # the rank that took it, on a DP pod
                 self.served = served
                 if served != self._counted:
                     self._count(served)
@@ -303,7 +309,11 @@ class ExtProcStream:
         d = self.decision
         if d is None:
             return []
-        out = [("x-kvswitch-endpoint", self.served or d.primary)]
+        served = self.served or d.primary
+        out = [("x-kvswitch-endpoint", served)]
+        rank = split_endpoint_id(served)[1]
+        if rank is not None:
+            out.append(("x-kvswitch-dp-rank", str(rank)))
         if d.prefill:
             out.append(("x-kvswitch-prefill-endpoint", d.prefill))
         if d.explanation:

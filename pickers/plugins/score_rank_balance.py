@@ -11,8 +11,21 @@ prompt's uncached tokens on rank r:
     extra_r = max(0, W_r + U_r - M_p)             tokens by which the pod's straggler grows
     score_r = 1 - extra_r / U_r                   1: fits in the pod's idle capacity; 0: all of it is new
 
+That spreads prefill work, but cache affinity keeps each prompt group on the rank that first computed it, so
+where groups land decides the ranks' shares: a new group going to whichever idle rank wins a tie places 32
+groups on 8 ranks as balls in bins (some ranks get twice the groups of others). So the score also carries the
+ranks' recent traffic, requests routed there in an exponentially decaying window (``half_life_s``):
+
+    recent_score_r = (max R - R_r) / (max R - min R)   over the ranked candidates (1 for the quietest)
+    score_r        = (1 - recent_weight) x (1 - extra_r / U_r) + recent_weight x recent_score_r
+
+A cold group then goes to the quietest rank; a warm one stays where its prefix is unless its rank's queue or
+traffic costs more than the hit saves (the TTFT and prefix scores carry the hit).
+
 Endpoints that are not ranks score 1 (nothing to balance), so the scorer changes no decision among them.
 """
+
+import math
 
 import numpy as np
 
@@ -29,7 +42,27 @@ class RankBalanceScorer(Scorer):
         "waiting_prompt_tokens": Param(float, 1024.0, min=0.0, doc="tokens per waiting request (fresh /metrics)"),
         "decode_tokens": Param(float, 0.0, min=0.0,
                                doc="prefill-token equivalent of one running decode in a rank's load"),
+        "recent_weight": Param(float, 0.5, min=0.0, max=1.0, doc="share of the recent-traffic term"),
+        "half_life_s": Param(float, 5.0, min=0.001, doc="half-life of the recent-traffic count"),
     }
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self._recent = np.zeros(0)
+        self._at = 0.0
+
+    def _decay(self, now: float, size: int) -> np.ndarray:
+        if self._recent.size < size:
+            self._recent = np.concatenate([self._recent, np.zeros(size - self._recent.size)])
+        if now > self._at:
+            self._recent *= math.exp(-(now - self._at) * math.log(2) / self.half_life_s)
+            self._at = now
+        return self._recent
+
+    def on_routed(self, decision):
+        slot = self.dl.endpoints.slot(decision.primary)
+        if slot is not None and self.dl.endpoints.is_rank[slot]:
+            self._decay(self.dl.clock.now(), slot + 1)[slot] += 1.0
 
     def score(self, ctx, cands):
         dl = self.dl
@@ -52,5 +85,11 @@ class RankBalanceScorer(Scorer):
         p = float(ctx.prompt_tokens())
         u = np.maximum(p - np.minimum(ctx.hit_tokens(self.mode)[cands], p), 1.0)
         extra = np.maximum(0.0, w[cands] + u - longest[table.pod_group[cands]])
-        out[ranked] = 1.0 - extra[ranked] / u[ranked]
+        straggler = 1.0 - extra / u
+        rc = cands[ranked]
+        recent = self._decay(ctx.now, table.slot_count)[rc]
+        spread = recent.max() - recent.min() if rc.size else 0.0
+        quiet = (recent.max() - recent) / spread if spread > 0 else np.ones(rc.size)
+        w = self.recent_weight
+        out[ranked] = (1.0 - w) * straggler[ranked] + w * quiet
         return out

@@ -49,7 +49,8 @@ def workload(name: str, seed: int, mooncake_requests: int) -> list[TraceRequest]
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     variants = json.loads(Path(args.variants).read_text()) if args.variants else {}
-    policies = ["default", "rank-oblivious", "rank-oblivious/legacy", *variants]
+    base = [p for p in args.policies.split(",") if p] if args.policies else []
+    policies = [*base, *variants]
     out: dict[str, Any] = {}
     for wname in args.workloads.split(","):
         rows: dict[str, list[dict[str, Any]]] = {p: [] for p in policies}
@@ -126,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mooncake-requests", type=int, default=1000)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--variants", default=None)
+    p.add_argument("--policies", default="default,rank-oblivious,rank-oblivious/legacy",
+                   help="built-in policies to run (comma-separated; empty: only --variants)")
     p.add_argument("--json", dest="json_out", default=None)
     args = p.parse_args(argv)
     results = run(args)
