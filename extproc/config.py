@@ -18,12 +18,9 @@ from typing import Any, Literal
 import msgspec
 import yaml
 
+from pickers.framework import ConfigError  # one error type for every configuration mistake
 from pickers.ranks import expand_ranks
 from pickers.types import Endpoint, Role
-
-
-class ConfigError(ValueError):
-    """The configuration is invalid; the message names the key."""
 
 
 class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -50,6 +47,7 @@ class EndpointConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     labels: dict[str, str] = {}
     kv_events: str | None = None
     metrics_url: str | None = None
+    max_num_batched_tokens: int | None = None  # the engine's step budget; default: its preset's
     dp_size: int | None = None
     dp_start_rank: int = 0
     dp_rank: int | None = None
@@ -58,7 +56,7 @@ class EndpointConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return Endpoint(address=self.address, role=Role(self.role), model=self.model,
                         accelerator=self.accelerator, model_profile=self.model_profile,
                         labels=dict(self.labels), kv_events=self.kv_events, metrics_url=self.metrics_url,
-                        dp_rank=self.dp_rank,
+                        max_num_batched_tokens=self.max_num_batched_tokens, dp_rank=self.dp_rank,
                         dp_engine=None if self.dp_rank is None else self.dp_start_rank + self.dp_rank)
 
     def to_endpoints(self) -> list[Endpoint]:

@@ -118,6 +118,11 @@ class EndpointTable:
         """Every slot of pod ``ip:port`` (one per data-parallel rank, or just the pod's)."""
         return self.by_pod.get(address, [])
 
+    def addresses(self, slots: np.ndarray) -> list[str]:
+        """The addresses of ``slots`` (active ones), in order."""
+        eps = self.endpoints
+        return [e.address for s in slots.tolist() if (e := eps[s]) is not None]
+
     def active_slots(self) -> np.ndarray:
         if self._active_cache is None:
             self._active_cache = np.nonzero(self.active)[0]

@@ -1,6 +1,6 @@
 """Data-parallel MoE pods in virtual time: rank-aware routing against a rank-oblivious router.
 
-    .venv/bin/python -m engine.sim.cluster.bench_dp --pods 2 --dp 4 --model-profile moe --accelerator H200 \\
+    .venv/bin/python -m e2e.bench.dp --pods 2 --dp 4 --model-profile moe --accelerator H200 \\
         --workloads sp@120,mooncake@1 --seeds 0,1,2 [--variants variants.json] [--plot out.png]
 
 Workloads: ``sp@RATE`` = shared prefix (32 groups x 4096-token context + 256-token question, 128 output tokens,
@@ -30,7 +30,7 @@ from engine.sim.cluster.fleet import fleet_from_flags
 from engine.sim.cluster.report import summarize
 from engine.sim.cluster.trace import BlockTokens, TraceRequest, read_mooncake
 
-MOONCAKE = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "mooncake_synthetic_trace.jsonl"
+MOONCAKE = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "mooncake_synthetic_trace.jsonl"
 FIGURES = ("ttft_p50_s", "ttft_p90_s", "tpot_mean_s", "throughput_req_s", "prefix_hit_rate", "rank_share_cv",
            "rank_busy_cv", "failed")
 
@@ -116,7 +116,7 @@ def shares(rows: dict[str, list[dict[str, Any]]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m engine.sim.cluster.bench_dp", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m e2e.bench.dp", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pods", type=int, default=2)
     p.add_argument("--dp", type=int, default=4)
