@@ -57,14 +57,13 @@ class EndpointConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                         accelerator=self.accelerator, model_profile=self.model_profile,
                         labels=dict(self.labels), kv_events=self.kv_events, metrics_url=self.metrics_url,
                         max_num_batched_tokens=self.max_num_batched_tokens, dp_rank=self.dp_rank,
-                        dp_engine=None if self.dp_rank is None else self.dp_start_rank + self.dp_rank)
+                        dp_engine=None if self.dp_rank is None else self.dp_start_rank + self.dp_rank,
+                        dp_size=self.dp_size if self.dp_rank is not None else None)
 
     def to_endpoints(self) -> list[Endpoint]:
-        """One endpoint, or one per data-parallel rank with ``dp_size``."""
-        if self.dp_size is None:
+        """One endpoint; one per data-parallel rank with ``dp_size`` alone; one rank of a pod with ``dp_rank``."""
+        if self.dp_size is None or self.dp_rank is not None:
             return [self.to_endpoint()]
-        if self.dp_rank is not None:
-            raise ValueError("give dp_size (every rank) or dp_rank (one rank), not both")
         return expand_ranks(self.to_endpoint(), self.dp_size, self.dp_start_rank)
 
 

@@ -77,7 +77,7 @@ def expand_ranks(ep: Endpoint, dp_size: int, start_rank: int = 0) -> list[Endpoi
     label and KV-event port of local rank i are those of engine ``start_rank + i``."""
     if dp_size < 1 or start_rank < 0:
         raise ValueError(f"dp_size must be >= 1 and start_rank >= 0, got {dp_size}, {start_rank}")
-    return [dataclasses.replace(ep, dp_rank=i, dp_engine=start_rank + i,
+    return [dataclasses.replace(ep, dp_rank=i, dp_engine=start_rank + i, dp_size=dp_size,
                                 kv_events=offset_port(ep.kv_events, start_rank + i)) for i in range(dp_size)]
 
 
@@ -91,7 +91,7 @@ def fold_ranks(endpoints: list[Endpoint]) -> list[Endpoint]:
             out[ep.address] = ep
             continue
         if ep.address not in out or ep.dp_rank == 0:
-            out[ep.address] = dataclasses.replace(ep, dp_rank=None, dp_engine=None)
+            out[ep.address] = dataclasses.replace(ep, dp_rank=None, dp_engine=None, dp_size=None)
         if ep.kv_events:
             feeds.setdefault(ep.address, []).append(ep.kv_events)
     for address, kv in feeds.items():  # every rank's KV events count for the pod (none says which rank)

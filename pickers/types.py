@@ -54,6 +54,7 @@ class Endpoint:
     max_num_batched_tokens: int | None = None  # the engine's step token budget; None: its role's preset
     dp_rank: int | None = None  # the data-parallel rank this endpoint targets (X-data-parallel-rank)
     dp_engine: int | None = None  # vLLM's engine index of that rank; None: dp_rank
+    dp_size: int | None = None  # ranks of its pod (prices a rank with a rank's share of the pod's GPUs)
 
     def __post_init__(self) -> None:
         if isinstance(self.role, str):

@@ -12,13 +12,16 @@ and pads every rank to the largest batch), so one step of the group lasts as lon
                the scale-up link within a node, the scale-out NIC beyond it
     step     = max_r (rank_r + a2a_r)                                        the straggler waits for no one
 
-``rank`` is a ``CostModel`` of one rank (the shared roofline, evaluated for a rank's resources and weights),
-so a rank's prefill and decode times, KV capacity and transfer times are the one cost model's.
+``rank`` is a ``CostModel`` of one rank (the shared roofline, evaluated for a rank's resources and weights, its
+all-to-all in the roofline's per-token communication term), so a rank's prefill and decode times, KV capacity
+and transfer times are the one cost model's, and the picker's vectorised evaluator (pickers.costs) prices a
+rank endpoint with the same roofline.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from functools import lru_cache
 from typing import Sequence
 
 from engine.costmodel.profiles import (
@@ -71,7 +74,7 @@ class DataParallelCost:
         experts = m.expert_params / self.dp
         rank_model = dataclasses.replace(
             m, total_params=m.total_params - m.expert_params + experts, expert_params=experts)
-        self.rank = CostModel(rank_model, a, Deployment(tp=d.tp), e)
+        rank = CostModel(rank_model, a, Deployment(tp=d.tp), e)
         ep = max(d.ep, self.dp * d.tp)
         if m.is_moe:
             raw = a.scale_up_bytes_per_s if ep <= _SCALE_UP_DOMAIN else _SCALE_OUT_BYTES_PER_S
@@ -79,12 +82,15 @@ class DataParallelCost:
             self.a2a_s_per_token = m.layers * per_layer / (raw * e.comm)
         else:
             self.a2a_s_per_token = 0.0
+        # The all-to-all is per token like the tensor-parallel all-reduce: one more term of the rank's roofline,
+        # so the scalar and the vectorised evaluators (pickers.costs) charge it alike.
+        rank.roofline = dataclasses.replace(
+            rank.roofline, comm_s_per_token=rank.roofline.comm_s_per_token + self.a2a_s_per_token)
+        self.rank = rank
 
     def rank_step_time(self, new_tokens: float, attn_pairs: float, kv_read_tokens: float) -> float:
-        """One rank's part of a step: its roofline plus its all-to-all (0 for an empty rank)."""
-        if new_tokens <= 0:
-            return 0.0
-        return self.rank.step_time(new_tokens, attn_pairs, kv_read_tokens) + self.a2a_s_per_token * new_tokens
+        """One rank's part of a step: its roofline, all-to-all included (0 for an empty rank)."""
+        return self.rank.step_time(new_tokens, attn_pairs, kv_read_tokens)
 
     def step_time(self, ranks: Sequence[RankWork]) -> float:
         """Seconds for one step of the group: the slowest rank's (the others wait for it)."""
@@ -97,4 +103,10 @@ class DataParallelCost:
                 f"{self.rank_step_time(32, 32 * 2048, 32 * 2048) * 1e3:.1f} ms")
 
 
-__all__ = ["DataParallelCost", "RankWork", "data_parallel_size"]
+@lru_cache(maxsize=256)
+def rank_cost_model(model_profile: str, accelerator: str, dp: int) -> CostModel:
+    """The cost model of one rank of a ``dp``-rank DP-attention + EP-experts pod (tp 1), for the picker."""
+    return DataParallelCost(model_profile, accelerator, Deployment(tp=1, ep=dp), dp=dp).rank
+
+
+__all__ = ["DataParallelCost", "RankWork", "data_parallel_size", "rank_cost_model"]

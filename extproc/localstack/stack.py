@@ -255,7 +255,8 @@ class LocalStack:
                           max_num_batched_tokens=spec.max_num_batched_tokens)
             if p.rank_kv_events:  # one endpoint per data-parallel rank, each with its own KV-event publisher
                 for rank, kv in enumerate(p.rank_kv_events):
-                    eps.append(EndpointConfig(**common, kv_events=kv, dp_rank=rank))  # type: ignore[arg-type]
+                    eps.append(EndpointConfig(**common, kv_events=kv, dp_rank=rank,  # type: ignore[arg-type]
+                                              dp_size=len(p.rank_kv_events)))
             else:
                 eps.append(EndpointConfig(**common, kv_events=p.kv_events))  # type: ignore[arg-type]
         return eps

@@ -128,7 +128,8 @@ def endpoints_for(fleet: FleetSpec, ranks: bool = True) -> list[Endpoint]:
             out.append(Endpoint(
                 p.name, role=p.role, model="sim", accelerator=p.accelerator, model_profile=p.model_profile,
                 block_size=p.block_size, kv_events=f"inproc://{p.label or p.name}" + (f"_dp{r}" if per_rank else ""),
-                max_num_batched_tokens=p.max_num_batched_tokens, dp_rank=r if per_rank else None))
+                max_num_batched_tokens=p.max_num_batched_tokens, dp_rank=r if per_rank else None,
+                dp_size=p.dp if per_rank else None))
     return out
 
 
