@@ -38,6 +38,7 @@ import json
 from dataclasses import dataclass, field
 
 from engine.costmodel import Deployment, Efficiency, default_deployment, resolve_accelerator, resolve_model
+from engine.costmodel.speculative import Speculative
 
 ROLES = ("prefill", "decode", "both")
 CONNECTORS = ("nixl", "shared-storage")
@@ -72,34 +73,6 @@ LEADER_ADDRESS = "$(LWS_LEADER_ADDRESS)"  # LeaderWorkerSet's downward-API varia
 _BATCHED_TOKENS = {"prefill": 16384, "decode": 2048, "both": 8192}
 _CPU_BATCHED_TOKENS = {"prefill": 4096, "decode": 1024, "both": 2048}
 _MAX_NUM_SEQS = {"prefill": 64, "decode": 256, "both": 256}
-
-
-@dataclass(frozen=True, slots=True)
-class Speculative:
-    """Speculative decoding: vLLM's ``--speculative-config`` and what the cost model needs of it.
-
-    ``acceptance`` is the mean probability that a drafted token is accepted (each of the
-    ``num_speculative_tokens`` in turn, until the first rejection); ``draft_cost`` is one draft forward
-    as a fraction of one target forward (MTP/EAGLE heads are one layer: ~1/layers of the model).
-    """
-
-    method: str  # vLLM's method name: "mtp", "eagle3", "draft_model"
-    num_speculative_tokens: int
-    model: str | None = None  # the draft model or EAGLE head repository; None: heads inside the checkpoint
-    acceptance: float = 0.7
-    draft_cost: float = 0.05
-
-    def config(self) -> dict:
-        cfg: dict[str, object] = {"method": self.method, "num_speculative_tokens": self.num_speculative_tokens}
-        if self.model:
-            cfg["model"] = self.model
-        return cfg
-
-    @property
-    def tokens_per_step(self) -> float:
-        """Expected tokens a request gains per verify step: 1 + a + a^2 + ... + a^k."""
-        a, k = self.acceptance, self.num_speculative_tokens
-        return sum(a**i for i in range(k + 1))
 
 
 # Per model: the speculative decoding its publishers recommend. DeepSeek-V3 ships one MTP layer (its paper

@@ -166,13 +166,13 @@ class DPGroup:
             self._finished(0, res)
             return GroupStep(now, res.duration, [res])
         scheds = [c.schedule(now) for c in cores]
-        works = [EngineCore.step_work(s) for s in scheds]
-        duration = self.cost.step_time(works)
+        # each rank's own time (its roofline, all-to-all and drafts); the step is the slowest rank's
+        own = [core.step_cost(sched) for core, sched in zip(cores, scheds)]
+        duration = max(own)
         results = []
-        for r, (core, sched, work) in enumerate(zip(cores, scheds, works)):
+        for r, (core, sched) in enumerate(zip(cores, scheds)):
             res = core.execute(now, sched, duration)
-            if work[0]:
-                self.busy_time[r] += self.cost.rank_step_time(*work)
+            self.busy_time[r] += own[r]
             self._finished(r, res)
             results.append(res)
         return GroupStep(now, duration, results)

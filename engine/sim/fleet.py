@@ -58,6 +58,7 @@ class PodGroup(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     eos_after: int | None = None
     max_pending: int | None = None
     dp_size: int | None = None
+    speculative: bool | None = None
 
 
 class FleetConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -40,7 +40,7 @@ from engine.sim.dpgroup import DPGroup
 from engine.sim.faults import Faults, FaultUpdate
 from engine.sim.kvevents import KVEventPublisher
 from engine.sim.metrics import PodMetrics
-from engine.sim.spec import PodSpec
+from engine.sim.spec import PodSpec, speculative_for
 from engine.tokens.tokenizer import BuiltinTokenizer, Tokenizer
 
 log = logging.getLogger("kvswitch.sim")
@@ -125,6 +125,7 @@ class SimPod:
             link=s.link, kv_transfer_timeout_s=s.kv_transfer_timeout_s,
             vocab_size=self.tokenizer.vocab_size, hash_seed=s.seed, remote_host=s.host,
             remote_port=self.port if hasattr(self, "port") else s.port,
+            speculative=speculative_for(s.model_profile) if s.speculative else None,
         )
         old = getattr(self, "group", None)
         if old is not None:

@@ -121,7 +121,7 @@ class EndpointTable:
     def addresses(self, slots: np.ndarray) -> list[str]:
         """The addresses of ``slots`` (active ones), in order."""
         eps = self.endpoints
-        return [e.address for s in slots.tolist() if (e := eps[s]) is not None]
+        return [e.id for s in slots.tolist() if (e := eps[s]) is not None]
 
     def active_slots(self) -> np.ndarray:
         if self._active_cache is None:

@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--pods", type=int, default=16, help="aggregated pods (default 16)")
     f.add_argument("--pd", default=None, metavar="P:D", help="disaggregated: P prefill and D decode pods")
     f.add_argument("--dp", type=int, default=1, help="data-parallel ranks per pod (default 1)")
+    f.add_argument("--speculative", action="store_true",
+                   help="pods decode with their model's speculative decoding (engine.presets.SPECULATIVE)")
     f.add_argument("--dp-balancer", choices=BALANCERS, default="vllm",
                    help="how a pod spreads requests without a rank header over its ranks: vllm (0.32) or the "
                         "legacy rule it replaced (default vllm)")
@@ -77,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _fleet(args: argparse.Namespace) -> FleetSpec:
     engine = {"max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
               "max_num_batched_tokens": args.max_num_batched_tokens}
+    if args.speculative:
+        engine["speculative"] = True
     if args.dp < 1:
         raise ValueError("--dp must be at least 1")
     if args.dp > 1:

@@ -21,6 +21,7 @@ from typing import Any
 from engine.costmodel import CostModel, Deployment
 from engine.costmodel.dataparallel import DataParallelCost
 from engine.sim.core import ROLES, EngineConfig
+from engine.sim.spec import speculative_for
 
 
 @dataclass(slots=True)
@@ -41,6 +42,7 @@ class PodSpec:
     label: str = ""
     dp: int = 1  # data-parallel attention ranks (engine cores) behind the pod's one address
     dp_balancer: str = "vllm"  # how the pod balances requests without a rank header (engine.sim.dpgroup)
+    speculative: bool = False  # the model's speculative decoding (engine.presets.SPECULATIVE)
 
     def deployment(self) -> Deployment | None:
         if self.dp > 1:  # DP attention + EP experts over every rank's GPUs
@@ -65,6 +67,7 @@ class PodSpec:
             role=self.role, link=self.link or link, kv_transfer_timeout_s=self.kv_transfer_timeout_s,
             engine_id=f"sim-{index}", hash_seed=seed * 1_000_003 + index,
             remote_host=host, remote_port=int(port), kv_events=kv_events,
+            speculative=speculative_for(self.model_profile) if self.speculative else None,
         )
 
 
@@ -132,7 +135,7 @@ def load_fleet(path: str | Path, **overrides: Any) -> FleetSpec:
         spec.pods.append(PodSpec(
             _address(g, i), s.role, s.accelerator, s.model_profile, s.tp, s.ep, s.max_num_seqs,
             s.max_num_batched_tokens, s.max_model_len, s.block_size, s.num_blocks, s.link,
-            s.kv_transfer_timeout_s, label=s.name, dp=s.dp_size,
+            s.kv_transfer_timeout_s, label=s.name, dp=s.dp_size, speculative=s.speculative,
         ))
     _check(spec)
     return spec
