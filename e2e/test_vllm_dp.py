@@ -24,7 +24,8 @@ from e2e.vllmcpu.server import VllmServer
 from engine.sim.fleet import SimFleet
 from engine.sim.spec import PodSpec
 
-pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+# two engine cores start in 4 to 8 minutes on 2 shared cores
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 def _port_pair() -> int:
@@ -120,10 +121,13 @@ def _check(answers: dict) -> None:
 
 def test_real_vllm_and_the_simulator_agree_on_data_parallel_ranks(tiny_model_dir: Path):
     kv_port = _port_pair()
-    srv = VllmServer(tiny_model_dir, model_name="tiny", kv_events_port=kv_port, start_timeout=600,
+    srv = VllmServer(tiny_model_dir, model_name="tiny", kv_events_port=kv_port, start_timeout=900,
                      extra_args=["--data-parallel-size", "2"])
-    with srv:
+    try:  # stopped whatever happens, a timeout during start-up included
+        srv.start()
         real = _probe(srv.base_url, "tiny", kv_port, srv.metrics_text)
+    finally:
+        srv.stop()
     _check(real)
 
     async def sim() -> dict:
