@@ -48,8 +48,8 @@ from pickers.director import Director
 from pickers.framework import ConfigError, Param, Profile, check_value, create
 from pickers.predictor import PredictorSettings
 from pickers.profiles import BUILTIN_PROFILES, DECODE_FILTERS, RANK_OBLIVIOUS
-from pickers.ranks import fold_ranks
 from pickers.promstats import scheduler_metrics
+from pickers.ranks import fold_ranks
 from pickers.tokenize import TokenService
 from pickers.types import Endpoint
 

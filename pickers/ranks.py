@@ -8,7 +8,6 @@ client honours instead of its own balancing (vllm/v1/engine/core_client.py).
 from __future__ import annotations
 
 import dataclasses
-
 from typing import TYPE_CHECKING
 
 from pickers.types import Endpoint

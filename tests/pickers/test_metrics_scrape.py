@@ -10,7 +10,7 @@ from aiohttp import web
 from pickers.datalayer.promparse import MetricsParseError, parse_vllm_metrics
 from pickers.types import Endpoint
 
-from .helpers import request, scheduler
+from .helpers import request
 
 NEW = """# HELP vllm:num_requests_running Number of requests in model execution batches.
 # TYPE vllm:num_requests_running gauge
@@ -59,8 +59,8 @@ async def test_scraper_feeds_metrics_and_health():
     from pickers.clock import MonotonicClock
     from pickers.config import build_scheduler
 
-    s = build_scheduler({"datalayer": {"scrape_interval_ms": 10, "failure_threshold": 2, "dp_ranks": "off"}}, [ep],
-                        MonotonicClock(), registry=CollectorRegistry())
+    s = build_scheduler({"datalayer": {"scrape_interval_ms": 10, "failure_threshold": 2, "dp_ranks": "off"}},
+                        [ep], MonotonicClock(), registry=CollectorRegistry())
     dl = s.dl
     try:
         await s.start()
