@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -86,7 +87,7 @@ class Server:
         self.port: int = 0
         self.metrics_port: int | None = None
         self._grpc: grpc.aio.Server | None = None
-        self._metrics_httpd = None
+        self._metrics_httpd: WSGIServer | None = None
         self._ready_task: asyncio.Task | None = None
         self._stopping = False
 

@@ -8,7 +8,8 @@ Non-streaming completions with max_tokens 1, 4 KB and 200 KB prompts, concurrenc
 upstream is by default a fast fake vLLM (``--upstream fast``: aiohttp, fixed JSON reply with ``usage``, a
 vLLM-shaped /metrics page so the framework's scraper finds it healthy) on ``--pods`` ports in one process, so
 the upstream keeps up at 200 KB and concurrency 150 (one sim pod saturates near 140 req/s there);
-``--upstream sim`` uses the simulator (time scale 0.001) instead. Envoy alone round-robins over the same pods. Runs alternate between the two paths in halves to cancel drift. Prints
+``--upstream sim`` uses the simulator (time scale 0.001) instead. Envoy alone round-robins over the same pods.
+Runs alternate between the two paths in halves to cancel drift. Prints
 p50/p99 per path, the added latency and its ratio to DESIGN.md's budgets, throughput, the picker process's CPU
 per request, and an in-process decisions/s figure (parse + schedule + reply messages, 64 pods, 8K-token
 prompts) on one core. Not part of `make test`: timings belong in benchmarks.
@@ -25,7 +26,6 @@ import argparse
 import asyncio
 import os
 import random
-import statistics
 import signal
 import string
 import subprocess

@@ -6,6 +6,7 @@ Each pod has its own CollectorRegistry, so many pods live in one process. Times 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -63,7 +64,7 @@ class PodMetrics:
         def counter(name: str, doc: str) -> Counter:
             return Counter(name, doc, labels, registry=r)
 
-        def hist(name: str, doc: str, buckets: list[float]) -> Histogram:
+        def hist(name: str, doc: str, buckets: Sequence[float]) -> Histogram:
             return Histogram(name, doc, labels, buckets=buckets, registry=r)
 
         fam = {

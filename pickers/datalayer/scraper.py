@@ -94,7 +94,7 @@ class MetricsScraper:
             several = ranked or 'engine="1"' in text
             per_engine = parse_vllm_metrics_by_engine(text) if several else {}
             whole = parse_vllm_metrics(text) if not ranked else None
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, MetricsParseError) as e:
+        except (TimeoutError, aiohttp.ClientError, OSError, MetricsParseError) as e:
             for slot, _ in targets:
                 self.health.failure(slot, f"scrape {url}: {e.__class__.__name__} {e}".strip())
             return False

@@ -10,10 +10,10 @@ import zmq
 import zmq.asyncio
 from prometheus_client import CollectorRegistry
 
+from engine.kvcache.hashing import hash_blocks
 from pickers.clock import ManualClock
 from pickers.config import build_scheduler
 from pickers.kvblocks.events import encode_batch
-from pickers.kvblocks.hashing import hash_blocks
 from pickers.types import Endpoint
 
 from .helpers import BS, cleared, removed, request, stored

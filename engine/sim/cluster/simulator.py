@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from engine.sim.cluster.fleet import FleetSpec, PodSpec
-from engine.sim.cluster.routers import ClusterRequest, Router
+from engine.sim.cluster.routers import ClusterRequest, Endpoint, ManualClock, Role, Router, SchedulingError, Usage
 from engine.sim.cluster.trace import BlockTokens, TraceRequest
 from engine.sim.core import EngineCore, EngineStats, SimRequest
 from engine.sim.dpgroup import DPGroup, GroupStep
-from pickers.clock import ManualClock
-from pickers.types import Endpoint, SchedulingError, Usage
 
 _STEP = 0
 _TIMER = 1
@@ -126,7 +124,7 @@ def endpoints_for(fleet: FleetSpec, ranks: bool = True) -> list[Endpoint]:
         per_rank = ranks and p.dp > 1
         for r in range(p.dp if per_rank else 1):
             out.append(Endpoint(
-                p.name, role=p.role, model="sim", accelerator=p.accelerator, model_profile=p.model_profile,
+                p.name, role=Role(p.role), model="sim", accelerator=p.accelerator, model_profile=p.model_profile,
                 block_size=p.block_size, kv_events=f"inproc://{p.label or p.name}" + (f"_dp{r}" if per_rank else ""),
                 max_num_batched_tokens=p.max_num_batched_tokens, dp_rank=r if per_rank else None,
                 dp_size=p.dp if per_rank else None))
@@ -148,8 +146,8 @@ class ClusterSim:
         # Whether the router sees each data-parallel rank as an endpoint (metrics and KV events per rank) or
         # each pod as one (aggregated metrics, every rank's events under the pod's name).
         self.rank_endpoints = rank_endpoints
-        self.router: Router = router if not callable(router) or hasattr(router, "route") else router(
-            endpoints_for(fleet, rank_endpoints), self.clock)  # type: ignore[call-arg]
+        self.router: Router = router if isinstance(router, Router) else router(
+            endpoints_for(fleet, rank_endpoints), self.clock)
         self.scrape_interval = scrape_interval
         self.pods: list[Pod] = []
         self.by_name: dict[str, Pod] = {}
@@ -401,7 +399,8 @@ def _sum_stats(stats: list[EngineStats]) -> EngineStats:
     )
 
 
-def trace_prompts(reqs: list[TraceRequest], blocks: BlockTokens | None = None) -> Iterator[tuple[TraceRequest, np.ndarray]]:
+def trace_prompts(reqs: list[TraceRequest],
+                  blocks: BlockTokens | None = None) -> Iterator[tuple[TraceRequest, np.ndarray]]:
     """Prompts made lazily, one request at a time, so memory holds only requests in flight."""
     blocks = blocks or BlockTokens()
     for r in reqs:
