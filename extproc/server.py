@@ -92,6 +92,11 @@ class Server:
         self._stopping = False
 
     @property
+    def stopping(self) -> bool:
+        """True once ``stop`` began: health says NOT_SERVING, open streams drain."""
+        return self._stopping
+
+    @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 

@@ -43,7 +43,7 @@ from e2e.support.picker import wait_grpc_health
 from e2e.support.ports import free_port
 from extproc.envoyconfig.builder import EnvoyConfigOptions
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 _FAST_METRICS = (b"# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name=\"m\"} 0.0\n"
                  b"vllm:num_requests_waiting{model_name=\"m\"} 0.0\nvllm:kv_cache_usage_perc{model_name=\"m\"} 0.1\n"
                  b"vllm:cache_config_info{block_size=\"16\",num_gpu_blocks=\"100000\"} 1.0\n")
