@@ -64,16 +64,21 @@ def _probe(base: str, model: str, kv_port: int, metrics_text) -> dict:
         s.connect(f"tcp://127.0.0.1:{kv_port + r}")
         subs.append(s)
     try:
-        # ZMQ's slow joiner: reset the prefix cache (every rank publishes AllBlocksCleared) until both
-        # subscribers have heard their rank, then start from there
+        # ZMQ's slow joiner: send each rank its own warm-up prompt (new full blocks: a BlockStored batch) until
+        # both subscribers have heard their rank; vLLM publishes only from a scheduler step, so a cache reset on
+        # an idle engine would not do
         heard = [False, False]
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
+        attempt = 0
         while not all(heard):
             assert time.monotonic() < deadline, "KV event subscribers never joined"
-            urllib.request.urlopen(urllib.request.Request(base + "/reset_prefix_cache", method="POST"),
-                                   timeout=30).read()
+            for r in (0, 1):
+                if not heard[r]:
+                    attempt += 1
+                    status, body = _post(base, model, f"warm-up {attempt} for rank {r} " * 60, str(r))
+                    assert status == 200, body
             for r, s in enumerate(subs):
-                while s.poll(200):
+                while s.poll(300):
                     s.recv_multipart()
                     heard[r] = True
         prompt = "hello world " * 60

@@ -98,7 +98,7 @@ def fold_ranks(endpoints: list[Endpoint]) -> list[Endpoint]:
     return list(out.values())
 
 
-def learn_ranks(table: "EndpointTable", url: str, engines: list[str]) -> int:
+def learn_ranks(table: EndpointTable, url: str, engines: list[str]) -> int:
     """A pod's /metrics at ``url`` shows several ``engine`` labels (vLLM data-parallel ranks): each pod-level
     endpoint scraped there becomes one endpoint per rank (ranks added first, then the pod removed, so the
     scrape of that URL never stops). Returns how many pods were split."""
@@ -117,5 +117,5 @@ def learn_ranks(table: "EndpointTable", url: str, engines: list[str]) -> int:
     return split
 
 
-__all__ = ["RANK_HEADER", "destinations", "endpoint_address", "expand_ranks", "fold_ranks", "learn_ranks", "offset_port", "served_id",
-           "split_endpoint_id"]
+__all__ = ["RANK_HEADER", "destinations", "endpoint_address", "expand_ranks", "fold_ranks", "learn_ranks",
+           "offset_port", "served_id", "split_endpoint_id"]

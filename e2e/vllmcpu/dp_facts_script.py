@@ -40,7 +40,8 @@ def main() -> int:
     lb = inspect.getsource(DPLBAsyncMPClient.get_core_engine_for_request)
     facts = {
         "header": header,
-        "header_name_in_source": "X-data-parallel-rank" in inspect.getsource(GenerateBaseServing._get_data_parallel_rank),
+        "header_name_in_source": "X-data-parallel-rank" in inspect.getsource(
+            GenerateBaseServing._get_data_parallel_rank),
         "metric_labels": [s.strip().strip("\"'") for s in labels.group(1).split(",")] if labels else None,
         "payload_b64": base64.b64encode(payload).decode(),
         "offset": {str(r): ZmqEventPublisher.offset_endpoint_port("tcp://*:5557", r) for r in (0, 1, 3)},

@@ -21,8 +21,8 @@ rank endpoint with the same roofline.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Sequence
 
 from engine.costmodel.profiles import (
     AcceleratorProfile,

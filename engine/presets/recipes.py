@@ -114,7 +114,7 @@ class PodRecipe:
 class EngineGroup:
     """The pods of one engine instance (leader first); a single pod for engines that fit one node."""
 
-    preset: "EnginePreset"
+    preset: EnginePreset
     pods: list[PodRecipe]
 
     @property

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from engine.costmodel.dataparallel import DataParallelCost
 from engine.sim.blockpool import KVEvent

@@ -6,7 +6,8 @@ Each pod has its own CollectorRegistry, so many pods live in one process. Times 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -24,9 +25,9 @@ TOKEN_BUCKETS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20
 class _EngineSeries:
     """The series of one engine (``engine="<rank>"``) in a pod's registry."""
 
-    def __init__(self, fam: dict[str, "object"], lv: tuple[str, str]) -> None:
+    def __init__(self, fam: Mapping[str, Any], lv: tuple[str, str]) -> None:
         self.lv = lv
-        child = {name: f.labels(*lv) for name, f in fam.items() if name != "success"}  # type: ignore[attr-defined]
+        child = {name: f.labels(*lv) for name, f in fam.items() if name != "success"}
         self.running = child["running"]
         self.waiting = child["waiting"]
         self.kv_usage = child["kv_usage"]

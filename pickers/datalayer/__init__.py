@@ -99,8 +99,7 @@ class DataLayer:
             return
         s = self.settings
         # dp_ranks auto: a pod whose /metrics shows several engines (vLLM DP ranks) becomes one endpoint per rank
-        on_engines = ((lambda url, engines: learn_ranks(self.endpoints, url, engines))
-                      if s.dp_ranks == "auto" else None)
+        on_engines = self._learn_ranks if s.dp_ranks == "auto" else None
         self._scraper = MetricsScraper(self.metrics, self.health, s.scrape_interval_s, on_engines=on_engines)
         self._subscriber = KVEventSubscriber(self.kv_index, self.clock, s.kv_events_topic)
         for slot in self.endpoints.active_slots().tolist():
@@ -123,6 +122,9 @@ class DataLayer:
             await scraper.stop()
         if subscriber is not None:
             await subscriber.stop()
+
+    def _learn_ranks(self, url: str, engines: list[str]) -> None:
+        learn_ranks(self.endpoints, url, engines)
 
     def ready(self) -> bool:
         """Some endpoint can decode. Pod health is not part of it on purpose: a picker whose pods are all

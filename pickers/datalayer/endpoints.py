@@ -2,7 +2,8 @@
 
 Scorers work on arrays indexed by slot (``candidates`` is an int array of slots), which keeps the hot path
 free of per-pod Python objects. A slot is an endpoint id (``Endpoint.id``): a pod, or one data-parallel rank
-of a pod (``ip:port#rank``), so every signal (load, queue, KV usage, prefix index) is per rank. Slots of removed pods are reused after every listener has cleared them.
+of a pod (``ip:port#rank``), so every signal (load, queue, KV usage, prefix index) is per rank. Slots of
+removed pods are reused after every listener has cleared them.
 Endpoints come from a ``Discovery`` (static list now; Kubernetes later implements the same interface).
 """
 

@@ -4,8 +4,8 @@ One socket per endpoint (not one socket connected to all): a SUB socket does not
 came from, and sequence numbers are per publisher. The exception is a pod-level endpoint of a data-parallel
 pod seen without ranks (``Endpoint.kv_events`` lists every rank's publisher, comma-separated): its batches
 carry the publishing rank, and the index keeps sequence numbers per (endpoint, rank). Every batch is
-attributed to the rank that published it (``PreciseIndex.apply_message``). Every replica of the picker subscribes to every pod, so
-replicas fed the same events hold the same index.
+attributed to the rank that published it (``PreciseIndex.apply_message``). Every replica of the picker
+subscribes to every pod, so replicas fed the same events hold the same index.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ import math
 import numpy as np
 
 from pickers.framework import Param, Scorer, register
+from pickers.state import PrefixMode
 
 
 @register
@@ -45,6 +46,11 @@ class RankBalanceScorer(Scorer):
         "recent_weight": Param(float, 0.5, min=0.0, max=1.0, doc="share of the recent-traffic term"),
         "half_life_s": Param(float, 5.0, min=0.001, doc="half-life of the recent-traffic count"),
     }
+    mode: PrefixMode
+    waiting_prompt_tokens: float
+    decode_tokens: float
+    recent_weight: float
+    half_life_s: float
 
     def __init__(self, **params):
         super().__init__(**params)
@@ -90,6 +96,6 @@ class RankBalanceScorer(Scorer):
         recent = self._decay(ctx.now, table.slot_count)[rc]
         spread = recent.max() - recent.min() if rc.size else 0.0
         quiet = (recent.max() - recent) / spread if spread > 0 else np.ones(rc.size)
-        w = self.recent_weight
-        out[ranked] = (1.0 - w) * straggler[ranked] + w * quiet
+        rw = self.recent_weight
+        out[ranked] = (1.0 - rw) * straggler[ranked] + rw * quiet
         return out
