@@ -21,9 +21,10 @@ BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
             {"type": "prefix", "mode": "auto", "gate_ttft_ratio": 1.5, "weight": 1.0},
             {"type": "kv-usage", "weight": 1.0},
             # data-parallel ranks only (1 for every other endpoint): fill a pod's idle ranks before its slowest
-            # one, place new prompt groups on the quietest rank (weight 3: at 1-2 groups stayed where a tie put
-            # them, rank share CV 0.16 on 2 pods x DP4; at 3 it was 0.06-0.10 at the same hit rate)
-            {"type": "rank-balance", "weight": 3.0},
+            # one, place new prompt groups on the quietest rank. Weight 4: at 1-2 groups stayed where a tie put
+            # them (rank share CV 0.16 on 2 pods x DP4 at 120 req/s); at 3 the CV was 0.07-0.18 over 3 seeds, at 4
+            # 0.02-0.09 at the same hit rate (e2e/bench/dp.py)
+            {"type": "rank-balance", "weight": 4.0},
         ],
         "picker": {"type": "max-score", "max_endpoints": 3},
     },
