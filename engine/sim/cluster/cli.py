@@ -25,11 +25,10 @@ from typing import Any
 
 from engine.sim.cluster.fleet import FleetSpec, fleet_from_flags, load_fleet
 from engine.sim.cluster.report import format_table, summarize
-from engine.sim.cluster.routers import BUILTIN, make_router
+from engine.sim.cluster.routers import BUILTIN, RANK_OBLIVIOUS, make_router
 from engine.sim.cluster.simulator import ClusterSim, SimResult, trace_prompts
 from engine.sim.cluster.trace import BlockTokens, TraceRequest, read_mooncake
 from engine.sim.dpgroup import BALANCERS
-from pickers.profiles import RANK_OBLIVIOUS
 
 
 def build_parser() -> argparse.ArgumentParser:
