@@ -115,6 +115,33 @@ def shares(rows: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(out)
 
 
+def plot(results: dict[str, dict[str, list[dict[str, Any]]]], path: str) -> None:
+    """Per (pod, rank) request shares of the first seed: one panel per workload, one bar group per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.6), squeeze=False)
+    for ax, (wname, rows) in zip(axes[0], results.items()):
+        policies = [p for p, runs in rows.items() if runs]
+        ranks = list(rows[policies[0]][0]["rank_share"])
+        per_pod = sum(1 for k in ranks if k.split("#")[0] == ranks[0].split("#")[0])
+        width = 0.8 / len(policies)
+        for i, policy in enumerate(policies):
+            shares = [rows[policy][0]["rank_share"].get(k, 0.0) * 100 for k in ranks]
+            ax.bar([j + i * width for j in range(len(ranks))], shares, width, label=policy)
+        ax.axhline(100 / len(ranks), color="grey", lw=0.8, ls="--")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(ranks))])
+        ax.set_xticklabels([f"pod{n // per_pod} r{n % per_pod}" for n in range(len(ranks))], fontsize=7,
+                           rotation=45)
+        ax.set_title(wname)
+        ax.set_ylabel("requests (%)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m e2e.bench.dp", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -130,8 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policies", default="default,rank-oblivious,rank-oblivious/legacy",
                    help="built-in policies to run (comma-separated; empty: only --variants)")
     p.add_argument("--json", dest="json_out", default=None)
+    p.add_argument("--plot", default=None, help="write the per-rank shares (first seed) as a PNG here")
+    p.add_argument("--from-json", default=None, help="plot or print a --json file of an earlier run instead of running")
     args = p.parse_args(argv)
-    results = run(args)
+    results = json.loads(Path(args.from_json).read_text()) if args.from_json else run(args)
+    if args.plot:
+        plot(results, args.plot)
     for wname, rows in results.items():
         print(f"\n### {wname}: {args.pods} pods x DP{args.dp}, {args.model_profile} on {args.accelerator}\n")
         print(table(rows))
