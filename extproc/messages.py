@@ -18,8 +18,9 @@ PREFILLER = "x-prefiller-host-port"
 LB_NAMESPACE = "envoy.lb"
 SUBSET_NAMESPACE = "envoy.lb.subset_hint"
 # Headers a client must never be able to set: removed from every request before it goes upstream.
+SIGNATURE = "x-kvswitch-prefill-signature"  # the picker's HMAC over the prefill target (engine/sidecar/allowlist.py)
 DP_RANK = "x-data-parallel-rank"  # vLLM's target data-parallel rank (pickers.ranks)
-CONTROLLED_HEADERS = (DESTINATION, PREFILLER, SUBSET, SERVED, DP_RANK)
+CONTROLLED_HEADERS = (DESTINATION, PREFILLER, SUBSET, SERVED, SIGNATURE, DP_RANK)
 MAX_CHUNK = 62_000  # bytes per streamed_response chunk (Envoy's ext_proc message limit, with headroom)
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
+from engine.sidecar.allowlist import sign
 from extproc import messages as msg
 from extproc import metrics
 from extproc.errors import RequestRejected, body_for
@@ -31,7 +32,7 @@ from extproc.observe import ResponseObserver
 from extproc.parse import HEADERS_THAT_MATTER, api_for_path, parse_request, rewrite_model
 from pickers.clock import Clock
 from pickers.explain import explain_header
-from pickers.ranks import destinations, served_id, split_endpoint_id
+from pickers.ranks import destinations, endpoint_address, served_id, split_endpoint_id
 from pickers.types import Decision, InferenceRequest, Scheduler, SchedulingError
 
 log = logging.getLogger("kvswitch.extproc")
@@ -49,6 +50,7 @@ class StreamSettings:
     debug_headers: bool = False
     model_rewrite: dict[str, str] = field(default_factory=dict)
     response_body: bool = True  # Envoy sends response bodies (observe); the stream's protocol_config decides
+    prefill_secret: bytes | None = None  # sign prefill targets for the decode pods' sidecars (server config)
 
 
 class Phase(enum.Enum):
@@ -231,12 +233,21 @@ class ExtProcStream:
         # Data-parallel ranks: the gateway gets pods (ip:port), the chosen rank goes to the pod in a header.
         addresses, rank = destinations(decision.endpoints)
         value = ",".join(addresses)
+        prefill = endpoint_address(decision.prefill) if decision.prefill else None  # a pod, never a rank id
+        signed = bool(decision.prefill and self.settings.prefill_secret)
         remove = [h for h in msg.CONTROLLED_HEADERS if h in self.headers and h != msg.DESTINATION
-                  and not (h == msg.PREFILLER and decision.prefill) and not (h == msg.DP_RANK and rank is not None)]
+                  and not (h == msg.PREFILLER and decision.prefill) and not (h == msg.SIGNATURE and signed)
+                  and not (h == msg.DP_RANK and rank is not None)]
         extra = [("content-length", str(len(body)))] if rewritten and body is not None else None
         if rank is not None:
             extra = [*(extra or []), (msg.DP_RANK, str(rank))]
-        out = [msg.destination_headers(value, decision.prefill, remove, extra)]
+        if signed:  # the sidecar checks the signature against the request id the upstream sees
+            assert prefill is not None and self.settings.prefill_secret is not None
+            signature = sign(self.settings.prefill_secret, request_id, prefill)
+            extra = [*(extra or []), (msg.SIGNATURE, signature)]
+            if "x-request-id" not in self.headers:
+                extra.append(("x-request-id", request_id))
+        out = [msg.destination_headers(value, prefill, remove, extra)]
         if body is not None:
             out.extend(msg.body_chunks(body))
         metrics.ROUTED.inc()

@@ -4,7 +4,15 @@ Scorers work on arrays indexed by slot (``candidates`` is an int array of slots)
 free of per-pod Python objects. A slot is an endpoint id (``Endpoint.id``): a pod, or one data-parallel rank
 of a pod (``ip:port#rank``), so every signal (load, queue, KV usage, prefix index) is per rank. Slots of
 removed pods are reused after every listener has cleared them.
-Endpoints come from a ``Discovery`` (static list now; Kubernetes later implements the same interface).
+Endpoints come from a ``Discovery`` (a static list, or ``pickers.datalayer.k8s`` watching an InferencePool).
+
+Draining: a pod that is leaving (deleted, unready, scaled down by the planner) must not lose the requests it is
+serving. ``drain(address, deadline)`` takes it out of every new decision at once (``active`` is False, so it is
+in no candidate set) but keeps its slot, so the hooks of requests already routed there still find it and its
+in-flight load is released normally; ``reap(now)`` removes it once it is idle (the ``busy`` probe, wired by
+the DataLayer to the in-flight tracker, says no request is open on it) or its deadline has passed. ``add`` of
+the same address while it drains brings it back (a pod that flapped Ready). Draining is per endpoint id; a pod
+address drains every rank of that pod.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import numpy as np
 from pickers.types import Endpoint, Role
 
 Listener = Callable[[str, int, Endpoint], None]  # ("add" | "remove", slot, endpoint)
+BusyProbe = Callable[[int], bool]  # slot -> some request routed by this picker is still open on it
 
 
 class EndpointTable:
@@ -37,6 +46,18 @@ class EndpointTable:
         self._groups: dict[str, int] = {}
         self._listeners: list[Listener] = []
         self._active_cache: np.ndarray | None = None
+        self.draining: dict[str, float] = {}  # address -> deadline (caller's clock) of endpoints being drained
+        self.busy: BusyProbe = lambda slot: False
+
+    @property
+    def by_address(self) -> dict[str, int]:
+        """Endpoint id -> slot: the address itself for a pod without data-parallel ranks (callers keyed by
+        address, such as the Kubernetes discovery, see each rank of a DP pod under its ``ip:port#rank`` id)."""
+        return self.by_id
+
+    def set_busy_probe(self, busy: BusyProbe) -> None:
+        """How ``reap`` tells a draining endpoint still serves requests (the DataLayer's in-flight tracker)."""
+        self.busy = busy
 
     def listen(self, fn: Listener) -> None:
         self._listeners.append(fn)
@@ -48,6 +69,8 @@ class EndpointTable:
         """Add or replace an endpoint; returns its slot."""
         old = self.by_id.get(ep.id)
         if old is not None:
+            if ep.id in self.draining and self.endpoints[old] == ep:
+                return self._undrain(ep.id, old)
             self.remove(ep.id)
         if self._free:
             slot = self._free.pop()
@@ -71,6 +94,8 @@ class EndpointTable:
         return slot
 
     def remove(self, endpoint_id: str) -> Endpoint | None:
+        """Remove at once (requests still open on it lose their load accounting): prefer ``drain``."""
+        self.draining.pop(endpoint_id, None)
         slot = self.by_id.pop(endpoint_id, None)
         if slot is None:
             return None
@@ -90,6 +115,52 @@ class EndpointTable:
         self.endpoints[slot] = None
         self._free.append(slot)
         return ep
+
+    def drain(self, address: str, deadline: float) -> bool:
+        """Stop sending new requests to ``address``; ``reap`` removes it once idle or at ``deadline``.
+
+        Returns False when the address is unknown. Draining twice keeps the earlier deadline. The endpoint
+        keeps its slot (hooks of open requests resolve it, metrics are still scraped) but leaves
+        ``active_slots()`` immediately, so no decision made after this call can choose it.
+        """
+        ids = self._ids(address)
+        if not ids:
+            return False
+        for key in ids:
+            slot = self.by_id[key]
+            self.draining[key] = min(deadline, self.draining.get(key, deadline))
+            if self.active[slot]:
+                self.active[slot] = False
+                self._active_cache = None
+        return True
+
+    def _ids(self, key: str) -> list[str]:
+        """The endpoint ids ``key`` names: itself, or every rank of a pod address."""
+        if key in self.by_id:
+            return [key]
+        return [e.id for s in self.by_pod.get(key, ()) if (e := self.endpoints[s]) is not None]
+
+    def _undrain(self, address: str, slot: int) -> int:
+        del self.draining[address]
+        self.active[slot] = True
+        self._active_cache = None
+        return slot
+
+    def is_draining(self, address: str) -> bool:
+        ids = self._ids(address)
+        return bool(ids) and all(i in self.draining for i in ids)
+
+    def reap(self, now: float, limit: int | None = None) -> list[str]:
+        """Remove the draining endpoints that are idle or past their deadline; returns their addresses.
+
+        The table has no clock or task of its own: whoever drains calls this periodically with the clock the
+        deadlines were given in (``KubernetesDiscovery`` every ``reap_interval_s``; a planner in virtual time
+        with its ManualClock). ``limit`` bounds the removals of one call (each runs every listener)."""
+        gone = [a for a, deadline in self.draining.items()
+                if now >= deadline or not self.busy(self.by_id[a])][:limit]
+        for a in gone:
+            self.remove(a)
+        return gone
 
     def slot(self, endpoint_id: str) -> int | None:
         return self.by_id.get(endpoint_id)
@@ -136,14 +207,14 @@ class EndpointTable:
         return len(self.endpoints)
 
     def sync(self, endpoints: list[Endpoint]) -> None:
-        """Make the table hold exactly ``endpoints`` (what a discovery source reports)."""
+        """Make the table hold exactly ``endpoints`` at once (a static list: nothing to drain)."""
         want = {e.id: e for e in endpoints}
         for addr in list(self.by_id):
             if addr not in want:
                 self.remove(addr)
         for addr, ep in want.items():
             cur = self.by_id.get(addr)
-            if cur is None or self.endpoints[cur] != ep:
+            if cur is None or self.endpoints[cur] != ep or addr in self.draining:
                 self.add(ep)
 
 
