@@ -22,8 +22,8 @@ BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
             {"type": "kv-usage", "weight": 1.0},
             # data-parallel ranks only (1 for every other endpoint): fill a pod's idle ranks before its slowest
             # one, place new prompt groups on the quietest rank. Weight 4: at 1-2 groups stayed where a tie put
-            # them (rank share CV 0.16 on 2 pods x DP4 at 120 req/s); at 3 the CV was 0.07-0.18 over 3 seeds, at 4
-            # 0.02-0.09 at the same hit rate (e2e/bench/dp.py)
+            # them (request CV 0.16 on 2 pods x DP4 at 120 req/s); at 4 the busy-time CV is 0.05-0.06 there and
+            # 0.06 on Mooncake (e2e/bench/dp.py, e2e/bench/results/2026-12-02-dp-moe)
             {"type": "rank-balance", "weight": 4.0},
         ],
         "picker": {"type": "max-score", "max_endpoints": 3},

@@ -17,10 +17,12 @@ groups on 8 ranks as balls in bins (some ranks get twice the groups of others). 
 ranks' recent traffic, requests routed there in an exponentially decaying window (``half_life_s``):
 
     recent_score_r = (max R - R_r) / (max R - min R)   over the ranked candidates (1 for the quietest)
-    score_r        = (1 - recent_weight) x (1 - extra_r / U_r) + recent_weight x recent_score_r
+    quiet_r        = 1 - (U_r / P) x (1 - recent_score_r)   only the uncached part of the prompt sees traffic
+    score_r        = (1 - recent_weight) x (1 - extra_r / U_r) + recent_weight x quiet_r
 
-A cold group then goes to the quietest rank; a warm one stays where its prefix is unless its rank's queue or
-traffic costs more than the hit saves (the TTFT and prefix scores carry the hit).
+A cold group then goes to the quietest rank; a warm one is not pushed off the rank that holds it by that rank's
+traffic (``recent_cold_only``; without it, at light load a group with a short prefix moved for nothing), only by
+its queue (the straggler term and the TTFT score).
 
 Endpoints that are not ranks score 1 (nothing to balance), so the scorer changes no decision among them.
 """
@@ -45,12 +47,14 @@ class RankBalanceScorer(Scorer):
                                doc="prefill-token equivalent of one running decode in a rank's load"),
         "recent_weight": Param(float, 0.5, min=0.0, max=1.0, doc="share of the recent-traffic term"),
         "half_life_s": Param(float, 5.0, min=0.001, doc="half-life of the recent-traffic count"),
+        "recent_cold_only": Param(bool, True, doc="apply the recent-traffic term only to the uncached part"),
     }
     mode: PrefixMode
     waiting_prompt_tokens: float
     decode_tokens: float
     recent_weight: float
     half_life_s: float
+    recent_cold_only: bool
 
     def __init__(self, **params):
         super().__init__(**params)
@@ -96,6 +100,9 @@ class RankBalanceScorer(Scorer):
         recent = self._decay(ctx.now, table.slot_count)[rc]
         spread = recent.max() - recent.min() if rc.size else 0.0
         quiet = (recent.max() - recent) / spread if spread > 0 else np.ones(rc.size)
+        if self.recent_cold_only:  # a rank that holds the prompt is not pushed away by its traffic
+            cold = (u / max(p, 1.0))[ranked]
+            quiet = 1.0 - cold * (1.0 - quiet)
         rw = self.recent_weight
         out[ranked] = (1.0 - rw) * straggler[ranked] + rw * quiet
         return out
