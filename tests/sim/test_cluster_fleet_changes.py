@@ -121,3 +121,30 @@ def test_slo_summary_counts_both_targets_over_all_requests():
     with pytest.raises(ValueError):
         SloTargets(0.0, 0.1)
     assert math.isnan(slo_summary([], SloTargets(1, 1))["slo_attainment"])
+
+
+def test_a_data_parallel_pod_added_at_run_time_joins_with_its_ranks_and_drains_whole():
+    """A pod added at run time is a DP group like the fleet's: the picker learns each rank as an endpoint,
+    it is paid for every rank's GPUs, and draining its address drains all its ranks."""
+    sim = ClusterSim(fleet_from_flags(1, "H200", "moe", dp=2), lambda eps, clock: make_router("default", eps, clock))
+    added: list[str] = []
+
+    class AddThenDrain:
+        interval_s = 1.0
+
+        def tick(self, s: ClusterSim, now: float) -> None:
+            if now >= 5.0 and not added:
+                spec = PodSpec(s.new_pod_name(), "both", "H200", "moe", dp=2)
+                added.append(s.add_pod(spec, now, 5.0).name)
+            elif now >= 30.0 and added and s.by_name[added[0]].state == READY:
+                s.drain_pod(added[0], now)
+
+    sim.controller = AddThenDrain()
+    res = sim.run(trace_prompts(_reqs(160, 0.25)))
+    new = sim.by_name[added[0]]
+    old = sim.pods[0]
+    assert new.gpus == old.gpus == 2 * old.group.cost.rank.deployment.gpus
+    on_new = [r for r in res.records if r.decode_pod == new.name]
+    assert {r.decode_rank for r in on_new} == {0, 1}  # the picker routed to both of its ranks
+    assert all(10.0 <= r.arrival < 30.0 for r in on_new)  # only while it was ready and not draining
+    assert new.state == RELEASED and all(r.status == "ok" for r in res.records)

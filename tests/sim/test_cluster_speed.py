@@ -83,3 +83,21 @@ def test_progress_lines_on_a_pipe_and_one_updating_line_on_a_tty():
     bar.close()
     out = tty.getvalue()
     assert out.count("\r") == 2 and out.endswith("\n") and out.count("\n") == 1
+
+
+@pytest.mark.parametrize("engine", [{"dp": 2}, {"speculative": True}])
+def test_quiet_runs_stand_down_for_data_parallel_pods_and_speculation(engine):
+    """A DP pod steps its ranks in lockstep and a speculative step emits several tokens: neither is a quiet
+    step, so those pods step one by one with quiet runs on (same result, same number of events)."""
+
+    def run(quiet: bool):
+        fleet = fleet_from_flags(2, "H200", "moe", **engine)
+        sim = ClusterSim(fleet, lambda eps, clock: make_router("round-robin", eps, clock), quiet_runs=quiet)
+        res = sim.run(trace_prompts(_trace(60)))
+        return [(r.request_id, r.first_token, r.finish, r.decode_pod, r.decode_rank, r.status)
+                for r in res.records], [(p.steps, p.busy_time, list(p.group.busy_time)) for p in res.pods], res
+
+    on, off = run(True), run(False)
+    assert on[0] == off[0] and on[1] == off[1]
+    assert on[2].events == off[2].events
+    assert all(r[5] == "ok" for r in on[0])

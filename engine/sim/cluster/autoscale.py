@@ -79,7 +79,7 @@ class PlannerController:
                         and request_tpot(r.first_token, r.finish, r.output_tokens) <= self.slo.tpot_s)
         self._open = still
         ready = [p for p in sim.pods if p.state == READY]
-        stats = [p.core.stats() for p in ready]
+        stats = [p.stats() for p in ready]
         pools: dict[str, PoolState] = {k: PoolState() for k in self.catalogue.kinds}
         for p in sim.pods:
             pool = pools.setdefault(p.spec.accelerator.upper(), PoolState())

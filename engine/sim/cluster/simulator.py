@@ -25,7 +25,8 @@ import numpy as np
 from engine.sim.cluster.fleet import FleetSpec, PodSpec
 from engine.sim.cluster.routers import ClusterRequest, Endpoint, ManualClock, Role, Router, SchedulingError, Usage
 from engine.sim.cluster.trace import BlockTokens, TraceRequest
-from engine.sim.core import EngineCore, SimRequest, StepResult
+from engine.sim.core import EngineCore, EngineStats, SimRequest
+from engine.sim.dpgroup import DPGroup, GroupStep
 
 _STEP = 0
 _TIMER = 1
@@ -44,7 +45,7 @@ class RequestRecord:
     __slots__ = (
         "request_id", "index", "arrival", "input_length", "max_tokens", "decode_pod", "prefill_pod",
         "first_token", "finish", "prompt_tokens", "cached_tokens", "output_tokens", "status", "reason",
-        "prefill_done", "req",
+        "prefill_done", "req", "decode_rank",
     )
 
     def __init__(self, request_id: str, index: int, arrival: float, input_length: int, max_tokens: int) -> None:
@@ -54,6 +55,7 @@ class RequestRecord:
         self.input_length = input_length
         self.max_tokens = max_tokens
         self.decode_pod = ""
+        self.decode_rank: int | None = None  # the data-parallel rank that served it (DP pods)
         self.prefill_pod: str | None = None
         self.first_token = -1.0
         self.finish = -1.0
@@ -79,17 +81,19 @@ class RequestRecord:
             "finish": self.finish, "prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
             "output_tokens": self.output_tokens, "decode_pod": self.decode_pod,
             "prefill_pod": self.prefill_pod, "status": self.status, "reason": self.reason or None,
+            "decode_rank": self.decode_rank,
         }
 
 
 class Pod:
-    """One engine in the simulation, with its lazily applied quiet decode run (see ``ClusterSim``)."""
+    """One simulated pod: a group of ``spec.dp`` engine cores stepping together (one core unless DP), with
+    its lazily applied quiet decode run (see ``ClusterSim``; only a single-core pod runs them)."""
 
-    __slots__ = ("index", "spec", "name", "core", "busy", "timer_at", "steps", "busy_time",
+    __slots__ = ("index", "spec", "name", "group", "busy", "timer_at", "steps", "busy_time",
                  "run", "run_start", "run_next", "run_applied", "run_gen", "state", "requested_at", "ready_at",
                  "released_at", "gpus", "assigned")
 
-    def __init__(self, index: int, spec: PodSpec, core: EngineCore, requested_at: float = 0.0,
+    def __init__(self, index: int, spec: PodSpec, group: DPGroup, requested_at: float = 0.0,
                  ready_at: float = 0.0) -> None:
         self.index = index
         # starting (paid, not routable) -> ready -> draining (no new requests) -> released (no longer paid)
@@ -97,11 +101,11 @@ class Pod:
         self.requested_at = requested_at
         self.ready_at = ready_at
         self.released_at = math.inf
-        self.gpus = core.cost.deployment.gpus
+        self.gpus = group.dp * group.cost.rank.deployment.gpus  # every rank's GPUs
         self.assigned = 0  # requests with a leg on this pod that has not ended
         self.spec = spec
         self.name = spec.name
-        self.core = core
+        self.group = group
         self.busy = False
         self.timer_at = math.inf
         self.steps = 0
@@ -119,8 +123,10 @@ class Pod:
         if i >= len(run):
             return
         first, start = i, t
+        rank_busy = self.group.busy_time  # as DPGroup.step counts a single core's steps, one add per step
         while i < len(run) and (t < now or (inclusive and t == now)):
             self.busy_time += run[i]
+            rank_busy[0] += run[i]
             start = t
             t = t + run[i]
             i += 1
@@ -141,6 +147,24 @@ class Pod:
             return self.run_start
         return None
 
+    @property
+    def core(self) -> EngineCore:
+        """Rank 0's engine core (the only one of a pod without data parallelism)."""
+        return self.group.cores[0]
+
+    def stats(self) -> EngineStats:
+        """The pod's engine stats (a data-parallel pod's ranks summed, as a rank-oblivious scrape reads them)."""
+        cores = self.group.cores
+        return cores[0].stats() if len(cores) == 1 else _sum_stats([c.stats() for c in cores])
+
+    @property
+    def num_preemptions(self) -> int:
+        return sum(c.num_preemptions for c in self.group.cores)
+
+    def endpoint(self, rank: int) -> str:
+        """The picker's endpoint id of one rank: ``ip:port#rank`` (``ip:port`` for a pod without DP)."""
+        return self.name if self.spec.dp == 1 else f"{self.name}#{rank}"
+
 
 @dataclass(slots=True)
 class SimResult:
@@ -152,14 +176,23 @@ class SimResult:
     scaling_actions: int = 0  # fleet-changing decisions while it ran (one may add or drain several pods)
 
 
-def endpoint_for(p: PodSpec) -> Endpoint:
-    return Endpoint(p.name, role=Role(p.role), model="sim", accelerator=p.accelerator, model_profile=p.model_profile,
-                    block_size=p.block_size, kv_events=f"inproc://{p.label or p.name}",
-                    max_num_batched_tokens=p.max_num_batched_tokens)
+def endpoints_for_pod(p: PodSpec, ranks: bool = True) -> list[Endpoint]:
+    """One pod's endpoints: one per data-parallel rank, or with ``ranks=False`` (or without DP) the pod."""
+    per_rank = ranks and p.dp > 1
+    return [
+        Endpoint(
+            p.name, role=Role(p.role), model="sim", accelerator=p.accelerator, model_profile=p.model_profile,
+            block_size=p.block_size, kv_events=f"inproc://{p.label or p.name}" + (f"_dp{r}" if per_rank else ""),
+            max_num_batched_tokens=p.max_num_batched_tokens, dp_rank=r if per_rank else None,
+            dp_size=p.dp if per_rank else None)
+        for r in range(p.dp if per_rank else 1)
+    ]
 
 
-def endpoints_for(fleet: FleetSpec) -> list[Endpoint]:
-    return [endpoint_for(p) for p in fleet.pods]
+def endpoints_for(fleet: FleetSpec, ranks: bool = True) -> list[Endpoint]:
+    """The picker's endpoints: one per (pod, data-parallel rank), or with ``ranks=False`` one per pod (a
+    rank-oblivious router: the pod balances its ranks itself, and sees all of them as one cache)."""
+    return [e for p in fleet.pods for e in endpoints_for_pod(p, ranks)]
 
 
 class Controller(Protocol):
@@ -177,13 +210,17 @@ class ClusterSim:
     def __init__(
         self, fleet: FleetSpec, router: Router | Callable[[list[Endpoint], ManualClock], Router],
         clock: ManualClock | None = None, scrape_interval: float = 0.05, seed: int = 0,
-        quiet_runs: bool = True,
+        quiet_runs: bool = True, rank_endpoints: bool = True,
     ) -> None:
         if scrape_interval <= 0:
             raise ValueError("scrape_interval must be positive")
         self.fleet = fleet
         self.clock = clock or ManualClock()
-        self.router: Router = router if isinstance(router, Router) else router(endpoints_for(fleet), self.clock)
+        # Whether the router sees each data-parallel rank as an endpoint (metrics and KV events per rank) or
+        # each pod as one (aggregated metrics, every rank's events under the pod's name).
+        self.rank_endpoints = rank_endpoints
+        self.router: Router = router if isinstance(router, Router) else router(
+            endpoints_for(fleet, rank_endpoints), self.clock)
         self.scrape_interval = scrape_interval
         self.quiet_runs = quiet_runs  # False: one event per engine step (the reference the runs must match)
         self.pods: list[Pod] = []
@@ -191,20 +228,22 @@ class ClusterSim:
         self.by_engine: dict[str, Pod] = {}
         for i, spec in enumerate(fleet.pods):
             # Pods build KV events only when the router reads them.
-            core = EngineCore(spec.cost_model(),
-                              spec.engine_config(fleet.link, seed, i, kv_events=self.router.wants_kv_events))
-            pod = Pod(i, spec, core)
-            core.on_kv_pulled = self._on_kv_pulled
+            group = DPGroup(spec.group_cost(),
+                            spec.engine_config(fleet.link, seed, i, kv_events=self.router.wants_kv_events),
+                            balancer=spec.dp_balancer)
+            pod = Pod(i, spec, group)
             self.pods.append(pod)
             self.by_name[spec.name] = pod
-            self.by_engine[core.engine_id] = pod
+            for core in group.cores:
+                core.on_kv_pulled = self._on_kv_pulled
+                self.by_engine[core.engine_id] = pod
         self.seed = seed
         self.controller: Controller | None = None
         self.drain_timeout_s = 600.0  # a draining pod's requests still running after this are lost
         # decisions that changed the fleet (counted by the controller: one decision may move several pods)
         self.scaling_actions = 0
         self._added = 0
-        self._heap: list[tuple[float, int, int, int, StepResult | int | None]] = []
+        self._heap: list[tuple[float, int, int, int, GroupStep | int | None]] = []
         self._seq = 0
         self._live: dict[str, RequestRecord] = {}  # engine request id -> record
         self._released: list[Pod] = []  # prefill pods freed during a step, kicked after it
@@ -288,7 +327,7 @@ class ClusterSim:
         if pod.busy:
             pod.timer_at = math.inf  # the step end re-checks the core's timers
             return True
-        nt = pod.core.next_event_time()
+        nt = pod.group.next_event_time()
         if nt is not None and nt <= t:
             return False
         pod.timer_at = math.inf
@@ -299,12 +338,20 @@ class ClusterSim:
         return True
 
     def _scrape(self, now: float) -> None:
+        router = self.router
         for pod in self.pods:
             if pod.state != READY:
                 continue  # the router does not know it (yet, or any more)
             if pod.run:
                 pod.settle(now, inclusive=False)  # a scrape at a step's start sees the state before it
-            self.router.on_metrics(pod.name, pod.core.stats(), now)
+            cores = pod.group.cores
+            if len(cores) == 1:
+                router.on_metrics(pod.name, cores[0].stats(), now)
+            elif self.rank_endpoints:  # per-rank series (vLLM's engine="<rank>" label)
+                for r, core in enumerate(cores):
+                    router.on_metrics(pod.endpoint(r), core.stats(), now)
+            else:  # a rank-oblivious reader sums the ranks' series, as a Prometheus sum() does
+                router.on_metrics(pod.name, _sum_stats([c.stats() for c in cores]), now)
 
     # ---- requests --------------------------------------------------------------------------------
     def _arrive(self, tr: TraceRequest, prompt: np.ndarray, now: float) -> None:
@@ -320,6 +367,10 @@ class ClusterSim:
             self.ended += 1
             rec.req = None
             return
+        decode, drank = _split_rank(decode)
+        prank = None
+        if prefill:
+            prefill, prank = _split_rank(prefill)
         dpod = self.by_name.get(decode)
         ppod = self.by_name.get(prefill) if prefill else None
         if dpod is None or (prefill and ppod is None):
@@ -334,22 +385,25 @@ class ClusterSim:
             ppod.assigned += 1
             sreq = SimRequest(rid + _PREFILL_SUFFIX, prompt, 1, arrival=now,
                               kv_transfer_params={"do_remote_decode": True}, seed=tr.index)
-            self._submit(rec, ppod, sreq, now)
+            self._submit(rec, ppod, sreq, now, prank)
+            rec.decode_rank = drank  # the decode leg goes there once the prefill is done
         else:
             self._submit(rec, dpod, SimRequest(rid, prompt, tr.output_length, arrival=now, ignore_eos=True,
-                                               seed=tr.index), now)
+                                               seed=tr.index), now, drank)
 
-    def _submit(self, rec: RequestRecord, pod: Pod, sreq: SimRequest, now: float) -> None:
+    def _submit(self, rec: RequestRecord, pod: Pod, sreq: SimRequest, now: float, rank: int | None = None) -> None:
         if pod.state == RELEASED:  # its decode pod went away while the prefill leg ran
             self._fail(rec, LOST, now)
             return
         if pod.run:
             self._cut(pod, now)
         try:
-            pod.core.add_request(sreq)
+            served = pod.group.add_request(sreq, rank, now)
         except ValueError as exc:
             self._fail(rec, f"400 {exc}", now)
             return
+        if not sreq.request_id.endswith(_PREFILL_SUFFIX):
+            rec.decode_rank = served
         self._live[sreq.request_id] = rec
         self._kick(pod, now)
 
@@ -365,27 +419,28 @@ class ClusterSim:
     def _kick(self, pod: Pod, now: float) -> None:
         if pod.busy:
             return
-        core = pod.core
-        if self.quiet_runs and core.has_work():
+        group = pod.group
+        if self.quiet_runs and group.dp == 1 and group.has_work():
+            core = group.cores[0]
             run = core.plan_quiet(now, _MAX_QUIET, with_blocks=not core.pool.publish_events)
             if len(run) > 1:
                 self._start_run(pod, run, now)
                 return
         if pod.state == RELEASED:
             return
-        res = core.step(now)
-        if res.num_new_tokens:
+        res = group.step(now)
+        if res.duration > 0:
             pod.busy = True
             pod.steps += 1
             pod.busy_time += res.duration
             self._seq += 1
             heapq.heappush(self._heap, (res.end, self._seq, _STEP, pod.index, res))
-        elif res.events and self.router.wants_kv_events and pod.state == READY:
-            self.router.on_kv_events(pod.name, res.events, now)
+        elif self.router.wants_kv_events and pod.state == READY:
+            self._events(pod, res, now)
         if self._released:
             self._kick_released(now)
         if not pod.busy:
-            t = core.next_event_time()
+            t = group.next_event_time()
             if t is not None and t < pod.timer_at:
                 pod.timer_at = t
                 self._seq += 1
@@ -422,19 +477,25 @@ class ClusterSim:
         self._kick(pod, now)
 
     def _on_kv_pulled(self, params: dict) -> None:
-        pod = self.by_engine.get(str(params.get("remote_engine_id")))
+        engine = str(params.get("remote_engine_id"))
+        pod = self.by_engine.get(engine)
         if pod is not None and pod.run:
             self._cut(pod, self.clock.now())
-        if pod is not None and pod.core.release_remote(params.get("remote_block_ids") or ()):
+        if pod is not None and pod.group.release_remote(params.get("remote_block_ids") or (), engine):
             self._released.append(pod)
 
-    def _step_end(self, pod: Pod, res: StepResult, now: float) -> None:
+    def _events(self, pod: Pod, res: GroupStep, now: float) -> None:
+        """Each rank's KV events under its endpoint (or, rank-oblivious, all under the pod's name)."""
+        for rank, events in res.events():
+            self.router.on_kv_events(pod.endpoint(rank) if self.rank_endpoints else pod.name, events, now)
+
+    def _step_end(self, pod: Pod, res: GroupStep, now: float) -> None:
         pod.busy = False
         router = self.router
-        if res.events and router.wants_kv_events and pod.state == READY:
-            router.on_kv_events(pod.name, res.events, now)
+        if router.wants_kv_events and pod.state == READY:
+            self._events(pod, res, now)
         live = self._live
-        for out in res.outputs:
+        for _, out in res.outputs():
             rid = out.request_id
             rec = live.get(rid)
             if rec is None:
@@ -477,7 +538,7 @@ class ClusterSim:
             return
         sreq = SimRequest(rec.request_id, req.prompt, rec.max_tokens, arrival=rec.arrival, ignore_eos=True,
                           kv_transfer_params=params, seed=rec.index)
-        self._submit(rec, dpod, sreq, now)
+        self._submit(rec, dpod, sreq, now, rec.decode_rank)
         if rec.status == "failed" and params:  # the decode pod refused it: let the prefill pod free its KV
             self._on_kv_pulled(params)
             self._kick_released(now)
@@ -488,13 +549,14 @@ class ClusterSim:
         if spec.name in self.by_name:
             raise ValueError(f"pod name {spec.name} is used twice")
         i = len(self.pods)
-        core = EngineCore(spec.cost_model(), spec.engine_config(
-            self.fleet.link, self.seed, i, kv_events=self.router.wants_kv_events))
-        core.on_kv_pulled = self._on_kv_pulled
-        pod = Pod(i, spec, core, requested_at=now, ready_at=now + max(0.0, startup_s))
+        group = DPGroup(spec.group_cost(), spec.engine_config(
+            self.fleet.link, self.seed, i, kv_events=self.router.wants_kv_events), balancer=spec.dp_balancer)
+        pod = Pod(i, spec, group, requested_at=now, ready_at=now + max(0.0, startup_s))
         self.pods.append(pod)
         self.by_name[spec.name] = pod
-        self.by_engine[core.engine_id] = pod
+        for core in group.cores:
+            core.on_kv_pulled = self._on_kv_pulled
+            self.by_engine[core.engine_id] = pod
         self._added += 1
         if pod.state == READY:
             self._ready(pod, now)
@@ -529,12 +591,13 @@ class ClusterSim:
             return  # drained while it was starting
         pod.state = READY
         pod.ready_at = now
-        self.router.on_pod_added(endpoint_for(pod.spec), now)
+        for endpoint in endpoints_for_pod(pod.spec, self.rank_endpoints):
+            self.router.on_pod_added(endpoint, now)
 
     def _maybe_release(self, pod: Pod, now: float) -> None:
-        core = pod.core
-        if (pod.state == DRAINING and pod.assigned <= 0 and not pod.busy and not core.has_work()
-                and core.next_event_time() is None):
+        group = pod.group
+        if (pod.state == DRAINING and pod.assigned <= 0 and not pod.busy and not group.has_work()
+                and group.next_event_time() is None):
             self._release(pod, now)
 
     def _release(self, pod: Pod, now: float) -> None:
@@ -553,7 +616,7 @@ class ClusterSim:
         for rid, rec in list(self._live.items()):
             on_prefill = rid.endswith(_PREFILL_SUFFIX)
             if (rec.prefill_pod if on_prefill else rec.decode_pod) == pod.name:
-                pod.core.abort(rid)
+                pod.group.abort(rid)
                 del self._live[rid]
                 self._fail(rec, LOST, now)
         self._release(pod, now)
@@ -570,6 +633,25 @@ class ClusterSim:
             self._maybe_release(ppod, now)
 
 
+def _split_rank(endpoint: str) -> tuple[str, int | None]:
+    """``ip:port#rank`` -> (``ip:port``, rank); a plain address -> (address, None)."""
+    addr, sep, rank = endpoint.partition("#")
+    return (addr, int(rank)) if sep else (addr, None)
+
+
+def _sum_stats(stats: list[EngineStats]) -> EngineStats:
+    """A pod's ranks as one engine, as the picker reads a DP pod's /metrics without ranks: counts summed,
+    KV usage the fullest rank's (pickers.datalayer.promparse)."""
+    return EngineStats(
+        num_running=sum(s.num_running for s in stats), num_waiting=sum(s.num_waiting for s in stats),
+        kv_usage=max(s.kv_usage for s in stats),
+        prefix_queries=sum(s.prefix_queries for s in stats), prefix_hits=sum(s.prefix_hits for s in stats),
+        num_preemptions=sum(s.num_preemptions for s in stats), prompt_tokens=sum(s.prompt_tokens for s in stats),
+        generation_tokens=sum(s.generation_tokens for s in stats),
+        num_held_blocks=sum(s.num_held_blocks for s in stats),
+    )
+
+
 def trace_prompts(reqs: list[TraceRequest],
                   blocks: BlockTokens | None = None) -> Iterator[tuple[TraceRequest, np.ndarray]]:
     """Prompts made lazily, one request at a time, so memory holds only requests in flight."""
@@ -580,5 +662,5 @@ def trace_prompts(reqs: list[TraceRequest],
 
 __all__ = [
     "DRAINING", "LOST", "READY", "RELEASED", "STARTING", "ClusterSim", "Controller", "Pod", "RequestRecord",
-    "SimResult", "endpoint_for", "endpoints_for", "trace_prompts",
+    "SimResult", "endpoints_for", "endpoints_for_pod", "trace_prompts",
 ]
