@@ -183,17 +183,26 @@ class SchedulerRouter(BaseRouter):
         self._metrics_store.update(pod, m, at)  # type: ignore[union-attr]
 
 
-BUILTIN = ("round-robin", "least-inflight")
+BUILTIN = ("round-robin", "least-inflight", "envoy:round_robin", "least-loaded", "sglang:cache_aware",
+           "vllm:cache_aware", "vllm:kv_aware")
 
 
 def make_router(name: str, endpoints: list[Endpoint], clock: ManualClock, seed: int = 0,
                 config: dict[str, Any] | None = None, scrape_interval: float = 0.05) -> Router:
-    """A router by policy name: a built-in (``round-robin``, ``least-inflight``), or a picker profile
+    """A router by policy name: a built-in (``round-robin`` alias ``envoy:round_robin``, ``least-inflight``
+    alias ``least-loaded``), a peer emulation (``sglang:cache_aware``, ``vllm:cache_aware``, ``vllm:kv_aware``:
+    engine/sim/cluster/peers.py), or a picker profile
     (``default``, ``load-only``, ``approximate``, ``precise``, ... or ``picker:NAME`` to force the picker's
     own profile of a built-in's name) built by ``pickers.config.build_scheduler`` in virtual time."""
-    if name == "round-robin":
-        return RoundRobinRouter(endpoints)
-    if name == "least-inflight":
+    if name in ("round-robin", "envoy:round_robin"):
+        rr = RoundRobinRouter(endpoints)
+        rr.name = name
+        return rr
+    if ":" in name and not name.startswith("picker:"):
+        from engine.sim.cluster.peers import make_peer
+
+        return make_peer(name, endpoints)
+    if name in ("least-inflight", "least-loaded"):
         from pickers.simple import LeastInFlight
 
         decoders = [e for e in endpoints if e.role.can_decode()]

@@ -134,6 +134,9 @@ class ClusterSim:
             self.pods.append(pod)
             self.by_name[spec.name] = pod
             self.by_engine[core.engine_id] = pod
+        attach = getattr(self.router, "attach", None)
+        if callable(attach):  # routers that read the pods themselves (peer emulations, the oracle)
+            attach(self.pods)
         self._heap: list[tuple[float, int, int, int, StepResult | None]] = []
         self._seq = 0
         self._live: dict[str, RequestRecord] = {}  # engine request id -> record
