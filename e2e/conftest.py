@@ -45,7 +45,8 @@ async def sim_pods():
     async with contextlib.AsyncExitStack() as stack:
         if SimFleet is not None:
             fleet = await stack.enter_async_context(
-                SimFleet([PodSpec(name=f"pod-{i}", port=0, kv_events_port=None, model_name=SIM_MODEL) for i in range(2)],
+                SimFleet([PodSpec(name=f"pod-{i}", port=0, kv_events_port=None, model_name=SIM_MODEL)
+                          for i in range(2)],
                          time_scale=0.05))
             yield [pod.address for pod in fleet.pods]
         else:

@@ -5,16 +5,18 @@ from __future__ import annotations
 import aiohttp
 import orjson
 import pytest
-
-from e2e.support.ports import dead_address
-from e2e.support.stack import envoy_stack
 from envoy_data_plane.envoy.extensions.filters.http.header_to_metadata.v3 import (
     Config as HeaderToMetadata,
+)
+from envoy_data_plane.envoy.extensions.filters.http.header_to_metadata.v3 import (
     ConfigKeyValuePair,
     ConfigRule,
     ConfigValueType,
 )
 from envoy_data_plane.google.protobuf import Any as AnyProto
+
+from e2e.support.ports import dead_address
+from e2e.support.stack import envoy_stack
 
 pytestmark = pytest.mark.envoy
 MODEL = "llama-3.1-8b"

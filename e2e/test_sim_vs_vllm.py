@@ -11,14 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
 from typing import Any
 
 import pytest
 
 from e2e.vllmcpu.capture import (
-    CHAT_MESSAGES, LONG_PROMPT, SHORT_PROMPT, bad_requests, metric_families, post_json, request, shape, sse,
+    CHAT_MESSAGES,
+    LONG_PROMPT,
+    SHORT_PROMPT,
+    bad_requests,
+    metric_families,
+    post_json,
+    request,
+    shape,
+    sse,
 )
 from e2e.vllmcpu.kvevents import KvEventCollector
 

@@ -65,7 +65,8 @@ def test_prefill_on_a_then_decode_on_b_loads_kv_from_shared_storage(vllm_pair):
     assert s == 200 and pre["usage"]["completion_tokens"] == 1
     assert pre["kv_transfer_params"] is None  # ExampleConnector returns none
     local, external = counter(b, "vllm:prefix_cache_hits_total"), counter(b, "vllm:external_prefix_cache_hits_total")
-    s, dec = post_json(b.base_url, "/v1/completions", {"model": vllm_pair.model_name, "prompt": prompt, "max_tokens": 4})
+    s, dec = post_json(b.base_url, "/v1/completions",
+                       {"model": vllm_pair.model_name, "prompt": prompt, "max_tokens": 4})
     expect = (pre["usage"]["prompt_tokens"] - 1) // vllm_pair.block_size * vllm_pair.block_size
     assert s == 200 and dec["usage"]["prompt_tokens_details"]["cached_tokens"] == expect
     assert counter(b, "vllm:external_prefix_cache_hits_total") - external == expect

@@ -110,7 +110,7 @@ class KvEventCollector:
         self._thread.join(timeout=2)
         self._sock.close(linger=0)
 
-    def __enter__(self) -> "KvEventCollector":
+    def __enter__(self) -> KvEventCollector:
         return self
 
     def __exit__(self, *exc: object) -> None:

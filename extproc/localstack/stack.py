@@ -18,7 +18,7 @@ import socket
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import aiohttp
 
@@ -35,7 +35,6 @@ from extproc.server import Server, build_scheduler, build_server
 log = logging.getLogger("kvswitch.up")
 
 # Handler type names a prefill/decode handler may be registered under in pickers/ (first match wins).
-PD_HANDLER_NAMES = ("prefill-decode", "pd", "prefill_decode", "disaggregated", "p-d")
 
 
 @dataclass
@@ -65,25 +64,11 @@ class StackPod:
     """One routable pod as the picker sees it (for P/D decode pods: the sidecar in front)."""
 
     name: str
-    role: str
+    role: Literal["prefill", "decode", "both"]
     address: str  # what the picker routes to and x-kvswitch-endpoint names
     engine_address: str  # the simulated engine itself (== address unless a sidecar fronts it)
     kv_events: str | None
     metrics_url: str  # the engine's /metrics
-
-
-def find_pd_handler() -> str | None:
-    """The registered prefill/decode profile handler's type name, or None while pickers has none."""
-    try:
-        import pickers.plugins  # noqa: F401  (registers the built-in plugins)
-        from pickers.framework import REGISTRY
-    except ImportError:
-        return None
-    handlers = REGISTRY.get("handler", {})
-    for name in PD_HANDLER_NAMES:
-        if name in handlers:
-            return name
-    return next((n for n in handlers if "prefill" in n), None)
 
 
 def _check_port_free(port: int) -> None:
@@ -169,7 +154,7 @@ class LocalStack:
     def describe(self) -> str:
         """The one line ``kvswitch up`` prints once the stack answers."""
         o = self.options
-        roles = {}
+        roles: dict[str, int] = {}
         for p in self.pods:
             roles[p.role] = roles.get(p.role, 0) + 1
         shape = ", ".join(f"{n} {r}" for r, n in roles.items()) if o.pd or o.fleet_file else f"{len(self.pods)}"
@@ -246,7 +231,8 @@ class LocalStack:
                 await sidecar.start()
                 self._s.sidecars.append(sidecar)
                 address = sidecar.address
-            self.pods.append(StackPod(pod.name, pod.role, address, engine, pod.kv_events_endpoint,
+            role = cast(Literal["prefill", "decode", "both"], pod.role)  # PodSpec roles are validated
+            self.pods.append(StackPod(pod.name, role, address, engine, pod.kv_events_endpoint,
                                       f"http://{engine}/metrics"))
         if decode and not prefill:
             self.notes.append("decode pods without prefill pods: no sidecars, requests decode locally")
@@ -257,7 +243,8 @@ class LocalStack:
             spec = self.fleet[p.name].spec
             eps.append(EndpointConfig(address=p.address, role=p.role, accelerator=spec.accelerator,
                                       model_profile=spec.model_profile, kv_events=p.kv_events,
-                                      metrics_url=p.metrics_url, labels={"kvswitch.local/pod": p.name}))
+                                      metrics_url=p.metrics_url, labels={"kvswitch.local/pod": p.name},
+                                      max_num_batched_tokens=spec.max_num_batched_tokens))
         return eps
 
     async def _start_picker(self) -> None:
@@ -265,26 +252,12 @@ class LocalStack:
         assert cfg is not None
         has_prefill = any(p.role == "prefill" for p in self.pods)
         cfg.endpoints = self._endpoint_configs()
-        if has_prefill and "handler" not in (cfg.scheduler or {}):
-            self.pd_handler = find_pd_handler()
-            if self.pd_handler is None:
-                self.notes.append("the picker runs decode-only: pickers/ has no prefill/decode handler yet, so "
-                                  "requests go to the decode sidecars without a prefill leg")
-            else:
-                cfg.scheduler = {**(cfg.scheduler or {}), "handler": {"type": self.pd_handler}}
-        elif has_prefill:
-            self.pd_handler = str((cfg.scheduler or {}).get("handler", {}).get("type", "")) or None
-        try:
-            scheduler = build_scheduler(cfg)
-        except ConfigError:
-            if not self.pd_handler or "handler" not in (cfg.scheduler or {}):
-                raise
-            log.warning("the %s handler did not build with defaults; running decode-only", self.pd_handler,
-                        exc_info=True)
-            self.notes.append(f"the picker runs decode-only: the {self.pd_handler!r} handler failed to build")
-            cfg.scheduler = {k: v for k, v in (cfg.scheduler or {}).items() if k != "handler"}
-            self.pd_handler = None
-            scheduler = build_scheduler(cfg)
+        if has_prefill:
+            if "handler" not in (cfg.scheduler or {}):
+                cfg.scheduler = {**(cfg.scheduler or {}), "handler": {"type": "prefill-decode"}}
+            handler = (cfg.scheduler or {})["handler"]
+            self.pd_handler = handler if isinstance(handler, str) else str(handler.get("type", "")) or None
+        scheduler = build_scheduler(cfg)
         self._s.server = server = build_server(cfg, scheduler)
         await server.start()
 
@@ -309,7 +282,7 @@ class LocalStack:
                         if r.status == 200:
                             return
                         last = f"HTTP {r.status}: {(await r.text())[:200]}"
-                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, aiohttp.ClientError) as exc:
                     last = repr(exc)
                 if loop.time() > deadline:
                     raise TimeoutError(f"GET {self.url}/models never answered 200 ({last})\n"
@@ -331,7 +304,7 @@ class LocalStack:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
 
-    async def __aenter__(self) -> "LocalStack":
+    async def __aenter__(self) -> LocalStack:
         await self.start()
         return self
 

@@ -19,7 +19,8 @@ blocks the same way. Rows whose masks become empty are freed at once.
 from __future__ import annotations
 
 import sys
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import cast
 
 import numpy as np
 
@@ -151,7 +152,7 @@ class BlockIndex:
         self._stamp[r] = self._tick
         self.pod_counts[medium, pod] += new
         if self.per_pod_cap is not None and self.pod_counts[:, pod].sum() > self.per_pod_cap:
-            self._evict_pod(pod, int(self.pod_counts[:, pod].sum()) - self.per_pod_cap + self.per_pod_cap // 8)
+            self.evict_pod(pod, int(self.pod_counts[:, pod].sum()) - self.per_pod_cap + self.per_pod_cap // 8)
         return new
 
     def remove(self, pod: int, hashes: Iterable[int], medium: int = 0) -> int:
@@ -280,6 +281,7 @@ class BlockIndex:
             check = check or e[3] != gen
             i += _CHUNK
         if parts:
+            keys: np.ndarray | None
             if len(parts) == 1:
                 head, keys = parts[0], kparts[0]
             else:
@@ -321,10 +323,11 @@ class BlockIndex:
         if not isinstance(hashes, list):
             hashes = list(hashes)
         got = list(map(slot_of.get, hashes))
+        out: list[int]
         if None not in got:
-            out = got
+            out = cast(list[int], got)
         elif self._alloc_many([h for h, r in zip(hashes, got) if r is None]):
-            out = list(map(slot_of.get, hashes))  # the same rows, in the same order, as one by one
+            out = cast(list[int], list(map(slot_of.get, hashes)))  # the same rows, in the same order
         else:  # the cap is in reach: allocate one by one, evicting (and protecting this call's rows)
             out = []
             for h in hashes:
@@ -413,7 +416,7 @@ class BlockIndex:
         oldest = live[np.argpartition(stamps[live], n - 1)[:n]] if n < live.size else live
         self._evict_rows(oldest)
 
-    def _evict_pod(self, pod: int, n: int) -> None:
+    def evict_pod(self, pod: int, n: int) -> None:
         word, bit = divmod(pod, 64)
         b = np.uint64(1 << bit)
         hi = self._next_row

@@ -9,8 +9,8 @@ import orjson
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from e2e.support.picker import picker_config, running_picker
 from e2e.support.extproc_fakes import REQUEST_HEADERS, body, headers
+from e2e.support.picker import picker_config, running_picker
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 

@@ -13,9 +13,8 @@ import orjson
 import pytest
 
 sim_server = pytest.importorskip("engine.sim.server")
-from engine.sim.spec import PodSpec  # noqa: E402
-
 from engine.sidecar import Sidecar, SidecarConfig  # noqa: E402
+from engine.sim.spec import PodSpec  # noqa: E402
 
 BLOCK = 16
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 12  # ~540 bytes: 135 builtin tokens, 8 full blocks

@@ -6,7 +6,6 @@ import asyncio
 
 import aiohttp
 import openai
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.sim.spec import PodSpec

@@ -1,6 +1,6 @@
 """Routing-quality benchmark: prefix hit rate vs an oracle, TTFT and throughput, per picker profile.
 
-    .venv/bin/python -m e2e.bench_routing [--requests 200] [--time-scale 1.5] [--loads 0.7,1.0]
+    .venv/bin/python -m e2e.bench.routing [--requests 200] [--time-scale 1.5] [--loads 0.7,1.0]
         [--policies round-robin,load-only,approximate,precise,default] [--virtual-only]
 
 A shared-prefix workload (64 groups, ~4K-token system prompt, ~200-token question, 200 output tokens,
@@ -39,7 +39,7 @@ from engine.sim.cluster.simulator import endpoints_for
 from engine.tokens.tokenizer import BuiltinTokenizer
 from extproc.localstack import LocalStack, StackOptions
 from extproc.localstack.report import snapshot, total
-from extproc.localstack.workload import Workload, WorkloadSpec, _WORDS, build_workload, run_workload
+from extproc.localstack.workload import _WORDS, Workload, WorkloadSpec, build_workload, run_workload
 from pickers.clock import ManualClock
 
 POLICIES = ("round-robin", "load-only", "approximate", "precise", "default")
@@ -137,7 +137,8 @@ async def run_real(policy: str, wl: Workload, time_scale: float) -> dict[str, An
         after = await snapshot(stack)
     ok = [r for r in wl.results if r.error is None]
     ttft = [r.ttft_s / time_scale for r in ok if r.ttft_s is not None]
-    hits = sum(total(after.pods[n], "vllm:prefix_cache_hits_total") - total(before.pods[n], "vllm:prefix_cache_hits_total")
+    hits = sum(total(after.pods[n], "vllm:prefix_cache_hits_total")
+               - total(before.pods[n], "vllm:prefix_cache_hits_total")
                for n in after.pods)
     queries = sum(total(after.pods[n], "vllm:prefix_cache_queries_total")
                   - total(before.pods[n], "vllm:prefix_cache_queries_total") for n in after.pods)
@@ -172,7 +173,7 @@ def table(rows: list[dict[str, Any]], oracle: dict[float, float], real: bool) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m e2e.bench_routing", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m e2e.bench.routing", description=__doc__.split("\n")[0])
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--time-scale", type=float, default=1.5)
     p.add_argument("--loads", default="0.7,1.0", help="fractions of capacity")
