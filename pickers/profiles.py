@@ -17,7 +17,7 @@ BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
     "default": {
         "filters": DECODE_FILTERS,
         "scorers": [
-            {"type": "ttft", "weight": 3.0, "stall_weight": 0.5},
+            {"type": "ttft", "weight": 3.0, "stall_weight": 0.5, "stall_fade": True},
             {"type": "prefix", "mode": "auto", "gate_ttft_ratio": 1.5, "weight": 1.0},
             {"type": "kv-usage", "weight": 1.0},
         ],

@@ -43,9 +43,11 @@ class TTFTScorer(Scorer):
         "mode": Param(str, "auto", choices=("approximate", "precise", "auto")),
         "stall_weight": Param(float, 0.0, min=0.0,
                               doc="weight of the decode stall r x prefill added to the predicted TTFT"),
+        "stall_fade": Param(bool, False, doc="charge the stall in proportion prefill / (prefill + wait ahead)"),
     }
     mode: PrefixMode
     stall_weight: float
+    stall_fade: bool
 
     @property
     def uses_kv_events(self) -> bool:
@@ -55,5 +57,13 @@ class TTFTScorer(Scorer):
         pred = ctx.prediction(self.mode)
         cost = pred.ttft_s[cands]
         if self.stall_weight > 0:
-            cost = cost + self.stall_weight * pred.running[cands] * pred.prefill_s[cands]
+            own = pred.prefill_s[cands]
+            stall = self.stall_weight * pred.running[cands] * own
+            if self.stall_fade:
+                # The decodes running on p now are the ones this prefill stalls only if it starts now. With
+                # wait_s of work ahead of it, it stalls whatever runs then, and on a saturated fleet that is
+                # the same on every pod: the charge fades as the work ahead grows (in full below the knee).
+                own = np.maximum(own, ctx.dl.costs.empty_step_s[cands])
+                stall = stall * own / (own + pred.wait_s[cands])
+            cost = cost + stall
         return cost.min() / cost
