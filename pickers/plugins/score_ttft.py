@@ -7,8 +7,19 @@ already on p:
 
     stall_p = r_p x prefill_p     the r_p running decodes on p each wait for this prompt's own prefill
                                   (prefill_p: its uncached part alone on p, above an empty step)
-    C_p     = TTFT_p + stall_weight x stall_p     (the default profile: stall_weight 0.5; 0 = TTFT alone)
+    fade_p  = prefill_p / (prefill_p + wait_p)    with ``stall_fade`` (the default profile), else 1
+    C_p     = TTFT_p + stall_weight x fade_p x stall_p     (default: stall_weight 0.5; 0 = TTFT alone)
     score_p = min_q C_q / C_p, in (0, 1].
+
+wait_p is the part of TTFT_p spent behind others' work (the prefill queued ahead and, on a pod whose cache is
+full, the wait for KV space). Why the fade: the decodes running on p now are the ones this prefill stalls only
+if it starts now. Below the knee (wait ~ 0) the full charge applies, as measured below. Past it the prefill
+runs after wait_p, beside whatever runs then, and on a saturated fleet that is the same on every pod; the
+unfaded charge (r_p x prefill_p, tens of seconds for a 30K-token prompt beside 60 short decodes) instead
+sorted requests by length onto pods (long prompts to the pods with few running decodes) and, with every pod's
+TTFT large, outweighed real differences in queue. In virtual time (4 L40S, the shared Mooncake trace, 240
+requests, 2x and 3x the knee) the fade took throughput from 2.46 and 2.40 to 2.59 and 2.56 req/s and the pod
+share CV from 0.54 and 0.61 to 0.37 and 0.19 (one seed; README "The default profile" has the curves).
 
 Why the stall term: TTFT_p alone is accurate for the request itself but greedy on it, so a hot group leaves
 its warm pod as soon as the warm pod's queue costs more than one cold prefill elsewhere, and the next spill of

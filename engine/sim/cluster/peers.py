@@ -10,9 +10,11 @@ workload takes seconds per point. Each is written from the peer's source/documen
   have not finished. If ``max - min > 64`` and ``max > 1.5 x min``: the least loaded worker. Else the prefix
   match in the tree: if matched / prompt > 0.3, the worker holding that match (most recently used one when
   several do); else the worker with the smallest tree. The chosen worker's tree learns the prompt.
-- ``vllm:cache_aware`` (vllm-router 0.1.x, a fork of the same code): the same tree and balance rule, with its
-  library defaults (abs 32, rel 1.0001, match ratio 0.5, see ``VLLM_CACHE_AWARE``); a low match goes to the
-  least loaded worker instead of the smallest tree (vllm-project/router src/policies/cache_aware.rs).
+- ``vllm:cache_aware`` (vllm-router 0.1.17, a fork of the same code): the same tree and balance rule with the
+  same CLI defaults (``vllm-router --help``: match ratio 0.3, abs 64, rel 1.5; the library's own defaults,
+  0.5 / 32 / 1.0001, apply only when it is embedded); a low match goes to the least loaded worker instead of
+  the smallest tree (vllm-project/router src/policies/cache_aware.rs; the wheel's Rust source is not
+  shipped, so this follows the repository's current code).
 - ``vllm:kv_aware`` (vllm-router src/policies/kv_aware.rs): longest contiguous cached prefix per worker from
   the engines' KV events plus speculative entries (the blocks it just routed, for 2 s); the highest score
   wins, no load term at all (a tie goes to the last worker, as Rust's ``max_by_key`` does); a request with no
@@ -41,7 +43,7 @@ from typing import Sequence
 import numpy as np
 
 from engine.sim.cluster.routers import BaseRouter, ClusterRequest, Route
-from pickers.kvblocks.hashing import hash_blocks
+from engine.kvcache.hashing import hash_blocks
 from pickers.types import Endpoint, Role, Usage
 
 TREE_BLOCK = 16  # tokens per tree node (see "Approximations")
@@ -60,8 +62,7 @@ class CacheAwareParams:
 
 
 SGLANG_CACHE_AWARE = CacheAwareParams()
-VLLM_CACHE_AWARE = CacheAwareParams(cache_threshold=0.5, balance_abs_threshold=32, balance_rel_threshold=1.0001,
-                                    low_match="least-loaded")
+VLLM_CACHE_AWARE = CacheAwareParams(low_match="least-loaded")
 
 
 def _decoders(endpoints: Sequence[Endpoint]) -> list[str]:
