@@ -7,26 +7,24 @@ already on p:
 
     stall_p = r_p x prefill_p     the r_p running decodes on p each wait for this prompt's own prefill
                                   (prefill_p: its uncached part alone on p, above an empty step)
-    fade_p  = prefill_p / (prefill_p + wait_p)    with ``stall_fade`` (the default profile), else 1
-    C_p     = TTFT_p + stall_weight x fade_p x stall_p     (default: stall_weight 0.5; 0 = TTFT alone)
+    C_p     = TTFT_p + stall_weight x stall_p     (0 = TTFT alone, the default profile's choice)
     score_p = min_q C_q / C_p, in (0, 1].
 
-wait_p is the part of TTFT_p spent behind others' work (the prefill queued ahead and, on a pod whose cache is
-full, the wait for KV space). Why the fade: the decodes running on p now are the ones this prefill stalls only
-if it starts now. Below the knee (wait ~ 0) the full charge applies, as measured below. Past it the prefill
-runs after wait_p, beside whatever runs then, and on a saturated fleet that is the same on every pod; the
-unfaded charge (r_p x prefill_p, tens of seconds for a 30K-token prompt beside 60 short decodes) instead
-sorted requests by length onto pods (long prompts to the pods with few running decodes) and, with every pod's
-TTFT large, outweighed real differences in queue. In virtual time (4 L40S, the shared Mooncake trace, 240
-requests, 2x and 3x the knee) the fade took throughput from 2.46 and 2.40 to 2.59 and 2.56 req/s and the pod
-share CV from 0.54 and 0.61 to 0.37 and 0.19 (one seed; README "The default profile" has the curves).
+The default profile no longer charges the stall (it used stall_weight 0.5 until the load-curve study, issue
+15). With the predictor's TTFT, which now counts the running decodes sharing every step, the prefill queue
+by its real tokens and the wait for KV space on a full pod, the charge hurt at every load of every curve
+workload: it is r_p x prefill_p, tens of seconds for an 8K-token prompt beside 50 running decodes, so it
+outweighed the real differences in queue and sorted prompts by length onto the pods with the fewest running
+decodes. Virtual time, 4 L40S, 240 requests, one seed (stall 0.5 -> 0): no sharing at the knee TTFT p90 456
+-> 325 ms, at 2x 1033 -> 383 ms; shared prefix at 2x 12.55 -> 13.28 req/s, p90 1322 -> 734 ms. The history
+below is why it was added (with the earlier linear TTFT estimate), kept for whoever sets it in a profile.
 
 Why the stall term: TTFT_p alone is accurate for the request itself but greedy on it, so a hot group leaves
 its warm pod as soon as the warm pod's queue costs more than one cold prefill elsewhere, and the next spill of
 that group again picks whichever pod is idle: one group ended up cold on all 4 pods. Each such spill
 recomputes the whole shared prefix (4096 tokens, ~0.46 s on an L40S) inside steps that r_p other requests
 decode in, which TTFT_p does not see: TPOT, the median TTFT of everyone behind, and throughput pay for it.
-Charging the stall keeps a group on its warm pod(s) unless the queue there really costs more than the miss
+Charging the stall kept a group on its warm pod(s) unless the queue there really costs more than the miss
 does to everyone; a spill target, once warm, has the small U_p and so takes later spills (a hot group gains
 one replica, not four). With no prefix sharing U_p is the same on every pod and the term is a mild preference
 for pods with fewer decodes. Measured (kvswitch sim, virtual time, see README "The default profile"): the
@@ -54,11 +52,9 @@ class TTFTScorer(Scorer):
         "mode": Param(str, "auto", choices=("approximate", "precise", "auto")),
         "stall_weight": Param(float, 0.0, min=0.0,
                               doc="weight of the decode stall r x prefill added to the predicted TTFT"),
-        "stall_fade": Param(bool, False, doc="charge the stall in proportion prefill / (prefill + wait ahead)"),
     }
     mode: PrefixMode
     stall_weight: float
-    stall_fade: bool
 
     @property
     def uses_kv_events(self) -> bool:
@@ -68,13 +64,5 @@ class TTFTScorer(Scorer):
         pred = ctx.prediction(self.mode)
         cost = pred.ttft_s[cands]
         if self.stall_weight > 0:
-            own = pred.prefill_s[cands]
-            stall = self.stall_weight * pred.running[cands] * own
-            if self.stall_fade:
-                # The decodes running on p now are the ones this prefill stalls only if it starts now. With
-                # wait_s of work ahead of it, it stalls whatever runs then, and on a saturated fleet that is
-                # the same on every pod: the charge fades as the work ahead grows (in full below the knee).
-                own = np.maximum(own, ctx.dl.costs.empty_step_s[cands])
-                stall = stall * own / (own + pred.wait_s[cands])
-            cost = cost + stall
+            cost = cost + self.stall_weight * pred.running[cands] * pred.prefill_s[cands]
         return cost.min() / cost
