@@ -31,7 +31,6 @@ METRICS: list[tuple[str, str, Any, str]] = [
     ("itl_p90", "ITL p90 ms", lambda r: percentile(r.itl_ms, 90), "{:.1f}"),
     ("e2e_p90", "e2e p90 ms", lambda r: percentile(r.e2e_ms, 90), "{:.0f}"),
     ("cold", "cold prompts", lambda r: r.cold_prompts, "{:.0f}"),
-    ("hit", "hit %", lambda r: 100.0 * r.hit_rate if r.hit_rate is not None else math.nan, "{:.0f}"),
     ("errors", "errors", lambda r: float(r.errors), "{:.0f}"),
     ("hit", "hit rate", lambda r: r.hit_rate if r.hit_rate is not None else float("nan"), "{:.0%}"),
 ]
@@ -102,7 +101,7 @@ def plots(out_dir: Path, meta: dict[str, Any], runs: list[RunResult]) -> list[st
                               ("req_s", "completed requests/s", "req_s.png"),
                               ("ttft_p90", "TTFT p90 (ms)", "ttft_p90.png"),
                               ("ttft_p99", "TTFT p99 (ms)", "ttft_p99.png"),
-                              ("hit", "prefix hit rate (%)", "hit_rate.png")):
+                              ("hit", "prefix hit rate", "hit_rate.png")):
         fig, ax = plt.subplots(figsize=(6, 4))
         for router in routers:
             xs = [rate for rate in rates if (router, rate) in agg]

@@ -44,9 +44,9 @@ def test_default_profile_keeps_an_overloaded_fleet_balanced():
     rr_s, s = summarize(rr), summarize(res)
     assert s["completed"] == rr_s["completed"]
     fin = _finish_times(res)
-    # the pods finish together (round robin's spread on this trace: 1.25x) ...
+    # the pods finish together (measured 1.14x; round robin 1.25x; before the fix 2.3x) ...
     assert max(fin) / min(fin) < 1.4, fin
-    # ... so the fleet serves at least what round robin does, less noise (measured: 1.02x)
+    # ... so the fleet serves at least what round robin does, less noise (measured: 1.684 vs 1.634 req/s)
     assert s["throughput_req_s"] >= 0.95 * rr_s["throughput_req_s"], (s["throughput_req_s"], rr_s["throughput_req_s"])
     # and no pod is handed a third of the prompt work to compute
     work = {p.name: 0.0 for p in res.pods}
