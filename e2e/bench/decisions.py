@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"== decisions: {a.prompt_tokens}-token prompts (prompt_token_ids as uint32 arrays), {a.pods} pods, one core")
     for prof in a.profiles.split(","):
         s.profile = prof
-        s._needs_tokens = s.profiles[prof].needs_tokens
+        s.needs_tokens = s.profiles[prof].needs_tokens
         feed_metrics(s, eps, rng)
         fresh = np.random.default_rng(11) if a.fresh_tails else None
         run_decisions(s, clock, prompts, 200, fresh=fresh)  # warm up
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
               f"p99 {np.percentile(lat, 99):6.0f} us  max {lat.max():6.0f} us")
 
     s.profile = "default"
-    s._needs_tokens = True
+    s.needs_tokens = True
     feed_metrics(s, eps, rng)
     texts = ["".join(chr(97 + (int(t) % 26)) for t in p) * 4 for p in prompts[:64]]
     rate, lat = run_decisions(s, clock, texts, min(a.decisions, 1000), text=True)
