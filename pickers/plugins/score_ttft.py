@@ -12,11 +12,12 @@ already on p:
 
 The default profile no longer charges the stall (it used stall_weight 0.5 until the load-curve study, issue
 15). With the predictor's TTFT, which now counts the running decodes sharing every step, the prefill queue
-by its real tokens and the wait for KV space on a full pod, the charge hurt at every load of every curve
-workload: it is r_p x prefill_p, tens of seconds for an 8K-token prompt beside 50 running decodes, so it
-outweighed the real differences in queue and sorted prompts by length onto the pods with the fewest running
-decodes. Virtual time, 4 L40S, 240 requests, one seed (stall 0.5 -> 0): no sharing at the knee TTFT p90 456
--> 325 ms, at 2x 1033 -> 383 ms; shared prefix at 2x 12.55 -> 13.28 req/s, p90 1322 -> 734 ms. The history
+by its real tokens and the wait for KV space on a full pod, the charge hurt past the knee, even faded by the
+work ahead (x prefill / (prefill + wait)): it is r_p x prefill_p, tens of seconds for an 8K-token prompt
+beside 50 running decodes, so it outweighed the real differences in queue and sorted prompts by length onto
+the pods with the fewest running decodes. Virtual time, 4 L40S, 240 requests, medians of 3 seeds (faded
+charge -> none): no sharing at 2x the knee TTFT p90 1.03 -> 0.36 s; shared prefix at 2x 12.55 -> 13.26
+req/s. At the knee it did protect TPOT (+5-17 % without it, README "The default profile"). The history
 below is why it was added (with the earlier linear TTFT estimate), kept for whoever sets it in a profile.
 
 Why the stall term: TTFT_p alone is accurate for the request itself but greedy on it, so a hot group leaves

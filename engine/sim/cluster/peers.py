@@ -37,13 +37,13 @@ Approximations (all stated in the curve reports):
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
-from engine.sim.cluster.routers import BaseRouter, ClusterRequest, Route
 from engine.kvcache.hashing import hash_blocks
+from engine.sim.cluster.routers import BaseRouter, ClusterRequest, Route
 from pickers.types import Endpoint, Role, Usage
 
 TREE_BLOCK = 16  # tokens per tree node (see "Approximations")
