@@ -43,8 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.kvcache.hashing import hash_blocks
-from engine.sim.cluster.routers import BaseRouter, ClusterRequest, Route
-from pickers.types import Endpoint, Role, Usage
+from engine.sim.cluster.routers import BaseRouter, ClusterRequest, Endpoint, Role, Route, Usage
 
 TREE_BLOCK = 16  # tokens per tree node (see "Approximations")
 _TREE_ROOT = 0x7472656572  # any fixed root: the tree only compares its own hashes
