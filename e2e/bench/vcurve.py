@@ -256,8 +256,8 @@ def render(path: Path, plots: bool = True) -> Path:
              f"Knee: {meta['knee_method']}.", "",
              "Peers (`sglang:`, `vllm:`, `envoy:round_robin`, `least-loaded`) are emulations of their published "
              "policies in the simulator (engine/sim/cluster/peers.py, which states where they approximate); the "
-             "real peers through Envoy are `kvswitch bench compare --curve`.", "", f"Command: `{meta.get('command', '')}`; wall "
-             f"{meta.get('wall_s', 0):.0f} s.", ""]
+             "real peers through Envoy are `kvswitch bench compare --curve`.", "",
+             f"Command: `{meta.get('command', '')}`; wall {meta.get('wall_s', 0):.0f} s.", ""]
     for w, k in doc["knees"].items():
         lines += [f"## {w}: knee {k:.2f} req/s", "", f"Parameters: `{json.dumps(meta['workloads'].get(w, {}))}`", ""]
         if plots:
