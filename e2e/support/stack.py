@@ -83,11 +83,12 @@ async def envoy_stack(
     extra_http_filters: list[dict[str, Any]] | None = None,
     order: list[str] | None = None,
     simple: bool = True,
+    envoy: dict[str, Any] | None = None,
 ) -> AsyncIterator[Stack]:
     """Picker (in-process) + Envoy (override-host over ``pool``).
 
     ``simple``: LeastInFlight (works with any upstream); False: the configured framework scheduler, which
-    scrapes vLLM metrics and so needs simulator or vLLM pods.
+    scrapes vLLM metrics and so needs simulator or vLLM pods. ``envoy``: more EnvoyConfigOptions fields.
     """
     cfg = picker_config(picker_endpoints if picker_endpoints is not None else pool,
                         **{"debug_headers": True, **(server or {})})
@@ -95,6 +96,6 @@ async def envoy_stack(
     sched = RecordingScheduler(inner, order=order)
     async with running_picker(cfg, sched) as picker:
         opts = EnvoyConfigOptions(picker=picker.address, endpoints=pool, fail_open=fail_open,
-                                  extra_http_filters=extra_http_filters or [])
+                                  extra_http_filters=extra_http_filters or [], **(envoy or {}))
         async with EnvoyProcess(opts) as envoy:
             yield Stack(envoy, picker, sched)

@@ -9,7 +9,11 @@ fails here, then serialised to proto3 JSON (or YAML). Two ways to reach the chos
   The cluster must list the pods (``endpoints``); a request that reaches it without a decision (fail-open)
   goes round robin.
 - ``original-dst``: an ORIGINAL_DST cluster that connects to whatever single ``ip:port`` the header names;
-  no endpoint list needed, but no fallback list (run the picker with ``server.max_fallback: 1``).
+  no endpoint list needed, but no fallback list (run the picker with ``server.max_fallback: 1``). Refused with
+  fail-open: a request that passes a dead picker would go wherever its own header says (a full SSRF), and with
+  the header stripped (see ``hardening``) it has nowhere to go.
+
+Client steering, allowed paths, Envoy's own error bodies and retries live in ``hardening.py``.
 """
 
 from __future__ import annotations
@@ -48,11 +52,8 @@ from envoy_data_plane.envoy.config.endpoint.v3 import (
 )
 from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
 from envoy_data_plane.envoy.config.route.v3 import (
-    RetryPolicy,
-    Route,
     RouteAction,
     RouteConfiguration,
-    RouteMatch,
     VirtualHost,
 )
 from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
@@ -81,6 +82,8 @@ from envoy_data_plane.envoy.type.metadata.v3 import MetadataKey, MetadataKeyPath
 from envoy_data_plane.envoy.type.v3 import Percent
 from envoy_data_plane.google.protobuf import Any as AnyProto
 
+from extproc.envoyconfig import hardening
+
 DESTINATION = "x-gateway-destination-endpoint"
 SERVED = "x-gateway-destination-endpoint-served"
 LB_NAMESPACE = "envoy.lb"
@@ -102,7 +105,11 @@ class EnvoyConfigOptions:
     admin_port: int = 9901
     endpoints: list[str] = field(default_factory=list)  # pool pods (override-host)
     route_timeout_s: float = 3600.0
-    retries: int = 3
+    retries: int = 3  # bounded retries on the next endpoint of the fallback list (before any response byte)
+    # An attempt with no byte either way for this long is abandoned (and retried if nothing reached the
+    # client yet). vLLM sends a non-streaming response only when generation is done, so keep it above the
+    # longest non-streaming generation; 0 turns it off.
+    per_try_idle_timeout_s: float = 300.0
     picker_grpc_timeout_s: float = 10.0
     message_timeout_s: float = 1000.0
     buffer_limit_bytes: int = 32 * 1024 * 1024  # large prompts pass through Envoy's buffers
@@ -165,24 +172,26 @@ def _ext_proc(opts: EnvoyConfigOptions) -> ExternalProcessor:
 
 
 def _listener(opts: EnvoyConfigOptions) -> Listener:
-    route = Route(
-        match=RouteMatch(prefix="/"),
-        route=RouteAction(
-            cluster=POOL_CLUSTER,
-            timeout=_seconds(opts.route_timeout_s),
-            retry_policy=RetryPolicy(retry_on="connect-failure,refused-stream,reset", num_retries=opts.retries),
-        ),
+    action = RouteAction(
+        cluster=POOL_CLUSTER,
+        timeout=_seconds(opts.route_timeout_s),
+        retry_policy=hardening.retry_policy(opts.retries, opts.per_try_idle_timeout_s),
     )
     filters = [HttpFilter(name="envoy.filters.http.router", typed_config=_pack(Router()))]
     if opts.ext_proc:
-        filters.insert(0, HttpFilter(name="envoy.filters.http.ext_proc", typed_config=_pack(_ext_proc(opts))))
+        # Off by default, on for the API routes only (hardening.api_routes): see hardening._with_ext_proc.
+        filters.insert(0, HttpFilter(name=hardening.EXT_PROC_FILTER, typed_config=_pack(_ext_proc(opts)),
+                                     disabled=True))
     hcm = HttpConnectionManager(
         stat_prefix="kvswitch_ingress",
         route_config=RouteConfiguration(
             name="inference",
-            virtual_hosts=[VirtualHost(name="inference", domains=["*"], routes=[route])],
+            virtual_hosts=[VirtualHost(name="inference", domains=["*"],
+                                       routes=hardening.api_routes(action, opts.ext_proc, opts.fail_open))],
         ),
         http_filters=filters,
+        early_header_mutation_extensions=[hardening.early_strip()],
+        local_reply_config=hardening.local_replies(),
     )
     return Listener(
         name="inference",
@@ -195,6 +204,10 @@ def _listener(opts: EnvoyConfigOptions) -> Listener:
 
 
 def _pool_cluster(opts: EnvoyConfigOptions) -> Cluster:
+    if opts.lb == "original-dst" and opts.fail_open and opts.ext_proc:
+        raise ValueError("--lb original-dst cannot be combined with --fail-open: with the picker down a request "
+                         "would go wherever it names itself; use --lb override-host (fail-open goes round robin "
+                         "over the listed pool) or --fail-closed")
     if opts.lb == "original-dst":
         return Cluster(
             name=POOL_CLUSTER,
@@ -273,7 +286,7 @@ def to_dict(opts: EnvoyConfigOptions) -> dict[str, Any]:
     doc = build_bootstrap(opts).to_dict()
     if opts.extra_http_filters:
         hcm = doc["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
-        hcm["httpFilters"][0:0] = list(opts.extra_http_filters)
+        hcm["httpFilters"][0:0] = list(opts.extra_http_filters)  # the client's headers are stripped earlier
     return doc
 
 
