@@ -333,8 +333,12 @@ class ExtProcStream:
         obs = self.observer
         at = self.clock.now()
         try:
+            usage = obs.finish() if obs is not None else None
+            if obs is not None and obs.error is None and self._body_expected and obs.truncated:
+                obs.error = "truncated: the response stream ended without its final event ([DONE])"
+                metrics.ERRORS.labels("truncated").inc()
             if obs is not None and obs.error is None:
-                self.scheduler.on_finished(self.decision, obs.finish(), at)
+                self.scheduler.on_finished(self.decision, usage, at)
             else:
                 reason = obs.error if obs is not None else "no response"
                 metrics.ERRORS.labels("upstream_error").inc()
