@@ -253,6 +253,7 @@ class KVScheduler:
     def on_served(self, decision: Decision, served: str) -> None:
         req = decision.request
         req.cache["served"] = served
+        self._passed_over(decision, served)
         if served != decision.primary:
             slot = self.dl.endpoints.slot(served)
             if slot is not None:
@@ -272,6 +273,17 @@ class KVScheduler:
         for h in self._hooks["on_served"]:
             h(decision, served)
 
+    def _passed_over(self, decision: Decision, served: str) -> None:
+        """The gateway walked past the endpoints before ``served`` in the fallback list: each of them failed
+        this request (connect failure, reset, 5xx or per-try timeout) before any byte reached the client."""
+        if served not in decision.endpoints:
+            return
+        now = self.clock.now()
+        for addr in decision.endpoints[: decision.endpoints.index(served)]:
+            slot = self.dl.endpoints.slot(addr)
+            if slot is not None:
+                self.dl.health.request_failure(slot, "passed over by the gateway (failed before any byte)", now)
+
     def on_first_token(self, decision: Decision, at: float) -> None:
         req = decision.request
         key = req.request_id or str(id(req))
@@ -289,7 +301,7 @@ class KVScheduler:
         self._expect_events(req, at)  # no first token was reported: judge from the end
         slot = self.dl.endpoints.slot(req.cache.get("served", decision.primary))
         if slot is not None:
-            self.dl.health.success(slot)
+            self.dl.health.request_success(slot, at)
         for h in self._hooks["on_finished"]:
             h(decision, usage, at)
 
@@ -301,6 +313,6 @@ class KVScheduler:
         req.cache.pop("kv_expect", None)  # a failed request may never have stored its blocks: no evidence
         slot = self.dl.endpoints.slot(req.cache.get("served", decision.primary))
         if slot is not None:
-            self.dl.health.failure(slot, f"request failed: {reason}")
+            self.dl.health.request_failure(slot, reason, at)
         for h in self._hooks["on_failed"]:
             h(decision, reason, at)
