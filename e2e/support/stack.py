@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ class RecordingScheduler:
 
     inner: Any
     requests: list[InferenceRequest] = field(default_factory=list)
+    routed: list[tuple[float, str]] = field(default_factory=list)  # (perf_counter, first endpoint) per decision
     served: list[str] = field(default_factory=list)
     first_tokens: int = 0
     finished: list[Usage | None] = field(default_factory=list)
@@ -44,6 +46,8 @@ class RecordingScheduler:
         decision = await self.inner.schedule(request)
         if self.order is not None:
             decision.endpoints = list(self.order)
+        if len(self.routed) < 100_000:
+            self.routed.append((time.perf_counter(), decision.endpoints[0]))
         return decision
 
     def on_served(self, decision: Decision, served: str) -> None:
