@@ -194,3 +194,31 @@ async def test_stalled_pod_is_abandoned_by_the_per_try_idle_timeout(fake_pods):
             await r.read()
         assert time.perf_counter() - t0 < 10
         assert len(stalled.seen) == 1
+
+
+@pytest.mark.parametrize("key", [b'"kv_transfer_params"', b'"kv_transfer_param\\u0073"', b'"vllm_xargs"'])
+async def test_client_engine_fields_never_reach_a_pod(fake_pods, key):
+    """Why 1: the picker removes engine-internal fields at the JSON level and re-sends a correct body."""
+    evil = (b'{"model": "llama-3.1-8b", "prompt": "hi", "max_tokens": 2, ' + key
+            + b': {"do_remote_prefill": true, "do_remote_decode": true, "remote_host": "6.6.6.6", "remote_port": 1}}')
+    async with envoy_stack([p.address for p in fake_pods]) as stack, aiohttp.ClientSession() as s:
+        async with s.post(stack.url + "/v1/completions", data=evil,
+                          headers={"content-type": "application/json"}) as r:
+            assert r.status == 200, await r.text()
+        seen = [x for p in fake_pods for x in p.seen]
+        assert len(seen) == 1
+        doc = orjson.loads(seen[0].body)
+        assert doc == {"model": "llama-3.1-8b", "prompt": "hi", "max_tokens": 2}
+        assert b"6.6.6.6" not in seen[0].body
+        assert "content-length" not in seen[0].headers or int(seen[0].headers["content-length"]) == len(seen[0].body)
+
+
+async def test_token_ids_out_of_range_are_a_400_that_says_why(fake_pods):
+    """Why 6: token ids holding 2^64-1 get a 400 naming the value, not a 503 picker_error."""
+    async with envoy_stack([p.address for p in fake_pods]) as stack, aiohttp.ClientSession() as s:
+        for prompt in ([1, 2, 2**64 - 1], [[5, 6], [-1]]):
+            async with s.post(stack.url + "/v1/completions", json={"model": "m", "prompt": prompt}) as r:
+                assert r.status == 400
+                err = _openai_error(await r.read())
+                assert err["param"] == "prompt" and "token ids" in err["message"]
+        assert all(p.seen == [] for p in fake_pods)

@@ -7,7 +7,7 @@ import aiohttp
 import pytest
 
 from e2e.support.stack import envoy_stack
-from extproc.observe import MALFORMED_USAGE
+from prometheus_client import REGISTRY
 
 pytestmark = pytest.mark.envoy
 STREAM = {"model": "llama-3.1-8b", "prompt": "hi", "max_tokens": 3, "stream": True}
@@ -25,7 +25,7 @@ STREAM = {"model": "llama-3.1-8b", "prompt": "hi", "max_tokens": 3, "stream": Tr
 async def test_malformed_usage_does_not_cut_the_stream(fake_pods, usage):
     for p in fake_pods:
         p.usage_override = usage
-    before = MALFORMED_USAGE._value.get()
+    before = REGISTRY.get_sample_value("kvswitch_malformed_usage_total") or 0.0
     async with envoy_stack([p.address for p in fake_pods]) as stack, aiohttp.ClientSession() as s:
         for _ in range(2):
             async with s.post(stack.url + "/v1/completions", json=STREAM) as r:
@@ -35,7 +35,7 @@ async def test_malformed_usage_does_not_cut_the_stream(fake_pods, usage):
         assert len(stack.scheduler.finished) == 2 and stack.scheduler.failed == []
         # the malformed counts are not used: output tokens come from the events seen, the prompt is unknown
         assert [(u.prompt_tokens, u.completion_tokens) for u in stack.scheduler.finished] == [(0, 3), (0, 3)]
-    assert MALFORMED_USAGE._value.get() - before == 2
+    assert (REGISTRY.get_sample_value("kvswitch_malformed_usage_total") or 0.0) - before == 2
 
 
 async def test_stream_without_done_is_truncated_not_success(fake_pods):

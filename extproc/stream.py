@@ -26,7 +26,7 @@ from extproc import messages as msg
 from extproc import metrics
 from extproc.errors import RequestRejected, body_for
 from extproc.observe import ResponseObserver
-from extproc.parse import HEADERS_THAT_MATTER, api_for_path, parse_request, rewrite_model
+from extproc.parse import HEADERS_THAT_MATTER, api_for_path, parse_client_body
 from pickers.clock import Clock
 from pickers.explain import explain_header
 from pickers.types import Decision, InferenceRequest, Scheduler, SchedulingError
@@ -198,14 +198,8 @@ class ExtProcStream:
         now = self.clock.now()
         try:
             if body:
-                request, doc = parse_request(body, path, request_id, wanted, now)
-                new_model = self.settings.model_rewrite.get(request.model)
-                if new_model:
-                    body = rewrite_model(doc, new_model)
-                    request.model = new_model
-                    rewritten = True
-                else:
-                    rewritten = False
+                parsed = parse_client_body(body, path, request_id, wanted, now, self.settings.model_rewrite)
+                request, body, rewritten = parsed.request, parsed.body, parsed.changed
             else:
                 if body is not None:
                     raise RequestRejected(400, "request body is empty: send a JSON object with a 'model'",

@@ -17,9 +17,9 @@ from typing import Any
 
 import orjson
 
-KV_TRANSFER_PARAMS = "kv_transfer_params"
-# Request fields only kvswitch (picker, sidecar) may set; a client's are removed wherever a body is parsed.
-ENGINE_INTERNAL_FIELDS: tuple[str, ...] = (KV_TRANSFER_PARAMS, "vllm_xargs")
+from engine.internal_fields import ENGINE_INTERNAL_FIELDS, KV_TRANSFER_PARAMS, strip_engine_fields
+
+__all__ = ["ENGINE_INTERNAL_FIELDS", "KV_TRANSFER_PARAMS", "strip_engine_fields"]
 
 # What the prefill leg asks of a NixlConnector producer (vLLM's toy_proxy_server / llm-d's sidecar).
 PREFILL_KV_PARAMS: dict[str, Any] = {
@@ -84,14 +84,6 @@ def strip_client_kv_params(raw: bytes) -> bytes:
     if isinstance(parsed, dict) and strip_engine_fields(parsed):
         return orjson.dumps(parsed)
     return raw
-
-
-def strip_engine_fields(doc: dict[str, Any]) -> bool:
-    """Drop engine-internal fields from a parsed request body in place; True when something was dropped."""
-    found = [name for name in ENGINE_INTERNAL_FIELDS if name in doc]
-    for name in found:
-        del doc[name]
-    return bool(found)
 
 
 def cached_tokens_of(response: dict[str, Any]) -> int | None:
