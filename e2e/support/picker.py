@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def picker_config(endpoints: list[str], **server: object) -> Config:
     """A picker configuration on a free port with metrics off, for the given endpoint addresses."""
-    srv = {"host": "127.0.0.1", "grpc_port": free_port(), "metrics_port": -1, "drain_seconds": 1.0, **server}
+    srv = {"host": "127.0.0.1", "grpc_port": free_port(), "metrics_port": -1, "drain_seconds": 1.0,
+           "move_away_seconds": 1.0, "move_away_quiet_seconds": 0.2, **server}
     return config_from_dict({"server": srv, "endpoints": [{"address": a, "role": "decode"} for a in endpoints]})
 
 

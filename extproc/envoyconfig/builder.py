@@ -100,6 +100,7 @@ class EnvoyConfigOptions:
     listen_port: int = 8081
     listen_host: str = "0.0.0.0"
     picker: str = "127.0.0.1:9002"
+    pickers: list[str] = field(default_factory=list)  # more picker replicas, health-checked like the first
     fail_open: bool = False
     lb: str = "override-host"  # or "original-dst"
     admin_port: int = 9901
@@ -253,7 +254,8 @@ def _picker_cluster(opts: EnvoyConfigOptions) -> Cluster:
         name=PICKER_CLUSTER,
         type=ClusterDiscoveryType.STATIC,
         connect_timeout=_seconds(1),
-        load_assignment=_load_assignment(PICKER_CLUSTER, [opts.picker]),
+        load_assignment=_load_assignment(PICKER_CLUSTER, [opts.picker] + [p for p in opts.pickers
+                                                                          if p != opts.picker]),
         # No panic routing to an unhealthy picker: with no healthy host the ext_proc stream fails at once,
         # before any body chunk is sent, which is when Envoy still honours failure_mode_allow (fail-open)
         # under FULL_DUPLEX_STREAMED; it also makes fail-closed answer fast.

@@ -12,7 +12,8 @@ def parse_args(argv: list[str]) -> tuple[EnvoyConfigOptions, str | None, str]:
     p = argparse.ArgumentParser(prog="kvswitch envoy-config", description=__doc__)
     p.add_argument("--listen-port", type=int, default=8081)
     p.add_argument("--listen-host", default="0.0.0.0")
-    p.add_argument("--picker", default="127.0.0.1:9002", metavar="HOST:PORT", help="the kvswitch gRPC address")
+    p.add_argument("--picker", action="append", metavar="HOST:PORT",
+                   help="a kvswitch gRPC address (repeat for replicas; default 127.0.0.1:9002)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--fail-open", dest="fail_open", action="store_true",
                       help="let requests through (round robin) when the picker is down")
@@ -28,7 +29,9 @@ def parse_args(argv: list[str]) -> tuple[EnvoyConfigOptions, str | None, str]:
     p.add_argument("--format", choices=["yaml", "json"], default="yaml")
     p.add_argument("--out", help="write here instead of stdout")
     a = p.parse_args(argv)
-    opts = EnvoyConfigOptions(listen_port=a.listen_port, listen_host=a.listen_host, picker=a.picker,
+    pickers = a.picker or ["127.0.0.1:9002"]
+    opts = EnvoyConfigOptions(listen_port=a.listen_port, listen_host=a.listen_host, picker=pickers[0],
+                              pickers=pickers[1:],
                               fail_open=a.fail_open, lb=a.lb, admin_port=a.admin_port,
                               response_body=a.response_body,
                               endpoints=[e.split(",")[0] for e in a.endpoint])
