@@ -39,7 +39,11 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # observe: Envoy streams every response body chunk through the picker (first token, usage, end).
     # skip: Envoy sends no response body (its ext_proc filter must say response_body_mode NONE; the stream
     # tells the picker so in protocol_config); first token = response headers, end = the stream's end.
-    response_body: Literal["observe", "skip"] = "observe"
+    # detach: Envoy sends nothing of the response (headers and trailers SKIP too), so it closes the ext_proc
+    # stream once the request is routed: a picker crash or restart can no longer cut a stream already placed.
+    # The cost: the picker never sees the response; a request counts as ended when it is routed (in-flight
+    # load comes from the pods' scraped metrics only; no first-token, usage or failure feedback).
+    response_body: Literal["observe", "skip", "detach"] = "observe"
 
 
 class EndpointConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -21,9 +21,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, help="Prometheus port (server.metrics_port; -1 disables)")
     p.add_argument("--host", help="listen address (server.host)")
     p.add_argument("--debug-headers", action="store_true", help="add x-kvswitch-* response headers")
-    p.add_argument("--response-body", choices=["observe", "skip"],
+    p.add_argument("--response-body", choices=["observe", "skip", "detach"],
                    help="server.response_body: observe (default) reads every response chunk; skip expects Envoy "
-                        "to send none (kvswitch envoy-config --response-body skip) and ends requests at stream end")
+                        "to send none (kvswitch envoy-config --response-body skip) and ends requests at stream end; detach: "
+                        "Envoy sends nothing of the response, a picker crash cuts no placed stream, no feedback")
     p.add_argument("--log-level", default="INFO")
     return p
 

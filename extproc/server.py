@@ -88,7 +88,7 @@ class Server:
         s = config.server
         self.processor = ExternalProcessor(
             scheduler, StreamSettings(s.body_limit_bytes, s.debug_headers, dict(s.model_rewrite), s.max_fallback,
-                                      s.response_body == "observe"),
+                                      s.response_body == "observe", s.response_body == "detach"),
             self.clock
         )
         self.health = health_aio.HealthServicer()

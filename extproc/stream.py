@@ -47,6 +47,7 @@ class StreamSettings:
     model_rewrite: dict[str, str] = field(default_factory=dict)
     max_fallback: int = 0  # 0: the whole fallback list
     response_body: bool = True  # Envoy sends response bodies (observe); the stream's protocol_config decides
+    detached: bool = False  # Envoy sends nothing of the response: the stream's end after routing is the end
 
 
 class Phase(enum.Enum):
@@ -346,6 +347,14 @@ class ExtProcStream:
         if self.decision is not None and not self._ended and self.observer is not None \
                 and not self._body_expected:
             self._finish()
+        if self.decision is not None and not self._ended and self.settings.detached:
+            self._ended = True  # detached: the response is never seen, so routing was the last we know of it
+            self.phase = Phase.DONE
+            self._uncount()
+            try:
+                self.scheduler.on_finished(self.decision, None, self.clock.now())
+            except Exception:
+                log.exception("scheduler.on_finished failed")
         if self.decision is not None and not self._ended:
             self._ended = True
             self._uncount()

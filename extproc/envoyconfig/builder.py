@@ -121,6 +121,9 @@ class EnvoyConfigOptions:
     # the end (with SKIP Envoy 1.40 closes the stream right after the response headers reply). A per-request
     # mode_override cannot do this instead: Envoy ignores mode_override when the filter's request or response
     # body mode is FULL_DUPLEX_STREAMED (checked with Envoy 1.40).
+    # "detach": nothing of the response (headers, body, trailers) goes to the picker, so Envoy closes the
+    # ext_proc stream once the request is routed and a picker crash cannot cut it; run the picker with
+    # server.response_body: detach (it then counts a request as ended when routed, and gets no feedback).
     response_body: str = "observe"
     ext_proc: bool = True  # False: Envoy alone, round robin over ``endpoints`` (the benchmark baseline)
     # Extra HTTP filters (already-serialised proto3 JSON dicts with "name"/"typedConfig") placed before
@@ -152,17 +155,21 @@ def _load_assignment(name: str, addresses: list[str]) -> ClusterLoadAssignment:
 def _ext_proc(opts: EnvoyConfigOptions) -> ExternalProcessor:
     send = ProcessingModeHeaderSendMode.SEND
     duplex = ProcessingModeBodySendMode.FULL_DUPLEX_STREAMED
-    if opts.response_body not in ("observe", "skip"):
-        raise ValueError(f"response_body must be observe or skip, got {opts.response_body!r}")
+    if opts.response_body not in ("observe", "skip", "detach"):
+        raise ValueError(f"response_body must be observe, skip or detach, got {opts.response_body!r}")
     response_body = duplex if opts.response_body == "observe" else ProcessingModeBodySendMode.NONE
+    # detach: nothing of the response goes to the picker, so Envoy ends the ext_proc stream after the request
+    # phase and a picker crash cannot cut a stream already placed (see EnvoyConfigOptions.response_body).
+    response_side = ProcessingModeHeaderSendMode.SKIP if opts.response_body == "detach" else send
     return ExternalProcessor(
-        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=PICKER_CLUSTER),
+        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=PICKER_CLUSTER,
+                                                                  retry_policy=hardening.picker_grpc_retry()),
                                  timeout=_seconds(opts.picker_grpc_timeout_s)),
         failure_mode_allow=opts.fail_open,
         processing_mode=ProcessingMode(
-            request_header_mode=send, response_header_mode=send,
+            request_header_mode=send, response_header_mode=response_side,
             request_body_mode=duplex, response_body_mode=response_body,
-            request_trailer_mode=send, response_trailer_mode=send,
+            request_trailer_mode=send, response_trailer_mode=response_side,
         ),
         message_timeout=_seconds(opts.message_timeout_s),
         metadata_options=MetadataOptions(
@@ -261,6 +268,7 @@ def _picker_cluster(opts: EnvoyConfigOptions) -> Cluster:
         # under FULL_DUPLEX_STREAMED; it also makes fail-closed answer fast.
         common_lb_config=ClusterCommonLbConfig(healthy_panic_threshold=Percent(value=0.0)),
         typed_extension_protocol_options={"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _pack(h2)},
+        outlier_detection=hardening.picker_outlier_detection(),
         health_checks=[HealthCheck(
             timeout=_seconds(1),
             interval=_seconds(opts.picker_health_interval_s),

@@ -22,7 +22,7 @@ def parse_args(argv: list[str]) -> tuple[EnvoyConfigOptions, str | None, str]:
     p.add_argument("--lb", choices=["override-host", "original-dst"], default="override-host")
     p.add_argument("--endpoint", action="append", default=[], metavar="IP:PORT",
                    help="a pool pod (repeatable; required with --lb override-host)")
-    p.add_argument("--response-body", choices=["observe", "skip"], default="observe",
+    p.add_argument("--response-body", choices=["observe", "skip", "detach"], default="observe",
                    help="skip: Envoy sends no response body to the picker (pair with kvswitch serve "
                         "--response-body skip): fewer messages, no usage/cached-token feedback")
     p.add_argument("--admin-port", type=int, default=9901)

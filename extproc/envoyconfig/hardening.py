@@ -33,11 +33,14 @@ from envoy_data_plane.envoy.config.accesslog.v3 import (
     ResponseFlagFilter,
     StatusCodeFilter,
 )
+from envoy_data_plane.envoy.config.cluster.v3 import OutlierDetection
 from envoy_data_plane.envoy.config.common.mutation_rules.v3 import HeaderMutation as RuleHeaderMutation
 from envoy_data_plane.envoy.config.common.mutation_rules.v3 import HeaderMutationRemoveOnMatch
 from envoy_data_plane.envoy.config.core.v3 import (
     DataSource,
     RuntimeUInt32,
+    RetryPolicy as CoreRetryPolicy,
+    RetryPolicyRetryHostPredicate,
     SubstitutionFormatString,
     TypedExtensionConfig,
 )
@@ -59,6 +62,7 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
 from envoy_data_plane.envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
     HeaderMutation as EarlyHeaderMutation,
 )
+from envoy_data_plane.envoy.extensions.retry.host.previous_hosts.v3 import PreviousHostsPredicate
 from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
 from envoy_data_plane.google.protobuf import Any as AnyProto
 from envoy_data_plane.google.protobuf import Struct
@@ -213,3 +217,31 @@ def picker_reply_filter() -> AccessLogFilter:
                                        "response.code_details == 'direct_response'")
     return AccessLogFilter(extension_filter=ExtensionFilter(
         name="envoy.access_loggers.extension_filters.cel", typed_config=_pack(expr)))
+
+
+def picker_grpc_retry() -> CoreRetryPolicy:
+    """Retry opening an ext_proc stream on another picker replica when the chosen one refuses the connection
+    (killed, restarting): no request has reached the picker yet, so nothing is repeated."""
+    return CoreRetryPolicy(
+        retry_on="connect-failure,refused-stream,reset,unavailable",
+        num_retries=2,
+        retry_host_predicate=[RetryPolicyRetryHostPredicate(
+            name="envoy.retry_host_predicates.previous_hosts", typed_config=_pack(PreviousHostsPredicate()))],
+        host_selection_retry_max_attempts=5,
+    )
+
+
+def picker_outlier_detection() -> OutlierDetection:
+    """Take a picker replica out at its first refused connection (SIGKILL, crash), long before the active
+    health check (interval x unhealthy_threshold) would. At most half the replicas, and never a lone picker
+    (``always_eject_one_host`` stays off), so one transient failure cannot empty the cluster."""
+    return OutlierDetection(
+        split_external_local_origin_errors=True,
+        consecutive_local_origin_failure=1,
+        enforcing_consecutive_local_origin_failure=100,
+        consecutive_gateway_failure=1000, enforcing_consecutive_gateway_failure=0,
+        enforcing_success_rate=0,
+        interval=timedelta(seconds=1),
+        base_ejection_time=timedelta(seconds=2),
+        max_ejection_percent=50,
+    )
