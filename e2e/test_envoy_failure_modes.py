@@ -8,9 +8,8 @@ import aiohttp
 import pytest
 
 from e2e.support.envoy import EnvoyProcess
-from e2e.support.picker import picker_config, running_picker
+from e2e.support.picker import LEAST_INFLIGHT, picker_config, running_picker
 from extproc.envoyconfig.builder import EnvoyConfigOptions
-from pickers.simple import LeastInFlight
 
 pytestmark = pytest.mark.envoy
 GOOD = {"model": "llama-3.1-8b", "prompt": "hi", "max_tokens": 2}
@@ -19,8 +18,8 @@ GOOD = {"model": "llama-3.1-8b", "prompt": "hi", "max_tokens": 2}
 @pytest.mark.parametrize("fail_open", [True, False])
 async def test_picker_down(fake_pods, fail_open):
     pool = [p.address for p in fake_pods]
-    cfg = picker_config(pool)
-    async with running_picker(cfg, LeastInFlight(cfg.endpoint_objects())) as picker:
+    cfg = picker_config(pool, LEAST_INFLIGHT)
+    async with running_picker(cfg) as picker:
         opts = EnvoyConfigOptions(picker=picker.address, endpoints=pool, fail_open=fail_open)
         envoy = EnvoyProcess(opts)
         await envoy.start()

@@ -12,10 +12,9 @@ import orjson
 import pytest
 
 from e2e.support.envoy import EnvoyProcess
-from e2e.support.picker import picker_config, running_picker
+from e2e.support.picker import LEAST_INFLIGHT, picker_config, running_picker
 from e2e.support.stack import envoy_stack
 from extproc.envoyconfig.builder import EnvoyConfigOptions
-from pickers.simple import LeastInFlight
 
 pytestmark = pytest.mark.envoy
 GOOD = {"model": "llama-3.1-8b", "prompt": "hi", "max_tokens": 2}
@@ -32,8 +31,8 @@ def _openai_error(raw: bytes) -> dict:
 
 async def _dead_picker_envoy(pool: list[str], fail_open: bool) -> EnvoyProcess:
     """An Envoy whose picker has gone away (started, then stopped), once its health check saw it go."""
-    cfg = picker_config(pool)
-    async with running_picker(cfg, LeastInFlight(cfg.endpoint_objects())) as picker:
+    cfg = picker_config(pool, LEAST_INFLIGHT)
+    async with running_picker(cfg) as picker:
         envoy = EnvoyProcess(EnvoyConfigOptions(picker=picker.address, endpoints=pool, fail_open=fail_open))
         await envoy.start()
     try:

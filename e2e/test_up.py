@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 
 from e2e.support.ports import free_port
-from extproc.localstack import find_pd_handler
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.envoy, pytest.mark.slow]
@@ -193,12 +192,8 @@ def test_up_pd_fronts_decode_pods_with_sidecars():
         long = _complete(up.url, "a long shared document " * 600)
         assert long.status_code == 200, long.text
         assert long.headers["x-kvswitch-endpoint"] in decode
-        if find_pd_handler() is None:
-            assert "decode-only" in up.output
-            assert "x-kvswitch-prefill-endpoint" not in long.headers
-        else:
-            prefill = {a for a, name in up.routable.items() if name.startswith("prefill")}
-            assert long.headers.get("x-kvswitch-prefill-endpoint") in prefill, long.headers
+        prefill = {a for a, name in up.routable.items() if name.startswith("prefill")}
+        assert long.headers.get("x-kvswitch-prefill-endpoint") in prefill, long.headers
 
         up.proc.send_signal(signal.SIGINT)
         assert up.proc.wait(10) == 0, up.output

@@ -15,11 +15,8 @@ from typing import Any, Literal
 import msgspec
 import yaml
 
+from pickers.framework import ConfigError  # one error type for every configuration mistake
 from pickers.types import Endpoint, Role
-
-
-class ConfigError(ValueError):
-    """The configuration is invalid; the message names the key."""
 
 
 class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -55,11 +52,13 @@ class EndpointConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     labels: dict[str, str] = {}
     kv_events: str | None = None
     metrics_url: str | None = None
+    max_num_batched_tokens: int | None = None  # the engine's step budget; default: its preset's
 
     def to_endpoint(self) -> Endpoint:
         return Endpoint(address=self.address, role=Role(self.role), model=self.model,
                         accelerator=self.accelerator, model_profile=self.model_profile,
-                        labels=dict(self.labels), kv_events=self.kv_events, metrics_url=self.metrics_url)
+                        labels=dict(self.labels), kv_events=self.kv_events, metrics_url=self.metrics_url,
+                        max_num_batched_tokens=self.max_num_batched_tokens)
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

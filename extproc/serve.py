@@ -8,6 +8,8 @@ import logging
 import signal
 import sys
 
+import uvloop
+
 from extproc.config import ConfigError, load_config, parse_endpoint_flag
 from extproc.server import build_scheduler, build_server
 
@@ -65,15 +67,15 @@ def main(argv: list[str]) -> int:
         s.debug_headers = True
     if args.response_body:
         s.response_body = args.response_body
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
+    try:  # the scheduler section is validated here: a bad key is one line and exit 2, like the rest
+        director = build_scheduler(config)
+    except ConfigError as exc:
+        print(f"kvswitch serve: {exc}", file=sys.stderr)
+        return 2
+    uvloop.install()
 
     async def go() -> None:
-        await _run(build_server(config, build_scheduler(config)))
+        await _run(build_server(config, director))
 
     try:
         asyncio.run(go())

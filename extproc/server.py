@@ -5,7 +5,8 @@
     ...
     await server.stop()                            # NOT_SERVING, stop accepting, drain up to drain_seconds
 
-The server only talks to the scheduler through pickers.types.Scheduler, so any implementation plugs in.
+The server talks to the picker only through ``pickers.types.Scheduler`` (pickers.director.Director):
+start/stop/ready for its lifecycle and readiness, ``route`` and the response hooks from each stream.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from extproc import metrics
 from extproc.config import Config
 from extproc.stream import ExtProcStream, StreamSettings
 from pickers.clock import Clock, MonotonicClock
+from pickers.config import build_scheduler as framework_build
+from pickers.director import Director
 from pickers.types import Scheduler
 
 log = logging.getLogger("kvswitch.extproc")
@@ -66,16 +69,6 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             metrics.STREAMS.dec()
 
 
-def _scheduler_ready(scheduler: Scheduler, config: Config) -> bool:
-    ready = getattr(scheduler, "ready", None)
-    if callable(ready):
-        return bool(ready())
-    endpoints = getattr(scheduler, "endpoints", None)
-    if endpoints is not None:
-        return len(endpoints) > 0
-    return bool(config.endpoints)
-
-
 class Server:
     """The running picker: gRPC (ext_proc + health) and, unless disabled, the Prometheus port."""
 
@@ -87,7 +80,7 @@ class Server:
         self.manage_scheduler = manage_scheduler
         s = config.server
         self.processor = ExternalProcessor(
-            scheduler, StreamSettings(s.body_limit_bytes, s.debug_headers, dict(s.model_rewrite), s.max_fallback,
+            scheduler, StreamSettings(s.body_limit_bytes, s.debug_headers, dict(s.model_rewrite),
                                       s.response_body == "observe", s.response_body == "detach"),
             self.clock
         )
@@ -149,7 +142,7 @@ class Server:
         log.info("kvswitch ext_proc listening on %s:%d (metrics %s)", s.host, self.port, self.metrics_port)
 
     async def _update_readiness(self) -> bool:
-        ready = not self._stopping and _scheduler_ready(self.scheduler, self.config)
+        ready = not self._stopping and self.scheduler.ready()
         status = _SERVING if ready else _NOT_SERVING
         await self.health.set("readiness", status)
         await self.health.set(EXT_PROC_SERVICE, status if not self._stopping else _NOT_SERVING)
@@ -214,18 +207,7 @@ def build_server(config: Config, scheduler: Scheduler, clock: Clock | None = Non
     return Server(config, scheduler, clock, manage_scheduler)
 
 
-def build_scheduler(config: Config, clock: Clock | None = None) -> Scheduler:
-    """The framework's scheduler when pickers.config exists, else LeastInFlight (warning if configured)."""
-    clock = clock or MonotonicClock()
-    endpoints = config.endpoint_objects()
-    try:
-        from pickers.config import build_scheduler as framework_build
-    except ImportError:
-        framework_build = None
-    if framework_build is not None:
-        return framework_build(config.scheduler, endpoints, clock)
-    if config.scheduler:
-        log.warning("scheduler: configuration ignored (pickers.config is not available); using LeastInFlight")
-    from pickers.simple import LeastInFlight
-
-    return LeastInFlight(endpoints, clock)
+def build_scheduler(config: Config, clock: Clock | None = None) -> Director:
+    """The director from the picker configuration's ``scheduler`` section and endpoints."""
+    return framework_build(config.scheduler, config.endpoint_objects(), clock or MonotonicClock(),
+                           max_fallback=config.server.max_fallback)

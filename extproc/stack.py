@@ -14,9 +14,9 @@ import sys
 from collections.abc import AsyncIterator, Callable
 
 from extproc.config import ConfigError
-from extproc.localstack import LocalStack, StackOptions, StackPod, find_pd_handler
+from extproc.localstack import LocalStack, StackOptions, StackPod
 
-__all__ = ["LocalStack", "StackOptions", "StackPod", "add_stack_arguments", "find_pd_handler", "main",
+__all__ = ["LocalStack", "StackOptions", "StackPod", "add_stack_arguments", "main",
            "options_from_args", "running_stack"]
 
 

@@ -1,9 +1,11 @@
 """The per-request ext_proc state machine: one instance per gRPC stream.
 
 request headers -> request body chunks (FULL_DUPLEX_STREAMED: the headers reply waits for end_of_stream)
--> decision -> headers reply (destination header + envoy.lb metadata) and the body as streamed chunks ->
-response headers -> response body chunks passed straight back while observed -> end. ``handle`` returns the
-replies for one incoming message, in order; it never blocks on anything but the scheduler.
+-> ``director.route(request)`` (pickers/director.py: everything between the parsed request and the header
+mutations) -> headers reply (destination header + envoy.lb metadata) and the body as streamed chunks ->
+response headers -> response body chunks passed straight back while observed -> end, reported to the
+director's response hooks. ``handle`` returns the replies for one incoming message, in order; it never
+blocks on anything but the director.
 
 When Envoy sends no response body (``response_body_mode: NONE``, said in the first message's
 ``protocol_config``; ``server.response_body: skip``), the response headers stand for the first token and the
@@ -45,7 +47,6 @@ class StreamSettings:
     body_limit_bytes: int = 8 * 1024 * 1024
     debug_headers: bool = False
     model_rewrite: dict[str, str] = field(default_factory=dict)
-    max_fallback: int = 0  # 0: the whole fallback list
     response_body: bool = True  # Envoy sends response bodies (observe); the stream's protocol_config decides
     detached: bool = False  # Envoy sends nothing of the response: the stream's end after routing is the end
 
@@ -108,8 +109,8 @@ def _split_addresses(value) -> list[str]:
 class ExtProcStream:
     """State of one ext_proc stream (one HTTP request through Envoy)."""
 
-    def __init__(self, scheduler: Scheduler, settings: StreamSettings, clock: Clock) -> None:
-        self.scheduler = scheduler
+    def __init__(self, director: Scheduler, settings: StreamSettings, clock: Clock) -> None:
+        self.director = director
         self.settings = settings
         self.clock = clock
         self.phase = Phase.HEADERS
@@ -208,33 +209,19 @@ class ExtProcStream:
                 request = InferenceRequest(request_id=request_id, model="", api=api_for_path(path) or "other",
                                            headers=wanted, arrival=now)
                 rewritten = False
-            if self.subset is not None:
-                request.subset = self.subset
-                if not self.subset:
-                    raise SchedulingError(503, "the gateway's subset hint is empty: no endpoint may serve this "
-                                          "request", "subset_empty")
-            decision = await self.scheduler.schedule(request)
-            endpoints = decision.endpoints
-            if self.subset is not None:
-                allowed = set(self.subset)
-                endpoints = [e for e in endpoints if e in allowed]
-                if not endpoints:
-                    raise SchedulingError(503, "no ready endpoint in the gateway's subset hint can serve this "
-                                          "request", "subset_no_match")
-                decision.endpoints = endpoints
+            request.subset = self.subset
+            decision = await self.director.route(request)
         except SchedulingError as exc:
             metrics.DECISION_SECONDS.observe(time.perf_counter() - t0)
             return self._reject(exc)
-        except Exception:  # a scheduler bug must not take the stream down silently
-            log.exception("scheduler failed for request %s", request_id)
+        except Exception:  # a picker bug must not take the stream down silently
+            log.exception("the director failed for request %s", request_id)
             metrics.DECISION_SECONDS.observe(time.perf_counter() - t0)
             return self._reject(SchedulingError(503, "the endpoint picker failed to choose an endpoint; retry "
                                                 "the request", "picker_error"))
         self.decision = decision
         self.phase = Phase.ROUTED
         self._count(decision.primary)
-        if self.settings.max_fallback:
-            decision.endpoints = decision.endpoints[: self.settings.max_fallback]
         value = ",".join(decision.endpoints)
         remove = [h for h in msg.CONTROLLED_HEADERS if h in self.headers and h != msg.DESTINATION
                   and not (h == msg.PREFILLER and decision.prefill)]
@@ -261,9 +248,9 @@ class ExtProcStream:
             # No body will be seen: the headers are the first sign of output (vLLM sends a streaming
             # response's headers when generation starts; a non-streaming one's when it is done).
             try:
-                self.scheduler.on_first_token(self.decision, self.clock.now())
+                self.director.on_first_token(self.decision, self.clock.now())
             except Exception:
-                log.exception("scheduler.on_first_token failed")
+                log.exception("director.on_first_token failed")
         if self.decision is not None and req.HasField("metadata_context"):
             served = _metadata_value(req.metadata_context, msg.LB_NAMESPACE, msg.SERVED)
             if isinstance(served, str) and served:
@@ -271,9 +258,9 @@ class ExtProcStream:
                 if served != self._counted:
                     self._count(served)
                 try:
-                    self.scheduler.on_served(self.decision, served)
+                    self.director.on_served(self.decision, served)
                 except Exception:
-                    log.exception("scheduler.on_served failed")
+                    log.exception("director.on_served failed")
         extra = self._debug_headers() if self.settings.debug_headers else None
         out = [msg.response_headers_reply(extra)]
         if req.response_headers.end_of_stream:
@@ -286,9 +273,9 @@ class ExtProcStream:
         if obs is not None and self.decision is not None and not self._ended:
             if obs.feed(chunk) and obs.error is None:
                 try:
-                    self.scheduler.on_first_token(self.decision, self.clock.now())
+                    self.director.on_first_token(self.decision, self.clock.now())
                 except Exception:
-                    log.exception("scheduler.on_first_token failed")
+                    log.exception("director.on_first_token failed")
         out = [msg.response_body_chunk(chunk, body.end_of_stream)]
         if body.end_of_stream:
             self._finish()
@@ -333,13 +320,13 @@ class ExtProcStream:
                 obs.error = "truncated: the response stream ended without its final event ([DONE])"
                 metrics.ERRORS.labels("truncated").inc()
             if obs is not None and obs.error is None:
-                self.scheduler.on_finished(self.decision, usage, at)
+                self.director.on_finished(self.decision, usage, at)
             else:
                 reason = obs.error if obs is not None else "no response"
                 metrics.ERRORS.labels("upstream_error").inc()
-                self.scheduler.on_failed(self.decision, reason or "error", at)
+                self.director.on_failed(self.decision, reason or "error", at)
         except Exception:
-            log.exception("scheduler hook failed at end of request")
+            log.exception("a director hook failed at the end of the request")
 
     def close(self) -> None:
         """The gRPC stream ended (normally or not): a request still in flight failed, unless no response
@@ -352,7 +339,7 @@ class ExtProcStream:
             self.phase = Phase.DONE
             self._uncount()
             try:
-                self.scheduler.on_finished(self.decision, None, self.clock.now())
+                self.director.on_finished(self.decision, None, self.clock.now())
             except Exception:
                 log.exception("scheduler.on_finished failed")
         if self.decision is not None and not self._ended:
@@ -360,8 +347,8 @@ class ExtProcStream:
             self._uncount()
             metrics.ERRORS.labels("stream_aborted").inc()
             try:
-                self.scheduler.on_failed(self.decision, "stream closed before the response ended",
+                self.director.on_failed(self.decision, "stream closed before the response ended",
                                          self.clock.now())
             except Exception:
-                log.exception("scheduler.on_failed failed")
+                log.exception("director.on_failed failed")
         metrics.STREAM_SECONDS.observe(time.perf_counter() - self.started)

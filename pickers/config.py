@@ -23,8 +23,12 @@ every error message). No section at all gives the ``default`` profile with every
         approximate: {max_blocks: 4000000, pod_blocks: 200000}
         precise: {max_blocks: 10000000, medium_weights: {GPU: 1.0, CPU: 0.8}, engine_map_cap: 2000000,
                   degraded_after_s: 10, topic: "", pending_ttl_s: 5, pending_max_blocks: 1000000}
+      predictor: {decode_context_tokens: 2048, waiting_prompt_tokens: 0}   # pickers/predictor.py
       explain_top: 5
       default_decode_tokens: 256
+
+Each endpoint's step token budget (vLLM ``max_num_batched_tokens``) is the endpoint's own
+``max_num_batched_tokens`` or, when unset, what engine.presets deploys for its model, accelerator and role.
 """
 
 from __future__ import annotations
@@ -35,13 +39,14 @@ from typing import Any
 import pickers.plugins  # noqa: F401  (registers the built-in plugins)
 from engine.tokens.tokenizer import load_tokenizer
 from pickers.clock import Clock, MonotonicClock
-from pickers.costs import coefficients
+from pickers.costs import cost_model, preset_budget
 from pickers.datalayer import DataLayer, DataLayerSettings
 from pickers.datalayer.endpoints import StaticDiscovery
+from pickers.director import Director
 from pickers.framework import ConfigError, Param, Profile, check_value, create
+from pickers.predictor import PredictorSettings
 from pickers.profiles import BUILTIN_PROFILES, DECODE_FILTERS
 from pickers.promstats import scheduler_metrics
-from pickers.scheduler import KVScheduler
 from pickers.tokenize import TokenService
 from pickers.types import Endpoint
 
@@ -49,7 +54,7 @@ __all__ = ["ConfigError", "build_scheduler"]
 
 ROOT = "scheduler"
 _TOP = {"profile", "handler", "admission", "profiles", "filters", "scorers", "picker", "tokenizer",
-        "datalayer", "prefix", "explain_top", "default_decode_tokens"}
+        "datalayer", "prefix", "predictor", "explain_top", "default_decode_tokens"}
 
 
 def _mapping(path: str, v: Any) -> dict[str, Any]:
@@ -101,11 +106,13 @@ def build_scheduler(
     *,
     network: bool = True,
     registry: Any = None,
-) -> KVScheduler:
-    """A scheduler from the ``scheduler:`` section (``None`` = defaults) over ``endpoints``.
+    max_fallback: int = 0,
+) -> Director:
+    """The director from the ``scheduler:`` section (``None`` = defaults) over ``endpoints``.
 
-    ``network=False`` (virtual time, tests): no scrapers or subscribers; feed ``scheduler.datalayer``
-    directly. ``registry``: a prometheus CollectorRegistry (default: the global one).
+    ``network=False`` (virtual time, tests): no scrapers or subscribers; feed ``director.dl`` directly.
+    ``registry``: a prometheus CollectorRegistry (default: the global one). ``max_fallback``: the longest
+    fallback list sent to the gateway (``server.max_fallback``; 0: the picker's whole ranking).
     """
     clock = clock or MonotonicClock()
     cfg = _mapping(ROOT, copy.deepcopy(raw))
@@ -175,31 +182,42 @@ def build_scheduler(
     profiles = {n: _profile(own_paths.get(n, f"{ROOT}.profiles.{n}"), n, r) for n, r in profiles_raw.items()}
 
     handler = create("handler", cfg.get("handler", {"type": "decode-only"}), f"{ROOT}.handler")
-    hp = getattr(handler, "profile", None)
+    hp = handler.profile
     if hp is not None and hp not in profiles:
         raise ConfigError(f"{ROOT}.handler.profile: unknown profile {hp!r}; known: {', '.join(sorted(profiles))}")
     admission = [create("admission", a, f"{ROOT}.admission[{i}]")
                  for i, a in enumerate(_list(f"{ROOT}.admission", cfg.get("admission", ["saturation"])))]
+
+    prp = f"{ROOT}.predictor"
+    pcfg = _mapping(prp, cfg.get("predictor"))
+    _keys(prp, pcfg, {"decode_context_tokens", "waiting_prompt_tokens"})
+    predictor = PredictorSettings(
+        decode_context_tokens=_get(prp, pcfg, "decode_context_tokens", Param(float, 2048.0, min=0.0)),
+        waiting_prompt_tokens=_get(prp, pcfg, "waiting_prompt_tokens", Param(float, 0.0, min=0.0)),
+    )
 
     stats = scheduler_metrics(registry)
     dl = DataLayer(
         clock, tokens, settings,
         on_degraded=lambda addr, on, why: stats.degraded.labels(addr).set(1 if on else 0),
         on_health=lambda addr, ok: stats.healthy.labels(addr).set(1 if ok else 0),
+        predictor=predictor, discovery=StaticDiscovery(endpoints),
     )
-    sched = KVScheduler(
+    sched = Director(
         dl, profiles, name, handler, admission, clock, stats, network=network,
-        discovery=StaticDiscovery(endpoints),
         explain_top=_get(ROOT, cfg, "explain_top", Param(int, 5, min=1)),
         default_decode_tokens=_get(ROOT, cfg, "default_decode_tokens", Param(int, 256, min=1)),
+        max_fallback=max_fallback,
     )
     seen: set[str] = set()
     for i, ep in enumerate(endpoints):
         if ep.address in seen:
             raise ConfigError(f"endpoints[{i}].address: duplicate endpoint {ep.address!r}")
         seen.add(ep.address)
-        try:
-            coefficients(ep.model_profile, ep.accelerator)  # validates the cost-model names
+        try:  # validates the cost-model names before the endpoint reaches the tables
+            cost_model(ep.model_profile, ep.accelerator)
+            if ep.max_num_batched_tokens is None:
+                preset_budget(ep.model_profile, ep.accelerator, ep.role.value)
         except ValueError as e:
             raise ConfigError(f"endpoints[{i}]: {e}") from None
         sched.add_endpoint(ep)

@@ -1,13 +1,10 @@
-"""The shared cost model (engine.costmodel) in the form the scorers need: per-pod coefficients in arrays.
+"""The one cost model (engine.costmodel) laid out per endpoint slot, for the predictor and the scorers.
 
-Calling ``CostModel.prefill_time`` for 64 pods costs ~35 µs per decision; instead each pod's model x
-accelerator is reduced once to a few coefficients (derived from ``CostModel.step_time``, so the roofline
-stays the single source) and the estimate runs as vector arithmetic:
-
-    tau_tok   seconds of compute per new token in a compute-bound step
-    tau_pair  seconds per attention query-key pair
-    d_kv      seconds per context token of KV a decode step reads
-    overhead  fixed seconds per engine step
+Each pod's model x accelerator x deployment becomes a ``Roofline`` (the numbers ``step_seconds`` needs) in
+a ``RooflineTable``; the predictor evaluates the very formula the simulator charges, vectorised over
+candidates (engine.costmodel.vector), never a fitted approximation of it. Beside it, per slot: the pod's
+step token budget (vLLM ``max_num_batched_tokens``: the endpoint's own value, else its role's preset, as the
+pod would be deployed by engine.presets), its KV capacity in tokens, and the cost of an empty step.
 """
 
 from __future__ import annotations
@@ -16,48 +13,52 @@ from functools import lru_cache
 
 import numpy as np
 
-from engine.costmodel import CostModel
+from engine.costmodel import CostModel, Roofline
+from engine.costmodel.vector import RooflineTable
+from engine.presets import preset
+from pickers.types import Endpoint
 
 
-@lru_cache(maxsize=64)
-def coefficients(model_profile: str, accelerator: str) -> tuple[float, float, float, float]:
-    cm = CostModel(model_profile, accelerator)
-    big = 8192
-    t1 = cm.step_time(big, 0.0, 0.0)
-    t2 = cm.step_time(2 * big, 0.0, 0.0)
-    tau_tok = max((t2 - t1) / big, 1e-12)
-    pairs = 1e9
-    tau_pair = max((cm.step_time(big, pairs, 0.0) - t1) / pairs, 0.0)
-    b, ctx = 256, 4096
-    d_kv = max((cm.decode_step_time(b, b * ctx) - cm.decode_step_time(b, 0)) / (b * ctx), 0.0)
-    return tau_tok, tau_pair, d_kv, cm.efficiency.step_overhead_s
+@lru_cache(maxsize=256)
+def cost_model(model_profile: str, accelerator: str) -> CostModel:
+    """The cost model of a pod (raises ValueError for an unknown model profile or accelerator)."""
+    return CostModel(model_profile, accelerator)
+
+
+@lru_cache(maxsize=256)
+def preset_budget(model_profile: str, accelerator: str, role: str) -> int:
+    """max_num_batched_tokens of the preset a pod of this kind is deployed with."""
+    return preset(model_profile, accelerator, role).max_num_batched_tokens
 
 
 class CostTable:
-    """Per endpoint slot: the coefficients above."""
+    """Per endpoint slot: the pod's roofline, step token budget, KV capacity and empty-step cost."""
 
     def __init__(self, max_endpoints: int = 1024) -> None:
         n = max_endpoints
-        self.tau_tok = np.full(n, 1e-5)
-        self.tau_pair = np.zeros(n)
-        self.d_kv = np.zeros(n)
-        self.overhead = np.full(n, 1e-3)
+        self.roofline = RooflineTable(n)
+        self.budget = np.full(n, 8192.0)
+        self.kv_capacity = np.full(n, 1e6)
+        self.empty_step_s = np.full(n, 1e-3)  # one token, nothing cached: the floor every step pays
+        self._version = 0
+        self._memo: dict[int, tuple[np.ndarray, int, Roofline]] = {}  # copies -> (slots, version, rooflines)
 
-    def set(self, slot: int, model_profile: str, accelerator: str) -> None:
-        self.tau_tok[slot], self.tau_pair[slot], self.d_kv[slot], self.overhead[slot] = coefficients(
-            model_profile, accelerator)
+    def rooflines(self, slots: np.ndarray, copies: int = 1) -> Roofline:
+        """The rooflines of ``slots`` (repeated ``copies`` times, for stacked evaluations). Memoised for the
+        same ``slots`` array object: the endpoint table hands out one cached array while the fleet is
+        unchanged, so a decision normally costs no gather at all."""
+        got = self._memo.get(copies)
+        if got is not None and got[0] is slots and got[1] == self._version:
+            return got[2]
+        r = self.roofline.gather(np.tile(slots, copies) if copies > 1 else slots)
+        self._memo[copies] = (slots, self._version, r)
+        return r
 
-
-def estimate_ttft(
-    costs: CostTable, cands: np.ndarray, prompt: float, cached: np.ndarray, queued: np.ndarray,
-    running: np.ndarray, budget: float, decode_ctx: float,
-) -> np.ndarray:
-    """Expected seconds to first token of a ``prompt``-token request on each candidate (see score_ttft)."""
-    uncached = np.maximum(prompt - cached, 1.0)
-    work = queued + uncached
-    r = np.minimum(running, 0.9 * budget)
-    steps = np.ceil(work / (budget - r))
-    tau = costs.tau_tok[cands]
-    per_step = costs.overhead[cands] + running * tau + running * decode_ctx * costs.d_kv[cands]
-    compute = work * tau + (uncached * cached + 0.5 * uncached * uncached) * costs.tau_pair[cands]
-    return steps * per_step + compute
+    def set(self, slot: int, endpoint: Endpoint) -> None:
+        cm = cost_model(endpoint.model_profile, endpoint.accelerator)
+        self.roofline.set(slot, cm.roofline)
+        self.budget[slot] = float(endpoint.max_num_batched_tokens
+                                  or preset_budget(endpoint.model_profile, endpoint.accelerator, endpoint.role.value))
+        self.kv_capacity[slot] = float(cm.kv_capacity_tokens)
+        self.empty_step_s[slot] = cm.step_time(1, 1.0, 0.0)
+        self._version += 1

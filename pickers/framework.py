@@ -11,18 +11,21 @@ Candidates are numpy int arrays of endpoint slots and every signal is an array i
 decision over 64 pods is a few dozen vector operations, not 64 x plugins Python calls.
 
 Plugins may also implement request hooks (``on_routed``, ``on_served``, ``on_first_token``,
-``on_finished``, ``on_failed``), which the scheduler calls for every plugin that defines them.
+``on_finished``, ``on_failed``): the base class defines them as no-ops, and the director calls those a
+plugin overrides (pickers/director.py owns a request's whole way).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from pickers.types import Decision, InferenceRequest, SchedulingError
+from pickers.kvblocks.hashing import hash_blocks
+from pickers.state import Prediction, PrefixMode, ProfileResult, RequestState
+from pickers.types import Decision, InferenceRequest, SchedulingError, Usage
 
 if TYPE_CHECKING:
     from pickers.datalayer import DataLayer
@@ -83,13 +86,17 @@ class Plugin:
     TYPE: ClassVar[str] = ""
     PARAMS: ClassVar[dict[str, Param]] = {}
     needs_tokens: ClassVar[bool] = False
+    # Whether the plugin reads scraped pod metrics (directly, through health, or through the prediction):
+    # a profile none of whose plugins does is not worth a /metrics scrape per pod.
+    reads_metrics: ClassVar[bool] = True
+    dl: DataLayer
 
     def __init__(self, **params: Any) -> None:
         for k, p in self.PARAMS.items():
             setattr(self, k, params.get(k, p.default))
 
-    def bind(self, dl: "DataLayer") -> None:
-        """Called once when the scheduler is built (plugins keep references to what they read)."""
+    def bind(self, dl: DataLayer) -> None:
+        """Called once when the director is built (plugins keep references to what they read)."""
         self.dl = dl
 
     @property
@@ -98,9 +105,30 @@ class Plugin:
 
     @property
     def uses_kv_events(self) -> bool:
-        """Whether this plugin reads the precise index (fed by KV events): plugins with a ``mode`` parameter
-        do unless it is ``approximate``. The scheduler subscribes to KV events only when some plugin does."""
-        return getattr(self, "mode", None) in ("precise", "auto")
+        """Whether this plugin reads the precise index (fed by KV events). Plugins with a prefix ``mode``
+        override this; the director subscribes to KV events only when some plugin of its profile does."""
+        return False
+
+    # request hooks: no-ops here; the director calls only those a plugin overrides
+    def on_routed(self, decision: Decision) -> None:
+        return None
+
+    def on_served(self, decision: Decision, served: str) -> None:
+        return None
+
+    def on_first_token(self, decision: Decision, at: float) -> None:
+        return None
+
+    def on_finished(self, decision: Decision, usage: Usage | None, at: float) -> None:
+        return None
+
+    def on_failed(self, decision: Decision, reason: str, at: float) -> None:
+        return None
+
+
+def reads_kv_events(mode: PrefixMode) -> bool:
+    """Whether a plugin reading prefix hits under ``mode`` needs the precise index."""
+    return mode != "approximate"
 
 
 REGISTRY: dict[str, dict[str, type[Plugin]]] = {
@@ -148,8 +176,9 @@ def create(kind: str, spec: Any, path: str, reserved: tuple[str, ...] = ()) -> P
 # ---- plugin kinds -------------------------------------------------------------------------------------
 class Admission(Plugin):
     KIND = "admission"
+    stale_endpoints: int = 0  # ready endpoints whose stale signals the last check ignored (a metric)
 
-    def admit(self, ctx: "CycleContext") -> None:
+    def admit(self, ctx: CycleContext) -> None:
         """Return to accept; raise SchedulingError(429, ...) to shed."""
         raise NotImplementedError
 
@@ -171,6 +200,7 @@ class Scorer(Plugin):
 
 class Picker(Plugin):
     KIND = "picker"
+    reads_metrics = False
     PARAMS = {"max_endpoints": Param(int, 3, min=1, max=64, doc="length of the fallback list")}
 
     def pick(self, ctx: "CycleContext", cands: np.ndarray, totals: np.ndarray) -> np.ndarray:
@@ -181,20 +211,14 @@ class Picker(Plugin):
 class ProfileHandler(Plugin):
     KIND = "handler"
 
-    def handle(self, ctx: "CycleContext", profiles: dict[str, "Profile"], default: str) -> Decision:
+    profile: str | None = None  # the profile it runs (None: scheduler.profile)
+
+    def handle(self, ctx: CycleContext, profiles: dict[str, Profile], default: str) -> Decision:
+        """Run the profile(s) over ``ctx.candidates``; record each ProfileResult in ``ctx.state.results``."""
         raise NotImplementedError
 
 
 # ---- profiles -----------------------------------------------------------------------------------------
-@dataclass
-class ProfileResult:
-    profile: str
-    ranked: np.ndarray  # endpoint slots, best first
-    cands: np.ndarray  # every candidate that passed the filters
-    totals: np.ndarray  # per candidate
-    scores: dict[str, np.ndarray]  # scorer label -> per candidate
-
-
 @dataclass
 class Profile:
     name: str
@@ -206,7 +230,11 @@ class Profile:
     def needs_tokens(self) -> bool:
         return any(s.needs_tokens for s, _ in self.scorers) or any(f.needs_tokens for f in self.filters)
 
-    def run(self, ctx: "CycleContext", cands: np.ndarray) -> ProfileResult:
+    @property
+    def plugins(self) -> list[Plugin]:
+        return [*self.filters, *(s for s, _ in self.scorers), self.picker]
+
+    def run(self, ctx: CycleContext, cands: np.ndarray) -> ProfileResult:
         for f in self.filters:
             cands = f.filter(ctx, cands)
             if cands.size == 0:
@@ -225,57 +253,71 @@ class Profile:
 
 # ---- the per-request context ----------------------------------------------------------------------------
 class CycleContext:
-    """What one decision needs, computed lazily once and shared by every plugin of the cycle."""
+    """One scheduling cycle's view of a request: its typed state, the data layer and the decision time.
 
-    __slots__ = ("request", "dl", "now", "_tokens", "_hashes", "_hits", "memo", "rejected")
+    Plugins read derived values through these methods; each is computed on first use and kept in
+    ``state`` (pickers/state.py), so every plugin of the cycle and the response hooks see the same value.
+    """
 
-    def __init__(self, request: InferenceRequest, dl: "DataLayer", now: float) -> None:
-        self.request = request
+    __slots__ = ("state", "dl", "now")
+
+    def __init__(self, state: RequestState, dl: DataLayer, now: float) -> None:
+        self.state = state
         self.dl = dl
         self.now = now
-        self._tokens: np.ndarray | None = None
-        self._hashes: dict[int, list[int]] = {}
-        self._hits: dict[str, np.ndarray] = {}
-        self.memo: dict[str, Any] = {}  # plugins share derived values here (e.g. the TTFT estimate)
-        self.rejected: dict[str, int] = {}  # filter label -> candidates it removed (for 503 messages)
+
+    @property
+    def request(self) -> InferenceRequest:
+        return self.state.request
+
+    @property
+    def candidates(self) -> np.ndarray:
+        """Slots the director allows for this request (active endpoints inside the gateway's subset hint)."""
+        c = self.state.candidates
+        return c if c is not None else self.dl.endpoints.active_slots()
+
+    @property
+    def rejected(self) -> dict[str, int]:
+        return self.state.rejected
 
     # tokens and block hashes
     def token_ids(self) -> np.ndarray:
-        if self._tokens is None:
-            self._tokens = self.dl.tokens.tokens_sync(self.request)
-        return self._tokens
+        st = self.state
+        if st.tokens is None:
+            st.tokens = self.dl.tokens.tokens_sync(st.request)
+        return st.tokens
 
     def prompt_tokens(self) -> int:
-        if self._tokens is not None:
-            return int(self._tokens.size)
-        cached = self.request.cache.get("tokens")
-        if cached is not None:
-            return int(len(cached))
-        if self.request.prompt_token_ids is not None:
-            return len(self.request.prompt_token_ids)
-        return self.dl.tokens.estimate(self.request)
+        st = self.state
+        if st.tokens is not None:
+            return int(st.tokens.size)
+        if st.request.prompt_token_ids is not None:
+            return len(st.request.prompt_token_ids)
+        return self.dl.tokens.estimate(st.request)
 
     def block_hashes(self, block_size: int) -> list[int]:
-        h = self._hashes.get(block_size)
-        if h is None:
-            cache = self.request.cache.setdefault("block_hashes", {})
-            h = cache.get(block_size)
-            if h is None:
-                from pickers.kvblocks.hashing import hash_blocks
+        got = self.state.block_hashes.get(block_size)
+        if got is None:
+            got = hash_blocks(self.token_ids(), block_size)
+            self.state.block_hashes[block_size] = got
+        return got
 
-                h = hash_blocks(self.token_ids(), block_size)
-                cache[block_size] = h
-            self._hashes[block_size] = h
-        return h
-
-    def hit_tokens(self, mode: str) -> np.ndarray:
+    def hit_tokens(self, mode: PrefixMode) -> np.ndarray:
         """Per endpoint slot: prompt tokens already cached (weighted by medium) per ``mode``:
         ``approximate`` (learned from our decisions), ``precise`` (KV events) or ``auto`` (precise where the
         pod publishes events and is not degraded, approximate elsewhere)."""
-        got = self._hits.get(mode)
+        got = self.state.hits.get(mode)
         if got is None:
             got = self.dl.prefix_hits(self, mode)
-            self._hits[mode] = got
+            self.state.hits[mode] = got
+        return got
+
+    def prediction(self, mode: PrefixMode = "auto") -> Prediction:
+        """Expected TTFT/TPOT per endpoint slot (pickers/predictor.py), once per mode and request."""
+        got = self.state.predictions.get(mode)
+        if got is None:
+            got = self.dl.predictor.predict(self, mode)
+            self.state.predictions[mode] = got
         return got
 
     def no_endpoint(self, profile: str) -> SchedulingError:
@@ -283,8 +325,6 @@ class CycleContext:
         n = len(dl.endpoints)
         healthy = int(np.count_nonzero(dl.health.healthy[dl.endpoints.active_slots()]))
         why = ", ".join(f"{k} removed {v}" for k, v in self.rejected.items() if v) or "no endpoints configured"
-        if self.request.subset is not None:
-            why += f"; gateway subset hint {self.request.subset[:8]}"
         return SchedulingError(
             503,
             f"no ready endpoint for model {self.request.model!r} (profile {profile}): {n} endpoints known, "
@@ -293,4 +333,7 @@ class CycleContext:
         )
 
 
-Hook = Callable[..., None]
+__all__ = [
+    "Admission", "ConfigError", "CycleContext", "Filter", "Param", "Picker", "Plugin", "Profile", "ProfileHandler",
+    "ProfileResult", "REGISTRY", "Scorer", "check_value", "create", "reads_kv_events", "register",
+]

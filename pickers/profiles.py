@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-DECODE_FILTERS: list[Any] = ["health", "subset", {"type": "role", "role": "decode"}]
+# The gateway's subset hint is not a filter: the director applies it to every profile (pickers/director.py).
+DECODE_FILTERS: list[Any] = ["health", {"type": "role", "role": "decode"}]
 
 BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
     # Expected TTFT from the cost model (prefix hit + queued prefill + decode load), a TTFT-gated prefix
@@ -23,6 +24,11 @@ BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
         "picker": {"type": "max-score", "max_endpoints": 3},
     },
     "round-robin": {"filters": DECODE_FILTERS, "scorers": [], "picker": {"type": "round-robin"}},
+    # Fewest requests in flight from this picker (random tie-break): the cheapest useful policy, and the
+    # ext_proc path's baseline in the overhead benchmark. It reads nothing but its own counts (no health
+    # filter: pod metrics are not consulted), so it also fronts upstreams that serve no /metrics.
+    "least-inflight": {"filters": [{"type": "role", "role": "decode"}],
+                       "scorers": [{"type": "inflight-requests", "weight": 1.0}], "picker": {"type": "max-score"}},
     "random": {"filters": DECODE_FILTERS, "scorers": [], "picker": {"type": "random"}},
     "load-only": {
         "filters": DECODE_FILTERS,

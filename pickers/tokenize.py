@@ -73,34 +73,26 @@ class TokenService:
             self._cache.popitem(last=False)
         return arr
 
-    def _given(self, request: InferenceRequest) -> np.ndarray | None:
-        got = request.cache.get("tokens")
-        if got is not None:
-            return got
+    def given(self, request: InferenceRequest) -> np.ndarray | None:
+        """The request's own token ids (a completions prompt sent as ids), or None."""
         if request.prompt_token_ids is not None:
-            arr = _as_u32(request.prompt_token_ids)
-            request.cache["tokens"] = arr
-            return arr
+            return _as_u32(request.prompt_token_ids)
         return None
 
     def tokens_sync(self, request: InferenceRequest) -> np.ndarray:
-        got = self._given(request)
+        got = self.given(request)
         if got is None:
             got = self._encode(*self.text_for(request))
-            request.cache["tokens"] = got
         return got
 
     async def tokens(self, request: InferenceRequest) -> np.ndarray:
         """Like tokens_sync, but a big prompt through a real tokenizer is encoded in a worker thread."""
-        got = self._given(request)
+        got = self.given(request)
         if got is not None:
             return got
         if self.builtin:
             return self.tokens_sync(request)
         text, special = self.text_for(request)
         if len(text) >= self.offload_min_chars:
-            got = await asyncio.to_thread(self._encode, text, special)
-        else:
-            got = self._encode(text, special)
-        request.cache["tokens"] = got
-        return got
+            return await asyncio.to_thread(self._encode, text, special)
+        return self._encode(text, special)

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+if TYPE_CHECKING:
+    from pickers.state import RequestState
 
 Api = Literal["completions", "chat", "responses", "other"]
 
@@ -40,6 +43,7 @@ class Endpoint:
     metrics_url: str | None = None  # default: http://{address}/metrics
     kv_events: str | None = None  # ZMQ endpoint of the pod's KV event publisher, e.g. tcp://ip:5557
     block_size: int = 16
+    max_num_batched_tokens: int | None = None  # the engine's step token budget; None: its role's preset
 
     def __post_init__(self) -> None:
         if isinstance(self.role, str):
@@ -69,8 +73,6 @@ class InferenceRequest:
     subset: list[str] | None = None  # gateway subset hint: pick only among these addresses
     body_size: int = 0
     arrival: float = 0.0  # clock time the request reached the picker
-    # Filled by the framework on first use and kept for the hooks (token ids, block hashes, ...).
-    cache: dict[str, Any] = field(default_factory=dict)
 
     @property
     def text(self) -> str:
@@ -90,16 +92,21 @@ class InferenceRequest:
 class Decision:
     """Where a request goes: an ordered decode fallback list and, maybe, a prefill pod.
 
+    ``state`` is the request's typed state (pickers/state.py), which the response hooks read.
     ``explanation`` maps each considered address to its per-scorer scores and the total, so every
     decision can be explained in a log line or a response header.
     """
 
-    request: InferenceRequest
+    state: RequestState
     endpoints: list[str]  # decode destinations, best first; never empty
     prefill: str | None = None
     profile: str = "default"
     explanation: dict[str, dict[str, float]] = field(default_factory=dict)
     decided_at: float = 0.0
+
+    @property
+    def request(self) -> InferenceRequest:
+        return self.state.request
 
     @property
     def primary(self) -> str:
@@ -117,6 +124,7 @@ class SchedulingError(Exception):
         self.err_type = err_type or {
             400: "invalid_request_error",
             413: "invalid_request_error",
+            404: "invalid_request_error",
             429: "rate_limit_exceeded",
             503: "service_unavailable",
         }.get(status, "server_error")
@@ -132,9 +140,21 @@ class Usage:
 
 
 class Scheduler(Protocol):
-    """What extproc needs from the scheduling framework. Implementations must not block the loop."""
+    """What extproc needs from the picker: pickers.director.Director. Nothing here blocks the event loop."""
 
-    async def schedule(self, request: InferenceRequest) -> Decision:
+    async def start(self) -> None:
+        """Start background work (metrics scrapes, KV-event subscriptions, discovery)."""
+        ...
+
+    async def stop(self) -> None:
+        """Stop every background task; idempotent."""
+        ...
+
+    def ready(self) -> bool:
+        """True while the picker can route (readiness of the gRPC health service)."""
+        ...
+
+    async def route(self, request: InferenceRequest) -> Decision:
         """Pick destinations, or raise ``SchedulingError`` (400/429/503)."""
         ...
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
+from pickers.state import RequestState
 from pickers.types import Decision, InferenceRequest, SchedulingError, Usage
 
 
@@ -47,12 +48,15 @@ class ScriptedScheduler:
 
     async def stop(self) -> None: ...
 
-    async def schedule(self, request: InferenceRequest) -> Decision:
+    def ready(self) -> bool:
+        return True
+
+    async def route(self, request: InferenceRequest) -> Decision:
         self.requests.append(request)
         if self.error:
             raise self.error
         eps = [e for e in self.endpoints if request.subset is None or e in request.subset] or self.endpoints
-        return Decision(request=request, endpoints=eps, prefill=self.prefill,
+        return Decision(RequestState(request, request.request_id, 0.0), endpoints=eps, prefill=self.prefill,
                         explanation={eps[0]: {"load": 0.5, "total": 0.5}})
 
     def on_served(self, decision: Decision, served: str) -> None:

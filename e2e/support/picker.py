@@ -19,11 +19,17 @@ from extproc.server import Server, build_scheduler, build_server
 REPO = Path(__file__).resolve().parents[2]
 
 
-def picker_config(endpoints: list[str], **server: object) -> Config:
+# The picker at its simplest: least in-flight, no admission; it reads no pod metrics, so it fronts any upstream
+# (the fake pods of these tests serve no vLLM /metrics, and see no request but the ones Envoy sends).
+LEAST_INFLIGHT: dict[str, object] = {"profile": "least-inflight", "admission": []}
+
+
+def picker_config(endpoints: list[str], scheduler: dict[str, object] | None = None, **server: object) -> Config:
     """A picker configuration on a free port with metrics off, for the given endpoint addresses."""
     srv = {"host": "127.0.0.1", "grpc_port": free_port(), "metrics_port": -1, "drain_seconds": 1.0,
            "move_away_seconds": 1.0, "move_away_quiet_seconds": 0.2, **server}
-    return config_from_dict({"server": srv, "endpoints": [{"address": a, "role": "decode"} for a in endpoints]})
+    return config_from_dict({"server": srv, "endpoints": [{"address": a, "role": "decode"} for a in endpoints],
+                             "scheduler": scheduler})
 
 
 @contextlib.asynccontextmanager

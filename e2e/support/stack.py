@@ -9,18 +9,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from e2e.support.envoy import EnvoyProcess
-from e2e.support.picker import picker_config, running_picker
+from e2e.support.picker import LEAST_INFLIGHT, picker_config, running_picker
 from extproc.envoyconfig.builder import EnvoyConfigOptions
 from extproc.server import Server, build_scheduler
-from pickers.simple import LeastInFlight
+from pickers.director import Director
 from pickers.types import Decision, InferenceRequest, Usage
 
 
 @dataclass
 class RecordingScheduler:
-    """Wraps a scheduler and records what the hooks were told (for assertions in tests)."""
+    """Wraps the director and records what the hooks were told (for assertions in tests)."""
 
-    inner: Any
+    inner: Director
     requests: list[InferenceRequest] = field(default_factory=list)
     routed: list[tuple[float, str]] = field(default_factory=list)  # (perf_counter, first endpoint) per decision
     served: list[str] = field(default_factory=list)
@@ -29,21 +29,18 @@ class RecordingScheduler:
     failed: list[str] = field(default_factory=list)
     order: list[str] | None = None  # force this fallback list (tests of the gateway's fallback walk)
 
-    def __getattr__(self, name: str):
-        # ready(), endpoints, ... whatever the wrapped scheduler offers (the server looks for them)
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
     async def start(self) -> None:
         await self.inner.start()
 
     async def stop(self) -> None:
         await self.inner.stop()
 
-    async def schedule(self, request: InferenceRequest) -> Decision:
+    def ready(self) -> bool:
+        return self.inner.ready()
+
+    async def route(self, request: InferenceRequest) -> Decision:
         self.requests.append(request)
-        decision = await self.inner.schedule(request)
+        decision = await self.inner.route(request)
         if self.order is not None:
             decision.endpoints = list(self.order)
         if len(self.routed) < 100_000:
@@ -91,12 +88,14 @@ async def envoy_stack(
 ) -> AsyncIterator[Stack]:
     """Picker (in-process) + Envoy (override-host over ``pool``).
 
-    ``simple``: LeastInFlight (works with any upstream); False: the configured framework scheduler, which
-    scrapes vLLM metrics and so needs simulator or vLLM pods. ``envoy``: more EnvoyConfigOptions fields.
+    ``simple``: the least-inflight profile (reads no pod metrics, so it fronts any upstream); False: the
+    default profile, which scrapes vLLM metrics and so needs simulator or vLLM pods. ``envoy``: more
+    EnvoyConfigOptions fields.
     """
     cfg = picker_config(picker_endpoints if picker_endpoints is not None else pool,
+                        LEAST_INFLIGHT if simple else None,
                         **{"debug_headers": True, **(server or {})})
-    inner = LeastInFlight(cfg.endpoint_objects()) if simple else build_scheduler(cfg)
+    inner = build_scheduler(cfg)
     sched = RecordingScheduler(inner, order=order)
     async with running_picker(cfg, sched) as picker:
         opts = EnvoyConfigOptions(picker=picker.address, endpoints=pool, fail_open=fail_open,

@@ -1,4 +1,4 @@
-"""kvswitch (pickers scheduler, precise prefix index) + real Envoy in front of the real-vLLM pair, for
+"""kvswitch (the director, precise prefix index) + real Envoy in front of the real-vLLM pair, for
 end-to-end routing tests, and the small tools those tests need: fresh long prompts, direct requests to one
 pod, waiting for the picker's index, and re-deriving our block hashes from vLLM's own ``BlockStored``.
 """
@@ -24,7 +24,7 @@ from extproc.envoyconfig.builder import EnvoyConfigOptions
 from extproc.server import Server
 from pickers.config import build_scheduler
 from pickers.kvblocks.hashing import ROOT_HASH, hash_blocks
-from pickers.scheduler import KVScheduler
+from pickers.director import Director
 from pickers.types import Decision, Endpoint, InferenceRequest, Role
 
 # The metrics scraper's interval against real vLLM: /metrics is not free on 2 shared cores.
@@ -37,7 +37,7 @@ def pair_endpoints(pair) -> list[Endpoint]:
                      block_size=pair.block_size) for s in pair.servers]
 
 
-def precise_scheduler(pair, profile: str = "precise") -> KVScheduler:
+def precise_scheduler(pair, profile: str = "precise") -> Director:
     """One kvswitch replica's scheduler over the pair (own metrics registry, so replicas do not collide)."""
     raw = {"profile": profile, "tokenizer": {"path": str(pair.tokenizer_path / "tokenizer.json")},
            "datalayer": {"scrape_interval_ms": SCRAPE_MS}}
@@ -50,8 +50,8 @@ class DecisionRecorder(RecordingScheduler):
 
     decisions: list[Decision] = field(default_factory=list)
 
-    async def schedule(self, request: InferenceRequest) -> Decision:
-        decision = await super().schedule(request)
+    async def route(self, request: InferenceRequest) -> Decision:
+        decision = await super().route(request)
         self.decisions.append(decision)
         return decision
 
@@ -67,7 +67,7 @@ class VllmStack:
         return self.envoy.url
 
     @property
-    def kv(self) -> KVScheduler:
+    def kv(self) -> Director:
         return self.scheduler.inner
 
 
@@ -112,7 +112,7 @@ def local_hits(server, model: str) -> float:
 
 
 # ---- hashes -------------------------------------------------------------------------------------------------
-def picker_tokens(sched: KVScheduler, request: InferenceRequest):
+def picker_tokens(sched: Director, request: InferenceRequest):
     """The token ids the picker uses for ``request`` (its own TokenService, as on the hot path)."""
     return sched.dl.tokens.tokens_sync(request)
 
@@ -153,14 +153,14 @@ def stored_token_chain(events: list[dict[str, Any]], first_tokens) -> tuple[list
     return tokens, hashes
 
 
-def pod_blocks(sched: KVScheduler, address: str, hashes: list[int]) -> int:
+def pod_blocks(sched: Director, address: str, hashes: list[int]) -> int:
     """How many leading blocks of ``hashes`` the scheduler's precise index says ``address`` holds."""
     m = sched.dl.kv_index.index.match(hashes, touch=False)
     slot = sched.dl.endpoints.slot(address)
     return 0 if m is None or slot is None else int(m[0][slot])
 
 
-async def wait_index(scheds: list[KVScheduler], address: str, hashes: list[int], timeout: float = 10.0) -> float:
+async def wait_index(scheds: list[Director], address: str, hashes: list[int], timeout: float = 10.0) -> float:
     """Wait until every scheduler's index holds all ``hashes`` for ``address``; returns seconds waited."""
     loop = asyncio.get_running_loop()
     t0 = loop.time()
@@ -173,7 +173,7 @@ async def wait_index(scheds: list[KVScheduler], address: str, hashes: list[int],
         await asyncio.sleep(0.02)
 
 
-async def sync_subscribers(pair, scheds: list[KVScheduler], collectors: dict[str, KvEventCollector],
+async def sync_subscribers(pair, scheds: list[Director], collectors: dict[str, KvEventCollector],
                            session: aiohttp.ClientSession, timeout: float = 20.0) -> None:
     """ZMQ SUB sockets drop what was published before they joined: send small fresh probe prompts to each pod
     until every scheduler and collector has seen one (then nothing later is lost to the slow join)."""

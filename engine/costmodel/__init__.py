@@ -12,10 +12,10 @@ from engine.costmodel.profiles import (
     resolve_link,
     resolve_model,
 )
-from engine.costmodel.roofline import CostModel, Deployment, default_deployment, prefill_pairs
+from engine.costmodel.roofline import CostModel, Deployment, Roofline, default_deployment, prefill_pairs, step_seconds
 
 __all__ = [
     "ACCELERATORS", "LINKS", "MODELS", "AcceleratorProfile", "CostModel", "Deployment", "Efficiency",
-    "LinkProfile", "ModelProfile", "default_deployment", "prefill_pairs", "resolve_accelerator",
-    "resolve_link", "resolve_model",
+    "LinkProfile", "ModelProfile", "Roofline", "default_deployment", "prefill_pairs", "resolve_accelerator",
+    "resolve_link", "resolve_model", "step_seconds",
 ]

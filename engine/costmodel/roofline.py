@@ -24,6 +24,9 @@ quadratically with long contexts), decode step time is flat in batch size until 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable, Union
+
+import numpy as np
 
 from engine.costmodel.profiles import (
     AcceleratorProfile,
@@ -41,6 +44,8 @@ _EP_ACT_BYTES = 1.0
 _SCALE_UP_DOMAIN = 8  # GPUs per node on a fast link; beyond it collectives cross the scale-out NIC
 _SCALE_OUT_BYTES_PER_S = 45e9
 
+Number = Union[float, np.ndarray]
+
 
 @dataclass(frozen=True, slots=True)
 class Deployment:
@@ -54,13 +59,41 @@ class Deployment:
         return max(self.tp, self.ep)
 
 
+@dataclass(frozen=True, slots=True)
+class Roofline:
+    """Everything an engine step's duration depends on, reduced to numbers (see ``step_seconds``).
+
+    Each field is a float for one engine, or a numpy array with one entry per engine: ``step_seconds`` is
+    written once with plain arithmetic and evaluates both, so the simulator (scalar) and the scorers
+    (vectorised over candidate pods) charge exactly the same time for the same step.
+    """
+
+    overhead_s: Number  # fixed per step: scheduling, launches
+    flops_per_token: Number  # 2 x active parameters
+    flops_per_pair: Number  # attention FLOPs per query-key pair, all layers
+    peak_flops: Number  # usable FLOP/s of the engine (GPUs x peak x MFU)
+    dense_bytes: Number  # weights read once per step (all but routed experts)
+    expert_bytes: Number  # routed expert weights; read in proportion to the experts a step touches
+    expert_untouched: Number  # 1 - experts_per_token / num_experts (1.0 for dense models)
+    kv_bytes_per_token: Number
+    bandwidth: Number  # usable HBM bytes/s of the engine (GPUs x bandwidth x MBU)
+    comm_s_per_token: Number  # tensor-parallel all-reduce + expert-parallel all-to-all per token
+
+
+def step_seconds(c: Roofline, new_tokens: Any, attn_pairs: Any, kv_read_tokens: Any,
+                 maximum: Callable[[Any, Any], Any] = max) -> Any:
+    """The roofline of one step (module docstring). ``maximum`` is ``max`` for floats, ``np.maximum`` for
+    arrays; ``new_tokens`` must be positive (an empty step takes no time: callers skip it)."""
+    flops = c.flops_per_token * new_tokens + c.flops_per_pair * attn_pairs
+    weights = c.dense_bytes + c.expert_bytes * (1.0 - c.expert_untouched ** new_tokens)
+    memory = weights + c.kv_bytes_per_token * (kv_read_tokens + new_tokens)
+    return c.overhead_s + maximum(flops / c.peak_flops, memory / c.bandwidth) + c.comm_s_per_token * new_tokens
+
+
 class CostModel:
     """Step times and capacities for one model on one accelerator in one deployment."""
 
-    __slots__ = (
-        "model", "accelerator", "deployment", "efficiency", "_peak", "_bw", "_dense_bytes",
-        "_expert_bytes", "_kv_tok", "_attn", "_comm_per_token",
-    )
+    __slots__ = ("model", "accelerator", "deployment", "efficiency", "roofline", "_kv_tok")
 
     def __init__(
         self,
@@ -75,18 +108,26 @@ class CostModel:
         self.efficiency = efficiency or Efficiency()
         m, a, d, e = self.model, self.accelerator, self.deployment, self.efficiency
         peak = a.fp8_flops if m.weight_bytes_per_param <= 1.0 else a.bf16_flops
-        self._peak = d.gpus * peak * e.mfu
-        self._bw = d.gpus * a.hbm_bytes_per_s * e.mbu
-        self._expert_bytes = m.expert_params * m.weight_bytes_per_param
-        self._dense_bytes = m.total_params * m.weight_bytes_per_param - self._expert_bytes
+        expert_bytes = m.expert_params * m.weight_bytes_per_param
         self._kv_tok = m.kv_bytes_per_token
-        self._attn = m.attn_flops_per_pair * m.layers
-        self._comm_per_token = self._collective_seconds_per_token()
+        self.roofline = Roofline(
+            overhead_s=e.step_overhead_s,
+            flops_per_token=2.0 * m.active_params,
+            flops_per_pair=m.attn_flops_per_pair * m.layers,
+            peak_flops=d.gpus * peak * e.mfu,
+            dense_bytes=m.total_params * m.weight_bytes_per_param - expert_bytes,
+            expert_bytes=expert_bytes,
+            expert_untouched=1.0 - m.experts_per_token / m.num_experts if m.is_moe else 1.0,
+            kv_bytes_per_token=m.kv_bytes_per_token,
+            bandwidth=d.gpus * a.hbm_bytes_per_s * e.mbu,
+            comm_s_per_token=self._collective_seconds_per_token(),
+        )
 
     # ---- capacity -------------------------------------------------------------------------------
     @property
     def weight_bytes(self) -> float:
-        return self._dense_bytes + self._expert_bytes
+        r = self.roofline
+        return float(r.dense_bytes + r.expert_bytes)
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -103,35 +144,56 @@ class CostModel:
     def num_blocks(self, block_size: int) -> int:
         return self.kv_capacity_tokens // block_size
 
-    def kv_bytes(self, tokens: int) -> float:
+    def kv_bytes(self, tokens: float) -> float:
         return tokens * self._kv_tok
 
     # ---- time -----------------------------------------------------------------------------------
-    def step_time(self, new_tokens: int, attn_pairs: float, kv_read_tokens: float) -> float:
+    def step_time(self, new_tokens: float, attn_pairs: float, kv_read_tokens: float) -> float:
         """Seconds for one engine step that processes ``new_tokens`` (prefill chunks + one per decode).
 
         ``attn_pairs`` are the query-key pairs its attention computes, ``kv_read_tokens`` the context
-        tokens whose KV it reads. Use ``prefill_pairs`` to count pairs for a prefill chunk.
+        tokens whose KV it reads. Use ``prefill_pairs`` to count pairs for a prefill chunk. Token counts may
+        be fractional where they are expected values (predictions).
         """
         if new_tokens <= 0:
             return 0.0
-        m = self.model
-        flops = 2.0 * m.active_params * new_tokens + self._attn * attn_pairs
-        weights = self._dense_bytes
-        if m.is_moe:
-            untouched = (1.0 - m.experts_per_token / m.num_experts) ** new_tokens
-            weights += self._expert_bytes * (1.0 - untouched)
-        memory = weights + self._kv_tok * (kv_read_tokens + new_tokens)
-        roof = max(flops / self._peak, memory / self._bw)
-        return self.efficiency.step_overhead_s + roof + self._comm_per_token * new_tokens
+        return float(step_seconds(self.roofline, new_tokens, attn_pairs, kv_read_tokens))
 
     def prefill_time(self, new_tokens: int, cached_tokens: int = 0) -> float:
         """Seconds to prefill ``new_tokens`` after ``cached_tokens`` already in cache, in one pass."""
         return self.step_time(new_tokens, prefill_pairs(new_tokens, cached_tokens), cached_tokens)
 
-    def decode_step_time(self, batch: int, kv_tokens: int) -> float:
+    def decode_step_time(self, batch: int, kv_tokens: float) -> float:
         """Seconds for one decode step of ``batch`` requests holding ``kv_tokens`` of context in all."""
         return self.step_time(batch, kv_tokens, kv_tokens)
+
+    def time_to_first_token(self, prompt: float, cached: float = 0.0, *, budget: float = 8192.0,
+                            queued: float = 0.0, running: float = 0.0, decode_context: float = 0.0) -> float:
+        """Seconds until a request's first token on an engine that schedules as vLLM does, step by step.
+
+        Every step carries one token for each of the ``running`` decodes (each with ``decode_context`` tokens
+        of KV) and fills the rest of its ``budget`` (max_num_batched_tokens) with prefill: first the
+        ``queued`` prompt tokens ahead of this request (taken as fresh prompts), then this prompt's
+        ``prompt - cached`` new tokens in chunks, each attending to the cached prefix and the chunks before
+        it. The decodes never take more than 90 % of a step. This loop is the reference;
+        ``engine.costmodel.vector.ttft_seconds`` computes the same sum in closed form for many pods.
+        """
+        r = min(running, 0.9 * budget)
+        chunk = budget - r
+        d_pairs = r * decode_context
+        total, left = 0.0, queued
+        while left > 0:
+            c = min(chunk, left)
+            total += self.step_time(c + r, c * (c + 1) / 2.0 + d_pairs, d_pairs)
+            left -= c
+        new = max(prompt - cached, 1.0)
+        done = 0.0
+        while done < new:
+            c = min(chunk, new - done)
+            ctx = cached + done
+            total += self.step_time(c + r, c * ctx + c * (c + 1) / 2.0 + d_pairs, ctx + d_pairs)
+            done += c
+        return total
 
     def transfer_time(self, tokens: int, link: LinkProfile | str = "rdma-400g") -> float:
         """Seconds to move ``tokens`` of KV from a prefill pod to a decode pod (one NIC per GPU)."""

@@ -35,7 +35,6 @@ from extproc.server import Server, build_scheduler, build_server
 log = logging.getLogger("kvswitch.up")
 
 # Handler type names a prefill/decode handler may be registered under in pickers/ (first match wins).
-PD_HANDLER_NAMES = ("prefill-decode", "pd", "prefill_decode", "disaggregated", "p-d")
 
 
 @dataclass
@@ -70,20 +69,6 @@ class StackPod:
     engine_address: str  # the simulated engine itself (== address unless a sidecar fronts it)
     kv_events: str | None
     metrics_url: str  # the engine's /metrics
-
-
-def find_pd_handler() -> str | None:
-    """The registered prefill/decode profile handler's type name, or None while pickers has none."""
-    try:
-        import pickers.plugins  # noqa: F401  (registers the built-in plugins)
-        from pickers.framework import REGISTRY
-    except ImportError:
-        return None
-    handlers = REGISTRY.get("handler", {})
-    for name in PD_HANDLER_NAMES:
-        if name in handlers:
-            return name
-    return next((n for n in handlers if "prefill" in n), None)
 
 
 def _check_port_free(port: int) -> None:
@@ -257,7 +242,8 @@ class LocalStack:
             spec = self.fleet[p.name].spec
             eps.append(EndpointConfig(address=p.address, role=p.role, accelerator=spec.accelerator,
                                       model_profile=spec.model_profile, kv_events=p.kv_events,
-                                      metrics_url=p.metrics_url, labels={"kvswitch.local/pod": p.name}))
+                                      metrics_url=p.metrics_url, labels={"kvswitch.local/pod": p.name},
+                                      max_num_batched_tokens=spec.max_num_batched_tokens))
         return eps
 
     async def _start_picker(self) -> None:
@@ -265,26 +251,12 @@ class LocalStack:
         assert cfg is not None
         has_prefill = any(p.role == "prefill" for p in self.pods)
         cfg.endpoints = self._endpoint_configs()
-        if has_prefill and "handler" not in (cfg.scheduler or {}):
-            self.pd_handler = find_pd_handler()
-            if self.pd_handler is None:
-                self.notes.append("the picker runs decode-only: pickers/ has no prefill/decode handler yet, so "
-                                  "requests go to the decode sidecars without a prefill leg")
-            else:
-                cfg.scheduler = {**(cfg.scheduler or {}), "handler": {"type": self.pd_handler}}
-        elif has_prefill:
-            self.pd_handler = str((cfg.scheduler or {}).get("handler", {}).get("type", "")) or None
-        try:
-            scheduler = build_scheduler(cfg)
-        except ConfigError:
-            if not self.pd_handler or "handler" not in (cfg.scheduler or {}):
-                raise
-            log.warning("the %s handler did not build with defaults; running decode-only", self.pd_handler,
-                        exc_info=True)
-            self.notes.append(f"the picker runs decode-only: the {self.pd_handler!r} handler failed to build")
-            cfg.scheduler = {k: v for k, v in (cfg.scheduler or {}).items() if k != "handler"}
-            self.pd_handler = None
-            scheduler = build_scheduler(cfg)
+        if has_prefill:
+            if "handler" not in (cfg.scheduler or {}):
+                cfg.scheduler = {**(cfg.scheduler or {}), "handler": {"type": "prefill-decode"}}
+            handler = (cfg.scheduler or {})["handler"]
+            self.pd_handler = handler if isinstance(handler, str) else str(handler.get("type", "")) or None
+        scheduler = build_scheduler(cfg)
         self._s.server = server = build_server(cfg, scheduler)
         await server.start()
 

@@ -1,5 +1,8 @@
 """The data layer every plugin reads: endpoints, scraped metrics, health, in-flight load, KV-block indexes
-(approximate, learned from our own decisions; precise, fed by KV events), cost coefficients, tokens.
+(approximate, learned from our own decisions; precise, fed by KV events), the cost model per pod, the
+latency predictor, tokens. Between ``start`` and ``stop`` it keeps itself current: a metrics scrape per
+pod, a KV-event subscription per pod that publishes events (only when a plugin reads them), and the
+discovery source that adds and removes pods. Without ``start`` (virtual time, tests) it is fed directly:
 
 Feed it directly in virtual time or tests::
 
@@ -10,8 +13,9 @@ Feed it directly in virtual time or tests::
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -21,9 +25,17 @@ from pickers.datalayer.endpoints import Discovery, EndpointTable, StaticDiscover
 from pickers.datalayer.health import HealthTracker
 from pickers.datalayer.inflight import InflightTracker
 from pickers.datalayer.metrics import MetricsStore, PodMetrics
+from pickers.datalayer.scraper import MetricsScraper
 from pickers.kvblocks.index import BlockIndex
 from pickers.kvblocks.precise import PreciseIndex
+from pickers.kvblocks.subscriber import KVEventSubscriber
+from pickers.predictor import Predictor, PredictorSettings
+from pickers.state import PrefixMode
 from pickers.tokenize import TokenService
+from pickers.types import Endpoint
+
+if TYPE_CHECKING:
+    from pickers.framework import CycleContext
 
 __all__ = ["DataLayer", "DataLayerSettings", "Discovery", "EndpointTable", "PodMetrics", "StaticDiscovery"]
 
@@ -53,7 +65,8 @@ class DataLayerSettings:
 class DataLayer:
     def __init__(self, clock: Clock, tokens: TokenService, settings: DataLayerSettings | None = None,
                  on_degraded: Callable[[str, bool, str], None] | None = None,
-                 on_health: Callable[[str, bool], None] | None = None) -> None:
+                 on_health: Callable[[str, bool], None] | None = None,
+                 predictor: PredictorSettings | None = None, discovery: Discovery | None = None) -> None:
         s = self.settings = settings or DataLayerSettings()
         self.clock = clock
         self.tokens = tokens
@@ -72,9 +85,61 @@ class DataLayer:
         self.kv_index = PreciseIndex(ep.slot, ep.address, s.precise_max_blocks, s.medium_weights, 64,
                                      s.engine_map_cap, s.degraded_after_s, on_degraded,
                                      s.pending_ttl_s, s.pending_max_blocks)
-        self.precise_enabled = False  # some pod publishes KV events and the scheduler reads them
+        self.predictor = Predictor(self, predictor)
+        self.discovery = discovery
+        self.precise_enabled = False  # some pod publishes KV events and the director reads them
         self._precise_wanted = True
+        self._metrics_wanted = True
+        self._scraper: MetricsScraper | None = None
+        self._subscriber: KVEventSubscriber | None = None
+        self._discovery_task: asyncio.Task[None] | None = None
         ep.listen(self._on_endpoint)
+
+    # ---- background upkeep ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Scrape every pod, subscribe to the KV events the director reads, run discovery. Idempotent."""
+        if self._scraper is not None:
+            return
+        s = self.settings
+        self._scraper = MetricsScraper(self.metrics, self.health, s.scrape_interval_s)
+        self._subscriber = KVEventSubscriber(self.kv_index, self.clock, s.kv_events_topic)
+        for slot in self.endpoints.active_slots().tolist():
+            ep = self.endpoints.endpoints[slot]
+            assert ep is not None
+            self._watch(slot, ep)
+        if self.discovery is not None and not isinstance(self.discovery, StaticDiscovery):
+            self._discovery_task = asyncio.get_running_loop().create_task(
+                self.discovery.run(self.endpoints), name="endpoint discovery")
+
+    async def stop(self) -> None:
+        """Stop discovery, scrapes and subscriptions; every task is awaited. Idempotent."""
+        if self._discovery_task is not None:
+            self._discovery_task.cancel()
+            await asyncio.gather(self._discovery_task, return_exceptions=True)
+            self._discovery_task = None
+        scraper, subscriber = self._scraper, self._subscriber
+        self._scraper = self._subscriber = None
+        if scraper is not None:
+            await scraper.stop()
+        if subscriber is not None:
+            await subscriber.stop()
+
+    def ready(self) -> bool:
+        """Some endpoint can decode. Pod health is not part of it on purpose: a picker whose pods are all
+        down still answers every request with a clear 503, which beats the gateway's own error."""
+        slots = self.endpoints.active_slots()
+        return bool(self.endpoints.can_decode[slots].any()) if len(slots) else False
+
+    def want_metrics(self, wanted: bool) -> None:
+        """Whether any plugin reads scraped metrics; if none does, no pod is scraped."""
+        self._metrics_wanted = wanted
+
+    def _watch(self, slot: int, ep: Endpoint) -> None:
+        assert self._scraper is not None and self._subscriber is not None
+        if self._metrics_wanted:
+            self._scraper.watch(slot, ep.address, ep.scrape_url)
+        if ep.kv_events and self._precise_wanted:
+            self._subscriber.subscribe(ep.address, ep.kv_events)
 
     def want_precise(self, wanted: bool) -> None:
         """The scheduler says whether any of its plugins reads the precise index; if none does, it stays off
@@ -83,14 +148,19 @@ class DataLayer:
         self.precise_enabled = wanted and bool(self.kv_index.has_events.any())
 
     # ---- endpoint lifecycle -------------------------------------------------------------------------
-    def _on_endpoint(self, what: str, slot: int, e) -> None:
+    def _on_endpoint(self, what: str, slot: int, e: Endpoint) -> None:
         if what == "add":
             self.approx.ensure_pods(slot + 1)
             self.kv_index.ensure_pods(slot + 1)
             self.kv_index.set_source(slot, bool(e.kv_events))
             self.precise_enabled = self.precise_enabled or (self._precise_wanted and bool(e.kv_events))
-            self.costs.set(slot, e.model_profile, e.accelerator)
+            self.costs.set(slot, e)
+            if self._scraper is not None:
+                self._watch(slot, e)
         else:
+            if self._scraper is not None and self._subscriber is not None:
+                self._scraper.unwatch(e.address)
+                self._subscriber.unsubscribe(e.address)
             self.approx.drop_pod(slot)
             self.kv_index.forget_pod(slot)
             self.metrics.reset(slot)
@@ -115,7 +185,7 @@ class DataLayer:
         r = np.where(self.fresh(cands, now), self.metrics.running[cands], 0.0)
         return np.maximum(r, self.inflight.requests[cands] - self.inflight.prefill_requests[cands])
 
-    def prefix_hits(self, ctx, mode: str) -> np.ndarray:
+    def prefix_hits(self, ctx: CycleContext, mode: PrefixMode) -> np.ndarray:
         """Per endpoint slot: cached prompt tokens (weighted by medium) under ``mode``."""
         ep = self.endpoints
         n = ep.slot_count
@@ -158,4 +228,4 @@ class DataLayer:
                 self.approx.add(slot, hashes, unique=True)
                 held = int(self.approx.pod_counts[0, slot])
                 if held > cap:
-                    self.approx._evict_pod(slot, held - cap + cap // 8)
+                    self.approx.evict_pod(slot, held - cap + cap // 8)

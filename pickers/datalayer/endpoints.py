@@ -82,6 +82,11 @@ class EndpointTable:
         ep = self.endpoints[slot] if 0 <= slot < len(self.endpoints) else None
         return ep.address if ep is not None else None
 
+    def addresses(self, slots: np.ndarray) -> list[str]:
+        """The addresses of ``slots`` (active ones), in order."""
+        eps = self.endpoints
+        return [e.address for s in slots.tolist() if (e := eps[s]) is not None]
+
     def active_slots(self) -> np.ndarray:
         if self._active_cache is None:
             self._active_cache = np.nonzero(self.active)[0]

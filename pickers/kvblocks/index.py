@@ -151,7 +151,7 @@ class BlockIndex:
         self._stamp[r] = self._tick
         self.pod_counts[medium, pod] += new
         if self.per_pod_cap is not None and self.pod_counts[:, pod].sum() > self.per_pod_cap:
-            self._evict_pod(pod, int(self.pod_counts[:, pod].sum()) - self.per_pod_cap + self.per_pod_cap // 8)
+            self.evict_pod(pod, int(self.pod_counts[:, pod].sum()) - self.per_pod_cap + self.per_pod_cap // 8)
         return new
 
     def remove(self, pod: int, hashes: Iterable[int], medium: int = 0) -> int:
@@ -413,7 +413,7 @@ class BlockIndex:
         oldest = live[np.argpartition(stamps[live], n - 1)[:n]] if n < live.size else live
         self._evict_rows(oldest)
 
-    def _evict_pod(self, pod: int, n: int) -> None:
+    def evict_pod(self, pod: int, n: int) -> None:
         word, bit = divmod(pod, 64)
         b = np.uint64(1 << bit)
         hi = self._next_row

@@ -4,7 +4,6 @@ from pickers.plugins import (  # noqa: F401
     admission_saturation,
     filter_health,
     filter_role,
-    filter_subset,
     handler_decode_only,
     handler_prefill_decode,
     pick_max_score,

@@ -6,6 +6,7 @@ from pickers.framework import Filter, Param, register
 @register
 class RoleFilter(Filter):
     TYPE = "role"
+    reads_metrics = False
     PARAMS = {"role": Param(str, "decode", choices=("decode", "prefill"))}
 
     def filter(self, ctx, cands):

@@ -1,23 +1,19 @@
-"""Decode-only profile handler: run one profile over decode-capable pods; no prefill leg.
+"""Decode-only profile handler: run one profile over the director's candidates; no prefill leg."""
 
-A prefill/decode handler plugs in beside it (KIND "handler"): run the decode profile, look at the chosen
-pod's cached tokens (``ctx.hit_tokens``), then maybe run a prefill profile and return a Decision with
-``prefill`` set. The scheduler learns the prompt's blocks for both pods and tracks both loads.
-"""
+from __future__ import annotations
 
-from pickers.framework import Param, ProfileHandler, register
+from pickers.framework import CycleContext, Param, Profile, ProfileHandler, register
 from pickers.types import Decision
 
 
 @register
 class DecodeOnlyHandler(ProfileHandler):
     TYPE = "decode-only"
+    reads_metrics = False
     PARAMS = {"profile": Param((str, type(None)), None, doc="profile to run (default: scheduler.profile)")}
 
-    def handle(self, ctx, profiles, default):
+    def handle(self, ctx: CycleContext, profiles: dict[str, Profile], default: str) -> Decision:
         name = self.profile or default
-        res = profiles[name].run(ctx, self.dl.endpoints.active_slots())
-        ctx.memo["results"] = [res]
-        addr = self.dl.endpoints.address
-        return Decision(request=ctx.request, endpoints=[addr(s) for s in res.ranked.tolist()], profile=name,
-                        decided_at=ctx.now)
+        res = profiles[name].run(ctx, ctx.candidates)
+        ctx.state.results.append(res)
+        return Decision(ctx.state, self.dl.endpoints.addresses(res.ranked), profile=name, decided_at=ctx.now)

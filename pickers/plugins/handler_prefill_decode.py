@@ -1,34 +1,34 @@
 """Prefill/decode profile handler: choose the decode pod first, then decide whether a prefill leg pays.
 
 1. Run the decode profile (``profile``, default ``scheduler.profile``: role decode/both and its scorers)
-   over the active pods: its ranking is the decode fallback list.
+   over the director's candidates: its ranking is the decode fallback list.
 2. Ask the decider (pickers/plugins/pd_decider.py: formula, constants and why) whether the part of the
    prompt the chosen decode pod lacks is worth computing on a prefill pod.
 3. If so, pick the prefill pod (healthy, role prefill/both, not the decode pod) with the lowest
 
        E_p = TTFT_p + transfer_p(U)
 
-   where TTFT_p is score_ttft's estimate (its queued prefill + prefill of the part not cached on p + its
-   decode load) and transfer_p the cost model's KV transfer of the U tokens the decode pod lacks over
+   where TTFT_p is the request's predicted TTFT on p (its queued prefill + prefill of the part not cached on
+   p + its decode load) and transfer_p the cost model's KV transfer of the U tokens the decode pod lacks over
    ``link``. ``Decision.prefill`` = that pod; extproc sends it to the decode pod's sidecar as
    ``x-prefiller-host-port``.
 
-Explanation: the prefill candidates appear beside the decode ones (scores ``pd-ttft-ms``,
-``pd-queue-ms``, ``pd-transfer-ms``, total = best E / E_p) and ``explanation["_pd"]`` carries the decider's
-numbers (leg, reason code, prompt, uncached, ratio, threshold, saved-ms, prefill-wait-ms, decode-room);
-``request.cache["pd"]`` keeps the reason as words for logs. The scheduler's ``_routed`` records both pods
-in the approximate index and the in-flight tracker (prefill work on the prefill pod, decode on the
-decode pod).
+The verdict (``RequestState.pd``) carries the decider's numbers; the director puts them first in the
+explanation (``_pd``), and the prefill candidates appear beside the decode ones (scores ``pd-ttft-ms``,
+``pd-queue-ms``, ``pd-transfer-ms``, total = best E / E_p). The director records both pods in the
+approximate index and the in-flight tracker (prefill work on the prefill pod, decode on the decode pod).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from engine.costmodel import resolve_link
-from pickers.framework import Param, ProfileHandler, ProfileResult, register
+from pickers.framework import CycleContext, Param, Profile, ProfileHandler, reads_kv_events, register
 from pickers.plugins import pd_decider as pd
-from pickers.plugins.score_ttft import TTFTScorer
+from pickers.state import PDVerdict, PrefixMode, ProfileResult
 from pickers.types import Decision
 
 
@@ -45,69 +45,66 @@ class PrefillDecodeHandler(ProfileHandler):
         "hop_s": Param(float, 0.002, min=0.0, doc="fixed cost of the extra hop through the sidecar"),
         "decode_room_kv": Param(float, 0.8, min=0.0, max=1.0, doc="KV usage under which the decode pod has room"),
         "mode": Param(str, "auto", choices=("approximate", "precise", "auto")),
-        "budget_tokens": Param(float, 8192.0, min=16.0, doc="engine step token budget (score_ttft)"),
     }
+    threshold_tokens: int
+    min_uncached_ratio: float
+    skip_when_saturated: bool
+    link: str
+    hop_s: float
+    decode_room_kv: float
+    mode: PrefixMode
 
-    def __init__(self, **params):
+    def __init__(self, **params: Any) -> None:
         super().__init__(**params)
         try:
             resolve_link(self.link)
         except ValueError as e:
             raise ValueError(f"link: {e}") from None
-        self._ttft = TTFTScorer(mode=self.mode, budget_tokens=self.budget_tokens)
 
-    def bind(self, dl) -> None:
-        super().bind(dl)
-        self._ttft.bind(dl)
+    @property
+    def uses_kv_events(self) -> bool:
+        return reads_kv_events(self.mode)
 
     # ---- the cycle ---------------------------------------------------------------------------------------
-    def handle(self, ctx, profiles, default):
+    def handle(self, ctx: CycleContext, profiles: dict[str, Profile], default: str) -> Decision:
         name = self.profile or default
         dl = self.dl
-        res = profiles[name].run(ctx, dl.endpoints.active_slots())
-        results = [res]
-        ctx.memo["results"] = results
-        addr = dl.endpoints.address
-        decision = Decision(request=ctx.request, endpoints=[addr(s) for s in res.ranked.tolist()], profile=name,
-                            decided_at=ctx.now)
-        d = int(res.ranked[0])
-        verdict, pres = self._decide(ctx, d)
+        res = profiles[name].run(ctx, ctx.candidates)
+        ctx.state.results.append(res)
+        decision = Decision(ctx.state, dl.endpoints.addresses(res.ranked), profile=name, decided_at=ctx.now)
+        verdict, pres = self._decide(ctx, int(res.ranked[0]))
         if pres is not None:
-            results.append(pres)
+            ctx.state.results.append(pres)
         if verdict.leg and pres is not None:
-            decision.prefill = addr(int(pres.ranked[0]))
-        ctx.request.cache["pd"] = pd.REASONS[verdict.reason]
-        ctx.request.cache["_pd_explain"] = verdict.explain(self.threshold_tokens)
+            decision.prefill = dl.endpoints.address(int(pres.ranked[0]))
+        ctx.state.pd = verdict
         return decision
 
-    def _prefill_candidates(self, ctx, d: int) -> np.ndarray:
+    def _prefill_candidates(self, d: int) -> np.ndarray:
         dl = self.dl
         cands = dl.endpoints.active_slots()
-        keep = cands[dl.endpoints.can_prefill[cands] & dl.health.healthy[cands] & (cands != d)]
-        return keep
+        return cands[dl.endpoints.can_prefill[cands] & dl.health.healthy[cands] & (cands != d)]
 
-    def _decide(self, ctx, d: int) -> tuple[pd.Verdict, ProfileResult | None]:
+    def _decide(self, ctx: CycleContext, d: int) -> tuple[PDVerdict, ProfileResult | None]:
         dl = self.dl
-        cands = self._prefill_candidates(ctx, d)
+        cands = self._prefill_candidates(d)
         p = float(ctx.prompt_tokens())
+        threshold = float(self.threshold_tokens)
         if cands.size == 0:
-            return pd.Verdict(False, pd.NO_PREFILL_PODS, p, p), None
-        hits = ctx.hit_tokens(self.mode)  # also the "auto" hits _routed uses for the in-flight record
+            return PDVerdict(False, "no-prefill-pods", p, p, threshold), None
+        hits = ctx.hit_tokens(self.mode)  # also the "auto" hits the director records in-flight work with
         cached_d = min(float(hits[d]) if d < hits.size else 0.0, p)
         u = max(p - cached_d, 0.0)
         if u < self.threshold_tokens:
-            return pd.Verdict(False, pd.BELOW_THRESHOLD, p, u), None
+            return PDVerdict(False, "below-threshold", p, u, threshold), None
         if p > 0 and u / p < self.min_uncached_ratio:
-            return pd.Verdict(False, pd.MOSTLY_CACHED, p, u), None
+            return PDVerdict(False, "mostly-cached-on-decode", p, u, threshold), None
 
-        # the prefill pods: score_ttft's estimate + the KV transfer to d
-        ttft = self._ttft.estimate(ctx, cands)
-        cached = np.minimum(hits[cands], p)
-        no_queue = pd.estimate_ttft(dl.costs, cands, p, cached, np.zeros(cands.size), dl.running(cands, ctx.now),
-                                    self._ttft.budget_tokens, self._ttft.decode_context_tokens)
-        wait = np.maximum(ttft - no_queue, 0.0)
+        # the prefill pods: predicted TTFT + the KV transfer to d
+        pred = ctx.prediction(self.mode)
+        wait = pred.wait_s[cands]
         xfer = pd.transfer_seconds(dl, cands, u, self.link)
-        expected = ttft + xfer
+        expected = pred.ttft_s[cands] + xfer
         totals = expected.min() / expected
         order = np.argsort(expected, kind="stable")
         pres = ProfileResult(
@@ -115,19 +112,12 @@ class PrefillDecodeHandler(ProfileHandler):
             {"pd-ttft-ms": np.round(expected * 1e3, 3), "pd-queue-ms": np.round(wait * 1e3, 3),
              "pd-transfer-ms": np.round(xfer * 1e3, 3)})
         best = int(order[0])
-        saved = (pd.local_prefill_seconds(dl, d, p, cached_d, self.budget_tokens)
-                 - float(xfer[best]) - self.hop_s)
+        local = float(pred.prefill_s[d] + dl.costs.empty_step_s[d])  # U alone on d
+        saved = local - float(xfer[best]) - self.hop_s
         dslot = np.array([d])
         room = bool(dl.queue_depth(dslot, ctx.now)[0] < 1.0
                     and (not dl.fresh(dslot, ctx.now)[0] or dl.metrics.kv_usage[d] < self.decode_room_kv))
-        verdict = pd.Verdict(True, pd.LEG, p, u, saved, float(wait[best]), room)
+        verdict = PDVerdict(True, "leg", p, u, threshold, saved, float(wait[best]), room)
         if self.skip_when_saturated and verdict.prefill_wait_s > saved and room:
-            verdict.leg, verdict.reason = False, pd.PREFILL_SATURATED
+            verdict.leg, verdict.reason = False, "prefill-saturated"
         return verdict, pres
-
-    # ---- explanation -------------------------------------------------------------------------------------
-    def on_routed(self, decision: Decision) -> None:
-        """The scheduler builds the explanation after ``handle``; put the decider's numbers first."""
-        numbers = decision.request.cache.pop("_pd_explain", None)
-        if numbers is not None:
-            decision.explanation = {"_pd": numbers, **decision.explanation}

@@ -1,13 +1,13 @@
 """Conditional disaggregation: is a separate prefill leg worth it for this prompt on this decode pod?
 
-All times come from the one cost model (pickers.costs coefficients, engine.costmodel transfer times).
-For a prompt of P tokens whose decode pod d was already chosen:
+All times come from the one cost model, through the request's prediction (pickers/predictor.py) and
+engine.costmodel's transfer times. For a prompt of P tokens whose decode pod d was already chosen:
 
     H_d   = tokens of the prompt cached on d (prefix index, ``auto``: precise where healthy, else approximate)
     U     = P - H_d                                   the KV d lacks: what a leg computes and ships to d
-    local = prefill time of U on d after H_d cached    (estimate_ttft with no queue and no decodes)
+    local = prefill time of U on d after H_d cached    (alone on d: no queue, no decodes, d's step budget)
     saved = local - transfer(U, link) - hop_s          decode-pod time the leg frees, net of its cost
-    W     = queue wait on the best prefill pod         (its expected TTFT minus the same with no queue)
+    W     = queue wait on the best prefill pod         (the wait part of its predicted TTFT)
 
     leg  iff  U >= threshold_tokens  and  U / P >= min_uncached_ratio
               and not (W > saved and the decode pod has room)
@@ -35,34 +35,28 @@ Why these defaults (llama-3.1-8b on H100, rdma-400g; run ``CostModel('8b','H100'
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 
 from engine.costmodel import CostModel
-from pickers.costs import estimate_ttft
+from pickers.datalayer import DataLayer
+from pickers.state import PDReason
 
-# reason codes (numbers, so the explanation stays a dict of floats)
-LEG = 0
-NO_PREFILL_PODS = 1
-BELOW_THRESHOLD = 2
-MOSTLY_CACHED = 3
-PREFILL_SATURATED = 4
-REASONS = {LEG: "leg", NO_PREFILL_PODS: "no-prefill-pods", BELOW_THRESHOLD: "below-threshold",
-           MOSTLY_CACHED: "mostly-cached-on-decode", PREFILL_SATURATED: "prefill-saturated"}
+REASONS: tuple[PDReason, ...] = ("leg", "no-prefill-pods", "below-threshold", "mostly-cached-on-decode",
+                                 "prefill-saturated")
 
 
 @lru_cache(maxsize=256)
 def transfer_coefficients(model_profile: str, accelerator: str, link: str) -> tuple[float, float]:
-    """(fixed seconds, seconds per token) of moving KV to a decode pod, from CostModel.transfer_time."""
+    """(fixed seconds, seconds per token) of moving KV to a decode pod: CostModel.transfer_time is linear."""
     cm = CostModel(model_profile, accelerator)
     n = 1_000_000
     per_tok = (cm.transfer_time(n, link) - cm.transfer_time(1, link)) / (n - 1)
     return cm.transfer_time(1, link) - per_tok, per_tok
 
 
-def transfer_seconds(dl, slots: np.ndarray, tokens: float, link: str) -> np.ndarray:
+def transfer_seconds(dl: DataLayer, slots: np.ndarray, tokens: float, link: str) -> np.ndarray:
     """Seconds to ship ``tokens`` of KV from each slot's pod (its model x accelerator) over ``link``."""
     out = np.zeros(slots.size)
     if tokens <= 0:
@@ -70,31 +64,7 @@ def transfer_seconds(dl, slots: np.ndarray, tokens: float, link: str) -> np.ndar
     eps = dl.endpoints.endpoints
     for i, s in enumerate(slots.tolist()):
         ep = eps[s]
+        assert ep is not None
         lat, per = transfer_coefficients(ep.model_profile, ep.accelerator, link)
         out[i] = lat + per * tokens
     return out
-
-
-def local_prefill_seconds(dl, slot: int, prompt: float, cached: float, budget: float) -> float:
-    """Compute time of the uncached part of the prompt on ``slot`` with nothing queued and no decodes."""
-    s = np.array([slot])
-    return float(estimate_ttft(dl.costs, s, prompt, np.array([cached]), np.zeros(1), np.zeros(1), budget, 0.0)[0])
-
-
-@dataclass(slots=True)
-class Verdict:
-    leg: bool
-    reason: int
-    prompt: float
-    uncached: float
-    saved_s: float = 0.0
-    prefill_wait_s: float = 0.0
-    decode_room: bool = True
-
-    def explain(self, threshold: float) -> dict[str, float]:
-        return {
-            "leg": 1.0 if self.leg else 0.0, "reason": float(self.reason), "prompt": self.prompt,
-            "uncached": self.uncached, "ratio": round(self.uncached / self.prompt, 4) if self.prompt else 0.0,
-            "threshold": float(threshold), "saved-ms": round(self.saved_s * 1e3, 3),
-            "prefill-wait-ms": round(self.prefill_wait_s * 1e3, 3), "decode-room": 1.0 if self.decode_room else 0.0,
-        }

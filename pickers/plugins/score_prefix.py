@@ -3,12 +3,17 @@
 ``mode``: ``approximate`` (learned from our own decisions), ``precise`` (vLLM KV events) or ``auto``
 (precise per pod unless it publishes no events or is degraded, then approximate). With ``gate_ttft_ratio``
 > 0 (the default profile uses 1.5) a pod whose estimated TTFT exceeds that multiple of the best pod's
-gets 0: cache affinity never pulls traffic onto a pod that is already the slow choice.
+gets 0: cache affinity never pulls traffic onto a pod that is already the slow choice (the TTFT is the
+request's shared prediction, pickers/predictor.py).
 """
+
+from __future__ import annotations
+
 
 import numpy as np
 
-from pickers.framework import Param, Scorer, register
+from pickers.framework import CycleContext, Param, Scorer, reads_kv_events, register
+from pickers.state import PrefixMode
 
 
 @register
@@ -19,19 +24,23 @@ class PrefixScorer(Scorer):
         "mode": Param(str, "auto", choices=("approximate", "precise", "auto")),
         "gate_ttft_ratio": Param(float, 0.0, min=0.0),
     }
+    mode: PrefixMode
+    gate_ttft_ratio: float
+
+    @property
+    def uses_kv_events(self) -> bool:
+        return reads_kv_events(self.mode)
 
     @property
     def label(self) -> str:
         return f"prefix-{self.mode}" if self.mode != "auto" else "prefix"
 
-    def score(self, ctx, cands):
+    def score(self, ctx: CycleContext, cands: np.ndarray) -> np.ndarray:
         p = ctx.prompt_tokens()
         if p <= 0:
             return np.zeros(cands.size)
         s = np.minimum(ctx.hit_tokens(self.mode)[cands] / p, 1.0)
         if self.gate_ttft_ratio > 0:
-            ttft = ctx.memo.get("ttft")
-            if ttft is not None and ttft[0] is cands:
-                est = ttft[1]
-                s = np.where(est <= self.gate_ttft_ratio * est.min(), s, 0.0)
+            est = ctx.prediction(self.mode).ttft_s[cands]
+            s = np.where(est <= self.gate_ttft_ratio * est.min(), s, 0.0)
         return s

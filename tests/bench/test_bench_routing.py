@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from e2e.bench_routing import QUESTION_TOKENS, SYSTEM_TOKENS, capacity, make_workload, prompt_arrays
+from e2e.bench.routing import QUESTION_TOKENS, SYSTEM_TOKENS, capacity, make_workload, prompt_arrays
 from engine.sim.cluster import ClusterSim, TraceRequest, fleet_from_flags
 from engine.sim.cluster.oracle import OracleRouter, prefix_hit_bound
 from pickers.clock import ManualClock

@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry
 
 from pickers.clock import ManualClock
 from pickers.config import build_scheduler
+from pickers.state import RequestState
 from pickers.types import Endpoint, InferenceRequest
 
 BS = 16
@@ -32,6 +33,11 @@ def request(rid: str, tokens: list[int] | np.ndarray | None = None, **kw: Any) -
         kw["prompt_token_ids"] = [int(t) for t in tokens]
     kw.setdefault("model", "m")
     return InferenceRequest(request_id=rid, **kw)
+
+
+def state(req: InferenceRequest) -> RequestState:
+    """A fresh typed state for ``req``, as the director creates one."""
+    return RequestState(req, req.request_id, req.arrival)
 
 
 def stored(ehashes, tokens, parent=None, medium="GPU", positional=False):

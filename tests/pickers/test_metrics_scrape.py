@@ -61,7 +61,7 @@ async def test_scraper_feeds_metrics_and_health():
 
     s = build_scheduler({"datalayer": {"scrape_interval_ms": 10, "failure_threshold": 2}}, [ep],
                         MonotonicClock(), registry=CollectorRegistry())
-    dl = s.datalayer
+    dl = s.dl
     try:
         await s.start()
         for _ in range(200):
@@ -81,8 +81,9 @@ async def test_scraper_feeds_metrics_and_health():
                 break
             await asyncio.sleep(0.01)
         assert dl.health.healthy[0]
+        assert any(t.get_name() == f"scrape {ep.address}" for t in asyncio.all_tasks())
         s.decide(request("r", list(range(300))))
     finally:
         await s.stop()
         await runner.cleanup()
-    assert not s._scraper._tasks
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("scrape ") and not t.done()]

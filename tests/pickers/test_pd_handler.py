@@ -41,13 +41,13 @@ def test_short_prompt_has_no_leg():
     s, _ = pd_scheduler()
     d = s.decide(request("r", toks(1000)))
     assert d.prefill is None and d.primary in (D0, D1)
-    assert d.request.cache["pd"] == "below-threshold"
+    assert d.state.pd.reason == "below-threshold"
     assert d.explanation["_pd"]["uncached"] == 1000 and d.explanation["_pd"]["leg"] == 0.0
 
 
 def test_long_uncached_prompt_goes_to_the_least_loaded_prefill_pod_and_both_are_recorded():
     s, clock = pd_scheduler()
-    dl = s.datalayer
+    dl = s.dl
     # a request already computing 6000 tokens on P0
     dl.inflight.add("busy", dl.endpoints.slot(D1), dl.endpoints.slot(P0), 6000, 10, clock.now())
     d = s.decide(request("r", toks(4096), max_tokens=20))
@@ -63,7 +63,7 @@ def test_long_uncached_prompt_goes_to_the_least_loaded_prefill_pod_and_both_are_
     assert dl.inflight.prefill_tokens[p1] == 4096 and dl.inflight.prefill_tokens[d0] == 0
     assert dl.inflight.requests[d0] == 1 and dl.inflight.decode_tokens[d0] == 20
     # approximate index: both pods will hold the prompt's blocks
-    blocks = dl.approx.match(d.request.cache["block_hashes"][BS])[0]
+    blocks = dl.approx.match(d.state.block_hashes[BS])[0]
     assert blocks[p1] == 4096 // BS and blocks[d0] == 4096 // BS
     assert blocks[dl.endpoints.slot(P0)] == 0
     s.on_first_token(d, clock.now())
@@ -80,24 +80,24 @@ def test_prompt_cached_on_the_decode_pod_skips_the_leg():
     s.on_finished(first, Usage(4096, 1), clock.now())
     second = s.decide(request("b", toks(4096) + toks(100, 50_000)))
     assert second.primary == first.primary and second.prefill is None
-    assert second.request.cache["pd"] == "below-threshold"
+    assert second.state.pd.reason == "below-threshold"
     assert second.explanation["_pd"]["uncached"] == 100 + 4096 % BS
 
 
 def test_mostly_cached_long_prompt_stays_local():
     s, clock = pd_scheduler()
-    dl = s.datalayer
+    dl = s.dl
     prompt = toks(8192) + toks(3000, 90_000)  # 8192 of 11192 cached: 3000 uncached (>= 2048) but 27 %
     dl.learn({BS: hash_blocks(prompt[:8192], BS)}, [dl.endpoints.slot(D1)])
     d = s.decide(request("r", prompt))
     assert d.primary == D1 and d.prefill is None
-    assert d.request.cache["pd"] == "mostly-cached-on-decode"
+    assert d.state.pd.reason == "mostly-cached-on-decode"
     assert d.explanation["_pd"]["uncached"] == 3000
 
 
 def test_prefill_pod_holding_the_prefix_is_preferred():
     s, clock = pd_scheduler()
-    dl = s.datalayer
+    dl = s.dl
     prompt = toks(8192)
     dl.learn({BS: hash_blocks(prompt, BS)}, [dl.endpoints.slot(P1)])
     # P1 even has some queued work; recomputing 8192 tokens on P0 still costs more
@@ -109,12 +109,12 @@ def test_prefill_pod_holding_the_prefix_is_preferred():
 
 def test_saturated_prefill_pool_and_idle_decode_pod_means_no_leg():
     s, clock = pd_scheduler()
-    dl = s.datalayer
+    dl = s.dl
     for i, pod in enumerate((P0, P1)):  # 200K tokens queued on each prefill pod: seconds of waiting
         dl.inflight.add(f"q{i}", dl.endpoints.slot(D1), dl.endpoints.slot(pod), 200_000, 10, clock.now())
     d = s.decide(request("r", toks(4096)))
     assert d.prefill is None and d.primary == D0
-    assert d.request.cache["pd"] == "prefill-saturated"
+    assert d.state.pd.reason == "prefill-saturated"
     pdx = d.explanation["_pd"]
     assert pdx["prefill-wait-ms"] > pdx["saved-ms"] > 0 and pdx["decode-room"] == 1.0
     # the same pool, but the decode pods are busy (requests waiting): the leg is taken anyway
@@ -134,16 +134,16 @@ def test_no_prefill_pods_is_decode_only():
     s, _ = pd_scheduler(eps=pd_fleet(prefill=0, decode=2))
     d = s.decide(request("r", toks(8192)))
     assert d.prefill is None and d.primary in (D0, D1)
-    assert d.request.cache["pd"] == "no-prefill-pods"
+    assert d.state.pd.reason == "no-prefill-pods"
 
 
 def test_unhealthy_prefill_pods_are_skipped():
     s, _ = pd_scheduler()
-    dl = s.datalayer
+    dl = s.dl
     for _ in range(3):
         dl.health.failure(dl.endpoints.slot(P0), "connect refused")
     assert s.decide(request("r", toks(4096))).prefill == P1
     for _ in range(3):
         dl.health.failure(dl.endpoints.slot(P1), "connect refused")
     d = s.decide(request("r2", toks(4096, 10_000)))
-    assert d.prefill is None and d.request.cache["pd"] == "no-prefill-pods"
+    assert d.prefill is None and d.state.pd.reason == "no-prefill-pods"

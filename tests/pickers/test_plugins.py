@@ -9,28 +9,28 @@ from pickers.datalayer import PodMetrics
 from pickers.framework import CycleContext, create
 from pickers.types import SchedulingError
 
-from .helpers import endpoints, request, scheduler
+from .helpers import endpoints, request, scheduler, state
 
 A, B, C = "10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"
 
 
 def ctx_for(s, clock, req=None):
-    return CycleContext(req or request("r", list(range(64))), s.datalayer, clock.now())
+    return CycleContext(state(req or request("r", list(range(64)))), s.dl, clock.now())
 
 
 def plugin(s, kind, spec):
     p = create(kind, spec, "t")
-    p.bind(s.datalayer)
+    p.bind(s.dl)
     return p
 
 
 def feed(s, **per_addr):
     for addr, (w, r, kv) in per_addr.items():
-        s.datalayer.metrics.update(addr, PodMetrics(waiting=w, running=r, kv_usage=kv))
+        s.dl.metrics.update(addr, PodMetrics(waiting=w, running=r, kv_usage=kv))
 
 
 def cands(s):
-    return s.datalayer.endpoints.active_slots()
+    return s.dl.endpoints.active_slots()
 
 
 def test_queue_running_kv_scorers_exact():
@@ -47,7 +47,7 @@ def test_stale_metrics_fall_back_to_tracked_load():
     s, clock = scheduler()
     feed(s, **{A: (9, 0, 0.9), B: (0, 0, 0.0), C: (0, 0, 0.0)})
     clock.advance(1.0)  # 1 s > 4 x 50 ms: stale
-    s.datalayer.inflight.add("x", 1, None, 100, 10, clock.now())  # one request tracked on B
+    s.dl.inflight.add("x", 1, None, 100, 10, clock.now())  # one request tracked on B
     ctx = ctx_for(s, clock)
     c = cands(s)
     assert plugin(s, "scorer", "queue").score(ctx, c).tolist() == [1.0, 0.0, 1.0]
@@ -56,7 +56,7 @@ def test_stale_metrics_fall_back_to_tracked_load():
 
 def test_inflight_tokens_scorer_and_hooks():
     s, clock = scheduler()
-    dl = s.datalayer
+    dl = s.dl
     dl.inflight.add("a", 0, None, 1000, 100, clock.now())
     dl.inflight.add("b", 1, None, 200, 100, clock.now())
     sc = plugin(s, "scorer", {"type": "inflight-tokens", "decode_weight": 1.0})
@@ -75,15 +75,15 @@ def test_prefix_scorer_modes_and_gate():
     from pickers.kvblocks.hashing import hash_blocks
 
     h = hash_blocks(toks, 16)
-    s.datalayer.approx.add(1, h[:2])
-    s.datalayer.kv_index.index.add(0, h)
-    s.datalayer.kv_index.set_source(0, True)
+    s.dl.approx.add(1, h[:2])
+    s.dl.kv_index.index.add(0, h)
+    s.dl.kv_index.set_source(0, True)
     ctx = ctx_for(s, clock, request("r", toks))
     c = cands(s)
     assert plugin(s, "scorer", {"type": "prefix", "mode": "precise"}).score(ctx, c).tolist() == [1.0, 0.0, 0.0]
     assert plugin(s, "scorer", {"type": "prefix", "mode": "approximate"}).score(ctx, c).tolist() == [0.0, 0.5, 0.0]
     # gate: pod 0 has the whole prompt cached but a huge queue -> its prefix score is gated to 0
-    s.datalayer.inflight.add("q", 0, None, 500_000, 0, clock.now())
+    s.dl.inflight.add("q", 0, None, 500_000, 0, clock.now())
     ctx = ctx_for(s, clock, request("r2", toks))
     ttft = plugin(s, "scorer", "ttft")
     ttft.score(ctx, c)
@@ -96,12 +96,12 @@ def test_ttft_scorer_prefers_cache_until_queue_outweighs_it():
     toks = list(range(8192))
     from pickers.kvblocks.hashing import hash_blocks
 
-    s.datalayer.approx.add(0, hash_blocks(toks, 16))
+    s.dl.approx.add(0, hash_blocks(toks, 16))
     sc = plugin(s, "scorer", {"type": "ttft", "mode": "approximate"})
     c = cands(s)
     v = sc.score(ctx_for(s, clock, request("r", toks)), c)
     assert v[0] == 1.0 and v[1] == v[2] and v[1] < 0.1  # 1 uncached token vs 8192
-    s.datalayer.inflight.add("q", 0, None, 3 * 8192, 0, clock.now())  # 3 full prefills queued on pod 0
+    s.dl.inflight.add("q", 0, None, 3 * 8192, 0, clock.now())  # 3 full prefills queued on pod 0
     v = sc.score(ctx_for(s, clock, request("r2", toks)), c)
     assert v[0] < 1.0 and v[1] == 1.0
 
@@ -112,12 +112,12 @@ def test_session_and_lora_scorers():
     req = request("r", list(range(16)), headers={"x-session-id": "abc"})
     from pickers.types import Decision
 
-    sess.on_routed(Decision(request=req, endpoints=[B]))
+    sess.on_routed(Decision(state(req), endpoints=[B]))
     assert sess.score(ctx_for(s, clock, req), cands(s)).tolist() == [0.0, 1.0, 0.0]
-    sess.on_served(Decision(request=req, endpoints=[B]), C)
+    sess.on_served(Decision(state(req), endpoints=[B]), C)
     assert sess.score(ctx_for(s, clock, req), cands(s)).tolist() == [0.0, 0.0, 1.0]
 
-    m = s.datalayer.metrics
+    m = s.dl.metrics
     m.update(A, PodMetrics(running_lora_adapters=("sql",), max_lora=2))
     m.update(B, PodMetrics(running_lora_adapters=("x", "y"), waiting_lora_adapters=(), max_lora=2))
     m.update(C, PodMetrics(running_lora_adapters=("x",), waiting_lora_adapters=("sql",), max_lora=1))
@@ -127,7 +127,7 @@ def test_session_and_lora_scorers():
     assert lora.score(ctx_for(s, clock, request("r", model="sql")), cands(s)).tolist() == [1.0, 0.0, 0.5]
 
 
-def test_filters_health_role_subset():
+def test_filters_health_and_role():
     from pickers.types import Endpoint, Role
 
     eps = [Endpoint(A, role=Role.PREFILL), Endpoint(B, role=Role.DECODE), Endpoint(C)]
@@ -137,15 +137,10 @@ def test_filters_health_role_subset():
     assert plugin(s, "filter", {"type": "role", "role": "decode"}).filter(ctx, c).tolist() == [1, 2]
     assert plugin(s, "filter", {"type": "role", "role": "prefill"}).filter(ctx, c).tolist() == [0, 2]
     for _ in range(3):
-        s.datalayer.health.failure(2, "boom")
+        s.dl.health.failure(2, "boom")
     assert plugin(s, "filter", "health").filter(ctx, c).tolist() == [0, 1]
-    s.datalayer.health.success(2)
+    s.dl.health.success(2)
     assert plugin(s, "filter", "health").filter(ctx, c).tolist() == [0, 1, 2]
-    sub = plugin(s, "filter", "subset")
-    assert sub.filter(ctx_for(s, clock, request("r", subset=[C, "9.9.9.9:1"])), c).tolist() == [2]
-    with pytest.raises(SchedulingError) as e:
-        sub.filter(ctx_for(s, clock, request("r", subset=[])), c)
-    assert e.value.status == 503
 
 
 def test_pickers():
@@ -208,8 +203,8 @@ def test_ttft_stall_weight_keeps_a_group_on_its_warm_pod_when_the_spill_would_st
     toks = list(range(4608))
     from pickers.kvblocks.hashing import hash_blocks
 
-    s.datalayer.approx.add(0, hash_blocks(toks[:4096], 16))  # the group's shared context is warm on pod 0
-    s.datalayer.inflight.add("q", 0, None, 6 * 1024, 0, clock.now())  # a queue on the warm pod
+    s.dl.approx.add(0, hash_blocks(toks[:4096], 16))  # the group's shared context is warm on pod 0
+    s.dl.inflight.add("q", 0, None, 6 * 1024, 0, clock.now())  # a queue on the warm pod
     feed(s, **{A: (0, 4, 0.1), B: (0, 24, 0.1), C: (0, 24, 0.1)})  # the cold pods run many decodes
     c = cands(s)
     plain = plugin(s, "scorer", {"type": "ttft", "mode": "approximate"})

@@ -16,7 +16,7 @@ TOK = np.arange(1, 4 * BS + 1)  # 4 blocks
 @pytest.mark.parametrize("positional", [False, True])
 def test_stored_chain_removed_cleared(positional):
     s, clock = scheduler(eps=endpoints(2, kv=True))
-    kv = s.datalayer.kv_index
+    kv = s.dl.kv_index
     a = "10.0.0.1:8000"
     own = hash_blocks(TOK, BS)
     kv.apply_events(a, [stored([101, 102], TOK[: 2 * BS], positional=positional)], now=clock.now())
@@ -34,7 +34,7 @@ def test_stored_chain_removed_cleared(positional):
 
 def test_cpu_medium_weighted_and_orphan_skipped():
     s, clock = scheduler(eps=endpoints(1, kv=True))
-    kv = s.datalayer.kv_index
+    kv = s.dl.kv_index
     a = "10.0.0.1:8000"
     kv.apply_events(a, [stored([1, 2], TOK[: 2 * BS], medium="CPU")])
     blocks, weighted = kv.index.match(hash_blocks(TOK, BS))
@@ -45,7 +45,7 @@ def test_cpu_medium_weighted_and_orphan_skipped():
 
 def test_sequence_gap_drops_pod_and_marks_degraded():
     s, clock = scheduler(eps=endpoints(2, kv=True), raw={"prefix": {"precise": {"degraded_after_s": 5}}})
-    kv = s.datalayer.kv_index
+    kv = s.dl.kv_index
     a, b = "10.0.0.1:8000", "10.0.0.2:8000"
     kv.apply_events(a, [stored([1, 2], TOK[: 2 * BS])], now=clock.now(), seq=1)
     kv.apply_events(b, [stored([1, 2], TOK[: 2 * BS])], now=clock.now(), seq=1)
@@ -74,7 +74,7 @@ def test_silent_pod_degrades_and_falls_back_to_approximate():
     assert deg(first) == 1.0
     # degraded pod is scored from the approximate index, which learned r1: full prefix hit
     assert d2.explanation[first]["prefix"] == pytest.approx(1.0)
-    s.datalayer.kv_index.apply_events(first, [stored([1], TOK[:BS])], now=clock.now())
+    s.dl.kv_index.apply_events(first, [stored([1], TOK[:BS])], now=clock.now())
     s.decide(request("r3", TOK))
     assert deg(first) == 0.0
 
@@ -96,7 +96,7 @@ def test_payload_decoding_both_batch_forms_and_errors():
 
 def test_bytes_hashes_are_identities():
     s, clock = scheduler(eps=endpoints(1, kv=True))
-    kv = s.datalayer.kv_index
+    kv = s.dl.kv_index
     a = "10.0.0.1:8000"
     kv.apply_events(a, [stored([b"\x01" * 32, b"\x02" * 32], TOK[: 2 * BS])])
     kv.apply_events(a, [stored([b"\x03" * 32], TOK[2 * BS: 3 * BS], parent=b"\x02" * 32)])
@@ -111,7 +111,7 @@ def test_full_prefix_hits_without_events_do_not_degrade():
                                                           "prefix": {"precise": {"degraded_after_s": 2}}})
     a = "10.0.0.1:8000"
     deg = lambda: s.test_registry.get_sample_value("kvswitch_prefix_index_degraded", {"endpoint": a})
-    kv = s.datalayer.kv_index
+    kv = s.dl.kv_index
     kv.apply_events(a, [stored([1, 2, 3, 4], TOK)], now=clock.now())
     for i in range(5):
         clock.advance(1.5)
@@ -140,17 +140,17 @@ def test_second_request_before_any_event_follows_the_first_to_its_pod():
     d2 = s.decide(request("r2", np.concatenate([LONG, np.arange(9000, 9000 + 2 * BS)])))
     assert d2.primary == d1.primary
     assert d2.explanation[d1.primary]["prefix"] > 0.9  # no event yet: the pod holds r1's blocks as pending
-    kv = s.datalayer.kv_index
+    kv = s.dl.kv_index
     assert kv.pending_count() == 64 + 66
     kv.check_invariants()
 
 
 def test_pending_blocks_go_at_first_token_failure_or_ttl():
     s, clock = _precise(pending_ttl_s=2)
-    kv = s.datalayer.kv_index
+    kv = s.dl.kv_index
     own = hash_blocks(LONG, BS)
     d1 = s.decide(request("r1", LONG))
-    a = s.datalayer.endpoints.slot(d1.primary)
+    a = s.dl.endpoints.slot(d1.primary)
     assert kv.index.match(own)[0][a] == 64
     s.on_first_token(d1, clock.now())
     assert kv.index.match(own) is None and kv.pending_count() == 0
@@ -172,7 +172,7 @@ def test_pending_blocks_go_at_first_token_failure_or_ttl():
 
 def test_pending_blocks_are_capped_oldest_first():
     s, clock = _precise(pending_max_blocks=100)
-    kv = s.datalayer.kv_index
+    kv = s.dl.kv_index
     d1 = s.decide(request("r1", LONG))
     other = np.arange(70_000, 70_000 + 64 * BS)
     s.decide(request("r2", other))
@@ -185,7 +185,7 @@ def test_pending_blocks_are_capped_oldest_first():
 
 def test_unknown_media_never_land_in_the_pending_column():
     s, clock = _precise(medium_weights={"GPU": 1.0})
-    kv = s.datalayer.kv_index
+    kv = s.dl.kv_index
     kv.apply_events("10.0.0.1:8000", [stored([1], LONG[:BS], medium="DISK"), stored([2], LONG[BS:2 * BS], parent=1,
                                                                                      medium=None)])
     assert kv.index.pods_holding(hash_blocks(LONG, BS)[0]) == {"GPU": [0]}
@@ -201,9 +201,9 @@ def test_pd_decision_pends_on_the_prefill_pod_too():
     toks = np.arange(1, 4096 + 1)
     d = s.decide(request("r1", toks))
     assert d.prefill is not None
-    kv = s.datalayer.kv_index
+    kv = s.dl.kv_index
     blocks = kv.index.match(hash_blocks(toks, BS))[0]
-    ep = s.datalayer.endpoints
+    ep = s.dl.endpoints
     assert blocks[ep.slot(d.prefill)] == 256 and blocks[ep.slot(d.primary)] == 256
     clock.advance(0.05)
     d2 = s.decide(request("r2", toks))  # its prefix is (speculatively) on r1's decode pod: no leg
@@ -228,7 +228,7 @@ def test_long_prefill_is_not_silence_the_clock_starts_at_first_token():
     assert _deg(s, a) == 0.0
     clock.advance(6)
     s.decide(request("z", np.arange(95_000, 95_000 + 2 * BS)))
-    assert _deg(s, a) == 1.0 and "uncached full blocks" in s.datalayer.kv_index.reasons[s.datalayer.endpoints.slot(a)]
+    assert _deg(s, a) == 1.0 and "uncached full blocks" in s.dl.kv_index.reasons[s.dl.endpoints.slot(a)]
 
 
 def test_events_during_the_prefill_satisfy_it_and_finish_starts_the_clock_without_first_token():
@@ -236,7 +236,7 @@ def test_events_during_the_prefill_satisfy_it_and_finish_starts_the_clock_withou
     d = s.decide(request("r1", LONG))
     a = d.primary
     clock.advance(8)
-    s.datalayer.kv_index.apply_events(a, [stored([1, 2], LONG[: 2 * BS])], now=clock.now())  # chunked prefill
+    s.dl.kv_index.apply_events(a, [stored([1, 2], LONG[: 2 * BS])], now=clock.now())  # chunked prefill
     clock.advance(4)
     s.on_first_token(d, clock.now())
     clock.advance(30)
@@ -264,7 +264,7 @@ def test_failed_request_is_no_evidence_and_gaps_still_degrade_at_once():
     clock.advance(30)
     s.decide(request("x", np.arange(80_000, 80_000 + 2 * BS)))
     assert _deg(s, a) == 0.0
-    kv = s.datalayer.kv_index
+    kv = s.dl.kv_index
     kv.apply_events(a, [stored([1], LONG[:BS])], now=clock.now(), seq=1)
     kv.apply_events(a, [stored([2], LONG[BS:2 * BS], parent=1)], now=clock.now(), seq=5)
     s.decide(request("y", np.arange(90_000, 90_000 + 2 * BS)))
@@ -281,14 +281,14 @@ def test_failed_request_is_no_evidence_and_gaps_still_degrade_at_once():
 def test_kv_events_are_used_only_when_a_plugin_reads_the_precise_index(raw, uses):
     s, clock = scheduler(raw=raw, eps=endpoints(2, kv=True))
     assert s.uses_kv_events is uses
-    assert s.datalayer.precise_enabled is uses
+    assert s.dl.precise_enabled is uses
     s.decide(request("r", LONG))
-    assert (s.datalayer.kv_index.pending_count() > 0) is uses  # no precise upkeep for a profile that never reads it
+    assert (s.dl.kv_index.pending_count() > 0) is uses  # no precise upkeep for a profile that never reads it
 
 
 def test_consecutive_removals_of_one_medium_are_one_batched_remove(monkeypatch):
     s, clock = scheduler(eps=endpoints(1, kv=True))
-    kv = s.datalayer.kv_index
+    kv = s.dl.kv_index
     a = "10.0.0.1:8000"
     own = hash_blocks(LONG, BS)
     kv.apply_events(a, [stored(list(range(1, 9)), LONG[: 8 * BS])])
@@ -311,7 +311,7 @@ def test_consecutive_removals_of_one_medium_are_one_batched_remove(monkeypatch):
 
 def test_blocks_stored_after_a_clear_in_the_same_batch_are_kept():
     s, clock = scheduler(eps=endpoints(1, kv=True))
-    kv = s.datalayer.kv_index
+    kv = s.dl.kv_index
     a = "10.0.0.1:8000"
     kv.apply_events(a, [stored([1, 2], LONG[: 2 * BS]), cleared(), stored([11, 12], LONG[: 2 * BS]),
                         stored([13], LONG[2 * BS: 3 * BS], parent=12)])

@@ -18,7 +18,7 @@ def test_decision_has_explanation_fallbacks_and_tracks_load():
     assert len(d.endpoints) == 3 and len(set(d.endpoints)) == 3
     assert d.primary in d.explanation and set(d.explanation[d.primary]) == {"ttft", "prefix", "kv-usage", "total"}
     assert len(d.explanation) == 5  # explain_top
-    dl = s.datalayer
+    dl = s.dl
     slot = dl.endpoints.slot(d.primary)
     assert dl.inflight.prefill_tokens[slot] == 2048 and dl.inflight.decode_tokens[slot] == 50
     s.on_first_token(d, clock.now())
@@ -32,7 +32,7 @@ def test_no_endpoint_503_names_the_cause():
     s, clock = scheduler(eps=endpoints(2))
     for slot in (0, 1):
         for _ in range(3):
-            s.datalayer.health.failure(slot, "connect refused")
+            s.dl.health.failure(slot, "connect refused")
     with pytest.raises(SchedulingError) as e:
         s.decide(request("r", list(range(16))))
     assert e.value.status == 503 and "health removed 2" in e.value.message
@@ -47,10 +47,10 @@ def test_request_failures_eject_a_pod_a_scrape_cannot_bring_it_back_a_probe_does
     request is let through (never two at once) and its success re-admits the pod; a failed probe ejects it
     for twice as long. Client 4xx never count."""
     s, clock = scheduler(eps=endpoints(2), raw={"profile": "round-robin"})
-    health = s.datalayer.health
+    health = s.dl.health
     ds = [s.decide(request(f"r{i}", list(range(16)))) for i in range(6)]
     bad = ds[0].primary
-    slot = s.datalayer.endpoints.slot(bad)
+    slot = s.dl.endpoints.slot(bad)
     for d in ds:
         if d.primary == bad:
             s.on_failed(d, "http 404", clock.now())  # a client error: the pod is fine
@@ -79,13 +79,13 @@ def test_request_failures_eject_a_pod_a_scrape_cannot_bring_it_back_a_probe_does
 def test_gateway_passing_over_an_endpoint_counts_against_it():
     """The served endpoint is the second of the fallback list: the first failed the request before any byte."""
     s, clock = scheduler(eps=endpoints(3))
-    health = s.datalayer.health
+    health = s.dl.health
     d = s.decide(request("r0", list(range(16))))
     first, second = d.endpoints[0], d.endpoints[1]
     s.on_served(d, second)
     s.on_finished(d, Usage(16, 1), clock.now())
-    assert health.request_failures[s.datalayer.endpoints.slot(first)] == 1
-    assert health.request_failures[s.datalayer.endpoints.slot(second)] == 0
+    assert health.request_failures[s.dl.endpoints.slot(first)] == 1
+    assert health.request_failures[s.dl.endpoints.slot(second)] == 0
 
 
 def test_prefix_affinity_without_hot_spot():
@@ -107,10 +107,10 @@ def test_served_elsewhere_moves_load_and_learns():
     d = s.decide(request("r", list(range(320))))
     other = next(e.address for e in endpoints(3) if e.address != d.primary)
     s.on_served(d, other)
-    dl = s.datalayer
+    dl = s.dl
     assert dl.inflight.requests[dl.endpoints.slot(other)] == 1
     assert dl.inflight.requests[dl.endpoints.slot(d.primary)] == 0
-    blocks = dl.approx.match(d.request.cache["block_hashes"][16])[0]
+    blocks = dl.approx.match(d.state.block_hashes[16])[0]
     assert blocks[dl.endpoints.slot(other)] == 20
 
 
@@ -122,17 +122,17 @@ def test_endpoints_added_and_removed_at_run_time():
     s.remove_endpoint("10.0.0.1:8000")
     assert {s.decide(request(f"x{i}", list(range(16)))).primary for i in range(3)} == {"10.9.9.9:8000"}
     with pytest.raises(KeyError):
-        s.datalayer.metrics.update("10.0.0.1:8000", PodMetrics())
+        s.dl.metrics.update("10.0.0.1:8000", PodMetrics())
 
 
 async def test_schedule_uses_prompt_and_chat_and_token_ids():
     s, clock = scheduler()
-    d = await s.schedule(request("p", prompt="hello " * 100))
-    assert d.request.cache["tokens"].size == 150
-    d = await s.schedule(request("c", messages=[{"role": "user", "content": "hi there"}], api="chat"))
-    assert d.request.cache["tokens"].size > 0
-    d = await s.schedule(request("t", [5, 6, 7]))
-    assert d.request.cache["tokens"].tolist() == [5, 6, 7]
+    d = await s.route(request("p", prompt="hello " * 100))
+    assert d.state.tokens.size == 150
+    d = await s.route(request("c", messages=[{"role": "user", "content": "hi there"}], api="chat"))
+    assert d.state.tokens.size > 0
+    d = await s.route(request("t", [5, 6, 7]))
+    assert d.state.tokens.tolist() == [5, 6, 7]
 
 
 def test_ready_follows_decode_capable_endpoints_not_pod_health():
@@ -149,3 +149,36 @@ def test_ready_follows_decode_capable_endpoints_not_pod_health():
     assert s.ready()  # unhealthy pods give 503s from the picker, not an unready picker
     s.remove_endpoint("10.0.0.2:8000")
     assert not s.ready()
+
+
+def test_subset_hint_is_applied_once_by_the_director_for_every_profile():
+    a, b, c = (e.address for e in endpoints(3))
+    for profile in ("default", "round-robin", "least-inflight"):
+        s, _ = scheduler(raw={"profile": profile})
+        assert s.decide(request("r", list(range(64)), subset=[c, "9.9.9.9:1"])).endpoints == [c]
+        assert set(s.decide(request("r2", list(range(64)), subset=[a, b])).endpoints) == {a, b}
+        for subset, code in (([], "subset_empty"), (["9.9.9.9:1"], "subset_no_match")):
+            with pytest.raises(SchedulingError) as e:
+                s.decide(request("x", list(range(64)), subset=subset))
+            assert (e.value.status, e.value.code) == (503, code), profile
+
+
+def test_least_inflight_profile_balances_requests_and_releases_them():
+    eps = [Endpoint("10.0.0.1:1", role="decode"), Endpoint("10.0.0.2:1"), Endpoint("10.0.0.3:1", role="prefill")]
+    s, clock = scheduler(raw={"profile": "least-inflight"}, eps=eps)
+    d1 = s.decide(request("r1", list(range(16))))
+    d2 = s.decide(request("r2", list(range(16))))
+    assert sorted([d1.primary, d2.primary]) == ["10.0.0.1:1", "10.0.0.2:1"]  # never the prefill-only pod
+    assert set(d1.endpoints) == {"10.0.0.1:1", "10.0.0.2:1"}
+    s.on_finished(d1, None, clock.now())
+    assert s.decide(request("r3", list(range(16)))).primary == d1.primary
+    s.on_served(d2, d1.primary)  # the gateway's fallback moved r2: its load moves with it
+    dl = s.dl
+    assert dl.inflight.requests[dl.endpoints.slot(d2.primary)] == 0
+    s.on_failed(d2, "x", clock.now())
+    assert dl.inflight.requests[dl.endpoints.slot(d1.primary)] == 1  # r3 only
+
+
+def test_max_fallback_cuts_the_list_the_gateway_gets():
+    s, _ = scheduler(eps=endpoints(5), max_fallback=2)
+    assert len(s.decide(request("r", list(range(64)))).endpoints) == 2

@@ -98,34 +98,34 @@ async def test_two_replicas_reach_the_same_index(publishers, metrics_server):
         await send(pb, 2, [removed([22])])
         own = hash_blocks(TOK, BS)
         for r in reps:
-            await _until(lambda r=r: r.datalayer.kv_index.stats["messages"] >= 4)
-            blocks = r.datalayer.kv_index.index.match(own, touch=False)[0]
-            sa, sb = r.datalayer.endpoints.slot(a), r.datalayer.endpoints.slot(b)
+            await _until(lambda r=r: r.dl.kv_index.stats["messages"] >= 4)
+            blocks = r.dl.kv_index.index.match(own, touch=False)[0]
+            sa, sb = r.dl.endpoints.slot(a), r.dl.endpoints.slot(b)
             assert (blocks[sa], blocks[sb]) == (4, 1)
-        c0 = reps[0].datalayer.kv_index.contents_by_address()
-        assert c0 == reps[1].datalayer.kv_index.contents_by_address() and len(c0) == 4
+        c0 = reps[0].dl.kv_index.contents_by_address()
+        assert c0 == reps[1].dl.kv_index.contents_by_address() and len(c0) == 4
 
         await send(pb, 3, [cleared(positional=True)])
         for r in reps:
-            await _until(lambda r=r: r.datalayer.kv_index.stats["messages"] >= 5)
-        assert all(b not in str(r.datalayer.kv_index.contents_by_address()) for r in reps)
+            await _until(lambda r=r: r.dl.kv_index.stats["messages"] >= 5)
+        assert all(b not in str(r.dl.kv_index.contents_by_address()) for r in reps)
 
         # sequence gap on a: 2 -> 9. Its entries are dropped and the degraded metric flips on.
         await send(pa, 9, [stored([31], TOK[:BS])])
         for r in reps:
-            await _until(lambda r=r: r.datalayer.kv_index.stats["gaps"] == 1)
+            await _until(lambda r=r: r.dl.kv_index.stats["gaps"] == 1)
         for r, reg in zip(reps, regs):
             d = r.decide(request("x", TOK))
             r.on_first_token(d, clock.now())  # its pending (speculative) blocks go: the events' blocks remain
             assert reg.get_sample_value("kvswitch_prefix_index_degraded", {"endpoint": a}) == 1.0
-            assert r.datalayer.kv_index.index.match(own, touch=False)[0][r.datalayer.endpoints.slot(a)] == 1
+            assert r.dl.kv_index.index.match(own, touch=False)[0][r.dl.endpoints.slot(a)] == 1
         clock.advance(6)
         await send(pa, 10, [stored([32], TOK[BS: 2 * BS], parent=31)])
         for r, reg in zip(reps, regs):
-            await _until(lambda r=r: r.datalayer.kv_index.stats["messages"] >= 7)
+            await _until(lambda r=r: r.dl.kv_index.stats["messages"] >= 7)
             r.decide(request("y", TOK))
             assert reg.get_sample_value("kvswitch_prefix_index_degraded", {"endpoint": a}) == 0.0
-        assert reps[0].datalayer.kv_index.contents_by_address() == reps[1].datalayer.kv_index.contents_by_address()
+        assert reps[0].dl.kv_index.contents_by_address() == reps[1].dl.kv_index.contents_by_address()
     finally:
         for r in reps:
             await r.stop()

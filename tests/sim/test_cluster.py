@@ -247,7 +247,6 @@ def test_cli_replay_writes_json_and_rejects_bad_input(tmp_path, capsys):
 
 
 def test_precise_picker_profile_follows_kv_events_to_the_cached_pod():
-    pytest.importorskip("pickers.config")
     ids = list(range(50, 58))
     reqs = [tr(0, 0.0, 4096, 2, ids), tr(1, 0.5, 4096, 2, [900]), tr(2, 5.0, 4608, 2, ids + [99])]
     _, res = run(reqs, pods=4, policy="precise")
@@ -263,7 +262,6 @@ def test_precise_picker_profile_follows_kv_events_to_the_cached_pod():
 def test_same_new_prefix_50ms_apart_shares_the_pod_before_any_kv_event(policy):
     """The second request arrives while the first's cold 4K prefill still runs (no BlockStored yet): the
     first's blocks are pending on its pod, so the second goes there instead of paying a second cold prefill."""
-    pytest.importorskip("pickers.config")
     ids = list(range(300, 308))  # 8 x 512 tokens: a 4K prefix nobody holds
     reqs = [tr(0, 0.0, 4096, 2, ids), tr(1, 0.05, 4608, 2, ids + [999])]
     _, res = run(reqs, pods=4, policy=policy)
@@ -276,7 +274,6 @@ def test_same_new_prefix_50ms_apart_shares_the_pod_before_any_kv_event(policy):
 @pytest.mark.parametrize("policy,wants", [("load-only", False), ("approximate", False), ("precise", True),
                                           ("default", True)])
 def test_picker_profiles_get_kv_events_only_when_they_read_them(policy, wants):
-    pytest.importorskip("pickers.config")
     fleet = fleet_from_flags(2, "H100", "8b")
     sim = ClusterSim(fleet, lambda eps, clock: make_router(policy, eps, clock))
     assert sim.router.wants_kv_events is wants
@@ -284,13 +281,12 @@ def test_picker_profiles_get_kv_events_only_when_they_read_them(policy, wants):
 
 
 def test_pool_events_handed_over_directly_build_the_same_index_as_the_wire_form():
-    pytest.importorskip("pickers.config")
     from engine.sim.kvevents import event_to_wire
     from pickers.kvblocks.precise import PreciseIndex
 
     fleet = fleet_from_flags(2, "H100", "8b", num_blocks=300)  # small pools: evictions (BlockRemoved) too
     sim = ClusterSim(fleet, lambda eps, clock: make_router("precise", eps, clock))
-    kv = sim.router._kv_index
+    kv = sim.router.director.dl.kv_index
     captured: list = []
     apply = kv.apply_events
     kv.apply_events = lambda pod, evs, now=0.0: (captured.append((pod, list(evs), now)), apply(pod, evs, now=now))[1]
@@ -298,7 +294,7 @@ def test_pool_events_handed_over_directly_build_the_same_index_as_the_wire_form(
     sim.run(trace_prompts(shape_trace(reqs)))
     assert captured and type(captured[0][1][0]).__module__ == "engine.sim.blockpool"  # no wire round trip
     assert any(type(e).__name__ == "BlockRemoved" for _, evs, _ in captured for e in evs)
-    ep = sim.router.scheduler.dl.endpoints
+    ep = sim.router.director.dl.endpoints
     via_wire = PreciseIndex(ep.slot, ep.address)
     for slot in ep.active_slots().tolist():
         via_wire.set_source(slot, True)

@@ -13,14 +13,17 @@ The simulator talks to one small ``Router`` protocol, so the built-in policies a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
 from engine.sim.blockpool import KVEvent
 from engine.sim.core import EngineStats
 from pickers.clock import ManualClock
-from pickers.types import Decision, Endpoint, InferenceRequest, Role, Usage
+from pickers.config import ConfigError, build_scheduler
+from pickers.datalayer.metrics import PodMetrics
+from pickers.director import Director
+from pickers.types import Endpoint, InferenceRequest, Role, Usage
 
 
 @dataclass(slots=True)
@@ -103,46 +106,24 @@ class RoundRobinRouter(BaseRouter):
         return d, p
 
 
-def _run_sync(coro: Any) -> Any:
-    """Drive a coroutine that never really awaits (a scheduler's ``schedule``) to its result."""
-    try:
-        coro.send(None)
-    except StopIteration as stop:
-        return stop.value
-    coro.close()
-    raise RuntimeError("the scheduler awaited something; the simulator needs a synchronous decision")
-
-
 class SchedulerRouter(BaseRouter):
-    """Adapter for any pickers scheduler: sync ``decide(request)`` or async ``schedule(request)``.
+    """The picker itself (pickers.director.Director) deciding in virtual time.
 
-    Hooks go to the scheduler's on_served/on_first_token/on_finished/on_failed with its Decision. If the
-    scheduler exposes its data layer (``.dl``), the simulator feeds it directly, as documented in
-    pickers/datalayer: ``dl.metrics.update(addr, PodMetrics(...), at)`` every scrape and
-    ``dl.kv_index.apply_events(addr, events, now=at)`` after every step that changed a cache (the pool's own
-    event records; only when the scheduler reads KV events, ``scheduler.uses_kv_events``).
+    ``route`` calls the director's synchronous ``decide`` with the simulator's ManualClock; the hooks go to
+    the director's on_served/on_first_token/on_finished/on_failed with its Decision. The simulator feeds
+    the director's data layer directly, as pickers/datalayer documents: ``dl.metrics.update`` every scrape
+    and ``dl.kv_index.apply_events`` after every step that changed a cache (the pool's own event records;
+    only when a plugin reads KV events, ``director.uses_kv_events``, so pods skip building them otherwise).
     """
 
-    def __init__(self, scheduler: Any, name: str, clock: ManualClock) -> None:
-        self.scheduler = scheduler
+    def __init__(self, director: Director, name: str, clock: ManualClock) -> None:
+        self.director = director
         self.name = name
         self.clock = clock
-        decide = getattr(scheduler, "decide", None)
-        self._decide: Callable[[InferenceRequest], Decision] = (
-            decide if callable(decide) else (lambda r: _run_sync(scheduler.schedule(r)))
-        )
-        dl = next((getattr(scheduler, a) for a in ("dl", "datalayer", "data_layer")
-                   if getattr(scheduler, a, None) is not None), None)
-        self._metrics_store = getattr(dl, "metrics", None) if dl is not None else None
-        self._kv_index = getattr(dl, "kv_index", None) if dl is not None else None
-        self.wants_metrics = callable(getattr(self._metrics_store, "update", None))
-        # KV events only for a scheduler that reads them (the pods then skip building them altogether)
-        self.wants_kv_events = (callable(getattr(self._kv_index, "apply_events", None))
-                                and bool(getattr(scheduler, "uses_kv_events", True)))
-        if self.wants_metrics:
-            from pickers.datalayer.metrics import PodMetrics
-
-            self._pod_metrics = PodMetrics
+        self._metrics = director.dl.metrics
+        self._kv_index = director.dl.kv_index
+        self.wants_metrics = director.uses_metrics
+        self.wants_kv_events = director.uses_kv_events
 
     def route(self, req: ClusterRequest, now: float) -> Route:
         ir = InferenceRequest(
@@ -150,61 +131,48 @@ class SchedulerRouter(BaseRouter):
             prompt_token_ids=req.prompt.tolist(), max_tokens=req.max_tokens, arrival=now,
             body_size=4 * len(req.prompt),
         )
-        decision = self._decide(ir)
+        decision = self.director.decide(ir)
         req.state["decision"] = decision
-        self.scheduler.on_served(decision, decision.endpoints[0])
+        self.director.on_served(decision, decision.endpoints[0])
         return decision.endpoints[0], decision.prefill
 
     def on_first_token(self, req: ClusterRequest, at: float) -> None:
         d = req.state.get("decision")
         if d is not None:
-            self.scheduler.on_first_token(d, at)
+            self.director.on_first_token(d, at)
 
     def on_finished(self, req: ClusterRequest, usage: Usage, at: float) -> None:
         d = req.state.pop("decision", None)
         if d is not None:
-            self.scheduler.on_finished(d, usage, at)
+            self.director.on_finished(d, usage, at)
 
     def on_failed(self, req: ClusterRequest, reason: str, at: float) -> None:
         d = req.state.pop("decision", None)
         if d is not None:
-            self.scheduler.on_failed(d, reason, at)
+            self.director.on_failed(d, reason, at)
 
     def on_kv_events(self, pod: str, events: list[KVEvent], at: float) -> None:
-        # The pool's event records have the fields and class names of pickers.kvblocks.events' own: handed
-        # over as they are, without the wire-format (map) round trip.
-        self._kv_index.apply_events(pod, events, now=at)  # type: ignore[union-attr]
+        # The pool's event records are pickers.kvblocks.events' own types: handed over as they are.
+        self._kv_index.apply_events(pod, events, now=at)
 
     def on_metrics(self, pod: str, stats: EngineStats, at: float) -> None:
-        m = self._pod_metrics(
+        m = PodMetrics(
             waiting=float(stats.num_waiting), running=float(stats.num_running), kv_usage=float(stats.kv_usage),
             prefix_cache_queries=float(stats.prefix_queries), prefix_cache_hits=float(stats.prefix_hits),
         )
-        self._metrics_store.update(pod, m, at)  # type: ignore[union-attr]
+        self._metrics.update(pod, m, at)
 
 
-BUILTIN = ("round-robin", "least-inflight")
+BUILTIN = ("round-robin",)
 
 
 def make_router(name: str, endpoints: list[Endpoint], clock: ManualClock, seed: int = 0,
                 config: dict[str, Any] | None = None, scrape_interval: float = 0.05) -> Router:
-    """A router by policy name: a built-in (``round-robin``, ``least-inflight``), or a picker profile
-    (``default``, ``load-only``, ``approximate``, ``precise``, ... or ``picker:NAME`` to force the picker's
-    own profile of a built-in's name) built by ``pickers.config.build_scheduler`` in virtual time."""
+    """A router by policy name: ``round-robin`` (built in), or a picker profile (``default``,
+    ``least-inflight``, ``load-only``, ``approximate``, ``precise``, ... or ``picker:NAME`` to force the
+    picker's own profile of a built-in's name) built by ``pickers.config.build_scheduler`` in virtual time."""
     if name == "round-robin":
         return RoundRobinRouter(endpoints)
-    if name == "least-inflight":
-        from pickers.simple import LeastInFlight
-
-        decoders = [e for e in endpoints if e.role.can_decode()]
-        return SchedulerRouter(LeastInFlight(decoders, clock=clock, seed=seed), name, clock)
-    try:
-        from pickers.config import build_scheduler
-    except ImportError:
-        raise ValueError(
-            f"unknown policy {name!r}: built-in policies are {', '.join(BUILTIN)}; picker profiles need "
-            "pickers.config.build_scheduler, which is not available"
-        ) from None
     raw = dict(config or {})
     if isinstance(raw.get("scheduler"), dict):  # a whole picker config file: take its scheduler section
         raw = dict(raw["scheduler"])
@@ -213,10 +181,10 @@ def make_router(name: str, endpoints: list[Endpoint], clock: ManualClock, seed: 
     dl.setdefault("scrape_interval_ms", scrape_interval * 1000.0)
     raw["datalayer"] = dl
     try:
-        scheduler = build_scheduler(raw, endpoints, clock=clock, network=False)
-    except ValueError as exc:  # ConfigError: an unknown profile or a bad key
+        director = build_scheduler(raw, endpoints, clock=clock, network=False)
+    except ConfigError as exc:  # an unknown profile or a bad key
         raise ValueError(f"policy {name!r}: {exc}") from None
-    return SchedulerRouter(scheduler, name, clock)
+    return SchedulerRouter(director, name, clock)
 
 
 __all__ = [

@@ -103,7 +103,8 @@ class SimResult:
 def endpoints_for(fleet: FleetSpec) -> list[Endpoint]:
     return [
         Endpoint(p.name, role=p.role, model="sim", accelerator=p.accelerator, model_profile=p.model_profile,
-                 block_size=p.block_size, kv_events=f"inproc://{p.label or p.name}")
+                 block_size=p.block_size, kv_events=f"inproc://{p.label or p.name}",
+                 max_num_batched_tokens=p.max_num_batched_tokens)
         for p in fleet.pods
     ]
 

@@ -1,6 +1,6 @@
 """Benchmark: aggregated vs always-disaggregated vs conditionally disaggregated, in virtual time.
 
-    .venv/bin/python -m engine.sim.cluster.pd_bench [--requests 400] [--rates long=3,5,7 mixed=8,12,16]
+    .venv/bin/python -m e2e.bench.pd [--requests 400] [--rates long=3,5,7 mixed=8,12,16]
 
 llama-3.1-8b on H100 pods, rdma-400g between prefill and decode pods, Poisson arrivals, unique prompts
 (no prefix sharing, so the prefix index only matters through the decider's view of the decode pod):
@@ -113,7 +113,7 @@ def _rates(spec: list[str] | None) -> dict[str, list[float]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m engine.sim.cluster.pd_bench")
+    ap = argparse.ArgumentParser(prog="python -m e2e.bench.pd")
     ap.add_argument("--requests", type=int, default=400, help="requests per run")
     ap.add_argument("--rates", nargs="*", help="e.g. long=3,5,7 mixed=8,12,16 (requests/s)")
     ap.add_argument("--workloads", default="long,mixed")

@@ -1,6 +1,6 @@
 """Latency kvswitch adds to Envoy: Envoy alone -> one sim pod vs Envoy + kvswitch -> the same pod.
 
-    .venv/bin/python -m e2e.bench_overhead [--requests-scale 1.0] [--upstream fast|sim] [--pods 4]
+    .venv/bin/python -m e2e.bench.overhead [--requests-scale 1.0] [--upstream fast|sim] [--pods 4]
         [--scheduler framework|simple] [--sizes 4KB,200KB] [--concurrency 1,32,150]
         [--response-body observe|skip|observe,skip] [--stream-tokens 64]
 
@@ -36,6 +36,7 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+import uvloop
 
 from e2e.support.envoy import EnvoyProcess
 from e2e.support.picker import wait_grpc_health
@@ -99,19 +100,16 @@ def serve_fast_upstream(ports: list[int], host: str = "127.0.0.1") -> None:
 
 
 def serve_picker(port: int, endpoints: list[str], simple: bool, response_body: str = "observe") -> None:
-    """The picker as ``kvswitch serve`` runs it, optionally with LeastInFlight (the ext_proc path alone)."""
+    """The picker as ``kvswitch serve`` runs it; ``simple``: the least-inflight profile without admission
+    (no metrics read: the ext_proc path alone)."""
     from extproc.config import config_from_dict
     from extproc.server import build_scheduler, build_server
 
     cfg = config_from_dict({"server": {"host": "127.0.0.1", "grpc_port": port, "metrics_port": -1,
                                        "response_body": response_body},
-                            "endpoints": [{"address": a} for a in endpoints]})
-    if simple:
-        from pickers.simple import LeastInFlight
-
-        sched = LeastInFlight(cfg.endpoint_objects())
-    else:
-        sched = build_scheduler(cfg)
+                            "endpoints": [{"address": a} for a in endpoints],
+                            "scheduler": SIMPLE if simple else None})
+    sched = build_scheduler(cfg)
 
     async def go() -> None:
         server = build_server(cfg, sched)
@@ -120,6 +118,7 @@ def serve_picker(port: int, endpoints: list[str], simple: bool, response_body: s
 
     asyncio.run(go())
 MODEL = "bench-model"
+SIMPLE = {"profile": "least-inflight", "admission": []}  # the ext_proc path with the cheapest useful decision
 # DESIGN.md budgets for the added latency (ms): (prompt size, concurrency, percentile) -> budget
 BUDGETS = {("4KB", 1, "p50"): 1.0, ("4KB", 1, "p99"): 3.0, ("200KB", 1, "p50"): 2.0, ("200KB", 150, "p99"): 20.0}
 SIZES = {"4KB": 4 * 1024, "200KB": 200 * 1024}
@@ -197,23 +196,15 @@ def decisions_per_second(prompt_tokens: int = 8192, pods: int = 64, seconds: flo
     from extproc.config import config_from_dict
     from extproc.stream import ExtProcStream, StreamSettings
     from pickers.clock import ManualClock
+    from pickers.config import build_scheduler as framework_build
+    from pickers.datalayer.metrics import PodMetrics
 
     cfg = config_from_dict({"endpoints": [{"address": f"10.0.{i // 250}.{i % 250 + 1}:8000", "role": "decode"}
                                           for i in range(pods)]})
     clock = ManualClock(1000.0)  # frozen: the metrics fed below never go stale
-    try:
-        if simple:
-            raise ImportError("LeastInFlight asked for")
-        from pickers.config import build_scheduler as framework_build
-        from pickers.datalayer.metrics import PodMetrics
-
-        sched = framework_build(None, cfg.endpoint_objects(), clock, network=False)
-        for i, ep in enumerate(cfg.endpoints):
-            sched.dl.metrics.update(ep.address, PodMetrics(waiting=i % 3, running=i % 7, kv_usage=0.3))
-    except ImportError:
-        from pickers.simple import LeastInFlight
-
-        sched = LeastInFlight(cfg.endpoint_objects(), clock)
+    sched = framework_build(SIMPLE if simple else None, cfg.endpoint_objects(), clock, network=False)
+    for i, ep in enumerate(cfg.endpoints):
+        sched.dl.metrics.update(ep.address, PodMetrics(waiting=i % 3, running=i % 7, kv_usage=0.3))
     rnd = random.Random(1)
     # 8K tokens at ~4 bytes per token; 16 shared prefixes so prefix scoring has something to find
     prefixes = ["".join(rnd.choices(string.ascii_lowercase, k=prompt_tokens * 3)) for _ in range(16)]
@@ -244,7 +235,7 @@ def decisions_per_second(prompt_tokens: int = 8192, pods: int = 64, seconds: flo
     t0 = time.process_time()
     n = asyncio.run(go())
     cpu = time.process_time() - t0
-    return n / cpu, type(sched).__name__
+    return n / cpu, f"profile {sched.profile}"
 
 
 def _uptime() -> str:
@@ -271,13 +262,13 @@ async def main_async(args: argparse.Namespace) -> None:
                   "--no-kv-events", "--time-scale", "0.001", "--host", "127.0.0.1"]
         pods = [f"127.0.0.1:{ports[0] + i}" for i in range(args.pods)]
     else:
-        up_cmd = [sys.executable, "-m", "e2e.bench_overhead", "--serve-upstream", ",".join(map(str, ports))]
+        up_cmd = [sys.executable, "-m", "e2e.bench.overhead", "--serve-upstream", ",".join(map(str, ports))]
     env = {**os.environ, "KVSWITCH_BENCH_TOKEN_INTERVAL_MS": str(args.token_interval_ms)}
     sim = subprocess.Popen(up_cmd, cwd=REPO, stdout=open(logdir / "upstream.log", "wb"), stderr=subprocess.STDOUT,
                            env=env)
     pickers: dict[str, subprocess.Popen] = {}
     for m, port in picker_ports.items():
-        cmd = [sys.executable, "-m", "e2e.bench_overhead", "--serve-picker", str(port), "--endpoints",
+        cmd = [sys.executable, "-m", "e2e.bench.overhead", "--serve-picker", str(port), "--endpoints",
                ",".join(pods), "--picker-response-body", m] + (["--simple"] if args.scheduler == "simple" else [])
         if args.picker_profile:
             cmd = [sys.executable, "-m", "cProfile", "-o", f"{args.picker_profile}.{m}"] + cmd[1:]
@@ -360,7 +351,7 @@ async def main_async(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bench_overhead", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m e2e.bench.overhead", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests-scale", type=float, default=1.0, help="multiply request counts")
     p.add_argument("--decisions-only", action="store_true")
@@ -393,12 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.serve_picker:
         if os.environ.get("KVSWITCH_BENCH_LOOP", "uvloop") == "uvloop":
-            try:
-                import uvloop
-
-                uvloop.install()
-            except ImportError:
-                pass
+            uvloop.install()
         try:
             serve_picker(args.serve_picker, args.endpoints.split(","), args.simple, args.picker_response_body)
         except KeyboardInterrupt:
@@ -409,17 +395,12 @@ def main(argv: list[str] | None = None) -> int:
             rate, kind = decisions_per_second(simple=simple)
             print(f"decisions/s ({kind}, 64 pods, 8K-token prompts, one core): {rate:,.0f}")
         return 0
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
+    uvloop.install()
     asyncio.run(main_async(args))
     if args.no_decisions:
         return 0
     simple_rate, _ = decisions_per_second(simple=True)
-    print(f"\ndecisions/s on one core with LeastInFlight (the ext_proc path alone): {simple_rate:,.0f}")
+    print(f"\ndecisions/s on one core with the least-inflight profile (the ext_proc path alone): {simple_rate:,.0f}")
     rate, kind = decisions_per_second()
     print(f"decisions/s on one core (in-process ext_proc state machine + {kind}, 64 pods, 8K-token prompts): "
           f"{rate:,.0f}  (budget >= 3,000: {rate / 3000:.2f}x)")

@@ -2,7 +2,7 @@
 latency with 8K-token prompts, 64 pods and a precise index of 10M blocks; index memory per million blocks;
 KV-event ingestion rate; tokenization cost.
 
-    .venv/bin/python -m pickers.bench_decisions [--blocks 10000000] [--pods 64] [--decisions 3000]
+    .venv/bin/python -m e2e.bench.decisions [--blocks 10000000] [--pods 64] [--decisions 3000]
         [--tokenizer DIR] [--fresh-tails]
 
 The default 512 prompts (64 shared 6K-token contexts + a 2K-token tail each) recur, so a tail is seen
@@ -47,13 +47,13 @@ def build(profile: str, pods: int, max_blocks: int):
 
 def feed_metrics(s, eps, rng: random.Random) -> None:
     for e in eps:
-        s.datalayer.metrics.update(e.address, PodMetrics(waiting=rng.randint(0, 4), running=rng.randint(0, 64),
+        s.dl.metrics.update(e.address, PodMetrics(waiting=rng.randint(0, 4), running=rng.randint(0, 64),
                                                         kv_usage=rng.random() * 0.7))
 
 
 def fill_index(s, pods: int, blocks: int, prefixes: list[np.ndarray], rng: np.random.Generator) -> float:
     """Shared prefixes on a few pods each (so decisions find real hits), then filler up to ``blocks``."""
-    ix = s.datalayer.kv_index.index
+    ix = s.dl.kv_index.index
     t0 = time.perf_counter()
     for i, p in enumerate(prefixes):
         h = hash_blocks(p, BS)
@@ -71,7 +71,7 @@ def bench_events(n_blocks: int) -> tuple[float, float]:
     """Blocks per second through apply_events (map form, 32 blocks per BlockStored), bytes per block
     including the engine-hash map."""
     s, clock, eps = build("precise", 8, n_blocks * 2)
-    kv = s.datalayer.kv_index
+    kv = s.dl.kv_index
     rng = np.random.default_rng(1)
     per = 32
     batches = []
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     s, clock, eps = build("default", a.pods, a.blocks)
     fill_s = fill_index(s, a.pods, a.blocks, prefixes, nrng)
     gc.collect()
-    ix = s.datalayer.kv_index.index
+    ix = s.dl.kv_index.index
     used = rss() - r0
     print(f"filled in {fill_s:.1f} s ({len(ix) / fill_s / 1e6:.2f} M blocks/s direct add); RSS +{used / 2**20:.0f} MiB"
           f" = {used / len(ix):.0f} B/block = {used / len(ix) * 1e6 / 2**20:.0f} MiB per million blocks"
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     s.profile = "default"
     s._needs_tokens = True
     feed_metrics(s, eps, rng)
-    bt = s.datalayer.tokens.tokenizer
+    bt = s.dl.tokens.tokenizer
     texts = ["".join(chr(97 + (int(t) % 26)) for t in p) * 4 for p in prompts[:64]]
     rate, lat = run_decisions(s, clock, texts, min(a.decisions, 1000), text=True)
     lists = [p.tolist() for p in prompts[:64]]

@@ -1,6 +1,6 @@
 """Routing-quality benchmark: prefix hit rate vs an oracle, TTFT and throughput, per picker profile.
 
-    .venv/bin/python -m e2e.bench_routing [--requests 200] [--time-scale 1.5] [--loads 0.7,1.0]
+    .venv/bin/python -m e2e.bench.routing [--requests 200] [--time-scale 1.5] [--loads 0.7,1.0]
         [--policies round-robin,load-only,approximate,precise,default] [--virtual-only]
 
 A shared-prefix workload (64 groups, ~4K-token system prompt, ~200-token question, 200 output tokens,
@@ -172,7 +172,7 @@ def table(rows: list[dict[str, Any]], oracle: dict[float, float], real: bool) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m e2e.bench_routing", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m e2e.bench.routing", description=__doc__.split("\n")[0])
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--time-scale", type=float, default=1.5)
     p.add_argument("--loads", default="0.7,1.0", help="fractions of capacity")

@@ -1,6 +1,6 @@
 """Virtual-time comparison of routing profiles on the spill-study workloads (no Envoy, no CPU noise).
 
-    .venv/bin/python -m pickers.bench_spill --workloads reduced@20,g64@120,nosh@20,mt@4 \\
+    .venv/bin/python -m e2e.bench.spill --workloads reduced@20,g64@120,nosh@20,mt@4 \\
         --policies default,approximate,precise,oracle --seeds 0,1,2,3,4 [--config variants.json]
 
 Workloads (NAME@RATE, rate in simulated req/s; conversations/s for mt): reduced = the bench "reduced" preset

@@ -1,6 +1,6 @@
 """Benchmark: replay the whole shared Mooncake trace on 16 H100 pods of the 8B profile; print wall time.
 
-    .venv/bin/python -m engine.sim.cluster.bench [--policies round-robin,precise] [--profile] [--limit-s 60]
+    .venv/bin/python -m e2e.bench.replay [--policies round-robin,precise] [--profile] [--limit-s 60]
 
 Exit code 1 when a replay takes longer than ``--limit-s`` of wall time (the budget is 60 s). Prompts longer
 than the 8B profile's 32K context would be refused (400); the replay raises the limit to 128K (Llama 3.1's
@@ -25,7 +25,7 @@ DEFAULT_TRACE = Path(__file__).resolve().parents[4] / "shared" / "data" / "moonc
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m engine.sim.cluster.bench")
+    p = argparse.ArgumentParser(prog="python -m e2e.bench.replay")
     p.add_argument("--trace", default=str(DEFAULT_TRACE))
     p.add_argument("--policies", default="round-robin")
     p.add_argument("--pods", type=int, default=16)

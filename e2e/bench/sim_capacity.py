@@ -1,6 +1,6 @@
 """How many simulated pods and streamed tokens/s one core sustains in real time (time scale 1).
 
-    .venv/bin/python -m engine.sim.bench --pods 1 4 16 --clients-per-pod 16 --seconds 10
+    .venv/bin/python -m e2e.bench.sim_capacity --pods 1 4 16 --clients-per-pod 16 --seconds 10
 
 The fleet runs in this process (one event loop, one core); closed-loop streaming clients run in a
 separate process (aiohttp, one loop). For each pod count it prints the streamed tokens/s the clients
@@ -85,7 +85,7 @@ async def _measure(pods: int, clients_per_pod: int, seconds: float, prompt_token
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m engine.sim.bench")
+    ap = argparse.ArgumentParser(prog="python -m e2e.bench.sim_capacity")
     ap.add_argument("--pods", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--clients-per-pod", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=10.0)

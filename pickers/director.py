@@ -1,0 +1,343 @@
+"""The director: one owner of a request's way through the picker, from the parsed request to its end.
+
+extproc/ turns an Envoy stream into an ``InferenceRequest`` and calls ``route``; everything between that
+and the Envoy header mutations happens here, in this order:
+
+1. state     a ``RequestState`` (pickers/state.py) keyed by the gateway's request id; token ids computed
+             now if the profile needs them (a big prompt through a real tokenizer in a worker thread).
+2. subset    the gateway's subset hint, applied once: an empty hint, or one naming no known endpoint, is a
+             503 (``subset_empty`` / ``subset_no_match``); otherwise only endpoints inside it are candidates.
+3. admission each admission plugin accepts or raises 429 (``SchedulingError``) before any work is paid for.
+4. handler   the profile handler runs the profile(s) over the candidates: filters, scorers (reading the
+             state's prediction, computed once), picker; maybe a prefill pod (prefill/decode handler).
+5. fallback  the decode ranking becomes the fallback list, cut to ``max_fallback``.
+6. record    in-flight load (prefill work on the prefill pod, decode on the decode pod), the prompt's blocks
+             in the approximate index, pending blocks and expected KV events for the precise index, the
+             explanation; then the plugins' ``on_routed`` hooks.
+7. response  ``on_served`` (the gateway's fallback may have moved it), ``on_first_token``, then exactly one of
+             ``on_finished`` / ``on_failed``: load released, pending blocks cleared, KV-event expectations
+             judged, pod health updated, plugin hooks called.
+
+``decide`` (steps 2-6) is synchronous and never awaits, so the virtual-time simulator drives this same
+code with a ManualClock. Background upkeep (scrapes, KV events, discovery) belongs to the data layer and
+runs between ``start`` and ``stop``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from pickers.clock import Clock
+from pickers.datalayer import DataLayer
+from pickers.explain import explain_text
+from pickers.framework import Admission, CycleContext, Plugin, Profile, ProfileHandler
+from pickers.promstats import SchedulerMetrics
+from pickers.state import KVExpectation, RequestState
+from pickers.types import Decision, Endpoint, InferenceRequest, SchedulingError, Usage
+
+log = logging.getLogger("kvswitch.pickers.director")
+
+
+class Director:
+    """Implements ``pickers.types.Scheduler`` over the scheduling framework (see the module docstring)."""
+
+    def __init__(
+        self,
+        datalayer: DataLayer,
+        profiles: dict[str, Profile],
+        profile: str,
+        handler: ProfileHandler,
+        admission: list[Admission],
+        clock: Clock,
+        stats: SchedulerMetrics,
+        network: bool = True,
+        explain_top: int = 5,
+        default_decode_tokens: int = 256,
+        max_fallback: int = 0,
+    ) -> None:
+        self.dl = datalayer
+        self.profiles = profiles
+        self.profile = profile
+        self.handler = handler
+        self.admission = admission
+        self.clock = clock
+        self.stats = stats
+        self.network = network
+        self.explain_top = explain_top
+        self.default_decode_tokens = default_decode_tokens
+        self.max_fallback = max_fallback  # 0: the picker's whole ranking
+        run = profiles[handler.profile or profile]
+        used: list[Plugin] = [handler, *admission, *run.plugins]
+        every: list[Plugin] = [handler, *admission]
+        for p in profiles.values():
+            every += p.plugins
+        for p in every:
+            p.bind(datalayer)
+        # the hooks each plugin overrides (the base class's are no-ops)
+        self._on_routed = [p.on_routed for p in every if type(p).on_routed is not Plugin.on_routed]
+        self._on_served = [p.on_served for p in every if type(p).on_served is not Plugin.on_served]
+        self._on_first_token = [p.on_first_token for p in every
+                                if type(p).on_first_token is not Plugin.on_first_token]
+        self._on_finished = [p.on_finished for p in every if type(p).on_finished is not Plugin.on_finished]
+        self._on_failed = [p.on_failed for p in every if type(p).on_failed is not Plugin.on_failed]
+        self.needs_tokens = any(p.needs_tokens for p in used)
+        # KV events cost a subscription per pod and index upkeep per event: only when a plugin reads them
+        self.uses_kv_events = any(p.uses_kv_events for p in used)
+        datalayer.want_precise(self.uses_kv_events)
+        self.uses_metrics = any(p.reads_metrics for p in used)
+        datalayer.want_metrics(self.uses_metrics)
+        self._started = False
+        datalayer.endpoints.listen(self._endpoint_gauges)
+
+    # ---- endpoints and lifecycle ------------------------------------------------------------------------
+    def add_endpoint(self, endpoint: Endpoint) -> None:
+        self.dl.endpoints.add(endpoint)
+
+    def remove_endpoint(self, address: str) -> None:
+        self.dl.endpoints.remove(address)
+
+    def ready(self) -> bool:
+        return self.dl.ready()
+
+    async def start(self) -> None:
+        if self._started or not self.network:
+            return
+        self._started = True
+        await self.dl.start()
+
+    async def stop(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        await self.dl.stop()
+
+    def _endpoint_gauges(self, what: str, slot: int, ep: Endpoint) -> None:
+        if what == "add":
+            self.stats.healthy.labels(ep.address).set(1)
+            return
+        for gauge in (self.stats.healthy, self.stats.degraded):
+            try:
+                gauge.remove(ep.address)
+            except KeyError:
+                pass
+
+    # ---- 1-6: deciding ------------------------------------------------------------------------------------
+    def _new_state(self, request: InferenceRequest) -> RequestState:
+        now = self.clock.now()
+        if not request.arrival:
+            request.arrival = now
+        return RequestState(request, request.request_id or f"req-{id(request):x}", request.arrival)
+
+    async def route(self, request: InferenceRequest) -> Decision:
+        """Decide for a request off the wire (tokenizing a big prompt off the event loop first)."""
+        state = self._new_state(request)
+        if self.needs_tokens:
+            state.tokens = await self.dl.tokens.tokens(request)
+        return self._decide(state)
+
+    def decide(self, request: InferenceRequest) -> Decision:
+        """Decide now, synchronously (virtual time; raises SchedulingError 429/503)."""
+        return self._decide(self._new_state(request))
+
+    def _decide(self, state: RequestState) -> Decision:
+        now = self.clock.now()
+        dl = self.dl
+        if dl.precise_enabled:
+            dl.kv_index.refresh(now)
+        ctx = CycleContext(state, dl, now)
+        if self.needs_tokens:  # before anything reads the prompt's length: one count for the whole cycle
+            ctx.token_ids()
+        try:
+            state.candidates = self._candidates(state.request)
+            for a in self.admission:
+                try:
+                    a.admit(ctx)
+                finally:
+                    self.stats.stale_ignored.set(a.stale_endpoints)
+            decision = self.handler.handle(ctx, self.profiles, self.profile)
+        except SchedulingError as e:
+            self.stats.rejections.labels(str(e.status), e.code).inc()
+            log.info("request %s not routed: %d %s", state.key, e.status, e.message)
+            raise
+        if self.max_fallback:
+            decision.endpoints = decision.endpoints[: self.max_fallback]
+        state.decode = decision.primary
+        state.prefill = decision.prefill
+        state.decided_at = decision.decided_at = now
+        decision.explanation = self._explain(state, decision)
+        self._record(ctx, decision)
+        self.stats.decisions.labels(decision.profile).inc()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("request %s -> %s", state.key, explain_text(decision))
+        return decision
+
+    def _candidates(self, request: InferenceRequest) -> np.ndarray:
+        """Active endpoints, inside the gateway's subset hint when it sent one (the one place it is applied)."""
+        active = self.dl.endpoints.active_slots()
+        subset = request.subset
+        if subset is None:
+            return active
+        if not subset:
+            raise SchedulingError(503, "the gateway's subset hint (x-gateway-destination-endpoint-subset) is "
+                                  "empty: no endpoint may serve this request", "subset_empty")
+        slot_of = self.dl.endpoints.slot
+        inside = {s for a in subset if (s := slot_of(a)) is not None}
+        keep = np.fromiter((s for s in active.tolist() if s in inside), dtype=active.dtype)
+        if keep.size == 0:
+            raise SchedulingError(503, f"no endpoint the picker knows is in the gateway's subset hint "
+                                  f"{subset[:8]}", "subset_no_match")
+        return keep
+
+    def _explain(self, state: RequestState, decision: Decision) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        if state.pd is not None:
+            out["_pd"] = state.pd.explain()
+        addr = self.dl.endpoints.address
+        k = self.explain_top
+        for res in state.results:
+            n = res.cands.size
+            top = np.argsort(-res.totals, kind="stable")[:k].tolist() if n > k else list(range(n))
+            cands = res.cands.tolist()
+            chosen = [cands.index(s) for s in res.ranked.tolist()]
+            keep = list(dict.fromkeys([*chosen, *top]))[: max(k, len(chosen))]
+            # one vector gather per scorer, then plain floats
+            cols = [(label, np.asarray(v[keep], dtype=np.float64).tolist()) for label, v in res.scores.items()]
+            cols.append(("total", np.asarray(res.totals[keep], dtype=np.float64).tolist()))
+            for j, i in enumerate(keep):
+                a = addr(cands[i])
+                if a is not None:
+                    out[a] = {label: round(vals[j], 4) for label, vals in cols}
+        return out
+
+    def _record(self, ctx: CycleContext, decision: Decision) -> None:
+        """Step 6: what the decision commits the fleet to, before any response is seen."""
+        dl, state = self.dl, ctx.state
+        req = state.request
+        slot = dl.endpoints.slot(decision.primary)
+        pslot = dl.endpoints.slot(decision.prefill) if decision.prefill else None
+        assert slot is not None
+        p = ctx.prompt_tokens()
+        hits = state.hits.get("auto")
+        compute_on = pslot if pslot is not None else slot
+        uncached = max(1.0, p - float(hits[compute_on])) if hits is not None and compute_on < hits.size else p
+        decode = min(req.max_tokens or self.default_decode_tokens, 32768)
+        dl.inflight.add(state.key, slot, pslot, uncached, decode, ctx.now)
+        targets = [slot] if pslot is None else [slot, pslot]
+        if state.block_hashes:
+            dl.learn(state.block_hashes, targets)
+        if dl.precise_enabled:
+            expect = [s for s in targets if self._new_blocks(ctx, s) > 0]
+            if expect:  # these pods will announce new blocks: judged from the first token
+                state.kv_expect = KVExpectation(ctx.now, expect)
+            if state.block_hashes:
+                self._pend(state, targets, ctx.now)
+        for hook in self._on_routed:
+            hook(decision)
+
+    def _pend(self, state: RequestState, slots: list[int], now: float) -> None:
+        """Speculative blocks: the pods computing this prompt count as holding it until its first token."""
+        kv = self.dl.kv_index
+        bsz = self.dl.endpoints.block_size
+        for s in slots:
+            h = state.block_hashes.get(int(bsz[s]))
+            if h and kv.has_events[s]:
+                kv.add_pending(state.key, s, h, now)
+
+    def _new_blocks(self, ctx: CycleContext, slot: int) -> int:
+        """Full prompt blocks pod ``slot`` does not hold per the precise index: the blocks it will store and
+        announce in KV events. Without block hashes (a profile that never tokenizes) every full block counts."""
+        bs = int(self.dl.endpoints.block_size[slot]) or 16
+        state = ctx.state
+        hashes = state.block_hashes.get(bs)
+        if hashes is None:
+            return ctx.prompt_tokens() // bs
+        hits = state.hits.get("precise")
+        if hits is None:
+            hits = state.hits.get("auto")
+            if hits is None or self.dl.kv_index.degraded[slot]:
+                hits = ctx.hit_tokens("precise")
+        held = int(hits[slot]) // bs if slot < hits.size else 0
+        return len(hashes) - held
+
+    # ---- 7: the response ---------------------------------------------------------------------------------
+    def on_served(self, decision: Decision, served: str) -> None:
+        state = decision.state
+        state.served = served
+        self._passed_over(decision, served)
+        if served != decision.primary:
+            slot = self.dl.endpoints.slot(served)
+            if slot is not None:
+                self.dl.inflight.move(state.key, slot)
+                expect = state.kv_expect
+                was = self.dl.endpoints.slot(decision.primary)
+                if expect is not None and was in expect.slots:
+                    expect.slots[expect.slots.index(was)] = slot
+                if state.block_hashes:
+                    self.dl.learn(state.block_hashes, [slot])
+                    if self.dl.precise_enabled:  # the pending blocks follow the request to the pod serving it
+                        self.dl.kv_index.clear_pending(state.key)
+                        pslot = self.dl.endpoints.slot(decision.prefill) if decision.prefill else None
+                        self._pend(state, [slot] if pslot is None else [slot, pslot], self.clock.now())
+        self._call(self._on_served, decision, served)
+
+    def _passed_over(self, decision: Decision, served: str) -> None:
+        """The gateway walked past the endpoints before ``served`` in the fallback list: each of them failed
+        this request (connect failure, reset, 5xx or per-try timeout) before any byte reached the client."""
+        if served not in decision.endpoints:
+            return
+        now = self.clock.now()
+        for addr in decision.endpoints[: decision.endpoints.index(served)]:
+            slot = self.dl.endpoints.slot(addr)
+            if slot is not None:
+                self.dl.health.request_failure(slot, "passed over by the gateway (failed before any byte)", now)
+
+    def on_first_token(self, decision: Decision, at: float) -> None:
+        state = decision.state
+        self.dl.inflight.first_token(state.key)
+        self.dl.kv_index.clear_pending(state.key)
+        self._judge_kv_events(state, at)
+        self._call(self._on_first_token, decision, at)
+
+    def on_finished(self, decision: Decision, usage: Usage | None, at: float) -> None:
+        state = decision.state
+        self._release(state)
+        self._judge_kv_events(state, at)  # no first token was reported: judge from the end
+        slot = self._serving_slot(state)
+        if slot is not None:
+            self.dl.health.request_success(slot, at)
+        self._call(self._on_finished, decision, usage, at)
+
+    def on_failed(self, decision: Decision, reason: str, at: float) -> None:
+        state = decision.state
+        self._release(state)
+        state.kv_expect = None  # a failed request may never have stored its blocks: no evidence
+        slot = self._serving_slot(state)
+        if slot is not None:
+            self.dl.health.request_failure(slot, reason, at)  # pod faults only (datalayer.health.pod_fault)
+        self._call(self._on_failed, decision, reason, at)
+
+    def _release(self, state: RequestState) -> None:
+        self.dl.inflight.finish(state.key)
+        self.dl.kv_index.clear_pending(state.key)
+
+    def _serving_slot(self, state: RequestState) -> int | None:
+        serving = state.serving
+        return self.dl.endpoints.slot(serving) if serving is not None else None
+
+    def _judge_kv_events(self, state: RequestState, at: float) -> None:
+        expect, state.kv_expect = state.kv_expect, None
+        if expect is not None:
+            for s in expect.slots:
+                self.dl.kv_index.expect_events(s, expect.routed_at, at)
+
+    @staticmethod
+    def _call(hooks: list[Callable[..., None]], *args: Any) -> None:
+        for hook in hooks:
+            hook(*args)
+
+
+__all__ = ["Director"]

@@ -1,0 +1,89 @@
+"""Expected TTFT and TPOT of a request on every endpoint, from the one cost model (engine.costmodel).
+
+For a prompt of P tokens and each endpoint slot p:
+
+    H_p  = prompt tokens cached on p (prefix index under ``mode``; CPU-held blocks weighted 0.8)
+    Q_p  = prompt tokens queued ahead on p: max(uncached tokens kvswitch sent there that have not reached
+           first token, waiting requests on p (fresh /metrics) x the mean prompt seen)
+    r_p  = running decodes on p (fresh /metrics, at least the requests kvswitch started there)
+    B_p  = p's step token budget (max_num_batched_tokens, pickers.costs)
+
+    ttft_p    = CostModel.time_to_first_token(P, H_p, budget=B_p, queued=Q_p, running=r_p,
+                                              decode_context=ctx)          (closed form, all pods at once)
+    wait_p    = the part of ttft_p that prefills Q_p
+    prefill_p = the same with nothing queued and nothing running, less one empty step: the time this
+                prompt's own tokens keep each running decode on p waiting
+    tpot_p    = CostModel.decode_step_time(r_p + 1, (r_p + 1) x ctx)         once it joins the batch
+
+ctx is ``decode_context_tokens``, the mean context of a running decode. The same numbers serve the scorers,
+the P/D decider and admission; the state keeps one ``Prediction`` per prefix mode, computed on first use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from engine.costmodel.vector import decode_step_seconds, prefill_seconds
+from pickers.state import Prediction, PrefixMode
+
+if TYPE_CHECKING:
+    from pickers.datalayer import DataLayer
+    from pickers.framework import CycleContext
+
+
+@dataclass(slots=True)
+class PredictorSettings:
+    decode_context_tokens: float = 2048.0  # mean KV context of a running decode
+    waiting_prompt_tokens: float = 0.0  # tokens per waiting request; 0: running mean of the prompts seen
+
+
+class Predictor:
+    """Turns the data layer's signals into a ``Prediction`` per request (pickers/state.py)."""
+
+    def __init__(self, dl: DataLayer, settings: PredictorSettings | None = None) -> None:
+        self.dl = dl
+        self.settings = settings or PredictorSettings()
+        self.mean_prompt = 1024.0  # exponential mean of prompt lengths, for requests seen only as "waiting"
+
+    def predict(self, ctx: CycleContext, mode: PrefixMode) -> Prediction:
+        dl, s = self.dl, self.settings
+        slots = dl.endpoints.active_slots()
+        n = dl.endpoints.slot_count
+        p = float(ctx.prompt_tokens())
+        self.mean_prompt += 0.01 * (p - self.mean_prompt)
+        per_waiting = s.waiting_prompt_tokens or self.mean_prompt
+        ttft, wait, prefill, tpot = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
+        uncached, queued, running = np.zeros(n), np.zeros(n), np.zeros(n)
+        if slots.size:
+            k = slots.size
+            fresh = dl.fresh(slots, ctx.now)
+            waiting = np.where(fresh, dl.metrics.waiting[slots], 0.0)
+            q = np.maximum(dl.inflight.prefill_tokens[slots], waiting * per_waiting)
+            budget = dl.costs.budget[slots]
+            r = np.minimum(dl.running(slots, ctx.now), 0.9 * budget)
+            h = np.minimum(ctx.hit_tokens(mode)[slots], p)
+            u = np.maximum(p - h, 1.0)
+            zero, one = np.zeros(k), np.ones(k)
+            # three segments in one pass (time_to_first_token's steps, closed form): the queue ahead (fresh
+            # prompts), this prompt after its cached prefix with the running decodes, and the same alone
+            c = dl.costs.rooflines(slots, 3)
+            seg = prefill_seconds(
+                c, np.concatenate((q, u, u)), np.concatenate((budget - r, budget - r, budget)),
+                np.concatenate((r, r, zero)), np.concatenate((r, r, zero)) * s.decode_context_tokens,
+                np.concatenate((zero, h, h)), np.concatenate((zero, one, one)))
+            w, own, alone = seg[:k], seg[k:2 * k], seg[2 * k:]
+            ttft[slots] = w + own
+            wait[slots] = w
+            prefill[slots] = np.maximum(alone - dl.costs.empty_step_s[slots], 0.0)
+            tpot[slots] = decode_step_seconds(dl.costs.rooflines(slots), r + 1.0,
+                                              (r + 1.0) * s.decode_context_tokens)
+            uncached[slots] = u
+            queued[slots] = q
+            running[slots] = r
+        return Prediction(mode, ttft, wait, prefill, tpot, uncached, queued, running)
+
+
+__all__ = ["Predictor", "PredictorSettings"]
