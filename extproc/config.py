@@ -1,7 +1,8 @@
 """The picker's one YAML configuration file, validated at start (errors name the bad key).
 
     server: {grpc_port, metrics_port, host, body_limit_bytes, debug_headers, model_rewrite, drain_seconds,
-             move_away_seconds, move_away_quiet_seconds, max_fallback, response_body}
+             move_away_seconds, move_away_quiet_seconds, offload_min_bytes, offload_budget_bytes, max_fallback,
+             response_body}
     endpoints: [{address, role, model, accelerator, model_profile, labels, kv_events, metrics_url}]
     scheduler: {...}   # passed as-is to pickers.config.build_scheduler when that module exists
 
@@ -30,6 +31,11 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # On stop: NOT_SERVING first, then keep accepting streams until none started for move_away_quiet_seconds
     # (Envoy's health check saw NOT_SERVING and sends new requests elsewhere), at most move_away_seconds;
     # only then stop accepting and drain. 0 stops accepting at once.
+    # Bodies of at least offload_min_bytes are parsed, tokenized and hashed in worker threads, at most
+    # offload_budget_bytes of them at once (the rest wait their turn), so the event loop keeps answering
+    # health checks, scrapes and small requests while big prompts arrive.
+    offload_min_bytes: int = 256 * 1024
+    offload_budget_bytes: int = 32 * 1024 * 1024
     move_away_seconds: float = 5.0
     move_away_quiet_seconds: float = 1.0
     max_fallback: int = 0  # endpoints in the fallback list; 0 = all eligible, 1 = ORIGINAL_DST clusters
@@ -80,6 +86,8 @@ def _check(cfg: Config) -> Config:
         raise ConfigError(f"server.body_limit_bytes: must be positive, got {s.body_limit_bytes}")
     if s.max_fallback < 0:
         raise ConfigError(f"server.max_fallback: must be >= 0, got {s.max_fallback}")
+    if s.offload_min_bytes < 0 or s.offload_budget_bytes <= 0:
+        raise ConfigError("server.offload_min_bytes must be >= 0 and server.offload_budget_bytes > 0")
     if s.move_away_seconds < 0 or s.move_away_quiet_seconds < 0:
         raise ConfigError("server.move_away_seconds and server.move_away_quiet_seconds must be >= 0")
     if s.drain_seconds < 0:

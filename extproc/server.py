@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from extproc import metrics
+from extproc.budget import ByteBudget
 from extproc.config import Config
 from extproc.stream import ExtProcStream, StreamSettings
 from pickers.clock import Clock, MonotonicClock
@@ -81,7 +82,8 @@ class Server:
         s = config.server
         self.processor = ExternalProcessor(
             scheduler, StreamSettings(s.body_limit_bytes, s.debug_headers, dict(s.model_rewrite),
-                                      s.response_body == "observe", s.response_body == "detach"),
+                                      s.response_body == "observe", s.response_body == "detach",
+                                      s.offload_min_bytes, ByteBudget(s.offload_budget_bytes)),
             self.clock
         )
         self.health = health_aio.HealthServicer()

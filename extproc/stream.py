@@ -15,6 +15,7 @@ as long as response trailers are SEND (with trailers SKIP it closes it right aft
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import itertools
 import logging
@@ -26,6 +27,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from extproc import messages as msg
 from extproc import metrics
+from extproc.budget import ByteBudget
 from extproc.errors import RequestRejected, body_for
 from extproc.observe import ResponseObserver
 from extproc.parse import HEADERS_THAT_MATTER, api_for_path, parse_client_body
@@ -49,6 +51,9 @@ class StreamSettings:
     model_rewrite: dict[str, str] = field(default_factory=dict)
     response_body: bool = True  # Envoy sends response bodies (observe); the stream's protocol_config decides
     detached: bool = False  # Envoy sends nothing of the response: the stream's end after routing is the end
+    # Bodies at least this large are parsed and routed off the event loop, within the shared byte budget.
+    offload_min_bytes: int = 256 * 1024
+    budget: ByteBudget | None = None
 
 
 class Phase(enum.Enum):
@@ -199,7 +204,17 @@ class ExtProcStream:
         wanted = {k: v for k, v in self.headers.items() if k in HEADERS_THAT_MATTER}
         now = self.clock.now()
         try:
-            if body:
+            big = self.settings.budget is not None and body is not None \
+                and len(body) >= self.settings.offload_min_bytes
+            if big:  # parse and route in worker threads, with a bound on the bytes being processed at once
+                assert self.settings.budget is not None and body is not None
+                async with self.settings.budget.hold(len(body)):
+                    parsed = await asyncio.to_thread(parse_client_body, body, path, request_id, wanted, now,
+                                                     self.settings.model_rewrite)
+                    parsed.request.subset = self.subset
+                    decision = await self.director.route(parsed.request)
+                request, body, rewritten = parsed.request, parsed.body, parsed.changed
+            elif body:
                 parsed = parse_client_body(body, path, request_id, wanted, now, self.settings.model_rewrite)
                 request, body, rewritten = parsed.request, parsed.body, parsed.changed
             else:
@@ -209,8 +224,9 @@ class ExtProcStream:
                 request = InferenceRequest(request_id=request_id, model="", api=api_for_path(path) or "other",
                                            headers=wanted, arrival=now)
                 rewritten = False
-            request.subset = self.subset
-            decision = await self.director.route(request)
+            if not big:
+                request.subset = self.subset
+                decision = await self.director.route(request)
         except SchedulingError as exc:
             metrics.DECISION_SECONDS.observe(time.perf_counter() - t0)
             return self._reject(exc)
@@ -242,7 +258,7 @@ class ExtProcStream:
     # ---- response path --------------------------------------------------------------------------------
     def _on_response_headers(self, req: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         status_text, content_type = _status_and_type(req.response_headers)
-        status = int(status_text or 200)
+        status = int(status_text) if status_text.isdigit() else (200 if not status_text else 502)
         self.observer = ResponseObserver(status, content_type)
         if not self._body_expected and self.decision is not None and status < 400:
             # No body will be seen: the headers are the first sign of output (vLLM sends a streaming
@@ -251,7 +267,7 @@ class ExtProcStream:
                 self.director.on_first_token(self.decision, self.clock.now())
             except Exception:
                 log.exception("director.on_first_token failed")
-        if self.decision is not None and req.HasField("metadata_context"):
+        if self.decision is not None and not self._ended and req.HasField("metadata_context"):
             served = _metadata_value(req.metadata_context, msg.LB_NAMESPACE, msg.SERVED)
             if isinstance(served, str) and served:
                 self.served = served
@@ -351,4 +367,5 @@ class ExtProcStream:
                                          self.clock.now())
             except Exception:
                 log.exception("director.on_failed failed")
+        self._uncount()  # whatever happened, a closed stream holds no in-flight gauge
         metrics.STREAM_SECONDS.observe(time.perf_counter() - self.started)

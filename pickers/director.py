@@ -25,6 +25,7 @@ runs between ``start`` and ``stop``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -35,10 +36,12 @@ from pickers.clock import Clock
 from pickers.datalayer import DataLayer
 from pickers.explain import explain_text
 from pickers.framework import Admission, CycleContext, Plugin, Profile, ProfileHandler
+from pickers.kvblocks.hashing import MAX_ROUTED_BLOCKS, hash_blocks
 from pickers.promstats import SchedulerMetrics
 from pickers.state import KVExpectation, RequestState
 from pickers.types import Decision, Endpoint, InferenceRequest, SchedulingError, Usage
 
+OFFLOAD_HASH_TOKENS = 16384  # prompts at least this long are hashed in a worker thread (route)
 log = logging.getLogger("kvswitch.pickers.director")
 
 
@@ -137,7 +140,19 @@ class Director:
         state = self._new_state(request)
         if self.needs_tokens:
             state.tokens = await self.dl.tokens.tokens(request)
+            if state.tokens is not None and state.tokens.size >= OFFLOAD_HASH_TOKENS:
+                await self._hash_off_loop(state)
         return self._decide(state)
+
+    async def _hash_off_loop(self, state: RequestState) -> None:
+        """A long prompt's block hashes, computed in a worker thread before the (synchronous) cycle reads
+        them, so the event loop keeps serving health checks, scrapes and small requests meanwhile."""
+        active = self.dl.endpoints.active_slots()
+        tokens = state.tokens
+        assert tokens is not None
+        for bs in sorted({int(b) for b in self.dl.endpoints.block_size[active].tolist()}):
+            if bs not in state.block_hashes:
+                state.block_hashes[bs] = await asyncio.to_thread(hash_blocks, tokens, bs, limit=MAX_ROUTED_BLOCKS)
 
     def decide(self, request: InferenceRequest) -> Decision:
         """Decide now, synchronously (virtual time; raises SchedulingError 429/503)."""

@@ -62,6 +62,7 @@ class HealthTracker:
         self._on_change = on_change
         self.last_reason: dict[int, str] = {}
         self._n = 0  # slots ever touched + 1: refresh looks at no more
+        self._kept_in: set[int] = set()  # failing slots left in because too many are ejected (logged once)
 
     # ---- scrapes ------------------------------------------------------------------------------------
     def success(self, slot: int) -> None:
@@ -104,9 +105,12 @@ class HealthTracker:
         if self._active_count is not None:
             out = int(np.count_nonzero(self.ejected_until[: self._n] > now))
             if out + 1 > self.max_ejected_fraction * max(1, self._active_count()):
-                log.warning("endpoint %s is failing (%s) but %d pods are already ejected: kept in", 
-                            self._address_of(slot), reason, out)
+                if slot not in self._kept_in:  # say it once per episode, not at every failure
+                    self._kept_in.add(slot)
+                    log.warning("endpoint %s is failing (%s) but %d pods are already ejected: kept in",
+                                self._address_of(slot), reason, out)
                 return
+        self._kept_in.discard(slot)
         k = int(self.ejections[slot]) + 1
         self.ejections[slot] = k
         duration = min(self.max_ejection_s, self.base_ejection_s * 2 ** (k - 1))
@@ -166,3 +170,4 @@ class HealthTracker:
         self.probation[slot] = False
         self.healthy[slot] = True
         self.last_reason.pop(slot, None)
+        self._kept_in.discard(slot)
