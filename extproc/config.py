@@ -33,9 +33,10 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # only then stop accepting and drain. 0 stops accepting at once.
     # Bodies of at least offload_min_bytes are parsed, tokenized and hashed in worker threads, at most
     # offload_budget_bytes of them at once (the rest wait their turn), so the event loop keeps answering
-    # health checks, scrapes and small requests while big prompts arrive.
+    # health checks, scrapes and small requests while big prompts arrive. The default lets one body of the
+    # largest accepted size through at a time: every extra CPU-bound thread takes GIL time from the loop.
     offload_min_bytes: int = 256 * 1024
-    offload_budget_bytes: int = 32 * 1024 * 1024
+    offload_budget_bytes: int = 8 * 1024 * 1024
     move_away_seconds: float = 5.0
     move_away_quiet_seconds: float = 1.0
     max_fallback: int = 0  # endpoints in the fallback list; 0 = all eligible, 1 = ORIGINAL_DST clusters
