@@ -57,7 +57,7 @@ async def _one(s: aiohttp.ClientSession, url: str, rng: random.Random, counts: d
         async with s.post(url + "/v1/completions", json=body, timeout=aiohttp.ClientTimeout(total=60)) as r:
             await r.read()
             counts["ok" if r.status == 200 else "failed"] += 1
-    except (aiohttp.ClientError, asyncio.TimeoutError):
+    except (TimeoutError, aiohttp.ClientError):
         counts["failed"] += 1
 
 

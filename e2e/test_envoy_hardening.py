@@ -138,11 +138,11 @@ async def _raw(url: str, request: bytes) -> tuple[int, bytes]:
 
 @pytest.mark.parametrize("name, request_bytes, status", [
     ("http/1.0", b"POST /v1/completions HTTP/1.0\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", 426),
-    ("101 headers", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
-     + b"".join(b"x-h%d: v\r\n" % i for i in range(101)) + b"Content-Length: 2\r\nConnection: close\r\n\r\n{}",
-     431),
-    ("cl+chunked", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
-     b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n2\r\n{}\r\n0\r\n\r\n", 400),
+    ("101 headers", (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                     + b"".join(b"x-h%d: v\r\n" % i for i in range(101))
+                     + b"Content-Length: 2\r\nConnection: close\r\n\r\n{}"), 431),
+    ("cl+chunked", (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                    b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n2\r\n{}\r\n0\r\n\r\n"), 400),
 ])
 async def test_envoy_protocol_errors_are_openai_shaped(fake_pods, name, request_bytes, status):
     """Why 8: HTTP/1.0, too many headers, CL+chunked get a status and an OpenAI error body, not a bare close."""

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import aiohttp
 import pytest
+from prometheus_client import REGISTRY
 
 from e2e.support.stack import envoy_stack
-from prometheus_client import REGISTRY
 
 pytestmark = pytest.mark.envoy
 STREAM = {"model": "llama-3.1-8b", "prompt": "hi", "max_tokens": 3, "stream": True}

@@ -66,8 +66,20 @@ def usage_from(doc: Any) -> Usage | None:
 class ResponseObserver:
     """Feeds on response body chunks; ``first_token`` flips once, ``usage`` fills in at the end."""
 
-    __slots__ = ("sse", "status", "first_token", "events", "usage", "error", "done", "broken", "_partial", "_json",
-                 "_json_size", "_overflow")
+    __slots__ = (
+        "_json",
+        "_json_size",
+        "_overflow",
+        "_partial",
+        "broken",
+        "done",
+        "error",
+        "events",
+        "first_token",
+        "sse",
+        "status",
+        "usage",
+    )
 
     def __init__(self, status: int, content_type: str) -> None:
         self.status = status
@@ -94,7 +106,8 @@ class ResponseObserver:
             return False
         try:
             return self._feed(chunk)
-        except Exception:  # total: a surprise in a pod's bytes must not reach the client's stream
+        except Exception:  # total on purpose: a pod's bytes must never reach the client as an error
+            log.warning("response observer stopped after an unexpected error", exc_info=True)
             self._break()
             return False
 
@@ -102,7 +115,6 @@ class ResponseObserver:
         self.broken = True
         self._partial, self._json = b"", []
         OBSERVER_ERRORS.inc()
-        log.warning("response observer stopped after an unexpected error", exc_info=True)
 
     def _feed(self, chunk: bytes) -> bool:
         if not self.sse:
@@ -165,7 +177,8 @@ class ResponseObserver:
             return None
         try:
             return self._finish()
-        except Exception:
+        except Exception:  # total on purpose, as in feed
+            log.warning("response observer stopped after an unexpected error", exc_info=True)
             self._break()
             return None
 

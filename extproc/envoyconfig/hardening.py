@@ -38,11 +38,13 @@ from envoy_data_plane.envoy.config.common.mutation_rules.v3 import HeaderMutatio
 from envoy_data_plane.envoy.config.common.mutation_rules.v3 import HeaderMutationRemoveOnMatch
 from envoy_data_plane.envoy.config.core.v3 import (
     DataSource,
-    RuntimeUInt32,
-    RetryPolicy as CoreRetryPolicy,
     RetryPolicyRetryHostPredicate,
+    RuntimeUInt32,
     SubstitutionFormatString,
     TypedExtensionConfig,
+)
+from envoy_data_plane.envoy.config.core.v3 import (
+    RetryPolicy as CoreRetryPolicy,
 )
 from envoy_data_plane.envoy.config.route.v3 import (
     DirectResponseAction,

@@ -20,7 +20,7 @@ made current by ``refresh(now, inflight)`` which the health filter calls before 
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -131,16 +131,16 @@ class HealthTracker:
             return
         until = self.ejected_until[:n]
         expired = np.flatnonzero((until > 0) & (until <= now))
-        for slot in expired:
-            self.ejected_until[slot] = 0.0
-            self.probation[slot] = True
-            log.info("endpoint %s on probation: one request will probe it", self._address_of(int(slot)))
+        for e in expired.tolist():
+            self.ejected_until[e] = 0.0
+            self.probation[e] = True
+            log.info("endpoint %s on probation: one request will probe it", self._address_of(e))
         probing = np.flatnonzero(self.probation[:n])
         if expired.size == 0 and probing.size == 0:
             return
-        for slot in set(expired.tolist()) | set(probing.tolist()):
-            idle = inflight is None or inflight[slot] <= 0
-            self._set(int(slot), bool(self.scrape_ok[slot]) and (not self.probation[slot] or idle))
+        for p in set(expired.tolist()) | set(probing.tolist()):
+            idle = inflight is None or inflight[p] <= 0
+            self._set(p, bool(self.scrape_ok[p]) and (not self.probation[p] or idle))
 
     def ejected(self, slot: int, now: float) -> bool:
         return bool(self.ejected_until[slot] > now)
