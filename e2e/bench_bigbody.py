@@ -23,6 +23,7 @@ from pathlib import Path
 
 import aiohttp
 import grpc
+import orjson
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from e2e.support.envoy import EnvoyProcess
@@ -98,6 +99,20 @@ async def health_loop(address: str, stop: asyncio.Event, ms: list[float], not_se
             await asyncio.sleep(0.02)
 
 
+async def big_body(s: aiohttp.ClientSession, url: str, i: int, text: str, sem: asyncio.Semaphore,
+                   statuses: list[int], total: int) -> None:
+    body = orjson.dumps({"model": MODEL, "max_tokens": 1, "prompt": f"{i} {text}"})
+    async with sem:
+        try:
+            async with s.post(url + "/v1/completions", data=body, headers={"content-type": "application/json"},
+                              timeout=aiohttp.ClientTimeout(total=300)) as r:
+                await r.read()
+                statuses.append(r.status)
+        except aiohttp.ClientError:
+            statuses.append(0)
+        print(f"[bigbody] {len(statuses)}/{total} done (last status {statuses[-1]})", flush=True)
+
+
 async def rss_loop(pid: int, stop: asyncio.Event, peak: list[float]) -> None:
     while not stop.is_set():
         peak[0] = max(peak[0], rss_mib(pid))
@@ -146,22 +161,8 @@ async def run(args: argparse.Namespace) -> None:
                     sem = asyncio.Semaphore(args.concurrency)
                     text = ("lorem ipsum dolor sit amet " * (args.body_mb * 1_000_000 // 27 + 1))[
                         : args.body_mb * 1_000_000 - 60]
-
-                    async def big(i: int) -> None:
-                        body = ('{"model": "%s", "max_tokens": 1, "prompt": "%d %s"}' % (MODEL, i, text)).encode()
-                        async with sem:
-                            try:
-                                async with s.post(envoy.url + "/v1/completions", data=body,
-                                                  headers={"content-type": "application/json"},
-                                                  timeout=aiohttp.ClientTimeout(total=300)) as r:
-                                    await r.read()
-                                    statuses.append(r.status)
-                            except aiohttp.ClientError:
-                                statuses.append(0)
-                            print(f"[bigbody] {len(statuses)}/{args.bodies} done (last status {statuses[-1]})",
-                                  flush=True)
-
-                    await asyncio.gather(*(big(i) for i in range(args.bodies)))
+                    await asyncio.gather(*(big_body(s, envoy.url, i, text, sem, statuses, args.bodies)
+                                           for i in range(args.bodies)))
                 stop.set()
                 await asyncio.gather(*bg)
                 results[phase] = (small, small_failed, health, not_serving, peak[0], statuses)

@@ -25,7 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--debug-headers", action="store_true", help="add x-kvswitch-* response headers")
     p.add_argument("--response-body", choices=["observe", "skip", "detach"],
                    help="server.response_body: observe (default) reads every response chunk; skip expects Envoy "
-                        "to send none (kvswitch envoy-config --response-body skip) and ends requests at stream end; detach: "
+                        "to send none (kvswitch envoy-config --response-body skip) and ends requests at stream "
+                        "end; detach: "
                         "Envoy sends nothing of the response, a picker crash cuts no placed stream, no feedback")
     p.add_argument("--log-level", default="INFO")
     return p

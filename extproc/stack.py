@@ -13,6 +13,8 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Callable
 
+import uvloop
+
 from extproc.config import ConfigError
 from extproc.localstack import LocalStack, StackOptions, StackPod
 
@@ -64,7 +66,8 @@ def add_stack_arguments(p: argparse.ArgumentParser, pods: int = 4, port: int = 8
 def options_from_args(a: argparse.Namespace) -> StackOptions:
     if a.pickers < 1:
         raise ConfigError(f"--pickers must be at least 1, got {a.pickers}")
-    return StackOptions(pods=a.pods, pickers=a.pickers, pd=a.pd, fleet_file=a.fleet, port=a.port, time_scale=a.time_scale,
+    return StackOptions(pods=a.pods, pickers=a.pickers, pd=a.pd, fleet_file=a.fleet, port=a.port,
+                        time_scale=a.time_scale,
                         accelerator=a.accelerator, model_profile=a.model_profile, model_name=a.model_name,
                         profile=a.profile, tokenizer=a.tokenizer, config_file=a.config,
                         debug_headers=a.debug_headers, envoy_concurrency=a.envoy_concurrency, seed=a.seed)
@@ -95,7 +98,7 @@ async def running_stack(options: StackOptions, on_stop: Callable[[], None] | Non
             starting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await starting
-            raise _Interrupted
+            raise Interrupted
         stopper.cancel()
         starting.result()
         yield stack, stop
@@ -107,15 +110,8 @@ async def running_stack(options: StackOptions, on_stop: Callable[[], None] | Non
             loop.remove_signal_handler(sig)
 
 
-class _Interrupted(Exception):
+class Interrupted(Exception):
     """A signal arrived before the stack was up."""
-
-
-def _install_uvloop() -> None:
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        uvloop.install()
 
 
 def main(argv: list[str]) -> int:
@@ -135,15 +131,16 @@ def main(argv: list[str]) -> int:
                 print(f"note: {note}")
             if stack.pd_handler:
                 print(f"picker: prefill/decode handler {stack.pd_handler!r}")
-            print(f"try: curl -s {stack.url}/completions -H 'content-type: application/json' "
-                  f"-d '{{\"model\": \"{options.model_name}\", \"prompt\": \"hello\", \"max_tokens\": 8}}' -i", flush=True)
+            body = f'{{"model": "{options.model_name}", "prompt": "hello", "max_tokens": 8}}'
+            print(f"try: curl -s {stack.url}/completions -H 'content-type: application/json' -d '{body}' -i",
+                  flush=True)
             print("Ctrl-C to stop", flush=True)
             await stop.wait()
 
-    _install_uvloop()
+    uvloop.install()
     try:
         asyncio.run(run())
-    except _Interrupted:
+    except Interrupted:
         print("kvswitch up: interrupted while starting; stopped", file=sys.stderr)
         return 0
     except (ConfigError, ValueError, OSError, RuntimeError, TimeoutError) as exc:

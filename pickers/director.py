@@ -32,11 +32,11 @@ from typing import Any
 
 import numpy as np
 
+from engine.kvcache.hashing import MAX_ROUTED_BLOCKS, hash_blocks
 from pickers.clock import Clock
 from pickers.datalayer import DataLayer
 from pickers.explain import explain_text
 from pickers.framework import Admission, CycleContext, Plugin, Profile, ProfileHandler
-from pickers.kvblocks.hashing import MAX_ROUTED_BLOCKS, hash_blocks
 from pickers.promstats import SchedulerMetrics
 from pickers.state import KVExpectation, RequestState
 from pickers.types import Decision, Endpoint, InferenceRequest, SchedulingError, Usage
@@ -76,10 +76,10 @@ class Director:
         run = profiles[handler.profile or profile]
         used: list[Plugin] = [handler, *admission, *run.plugins]
         every: list[Plugin] = [handler, *admission]
-        for p in profiles.values():
-            every += p.plugins
-        for p in every:
-            p.bind(datalayer)
+        for prof in profiles.values():
+            every += prof.plugins
+        for plugin in every:
+            plugin.bind(datalayer)
         # the hooks each plugin overrides (the base class's are no-ops)
         self._on_routed = [p.on_routed for p in every if type(p).on_routed is not Plugin.on_routed]
         self._on_served = [p.on_served for p in every if type(p).on_served is not Plugin.on_served]

@@ -9,7 +9,8 @@ Kept apart from ``builder.py`` (which assembles listeners and clusters) so each 
   tracking on is always one Envoy generated (a client reusing one id cannot merge its requests).
 - ``api_routes``: only the API the pool serves is routed (POST completions / chat / responses, GET models);
   a wrong method is a 405 and any other path a 404, both answered by Envoy with an OpenAI-shaped body and
-  without calling the picker (the ext_proc filter is off by default and turned on per API route). ``/metrics``, ``/reset_prefix_cache``,
+  without calling the picker (the ext_proc filter is off by default and turned on per API route).
+  ``/metrics``, ``/reset_prefix_cache``,
   the simulator's ``/sim/*`` never reach a pod through the gateway.
 - ``local_replies``: Envoy's own error replies (500 when the picker fails closed, 503 no healthy upstream,
   413, 431, 400, 426 for HTTP/1.0, 504) carry ``{"error": {message, type, param, code}}``. Replies the picker

@@ -11,7 +11,6 @@ through ``ExtProcStream`` over a real director. The properties are those of test
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import sys
 from pathlib import Path
@@ -26,11 +25,12 @@ with atheris.instrument_imports():
     from extproc import observe, parse, stream  # noqa: F401  (instrumented for coverage)
     from tests.fuzz import conftest  # noqa: F401  (registers the hypothesis profile the modules use)
     from tests.fuzz.test_fuzz_parse import PATHS, check
+    from tests.fuzz.test_fuzz_stream import _LOOP, GOOD, SSE, drive
     from tests.fuzz.test_fuzz_stream import COUNT as STREAM_COUNT
-    from tests.fuzz.test_fuzz_stream import GOOD, SSE, _LOOP, drive
+
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb  # noqa: E402
 
 from e2e.support.extproc_fakes import body, headers  # noqa: E402
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb  # noqa: E402
 
 RUNS = {"inputs": 0}
 KEYS = ["model", "prompt", "messages", "input", "stream", "max_tokens", "kv_transfer_params", "vllm_xargs"]
