@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from e2e.support.extproc_fakes import body, headers
+from engine.internal_fields import ENGINE_INTERNAL_FIELDS
 from extproc.stream import ExtProcStream, StreamSettings
 from pickers.clock import ManualClock
 from pickers.config import build_scheduler
@@ -104,6 +105,7 @@ def plausible_stream(draw: st.DrawFn) -> list[pb.ProcessingRequest]:
 
 async def drive(msgs: list[pb.ProcessingRequest], response_body: bool) -> None:
     s = ExtProcStream(_DIRECTOR, StreamSettings(body_limit_bytes=250, response_body=response_body), _CLOCK)
+    forwarded: list[bytes] = []
     try:
         for m in msgs:
             COUNT["messages"] += 1
@@ -121,10 +123,13 @@ async def drive(msgs: list[pb.ProcessingRequest], response_body: bool) -> None:
                     sent = [h.header.raw_value for h in r.request_headers.response.header_mutation.set_headers]
                     assert all(b"6.6.6.6" not in v for v in sent)
                 elif kind == "request_body":
-                    assert b"6.6.6.6" not in r.request_body.response.body_mutation.streamed_response.body
+                    forwarded.append(r.request_body.response.body_mutation.streamed_response.body)
     finally:
         s.close()
         COUNT["streams"] += 1
+    if forwarded:  # what goes upstream was parsed: it is JSON and holds no engine-internal field
+        sent = orjson.loads(b"".join(forwarded))
+        assert not any(name in sent for name in ENGINE_INTERNAL_FIELDS), sent
     assert s._counted is None  # the in-flight gauge this stream held is given back
     assert len(_DIRECTOR.dl.inflight) == 0, "an in-flight record outlived its stream"
 
