@@ -2,8 +2,8 @@
 30 bodies of 8 MB arrive at concurrency 3, through real Envoy, a ``kvswitch serve`` process and simulated pods
 (each in its own process, so nothing here shares the measuring client's event loop).
 
-    .venv/bin/python -m e2e.bench_bigbody                       # this checkout's picker
-    .venv/bin/python -m e2e.bench_bigbody --picker-repo /tmp/old  # another checkout's picker (before/after)
+    .venv/bin/python -m e2e.bench.bigbody                       # this checkout's picker
+    .venv/bin/python -m e2e.bench.bigbody --picker-repo /tmp/old  # another checkout's picker (before/after)
 
 Prints p50/p99/max of small-request latency and of the picker's gRPC health check (``Check`` on the ext_proc
 service every 20 ms), first with no big bodies (quiet) then while they arrive (loaded); the big bodies'
@@ -31,7 +31,7 @@ from e2e.support.picker import wait_grpc_health
 from e2e.support.ports import free_port
 from extproc.envoyconfig.builder import EnvoyConfigOptions
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODEL = "sim-model"
 EXT_PROC = "envoy.service.ext_proc.v3.ExternalProcessor"
 

@@ -3,7 +3,7 @@ tokens / prompt tokens, from the pods' own usage reports) and load spread (coeff
 requests per pod): simulated pods publishing KV events (one ``engine.sim`` process), N ``kvswitch serve``
 processes each subscribed to every pod, one Envoy listing them all; the client is the demo's workload.
 
-    .venv/bin/python -m e2e.bench_replicas --requests 240 --replicas 1 3
+    .venv/bin/python -m e2e.bench.replicas --requests 240 --replicas 1 3
 
 Each N runs the same seeded workload on a fresh stack (fresh caches), one after the other.
 """
@@ -29,7 +29,7 @@ from engine.tokens.tokenizer import load_tokenizer
 from extproc.envoyconfig.builder import EnvoyConfigOptions
 from extproc.localstack.workload import WorkloadSpec, build_workload, run_workload
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODEL = "sim-model"
 
 

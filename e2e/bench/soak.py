@@ -1,7 +1,7 @@
 """Soak: a steady request rate through real Envoy and a ``kvswitch serve`` picker process over simulated pods,
 for a long time, sampling the picker's resident memory; prints progress and the RSS slope (issue 14).
 
-    .venv/bin/python -m e2e.soak --minutes 30 --rate 20 --out /tmp/soak
+    .venv/bin/python -m e2e.bench.soak --minutes 30 --rate 20 --out /tmp/soak
 
 Every ``--sample-s`` seconds a line: elapsed, requests ok/failed, picker RSS (MiB). At the end: the RSS slope
 (least squares over the second half of the run, MiB per minute, after warm-up), the failures, and a CSV and a
