@@ -3,7 +3,10 @@
     server: {grpc_port, metrics_port, host, body_limit_bytes, debug_headers, model_rewrite, drain_seconds,
              move_away_seconds, move_away_quiet_seconds, offload_min_bytes, offload_budget_bytes, max_fallback,
              response_body, tls_cert, tls_key, tls_self_signed, prefill_signing_secret_file}
-    endpoints: [{address, role, model, accelerator, model_profile, labels, kv_events, metrics_url}]
+    endpoints: [{address, role, model, accelerator, model_profile, labels, kv_events, metrics_url,
+                 dp_size, dp_start_rank, dp_rank}]
+               # dp_size N: the pod runs N vLLM data-parallel ranks; one endpoint per rank (ip:port#r), rank r's
+               # KV events on the kv_events port + start rank + r, as vLLM publishes them. dp_rank: one rank only.
     discovery: {kubernetes: {pool, namespace, kubeconfig, drain_seconds}}   # instead of endpoints
     scheduler: {...}   # passed as-is to pickers.config.build_scheduler when that module exists
 
@@ -18,6 +21,7 @@ import msgspec
 import yaml
 
 from pickers.framework import ConfigError  # one error type for every configuration mistake
+from pickers.ranks import expand_ranks
 from pickers.types import Endpoint, Role
 
 
@@ -84,12 +88,23 @@ class EndpointConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     kv_events: str | None = None
     metrics_url: str | None = None
     max_num_batched_tokens: int | None = None  # the engine's step budget; default: its preset's
+    dp_size: int | None = None
+    dp_start_rank: int = 0
+    dp_rank: int | None = None
 
     def to_endpoint(self) -> Endpoint:
         return Endpoint(address=self.address, role=Role(self.role), model=self.model,
                         accelerator=self.accelerator, model_profile=self.model_profile,
                         labels=dict(self.labels), kv_events=self.kv_events, metrics_url=self.metrics_url,
-                        max_num_batched_tokens=self.max_num_batched_tokens)
+                        max_num_batched_tokens=self.max_num_batched_tokens, dp_rank=self.dp_rank,
+                        dp_engine=None if self.dp_rank is None else self.dp_start_rank + self.dp_rank,
+                        dp_size=self.dp_size if self.dp_rank is not None else None)
+
+    def to_endpoints(self) -> list[Endpoint]:
+        """One endpoint; one per data-parallel rank with ``dp_size`` alone; one rank of a pod with ``dp_rank``."""
+        if self.dp_size is None or self.dp_rank is not None:
+            return [self.to_endpoint()]
+        return expand_ranks(self.to_endpoint(), self.dp_size, self.dp_start_rank)
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -99,7 +114,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     scheduler: dict[str, Any] | None = None
 
     def endpoint_objects(self) -> list[Endpoint]:
-        return [e.to_endpoint() for e in self.endpoints]
+        return [ep for e in self.endpoints for ep in e.to_endpoints()]
 
 
 def _check(cfg: Config) -> Config:
@@ -131,12 +146,13 @@ def _check(cfg: Config) -> Config:
     seen: set[str] = set()
     for i, e in enumerate(cfg.endpoints):
         try:
-            e.to_endpoint()
+            eps = e.to_endpoints()
         except ValueError as exc:
             raise ConfigError(f"endpoints[{i}].address: {exc}") from None
-        if e.address in seen:
-            raise ConfigError(f"endpoints[{i}].address: {e.address} is listed twice")
-        seen.add(e.address)
+        for ep in eps:
+            if ep.id in seen:
+                raise ConfigError(f"endpoints[{i}].address: {ep.id} is listed twice")
+            seen.add(ep.id)
     return cfg
 
 
@@ -184,7 +200,7 @@ def parse_endpoint_flag(value: str) -> EndpointConfig:
         fields["labels"] = labels
     try:
         ep = msgspec.convert(fields, EndpointConfig)
-        ep.to_endpoint()
+        ep.to_endpoints()
     except (msgspec.ValidationError, ValueError) as exc:
         raise ConfigError(f"--endpoint {value!r}: {exc}") from None
     return ep

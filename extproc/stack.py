@@ -43,6 +43,8 @@ def add_stack_arguments(p: argparse.ArgumentParser, pods: int = 4, port: int = 8
     g.add_argument("--pods", type=int, default=pods, help=f"simulated pods (default {pods})")
     g.add_argument("--pickers", type=int, default=1,
                    help="picker replicas behind Envoy, each health-checked and subscribed to every pod (default 1)")
+    g.add_argument("--dp", type=int, default=1,
+                   help="data-parallel ranks per pod (vLLM --data-parallel-size; the picker routes to (pod, rank))")
     g.add_argument("--pd", type=_pd, metavar="P:D",
                    help="P prefill pods and D decode pods, each decode pod behind a sidecar (instead of --pods)")
     g.add_argument("--fleet", metavar="FILE", help="engine.sim fleet YAML (instead of --pods/--pd)")
@@ -70,14 +72,16 @@ def options_from_args(a: argparse.Namespace) -> StackOptions:
                         time_scale=a.time_scale,
                         accelerator=a.accelerator, model_profile=a.model_profile, model_name=a.model_name,
                         profile=a.profile, tokenizer=a.tokenizer, config_file=a.config,
-                        debug_headers=a.debug_headers, envoy_concurrency=a.envoy_concurrency, seed=a.seed)
+                        debug_headers=a.debug_headers, envoy_concurrency=a.envoy_concurrency, seed=a.seed,
+                        dp=a.dp)
 
 
 def describe_pods(stack: LocalStack) -> list[str]:
     lines = []
     for p in stack.pods:
         via = f" via sidecar {p.address}" if p.address != p.engine_address else ""
-        lines.append(f"  {p.name:<12} {p.role:<8} {p.engine_address}{via}  kv-events {p.kv_events or '-'}")
+        kv = ",".join(p.rank_kv_events) if p.rank_kv_events else p.kv_events
+        lines.append(f"  {p.name:<12} {p.role:<8} {p.engine_address}{via}  kv-events {kv or '-'}")
     return lines
 
 

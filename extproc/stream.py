@@ -34,6 +34,7 @@ from extproc.observe import ResponseObserver
 from extproc.parse import HEADERS_THAT_MATTER, api_for_path, parse_client_body
 from pickers.clock import Clock
 from pickers.explain import explain_header
+from pickers.ranks import destinations, endpoint_address, served_id, split_endpoint_id
 from pickers.types import Decision, InferenceRequest, Scheduler, SchedulingError
 
 log = logging.getLogger("kvswitch.extproc")
@@ -240,18 +241,24 @@ class ExtProcStream:
         self.decision = decision
         self.phase = Phase.ROUTED
         self._count(decision.primary)
-        value = ",".join(decision.endpoints)
+        # Data-parallel ranks: the gateway gets pods (ip:port), the chosen rank goes to the pod in a header.
+        addresses, rank = destinations(decision.endpoints)
+        value = ",".join(addresses)
+        prefill = endpoint_address(decision.prefill) if decision.prefill else None  # a pod, never a rank id
         signed = bool(decision.prefill and self.settings.prefill_secret)
         remove = [h for h in msg.CONTROLLED_HEADERS if h in self.headers and h != msg.DESTINATION
-                  and not (h == msg.PREFILLER and decision.prefill) and not (h == msg.SIGNATURE and signed)]
+                  and not (h == msg.PREFILLER and decision.prefill) and not (h == msg.SIGNATURE and signed)
+                  and not (h == msg.DP_RANK and rank is not None)]
         extra = [("content-length", str(len(body)))] if rewritten and body is not None else None
+        if rank is not None:
+            extra = [*(extra or []), (msg.DP_RANK, str(rank))]
         if signed:  # the sidecar checks the signature against the request id the upstream sees
-            assert decision.prefill is not None and self.settings.prefill_secret is not None
-            signature = sign(self.settings.prefill_secret, request_id, decision.prefill)
+            assert prefill is not None and self.settings.prefill_secret is not None
+            signature = sign(self.settings.prefill_secret, request_id, prefill)
             extra = [*(extra or []), (msg.SIGNATURE, signature)]
             if "x-request-id" not in self.headers:
                 extra.append(("x-request-id", request_id))
-        out = [msg.destination_headers(value, decision.prefill, remove, extra)]
+        out = [msg.destination_headers(value, prefill, remove, extra)]
         if body is not None:
             out.extend(msg.body_chunks(body))
         metrics.ROUTED.inc()
@@ -279,6 +286,7 @@ class ExtProcStream:
         if self.decision is not None and not self._ended and req.HasField("metadata_context"):
             served = _metadata_value(req.metadata_context, msg.LB_NAMESPACE, msg.SERVED)
             if isinstance(served, str) and served:
+                served = served_id(self.decision.primary, served)  # the rank that took it, on a DP pod
                 self.served = served
                 if served != self._counted:
                     self._count(served)
@@ -310,7 +318,11 @@ class ExtProcStream:
         d = self.decision
         if d is None:
             return []
-        out = [("x-kvswitch-endpoint", self.served or d.primary)]
+        served = self.served or d.primary
+        out = [("x-kvswitch-endpoint", served)]
+        rank = split_endpoint_id(served)[1]
+        if rank is not None:
+            out.append(("x-kvswitch-dp-rank", str(rank)))
         if d.prefill:
             out.append(("x-kvswitch-prefill-endpoint", d.prefill))
         if d.explanation:

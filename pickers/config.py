@@ -18,7 +18,9 @@ every error message). No section at all gives the ``default`` profile with every
       # filters: [...]; scorers: [...]; picker: {...}
       tokenizer: {path: null, cache_size: 4096, offload_min_chars: 16384}
       datalayer: {scrape_interval_ms: 50, stale_after_intervals: 4, failure_threshold: 3,
-                  max_endpoints: 1024, inflight_ttl_s: 600}
+                  max_endpoints: 1024, inflight_ttl_s: 600,
+                  dp_ranks: auto}   # auto: a pod whose /metrics shows several engines (vLLM data-parallel
+                                    # ranks) becomes one endpoint per rank; off: pods stay one endpoint
       prefix:
         approximate: {max_blocks: 4000000, pod_blocks: 200000}
         precise: {max_blocks: 10000000, medium_weights: {GPU: 1.0, CPU: 0.8}, engine_map_cap: 2000000,
@@ -56,8 +58,9 @@ from pickers.framework import (
     create_as,
 )
 from pickers.predictor import PredictorSettings
-from pickers.profiles import BUILTIN_PROFILES, DECODE_FILTERS
+from pickers.profiles import BUILTIN_PROFILES, DECODE_FILTERS, RANK_OBLIVIOUS
 from pickers.promstats import scheduler_metrics
+from pickers.ranks import fold_ranks
 from pickers.tokenize import TokenService
 from pickers.types import Endpoint
 
@@ -133,7 +136,7 @@ def build_scheduler(
     dlp = f"{ROOT}.datalayer"
     d = _mapping(dlp, cfg.get("datalayer"))
     _keys(dlp, d, {"scrape_interval_ms", "stale_after_intervals", "failure_threshold", "max_endpoints",
-                   "inflight_ttl_s"})
+                   "inflight_ttl_s", "dp_ranks"})
     pp = f"{ROOT}.prefix"
     pr = _mapping(pp, cfg.get("prefix"))
     _keys(pp, pr, {"approximate", "precise"})
@@ -162,6 +165,7 @@ def build_scheduler(
         kv_events_topic=_get(f"{pp}.precise", pc, "topic", Param(str, "")),
         pending_ttl_s=_get(f"{pp}.precise", pc, "pending_ttl_s", Param(float, 5.0, min=0.0)),
         pending_max_blocks=_get(f"{pp}.precise", pc, "pending_max_blocks", Param(int, 1_000_000, min=0)),
+        dp_ranks=_get(dlp, d, "dp_ranks", Param(str, "auto", choices=("auto", "off"))),
     )
 
     # tokens
@@ -220,11 +224,14 @@ def build_scheduler(
         default_decode_tokens=_get(ROOT, cfg, "default_decode_tokens", Param(int, 256, min=1)),
         max_fallback=max_fallback,
     )
+    if name == RANK_OBLIVIOUS:  # every data-parallel pod is one endpoint again
+        endpoints = fold_ranks(endpoints)
+        settings.dp_ranks = "off"
     seen: set[str] = set()
     for i, ep in enumerate(endpoints):
-        if ep.address in seen:
-            raise ConfigError(f"endpoints[{i}].address: duplicate endpoint {ep.address!r}")
-        seen.add(ep.address)
+        if ep.id in seen:
+            raise ConfigError(f"endpoints[{i}].address: duplicate endpoint {ep.id!r}")
+        seen.add(ep.id)
         try:  # validates the cost-model names before the endpoint reaches the tables
             cost_model(ep.model_profile, ep.accelerator)
             if ep.max_num_batched_tokens is None:

@@ -14,6 +14,7 @@ from functools import lru_cache
 import numpy as np
 
 from engine.costmodel import CostModel, Roofline
+from engine.costmodel.dataparallel import rank_cost_model
 from engine.costmodel.vector import RooflineTable
 from engine.presets import preset
 from pickers.types import Endpoint
@@ -55,7 +56,10 @@ class CostTable:
         return r
 
     def set(self, slot: int, endpoint: Endpoint) -> None:
-        cm = cost_model(endpoint.model_profile, endpoint.accelerator)
+        if endpoint.dp_rank is not None and (endpoint.dp_size or 1) > 1:  # one data-parallel rank of a pod
+            cm = rank_cost_model(endpoint.model_profile, endpoint.accelerator, int(endpoint.dp_size or 1))
+        else:
+            cm = cost_model(endpoint.model_profile, endpoint.accelerator)
         self.roofline.set(slot, cm.roofline)
         self.budget[slot] = float(endpoint.max_num_batched_tokens
                                   or preset_budget(endpoint.model_profile, endpoint.accelerator, endpoint.role.value))

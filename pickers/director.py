@@ -120,11 +120,11 @@ class Director:
 
     def _endpoint_gauges(self, what: str, slot: int, ep: Endpoint) -> None:
         if what == "add":
-            self.stats.healthy.labels(ep.address).set(1)
+            self.stats.healthy.labels(ep.id).set(1)
             return
         for gauge in (self.stats.healthy, self.stats.degraded):
             try:
-                gauge.remove(ep.address)
+                gauge.remove(ep.id)
             except KeyError:
                 pass
 
@@ -199,8 +199,8 @@ class Director:
         if not subset:
             raise SchedulingError(503, "the gateway's subset hint (x-gateway-destination-endpoint-subset) is "
                                   "empty: no endpoint may serve this request", "subset_empty")
-        slot_of = self.dl.endpoints.slot
-        inside = {s for a in subset if (s := slot_of(a)) is not None}
+        pod_slots = self.dl.endpoints.pod_slots  # the hint names pods (ip:port): every rank of one may serve
+        inside = {s for a in subset for s in pod_slots(a)}
         keep = np.fromiter((s for s in active.tolist() if s in inside), dtype=active.dtype)
         if keep.size == 0:
             raise SchedulingError(503, f"no endpoint the picker knows is in the gateway's subset hint "

@@ -32,7 +32,15 @@ class Role(str, enum.Enum):
 
 @dataclass(slots=True)
 class Endpoint:
-    """One engine instance the picker can route to."""
+    """One engine instance the picker can route to: a pod, or one data-parallel rank of a pod.
+
+    A pod running N data-parallel ranks (vLLM ``--data-parallel-size N``: N schedulers, queues and KV caches
+    behind one port) is N endpoints with the same ``address`` and ``dp_rank`` 0..N-1. Their ``id``
+    (``ip:port#rank``) keys every per-endpoint signal and is what a Decision names; the gateway still gets
+    ``address`` and the rank goes to the pod in ``X-data-parallel-rank``. ``dp_engine`` is vLLM's engine
+    index of that rank (the ``engine`` label of its metrics and the rank in its KV event batches): the same
+    as ``dp_rank`` except on the non-first nodes of a multi-node group (start rank + local rank).
+    """
 
     address: str  # "ip:port", the value that goes into x-gateway-destination-endpoint
     role: Role = Role.BOTH
@@ -41,9 +49,12 @@ class Endpoint:
     model_profile: str = "llama-3.1-8b"  # cost-model profile for this pod's model
     labels: dict[str, str] = field(default_factory=dict)
     metrics_url: str | None = None  # default: http://{address}/metrics
-    kv_events: str | None = None  # ZMQ endpoint of the pod's KV event publisher, e.g. tcp://ip:5557
+    kv_events: str | None = None  # ZMQ endpoint of the pod's (or this rank's) KV event publisher
     block_size: int = 16
     max_num_batched_tokens: int | None = None  # the engine's step token budget; None: its role's preset
+    dp_rank: int | None = None  # the data-parallel rank this endpoint targets (X-data-parallel-rank)
+    dp_engine: int | None = None  # vLLM's engine index of that rank; None: dp_rank
+    dp_size: int | None = None  # ranks of its pod (prices a rank with a rank's share of the pod's GPUs)
 
     def __post_init__(self) -> None:
         if isinstance(self.role, str):
@@ -51,6 +62,22 @@ class Endpoint:
         host, sep, port = self.address.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise ValueError(f"endpoint address must be ip:port, got {self.address!r}")
+        if self.dp_rank is not None and self.dp_rank < 0 or self.dp_engine is not None and self.dp_engine < 0:
+            raise ValueError(f"dp_rank and dp_engine must be >= 0, got {self.dp_rank}, {self.dp_engine}")
+        if self.dp_engine is not None and self.dp_rank is None:
+            raise ValueError("dp_engine needs a dp_rank")
+
+    @property
+    def id(self) -> str:
+        """The endpoint's key: ``ip:port``, or ``ip:port#rank`` for one data-parallel rank of a pod."""
+        return self.address if self.dp_rank is None else f"{self.address}#{self.dp_rank}"
+
+    @property
+    def engine_label(self) -> str | None:
+        """The ``engine`` label of this rank's metric series (None: a pod, all its series summed)."""
+        if self.dp_rank is None:
+            return None
+        return str(self.dp_engine if self.dp_engine is not None else self.dp_rank)
 
     @property
     def scrape_url(self) -> str:

@@ -60,6 +60,7 @@ from typing import Any
 import numpy as np
 
 from engine.costmodel import CostModel, prefill_pairs
+from engine.costmodel.speculative import Speculative, draft_seconds
 from engine.sim.blockpool import BlockPool, KVEvent, new_root_hash
 
 ROLES = ("both", "prefill", "decode")
@@ -88,6 +89,10 @@ class EngineConfig:
     remote_port: int = 0
     tp_size: int | None = None  # None: cost.deployment.tp
     kv_events: bool = True  # False: nobody subscribes to KV events; skip building them
+    # Speculative decoding: every decode step verifies 1 + k tokens per request (k lookahead slots of the token
+    # budget and the KV blocks), after k draft forwards; each draft is accepted with probability
+    # ``acceptance`` while the ones before it were (engine.costmodel.speculative).
+    speculative: Speculative | None = None
 
 
 @dataclass(slots=True)
@@ -160,7 +165,7 @@ class _Req:
     __slots__ = (
         "req", "prompt", "output", "status", "num_computed", "block_ids", "hashes", "committed",
         "num_cached", "first_scheduled_at", "first_token_at", "remote_decode", "remote_prefill",
-        "ready_at", "remote_done", "rng", "num_prompt", "num_tokens",
+        "ready_at", "remote_done", "rng", "num_prompt", "num_tokens", "lookahead",
     )
 
     def __init__(self, req: SimRequest, prompt: np.ndarray, hashes: list[int]) -> None:
@@ -181,6 +186,7 @@ class _Req:
         self.remote_prefill = False
         self.remote_done = False
         self.ready_at = 0.0
+        self.lookahead = 0  # speculative tokens verified with this step (decode steps only)
         seed = req.seed if req.seed is not None else zlib.crc32(req.request_id.encode())
         self.rng = random.Random(seed)
 
@@ -285,9 +291,10 @@ class EngineCore:
         self.pool.free(list(key))
         return True
 
-    def reset_prefix_cache(self) -> None:
+    def reset_prefix_cache(self) -> list[KVEvent]:
+        """Forget cached hashes; returns the AllBlocksCleared batch (also given to the events callback)."""
         self.pool.clear()
-        self._emit(self._now)
+        return self._emit(self._now)
 
     def stats(self) -> EngineStats:
         c = self.pool.counters
@@ -305,6 +312,16 @@ class EngineCore:
 
     # ---- the step --------------------------------------------------------------------------------
     def step(self, now: float) -> StepResult:
+        sched = self.schedule(now)
+        return self.execute(now, sched)
+
+    def schedule(self, now: float) -> list[tuple[_Req, int]]:
+        """The first half of ``step``: what runs in the step starting at ``now`` (blocks are allocated).
+
+        A data-parallel group (engine.sim.dpgroup) schedules every rank, asks each for ``step_work``, takes
+        the group's step time from the cost model and then ``execute``s every rank with that duration: the
+        ranks step together and the slowest decides. ``step`` is ``execute(now, schedule(now))``.
+        """
         self._now = now
         self._expire_held(now)
         self._finish_remote_loads(now)
@@ -313,14 +330,19 @@ class EngineCore:
         preempted = False
         running = self._running
         i = 0
+        spec = self.config.speculative
         while i < len(running) and budget > 0:
             r = running[i]
             n = min(r.num_tokens - r.num_computed, budget)
             if n <= 0:
                 i += 1
                 continue
+            look = 0
+            if spec is not None and n == 1 and r.num_computed >= r.num_prompt:
+                look = min(spec.num_speculative_tokens, budget - 1)
+            r.lookahead = look
             scheduled = True
-            while not self._grow(r, n):
+            while not self._grow(r, n + look):
                 victim = running.pop()
                 self._preempt(victim)
                 preempted = True
@@ -330,11 +352,39 @@ class EngineCore:
             if not scheduled:
                 break
             sched.append((r, n))
-            budget -= n
+            budget -= n + look
             i += 1
         if not preempted:
             budget = self._admit(now, budget, sched)
-        return self._execute(now, sched)
+        return sched
+
+    @staticmethod
+    def step_work(sched: list[tuple[_Req, int]]) -> tuple[int, float, int]:
+        """(new tokens, attention pairs, KV tokens read) of a scheduled step, as the cost model takes them
+        (a decode with speculation verifies 1 + lookahead tokens)."""
+        new_tokens = 0
+        pairs = 0.0
+        kv_read = 0
+        for r, n in sched:
+            c = r.num_computed
+            q = n + r.lookahead
+            new_tokens += q
+            pairs += prefill_pairs(q, c)
+            kv_read += c
+        return new_tokens, pairs, kv_read
+
+    def step_cost(self, sched: list[tuple[_Req, int]]) -> float:
+        """Seconds this engine's scheduled step takes: the roofline of its tokens plus the draft forwards."""
+        new_tokens, pairs, kv_read = self.step_work(sched)
+        if not new_tokens:
+            return 0.0
+        t = self.cost.step_time(new_tokens, pairs, kv_read)
+        spec = self.config.speculative
+        if spec is not None:
+            drafting = [r.num_computed for r, _ in sched if r.lookahead]
+            if drafting:
+                t += draft_seconds(self.cost, spec, len(drafting), float(sum(drafting)))
+        return t
 
     def _admit(self, now: float, budget: int, sched: list[tuple[_Req, int]]) -> int:
         pool, bs, waiting = self.pool, self.block_size, self._waiting
@@ -454,56 +504,74 @@ class EngineCore:
         )
         r.committed = full
 
-    def _execute(self, now: float, sched: list[tuple[_Req, int]]) -> StepResult:
+    def execute(self, now: float, sched: list[tuple[_Req, int]], duration: float | None = None) -> StepResult:
+        """The second half of ``step``: apply the scheduled step; it lasts ``duration`` (None: this engine's
+        own step time from the cost model)."""
         new_tokens = 0
-        pairs = 0.0
-        kv_read = 0
         prefill_tokens = 0
         decodes = 0
         for r, n in sched:
-            c = r.num_computed
-            new_tokens += n
-            pairs += prefill_pairs(n, c)
-            kv_read += c
-            if c >= r.num_prompt:
+            new_tokens += n + r.lookahead
+            if r.num_computed >= r.num_prompt:
                 decodes += 1
             else:
                 prefill_tokens += n
-        duration = self.cost.step_time(new_tokens, pairs, kv_read) if new_tokens else 0.0
+        if duration is None:
+            duration = self.step_cost(sched)
+        elif not new_tokens:
+            duration = 0.0
+        spec = self.config.speculative
         end = now + duration
         outputs: list[RequestOutput] = []
         vocab = self.config.vocab_size
         max_len = self.max_model_len
         finished: list[_Req] = []
         for r, n in sched:
+            # speculation: the drafts accepted in a row (each with probability `acceptance`) were verified
+            # with this step; their tokens count as computed and are emitted with the step's own token
+            accepted = 0
+            if r.lookahead:
+                while accepted < r.lookahead and r.rng.random() < spec.acceptance:  # type: ignore[union-attr]
+                    accepted += 1
+                r.lookahead = 0
             r.num_computed += n
             self._commit(r)
             if r.num_computed < r.num_tokens:
                 continue  # a prefill chunk that did not reach the end of the prompt
-            tok = r.rng.randrange(vocab)
-            r.append_output(tok)
-            self.generation_tokens += 1
+            req = r.req
+            new_ids: list[int] = []
+            reason = None
+            for j in range(1 + accepted):
+                if j:
+                    r.num_computed += 1  # the accepted draft's KV was computed by the verify pass
+                tok = r.rng.randrange(vocab)
+                r.append_output(tok)
+                new_ids.append(tok)
+                self.generation_tokens += 1
+                nout = len(r.output)
+                if nout >= req.max_tokens:
+                    reason = "length"
+                elif (
+                    not req.ignore_eos and req.eos_at is not None and nout >= max(req.eos_at, req.min_tokens)
+                ):
+                    reason = "stop"
+                elif r.num_tokens >= max_len:
+                    reason = "length"
+                if reason is not None:
+                    break
+            if accepted:
+                self._commit(r)
             if r.first_token_at < 0:
                 r.first_token_at = end
                 self.prompt_tokens += r.num_prompt
-            req = r.req
             nout = len(r.output)
-            reason = None
-            if nout >= req.max_tokens:
-                reason = "length"
-            elif (
-                not req.ignore_eos and req.eos_at is not None and nout >= max(req.eos_at, req.min_tokens)
-            ):
-                reason = "stop"
-            elif r.num_tokens >= max_len:
-                reason = "length"
             params = None
             if reason is not None:
                 finished.append(r)
                 params = self._finish(r, end)
             outputs.append(
                 RequestOutput(
-                    req.request_id, [tok], reason is not None, reason, r.num_prompt,
+                    req.request_id, new_ids, reason is not None, reason, r.num_prompt,
                     max(r.num_cached, 0), nout, req.arrival, r.first_scheduled_at, r.first_token_at, end,
                     params,
                 )

@@ -58,6 +58,8 @@ class PodGroup(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     kv_events_topic: str | None = None
     eos_after: int | None = None
     max_pending: int | None = None
+    dp_size: int | None = None
+    speculative: bool | None = None
 
 
 class FleetConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -78,7 +80,7 @@ def _check_spec(spec: PodSpec, where: str) -> None:
         raise ValueError(f"{where}.role: must be one of {', '.join(ROLES)}, got {spec.role!r}")
     if spec.event_format not in ("map", "array"):
         raise ValueError(f"{where}.event_format: must be map or array, got {spec.event_format!r}")
-    for key in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_pending"):
+    for key in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_pending", "dp_size"):
         if getattr(spec, key) <= 0:
             raise ValueError(f"{where}.{key}: must be positive")
 

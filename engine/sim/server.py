@@ -4,8 +4,16 @@ Endpoints (as vLLM): POST /v1/completions, POST /v1/chat/completions (stream or 
 GET /health, GET /metrics, POST /reset_prefix_cache. Simulator-only: GET/POST /sim/faults,
 POST /sim/kv/release ({"block_ids": [...]}: the decode side pulled held prefill blocks), GET /sim/state.
 
-The driver is one asyncio task per pod: ``result = core.step(sim_now)``; sleep ``duration *
-time_scale``; publish the step's KV events; deliver the new tokens. The pod's simulated clock advances
+The driver is one asyncio task per pod: ``result = group.step(sim_now)``; sleep ``duration *
+time_scale``; publish the step's KV events; deliver the new tokens.
+
+A pod with ``spec.dp_size`` N > 1 is vLLM's data-parallel deployment (``--data-parallel-size N`` with expert
+parallelism): N engine cores (own scheduler, waiting queue and KV cache each) stepping together behind the one
+port (engine.sim.dpgroup). A request's ``X-data-parallel-rank`` header picks the rank (a value that is not an
+integer is ignored, one out of range is a 400, as vLLM does); without it the pod balances as vLLM does.
+Metrics carry ``engine="<rank>"`` per rank, and rank r publishes its KV events on its own socket (the
+configured port + r, or a free port when the configured one is 0) with ``data_parallel_rank`` = r in every
+batch. The pod's simulated clock advances
 by step durations while busy (so Python overhead does not count as GPU time), and catches up with
 wall time / time_scale when idle. The driver sleeps on an asyncio.Event while there is no work.
 """
@@ -25,12 +33,14 @@ import orjson
 from aiohttp import web
 
 from engine.costmodel import CostModel, Deployment
+from engine.costmodel.dataparallel import DataParallelCost
 from engine.sim import openai_api as api
 from engine.sim.core import EngineConfig, EngineCore, RequestOutput, SimRequest
+from engine.sim.dpgroup import DPGroup
 from engine.sim.faults import Faults, FaultUpdate
 from engine.sim.kvevents import KVEventPublisher
 from engine.sim.metrics import PodMetrics
-from engine.sim.spec import PodSpec
+from engine.sim.spec import PodSpec, speculative_for
 from engine.tokens.tokenizer import BuiltinTokenizer, Tokenizer
 
 log = logging.getLogger("kvswitch.sim")
@@ -40,20 +50,32 @@ _JSON = "application/json"
 
 
 def build_cost(spec: PodSpec) -> CostModel:
+    """The cost model of one engine core of the pod (one rank of a data-parallel pod)."""
+    return build_group_cost(spec).rank
+
+
+def build_group_cost(spec: PodSpec) -> DataParallelCost:
     dep = None
-    if spec.tp is not None or spec.ep is not None:
+    if spec.dp_size > 1:
+        tp = spec.tp or 1
+        dep = Deployment(tp=tp, ep=spec.ep or spec.dp_size * tp)
+    elif spec.tp is not None or spec.ep is not None:
         dep = Deployment(tp=spec.tp or 1, ep=spec.ep or 1)
-    return CostModel(spec.model_profile, spec.accelerator, dep)
+    return DataParallelCost(spec.model_profile, spec.accelerator, dep, dp=spec.dp_size)
+
+
+RANK_HEADER = "X-data-parallel-rank"
 
 
 class _Stream:
     """Outputs of one in-flight request, bounded by its max_tokens."""
 
-    __slots__ = ("queue", "prev_time")
+    __slots__ = ("queue", "prev_time", "rank")
 
-    def __init__(self) -> None:
+    def __init__(self, rank: int = 0) -> None:
         self.queue: asyncio.Queue[RequestOutput | None] = asyncio.Queue()
         self.prev_time: float | None = None
+        self.rank = rank
 
 
 class SimPod:
@@ -72,10 +94,13 @@ class SimPod:
         self.tokenizer = tokenizer or BuiltinTokenizer()
         self.time_scale = time_scale
         self.peers = peers if peers is not None else {}  # engine id -> pod, for in-process KV release
-        self.cost = build_cost(spec)
+        if spec.dp_size < 1:
+            raise ValueError("dp_size must be at least 1")
+        self.group_cost = build_group_cost(spec)
+        self.cost = self.group_cost.rank
         self.faults = Faults(spec.seed)
-        self.publisher: KVEventPublisher | None = None
-        self.core: EngineCore = self._new_core()
+        self.publishers: list[KVEventPublisher] = []  # one per rank
+        self.group: DPGroup = self._new_group()
         self.metrics = self._new_metrics()
         self.port = spec.port
         self.fingerprint = f"vllm-0.32.0-{uuid.uuid4().hex[:8]}"
@@ -92,7 +117,7 @@ class SimPod:
         self._busy = False
 
     # ---- construction ----------------------------------------------------------------------------
-    def _new_core(self) -> EngineCore:
+    def _new_group(self) -> DPGroup:
         s = self.spec
         cfg = EngineConfig(
             block_size=s.block_size, num_blocks=s.num_blocks, max_num_seqs=s.max_num_seqs,
@@ -100,14 +125,31 @@ class SimPod:
             link=s.link, kv_transfer_timeout_s=s.kv_transfer_timeout_s,
             vocab_size=self.tokenizer.vocab_size, hash_seed=s.seed, remote_host=s.host,
             remote_port=self.port if hasattr(self, "port") else s.port,
+            speculative=speculative_for(s.model_profile) if s.speculative else None,
         )
-        old = getattr(self, "core", None)
+        old = getattr(self, "group", None)
         if old is not None:
-            self.peers.pop(old.engine_id, None)
-        core = EngineCore(self.cost, cfg)
-        core.on_kv_pulled = self._on_kv_pulled
-        self.peers[core.engine_id] = self
-        return core
+            for c in old.cores:
+                self.peers.pop(c.engine_id, None)
+        group = DPGroup(self.group_cost, cfg)
+        for core in group.cores:
+            core.on_kv_pulled = self._on_kv_pulled
+            self.peers[core.engine_id] = self
+        return group
+
+    @property
+    def core(self) -> EngineCore:
+        """Rank 0's engine core (the only one of a pod without data parallelism)."""
+        return self.group.cores[0]
+
+    @property
+    def publisher(self) -> KVEventPublisher | None:
+        """Rank 0's KV event publisher."""
+        return self.publishers[0] if self.publishers else None
+
+    @property
+    def dp_size(self) -> int:
+        return self.group.dp
 
     def _new_metrics(self) -> PodMetrics:
         c = self.core
@@ -116,7 +158,13 @@ class SimPod:
             "enable_prefix_caching": "True", "prefix_caching_hash_algo": "sha256",
             "cache_dtype": "auto", "gpu_memory_utilization": "0.9", "kv_sharing_fast_prefill": "False",
         }
-        return PodMetrics(self.spec.model_name, info)
+        if self.dp_size == 1:
+            return PodMetrics(self.spec.model_name, info, str(self.spec.dp_rank))
+        return PodMetrics(self.spec.model_name, info, engines=[str(r) for r in range(self.dp_size)])
+
+    def _update_metrics(self) -> None:
+        for r, core in enumerate(self.group.cores):
+            self.metrics.update(core.stats(), r)
 
     # ---- addresses -------------------------------------------------------------------------------
     @property
@@ -132,6 +180,11 @@ class SimPod:
         return self.publisher.endpoint if self.publisher else None
 
     @property
+    def kv_events_endpoints(self) -> list[str]:
+        """Every rank's KV event endpoint, by rank."""
+        return [p.endpoint for p in self.publishers]
+
+    @property
     def role(self) -> str:
         return self.spec.role
 
@@ -140,18 +193,23 @@ class SimPod:
         loop = asyncio.get_running_loop()
         self._t0 = loop.time()
         s = self.spec
-        if s.kv_events_port is not None and self.publisher is None:
-            replay = None
-            if s.kv_events_replay_port is not None:
-                replay = f"tcp://{s.host}:{s.kv_events_replay_port or '*'}"
-            self.publisher = KVEventPublisher(
-                f"tcp://{s.host}:{s.kv_events_port or '*'}", s.kv_events_topic.encode(), s.event_format,
-                s.dp_rank, replay_endpoint=replay,
-            )
-            self.publisher.start()
+        if s.kv_events_port is not None and not self.publishers:
+            for r in range(self.dp_size):
+                # vLLM offsets the port by the rank; a port of 0 stays 0 (a free one per rank)
+                port = (s.kv_events_port + r) if s.kv_events_port else "*"
+                replay = None
+                if s.kv_events_replay_port is not None:
+                    replay = f"tcp://{s.host}:{(s.kv_events_replay_port + r) if s.kv_events_replay_port else '*'}"
+                pub = KVEventPublisher(
+                    f"tcp://{s.host}:{port}", s.kv_events_topic.encode(), s.event_format,
+                    s.dp_rank if self.dp_size == 1 else r, replay_endpoint=replay,
+                )
+                self.publishers.append(pub)
+                pub.start()
         self._session = aiohttp.ClientSession()
         await self._listen()
-        self.core.config.remote_port = self.port
+        for core in self.group.cores:
+            core.config.remote_port = self.port
         self._driver = loop.create_task(self._drive(), name=f"sim-driver-{s.name}")
 
     async def _listen(self) -> None:
@@ -198,10 +256,11 @@ class SimPod:
         if self._session is not None:
             await self._session.close()
             self._session = None
-        if self.publisher is not None:
-            await self.publisher.close()
-            self.publisher = None
-        self.peers.pop(self.core.engine_id, None)
+        for pub in self.publishers:
+            await pub.close()
+        self.publishers = []
+        for core in self.group.cores:
+            self.peers.pop(core.engine_id, None)
 
     async def crash(self) -> None:
         """Refuse connections (the listener closes), drop every in-flight request and stop the engine."""
@@ -220,10 +279,12 @@ class SimPod:
         """Come back as a fresh engine: empty cache, KV event sequence from 0, same ports."""
         if not self.crashed:
             await self.crash()
-        self.core = self._new_core()
+        self.group = self._new_group()
+        for core in self.group.cores:
+            core.config.remote_port = self.port
         self.metrics = self._new_metrics()  # a new process: counters start again from 0
-        if self.publisher is not None:
-            self.publisher.restart()
+        for pub in self.publishers:
+            pub.restart()
         await self._listen()
         self.crashed = False
         self._busy = False
@@ -233,7 +294,7 @@ class SimPod:
         """End every in-flight request: its handler sees None, and the engine forgets it."""
         for rid, st in self._streams.items():
             st.queue.put_nowait(None)
-            self.core.abort(rid)
+            self.group.abort(rid)
         self._streams.clear()
 
     # ---- clock and driver ------------------------------------------------------------------------
@@ -250,17 +311,17 @@ class SimPod:
             if not self._busy:
                 self._sim = self.sim_now()
                 self._busy = True
-            core = self.core
-            res = core.step(self._sim)
-            if res.events:
-                self._publish(res.events)
+            group = self.group
+            res = group.step(self._sim)
+            for rank, events in res.events():
+                self._publish(events, rank)
             if res.idle:
                 # Nothing schedulable: sleep until a request arrives, blocks are released, or the
                 # core's next timer (a KV pull completing, held blocks expiring).
                 self._busy = False
-                self.metrics.update(core.stats())
+                self._update_metrics()
                 self._wake.clear()
-                nxt = core.next_event_time()
+                nxt = group.next_event_time()
                 timeout = None if nxt is None else max(0.0, (nxt - self.sim_now()) * scale)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
@@ -268,23 +329,23 @@ class SimPod:
             self._sim = res.end
             delay = self._t0 + self._sim * scale - loop.time()
             await asyncio.sleep(delay if delay > 0 else 0)
-            self._deliver(res.outputs)
-            self.metrics.update(core.stats())
+            self._deliver(res.outputs())
+            self._update_metrics()
 
-    def _publish(self, events: list) -> None:
-        if self.publisher is not None and self.faults.config.events_enabled:
-            self.publisher.publish(events)
+    def _publish(self, events: list, rank: int = 0) -> None:
+        if self.publishers and self.faults.config.events_enabled:
+            self.publishers[rank].publish(events)
 
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
+    def _deliver(self, outputs: list[tuple[int, RequestOutput]]) -> None:
         m = self.metrics
-        for out in outputs:
+        for rank, out in outputs:
             st = self._streams.get(out.request_id)
             if st is None:
                 continue
-            m.observe_token(out, st.prev_time)
+            m.observe_token(out, st.prev_time, rank)
             st.prev_time = out.time
             if out.finished:
-                m.observe_finished(out)
+                m.observe_finished(out, rank)
                 del self._streams[out.request_id]
             st.queue.put_nowait(out)
 
@@ -344,10 +405,10 @@ class SimPod:
             seed=p.seed if p.seed is not None else None,
         )
         try:
-            self.core.add_request(sreq)
+            rank = self.group.add_request(sreq, _rank_header(request), self.sim_now())
         except ValueError as exc:
             return self._error(api.APIError(400, str(exc)))
-        st = _Stream()
+        st = _Stream(rank)
         self._streams[internal] = st
         self._wake.set()
         created = api.now_s()
@@ -358,7 +419,7 @@ class SimPod:
         finally:
             if internal in self._streams:  # client went away or the pod crashed: free the engine side
                 del self._streams[internal]
-                if self.core.abort(internal):
+                if self.group.abort(internal):
                     self._wake.set()
 
     async def _collect(self, p: api.ParsedRequest, st: _Stream, rid: str, created: int) -> web.Response:
@@ -451,7 +512,7 @@ class SimPod:
         return web.Response(body=b'{"version":"0.32.0"}', content_type=_JSON)
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        self.metrics.update(self.core.stats())
+        self._update_metrics()
         return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
 
     async def _reset_prefix_cache(self, request: web.Request) -> web.Response:
@@ -459,8 +520,8 @@ class SimPod:
         return web.Response(body=b'{"success":true}', content_type=_JSON)
 
     def reset_prefix_cache(self) -> None:
-        self.core.reset_prefix_cache()
-        self._publish(self.core.pool.drain_events())
+        for rank, core in enumerate(self.group.cores):
+            self._publish(core.reset_prefix_cache(), rank)
 
     async def _get_faults(self, request: web.Request) -> web.Response:
         return web.Response(body=msgspec.json.encode(self.faults.config), content_type=_JSON)
@@ -503,7 +564,7 @@ class SimPod:
 
     def release_remote(self, block_ids: list[int]) -> bool:
         """Free held prefill blocks (the decode side pulled them) and let waiting requests use them."""
-        released = self.core.release_remote(block_ids)
+        released = self.group.release_remote(block_ids)
         if released:
             self._wake.set()
         return released
@@ -511,6 +572,10 @@ class SimPod:
     async def _state(self, request: web.Request) -> web.Response:
         s = self.core.stats()
         body = dataclasses.asdict(s)
+        body["dp_size"] = self.dp_size
+        body["ranks"] = [dataclasses.asdict(c.stats()) | {"engine_id": c.engine_id,
+                                                           "requests": self.group.requests[r]}
+                         for r, c in enumerate(self.group.cores)]
         body.update({"name": self.name, "role": self.role, "engine_id": self.core.engine_id,
                      "sim_now": self.sim_now(), "num_blocks": self.core.num_blocks,
                      "block_size": self.core.block_size, "accelerator": self.spec.accelerator,
@@ -518,4 +583,15 @@ class SimPod:
         return web.Response(body=orjson.dumps(body), content_type=_JSON)
 
 
-__all__ = ["SimPod", "build_cost"]
+def _rank_header(request: web.Request) -> int | None:
+    """The rank a request asks for, as vLLM reads it: a missing or non-integer header means none."""
+    raw = request.headers.get(RANK_HEADER)
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        return None
+
+
+__all__ = ["RANK_HEADER", "SimPod", "build_cost", "build_group_cost"]

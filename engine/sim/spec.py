@@ -30,4 +30,17 @@ class PodSpec:
     kv_events_replay_port: int | None = None  # 0: a free port; None: no replay socket
     eos_after: int | None = 512  # output length at which the model "emits EOS" unless ignore_eos
     max_pending: int = 4096  # requests in flight beyond this get 503
-    dp_rank: int = 0
+    dp_rank: int = 0  # the rank a single-engine pod reports in KV event batches
+    dp_size: int = 1  # data-parallel engine cores behind the pod's port (wide expert parallelism)
+    speculative: bool = False  # the model's speculative decoding (engine.presets.SPECULATIVE)
+
+
+def speculative_for(model_profile: str):  # -> engine.costmodel.speculative.Speculative
+    """The speculative decoding a pod of this model runs with ``speculative: true`` (its preset's)."""
+    from engine.costmodel import resolve_model
+    from engine.presets import SPECULATIVE
+
+    name = resolve_model(model_profile).name
+    if name not in SPECULATIVE:
+        raise ValueError(f"no speculative decoding recipe for {name}")
+    return SPECULATIVE[name]

@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.localstack.stack import LocalStack
 from extproc.localstack.workload import Workload
+from pickers.ranks import endpoint_address
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -122,7 +123,10 @@ def summarize(stack: LocalStack, wl: Workload, before: Snapshot, after: Snapshot
         lines.append("  no prefix-cache queries counted")
 
     lines += ["", "== requests per pod (x-kvswitch-endpoint) =="]
-    counts = Counter(r.endpoint for r in ok)
+    by_id = Counter(r.endpoint for r in ok)
+    counts = Counter({endpoint_address(e) if e else e: 0 for e in by_id})
+    for e, n in by_id.items():
+        counts[endpoint_address(e) if e else e] += n
     names = {p.address: p.name for p in stack.pods}
     width = max([len(p.name) for p in stack.pods] + [8])
     for p in stack.pods:
@@ -131,6 +135,10 @@ def summarize(stack: LocalStack, wl: Workload, before: Snapshot, after: Snapshot
         n = counts.get(p.address, 0)
         share = n / len(ok) if ok else 0.0
         lines.append(f"  {p.name:<{width}} {p.address:<21} {n:>5} {share:6.1%}  {_bar(share)}")
+        for rank in range(len(p.rank_kv_events)):  # data-parallel pods: requests per rank (x-kvswitch-dp-rank)
+            nr = by_id.get(f"{p.address}#{rank}", 0)
+            rs = nr / len(ok) if ok else 0.0
+            lines.append(f"  {'':<{width}}   rank {rank:<14} {nr:>5} {rs:6.1%}  {_bar(rs)}")
     unknown = sum(n for a, n in counts.items() if a not in names)
     if unknown:
         lines.append(f"  {'(other)':<{width}} {'':<21} {unknown:>5}  header missing or unknown address")

@@ -62,6 +62,7 @@ class StackOptions:
     envoy_log_level: str = "warning"
     seed: int | None = None
     ready_timeout_s: float = 30.0
+    dp: int = 1  # data-parallel ranks per pod (vLLM --data-parallel-size): one picker endpoint per rank
 
 
 @dataclass
@@ -74,6 +75,7 @@ class StackPod:
     engine_address: str  # the simulated engine itself (== address unless a sidecar fronts it)
     kv_events: str | None
     metrics_url: str  # the engine's /metrics
+    rank_kv_events: list[str] = field(default_factory=list)  # data-parallel pods: each rank's publisher
 
 
 def _check_port_free(port: int) -> None:
@@ -169,6 +171,8 @@ class LocalStack:
         for p in self.pods:
             roles[p.role] = roles.get(p.role, 0) + 1
         shape = ", ".join(f"{n} {r}" for r, n in roles.items()) if o.pd or o.fleet_file else f"{len(self.pods)}"
+        if o.dp > 1:
+            shape += f" x DP{o.dp}"
         metrics = f", metrics {self.picker_metrics_url}" if self.picker_metrics_url else ""
         return (f"kvswitch is up: {self.url}  ({shape} pods {o.model_profile} on {o.accelerator}, "
                 f"time scale {o.time_scale:g}; picker {', '.join(x.address for x in self.servers)}{metrics}; "
@@ -212,8 +216,12 @@ class LocalStack:
 
     def _specs(self) -> list[PodSpec]:
         o = self.options
+        if o.dp < 1:
+            raise ValueError("--dp must be at least 1")
+        if o.dp > 1 and o.pd:
+            raise ValueError("--dp with --pd is not supported: data-parallel pods serve both roles here")
         base = PodSpec(model_name=o.model_name, model_profile=o.model_profile, accelerator=o.accelerator,
-                       seed=o.seed)
+                       seed=o.seed, dp_size=o.dp)
         if o.fleet_file:
             return specs_from_config(load_fleet_config(o.fleet_file), base)
         if o.pd:
@@ -244,7 +252,8 @@ class LocalStack:
                 address = sidecar.address
             role = cast(Literal["prefill", "decode", "both"], pod.role)  # PodSpec roles are validated
             self.pods.append(StackPod(pod.name, role, address, engine, pod.kv_events_endpoint,
-                                      f"http://{engine}/metrics"))
+                                      f"http://{engine}/metrics",
+                                      pod.kv_events_endpoints if pod.dp_size > 1 else []))
         if decode and not prefill:
             self.notes.append("decode pods without prefill pods: no sidecars, requests decode locally")
 
@@ -252,10 +261,16 @@ class LocalStack:
         eps = []
         for p in self.pods:
             spec = self.fleet[p.name].spec
-            eps.append(EndpointConfig(address=p.address, role=p.role, accelerator=spec.accelerator,
-                                      model_profile=spec.model_profile, kv_events=p.kv_events,
-                                      metrics_url=p.metrics_url, labels={"kvswitch.local/pod": p.name},
-                                      max_num_batched_tokens=spec.max_num_batched_tokens))
+            common = dict(address=p.address, role=p.role, accelerator=spec.accelerator,
+                          model_profile=spec.model_profile, metrics_url=p.metrics_url,
+                          labels={"kvswitch.local/pod": p.name},
+                          max_num_batched_tokens=spec.max_num_batched_tokens)
+            if p.rank_kv_events:  # one endpoint per data-parallel rank, each with its own KV-event publisher
+                for rank, kv in enumerate(p.rank_kv_events):
+                    eps.append(EndpointConfig(**common, kv_events=kv, dp_rank=rank,  # type: ignore[arg-type]
+                                              dp_size=len(p.rank_kv_events)))
+            else:
+                eps.append(EndpointConfig(**common, kv_events=p.kv_events))  # type: ignore[arg-type]
         return eps
 
     async def _start_picker(self) -> None:

@@ -31,6 +31,7 @@ from pickers.kvblocks.index import BlockIndex
 from pickers.kvblocks.precise import PreciseIndex
 from pickers.kvblocks.subscriber import KVEventSubscriber
 from pickers.predictor import Predictor, PredictorSettings
+from pickers.ranks import learn_ranks
 from pickers.state import PrefixMode
 from pickers.tokenize import TokenService
 from pickers.types import Endpoint
@@ -61,6 +62,7 @@ class DataLayerSettings:
     pending_max_blocks: int = 1_000_000
     inflight_ttl_s: float = 600.0
     kv_events_topic: str = ""
+    dp_ranks: str = "auto"  # auto: learn a pod's data-parallel ranks from its metrics' engine labels; off: don't
 
 
 class DataLayer:
@@ -85,7 +87,7 @@ class DataLayer:
         self.approx_pod_cap = np.full(n, s.approx_pod_blocks, dtype=np.int64)
         self.kv_index = PreciseIndex(ep.slot, ep.address, s.precise_max_blocks, s.medium_weights, 64,
                                      s.engine_map_cap, s.degraded_after_s, on_degraded,
-                                     s.pending_ttl_s, s.pending_max_blocks)
+                                     s.pending_ttl_s, s.pending_max_blocks, resolve_rank=ep.rank_slot)
         self.predictor = Predictor(self, predictor)
         self.discovery = discovery
         self.precise_enabled = False  # some pod publishes KV events and the director reads them
@@ -108,7 +110,9 @@ class DataLayer:
         if self._scraper is not None:
             return
         s = self.settings
-        self._scraper = MetricsScraper(self.metrics, self.health, s.scrape_interval_s)
+        # dp_ranks auto: a pod whose /metrics shows several engines (vLLM DP ranks) becomes one endpoint per rank
+        on_engines = self._learn_ranks if s.dp_ranks == "auto" else None
+        self._scraper = MetricsScraper(self.metrics, self.health, s.scrape_interval_s, on_engines=on_engines)
         self._subscriber = KVEventSubscriber(self.kv_index, self.clock, s.kv_events_topic)
         for slot in self.endpoints.active_slots().tolist():
             ep = self.endpoints.endpoints[slot]
@@ -131,6 +135,9 @@ class DataLayer:
         if subscriber is not None:
             await subscriber.stop()
 
+    def _learn_ranks(self, url: str, engines: list[str]) -> None:
+        learn_ranks(self.endpoints, url, engines)
+
     def ready(self) -> bool:
         """Some endpoint can decode. Pod health is not part of it on purpose: a picker whose pods are all
         down still answers every request with a clear 503, which beats the gateway's own error. A discovery
@@ -147,9 +154,9 @@ class DataLayer:
     def _watch(self, slot: int, ep: Endpoint) -> None:
         assert self._scraper is not None and self._subscriber is not None
         if self._metrics_wanted:
-            self._scraper.watch(slot, ep.address, ep.scrape_url)
+            self._scraper.watch(slot, ep.id, ep.scrape_url, ep.engine_label)
         if ep.kv_events and self._precise_wanted:
-            self._subscriber.subscribe(ep.address, ep.kv_events)
+            self._subscriber.subscribe(ep.id, ep.kv_events)
 
     def want_precise(self, wanted: bool) -> None:
         """The scheduler says whether any of its plugins reads the precise index; if none does, it stays off
@@ -169,8 +176,8 @@ class DataLayer:
                 self._watch(slot, e)
         else:
             if self._scraper is not None and self._subscriber is not None:
-                self._scraper.unwatch(e.address)
-                self._subscriber.unsubscribe(e.address)
+                self._scraper.unwatch(e.id)
+                self._subscriber.unsubscribe(e.id)
             self.approx.drop_pod(slot)
             self.kv_index.forget_pod(slot)
             self.metrics.reset(slot)

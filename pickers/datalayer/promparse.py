@@ -3,7 +3,8 @@
 vLLM's /metrics page is tens of KB of histograms; the full Prometheus text parser costs milliseconds per
 page. One compiled regular expression anchored at line starts and restricted to the wanted names scans it
 in C; everything else is skipped. Old and new names are both accepted (``gpu_cache_usage_perc`` was
-renamed ``kv_cache_usage_perc``). Samples of the same family are summed over engines (data parallel).
+renamed ``kv_cache_usage_perc``). Samples of the same family are summed over engines (data parallel) by
+``parse_vllm_metrics``; ``parse_vllm_metrics_by_engine`` keeps each ``engine="<rank>"`` apart.
 """
 
 from __future__ import annotations
@@ -19,53 +20,98 @@ _NAMES = (
 )
 _LINE = re.compile(r"^vllm:(" + "|".join(_NAMES) + r")(?:\{([^}]*)\})?[ \t]+(\S+)", re.M)
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+_ENGINE = re.compile(r'(?:^|,)\s*engine="([^"]*)"')
 
 
 class MetricsParseError(ValueError):
     pass
 
 
-def parse_vllm_metrics(text: str) -> PodMetrics:
-    """The picker's view of one /metrics page. Raises MetricsParseError when no vLLM family is present."""
-    m = PodMetrics()
-    seen = 0
-    kv_new: float | None = None
-    kv_old: float | None = None
-    lora_best = -1.0
-    q = h = None
-    for name, labels, value in _LINE.findall(text):
-        try:
-            v = float(value)
-        except ValueError:
-            continue
-        seen += 1
+class _Acc:
+    """One engine's (or, summed, one pod's) families while scanning."""
+
+    __slots__ = ("m", "kv_new", "kv_old", "lora_best", "q", "h")
+
+    def __init__(self) -> None:
+        self.m = PodMetrics()
+        self.kv_new: float | None = None
+        self.kv_old: float | None = None
+        self.lora_best = -1.0
+        self.q: float | None = None
+        self.h: float | None = None
+
+    def add(self, name: str, labels: str, v: float) -> None:
+        m = self.m
         if name == "num_requests_running":
             m.running += v
         elif name == "num_requests_waiting":
             m.waiting += v
         elif name == "kv_cache_usage_perc":
-            kv_new = v if kv_new is None else max(kv_new, v)
+            self.kv_new = v if self.kv_new is None else max(self.kv_new, v)
         elif name == "gpu_cache_usage_perc":
-            kv_old = v if kv_old is None else max(kv_old, v)
+            self.kv_old = v if self.kv_old is None else max(self.kv_old, v)
         elif name in ("prefix_cache_queries_total", "gpu_prefix_cache_queries_total"):
-            q = (q or 0.0) + v
+            self.q = (self.q or 0.0) + v
         elif name in ("prefix_cache_hits_total", "gpu_prefix_cache_hits_total"):
-            h = (h or 0.0) + v
+            self.h = (self.h or 0.0) + v
         elif name == "cache_config_info":
             lab = dict(_LABEL.findall(labels))
             if lab.get("block_size", "").isdigit():
                 m.block_size = int(lab["block_size"])
             if lab.get("num_gpu_blocks", "").isdigit():
                 m.num_gpu_blocks = int(lab["num_gpu_blocks"])
-        elif name == "lora_requests_info" and v >= lora_best:
-            lora_best = v  # the value is a timestamp: keep the latest sample
+        elif name == "lora_requests_info" and v >= self.lora_best:
+            self.lora_best = v  # the value is a timestamp: keep the latest sample
             lab = dict(_LABEL.findall(labels))
             m.running_lora_adapters = tuple(a for a in lab.get("running_lora_adapters", "").split(",") if a)
             m.waiting_lora_adapters = tuple(a for a in lab.get("waiting_lora_adapters", "").split(",") if a)
             ml = lab.get("max_lora", "")
             m.max_lora = int(ml) if ml.isdigit() else 0
+
+    def done(self) -> PodMetrics:
+        m = self.m
+        m.kv_usage = self.kv_new if self.kv_new is not None else (self.kv_old or 0.0)
+        m.prefix_cache_queries, m.prefix_cache_hits = self.q, self.h
+        return m
+
+
+def parse_vllm_metrics(text: str) -> PodMetrics:
+    """The picker's view of one /metrics page. Raises MetricsParseError when no vLLM family is present."""
+    acc = _Acc()
+    seen = 0
+    for name, labels, value in _LINE.findall(text):
+        try:
+            v = float(value)
+        except ValueError:
+            continue
+        seen += 1
+        acc.add(name, labels, v)
     if not seen:
         raise MetricsParseError("no vllm: metric families found (is this a vLLM /metrics page?)")
-    m.kv_usage = kv_new if kv_new is not None else (kv_old or 0.0)
-    m.prefix_cache_queries, m.prefix_cache_hits = q, h
-    return m
+    return acc.done()
+
+
+def parse_vllm_metrics_by_engine(text: str) -> dict[str, PodMetrics]:
+    """One PodMetrics per ``engine`` label value (vLLM's data-parallel ranks label their series
+    ``engine="<rank>"``). Series without an engine label (``lora_requests_info``) go to every engine."""
+    accs: dict[str, _Acc] = {}
+    shared: list[tuple[str, str, float]] = []
+    for name, labels, value in _LINE.findall(text):
+        try:
+            v = float(value)
+        except ValueError:
+            continue
+        m = _ENGINE.search(labels) if labels else None
+        if m is None:
+            shared.append((name, labels, v))
+            continue
+        acc = accs.get(m.group(1))
+        if acc is None:
+            acc = accs[m.group(1)] = _Acc()
+        acc.add(name, labels, v)
+    if not accs and not shared:
+        raise MetricsParseError("no vllm: metric families found (is this a vLLM /metrics page?)")
+    for acc in accs.values():
+        for name, labels, v in shared:
+            acc.add(name, labels, v)
+    return {k: a.done() for k, a in accs.items()}

@@ -1,52 +1,77 @@
 """Scrapes every pod's /metrics on a fixed interval (default 50 ms, like the reference picker).
 
-One task per pod, so a slow pod delays only itself. A failed or unparsable scrape counts as a health
-failure; a good one as a success (this is also how a pod that was taken out comes back).
+One task per metrics URL, so a slow pod delays only itself. A pod running data-parallel ranks has one page
+for all of them, its series labelled ``engine="<rank>"``: it is scraped once and each rank endpoint gets
+its own engine's figures (``watch(..., engine="3")``); an endpoint without a rank gets the sum. A failed or
+unparsable scrape counts as a health failure of every endpoint on that URL; a good one as a success (this
+is also how a pod that was taken out comes back). A rank whose engine label is missing from a good page is
+a failure of that rank alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import aiohttp
 
 from pickers.datalayer.health import HealthTracker
 from pickers.datalayer.metrics import MetricsStore
-from pickers.datalayer.promparse import MetricsParseError, parse_vllm_metrics
+from pickers.datalayer.promparse import MetricsParseError, parse_vllm_metrics, parse_vllm_metrics_by_engine
 
 log = logging.getLogger("kvswitch.pickers.scraper")
+
+Target = tuple[int, str | None]  # (endpoint slot, engine label or None for the whole pod)
 
 
 class MetricsScraper:
     def __init__(self, metrics: MetricsStore, health: HealthTracker, interval_s: float = 0.05,
-                 timeout_s: float | None = None, max_bytes: int = 4 * 1024 * 1024) -> None:
+                 timeout_s: float | None = None, max_bytes: int = 4 * 1024 * 1024,
+                 on_engines: Callable[[str, list[str]], None] | None = None) -> None:
         self.metrics = metrics
         self.health = health
         self.interval_s = interval_s
         self.timeout_s = timeout_s or max(0.5, 4 * interval_s)
         self.max_bytes = max_bytes
+        # called with (url, engine labels) when a page shows several engines: rank count learned from metrics
+        self.on_engines = on_engines
         self._session: aiohttp.ClientSession | None = None
-        self._tasks: dict[str, asyncio.Task] = {}
+        self._tasks: dict[str, asyncio.Task] = {}  # url -> its scrape loop
+        self._targets: dict[str, dict[str, Target]] = {}  # url -> endpoint id -> target
+        self._url_of: dict[str, str] = {}  # endpoint id -> url
+        self._engines_seen: dict[str, tuple[str, ...]] = {}
 
-    def watch(self, slot: int, address: str, url: str) -> None:
-        self.unwatch(address)
+    def watch(self, slot: int, endpoint_id: str, url: str, engine: str | None = None) -> None:
+        self.unwatch(endpoint_id)
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.timeout_s),
                 connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
             )
-        self._tasks[address] = asyncio.get_running_loop().create_task(
-            self._run(slot, address, url), name=f"scrape {address}")
+        self._targets.setdefault(url, {})[endpoint_id] = (slot, engine)
+        self._url_of[endpoint_id] = url
+        if url not in self._tasks:
+            self._tasks[url] = asyncio.get_running_loop().create_task(self._run(url), name=f"scrape {url}")
 
-    def unwatch(self, address: str) -> None:
-        t = self._tasks.pop(address, None)
-        if t is not None:
-            t.cancel()
+    def unwatch(self, endpoint_id: str) -> None:
+        url = self._url_of.pop(endpoint_id, None)
+        if url is None:
+            return
+        targets = self._targets.get(url, {})
+        targets.pop(endpoint_id, None)
+        if not targets:
+            self._targets.pop(url, None)
+            self._engines_seen.pop(url, None)
+            t = self._tasks.pop(url, None)
+            if t is not None:
+                t.cancel()
 
     async def stop(self) -> None:
         tasks = list(self._tasks.values())
         self._tasks.clear()
+        self._targets.clear()
+        self._url_of.clear()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -54,27 +79,49 @@ class MetricsScraper:
             await self._session.close()
             self._session = None
 
-    async def scrape_once(self, slot: int, address: str, url: str) -> bool:
+    async def scrape_once(self, url: str) -> bool:
         assert self._session is not None
+        targets = list(self._targets.get(url, {}).values())
         try:
             async with self._session.get(url) as resp:
                 if resp.status != 200:
                     raise MetricsParseError(f"HTTP {resp.status}")
                 body = await resp.content.read(self.max_bytes)
-            m = parse_vllm_metrics(body.decode("utf-8", "replace"))
+            text = body.decode("utf-8", "replace")
+            ranked = any(engine is not None for _, engine in targets)
+            # A page of several engines has a second engine label somewhere; one page, one engine is the common
+            # case and keeps the single cheap scan.
+            several = ranked or 'engine="1"' in text
+            per_engine = parse_vllm_metrics_by_engine(text) if several else {}
+            whole = parse_vllm_metrics(text) if not ranked else None
         except (TimeoutError, aiohttp.ClientError, OSError, MetricsParseError) as e:
-            self.health.failure(slot, f"scrape {url}: {e.__class__.__name__} {e}".strip())
+            for slot, _ in targets:
+                self.health.failure(slot, f"scrape {url}: {e.__class__.__name__} {e}".strip())
             return False
-        self.metrics.update_slot(slot, m)
-        self.health.success(slot)
+        engines = tuple(sorted(per_engine, key=lambda k: (len(k), k)))
+        if len(engines) > 1 and self._engines_seen.get(url) != engines:
+            self._engines_seen[url] = engines
+            if self.on_engines is not None:
+                self.on_engines(url, list(engines))
+        for slot, engine in targets:
+            if engine is None:
+                if whole is None:
+                    whole = parse_vllm_metrics(text)
+                self.metrics.update_slot(slot, whole)
+                self.health.success(slot)
+            elif engine in per_engine:
+                self.metrics.update_slot(slot, per_engine[engine])
+                self.health.success(slot)
+            else:
+                self.health.failure(slot, f"scrape {url}: no series with engine=\"{engine}\"")
         return True
 
-    async def _run(self, slot: int, address: str, url: str) -> None:
+    async def _run(self, url: str) -> None:
         loop = asyncio.get_running_loop()
         try:
             while True:
                 t0 = loop.time()
-                await self.scrape_once(slot, address, url)
+                await self.scrape_once(url)
                 await asyncio.sleep(max(0.0, self.interval_s - (loop.time() - t0)))
         except asyncio.CancelledError:
             pass

@@ -71,6 +71,7 @@ class PreciseIndex:
         on_degraded: Callable[[str, bool, str], None] | None = None,
         pending_ttl_s: float = 5.0,
         pending_max_blocks: int = 1_000_000,
+        resolve_rank: Callable[[int, int], int | None] | None = None,
     ) -> None:
         weights = dict(medium_weights or DEFAULT_MEDIUM_WEIGHTS)
         media = [m.upper() for m in weights] + [PENDING]
@@ -84,11 +85,13 @@ class PreciseIndex:
         self._pending_blocks = 0
         self._resolve = resolve
         self._address_of = address_of
+        # (slot, engine index in a batch) -> the slot of that data-parallel rank of the same pod, or None
+        self._resolve_rank = resolve_rank
         self.engine_map_cap = engine_map_cap
         self.degraded_after_s = degraded_after_s
         self._on_degraded = on_degraded
         self._engine_maps: dict[int, dict[Any, int]] = {}
-        self._last_seq: dict[int, int] = {}
+        self._last_seq: dict[tuple[int, int | None], int] = {}  # per publisher: (slot, batch's DP rank)
         n = max_pods
         self.has_events = np.zeros(n, dtype=bool)
         self.last_event = np.full(n, -math.inf)
@@ -96,7 +99,8 @@ class PreciseIndex:
         self.gap_until = np.full(n, -math.inf)
         self.degraded = np.zeros(n, dtype=bool)
         self.reasons: dict[int, str] = {}
-        self.stats = {"messages": 0, "events": 0, "gaps": 0, "orphans": 0, "bad_messages": 0, "unknown": 0}
+        self.stats = {"messages": 0, "events": 0, "gaps": 0, "orphans": 0, "bad_messages": 0, "unknown": 0,
+                      "rank_moved": 0, "rank_unknown": 0}
 
     # ---- pods ---------------------------------------------------------------------------------------
     def ensure_pods(self, n: int) -> None:
@@ -123,7 +127,8 @@ class PreciseIndex:
                 self._pending_blocks -= sum(len(h) for s, h in parts if s == slot)
                 parts[:] = kept
         self._engine_maps.pop(slot, None)
-        self._last_seq.pop(slot, None)
+        for key in [k for k in self._last_seq if k[0] == slot]:
+            del self._last_seq[key]
         self.has_events[slot] = False
         self.last_event[slot] = -math.inf
         self.pending_since[slot] = math.inf
@@ -146,7 +151,19 @@ class PreciseIndex:
             log.warning("kv events from %s: dropped a bad message: %s", address, e)
             return 0
         self.stats["unknown"] += batch.unknown
-        return self._apply(slot, address, batch.events, seq, now)
+        rank = batch.dp_rank
+        if rank is not None and self._resolve_rank is not None:
+            # Attribute the batch to the rank that published it (vLLM tags each batch with its DP rank): the
+            # endpoint of that rank of the same pod. A pod-level endpoint (no ranks) keeps every rank's events.
+            owner = self._resolve_rank(slot, int(rank))
+            if owner is None:
+                self.stats["rank_unknown"] += 1
+                return 0
+            if owner != slot:
+                self.stats["rank_moved"] += 1
+                slot = owner
+                address = self._address_of(slot) or address
+        return self._apply(slot, address, batch.events, seq, now, rank)
 
     def apply_events(
         self, address: str, events: Iterable[KVEvent | Mapping[str, Any] | list[Any]], now: float = 0.0,
@@ -168,18 +185,19 @@ class PreciseIndex:
                 evs.append(e)
         return self._apply(slot, address, evs, seq, now)
 
-    def _apply(self, slot: int, address: str, events: list[KVEvent], seq: int | None, now: float) -> int:
+    def _apply(self, slot: int, address: str, events: list[KVEvent], seq: int | None, now: float,
+               rank: int | None = None) -> int:
         self.ensure_pods(slot + 1)
         self.stats["messages"] += 1
         if seq is not None:
-            last = self._last_seq.get(slot)
+            last = self._last_seq.get((slot, rank))
             if last is not None and seq != last + 1:
                 self.stats["gaps"] += 1
                 why = "sequence went back (pod restarted)" if seq <= last else f"sequence gap {last}->{seq}"
                 dropped = self._drop(slot)
                 self.gap_until[slot] = now + self.degraded_after_s
                 log.warning("kv events from %s: %s; dropped its %d blocks and re-learns", address, why, dropped)
-            self._last_seq[slot] = seq
+            self._last_seq[(slot, rank)] = seq
         self.last_event[slot] = now
         self.pending_since[slot] = math.inf
         index = self.index

@@ -1,8 +1,11 @@
 """ZMQ SUB sockets, one per pod, feeding its KV events into the precise index.
 
-One socket per pod (not one socket connected to all): a SUB socket does not say which publisher a message
-came from, and sequence numbers are per publisher. Every replica of the picker subscribes to every pod, so
-replicas fed the same events hold the same index.
+One socket per endpoint (not one socket connected to all): a SUB socket does not say which publisher a message
+came from, and sequence numbers are per publisher. The exception is a pod-level endpoint of a data-parallel
+pod seen without ranks (``Endpoint.kv_events`` lists every rank's publisher, comma-separated): its batches
+carry the publishing rank, and the index keeps sequence numbers per (endpoint, rank). Every batch is
+attributed to the rank that published it (``PreciseIndex.apply_message``). Every replica of the picker
+subscribes to every pod, so replicas fed the same events hold the same index.
 """
 
 from __future__ import annotations
@@ -65,7 +68,8 @@ class KVEventSubscriber:
         sock.setsockopt(zmq.RCVHWM, self.rcvhwm)
         sock.setsockopt(zmq.SUBSCRIBE, self.topic)
         try:
-            sock.connect(zmq_endpoint)
+            for publisher in zmq_endpoint.split(","):  # a pod-level endpoint may list every rank's publisher
+                sock.connect(publisher.strip())
             log.info("subscribed to KV events of %s at %s", address, zmq_endpoint)
             while True:
                 frames = await sock.recv_multipart()

@@ -15,6 +15,7 @@ from pickers.plugins import (  # noqa: F401
     score_lora,
     score_prefix,
     score_queue,
+    score_rank_balance,
     score_running,
     score_session,
     score_ttft,

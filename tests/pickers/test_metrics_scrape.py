@@ -59,8 +59,8 @@ async def test_scraper_feeds_metrics_and_health():
     from pickers.clock import MonotonicClock
     from pickers.config import build_scheduler
 
-    s = build_scheduler({"datalayer": {"scrape_interval_ms": 10, "failure_threshold": 2}}, [ep],
-                        MonotonicClock(), registry=CollectorRegistry())
+    s = build_scheduler({"datalayer": {"scrape_interval_ms": 10, "failure_threshold": 2, "dp_ranks": "off"}},
+                        [ep], MonotonicClock(), registry=CollectorRegistry())
     dl = s.dl
     try:
         await s.start()
@@ -81,7 +81,7 @@ async def test_scraper_feeds_metrics_and_health():
                 break
             await asyncio.sleep(0.01)
         assert dl.health.healthy[0]
-        assert any(t.get_name() == f"scrape {ep.address}" for t in asyncio.all_tasks())
+        assert any(t.get_name() == f"scrape {ep.scrape_url}" for t in asyncio.all_tasks())
         s.decide(request("r", list(range(300))))
     finally:
         await s.stop()

@@ -15,7 +15,8 @@ def test_decision_has_explanation_fallbacks_and_tracks_load():
     s, clock = scheduler(eps=endpoints(8))
     d = s.decide(request("r1", list(range(2048)), max_tokens=50))
     assert len(d.endpoints) == 3 and len(set(d.endpoints)) == 3
-    assert d.primary in d.explanation and set(d.explanation[d.primary]) == {"ttft", "prefix", "kv-usage", "total"}
+    assert d.primary in d.explanation
+    assert set(d.explanation[d.primary]) == {"ttft", "prefix", "kv-usage", "rank-balance", "total"}
     assert len(d.explanation) == 5  # explain_top
     dl = s.dl
     slot = dl.endpoints.slot(d.primary)

@@ -60,10 +60,62 @@ def test_deepseek_v3_on_h100_spans_two_nodes():
 
 
 def test_moe_with_tensor_and_expert_parallel():
-    p = preset("qwen3-30b-a3b", "H100", "decode")
+    p = preset("qwen3-30b-a3b", "H100", "decode", deployment=Deployment(tp=2, ep=2))
     args = p.vllm_args()
     assert flag(args, "--tensor-parallel-size") == "2" and "--enable-expert-parallel" in args
     assert "--data-parallel-size" not in args and p.gpus == 2
+
+
+def test_qwen3_moe_defaults_to_data_parallel_attention_with_expert_parallel():
+    for acc, backend, key in (("H100", "deepep_low_latency", "nvidia.com/gpu"),
+                              ("MI300X", "allgather_reducescatter", "amd.com/gpu")):
+        p = preset("qwen3-30b-a3b", acc, "decode")
+        args = p.vllm_args()
+        assert flag(args, "--data-parallel-size") == "4" and "--tensor-parallel-size" not in args
+        assert flag(args, "--all2all-backend") == backend and "--enable-eplb" in args
+        assert "--data-parallel-address" not in args  # one node: no RPC between nodes
+        assert p.resources()["requests"] == {key: "4"}
+        assert p.labels()["kvswitch.io/dp-size"] == "4" and p.labels()["kvswitch.io/dp-start-rank"] == "0"
+        # vLLM offsets the KV-event port by the rank: one named port per rank
+        assert p.container_ports() == {"http": 8200, "kv-events-0": 5557, "kv-events-1": 5558,
+                                       "kv-events-2": 5559, "kv-events-3": 5560, "nixl": 5600}
+    assert flag(preset("qwen3-30b-a3b", "H200", "prefill").vllm_args(), "--all2all-backend") == "deepep_high_throughput"
+
+
+def test_multi_node_group_is_a_leader_and_workers():
+    p = preset("deepseek-v3", "H100", "decode")
+    g = p.group()
+    assert [pod.role for pod in g.pods] == ["leader", "worker"]
+    lead, work = g.leader, g.workers[0]
+    assert lead.ranks == tuple(range(8)) and work.ranks == tuple(range(8, 16))
+    assert lead.serves_http and work.serves_http  # hybrid: each node serves its own ranks
+    assert "--data-parallel-start-rank" not in lead.command
+    assert flag(work.command, "--data-parallel-start-rank") == "8"
+    for pod in g.pods:
+        assert flag(pod.command, "--data-parallel-address") == "$(LWS_LEADER_ADDRESS)"
+        assert flag(pod.command, "--data-parallel-rpc-port") == "13345"
+    assert work.ports["kv-events-8"] == 5565 and "dp-rpc" in lead.ports and "dp-rpc" not in work.ports
+    assert work.labels["kvswitch.io/dp-start-rank"] == "8" and work.labels["kvswitch.io/group-role"] == "worker"
+    internal = preset("deepseek-v3", "H100", "decode", multinode="internal").group()
+    assert "--headless" in internal.workers[0].command and not internal.workers[0].serves_http
+    assert internal.leader.ranks == tuple(range(16))  # the leader's API server reaches every rank
+    assert internal.workers[0].labels["llm-d.ai/inferenceServing"] == "false"
+    with pytest.raises(ValueError, match="multinode"):
+        preset("deepseek-v3", "H100", "decode", multinode="ring")
+    with pytest.raises(ValueError, match="node_rank"):
+        p.vllm_args(2)
+
+
+def test_speculative_decoding_is_an_option():
+    ds = preset("deepseek-v3", "H200", "decode", speculative="auto")
+    assert json.loads(flag(ds.vllm_args(), "--speculative-config")) == {"method": "mtp", "num_speculative_tokens": 1}
+    q = preset("qwen3-30b-a3b", "H100", "decode", speculative="auto")
+    cfg = json.loads(flag(q.vllm_args(), "--speculative-config"))
+    assert cfg["method"] == "draft_model" and cfg["model"] == "Qwen/Qwen3-0.6B"
+    assert "--speculative-config" not in preset("deepseek-v3", "H200", "decode").vllm_args()
+    assert 1.0 < ds.speculative.tokens_per_step <= 2.0  # one MTP token: 1 + acceptance
+    with pytest.raises(ValueError, match="speculative"):
+        preset("8b", "H100", "decode", speculative="medusa")
 
 
 def test_amd_and_both_role():

@@ -3,6 +3,12 @@
     kvswitch sim replay TRACE.jsonl --pods 16 --accelerator H100 --model-profile 8b --policy round-robin
     kvswitch sim replay TRACE.jsonl --pd 4:12 --policies round-robin,least-inflight --json out.json
     kvswitch sim replay TRACE.jsonl --fleet fleet.yaml --speedup 2 --max-requests 500
+    kvswitch sim replay TRACE.jsonl --pods 4 --dp 8 --model-profile dsv3 --accelerator H200 \
+        --policies default,rank-oblivious --json out.json
+
+``--dp R``: every pod runs R data-parallel ranks (DP attention + EP experts, lockstep steps) behind one address;
+picker profiles see each (pod, rank) as an endpoint, except ``rank-oblivious`` (the default profile seeing each
+pod as one endpoint; the pod balances its ranks as vLLM does without a rank header).
 
 Each policy replays the same trace on a fresh fleet; the table has one column per policy.
 """
@@ -19,9 +25,10 @@ from typing import Any
 
 from engine.sim.cluster.fleet import FleetSpec, fleet_from_flags, load_fleet
 from engine.sim.cluster.report import format_table, summarize
-from engine.sim.cluster.routers import BUILTIN, make_router
+from engine.sim.cluster.routers import BUILTIN, RANK_OBLIVIOUS, make_router
 from engine.sim.cluster.simulator import ClusterSim, SimResult, trace_prompts
 from engine.sim.cluster.trace import BlockTokens, TraceRequest, read_mooncake
+from engine.sim.dpgroup import BALANCERS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "...}], link); overrides --pods/--pd")
     f.add_argument("--pods", type=int, default=16, help="aggregated pods (default 16)")
     f.add_argument("--pd", default=None, metavar="P:D", help="disaggregated: P prefill and D decode pods")
+    f.add_argument("--dp", type=int, default=1, help="data-parallel ranks per pod (default 1)")
+    f.add_argument("--speculative", action="store_true",
+                   help="pods decode with their model's speculative decoding (engine.presets.SPECULATIVE)")
+    f.add_argument("--dp-balancer", choices=BALANCERS, default="vllm",
+                   help="how a pod spreads requests without a rank header over its ranks: vllm (0.32) or the "
+                        "legacy rule it replaced (default vllm)")
     f.add_argument("--accelerator", default="H100")
     f.add_argument("--model-profile", default="8b")
     f.add_argument("--link", default="rdma-400g", help="KV transfer link for P/D (default rdma-400g)")
@@ -65,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _fleet(args: argparse.Namespace) -> FleetSpec:
     engine = {"max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
               "max_num_batched_tokens": args.max_num_batched_tokens}
+    if args.speculative:
+        engine["speculative"] = True
+    if args.dp < 1:
+        raise ValueError("--dp must be at least 1")
+    if args.dp > 1:
+        engine["dp"] = args.dp
+        engine["dp_balancer"] = args.dp_balancer
     if args.fleet:
         return load_fleet(args.fleet, **engine)
     return fleet_from_flags(args.pods, args.accelerator, args.model_profile, args.pd, args.link, **engine)
@@ -79,7 +99,7 @@ def replay(
     sim = ClusterSim(
         fleet, lambda eps, clock: make_router(policy, eps, clock, seed=seed, config=picker_config,
                                         scrape_interval=scrape_interval),
-        scrape_interval=scrape_interval, seed=seed,
+        scrape_interval=scrape_interval, seed=seed, rank_endpoints=policy != RANK_OBLIVIOUS,
     )
     res = sim.run(trace_prompts(reqs, blocks))
     res.policy = policy

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from engine.costmodel import CostModel, Deployment
+from engine.costmodel.dataparallel import DataParallelCost
 from engine.sim.core import ROLES, EngineConfig
+from engine.sim.spec import speculative_for
 
 
 @dataclass(slots=True)
@@ -38,12 +40,24 @@ class PodSpec:
     link: str | None = None  # None: the fleet's
     kv_transfer_timeout_s: float = 30.0
     label: str = ""
+    dp: int = 1  # data-parallel attention ranks (engine cores) behind the pod's one address
+    dp_balancer: str = "vllm"  # how the pod balances requests without a rank header (engine.sim.dpgroup)
+    speculative: bool = False  # the model's speculative decoding (engine.presets.SPECULATIVE)
+
+    def deployment(self) -> Deployment | None:
+        if self.dp > 1:  # DP attention + EP experts over every rank's GPUs
+            tp = self.tp or 1
+            return Deployment(tp=tp, ep=self.ep or self.dp * tp)
+        if self.tp is not None or self.ep is not None:
+            return Deployment(tp=self.tp or 1, ep=self.ep or 1)
+        return None
 
     def cost_model(self) -> CostModel:
-        dep = None
-        if self.tp is not None or self.ep is not None:
-            dep = Deployment(tp=self.tp or 1, ep=self.ep or 1)
-        return CostModel(self.model_profile, self.accelerator, dep)
+        """The cost model of one engine core (one rank of a data-parallel pod)."""
+        return self.group_cost().rank
+
+    def group_cost(self) -> DataParallelCost:
+        return DataParallelCost(self.model_profile, self.accelerator, self.deployment(), dp=self.dp)
 
     def engine_config(self, link: str, seed: int, index: int, kv_events: bool = True) -> EngineConfig:
         host, _, port = self.name.rpartition(":")
@@ -53,6 +67,7 @@ class PodSpec:
             role=self.role, link=self.link or link, kv_transfer_timeout_s=self.kv_transfer_timeout_s,
             engine_id=f"sim-{index}", hash_seed=seed * 1_000_003 + index,
             remote_host=host, remote_port=int(port), kv_events=kv_events,
+            speculative=speculative_for(self.model_profile) if self.speculative else None,
         )
 
 
@@ -66,11 +81,11 @@ class FleetSpec:
         return any(p.role == "prefill" for p in self.pods)
 
     def describe(self) -> str:
-        groups: dict[tuple[str, str, str], int] = {}
+        groups: dict[tuple[str, str, str, int], int] = {}
         for p in self.pods:
-            key = (p.role, p.model_profile, p.accelerator)
+            key = (p.role, p.model_profile, p.accelerator, p.dp)
             groups[key] = groups.get(key, 0) + 1
-        return ", ".join(f"{n}x {m}/{a} ({r})" for (r, m, a), n in groups.items())
+        return ", ".join(f"{n}x {m}/{a}{f' DP{dp}' if dp > 1 else ''} ({r})" for (r, m, a, dp), n in groups.items())
 
 
 def _address(group: int, i: int) -> str:
@@ -120,7 +135,7 @@ def load_fleet(path: str | Path, **overrides: Any) -> FleetSpec:
         spec.pods.append(PodSpec(
             _address(g, i), s.role, s.accelerator, s.model_profile, s.tp, s.ep, s.max_num_seqs,
             s.max_num_batched_tokens, s.max_model_len, s.block_size, s.num_blocks, s.link,
-            s.kv_transfer_timeout_s, label=s.name,
+            s.kv_transfer_timeout_s, label=s.name, dp=s.dp_size, speculative=s.speculative,
         ))
     _check(spec)
     return spec
@@ -143,6 +158,8 @@ def _check(spec: FleetSpec) -> None:
         p.label = p.label or p.name
         if p.name in names:
             raise ValueError(f"pod name {p.name} is used twice")
+        if p.dp < 1:
+            raise ValueError(f"pod {p.name}: dp must be at least 1, got {p.dp}")
         names.add(p.name)
         p.cost_model()  # resolves the profile and accelerator names, fails loudly on a bad one
     if not any(p.role != "prefill" for p in spec.pods):

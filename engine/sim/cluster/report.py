@@ -14,6 +14,11 @@ def _pct(values: np.ndarray, q: float) -> float:
     return float(np.percentile(values, q)) if len(values) else math.nan
 
 
+def _cv(values: np.ndarray) -> float:
+    """Coefficient of variation (population std / mean); 0 for no values or a zero mean."""
+    return float(values.std() / values.mean()) if len(values) and values.mean() else 0.0
+
+
 def summarize(result: SimResult, wall_s: float | None = None) -> dict[str, Any]:
     """Completed/rejected/failed counts, throughput, TTFT/TPOT/e2e percentiles, prefix hit rate, shares.
 
@@ -43,6 +48,25 @@ def summarize(result: SimResult, wall_s: float | None = None) -> dict[str, Any]:
         if r.prefill_pod:
             pshare[r.prefill_pod] = pshare.get(r.prefill_pod, 0) + 1
     counts = np.array(list(share.values()), dtype=np.float64)
+    # (pod, data-parallel rank): requests served and time each rank computed (it waits for the straggler
+    # the rest of a step). Pods without ranks count as one rank each.
+    rshare: dict[str, int] = {}
+    rbusy: dict[str, float] = {}
+    for p in result.pods:
+        if p.spec.role == "prefill":
+            continue
+        for rank in range(p.spec.dp):
+            key = p.endpoint(rank)
+            rshare[key] = 0
+            rbusy[key] = p.group.busy_time[rank]
+    pods = {p.name: p for p in result.pods}
+    for r in recs:
+        pod = pods.get(r.decode_pod)
+        if pod is not None:
+            key = pod.endpoint(r.decode_rank or 0)
+            rshare[key] = rshare.get(key, 0) + 1
+    rcounts = np.array(list(rshare.values()), dtype=np.float64)
+    rbusy_arr = np.array(list(rbusy.values()), dtype=np.float64)
     out: dict[str, Any] = {
         "policy": result.policy,
         "requests": len(recs),
@@ -57,10 +81,14 @@ def summarize(result: SimResult, wall_s: float | None = None) -> dict[str, Any]:
         "tpot_mean_s": float(tpot.mean()) if len(tpot) else math.nan, "tpot_p90_s": _pct(tpot, 90),
         "e2e_p50_s": _pct(e2e, 50), "e2e_p90_s": _pct(e2e, 90),
         "prefix_hit_rate": float(cached.sum() / prompt.sum()) if prompt.sum() else 0.0,
-        "preemptions": sum(p.core.num_preemptions for p in result.pods),
+        "preemptions": sum(p.num_preemptions for p in result.pods),
         "pod_share": {k: v / max(1, len(recs)) for k, v in share.items()},
         "prefill_share": {k: v / max(1, len(recs)) for k, v in pshare.items()},
         "share_cv": float(counts.std() / counts.mean()) if len(counts) and counts.mean() else 0.0,
+        "rank_share": {k: v / max(1, len(recs)) for k, v in rshare.items()},
+        "rank_share_cv": _cv(rcounts),
+        "rank_busy": {k: v / span for k, v in rbusy.items()},
+        "rank_busy_cv": _cv(rbusy_arr),
         "pod_busy": {p.name: p.busy_time / span for p in result.pods},
         "sim_events": result.events,
     }
@@ -88,6 +116,9 @@ _ROWS: list[tuple[str, str, str]] = [
     ("prefix_hit_rate", "prefix hit rate", "{:.1%}"),
     ("preemptions", "preemptions", "{:.0f}"),
     ("share_cv", "pod share CV", "{:.3f}"),
+    ("rank_share_cv", "rank share CV", "{:.3f}"),
+    ("rank_busy_cv", "rank busy CV", "{:.3f}"),
+    ("min_rank_share", "min rank share", "{:.1%}"),
     ("max_share", "max pod share", "{:.1%}"),
     ("wall_s", "wall s", "{:.1f}"),
 ]
@@ -108,7 +139,12 @@ def format_table(summaries: list[dict[str, Any]]) -> str:
     for key, label, fmt in _ROWS:
         vals = []
         for s in summaries:
-            v = max(s["pod_share"].values(), default=0.0) if key == "max_share" else s.get(key)
+            if key == "max_share":
+                v = max(s["pod_share"].values(), default=0.0)
+            elif key == "min_rank_share":
+                v = min(s["rank_share"].values(), default=0.0)
+            else:
+                v = s.get(key)
             vals.append(_fmt(v, fmt))
         if key == "wall_s" and all(v == "-" for v in vals):
             continue

@@ -28,6 +28,7 @@ from pickers.clock import ManualClock
 from pickers.config import ConfigError, build_scheduler
 from pickers.datalayer.metrics import PodMetrics
 from pickers.director import Director
+from pickers.profiles import RANK_OBLIVIOUS  # re-exported: the simulator's rank-oblivious fleet view
 from pickers.types import Endpoint, InferenceRequest, Role, SchedulingError, Usage
 
 
@@ -195,6 +196,6 @@ def make_router(name: str, endpoints: list[Endpoint], clock: ManualClock, seed: 
 
 __all__ = [
     "BUILTIN", "BaseRouter", "ClusterRequest", "Endpoint", "ManualClock", "Role", "RoundRobinRouter", "Route", "Router",
-    "SchedulerRouter", "SchedulingError", "Usage",
+    "RANK_OBLIVIOUS", "SchedulerRouter", "SchedulingError", "Usage",
     "make_router",
 ]

@@ -24,7 +24,8 @@ import numpy as np
 from engine.sim.cluster.fleet import FleetSpec, PodSpec
 from engine.sim.cluster.routers import ClusterRequest, Endpoint, ManualClock, Role, Router, SchedulingError, Usage
 from engine.sim.cluster.trace import BlockTokens, TraceRequest
-from engine.sim.core import EngineCore, SimRequest, StepResult
+from engine.sim.core import EngineCore, EngineStats, SimRequest
+from engine.sim.dpgroup import DPGroup, GroupStep
 
 _STEP = 0
 _TIMER = 1
@@ -37,7 +38,7 @@ class RequestRecord:
     __slots__ = (
         "request_id", "index", "arrival", "input_length", "max_tokens", "decode_pod", "prefill_pod",
         "first_token", "finish", "prompt_tokens", "cached_tokens", "output_tokens", "status", "reason",
-        "prefill_done", "req",
+        "prefill_done", "req", "decode_rank",
     )
 
     def __init__(self, request_id: str, index: int, arrival: float, input_length: int, max_tokens: int) -> None:
@@ -47,6 +48,7 @@ class RequestRecord:
         self.input_length = input_length
         self.max_tokens = max_tokens
         self.decode_pod = ""
+        self.decode_rank: int | None = None  # the data-parallel rank that served it (DP pods)
         self.prefill_pod: str | None = None
         self.first_token = -1.0
         self.finish = -1.0
@@ -72,21 +74,37 @@ class RequestRecord:
             "finish": self.finish, "prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
             "output_tokens": self.output_tokens, "decode_pod": self.decode_pod,
             "prefill_pod": self.prefill_pod, "status": self.status, "reason": self.reason or None,
+            "decode_rank": self.decode_rank,
         }
 
 
 class Pod:
-    __slots__ = ("index", "spec", "name", "core", "busy", "timer_at", "steps", "busy_time")
+    """One simulated pod: a group of ``spec.dp`` engine cores stepping together (one core unless DP)."""
 
-    def __init__(self, index: int, spec: PodSpec, core: EngineCore) -> None:
+    __slots__ = ("index", "spec", "name", "group", "busy", "timer_at", "steps", "busy_time")
+
+    def __init__(self, index: int, spec: PodSpec, group: DPGroup) -> None:
         self.index = index
         self.spec = spec
         self.name = spec.name
-        self.core = core
+        self.group = group
         self.busy = False
         self.timer_at = math.inf
         self.steps = 0
         self.busy_time = 0.0
+
+    @property
+    def core(self) -> EngineCore:
+        """Rank 0's engine core (the only one of a pod without data parallelism)."""
+        return self.group.cores[0]
+
+    @property
+    def num_preemptions(self) -> int:
+        return sum(c.num_preemptions for c in self.group.cores)
+
+    def endpoint(self, rank: int) -> str:
+        """The picker's endpoint id of one rank: ``ip:port#rank`` (``ip:port`` for a pod without DP)."""
+        return self.name if self.spec.dp == 1 else f"{self.name}#{rank}"
 
 
 @dataclass(slots=True)
@@ -98,13 +116,19 @@ class SimResult:
     policy: str = ""
 
 
-def endpoints_for(fleet: FleetSpec) -> list[Endpoint]:
-    return [
-        Endpoint(p.name, role=Role(p.role), model="sim", accelerator=p.accelerator, model_profile=p.model_profile,
-                 block_size=p.block_size, kv_events=f"inproc://{p.label or p.name}",
-                 max_num_batched_tokens=p.max_num_batched_tokens)
-        for p in fleet.pods
-    ]
+def endpoints_for(fleet: FleetSpec, ranks: bool = True) -> list[Endpoint]:
+    """The picker's endpoints: one per (pod, data-parallel rank), or with ``ranks=False`` one per pod (a
+    rank-oblivious router: the pod balances its ranks itself, and sees all of them as one cache)."""
+    out = []
+    for p in fleet.pods:
+        per_rank = ranks and p.dp > 1
+        for r in range(p.dp if per_rank else 1):
+            out.append(Endpoint(
+                p.name, role=Role(p.role), model="sim", accelerator=p.accelerator, model_profile=p.model_profile,
+                block_size=p.block_size, kv_events=f"inproc://{p.label or p.name}" + (f"_dp{r}" if per_rank else ""),
+                max_num_batched_tokens=p.max_num_batched_tokens, dp_rank=r if per_rank else None,
+                dp_size=p.dp if per_rank else None))
+    return out
 
 
 class ClusterSim:
@@ -113,26 +137,33 @@ class ClusterSim:
     def __init__(
         self, fleet: FleetSpec, router: Router | Callable[[list[Endpoint], ManualClock], Router],
         clock: ManualClock | None = None, scrape_interval: float = 0.05, seed: int = 0,
+        rank_endpoints: bool = True,
     ) -> None:
         if scrape_interval <= 0:
             raise ValueError("scrape_interval must be positive")
         self.fleet = fleet
         self.clock = clock or ManualClock()
-        self.router: Router = router if isinstance(router, Router) else router(endpoints_for(fleet), self.clock)
+        # Whether the router sees each data-parallel rank as an endpoint (metrics and KV events per rank) or
+        # each pod as one (aggregated metrics, every rank's events under the pod's name).
+        self.rank_endpoints = rank_endpoints
+        self.router: Router = router if isinstance(router, Router) else router(
+            endpoints_for(fleet, rank_endpoints), self.clock)
         self.scrape_interval = scrape_interval
         self.pods: list[Pod] = []
         self.by_name: dict[str, Pod] = {}
         self.by_engine: dict[str, Pod] = {}
         for i, spec in enumerate(fleet.pods):
             # Pods build KV events only when the router reads them.
-            core = EngineCore(spec.cost_model(),
-                              spec.engine_config(fleet.link, seed, i, kv_events=self.router.wants_kv_events))
-            pod = Pod(i, spec, core)
-            core.on_kv_pulled = self._on_kv_pulled
+            group = DPGroup(spec.group_cost(),
+                            spec.engine_config(fleet.link, seed, i, kv_events=self.router.wants_kv_events),
+                            balancer=spec.dp_balancer)
+            pod = Pod(i, spec, group)
             self.pods.append(pod)
             self.by_name[spec.name] = pod
-            self.by_engine[core.engine_id] = pod
-        self._heap: list[tuple[float, int, int, int, StepResult | None]] = []
+            for core in group.cores:
+                core.on_kv_pulled = self._on_kv_pulled
+                self.by_engine[core.engine_id] = pod
+        self._heap: list[tuple[float, int, int, int, GroupStep | None]] = []
         self._seq = 0
         self._live: dict[str, RequestRecord] = {}  # engine request id -> record
         self._released: list[Pod] = []  # prefill pods freed during a step, kicked after it
@@ -190,7 +221,7 @@ class ClusterSim:
         if pod.busy:
             pod.timer_at = math.inf  # the step end re-checks the core's timers
             return True
-        nt = pod.core.next_event_time()
+        nt = pod.group.next_event_time()
         if nt is not None and nt <= t:
             return False
         pod.timer_at = math.inf
@@ -201,8 +232,16 @@ class ClusterSim:
         return True
 
     def _scrape(self, now: float) -> None:
+        router = self.router
         for pod in self.pods:
-            self.router.on_metrics(pod.name, pod.core.stats(), now)
+            cores = pod.group.cores
+            if len(cores) == 1:
+                router.on_metrics(pod.name, cores[0].stats(), now)
+            elif self.rank_endpoints:  # per-rank series (vLLM's engine="<rank>" label)
+                for r, core in enumerate(cores):
+                    router.on_metrics(pod.endpoint(r), core.stats(), now)
+            else:  # a rank-oblivious reader sums the ranks' series, as a Prometheus sum() does
+                router.on_metrics(pod.name, _sum_stats([c.stats() for c in cores]), now)
 
     # ---- requests --------------------------------------------------------------------------------
     def _arrive(self, tr: TraceRequest, prompt: np.ndarray, now: float) -> None:
@@ -217,6 +256,10 @@ class ClusterSim:
             rec.status, rec.reason = "rejected", f"{exc.status} {exc.code}"
             rec.req = None
             return
+        decode, drank = _split_rank(decode)
+        prank = None
+        if prefill:
+            prefill, prank = _split_rank(prefill)
         dpod = self.by_name.get(decode)
         ppod = self.by_name.get(prefill) if prefill else None
         if dpod is None or (prefill and ppod is None):
@@ -226,17 +269,20 @@ class ClusterSim:
             rec.prefill_pod = ppod.name
             sreq = SimRequest(rid + _PREFILL_SUFFIX, prompt, 1, arrival=now,
                               kv_transfer_params={"do_remote_decode": True}, seed=tr.index)
-            self._submit(rec, ppod, sreq, now)
+            self._submit(rec, ppod, sreq, now, prank)
+            rec.decode_rank = drank  # the decode leg goes there once the prefill is done
         else:
             self._submit(rec, dpod, SimRequest(rid, prompt, tr.output_length, arrival=now, ignore_eos=True,
-                                               seed=tr.index), now)
+                                               seed=tr.index), now, drank)
 
-    def _submit(self, rec: RequestRecord, pod: Pod, sreq: SimRequest, now: float) -> None:
+    def _submit(self, rec: RequestRecord, pod: Pod, sreq: SimRequest, now: float, rank: int | None = None) -> None:
         try:
-            pod.core.add_request(sreq)
+            served = pod.group.add_request(sreq, rank, now)
         except ValueError as exc:
             self._fail(rec, f"400 {exc}", now)
             return
+        if not sreq.request_id.endswith(_PREFILL_SUFFIX):
+            rec.decode_rank = served
         self._live[sreq.request_id] = rec
         self._kick(pod, now)
 
@@ -250,20 +296,20 @@ class ClusterSim:
     def _kick(self, pod: Pod, now: float) -> None:
         if pod.busy:
             return
-        core = pod.core
-        res = core.step(now)
-        if res.num_new_tokens:
+        group = pod.group
+        res = group.step(now)
+        if res.duration > 0:
             pod.busy = True
             pod.steps += 1
             pod.busy_time += res.duration
             self._seq += 1
             heapq.heappush(self._heap, (res.end, self._seq, _STEP, pod.index, res))
-        elif res.events and self.router.wants_kv_events:
-            self.router.on_kv_events(pod.name, res.events, now)
+        elif self.router.wants_kv_events:
+            self._events(pod, res, now)
         if self._released:
             self._kick_released(now)
         if not pod.busy:
-            t = core.next_event_time()
+            t = group.next_event_time()
             if t is not None and t < pod.timer_at:
                 pod.timer_at = t
                 self._seq += 1
@@ -275,17 +321,23 @@ class ClusterSim:
             self._kick(p, now)
 
     def _on_kv_pulled(self, params: dict) -> None:
-        pod = self.by_engine.get(str(params.get("remote_engine_id")))
-        if pod is not None and pod.core.release_remote(params.get("remote_block_ids") or ()):
+        engine = str(params.get("remote_engine_id"))
+        pod = self.by_engine.get(engine)
+        if pod is not None and pod.group.release_remote(params.get("remote_block_ids") or (), engine):
             self._released.append(pod)
 
-    def _step_end(self, pod: Pod, res: StepResult, now: float) -> None:
+    def _events(self, pod: Pod, res: GroupStep, now: float) -> None:
+        """Each rank's KV events under its endpoint (or, rank-oblivious, all under the pod's name)."""
+        for rank, events in res.events():
+            self.router.on_kv_events(pod.endpoint(rank) if self.rank_endpoints else pod.name, events, now)
+
+    def _step_end(self, pod: Pod, res: GroupStep, now: float) -> None:
         pod.busy = False
         router = self.router
-        if res.events and router.wants_kv_events:
-            router.on_kv_events(pod.name, res.events, now)
+        if router.wants_kv_events:
+            self._events(pod, res, now)
         live = self._live
-        for out in res.outputs:
+        for _, out in res.outputs():
             rid = out.request_id
             rec = live.get(rid)
             if rec is None:
@@ -322,10 +374,29 @@ class ClusterSim:
             return
         sreq = SimRequest(rec.request_id, req.prompt, rec.max_tokens, arrival=rec.arrival, ignore_eos=True,
                           kv_transfer_params=params, seed=rec.index)
-        self._submit(rec, dpod, sreq, now)
+        self._submit(rec, dpod, sreq, now, rec.decode_rank)
         if rec.status == "failed" and params:  # the decode pod refused it: let the prefill pod free its KV
             self._on_kv_pulled(params)
             self._kick_released(now)
+
+
+def _split_rank(endpoint: str) -> tuple[str, int | None]:
+    """``ip:port#rank`` -> (``ip:port``, rank); a plain address -> (address, None)."""
+    addr, sep, rank = endpoint.partition("#")
+    return (addr, int(rank)) if sep else (addr, None)
+
+
+def _sum_stats(stats: list[EngineStats]) -> EngineStats:
+    """A pod's ranks as one engine, as the picker reads a DP pod's /metrics without ranks: counts summed,
+    KV usage the fullest rank's (pickers.datalayer.promparse)."""
+    return EngineStats(
+        num_running=sum(s.num_running for s in stats), num_waiting=sum(s.num_waiting for s in stats),
+        kv_usage=max(s.kv_usage for s in stats),
+        prefix_queries=sum(s.prefix_queries for s in stats), prefix_hits=sum(s.prefix_hits for s in stats),
+        num_preemptions=sum(s.num_preemptions for s in stats), prompt_tokens=sum(s.prompt_tokens for s in stats),
+        generation_tokens=sum(s.generation_tokens for s in stats),
+        num_held_blocks=sum(s.num_held_blocks for s in stats),
+    )
 
 
 def trace_prompts(reqs: list[TraceRequest],
