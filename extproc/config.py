@@ -1,7 +1,8 @@
 """The picker's one YAML configuration file, validated at start (errors name the bad key).
 
     server: {grpc_port, metrics_port, host, body_limit_bytes, debug_headers, model_rewrite, drain_seconds,
-             max_fallback, response_body, tls_cert, tls_key, tls_self_signed, prefill_signing_secret_file}
+             move_away_seconds, move_away_quiet_seconds, offload_min_bytes, offload_budget_bytes, max_fallback,
+             response_body, tls_cert, tls_key, tls_self_signed, prefill_signing_secret_file}
     endpoints: [{address, role, model, accelerator, model_profile, labels, kv_events, metrics_url,
                  dp_size, dp_start_rank, dp_rank}]
                # dp_size N: the pod runs N vLLM data-parallel ranks; one endpoint per rank (ip:port#r), rank r's
@@ -32,11 +33,26 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     debug_headers: bool = False
     model_rewrite: dict[str, str] = {}
     drain_seconds: float = 10.0
+    # On stop: NOT_SERVING first, then keep accepting streams until none started for move_away_quiet_seconds
+    # (Envoy's health check saw NOT_SERVING and sends new requests elsewhere), at most move_away_seconds;
+    # only then stop accepting and drain. 0 stops accepting at once.
+    # Bodies of at least offload_min_bytes are parsed, tokenized and hashed in worker threads, at most
+    # offload_budget_bytes of them at once (the rest wait their turn), so the event loop keeps answering
+    # health checks, scrapes and small requests while big prompts arrive. The default lets one body of the
+    # largest accepted size through at a time: every extra CPU-bound thread takes GIL time from the loop.
+    offload_min_bytes: int = 256 * 1024
+    offload_budget_bytes: int = 8 * 1024 * 1024
+    move_away_seconds: float = 5.0
+    move_away_quiet_seconds: float = 1.0
     max_fallback: int = 0  # endpoints in the fallback list; 0 = all eligible, 1 = ORIGINAL_DST clusters
     # observe: Envoy streams every response body chunk through the picker (first token, usage, end).
     # skip: Envoy sends no response body (its ext_proc filter must say response_body_mode NONE; the stream
     # tells the picker so in protocol_config); first token = response headers, end = the stream's end.
-    response_body: Literal["observe", "skip"] = "observe"
+    # detach: Envoy sends nothing of the response (headers and trailers SKIP too), so it closes the ext_proc
+    # stream once the request is routed: a picker crash or restart can no longer cut a stream already placed.
+    # The cost: the picker never sees the response; a request counts as ended when it is routed (in-flight
+    # load comes from the pods' scraped metrics only; no first-token, usage or failure feedback).
+    response_body: Literal["observe", "skip", "detach"] = "observe"
     # TLS on the gRPC port (several gateways connect to the picker over TLS): a PEM certificate chain and key,
     # or a self-signed pair made at start (GIE's picker does the same; gateways then skip verification).
     # A second, plaintext gRPC port serving only grpc.health.v1 (the same statuses): kubelet's gRPC probes cannot
@@ -111,6 +127,10 @@ def _check(cfg: Config) -> Config:
         raise ConfigError(f"server.body_limit_bytes: must be positive, got {s.body_limit_bytes}")
     if s.max_fallback < 0:
         raise ConfigError(f"server.max_fallback: must be >= 0, got {s.max_fallback}")
+    if s.offload_min_bytes < 0 or s.offload_budget_bytes <= 0:
+        raise ConfigError("server.offload_min_bytes must be >= 0 and server.offload_budget_bytes > 0")
+    if s.move_away_seconds < 0 or s.move_away_quiet_seconds < 0:
+        raise ConfigError("server.move_away_seconds and server.move_away_quiet_seconds must be >= 0")
     if s.drain_seconds < 0:
         raise ConfigError(f"server.drain_seconds: must be >= 0, got {s.drain_seconds}")
     if (s.tls_cert is None) != (s.tls_key is None):

@@ -3,16 +3,25 @@
 Completions (prompt as string, list of strings or token ids), chat completions (messages whose content is a
 string or a list of parts) and the Responses API (``input`` string or items, ``instructions``) are accepted.
 Anything else that is not a JSON object with a ``model`` is a 400 with a message that says what to fix.
+
+Engine-internal fields (``kv_transfer_params``, ``vllm_xargs``: see ``engine.internal_fields``) a client sent
+are removed from the parsed document, so escaped spellings of their names cannot slip past, and the body is
+re-serialised (``parse_client_body``); only kvswitch itself may set them. Token ids must fit the u32 the
+tokenizer and block hashes use, else a 400 names the offending value.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from engine.internal_fields import strip_engine_fields
 from extproc.errors import RequestRejected
 from pickers.types import Api, InferenceRequest
+
+MAX_TOKEN_ID = 2**32 - 1  # token ids are hashed as u32 (pickers.tokenize); vLLM rejects ids past its vocab
 
 # Request headers the picker may look at (objective, session affinity, tracing); everything else is ignored.
 HEADERS_THAT_MATTER = frozenset(
@@ -52,6 +61,7 @@ def _completions_prompt(req: InferenceRequest, prompt: Any) -> None:
     elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
         req.prompt = "".join(prompt)  # batched prompts: routed together, matched as one text
     elif isinstance(prompt, list) and prompt and all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+        _check_ids(prompt)
         req.prompt_token_ids = prompt
     elif isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):
         ids: list[int] = []
@@ -59,11 +69,21 @@ def _completions_prompt(req: InferenceRequest, prompt: Any) -> None:
             if not all(isinstance(t, int) and not isinstance(t, bool) for t in part):
                 raise _bad("'prompt' token id lists must hold integers only", "prompt")
             ids.extend(part)
+        if not ids:
+            raise _bad("'prompt' token id lists must not all be empty", "prompt")
+        _check_ids(ids)
         req.prompt_token_ids = ids
     else:
         raise _bad(
             "'prompt' must be a non-empty string, a list of strings, or a list of token ids", "prompt"
         )
+
+
+def _check_ids(ids: list[int]) -> None:
+    lo, hi = min(ids), max(ids)
+    if lo < 0 or hi > MAX_TOKEN_ID:
+        bad = lo if lo < 0 else hi
+        raise _bad(f"'prompt' token ids must be between 0 and {MAX_TOKEN_ID}, got {bad}", "prompt")
 
 
 def _check_messages(messages: Any, param: str) -> list[dict[str, Any]]:
@@ -142,3 +162,33 @@ def rewrite_model(doc: dict[str, Any], new_model: str) -> bytes:
     """Re-encode the body with another model name (only when a rewrite is configured)."""
     doc["model"] = new_model
     return orjson.dumps(doc)
+
+
+@dataclass(slots=True)
+class ParsedBody:
+    """A client body after parsing: the request, the decoded document and the bytes to send upstream
+    (re-serialised when something was removed or rewritten, else the client's own bytes)."""
+
+    request: InferenceRequest
+    doc: dict[str, Any]
+    body: bytes
+    changed: bool
+
+
+def parse_client_body(
+    body: bytes,
+    path: str,
+    request_id: str,
+    headers: dict[str, str] | None = None,
+    arrival: float = 0.0,
+    model_rewrite: dict[str, str] | None = None,
+) -> ParsedBody:
+    """``parse_request`` plus what the gateway changes: engine-internal fields removed, model renamed."""
+    request, doc = parse_request(body, path, request_id, headers, arrival)
+    changed = strip_engine_fields(doc)
+    new_model = (model_rewrite or {}).get(request.model)
+    if new_model:
+        doc["model"] = new_model
+        request.model = new_model
+        changed = True
+    return ParsedBody(request, doc, orjson.dumps(doc) if changed else body, changed)

@@ -32,9 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-fallback", type=int, help="endpoints in the fallback list; 1 for ORIGINAL_DST clusters "
                    "(server.max_fallback)")
     p.add_argument("--debug-headers", action="store_true", help="add x-kvswitch-* response headers")
-    p.add_argument("--response-body", choices=["observe", "skip"],
+    p.add_argument("--response-body", choices=["observe", "skip", "detach"],
                    help="server.response_body: observe (default) reads every response chunk; skip expects Envoy "
-                        "to send none (kvswitch envoy-config --response-body skip) and ends requests at stream end")
+                        "to send none (kvswitch envoy-config --response-body skip) and ends requests at stream "
+                        "end; detach: "
+                        "Envoy sends nothing of the response, a picker crash cuts no placed stream, no feedback")
     k8s = p.add_argument_group("Kubernetes discovery (discovery.kubernetes)")
     k8s.add_argument("--pool", help="watch this InferencePool and the pods it selects (instead of endpoints)")
     k8s.add_argument("--namespace", help="the pool's namespace (default: $POD_NAMESPACE, the service account's)")
@@ -78,6 +80,10 @@ async def _run(server) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # The loop thread gives the GIL up and waits for it at every I/O call; with a worker thread parsing a big
+    # body, the default 5 ms switch interval turns each wait into up to 5 ms (the convoy effect). 1 ms keeps
+    # health checks and small requests responsive at a small cost to the worker's throughput.
+    sys.setswitchinterval(0.001)
     await server.start()
     print(f"kvswitch serve: ext_proc on port {server.port}, metrics on {server.metrics_port}", flush=True)
     await stop.wait()

@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from extproc import metrics
+from extproc.budget import ByteBudget
 from extproc.config import Config, ConfigError
 from extproc.stream import ExtProcStream, StreamSettings
 from extproc.tls import bind
@@ -53,11 +54,13 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         self.settings = settings
         self.clock = clock
         self.active = 0
+        self.last_stream_at = 0.0  # loop time of the newest stream (stop() waits until Envoy sends no more)
 
     async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ProcessingResponse]:
         stream = ExtProcStream(self.scheduler, self.settings, self.clock)
+        self.last_stream_at = asyncio.get_running_loop().time()
         self.active += 1
         metrics.STREAMS.inc()
         try:
@@ -95,7 +98,10 @@ class Server:
         s = config.server
         self.processor = ExternalProcessor(
             scheduler, StreamSettings(s.body_limit_bytes, s.debug_headers, dict(s.model_rewrite),
-                                      s.response_body == "observe", _secret(s.prefill_signing_secret_file)),
+                                      s.response_body == "observe", detached=s.response_body == "detach",
+                                      offload_min_bytes=s.offload_min_bytes,
+                                      budget=ByteBudget(s.offload_budget_bytes),
+                                      prefill_secret=_secret(s.prefill_signing_secret_file)),
             self.clock
         )
         self.health = health_aio.HealthServicer()
@@ -193,13 +199,34 @@ class Server:
         if self._grpc is not None:
             await self._grpc.wait_for_termination()
 
+    async def _wait_until_moved_away(self) -> None:
+        """Keep serving new streams while Envoy still sends them: its health check needs a couple of intervals
+        to see NOT_SERVING, and a stream refused meanwhile is an empty 500 for a client. Done when no stream
+        started for ``move_away_quiet_seconds``, or after ``move_away_seconds`` whatever happens."""
+        s = self.config.server
+        if s.move_away_seconds <= 0 or self._grpc is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + s.move_away_seconds
+        start = loop.time()
+        while True:
+            now = loop.time()
+            quiet_since = max(self.processor.last_stream_at, start)
+            if now - quiet_since >= s.move_away_quiet_seconds or now >= deadline:
+                log.info("no new streams for %.1fs (or the %.1fs bound): stop accepting and drain",
+                         now - quiet_since, s.move_away_seconds)
+                return
+            await asyncio.sleep(min(0.05, max(0.0, deadline - now)))
+
     async def stop(self, grace: float | None = None) -> None:
-        """Health NOT_SERVING, stop accepting streams, let open ones finish for up to ``grace`` seconds."""
+        """Health NOT_SERVING, keep serving until Envoy moved away (bounded), then stop accepting streams and
+        let open ones finish for up to ``grace`` seconds."""
         if self._stopping:
             return
         self._stopping = True
         grace = self.config.server.drain_seconds if grace is None else grace
         await self.health.enter_graceful_shutdown()
+        await self._wait_until_moved_away()
         if self._ready_task is not None:
             self._ready_task.cancel()
             try:

@@ -41,6 +41,8 @@ def add_stack_arguments(p: argparse.ArgumentParser, pods: int = 4, port: int = 8
     """The stack's flags, shared by ``up`` and ``demo``."""
     g = p.add_argument_group("stack")
     g.add_argument("--pods", type=int, default=pods, help=f"simulated pods (default {pods})")
+    g.add_argument("--pickers", type=int, default=1,
+                   help="picker replicas behind Envoy, each health-checked and subscribed to every pod (default 1)")
     g.add_argument("--dp", type=int, default=1,
                    help="data-parallel ranks per pod (vLLM --data-parallel-size; the picker routes to (pod, rank))")
     g.add_argument("--pd", type=_pd, metavar="P:D",
@@ -64,7 +66,10 @@ def add_stack_arguments(p: argparse.ArgumentParser, pods: int = 4, port: int = 8
 
 
 def options_from_args(a: argparse.Namespace) -> StackOptions:
-    return StackOptions(pods=a.pods, pd=a.pd, fleet_file=a.fleet, port=a.port, time_scale=a.time_scale,
+    if a.pickers < 1:
+        raise ConfigError(f"--pickers must be at least 1, got {a.pickers}")
+    return StackOptions(pods=a.pods, pickers=a.pickers, pd=a.pd, fleet_file=a.fleet, port=a.port,
+                        time_scale=a.time_scale,
                         accelerator=a.accelerator, model_profile=a.model_profile, model_name=a.model_name,
                         profile=a.profile, tokenizer=a.tokenizer, config_file=a.config,
                         debug_headers=a.debug_headers, envoy_concurrency=a.envoy_concurrency, seed=a.seed,

@@ -15,6 +15,7 @@ as long as response trailers are SEND (with trailers SKIP it closes it right aft
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import itertools
 import logging
@@ -27,9 +28,10 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from engine.sidecar.allowlist import sign
 from extproc import messages as msg
 from extproc import metrics
+from extproc.budget import ByteBudget
 from extproc.errors import RequestRejected, body_for
 from extproc.observe import ResponseObserver
-from extproc.parse import HEADERS_THAT_MATTER, api_for_path, parse_request, rewrite_model
+from extproc.parse import HEADERS_THAT_MATTER, api_for_path, parse_client_body
 from pickers.clock import Clock
 from pickers.explain import explain_header
 from pickers.ranks import destinations, endpoint_address, served_id, split_endpoint_id
@@ -50,6 +52,10 @@ class StreamSettings:
     debug_headers: bool = False
     model_rewrite: dict[str, str] = field(default_factory=dict)
     response_body: bool = True  # Envoy sends response bodies (observe); the stream's protocol_config decides
+    detached: bool = False  # Envoy sends nothing of the response: the stream's end after routing is the end
+    # Bodies at least this large are parsed and routed off the event loop, within the shared byte budget.
+    offload_min_bytes: int = 256 * 1024
+    budget: ByteBudget | None = None
     prefill_secret: bytes | None = None  # sign prefill targets for the decode pods' sidecars (server config)
 
 
@@ -201,15 +207,19 @@ class ExtProcStream:
         wanted = {k: v for k, v in self.headers.items() if k in HEADERS_THAT_MATTER}
         now = self.clock.now()
         try:
-            if body:
-                request, doc = parse_request(body, path, request_id, wanted, now)
-                new_model = self.settings.model_rewrite.get(request.model)
-                if new_model:
-                    body = rewrite_model(doc, new_model)
-                    request.model = new_model
-                    rewritten = True
-                else:
-                    rewritten = False
+            big = self.settings.budget is not None and body is not None \
+                and len(body) >= self.settings.offload_min_bytes
+            if big:  # parse and route in worker threads, with a bound on the bytes being processed at once
+                assert self.settings.budget is not None and body is not None
+                async with self.settings.budget.hold(len(body)):
+                    parsed = await asyncio.to_thread(parse_client_body, body, path, request_id, wanted, now,
+                                                     self.settings.model_rewrite)
+                    parsed.request.subset = self.subset
+                    decision = await self.director.route(parsed.request)
+                request, body, rewritten = parsed.request, parsed.body, parsed.changed
+            elif body:
+                parsed = parse_client_body(body, path, request_id, wanted, now, self.settings.model_rewrite)
+                request, body, rewritten = parsed.request, parsed.body, parsed.changed
             else:
                 if body is not None:
                     raise RequestRejected(400, "request body is empty: send a JSON object with a 'model'",
@@ -217,8 +227,9 @@ class ExtProcStream:
                 request = InferenceRequest(request_id=request_id, model="", api=api_for_path(path) or "other",
                                            headers=wanted, arrival=now)
                 rewritten = False
-            request.subset = self.subset
-            decision = await self.director.route(request)
+            if not big:
+                request.subset = self.subset
+                decision = await self.director.route(request)
         except SchedulingError as exc:
             metrics.DECISION_SECONDS.observe(time.perf_counter() - t0)
             return self._reject(exc)
@@ -263,7 +274,7 @@ class ExtProcStream:
     # ---- response path --------------------------------------------------------------------------------
     def _on_response_headers(self, req: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         status_text, content_type = _status_and_type(req.response_headers)
-        status = int(status_text or 200)
+        status = int(status_text) if status_text.isdigit() else (200 if not status_text else 502)
         self.observer = ResponseObserver(status, content_type)
         if not self._body_expected and self.decision is not None and status < 400:
             # No body will be seen: the headers are the first sign of output (vLLM sends a streaming
@@ -272,7 +283,7 @@ class ExtProcStream:
                 self.director.on_first_token(self.decision, self.clock.now())
             except Exception:
                 log.exception("director.on_first_token failed")
-        if self.decision is not None and req.HasField("metadata_context"):
+        if self.decision is not None and not self._ended and req.HasField("metadata_context"):
             served = _metadata_value(req.metadata_context, msg.LB_NAMESPACE, msg.SERVED)
             if isinstance(served, str) and served:
                 served = served_id(self.decision.primary, served)  # the rank that took it, on a DP pod
@@ -341,8 +352,12 @@ class ExtProcStream:
         obs = self.observer
         at = self.clock.now()
         try:
+            usage = obs.finish() if obs is not None else None
+            if obs is not None and obs.error is None and self._body_expected and obs.truncated:
+                obs.error = "truncated: the response stream ended without its final event ([DONE])"
+                metrics.ERRORS.labels("truncated").inc()
             if obs is not None and obs.error is None:
-                self.director.on_finished(self.decision, obs.finish(), at)
+                self.director.on_finished(self.decision, usage, at)
             else:
                 reason = obs.error if obs is not None else "no response"
                 metrics.ERRORS.labels("upstream_error").inc()
@@ -356,6 +371,14 @@ class ExtProcStream:
         if self.decision is not None and not self._ended and self.observer is not None \
                 and not self._body_expected:
             self._finish()
+        if self.decision is not None and not self._ended and self.settings.detached:
+            self._ended = True  # detached: the response is never seen, so routing was the last we know of it
+            self.phase = Phase.DONE
+            self._uncount()
+            try:
+                self.director.on_finished(self.decision, None, self.clock.now())
+            except Exception:
+                log.exception("scheduler.on_finished failed")
         if self.decision is not None and not self._ended:
             self._ended = True
             self._uncount()
@@ -365,4 +388,5 @@ class ExtProcStream:
                                          self.clock.now())
             except Exception:
                 log.exception("director.on_failed failed")
+        self._uncount()  # whatever happened, a closed stream holds no in-flight gauge
         metrics.STREAM_SECONDS.observe(time.perf_counter() - self.started)

@@ -25,12 +25,14 @@ runs between ``start`` and ``stop``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from engine.kvcache.hashing import MAX_ROUTED_BLOCKS, hash_blocks
 from pickers.clock import Clock
 from pickers.datalayer import DataLayer
 from pickers.explain import explain_text
@@ -39,6 +41,7 @@ from pickers.promstats import SchedulerMetrics
 from pickers.state import KVExpectation, RequestState
 from pickers.types import Decision, Endpoint, InferenceRequest, SchedulingError, Usage
 
+OFFLOAD_HASH_TOKENS = 16384  # prompts at least this long are hashed in a worker thread (route)
 log = logging.getLogger("kvswitch.pickers.director")
 
 
@@ -137,7 +140,19 @@ class Director:
         state = self._new_state(request)
         if self.needs_tokens:
             state.tokens = await self.dl.tokens.tokens(request)
+            if state.tokens is not None and state.tokens.size >= OFFLOAD_HASH_TOKENS:
+                await self._hash_off_loop(state)
         return self._decide(state)
+
+    async def _hash_off_loop(self, state: RequestState) -> None:
+        """A long prompt's block hashes, computed in a worker thread before the (synchronous) cycle reads
+        them, so the event loop keeps serving health checks, scrapes and small requests meanwhile."""
+        active = self.dl.endpoints.active_slots()
+        tokens = state.tokens
+        assert tokens is not None
+        for bs in sorted({int(b) for b in self.dl.endpoints.block_size[active].tolist()}):
+            if bs not in state.block_hashes:
+                state.block_hashes[bs] = await asyncio.to_thread(hash_blocks, tokens, bs, limit=MAX_ROUTED_BLOCKS)
 
     def decide(self, request: InferenceRequest) -> Decision:
         """Decide now, synchronously (virtual time; raises SchedulingError 429/503)."""
@@ -267,6 +282,7 @@ class Director:
     def on_served(self, decision: Decision, served: str) -> None:
         state = decision.state
         state.served = served
+        self._passed_over(decision, served)
         if served != decision.primary:
             slot = self.dl.endpoints.slot(served)
             if slot is not None:
@@ -283,6 +299,17 @@ class Director:
                         self._pend(state, [slot] if pslot is None else [slot, pslot], self.clock.now())
         self._call(self._on_served, decision, served)
 
+    def _passed_over(self, decision: Decision, served: str) -> None:
+        """The gateway walked past the endpoints before ``served`` in the fallback list: each of them failed
+        this request (connect failure, reset, 5xx or per-try timeout) before any byte reached the client."""
+        if served not in decision.endpoints:
+            return
+        now = self.clock.now()
+        for addr in decision.endpoints[: decision.endpoints.index(served)]:
+            slot = self.dl.endpoints.slot(addr)
+            if slot is not None:
+                self.dl.health.request_failure(slot, "passed over by the gateway (failed before any byte)", now)
+
     def on_first_token(self, decision: Decision, at: float) -> None:
         state = decision.state
         self.dl.inflight.first_token(state.key)
@@ -296,7 +323,7 @@ class Director:
         self._judge_kv_events(state, at)  # no first token was reported: judge from the end
         slot = self._serving_slot(state)
         if slot is not None:
-            self.dl.health.success(slot)
+            self.dl.health.request_success(slot, at)
         self._call(self._on_finished, decision, usage, at)
 
     def on_failed(self, decision: Decision, reason: str, at: float) -> None:
@@ -305,7 +332,7 @@ class Director:
         state.kv_expect = None  # a failed request may never have stored its blocks: no evidence
         slot = self._serving_slot(state)
         if slot is not None:
-            self.dl.health.failure(slot, f"request failed: {reason}")
+            self.dl.health.request_failure(slot, reason, at)  # pod faults only (datalayer.health.pod_fault)
         self._call(self._on_failed, decision, reason, at)
 
     def _release(self, state: RequestState) -> None:

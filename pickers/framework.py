@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 
-from engine.kvcache.hashing import hash_blocks
+from engine.kvcache.hashing import MAX_ROUTED_BLOCKS, hash_blocks
 from pickers.state import Prediction, PrefixMode, ProfileResult, RequestState
 from pickers.types import Decision, InferenceRequest, SchedulingError, Usage
 
@@ -311,7 +311,7 @@ class CycleContext:
     def block_hashes(self, block_size: int) -> list[int]:
         got = self.state.block_hashes.get(block_size)
         if got is None:
-            got = hash_blocks(self.token_ids(), block_size)
+            got = hash_blocks(self.token_ids(), block_size, limit=MAX_ROUTED_BLOCKS)
             self.state.block_hashes[block_size] = got
         return got
 

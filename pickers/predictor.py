@@ -3,14 +3,16 @@
 For a prompt of P tokens and each endpoint slot p:
 
     H_p  = prompt tokens cached on p (prefix index under ``mode``; CPU-held blocks weighted 0.8)
-    Q_p  = prompt tokens queued ahead on p: max(uncached tokens kvswitch sent there that have not reached
-           first token, waiting requests on p (fresh /metrics) x the mean prompt seen)
+    Q_p  = prompt tokens queued ahead on p: the uncached tokens kvswitch sent there that have not reached
+           first token, plus the waiting requests on p (fresh /metrics) it did not send (waiting - its own
+           requests before first token) x the mean prompt seen
     r_p  = running decodes on p (fresh /metrics, at least the requests kvswitch started there)
     B_p  = p's step token budget (max_num_batched_tokens, pickers.costs)
 
     ttft_p    = CostModel.time_to_first_token(P, H_p, budget=B_p, queued=Q_p, running=r_p,
                                               decode_context=ctx)          (closed form, all pods at once)
-    wait_p    = the part of ttft_p that prefills Q_p
+    ttft_p   += kvwait_p: the wait for KV space on a pod whose cache is full (pickers/kvwait.py)
+    wait_p    = the part of ttft_p that prefills Q_p, plus kvwait_p
     prefill_p = the same with nothing queued and nothing running, less one empty step: the time this
                 prompt's own tokens keep each running decode on p waiting
     tpot_p    = CostModel.decode_step_time(r_p + 1, (r_p + 1) x ctx)         once it joins the batch
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from engine.costmodel.vector import decode_step_seconds, prefill_seconds
+from pickers.kvwait import kv_wait_seconds
 from pickers.state import Prediction, PrefixMode
 
 if TYPE_CHECKING:
@@ -61,7 +64,12 @@ class Predictor:
             k = slots.size
             fresh = dl.fresh(slots, ctx.now)
             waiting = np.where(fresh, dl.metrics.waiting[slots], 0.0)
-            q = np.maximum(dl.inflight.prefill_tokens[slots], waiting * per_waiting)
+            # Own requests counted exactly, the rest at the mean prompt. Not max(own, waiting x mean): that took
+            # a pod holding many short waiting requests for one holding as many average ones, so past the knee
+            # long prompts piled onto the pods whose queues were really longer (one pod took 37 % of the
+            # requests of an overloaded fleet; tests/sim/test_overload_balance.py).
+            q = dl.inflight.prefill_tokens[slots] + np.maximum(
+                waiting - dl.inflight.prefill_requests[slots], 0.0) * per_waiting
             budget = dl.costs.budget[slots]
             r = np.minimum(dl.running(slots, ctx.now), 0.9 * budget)
             h = np.minimum(ctx.hit_tokens(mode)[slots], p)
@@ -75,6 +83,7 @@ class Predictor:
                 np.concatenate((r, r, zero)), np.concatenate((r, r, zero)) * s.decode_context_tokens,
                 np.concatenate((zero, h, h)), np.concatenate((zero, one, one)))
             w, own, alone = seg[:k], seg[k:2 * k], seg[2 * k:]
+            w = w + kv_wait_seconds(dl, slots, ctx.now, q, u, r)
             ttft[slots] = w + own
             wait[slots] = w
             prefill[slots] = np.maximum(alone - dl.costs.empty_step_s[slots], 0.0)

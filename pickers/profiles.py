@@ -12,12 +12,12 @@ DECODE_FILTERS: list[Any] = ["health", {"type": "role", "role": "decode"}]
 
 BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
     # Expected TTFT from the cost model (prefix hit + queued prefill + decode load), a TTFT-gated prefix
-    # bonus and KV pressure; the TTFT score charges each pod the decode stall its prefill causes (stall_weight).
+    # bonus and KV pressure (no decode-stall charge: see pickers/plugins/score_ttft.py for why).
     # See pickers/plugins/score_ttft.py for the formula.
     "default": {
         "filters": DECODE_FILTERS,
         "scorers": [
-            {"type": "ttft", "weight": 3.0, "stall_weight": 0.5},
+            {"type": "ttft", "weight": 3.0},
             {"type": "prefix", "mode": "auto", "gate_ttft_ratio": 1.5, "weight": 1.0},
             {"type": "kv-usage", "weight": 1.0},
             # data-parallel ranks only (1 for every other endpoint): fill a pod's idle ranks before its slowest

@@ -72,6 +72,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--accelerator")
     c.add_argument("--out", type=Path, help="results folder (default e2e/bench/results/<date>-<workload>)")
     c.add_argument("--no-plots", action="store_true")
+    c.add_argument("--curve", action="store_true",
+                   help="a load curve: offered loads = --loads x the knee, found by a virtual-time probe of the "
+                        "same workload on the same fleet (round robin offered it 20x faster)")
+    c.add_argument("--loads", type=_floats, default=[0.5, 1.0, 2.0, 3.0],
+                   help="with --curve: multiples of the knee (default 0.5,1,2,3)")
+    v = sub.add_parser("curve", help="load curves in virtual time (every router, 0.5x-3x the knee)",
+                       add_help=False)
+    v.add_argument("rest", nargs=argparse.REMAINDER)
     r = sub.add_parser("report", help="re-render README.md and plots from a results.json")
     r.add_argument("results", type=Path)
     r.add_argument("--no-plots", action="store_true")
@@ -120,8 +128,17 @@ def _compare(a: argparse.Namespace) -> int:
     if needs_peers and (why := peersenv.missing()):
         print(f"kvswitch bench: {why}", file=sys.stderr)
         return 2
+    if a.curve:
+        from e2e.bench.runner import probe_knee
+
+        knee = probe_knee(cfg)
+        cfg.rates = [round(x * knee, 3) for x in a.loads]
+        print(f"kvswitch bench: knee {knee:.2f} req/s (virtual-time probe: round robin offered the trace 20x "
+              f"faster on {cfg.pods} x {cfg.model_profile}/{cfg.accelerator}); rates {cfg.rates}", flush=True)
     try:
         comparison = Comparison(cfg)
+        if a.curve:
+            comparison.knee = knee
         print(f"kvswitch bench: {len(comparison.plan())} runs -> {comparison.out}", flush=True)
         results = comparison.run()
     except (ValueError, TypeError) as exc:
@@ -145,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     if a.cmd == "compare":
         return _compare(a)
+    if a.cmd == "curve":
+        from e2e.bench.vcurve import main as curve_main
+
+        return curve_main(a.rest)
     if a.cmd == "report":
         _print_report(Path(a.results), with_plots=not a.no_plots)
         return 0

@@ -86,7 +86,8 @@ def table(meta: dict[str, Any], runs: list[RunResult]) -> str:
 
 
 def plots(out_dir: Path, meta: dict[str, Any], runs: list[RunResult]) -> list[str]:
-    """throughput.png and ttft_p90.png against offered load, ttft_cdf.png per rate; names written."""
+    """throughput.png, req_s.png, ttft_p90.png, ttft_p99.png and hit_rate.png against offered load,
+    ttft_cdf.png per rate; names written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,7 +98,10 @@ def plots(out_dir: Path, meta: dict[str, Any], runs: list[RunResult]) -> list[st
     rates = sorted({r.rate for r in runs})
     written = []
     for key, label, fname in (("tok_s", "output tokens/s", "throughput.png"),
-                              ("ttft_p90", "TTFT p90 (ms)", "ttft_p90.png")):
+                              ("req_s", "completed requests/s", "req_s.png"),
+                              ("ttft_p90", "TTFT p90 (ms)", "ttft_p90.png"),
+                              ("ttft_p99", "TTFT p99 (ms)", "ttft_p99.png"),
+                              ("hit", "prefix hit rate", "hit_rate.png")):
         fig, ax = plt.subplots(figsize=(6, 4))
         for router in routers:
             xs = [rate for rate in rates if (router, rate) in agg]
@@ -158,7 +162,9 @@ def render(results_path: Path, with_plots: bool = True) -> Path:
         f"{', roles ' + ','.join(meta['roles']) if meta.get('roles') else ''}), time scale {meta.get('time_scale')}"
         " (wall seconds per simulated second; every rate, latency and throughput below is in simulated time)",
         f"- Offered loads (req/s): {', '.join(f'{r:g}' for r in meta.get('rates', []))}; repetitions: "
-        f"{meta.get('repetitions')}; seed {meta.get('seed')}",
+        f"{meta.get('repetitions')}; seed {meta.get('seed')}" + (
+            f"; knee {meta['knee_req_s']:.2f} req/s (virtual-time probe: round robin offered the trace 20x faster "
+            "on the same fleet model; the loads are multiples of it)" if meta.get("knee_req_s") else ""),
         f"- Client: {meta.get('client', 'aiperf')}",
         f"- Machine: {m.get('cpus')} CPUs, {m.get('cpu_model')}; {m.get('platform', '')}",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),

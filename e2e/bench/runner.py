@@ -88,6 +88,7 @@ class Comparison:
         self.results: list[RunResult] = []
         self.failures: list[dict[str, Any]] = []
         self.meta: dict[str, Any] = {}
+        self.knee: float | None = None  # --curve: the probed knee (req/s), kept in the report
 
     def plan(self) -> list[tuple[int, float, str]]:
         return [(rep, rate, router) for rep in range(self.cfg.repetitions) for rate in self.cfg.rates
@@ -113,7 +114,7 @@ class Comparison:
             "roles": cfg.roles, "time_scale": cfg.time_scale, "repetitions": cfg.repetitions, "seed": cfg.seed,
             "model_profile": cfg.model_profile, "accelerator": cfg.accelerator, "machine": machine(),
             "versions": peersenv.versions(), "client": "aiperf (streaming completions, fixed schedule)",
-            "command": " ".join(sys.argv),
+            "command": " ".join(sys.argv), "knee_req_s": self.knee,
         }
         fleet = SimFleetProcess(FleetSpec(pods=cfg.pods, time_scale=cfg.time_scale, tokenizer=tokenizer,
                                           model_profile=cfg.model_profile, accelerator=cfg.accelerator,
@@ -169,6 +170,32 @@ class Comparison:
             router.stop()
         res.wall_s = time.monotonic() - t0
         return res
+
+
+def probe_knee(cfg: CompareConfig, speedup: float = 20.0) -> float:
+    """The fleet's service capacity for this workload, in virtual time: round robin is offered the first
+    repetition's trace ``speedup`` x faster than its base rate (every request queued almost at once) on the
+    same pods as the real-time run; the knee is the request rate it completes (completed / makespan)."""
+    from e2e.bench.vcurve import mean_rate
+    from engine.sim.cluster.cli import replay
+    from engine.sim.cluster.fleet import fleet_from_flags
+    from engine.sim.cluster.report import summarize
+    from engine.sim.cluster.trace import BlockTokens, TraceRequest
+
+    params = dict(cfg.workload_params)
+    params["seed"] = cfg.seed
+    wl = make(cfg.workload, **params)
+    from e2e.bench.workloads import scale_rate
+
+    wl = scale_rate(wl, speedup)
+    reqs = [TraceRequest(i, r.timestamp / 1000.0, r.input_length, r.output_length, list(r.hash_ids))
+            for i, r in enumerate(wl.records)]
+    fleet = fleet_from_flags(cfg.pods, cfg.accelerator, cfg.model_profile)
+    res, _ = replay(reqs, fleet, "round-robin", seed=cfg.seed, blocks=BlockTokens())
+    knee = float(summarize(res)["throughput_req_s"])
+    if not knee > 0:
+        raise ValueError(f"the knee probe completed nothing (base rate {mean_rate(wl):.2f} req/s)")
+    return knee
 
 
 PRESETS: dict[str, dict[str, Any]] = {

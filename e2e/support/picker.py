@@ -26,7 +26,8 @@ LEAST_INFLIGHT: dict[str, object] = {"profile": "least-inflight", "admission": [
 
 def picker_config(endpoints: list[str], scheduler: dict[str, object] | None = None, **server: object) -> Config:
     """A picker configuration on a free port with metrics off, for the given endpoint addresses."""
-    srv = {"host": "127.0.0.1", "grpc_port": free_port(), "metrics_port": -1, "drain_seconds": 1.0, **server}
+    srv = {"host": "127.0.0.1", "grpc_port": free_port(), "metrics_port": -1, "drain_seconds": 1.0,
+           "move_away_seconds": 1.0, "move_away_quiet_seconds": 0.2, **server}
     return config_from_dict({"server": srv, "endpoints": [{"address": a, "role": "decode"} for a in endpoints],
                              "scheduler": scheduler})
 
@@ -58,13 +59,15 @@ async def wait_grpc_health(address: str, service: str = "readiness", timeout: fl
 
 
 @contextlib.asynccontextmanager
-async def picker_process(args: list[str], port: int, log_path: Path | None = None) -> AsyncIterator[subprocess.Popen]:
-    """`python -m extproc.cli serve ARGS --port PORT` as a subprocess, stopped with SIGTERM at exit."""
+async def picker_process(args: list[str], port: int, log_path: Path | None = None,
+                         ready_timeout: float = 60.0) -> AsyncIterator[subprocess.Popen]:
+    """`python -m extproc.cli serve ARGS --port PORT` as a subprocess, stopped with SIGTERM at exit (its start
+    may take long on a loaded machine: ``ready_timeout``)."""
     out = open(log_path, "wb") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen([sys.executable, "-m", "extproc.cli", "serve", "--host", "127.0.0.1", "--port",
                              str(port), *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     try:
-        await wait_grpc_health(f"127.0.0.1:{port}")
+        await wait_grpc_health(f"127.0.0.1:{port}", timeout=ready_timeout)
         yield proc
     finally:
         if proc.poll() is None:

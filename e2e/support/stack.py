@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ class RecordingScheduler:
 
     inner: Director
     requests: list[InferenceRequest] = field(default_factory=list)
+    routed: list[tuple[float, str]] = field(default_factory=list)  # (perf_counter, first endpoint) per decision
     served: list[str] = field(default_factory=list)
     first_tokens: int = 0
     finished: list[Usage | None] = field(default_factory=list)
@@ -41,6 +43,8 @@ class RecordingScheduler:
         decision = await self.inner.route(request)
         if self.order is not None:
             decision.endpoints = list(self.order)
+        if len(self.routed) < 100_000:
+            self.routed.append((time.perf_counter(), decision.endpoints[0]))
         return decision
 
     def on_served(self, decision: Decision, served: str) -> None:
@@ -80,11 +84,13 @@ async def envoy_stack(
     extra_http_filters: list[dict[str, Any]] | None = None,
     order: list[str] | None = None,
     simple: bool = True,
+    envoy: dict[str, Any] | None = None,
 ) -> AsyncIterator[Stack]:
     """Picker (in-process) + Envoy (override-host over ``pool``).
 
     ``simple``: the least-inflight profile (reads no pod metrics, so it fronts any upstream); False: the
-    default profile, which scrapes vLLM metrics and so needs simulator or vLLM pods.
+    default profile, which scrapes vLLM metrics and so needs simulator or vLLM pods. ``envoy``: more
+    EnvoyConfigOptions fields.
     """
     cfg = picker_config(picker_endpoints if picker_endpoints is not None else pool,
                         LEAST_INFLIGHT if simple else None,
@@ -93,6 +99,6 @@ async def envoy_stack(
     sched = RecordingScheduler(inner, order=order)
     async with running_picker(cfg, sched) as picker:
         opts = EnvoyConfigOptions(picker=picker.address, endpoints=pool, fail_open=fail_open,
-                                  extra_http_filters=extra_http_filters or [])
+                                  extra_http_filters=extra_http_filters or [], **(envoy or {}))
         async with EnvoyProcess(opts) as envoy:
             yield Stack(envoy, picker, sched)

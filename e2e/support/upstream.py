@@ -27,6 +27,10 @@ class FakeUpstream:
     host: str = "127.0.0.1"
     tokens: int = 3
     delay_s: float = 0.0
+    fail_status: int | None = None  # answer every request with this status (a failing pod)
+    stall: bool = False  # accept, read the request, then never answer (a stalled pod)
+    usage_override: object = None  # put this as the final SSE event's "usage" (a pod with odd usage)
+    skip_done: bool = False  # end a stream without the [DONE] event
     seen: list[Seen] = field(default_factory=list)
     max_seen: int = 1000
     _runner: web.AppRunner | None = None
@@ -51,6 +55,12 @@ class FakeUpstream:
         body = await request.read()
         if len(self.seen) < self.max_seen:
             self.seen.append(Seen(request.path, {k.lower(): v for k, v in request.headers.items()}, body))
+        if self.stall:
+            await asyncio.Event().wait()  # cancelled when the client or Envoy gives up
+        if self.fail_status is not None:
+            return web.json_response({"error": {"message": "pod failure", "type": "server_error", "param": None,
+                                                "code": None}}, status=self.fail_status,
+                                     headers={"x-served-by": self.address})
         if request.method == "GET":
             return web.json_response({"object": "list", "data": [{"id": "m", "object": "model"}]},
                                      headers={"x-served-by": self.address})
@@ -75,7 +85,9 @@ class FakeUpstream:
             choice = ({"index": 0, "delta": {"content": "x"}, "finish_reason": None} if chat
                       else {"index": 0, "text": "x", "finish_reason": None})
             await resp.write(b"data: " + orjson.dumps({**base, "choices": [choice]}) + b"\n\n")
-        await resp.write(b"data: " + orjson.dumps({**base, "choices": [], "usage": usage}) + b"\n\n")
-        await resp.write(b"data: [DONE]\n\n")
+        final_usage = usage if self.usage_override is None else self.usage_override
+        await resp.write(b"data: " + orjson.dumps({**base, "choices": [], "usage": final_usage}) + b"\n\n")
+        if not self.skip_done:
+            await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp

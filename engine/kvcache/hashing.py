@@ -38,6 +38,12 @@ _memo: dict[int, list[int]] = {}
 _memo_state = {"lookups": 0, "hits": 0, "on": True, "skipped": 0}
 
 
+# The picker hashes (and indexes) at most this many blocks of one prompt: 256K tokens at block size 16, past
+# every context length served today. It bounds per-request work and memory (an 8 MB prompt is ~2M tokens);
+# a prompt longer than this matches on its first MAX_ROUTED_BLOCKS blocks only.
+MAX_ROUTED_BLOCKS = 16384
+
+
 def _as_u32(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
     arr = np.asarray(tokens)
     if arr.dtype != np.uint32:

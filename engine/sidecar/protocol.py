@@ -17,7 +17,9 @@ from typing import Any
 
 import orjson
 
-KV_TRANSFER_PARAMS = "kv_transfer_params"
+from engine.internal_fields import ENGINE_INTERNAL_FIELDS, KV_TRANSFER_PARAMS, strip_engine_fields
+
+__all__ = ["ENGINE_INTERNAL_FIELDS", "KV_TRANSFER_PARAMS", "strip_engine_fields"]
 
 # What the prefill leg asks of a NixlConnector producer (vLLM's toy_proxy_server / llm-d's sidecar).
 PREFILL_KV_PARAMS: dict[str, Any] = {
@@ -64,18 +66,22 @@ def decode_body(request: dict[str, Any], kv_params: dict[str, Any] | None) -> di
 
 
 def strip_client_kv_params(raw: bytes) -> bytes:
-    """Remove ``kv_transfer_params`` a client sent: they would let it make the engine pull KV from anywhere.
+    """Remove every engine-internal field (``ENGINE_INTERNAL_FIELDS``) a client sent, at the JSON level:
+    ``kv_transfer_params`` would let it make the engine pull KV from, or hold KV for, anywhere it names, and
+    ``vllm_xargs`` reaches the same place (vLLM merges it into the sampling params' ``extra_args``, where
+    ``kv_transfer_params`` live).
 
-    Cheap when absent (a substring test), so the plain pass-through path stays parse-free.
+    The body is parsed whenever a field name appears literally or any ``\\u`` escape does: a JSON key can only
+    spell a field without its literal bytes through an escape (``"kv_transfer_param\\u0073"``), so bodies
+    with neither pass through unparsed and unchanged.
     """
-    if KV_TRANSFER_PARAMS.encode() not in raw:
+    if b"\\u" not in raw and not any(name.encode() in raw for name in ENGINE_INTERNAL_FIELDS):
         return raw
     try:
         parsed = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return raw  # not JSON: the engine rejects it with its own 400
-    if isinstance(parsed, dict) and KV_TRANSFER_PARAMS in parsed:
-        parsed.pop(KV_TRANSFER_PARAMS)
+    if isinstance(parsed, dict) and strip_engine_fields(parsed):
         return orjson.dumps(parsed)
     return raw
 

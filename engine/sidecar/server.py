@@ -197,6 +197,7 @@ class Sidecar:
         raw = await self._read_body(request)
         if isinstance(raw, web.Response):
             return raw
+        raw = strip_client_kv_params(raw) if raw else raw  # any path the engine serves reads the same fields
         assert self._session is not None
         url = self.config.decode_url + request.path_qs
         try:

@@ -9,7 +9,11 @@ fails here, then serialised to proto3 JSON (or YAML). Two ways to reach the chos
   The cluster must list the pods (``endpoints``); a request that reaches it without a decision (fail-open)
   goes round robin.
 - ``original-dst``: an ORIGINAL_DST cluster that connects to whatever single ``ip:port`` the header names;
-  no endpoint list needed, but no fallback list (run the picker with ``server.max_fallback: 1``).
+  no endpoint list needed, but no fallback list (run the picker with ``server.max_fallback: 1``). Refused with
+  fail-open: a request that passes a dead picker would go wherever its own header says (a full SSRF), and with
+  the header stripped (see ``hardening``) it has nowhere to go.
+
+Client steering, allowed paths, Envoy's own error bodies and retries live in ``hardening.py``.
 """
 
 from __future__ import annotations
@@ -51,11 +55,8 @@ from envoy_data_plane.envoy.config.endpoint.v3 import (
 )
 from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
 from envoy_data_plane.envoy.config.route.v3 import (
-    RetryPolicy,
-    Route,
     RouteAction,
     RouteConfiguration,
-    RouteMatch,
     VirtualHost,
 )
 from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
@@ -89,6 +90,8 @@ from envoy_data_plane.envoy.type.metadata.v3 import MetadataKey, MetadataKeyPath
 from envoy_data_plane.envoy.type.v3 import Percent
 from envoy_data_plane.google.protobuf import Any as AnyProto
 
+from extproc.envoyconfig import hardening
+
 DESTINATION = "x-gateway-destination-endpoint"
 SERVED = "x-gateway-destination-endpoint-served"
 LB_NAMESPACE = "envoy.lb"
@@ -105,12 +108,17 @@ class EnvoyConfigOptions:
     listen_port: int = 8081
     listen_host: str = "0.0.0.0"
     picker: str = "127.0.0.1:9002"
+    pickers: list[str] = field(default_factory=list)  # more picker replicas, health-checked like the first
     fail_open: bool = False
     lb: str = "override-host"  # or "original-dst"
     admin_port: int = 9901
     endpoints: list[str] = field(default_factory=list)  # pool pods (override-host)
     route_timeout_s: float = 3600.0
-    retries: int = 3
+    retries: int = 3  # bounded retries on the next endpoint of the fallback list (before any response byte)
+    # An attempt with no byte either way for this long is abandoned (and retried if nothing reached the
+    # client yet). vLLM sends a non-streaming response only when generation is done, so keep it above the
+    # longest non-streaming generation; 0 turns it off.
+    per_try_idle_timeout_s: float = 300.0
     picker_grpc_timeout_s: float = 10.0
     message_timeout_s: float = 1000.0
     buffer_limit_bytes: int = 32 * 1024 * 1024  # large prompts pass through Envoy's buffers
@@ -121,6 +129,9 @@ class EnvoyConfigOptions:
     # the end (with SKIP Envoy 1.40 closes the stream right after the response headers reply). A per-request
     # mode_override cannot do this instead: Envoy ignores mode_override when the filter's request or response
     # body mode is FULL_DUPLEX_STREAMED (checked with Envoy 1.40).
+    # "detach": nothing of the response (headers, body, trailers) goes to the picker, so Envoy closes the
+    # ext_proc stream once the request is routed and a picker crash cannot cut it; run the picker with
+    # server.response_body: detach (it then counts a request as ended when routed, and gets no feedback).
     response_body: str = "observe"
     # TLS to the picker (kvswitch serve --tls-cert/--tls-key or --tls-self-signed): verify its certificate
     # against picker_tls_ca (a PEM file path) when given, else encrypt without verifying (GIE's self-signed
@@ -158,17 +169,21 @@ def _load_assignment(name: str, addresses: list[str]) -> ClusterLoadAssignment:
 def _ext_proc(opts: EnvoyConfigOptions) -> ExternalProcessor:
     send = ProcessingModeHeaderSendMode.SEND
     duplex = ProcessingModeBodySendMode.FULL_DUPLEX_STREAMED
-    if opts.response_body not in ("observe", "skip"):
-        raise ValueError(f"response_body must be observe or skip, got {opts.response_body!r}")
+    if opts.response_body not in ("observe", "skip", "detach"):
+        raise ValueError(f"response_body must be observe, skip or detach, got {opts.response_body!r}")
     response_body = duplex if opts.response_body == "observe" else ProcessingModeBodySendMode.NONE
+    # detach: nothing of the response goes to the picker, so Envoy ends the ext_proc stream after the request
+    # phase and a picker crash cannot cut a stream already placed (see EnvoyConfigOptions.response_body).
+    response_side = ProcessingModeHeaderSendMode.SKIP if opts.response_body == "detach" else send
     return ExternalProcessor(
-        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=PICKER_CLUSTER),
+        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=PICKER_CLUSTER,
+                                                                  retry_policy=hardening.picker_grpc_retry()),
                                  timeout=_seconds(opts.picker_grpc_timeout_s)),
         failure_mode_allow=opts.fail_open,
         processing_mode=ProcessingMode(
-            request_header_mode=send, response_header_mode=send,
+            request_header_mode=send, response_header_mode=response_side,
             request_body_mode=duplex, response_body_mode=response_body,
-            request_trailer_mode=send, response_trailer_mode=send,
+            request_trailer_mode=send, response_trailer_mode=response_side,
         ),
         message_timeout=_seconds(opts.message_timeout_s),
         metadata_options=MetadataOptions(
@@ -179,24 +194,26 @@ def _ext_proc(opts: EnvoyConfigOptions) -> ExternalProcessor:
 
 
 def _listener(opts: EnvoyConfigOptions) -> Listener:
-    route = Route(
-        match=RouteMatch(prefix="/"),
-        route=RouteAction(
-            cluster=POOL_CLUSTER,
-            timeout=_seconds(opts.route_timeout_s),
-            retry_policy=RetryPolicy(retry_on="connect-failure,refused-stream,reset", num_retries=opts.retries),
-        ),
+    action = RouteAction(
+        cluster=POOL_CLUSTER,
+        timeout=_seconds(opts.route_timeout_s),
+        retry_policy=hardening.retry_policy(opts.retries, opts.per_try_idle_timeout_s),
     )
     filters = [HttpFilter(name="envoy.filters.http.router", typed_config=_pack(Router()))]
     if opts.ext_proc:
-        filters.insert(0, HttpFilter(name="envoy.filters.http.ext_proc", typed_config=_pack(_ext_proc(opts))))
+        # Off by default, on for the API routes only (hardening.api_routes): see hardening._with_ext_proc.
+        filters.insert(0, HttpFilter(name=hardening.EXT_PROC_FILTER, typed_config=_pack(_ext_proc(opts)),
+                                     disabled=True))
     hcm = HttpConnectionManager(
         stat_prefix="kvswitch_ingress",
         route_config=RouteConfiguration(
             name="inference",
-            virtual_hosts=[VirtualHost(name="inference", domains=["*"], routes=[route])],
+            virtual_hosts=[VirtualHost(name="inference", domains=["*"],
+                                       routes=hardening.api_routes(action, opts.ext_proc, opts.fail_open))],
         ),
         http_filters=filters,
+        early_header_mutation_extensions=[hardening.early_strip()],
+        local_reply_config=hardening.local_replies(),
     )
     return Listener(
         name="inference",
@@ -209,6 +226,10 @@ def _listener(opts: EnvoyConfigOptions) -> Listener:
 
 
 def _pool_cluster(opts: EnvoyConfigOptions) -> Cluster:
+    if opts.lb == "original-dst" and opts.fail_open and opts.ext_proc:
+        raise ValueError("--lb original-dst cannot be combined with --fail-open: with the picker down a request "
+                         "would go wherever it names itself; use --lb override-host (fail-open goes round robin "
+                         "over the listed pool) or --fail-closed")
     if opts.lb == "original-dst":
         return Cluster(
             name=POOL_CLUSTER,
@@ -254,12 +275,14 @@ def _picker_cluster(opts: EnvoyConfigOptions) -> Cluster:
         name=PICKER_CLUSTER,
         type=_static_or_dns(opts.picker),
         connect_timeout=_seconds(1),
-        load_assignment=_load_assignment(PICKER_CLUSTER, [opts.picker]),
+        load_assignment=_load_assignment(PICKER_CLUSTER, [opts.picker] + [p for p in opts.pickers
+                                                                          if p != opts.picker]),
         # No panic routing to an unhealthy picker: with no healthy host the ext_proc stream fails at once,
         # before any body chunk is sent, which is when Envoy still honours failure_mode_allow (fail-open)
         # under FULL_DUPLEX_STREAMED; it also makes fail-closed answer fast.
         common_lb_config=ClusterCommonLbConfig(healthy_panic_threshold=Percent(value=0.0)),
         typed_extension_protocol_options={"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _pack(h2)},
+        outlier_detection=hardening.picker_outlier_detection(),
         transport_socket=_picker_tls(opts),
         health_checks=[HealthCheck(
             timeout=_seconds(1),
@@ -309,7 +332,7 @@ def to_dict(opts: EnvoyConfigOptions) -> dict[str, Any]:
     doc = build_bootstrap(opts).to_dict()
     if opts.extra_http_filters:
         hcm = doc["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
-        hcm["httpFilters"][0:0] = list(opts.extra_http_filters)
+        hcm["httpFilters"][0:0] = list(opts.extra_http_filters)  # the client's headers are stripped earlier
     return doc
 
 

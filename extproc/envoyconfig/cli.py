@@ -12,7 +12,8 @@ def parse_args(argv: list[str]) -> tuple[EnvoyConfigOptions, str | None, str]:
     p = argparse.ArgumentParser(prog="kvswitch envoy-config", description=__doc__)
     p.add_argument("--listen-port", type=int, default=8081)
     p.add_argument("--listen-host", default="0.0.0.0")
-    p.add_argument("--picker", default="127.0.0.1:9002", metavar="HOST:PORT", help="the kvswitch gRPC address")
+    p.add_argument("--picker", action="append", metavar="HOST:PORT",
+                   help="a kvswitch gRPC address (repeat for replicas; default 127.0.0.1:9002)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--fail-open", dest="fail_open", action="store_true",
                       help="let requests through (round robin) when the picker is down")
@@ -21,7 +22,7 @@ def parse_args(argv: list[str]) -> tuple[EnvoyConfigOptions, str | None, str]:
     p.add_argument("--lb", choices=["override-host", "original-dst"], default="override-host")
     p.add_argument("--endpoint", action="append", default=[], metavar="IP:PORT",
                    help="a pool pod (repeatable; required with --lb override-host)")
-    p.add_argument("--response-body", choices=["observe", "skip"], default="observe",
+    p.add_argument("--response-body", choices=["observe", "skip", "detach"], default="observe",
                    help="skip: Envoy sends no response body to the picker (pair with kvswitch serve "
                         "--response-body skip): fewer messages, no usage/cached-token feedback")
     p.add_argument("--picker-tls", action="store_true",
@@ -33,7 +34,9 @@ def parse_args(argv: list[str]) -> tuple[EnvoyConfigOptions, str | None, str]:
     p.add_argument("--format", choices=["yaml", "json"], default="yaml")
     p.add_argument("--out", help="write here instead of stdout")
     a = p.parse_args(argv)
-    opts = EnvoyConfigOptions(listen_port=a.listen_port, listen_host=a.listen_host, picker=a.picker,
+    pickers = a.picker or ["127.0.0.1:9002"]
+    opts = EnvoyConfigOptions(listen_port=a.listen_port, listen_host=a.listen_host, picker=pickers[0],
+                              pickers=pickers[1:],
                               fail_open=a.fail_open, lb=a.lb, admin_port=a.admin_port,
                               response_body=a.response_body,
                               picker_tls=a.picker_tls or bool(a.picker_tls_ca), picker_tls_ca=a.picker_tls_ca,

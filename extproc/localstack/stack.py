@@ -12,6 +12,7 @@ free ones picked at start, except Envoy's listener (``port``, 8080 by default; 0
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import shutil
 import socket
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 import aiohttp
+from prometheus_client import CollectorRegistry
 
 from engine.sidecar import SidecarConfig
 from engine.sidecar.server import Sidecar
@@ -31,6 +33,8 @@ from extproc.config import Config, ConfigError, EndpointConfig, load_config
 from extproc.envoyconfig.builder import EnvoyConfigOptions
 from extproc.localstack.envoy import EnvoyChild
 from extproc.server import Server, build_scheduler, build_server
+from pickers.clock import MonotonicClock
+from pickers.config import build_scheduler as framework_build
 
 log = logging.getLogger("kvswitch.up")
 
@@ -42,6 +46,7 @@ class StackOptions:
     """What ``kvswitch up`` starts; every field has a default that works on a laptop."""
 
     pods: int = 4
+    pickers: int = 1  # picker replicas behind the one Envoy (each health-checked, each subscribed to every pod)
     pd: tuple[int, int] | None = None  # (prefill pods, decode pods): P/D with a sidecar per decode pod
     fleet_file: str | None = None  # engine.sim fleet YAML instead of pods/pd
     port: int = 8080  # Envoy listener; 0 = a free port
@@ -95,6 +100,7 @@ class _Started:
     fleet: SimFleet | None = None
     sidecars: list[Sidecar] = field(default_factory=list)
     server: Server | None = None
+    replicas: list[Server] = field(default_factory=list)  # picker replicas after the first
     envoy: EnvoyChild | None = None
 
 
@@ -141,6 +147,11 @@ class LocalStack:
         return self._s.envoy
 
     @property
+    def servers(self) -> list[Server]:
+        """Every picker replica, the first (``server``) included."""
+        return [self.server, *self._s.replicas]
+
+    @property
     def picker_address(self) -> str:
         return self.server.address
 
@@ -164,7 +175,7 @@ class LocalStack:
             shape += f" x DP{o.dp}"
         metrics = f", metrics {self.picker_metrics_url}" if self.picker_metrics_url else ""
         return (f"kvswitch is up: {self.url}  ({shape} pods {o.model_profile} on {o.accelerator}, "
-                f"time scale {o.time_scale:g}; picker {self.picker_address}{metrics}; "
+                f"time scale {o.time_scale:g}; picker {', '.join(x.address for x in self.servers)}{metrics}; "
                 f"envoy admin {self.admin_url})")
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -275,11 +286,24 @@ class LocalStack:
         scheduler = build_scheduler(cfg)
         self._s.server = server = build_server(cfg, scheduler)
         await server.start()
+        for _ in range(self.options.pickers - 1):
+            # Each replica is a whole picker: its own director and data layer, scraping every pod and
+            # subscribed to every pod's KV events (so the precise index is the same on all). Its metrics live
+            # in their own registry (one set per process is served); its in-flight view is its own decisions
+            # plus the pods' scraped queues (see README, "Picker replicas").
+            rcfg = copy.deepcopy(cfg)
+            rcfg.server.metrics_port = -1
+            director = framework_build(rcfg.scheduler, rcfg.endpoint_objects(), MonotonicClock(),
+                                       registry=CollectorRegistry(), max_fallback=rcfg.server.max_fallback)
+            replica = build_server(rcfg, director)
+            self._s.replicas.append(replica)
+            await replica.start()
 
     async def _start_envoy(self) -> None:
         o = self.options
         assert self.workdir is not None
         opts = EnvoyConfigOptions(listen_port=self.port, listen_host="127.0.0.1", picker=self.picker_address,
+                                  pickers=[r.address for r in self._s.replicas],
                                   fail_open=False, admin_port=_free_port(),
                                   endpoints=[p.address for p in self.pods],
                                   response_body=self.config.server.response_body if self.config else "observe")
@@ -309,6 +333,8 @@ class LocalStack:
         s, self._s = self._s, _Started()
         if s.envoy is not None:
             await _quietly(s.envoy.stop())
+        for replica in s.replicas:
+            await _quietly(replica.stop(0.5))
         if s.server is not None:
             await _quietly(s.server.stop(0.5))
         for sc in s.sidecars:

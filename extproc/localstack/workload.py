@@ -131,7 +131,7 @@ async def _one(client: openai.AsyncOpenAI, model: str, wl: Workload, req: Planne
         if res.output_chunks == 0:
             res.error = "empty stream"
     except openai.APIStatusError as exc:
-        res.error = f"HTTP {exc.status_code}: {str(exc.message)[:120]}"
+        res.error = f"HTTP {exc.status_code}: {str(exc.message)[:300]}"
         res.endpoint = res.endpoint or exc.response.headers.get(ENDPOINT_HEADER)
     except (TimeoutError, openai.APIError, OSError) as exc:
         res.error = f"{type(exc).__name__}: {str(exc)[:120]}"

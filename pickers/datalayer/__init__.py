@@ -47,7 +47,11 @@ class DataLayerSettings:
     max_endpoints: int = 1024
     scrape_interval_s: float = 0.05
     stale_after_intervals: float = 4.0
-    failure_threshold: int = 3
+    failure_threshold: int = 3  # failed scrapes in a row that take a pod out
+    request_failure_threshold: int = 3  # pod faults in a row on our requests that eject a pod (outlier detection)
+    base_ejection_s: float = 1.0  # first ejection; doubles with each ejection in a row
+    max_ejection_s: float = 60.0
+    max_ejected_fraction: float = 0.5  # never eject more than this share of the pool
     approx_max_blocks: int = 4_000_000
     approx_pod_blocks: int = 200_000  # per pod when /metrics gives no num_gpu_blocks
     precise_max_blocks: int = 10_000_000
@@ -74,7 +78,9 @@ class DataLayer:
         ep = self.endpoints
         self.metrics = MetricsStore(clock, ep.slot, n, s.scrape_interval_s * s.stale_after_intervals)
         self.metrics.on_block_size = self._block_size_seen
-        self.health = HealthTracker(ep.address, n, s.failure_threshold, on_health)
+        self.health = HealthTracker(ep.address, n, s.failure_threshold, on_health, s.request_failure_threshold,
+                                    s.base_ejection_s, s.max_ejection_s, s.max_ejected_fraction,
+                                    lambda: int(ep.active_slots().size))
         self.inflight = InflightTracker(n, s.inflight_ttl_s)
         self.costs = CostTable(n)
         self.approx = BlockIndex(s.approx_max_blocks, ("GPU",), max_pods=64, per_pod_cap=None)

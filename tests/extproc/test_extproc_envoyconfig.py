@@ -25,6 +25,10 @@ def test_every_variant_validates(tmp_path, lb, fail_open, fmt):
     if envoy_binary() is None:
         pytest.skip("no envoy binary")
     opts = EnvoyConfigOptions(lb=lb, fail_open=fail_open, endpoints=["10.0.0.1:8000", "10.0.0.2:8000"])
+    if lb == "original-dst" and fail_open:  # refused: a request passing a dead picker would go where it says
+        with pytest.raises(ValueError, match="original-dst"):
+            render(opts, fmt)
+        return
     path = tmp_path / f"envoy.{fmt}"
     path.write_text(render(opts, fmt))
     r = _validate(path)

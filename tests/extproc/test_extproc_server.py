@@ -10,7 +10,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from e2e.support.extproc_fakes import REQUEST_HEADERS, body, headers
-from e2e.support.picker import picker_config, running_picker
+from e2e.support.picker import LEAST_INFLIGHT, picker_config, running_picker
 from e2e.support.waits import until
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -69,3 +69,25 @@ def test_serve_with_its_metrics_port_taken_exits_2_with_one_clear_line():
     assert proc.returncode == 2
     assert f"cannot serve metrics on 127.0.0.1:{port}" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+async def test_stop_keeps_accepting_streams_until_envoy_moved_away():
+    """Issue 14, Why 7: after NOT_SERVING a new stream is still served (Envoy's health check has not noticed
+    yet); the server stops accepting only once no stream started for the quiet time."""
+    cfg = picker_config(["10.0.0.1:8000"], LEAST_INFLIGHT, move_away_seconds=5.0, move_away_quiet_seconds=0.5)
+    async with running_picker(cfg) as srv:
+        stopping = asyncio.create_task(srv.stop(1.0))
+        async with grpc.aio.insecure_channel(srv.address) as ch:
+            for _ in range(3):  # keeps arriving every 0.3 s: the server keeps serving
+                await asyncio.sleep(0.3)
+                assert await _status(srv.address, "envoy.service.ext_proc.v3.ExternalProcessor") != SERVING
+                call = pb_grpc.ExternalProcessorStub(ch).Process()
+                await call.write(headers(REQUEST_HEADERS))
+                await call.write(body(orjson.dumps({"model": "m", "prompt": "x"}), True))
+                first = await call.read()
+                assert first.HasField("request_headers")
+                call.cancel()
+            assert not stopping.done()
+        t0 = asyncio.get_running_loop().time()
+        await stopping
+        assert asyncio.get_running_loop().time() - t0 < 2.5

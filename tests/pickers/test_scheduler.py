@@ -42,16 +42,50 @@ def test_no_endpoint_503_names_the_cause():
     assert e.value.status == 503 and "0 endpoints known" in e.value.message
 
 
-def test_request_failures_take_a_pod_out_and_success_brings_it_back():
+def test_request_failures_eject_a_pod_a_scrape_cannot_bring_it_back_a_probe_does():
+    """Issue 14, Why 4: pod faults eject a pod; a good scrape does not undo it; after the ejection one probe
+    request is let through (never two at once) and its success re-admits the pod; a failed probe ejects it
+    for twice as long. Client 4xx never count."""
     s, clock = scheduler(eps=endpoints(2), raw={"profile": "round-robin"})
+    health = s.dl.health
     ds = [s.decide(request(f"r{i}", list(range(16)))) for i in range(6)]
     bad = ds[0].primary
+    slot = s.dl.endpoints.slot(bad)
+    for d in ds:
+        if d.primary == bad:
+            s.on_failed(d, "http 404", clock.now())  # a client error: the pod is fine
+    assert health.ejection_count == 0
     for d in ds:
         if d.primary == bad:
             s.on_failed(d, "reset", clock.now())
+    assert health.ejection_count == 1
+    health.success(slot)  # a good metrics scrape
     assert all(s.decide(request(f"x{i}", list(range(16)))).primary != bad for i in range(4))
-    s.dl.health.success(s.dl.endpoints.slot(bad))
+    clock.advance(1.01)  # first ejection: 1 s
+    later = [s.decide(request(f"z{i}", list(range(16)))) for i in range(6)]
+    probes = [d for d in later if d.primary == bad]
+    assert len(probes) == 1  # on probation: one request at a time
+    s.on_failed(probes[0], "http 500", clock.now())  # the probe fails: out again, for 2 s
+    clock.advance(1.5)
+    assert all(s.decide(request(f"w{i}", list(range(16)))).primary != bad for i in range(4))
+    clock.advance(0.6)
+    later = [s.decide(request(f"v{i}", list(range(16)))) for i in range(6)]
+    probes = [d for d in later if d.primary == bad]
+    assert len(probes) == 1
+    s.on_finished(probes[0], Usage(16, 1), clock.now())
     assert {s.decide(request(f"y{i}", list(range(16)))).primary for i in range(4)} == {a.address for a in endpoints(2)}
+
+
+def test_gateway_passing_over_an_endpoint_counts_against_it():
+    """The served endpoint is the second of the fallback list: the first failed the request before any byte."""
+    s, clock = scheduler(eps=endpoints(3))
+    health = s.dl.health
+    d = s.decide(request("r0", list(range(16))))
+    first, second = d.endpoints[0], d.endpoints[1]
+    s.on_served(d, second)
+    s.on_finished(d, Usage(16, 1), clock.now())
+    assert health.request_failures[s.dl.endpoints.slot(first)] == 1
+    assert health.request_failures[s.dl.endpoints.slot(second)] == 0
 
 
 def test_prefix_affinity_without_hot_spot():

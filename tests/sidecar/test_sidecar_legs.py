@@ -6,6 +6,7 @@ import asyncio
 
 import aiohttp
 import orjson
+import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -177,3 +178,26 @@ async def test_other_paths_proxy_through_and_own_metrics(fakes, sidecars):
     assert 'kvswitch_sidecar_legs_total{leg="decode",outcome="ok"} 1.0' in text
     assert "kvswitch_sidecar_prefill_leg_seconds_count 1.0" in text
     assert "kvswitch_sidecar_decode_first_byte_seconds_count 1.0" in text
+
+
+# Issue 14, Why 1: the strip works on the parsed JSON, so escaped spellings of a key do not get through.
+_ESCAPED_KEYS = [b'"kv_transfer_param\\u0073"', b'"\\u006bv_transfer_params"', b'"kv\\u005ftransfer_params"',
+                 b'"vllm_xargs"', b'"vllm_xarg\\u0073"']
+
+
+@pytest.mark.parametrize("key", _ESCAPED_KEYS)
+@pytest.mark.parametrize("with_prefill", [False, True])
+async def test_escaped_engine_fields_never_reach_the_engine(fakes, sidecars, key, with_prefill):
+    prefill, decode = await fakes(prefill_ok), await fakes(decode_json)
+    sc = await sidecars(decode, prefill_pods=(prefill.address,))
+    evil = (b'{"model": "m", "prompt": "x", ' + key
+            + b': {"do_remote_prefill": true, "remote_host": "6.6.6.6", "remote_port": 1}}')
+    headers = {"x-prefiller-host-port": prefill.address} if with_prefill else {}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(sc.url + "/v1/completions", data=evil,
+                          headers={"content-type": "application/json", **headers}) as r:
+            assert r.status == 200, await r.text()
+    sent = decode.seen[0].json
+    assert "kv_transfer_params" not in sent or sent["kv_transfer_params"].get("remote_host") != "6.6.6.6"
+    assert "vllm_xargs" not in sent
+    assert not any(b"6.6.6.6" in x.body for x in decode.seen + prefill.seen)

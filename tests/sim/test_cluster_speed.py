@@ -7,6 +7,7 @@ import io
 import pytest
 
 from engine.sim.cluster import ClusterSim, TraceRequest, fleet_from_flags, make_router, summarize, trace_prompts
+from engine.sim.cluster.oracle import OracleRouter
 from engine.sim.cluster.progress import ReplayProgress
 
 
@@ -27,7 +28,8 @@ def _trace(n: int = 120, seed: int = 3) -> list[TraceRequest]:
 
 def _replay(policy: str, quiet: bool, pods: int = 3, pd: str | None = None, seed: int = 0):
     fleet = fleet_from_flags(pods, "H100", "8b", pd=pd, num_blocks=600)
-    sim = ClusterSim(fleet, lambda eps, clock: make_router(policy, eps, clock, seed=seed), quiet_runs=quiet, seed=seed)
+    router = OracleRouter() if policy == "oracle" else (lambda eps, clock: make_router(policy, eps, clock, seed=seed))
+    sim = ClusterSim(fleet, router, quiet_runs=quiet, seed=seed)
     res = sim.run(trace_prompts(_trace()))
     recs = [(r.request_id, r.first_token, r.finish, r.cached_tokens, r.decode_pod, r.prefill_pod, r.status)
             for r in res.records]
@@ -101,3 +103,14 @@ def test_quiet_runs_stand_down_for_data_parallel_pods_and_speculation(engine):
     assert on[0] == off[0] and on[1] == off[1]
     assert on[2].events == off[2].events
     assert all(r[5] == "ok" for r in on[0])
+
+
+@pytest.mark.parametrize("policy", ["vllm:kv_aware", "oracle"])
+def test_quiet_runs_are_settled_for_routers_that_read_the_pods(policy):
+    """Routers that read the pods themselves when they route (a peer emulation; the oracle, which takes no
+    KV events, so its pods' quiet runs grow and commit blocks) route as step by step. What they read today
+    (prompt-prefix hits, queue lengths) no quiet step changes; ClusterSim also settles runs before they route."""
+    quiet = _replay(policy, True)
+    steps = _replay(policy, False)
+    assert quiet[0] == steps[0] and quiet[1] == steps[1]
+    assert quiet[2].events < steps[2].events

@@ -263,16 +263,26 @@ class SchedulerRouter(BaseRouter):
         self._metrics.update(pod, m, at)
 
 
-BUILTIN = ("round-robin",)
+BUILTIN = ("round-robin", "envoy:round_robin", "sglang:cache_aware", "vllm:cache_aware", "vllm:kv_aware")
 
 
 def make_router(name: str, endpoints: list[Endpoint], clock: ManualClock, seed: int = 0,
                 config: dict[str, Any] | None = None, scrape_interval: float = 0.05) -> Router:
-    """A router by policy name: ``round-robin`` (built in), or a picker profile (``default``,
-    ``least-inflight``, ``load-only``, ``approximate``, ``precise``, ... or ``picker:NAME`` to force the
-    picker's own profile of a built-in's name) built by ``pickers.config.build_scheduler`` in virtual time."""
-    if name == "round-robin":
-        return RoundRobinRouter(endpoints)
+    """A router by policy name: ``round-robin`` (built in; alias ``envoy:round_robin``), a peer emulation
+    (``sglang:cache_aware``, ``vllm:cache_aware``, ``vllm:kv_aware``: engine/sim/cluster/peers.py), or a picker
+    profile (``default``, ``least-inflight`` (alias ``least-loaded``), ``load-only``, ``approximate``,
+    ``precise``, ... or ``picker:NAME`` to force the picker's own profile of a built-in's name) built by
+    ``pickers.config.build_scheduler`` in virtual time."""
+    if name in ("round-robin", "envoy:round_robin"):
+        rr = RoundRobinRouter(endpoints)
+        rr.name = name
+        return rr
+    if ":" in name and not name.startswith("picker:"):
+        from engine.sim.cluster.peers import make_peer
+
+        return make_peer(name, endpoints)
+    if name == "least-loaded":
+        name = "least-inflight"
     raw = dict(config or {})
     if isinstance(raw.get("scheduler"), dict):  # a whole picker config file: take its scheduler section
         raw = dict(raw["scheduler"])

@@ -237,6 +237,12 @@ class ClusterSim:
             for core in group.cores:
                 core.on_kv_pulled = self._on_kv_pulled
                 self.by_engine[core.engine_id] = pod
+        attach = getattr(self.router, "attach", None)
+        # routers that read the pods themselves (peer emulations, the oracle): they must see every quiet step
+        # that started by the time they route (see ``_arrive``)
+        self._router_reads_pods = callable(attach)
+        if callable(attach):
+            attach(self.pods)
         self.seed = seed
         self.controller: Controller | None = None
         self.drain_timeout_s = 600.0  # a draining pod's requests still running after this are lost
@@ -360,6 +366,10 @@ class ClusterSim:
         self.records.append(rec)
         req = ClusterRequest(rid, tr.arrival, prompt, tr.output_length, hash_ids=tr.hash_ids)
         rec.req = req
+        if self._router_reads_pods:  # an arrival comes after the step events at its time: steps started by now
+            for pod in self.pods:
+                if pod.run:
+                    pod.settle(now, inclusive=True)
         try:
             decode, prefill = self.router.route(req, now)
         except SchedulingError as exc:

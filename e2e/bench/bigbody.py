@@ -1,0 +1,205 @@
+"""Big bodies vs the picker's event loop (issue 14, "Why" 6): small-request and gRPC health-check latency while
+30 bodies of 8 MB arrive at concurrency 3, through real Envoy, a ``kvswitch serve`` process and simulated pods
+(each in its own process, so nothing here shares the measuring client's event loop).
+
+    .venv/bin/python -m e2e.bench.bigbody                       # this checkout's picker
+    .venv/bin/python -m e2e.bench.bigbody --picker-repo /tmp/old  # another checkout's picker (before/after)
+
+Prints p50/p99/max of small-request latency and of the picker's gRPC health check (``Check`` on the ext_proc
+service every 20 ms), first with no big bodies (quiet) then while they arrive (loaded); the big bodies'
+statuses (a pod's 400 "prompt too long" is expected: the prompt is far past the context; a 5xx is a
+failure of the gateway path); small requests that failed; the picker's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import grpc
+import orjson
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from e2e.support.envoy import EnvoyProcess
+from e2e.support.picker import wait_grpc_health
+from e2e.support.ports import free_port
+from extproc.envoyconfig.builder import EnvoyConfigOptions
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = "sim-model"
+EXT_PROC = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def summary(name: str, ms: list[float]) -> str:
+    return (f"{name}: n={len(ms)} p50={pct(ms, 0.5):.1f}ms p99={pct(ms, 0.99):.1f}ms "
+            f"max={max(ms) if ms else float('nan'):.1f}ms")
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+async def _start(cmd: list[str], cwd: Path, env: dict[str, str], ready: str, log: Path) -> subprocess.Popen:
+    out = open(log, "wb")
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while ready not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"{cmd[:4]} did not start:\n{log.read_text(errors='replace')[-2000:]}")
+        await asyncio.sleep(0.1)
+    return proc
+
+
+async def small_loop(s: aiohttp.ClientSession, url: str, stop: asyncio.Event, ms: list[float],
+                     failed: list[int]) -> None:
+    body = {"model": MODEL, "prompt": "a short question", "max_tokens": 1}
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        try:
+            async with s.post(url + "/v1/completions", json=body) as r:
+                await r.read()
+                if r.status != 200:
+                    failed.append(r.status)
+        except aiohttp.ClientError:
+            failed.append(0)
+        ms.append((time.perf_counter() - t0) * 1000)
+        await asyncio.sleep(0.02)
+
+
+async def health_loop(address: str, stop: asyncio.Event, ms: list[float], not_serving: list[int]) -> None:
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                r = await stub.Check(health_pb2.HealthCheckRequest(service=EXT_PROC), timeout=5)
+                if r.status != health_pb2.HealthCheckResponse.SERVING:
+                    not_serving.append(1)
+            except grpc.aio.AioRpcError:
+                not_serving.append(1)
+            ms.append((time.perf_counter() - t0) * 1000)
+            await asyncio.sleep(0.02)
+
+
+async def big_body(s: aiohttp.ClientSession, url: str, i: int, text: str, sem: asyncio.Semaphore,
+                   statuses: list[int], total: int) -> None:
+    body = orjson.dumps({"model": MODEL, "max_tokens": 1, "prompt": f"{i} {text}"})
+    async with sem:
+        try:
+            async with s.post(url + "/v1/completions", data=body, headers={"content-type": "application/json"},
+                              timeout=aiohttp.ClientTimeout(total=300)) as r:
+                await r.read()
+                statuses.append(r.status)
+        except aiohttp.ClientError:
+            statuses.append(0)
+        print(f"[bigbody] {len(statuses)}/{total} done (last status {statuses[-1]})", flush=True)
+
+
+async def rss_loop(pid: int, stop: asyncio.Event, peak: list[float]) -> None:
+    while not stop.is_set():
+        peak[0] = max(peak[0], rss_mib(pid))
+        await asyncio.sleep(0.1)
+
+
+async def run(args: argparse.Namespace) -> None:
+    tmp = Path(args.out)
+    tmp.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    picker_repo = Path(args.picker_repo).resolve()
+    env_picker = {**env, "PYTHONPATH": str(picker_repo)}
+    procs: list[subprocess.Popen] = []
+    try:
+        pods = []
+        for i in range(3):
+            port = free_port()
+            procs.append(await _start([sys.executable, "-m", "engine.sim", "--pods", "1", "--base-port", str(port),
+                                       "--no-kv-events", "--model-name", MODEL, "--time-scale", "0.02"],
+                                      REPO, env, "ready", tmp / f"pod{i}.log"))
+            pods.append(f"127.0.0.1:{port}")
+        gport = free_port()
+        picker = subprocess.Popen(
+            [sys.executable, "-m", "extproc.cli", "serve", "--host", "127.0.0.1", "--port", str(gport),
+             "--metrics-port", "-1", *[a for p in pods for a in ("--endpoint", p)]],
+            cwd=picker_repo, env=env_picker, stdout=open(tmp / "picker.log", "wb"), stderr=subprocess.STDOUT)
+        procs.append(picker)
+        await wait_grpc_health(f"127.0.0.1:{gport}", timeout=60)
+        opts = EnvoyConfigOptions(picker=f"127.0.0.1:{gport}", endpoints=pods)
+        async with EnvoyProcess(opts) as envoy, aiohttp.ClientSession() as s:
+            results = {}
+            for phase in ("quiet", "loaded"):
+                stop = asyncio.Event()
+                small: list[float] = []
+                small_failed: list[int] = []
+                health: list[float] = []
+                not_serving: list[int] = []
+                peak = [0.0]
+                bg = [asyncio.create_task(small_loop(s, envoy.url, stop, small, small_failed)),
+                      asyncio.create_task(health_loop(f"127.0.0.1:{gport}", stop, health, not_serving)),
+                      asyncio.create_task(rss_loop(picker.pid, stop, peak))]
+                statuses: list[int] = []
+                if phase == "quiet":
+                    await asyncio.sleep(args.quiet_s)
+                else:
+                    sem = asyncio.Semaphore(args.concurrency)
+                    text = ("lorem ipsum dolor sit amet " * (args.body_mb * 1_000_000 // 27 + 1))[
+                        : args.body_mb * 1_000_000 - 60]
+                    await asyncio.gather(*(big_body(s, envoy.url, i, text, sem, statuses, args.bodies)
+                                           for i in range(args.bodies)))
+                stop.set()
+                await asyncio.gather(*bg)
+                results[phase] = (small, small_failed, health, not_serving, peak[0], statuses)
+            print(f"\n== picker from {picker_repo} | load before/after: {os.getloadavg()}")
+            for phase, (small, small_failed, health, not_serving, peak, statuses) in results.items():
+                print(f"[{phase}] {summary('small requests', small)} failed={len(small_failed)} {small_failed[:5]}")
+                print(f"[{phase}] {summary('grpc health', health)} not_serving_or_error={len(not_serving)}")
+                print(f"[{phase}] picker peak RSS {peak:.0f} MiB")
+                if statuses:
+                    hist: dict[int, int] = {}
+                    for st in statuses:
+                        hist[st] = hist.get(st, 0) + 1
+                    print(f"[{phase}] big bodies by status: {dict(sorted(hist.items()))}")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench_bigbody", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--picker-repo", default=str(REPO), help="checkout whose picker to run (before/after)")
+    p.add_argument("--bodies", type=int, default=30)
+    p.add_argument("--body-mb", type=int, default=8)
+    p.add_argument("--concurrency", type=int, default=3)
+    p.add_argument("--quiet-s", type=float, default=5.0)
+    p.add_argument("--out", default="/tmp/kvswitch-bigbody")
+    print(f"uptime load: {os.getloadavg()}", flush=True)
+    asyncio.run(run(p.parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

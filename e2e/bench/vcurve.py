@@ -1,0 +1,357 @@
+"""Load curves in virtual time: every router at offered loads from 0.5x to 3x the knee, per workload.
+
+    kvswitch bench curve [--workloads shared-prefix,multi-turn,no-sharing,mooncake] [--loads 0.5,1,2,3]
+        [--seeds 0,1,2] [--routers default,envoy:round_robin,...] [--requests 300] [--out DIR] [--jobs 1]
+
+The same decision code as the live picker (``pickers`` through ``SchedulerRouter``) and emulations of the
+peers' published policies (engine/sim/cluster/peers.py) route the same traces on the same simulated fleet
+(``ClusterSim``: vLLM scheduling, prefix caching and timing from the one cost model), in virtual time, so one
+point takes seconds. The real-time version through Envoy with the real peers is ``kvswitch bench compare
+--curve``.
+
+The knee: for each workload, round robin is offered the first seed's trace compressed 20x (every request
+queued almost at once), and the knee is the request rate it then completes (completed / makespan): the
+fleet's service capacity for that traffic. Load factors multiply it; the knee and how it was found are in
+the report.
+
+Each workload is generated once per seed at its base rate and then replayed ``load x knee / base rate``
+times faster (the trace's timestamps scaled, as a Mooncake replay at a speedup does), so every load point
+of a seed has the same requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from e2e.bench import workloads as W
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS_DIR = REPO / "e2e" / "bench" / "results"
+ROUTERS = ["default", "envoy:round_robin", "least-loaded", "sglang:cache_aware", "vllm:cache_aware",
+           "vllm:kv_aware"]
+LOADS = [0.5, 0.75, 1.0, 1.5, 2.0, 3.0]
+PROBE_SPEEDUP = 20.0
+
+
+@dataclass(frozen=True, slots=True)
+class CurveFleet:
+    pods: int = 4
+    accelerator: str = "L40S"
+    model_profile: str = "8b"
+    max_model_len: int = 32768
+
+
+@dataclass(slots=True)
+class CurveWorkload:
+    """A workload generator at its base rate (requests/s) with the parameters the report states."""
+
+    name: str
+    make: Callable[[int, int], W.Workload]  # (seed, requests) -> workload at the base rate
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def _shared_prefix(seed: int, n: int) -> W.Workload:
+    return W.shared_prefix(num_requests=n, groups=16, prefix_tokens=4096, question_tokens=512,
+                           output_tokens=128, rate=4.0, seed=seed)
+
+
+def _multi_turn(seed: int, n: int) -> W.Workload:
+    conv = max(1, n // 5)
+    return W.multi_turn(conversations=conv, turns=5, system_tokens=1024, first_user_tokens=1024,
+                        user_tokens=256, output_tokens=128, rate=0.5, think_time_s=20.0, seed=seed)
+
+
+def _no_sharing(seed: int, n: int) -> W.Workload:
+    return W.no_sharing(num_requests=n, rate=4.0, input_median=1024, input_sigma=0.9, output_median=150,
+                        output_sigma=0.8, max_input=8192, max_output=1024, seed=seed)
+
+
+def _mooncake(seed: int, n: int) -> W.Workload:
+    # seed picks the window: consecutive windows of the trace, so repetitions see different traffic
+    start_ms = seed * 120_000
+    return W.mooncake(num_requests=n, start_ms=start_ms, max_input_tokens=16384, max_output_tokens=512)
+
+
+WORKLOADS: dict[str, CurveWorkload] = {
+    "shared-prefix": CurveWorkload("shared-prefix", _shared_prefix, dict(
+        groups=16, prefix_tokens=4096, question_tokens=512, output_tokens=128)),
+    "multi-turn": CurveWorkload("multi-turn", _multi_turn, dict(
+        turns=5, system_tokens=1024, first_user_tokens=1024, user_tokens=256, output_tokens=128,
+        think_time_s=20.0, note="think time scales with the load like every timestamp")),
+    "no-sharing": CurveWorkload("no-sharing", _no_sharing, dict(
+        input_median=1024, input_sigma=0.9, output_median=150, output_sigma=0.8, max_input=8192,
+        max_output=1024)),
+    "mooncake": CurveWorkload("mooncake", _mooncake, dict(
+        trace=str(W.DEFAULT_MOONCAKE_TRACE), window="seed s starts at s x 120 s of the trace",
+        max_input_tokens=16384, max_output_tokens=512)),
+}
+
+
+def mean_rate(wl: W.Workload) -> float:
+    return (len(wl.records) - 1) / wl.duration_s if wl.duration_s > 0 and len(wl.records) > 1 else 1.0
+
+
+def _to_requests(wl: W.Workload) -> list[Any]:
+    from engine.sim.cluster.trace import TraceRequest
+
+    return [TraceRequest(i, r.timestamp / 1000.0, r.input_length, r.output_length, list(r.hash_ids))
+            for i, r in enumerate(wl.records)]
+
+
+VARIANTS: dict[str, dict[str, Any]] = {}  # router name -> picker config (a profile under test), --variants
+
+
+def run_point(workload: str, router: str, seed: int, rate: float, requests: int,
+              fleet: CurveFleet = CurveFleet(), variants: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One replay: ``workload`` (seed) at ``rate`` requests/s through ``router``; its summary. A router named
+    in ``variants`` is the picker profile ``variants[router]["profile"]`` built with that config."""
+    from engine.sim.cluster.cli import replay
+    from engine.sim.cluster.fleet import fleet_from_flags
+    from engine.sim.cluster.report import summarize
+    from engine.sim.cluster.trace import BlockTokens
+
+    wl = WORKLOADS[workload].make(seed, requests)
+    wl = W.scale_rate(wl, rate / mean_rate(wl))
+    reqs = _to_requests(wl)
+    spec = fleet_from_flags(fleet.pods, fleet.accelerator, fleet.model_profile, max_model_len=fleet.max_model_len)
+    variant = (variants if variants is not None else VARIANTS).get(router)
+    policy = router if variant is None else str(variant.get("profile", "default"))
+    res, wall = replay(reqs, spec, policy, seed=seed, blocks=BlockTokens(), picker_config=variant)
+    s = summarize(res, wall)
+    ok = [r for r in res.records if r.status == "ok"]
+    s["cold"] = sum(1 for r in ok if r.cached_tokens < 0.5 * r.prompt_tokens)
+    s["max_share"] = max(s["pod_share"].values(), default=0.0)
+    s.update(workload=workload, router=router, seed=seed, rate=rate)
+    for k in ("pod_busy", "prefill_share"):
+        s.pop(k, None)
+    return s
+
+
+def knee(workload: str, requests: int, fleet: CurveFleet = CurveFleet()) -> float:
+    """Round robin's completed requests/s when offered the seed-0 trace ``PROBE_SPEEDUP`` x faster."""
+    wl = WORKLOADS[workload].make(0, requests)
+    s = run_point(workload, "envoy:round_robin", 0, mean_rate(wl) * PROBE_SPEEDUP, requests, fleet)
+    return float(s["throughput_req_s"])
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def _run_star(args: tuple) -> dict[str, Any]:
+    return run_point(*args[:5], variants=args[5])
+
+
+def run_curves(workloads: list[str], routers: list[str], loads: list[float], seeds: list[int], requests: int,
+               out: Path, jobs: int = 1, log: Callable[[str], None] = print) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    fleet = CurveFleet()
+    doc: dict[str, Any] = {"meta": {
+        "date": _dt.datetime.now().isoformat(timespec="seconds"), "mode": "virtual time (kvswitch sim)",
+        "fleet": f"{fleet.pods} x {fleet.model_profile} on {fleet.accelerator}", "routers": routers,
+        "loads": loads, "seeds": seeds, "requests": requests, "knee_method": (
+            f"round robin offered the seed-0 trace {PROBE_SPEEDUP:g}x faster than its base rate; knee = completed "
+            "req/s (the fleet's service capacity for that traffic)"),
+        "workloads": {w: WORKLOADS[w].params for w in workloads}, "command": " ".join(sys.argv)},
+        "knees": {}, "runs": []}
+    path = out / "results.json"
+    started = time.monotonic()
+    for w in workloads:
+        k = knee(w, requests, fleet)
+        doc["knees"][w] = k
+        log(f"{w}: knee {k:.2f} req/s (round robin at {PROBE_SPEEDUP:g}x the base rate)")
+        plan = [(w, r, s, load * k, requests, VARIANTS) for load in loads for s in seeds for r in routers]
+        done = 0
+        t0 = time.monotonic()
+        pool = ProcessPoolExecutor(jobs) if jobs > 1 else None
+        try:
+            results = pool.map(_run_star, plan) if pool else map(_run_star, plan)
+            for args, s in zip(plan, results):
+                s["load"] = args[3] / k
+                doc["runs"].append(_clean(s))
+                done += 1
+                if done % max(1, len(routers)) == 0 or done == len(plan):
+                    el = time.monotonic() - t0
+                    log(f"  [{done}/{len(plan)}] {w} load {s['load']:.2f}x seed {s['seed']}: "
+                        f"{s['router']} {s['throughput_req_s']:.2f} req/s, p90 {1e3 * s['ttft_p90_s']:.0f} ms "
+                        f"(ETA {el / done * (len(plan) - done):.0f} s)")
+        finally:
+            if pool:
+                pool.shutdown()
+        path.write_text(json.dumps(doc, indent=1))
+    doc["meta"]["wall_s"] = time.monotonic() - started
+    path.write_text(json.dumps(doc, indent=1))
+    return path
+
+
+# ---- report ------------------------------------------------------------------------------------------------
+METRICS = [("throughput_req_s", "req/s", 1.0), ("ttft_p50_s", "TTFT p50 ms", 1e3),
+           ("ttft_p90_s", "TTFT p90 ms", 1e3), ("ttft_p99_s", "TTFT p99 ms", 1e3),
+           ("tpot_mean_s", "TPOT ms", 1e3), ("prefix_hit_rate", "hit %", 100.0), ("share_cv", "share CV", 1.0),
+           ("max_share", "max share %", 100.0)]
+
+
+def medians(runs: list[dict[str, Any]]) -> dict[tuple[str, float, str], dict[str, float]]:
+    groups: dict[tuple[str, float, str], list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["workload"], round(r["load"], 3), r["router"]), []).append(r)
+    out = {}
+    for key, rs in groups.items():
+        out[key] = {m: float(np.median([x[m] for x in rs if x.get(m) is not None] or [math.nan]))
+                    for m, _, _ in METRICS}
+        out[key]["n"] = len(rs)
+    return out
+
+
+def verdicts(doc: dict[str, Any], kvswitch: str = "default") -> list[str]:
+    """Per workload and load: where kvswitch misses the issue's bar against the best peer (medians)."""
+    med = medians(doc["runs"])
+    lines = []
+    for (w, load, router), m in sorted(med.items()):
+        if router != kvswitch:
+            continue
+        peers = {r: v for (w2, l2, r), v in med.items() if w2 == w and l2 == load and r != kvswitch}
+        if not peers:
+            continue
+        best_tp = max(v["throughput_req_s"] for v in peers.values())
+        best_p90 = min(v["ttft_p90_s"] for v in peers.values())
+        best_p99 = min(v["ttft_p99_s"] for v in peers.values())
+        miss = []
+        if m["throughput_req_s"] < best_tp * 0.995:
+            miss.append(f"req/s {m['throughput_req_s']:.3f} < {best_tp:.3f}")
+        if m["ttft_p90_s"] > best_p90:
+            miss.append(f"p90 {1e3 * m['ttft_p90_s']:.0f} > {1e3 * best_p90:.0f} ms")
+        if m["ttft_p99_s"] > 1.1 * best_p99:
+            miss.append(f"p99 {1e3 * m['ttft_p99_s']:.0f} > 1.1 x {1e3 * best_p99:.0f} ms")
+        lines.append(f"| {w} | {load:g}x | {'met' if not miss else '; '.join(miss)} |")
+    return lines
+
+
+def render(path: Path, plots: bool = True) -> Path:
+    doc = json.loads(Path(path).read_text())
+    out = Path(path).parent
+    med = medians(doc["runs"])
+    meta = doc["meta"]
+    lines = [f"# Load curves in virtual time ({meta['date']})", "",
+             f"Fleet: {meta['fleet']}. Routers: {', '.join(meta['routers'])}. Seeds: {meta['seeds']} "
+             f"({meta['requests']} requests per run). Medians over seeds.", "",
+             f"Knee: {meta['knee_method']}.", "",
+             "Peers (`sglang:`, `vllm:`, `envoy:round_robin`, `least-loaded`) are emulations of their published "
+             "policies in the simulator (engine/sim/cluster/peers.py, which states where they approximate); the "
+             "real peers through Envoy are `kvswitch bench compare --curve`.", "",
+             f"Command: `{meta.get('command', '')}`; wall {meta.get('wall_s', 0):.0f} s.", ""]
+    for w, k in doc["knees"].items():
+        lines += [f"## {w}: knee {k:.2f} req/s", "", f"Parameters: `{json.dumps(meta['workloads'].get(w, {}))}`", ""]
+        if plots:
+            lines += [f"![{w}]({w}.png)", ""]
+        lines.append("| load | router | " + " | ".join(lbl for _, lbl, _ in METRICS) + " |")
+        lines.append("|---|---|" + "---|" * len(METRICS))
+        for (w2, load, router), m in sorted(med.items(), key=lambda kv: (kv[0][0], kv[0][1],
+                                                                            meta["routers"].index(kv[0][2]))):
+            if w2 != w:
+                continue
+            cells = []
+            for key, _, scale in METRICS:
+                v = m[key] * scale
+                cells.append("-" if not math.isfinite(v) else (f"{v:.3f}" if scale == 1.0 else f"{v:.0f}"))
+            lines.append(f"| {load:g}x | {router} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Against the issue's bar (kvswitch default vs the best peer, medians)", "",
+              "| workload | load | verdict |", "|---|---|---|", *verdicts(doc), ""]
+    readme = out / "README.md"
+    readme.write_text("\n".join(lines))
+    if plots:
+        _plots(doc, med, out)
+    return readme
+
+
+def _plots(doc: dict[str, Any], med: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    routers = doc["meta"]["routers"]
+    panels = [("throughput_req_s", "completed req/s", 1.0, False), ("ttft_p90_s", "TTFT p90 (s)", 1.0, True),
+              ("ttft_p99_s", "TTFT p99 (s)", 1.0, True), ("prefix_hit_rate", "prefix hit rate (%)", 100.0, False)]
+    for w, k in doc["knees"].items():
+        fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
+        for ax, (key, label, scale, log) in zip(axes, panels):
+            for r in routers:
+                pts = sorted((load, m[key] * scale) for (w2, load, r2), m in med.items() if w2 == w and r2 == r)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=r,
+                            linewidth=2.5 if r == "default" else 1.2)
+            ax.set_xlabel(f"offered load / knee ({k:.2f} req/s)")
+            ax.set_ylabel(label)
+            if log:
+                ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"{w}: {doc['meta']['fleet']}, virtual time, median of {len(doc['meta']['seeds'])} seeds")
+        fig.tight_layout()
+        fig.savefig(out / f"{w}.png", dpi=90)
+        plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="kvswitch bench curve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workloads", default=",".join(WORKLOADS))
+    p.add_argument("--routers", default=",".join(ROUTERS))
+    p.add_argument("--loads", default=",".join(f"{x:g}" for x in LOADS), help="multiples of the knee")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--requests", type=int, default=300, help="requests per run")
+    p.add_argument("--jobs", type=int, default=1, help="parallel replays (processes)")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--report", type=Path, default=None, help="only re-render the report of a results.json")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--variants", type=Path, default=None,
+                   help="JSON {router name: picker config with its 'profile'} (profiles under test)")
+    a = p.parse_args(argv)
+    if a.variants:
+        VARIANTS.update(json.loads(a.variants.read_text()))
+    if a.report:
+        print(render(a.report, not a.no_plots))
+        return 0
+    workloads = [w for w in a.workloads.split(",") if w]
+    for w in workloads:
+        if w not in WORKLOADS:
+            print(f"kvswitch bench curve: unknown workload {w!r}; known: {', '.join(WORKLOADS)}", file=sys.stderr)
+            return 2
+    try:
+        loads = [float(x) for x in a.loads.split(",") if x]
+        seeds = [int(x) for x in a.seeds.split(",") if x]
+    except ValueError as exc:
+        print(f"kvswitch bench curve: {exc}", file=sys.stderr)
+        return 2
+    if not loads or any(x <= 0 for x in loads) or not seeds or a.requests < 2:
+        print("kvswitch bench curve: loads must be positive, seeds non-empty, --requests >= 2", file=sys.stderr)
+        return 2
+    out = a.out or RESULTS_DIR / f"{_dt.datetime.now():%Y-%m-%d-%H%M}-vcurve"
+    path = run_curves(workloads, [r for r in a.routers.split(",") if r], loads, seeds, a.requests, out,
+                      max(1, a.jobs), lambda line: print(line, flush=True))
+    print(render(path, not a.no_plots).read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""Emulations of the peers' published routing policies, for the virtual-time load curves.
+
+The real peers (sglang-router, vllm-router, Envoy) run in real time through ``kvswitch bench compare``;
+these emulations replay the same decision rules inside ``ClusterSim`` so a whole load curve of every
+workload takes seconds per point. Each is written from the peer's source/documentation (see
+/work/shared/reference/peers.md) and says below where it approximates.
+
+- ``sglang:cache_aware`` (sglang-router 0.3.x CLI defaults): per-worker approximate radix tree of the
+  prompts it routed (learned from its own decisions, never from the engines). Load = requests it routed that
+  have not finished. If ``max - min > 64`` and ``max > 1.5 x min``: the least loaded worker. Else the prefix
+  match in the tree: if matched / prompt > 0.3, the worker holding that match (most recently used one when
+  several do); else the worker with the smallest tree. The chosen worker's tree learns the prompt.
+- ``vllm:cache_aware`` (vllm-router 0.1.17, a fork of the same code): the same tree and balance rule with the
+  same CLI defaults (``vllm-router --help``: match ratio 0.3, abs 64, rel 1.5; the library's own defaults,
+  0.5 / 32 / 1.0001, apply only when it is embedded); a low match goes to the least loaded worker instead of
+  the smallest tree (vllm-project/router src/policies/cache_aware.rs; the wheel's Rust source is not
+  shipped, so this follows the repository's current code).
+- ``vllm:kv_aware`` (vllm-router src/policies/kv_aware.rs): longest contiguous cached prefix per worker from
+  the engines' KV events plus speculative entries (the blocks it just routed, for 2 s); the highest score
+  wins, no load term at all (a tie goes to the last worker, as Rust's ``max_by_key`` does); a request with no
+  hit anywhere goes to the least loaded worker.
+- ``envoy:round_robin``: Envoy's ROUND_ROBIN over the pods (``RoundRobinRouter``).
+- ``least-loaded``: fewest requests in flight (``least-inflight``: pickers.simple.LeastInFlight).
+
+Approximations (all stated in the curve reports):
+
+- The trees hold prompt tokens in 16-token blocks (chained hashes), not characters: a match is counted in
+  whole blocks, so the match ratio is the character ratio rounded down to a block (prompts are thousands of
+  tokens; the 0.3 / 0.5 thresholds are unaffected at that scale). Tree eviction (every 120 s down to 2^26
+  characters per worker) never triggers on the curve workloads; a per-worker cap of blocks bounds memory.
+- kv_aware reads each pod's committed blocks directly (what its event-fed index holds when events arrive at
+  once, as they do in virtual time) instead of decoding the event stream; its speculative entries expire
+  after 2 simulated seconds.
+- Load is the router's own in-flight count, decremented when the request finishes, as both routers do.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.kvcache.hashing import hash_blocks
+from engine.sim.cluster.routers import BaseRouter, ClusterRequest, Endpoint, Role, Route, Usage
+
+TREE_BLOCK = 16  # tokens per tree node (see "Approximations")
+_TREE_ROOT = 0x7472656572  # any fixed root: the tree only compares its own hashes
+
+
+@dataclass(frozen=True, slots=True)
+class CacheAwareParams:
+    """The cache_aware policy's knobs (names as in the peers' CLIs)."""
+
+    cache_threshold: float = 0.3
+    balance_abs_threshold: int = 64
+    balance_rel_threshold: float = 1.5
+    low_match: str = "smallest-tree"  # sglang: smallest tree; vllm-router: least loaded
+    max_tree_blocks: int = 1 << 22  # per worker (2^26 characters at ~1 char/4 tokens... bounds memory)
+
+
+SGLANG_CACHE_AWARE = CacheAwareParams()
+VLLM_CACHE_AWARE = CacheAwareParams(low_match="least-loaded")
+
+
+def _decoders(endpoints: Sequence[Endpoint]) -> list[str]:
+    out = [e.address for e in endpoints if e.role.can_decode() and e.role is not Role.BOTH]
+    return out or [e.address for e in endpoints if e.role.can_decode()]
+
+
+class _LoadTracking(BaseRouter):
+    """In-flight requests per worker as the router counts them: +1 when routed, -1 when finished/failed."""
+
+    def __init__(self, endpoints: Sequence[Endpoint]) -> None:
+        self.workers = _decoders(endpoints)
+        if not self.workers:
+            raise ValueError(f"{self.name} needs at least one decode-capable pod")
+        self.index = {w: i for i, w in enumerate(self.workers)}
+        self.load = np.zeros(len(self.workers), dtype=np.int64)
+
+    def _routed(self, req: ClusterRequest, i: int) -> Route:
+        self.load[i] += 1
+        req.state["peer_worker"] = i
+        return self.workers[i], None
+
+    def _release(self, req: ClusterRequest) -> None:
+        i = req.state.pop("peer_worker", None)
+        if i is not None and self.load[i] > 0:
+            self.load[i] -= 1
+
+    def least_loaded(self) -> int:
+        return int(np.argmin(self.load))  # first on a tie, as Rust's min_by_key
+
+    def on_finished(self, req: ClusterRequest, usage: Usage, at: float) -> None:
+        self._release(req)
+
+    def on_failed(self, req: ClusterRequest, reason: str, at: float) -> None:
+        self._release(req)
+
+
+class PrefixTree:
+    """A multi-tenant prefix tree of block hashes: which workers were sent which prompt prefixes.
+
+    Node = one block's chained hash (it names its whole prefix, like a radix-tree path); per node the
+    tenants that hold it with their last access time. Per tenant an LRU of its nodes bounds memory.
+    """
+
+    def __init__(self, tenants: int, max_blocks: int) -> None:
+        self.nodes: dict[int, dict[int, float]] = {}
+        self.lru: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(tenants)]
+        self.max_blocks = max_blocks
+        self._clock = 0.0
+
+    def size(self, tenant: int) -> int:
+        return len(self.lru[tenant])
+
+    def match(self, hashes: Sequence[int]) -> tuple[int, int | None]:
+        """(blocks matched, the tenant holding them: most recently used) for the longest stored prefix."""
+        nodes = self.nodes
+        k = 0
+        while k < len(hashes) and hashes[k] in nodes:
+            k += 1
+        if k == 0:
+            return 0, None
+        tenants = nodes[hashes[k - 1]]
+        return k, max(tenants, key=tenants.__getitem__)
+
+    def insert(self, hashes: Sequence[int], tenant: int) -> None:
+        self._clock += 1.0
+        t = self._clock
+        lru = self.lru[tenant]
+        for h in hashes:
+            node = self.nodes.get(h)
+            if node is None:
+                node = self.nodes[h] = {}
+            node[tenant] = t
+            lru[h] = None
+            lru.move_to_end(h)
+        while len(lru) > self.max_blocks:
+            h, _ = lru.popitem(last=False)
+            node = self.nodes.get(h)
+            if node is not None:
+                node.pop(tenant, None)
+                if not node:
+                    del self.nodes[h]
+
+
+class CacheAwareRouter(_LoadTracking):
+    """sglang-router / vllm-router ``cache_aware`` (see the module docstring)."""
+
+    def __init__(self, endpoints: Sequence[Endpoint], params: CacheAwareParams, name: str) -> None:
+        self.name = name
+        super().__init__(endpoints)
+        self.params = params
+        self.tree = PrefixTree(len(self.workers), params.max_tree_blocks)
+        self.decisions = {"load_balance": 0, "cache_affinity": 0, "low_match": 0}
+
+    def route(self, req: ClusterRequest, now: float) -> Route:
+        p = self.params
+        hashes = hash_blocks(req.prompt, TREE_BLOCK, _TREE_ROOT)
+        lo, hi = int(self.load.min()), int(self.load.max())
+        if hi - lo > p.balance_abs_threshold and hi > lo * p.balance_rel_threshold:
+            i = self.least_loaded()
+            self.decisions["load_balance"] += 1
+        else:
+            k, tenant = self.tree.match(hashes)
+            ratio = k * TREE_BLOCK / max(1, len(req.prompt))
+            if ratio > p.cache_threshold and tenant is not None:
+                i = tenant
+                self.decisions["cache_affinity"] += 1
+            else:
+                self.decisions["low_match"] += 1
+                if p.low_match == "smallest-tree":
+                    sizes = [self.tree.size(t) for t in range(len(self.workers))]
+                    i = int(np.argmin(sizes))
+                else:
+                    i = self.least_loaded()
+        self.tree.insert(hashes, i)
+        return self._routed(req, i)
+
+
+class KvAwareRouter(_LoadTracking):
+    """vllm-router ``kv_aware``: the longest cached prefix per pod (KV events + 2 s speculative entries)."""
+
+    name = "vllm:kv_aware"
+
+    def __init__(self, endpoints: Sequence[Endpoint], speculative_ttl_s: float = 2.0) -> None:
+        super().__init__(endpoints)
+        self.ttl = speculative_ttl_s
+        self._pods: list = []
+        # per worker: engine block hash -> expiry of a speculative entry
+        self._spec: list[dict[int, float]] = [{} for _ in self.workers]
+
+    def attach(self, pods: list) -> None:
+        """The simulator's pods (``ClusterSim`` calls this once it has built them)."""
+        by_name = {p.name: p for p in pods}
+        self._pods = [by_name[w] for w in self.workers]
+
+    def route(self, req: ClusterRequest, now: float) -> Route:
+        if not self._pods:
+            raise RuntimeError("KvAwareRouter needs ClusterSim to attach its pods")
+        best_i, best_k, per_pod = 0, -1, []
+        for i, pod in enumerate(self._pods):
+            pool = pod.core.pool
+            hashes = pool.hash_tokens(req.prompt)
+            spec = self._spec[i]
+            if len(spec) > 4096:  # drop expired speculative entries now and then (bounded)
+                for h in [h for h, t in spec.items() if t < now]:
+                    del spec[h]
+            k = 0
+            while k < len(hashes) and (pool.cached_block(hashes[k]) is not None or spec.get(hashes[k], -1.0) >= now):
+                k += 1
+            per_pod.append((hashes, k))
+            if k >= best_k:  # Rust max_by_key: the last of equal maxima
+                best_i, best_k = i, k
+        if len(req.prompt) < pool.block_size:
+            i = self.least_loaded()  # no full block: least load
+        elif best_k == 0:
+            i = self.least_loaded()
+        else:
+            i = best_i
+        hashes, k = per_pod[i]
+        if k < len(hashes):
+            spec = self._spec[i]
+            for h in hashes[k:]:
+                spec[h] = now + self.ttl
+        return self._routed(req, i)
+
+
+PEERS = ("sglang:cache_aware", "vllm:cache_aware", "vllm:kv_aware")
+
+
+def make_peer(name: str, endpoints: Sequence[Endpoint]) -> BaseRouter:
+    """A peer emulation by name (``PEERS``); ValueError on an unknown one."""
+    if name == "sglang:cache_aware":
+        return CacheAwareRouter(endpoints, SGLANG_CACHE_AWARE, name)
+    if name == "vllm:cache_aware":
+        return CacheAwareRouter(endpoints, VLLM_CACHE_AWARE, name)
+    if name == "vllm:kv_aware":
+        return KvAwareRouter(endpoints)
+    raise ValueError(f"unknown peer emulation {name!r}; known: {', '.join(PEERS)}")
+
+
+__all__ = ["PEERS", "SGLANG_CACHE_AWARE", "VLLM_CACHE_AWARE", "CacheAwareParams", "CacheAwareRouter",
+           "KvAwareRouter", "PrefixTree", "make_peer"]
