@@ -12,11 +12,14 @@ from typing import Any
 import orjson
 
 from extproc.errors import RequestRejected
+from pickers.slo import SLO_HEADERS
 from pickers.types import Api, InferenceRequest
 
-# Request headers the picker may look at (objective, session affinity, tracing); everything else is ignored.
+# Request headers the picker may look at (objective and SLO targets, session affinity, tracing); everything
+# else is ignored. SLO header values are validated by pickers.slo when the director resolves the targets.
 HEADERS_THAT_MATTER = frozenset(
-    {"x-gateway-inference-objective", "x-request-id", "x-session-id", "x-gateway-inference-fairness-id"}
+    {"x-request-id", "x-session-id", "x-gateway-inference-fairness-id", "x-llm-d-inference-fairness-id",
+     *SLO_HEADERS}
 )
 
 _PATH_API: dict[str, Api] = {

@@ -15,7 +15,10 @@ For a prompt of P tokens and each endpoint slot p:
                 prompt's own tokens keep each running decode on p waiting
     tpot_p    = CostModel.decode_step_time(r_p + 1, (r_p + 1) x ctx)         once it joins the batch
 
-ctx is ``decode_context_tokens``, the mean context of a running decode. The same numbers serve the scorers,
+ctx is ``decode_context_tokens``, the mean context of a running decode. Every figure is then corrected per
+kind of pod (model profile, accelerator, role) by what the picker observed (pickers/correction.py):
+ttft -> a_t + b_t x ttft (wait and prefill scaled by b_t), tpot -> a_p + b_p x tpot; the raw numbers stay on
+the ``Prediction`` for the correction to learn from. The same numbers serve the scorers,
 the P/D decider and admission; the state keeps one ``Prediction`` per prefix mode, computed on first use.
 """
 
@@ -27,6 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from engine.costmodel.vector import decode_step_seconds, prefill_seconds
+from pickers.correction import OnlineCorrection
 from pickers.state import Prediction, PrefixMode
 
 if TYPE_CHECKING:
@@ -38,6 +42,8 @@ if TYPE_CHECKING:
 class PredictorSettings:
     decode_context_tokens: float = 2048.0  # mean KV context of a running decode
     waiting_prompt_tokens: float = 0.0  # tokens per waiting request; 0: running mean of the prompts seen
+    correction: bool = True  # learn a per-kind affine correction from observed latencies (pickers/correction.py)
+    correction_window: int = 64  # finished requests remembered per kind of pod
 
 
 class Predictor:
@@ -47,6 +53,9 @@ class Predictor:
         self.dl = dl
         self.settings = settings or PredictorSettings()
         self.mean_prompt = 1024.0  # exponential mean of prompt lengths, for requests seen only as "waiting"
+        self.correction = OnlineCorrection(dl.endpoints.max_endpoints, self.settings.correction_window)
+        if self.settings.correction:
+            dl.endpoints.listen(self.correction.on_endpoint)
 
     def predict(self, ctx: CycleContext, mode: PrefixMode) -> Prediction:
         dl, s = self.dl, self.settings
@@ -83,7 +92,13 @@ class Predictor:
             uncached[slots] = u
             queued[slots] = q
             running[slots] = r
-        return Prediction(mode, ttft, wait, prefill, tpot, uncached, queued, running)
+        if not s.correction:
+            return Prediction(mode, ttft, wait, prefill, tpot, uncached, queued, running)
+        # the online correction (identity until observations arrive): observed ~= a + b x raw, per slot
+        cr = self.correction
+        b_t, b_p = cr.ttft_b[:n], cr.tpot_b[:n]
+        return Prediction(mode, cr.ttft_a[:n] + b_t * ttft, b_t * wait, b_t * prefill, cr.tpot_a[:n] + b_p * tpot,
+                          uncached, queued, running, ttft, tpot)
 
 
 __all__ = ["Predictor", "PredictorSettings"]
