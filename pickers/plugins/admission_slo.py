@@ -6,14 +6,17 @@
                       kv_usage / kv_threshold) (a pool without dedicated prefill pods is one pool). Every
                       request is rejected at S >= threshold x m(priority), with or without targets.
     early             Mooncake's non-predictive early rejection: reject at arrival when the best predicted TTFT
-                      of the fleet now, or the best decode pod's predicted TPOT now, misses the request's
+                      on the prefill pool now (every pod that can prefill; the decode pods without one), or the best decode pod's predicted TPOT now, misses the request's
                       target x m(priority).
     predictive        Mooncake's prediction-based early rejection, done with the picker's own ledger: the TTFT
                       check as ``early``; then the decode pool's TPOT is predicted at T = now + predicted TTFT,
                       counting on each decode pod the requests admitted before this one whose prefill ends by
                       T and whose decode has not ended by T (expected output length from the outputs the pool
                       has produced, capped by each request's max_tokens; decode time = that x its predicted
-                      TPOT), plus the load the pod's metrics show that the ledger does not explain.
+                      TPOT), plus the load the pod's metrics show that the ledger does not explain; the
+                      batch is checked at ``window_points`` times from T to this request's expected end
+                      (Mooncake checks T only: a request admitted just before a burst's prefills end then
+                      decodes in the burst's batch), and the worst TPOT must meet the target.
 
 Requests without targets are never rejected by ``early`` or ``predictive`` (there is nothing to miss).
 
@@ -40,6 +43,9 @@ from pickers.framework import Admission, CycleContext, Param, register
 from pickers.state import SLOTargets
 from pickers.types import Decision, SchedulingError, Usage
 
+TPOT_HEADROOM = Param(float, 0.1, min=0.0, max=0.9,
+                      doc="admit only when the predicted TPOT is below (1 - this) x the target: the decode "
+                          "pod's TPOT varies around the prediction (local prefills of short prompts, KV arrivals)")
 SHEDDABLE_MARGIN = Param(float, 0.8, min=0.05, max=1.0,
                          doc="a sheddable request (priority < 0) is admitted only below this share of its limit")
 
@@ -60,7 +66,7 @@ def miss(latency: str, predicted_s: float, target_s: float, limit_s: float, slo:
     name = "TTFT" if latency == "ttft" else "TPOT"
     header = f"x-slo-{latency}-ms"
     shed = (f"; as a sheddable request ({_who(slo)}) it is admitted only below {limit_s * 1e3:.1f} ms"
-            if limit_s < target_s else "")
+            if slo.priority < 0 else f" (admitted below {limit_s * 1e3:.1f} ms)" if limit_s < target_s else "")
     retry = int(min(60, max(1, math.ceil(retry_after_s))))
     return SchedulingError(
         429,
@@ -141,12 +147,17 @@ class EarlyAdmission(Admission):
     """Mooncake's early rejection on the current prediction (see the module docstring)."""
 
     TYPE = "early"
-    PARAMS = {"sheddable_margin": SHEDDABLE_MARGIN}
+    PARAMS = {"sheddable_margin": SHEDDABLE_MARGIN, "tpot_headroom": TPOT_HEADROOM}
 
     def ttft_check(self, ctx: CycleContext, slots: np.ndarray) -> float:
-        """The best predicted TTFT over ``slots``; raises the 429 when it misses the target."""
+        """The best predicted TTFT over the pods that may run the prompt (the prefill pool when there is
+        one, else every decode pod); raises the 429 when it misses the target."""
         slo = ctx.state.slo
         pred = ctx.prediction("auto")
+        ep = self.dl.endpoints
+        prefill = slots[ep.can_prefill[slots]]
+        if prefill.size:
+            slots = prefill
         t = float(pred.ttft_s[slots].min())
         if slo.ttft_s is not None:
             limit = slo.ttft_s * margin(slo.priority, self.sheddable_margin)
@@ -166,7 +177,7 @@ class EarlyAdmission(Admission):
             decode = slots[self.dl.endpoints.can_decode[slots]]
             if decode.size:
                 tp = float(ctx.prediction("auto").tpot_s[decode].min())
-                limit = slo.tpot_s * margin(slo.priority, self.sheddable_margin)
+                limit = slo.tpot_s * (1.0 - self.tpot_headroom) * margin(slo.priority, self.sheddable_margin)
                 if tp > limit:
                     raise miss("tpot", tp, slo.tpot_s, limit, slo, f"the best of {decode.size} decode pods now",
                                1.0)
@@ -292,9 +303,11 @@ class PredictiveAdmission(EarlyAdmission):
     TYPE = "predictive"
     PARAMS = {
         "sheddable_margin": SHEDDABLE_MARGIN,
+        "tpot_headroom": TPOT_HEADROOM,
         "default_output_tokens": Param(float, 256.0, min=1.0, doc="expected output before any was observed"),
         "max_ledger": Param(int, 65536, min=16, max=1 << 22),
         "outputs_window": Param(int, 256, min=8, max=65536),
+        "window_points": Param(int, 4, min=1, max=32, doc="times across its decode at which the batch is checked"),
     }
 
     def __init__(self, **params: object) -> None:
@@ -303,9 +316,23 @@ class PredictiveAdmission(EarlyAdmission):
 
     def projected_tpot(self, ctx: CycleContext, decode: np.ndarray, at: float, prompt: float,
                        out: float) -> np.ndarray:
-        """Predicted TPOT on each pod of ``decode`` at time ``at`` once this request joins it."""
+        """Predicted TPOT on each pod of ``decode`` during this request's decode: the worst of the batches
+        at ``window_points`` times from ``at`` (its prefill's end) to its expected end there, each with this
+        request in it. Taking the worst point also protects the requests already decoding there, whose
+        TPOT is the same step time."""
         dl = self.dl
         n = dl.endpoints.slot_count
+        first = self._tpot_at(ctx, decode, at, prompt, out, n)
+        worst = first
+        span = out * float(first.min())  # the decode's expected length on the best pod
+        for k in range(1, self.window_points):
+            worst = np.maximum(worst, self._tpot_at(ctx, decode, at + span * k / (self.window_points - 1), prompt,
+                                                    out, n))
+        return worst
+
+    def _tpot_at(self, ctx: CycleContext, decode: np.ndarray, at: float, prompt: float, out: float,
+                 n: int) -> np.ndarray:
+        dl = self.dl
         count, kv, _ = self.ledger.batch_at(at, n)
         # load the pod reports (fresh metrics) that the ledger does not explain: another picker's, or a
         # request decoding longer than expected; counted as staying, with the ledger's mean context
@@ -333,7 +360,7 @@ class PredictiveAdmission(EarlyAdmission):
         out = self.ledger.expected_output(ctx.request.max_tokens, self.default_output_tokens)
         tp = self.projected_tpot(ctx, decode, ctx.now + t_first, float(ctx.prompt_tokens()), out)
         best = float(tp.min())
-        limit = slo.tpot_s * margin(slo.priority, self.sheddable_margin)
+        limit = slo.tpot_s * (1.0 - self.tpot_headroom) * margin(slo.priority, self.sheddable_margin)
         if best > limit:
             raise miss("tpot", best, slo.tpot_s, limit, slo,
                        f"the best of {decode.size} decode pods when its prefill ends ({t_first * 1e3:.0f} ms from "

@@ -160,7 +160,7 @@ def test_early_rejects_exactly_where_the_predicted_ttft_and_tpot_cross_the_targe
     cm = CostModel(MODEL, ACC)
     budget = preset_budget(MODEL, ACC, "both")
     n, ctx = 4000, 2048.0
-    s, clock = two_pods("early")
+    s, clock = two_pods({"type": "early", "tpot_headroom": 0.0})
     feed(s, **{A: (0, 40, 0.2), B: (0, 10, 0.2)})  # the best pod runs 10 decodes
     best_ttft = cm.time_to_first_token(n, 0.0, budget=budget, running=10, decode_context=ctx)
     best_tpot = cm.decode_step_time(11, 11 * ctx)
@@ -189,7 +189,7 @@ def test_predictive_counts_the_admitted_burst_that_early_does_not_see():
     eps = [Endpoint(A)]
     hdr = {"x-slo-tpot-ms": f"{target * 1e3:.4f}"}
     for arm, admitted in (("early", 10), ("predictive", 6)):
-        s, clock = scheduler({"admission": [arm], "profile": "round-robin"}, eps)
+        s, clock = scheduler({"admission": [{"type": arm, "tpot_headroom": 0.0}], "profile": "round-robin"}, eps)
         got = []
         for i in range(10):
             try:

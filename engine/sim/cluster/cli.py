@@ -3,8 +3,13 @@
     kvswitch sim replay TRACE.jsonl --pods 16 --accelerator H100 --model-profile 8b --policy round-robin
     kvswitch sim replay TRACE.jsonl --pd 4:12 --policies round-robin,least-inflight --json out.json
     kvswitch sim replay TRACE.jsonl --fleet fleet.yaml --speedup 2 --max-requests 500
+    kvswitch sim replay TRACE.jsonl --pd 4:12 --policy default --slo-ttft-ms 2000 --slo-tpot-ms 40 \
+        --admission none,stage-saturation,early,predictive
 
-Each policy replays the same trace on a fresh fleet; the table has one column per policy.
+Each policy (x each admission arm) replays the same trace on a fresh fleet; the table has one column per run.
+With SLO targets, every request carries them (the picker's pool defaults, ``scheduler.slo``) and the summary
+adds attainment, goodput, rejection, wasted prefill, decode TPOT oscillation and the picker's prediction
+error per accelerator (engine/sim/cluster/slo.py).
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from typing import Any
 
 from engine.sim.cluster.fleet import FleetSpec, fleet_from_flags, load_fleet
 from engine.sim.cluster.report import format_table, summarize
-from engine.sim.cluster.routers import BUILTIN, make_router
+from engine.sim.cluster.routers import BUILTIN, Router, SchedulerRouter, make_router
+from engine.sim.cluster.slo import SLO_ROWS, slo_summary
 from engine.sim.cluster.simulator import ClusterSim, SimResult, trace_prompts
 from engine.sim.cluster.trace import BlockTokens, TraceRequest, read_mooncake
 
@@ -53,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--scrape-interval", type=float, default=0.05,
                    help="seconds between metric scrapes the picker sees (default 0.05)")
     r.add_argument("--seed", type=int, default=0)
+    s = p.add_argument_group("SLOs and admission")
+    s.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT target of every request (ms)")
+    s.add_argument("--slo-tpot-ms", type=float, default=None, help="TPOT target of every request (ms)")
+    s.add_argument("--admission", default=None,
+                   help="comma-separated admission arms (none, saturation, stage-saturation, early, predictive): "
+                        "each policy runs once per arm, on a fresh fleet (default: the picker config's)")
     o = p.add_argument_group("output")
     o.add_argument("--json", dest="json_out", default=None, help="write the summaries as JSON here")
     o.add_argument("--requests-out", default=None,
@@ -73,17 +85,38 @@ def _fleet(args: argparse.Namespace) -> FleetSpec:
 def replay(
     reqs: list[TraceRequest], fleet: FleetSpec, policy: str, *, seed: int = 0, scrape_interval: float = 0.05,
     picker_config: dict[str, Any] | None = None, blocks: BlockTokens | None = None,
+    predicted: dict[str, tuple[float, float]] | None = None,
 ) -> tuple[SimResult, float]:
-    """One replay of ``reqs`` on a fresh fleet; returns the result and its wall time."""
+    """One replay of ``reqs`` on a fresh fleet; returns the result and its wall time. ``predicted``, when
+    given, receives the picker's predicted (TTFT, TPOT) per request id."""
     start = time.perf_counter()
-    sim = ClusterSim(
-        fleet, lambda eps, clock: make_router(policy, eps, clock, seed=seed, config=picker_config,
-                                        scrape_interval=scrape_interval),
-        scrape_interval=scrape_interval, seed=seed,
-    )
+    routers: list[Router] = []
+
+    def build(eps: Any, clock: Any) -> Router:
+        routers.append(make_router(policy, eps, clock, seed=seed, config=picker_config,
+                                   scrape_interval=scrape_interval))
+        return routers[-1]
+
+    sim = ClusterSim(fleet, build, scrape_interval=scrape_interval, seed=seed)
     res = sim.run(trace_prompts(reqs, blocks))
     res.policy = policy
+    if predicted is not None and routers and isinstance(routers[0], SchedulerRouter):
+        predicted.update(routers[0].predicted)
     return res, time.perf_counter() - start
+
+
+def arm_config(base: dict[str, Any] | None, admission: str | None, ttft_ms: float | None,
+               tpot_ms: float | None) -> dict[str, Any] | None:
+    """The picker config of one arm: ``base`` with ``scheduler.admission`` and ``scheduler.slo`` set."""
+    if admission is None and ttft_ms is None and tpot_ms is None:
+        return base
+    raw = dict(base or {})
+    sched = dict(raw["scheduler"]) if isinstance(raw.get("scheduler"), dict) else raw
+    if admission is not None:
+        sched["admission"] = [admission]
+    if ttft_ms is not None or tpot_ms is not None:
+        sched["slo"] = {**(sched.get("slo") or {}), "ttft_ms": ttft_ms, "tpot_ms": tpot_ms}
+    return sched
 
 
 def _requests_path(base: str, policy: str, many: bool) -> Path:
@@ -118,24 +151,53 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         print(f"trace: {len(reqs)} requests over {reqs[-1].arrival if reqs else 0:.1f} s; "
               f"fleet: {fleet.describe()}", file=sys.stderr)
+    arms: list[str | None] = [None]
+    if args.admission:
+        arms = [a.strip() for a in args.admission.split(",") if a.strip()]
+        if not arms:
+            print("kvswitch sim replay: --admission is empty", file=sys.stderr)
+            return 2
+    ttft_s = args.slo_ttft_ms / 1e3 if args.slo_ttft_ms is not None else None
+    tpot_s = args.slo_tpot_ms / 1e3 if args.slo_tpot_ms is not None else None
+    with_slo = ttft_s is not None or tpot_s is not None or args.admission is not None
     summaries = []
+    extra_rows: dict[str, tuple[str, str, str]] = {}
     blocks = BlockTokens()
-    for policy in policies:
+    runs = [(p, a) for p in policies for a in arms]
+    for policy, arm in runs:
+        column = policy if arm is None else (arm if len(policies) == 1 else f"{policy}+{arm}")
+        if arm is not None and arm != "none" and policy in BUILTIN:
+            print(f"kvswitch sim replay: admission {arm!r} needs a picker policy, not the built-in {policy!r}",
+                  file=sys.stderr)
+            return 2
+        predicted: dict[str, tuple[float, float]] = {}
         try:
             res, wall = replay(reqs, fleet, policy, seed=args.seed, scrape_interval=args.scrape_interval,
-                               picker_config=picker_config, blocks=blocks)
+                               picker_config=arm_config(picker_config, arm, args.slo_ttft_ms, args.slo_tpot_ms),
+                               blocks=blocks, predicted=predicted)
         except ValueError as exc:
             print(f"kvswitch sim replay: policy {policy}: {exc}", file=sys.stderr)
             return 2
         summary = summarize(res, wall)
+        summary["column"] = column
+        if with_slo:
+            summary["admission"] = arm or "config"
+            summary.update(slo_summary(res, ttft_s, tpot_s, predicted))
+            for rk, rl, rf in SLO_ROWS:
+                extra_rows.setdefault(rk, (rk, rl, rf))
+            for acc, m in summary.get("prediction_mape", {}).items():
+                for lat in ("ttft", "tpot"):
+                    key = f"{lat}_mape_{acc}"
+                    summary[key] = m[lat]
+                    extra_rows.setdefault(key, (key, f"{lat.upper()} MAPE {acc}", "{:.1%}"))
         summaries.append(summary)
         if not args.quiet:
-            print(f"{policy}: {summary['completed']} completed in {wall:.1f} s wall", file=sys.stderr)
+            print(f"{column}: {summary['completed']} completed in {wall:.1f} s wall", file=sys.stderr)
         if args.requests_out:
-            with open(_requests_path(args.requests_out, policy, len(policies) > 1), "w", encoding="utf-8") as fh:
+            with open(_requests_path(args.requests_out, column, len(runs) > 1), "w", encoding="utf-8") as fh:
                 for rec in res.records:
                     fh.write(json.dumps(rec.as_dict()) + "\n")
-    print(format_table(summaries))
+    print(format_table(summaries, list(extra_rows.values())))
     if args.json_out:
         payload = {"fleet": fleet.describe(), "requests": len(reqs), "runs": [_clean(s) for s in summaries]}
         Path(args.json_out).write_text(json.dumps(payload, indent=2), encoding="utf-8")
