@@ -8,7 +8,8 @@ raw prediction to what it then observes:
     observed ~= a + b x raw                      (a >= 0 seconds, b > 0)
 
 fitted on the last ``window`` finished requests of that kind, minimising the relative error (each point
-weighted by 1 / observed^2, so a 20 ms request counts as much as a 2 s one). Until ``min_fit`` points are
+weighted by 1 / observed^2, so a 20 ms request counts as much as a 2 s one) with recent requests weighing
+more (weight halves every ``half_life`` requests: a pod's speed drifts with its co-tenants and its cache). Until ``min_fit`` points are
 in, or when the raw predictions are too alike to separate a from b, it falls back to the median ratio
 observed / raw (robust to a few outliers), with a = 0; with fewer than 4 points it keeps the raw cost model
 (one cold start is not a trend). Both TTFT (attributed to the pod that ran the
@@ -38,6 +39,7 @@ class _Series:
     """The last ``window`` (raw prediction, observation) pairs of one latency of one kind of pod."""
 
     window: int
+    half_life: float = 16.0
     raw: np.ndarray = field(init=False)
     obs: np.ndarray = field(init=False)
     n: int = 0  # total seen (the ring position is n % window)
@@ -60,7 +62,9 @@ class _Series:
         ratio = float(np.clip(np.median(y / x), B_MIN, B_MAX))
         if k < min_fit or float(x.max()) < 1.5 * float(x.min()):
             return 0.0, ratio
-        w = 1.0 / (y * y)
+        newest = (self.n - 1) % self.window
+        age = (newest - np.arange(k)) % self.window if self.n > self.window else (k - 1 - np.arange(k))
+        w = np.exp2(-age / self.half_life) / (y * y)
         sw, sx, sy = w.sum(), (w * x).sum(), (w * y).sum()
         sxx, sxy = (w * x * x).sum(), (w * x * y).sum()
         det = sw * sxx - sx * sx
@@ -83,10 +87,11 @@ class _Group:
 class OnlineCorrection:
     """Per endpoint slot: the affine correction of its kind's TTFT and TPOT predictions (see module doc)."""
 
-    def __init__(self, max_endpoints: int = 1024, window: int = 64, min_fit: int = 8) -> None:
+    def __init__(self, max_endpoints: int = 1024, window: int = 64, min_fit: int = 8, refit_every: int = 4) -> None:
         n = max_endpoints
         self.window = window
         self.min_fit = min_fit
+        self.refit_every = refit_every
         self.ttft_a = np.zeros(n)
         self.ttft_b = np.ones(n)
         self.tpot_a = np.zeros(n)
@@ -117,13 +122,17 @@ class OnlineCorrection:
         self._apply(g, "tpot")
 
     def observe(self, slot: int, kind: str, raw: float, observed: float) -> None:
-        """One finished request's raw prediction and observed value (seconds) on the pod at ``slot``."""
+        """One finished request's raw prediction and observed value (seconds) on the pod at ``slot``. The
+        fit is redone on every observation while a kind has few, then every ``refit_every`` (it costs tens
+        of microseconds; a correction that lags a few requests loses nothing)."""
         k = self.group_of[slot] if 0 <= slot < len(self.group_of) else None
         if k is None or not (raw > 0.0 and observed > 0.0 and math.isfinite(raw) and math.isfinite(observed)):
             return
         g = self._groups[k]
-        (g.ttft if kind == "ttft" else g.tpot).add(raw, observed)
-        self._apply(g, kind)
+        series = g.ttft if kind == "ttft" else g.tpot
+        series.add(raw, observed)
+        if series.n <= 2 * self.min_fit or series.n % self.refit_every == 0:
+            self._apply(g, kind)
 
     def _apply(self, g: _Group, kind: str) -> None:
         a, b = (g.ttft if kind == "ttft" else g.tpot).fit(self.min_fit)

@@ -115,5 +115,11 @@ def _objective_name(headers: dict[str, str]) -> str | None:
 
 
 __all__ = [
-    "OBJECTIVE_HEADERS", "Objective", "SLOPolicy", "SLO_HEADERS", "TPOT_HEADERS", "TTFT_HEADERS", "bad_slo",
+    "OBJECTIVE_HEADERS",
+    "SLO_HEADERS",
+    "TPOT_HEADERS",
+    "TTFT_HEADERS",
+    "Objective",
+    "SLOPolicy",
+    "bad_slo",
 ]

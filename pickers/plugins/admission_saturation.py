@@ -17,6 +17,7 @@ import numpy as np
 from pickers.framework import Admission, Param, register
 from pickers.types import SchedulingError
 
+
 @register
 class SaturationAdmission(Admission):
     TYPE = "saturation"

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -80,6 +81,23 @@ def healthy(ctx: CycleContext) -> np.ndarray:
     return c[ctx.dl.health.healthy[c]]
 
 
+class _Stable:
+    """Hands back the previous array object while the values are equal, so the cost table's memo of
+    rooflines (keyed on the slots array's identity) hits on every decision of a steady fleet."""
+
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last: np.ndarray | None = None
+
+    def __call__(self, a: np.ndarray) -> np.ndarray:
+        last = self.last
+        if last is not None and last.size == a.size and np.array_equal(last, a):
+            return last
+        self.last = a
+        return a
+
+
 @register
 class NoAdmission(Admission):
     """Admit every request (``admission: [none]``; same as an empty list)."""
@@ -94,13 +112,18 @@ class NoAdmission(Admission):
 @register
 class StageSaturationAdmission(Admission):
     TYPE = "stage-saturation"
-    PARAMS = {
+    PARAMS: ClassVar[dict[str, Param]] = {
         "queue_threshold": Param(float, 5.0, min=1e-9),
         "kv_threshold": Param(float, 0.8, min=1e-9, max=1.0),
         "threshold": Param(float, 1.0, min=1e-9, doc="reject at S >= threshold x m(priority)"),
         "stale_counts_as_saturated": Param(bool, False),
         "sheddable_margin": SHEDDABLE_MARGIN,
     }
+    queue_threshold: float
+    kv_threshold: float
+    threshold: float
+    stale_counts_as_saturated: bool
+    sheddable_margin: float
 
     def pool_saturation(self, slots: np.ndarray, now: float) -> tuple[float, int]:
         """Mean of max(waiting/qt, kv/kt) over ``slots`` (stale pods ignored, or saturated when strict)."""
@@ -147,7 +170,9 @@ class EarlyAdmission(Admission):
     """Mooncake's early rejection on the current prediction (see the module docstring)."""
 
     TYPE = "early"
-    PARAMS = {"sheddable_margin": SHEDDABLE_MARGIN, "tpot_headroom": TPOT_HEADROOM}
+    PARAMS: ClassVar[dict[str, Param]] = {"sheddable_margin": SHEDDABLE_MARGIN, "tpot_headroom": TPOT_HEADROOM}
+    sheddable_margin: float
+    tpot_headroom: float
 
     def ttft_check(self, ctx: CycleContext, slots: np.ndarray) -> float:
         """The best predicted TTFT over the pods that may run the prompt (the prefill pool when there is
@@ -279,16 +304,19 @@ class DecodeLedger:
             for key in [k for k, r in self.row_of.items() if r in drop]:
                 self.remove(key)
 
-    def batch_at(self, t: float, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per slot (``n`` of them): requests decoding at time ``t``, their KV tokens, and those decoding now
-        (``now`` = the rows already started)."""
+    def batches_at(self, times: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per time in ``times`` and slot (``n`` of them): the requests decoding then and their KV tokens."""
         c, h = self.cols, self.high
-        live = c.live[:h]
-        dec = c.decode[:h]
-        at_t = live & (c.first[:h] <= t) & (c.end[:h] > t)
-        count = np.bincount(dec[at_t], minlength=n)[:n].astype(np.float64)
-        kv = np.bincount(dec[at_t], weights=c.context[:h][at_t], minlength=n)[:n]
-        return count, kv, at_t
+        k = times.size
+        if h == 0:
+            return np.zeros((k, n)), np.zeros((k, n))
+        t = times[:, None]
+        at_t = c.live[:h] & (c.first[:h] <= t) & (c.end[:h] > t)  # (k, h)
+        idx = (c.decode[:h] + n * np.arange(k)[:, None])[at_t]
+        count = np.bincount(idx, minlength=k * n)[: k * n].astype(np.float64).reshape(k, n)
+        kv = np.bincount(idx, weights=np.broadcast_to(c.context[:h], (k, h))[at_t],
+                         minlength=k * n)[: k * n].reshape(k, n)
+        return count, kv
 
     def decoding_now(self, now: float, n: int) -> np.ndarray:
         c, h = self.cols, self.high
@@ -301,7 +329,7 @@ class PredictiveAdmission(EarlyAdmission):
     """Mooncake's prediction-based early rejection (see the module docstring)."""
 
     TYPE = "predictive"
-    PARAMS = {
+    PARAMS: ClassVar[dict[str, Param]] = {
         "sheddable_margin": SHEDDABLE_MARGIN,
         "tpot_headroom": TPOT_HEADROOM,
         "default_output_tokens": Param(float, 256.0, min=1.0, doc="expected output before any was observed"),
@@ -309,40 +337,41 @@ class PredictiveAdmission(EarlyAdmission):
         "outputs_window": Param(int, 256, min=8, max=65536),
         "window_points": Param(int, 4, min=1, max=32, doc="times across its decode at which the batch is checked"),
     }
+    default_output_tokens: float
+    max_ledger: int
+    outputs_window: int
+    window_points: int
 
     def __init__(self, **params: object) -> None:
         super().__init__(**params)
         self.ledger = DecodeLedger(self.max_ledger, outputs_window=self.outputs_window)
+        self._decode = _Stable()
 
     def projected_tpot(self, ctx: CycleContext, decode: np.ndarray, at: float, prompt: float,
                        out: float) -> np.ndarray:
         """Predicted TPOT on each pod of ``decode`` during this request's decode: the worst of the batches
-        at ``window_points`` times from ``at`` (its prefill's end) to its expected end there, each with this
-        request in it. Taking the worst point also protects the requests already decoding there, whose
-        TPOT is the same step time."""
+        at ``window_points`` times from ``at`` (its prefill's end) to its expected end there (its expected
+        output x the best decode pod's TPOT now), each with this request in it. Taking the worst point also
+        protects the requests already decoding there, whose TPOT is the same step time. One vectorised
+        evaluation for all points and pods."""
         dl = self.dl
         n = dl.endpoints.slot_count
-        first = self._tpot_at(ctx, decode, at, prompt, out, n)
-        worst = first
-        span = out * float(first.min())  # the decode's expected length on the best pod
-        for k in range(1, self.window_points):
-            worst = np.maximum(worst, self._tpot_at(ctx, decode, at + span * k / (self.window_points - 1), prompt,
-                                                    out, n))
-        return worst
-
-    def _tpot_at(self, ctx: CycleContext, decode: np.ndarray, at: float, prompt: float, out: float,
-                 n: int) -> np.ndarray:
-        dl = self.dl
-        count, kv, _ = self.ledger.batch_at(at, n)
+        k = self.window_points
+        span = out * float(ctx.prediction("auto").tpot_s[decode].min())
+        times = at + span * np.arange(k) / max(1, k - 1)
+        led = self.ledger
+        count, kv = led.batches_at(times, n)  # (k, n) each
         # load the pod reports (fresh metrics) that the ledger does not explain: another picker's, or a
         # request decoding longer than expected; counted as staying, with the ledger's mean context
-        extra = np.maximum(dl.running(decode, ctx.now) - self.ledger.decoding_now(ctx.now, n)[decode], 0.0)
-        mean_ctx = np.where(count[decode] > 0, kv[decode] / np.maximum(count[decode], 1.0), prompt + out / 2.0)
-        batch = count[decode] + extra + 1.0
-        tokens = kv[decode] + extra * mean_ctx + prompt + out / 2.0
-        raw = decode_step_seconds(dl.costs.rooflines(decode), batch, tokens)
+        extra = np.maximum(dl.running(decode, ctx.now) - led.decoding_now(ctx.now, n)[decode], 0.0)
+        c, v = count[:, decode], kv[:, decode]
+        own = prompt + out / 2.0
+        mean_ctx = np.where(c > 0, v / np.maximum(c, 1.0), own)
+        batch = (c + extra + 1.0).ravel()
+        tokens = (v + extra * mean_ctx + own).ravel()
+        raw = decode_step_seconds(dl.costs.rooflines(decode, k), batch, tokens).reshape(k, decode.size)
         cr = dl.predictor.correction
-        return cr.tpot_a[decode] + cr.tpot_b[decode] * raw
+        return (cr.tpot_a[decode] + cr.tpot_b[decode] * raw).max(axis=0)
 
     def admit(self, ctx: CycleContext) -> None:
         slo = ctx.state.slo
@@ -354,7 +383,7 @@ class PredictiveAdmission(EarlyAdmission):
         t_first = self.ttft_check(ctx, slots)
         if slo.tpot_s is None:
             return
-        decode = slots[self.dl.endpoints.can_decode[slots]]
+        decode = self._decode(slots[self.dl.endpoints.can_decode[slots]])
         if decode.size == 0:
             return
         out = self.ledger.expected_output(ctx.request.max_tokens, self.default_output_tokens)

@@ -160,11 +160,11 @@ def test_early_rejects_exactly_where_the_predicted_ttft_and_tpot_cross_the_targe
     cm = CostModel(MODEL, ACC)
     budget = preset_budget(MODEL, ACC, "both")
     n, ctx = 4000, 2048.0
-    s, clock = two_pods({"type": "early", "tpot_headroom": 0.0})
+    s, _ = two_pods({"type": "early", "tpot_headroom": 0.0})
     feed(s, **{A: (0, 40, 0.2), B: (0, 10, 0.2)})  # the best pod runs 10 decodes
     best_ttft = cm.time_to_first_token(n, 0.0, budget=budget, running=10, decode_context=ctx)
     best_tpot = cm.decode_step_time(11, 11 * ctx)
-    ms = lambda v: f"{v * 1e3:.4f}"  # noqa: E731
+    ms = lambda v: f"{v * 1e3:.4f}"
     s.decide(request("ok", toks(n), headers={"x-slo-ttft-ms": ms(best_ttft * 1.01),
                                              "x-slo-tpot-ms": ms(best_tpot * 1.01)}))
     with pytest.raises(SchedulingError) as e:
@@ -184,7 +184,7 @@ def test_predictive_counts_the_admitted_burst_that_early_does_not_see():
     cm = CostModel(MODEL, ACC)
     n, out = 1000, 256  # nothing observed yet: expected output = min(max_tokens, 256)
     ctx = n + out / 2
-    step = lambda b: cm.decode_step_time(b, b * ctx)  # noqa: E731
+    step = lambda b: cm.decode_step_time(b, b * ctx)
     target = 0.5 * (step(6) + step(7))  # six requests fit on one pod at once, seven do not
     eps = [Endpoint(A)]
     hdr = {"x-slo-tpot-ms": f"{target * 1e3:.4f}"}
@@ -212,7 +212,7 @@ def test_stage_saturation_takes_the_worse_pool_and_sheds_sheddable_first():
     eps = [Endpoint(P0, role="prefill"), Endpoint(D0, role="decode")]
     raw = {"admission": ["stage-saturation"], "handler": {"type": "prefill-decode"},
            "objectives": {"batch": {"priority": -1}}}
-    s, clock = scheduler(raw, eps)
+    s, _ = scheduler(raw, eps)
     batch = {"x-gateway-inference-objective": "batch"}
     feed(s, **{P0: (5, 0, 0.1), D0: (0, 10, 0.1)})  # S_prefill = 1.0
     with pytest.raises(SchedulingError) as e:
@@ -238,7 +238,7 @@ def test_a_higher_priority_is_never_rejected_where_a_lower_one_is_admitted(arm):
     for trial in range(40):
         verdicts = {}
         for name in prios:  # the same fleet state for every priority: a fresh picker per verdict
-            s, clock = two_pods(arm, **raw)
+            s, _ = two_pods(arm, **raw)
             r = np.random.default_rng(trial)
             feed(s, **{A: (r.integers(0, 6), r.integers(0, 100), r.uniform(0.3, 1)),
                        B: (r.integers(0, 6), r.integers(0, 100), r.uniform(0.3, 1))})

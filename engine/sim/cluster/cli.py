@@ -25,8 +25,8 @@ from typing import Any
 from engine.sim.cluster.fleet import FleetSpec, fleet_from_flags, load_fleet
 from engine.sim.cluster.report import format_table, summarize
 from engine.sim.cluster.routers import BUILTIN, Router, SchedulerRouter, make_router
-from engine.sim.cluster.slo import SLO_ROWS, slo_summary
 from engine.sim.cluster.simulator import ClusterSim, SimResult, trace_prompts
+from engine.sim.cluster.slo import SLO_ROWS, slo_summary
 from engine.sim.cluster.trace import BlockTokens, TraceRequest, read_mooncake
 
 
@@ -195,8 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{column}: {summary['completed']} completed in {wall:.1f} s wall", file=sys.stderr)
         if args.requests_out:
             with open(_requests_path(args.requests_out, column, len(runs) > 1), "w", encoding="utf-8") as fh:
-                for rec in res.records:
-                    fh.write(json.dumps(rec.as_dict()) + "\n")
+                fh.writelines(json.dumps(rec.as_dict()) + "\n" for rec in res.records)
     print(format_table(summaries, list(extra_rows.values())))
     if args.json_out:
         payload = {"fleet": fleet.describe(), "requests": len(reqs), "runs": [_clean(s) for s in summaries]}
