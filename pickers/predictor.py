@@ -13,7 +13,8 @@ For a prompt of P tokens and each endpoint slot p:
     wait_p    = the part of ttft_p that prefills Q_p
     prefill_p = the same with nothing queued and nothing running, less one empty step: the time this
                 prompt's own tokens keep each running decode on p waiting
-    tpot_p    = CostModel.decode_step_time(r_p + 1, (r_p + 1) x ctx)         once it joins the batch
+    tpot_p    = CostModel.decode_step_time(r_p + 1, r_p x ctx + P)          once it joins the batch (its own
+                                                                            context is its prompt)
 
 ctx is ``decode_context_tokens``, the mean context of a running decode. Every figure is then corrected per
 kind of pod (model profile, accelerator, role) by what the picker observed (pickers/correction.py):
@@ -88,7 +89,7 @@ class Predictor:
             wait[slots] = w
             prefill[slots] = np.maximum(alone - dl.costs.empty_step_s[slots], 0.0)
             tpot[slots] = decode_step_seconds(dl.costs.rooflines(slots), r + 1.0,
-                                              (r + 1.0) * s.decode_context_tokens)
+                                              r * s.decode_context_tokens + p)
             uncached[slots] = u
             queued[slots] = q
             running[slots] = r

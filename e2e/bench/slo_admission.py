@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     load = os.getloadavg()[0]
+    meta = {"fleet": fleet.describe(), "ttft_ms": args.ttft_ms, "tpot_ms": args.tpot_ms,
+            "max_requests": args.max_requests, "config": cfg, "load_at_start": load}
     print(f"fleet {fleet.describe()}; targets TTFT {args.ttft_ms:g} ms, TPOT {args.tpot_ms:g} ms; "
           f"{args.max_requests} requests; load {load:.1f}", file=sys.stderr)
     for sp in (float(x) for x in args.speedups.split(",")):
@@ -65,13 +67,12 @@ def main(argv: list[str] | None = None) -> int:
                    "ttft_p90_s": s["ttft_p90_s"], "tpot_mean_s": s["tpot_mean_s"],
                    "prediction_mape": s.get("prediction_mape", {}), "pod_busy": s["pod_busy"], "wall_s": wall}
             rows.append(row)
+            (out / "slo_admission.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2),
+                                                    encoding="utf-8")  # after every run: a partial table
             print(f"  {sp:g}x {arm:17s} attain {row['slo_attainment']:.3f} admitted {row['admitted_attainment']:.3f} "
                   f"goodput {row['goodput_req_s']:.3f} rejected {row['rejected_frac']:.3f} wasted "
                   f"{row['wasted_prefill_frac']:.4f} cv {row['decode_tpot_cv_per_min']:.3f} "
                   f"({time.perf_counter() - t0:.0f} s wall, load {os.getloadavg()[0]:.1f})", file=sys.stderr)
-    meta = {"fleet": fleet.describe(), "ttft_ms": args.ttft_ms, "tpot_ms": args.tpot_ms,
-            "max_requests": args.max_requests, "config": cfg, "load_at_start": load}
-    (out / "slo_admission.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2), encoding="utf-8")
     table = markdown(rows)
     (out / "slo_admission.md").write_text(table + "\n", encoding="utf-8")
     print(table)

@@ -109,8 +109,7 @@ def test_prediction_on_an_idle_pod_is_the_cost_model_within_2_percent():
         slot = s.dl.endpoints.slot(d.primary)
         want = cm.time_to_first_token(n, 0.0, budget=budget)
         assert pred.ttft_s[slot] == pytest.approx(want, rel=0.02)
-        ctx = s.dl.predictor.settings.decode_context_tokens
-        assert pred.tpot_s[slot] == pytest.approx(cm.decode_step_time(1, ctx), rel=0.02)
+        assert pred.tpot_s[slot] == pytest.approx(cm.decode_step_time(1, n), rel=0.02)  # alone: its own context
         s.on_finished(d, Usage(n, 1), 0.0)  # leave the pods idle for the next size
 
 
@@ -163,7 +162,7 @@ def test_early_rejects_exactly_where_the_predicted_ttft_and_tpot_cross_the_targe
     s, _ = two_pods({"type": "early", "tpot_headroom": 0.0})
     feed(s, **{A: (0, 40, 0.2), B: (0, 10, 0.2)})  # the best pod runs 10 decodes
     best_ttft = cm.time_to_first_token(n, 0.0, budget=budget, running=10, decode_context=ctx)
-    best_tpot = cm.decode_step_time(11, 11 * ctx)
+    best_tpot = cm.decode_step_time(11, 10 * ctx + n)
     ms = lambda v: f"{v * 1e3:.4f}"
     s.decide(request("ok", toks(n), headers={"x-slo-ttft-ms": ms(best_ttft * 1.01),
                                              "x-slo-tpot-ms": ms(best_tpot * 1.01)}))
