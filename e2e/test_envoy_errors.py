@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import aiohttp
 import orjson
 import pytest
@@ -50,7 +52,7 @@ async def test_huge_body_over_limit_is_413_without_buffering_it_all(fake_pods):
     async with envoy_stack([p.address for p in fake_pods], server={"body_limit_bytes": 100_000}) as stack, \
             aiohttp.ClientSession() as s:
         body = b'{"model": "m", "prompt": "' + b"x" * 3_000_000 + b'"}'
-        async with s.post(stack.url + "/v1/completions", data=body) as r:
+        async with s.post(stack.url + "/v1/completions", data=io.BytesIO(body)) as r:
             assert r.status == 413
             assert "body_limit_bytes" in (await _error(r))["message"]
         async with s.post(stack.url + "/v1/completions", json=GOOD) as r:

@@ -12,12 +12,12 @@ import pytest
 from prometheus_client import REGISTRY
 
 from e2e.support.envoy import EnvoyProcess
-from e2e.support.ports import dead_address
 from e2e.support.picker import LEAST_INFLIGHT, picker_config, running_picker
+from e2e.support.ports import dead_address
 from e2e.support.stack import RecordingScheduler
 from extproc.envoyconfig.builder import EnvoyConfigOptions
-from extproc.stream import ExtProcStream
 from extproc.server import build_scheduler
+from extproc.stream import ExtProcStream
 
 pytestmark = pytest.mark.envoy
 MODEL = "llama-3.1-8b"

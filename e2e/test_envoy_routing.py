@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import io
+
 import aiohttp
 import orjson
 import pytest
-
-from e2e.support.ports import dead_address
-from e2e.support.stack import envoy_stack
 from envoy_data_plane.envoy.extensions.filters.http.header_to_metadata.v3 import (
     Config as HeaderToMetadata,
+)
+from envoy_data_plane.envoy.extensions.filters.http.header_to_metadata.v3 import (
     ConfigKeyValuePair,
     ConfigRule,
     ConfigValueType,
 )
 from envoy_data_plane.google.protobuf import Any as AnyProto
+
+from e2e.support.ports import dead_address
+from e2e.support.stack import envoy_stack
 
 pytestmark = pytest.mark.envoy
 MODEL = "llama-3.1-8b"
@@ -121,7 +125,7 @@ async def test_large_body_passes_through_byte_for_byte(fake_pods):
     big = orjson.dumps({"model": MODEL, "prompt": "ab\u00e9" * 500_000, "max_tokens": 1})
     assert len(big) > 1_500_000
     async with envoy_stack([p.address for p in fake_pods]) as stack, aiohttp.ClientSession() as s:
-        async with s.post(stack.url + "/v1/completions", data=big,
+        async with s.post(stack.url + "/v1/completions", data=io.BytesIO(big),
                           headers={"content-type": "application/json"}) as r:
             assert r.status == 200, await r.text()
         seen = [x for p in fake_pods for x in p.seen]

@@ -22,10 +22,10 @@ from prometheus_client import CollectorRegistry
 from e2e.support.envoy import EnvoyProcess
 from e2e.support.picker import picker_config, running_picker
 from e2e.vllmcpu.capture import metric_value
+from engine.kvcache.hashing import hash_blocks
 from engine.sidecar import Sidecar, SidecarConfig
 from extproc.envoyconfig.builder import EnvoyConfigOptions
 from pickers.config import build_scheduler
-from pickers.kvblocks.hashing import hash_blocks
 from pickers.types import Endpoint, Role
 
 pytestmark = [pytest.mark.vllm, pytest.mark.envoy, pytest.mark.slow]

@@ -11,14 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
 from typing import Any
 
 import pytest
 
 from e2e.vllmcpu.capture import (
-    CHAT_MESSAGES, LONG_PROMPT, SHORT_PROMPT, bad_requests, metric_families, post_json, request, shape, sse,
+    CHAT_MESSAGES,
+    LONG_PROMPT,
+    SHORT_PROMPT,
+    bad_requests,
+    metric_families,
+    post_json,
+    request,
+    shape,
+    sse,
 )
 from e2e.vllmcpu.kvevents import KvEventCollector
 
@@ -114,11 +121,11 @@ def _stored(collector: KvEventCollector, timeout: float = 15.0) -> list[dict[str
 async def _kv_round(vllm_pair, sim, path: str, body: dict) -> tuple[list, list, list, list]:
     """Send ``body`` to vLLM A and the sim with KV subscribers attached; their messages and BlockStored events."""
     with KvEventCollector(vllm_pair.a.kv_events_endpoint) as cv, KvEventCollector(sim.kv_events_endpoint) as cs:
-        await asyncio.sleep(0.5)  # SUB sockets join before anything is published
+        await asyncio.to_thread(cv.joined)  # both subscriptions reach their publishers before anything is sent
+        await asyncio.to_thread(cs.joined)
         (s1, r1), (s2, r2) = await both(post_json, (vllm_pair.a.base_url, path, body), (sim_url(sim), path, body))
         assert (s1, s2) == (200, 200), (r1, r2)
         ev_real, ev_fake = await both(_stored, (cv,), (cs,))
-        await asyncio.sleep(0.3)
         return cv.snapshot(), cs.snapshot(), ev_real, ev_fake
 
 

@@ -112,6 +112,8 @@ def kvswitch_up(*args: str, timeout: float = 40.0) -> Iterator[Up]:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
         reader.join(5)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 @dataclass

@@ -5,7 +5,6 @@ Run: .venv/bin/python -m pytest -p e2e.vllmcpu.fixtures e2e/test_vllm_pair.py
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import pytest
@@ -42,7 +41,7 @@ def test_repeat_prompt_hits_local_cache_and_publishes_blocks_once(vllm_pair):
     a = vllm_pair.a
     body = {"model": vllm_pair.model_name, "prompt": fresh_prompt(), "max_tokens": 1}
     with KvEventCollector(a.kv_events_endpoint) as kv:
-        time.sleep(0.5)
+        kv.joined()
         s, first = post_json(a.base_url, "/v1/completions", body)
         assert s == 200 and first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
         stored = kv.wait_for(lambda evs: any(e["type"] == "BlockStored" for e in evs))
@@ -52,8 +51,13 @@ def test_repeat_prompt_hits_local_cache_and_publishes_blocks_once(vllm_pair):
         s, again = post_json(a.base_url, "/v1/completions", body)
         assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == n_blocks * vllm_pair.block_size
         assert counter(a, "vllm:prefix_cache_hits_total") - hits == n_blocks * vllm_pair.block_size
-        time.sleep(0.3)
-        after = [e for e in kv.events() if e["type"] == "BlockStored"]
+        # a marker request after the repeat: one publisher, in order, so once the marker's blocks are in, anything
+        # the repeat would have stored is too
+        marker = {"model": vllm_pair.model_name, "prompt": fresh_prompt(), "max_tokens": 1}
+        post_json(a.base_url, "/v1/completions", marker)
+        count = len([e for e in stored if e["type"] == "BlockStored"])
+        events = kv.wait_for(lambda evs: sum(e["type"] == "BlockStored" for e in evs) > count)
+        after = [e for e in events if e["type"] == "BlockStored"][:-1]
         assert after == [e for e in stored if e["type"] == "BlockStored"], "a cache hit must not store blocks again"
 
 
@@ -65,7 +69,8 @@ def test_prefill_on_a_then_decode_on_b_loads_kv_from_shared_storage(vllm_pair):
     assert s == 200 and pre["usage"]["completion_tokens"] == 1
     assert pre["kv_transfer_params"] is None  # ExampleConnector returns none
     local, external = counter(b, "vllm:prefix_cache_hits_total"), counter(b, "vllm:external_prefix_cache_hits_total")
-    s, dec = post_json(b.base_url, "/v1/completions", {"model": vllm_pair.model_name, "prompt": prompt, "max_tokens": 4})
+    s, dec = post_json(b.base_url, "/v1/completions",
+                       {"model": vllm_pair.model_name, "prompt": prompt, "max_tokens": 4})
     expect = (pre["usage"]["prompt_tokens"] - 1) // vllm_pair.block_size * vllm_pair.block_size
     assert s == 200 and dec["usage"]["prompt_tokens_details"]["cached_tokens"] == expect
     assert counter(b, "vllm:external_prefix_cache_hits_total") - external == expect
@@ -75,7 +80,7 @@ def test_prefill_on_a_then_decode_on_b_loads_kv_from_shared_storage(vllm_pair):
 def test_reset_prefix_cache_publishes_all_blocks_cleared_at_next_step(vllm_pair):
     b = vllm_pair.b
     with KvEventCollector(b.kv_events_endpoint) as kv:
-        time.sleep(0.5)
+        kv.joined()
         status, _, body = request(b.base_url, "POST", "/reset_prefix_cache")
         assert status == 200, body
         post_json(b.base_url, "/v1/completions", {"model": vllm_pair.model_name, "prompt": "x", "max_tokens": 1})

@@ -30,8 +30,8 @@ from e2e.support.vllm_stack import (
     wait_index,
 )
 from e2e.vllmcpu.kvevents import KvEventCollector
+from engine.kvcache.hashing import hash_blocks
 from engine.tokens.tokenizer import HFTokenizer
-from pickers.kvblocks.hashing import hash_blocks
 from pickers.types import InferenceRequest
 
 pytestmark = [pytest.mark.vllm, pytest.mark.envoy, pytest.mark.slow]

@@ -12,11 +12,13 @@ import asyncio
 import logging
 import sys
 
+import uvloop
+
 from engine.tokens.tokenizer import load_tokenizer
 from extproc.config import ConfigError
 from extproc.localstack.report import snapshot, summarize
 from extproc.localstack.workload import WorkloadSpec, build_workload, run_workload
-from extproc.stack import _install_uvloop, _Interrupted, add_stack_arguments, options_from_args, running_stack
+from extproc.stack import Interrupted, add_stack_arguments, options_from_args, running_stack
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,7 +71,7 @@ def main(argv: list[str]) -> int:
             if not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-                raise _Interrupted
+                raise Interrupted
             stopper.cancel()
             task.result()
             await asyncio.sleep(0.3)  # let the pods' counters settle after the last stream
@@ -77,10 +79,10 @@ def main(argv: list[str]) -> int:
             print(summarize(stack, workload, before, after), flush=True)
             failed = any(r.error for r in workload.results)
 
-    _install_uvloop()
+    uvloop.install()
     try:
         asyncio.run(run())
-    except _Interrupted:
+    except Interrupted:
         print("kvswitch demo: interrupted; stopped", file=sys.stderr)
         return 130
     except (ConfigError, ValueError, OSError, RuntimeError, TimeoutError) as exc:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -86,9 +87,14 @@ class Server:
         self.port: int = 0
         self.metrics_port: int | None = None
         self._grpc: grpc.aio.Server | None = None
-        self._metrics_httpd = None
+        self._metrics_httpd: WSGIServer | None = None
         self._ready_task: asyncio.Task | None = None
         self._stopping = False
+
+    @property
+    def stopping(self) -> bool:
+        """True once ``stop`` began: health says NOT_SERVING, open streams drain."""
+        return self._stopping
 
     @property
     def address(self) -> str:

@@ -13,6 +13,8 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Callable
 
+import uvloop
+
 from extproc.config import ConfigError
 from extproc.localstack import LocalStack, StackOptions, StackPod
 
@@ -91,7 +93,7 @@ async def running_stack(options: StackOptions, on_stop: Callable[[], None] | Non
             starting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await starting
-            raise _Interrupted
+            raise Interrupted
         stopper.cancel()
         starting.result()
         yield stack, stop
@@ -103,15 +105,8 @@ async def running_stack(options: StackOptions, on_stop: Callable[[], None] | Non
             loop.remove_signal_handler(sig)
 
 
-class _Interrupted(Exception):
+class Interrupted(Exception):
     """A signal arrived before the stack was up."""
-
-
-def _install_uvloop() -> None:
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        uvloop.install()
 
 
 def main(argv: list[str]) -> int:
@@ -131,15 +126,16 @@ def main(argv: list[str]) -> int:
                 print(f"note: {note}")
             if stack.pd_handler:
                 print(f"picker: prefill/decode handler {stack.pd_handler!r}")
-            print(f"try: curl -s {stack.url}/completions -H 'content-type: application/json' "
-                  f"-d '{{\"model\": \"{options.model_name}\", \"prompt\": \"hello\", \"max_tokens\": 8}}' -i", flush=True)
+            body = f'{{"model": "{options.model_name}", "prompt": "hello", "max_tokens": 8}}'
+            print(f"try: curl -s {stack.url}/completions -H 'content-type: application/json' -d '{body}' -i",
+                  flush=True)
             print("Ctrl-C to stop", flush=True)
             await stop.wait()
 
-    _install_uvloop()
+    uvloop.install()
     try:
         asyncio.run(run())
-    except _Interrupted:
+    except Interrupted:
         print("kvswitch up: interrupted while starting; stopped", file=sys.stderr)
         return 0
     except (ConfigError, ValueError, OSError, RuntimeError, TimeoutError) as exc:

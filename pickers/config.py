@@ -48,7 +48,18 @@ from pickers.costs import cost_model, preset_budget
 from pickers.datalayer import DataLayer, DataLayerSettings
 from pickers.datalayer.endpoints import StaticDiscovery
 from pickers.director import Director
-from pickers.framework import ConfigError, Param, Profile, check_value, create
+from pickers.framework import (
+    Admission,
+    ConfigError,
+    Filter,
+    Param,
+    Picker,
+    Profile,
+    ProfileHandler,
+    Scorer,
+    check_value,
+    create_as,
+)
 from pickers.predictor import PredictorSettings
 from pickers.profiles import BUILTIN_PROFILES, DECODE_FILTERS
 from pickers.promstats import scheduler_metrics
@@ -124,7 +135,7 @@ def _slo_policy(cfg: dict[str, Any], admission: list[Any]) -> SLOPolicy:
 def _profile(path: str, name: str, raw: Any) -> Profile:
     raw = _mapping(path, raw)
     _keys(path, raw, {"filters", "scorers", "picker"})
-    filters = [create("filter", f, f"{path}.filters[{i}]")
+    filters = [create_as(Filter, f, f"{path}.filters[{i}]")
                for i, f in enumerate(_list(f"{path}.filters", raw.get("filters", DECODE_FILTERS)))]
     scorers = []
     for i, s in enumerate(_list(f"{path}.scorers", raw.get("scorers", []))):
@@ -132,8 +143,8 @@ def _profile(path: str, name: str, raw: Any) -> Profile:
         weight = 1.0
         if isinstance(s, dict) and "weight" in s:
             weight = check_value(f"{sp}.weight", s["weight"], Param(float, 1.0, min=0.0))
-        scorers.append((create("scorer", s, sp, reserved=("weight",)), weight))
-    picker = create("picker", raw.get("picker", {"type": "max-score"}), f"{path}.picker")
+        scorers.append((create_as(Scorer, s, sp, reserved=("weight",)), weight))
+    picker = create_as(Picker, raw.get("picker", {"type": "max-score"}), f"{path}.picker")
     return Profile(name, filters, scorers, picker)
 
 
@@ -219,11 +230,11 @@ def build_scheduler(
         raise ConfigError(f"{ROOT}.profile: unknown profile {name!r}; known: {', '.join(sorted(profiles_raw))}")
     profiles = {n: _profile(own_paths.get(n, f"{ROOT}.profiles.{n}"), n, r) for n, r in profiles_raw.items()}
 
-    handler = create("handler", cfg.get("handler", {"type": "decode-only"}), f"{ROOT}.handler")
+    handler = create_as(ProfileHandler, cfg.get("handler", {"type": "decode-only"}), f"{ROOT}.handler")
     hp = handler.profile
     if hp is not None and hp not in profiles:
         raise ConfigError(f"{ROOT}.handler.profile: unknown profile {hp!r}; known: {', '.join(sorted(profiles))}")
-    admission = [create("admission", a, f"{ROOT}.admission[{i}]")
+    admission = [create_as(Admission, a, f"{ROOT}.admission[{i}]")
                  for i, a in enumerate(_list(f"{ROOT}.admission", cfg.get("admission", ["saturation"])))]
 
     prp = f"{ROOT}.predictor"

@@ -80,10 +80,10 @@ class Director:
         run = profiles[handler.profile or profile]
         used: list[Plugin] = [handler, *admission, *run.plugins]
         every: list[Plugin] = [handler, *admission]
-        for p in profiles.values():
-            every += p.plugins
-        for p in every:
-            p.bind(datalayer)
+        for prof in profiles.values():
+            every += prof.plugins
+        for plugin in every:
+            plugin.bind(datalayer)
         # the hooks each plugin overrides (the base class's are no-ops)
         self._on_routed = [p.on_routed for p in every if type(p).on_routed is not Plugin.on_routed]
         self._on_served = [p.on_served for p in every if type(p).on_served is not Plugin.on_served]

@@ -18,12 +18,12 @@ plugin overrides (pickers/director.py owns a request's whole way).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 
-from pickers.kvblocks.hashing import hash_blocks
+from engine.kvcache.hashing import hash_blocks
 from pickers.state import Prediction, PrefixMode, ProfileResult, RequestState
 from pickers.types import Decision, InferenceRequest, SchedulingError, Usage
 
@@ -173,6 +173,17 @@ def create(kind: str, spec: Any, path: str, reserved: tuple[str, ...] = ()) -> P
     return plugin
 
 
+P = TypeVar("P", bound=Plugin)
+
+
+def create_as(base: type[P], spec: Any, path: str, reserved: tuple[str, ...] = ()) -> P:
+    """``create`` for the plugin kind ``base`` (Filter, Scorer, ...), typed as that kind."""
+    plugin = create(base.KIND, spec, path, reserved)
+    if not isinstance(plugin, base):  # a registry entry of the wrong class: a programming error, said plainly
+        raise ConfigError(f"{path}: {type(plugin).__name__} is registered as a {base.KIND} but is not one")
+    return plugin
+
+
 # ---- plugin kinds -------------------------------------------------------------------------------------
 class Admission(Plugin):
     KIND = "admission"
@@ -186,14 +197,14 @@ class Admission(Plugin):
 class Filter(Plugin):
     KIND = "filter"
 
-    def filter(self, ctx: "CycleContext", cands: np.ndarray) -> np.ndarray:
+    def filter(self, ctx: CycleContext, cands: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
 
 class Scorer(Plugin):
     KIND = "scorer"
 
-    def score(self, ctx: "CycleContext", cands: np.ndarray) -> np.ndarray:
+    def score(self, ctx: CycleContext, cands: np.ndarray) -> np.ndarray:
         """One float in [0, 1] per candidate, higher is better."""
         raise NotImplementedError
 
@@ -202,8 +213,10 @@ class Picker(Plugin):
     KIND = "picker"
     reads_metrics = False
     PARAMS = {"max_endpoints": Param(int, 3, min=1, max=64, doc="length of the fallback list")}
+    max_endpoints: int
+    seed: int | None = None  # pickers that draw at random take a ``seed`` parameter
 
-    def pick(self, ctx: "CycleContext", cands: np.ndarray, totals: np.ndarray) -> np.ndarray:
+    def pick(self, ctx: CycleContext, cands: np.ndarray, totals: np.ndarray) -> np.ndarray:
         """Positions into ``cands``, best first, at most ``max_endpoints``."""
         raise NotImplementedError
 
@@ -335,5 +348,5 @@ class CycleContext:
 
 __all__ = [
     "Admission", "ConfigError", "CycleContext", "Filter", "Param", "Picker", "Plugin", "Profile", "ProfileHandler",
-    "ProfileResult", "REGISTRY", "Scorer", "check_value", "create", "reads_kv_events", "register",
+    "ProfileResult", "REGISTRY", "Scorer", "check_value", "create", "create_as", "reads_kv_events", "register",
 ]

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import array
 import asyncio
+import threading
 from collections import OrderedDict
 
 import numpy as np
 import xxhash
 
-from engine.tokens.tokenizer import BuiltinTokenizer, Tokenizer
+from engine.tokens.tokenizer import BuiltinTokenizer, HFTokenizer, Tokenizer
+from pickers.prefixtokens import PrefixTokens
 from pickers.types import InferenceRequest
 
 
@@ -36,6 +38,9 @@ class TokenService:
         self.cache_size = cache_size
         self.offload_min_chars = offload_min_chars
         self._cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()  # _encode runs in worker threads for big prompts
+        # a prompt that extends one seen before (a conversation's next turn) encodes only its new tail
+        self.prefix = PrefixTokens(self.tokenizer) if isinstance(self.tokenizer, HFTokenizer) else None
         self.hits = 0
         self.misses = 0
 
@@ -60,17 +65,22 @@ class TokenService:
         if self.builtin:
             return self.tokenizer.encode_array(text)
         key = xxhash.xxh3_128_digest(text.encode("utf-8", "surrogatepass"), seed=int(special))
-        got = self._cache.get(key)
-        if got is not None:
-            self._cache.move_to_end(key)
-            self.hits += 1
-            return got
-        self.misses += 1
-        arr = self.tokenizer.encode_array(text, add_special_tokens=special)
-        arr.setflags(write=False)
-        self._cache[key] = arr
-        if len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        with self._lock:
+            got = self._cache.get(key)
+            if got is not None:
+                self._cache.move_to_end(key)
+                self.hits += 1
+                return got
+            self.misses += 1
+        if self.prefix is not None:
+            arr = self.prefix.encode(text, special)
+        else:
+            arr = self.tokenizer.encode_array(text, add_special_tokens=special)
+            arr.setflags(write=False)
+        with self._lock:
+            self._cache[key] = arr
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
         return arr
 
     def given(self, request: InferenceRequest) -> np.ndarray | None:

@@ -47,7 +47,7 @@ class RunResult:
     engine_ttft_ms: float | None = None  # mean TTFT the pods measured themselves (simulated ms)
     time_scale: float = 1.0  # samples are in simulated time: wall / time_scale (see to_simulated)
 
-    def to_simulated(self, time_scale: float) -> "RunResult":
+    def to_simulated(self, time_scale: float) -> RunResult:
         """Wall-clock samples -> simulated time (the fleet runs ``time_scale`` x slower than simulated)."""
         ts = float(time_scale)
         self.ttft_ms = [v / ts for v in self.ttft_ms]
@@ -81,7 +81,7 @@ class RunResult:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "RunResult":
+    def from_json(cls, d: dict[str, Any]) -> RunResult:
         return cls(**d)
 
 

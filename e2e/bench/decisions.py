@@ -27,10 +27,10 @@ import time
 import numpy as np
 from prometheus_client import CollectorRegistry
 
+from engine.kvcache.hashing import hash_blocks
 from pickers.clock import ManualClock
 from pickers.config import build_scheduler
 from pickers.datalayer import PodMetrics
-from pickers.kvblocks.hashing import hash_blocks
 from pickers.types import Endpoint, InferenceRequest, Usage
 
 BS = 16
@@ -59,7 +59,7 @@ def fill_index(s, pods: int, blocks: int, prefixes: list[np.ndarray], rng: np.ra
     """Shared prefixes on a few pods each (so decisions find real hits), then filler up to ``blocks``."""
     ix = s.dl.kv_index.index
     t0 = time.perf_counter()
-    for i, p in enumerate(prefixes):
+    for p in prefixes:
         h = hash_blocks(p, BS)
         for pod in rng.choice(pods, size=4, replace=False).tolist():
             ix.add(pod, h)
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"== decisions: {a.prompt_tokens}-token prompts (prompt_token_ids as uint32 arrays), {a.pods} pods, one core")
     for prof in a.profiles.split(","):
         s.profile = prof
-        s._needs_tokens = s.profiles[prof].needs_tokens
+        s.needs_tokens = s.profiles[prof].needs_tokens
         feed_metrics(s, eps, rng)
         fresh = np.random.default_rng(11) if a.fresh_tails else None
         run_decisions(s, clock, prompts, 200, fresh=fresh)  # warm up
@@ -239,9 +239,8 @@ def main(argv: list[str] | None = None) -> int:
               f"p99 {np.percentile(lat, 99):6.0f} us  max {lat.max():6.0f} us")
 
     s.profile = "default"
-    s._needs_tokens = True
+    s.needs_tokens = True
     feed_metrics(s, eps, rng)
-    bt = s.dl.tokens.tokenizer
     texts = ["".join(chr(97 + (int(t) % 26)) for t in p) * 4 for p in prompts[:64]]
     rate, lat = run_decisions(s, clock, texts, min(a.decisions, 1000), text=True)
     lists = [p.tolist() for p in prompts[:64]]
@@ -276,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             ids = hf.encode(f"{i} " + words)
         dt = (time.perf_counter() - t0) / n
         t0 = time.perf_counter()
-        for i in range(200):
+        for _ in range(200):
             ts.tokens_sync(InferenceRequest(request_id="x", model="m", prompt=words))
         ct = (time.perf_counter() - t0) / 200
         print(f"HF tokenizer ({a.tokenizer}): {dt * 1e3:.2f} ms for {len(words):,} chars -> {len(ids):,} tokens;"

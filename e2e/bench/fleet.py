@@ -169,7 +169,7 @@ class SimFleetProcess:
             count += m.get("vllm:time_to_first_token_seconds_count", 0.0)
         return total, count
 
-    def __enter__(self) -> "SimFleetProcess":
+    def __enter__(self) -> SimFleetProcess:
         self.start()
         return self
 

@@ -8,10 +8,17 @@ Non-streaming completions with max_tokens 1, 4 KB and 200 KB prompts, concurrenc
 upstream is by default a fast fake vLLM (``--upstream fast``: aiohttp, fixed JSON reply with ``usage``, a
 vLLM-shaped /metrics page so the framework's scraper finds it healthy) on ``--pods`` ports in one process, so
 the upstream keeps up at 200 KB and concurrency 150 (one sim pod saturates near 140 req/s there);
-``--upstream sim`` uses the simulator (time scale 0.001) instead. Envoy alone round-robins over the same pods. Runs alternate between the two paths in halves to cancel drift. Prints
+``--upstream sim`` uses the simulator (time scale 0.001) instead. Envoy alone round-robins over the same pods.
+Runs alternate between the two paths in halves to cancel drift. Prints
 p50/p99 per path, the added latency and its ratio to DESIGN.md's budgets, throughput, the picker process's CPU
 per request, and an in-process decisions/s figure (parse + schedule + reply messages, 64 pods, 8K-token
 prompts) on one core. Not part of `make test`: timings belong in benchmarks.
+
+``--realistic`` gives the rows that matter for serving (4 KB, 40 KB and 200 KB prompts, concurrency 1, 32 and
+150, 300-token streamed responses 20 ms per token), and every row also reports the added time to the first
+response byte (the client's TTFT). ``--json FILE`` writes the rows: added_p50_ms, added_p99_ms,
+added_ttft_p50_ms, added_ttft_p99_ms, picker_cpu_ms_per_req, throughput_ratio (kvswitch / Envoy alone),
+response_body mode and the machine's load.
 
 ``--response-body observe,skip`` runs one picker + Envoy pair per mode (skip: Envoy sends no response body to
 the picker) and interleaves them with Envoy alone in every row. ``--stream-tokens N`` adds rows with streamed
@@ -25,7 +32,6 @@ import argparse
 import asyncio
 import os
 import random
-import statistics
 import signal
 import string
 import subprocess
@@ -43,7 +49,7 @@ from e2e.support.picker import wait_grpc_health
 from e2e.support.ports import free_port
 from extproc.envoyconfig.builder import EnvoyConfigOptions
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 _FAST_METRICS = (b"# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name=\"m\"} 0.0\n"
                  b"vllm:num_requests_waiting{model_name=\"m\"} 0.0\nvllm:kv_cache_usage_perc{model_name=\"m\"} 0.1\n"
                  b"vllm:cache_config_info{block_size=\"16\",num_gpu_blocks=\"100000\"} 1.0\n")
@@ -121,7 +127,7 @@ MODEL = "bench-model"
 SIMPLE = {"profile": "least-inflight", "admission": []}  # the ext_proc path with the cheapest useful decision
 # DESIGN.md budgets for the added latency (ms): (prompt size, concurrency, percentile) -> budget
 BUDGETS = {("4KB", 1, "p50"): 1.0, ("4KB", 1, "p99"): 3.0, ("200KB", 1, "p50"): 2.0, ("200KB", 150, "p99"): 20.0}
-SIZES = {"4KB": 4 * 1024, "200KB": 200 * 1024}
+SIZES = {"4KB": 4 * 1024, "40KB": 40 * 1024, "200KB": 200 * 1024}
 
 
 def _prompts(size: int, n: int = 32, stream_tokens: int = 0) -> list[bytes]:
@@ -141,7 +147,10 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def _run(url: str, bodies: list[bytes], concurrency: int, total: int) -> tuple[list[float], float]:
+async def _run(url: str, bodies: list[bytes], concurrency: int, total: int,
+               ttft: list[float] | None = None) -> tuple[list[float], float]:
+    """Latencies of ``total`` requests at ``concurrency`` (and, into ``ttft``, the time to the first body
+    chunk: for a streamed response, its first token) and the elapsed wall time."""
     lat: list[float] = []
     next_i = 0
     errors = 0
@@ -156,7 +165,11 @@ async def _run(url: str, bodies: list[bytes], concurrency: int, total: int) -> t
                 t0 = time.perf_counter()
                 async with s.post(url + "/v1/completions", data=body,
                                   headers={"content-type": "application/json"}) as r:
-                    await r.read()
+                    first = True
+                    async for _ in r.content.iter_any():
+                        if first and ttft is not None:
+                            ttft.append(time.perf_counter() - t0)
+                        first = False
                     if r.status != 200:
                         errors += 1
                 lat.append(time.perf_counter() - t0)
@@ -173,7 +186,7 @@ def _pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] * 1000
 
 
-async def _wait_http(url: str, timeout: float = 30.0) -> None:
+async def _wait_http(url: str, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as s:
         while True:
@@ -296,6 +309,7 @@ async def main_async(args: argparse.Namespace) -> None:
               f"{'p99':>7} | {'+p50':>6} {'+p99':>6} | {'budget':>14} | {'req/s a':>7} {'req/s k':>7} | "
               f"{'picker CPU/req':>14}")
         concs = [int(c) for c in args.concurrency.split(",")]
+        rows: list[dict[str, object]] = []
         for shape, stream_tokens in shapes:
             for size_name in args.sizes.split(","):
                 size = SIZES[size_name]
@@ -310,17 +324,18 @@ async def main_async(args: argparse.Namespace) -> None:
                     await _run(alone.url, bodies, conc, min(total, 200))  # warm-up every path
                     for e in withk.values():
                         await _run(e.url, bodies, conc, min(total, 200))
-                    la, ta = [], 0.0
+                    la, ta, fa = [], 0.0, []
+                    fk: dict[str, list[float]] = {m: [] for m in modes}
                     lk = {m: [] for m in modes}
                     tk = {m: 0.0 for m in modes}
                     cpu_k = {m: 0.0 for m in modes}
                     for half in range(2):  # alone, then each mode, twice (order flipped) to cancel drift
-                        x, t = await _run(alone.url, bodies, conc, total // 2)
+                        x, t = await _run(alone.url, bodies, conc, total // 2, fa)
                         la += x
                         ta += t
                         for m in (modes if half == 0 else modes[::-1]):
                             c0 = _cpu_seconds(pickers[m].pid)
-                            x, t = await _run(withk[m].url, bodies, conc, total // 2)
+                            x, t = await _run(withk[m].url, bodies, conc, total // 2, fk[m])
                             cpu_k[m] += _cpu_seconds(pickers[m].pid) - c0
                             lk[m] += x
                             tk[m] += t
@@ -337,7 +352,22 @@ async def main_async(args: argparse.Namespace) -> None:
                               f"{k50:7.2f}m {k99:6.2f}m | {k50 - a50:6.2f} {k99 - a99:6.2f} | "
                               f"{', '.join(budget) or '-':>14} | {len(la) / ta:7.0f} {len(lk[m]) / tk[m]:7.0f} | "
                               f"{cpu_k[m] / len(lk[m]) * 1e3:10.3f} ms", flush=True)
+                        rows.append({
+                            "prompt": size_name, "concurrency": conc, "stream_tokens": stream_tokens,
+                            "response_body": m, "requests": len(lk[m]),
+                            "added_p50_ms": round(k50 - a50, 3), "added_p99_ms": round(k99 - a99, 3),
+                            "added_ttft_p50_ms": round(_pct(fk[m], 50) - _pct(fa, 50), 3),
+                            "added_ttft_p99_ms": round(_pct(fk[m], 99) - _pct(fa, 99), 3),
+                            "picker_cpu_ms_per_req": round(cpu_k[m] / len(lk[m]) * 1e3, 4),
+                            "throughput_ratio": round((len(lk[m]) / tk[m]) / (len(la) / ta), 4),
+                            "load_1min": round(os.getloadavg()[0], 2),
+                        })
         print(f"# uptime: {_uptime()}")
+        if args.json:
+            Path(args.json).write_text(orjson.dumps({"rows": rows, "upstream": args.upstream, "pods": args.pods,
+                                                     "scheduler": args.scheduler}, option=orjson.OPT_INDENT_2)
+                                       .decode())
+            print(f"# rows written to {args.json}")
     finally:
         await alone.stop()
         for e in withk.values():
@@ -354,6 +384,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m e2e.bench.overhead", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests-scale", type=float, default=1.0, help="multiply request counts")
+    p.add_argument("--json", metavar="FILE", help="write one record per row: added p50/p99 latency and TTFT, picker "
+                                                   "CPU per request, throughput ratio, response-body mode")
+    p.add_argument("--realistic", action="store_true",
+                   help="the realistic rows: 4 KB, 40 KB and 200 KB prompts at concurrency 1, 32 and 150 with "
+                        "300-token streamed responses at a decode-like pace (20 ms per token)")
     p.add_argument("--decisions-only", action="store_true")
     p.add_argument("--upstream", choices=("fast", "sim"), default="fast")
     p.add_argument("--pods", type=int, default=4)
@@ -374,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--endpoints", default="", help=argparse.SUPPRESS)
     p.add_argument("--simple", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.realistic:
+        args.sizes, args.concurrency = "4KB,40KB,200KB", "1,32,150"
+        args.stream_tokens, args.token_interval_ms = 300, 20.0
     if args.serve_upstream or args.serve_picker:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     if args.serve_upstream:

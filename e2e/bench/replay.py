@@ -21,7 +21,7 @@ from engine.sim.cluster.fleet import fleet_from_flags
 from engine.sim.cluster.report import format_table, summarize
 from engine.sim.cluster.trace import BlockTokens, read_mooncake
 
-DEFAULT_TRACE = Path(__file__).resolve().parents[4] / "shared" / "data" / "mooncake_synthetic_trace.jsonl"
+DEFAULT_TRACE = Path(__file__).resolve().parents[3] / "shared" / "data" / "mooncake_synthetic_trace.jsonl"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,7 +39,7 @@ from engine.sim.cluster.simulator import endpoints_for
 from engine.tokens.tokenizer import BuiltinTokenizer
 from extproc.localstack import LocalStack, StackOptions
 from extproc.localstack.report import snapshot, total
-from extproc.localstack.workload import Workload, WorkloadSpec, _WORDS, build_workload, run_workload
+from extproc.localstack.workload import _WORDS, Workload, WorkloadSpec, build_workload, run_workload
 from pickers.clock import ManualClock
 
 POLICIES = ("round-robin", "load-only", "approximate", "precise", "default")
@@ -137,7 +137,8 @@ async def run_real(policy: str, wl: Workload, time_scale: float) -> dict[str, An
         after = await snapshot(stack)
     ok = [r for r in wl.results if r.error is None]
     ttft = [r.ttft_s / time_scale for r in ok if r.ttft_s is not None]
-    hits = sum(total(after.pods[n], "vllm:prefix_cache_hits_total") - total(before.pods[n], "vllm:prefix_cache_hits_total")
+    hits = sum(total(after.pods[n], "vllm:prefix_cache_hits_total")
+               - total(before.pods[n], "vllm:prefix_cache_hits_total")
                for n in after.pods)
     queries = sum(total(after.pods[n], "vllm:prefix_cache_queries_total")
                   - total(before.pods[n], "vllm:prefix_cache_queries_total") for n in after.pods)

@@ -13,9 +13,10 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from e2e.bench import peersenv
 from e2e.bench.client import RunResult, percentile, run_aiperf

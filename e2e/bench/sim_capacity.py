@@ -19,7 +19,7 @@ import aiohttp
 
 
 def _client_proc(addresses: list[str], clients_per_pod: int, seconds: float, prompt_tokens: int,
-                 max_tokens: int, out: "mp.Queue") -> None:
+                 max_tokens: int, out: mp.Queue) -> None:
     async def run() -> tuple[int, int, int]:
         stop = time.monotonic() + seconds
         tokens = requests = errors = 0

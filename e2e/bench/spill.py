@@ -11,15 +11,20 @@ policy name "PROFILE+TAG" to a picker config (e.g. profiles overriding "default"
 found less than half their prompt cached. Prints one markdown table per workload (means over seeds).
 """
 from __future__ import annotations
-import argparse, json, sys, time
+
+import argparse
+import json
+
 import numpy as np
+
 from e2e.bench import workloads as W
 from engine.sim.cluster.fleet import fleet_from_flags
-from engine.sim.cluster.simulator import ClusterSim, trace_prompts
-from engine.sim.cluster.routers import make_router
 from engine.sim.cluster.oracle import OracleRouter
 from engine.sim.cluster.report import summarize
-from engine.sim.cluster.trace import TraceRequest, BlockTokens
+from engine.sim.cluster.routers import make_router
+from engine.sim.cluster.simulator import ClusterSim, trace_prompts
+from engine.sim.cluster.trace import BlockTokens, TraceRequest
+
 
 def to_reqs(wl):
     return [TraceRequest(i, r.timestamp / 1000.0, r.input_length, r.output_length, list(r.hash_ids))
@@ -53,7 +58,8 @@ def run(wname, policy, seed, cfg):
     fleet = fleet_from_flags(f["pods"], f["acc"], "8b")
     if policy == "oracle":
         router = OracleRouter()
-        sim = ClusterSim(fleet, router, seed=seed); router.attach(sim.pods)
+        sim = ClusterSim(fleet, router, seed=seed)
+        router.attach(sim.pods)
     else:
         sim = ClusterSim(fleet, lambda eps, clock: make_router(policy.split("+")[0], eps, clock, seed=seed,
                           config=cfg.get(policy)), seed=seed)
@@ -74,10 +80,11 @@ if __name__ == "__main__":
     seeds = [int(x) for x in a.seeds.split(",")]
     for wn in a.workloads.split(","):
         print(f"\n## {wn} (seeds {a.seeds})")
-        print(f"| policy | req/s | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | TPOT mean ms | e2e p90 ms | hit | cold |")
+        print("| policy | req/s | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | TPOT mean ms | e2e p90 ms | hit | cold |")
         print("|---|---|---|---|---|---|---|---|---|")
         for pol in a.policies.split(","):
             rows = [run(wn, pol, sd, cfg) for sd in seeds]
-            m = lambda k: float(np.mean([r[k] for r in rows]))
-            print(f"| {pol} | {m('throughput_req_s'):.3f} | {1e3*m('ttft_p50_s'):.0f} | {1e3*m('ttft_p90_s'):.0f} | "
-                  f"{1e3*m('ttft_p99_s'):.0f} | {1e3*m('tpot_mean_s'):.1f} | {1e3*m('e2e_p90_s'):.0f} | {100*m('prefix_hit_rate'):.1f}% | {m('cold'):.1f} |", flush=True)
+            m = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+            print(f"| {pol} | {m['throughput_req_s']:.3f} | {1e3 * m['ttft_p50_s']:.0f} | "
+                  f"{1e3 * m['ttft_p90_s']:.0f} | {1e3 * m['ttft_p99_s']:.0f} | {1e3 * m['tpot_mean_s']:.1f} | "
+                  f"{1e3 * m['e2e_p90_s']:.0f} | {100 * m['prefix_hit_rate']:.1f}% | {m['cold']:.1f} |", flush=True)

@@ -203,7 +203,7 @@ def multi_turn(
         t = float(start)
         length = system_tokens + first_user_tokens
         hash_ids = system + ids.take(num_blocks(length) - len(system))
-        for k in range(turns):
+        for _ in range(turns):
             records.append(TraceRecord(int(round(t)), length, output_tokens, list(hash_ids), f"conv-{c}"))
             # Next turn: all of this prompt's blocks (the last one now full), the answer, a new message.
             length = len(hash_ids) * BLOCK_TOKENS + output_tokens + user_tokens

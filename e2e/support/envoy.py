@@ -65,7 +65,7 @@ class EnvoyProcess:
         await self.child.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    async def __aenter__(self) -> "EnvoyProcess":
+    async def __aenter__(self) -> EnvoyProcess:
         try:
             await self.start()
         except BaseException:

@@ -20,10 +20,10 @@ from e2e.support.picker import picker_config, running_picker
 from e2e.support.stack import RecordingScheduler
 from e2e.vllmcpu.capture import metric_value
 from e2e.vllmcpu.kvevents import KvEventCollector
+from engine.kvcache.hashing import ROOT_HASH, hash_blocks
 from extproc.envoyconfig.builder import EnvoyConfigOptions
 from extproc.server import Server
 from pickers.config import build_scheduler
-from pickers.kvblocks.hashing import ROOT_HASH, hash_blocks
 from pickers.director import Director
 from pickers.types import Decision, Endpoint, InferenceRequest, Role
 

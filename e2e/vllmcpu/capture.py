@@ -207,7 +207,8 @@ def _capture(base_url: str, model: str, collector, max_model_len: int) -> None:
     status, headers, chunks = sse(base_url, "/v1/completions", {
         "model": model, "prompt": SHORT_PROMPT, "max_tokens": 3, "stream": True,
         "stream_options": {"include_usage": True}})
-    print(f"\n### completion SSE, status {status}, content-type {headers.get('content-type')}, {len(chunks)} data lines")
+    print(f"\n### completion SSE, status {status}, content-type {headers.get('content-type')}, "
+          f"{len(chunks)} data lines")
     for c in chunks:
         print(f"    data: {c}")
     status, headers, chunks = sse(base_url, "/v1/chat/completions", {
@@ -255,7 +256,7 @@ def _capture(base_url: str, model: str, collector, max_model_len: int) -> None:
                      "vllm:prefix_cache_hits_total", "vllm:lora_requests_info"):
         print("\n```")
         for line in text.splitlines():
-            if line.startswith(fam_name) or line.startswith(f"# HELP {fam_name}") or line.startswith(f"# TYPE {fam_name}"):
+            if line.startswith((fam_name, f"# HELP {fam_name}", f"# TYPE {fam_name}")):
                 print(line)
         print("```")
     for path in ("/v1/models", "/health", "/version"):

@@ -15,6 +15,8 @@ from typing import Any
 import msgspec
 import zmq
 
+from e2e.support.zmqjoin import monitor, wait_joined
+
 
 @dataclass
 class KvMessage:
@@ -51,6 +53,7 @@ class KvEventCollector:
         self._sock.setsockopt(zmq.SUBSCRIBE, self.topic)
         self._sock.setsockopt(zmq.RCVTIMEO, 100)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._monitor = monitor(self._sock)  # read by the caller's thread only (joined), never by _run
         self._sock.connect(self.endpoint)
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -105,12 +108,19 @@ class KvEventCollector:
                 raise TimeoutError(f"KV events from {self.endpoint} never satisfied the condition: {evs!r:.2000}")
             time.sleep(0.05)
 
+    def joined(self, timeout: float = 10.0) -> KvEventCollector:
+        """Until the subscription reached the publisher: what the engine publishes after this is seen."""
+        wait_joined(self._monitor, timeout)
+        return self
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2)
+        self._sock.disable_monitor()
+        self._monitor.close(linger=0)
         self._sock.close(linger=0)
 
-    def __enter__(self) -> "KvEventCollector":
+    def __enter__(self) -> KvEventCollector:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -175,7 +175,7 @@ class VllmServer:
             time.sleep(0.5)
         self.startup_seconds = time.monotonic() - self._t0
 
-    def start(self) -> "VllmServer":
+    def start(self) -> VllmServer:
         self.launch()
         self.wait_ready()
         return self
@@ -214,7 +214,7 @@ class VllmServer:
         text = self.log_path.read_text(errors="replace").splitlines()
         return "\n".join(text[-lines:])
 
-    def __enter__(self) -> "VllmServer":
+    def __enter__(self) -> VllmServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

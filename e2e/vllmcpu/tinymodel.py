@@ -56,7 +56,8 @@ def ensure_tiny_model(cache_root: Path | None = None, python: Path | None = None
             )
             if done.returncode != 0 or not is_complete(tmp):
                 raise RuntimeError(
-                    f"making the tiny model failed (rc={done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+                    f"making the tiny model failed (rc={done.returncode}):\n{done.stdout[-2000:]}\n"
+                    f"{done.stderr[-4000:]}"
                 )
             (tmp / "kvswitch-made.json").write_text(
                 json.dumps({"version": VERSION, "seconds": round(time.monotonic() - t0, 2)}) + "\n"

@@ -23,8 +23,9 @@ quadratically with long contexts), decode step time is flat in batch size until 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any
 
 import numpy as np
 
@@ -44,7 +45,7 @@ _EP_ACT_BYTES = 1.0
 _SCALE_UP_DOMAIN = 8  # GPUs per node on a fast link; beyond it collectives cross the scale-out NIC
 _SCALE_OUT_BYTES_PER_S = 45e9
 
-Number = Union[float, np.ndarray]
+Number = float | np.ndarray
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,8 @@ Two ways for an address to be trusted, checked in this order:
    (checked at most once a second), so a controller or the picker's config can refresh it without a
    restart.
 2. A picker signature, only when a shared secret is configured (``--picker-secret-file``): header
-   ``x-kvswitch-prefill-signature: <unix-seconds>.<hex HMAC-SHA256(secret, "<unix-seconds>\\n<x-request-id>\\n<host:port>")>``,
+   ``x-kvswitch-prefill-signature: <unix-seconds>.<hex HMAC-SHA256(secret,
+   "<unix-seconds>\\n<x-request-id>\\n<host:port>")>``,
    accepted within ``max_skew_s`` of now. It binds the target to one request id and a short time window,
    so a captured signature cannot steer other requests elsewhere.
 
@@ -117,6 +118,8 @@ class PrefillAllowList:
         if not ts.isdigit() or not mac:
             return False
         if abs(self._clock() - int(ts)) > self._max_skew_s:
+            return False
+        if self._secret is None:
             return False
         expected = hmac.new(self._secret, f"{ts}\n{request_id}\n{target}".encode(), hashlib.sha256).hexdigest()
         return hmac.compare_digest(expected, mac.lower())

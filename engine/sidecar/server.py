@@ -204,7 +204,7 @@ class Sidecar:
                 request.method, url, data=raw if raw else None, headers=_upstream_headers(request.headers),
                 timeout=self._stream_timeout(), allow_redirects=False,
             )
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             return error_response(502, f"local engine at {self.config.decode_url} unreachable: {exc!r}",
                                   code="decode_unreachable")
         return await self._relay(request, upstream, {}, None, None)
@@ -232,7 +232,7 @@ class Sidecar:
             except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
                 last_problem = f"connection failed ({exc.__class__.__name__}: {exc})"
                 continue
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.metrics.legs.labels("prefill", "timeout").inc()
                 raise _LegFailed(error_response(
                     504, f"prefill pod {target} did not answer within {cfg.prefill_timeout_s:g} s",
@@ -286,7 +286,7 @@ class Sidecar:
         sent = time.perf_counter()
         try:
             upstream = await self._session.post(url, data=raw, headers=headers, timeout=self._stream_timeout())
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             self.metrics.legs.labels("decode", "unreachable").inc()
             return error_response(502, f"local decode engine at {self.config.decode_url} unreachable: {exc!r}",
                                   code="decode_unreachable")
@@ -349,7 +349,7 @@ class Sidecar:
             self._count_decode(timing, "client_gone")
             upstream.close()  # closing the engine connection aborts the generation there
             raise
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             self._count_decode(timing, "upstream_broken")
             upstream.close()
             log.warning("engine stream broke: %r", exc)

@@ -22,39 +22,17 @@ Everything is bounded by ``num_blocks``: the hash map holds at most one entry pe
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
-from pickers.kvblocks.hashing import chain_hash, hash_blocks
+from engine.kvcache.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from engine.kvcache.hashing import chain_hash, hash_blocks
 
 MEDIUM = "GPU"
 
 
-@dataclass(slots=True)
-class BlockStored:
-    block_hashes: list[int]
-    parent_block_hash: int | None
-    token_ids: list[int]
-    block_size: int
-    lora_id: int | None = None
-    medium: str = MEDIUM
-    lora_name: str | None = None
-
-
-@dataclass(slots=True)
-class BlockRemoved:
-    block_hashes: list[int]
-    medium: str = MEDIUM
-
-
-@dataclass(slots=True)
-class AllBlocksCleared:
-    pass
-
-
-KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
 
 
 @dataclass(slots=True)

@@ -17,6 +17,8 @@ import importlib
 import signal
 import sys
 
+import uvloop
+
 from engine.sim.fleet import SimFleet, load_fleet_config, specs_from_config
 from engine.sim.spec import PodSpec
 from engine.tokens.tokenizer import load_tokenizer
@@ -74,7 +76,7 @@ def _specs(args: argparse.Namespace) -> tuple[list[PodSpec], float]:
 
 
 def _fields(spec: PodSpec) -> dict:
-    return {f: getattr(spec, f) for f in spec.__slots__}  # type: ignore[attr-defined]
+    return {f: getattr(spec, f) for f in spec.__slots__}
 
 
 async def _serve(specs: list[PodSpec], time_scale: float, tokenizer_path: str | None) -> None:
@@ -112,13 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvswitch sim: {exc}", file=sys.stderr)
         return 2
     try:
-        import uvloop  # noqa: F401
-
-        runner = uvloop.run
-    except ImportError:  # pragma: no cover
-        runner = asyncio.run
-    try:
-        runner(_serve(specs, time_scale, args.tokenizer))
+        uvloop.run(_serve(specs, time_scale, args.tokenizer))
     except OSError as exc:
         print(f"kvswitch sim: {exc}", file=sys.stderr)
         return 1

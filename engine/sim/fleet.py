@@ -19,8 +19,9 @@ Unknown keys are errors that name the key and where it is.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import msgspec
 import yaml
@@ -164,7 +165,7 @@ class SimFleet:
             await p.stop()
         self._started = False
 
-    async def __aenter__(self) -> "SimFleet":
+    async def __aenter__(self) -> SimFleet:
         await self.start()
         return self
 

@@ -18,7 +18,8 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import msgspec
 import zmq

@@ -6,6 +6,7 @@ Each pod has its own CollectorRegistry, so many pods live in one process. Times 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -32,7 +33,7 @@ class PodMetrics:
         def counter(name: str, doc: str) -> Counter:
             return Counter(name, doc, labels, registry=r).labels(*lv)
 
-        def hist(name: str, doc: str, buckets: list[float]) -> Histogram:
+        def hist(name: str, doc: str, buckets: Sequence[float]) -> Histogram:
             return Histogram(name, doc, labels, buckets=buckets, registry=r).labels(*lv)
 
         self.running = gauge("vllm:num_requests_running", "Number of requests in model execution batches.")

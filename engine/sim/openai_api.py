@@ -265,6 +265,7 @@ def chat_response(
 
 
 __all__ = [
-    "APIError", "ParsedRequest", "SSE_DONE", "chat_chunk", "chat_role_chunk", "invalid", "chat_response", "completion_chunk",
+    "APIError", "ParsedRequest", "SSE_DONE", "chat_chunk", "chat_role_chunk", "invalid", "chat_response",
+    "completion_chunk",
     "completion_response", "error_body", "parse_request", "usage", "usage_chunk",
 ]

@@ -64,7 +64,7 @@ class SimPod:
         spec: PodSpec,
         tokenizer: Tokenizer | None = None,
         time_scale: float = 1.0,
-        peers: dict[str, "SimPod"] | None = None,
+        peers: dict[str, SimPod] | None = None,
     ) -> None:
         if time_scale <= 0:
             raise ValueError("time_scale must be positive")
@@ -178,7 +178,7 @@ class SimPod:
         if self.port == 0:
             server = self._site._server
             assert server is not None
-            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
 
     async def _unlisten(self) -> None:
         if self._runner is not None:

@@ -11,8 +11,9 @@ prefix, which is all prefix caching needs.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -145,6 +146,12 @@ class HFTokenizer:
 
     def encode_array(self, text: str, add_special_tokens: bool = True) -> np.ndarray:
         return np.asarray(self.encode(text, add_special_tokens), dtype=np.uint32)
+
+    def encode_with_starts(self, text: str, add_special_tokens: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and, per token, the character offset in ``text`` where it starts (0 for added tokens)."""
+        e = self._tok.encode(text, add_special_tokens=add_special_tokens)
+        starts = np.fromiter((o[0] for o in e.offsets), dtype=np.int64, count=len(e.offsets))
+        return np.asarray(e.ids, dtype=np.uint32), starts
 
     def encode_chat(self, messages: Sequence[Message]) -> np.ndarray:
         # A rendered chat template carries its own BOS: vLLM encodes it without adding special tokens.

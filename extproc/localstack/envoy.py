@@ -86,7 +86,7 @@ class EnvoyChild:
                         ready = bool(flags) and all(ln.endswith("::healthy") for ln in flags)
                     if ready:
                         return
-                except (aiohttp.ClientError, asyncio.TimeoutError):
+                except (TimeoutError, aiohttp.ClientError):
                     pass
                 if loop.time() > deadline:
                     raise TimeoutError(f"envoy not ready after {timeout:.0f}s:\n{self.log_tail()}")

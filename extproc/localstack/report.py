@@ -4,7 +4,6 @@ what the picker counted (its Prometheus metrics), as plain text a person reads i
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from dataclasses import dataclass
 
@@ -22,7 +21,7 @@ async def scrape(session: aiohttp.ClientSession, url: str) -> Samples:
     try:
         async with session.get(url) as r:
             text = await r.text()
-    except (aiohttp.ClientError, asyncio.TimeoutError):
+    except (TimeoutError, aiohttp.ClientError):
         return {}
     out: Samples = {}
     for fam in text_string_to_metric_families(text):
@@ -111,7 +110,8 @@ def summarize(stack: LocalStack, wl: Workload, before: Snapshot, after: Snapshot
         lines.append(f"  TTFT p50 with a prefix hit {_ms(_pct(warm, 0.5))} ({len(warm)} requests), "
                      f"without {_ms(_pct(cold, 0.5))} ({len(cold)})")
 
-    hits = sum(total(after.pods[n], "vllm:prefix_cache_hits_total") - total(before.pods[n], "vllm:prefix_cache_hits_total")
+    hits = sum(total(after.pods[n], "vllm:prefix_cache_hits_total")
+               - total(before.pods[n], "vllm:prefix_cache_hits_total")
                for n in after.pods)
     queries = sum(total(after.pods[n], "vllm:prefix_cache_queries_total")
                   - total(before.pods[n], "vllm:prefix_cache_queries_total") for n in after.pods)
@@ -156,15 +156,22 @@ def summarize(stack: LocalStack, wl: Workload, before: Snapshot, after: Snapshot
         profiles = delta("kvswitch_scheduler_decisions_total", "profile")
         rejected = delta("kvswitch_scheduler_rejections_total", "code")
         errs = delta("kvswitch_errors_total", "reason")
-        n = total(after.picker, "kvswitch_decision_seconds_count") - total(before.picker, "kvswitch_decision_seconds_count")
-        secs = total(after.picker, "kvswitch_decision_seconds_sum") - total(before.picker, "kvswitch_decision_seconds_sum")
-        fmt = lambda d: ", ".join(f"{k} {v:,.0f}" for k, v in sorted(d.items())) or "none"  # noqa: E731
+        decisions = (total(after.picker, "kvswitch_decision_seconds_count")
+                     - total(before.picker, "kvswitch_decision_seconds_count"))
+        secs = (total(after.picker, "kvswitch_decision_seconds_sum")
+                - total(before.picker, "kvswitch_decision_seconds_sum"))
+
+        def fmt(d: dict[str, float]) -> str:
+            return ", ".join(f"{k} {v:,.0f}" for k, v in sorted(d.items())) or "none"
+
         lines.append(f"  decisions     {fmt(results)}")
-        lines.append(f"  by profile    {fmt(profiles)}" + (f"  (P/D handler {stack.pd_handler})" if stack.pd_handler else ""))
+        handler = f"  (P/D handler {stack.pd_handler})" if stack.pd_handler else ""
+        lines.append(f"  by profile    {fmt(profiles)}{handler}")
         lines.append(f"  rejections    {fmt(rejected)}")
         lines.append(f"  errors        {fmt(errs)}")
-        if n > 0:
-            lines.append(f"  decision time mean {secs / n * 1000:.2f} ms (body parsed + scheduled, {n:,.0f} decisions)")
+        if decisions > 0:
+            lines.append(f"  decision time mean {secs / decisions * 1000:.2f} ms (body parsed + scheduled, "
+                         f"{decisions:,.0f} decisions)")
     else:
         lines.append("  (picker metrics unavailable)")
     for note in stack.notes:

@@ -18,7 +18,7 @@ import socket
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import aiohttp
 
@@ -64,7 +64,7 @@ class StackPod:
     """One routable pod as the picker sees it (for P/D decode pods: the sidecar in front)."""
 
     name: str
-    role: str
+    role: Literal["prefill", "decode", "both"]
     address: str  # what the picker routes to and x-kvswitch-endpoint names
     engine_address: str  # the simulated engine itself (== address unless a sidecar fronts it)
     kv_events: str | None
@@ -154,7 +154,7 @@ class LocalStack:
     def describe(self) -> str:
         """The one line ``kvswitch up`` prints once the stack answers."""
         o = self.options
-        roles = {}
+        roles: dict[str, int] = {}
         for p in self.pods:
             roles[p.role] = roles.get(p.role, 0) + 1
         shape = ", ".join(f"{n} {r}" for r, n in roles.items()) if o.pd or o.fleet_file else f"{len(self.pods)}"
@@ -231,7 +231,8 @@ class LocalStack:
                 await sidecar.start()
                 self._s.sidecars.append(sidecar)
                 address = sidecar.address
-            self.pods.append(StackPod(pod.name, pod.role, address, engine, pod.kv_events_endpoint,
+            role = cast(Literal["prefill", "decode", "both"], pod.role)  # PodSpec roles are validated
+            self.pods.append(StackPod(pod.name, role, address, engine, pod.kv_events_endpoint,
                                       f"http://{engine}/metrics"))
         if decode and not prefill:
             self.notes.append("decode pods without prefill pods: no sidecars, requests decode locally")
@@ -281,7 +282,7 @@ class LocalStack:
                         if r.status == 200:
                             return
                         last = f"HTTP {r.status}: {(await r.text())[:200]}"
-                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, aiohttp.ClientError) as exc:
                     last = repr(exc)
                 if loop.time() > deadline:
                     raise TimeoutError(f"GET {self.url}/models never answered 200 ({last})\n"
@@ -303,7 +304,7 @@ class LocalStack:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
 
-    async def __aenter__(self) -> "LocalStack":
+    async def __aenter__(self) -> LocalStack:
         await self.start()
         return self
 

@@ -8,6 +8,7 @@ import asyncio
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import openai
 
@@ -102,6 +103,7 @@ async def _one(client: openai.AsyncOpenAI, model: str, wl: Workload, req: Planne
     system = wl.system_prompts[req.group]
     t0 = time.perf_counter()
     try:
+        call: Any  # a chat or a completions stream: different types, read the same way below
         if req.chat:
             call = client.chat.completions.with_streaming_response.create(
                 model=model, max_tokens=req.max_tokens, stream=True, stream_options={"include_usage": True},
@@ -131,7 +133,7 @@ async def _one(client: openai.AsyncOpenAI, model: str, wl: Workload, req: Planne
     except openai.APIStatusError as exc:
         res.error = f"HTTP {exc.status_code}: {str(exc.message)[:120]}"
         res.endpoint = res.endpoint or exc.response.headers.get(ENDPOINT_HEADER)
-    except (openai.APIError, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, openai.APIError, OSError) as exc:
         res.error = f"{type(exc).__name__}: {str(exc)[:120]}"
     return res
 

@@ -8,7 +8,8 @@ Endpoints come from a ``Discovery`` (static list now; Kubernetes later implement
 from __future__ import annotations
 
 import asyncio
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 

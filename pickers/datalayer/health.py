@@ -4,7 +4,7 @@ brings it back (the scraper keeps probing pods that are out)."""
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -8,6 +8,7 @@ load the picker tracks itself (see ``InflightTracker``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,7 +46,8 @@ class MetricsStore:
         self.prefix_hits = np.zeros(n)
         self.lora: list[tuple[frozenset[str], frozenset[str], int] | None] = [None] * n
         self.latest: list[PodMetrics | None] = [None] * n
-        self.on_block_size = None  # callback(slot, block_size) when cache_config_info reports one
+        # callback(slot, block_size) when cache_config_info reports one
+        self.on_block_size: Callable[[int, int], None] | None = None
 
     def update(self, address: str, m: PodMetrics, at: float | None = None) -> None:
         slot = self._resolve(address)

@@ -62,7 +62,7 @@ class MetricsScraper:
                     raise MetricsParseError(f"HTTP {resp.status}")
                 body = await resp.content.read(self.max_bytes)
             m = parse_vllm_metrics(body.decode("utf-8", "replace"))
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, MetricsParseError) as e:
+        except (TimeoutError, aiohttp.ClientError, OSError, MetricsParseError) as e:
             self.health.failure(slot, f"scrape {url}: {e.__class__.__name__} {e}".strip())
             return False
         self.metrics.update_slot(slot, m)

@@ -1,5 +1,5 @@
 """Prefix-cache block identities and the indexes built on them."""
 
-from pickers.kvblocks.hashing import ROOT_HASH, chain_hash, hash_blocks
+from engine.kvcache.hashing import ROOT_HASH, chain_hash, hash_blocks
 
 __all__ = ["ROOT_HASH", "chain_hash", "hash_blocks"]

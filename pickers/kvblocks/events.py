@@ -15,9 +15,11 @@ Hashes arrive as unsigned ints or raw bytes; both are kept as they are (they onl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import msgspec
+
+from engine.kvcache.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 _decoder = msgspec.msgpack.Decoder()
 
@@ -26,29 +28,6 @@ class EventError(ValueError):
     """A payload that is not a KV event batch."""
 
 
-@dataclass(slots=True)
-class BlockStored:
-    block_hashes: list[Any]
-    parent_block_hash: Any
-    token_ids: list[int]
-    block_size: int
-    medium: str | None = "GPU"
-    lora_id: int | None = None
-    lora_name: str | None = None
-
-
-@dataclass(slots=True)
-class BlockRemoved:
-    block_hashes: list[Any]
-    medium: str | None = "GPU"
-
-
-@dataclass(slots=True)
-class AllBlocksCleared:
-    pass
-
-
-KVEvent = Union[BlockStored, BlockRemoved, AllBlocksCleared]
 
 
 @dataclass(slots=True)
@@ -67,7 +46,7 @@ def _hashes(v: Any) -> list[Any]:
     return list(v)
 
 
-def _event(raw: Any) -> KVEvent | None:
+def decode_event(raw: Any) -> KVEvent | None:
     if isinstance(raw, dict):
         kind = raw.get("type")
         if kind == "BlockStored":
@@ -124,8 +103,8 @@ def decode_payload(payload: bytes) -> EventBatch:
     if not isinstance(events, (list, tuple)):
         raise EventError("payload events must be a list")
     batch = EventBatch(ts=float(ts or 0.0), dp_rank=rank)
-    for e in events:
-        ev = _event(e)
+    for raw_event in events:
+        ev = decode_event(raw_event)
         if ev is None:
             batch.unknown += 1
         else:

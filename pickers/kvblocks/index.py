@@ -19,7 +19,8 @@ blocks the same way. Rows whose masks become empty are freed at once.
 from __future__ import annotations
 
 import sys
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import cast
 
 import numpy as np
 
@@ -280,6 +281,7 @@ class BlockIndex:
             check = check or e[3] != gen
             i += _CHUNK
         if parts:
+            keys: np.ndarray | None
             if len(parts) == 1:
                 head, keys = parts[0], kparts[0]
             else:
@@ -321,10 +323,11 @@ class BlockIndex:
         if not isinstance(hashes, list):
             hashes = list(hashes)
         got = list(map(slot_of.get, hashes))
+        out: list[int]
         if None not in got:
-            out = got
+            out = cast(list[int], got)
         elif self._alloc_many([h for h, r in zip(hashes, got) if r is None]):
-            out = list(map(slot_of.get, hashes))  # the same rows, in the same order, as one by one
+            out = cast(list[int], list(map(slot_of.get, hashes)))  # the same rows, in the same order
         else:  # the cap is in reach: allocate one by one, evicting (and protecting this call's rows)
             out = []
             for h in hashes:

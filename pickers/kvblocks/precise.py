@@ -14,9 +14,9 @@ evidence of loss: a pod serving full prefix hits with short outputs stores no ne
 the pod since that request was routed, and none followed within ``degraded_after_s`` of the first token
 (``expect_events(slot, routed_at, first_token_at)``). The clock starts at the first token, not at routing:
 the engine has committed the prompt's blocks by then, while a 100K-token prefill can take longer than
-``degraded_after_s`` and a P/D decode pod stores its blocks only after the prefill leg and the transfer. Degraded pods are scored with the
-approximate index instead; the state is exported as ``kvswitch_prefix_index_degraded{endpoint}`` and logged
-on every change.
+``degraded_after_s`` and a P/D decode pod stores its blocks only after the prefill leg and the transfer.
+Degraded pods are scored with the approximate index instead; the state is exported as
+``kvswitch_prefix_index_degraded{endpoint}`` and logged on every change.
 
 Pending (speculative) blocks, as llm-d's speculative indexing: a pod announces a prompt's blocks only when its
 prefill has computed them, seconds after we sent it the prompt. A second request with the same prefix in that
@@ -34,18 +34,20 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
+from engine.kvcache.events import AllBlocksCleared, BlockRemoved, BlockStored
+from engine.kvcache.hashing import ROOT_HASH, hash_blocks_unshared
 from pickers.kvblocks.events import (
     EventError,
     KVEvent,
-    _event,
+    decode_event,
     decode_payload,
     decode_seq,
 )
-from pickers.kvblocks.hashing import ROOT_HASH, hash_blocks_unshared
 from pickers.kvblocks.index import BlockIndex
 
 log = logging.getLogger("kvswitch.pickers.precise")
@@ -159,7 +161,7 @@ class PreciseIndex:
         evs: list[Any] = []
         for e in events:
             if isinstance(e, (dict, list, tuple)):
-                ev = _event(e)
+                ev = decode_event(e)
                 if ev is not None:
                     evs.append(ev)
             else:
@@ -187,8 +189,7 @@ class PreciseIndex:
         gone_medium = None
         self.stats["events"] += len(events)
         for ev in events:
-            kind = type(ev).__name__
-            if kind == "BlockRemoved":
+            if isinstance(ev, BlockRemoved):
                 if ev.medium != gone_medium and gone:
                     index.remove(slot, gone, index.medium_index(gone_medium))
                     gone = []
@@ -198,14 +199,11 @@ class PreciseIndex:
             if gone:  # keep the order: what was removed before this event is gone before it applies
                 index.remove(slot, gone, index.medium_index(gone_medium))
                 gone = []
-            if kind == "BlockStored":
-                if ev.parent_block_hash is None:
-                    parent = ROOT_HASH
-                else:
-                    parent = emap.get(ev.parent_block_hash)
-                    if parent is None:
-                        self.stats["orphans"] += 1  # parent unknown (evicted from our map or before a gap)
-                        continue
+            if isinstance(ev, BlockStored):
+                parent = ROOT_HASH if ev.parent_block_hash is None else emap.get(ev.parent_block_hash)
+                if parent is None:
+                    self.stats["orphans"] += 1  # parent unknown (evicted from our map or before a gap)
+                    continue
                 bs = ev.block_size or 16
                 own = hash_blocks_unshared(ev.token_ids, bs, parent, limit=len(ev.block_hashes))
                 n = len(own)
@@ -215,7 +213,7 @@ class PreciseIndex:
                 emap.update(zip(ev.block_hashes[:n], own))
                 if len(emap) > self.engine_map_cap:
                     self._trim(emap)
-            elif kind == "AllBlocksCleared":
+            elif isinstance(ev, AllBlocksCleared):
                 self._drop(slot)
                 emap = self._engine_maps.setdefault(slot, {})
                 pop = emap.pop
@@ -336,5 +334,5 @@ class PreciseIndex:
 
     def check_invariants(self) -> None:
         self.index.check_invariants()
-        for slot, emap in self._engine_maps.items():
+        for emap in self._engine_maps.values():
             assert len(emap) <= self.engine_map_cap, "engine map over its cap"

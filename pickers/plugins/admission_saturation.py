@@ -27,6 +27,10 @@ class SaturationAdmission(Admission):
         "objectives": Param(dict, {}, doc="objective name -> priority (negative = sheddable)"),
         "stale_counts_as_saturated": Param(bool, False),
     }
+    queue_threshold: float
+    kv_threshold: float
+    objectives: dict[str, int]
+    stale_counts_as_saturated: bool
 
     def __init__(self, **params) -> None:
         super().__init__(**params)

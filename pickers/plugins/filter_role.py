@@ -8,6 +8,7 @@ class RoleFilter(Filter):
     TYPE = "role"
     reads_metrics = False
     PARAMS = {"role": Param(str, "decode", choices=("decode", "prefill"))}
+    role: str
 
     def filter(self, ctx, cands):
         ok = self.dl.endpoints.can_decode if self.role == "decode" else self.dl.endpoints.can_prefill

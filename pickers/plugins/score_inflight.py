@@ -11,6 +11,7 @@ class InflightTokensScorer(Scorer):
     TYPE = "inflight-tokens"
     reads_metrics = False
     PARAMS = {"decode_weight": Param(float, 0.1, min=0.0)}
+    decode_weight: float
 
     def score(self, ctx, cands):
         f = self.dl.inflight

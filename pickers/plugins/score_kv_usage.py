@@ -9,6 +9,7 @@ from pickers.framework import Param, Scorer, register
 class KVUsageScorer(Scorer):
     TYPE = "kv-usage"
     PARAMS = {"stale_score": Param(float, 0.5, min=0.0, max=1.0)}
+    stale_score: float
 
     def score(self, ctx, cands):
         m = self.dl.metrics

@@ -9,7 +9,6 @@ request's shared prediction, pickers/predictor.py).
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from pickers.framework import CycleContext, Param, Scorer, reads_kv_events, register

@@ -12,6 +12,8 @@ from pickers.framework import Param, Scorer, register
 class SessionAffinityScorer(Scorer):
     TYPE = "session-affinity"
     PARAMS = {"header": Param(str, "x-session-id"), "max_sessions": Param(int, 100_000, min=1)}
+    header: str
+    max_sessions: int
 
     def __init__(self, **params):
         super().__init__(**params)

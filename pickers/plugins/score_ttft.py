@@ -10,16 +10,17 @@ already on p:
     C_p     = TTFT_p + stall_weight x stall_p     (the default profile: stall_weight 0.5; 0 = TTFT alone)
     score_p = min_q C_q / C_p, in (0, 1].
 
-Why the stall term: TTFT_p alone is accurate for the request itself but greedy on it, so a hot group leaves its warm pod as soon as the warm pod's queue
-costs more than one cold prefill elsewhere, and the next spill of that group again picks whichever pod is
-idle: one group ended up cold on all 4 pods. Each such spill recomputes the whole shared prefix (4096
-tokens, ~0.46 s on an L40S) inside steps that r_p other requests decode in, which TTFT_p does not see:
-TPOT, the median TTFT of everyone behind, and throughput pay for it. Charging the stall keeps a group on
-its warm pod(s) unless the queue there really costs more than the miss does to everyone; a spill target,
-once warm, has the small U_p and so takes later spills (a hot group gains one replica, not four). With no
-prefix sharing U_p is the same on every pod and the term is a mild preference for pods with fewer decodes.
-Measured (kvswitch sim, virtual time, see README "The default profile"): the reduced-knee workload at 20
-req/s, 5 seeds: cold prompts 23.2 -> 18.4, TTFT p50 338 -> 175 ms, TPOT 56.7 -> 51.6 ms, p90 level.
+Why the stall term: TTFT_p alone is accurate for the request itself but greedy on it, so a hot group leaves
+its warm pod as soon as the warm pod's queue costs more than one cold prefill elsewhere, and the next spill of
+that group again picks whichever pod is idle: one group ended up cold on all 4 pods. Each such spill
+recomputes the whole shared prefix (4096 tokens, ~0.46 s on an L40S) inside steps that r_p other requests
+decode in, which TTFT_p does not see: TPOT, the median TTFT of everyone behind, and throughput pay for it.
+Charging the stall keeps a group on its warm pod(s) unless the queue there really costs more than the miss
+does to everyone; a spill target, once warm, has the small U_p and so takes later spills (a hot group gains
+one replica, not four). With no prefix sharing U_p is the same on every pod and the term is a mild preference
+for pods with fewer decodes. Measured (kvswitch sim, virtual time, see README "The default profile"): the
+reduced-knee workload at 20 req/s, 5 seeds: cold prompts 23.2 -> 18.4, TTFT p50 338 -> 175 ms, TPOT 56.7 ->
+51.6 ms, p90 level.
 
 Why cache affinity cannot hot-spot a pod: a cache hit only removes U_p x tau_tok of work, while every
 request routed to p adds its U to Q_p at once (in-flight tracking, before any scrape), so after a few

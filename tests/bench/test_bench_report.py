@@ -46,7 +46,7 @@ def test_report_structure(tmp_path):
     for text in ("## Setup", "## Results", "## Plots", "## Failed runs", "Test CPU", "time scale 0.5",
                  "vllm-router 0.1.17", "sglang-router 0.3.2", "aiperf 0.13.0", "envoy 1.40.0"):
         assert text in readme, text
-    rows = [l for l in readme.splitlines() if l.startswith("| ") and not l.startswith("| router")]
+    rows = [line for line in readme.splitlines() if line.startswith("| ") and not line.startswith("| router")]
     assert len(rows) == 6  # 3 routers x 2 rates, the failed one marked
     assert sum("(failed)" in r for r in rows) == 2
     kv2 = next(r for r in rows if r.startswith("| kvswitch | 2 |"))

@@ -9,8 +9,9 @@ import orjson
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from e2e.support.picker import picker_config, running_picker
 from e2e.support.extproc_fakes import REQUEST_HEADERS, body, headers
+from e2e.support.picker import picker_config, running_picker
+from e2e.support.waits import until
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
@@ -43,7 +44,7 @@ async def test_ext_proc_stream_over_grpc_and_drain():
             assert (await call.read()).request_body.response.body_mutation.streamed_response.end_of_stream
             # stop while this stream is open: health goes NOT_SERVING and the open stream may still finish
             stopping = asyncio.create_task(srv.stop(2.0))
-            await asyncio.sleep(0.1)
+            await until(lambda: srv.stopping)
             await call.write(headers({":status": "200"}, response=True, end_of_stream=True))
             assert (await call.read()).HasField("response_headers")
             await call.done_writing()

@@ -6,11 +6,11 @@ import orjson
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
+from e2e.support.extproc_fakes import REQUEST_HEADERS, ScriptedScheduler, body, headers
 from extproc import messages as msg
 from extproc.stream import ExtProcStream, Phase, StreamSettings
 from pickers.clock import ManualClock
 from pickers.types import SchedulingError, Usage
-from e2e.support.extproc_fakes import REQUEST_HEADERS, ScriptedScheduler, body, headers
 
 BODY = orjson.dumps({"model": "m", "prompt": "hello", "max_tokens": 3, "stream": True})
 

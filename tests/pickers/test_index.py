@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from pickers.kvblocks import hashing
-from pickers.kvblocks.hashing import ROOT_HASH, chain_hash, hash_blocks
+from engine.kvcache import hashing
+from engine.kvcache.hashing import ROOT_HASH, chain_hash, hash_blocks
 from pickers.kvblocks.index import BlockIndex
 
 
@@ -256,7 +257,7 @@ def test_bulk_row_allocation_equals_one_by_one(operations, cap):
     """Same rows for the same hashes (so LRU ties among equal stamps evict the same blocks)."""
     bulk, single = BlockIndex(cap, max_pods=70), BlockIndex(cap, max_pods=70)
     single._alloc_many = lambda missing: False
-    for op, pod, hashes, medium in operations:
+    for op, pod, hashes, _medium in operations:
         for ix in (bulk, single):
             if op == "add":
                 ix.add(pod, hashes)

@@ -10,7 +10,7 @@ from aiohttp import web
 from pickers.datalayer.promparse import MetricsParseError, parse_vllm_metrics
 from pickers.types import Endpoint
 
-from .helpers import request, scheduler
+from .helpers import request
 
 NEW = """# HELP vllm:num_requests_running Number of requests in model execution batches.
 # TYPE vllm:num_requests_running gauge

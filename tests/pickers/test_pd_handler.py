@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from engine.kvcache.hashing import hash_blocks
 from pickers.datalayer import PodMetrics
 from pickers.framework import ConfigError, create
-from pickers.kvblocks.hashing import hash_blocks
 from pickers.types import Endpoint, Usage
 
 from .helpers import BS, request, scheduler

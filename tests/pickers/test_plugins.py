@@ -72,7 +72,7 @@ def test_inflight_tokens_scorer_and_hooks():
 def test_prefix_scorer_modes_and_gate():
     s, clock = scheduler(eps=endpoints(3, kv=True))
     toks = list(range(64))  # 4 blocks of 16
-    from pickers.kvblocks.hashing import hash_blocks
+    from engine.kvcache.hashing import hash_blocks
 
     h = hash_blocks(toks, 16)
     s.dl.approx.add(1, h[:2])
@@ -94,7 +94,7 @@ def test_prefix_scorer_modes_and_gate():
 def test_ttft_scorer_prefers_cache_until_queue_outweighs_it():
     s, clock = scheduler()
     toks = list(range(8192))
-    from pickers.kvblocks.hashing import hash_blocks
+    from engine.kvcache.hashing import hash_blocks
 
     s.dl.approx.add(0, hash_blocks(toks, 16))
     sc = plugin(s, "scorer", {"type": "ttft", "mode": "approximate"})
@@ -201,7 +201,7 @@ def test_saturation_admission_ignores_stale_metrics_by_default():
 def test_ttft_stall_weight_keeps_a_group_on_its_warm_pod_when_the_spill_would_stall_decodes():
     s, clock = scheduler()
     toks = list(range(4608))
-    from pickers.kvblocks.hashing import hash_blocks
+    from engine.kvcache.hashing import hash_blocks
 
     s.dl.approx.add(0, hash_blocks(toks[:4096], 16))  # the group's shared context is warm on pod 0
     s.dl.inflight.add("q", 0, None, 6 * 1024, 0, clock.now())  # a queue on the warm pod

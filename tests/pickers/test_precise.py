@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from engine.kvcache.hashing import hash_blocks
 from pickers.kvblocks.events import EventError, decode_payload, encode_batch
-from pickers.kvblocks.hashing import hash_blocks
 
 from .helpers import BS, cleared, endpoints, removed, request, scheduler, stored
 

@@ -45,6 +45,7 @@ def test_completion_tokens_get_bos_and_cache_keys_differ_by_kind(hf_dir):
     service = TokenService(tokenizer)
     text = tokenizer.render_chat([{"role": "user", "content": "hello"}])
     as_prompt = service.tokens_sync(InferenceRequest("r1", "m", prompt=text))
-    as_chat = service.tokens_sync(InferenceRequest("r2", "m", api="chat", messages=[{"role": "user", "content": "hello"}]))
+    as_chat = service.tokens_sync(
+        InferenceRequest("r2", "m", api="chat", messages=[{"role": "user", "content": "hello"}]))
     # The same text: as a completions prompt it gets BOS added (two in all), as chat it does not.
     assert as_prompt.tolist() == [0] + as_chat.tolist()

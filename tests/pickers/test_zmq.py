@@ -10,10 +10,10 @@ import zmq
 import zmq.asyncio
 from prometheus_client import CollectorRegistry
 
+from engine.kvcache.hashing import hash_blocks
 from pickers.clock import ManualClock
 from pickers.config import build_scheduler
 from pickers.kvblocks.events import encode_batch
-from pickers.kvblocks.hashing import hash_blocks
 from pickers.types import Endpoint
 
 from .helpers import BS, cleared, removed, request, stored
@@ -42,7 +42,10 @@ async def metrics_server():
     from aiohttp import web
 
     app = web.Application()
-    app.router.add_get("/metrics", lambda _: web.Response(text=METRICS))
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(text=METRICS)
+
+    app.router.add_get("/metrics", metrics)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

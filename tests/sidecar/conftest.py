@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 from multidict import CIMultiDict
-from tests.sidecar.sidecar_fakes import FakeServer, Handler, Seen
 
 from engine.sidecar import Sidecar, SidecarConfig
+from tests.sidecar.sidecar_fakes import FakeServer, Handler, Seen
 
 
 @pytest.fixture

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
-
 
 Handler = Callable[[web.Request, "FakeServer"], Awaitable[web.StreamResponse]]
 
@@ -55,7 +54,8 @@ async def prefill_ok(request: web.Request, server: FakeServer) -> web.Response:
 
 async def decode_json(request: web.Request, server: FakeServer) -> web.Response:
     return json_response({
-        "id": "cmpl-d", "object": "text_completion", "choices": [{"index": 0, "text": "hello", "finish_reason": "length"}],
+        "id": "cmpl-d", "object": "text_completion",
+        "choices": [{"index": 0, "text": "hello", "finish_reason": "length"}],
         "usage": {"prompt_tokens": 40, "completion_tokens": 5, "total_tokens": 45,
                   "prompt_tokens_details": {"cached_tokens": 40}},
     })

@@ -8,11 +8,11 @@ import time
 import aiohttp
 import orjson
 import pytest
-from tests.sidecar.sidecar_fakes import decode_json, free_port, json_response, prefill_ok
 
 from engine.sidecar import PrefillAllowList, normalize_address, sign
 from engine.sidecar.allowlist import AddressError
 from engine.sidecar.cli import main as cli_main
+from tests.sidecar.sidecar_fakes import decode_json, free_port, json_response, prefill_ok
 
 BODY = {"model": "m", "prompt": "hello", "max_tokens": 4}
 
@@ -38,7 +38,8 @@ async def test_target_outside_allow_list_reaches_nothing(fakes, sidecars):
     assert intruder.seen == [] and allowed.seen == [] and decode.seen == []
 
 
-@pytest.mark.parametrize("value", ["http://10.0.0.1:80", "10.0.0.1", "10.0.0.1:0", "a@b:80", "h:80/x", "1.2.3.4:80,5.6.7.8:80"])
+@pytest.mark.parametrize("value", ["http://10.0.0.1:80", "10.0.0.1", "10.0.0.1:0", "a@b:80", "h:80/x",
+                                   "1.2.3.4:80,5.6.7.8:80"])
 async def test_malformed_target_is_a_400(fakes, sidecars, value):
     decode = await fakes(decode_json)
     sc = await sidecars(decode)
@@ -73,7 +74,6 @@ async def test_allow_list_file_is_reread(fakes, sidecars, tmp_path):
     sc = await sidecars(decode, prefill_pods_file=str(listing), prefill_pods_reload_s=0.0)
     assert (await post(sc.url, {"x-prefiller-host-port": prefill.address}))[0] == 403
     listing.write_text(f"10.9.9.9:8000\n{prefill.address}  # new pod\n")
-    import os
     os.utime(listing, ns=(time.time_ns(), time.time_ns() + 10**9))
     assert (await post(sc.url, {"x-prefiller-host-port": prefill.address}))[0] == 200
 

@@ -9,7 +9,6 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from engine.sidecar import PREFILL_KV_PARAMS
 from tests.sidecar.sidecar_fakes import decode_json, decode_sse, prefill_ok
 
 CHAT = {

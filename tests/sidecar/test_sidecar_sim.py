@@ -1,7 +1,4 @@
-"""The sidecar between simulated vLLM pods (engine.sim): a real NIXL-protocol prefill/decode split.
-
-Uses engine.sim.fleet.SimFleet when it exists, else SimPods sharing one peer table (what SimFleet wraps).
-"""
+"""The sidecar between simulated vLLM pods (engine.sim): a real NIXL-protocol prefill/decode split."""
 
 from __future__ import annotations
 
@@ -10,12 +7,10 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import orjson
-import pytest
 
-sim_server = pytest.importorskip("engine.sim.server")
-from engine.sim.spec import PodSpec  # noqa: E402
-
-from engine.sidecar import Sidecar, SidecarConfig  # noqa: E402
+from engine.sidecar import Sidecar, SidecarConfig
+from engine.sim.fleet import SimFleet
+from engine.sim.spec import PodSpec
 
 BLOCK = 16
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 12  # ~540 bytes: 135 builtin tokens, 8 full blocks
@@ -25,23 +20,8 @@ PROMPT = "The quick brown fox jumps over the lazy dog. " * 12  # ~540 bytes: 135
 async def prefill_decode_pods() -> AsyncIterator[tuple]:
     specs = [PodSpec(name="p0", role="prefill", block_size=BLOCK, num_blocks=512, kv_events_port=None, seed=1),
              PodSpec(name="d0", role="decode", block_size=BLOCK, num_blocks=512, kv_events_port=None, seed=1)]
-    try:
-        from engine.sim.fleet import SimFleet
-    except ImportError:
-        SimFleet = None  # noqa: N806
-    if SimFleet is not None:
-        async with SimFleet(specs, time_scale=0.05) as fleet:
-            yield fleet.pods[0], fleet.pods[1]
-        return
-    peers: dict = {}
-    pods = [sim_server.SimPod(s, time_scale=0.05, peers=peers) for s in specs]
-    try:
-        for pod in pods:
-            await pod.start()
-        yield pods[0], pods[1]
-    finally:
-        for pod in pods:
-            await pod.stop()
+    async with SimFleet(specs, time_scale=0.05) as fleet:
+        yield fleet.pods[0], fleet.pods[1]
 
 
 async def completion(session: aiohttp.ClientSession, url: str, headers: dict[str, str], stream: bool):

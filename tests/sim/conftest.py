@@ -7,6 +7,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from e2e.support.zmqjoin import monitor, wait_joined_async
 from engine.sim.fleet import SimFleet
 from engine.sim.spec import PodSpec
 
@@ -36,7 +37,12 @@ class EventSub:
         self.sock = self.ctx.socket(zmq.SUB)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SUBSCRIBE, topic)
+        self._monitor = monitor(self.sock)
         self.sock.connect(endpoint)
+
+    async def joined(self, timeout: float = 10.0) -> None:
+        """Until the subscription reached the pod's publisher (ZMQ drops what PUB sends before that)."""
+        await wait_joined_async(self._monitor, timeout)
 
     async def recv(self, timeout: float = 5.0):
         if not await self.sock.poll(timeout * 1000):
@@ -52,6 +58,8 @@ class EventSub:
         return out
 
     def close(self) -> None:
+        self.sock.disable_monitor()
+        self._monitor.close(0)
         self.sock.close(0)
         self.ctx.term()
 

@@ -11,8 +11,18 @@ import pytest
 
 from engine.costmodel import CostModel, prefill_pairs
 from engine.sim.cluster import (
-    BaseRouter, BlockTokens, ClusterSim, TraceRequest, fleet_from_flags, format_table, load_fleet,
-    make_router, read_mooncake, shape_trace, summarize, trace_prompts,
+    BaseRouter,
+    BlockTokens,
+    ClusterSim,
+    TraceRequest,
+    fleet_from_flags,
+    format_table,
+    load_fleet,
+    make_router,
+    read_mooncake,
+    shape_trace,
+    summarize,
+    trace_prompts,
 )
 from engine.sim.cluster.cli import main as replay_main
 from pickers.types import SchedulingError
@@ -292,7 +302,7 @@ def test_pool_events_handed_over_directly_build_the_same_index_as_the_wire_form(
     kv.apply_events = lambda pod, evs, now=0.0: (captured.append((pod, list(evs), now)), apply(pod, evs, now=now))[1]
     reqs = [tr(i, 0.01 * i, 2048, 4, [i % 5, 100 + i, 200 + i, 300 + i]) for i in range(12)]
     sim.run(trace_prompts(shape_trace(reqs)))
-    assert captured and type(captured[0][1][0]).__module__ == "engine.sim.blockpool"  # no wire round trip
+    assert captured and type(captured[0][1][0]).__module__ == "engine.kvcache.events"  # records, no wire round trip
     assert any(type(e).__name__ == "BlockRemoved" for _, evs, _ in captured for e in evs)
     ep = sim.router.director.dl.endpoints
     via_wire = PreciseIndex(ep.slot, ep.address)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from engine.kvcache.hashing import hash_blocks
 from engine.sim.blockpool import AllBlocksCleared, BlockPool, BlockRemoved, BlockStored
-from pickers.kvblocks.hashing import hash_blocks
 
 BS = 4
 ROOT = 12345

@@ -55,8 +55,8 @@ def test_cli_prints_pods_then_ready_and_stops_on_sigterm(tmp_path):
         assert "kv_blocks=" in lines[0] and "http://127.0.0.1:" in lines[0]
     finally:
         proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=10)
-    assert rc == 0
+        _, err = proc.communicate(timeout=10)  # drains and closes both pipes
+    assert proc.returncode == 0, err
 
 
 def test_cli_rejects_bad_config(tmp_path):

@@ -8,6 +8,7 @@ import time
 import aiohttp
 import pytest
 
+from e2e.support.waits import until
 from engine.sim.spec import PodSpec
 
 OK = {"model": "sim-model", "prompt": "hello", "max_tokens": 2}
@@ -26,7 +27,7 @@ async def test_error_rate_latency_and_events_off(fleet_factory, subscribe):
     pod = fleet.pods[0]
     url = f"http://{pod.address}"
     sub = subscribe(pod.kv_events_endpoint)
-    await asyncio.sleep(0.2)
+    await sub.joined()
     async with aiohttp.ClientSession() as s:
         st, body = await status_of(s, f"{url}/sim/faults", json={"error_rate": 0.5, "error_status": 503})
         assert st == 200 and body["error_rate"] == 0.5
@@ -66,7 +67,7 @@ async def test_crash_and_restart(fleet_factory, subscribe):
     pod = fleet.pods[0]
     url = f"http://{pod.address}"
     sub = subscribe(pod.kv_events_endpoint)
-    await asyncio.sleep(0.2)
+    await sub.joined()
     prompt = "z" * 800
     async with aiohttp.ClientSession() as s:
         st, _ = await status_of(s, f"{url}/v1/completions", json={**OK, "prompt": prompt})
@@ -96,7 +97,7 @@ async def test_crash_ends_inflight_streams(fleet_factory):
                 return await r.read()
 
         task = asyncio.create_task(long_stream())
-        await asyncio.sleep(0.2)
+        await until(lambda: pod.core.stats().num_running == 1)  # the stream is being decoded
         await pod.crash()
         try:
             body = await asyncio.wait_for(task, 5)
@@ -180,7 +181,7 @@ async def test_overload_gets_503(fleet_factory):
         url = f"http://{pod.address}/v1/completions"
         long = asyncio.gather(*(status_of(s, url, json={**OK, "max_tokens": 40}) for _ in range(2)))
         task = asyncio.ensure_future(long)
-        await asyncio.sleep(0.1)
+        await until(lambda: pod.core.stats().num_running + pod.core.stats().num_waiting == 2)
         st, body = await status_of(s, url, json=OK)
         assert st == 503 and body["error"]["code"] == 503
         assert [c for c, _ in await task] == [200, 200]

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import aiohttp
 
+from e2e.support.waits import until
 from engine.sim.spec import PodSpec
 
 PROMPT = list(range(7, 7 + 1000))
@@ -26,7 +25,7 @@ async def test_prefill_then_decode_moves_blocks_and_releases_them(fleet_factory,
     ], time_scale=0.05)
     pre, dec = fleet["pre"], fleet["dec"]
     sub = subscribe(dec.kv_events_endpoint)
-    await asyncio.sleep(0.2)
+    await sub.joined()
     async with aiohttp.ClientSession() as s:
         r = await post(s, pre.address, {"model": "sim-model", "prompt": PROMPT, "max_tokens": 1,
                                          "kv_transfer_params": LEG})
@@ -58,8 +57,7 @@ async def test_held_blocks_freed_on_timeout(fleet_factory):
         await post(s, pre.address, {"model": "sim-model", "prompt": PROMPT, "max_tokens": 1,
                                      "kv_transfer_params": LEG})
     assert pre.core.stats().num_held_blocks == 63
-    await asyncio.sleep(0.5)  # 2 simulated seconds at 0.05 = 0.1 s wall, plus slack
-    assert pre.core.stats().num_held_blocks == 0
+    await until(lambda: pre.core.stats().num_held_blocks == 0)  # 2 simulated seconds: ~0.1 s of wall time
     assert pre.core.pool.num_free == 128
 
 

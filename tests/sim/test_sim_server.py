@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import aiohttp
 import openai
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.sim.spec import PodSpec
@@ -103,7 +100,7 @@ async def test_kv_events_stored_then_lru_removed(fleet_factory, subscribe):
     fleet = await fleet_factory([PodSpec(name="p0", num_blocks=32, seed=3)], time_scale=0.02)
     pod = fleet.pods[0]
     sub = subscribe(pod.kv_events_endpoint)
-    await asyncio.sleep(0.2)  # SUB joins late (slow joiner)
+    await sub.joined()
     async with aiohttp.ClientSession() as s:
         async def ask(prompt):
             async with s.post(f"http://{pod.address}/v1/completions",

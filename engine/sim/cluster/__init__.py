@@ -3,7 +3,12 @@
 from engine.sim.cluster.fleet import FleetSpec, PodSpec, fleet_from_flags, load_fleet
 from engine.sim.cluster.report import format_table, summarize
 from engine.sim.cluster.routers import (
-    BaseRouter, ClusterRequest, RoundRobinRouter, Router, SchedulerRouter, make_router,
+    BaseRouter,
+    ClusterRequest,
+    RoundRobinRouter,
+    Router,
+    SchedulerRouter,
+    make_router,
 )
 from engine.sim.cluster.simulator import ClusterSim, RequestRecord, SimResult, endpoints_for, trace_prompts
 from engine.sim.cluster.trace import BlockTokens, TraceRequest, read_mooncake, shape_trace

@@ -17,13 +17,12 @@ Two of them, because neither alone is fair:
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from engine.sim.cluster.routers import BaseRouter, ClusterRequest, Route
-from pickers.kvblocks.hashing import hash_blocks
-from pickers.types import Usage
+from engine.kvcache.hashing import hash_blocks
+from engine.sim.cluster.routers import BaseRouter, ClusterRequest, Route, Usage
 
 _ORACLE_ROOT = 0x6F7261636C65  # any fixed root: the bound only compares hashes with each other
 

@@ -1,4 +1,8 @@
-"""Routers: who picks the pods in the cluster simulator.
+"""Routers: who picks the pods in the cluster simulator, and the one seam between engine/ and pickers/.
+
+This module is the virtual-time adapter: the only module under engine/ that imports pickers/. The rest of
+the cluster simulator takes the picker's types it shares (Endpoint, Usage, SchedulingError, ManualClock)
+from here, so the dependency runs one way through one place.
 
 The simulator talks to one small ``Router`` protocol, so the built-in policies and the real picker
 (pickers/, through ``SchedulerRouter``) plug in the same way. The simulator calls, in virtual time:
@@ -12,8 +16,9 @@ The simulator talks to one small ``Router`` protocol, so the built-in policies a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -23,7 +28,7 @@ from pickers.clock import ManualClock
 from pickers.config import ConfigError, build_scheduler
 from pickers.datalayer.metrics import PodMetrics
 from pickers.director import Director
-from pickers.types import Endpoint, InferenceRequest, Role, Usage
+from pickers.types import Endpoint, InferenceRequest, Role, SchedulingError, Usage
 
 
 @dataclass(slots=True)
@@ -42,6 +47,7 @@ class ClusterRequest:
 Route = tuple[str, "str | None"]
 
 
+@runtime_checkable
 class Router(Protocol):
     name: str
     wants_kv_events: bool
@@ -193,6 +199,7 @@ def make_router(name: str, endpoints: list[Endpoint], clock: ManualClock, seed: 
 
 
 __all__ = [
-    "BUILTIN", "BaseRouter", "ClusterRequest", "RoundRobinRouter", "Route", "Router", "SchedulerRouter",
+    "BUILTIN", "BaseRouter", "ClusterRequest", "Endpoint", "ManualClock", "Role", "RoundRobinRouter", "Route", "Router",
+    "SchedulerRouter", "SchedulingError", "Usage",
     "make_router",
 ]

@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from engine.sim.cluster.fleet import FleetSpec, PodSpec
-from engine.sim.cluster.routers import ClusterRequest, Router
+from engine.sim.cluster.routers import ClusterRequest, Endpoint, ManualClock, Role, Router, SchedulingError, Usage
 from engine.sim.cluster.trace import BlockTokens, TraceRequest
 from engine.sim.core import EngineCore, SimRequest, StepResult
-from pickers.clock import ManualClock
-from pickers.types import Endpoint, SchedulingError, Usage
 
 _STEP = 0
 _TIMER = 1
@@ -102,7 +100,7 @@ class SimResult:
 
 def endpoints_for(fleet: FleetSpec) -> list[Endpoint]:
     return [
-        Endpoint(p.name, role=p.role, model="sim", accelerator=p.accelerator, model_profile=p.model_profile,
+        Endpoint(p.name, role=Role(p.role), model="sim", accelerator=p.accelerator, model_profile=p.model_profile,
                  block_size=p.block_size, kv_events=f"inproc://{p.label or p.name}",
                  max_num_batched_tokens=p.max_num_batched_tokens)
         for p in fleet.pods
@@ -120,8 +118,7 @@ class ClusterSim:
             raise ValueError("scrape_interval must be positive")
         self.fleet = fleet
         self.clock = clock or ManualClock()
-        self.router: Router = router if not callable(router) or hasattr(router, "route") else router(
-            endpoints_for(fleet), self.clock)  # type: ignore[call-arg]
+        self.router: Router = router if isinstance(router, Router) else router(endpoints_for(fleet), self.clock)
         self.scrape_interval = scrape_interval
         self.pods: list[Pod] = []
         self.by_name: dict[str, Pod] = {}
@@ -331,7 +328,8 @@ class ClusterSim:
             self._kick_released(now)
 
 
-def trace_prompts(reqs: list[TraceRequest], blocks: BlockTokens | None = None) -> Iterator[tuple[TraceRequest, np.ndarray]]:
+def trace_prompts(reqs: list[TraceRequest],
+                  blocks: BlockTokens | None = None) -> Iterator[tuple[TraceRequest, np.ndarray]]:
     """Prompts made lazily, one request at a time, so memory holds only requests in flight."""
     blocks = blocks or BlockTokens()
     for r in reqs:

@@ -9,7 +9,7 @@ blocks). The picker hashes requests with this function and hashes the ``token_id
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import xxhash

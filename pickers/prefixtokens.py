@@ -1,0 +1,113 @@
+"""Token ids of a prompt that extends one tokenized before, by encoding only its new tail.
+
+A multi-turn conversation sends its whole history again with every turn: a 100K-token prompt that grew by
+1K tokens since the last request. Byte-level BPE tokenizers (Llama 3, Qwen, GPT-style) split the text into
+pre-tokens with a regex that looks ahead only a character or two, and merge bytes only inside a pre-token.
+So where the earlier text has a pre-token boundary at character ``s``, well before its end, the ids of the
+new text are the earlier ids up to ``s`` followed by the ids of ``text[s:]`` encoded alone.
+
+The boundary is checked, not assumed: ``s`` is the start of a token about ``TAIL_CHECK`` characters before
+the earlier text's end, and the earlier text's tail from ``s`` re-encoded alone must give exactly the earlier
+ids from there. Anything else (no earlier text is a prefix, the check fails, a short prompt) falls back to a
+full encode, so the result is always what the tokenizer would produce for the whole text (tests hold this).
+
+Bounded: at most ``max_entries`` texts and ``max_tokens`` token ids are kept, least recently used first out.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import xxhash
+
+from engine.tokens.tokenizer import HFTokenizer
+
+HEAD_CHARS = 1024  # texts are grouped by their first characters: a prefix shares them
+TAIL_CHECK = 512  # the re-encoded overlap before the earlier text's end that proves a boundary
+MIN_CHARS = 16_384  # shorter prompts are cheap to encode whole
+
+
+@dataclass(slots=True)
+class _Encoded:
+    text: str
+    special: bool
+    ids: np.ndarray  # uint32
+    starts: np.ndarray  # int64: character offset where each token starts
+
+
+class PrefixTokens:
+    """Encode ``text`` reusing the ids of the longest earlier text it extends (see the module docstring)."""
+
+    def __init__(self, tokenizer: HFTokenizer, max_entries: int = 64, max_tokens: int = 8_000_000) -> None:
+        self.tokenizer = tokenizer
+        self.max_entries = max_entries
+        self.max_tokens = max_tokens
+        self._entries: OrderedDict[int, _Encoded] = OrderedDict()  # id(entry) -> entry, LRU order
+        self._by_head: dict[tuple[bool, bytes], list[_Encoded]] = {}
+        self._tokens = 0
+        self._lock = threading.Lock()  # encodes run in worker threads: the tables change under it only
+        self.reused = 0  # encodes that reused an earlier prefix
+        self.full = 0  # encodes of the whole text
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def tokens_held(self) -> int:
+        return self._tokens
+
+    def encode(self, text: str, special: bool) -> np.ndarray:
+        if len(text) < MIN_CHARS:
+            return self.tokenizer.encode_array(text, add_special_tokens=special)
+        head = (special, xxhash.xxh3_64_digest(text[:HEAD_CHARS].encode("utf-8", "surrogatepass")))
+        with self._lock:
+            candidates = list(self._by_head.get(head, ()))  # entries never change once stored
+        got = self._extend(text, special, candidates)
+        if got is None:
+            ids, starts = self.tokenizer.encode_with_starts(text, add_special_tokens=special)
+            self.full += 1
+        else:
+            ids, starts = got
+            self.reused += 1
+        ids.setflags(write=False)
+        with self._lock:
+            self._store(head, _Encoded(text, special, ids, starts))
+        return ids
+
+    def _extend(self, text: str, special: bool, candidates: list[_Encoded]) -> tuple[np.ndarray, np.ndarray] | None:
+        best: _Encoded | None = None
+        for e in candidates:
+            if len(e.text) < len(text) and (best is None or len(e.text) > len(best.text)) and text.startswith(e.text):
+                best = e
+        if best is None:
+            return None
+        k = int(np.searchsorted(best.starts, len(best.text) - TAIL_CHECK))
+        if k <= (1 if special else 0) or k >= best.ids.size:
+            return None
+        cut = int(best.starts[k])
+        tail, _ = self.tokenizer.encode_with_starts(best.text[cut:], add_special_tokens=False)
+        if not np.array_equal(tail, best.ids[k:]):
+            return None  # not a clean boundary (a pre-token spans it): encode the whole text
+        new_ids, new_starts = self.tokenizer.encode_with_starts(text[cut:], add_special_tokens=False)
+        return (np.concatenate((best.ids[:k], new_ids)), np.concatenate((best.starts[:k], new_starts + cut)))
+
+    def _store(self, head: tuple[bool, bytes], entry: _Encoded) -> None:
+        group = self._by_head.setdefault(head, [])
+        group.insert(0, entry)
+        self._entries[id(entry)] = entry
+        self._tokens += entry.ids.size
+        while len(self._entries) > self.max_entries or self._tokens > self.max_tokens:
+            _, old = self._entries.popitem(last=False)
+            self._tokens -= old.ids.size
+            key = (old.special, xxhash.xxh3_64_digest(old.text[:HEAD_CHARS].encode("utf-8", "surrogatepass")))
+            members = self._by_head.get(key)
+            if members is not None:
+                members.remove(old)
+                if not members:
+                    del self._by_head[key]
+
+
+__all__ = ["PrefixTokens"]

@@ -1,0 +1,82 @@
+"""Reusing the token ids of an earlier prompt's prefix gives exactly what the tokenizer gives for the whole text.
+
+With a real byte-level BPE tokenizer (trained at test time, as the tiny vLLM model's), conversations that grow
+turn by turn, and joins chosen to be hard: whitespace runs, contractions, punctuation, digits and non-ASCII
+text at the seam, and texts that share a head but not a prefix.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from e2e.bench.tokenizer import ensure_tokenizer
+from engine.tokens.tokenizer import HFTokenizer
+from pickers.prefixtokens import MIN_CHARS, PrefixTokens
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory) -> HFTokenizer:
+    return HFTokenizer(ensure_tokenizer(tmp_path_factory.mktemp("tok")))
+
+
+def _text(rng: random.Random, chars: int) -> str:
+    words = ["the", "cache", "pod's", "route", "GPU", "naïve", "données", "1234", "x=y;", "\n\n", "  ", "don't",
+             "'s", "?!", "日本語", "emoji🙂", "tab\t", "end."]
+    out: list[str] = []
+    n = 0
+    while n < chars:
+        w = rng.choice(words)
+        out.append(w)
+        n += len(w) + 1
+    return " ".join(out)
+
+
+def test_growing_conversations_reuse_the_prefix_and_match_a_full_encode(tokenizer):
+    rng = random.Random(5)
+    pt = PrefixTokens(tokenizer)
+    convs = [f"system {c}: " + _text(rng, MIN_CHARS + 2000) for c in range(3)]
+    for _ in range(6):
+        for c in range(3):
+            convs[c] += rng.choice(["", " ", "\n", "  "]) + _text(rng, rng.randint(1, 3000))
+            for special in (True, False):
+                got = pt.encode(convs[c], special)
+                want = tokenizer.encode_array(convs[c], add_special_tokens=special)
+                assert np.array_equal(got, want)
+    assert pt.reused >= 24 and pt.full == 6  # every turn after the first reused its conversation's prefix
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seam=st.text(min_size=0, max_size=40), tail=st.text(min_size=1, max_size=400), seed=st.integers(0, 10**6))
+def test_any_appended_text_gives_the_full_encode(tokenizer, seam, tail, seed):
+    rng = random.Random(seed)
+    pt = PrefixTokens(tokenizer)
+    base = _text(rng, MIN_CHARS + 600) + seam
+    assert np.array_equal(pt.encode(base, True), tokenizer.encode_array(base))
+    grown = base + tail
+    assert np.array_equal(pt.encode(grown, True), tokenizer.encode_array(grown))
+
+
+def test_a_shared_head_that_is_not_a_prefix_is_encoded_whole(tokenizer):
+    rng = random.Random(9)
+    pt = PrefixTokens(tokenizer)
+    head = _text(rng, MIN_CHARS + 500)
+    a, b = head + " first branch " + _text(rng, 800), head + " second branch " + _text(rng, 800)
+    pt.encode(a, True)
+    assert np.array_equal(pt.encode(b, True), tokenizer.encode_array(b))
+    assert pt.reused == 0 and pt.full == 2
+
+
+def test_bounded_by_entries_and_tokens(tokenizer):
+    rng = random.Random(2)
+    pt = PrefixTokens(tokenizer, max_entries=3, max_tokens=10**9)
+    for i in range(7):
+        pt.encode(f"doc {i} " + _text(rng, MIN_CHARS + 100), True)
+    assert len(pt) == 3
+    small = PrefixTokens(tokenizer, max_entries=100, max_tokens=1)
+    small.encode(_text(rng, MIN_CHARS + 100), True)
+    assert len(small) == 0 and small.tokens_held == 0
