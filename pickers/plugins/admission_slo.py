@@ -6,8 +6,8 @@
                       kv_usage / kv_threshold) (a pool without dedicated prefill pods is one pool). Every
                       request is rejected at S >= threshold x m(priority), with or without targets.
     early             Mooncake's non-predictive early rejection: reject at arrival when the best predicted TTFT
-                      on the prefill pool now (every pod that can prefill; the decode pods without one), or the best decode pod's predicted TPOT now, misses the request's
-                      target x m(priority).
+                      on the prefill pool now (every pod that can prefill; the decode pods without one), or the
+                      best decode pod's predicted TPOT now, misses the request's target x m(priority).
     predictive        Mooncake's prediction-based early rejection, done with the picker's own ledger: the TTFT
                       check as ``early``; then the decode pool's TPOT is predicted at T = now + predicted TTFT,
                       counting on each decode pod the requests admitted before this one whose prefill ends by
