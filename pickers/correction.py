@@ -11,8 +11,8 @@ fitted on the last ``window`` finished requests of that kind, minimising the rel
 weighted by 1 / observed^2, so a 20 ms request counts as much as a 2 s one) with recent requests weighing
 more (weight halves every ``half_life`` requests: a pod's speed drifts with its co-tenants and its cache).
 Until ``min_fit`` points are in, or when the raw predictions are too alike to separate a from b, it falls
-back to the median ratio observed / raw (robust to a few outliers), with a = 0; with fewer than 4 points it keeps the raw cost model
-(one cold start is not a trend). Both TTFT (attributed to the pod that ran the
+back to the median ratio observed / raw (robust to a few outliers), with a = 0; with fewer than 4 points it
+keeps the raw cost model (one cold start is not a trend). Both TTFT (attributed to the pod that ran the
 prefill) and TPOT (to the decode pod) are learned separately.
 
 Invariants: memory is ``window`` floats x 4 per kind of pod (kinds are bounded by the endpoint table);
