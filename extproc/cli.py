@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "up": ("extproc.stack", "main", "start Envoy + picker + a simulated fleet on loopback"),
     "demo": ("extproc.demo", "main", "run the local stack with a short workload and print a summary"),
     "sim": ("engine.sim.cli", "main", "run simulated vLLM pods (real time) or replay a trace (virtual time)"),
+    "plan": ("engine.sim.cluster.plan", "main", "find the cheapest fleet for a trace under SLOs (cost model + replay)"),
     "sidecar": ("engine.sidecar.cli", "main", "run the decode pod's prefill/decode sidecar"),
     "bench": ("e2e.bench.cli", "main", "benchmarks: kvswitch against peers on a simulated fleet"),
 }

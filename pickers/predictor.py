@@ -4,7 +4,8 @@ For a prompt of P tokens and each endpoint slot p:
 
     H_p  = prompt tokens cached on p (prefix index under ``mode``; CPU-held blocks weighted 0.8)
     Q_p  = prompt tokens queued ahead on p: max(uncached tokens kvswitch sent there that have not reached
-           first token, waiting requests on p (fresh /metrics) x the mean prompt seen)
+           first token, waiting requests on p (fresh /metrics) x the mean prompt seen; on a decode-role pod
+           the first only: its waiting requests wait for KV from a prefill pod)
     r_p  = running decodes on p (fresh /metrics, at least the requests kvswitch started there)
     B_p  = p's step token budget (max_num_batched_tokens, pickers.costs)
 
@@ -71,7 +72,10 @@ class Predictor:
             k = slots.size
             fresh = dl.fresh(slots, ctx.now)
             waiting = np.where(fresh, dl.metrics.waiting[slots], 0.0)
-            q = np.maximum(dl.inflight.prefill_tokens[slots], waiting * per_waiting)
+            # a decode-role pod's waiting requests are mostly P/D requests waiting for their KV (no prefill
+            # there): only the local prefills we sent it count as queued prompt tokens
+            per = np.where(dl.endpoints.can_prefill[slots], per_waiting, 0.0)
+            q = np.maximum(dl.inflight.prefill_tokens[slots], waiting * per)
             budget = dl.costs.budget[slots]
             r = np.minimum(dl.running(slots, ctx.now), 0.9 * budget)
             h = np.minimum(ctx.hit_tokens(mode)[slots], p)

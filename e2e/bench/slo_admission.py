@@ -21,8 +21,8 @@ import yaml
 
 from engine.sim.cluster.cli import arm_config, replay
 from engine.sim.cluster.fleet import fleet_from_flags
-from engine.sim.cluster.report import summarize
-from engine.sim.cluster.slo import slo_summary
+from engine.sim.cluster.report import SloTargets, summarize
+from engine.sim.cluster.slo import admission_summary
 from engine.sim.cluster.trace import BlockTokens, read_mooncake
 
 TRACE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mooncake_synthetic_trace.jsonl"
@@ -61,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
             predicted: dict[str, tuple[float, float]] = {}
             res, wall = replay(reqs, fleet, "default", picker_config=arm_config(cfg, arm, args.ttft_ms, args.tpot_ms),
                                blocks=blocks, predicted=predicted)
-            s = summarize(res, wall)
-            s.update(slo_summary(res, args.ttft_ms / 1e3, args.tpot_ms / 1e3, predicted))
+            targets = SloTargets(args.ttft_ms / 1e3, args.tpot_ms / 1e3)
+            s = summarize(res, wall, slo=targets)
+            s.update(admission_summary(res, targets, predicted))
             row = {"speedup": sp, "admission": arm, **{k: s[k] for k in KEYS},
                    "ttft_p90_s": s["ttft_p90_s"], "tpot_mean_s": s["tpot_mean_s"],
                    "prediction_mape": s.get("prediction_mape", {}), "pod_busy": s["pod_busy"], "wall_s": wall}

@@ -284,11 +284,132 @@ def scale_rate(workload: Workload, factor: float) -> Workload:
     return Workload(workload.name, recs, {**workload.params, "rate_factor": factor})
 
 
+def day_rate_shape(duration_s: float, peak_to_trough: float = 5.0, burst_at: float = 0.75,
+                   burst_s: float = 120.0, burst_factor: float = 2.0, step_s: float = 1.0) -> np.ndarray:
+    """Relative arrival rate per ``step_s`` of a compressed day, mean 1 over the day before the burst.
+
+    A cosine from the night trough (t = 0 and the end) to the afternoon peak (t = duration / 2) whose
+    peak/trough ratio is ``peak_to_trough``, times ``burst_factor`` for ``burst_s`` seconds starting at
+    ``burst_at`` x duration (a flash crowd on top of the daily swing; ``burst_factor`` 1 disables it).
+    """
+    if duration_s <= 0 or step_s <= 0:
+        raise ValueError("duration_s and step_s must be > 0")
+    if peak_to_trough < 1:
+        raise ValueError(f"peak_to_trough must be >= 1, got {peak_to_trough}")
+    if burst_factor < 1 or burst_s < 0 or not 0 <= burst_at <= 1:
+        raise ValueError("burst_factor must be >= 1, burst_s >= 0 and burst_at in [0, 1]")
+    c = (peak_to_trough - 1.0) / (peak_to_trough + 1.0)
+    t = (np.arange(int(math.ceil(duration_s / step_s))) + 0.5) * step_s
+    shape = 1.0 - c * np.cos(2.0 * math.pi * t / duration_s)
+    start = burst_at * duration_s
+    shape[(t >= start) & (t < start + burst_s)] *= burst_factor
+    return shape
+
+
+def _synthetic_lengths(rng: np.random.Generator, n: int, long_share: float, chat_input_median: int,
+                       chat_output_median: int, long_input_median: int, long_output_median: int,
+                       max_input: int, max_output: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input, output, is_long) of a two-class mix: chat turns and long prompts (documents, code)."""
+    is_long = rng.random(n) < long_share
+    ins = np.where(is_long, rng.lognormal(math.log(long_input_median), 0.5, n),
+                   rng.lognormal(math.log(chat_input_median), 0.8, n))
+    outs = np.where(is_long, rng.lognormal(math.log(long_output_median), 0.6, n),
+                    rng.lognormal(math.log(chat_output_median), 0.7, n))
+    return (np.clip(ins, 16, max_input).astype(int), np.clip(outs, 1, max_output).astype(int), is_long)
+
+
+def day(
+    *,
+    path: Path | str | None = None,
+    num_requests: int = 12000,
+    duration_s: float = 3600.0,
+    peak_to_trough: float = 5.0,
+    burst_at: float = 0.75,
+    burst_s: float = 120.0,
+    burst_factor: float = 2.0,
+    max_input_tokens: int | None = None,
+    max_output_tokens: int | None = None,
+    long_share: float = 0.2,
+    chat_input_median: int = 1500,
+    chat_output_median: int = 250,
+    long_input_median: int = 12000,
+    long_output_median: int = 120,
+    groups: int = 32,
+    prefix_tokens: int = 1024,
+    seed: int = 0,
+) -> Workload:
+    """A compressed day: ``num_requests`` arrivals over ``duration_s`` whose rate follows ``day_rate_shape``.
+
+    Arrival times are the order statistics of ``num_requests`` points drawn from the day's rate curve (a
+    Poisson process conditioned on its count, by inverting the cumulative rate), so the count is exact and
+    the seed reproduces them. Lengths and prefix structure: with ``path``, the Mooncake-format trace's
+    requests in their own order, cycled as often as needed; each pass gets fresh hash ids (ids offset by
+    pass x (max id + 1)), so a repeat is new content and prefix reuse stays what the trace has. Without
+    ``path``, a synthetic two-class mix: chat turns (lognormal around ``chat_*_median``; every chat request
+    starts with one of ``groups`` shared system prompts of ``prefix_tokens``) and, with probability
+    ``long_share``, long prompts (around ``long_*_median``, no sharing).
+    """
+    if num_requests < 1:
+        raise ValueError("num_requests must be >= 1")
+    if not 0.0 <= long_share <= 1.0:
+        raise ValueError(f"long_share must be in [0, 1], got {long_share}")
+    rng = np.random.default_rng(seed)
+    shape = day_rate_shape(duration_s, peak_to_trough, burst_at, burst_s, burst_factor)
+    step = duration_s / len(shape)
+    cum = np.concatenate([[0.0], np.cumsum(shape)])
+    u = np.sort(rng.random(num_requests)) * cum[-1]
+    times_s = np.interp(u, cum, np.arange(len(cum)) * step)
+    times_ms = np.round((times_s - times_s[0]) * 1000.0).astype(np.int64)
+    records: list[TraceRecord] = []
+    if path is not None:
+        src = read_trace(Path(path))
+        if not src:
+            raise ValueError(f"{path}: the trace is empty")
+        src.sort(key=lambda r: r.timestamp)
+        stride = max((max(r.hash_ids) for r in src if r.hash_ids), default=0) + 1
+        for i, t in enumerate(times_ms.tolist()):
+            r = src[i % len(src)]
+            off = (i // len(src)) * stride
+            length, ids = r.input_length, [h + off for h in r.hash_ids]
+            if max_input_tokens is not None and length > max_input_tokens:
+                length = max_input_tokens
+                ids = ids[: num_blocks(length)]
+            out = min(r.output_length, max_output_tokens) if max_output_tokens else r.output_length
+            records.append(TraceRecord(int(t), length, max(1, out), ids))
+    else:
+        ids = _Ids()
+        shared = prefix_tokens // BLOCK_TOKENS
+        group_ids = [ids.take(shared) for _ in range(max(1, groups))]
+        ins, outs, is_long = _synthetic_lengths(
+            rng, num_requests, long_share, chat_input_median, chat_output_median, long_input_median,
+            long_output_median, max_input_tokens or 32768, max_output_tokens or 2048)
+        choice = rng.integers(0, len(group_ids), size=num_requests)
+        for t, n_in, n_out, lng, g in zip(times_ms.tolist(), ins.tolist(), outs.tolist(), is_long.tolist(),
+                                          choice.tolist()):
+            if lng or shared == 0:
+                hid = ids.take(num_blocks(n_in))
+            else:
+                n_in = max(n_in, shared * BLOCK_TOKENS + 16)
+                hid = group_ids[g] + ids.take(num_blocks(n_in) - shared)
+            records.append(TraceRecord(int(t), int(n_in), int(n_out), hid))
+    params = dict(
+        path=str(path) if path is not None else None, num_requests=num_requests, duration_s=duration_s,
+        peak_to_trough=peak_to_trough, burst_at=burst_at, burst_s=burst_s, burst_factor=burst_factor,
+        max_input_tokens=max_input_tokens, max_output_tokens=max_output_tokens, seed=seed,
+    )
+    if path is None:
+        params.update(long_share=long_share, chat_input_median=chat_input_median,
+                      chat_output_median=chat_output_median, long_input_median=long_input_median,
+                      long_output_median=long_output_median, groups=groups, prefix_tokens=prefix_tokens)
+    return Workload("day", records, params)
+
+
 GENERATORS = {
     "shared-prefix": shared_prefix,
     "no-sharing": no_sharing,
     "multi-turn": multi_turn,
     "mooncake": mooncake,
+    "day": day,
 }
 
 
@@ -303,6 +424,10 @@ def make(name: str, rate: float | None = None, **params: Any) -> Workload:
             wl = scale_rate(wl, rate / ((len(wl.records) - 1) / wl.duration_s))
             wl.params["rate"] = rate
         return wl
+    if name == "day":
+        if rate is not None:  # the day's mean rate: as many requests as the duration holds at that rate
+            params["num_requests"] = max(1, int(round(rate * float(params.get("duration_s", 3600.0)))))
+        return day(**params)
     if rate is not None:
         params["rate"] = rate
     return GENERATORS[name](**params)

@@ -59,7 +59,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.costmodel import CostModel, prefill_pairs
+from engine.costmodel import CostModel
 from engine.sim.blockpool import BlockPool, KVEvent, new_root_hash
 
 ROLES = ("both", "prefill", "decode")
@@ -303,6 +303,90 @@ class EngineCore:
             num_held_blocks=sum(len(k) for k in self._held),
         )
 
+    # ---- quiet decode runs (virtual time) -----------------------------------------------------------
+    def plan_quiet(self, now: float, max_steps: int, with_blocks: bool) -> list[float]:
+        """Durations of the next steps from ``now`` that are *quiet*, without applying them.
+
+        A quiet step is a step() whose only effect is one decode token for every running request: nothing
+        waits or loads, every running request has its first token and needs exactly one more, none
+        finishes in it, no held-block timer is due at its start and, unless ``with_blocks``, it neither
+        allocates nor commits a block (so it publishes no KV event). With ``with_blocks`` (a pool that
+        publishes no events) block growth and commits are allowed while the free queue covers them.
+        Nothing outside the engine can see a quiet step except through ``stats()`` and through what the
+        next non-quiet step does, so a virtual-time driver may apply them lazily with ``apply_quiet`` and
+        get exactly the state, token ids and times that step() one by one would have produced: the same
+        cost-model calls with the same arguments, summed in the same order.
+        """
+        running = self._running
+        b = len(running)
+        if not b or self._waiting or self._loading or b > self.config.max_num_batched_tokens or max_steps <= 0:
+            return []
+        bs = self.block_size
+        max_len = self.max_model_len
+        k = max_steps
+        kv = 0
+        grow_at: list[int] = []  # with_blocks: per request, the first step that needs a new block
+        for r in running:
+            c = r.num_computed
+            nout = len(r.output)
+            if r.num_tokens - c != 1 or not nout:
+                return []
+            req = r.req
+            k = min(k, req.max_tokens - nout - 1, max_len - r.num_tokens - 1)
+            if not req.ignore_eos and req.eos_at is not None:
+                k = min(k, max(req.eos_at, req.min_tokens) - nout - 1)
+            first_alloc = len(r.block_ids) * bs - c
+            if with_blocks:
+                grow_at.append(first_alloc)
+            else:
+                k = min(k, first_alloc, (c // bs + 1) * bs - c - 1)
+            kv += c
+            if k <= 0:
+                return []
+        if with_blocks:  # stop before the step that would need more blocks than are free (a preemption)
+            free = self.pool.num_free
+
+            def blocks_for(steps: int) -> int:  # a request needs one block at steps g, g + bs, g + 2 bs, ...
+                return sum((steps - 1 - g) // bs + 1 for g in grow_at if g < steps)
+
+            while k > 0 and blocks_for(k) > free:
+                k -= 1
+        timer = self.next_event_time()
+        step_time = self.cost.step_time
+        out: list[float] = []
+        t = now
+        for _ in range(k):
+            if timer is not None and t >= timer:
+                break
+            d = step_time(b, float(kv + b), kv)
+            out.append(d)
+            t = t + d
+            kv += b
+        return out
+
+    def apply_quiet(self, count: int, start: float) -> None:
+        """Apply ``count`` quiet steps planned by ``plan_quiet`` (the last one starting at ``start``)."""
+        if count <= 0:
+            return
+        running = self._running
+        bs = self.block_size
+        vocab = self.config.vocab_size
+        pool = self.pool
+        for _ in range(count):
+            for r in running:
+                if r.num_computed + 1 > len(r.block_ids) * bs:
+                    new = pool.allocate(1)
+                    assert new is not None, "plan_quiet promised a free block"
+                    r.block_ids.extend(new)
+            for r in running:
+                r.num_computed += 1
+                if r.num_computed // bs > r.committed:
+                    self._commit(r)
+                r.output.append(r.rng.randrange(vocab))
+                r.num_tokens += 1
+        self.generation_tokens += count * len(running)
+        self._now = start
+
     # ---- the step --------------------------------------------------------------------------------
     def step(self, now: float) -> StepResult:
         self._now = now
@@ -313,10 +397,18 @@ class EngineCore:
         preempted = False
         running = self._running
         i = 0
+        bs = self.block_size
         while i < len(running) and budget > 0:
             r = running[i]
-            n = min(r.num_tokens - r.num_computed, budget)
+            n = r.num_tokens - r.num_computed
+            if n > budget:
+                n = budget
             if n <= 0:
+                i += 1
+                continue
+            if -(-(r.num_computed + n) // bs) <= len(r.block_ids):  # fits in its blocks: the common decode step
+                sched.append((r, n))
+                budget -= n
                 i += 1
                 continue
             scheduled = True
@@ -463,7 +555,7 @@ class EngineCore:
         for r, n in sched:
             c = r.num_computed
             new_tokens += n
-            pairs += prefill_pairs(n, c)
+            pairs += n * c + n * (n + 1) / 2.0  # prefill_pairs(n, c), inlined: this loop runs per token
             kv_read += c
             if c >= r.num_prompt:
                 decodes += 1
@@ -474,14 +566,17 @@ class EngineCore:
         outputs: list[RequestOutput] = []
         vocab = self.config.vocab_size
         max_len = self.max_model_len
+        bs = self.block_size
         finished: list[_Req] = []
         for r, n in sched:
             r.num_computed += n
-            self._commit(r)
+            if min(r.num_computed, r.num_tokens) // bs > r.committed:
+                self._commit(r)
             if r.num_computed < r.num_tokens:
                 continue  # a prefill chunk that did not reach the end of the prompt
             tok = r.rng.randrange(vocab)
-            r.append_output(tok)
+            r.output.append(tok)
+            r.num_tokens += 1
             self.generation_tokens += 1
             if r.first_token_at < 0:
                 r.first_token_at = end

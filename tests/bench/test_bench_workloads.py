@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from e2e.bench import workloads as w
@@ -109,3 +110,55 @@ def test_make_rejects_unknown():
         w.make("nope")
     with pytest.raises(TypeError):
         w.make("no-sharing", bogus=1)
+
+
+def test_day_shape_swings_five_to_one_and_has_a_burst():
+    shape = w.day_rate_shape(3600.0, peak_to_trough=5.0, burst_at=0.75, burst_s=120.0, burst_factor=2.0)
+    # the burst doubles the rate at 3/4 of the day (where the cosine is at its mean): 2 / (1/3)
+    assert shape.max() / shape.min() == pytest.approx(6.0, rel=0.02)
+    plain = w.day_rate_shape(3600.0, burst_factor=1.0)
+    assert plain.max() / plain.min() == pytest.approx(5.0, rel=0.01)
+    assert int(plain.argmax()) in range(1795, 1805) and int(plain.argmin()) in (0, 3599)
+    with pytest.raises(ValueError):
+        w.day_rate_shape(3600.0, peak_to_trough=0.5)
+
+
+def test_day_workload_follows_the_shape_with_the_exact_count():
+    wl = w.day(num_requests=6000, duration_s=3600.0, seed=1)
+    ts = np.array([r.timestamp for r in wl.records]) / 1000.0
+    assert len(ts) == 6000 and (np.diff(ts) >= 0).all() and ts[0] == 0 and ts[-1] <= 3600
+    per10 = np.histogram(ts, bins=36, range=(0, 3600))[0]
+    assert 3.5 < per10[17] / per10[0] < 7.0  # noon vs midnight, 5x on average
+    burst = ((ts >= 2700) & (ts < 2820)).sum() / 120.0
+    after = ((ts >= 2820) & (ts < 2940)).sum() / 120.0
+    assert burst > 1.6 * after
+    again = w.day(num_requests=6000, duration_s=3600.0, seed=1)
+    assert [r.to_json() for r in again.records] == [r.to_json() for r in wl.records]
+    assert [r.timestamp for r in w.day(num_requests=6000, seed=2).records] != [r.timestamp for r in wl.records]
+
+
+def test_day_workload_from_a_trace_cycles_it_with_fresh_ids_per_pass(tmp_path):
+    src = tmp_path / "t.jsonl"
+    rows = [{"timestamp": 100 * i, "input_length": 600 + i, "output_length": 5 + i,
+             "hash_ids": [0, 1] if i % 2 else [0, 2]} for i in range(4)]
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    wl = w.make("day", path=src, num_requests=10, duration_s=60.0, seed=0)
+    assert [r.input_length for r in wl.records] == [600, 601, 602, 603] * 2 + [600, 601]
+    assert wl.records[0].hash_ids == [0, 2] and wl.records[4].hash_ids == [3, 5]  # pass 2: ids + (max + 1)
+    assert wl.records[8].hash_ids == [6, 8]
+    rated = w.make("day", rate=2.0, path=src, duration_s=60.0)
+    assert len(rated.records) == 120
+
+
+def test_day_workload_synthetic_mix_of_chat_and_long_prompts():
+    wl = w.day(num_requests=3000, long_share=0.3, seed=4)
+    ins = np.array([r.input_length for r in wl.records])
+    long_share = float((ins > 6000).mean())
+    assert 0.2 < long_share < 0.4
+    from collections import Counter
+
+    first = Counter(tuple(r.hash_ids[:2]) for r in wl.records)
+    shared = sum(n for _, n in first.most_common(32))
+    assert shared >= 0.65 * len(wl.records)  # chat turns start with one of 32 shared system prompts
+    with pytest.raises(ValueError):
+        w.day(long_share=1.5)

@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from engine.sim.cluster.fleet import FleetSpec, fleet_from_flags, load_fleet
-from engine.sim.cluster.report import format_table, summarize
+from engine.sim.cluster.progress import ReplayProgress
+from engine.sim.cluster.report import SloTargets, format_table, summarize
 from engine.sim.cluster.routers import BUILTIN, Router, SchedulerRouter, make_router
 from engine.sim.cluster.simulator import ClusterSim, SimResult, trace_prompts
-from engine.sim.cluster.slo import SLO_ROWS, slo_summary
+from engine.sim.cluster.slo import SLO_ROWS, admission_summary
 from engine.sim.cluster.trace import BlockTokens, TraceRequest, read_mooncake
+from pickers.planner.catalogue import PRICE_SOURCE, parse_accelerators
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,19 +54,28 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--max-num-seqs", type=int, default=256)
     f.add_argument("--max-num-batched-tokens", type=int, default=8192)
     r = p.add_argument_group("routing")
-    r.add_argument("--policy", default="round-robin",
+    r.add_argument("--policy", default=None,
                    help=f"built-in ({', '.join(BUILTIN)}) or a picker profile name (default round-robin)")
     r.add_argument("--policies", default=None, help="comma-separated policies, run in turn on a fresh fleet")
     r.add_argument("--picker-config", default=None, help="picker YAML passed to pickers.config.build_scheduler")
     r.add_argument("--scrape-interval", type=float, default=0.05,
                    help="seconds between metric scrapes the picker sees (default 0.05)")
     r.add_argument("--seed", type=int, default=0)
-    s = p.add_argument_group("SLOs and admission")
-    s.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT target of every request (ms)")
-    s.add_argument("--slo-tpot-ms", type=float, default=None, help="TPOT target of every request (ms)")
-    s.add_argument("--admission", default=None,
+    a = p.add_argument_group("autoscaling and SLOs")
+    a.add_argument("--autoscale", default=None, metavar="PLANNERS",
+                   help="comma-separated planners run in the loop, one replay each: kvswitch, static-peak, "
+                        "queue-hpa, dynamo-throughput (routing: --policy, default least-inflight here)")
+    a.add_argument("--startup-s", type=float, default=60.0, help="start-up time of a pod added at run time")
+    a.add_argument("--accelerators", default=None, metavar="KIND=PRICE,...",
+                   help="kinds the planner may buy and their price per GPU-hour (default: --accelerator at "
+                        "its default price); prices also give the summary's cost")
+    a.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT target (ms) for slo_attainment")
+    a.add_argument("--slo-tpot-ms", type=float, default=None, help="TPOT target (ms) for slo_attainment")
+    a.add_argument("--attainment", type=float, default=0.95, help="the planners' attainment goal (0-1)")
+    a.add_argument("--admission", default=None,
                    help="comma-separated admission arms (none, saturation, stage-saturation, early, predictive): "
-                        "each policy runs once per arm, on a fresh fleet (default: the picker config's)")
+                        "each policy runs once per arm, on a fresh fleet; --slo-* become every request's "
+                        "targets (the picker's scheduler.slo) (default: the picker config's admission)")
     o = p.add_argument_group("output")
     o.add_argument("--json", dest="json_out", default=None, help="write the summaries as JSON here")
     o.add_argument("--requests-out", default=None,
@@ -84,11 +95,12 @@ def _fleet(args: argparse.Namespace) -> FleetSpec:
 
 def replay(
     reqs: list[TraceRequest], fleet: FleetSpec, policy: str, *, seed: int = 0, scrape_interval: float = 0.05,
-    picker_config: dict[str, Any] | None = None, blocks: BlockTokens | None = None,
+    picker_config: dict[str, Any] | None = None, blocks: BlockTokens | None = None, progress: bool = False,
     predicted: dict[str, tuple[float, float]] | None = None,
 ) -> tuple[SimResult, float]:
-    """One replay of ``reqs`` on a fresh fleet; returns the result and its wall time. ``predicted``, when
-    given, receives the picker's predicted (TTFT, TPOT) per request id."""
+    """One replay of ``reqs`` on a fresh fleet; returns the result and its wall time. ``progress``: report
+    on stderr while it runs (see ``ReplayProgress``). ``predicted``, when given, receives the picker's
+    predicted (TTFT, TPOT) per request id."""
     start = time.perf_counter()
     routers: list[Router] = []
 
@@ -98,7 +110,13 @@ def replay(
         return routers[-1]
 
     sim = ClusterSim(fleet, build, scrape_interval=scrape_interval, seed=seed)
-    res = sim.run(trace_prompts(reqs, blocks))
+    bar = ReplayProgress(policy, len(reqs), reqs[-1].arrival if reqs else 0.0) if progress else None
+    sim.progress = bar
+    try:
+        res = sim.run(trace_prompts(reqs, blocks))
+    finally:
+        if bar is not None:
+            bar.close()
     res.policy = policy
     if predicted is not None and routers and isinstance(routers[0], SchedulerRouter):
         predicted.update(routers[0].predicted)
@@ -132,14 +150,66 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
+def _slo(args: argparse.Namespace) -> SloTargets | None:
+    if (args.slo_ttft_ms is None) != (args.slo_tpot_ms is None):
+        raise ValueError("give both --slo-ttft-ms and --slo-tpot-ms")
+    if not 0 < args.attainment <= 1:
+        raise ValueError(f"--attainment must be in (0, 1], got {args.attainment}")
+    if args.slo_ttft_ms is None:
+        return None
+    return SloTargets(args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
+
+
+def _autoscale(args: argparse.Namespace, reqs: list[TraceRequest], slo: SloTargets | None) -> int:
+    from engine.sim.cluster.autoscale import run_planner
+    from pickers.planner import PLANNERS
+
+    if slo is None:
+        raise ValueError("--autoscale needs --slo-ttft-ms and --slo-tpot-ms (the planners size for them)")
+    if args.fleet or args.pd:
+        raise ValueError("--autoscale plans aggregated pods itself: drop --fleet/--pd")
+    names = [s.strip() for s in args.autoscale.split(",") if s.strip()]
+    for n in names:
+        if n not in PLANNERS:
+            raise ValueError(f"unknown planner {n!r}; known: {', '.join(PLANNERS)}")
+    if not reqs:
+        raise ValueError("the trace is empty")
+    catalogue = parse_accelerators(args.accelerators or args.accelerator, startup_s=args.startup_s)
+    engine = {"max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
+              "max_num_batched_tokens": args.max_num_batched_tokens}
+    summaries = []
+    for name in names:
+        res, wall, ctl = run_planner(reqs, name, catalogue, slo, args.model_profile, args.attainment,
+                                     policy=args.policy or "least-inflight", seed=args.seed,
+                                     progress=not args.quiet, **engine)
+        s = summarize(res, wall, slo=slo, prices=catalogue.prices)  # type: ignore[arg-type]
+        s = {"planner": name, **s, "startup_s": args.startup_s, "accelerators": catalogue.prices,
+             "decisions": [{"at": t, "desired": d} for t, d in ctl.decisions]}
+        summaries.append(s)
+        if not args.quiet:
+            print(f"{name}: attainment {s['slo_attainment']:.3f}, {s['gpu_hours']:.2f} GPU-h, "
+                  f"{s['scaling_actions_per_hour']:.1f} actions/h, {wall:.1f} s wall", file=sys.stderr)
+    print(format_table(summaries))
+    if args.json_out:
+        payload = {"requests": len(reqs), "slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms,
+                   "attainment_goal": args.attainment, "startup_s": args.startup_s, "price_source": PRICE_SOURCE,
+                   "runs": [_clean(s) for s in summaries]}
+        Path(args.json_out).write_text(json.dumps(payload, indent=2), encoding="utf-8")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        policies = [s.strip() for s in (args.policies or args.policy).split(",") if s.strip()]
+        slo = _slo(args)
+        reqs = read_mooncake(args.trace, args.speedup, args.max_requests, args.duration)
+        if args.autoscale:
+            return _autoscale(args, reqs, slo)
+        policies = [s.strip() for s in (args.policies or args.policy or "round-robin").split(",") if s.strip()]
         if not policies:
             raise ValueError("--policies is empty")
         fleet = _fleet(args)
-        reqs = read_mooncake(args.trace, args.speedup, args.max_requests, args.duration)
+        prices = parse_accelerators(args.accelerators).prices if args.accelerators else None
         picker_config = None
         if args.picker_config:
             import yaml
@@ -157,9 +227,10 @@ def main(argv: list[str] | None = None) -> int:
         if not arms:
             print("kvswitch sim replay: --admission is empty", file=sys.stderr)
             return 2
-    ttft_s = args.slo_ttft_ms / 1e3 if args.slo_ttft_ms is not None else None
-    tpot_s = args.slo_tpot_ms / 1e3 if args.slo_tpot_ms is not None else None
-    with_slo = ttft_s is not None or tpot_s is not None or args.admission is not None
+    if args.admission and slo is None:
+        print("kvswitch sim replay: --admission needs --slo-ttft-ms and --slo-tpot-ms (the arms are judged on "
+              "them)", file=sys.stderr)
+        return 2
     summaries = []
     extra_rows: dict[str, tuple[str, str, str]] = {}
     blocks = BlockTokens()
@@ -173,16 +244,17 @@ def main(argv: list[str] | None = None) -> int:
         predicted: dict[str, tuple[float, float]] = {}
         try:
             res, wall = replay(reqs, fleet, policy, seed=args.seed, scrape_interval=args.scrape_interval,
-                               picker_config=arm_config(picker_config, arm, args.slo_ttft_ms, args.slo_tpot_ms),
-                               blocks=blocks, predicted=predicted)
+                               picker_config=arm_config(picker_config, arm, args.slo_ttft_ms if arm else None,
+                                                        args.slo_tpot_ms if arm else None),
+                               blocks=blocks, progress=not args.quiet, predicted=predicted)
         except ValueError as exc:
             print(f"kvswitch sim replay: policy {policy}: {exc}", file=sys.stderr)
             return 2
-        summary = summarize(res, wall)
+        summary = summarize(res, wall, slo=slo, prices=prices)
         summary["column"] = column
-        if with_slo:
+        if slo is not None:
             summary["admission"] = arm or "config"
-            summary.update(slo_summary(res, ttft_s, tpot_s, predicted))
+            summary.update(admission_summary(res, slo, predicted))
             for rk, rl, rf in SLO_ROWS:
                 extra_rows.setdefault(rk, (rk, rl, rf))
             for acc, m in summary.get("prediction_mape", {}).items():

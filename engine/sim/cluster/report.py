@@ -3,18 +3,104 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from engine.sim.cluster.simulator import SimResult
+from engine.sim.cluster.simulator import LOST, RequestRecord, SimResult
 
 
 def _pct(values: np.ndarray, q: float) -> float:
     return float(np.percentile(values, q)) if len(values) else math.nan
 
 
-def summarize(result: SimResult, wall_s: float | None = None) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class SloTargets:
+    """Per-request latency targets: time to first token and time per output token after it (seconds)."""
+
+    ttft_s: float
+    tpot_s: float
+
+    def __post_init__(self) -> None:
+        if not (self.ttft_s > 0 and self.tpot_s > 0):
+            raise ValueError(f"SLO targets must be positive, got TTFT {self.ttft_s} s and TPOT {self.tpot_s} s")
+
+
+def request_tpot(first_token: float, finish: float, output_tokens: int) -> float:
+    """Seconds per output token after the first; 0 for a one-token answer (it has no TPOT to miss)."""
+    return (finish - first_token) / (output_tokens - 1) if output_tokens > 1 else 0.0
+
+
+def slo_summary(records: Sequence[RequestRecord], targets: SloTargets) -> dict[str, float]:
+    """The SLO figures of a replay, the one definition every report uses (replay, planner, admission).
+
+    ``slo_attainment``: requests completed within both targets / all requests (rejected, failed and lost
+    requests count as misses); ``goodput_req_s``: requests within both targets per second of makespan (first
+    arrival to last end); ``slo_ttft_attainment`` / ``slo_tpot_attainment``: each target on its own over all
+    requests. Requests still pending count as misses.
+    """
+    n = len(records)
+    met = ttft_ok = tpot_ok = 0
+    start = math.inf
+    end = -math.inf
+    for r in records:
+        start = min(start, r.arrival)
+        if r.status != "ok":
+            end = max(end, r.arrival)
+            continue
+        end = max(end, r.finish)
+        a = r.first_token - r.arrival <= targets.ttft_s
+        b = request_tpot(r.first_token, r.finish, r.output_tokens) <= targets.tpot_s
+        ttft_ok += a
+        tpot_ok += b
+        met += a and b
+    span = end - start if n and end > start else math.nan
+    return {
+        "slo_ttft_ms": targets.ttft_s * 1e3,
+        "slo_tpot_ms": targets.tpot_s * 1e3,
+        "slo_met": met,
+        "slo_attainment": met / n if n else math.nan,
+        "slo_ttft_attainment": ttft_ok / n if n else math.nan,
+        "slo_tpot_attainment": tpot_ok / n if n else math.nan,
+        "goodput_req_s": met / span if span == span and span > 0 else math.nan,
+    }
+
+
+def fleet_usage(result: SimResult, prices: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """What the fleet cost: GPU-hours and cost per accelerator kind (a pod is paid for from the moment it is
+    requested until it is released, or the end of the replay), pods at the peak, scaling actions per hour
+    and requests lost because their pod went away. ``prices``: per GPU-hour by kind (missing kinds: 0)."""
+    prices = {k.upper(): v for k, v in (prices or {}).items()}
+    end = result.end_time
+    by_kind: dict[str, float] = {}
+    changes: list[tuple[float, int]] = []
+    for p in result.pods:
+        stop = min(p.released_at, end)
+        kind = p.spec.accelerator.upper()
+        by_kind[kind] = by_kind.get(kind, 0.0) + p.gpus * max(0.0, stop - p.requested_at) / 3600.0
+        changes += [(p.requested_at, 1), (stop, -1)]
+    live = peak = 0
+    for _, d in sorted(changes, key=lambda c: (c[0], c[1])):
+        live += d
+        peak = max(peak, live)
+    hours = end / 3600.0 if end > 0 else math.nan
+    cost_by_kind = {k: h * prices.get(k, 0.0) for k, h in by_kind.items()}
+    return {
+        "gpu_hours": sum(by_kind.values()),
+        "gpu_hours_by_kind": by_kind,
+        "cost": sum(cost_by_kind.values()),
+        "cost_by_kind": cost_by_kind,
+        "peak_pods": peak,
+        "scaling_actions": result.scaling_actions,
+        "scaling_actions_per_hour": result.scaling_actions / hours if hours == hours else math.nan,
+        "lost_requests": sum(1 for r in result.records if r.reason == LOST),
+    }
+
+
+def summarize(result: SimResult, wall_s: float | None = None, slo: SloTargets | None = None,
+              prices: Mapping[str, float] | None = None) -> dict[str, Any]:
     """Completed/rejected/failed counts, throughput, TTFT/TPOT/e2e percentiles, prefix hit rate, shares.
 
     TPOT = (e2e - TTFT) / (output tokens - 1), over requests with at least two output tokens. Throughput
@@ -64,6 +150,12 @@ def summarize(result: SimResult, wall_s: float | None = None) -> dict[str, Any]:
         "pod_busy": {p.name: p.busy_time / span for p in result.pods},
         "sim_events": result.events,
     }
+    if slo is not None:
+        out.update(slo_summary(recs, slo))
+    usage = fleet_usage(result, prices)
+    if prices is None:
+        del usage["cost"], usage["cost_by_kind"]
+    out.update(usage)
     if wall_s is not None:
         out["wall_s"] = wall_s
     return out
@@ -88,9 +180,19 @@ _ROWS: list[tuple[str, str, str]] = [
     ("prefix_hit_rate", "prefix hit rate", "{:.1%}"),
     ("preemptions", "preemptions", "{:.0f}"),
     ("share_cv", "pod share CV", "{:.3f}"),
+    ("slo_attainment", "SLO attainment", "{:.1%}"),
+    ("goodput_req_s", "goodput req/s", "{:.3f}"),
+    ("gpu_hours", "GPU-hours", "{:.2f}"),
+    ("cost", "cost", "{:.2f}"),
+    ("peak_pods", "peak pods", "{:.0f}"),
+    ("scaling_actions_per_hour", "scaling actions/h", "{:.1f}"),
+    ("lost_requests", "lost requests", "{:.0f}"),
     ("max_share", "max pod share", "{:.1%}"),
     ("wall_s", "wall s", "{:.1f}"),
 ]
+
+
+_OPTIONAL = {"wall_s", "slo_attainment", "goodput_req_s", "cost"}
 
 
 def _fmt(v: Any, fmt: str) -> str:
@@ -110,7 +212,7 @@ def format_table(summaries: list[dict[str, Any]], extra_rows: list[tuple[str, st
         for s in summaries:
             v = max(s["pod_share"].values(), default=0.0) if key == "max_share" else s.get(key)
             vals.append(_fmt(v, fmt))
-        if key == "wall_s" and all(v == "-" for v in vals):
+        if key in _OPTIONAL and all(v == "-" for v in vals):
             continue
         rows.append([label, *vals])
     width0 = max(len(r[0]) for r in rows + [["metric"]])
@@ -122,4 +224,4 @@ def format_table(summaries: list[dict[str, Any]], extra_rows: list[tuple[str, st
     return "\n".join(out)
 
 
-__all__ = ["format_table", "summarize"]
+__all__ = ["SloTargets", "fleet_usage", "format_table", "request_tpot", "slo_summary", "summarize"]

@@ -11,11 +11,14 @@ The simulator talks to one small ``Router`` protocol, so the built-in policies a
   ``pickers.types.SchedulingError`` to reject it, e.g. admission's 429);
 - ``on_first_token(req, at)``, ``on_finished(req, usage, at)``, ``on_failed(req, reason, at)``;
 - ``on_kv_events(pod, events, at)`` after every step that changed a pod's cache, if ``wants_kv_events``;
-- ``on_metrics(pod, stats, at)`` every scrape interval, if ``wants_metrics`` (stale by design).
+- ``on_metrics(pod, stats, at)`` every scrape interval, if ``wants_metrics`` (stale by design);
+- ``on_pod_added(endpoint, at)`` when a pod added at run time is ready, ``on_pod_removed(pod, at)`` when a
+  pod starts draining: from then on the router must not pick it (its in-flight requests still report).
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -59,6 +62,8 @@ class Router(Protocol):
     def on_failed(self, req: ClusterRequest, reason: str, at: float) -> None: ...
     def on_kv_events(self, pod: str, events: list[KVEvent], at: float) -> None: ...
     def on_metrics(self, pod: str, stats: EngineStats, at: float) -> None: ...
+    def on_pod_added(self, endpoint: Endpoint, at: float) -> None: ...
+    def on_pod_removed(self, pod: str, at: float) -> None: ...
 
 
 class BaseRouter:
@@ -86,6 +91,12 @@ class BaseRouter:
     def on_metrics(self, pod: str, stats: EngineStats, at: float) -> None:
         return None
 
+    def on_pod_added(self, endpoint: Endpoint, at: float) -> None:
+        return None
+
+    def on_pod_removed(self, pod: str, at: float) -> None:
+        return None
+
 
 class RoundRobinRouter(BaseRouter):
     """Decode pods in turn; on a P/D fleet every request also takes the next prefill pod in turn."""
@@ -102,7 +113,20 @@ class RoundRobinRouter(BaseRouter):
         self._d = 0
         self._p = 0
 
+    def on_pod_added(self, endpoint: Endpoint, at: float) -> None:
+        if endpoint.role is Role.PREFILL:
+            self._prefill.append(endpoint.address)
+        elif endpoint.role.can_decode():
+            self._decode.append(endpoint.address)
+
+    def on_pod_removed(self, pod: str, at: float) -> None:
+        for pods in (self._decode, self._prefill):
+            if pod in pods:
+                pods.remove(pod)
+
     def route(self, req: ClusterRequest, now: float) -> Route:
+        if not self._decode:
+            raise SchedulingError(503, "no pod can decode", "no_endpoints")
         d = self._decode[self._d % len(self._decode)]
         self._d += 1
         p = None
@@ -110,6 +134,59 @@ class RoundRobinRouter(BaseRouter):
             p = self._prefill[self._p % len(self._prefill)]
             self._p += 1
         return d, p
+
+
+class LengthSplitRouter(BaseRouter):
+    """Prompts longer than ``split_tokens`` go to pods of ``long_kind``, the rest to the other pods; the pod
+    with the fewest requests in flight within the group (ties: in turn). Without a split: least in flight
+    over all pods. The router a planned heterogeneous fleet (``kvswitch plan``) is replayed with."""
+
+    name = "length-split"
+
+    def __init__(self, endpoints: list[Endpoint], split_tokens: int | None = None, long_kind: str | None = None
+                 ) -> None:
+        self.split = split_tokens
+        self.long_kind = (long_kind or "").upper()
+        self._kind: dict[str, str] = {}
+        self._load: dict[str, int] = {}
+        self._turn = 0
+        for e in endpoints:
+            self.on_pod_added(e, 0.0)
+
+    def on_pod_added(self, endpoint: Endpoint, at: float) -> None:
+        if endpoint.role.can_decode():
+            self._kind[endpoint.address] = endpoint.accelerator.upper()
+            self._load.setdefault(endpoint.address, 0)
+
+    def on_pod_removed(self, pod: str, at: float) -> None:
+        self._kind.pop(pod, None)
+
+    def route(self, req: ClusterRequest, now: float) -> Route:
+        pods = list(self._kind)
+        if self.split is not None:
+            want_long = len(req.prompt) > self.split
+            group = [p for p in pods if (self._kind[p] == self.long_kind) == want_long]
+            pods = group or pods
+        if not pods:
+            raise SchedulingError(503, "no pod can decode", "no_endpoints")
+        self._turn += 1
+        n = len(pods)
+        best = min(range(n), key=lambda i: (self._load[pods[i]], (i - self._turn) % n))
+        pod = pods[best]
+        self._load[pod] += 1
+        req.state["pod"] = pod
+        return pod, None
+
+    def _done(self, req: ClusterRequest) -> None:
+        pod = req.state.pop("pod", None)
+        if pod is not None and self._load.get(pod, 0) > 0:
+            self._load[pod] -= 1
+
+    def on_finished(self, req: ClusterRequest, usage: Usage, at: float) -> None:
+        self._done(req)
+
+    def on_failed(self, req: ClusterRequest, reason: str, at: float) -> None:
+        self._done(req)
 
 
 class SchedulerRouter(BaseRouter):
@@ -166,6 +243,12 @@ class SchedulerRouter(BaseRouter):
         # The pool's event records are pickers.kvblocks.events' own types: handed over as they are.
         self._kv_index.apply_events(pod, events, now=at)
 
+    def on_pod_added(self, endpoint: Endpoint, at: float) -> None:
+        self.director.add_endpoint(endpoint)
+
+    def on_pod_removed(self, pod: str, at: float) -> None:
+        self.director.remove_endpoint(pod)
+
     def on_metrics(self, pod: str, stats: EngineStats, at: float) -> None:
         m = PodMetrics(
             waiting=float(stats.num_waiting), running=float(stats.num_running), kv_usage=float(stats.kv_usage),
@@ -191,15 +274,21 @@ def make_router(name: str, endpoints: list[Endpoint], clock: ManualClock, seed: 
     dl = dict(raw.get("datalayer") or {})
     dl.setdefault("scrape_interval_ms", scrape_interval * 1000.0)
     raw["datalayer"] = dl
+    # Plugins without a configured seed (max-score's tie-break, random pickers) seed themselves from the
+    # random module when built: seed it for the build, so the same seed replays the same decisions.
+    saved = random.getstate()
+    random.seed(seed)
     try:
         director = build_scheduler(raw, endpoints, clock=clock, network=False)
     except ConfigError as exc:  # an unknown profile or a bad key
         raise ValueError(f"policy {name!r}: {exc}") from None
+    finally:
+        random.setstate(saved)
     return SchedulerRouter(director, name, clock)
 
 
 __all__ = [
-    "BUILTIN", "BaseRouter", "ClusterRequest", "Endpoint", "ManualClock", "Role", "RoundRobinRouter", "Route", "Router",
-    "SchedulerRouter", "SchedulingError", "Usage",
+    "BUILTIN", "BaseRouter", "ClusterRequest", "Endpoint", "LengthSplitRouter", "ManualClock", "Role",
+    "RoundRobinRouter", "Route", "Router", "SchedulerRouter", "SchedulingError", "Usage",
     "make_router",
 ]

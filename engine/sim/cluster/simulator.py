@@ -18,6 +18,7 @@ import heapq
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -28,6 +29,12 @@ from engine.sim.core import EngineCore, SimRequest, StepResult
 
 _STEP = 0
 _TIMER = 1
+_QUIET = 2  # the end of a pod's quiet decode run; payload: the run's generation
+_READY = 3  # a pod added at run time finished starting
+_DRAIN_DEADLINE = 4  # a draining pod's in-flight requests ran out of time
+STARTING, READY, DRAINING, RELEASED = "starting", "ready", "draining", "released"
+LOST = "503 pod removed"  # the failure reason of a request lost because its pod went away
+_MAX_QUIET = 1024  # steps planned at once (bounds the per-pod list of durations)
 _PREFILL_SUFFIX = "/prefill"
 
 
@@ -76,10 +83,22 @@ class RequestRecord:
 
 
 class Pod:
-    __slots__ = ("index", "spec", "name", "core", "busy", "timer_at", "steps", "busy_time")
+    """One engine in the simulation, with its lazily applied quiet decode run (see ``ClusterSim``)."""
 
-    def __init__(self, index: int, spec: PodSpec, core: EngineCore) -> None:
+    __slots__ = ("index", "spec", "name", "core", "busy", "timer_at", "steps", "busy_time",
+                 "run", "run_start", "run_next", "run_applied", "run_gen", "state", "requested_at", "ready_at",
+                 "released_at", "gpus", "assigned")
+
+    def __init__(self, index: int, spec: PodSpec, core: EngineCore, requested_at: float = 0.0,
+                 ready_at: float = 0.0) -> None:
         self.index = index
+        # starting (paid, not routable) -> ready -> draining (no new requests) -> released (no longer paid)
+        self.state = READY if ready_at <= requested_at else STARTING
+        self.requested_at = requested_at
+        self.ready_at = ready_at
+        self.released_at = math.inf
+        self.gpus = core.cost.deployment.gpus
+        self.assigned = 0  # requests with a leg on this pod that has not ended
         self.spec = spec
         self.name = spec.name
         self.core = core
@@ -87,6 +106,40 @@ class Pod:
         self.timer_at = math.inf
         self.steps = 0
         self.busy_time = 0.0
+        self.run: list[float] = []  # durations of the quiet steps of the current run (empty: none)
+        self.run_start = 0.0  # start of the run's next step to apply
+        self.run_next = 0  # index in ``run`` of the next step to apply
+        self.run_applied = 0  # steps applied to the core
+        self.run_gen = 0  # bumped when a run is cut short: its end event is then stale
+
+    def settle(self, now: float, inclusive: bool) -> None:
+        """Apply the quiet steps that have started by ``now`` (``inclusive``: also one starting at it)."""
+        run = self.run
+        i, t = self.run_next, self.run_start
+        if i >= len(run):
+            return
+        first, start = i, t
+        while i < len(run) and (t < now or (inclusive and t == now)):
+            self.busy_time += run[i]
+            start = t
+            t = t + run[i]
+            i += 1
+        if i > first:
+            self.core.apply_quiet(i - first, start)
+            self.steps += i - first
+            self.run_next, self.run_start = i, t
+
+    def cut(self, now: float) -> float | None:
+        """Something reaches the pod at ``now``: apply the steps started by then and end the run after
+        the one in progress. Returns the new end of the run if it moved (the caller pushes the event)."""
+        if not self.run:
+            return None
+        self.settle(now, inclusive=True)
+        if self.run_next < len(self.run):
+            del self.run[self.run_next:]
+            self.run_gen += 1
+            return self.run_start
+        return None
 
 
 @dataclass(slots=True)
@@ -96,15 +149,26 @@ class SimResult:
     end_time: float
     events: int
     policy: str = ""
+    scaling_actions: int = 0  # fleet-changing decisions while it ran (one may add or drain several pods)
+
+
+def endpoint_for(p: PodSpec) -> Endpoint:
+    return Endpoint(p.name, role=Role(p.role), model="sim", accelerator=p.accelerator, model_profile=p.model_profile,
+                    block_size=p.block_size, kv_events=f"inproc://{p.label or p.name}",
+                    max_num_batched_tokens=p.max_num_batched_tokens)
 
 
 def endpoints_for(fleet: FleetSpec) -> list[Endpoint]:
-    return [
-        Endpoint(p.name, role=Role(p.role), model="sim", accelerator=p.accelerator, model_profile=p.model_profile,
-                 block_size=p.block_size, kv_events=f"inproc://{p.label or p.name}",
-                 max_num_batched_tokens=p.max_num_batched_tokens)
-        for p in fleet.pods
-    ]
+    return [endpoint_for(p) for p in fleet.pods]
+
+
+class Controller(Protocol):
+    """Changes the fleet while a replay runs (an autoscaler): ``tick`` every ``interval_s`` simulated seconds
+    calls ``ClusterSim.add_pod`` / ``drain_pod``."""
+
+    interval_s: float
+
+    def tick(self, sim: ClusterSim, now: float) -> None: ...
 
 
 class ClusterSim:
@@ -113,6 +177,7 @@ class ClusterSim:
     def __init__(
         self, fleet: FleetSpec, router: Router | Callable[[list[Endpoint], ManualClock], Router],
         clock: ManualClock | None = None, scrape_interval: float = 0.05, seed: int = 0,
+        quiet_runs: bool = True,
     ) -> None:
         if scrape_interval <= 0:
             raise ValueError("scrape_interval must be positive")
@@ -120,6 +185,7 @@ class ClusterSim:
         self.clock = clock or ManualClock()
         self.router: Router = router if isinstance(router, Router) else router(endpoints_for(fleet), self.clock)
         self.scrape_interval = scrape_interval
+        self.quiet_runs = quiet_runs  # False: one event per engine step (the reference the runs must match)
         self.pods: list[Pod] = []
         self.by_name: dict[str, Pod] = {}
         self.by_engine: dict[str, Pod] = {}
@@ -132,12 +198,22 @@ class ClusterSim:
             self.pods.append(pod)
             self.by_name[spec.name] = pod
             self.by_engine[core.engine_id] = pod
-        self._heap: list[tuple[float, int, int, int, StepResult | None]] = []
+        self.seed = seed
+        self.controller: Controller | None = None
+        self.drain_timeout_s = 600.0  # a draining pod's requests still running after this are lost
+        # decisions that changed the fleet (counted by the controller: one decision may move several pods)
+        self.scaling_actions = 0
+        self._added = 0
+        self._heap: list[tuple[float, int, int, int, StepResult | int | None]] = []
         self._seq = 0
         self._live: dict[str, RequestRecord] = {}  # engine request id -> record
         self._released: list[Pod] = []  # prefill pods freed during a step, kicked after it
         self.records: list[RequestRecord] = []
         self.events = 0
+        self.ended = 0  # requests that completed, failed or were rejected
+        # progress(sim_time, arrived, ended): called every ``progress_every`` events (and once at the end)
+        self.progress: Callable[[float, int, int], None] | None = None
+        self.progress_every = 8192
 
     # ---- running -------------------------------------------------------------------------------
     def run(self, requests: Iterable[tuple[TraceRequest, np.ndarray]]) -> SimResult:
@@ -146,6 +222,7 @@ class ClusterSim:
         nxt = next(it, None)
         heap, router, clock = self._heap, self.router, self.clock
         scrape = 0.0 if router.wants_metrics else math.inf
+        control = 0.0 if self.controller is not None else math.inf
         pop = heapq.heappop
         last_arrival = -math.inf
         while True:
@@ -153,21 +230,37 @@ class ClusterSim:
                 pop(heap)
             t_arr = nxt[0].arrival if nxt is not None else math.inf
             t_heap = heap[0][0] if heap else math.inf
-            t = min(t_arr, t_heap, scrape)
+            t = min(t_arr, t_heap, scrape, control)
             if t == math.inf:
                 break
             clock.set(max(t, clock.now()))
             now = clock.now()
             self.events += 1
-            if scrape <= t_heap and scrape <= t_arr:
+            if self.progress is not None and self.events % self.progress_every == 0:
+                self.progress(now, len(self.records), self.ended)
+            if scrape <= t_heap and scrape <= t_arr and scrape <= control:
                 self._scrape(now)
                 scrape = now + self.scrape_interval if (heap or nxt is not None) else math.inf
+                continue
+            if control <= t_heap and control <= t_arr:
+                assert self.controller is not None
+                self.controller.tick(self, now)
+                control = now + self.controller.interval_s if (heap or nxt is not None) else math.inf
+                if scrape == math.inf and router.wants_metrics and (heap or nxt is not None):
+                    scrape = now
                 continue
             if t_heap <= t_arr:
                 _, _, kind, idx, res = pop(heap)
                 pod = self.pods[idx]
                 if kind == _STEP:
                     self._step_end(pod, res, now)  # type: ignore[arg-type]
+                elif kind == _QUIET:
+                    if res == pod.run_gen:
+                        self._quiet_end(pod, now)
+                elif kind == _READY:
+                    self._ready(pod, now)
+                elif kind == _DRAIN_DEADLINE:
+                    self._drain_deadline(pod, now)
                 elif pod.timer_at <= now:
                     pod.timer_at = math.inf
                     self._kick(pod, now)
@@ -180,7 +273,12 @@ class ClusterSim:
             self._arrive(tr, prompt, now)
             if scrape == math.inf and router.wants_metrics:
                 scrape = now
-        return SimResult(self.records, self.pods, clock.now(), self.events, getattr(router, "name", ""))
+            if control == math.inf and self.controller is not None:
+                control = now
+        if self.progress is not None:
+            self.progress(clock.now(), len(self.records), self.ended)
+        return SimResult(self.records, self.pods, clock.now(), self.events, getattr(router, "name", ""),
+                         self.scaling_actions)
 
     def _stale_timer(self, t: float, pod: Pod) -> bool:
         """A timer whose reason went away (blocks released early, a step ran past it): drop it without
@@ -202,6 +300,10 @@ class ClusterSim:
 
     def _scrape(self, now: float) -> None:
         for pod in self.pods:
+            if pod.state != READY:
+                continue  # the router does not know it (yet, or any more)
+            if pod.run:
+                pod.settle(now, inclusive=False)  # a scrape at a step's start sees the state before it
             self.router.on_metrics(pod.name, pod.core.stats(), now)
 
     # ---- requests --------------------------------------------------------------------------------
@@ -215,15 +317,21 @@ class ClusterSim:
             decode, prefill = self.router.route(req, now)
         except SchedulingError as exc:
             rec.status, rec.reason = "rejected", f"{exc.status} {exc.code}"
+            self.ended += 1
             rec.req = None
             return
         dpod = self.by_name.get(decode)
         ppod = self.by_name.get(prefill) if prefill else None
         if dpod is None or (prefill and ppod is None):
             raise ValueError(f"router {self.router.name!r} picked an unknown pod: {decode!r} / {prefill!r}")
+        if dpod.state != READY or (ppod is not None and ppod.state != READY):
+            raise ValueError(f"router {self.router.name!r} picked a pod that is not serving: {decode!r} / "
+                             f"{prefill!r} (removed pods must leave the router at once)")
         rec.decode_pod = decode
+        dpod.assigned += 1
         if ppod is not None and ppod is not dpod:
             rec.prefill_pod = ppod.name
+            ppod.assigned += 1
             sreq = SimRequest(rid + _PREFILL_SUFFIX, prompt, 1, arrival=now,
                               kv_transfer_params={"do_remote_decode": True}, seed=tr.index)
             self._submit(rec, ppod, sreq, now)
@@ -232,6 +340,11 @@ class ClusterSim:
                                                seed=tr.index), now)
 
     def _submit(self, rec: RequestRecord, pod: Pod, sreq: SimRequest, now: float) -> None:
+        if pod.state == RELEASED:  # its decode pod went away while the prefill leg ran
+            self._fail(rec, LOST, now)
+            return
+        if pod.run:
+            self._cut(pod, now)
         try:
             pod.core.add_request(sreq)
         except ValueError as exc:
@@ -242,6 +355,8 @@ class ClusterSim:
 
     def _fail(self, rec: RequestRecord, reason: str, now: float) -> None:
         rec.status, rec.reason = "failed", reason
+        self.ended += 1
+        self._unassign(rec, now)
         if rec.req is not None:
             self.router.on_failed(rec.req, reason, now)
             rec.req = None
@@ -251,6 +366,13 @@ class ClusterSim:
         if pod.busy:
             return
         core = pod.core
+        if self.quiet_runs and core.has_work():
+            run = core.plan_quiet(now, _MAX_QUIET, with_blocks=not core.pool.publish_events)
+            if len(run) > 1:
+                self._start_run(pod, run, now)
+                return
+        if pod.state == RELEASED:
+            return
         res = core.step(now)
         if res.num_new_tokens:
             pod.busy = True
@@ -258,7 +380,7 @@ class ClusterSim:
             pod.busy_time += res.duration
             self._seq += 1
             heapq.heappush(self._heap, (res.end, self._seq, _STEP, pod.index, res))
-        elif res.events and self.router.wants_kv_events:
+        elif res.events and self.router.wants_kv_events and pod.state == READY:
             self.router.on_kv_events(pod.name, res.events, now)
         if self._released:
             self._kick_released(now)
@@ -268,21 +390,48 @@ class ClusterSim:
                 pod.timer_at = t
                 self._seq += 1
                 heapq.heappush(self._heap, (t, self._seq, _TIMER, pod.index, None))
+            if pod.state == DRAINING:
+                self._maybe_release(pod, now)
 
     def _kick_released(self, now: float) -> None:
         released, self._released = self._released, []
         for p in released:
             self._kick(p, now)
 
+    def _start_run(self, pod: Pod, run: list[float], now: float) -> None:
+        """Step lazily: one event at the run's end instead of one per step (see ``Pod.settle``)."""
+        pod.run, pod.run_next, pod.run_start = run, 0, now
+        pod.busy = True
+        end = now
+        for d in run:
+            end = end + d
+        self._seq += 1
+        heapq.heappush(self._heap, (end, self._seq, _QUIET, pod.index, pod.run_gen))
+
+    def _cut(self, pod: Pod, now: float) -> None:
+        end = pod.cut(now)
+        if end is not None:
+            self._seq += 1
+            heapq.heappush(self._heap, (end, self._seq, _QUIET, pod.index, pod.run_gen))
+
+    def _quiet_end(self, pod: Pod, now: float) -> None:
+        pod.settle(now, inclusive=False)
+        pod.run = []
+        pod.run_next = 0
+        pod.busy = False
+        self._kick(pod, now)
+
     def _on_kv_pulled(self, params: dict) -> None:
         pod = self.by_engine.get(str(params.get("remote_engine_id")))
+        if pod is not None and pod.run:
+            self._cut(pod, self.clock.now())
         if pod is not None and pod.core.release_remote(params.get("remote_block_ids") or ()):
             self._released.append(pod)
 
     def _step_end(self, pod: Pod, res: StepResult, now: float) -> None:
         pod.busy = False
         router = self.router
-        if res.events and router.wants_kv_events:
+        if res.events and router.wants_kv_events and pod.state == READY:
             router.on_kv_events(pod.name, res.events, now)
         live = self._live
         for out in res.outputs:
@@ -303,6 +452,8 @@ class ClusterSim:
                 del live[rid]
                 rec.finish = now
                 rec.status = "ok"
+                self.ended += 1
+                self._unassign(rec, now)
                 rec.prompt_tokens = out.num_prompt_tokens
                 rec.output_tokens = out.num_output_tokens
                 if rec.prefill_pod is None:
@@ -316,6 +467,10 @@ class ClusterSim:
     def _prefill_done(self, rec: RequestRecord, params: dict | None, cached: int, now: float) -> None:
         rec.prefill_done = now
         rec.cached_tokens = cached
+        if rec.prefill_pod is not None:
+            ppod = self.by_name[rec.prefill_pod]
+            ppod.assigned -= 1
+            self._maybe_release(ppod, now)
         dpod = self.by_name[rec.decode_pod]
         req = rec.req
         if req is None:  # pragma: no cover - a record always keeps its request until it ends
@@ -327,6 +482,90 @@ class ClusterSim:
             self._on_kv_pulled(params)
             self._kick_released(now)
 
+    # ---- the fleet at run time -----------------------------------------------------------------------
+    def add_pod(self, spec: PodSpec, now: float, startup_s: float = 0.0) -> Pod:
+        """Request a pod now: it is paid for from ``now`` and joins the router after ``startup_s``."""
+        if spec.name in self.by_name:
+            raise ValueError(f"pod name {spec.name} is used twice")
+        i = len(self.pods)
+        core = EngineCore(spec.cost_model(), spec.engine_config(
+            self.fleet.link, self.seed, i, kv_events=self.router.wants_kv_events))
+        core.on_kv_pulled = self._on_kv_pulled
+        pod = Pod(i, spec, core, requested_at=now, ready_at=now + max(0.0, startup_s))
+        self.pods.append(pod)
+        self.by_name[spec.name] = pod
+        self.by_engine[core.engine_id] = pod
+        self._added += 1
+        if pod.state == READY:
+            self._ready(pod, now)
+        else:
+            self._seq += 1
+            heapq.heappush(self._heap, (pod.ready_at, self._seq, _READY, i, None))
+        return pod
+
+    def new_pod_name(self) -> str:
+        """A fresh address for a pod added at run time (10.200+.x.y:8000)."""
+        n = self._added
+        return f"10.{200 + n // 65536 % 56}.{n // 256 % 256}.{n % 256}:8000"
+
+    def drain_pod(self, name: str, now: float) -> None:
+        """Drain-first removal: the router forgets the pod now (no new requests), the pod finishes what it
+        holds and is released (no longer paid) once idle; what still runs after ``drain_timeout_s`` is lost.
+        A pod still starting is released at once."""
+        pod = self.by_name[name]
+        if pod.state in (DRAINING, RELEASED):
+            return
+        if pod.state == STARTING:
+            self._release(pod, now)
+            return
+        pod.state = DRAINING
+        self.router.on_pod_removed(pod.name, now)
+        self._seq += 1
+        heapq.heappush(self._heap, (now + self.drain_timeout_s, self._seq, _DRAIN_DEADLINE, pod.index, None))
+        self._maybe_release(pod, now)
+
+    def _ready(self, pod: Pod, now: float) -> None:
+        if pod.state == RELEASED:
+            return  # drained while it was starting
+        pod.state = READY
+        pod.ready_at = now
+        self.router.on_pod_added(endpoint_for(pod.spec), now)
+
+    def _maybe_release(self, pod: Pod, now: float) -> None:
+        core = pod.core
+        if (pod.state == DRAINING and pod.assigned <= 0 and not pod.busy and not core.has_work()
+                and core.next_event_time() is None):
+            self._release(pod, now)
+
+    def _release(self, pod: Pod, now: float) -> None:
+        pod.state = RELEASED
+        pod.released_at = now
+
+    def _drain_deadline(self, pod: Pod, now: float) -> None:
+        """The drain ran out of time: what the pod still runs is lost, and the pod goes."""
+        if pod.state != DRAINING:
+            return
+        if pod.run:
+            self._cut(pod, now)
+        for rid, rec in list(self._live.items()):
+            on_prefill = rid.endswith(_PREFILL_SUFFIX)
+            if (rec.prefill_pod if on_prefill else rec.decode_pod) == pod.name:
+                pod.core.abort(rid)
+                del self._live[rid]
+                self._fail(rec, LOST, now)
+        self._release(pod, now)
+
+    def _unassign(self, rec: RequestRecord, now: float) -> None:
+        """A request ended: its legs no longer hold their pods (a draining pod may go)."""
+        dpod = self.by_name.get(rec.decode_pod) if rec.decode_pod else None
+        if dpod is not None:
+            dpod.assigned -= 1
+            self._maybe_release(dpod, now)
+        if rec.prefill_pod is not None and rec.prefill_done < 0:
+            ppod = self.by_name[rec.prefill_pod]
+            ppod.assigned -= 1
+            self._maybe_release(ppod, now)
+
 
 def trace_prompts(reqs: list[TraceRequest],
                   blocks: BlockTokens | None = None) -> Iterator[tuple[TraceRequest, np.ndarray]]:
@@ -336,4 +575,7 @@ def trace_prompts(reqs: list[TraceRequest],
         yield r, blocks.prompt(r.hash_ids, r.input_length, r.index)
 
 
-__all__ = ["ClusterSim", "Pod", "RequestRecord", "SimResult", "endpoints_for", "trace_prompts"]
+__all__ = [
+    "DRAINING", "LOST", "READY", "RELEASED", "STARTING", "ClusterSim", "Controller", "Pod", "RequestRecord",
+    "SimResult", "endpoint_for", "endpoints_for", "trace_prompts",
+]

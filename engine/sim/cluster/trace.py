@@ -65,14 +65,28 @@ class BlockTokens:
 
     def prompt(self, hash_ids: Iterable[int], length: int, unique: int) -> np.ndarray:
         """The prompt for ``hash_ids`` cut to ``length``; tokens past the last id come from ``unique``."""
-        parts = [self.get(h) for h in hash_ids]
-        have = len(parts) * self.block
+        ids = list(hash_ids)
+        have = len(ids) * self.block
         if have < length:  # a trace line with fewer ids than tokens: pad with request-unique blocks
             extra = -(-(length - have) // self.block)
-            parts.extend(self.get(-(unique * 1_000 + i) - 1) for i in range(extra))
-        if not parts:
+            ids.extend(-(unique * 1_000 + i) - 1 for i in range(extra))
+        if not ids:
             raise ValueError("a request needs input_length > 0")
-        return np.concatenate(parts)[:length]
+        need = -(-length // self.block) if length > 0 else len(ids)
+        ids = ids[:need]  # blocks past the cut are never read
+        cache = self._cache
+        missing = [h for h in dict.fromkeys(ids) if h not in cache]
+        if len(missing) > 1:  # one vectorised splitmix for every new block, then the LRU as get() keeps it
+            base = np.array([h & 0xFFFFFFFFFFFF for h in missing], dtype=np.uint64) << np.uint64(20)
+            base ^= self._salt << np.uint64(10)
+            blocks = (_splitmix(base[:, None] + self._offsets[None, :]) % np.uint64(self.vocab)).astype(np.uint32)
+            for h, row in zip(missing, blocks):
+                arr = row.copy()  # its own buffer: a cached row must not keep the whole batch alive
+                arr.setflags(write=False)
+                cache[h] = arr
+                if len(cache) > self.max_blocks:
+                    cache.popitem(last=False)
+        return np.concatenate([self.get(h) for h in ids])[:length]
 
 
 @dataclass(slots=True)

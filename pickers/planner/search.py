@@ -1,0 +1,120 @@
+"""The offline fleet search: the cheapest fleet the cost model says meets the SLO at a workload's peak.
+
+Candidates (aggregated pods; each priced as pods x GPUs per pod x price per GPU-hour):
+
+- one kind, each tensor-parallel size that fits (1, 2, 4): as many pods as ``pods_needed`` gives for the peak
+  rate over the whole length distribution (its tail included);
+- two kinds split by prompt length: prompts longer than a threshold (the 50th..95th percentile) go to kind A,
+  the rest to kind B, each pool sized for its own share of the rate and its own length distribution. Long
+  prompts need fast prefill (TTFT) and short chats mostly decode (memory bandwidth), so a cheaper kind may
+  carry one part.
+
+The replay confirms the best few (engine/sim/cluster/plan.py); the search itself is pure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pickers.planner.capacity import LoadShape, PodKind, pods_needed
+from pickers.planner.catalogue import Catalogue
+
+
+@dataclass(frozen=True, slots=True)
+class Pool:
+    """``count`` aggregated pods of one kind; ``min_input``/``max_input``: the prompt lengths it serves."""
+
+    kind: PodKind
+    count: int
+    min_input: int = 0
+    max_input: int | None = None
+
+    @property
+    def gpus(self) -> int:
+        return self.count * self.kind.gpus
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    pools: tuple[Pool, ...]
+    cost_per_hour: float
+    split_tokens: int | None = None  # prompts longer than this go to the first pool
+    notes: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def gpus(self) -> int:
+        return sum(p.gpus for p in self.pools)
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(p.kind.accelerator for p in self.pools))
+
+    def describe(self) -> str:
+        parts = []
+        for p in self.pools:
+            rng = ""
+            if p.max_input is not None:
+                rng = f" (prompts <= {p.max_input})"
+            elif p.min_input:
+                rng = f" (prompts > {p.min_input})"
+            parts.append(f"{p.count}x {p.kind.accelerator} tp{p.kind.cost().deployment.tp}{rng}")
+        return " + ".join(parts)
+
+
+def _price(pool: Pool, catalogue: Catalogue) -> float:
+    return pool.gpus * catalogue.price(pool.kind.accelerator)
+
+
+def search(inputs: list[int], outputs: list[int], peak_rate: float, catalogue: Catalogue, model: str,
+           ttft_s: float, tpot_s: float, goal: float, hit_rate: float = 0.0, utilization: float = 0.9,
+           tps: tuple[int, ...] = (1, 2, 4), splits: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95),
+           ) -> list[Candidate]:
+    """Every feasible candidate, cheapest first (ties: fewer GPUs)."""
+    if peak_rate <= 0 or not inputs:
+        raise ValueError("the workload needs requests and a positive peak rate")
+    kinds = [PodKind(k, model, tp) for k in catalogue.kinds for tp in tps if _fits(k, model, tp)]
+    out: list[Candidate] = []
+    shape = LoadShape.from_lengths(inputs, outputs, hit_rate)
+    for kind in kinds:
+        n = pods_needed(peak_rate, kind, shape, ttft_s, tpot_s, goal, utilization)
+        if n is not None:
+            pool = Pool(kind, n)
+            out.append(Candidate((pool,), _price(pool, catalogue)))
+    if len(catalogue.kinds) > 1:
+        arr = np.asarray(inputs)
+        outs = np.asarray(outputs)
+        for q in splits:
+            cut = int(np.quantile(arr, q))
+            long_sel = arr > cut
+            share = float(long_sel.mean())
+            if share <= 0 or share >= 1:
+                continue
+            long_shape = LoadShape.from_lengths(arr[long_sel].tolist(), outs[long_sel].tolist(), hit_rate)
+            short_shape = LoadShape.from_lengths(arr[~long_sel].tolist(), outs[~long_sel].tolist(), hit_rate)
+            for a in kinds:
+                na = pods_needed(peak_rate * share, a, long_shape, ttft_s, tpot_s, goal, utilization)
+                if na is None:
+                    continue
+                for b in kinds:
+                    if b.accelerator == a.accelerator:
+                        continue
+                    nb = pods_needed(peak_rate * (1 - share), b, short_shape, ttft_s, tpot_s, goal, utilization)
+                    if nb is None:
+                        continue
+                    pools = (Pool(a, na, min_input=cut), Pool(b, nb, max_input=cut))
+                    out.append(Candidate(pools, sum(_price(p, catalogue) for p in pools), split_tokens=cut,
+                                         notes={"long_share": share}))
+    out.sort(key=lambda c: (round(c.cost_per_hour, 6), c.gpus))
+    return out
+
+
+def _fits(kind: str, model: str, tp: int) -> bool:
+    try:
+        return PodKind(kind, model, tp).cost().kv_capacity_tokens > 0
+    except ValueError:  # the weights do not fit in tp GPUs of this kind
+        return False
+
+
+__all__ = ["Candidate", "Pool", "search"]
