@@ -84,6 +84,8 @@ class Director:
             every += prof.plugins
         for plugin in every:
             plugin.bind(datalayer)
+        for a in admission:
+            a.prefill_legs = handler.runs_prefill_legs
         # the hooks each plugin overrides (the base class's are no-ops)
         self._on_routed = [p.on_routed for p in every if type(p).on_routed is not Plugin.on_routed]
         self._on_served = [p.on_served for p in every if type(p).on_served is not Plugin.on_served]

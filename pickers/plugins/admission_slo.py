@@ -175,14 +175,13 @@ class EarlyAdmission(Admission):
     tpot_headroom: float
 
     def ttft_check(self, ctx: CycleContext, slots: np.ndarray) -> float:
-        """The best predicted TTFT over the pods that may run the prompt (the prefill pool when there is
-        one, else every decode pod); raises the 429 when it misses the target."""
+        """The best predicted TTFT over the pods that may run the prompt (the prefill pool when the handler
+        runs prefill legs and there is one, else the decode pods); raises the 429 when it misses the target."""
         slo = ctx.state.slo
         pred = ctx.prediction("auto")
         ep = self.dl.endpoints
-        prefill = slots[ep.can_prefill[slots]]
-        if prefill.size:
-            slots = prefill
+        prefill = slots[ep.can_prefill[slots]] if self.prefill_legs else slots[:0]
+        slots = prefill if prefill.size else slots[ep.can_decode[slots]]
         t = float(pred.ttft_s[slots].min())
         if slo.ttft_s is not None:
             limit = slo.ttft_s * margin(slo.priority, self.sheddable_margin)
