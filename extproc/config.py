@@ -1,8 +1,9 @@
 """The picker's one YAML configuration file, validated at start (errors name the bad key).
 
     server: {grpc_port, metrics_port, host, body_limit_bytes, debug_headers, model_rewrite, drain_seconds,
-             max_fallback, response_body}
+             max_fallback, response_body, tls_cert, tls_key, tls_self_signed, prefill_signing_secret_file}
     endpoints: [{address, role, model, accelerator, model_profile, labels, kv_events, metrics_url}]
+    discovery: {kubernetes: {pool, namespace, kubeconfig, drain_seconds}}   # instead of endpoints
     scheduler: {...}   # passed as-is to pickers.config.build_scheduler when that module exists
 
 Every key has a default, so no file is needed; ``--endpoint`` flags add endpoints.
@@ -32,6 +33,29 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # skip: Envoy sends no response body (its ext_proc filter must say response_body_mode NONE; the stream
     # tells the picker so in protocol_config); first token = response headers, end = the stream's end.
     response_body: Literal["observe", "skip"] = "observe"
+    # TLS on the gRPC port (several gateways connect to the picker over TLS): a PEM certificate chain and key,
+    # or a self-signed pair made at start (GIE's picker does the same; gateways then skip verification).
+    # A second, plaintext gRPC port serving only grpc.health.v1 (the same statuses): kubelet's gRPC probes cannot
+    # speak TLS. -1: none.
+    health_port: int = -1
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_self_signed: bool = False
+    # Sign every prefill target for the decode pods' sidecars (x-kvswitch-prefill-signature, HMAC-SHA256 with
+    # this shared secret; the sidecar's --picker-secret-file): the sidecar then accepts prefill pods the picker
+    # discovered that are not (yet) in its allow list.
+    prefill_signing_secret_file: str | None = None
+
+
+class KubernetesDiscoveryConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pool: str = ""  # the InferencePool's name (required; kvswitch serve --pool may give it)
+    namespace: str = ""  # "": $POD_NAMESPACE, else the service account's namespace, else "default"
+    kubeconfig: str | None = None  # None: in-cluster service account (else $KUBECONFIG / ~/.kube/config)
+    drain_seconds: float = 30.0  # longest a leaving pod keeps the requests already routed to it
+
+
+class DiscoveryConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    kubernetes: KubernetesDiscoveryConfig | None = None
 
 
 class EndpointConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -55,6 +79,7 @@ class EndpointConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     endpoints: list[EndpointConfig] = []
+    discovery: DiscoveryConfig = msgspec.field(default_factory=DiscoveryConfig)
     scheduler: dict[str, Any] | None = None
 
     def endpoint_objects(self) -> list[Endpoint]:
@@ -63,7 +88,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 def _check(cfg: Config) -> Config:
     s = cfg.server
-    for key in ("grpc_port", "metrics_port"):
+    for key in ("grpc_port", "metrics_port", "health_port"):
         port = getattr(s, key)
         if not -1 <= port <= 65535:
             raise ConfigError(f"server.{key}: {port} is not a port number (0-65535)")
@@ -73,6 +98,16 @@ def _check(cfg: Config) -> Config:
         raise ConfigError(f"server.max_fallback: must be >= 0, got {s.max_fallback}")
     if s.drain_seconds < 0:
         raise ConfigError(f"server.drain_seconds: must be >= 0, got {s.drain_seconds}")
+    if (s.tls_cert is None) != (s.tls_key is None):
+        raise ConfigError("server.tls_cert and server.tls_key: give both (or neither)")
+    if s.tls_cert is not None and s.tls_self_signed:
+        raise ConfigError("server.tls_self_signed: not together with server.tls_cert/tls_key")
+    k8s = cfg.discovery.kubernetes
+    if k8s is not None:
+        if k8s.drain_seconds < 0:
+            raise ConfigError(f"discovery.kubernetes.drain_seconds: must be >= 0, got {k8s.drain_seconds}")
+        if cfg.endpoints:
+            raise ConfigError("endpoints: not together with discovery.kubernetes (the pool's pods are the endpoints)")
     seen: set[str] = set()
     for i, e in enumerate(cfg.endpoints):
         try:

@@ -18,7 +18,8 @@ PREFILLER = "x-prefiller-host-port"
 LB_NAMESPACE = "envoy.lb"
 SUBSET_NAMESPACE = "envoy.lb.subset_hint"
 # Headers a client must never be able to set: removed from every request before it goes upstream.
-CONTROLLED_HEADERS = (DESTINATION, PREFILLER, SUBSET, SERVED)
+SIGNATURE = "x-kvswitch-prefill-signature"  # the picker's HMAC over the prefill target (engine/sidecar/allowlist.py)
+CONTROLLED_HEADERS = (DESTINATION, PREFILLER, SUBSET, SERVED, SIGNATURE)
 MAX_CHUNK = 62_000  # bytes per streamed_response chunk (Envoy's ext_proc message limit, with headroom)
 
 

@@ -5,13 +5,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
+from pathlib import Path
 
+import msgspec
 import uvloop
 
-from extproc.config import ConfigError, load_config, parse_endpoint_flag
+from extproc.config import Config, ConfigError, config_from_dict, load_config, parse_endpoint_flag
 from extproc.server import build_scheduler, build_server
+from pickers.director import Director
+
+SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,12 +28,49 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="gRPC port (server.grpc_port)")
     p.add_argument("--metrics-port", type=int, help="Prometheus port (server.metrics_port; -1 disables)")
     p.add_argument("--host", help="listen address (server.host)")
+    p.add_argument("--health-port", type=int, help="plaintext gRPC health port for kubelet probes (server.health_port)")
+    p.add_argument("--max-fallback", type=int, help="endpoints in the fallback list; 1 for ORIGINAL_DST clusters "
+                   "(server.max_fallback)")
     p.add_argument("--debug-headers", action="store_true", help="add x-kvswitch-* response headers")
     p.add_argument("--response-body", choices=["observe", "skip"],
                    help="server.response_body: observe (default) reads every response chunk; skip expects Envoy "
                         "to send none (kvswitch envoy-config --response-body skip) and ends requests at stream end")
+    k8s = p.add_argument_group("Kubernetes discovery (discovery.kubernetes)")
+    k8s.add_argument("--pool", help="watch this InferencePool and the pods it selects (instead of endpoints)")
+    k8s.add_argument("--namespace", help="the pool's namespace (default: $POD_NAMESPACE, the service account's)")
+    k8s.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster service account)")
+    tls = p.add_argument_group("TLS on the gRPC port")
+    tls.add_argument("--tls-cert", help="PEM certificate chain (server.tls_cert)")
+    tls.add_argument("--tls-key", help="PEM private key (server.tls_key)")
+    tls.add_argument("--tls-self-signed", action="store_true",
+                     help="serve TLS with a certificate made at start (server.tls_self_signed)")
     p.add_argument("--log-level", default="INFO")
     return p
+
+
+def _namespace(given: str) -> str:
+    if given:
+        return given
+    if os.environ.get("POD_NAMESPACE"):
+        return os.environ["POD_NAMESPACE"]
+    try:
+        return SA_NAMESPACE.read_text().strip() or "default"
+    except OSError:
+        return "default"
+
+
+def attach_discovery(config: Config, director: Director) -> None:
+    """Give the director's data layer its Kubernetes discovery when the configuration asks for one (it runs
+    between the director's start and stop, like the scrapers)."""
+    k = config.discovery.kubernetes
+    if k is None:
+        return
+    from pickers.datalayer.k8s import KubernetesDiscovery, KubernetesDiscoverySettings
+
+    if not k.pool:
+        raise ConfigError("discovery.kubernetes.pool: name the InferencePool (or kvswitch serve --pool NAME)")
+    director.dl.discovery = KubernetesDiscovery(KubernetesDiscoverySettings(
+        pool=k.pool, namespace=_namespace(k.namespace), kubeconfig=k.kubeconfig, drain_seconds=k.drain_seconds))
 
 
 async def _run(server) -> None:
@@ -52,6 +95,23 @@ def main(argv: list[str]) -> int:
             if any(e.address == ep.address for e in config.endpoints):
                 raise ConfigError(f"--endpoint {ep.address} is already configured")
             config.endpoints.append(ep)
+        if args.pool or args.namespace or args.kubeconfig:
+            if not args.pool and config.discovery.kubernetes is None:
+                raise ConfigError("--namespace/--kubeconfig need --pool (or discovery.kubernetes.pool)")
+            k = config.discovery.kubernetes
+            raw = msgspec.to_builtins(config)
+            raw["discovery"]["kubernetes"] = {
+                **(msgspec.to_builtins(k) if k is not None else {}),
+                **{key: v for key, v in (("pool", args.pool), ("namespace", args.namespace),
+                                         ("kubeconfig", args.kubeconfig)) if v}}
+            config = config_from_dict(raw)
+        if args.tls_cert or args.tls_key or args.tls_self_signed:
+            raw = msgspec.to_builtins(config)
+            raw["server"].update({k: v for k, v in (("tls_cert", args.tls_cert), ("tls_key", args.tls_key),
+                                                     ("tls_self_signed", args.tls_self_signed)) if v})
+            config = config_from_dict(raw)
+        if config.discovery.kubernetes is not None and not config.discovery.kubernetes.pool:
+            raise ConfigError("discovery.kubernetes.pool: name the InferencePool (or kvswitch serve --pool NAME)")
     except ConfigError as exc:
         print(f"kvswitch serve: {exc}", file=sys.stderr)
         return 2
@@ -62,12 +122,20 @@ def main(argv: list[str]) -> int:
         s.metrics_port = args.metrics_port
     if args.host:
         s.host = args.host
+    if args.health_port is not None:
+        s.health_port = args.health_port
+    if args.max_fallback is not None:
+        if args.max_fallback < 0:
+            print("kvswitch serve: --max-fallback must be >= 0", file=sys.stderr)
+            return 2
+        s.max_fallback = args.max_fallback
     if args.debug_headers:
         s.debug_headers = True
     if args.response_body:
         s.response_body = args.response_body
     try:  # the scheduler section is validated here: a bad key is one line and exit 2, like the rest
         director = build_scheduler(config)
+        attach_discovery(config, director)
     except ConfigError as exc:
         print(f"kvswitch serve: {exc}", file=sys.stderr)
         return 2
@@ -78,7 +146,7 @@ def main(argv: list[str]) -> int:
 
     try:
         asyncio.run(go())
-    except OSError as exc:  # a port in use: say which, without a traceback
+    except (OSError, ConfigError) as exc:  # a port in use, an unreadable file: say which, without a traceback
         print(f"kvswitch serve: {exc}", file=sys.stderr)
         return 2
     return 0

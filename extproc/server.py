@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -23,8 +24,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from extproc import metrics
-from extproc.config import Config
+from extproc.config import Config, ConfigError
 from extproc.stream import ExtProcStream, StreamSettings
+from extproc.tls import bind
 from pickers.clock import Clock, MonotonicClock
 from pickers.config import build_scheduler as framework_build
 from pickers.director import Director
@@ -68,6 +70,19 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             metrics.STREAMS.dec()
 
 
+def _secret(path: str | None) -> bytes | None:
+    """The prefill-signing secret (the same file the sidecars read with --picker-secret-file)."""
+    if path is None:
+        return None
+    try:
+        secret = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"server.prefill_signing_secret_file: cannot read {path}: {exc.strerror}") from None
+    if not secret:
+        raise ConfigError(f"server.prefill_signing_secret_file: {path} is empty")
+    return secret
+
+
 class Server:
     """The running picker: gRPC (ext_proc + health) and, unless disabled, the Prometheus port."""
 
@@ -80,13 +95,16 @@ class Server:
         s = config.server
         self.processor = ExternalProcessor(
             scheduler, StreamSettings(s.body_limit_bytes, s.debug_headers, dict(s.model_rewrite),
-                                      s.response_body == "observe"),
+                                      s.response_body == "observe", _secret(s.prefill_signing_secret_file)),
             self.clock
         )
         self.health = health_aio.HealthServicer()
         self.port: int = 0
+        self.transport = "plaintext"  # or "tls" / "tls-self-signed" (extproc/tls.py)
         self.metrics_port: int | None = None
         self._grpc: grpc.aio.Server | None = None
+        self._health_grpc: grpc.aio.Server | None = None  # server.health_port: plaintext health for kubelet
+        self.health_port: int | None = None
         self._metrics_httpd: WSGIServer | None = None
         self._ready_task: asyncio.Task | None = None
         self._stopping = False
@@ -112,6 +130,9 @@ class Server:
         if self._grpc is not None:
             await self._grpc.stop(0)
             self._grpc = None
+        if self._health_grpc is not None:
+            await self._health_grpc.stop(0)
+            self._health_grpc = None
         if self._metrics_httpd is not None:
             self._metrics_httpd.shutdown()
             self._metrics_httpd.server_close()
@@ -126,7 +147,8 @@ class Server:
         server = grpc.aio.server(options=_GRPC_OPTIONS)
         pb_grpc.add_ExternalProcessorServicer_to_server(self.processor, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        self.port = server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        self.port, self.transport = bind(server, f"{s.host}:{s.grpc_port}", s.tls_cert, s.tls_key,
+                                         s.tls_self_signed)
         if self.port == 0:
             raise OSError(f"cannot listen on {s.host}:{s.grpc_port} (port in use?)")
         for name in ("", "liveness", EXT_PROC_SERVICE):
@@ -134,6 +156,14 @@ class Server:
         await self._update_readiness()
         await server.start()
         self._grpc = server
+        if s.health_port >= 0:  # kubelet's gRPC probes speak plaintext only: a TLS picker needs this port
+            hs = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, hs)
+            self.health_port = hs.add_insecure_port(f"{s.host}:{s.health_port}")
+            if self.health_port == 0:
+                raise OSError(f"cannot listen on {s.host}:{s.health_port} (server.health_port in use?)")
+            await hs.start()
+            self._health_grpc = hs
         if s.metrics_port >= 0:
             from prometheus_client import start_http_server
 
@@ -143,7 +173,8 @@ class Server:
                 raise OSError(f"cannot serve metrics on {s.host}:{s.metrics_port}: {exc.strerror}") from None
             self.metrics_port = self._metrics_httpd.server_port
         self._ready_task = asyncio.create_task(self._watch_readiness(), name="kvswitch-readiness")
-        log.info("kvswitch ext_proc listening on %s:%d (metrics %s)", s.host, self.port, self.metrics_port)
+        log.info("kvswitch ext_proc listening on %s:%d (%s; metrics %s)", s.host, self.port, self.transport,
+                 self.metrics_port)
 
     async def _update_readiness(self) -> bool:
         ready = not self._stopping and self.scheduler.ready()
@@ -177,6 +208,8 @@ class Server:
                 pass
         if self._grpc is not None:
             await self._grpc.stop(grace)
+        if self._health_grpc is not None:
+            await self._health_grpc.stop(0)
         if self._metrics_httpd is not None:
             self._metrics_httpd.shutdown()
             self._metrics_httpd.server_close()

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
+from engine.sidecar.allowlist import sign
 from extproc import messages as msg
 from extproc import metrics
 from extproc.errors import RequestRejected, body_for
@@ -48,6 +49,7 @@ class StreamSettings:
     debug_headers: bool = False
     model_rewrite: dict[str, str] = field(default_factory=dict)
     response_body: bool = True  # Envoy sends response bodies (observe); the stream's protocol_config decides
+    prefill_secret: bytes | None = None  # sign prefill targets for the decode pods' sidecars (server config)
 
 
 class Phase(enum.Enum):
@@ -228,9 +230,16 @@ class ExtProcStream:
         self.phase = Phase.ROUTED
         self._count(decision.primary)
         value = ",".join(decision.endpoints)
+        signed = bool(decision.prefill and self.settings.prefill_secret)
         remove = [h for h in msg.CONTROLLED_HEADERS if h in self.headers and h != msg.DESTINATION
-                  and not (h == msg.PREFILLER and decision.prefill)]
+                  and not (h == msg.PREFILLER and decision.prefill) and not (h == msg.SIGNATURE and signed)]
         extra = [("content-length", str(len(body)))] if rewritten and body is not None else None
+        if signed:  # the sidecar checks the signature against the request id the upstream sees
+            assert decision.prefill is not None and self.settings.prefill_secret is not None
+            signature = sign(self.settings.prefill_secret, request_id, decision.prefill)
+            extra = [*(extra or []), (msg.SIGNATURE, signature)]
+            if "x-request-id" not in self.headers:
+                extra.append(("x-request-id", request_id))
         out = [msg.destination_headers(value, decision.prefill, remove, extra)]
         if body is not None:
             out.extend(msg.body_chunks(body))

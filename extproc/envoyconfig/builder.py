@@ -14,6 +14,7 @@ fails here, then serialised to proto3 JSON (or YAML). Two ways to reach the chos
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -32,12 +33,14 @@ from envoy_data_plane.envoy.config.cluster.v3 import (
 )
 from envoy_data_plane.envoy.config.core.v3 import (
     Address,
+    DataSource,
     GrpcService,
     GrpcServiceEnvoyGrpc,
     HealthCheck,
     HealthCheckGrpcHealthCheck,
     Http2ProtocolOptions,
     SocketAddress,
+    TransportSocket,
     TypedExtensionConfig,
 )
 from envoy_data_plane.envoy.config.endpoint.v3 import (
@@ -73,6 +76,11 @@ from envoy_data_plane.envoy.extensions.load_balancing_policies.override_host.v3 
     OverrideHostOverrideHostSource,
 )
 from envoy_data_plane.envoy.extensions.load_balancing_policies.round_robin.v3 import RoundRobin
+from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
+    CertificateValidationContext,
+    CommonTlsContext,
+    UpstreamTlsContext,
+)
 from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptions,
     HttpProtocolOptionsExplicitHttpConfig,
@@ -114,6 +122,12 @@ class EnvoyConfigOptions:
     # mode_override cannot do this instead: Envoy ignores mode_override when the filter's request or response
     # body mode is FULL_DUPLEX_STREAMED (checked with Envoy 1.40).
     response_body: str = "observe"
+    # TLS to the picker (kvswitch serve --tls-cert/--tls-key or --tls-self-signed): verify its certificate
+    # against picker_tls_ca (a PEM file path) when given, else encrypt without verifying (GIE's self-signed
+    # picker convention); picker_tls_sni names the server (default: none).
+    picker_tls: bool = False
+    picker_tls_ca: str | None = None
+    picker_tls_sni: str = ""
     ext_proc: bool = True  # False: Envoy alone, round robin over ``endpoints`` (the benchmark baseline)
     # Extra HTTP filters (already-serialised proto3 JSON dicts with "name"/"typedConfig") placed before
     # ext_proc; tests use it to inject a subset hint. Plain dicts on purpose: they are test-only.
@@ -238,7 +252,7 @@ def _picker_cluster(opts: EnvoyConfigOptions) -> Cluster:
         http2_protocol_options=Http2ProtocolOptions()))
     return Cluster(
         name=PICKER_CLUSTER,
-        type=ClusterDiscoveryType.STATIC,
+        type=_static_or_dns(opts.picker),
         connect_timeout=_seconds(1),
         load_assignment=_load_assignment(PICKER_CLUSTER, [opts.picker]),
         # No panic routing to an unhealthy picker: with no healthy host the ext_proc stream fails at once,
@@ -246,6 +260,7 @@ def _picker_cluster(opts: EnvoyConfigOptions) -> Cluster:
         # under FULL_DUPLEX_STREAMED; it also makes fail-closed answer fast.
         common_lb_config=ClusterCommonLbConfig(healthy_panic_threshold=Percent(value=0.0)),
         typed_extension_protocol_options={"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _pack(h2)},
+        transport_socket=_picker_tls(opts),
         health_checks=[HealthCheck(
             timeout=_seconds(1),
             interval=_seconds(opts.picker_health_interval_s),
@@ -256,6 +271,27 @@ def _picker_cluster(opts: EnvoyConfigOptions) -> Cluster:
             grpc_health_check=HealthCheckGrpcHealthCheck(service_name=EXT_PROC_SERVICE),
         )],
     )
+
+
+def _static_or_dns(hostport: str) -> ClusterDiscoveryType:
+    """STATIC for an IP; STRICT_DNS for a name (in a cluster: the picker's headless Service, so Envoy sees, health
+    checks and balances over every replica)."""
+    try:
+        ipaddress.ip_address(hostport.rpartition(":")[0].strip("[]"))
+    except ValueError:
+        return ClusterDiscoveryType.STRICT_DNS
+    return ClusterDiscoveryType.STATIC
+
+
+def _picker_tls(opts: EnvoyConfigOptions) -> TransportSocket | None:
+    """The picker cluster's TLS transport socket (gRPC needs ALPN h2), or None for plaintext h2c."""
+    if not opts.picker_tls:
+        return None
+    validation = (CertificateValidationContext(trusted_ca=DataSource(filename=opts.picker_tls_ca))
+                  if opts.picker_tls_ca else None)
+    ctx = UpstreamTlsContext(sni=opts.picker_tls_sni, common_tls_context=CommonTlsContext(
+        alpn_protocols=["h2"], validation_context=validation))
+    return TransportSocket(name="envoy.transport_sockets.tls", typed_config=_pack(ctx))
 
 
 def build_bootstrap(opts: EnvoyConfigOptions) -> Bootstrap:

@@ -24,6 +24,11 @@ def parse_args(argv: list[str]) -> tuple[EnvoyConfigOptions, str | None, str]:
     p.add_argument("--response-body", choices=["observe", "skip"], default="observe",
                    help="skip: Envoy sends no response body to the picker (pair with kvswitch serve "
                         "--response-body skip): fewer messages, no usage/cached-token feedback")
+    p.add_argument("--picker-tls", action="store_true",
+                   help="connect to the picker over TLS (kvswitch serve --tls-cert/--tls-key or --tls-self-signed)")
+    p.add_argument("--picker-tls-ca", metavar="PEM", help="verify the picker's certificate against this CA file "
+                   "(implies --picker-tls; without it the connection is encrypted but not verified)")
+    p.add_argument("--picker-tls-sni", default="", metavar="NAME", help="server name sent to the picker")
     p.add_argument("--admin-port", type=int, default=9901)
     p.add_argument("--format", choices=["yaml", "json"], default="yaml")
     p.add_argument("--out", help="write here instead of stdout")
@@ -31,6 +36,8 @@ def parse_args(argv: list[str]) -> tuple[EnvoyConfigOptions, str | None, str]:
     opts = EnvoyConfigOptions(listen_port=a.listen_port, listen_host=a.listen_host, picker=a.picker,
                               fail_open=a.fail_open, lb=a.lb, admin_port=a.admin_port,
                               response_body=a.response_body,
+                              picker_tls=a.picker_tls or bool(a.picker_tls_ca), picker_tls_ca=a.picker_tls_ca,
+                              picker_tls_sni=a.picker_tls_sni,
                               endpoints=[e.split(",")[0] for e in a.endpoint])
     return opts, a.out, a.format
 

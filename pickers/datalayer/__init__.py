@@ -89,6 +89,12 @@ class DataLayer:
         self._subscriber: KVEventSubscriber | None = None
         self._discovery_task: asyncio.Task[None] | None = None
         ep.listen(self._on_endpoint)
+        ep.set_busy_probe(self._busy)
+
+    def _busy(self, slot: int) -> bool:
+        """A request this picker routed is still open on ``slot`` (decoding there, or prefilling there)."""
+        inf = self.inflight
+        return bool(inf.requests[slot] > 0 or inf.prefill_requests[slot] > 0)
 
     # ---- background upkeep ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -121,7 +127,10 @@ class DataLayer:
 
     def ready(self) -> bool:
         """Some endpoint can decode. Pod health is not part of it on purpose: a picker whose pods are all
-        down still answers every request with a clear 503, which beats the gateway's own error."""
+        down still answers every request with a clear 503, which beats the gateway's own error. A discovery
+        that has not completed its first list (``synced`` False, e.g. Kubernetes) is not ready yet."""
+        if not getattr(self.discovery, "synced", True):
+            return False
         slots = self.endpoints.active_slots()
         return bool(self.endpoints.can_decode[slots].any()) if len(slots) else False
 

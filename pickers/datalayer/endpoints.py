@@ -2,7 +2,14 @@
 
 Scorers work on arrays indexed by slot (``candidates`` is an int array of slots), which keeps the hot path
 free of per-pod Python objects. Slots of removed pods are reused after every listener has cleared them.
-Endpoints come from a ``Discovery`` (static list now; Kubernetes later implements the same interface).
+Endpoints come from a ``Discovery`` (a static list, or ``pickers.datalayer.k8s`` watching an InferencePool).
+
+Draining: a pod that is leaving (deleted, unready, scaled down by the planner) must not lose the requests it is
+serving. ``drain(address, deadline)`` takes it out of every new decision at once (``active`` is False, so it is
+in no candidate set) but keeps its slot, so the hooks of requests already routed there still find it and its
+in-flight load is released normally; ``reap(now)`` removes it once it is idle (the ``busy`` probe, wired by
+the DataLayer to the in-flight tracker, says no request is open on it) or its deadline has passed. ``add`` of
+the same address while it drains brings it back (a pod that flapped Ready).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import numpy as np
 from pickers.types import Endpoint, Role
 
 Listener = Callable[[str, int, Endpoint], None]  # ("add" | "remove", slot, endpoint)
+BusyProbe = Callable[[int], bool]  # slot -> some request routed by this picker is still open on it
 
 
 class EndpointTable:
@@ -30,6 +38,12 @@ class EndpointTable:
         self.block_size = np.full(max_endpoints, 16, dtype=np.int64)
         self._listeners: list[Listener] = []
         self._active_cache: np.ndarray | None = None
+        self.draining: dict[str, float] = {}  # address -> deadline (caller's clock) of endpoints being drained
+        self.busy: BusyProbe = lambda slot: False
+
+    def set_busy_probe(self, busy: BusyProbe) -> None:
+        """How ``reap`` tells a draining endpoint still serves requests (the DataLayer's in-flight tracker)."""
+        self.busy = busy
 
     def listen(self, fn: Listener) -> None:
         self._listeners.append(fn)
@@ -41,6 +55,8 @@ class EndpointTable:
         """Add or replace an endpoint; returns its slot."""
         old = self.by_address.get(ep.address)
         if old is not None:
+            if ep.address in self.draining and self.endpoints[old] == ep:
+                return self._undrain(ep.address, old)
             self.remove(ep.address)
         if self._free:
             slot = self._free.pop()
@@ -61,6 +77,8 @@ class EndpointTable:
         return slot
 
     def remove(self, address: str) -> Endpoint | None:
+        """Remove at once (requests still open on it lose their load accounting): prefer ``drain``."""
+        self.draining.pop(address, None)
         slot = self.by_address.pop(address, None)
         if slot is None:
             return None
@@ -75,6 +93,43 @@ class EndpointTable:
         self.endpoints[slot] = None
         self._free.append(slot)
         return ep
+
+    def drain(self, address: str, deadline: float) -> bool:
+        """Stop sending new requests to ``address``; ``reap`` removes it once idle or at ``deadline``.
+
+        Returns False when the address is unknown. Draining twice keeps the earlier deadline. The endpoint
+        keeps its slot (hooks of open requests resolve it, metrics are still scraped) but leaves
+        ``active_slots()`` immediately, so no decision made after this call can choose it.
+        """
+        slot = self.by_address.get(address)
+        if slot is None:
+            return False
+        self.draining[address] = min(deadline, self.draining.get(address, deadline))
+        if self.active[slot]:
+            self.active[slot] = False
+            self._active_cache = None
+        return True
+
+    def _undrain(self, address: str, slot: int) -> int:
+        del self.draining[address]
+        self.active[slot] = True
+        self._active_cache = None
+        return slot
+
+    def is_draining(self, address: str) -> bool:
+        return address in self.draining
+
+    def reap(self, now: float, limit: int | None = None) -> list[str]:
+        """Remove the draining endpoints that are idle or past their deadline; returns their addresses.
+
+        The table has no clock or task of its own: whoever drains calls this periodically with the clock the
+        deadlines were given in (``KubernetesDiscovery`` every ``reap_interval_s``; a planner in virtual time
+        with its ManualClock). ``limit`` bounds the removals of one call (each runs every listener)."""
+        gone = [a for a, deadline in self.draining.items()
+                if now >= deadline or not self.busy(self.by_address[a])][:limit]
+        for a in gone:
+            self.remove(a)
+        return gone
 
     def slot(self, address: str) -> int | None:
         return self.by_address.get(address)
@@ -99,14 +154,14 @@ class EndpointTable:
         return len(self.endpoints)
 
     def sync(self, endpoints: list[Endpoint]) -> None:
-        """Make the table hold exactly ``endpoints`` (what a discovery source reports)."""
+        """Make the table hold exactly ``endpoints`` at once (a static list: nothing to drain)."""
         want = {e.address: e for e in endpoints}
         for addr in list(self.by_address):
             if addr not in want:
                 self.remove(addr)
         for addr, ep in want.items():
             cur = self.by_address.get(addr)
-            if cur is None or self.endpoints[cur] != ep:
+            if cur is None or self.endpoints[cur] != ep or addr in self.draining:
                 self.add(ep)
 
 

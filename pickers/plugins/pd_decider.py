@@ -41,10 +41,6 @@ import numpy as np
 
 from engine.costmodel import CostModel
 from pickers.datalayer import DataLayer
-from pickers.state import PDReason
-
-REASONS: tuple[PDReason, ...] = ("leg", "no-prefill-pods", "below-threshold", "mostly-cached-on-decode",
-                                 "prefill-saturated")
 
 
 @lru_cache(maxsize=256)
