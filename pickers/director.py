@@ -281,7 +281,6 @@ class Director:
         uncached = max(1.0, p - float(hits[compute_on])) if hits is not None and compute_on < hits.size else p
         decode = min(req.max_tokens or self.default_decode_tokens, 32768)
         dl.inflight.add(state.key, slot, pslot, uncached, decode, ctx.now)
-        dl.predictor.note_prefill(compute_on, uncached, ctx.now)
         targets = [slot] if pslot is None else [slot, pslot]
         if state.block_hashes:
             dl.learn(state.block_hashes, targets)

@@ -14,10 +14,8 @@ For a prompt of P tokens and each endpoint slot p:
     wait_p    = the part of ttft_p that prefills Q_p
     prefill_p = the same with nothing queued and nothing running, less one empty step: the time this
                 prompt's own tokens keep each running decode on p waiting
-    tpot_p    = CostModel.decode_step_time(r_p + 1, r_p x ctx + P) / (1 - rho_p)   once it joins the batch
-                (its own context is its prompt); rho_p = the share of p's time its prefills take: the
-                uncached prompt tokens per second the picker sends p (decayed over 30 s) x p's seconds per
-                prompt token (this prompt alone / its uncached tokens), at most 0.9
+    tpot_p    = CostModel.decode_step_time(r_p + 1, r_p x ctx + P)          once it joins the batch (its own
+                                                                            context is its prompt)
 
 ctx is ``decode_context_tokens``, the mean context of a running decode. Every figure is then corrected per
 kind of pod (model profile, accelerator, role) by what the picker observed (pickers/correction.py):
@@ -28,7 +26,6 @@ the P/D decider and admission; the state keeps one ``Prediction`` per prefix mod
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -41,10 +38,6 @@ from pickers.state import Prediction, PrefixMode
 if TYPE_CHECKING:
     from pickers.datalayer import DataLayer
     from pickers.framework import CycleContext
-
-
-RATE_WINDOW_S = 30.0  # the prefill-rate estimate's time constant
-MAX_PREFILL_SHARE = 0.9  # the decodes keep at least a tenth of a pod's time (vLLM's scheduler does)
 
 
 @dataclass(slots=True)
@@ -65,20 +58,6 @@ class Predictor:
         self.correction = OnlineCorrection(dl.endpoints.max_endpoints, self.settings.correction_window)
         if self.settings.correction:
             dl.endpoints.listen(self.correction.on_endpoint)
-        # uncached prompt tokens per second the picker sends to each pod's prefill (exponentially decayed
-        # over RATE_WINDOW_S): the share of its steps chunked prefill will take from the decodes there
-        self.prefill_rate = np.zeros(dl.endpoints.max_endpoints)
-        self.rate_at = np.zeros(dl.endpoints.max_endpoints)
-        dl.endpoints.listen(self._forget_rate)
-
-    def _forget_rate(self, what: str, slot: int, ep: object) -> None:
-        self.prefill_rate[slot] = 0.0
-
-    def note_prefill(self, slot: int, tokens: float, now: float) -> None:
-        """The director sent ``tokens`` uncached prompt tokens to ``slot``'s prefill at ``now``."""
-        decay = math.exp(-max(0.0, now - self.rate_at[slot]) / RATE_WINDOW_S)
-        self.prefill_rate[slot] = self.prefill_rate[slot] * decay + tokens / RATE_WINDOW_S
-        self.rate_at[slot] = now
 
     def predict(self, ctx: CycleContext, mode: PrefixMode) -> Prediction:
         dl, s = self.dl, self.settings
@@ -113,13 +92,8 @@ class Predictor:
             ttft[slots] = w + own
             wait[slots] = w
             prefill[slots] = np.maximum(alone - dl.costs.empty_step_s[slots], 0.0)
-            # chunked prefill shares the decode steps: with rho = the share of the pod's time the prompts it
-            # is sent take (rate x seconds per prompt token), a decode token costs step / (1 - rho)
-            rate = self.prefill_rate[slots] * np.exp(-np.maximum(ctx.now - self.rate_at[slots], 0.0)
-                                                     / RATE_WINDOW_S)
-            rho = np.minimum(rate * alone / u, MAX_PREFILL_SHARE)
             tpot[slots] = decode_step_seconds(dl.costs.rooflines(slots), r + 1.0,
-                                              r * s.decode_context_tokens + p) / (1.0 - rho)
+                                              r * s.decode_context_tokens + p)
             uncached[slots] = u
             queued[slots] = q
             running[slots] = r
