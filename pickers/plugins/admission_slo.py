@@ -44,7 +44,7 @@ from pickers.framework import Admission, CycleContext, Param, register
 from pickers.state import SLOTargets
 from pickers.types import Decision, SchedulingError, Usage
 
-TPOT_HEADROOM = Param(float, 0.1, min=0.0, max=0.9,
+TPOT_HEADROOM = Param(float, 0.05, min=0.0, max=0.9,
                       doc="admit only when the predicted TPOT is below (1 - this) x the target: the decode "
                           "pod's TPOT varies around the prediction (local prefills of short prompts, KV arrivals)")
 SHEDDABLE_MARGIN = Param(float, 0.8, min=0.05, max=1.0,
@@ -334,7 +334,7 @@ class PredictiveAdmission(EarlyAdmission):
         "default_output_tokens": Param(float, 256.0, min=1.0, doc="expected output before any was observed"),
         "max_ledger": Param(int, 65536, min=16, max=1 << 22),
         "outputs_window": Param(int, 256, min=8, max=65536),
-        "window_points": Param(int, 4, min=1, max=32, doc="times across its decode at which the batch is checked"),
+        "window_points": Param(int, 2, min=1, max=32, doc="times across its decode at which the batch is checked"),
     }
     default_output_tokens: float
     max_ledger: int
