@@ -84,7 +84,9 @@ if __name__ == "__main__":
         print("|---|---|---|---|---|---|---|---|---|")
         for pol in a.policies.split(","):
             rows = [run(wn, pol, sd, cfg) for sd in seeds]
-            m = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+            keys = ("throughput_req_s", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "tpot_mean_s", "e2e_p90_s",
+                    "prefix_hit_rate", "cold")
+            m = {k: float(np.mean([r[k] for r in rows])) for k in keys}
             print(f"| {pol} | {m['throughput_req_s']:.3f} | {1e3 * m['ttft_p50_s']:.0f} | "
                   f"{1e3 * m['ttft_p90_s']:.0f} | {1e3 * m['ttft_p99_s']:.0f} | {1e3 * m['tpot_mean_s']:.1f} | "
                   f"{1e3 * m['e2e_p90_s']:.0f} | {100 * m['prefix_hit_rate']:.1f}% | {m['cold']:.1f} |", flush=True)
