@@ -3,6 +3,7 @@ process do not collide)."""
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -22,12 +23,14 @@ class SchedulerMetrics:
     prediction_ratio: Histogram
 
 
-_BY_REGISTRY: dict[int, SchedulerMetrics] = {}
+# keyed by the registry itself, weakly: an id() key outlives a collected registry, and a new one allocated at
+# the same address then got the old registry's metrics (counts vanished from the new registry)
+_BY_REGISTRY: weakref.WeakKeyDictionary[CollectorRegistry, SchedulerMetrics] = weakref.WeakKeyDictionary()
 
 
 def scheduler_metrics(registry: CollectorRegistry | None = None) -> SchedulerMetrics:
     reg = registry or REGISTRY
-    got = _BY_REGISTRY.get(id(reg))
+    got = _BY_REGISTRY.get(reg)
     if got is None:
         got = SchedulerMetrics(
             decisions=Counter("kvswitch_scheduler_decisions", "Routing decisions made", ["profile"], registry=reg),
@@ -50,5 +53,5 @@ def scheduler_metrics(registry: CollectorRegistry | None = None) -> SchedulerMet
                 "the pod that ran the prefill, TPOT on the decode pod", ["latency", "accelerator", "role"],
                 buckets=RATIO_BUCKETS, registry=reg),
         )
-        _BY_REGISTRY[id(reg)] = got
+        _BY_REGISTRY[reg] = got
     return got
