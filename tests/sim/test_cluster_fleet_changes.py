@@ -72,6 +72,9 @@ def test_drained_pod_takes_no_new_request_finishes_its_own_then_is_released(poli
     assert pod.released_at > 20.0 + 5.0  # it really waited for them
     s = summarize(res, prices={"H100": 3.0})
     assert s["lost_requests"] == 0 and s["scaling_actions"] == 1
+    if policy == "default":  # the picker's endpoint table drained the pod, then dropped it once released
+        table = sim.router.director.dl.endpoints  # type: ignore[attr-defined]
+        assert table.slot(pod.name) is None and not table.is_draining(pod.name)
     assert s["gpu_hours"] == pytest.approx((res.end_time + pod.released_at) / 3600.0)
 
 

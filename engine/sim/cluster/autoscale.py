@@ -1,4 +1,7 @@
-"""A planner in the loop of a virtual-time replay: observe the fleet each interval, apply desired replicas.
+"""The planner's virtual-time adapter (with routers.py, the only place engine/ reaches into pickers/):
+``kvswitch sim replay --autoscale`` and ``kvswitch plan`` take the planner's pieces from here.
+
+A planner in the loop of a virtual-time replay: observe the fleet each interval, apply desired replicas.
 
 ``PlannerController`` is the ``ClusterSim`` controller: every ``planner.interval_s`` it builds the planner's
 ``Observation`` from what a gateway and a scrape would have seen (arrivals and their lengths since the last
@@ -17,8 +20,18 @@ from collections import deque
 from engine.sim.cluster.fleet import PodSpec
 from engine.sim.cluster.report import SloTargets, request_tpot
 from engine.sim.cluster.simulator import DRAINING, READY, RELEASED, STARTING, ClusterSim, Pod, RequestRecord
+from pickers.planner import (
+    PLANNERS,
+    LoadShape,
+    PodKind,
+    Slo,
+    cheapest_kind,
+    make_planner,
+    pod_capacity,
+)
 from pickers.planner.autoscale import Desired, Observation, Planner, PoolState
-from pickers.planner.catalogue import Catalogue
+from pickers.planner.catalogue import PRICE_SOURCE, Catalogue, parse_accelerators
+from pickers.planner.search import Candidate, search
 
 _SAMPLE = 2048  # prompt/output lengths handed to the planner per tick, at most
 
@@ -119,7 +132,10 @@ def live_pods(sim: ClusterSim) -> int:
     return sum(1 for p in sim.pods if p.state != RELEASED)
 
 
-__all__ = ["PlannerController", "live_pods"]
+__all__ = [
+    "PLANNERS", "PRICE_SOURCE", "Candidate", "Catalogue", "PlannerController", "live_pods", "parse_accelerators",
+    "peak_rate", "plan_fleets", "run_planner", "search",
+]
 
 
 def peak_rate(reqs: list, window_s: float = 300.0) -> float:
@@ -137,8 +153,6 @@ def plan_fleets(reqs: list, planner: str, catalogue: Catalogue, slo: SloTargets,
                 utilization: float = 0.8) -> tuple[str, int]:
     """(kind, pods) a replay starts with: static-peak's fleet for the trace's peak; for the others the size
     the cost model gives for the first five minutes (the same start for every planner of one kind)."""
-    from pickers.planner import LoadShape, PodKind, Slo, cheapest_kind, pod_capacity
-
     shape = LoadShape.from_lengths([r.input_length for r in reqs], [r.output_length for r in reqs])
     s = Slo(slo.ttft_s, slo.tpot_s, goal)
     if planner in ("kvswitch", "static-peak"):
@@ -165,8 +179,6 @@ def run_planner(reqs: list, planner_name: str, catalogue: Catalogue, slo: SloTar
     from engine.sim.cluster.progress import ReplayProgress
     from engine.sim.cluster.routers import make_router
     from engine.sim.cluster.simulator import trace_prompts
-    from pickers.planner import Slo, make_planner
-
     start = time.perf_counter()
     kind, n = plan_fleets(reqs, planner_name, catalogue, slo, model, goal)
     planner = make_planner(planner_name, catalogue, model, Slo(slo.ttft_s, slo.tpot_s, goal), peak={kind: n})

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from engine.sim.cluster.autoscale import PLANNERS, PRICE_SOURCE, parse_accelerators, run_planner
 from engine.sim.cluster.fleet import FleetSpec, fleet_from_flags, load_fleet
 from engine.sim.cluster.progress import ReplayProgress
 from engine.sim.cluster.report import SloTargets, format_table, summarize
@@ -29,7 +30,6 @@ from engine.sim.cluster.routers import BUILTIN, Router, SchedulerRouter, make_ro
 from engine.sim.cluster.simulator import ClusterSim, SimResult, trace_prompts
 from engine.sim.cluster.slo import SLO_ROWS, admission_summary
 from engine.sim.cluster.trace import BlockTokens, TraceRequest, read_mooncake
-from pickers.planner.catalogue import PRICE_SOURCE, parse_accelerators
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,9 +161,6 @@ def _slo(args: argparse.Namespace) -> SloTargets | None:
 
 
 def _autoscale(args: argparse.Namespace, reqs: list[TraceRequest], slo: SloTargets | None) -> int:
-    from engine.sim.cluster.autoscale import run_planner
-    from pickers.planner import PLANNERS
-
     if slo is None:
         raise ValueError("--autoscale needs --slo-ttft-ms and --slo-tpot-ms (the planners size for them)")
     if args.fleet or args.pd:

@@ -23,15 +23,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.sim.cluster.autoscale import peak_rate
+from engine.sim.cluster.autoscale import PRICE_SOURCE, Candidate, parse_accelerators, peak_rate, search
 from engine.sim.cluster.fleet import FleetSpec, PodSpec, _address
 from engine.sim.cluster.progress import ReplayProgress
 from engine.sim.cluster.report import SloTargets, summarize
 from engine.sim.cluster.routers import LengthSplitRouter
 from engine.sim.cluster.simulator import ClusterSim, trace_prompts
 from engine.sim.cluster.trace import TraceRequest, read_mooncake
-from pickers.planner.catalogue import PRICE_SOURCE, parse_accelerators
-from pickers.planner.search import Candidate, search
 
 
 def fleet_for(c: Candidate, model: str) -> FleetSpec:

@@ -13,11 +13,13 @@ The simulator talks to one small ``Router`` protocol, so the built-in policies a
 - ``on_kv_events(pod, events, at)`` after every step that changed a pod's cache, if ``wants_kv_events``;
 - ``on_metrics(pod, stats, at)`` every scrape interval, if ``wants_metrics`` (stale by design);
 - ``on_pod_added(endpoint, at)`` when a pod added at run time is ready, ``on_pod_removed(pod, at)`` when a
-  pod starts draining: from then on the router must not pick it (its in-flight requests still report).
+  pod starts draining: from then on the router must not pick it (its in-flight requests still report);
+  ``on_pod_released(pod, at)`` when the drained pod is gone.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -64,6 +66,7 @@ class Router(Protocol):
     def on_metrics(self, pod: str, stats: EngineStats, at: float) -> None: ...
     def on_pod_added(self, endpoint: Endpoint, at: float) -> None: ...
     def on_pod_removed(self, pod: str, at: float) -> None: ...
+    def on_pod_released(self, pod: str, at: float) -> None: ...
 
 
 class BaseRouter:
@@ -95,6 +98,9 @@ class BaseRouter:
         return None
 
     def on_pod_removed(self, pod: str, at: float) -> None:
+        return None
+
+    def on_pod_released(self, pod: str, at: float) -> None:
         return None
 
 
@@ -247,6 +253,10 @@ class SchedulerRouter(BaseRouter):
         self.director.add_endpoint(endpoint)
 
     def on_pod_removed(self, pod: str, at: float) -> None:
+        # the endpoint table's draining state: out of every decision now, its open requests still resolve
+        self.director.dl.endpoints.drain(pod, math.inf)
+
+    def on_pod_released(self, pod: str, at: float) -> None:
         self.director.remove_endpoint(pod)
 
     def on_metrics(self, pod: str, stats: EngineStats, at: float) -> None:

@@ -538,8 +538,11 @@ class ClusterSim:
             self._release(pod, now)
 
     def _release(self, pod: Pod, now: float) -> None:
+        known = pod.state == DRAINING  # the router knew it (a pod drained while starting never joined)
         pod.state = RELEASED
         pod.released_at = now
+        if known:
+            self.router.on_pod_released(pod.name, now)
 
     def _drain_deadline(self, pod: Pod, now: float) -> None:
         """The drain ran out of time: what the pod still runs is lost, and the pod goes."""
