@@ -24,9 +24,8 @@ class RequestRejected(SchedulingError):
     """A request extproc refuses before scheduling (bad body, too large); carries the offending param."""
 
     def __init__(self, status: int, message: str, code: str, param: str | None = None) -> None:
-        super().__init__(status, message, code, _DEFAULT_TYPES.get(status, "server_error"))
-        self.param = param
+        super().__init__(status, message, code, _DEFAULT_TYPES.get(status, "server_error"), param=param)
 
 
 def body_for(exc: SchedulingError) -> bytes:
-    return error_body(exc.message, exc.err_type, exc.code, getattr(exc, "param", None))
+    return error_body(exc.message, exc.err_type, exc.code, exc.param)

@@ -104,12 +104,15 @@ def response_trailers_reply() -> pb.ProcessingResponse:
     return pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
 
 
-def immediate(status: int, body: bytes, details: str) -> pb.ProcessingResponse:
-    """An answer from kvswitch itself (4xx/5xx) with a JSON error body."""
+def immediate(status: int, body: bytes, details: str,
+              extra: tuple[tuple[str, str], ...] = ()) -> pb.ProcessingResponse:
+    """An answer from kvswitch itself (4xx/5xx) with a JSON error body (and ``extra`` headers, e.g.
+    Retry-After on a 429)."""
     return pb.ProcessingResponse(
         immediate_response=pb.ImmediateResponse(
             status=http_status_pb2.HttpStatus(code=status),
-            headers=pb.HeaderMutation(set_headers=[header("content-type", "application/json")]),
+            headers=pb.HeaderMutation(set_headers=[header("content-type", "application/json"),
+                                                   *(header(k, v) for k, v in extra)]),
             body=body,
             details=details,
         )

@@ -19,13 +19,16 @@ import orjson
 
 from engine.internal_fields import strip_engine_fields
 from extproc.errors import RequestRejected
+from pickers.slo import SLO_HEADERS
 from pickers.types import Api, InferenceRequest
 
 MAX_TOKEN_ID = 2**32 - 1  # token ids are hashed as u32 (pickers.tokenize); vLLM rejects ids past its vocab
 
-# Request headers the picker may look at (objective, session affinity, tracing); everything else is ignored.
+# Request headers the picker may look at (objective and SLO targets, session affinity, tracing); everything
+# else is ignored. SLO header values are validated by pickers.slo when the director resolves the targets.
 HEADERS_THAT_MATTER = frozenset(
-    {"x-gateway-inference-objective", "x-request-id", "x-session-id", "x-gateway-inference-fairness-id"}
+    {"x-request-id", "x-session-id", "x-gateway-inference-fairness-id", "x-llm-d-inference-fairness-id",
+     *SLO_HEADERS}
 )
 
 _PATH_API: dict[str, Api] = {

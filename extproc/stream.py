@@ -269,7 +269,7 @@ class ExtProcStream:
         self.phase = Phase.REJECTED
         metrics.DECISIONS.labels(str(exc.status)).inc()
         metrics.ERRORS.labels(exc.code).inc()
-        return [msg.immediate(exc.status, body_for(exc), f"kvswitch_{exc.code}")]
+        return [msg.immediate(exc.status, body_for(exc), f"kvswitch_{exc.code}", exc.headers)]
 
     # ---- response path --------------------------------------------------------------------------------
     def _on_response_headers(self, req: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:

@@ -4,8 +4,12 @@ every error message). No section at all gives the ``default`` profile with every
     scheduler:
       profile: default            # default | round-robin | random | load-only | approximate | precise | <own>
       handler: {type: decode-only}
-      admission:                  # list; default: [saturation]
-        - {type: saturation, queue_threshold: 5, kv_threshold: 0.8, objectives: {batch: -1, chat: 0}}
+      admission:                  # list; default: [saturation]. Types: none, saturation, stage-saturation,
+        - {type: saturation, queue_threshold: 5, kv_threshold: 0.8}   # early, predictive (pickers/plugins)
+      objectives:                 # objective name (x-llm-d-inference-objective / x-gateway-inference-objective)
+        interactive: {priority: 10, ttft_ms: 500, tpot_ms: 50}        # -> priority and default targets
+        batch: {priority: -1}     # priority < 0: sheddable
+      slo: {ttft_ms: null, tpot_ms: null}   # the pool's default targets (pickers/slo.py)
       profiles:                   # your own, or overriding built-in ones by name
         mine:
           filters: [health, subset, {type: role, role: decode}]
@@ -25,7 +29,8 @@ every error message). No section at all gives the ``default`` profile with every
         approximate: {max_blocks: 4000000, pod_blocks: 200000}
         precise: {max_blocks: 10000000, medium_weights: {GPU: 1.0, CPU: 0.8}, engine_map_cap: 2000000,
                   degraded_after_s: 10, topic: "", pending_ttl_s: 5, pending_max_blocks: 1000000}
-      predictor: {decode_context_tokens: 2048, waiting_prompt_tokens: 0}   # pickers/predictor.py
+      predictor: {decode_context_tokens: 2048, waiting_prompt_tokens: 0,   # pickers/predictor.py
+                  correction: true, correction_window: 64}
       explain_top: 5
       default_decode_tokens: 256
 
@@ -61,6 +66,7 @@ from pickers.predictor import PredictorSettings
 from pickers.profiles import BUILTIN_PROFILES, DECODE_FILTERS, RANK_OBLIVIOUS
 from pickers.promstats import scheduler_metrics
 from pickers.ranks import fold_ranks
+from pickers.slo import PRIORITY_MAX, PRIORITY_MIN, TPOT_MS_MAX, TTFT_MS_MAX, Objective, SLOPolicy
 from pickers.tokenize import TokenService
 from pickers.types import Endpoint
 
@@ -68,7 +74,7 @@ __all__ = ["ConfigError", "build_scheduler"]
 
 ROOT = "scheduler"
 _TOP = {"profile", "handler", "admission", "profiles", "filters", "scorers", "picker", "tokenizer",
-        "datalayer", "prefix", "predictor", "explain_top", "default_decode_tokens"}
+        "datalayer", "prefix", "predictor", "explain_top", "default_decode_tokens", "objectives", "slo"}
 
 
 def _mapping(path: str, v: Any) -> dict[str, Any]:
@@ -95,6 +101,38 @@ def _list(path: str, v: Any) -> list[Any]:
     if not isinstance(v, list):
         raise ConfigError(f"{path}: expected a list, got {v!r}")
     return v
+
+
+def _target_s(path: str, d: dict[str, Any], key: str, upper: float) -> float | None:
+    v = _get(path, d, key, Param((float, type(None)), None, min=1e-3, max=upper))
+    return None if v is None else v / 1e3
+
+
+def _slo_policy(cfg: dict[str, Any], admission: list[Any]) -> SLOPolicy:
+    """``scheduler.objectives`` and ``scheduler.slo``; the saturation admission's older ``objectives``
+    (name -> priority) are folded in, and a name given two different priorities is an error."""
+    op = f"{ROOT}.objectives"
+    objectives: dict[str, Objective] = {}
+    for name, raw in _mapping(op, cfg.get("objectives")).items():
+        path = f"{op}.{name}"
+        o = _mapping(path, raw)
+        _keys(path, o, {"priority", "ttft_ms", "tpot_ms"})
+        objectives[str(name)] = Objective(
+            _get(path, o, "priority", Param(int, 0, min=PRIORITY_MIN, max=PRIORITY_MAX)),
+            _target_s(path, o, "ttft_ms", TTFT_MS_MAX), _target_s(path, o, "tpot_ms", TPOT_MS_MAX))
+    for i, a in enumerate(admission):
+        for name, prio in getattr(a, "objectives", {}).items():
+            have = objectives.get(name)
+            if have is None:
+                objectives[name] = Objective(prio)
+            elif have.priority != prio:
+                raise ConfigError(
+                    f"{ROOT}.admission[{i}].objectives.{name}: priority {prio} disagrees with {op}.{name}.priority "
+                    f"{have.priority}; give priorities once, under {op}")
+    sp = f"{ROOT}.slo"
+    d = _mapping(sp, cfg.get("slo"))
+    _keys(sp, d, {"ttft_ms", "tpot_ms"})
+    return SLOPolicy(objectives, _target_s(sp, d, "ttft_ms", TTFT_MS_MAX), _target_s(sp, d, "tpot_ms", TPOT_MS_MAX))
 
 
 def _profile(path: str, name: str, raw: Any) -> Profile:
@@ -205,11 +243,14 @@ def build_scheduler(
 
     prp = f"{ROOT}.predictor"
     pcfg = _mapping(prp, cfg.get("predictor"))
-    _keys(prp, pcfg, {"decode_context_tokens", "waiting_prompt_tokens"})
+    _keys(prp, pcfg, {"decode_context_tokens", "waiting_prompt_tokens", "correction", "correction_window"})
     predictor = PredictorSettings(
         decode_context_tokens=_get(prp, pcfg, "decode_context_tokens", Param(float, 2048.0, min=0.0)),
         waiting_prompt_tokens=_get(prp, pcfg, "waiting_prompt_tokens", Param(float, 0.0, min=0.0)),
+        correction=_get(prp, pcfg, "correction", Param(bool, True)),
+        correction_window=_get(prp, pcfg, "correction_window", Param(int, 64, min=8, max=4096)),
     )
+    slo = _slo_policy(cfg, admission)
 
     stats = scheduler_metrics(registry)
     dl = DataLayer(
@@ -222,7 +263,7 @@ def build_scheduler(
         dl, profiles, name, handler, admission, clock, stats, network=network,
         explain_top=_get(ROOT, cfg, "explain_top", Param(int, 5, min=1)),
         default_decode_tokens=_get(ROOT, cfg, "default_decode_tokens", Param(int, 256, min=1)),
-        max_fallback=max_fallback,
+        max_fallback=max_fallback, slo=slo,
     )
     if name == RANK_OBLIVIOUS:  # every data-parallel pod is one endpoint again
         endpoints = fold_ranks(endpoints)

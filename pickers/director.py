@@ -5,6 +5,8 @@ and the Envoy header mutations happens here, in this order:
 
 1. state     a ``RequestState`` (pickers/state.py) keyed by the gateway's request id; token ids computed
              now if the profile needs them (a big prompt through a real tokenizer in a worker thread).
+   slo       the request's targets and priority (headers, objective, pool defaults: pickers/slo.py),
+             resolved once into ``state.slo``; a malformed SLO header is a 400.
 2. subset    the gateway's subset hint, applied once: an empty hint, or one naming no known endpoint, is a
              503 (``subset_empty`` / ``subset_no_match``); otherwise only endpoints inside it are candidates.
 3. admission each admission plugin accepts or raises 429 (``SchedulingError``) before any work is paid for.
@@ -13,10 +15,12 @@ and the Envoy header mutations happens here, in this order:
 5. fallback  the decode ranking becomes the fallback list, cut to ``max_fallback``.
 6. record    in-flight load (prefill work on the prefill pod, decode on the decode pod), the prompt's blocks
              in the approximate index, pending blocks and expected KV events for the precise index, the
-             explanation; then the plugins' ``on_routed`` hooks.
+             the chosen pods' predicted TTFT/TPOT (``state.expected``), the explanation; then the
+             plugins' ``on_routed`` hooks.
 7. response  ``on_served`` (the gateway's fallback may have moved it), ``on_first_token``, then exactly one of
              ``on_finished`` / ``on_failed``: load released, pending blocks cleared, KV-event expectations
-             judged, pod health updated, plugin hooks called.
+             judged, pod health updated, the predictor's online correction fed with the observed TTFT
+             (first token) and TPOT (end), plugin hooks called.
 
 ``decide`` (steps 2-6) is synchronous and never awaits, so the virtual-time simulator drives this same
 code with a ManualClock. Background upkeep (scrapes, KV events, discovery) belongs to the data layer and
@@ -38,7 +42,8 @@ from pickers.datalayer import DataLayer
 from pickers.explain import explain_text
 from pickers.framework import Admission, CycleContext, Plugin, Profile, ProfileHandler
 from pickers.promstats import SchedulerMetrics
-from pickers.state import KVExpectation, RequestState
+from pickers.slo import SLOPolicy
+from pickers.state import Expected, KVExpectation, RequestState
 from pickers.types import Decision, Endpoint, InferenceRequest, SchedulingError, Usage
 
 OFFLOAD_HASH_TOKENS = 16384  # prompts at least this long are hashed in a worker thread (route)
@@ -61,6 +66,7 @@ class Director:
         explain_top: int = 5,
         default_decode_tokens: int = 256,
         max_fallback: int = 0,
+        slo: SLOPolicy | None = None,
     ) -> None:
         self.dl = datalayer
         self.profiles = profiles
@@ -73,6 +79,7 @@ class Director:
         self.explain_top = explain_top
         self.default_decode_tokens = default_decode_tokens
         self.max_fallback = max_fallback  # 0: the picker's whole ranking
+        self.slo = slo or SLOPolicy()
         run = profiles[handler.profile or profile]
         used: list[Plugin] = [handler, *admission, *run.plugins]
         every: list[Plugin] = [handler, *admission]
@@ -80,6 +87,8 @@ class Director:
             every += prof.plugins
         for plugin in every:
             plugin.bind(datalayer)
+        for a in admission:
+            a.prefill_legs = handler.runs_prefill_legs
         # the hooks each plugin overrides (the base class's are no-ops)
         self._on_routed = [p.on_routed for p in every if type(p).on_routed is not Plugin.on_routed]
         self._on_served = [p.on_served for p in every if type(p).on_served is not Plugin.on_served]
@@ -167,6 +176,7 @@ class Director:
         if self.needs_tokens:  # before anything reads the prompt's length: one count for the whole cycle
             ctx.token_ids()
         try:
+            state.slo = self.slo.resolve(state.request)
             state.candidates = self._candidates(state.request)
             for a in self.admission:
                 try:
@@ -183,6 +193,7 @@ class Director:
         state.decode = decision.primary
         state.prefill = decision.prefill
         state.decided_at = decision.decided_at = now
+        state.expected = self._expected(ctx, decision)
         decision.explanation = self._explain(state, decision)
         self._record(ctx, decision)
         self.stats.decisions.labels(decision.profile).inc()
@@ -211,6 +222,7 @@ class Director:
         out: dict[str, dict[str, float]] = {}
         if state.pd is not None:
             out["_pd"] = state.pd.explain()
+
         addr = self.dl.endpoints.address
         k = self.explain_top
         for res in state.results:
@@ -226,7 +238,50 @@ class Director:
                 a = addr(cands[i])
                 if a is not None:
                     out[a] = {label: round(vals[j], 4) for label, vals in cols}
+        exp, slo = state.expected, state.slo
+        if exp is not None:  # last: the chosen pods' predicted latencies and the request's targets
+            sx = {"pred-ttft-ms": round(exp.ttft_s * 1e3, 2), "pred-tpot-ms": round(exp.tpot_s * 1e3, 3)}
+            if slo.ttft_s is not None:
+                sx["ttft-ms"] = round(slo.ttft_s * 1e3, 2)
+            if slo.tpot_s is not None:
+                sx["tpot-ms"] = round(slo.tpot_s * 1e3, 3)
+            if slo.priority:
+                sx["priority"] = float(slo.priority)
+            out["_slo"] = sx
         return out
+
+    def _expected(self, ctx: CycleContext, decision: Decision) -> Expected | None:
+        """The chosen pods' predicted latencies, from the prediction the cycle already made (else one now).
+
+        Without a prefill leg: TTFT and TPOT on the decode pod. With one: the prefill pod's TTFT plus one
+        decode step on the decode pod (its first token), TPOT on the decode pod.
+        """
+        ep = self.dl.endpoints
+        slot = ep.slot(decision.primary)
+        if slot is None:
+            return None
+        pslot = ep.slot(decision.prefill) if decision.prefill else None
+        preds = ctx.state.predictions
+        pred = preds.get("auto") or next(iter(preds.values()), None) or ctx.prediction("auto")
+        if slot >= pred.ttft_s.size or (pslot is not None and pslot >= pred.ttft_s.size):
+            return None
+        raw_t = pred.ttft_raw_s if pred.ttft_raw_s is not None else pred.ttft_s
+        raw_p = pred.tpot_raw_s if pred.tpot_raw_s is not None else pred.tpot_s
+        if pslot is None:
+            return Expected(slot, slot, float(pred.ttft_s[slot]), float(pred.tpot_s[slot]),
+                            float(raw_t[slot]), float(raw_p[slot]))
+        return Expected(pslot, slot, float(pred.ttft_s[pslot] + pred.tpot_s[slot]), float(pred.tpot_s[slot]),
+                        float(raw_t[pslot] + raw_p[slot]), float(raw_p[slot]))
+
+    def _observe(self, exp: Expected, latency: str, observed: float) -> None:
+        """Feed the online correction (raw prediction vs observed) and the error histogram (corrected)."""
+        slot = exp.prefill_slot if latency == "ttft" else exp.decode_slot
+        raw, pred = (exp.ttft_raw_s, exp.ttft_s) if latency == "ttft" else (exp.tpot_raw_s, exp.tpot_s)
+        self.dl.predictor.correction.observe(slot, latency, raw, observed)
+        endpoint = self.dl.endpoints.endpoints[slot] if slot < len(self.dl.endpoints.endpoints) else None
+        if endpoint is not None and pred > 0.0:
+            self.stats.prediction_ratio.labels(latency, endpoint.accelerator, endpoint.role.value).observe(
+                observed / pred)
 
     def _record(self, ctx: CycleContext, decision: Decision) -> None:
         """Step 6: what the decision commits the fleet to, before any response is seen."""
@@ -284,6 +339,7 @@ class Director:
         state.served = served
         self._passed_over(decision, served)
         if served != decision.primary:
+            state.expected = None  # predicted for another pod: nothing to learn from this one
             slot = self.dl.endpoints.slot(served)
             if slot is not None:
                 self.dl.inflight.move(state.key, slot)
@@ -315,6 +371,10 @@ class Director:
         self.dl.inflight.first_token(state.key)
         self.dl.kv_index.clear_pending(state.key)
         self._judge_kv_events(state, at)
+        exp = state.expected
+        if exp is not None and exp.first_token_at < 0.0:
+            exp.first_token_at = at
+            self._observe(exp, "ttft", at - state.arrival)
         self._call(self._on_first_token, decision, at)
 
     def on_finished(self, decision: Decision, usage: Usage | None, at: float) -> None:
@@ -324,6 +384,9 @@ class Director:
         slot = self._serving_slot(state)
         if slot is not None:
             self.dl.health.request_success(slot, at)
+        exp = state.expected
+        if exp is not None and exp.first_token_at >= 0.0 and usage is not None and usage.completion_tokens >= 2:
+            self._observe(exp, "tpot", (at - exp.first_token_at) / (usage.completion_tokens - 1))
         self._call(self._on_finished, decision, usage, at)
 
     def on_failed(self, decision: Decision, reason: str, at: float) -> None:

@@ -188,6 +188,7 @@ def create_as(base: type[P], spec: Any, path: str, reserved: tuple[str, ...] = (
 class Admission(Plugin):
     KIND = "admission"
     stale_endpoints: int = 0  # ready endpoints whose stale signals the last check ignored (a metric)
+    prefill_legs: bool = False  # set by the director: the handler may run prompts on prefill pods
 
     def admit(self, ctx: CycleContext) -> None:
         """Return to accept; raise SchedulingError(429, ...) to shed."""
@@ -225,6 +226,7 @@ class ProfileHandler(Plugin):
     KIND = "handler"
 
     profile: str | None = None  # the profile it runs (None: scheduler.profile)
+    runs_prefill_legs: ClassVar[bool] = False  # may compute a prompt on a prefill pod (admission reads it)
 
     def handle(self, ctx: CycleContext, profiles: dict[str, Profile], default: str) -> Decision:
         """Run the profile(s) over ``ctx.candidates``; record each ProfileResult in ``ctx.state.results``."""

@@ -5,7 +5,8 @@ For a prompt of P tokens and each endpoint slot p:
     H_p  = prompt tokens cached on p (prefix index under ``mode``; CPU-held blocks weighted 0.8)
     Q_p  = prompt tokens queued ahead on p: the uncached tokens kvswitch sent there that have not reached
            first token, plus the waiting requests on p (fresh /metrics) it did not send (waiting - its own
-           requests before first token) x the mean prompt seen
+           requests before first token) x the mean prompt seen; on a decode-role pod only the first: its
+           waiting requests wait for KV from a prefill pod
     r_p  = running decodes on p (fresh /metrics, at least the requests kvswitch started there)
     B_p  = p's step token budget (max_num_batched_tokens, pickers.costs)
 
@@ -15,9 +16,13 @@ For a prompt of P tokens and each endpoint slot p:
     wait_p    = the part of ttft_p that prefills Q_p, plus kvwait_p
     prefill_p = the same with nothing queued and nothing running, less one empty step: the time this
                 prompt's own tokens keep each running decode on p waiting
-    tpot_p    = CostModel.decode_step_time(r_p + 1, (r_p + 1) x ctx)         once it joins the batch
+    tpot_p    = CostModel.decode_step_time(r_p + 1, r_p x ctx + P)          once it joins the batch (its own
+                                                                            context is its prompt)
 
-ctx is ``decode_context_tokens``, the mean context of a running decode. The same numbers serve the scorers,
+ctx is ``decode_context_tokens``, the mean context of a running decode. Every figure is then corrected per
+kind of pod (model profile, accelerator, role) by what the picker observed (pickers/correction.py):
+ttft -> a_t + b_t x ttft (wait and prefill scaled by b_t), tpot -> a_p + b_p x tpot; the raw numbers stay on
+the ``Prediction`` for the correction to learn from. The same numbers serve the scorers,
 the P/D decider and admission; the state keeps one ``Prediction`` per prefix mode, computed on first use.
 """
 
@@ -29,6 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from engine.costmodel.vector import decode_step_seconds, prefill_seconds
+from pickers.correction import OnlineCorrection
 from pickers.kvwait import kv_wait_seconds
 from pickers.state import Prediction, PrefixMode
 
@@ -41,6 +47,8 @@ if TYPE_CHECKING:
 class PredictorSettings:
     decode_context_tokens: float = 2048.0  # mean KV context of a running decode
     waiting_prompt_tokens: float = 0.0  # tokens per waiting request; 0: running mean of the prompts seen
+    correction: bool = True  # learn a per-kind affine correction from observed latencies (pickers/correction.py)
+    correction_window: int = 64  # finished requests remembered per kind of pod
 
 
 class Predictor:
@@ -50,6 +58,9 @@ class Predictor:
         self.dl = dl
         self.settings = settings or PredictorSettings()
         self.mean_prompt = 1024.0  # exponential mean of prompt lengths, for requests seen only as "waiting"
+        self.correction = OnlineCorrection(dl.endpoints.max_endpoints, self.settings.correction_window)
+        if self.settings.correction:
+            dl.endpoints.listen(self.correction.on_endpoint)
 
     def predict(self, ctx: CycleContext, mode: PrefixMode) -> Prediction:
         dl, s = self.dl, self.settings
@@ -67,9 +78,11 @@ class Predictor:
             # Own requests counted exactly, the rest at the mean prompt. Not max(own, waiting x mean): that took
             # a pod holding many short waiting requests for one holding as many average ones, so past the knee
             # long prompts piled onto the pods whose queues were really longer (one pod took 37 % of the
-            # requests of an overloaded fleet; tests/sim/test_overload_balance.py).
+            # requests of an overloaded fleet; tests/sim/test_overload_balance.py). A decode-role pod's waiting
+            # requests are mostly P/D requests waiting for their KV (no prefill there): they do not count.
+            per = np.where(dl.endpoints.can_prefill[slots], per_waiting, 0.0)
             q = dl.inflight.prefill_tokens[slots] + np.maximum(
-                waiting - dl.inflight.prefill_requests[slots], 0.0) * per_waiting
+                waiting - dl.inflight.prefill_requests[slots], 0.0) * per
             budget = dl.costs.budget[slots]
             r = np.minimum(dl.running(slots, ctx.now), 0.9 * budget)
             h = np.minimum(ctx.hit_tokens(mode)[slots], p)
@@ -88,11 +101,17 @@ class Predictor:
             wait[slots] = w
             prefill[slots] = np.maximum(alone - dl.costs.empty_step_s[slots], 0.0)
             tpot[slots] = decode_step_seconds(dl.costs.rooflines(slots), r + 1.0,
-                                              (r + 1.0) * s.decode_context_tokens)
+                                              r * s.decode_context_tokens + p)
             uncached[slots] = u
             queued[slots] = q
             running[slots] = r
-        return Prediction(mode, ttft, wait, prefill, tpot, uncached, queued, running)
+        if not s.correction:
+            return Prediction(mode, ttft, wait, prefill, tpot, uncached, queued, running)
+        # the online correction (identity until observations arrive): observed ~= a + b x raw, per slot
+        cr = self.correction
+        b_t, b_p = cr.ttft_b[:n], cr.tpot_b[:n]
+        return Prediction(mode, cr.ttft_a[:n] + b_t * ttft, b_t * wait, b_t * prefill, cr.tpot_a[:n] + b_p * tpot,
+                          uncached, queued, running, ttft, tpot)
 
 
 __all__ = ["Predictor", "PredictorSettings"]

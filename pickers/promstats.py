@@ -3,9 +3,13 @@ process do not collide)."""
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+# observed / predicted latency: 1.0 is a perfect prediction; the buckets resolve +-5 % around it
+RATIO_BUCKETS = (0.25, 0.5, 0.67, 0.8, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25, 1.5, 2.0, 4.0)
 
 
 @dataclass
@@ -16,14 +20,17 @@ class SchedulerMetrics:
     healthy: Gauge
     index_blocks: Gauge
     stale_ignored: Gauge
+    prediction_ratio: Histogram
 
 
-_BY_REGISTRY: dict[int, SchedulerMetrics] = {}
+# keyed by the registry itself, weakly: an id() key outlives a collected registry, and a new one allocated at
+# the same address then got the old registry's metrics (counts vanished from the new registry)
+_BY_REGISTRY: weakref.WeakKeyDictionary[CollectorRegistry, SchedulerMetrics] = weakref.WeakKeyDictionary()
 
 
 def scheduler_metrics(registry: CollectorRegistry | None = None) -> SchedulerMetrics:
     reg = registry or REGISTRY
-    got = _BY_REGISTRY.get(id(reg))
+    got = _BY_REGISTRY.get(reg)
     if got is None:
         got = SchedulerMetrics(
             decisions=Counter("kvswitch_scheduler_decisions", "Routing decisions made", ["profile"], registry=reg),
@@ -40,6 +47,11 @@ def scheduler_metrics(registry: CollectorRegistry | None = None) -> SchedulerMet
             stale_ignored=Gauge("kvswitch_saturation_stale_endpoints",
                                 "Ready endpoints whose stale metrics saturation admission ignored at its last "
                                 "check (stale data is not evidence of saturation)", registry=reg),
+            prediction_ratio=Histogram(
+                "kvswitch_prediction_observed_over_predicted",
+                "Observed over predicted latency of finished requests (after the online correction): TTFT on "
+                "the pod that ran the prefill, TPOT on the decode pod", ["latency", "accelerator", "role"],
+                buckets=RATIO_BUCKETS, registry=reg),
         )
-        _BY_REGISTRY[id(reg)] = got
+        _BY_REGISTRY[reg] = got
     return got

@@ -45,6 +45,10 @@ class Prediction:
     uncached: np.ndarray  # prompt tokens to compute
     queued: np.ndarray  # prompt tokens queued ahead
     running: np.ndarray  # decodes sharing each step
+    # the cost model's own numbers before the online correction (pickers/correction.py), which learns from
+    # them; None when no correction is applied
+    ttft_raw_s: np.ndarray | None = None
+    tpot_raw_s: np.ndarray | None = None
 
 
 @dataclass(slots=True)
@@ -109,6 +113,21 @@ NO_TARGETS = SLOTargets()
 
 
 @dataclass(slots=True)
+class Expected:
+    """What the decision predicted for the pods it chose (corrected and raw), kept until the response
+    shows what happened: the online correction learns from the pair, the error histograms record it.
+    ``prefill_slot`` ran the prompt (the decode pod without a prefill leg)."""
+
+    prefill_slot: int
+    decode_slot: int
+    ttft_s: float
+    tpot_s: float
+    ttft_raw_s: float
+    tpot_raw_s: float
+    first_token_at: float = -1.0
+
+
+@dataclass(slots=True)
 class KVExpectation:
     """Pods that will announce new blocks for this prompt in KV events: judged at first token (or end)."""
 
@@ -137,6 +156,7 @@ class RequestState:
     served: str | None = None  # the pod the gateway reports as serving (may differ from ``decode``)
     kv_expect: KVExpectation | None = None
     decided_at: float = 0.0
+    expected: Expected | None = None  # the chosen pods' predicted latencies (director, at record time)
 
     @property
     def serving(self) -> str | None:
@@ -145,6 +165,6 @@ class RequestState:
 
 
 __all__ = [
-    "KVExpectation", "PD_REASON_CODES", "PDReason", "PDVerdict", "PREFIX_MODES", "Prediction", "PrefixMode",
+    "Expected", "KVExpectation", "PD_REASON_CODES", "PDReason", "PDVerdict", "PREFIX_MODES", "Prediction", "PrefixMode",
     "ProfileResult", "RequestState", "NO_TARGETS", "SLOTargets",
 ]

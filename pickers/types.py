@@ -143,11 +143,14 @@ class Decision:
 class SchedulingError(Exception):
     """A request the picker will not route. extproc answers it with an OpenAI-format error body."""
 
-    def __init__(self, status: int, message: str, code: str, err_type: str | None = None) -> None:
+    def __init__(self, status: int, message: str, code: str, err_type: str | None = None, *,
+                 param: str | None = None, headers: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
+        self.param = param  # the offending input (OpenAI error body's ``param``), e.g. a header name
+        self.headers = headers  # extra response headers, e.g. ("retry-after", "1") on a 429
         self.err_type = err_type or {
             400: "invalid_request_error",
             413: "invalid_request_error",

@@ -10,6 +10,10 @@ again every 512 decisions; ``--fresh-tails`` gives every decision a new tail (th
 hash memo, the chunk-row cache and approximate learning).
 
 DESIGN.md budget: >= 3,000 decisions/s with 8K-token prompts and 64 pods.
+
+``--slo-only`` (or ``--slo``, after the rest): the cost of SLO admission and the online correction per
+decision, 100 pods (``--slo-pods``), every request with TTFT and TPOT targets, ``--slo-inflight`` requests
+kept in flight (the predictive ledger holds them), each arm measured side by side with ``none``.
 """
 
 from __future__ import annotations
@@ -119,6 +123,63 @@ def run_decisions(s, clock, prompts: list[list[int]], n: int, text: bool = False
     return n / cpu, lat * 1e6
 
 
+def bench_slo(pods: int, decisions: int, inflight: int, prompt_tokens: int) -> None:
+    """Per-decision latency of the default profile with each admission arm (targets on every request),
+    interleaved in rounds so machine load hits every arm alike; the predictive ledger holds ``inflight``
+    requests and the correction has observations for every kind of pod."""
+    from collections import deque
+
+    arms = ("none", "early", "predictive", "stage-saturation")
+    nrng = np.random.default_rng(3)
+    rng = random.Random(3)
+    prompts = [nrng.integers(0, 32000, size=prompt_tokens, dtype=np.uint32) for _ in range(256)]
+    kinds = ("H100", "A100")
+    eps = [Endpoint(f"10.2.{i // 250}.{i % 250}:8000", role="prefill" if i < pods // 4 else "decode",
+                    accelerator=kinds[i % 2]) for i in range(pods)]
+    built = {}
+    for arm in arms:
+        clock = ManualClock(0.0)
+        s = build_scheduler({"profile": "load-only", "handler": {"type": "prefill-decode"}, "admission": [arm],
+                             "slo": {"ttft_ms": 60_000, "tpot_ms": 1000}}, eps, clock, network=False,
+                            registry=CollectorRegistry())
+        feed_metrics(s, eps, rng)
+        built[arm] = (s, clock, deque())
+    lat: dict[str, list[float]] = {a: [] for a in arms}
+    cpu: dict[str, float] = {a: 0.0 for a in arms}
+    rounds = max(1, decisions // 100)
+    for rnd in range(rounds + 2):  # two warm-up rounds
+        for arm in arms:
+            s, clock, live = built[arm]
+            for i in range(100):
+                req = InferenceRequest(request_id=f"{arm}-{rnd}-{i}", model="m",
+                                       prompt_token_ids=prompts[(rnd * 100 + i) % len(prompts)], max_tokens=200)
+                c0 = time.process_time()
+                t0 = time.perf_counter()
+                d = s.decide(req)
+                dt = time.perf_counter() - t0
+                if rnd >= 2:
+                    lat[arm].append(dt)
+                    cpu[arm] += time.process_time() - c0
+                clock.advance(0.001)
+                live.append(d)
+                if len(live) > inflight:  # the oldest ends: first token and end feed the correction
+                    old = live.popleft()
+                    s.on_first_token(old, clock.now())
+                    s.on_finished(old, Usage(prompt_tokens, 200), clock.now() + 0.01)
+    base = np.percentile(np.array(lat["none"]) * 1e6, 99)
+    base_cpu = cpu["none"] / len(lat["none"]) * 1e6
+    print(f"== SLO admission: {pods} pods (P/D, two accelerator kinds), {prompt_tokens}-token prompts, "
+          f"{inflight} in flight, load {os.getloadavg()[0]:.1f}")
+    for arm in arms:
+        v = np.array(lat[arm]) * 1e6
+        ledger = getattr(built[arm][0].admission[0], "ledger", None)
+        extra = f"  ledger {len(ledger.row_of)} rows" if ledger is not None else ""
+        c = cpu[arm] / len(lat[arm]) * 1e6
+        print(f"{arm:>17}: wall p50 {np.percentile(v, 50):6.0f} us  p99 {np.percentile(v, 99):6.0f} us  "
+              f"(p99 - none p99: {np.percentile(v, 99) - base:+6.0f} us); CPU {c:5.0f} us/decision "
+              f"({c - base_cpu:+5.0f} us vs none){extra}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--blocks", type=int, default=10_000_000)
@@ -130,7 +191,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profiles", default="default,precise,approximate,load-only,round-robin")
     ap.add_argument("--fresh-tails", action="store_true",
                     help="a new unique 2K-token tail for every decision (default: 512 prompts that recur)")
+    ap.add_argument("--slo", action="store_true", help="also time SLO admission (see the module docstring)")
+    ap.add_argument("--slo-only", action="store_true", help="only time SLO admission")
+    ap.add_argument("--slo-pods", type=int, default=100)
+    ap.add_argument("--slo-inflight", type=int, default=2000)
     a = ap.parse_args(argv)
+    if a.slo_only:
+        bench_slo(a.slo_pods, a.decisions, a.slo_inflight, 2048)
+        return 0
     rng = random.Random(7)
     nrng = np.random.default_rng(7)
 
@@ -212,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         ct = (time.perf_counter() - t0) / 200
         print(f"HF tokenizer ({a.tokenizer}): {dt * 1e3:.2f} ms for {len(words):,} chars -> {len(ids):,} tokens;"
               f" cached (same text): {ct * 1e6:.0f} us")
+    if a.slo:
+        bench_slo(a.slo_pods, a.decisions, a.slo_inflight, 2048)
     return 0
 
 

@@ -85,15 +85,16 @@ async def envoy_stack(
     order: list[str] | None = None,
     simple: bool = True,
     envoy: dict[str, Any] | None = None,
+    scheduler: dict[str, Any] | None = None,
 ) -> AsyncIterator[Stack]:
     """Picker (in-process) + Envoy (override-host over ``pool``).
 
     ``simple``: the least-inflight profile (reads no pod metrics, so it fronts any upstream); False: the
     default profile, which scrapes vLLM metrics and so needs simulator or vLLM pods. ``envoy``: more
-    EnvoyConfigOptions fields.
+    EnvoyConfigOptions fields. ``scheduler``: a whole ``scheduler:`` section instead (e.g. admission rules).
     """
     cfg = picker_config(picker_endpoints if picker_endpoints is not None else pool,
-                        LEAST_INFLIGHT if simple else None,
+                        scheduler if scheduler is not None else LEAST_INFLIGHT if simple else None,
                         **{"debug_headers": True, **(server or {})})
     inner = build_scheduler(cfg)
     sched = RecordingScheduler(inner, order=order)

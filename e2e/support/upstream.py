@@ -1,6 +1,7 @@
 """A tiny OpenAI-like upstream (aiohttp) for tests that need exact bytes or when the simulator is absent.
 
-Every request's raw body is recorded; responses name the pod that served them (``x-served-by`` header and
+Every request's raw body is recorded (except scrapes of ``/metrics``, which answer vLLM's gauges with the
+requests it holds as ``num_requests_waiting``); responses name the pod that served them (``x-served-by`` header and
 ``system_fingerprint``), stream SSE when asked, and carry ``usage`` like vLLM.
 """
 
@@ -33,6 +34,7 @@ class FakeUpstream:
     skip_done: bool = False  # end a stream without the [DONE] event
     seen: list[Seen] = field(default_factory=list)
     max_seen: int = 1000
+    holding: int = 0  # POSTs not yet answered (reported as vllm:num_requests_waiting)
     _runner: web.AppRunner | None = None
 
     @property
@@ -52,6 +54,18 @@ class FakeUpstream:
             self._runner = None
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.method == "GET" and request.path == "/metrics":
+            text = (f'vllm:num_requests_running{{model_name="m"}} 0\n'
+                    f'vllm:num_requests_waiting{{model_name="m"}} {self.holding}\n'
+                    f'vllm:kv_cache_usage_perc{{model_name="m"}} 0.0\n')
+            return web.Response(text=text, content_type="text/plain")
+        self.holding += 1
+        try:
+            return await self._answer(request)
+        finally:
+            self.holding -= 1
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         if len(self.seen) < self.max_seen:
             self.seen.append(Seen(request.path, {k.lower(): v for k, v in request.headers.items()}, body))

@@ -2,6 +2,7 @@
 
 from pickers.plugins import (  # noqa: F401
     admission_saturation,
+    admission_slo,
     filter_health,
     filter_role,
     handler_decode_only,

@@ -5,8 +5,9 @@ kv_usage / kv_threshold). Stale metrics are no evidence of saturation: by defaul
 stale is left out of the mean (its signal is ignored, never shed on), and ``stale_endpoints`` (exported by
 the scheduler as ``kvswitch_saturation_stale_endpoints``) says how many were ignored at the last check; with
 no fresh pod at all nothing is shed. ``stale_counts_as_saturated: true`` restores the strict rule (a stale
-pod counts as saturated, 1.0). A request is sheddable when its objective (header
-``x-gateway-inference-objective``) has a negative priority in ``objectives``.
+pod counts as saturated, 1.0). A request is sheddable when its priority (``RequestState.slo``, from its
+objective: ``scheduler.objectives``) is negative. This plugin's own ``objectives`` (name -> priority) still
+work: the config folds them into ``scheduler.objectives`` (a name given two priorities is a config error).
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ import numpy as np
 
 from pickers.framework import Admission, Param, register
 from pickers.types import SchedulingError
-
-OBJECTIVE_HEADER = "x-gateway-inference-objective"
 
 
 @register
@@ -59,10 +58,9 @@ class SaturationAdmission(Admission):
         return float(per.mean()), int(per.size)
 
     def admit(self, ctx) -> None:
-        name = ctx.request.headers.get(OBJECTIVE_HEADER)
-        if not name:
-            return
-        prio = self.objectives.get(name, 0)
+        slo = ctx.state.slo  # resolved by the director (pickers/slo.py); these objectives are folded in there
+        name = slo.objective
+        prio = self.objectives.get(name, slo.priority) if name else slo.priority
         if prio >= 0:
             return
         sat, n = self.saturation(ctx.now)
@@ -72,5 +70,5 @@ class SaturationAdmission(Admission):
                 f"the pool is saturated ({sat:.2f} >= 1.0: mean over {n} pods of max(waiting/"
                 f"{self.queue_threshold:g}, kv_usage/{self.kv_threshold:g})) and objective {name!r} has "
                 f"priority {prio} (sheddable). Retry later, or send it under an objective with priority >= 0.",
-                "pool_saturated",
+                "pool_saturated", headers=(("retry-after", "1"),),
             )

@@ -35,6 +35,7 @@ from pickers.types import Decision
 @register
 class PrefillDecodeHandler(ProfileHandler):
     TYPE = "prefill-decode"
+    runs_prefill_legs = True
     PARAMS = {
         "profile": Param((str, type(None)), None, doc="decode profile (default: scheduler.profile)"),
         "threshold_tokens": Param(int, 2048, min=0, doc="least uncached tokens on the decode pod for a leg"),

@@ -88,7 +88,8 @@ def test_reference_ttft_is_the_sum_of_the_simulators_steps():
                                                 ("dsv3", "MI300X")])
 def test_predictor_on_an_idle_pod_is_the_cost_model(model, accelerator):
     """The prediction every plugin reads, for a request alone on an idle pod, is CostModel's TTFT with
-    the pod's step budget (its role's preset: 8192 for role both) and its decode step time."""
+    the pod's step budget (its role's preset: 8192 for role both) and its decode step time (alone in the
+    batch, holding its own prompt as context)."""
     ep = Endpoint("10.0.0.1:8000", model_profile=model, accelerator=accelerator)
     clock = ManualClock(10.0)
     director = build_scheduler({"admission": []}, [ep], clock, network=False)
@@ -97,5 +98,5 @@ def test_predictor_on_an_idle_pod_is_the_cost_model(model, accelerator):
         d = director.decide(InferenceRequest(f"r{n}", "m", prompt_token_ids=list(range(i * 10**6, i * 10**6 + n))))
         pred = d.state.predictions["auto"]
         assert pred.ttft_s[0] == pytest.approx(cm.time_to_first_token(n, 0, budget=8192), rel=TOLERANCE)
-        assert pred.tpot_s[0] == pytest.approx(cm.decode_step_time(1, 2048), rel=TOLERANCE)
+        assert pred.tpot_s[0] == pytest.approx(cm.decode_step_time(1, n), rel=TOLERANCE)
         director.on_finished(d, None, clock.now())

@@ -55,6 +55,7 @@ profiles:
     d = s.decide(request("r", list(range(64))))
     assert d.profile == "mine" and len(d.endpoints) == 2
     assert set(next(iter(d.explanation.values()))) == {"queue", "prefix-approximate", "total"}
+    assert set(d.explanation["_slo"]) == {"pred-ttft-ms", "pred-tpot-ms"}  # no targets: predictions only
 
 
 def test_bad_endpoint_profile_is_reported():

@@ -10,7 +10,13 @@
 picker profiles see each (pod, rank) as an endpoint, except ``rank-oblivious`` (the default profile seeing each
 pod as one endpoint; the pod balances its ranks as vLLM does without a rank header).
 
-Each policy replays the same trace on a fresh fleet; the table has one column per policy.
+    kvswitch sim replay TRACE.jsonl --pd 4:12 --policy default --slo-ttft-ms 2000 --slo-tpot-ms 40 \
+        --admission none,stage-saturation,early,predictive
+
+Each policy (x each admission arm) replays the same trace on a fresh fleet; the table has one column per run.
+With SLO targets, every request carries them (the picker's pool defaults, ``scheduler.slo``) and the summary
+adds attainment, goodput, rejection, wasted prefill, decode TPOT oscillation and the picker's prediction
+error per accelerator (engine/sim/cluster/slo.py).
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ from engine.sim.cluster.autoscale import PLANNERS, PRICE_SOURCE, parse_accelerat
 from engine.sim.cluster.fleet import FleetSpec, fleet_from_flags, load_fleet
 from engine.sim.cluster.progress import ReplayProgress
 from engine.sim.cluster.report import SloTargets, format_table, summarize
-from engine.sim.cluster.routers import BUILTIN, RANK_OBLIVIOUS, make_router
+from engine.sim.cluster.routers import BUILTIN, RANK_OBLIVIOUS, Router, SchedulerRouter, make_router
 from engine.sim.cluster.simulator import ClusterSim, SimResult, trace_prompts
+from engine.sim.cluster.slo import SLO_ROWS, admission_summary
 from engine.sim.cluster.trace import BlockTokens, TraceRequest, read_mooncake
 from engine.sim.dpgroup import BALANCERS
 
@@ -79,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT target (ms) for slo_attainment")
     a.add_argument("--slo-tpot-ms", type=float, default=None, help="TPOT target (ms) for slo_attainment")
     a.add_argument("--attainment", type=float, default=0.95, help="the planners' attainment goal (0-1)")
+    a.add_argument("--admission", default=None,
+                   help="comma-separated admission arms (none, saturation, stage-saturation, early, predictive): "
+                        "each policy runs once per arm, on a fresh fleet; --slo-* become every request's "
+                        "targets (the picker's scheduler.slo) (default: the picker config's admission)")
     o = p.add_argument_group("output")
     o.add_argument("--json", dest="json_out", default=None, help="write the summaries as JSON here")
     o.add_argument("--requests-out", default=None,
@@ -106,15 +117,21 @@ def _fleet(args: argparse.Namespace) -> FleetSpec:
 def replay(
     reqs: list[TraceRequest], fleet: FleetSpec, policy: str, *, seed: int = 0, scrape_interval: float = 0.05,
     picker_config: dict[str, Any] | None = None, blocks: BlockTokens | None = None, progress: bool = False,
+    predicted: dict[str, tuple[float, float]] | None = None,
 ) -> tuple[SimResult, float]:
     """One replay of ``reqs`` on a fresh fleet; returns the result and its wall time. ``progress``: report
-    on stderr while it runs (see ``ReplayProgress``)."""
+    on stderr while it runs (see ``ReplayProgress``). ``predicted``, when given, receives the picker's
+    predicted (TTFT, TPOT) per request id."""
     start = time.perf_counter()
-    sim = ClusterSim(
-        fleet, lambda eps, clock: make_router(policy, eps, clock, seed=seed, config=picker_config,
-                                        scrape_interval=scrape_interval),
-        scrape_interval=scrape_interval, seed=seed, rank_endpoints=policy != RANK_OBLIVIOUS,
-    )
+    routers: list[Router] = []
+
+    def build(eps: Any, clock: Any) -> Router:
+        routers.append(make_router(policy, eps, clock, seed=seed, config=picker_config,
+                                   scrape_interval=scrape_interval))
+        return routers[-1]
+
+    sim = ClusterSim(fleet, build, scrape_interval=scrape_interval, seed=seed,
+                     rank_endpoints=policy != RANK_OBLIVIOUS)
     bar = ReplayProgress(policy, len(reqs), reqs[-1].arrival if reqs else 0.0) if progress else None
     sim.progress = bar
     try:
@@ -123,7 +140,23 @@ def replay(
         if bar is not None:
             bar.close()
     res.policy = policy
+    if predicted is not None and routers and isinstance(routers[0], SchedulerRouter):
+        predicted.update(routers[0].predicted)
     return res, time.perf_counter() - start
+
+
+def arm_config(base: dict[str, Any] | None, admission: str | None, ttft_ms: float | None,
+               tpot_ms: float | None) -> dict[str, Any] | None:
+    """The picker config of one arm: ``base`` with ``scheduler.admission`` and ``scheduler.slo`` set."""
+    if admission is None and ttft_ms is None and tpot_ms is None:
+        return base
+    raw = dict(base or {})
+    sched = dict(raw["scheduler"]) if isinstance(raw.get("scheduler"), dict) else raw
+    if admission is not None:
+        sched["admission"] = [admission]
+    if ttft_ms is not None or tpot_ms is not None:
+        sched["slo"] = {**(sched.get("slo") or {}), "ttft_ms": ttft_ms, "tpot_ms": tpot_ms}
+    return sched
 
 
 def _requests_path(base: str, policy: str, many: bool) -> Path:
@@ -209,24 +242,54 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         print(f"trace: {len(reqs)} requests over {reqs[-1].arrival if reqs else 0:.1f} s; "
               f"fleet: {fleet.describe()}", file=sys.stderr)
+    arms: list[str | None] = [None]
+    if args.admission:
+        arms = [a.strip() for a in args.admission.split(",") if a.strip()]
+        if not arms:
+            print("kvswitch sim replay: --admission is empty", file=sys.stderr)
+            return 2
+    if args.admission and slo is None:
+        print("kvswitch sim replay: --admission needs --slo-ttft-ms and --slo-tpot-ms (the arms are judged on "
+              "them)", file=sys.stderr)
+        return 2
     summaries = []
+    extra_rows: dict[str, tuple[str, str, str]] = {}
     blocks = BlockTokens()
-    for policy in policies:
+    runs = [(p, a) for p in policies for a in arms]
+    for policy, arm in runs:
+        column = policy if arm is None else (arm if len(policies) == 1 else f"{policy}+{arm}")
+        if arm is not None and arm != "none" and policy in BUILTIN:
+            print(f"kvswitch sim replay: admission {arm!r} needs a picker policy, not the built-in {policy!r}",
+                  file=sys.stderr)
+            return 2
+        predicted: dict[str, tuple[float, float]] = {}
         try:
             res, wall = replay(reqs, fleet, policy, seed=args.seed, scrape_interval=args.scrape_interval,
-                               picker_config=picker_config, blocks=blocks, progress=not args.quiet)
+                               picker_config=arm_config(picker_config, arm, args.slo_ttft_ms if arm else None,
+                                                        args.slo_tpot_ms if arm else None),
+                               blocks=blocks, progress=not args.quiet, predicted=predicted)
         except ValueError as exc:
             print(f"kvswitch sim replay: policy {policy}: {exc}", file=sys.stderr)
             return 2
         summary = summarize(res, wall, slo=slo, prices=prices)
+        summary["column"] = column
+        if slo is not None:
+            summary["admission"] = arm or "config"
+            summary.update(admission_summary(res, slo, predicted))
+            for rk, rl, rf in SLO_ROWS:
+                extra_rows.setdefault(rk, (rk, rl, rf))
+            for acc, m in summary.get("prediction_mape", {}).items():
+                for lat in ("ttft", "tpot"):
+                    key = f"{lat}_mape_{acc}"
+                    summary[key] = m[lat]
+                    extra_rows.setdefault(key, (key, f"{lat.upper()} MAPE {acc}", "{:.1%}"))
         summaries.append(summary)
         if not args.quiet:
-            print(f"{policy}: {summary['completed']} completed in {wall:.1f} s wall", file=sys.stderr)
+            print(f"{column}: {summary['completed']} completed in {wall:.1f} s wall", file=sys.stderr)
         if args.requests_out:
-            with open(_requests_path(args.requests_out, policy, len(policies) > 1), "w", encoding="utf-8") as fh:
-                for rec in res.records:
-                    fh.write(json.dumps(rec.as_dict()) + "\n")
-    print(format_table(summaries))
+            with open(_requests_path(args.requests_out, column, len(runs) > 1), "w", encoding="utf-8") as fh:
+                fh.writelines(json.dumps(rec.as_dict()) + "\n" for rec in res.records)
+    print(format_table(summaries, list(extra_rows.values())))
     if args.json_out:
         payload = {"fleet": fleet.describe(), "requests": len(reqs), "runs": [_clean(s) for s in summaries]}
         Path(args.json_out).write_text(json.dumps(payload, indent=2), encoding="utf-8")

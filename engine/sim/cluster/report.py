@@ -234,11 +234,11 @@ def _fmt(v: Any, fmt: str) -> str:
     return fmt.format(v)
 
 
-def format_table(summaries: list[dict[str, Any]]) -> str:
-    """One column per policy, one row per figure."""
-    cols = [s.get("policy") or f"run {i + 1}" for i, s in enumerate(summaries)]
+def format_table(summaries: list[dict[str, Any]], extra_rows: list[tuple[str, str, str]] | None = None) -> str:
+    """One column per run (``column``, else ``policy``), one row per figure (``extra_rows`` after the rest)."""
+    cols = [s.get("column") or s.get("policy") or f"run {i + 1}" for i, s in enumerate(summaries)]
     rows: list[list[str]] = []
-    for key, label, fmt in _ROWS:
+    for key, label, fmt in [*_ROWS, *(extra_rows or [])]:
         vals = []
         for s in summaries:
             if key == "max_share":

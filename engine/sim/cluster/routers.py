@@ -214,6 +214,8 @@ class SchedulerRouter(BaseRouter):
         self._kv_index = director.dl.kv_index
         self.wants_metrics = director.uses_metrics
         self.wants_kv_events = director.uses_kv_events
+        # request id -> the decision's predicted (TTFT, TPOT) on the pods it chose (engine/sim/cluster/slo.py)
+        self.predicted: dict[str, tuple[float, float]] = {}
 
     def route(self, req: ClusterRequest, now: float) -> Route:
         ir = InferenceRequest(
@@ -223,6 +225,9 @@ class SchedulerRouter(BaseRouter):
         )
         decision = self.director.decide(ir)
         req.state["decision"] = decision
+        exp = decision.state.expected
+        if exp is not None:
+            self.predicted[req.request_id] = (exp.ttft_s, exp.tpot_s)
         self.director.on_served(decision, decision.endpoints[0])
         return decision.endpoints[0], decision.prefill
 

@@ -1,0 +1,155 @@
+"""Online correction of the cost model's latency predictions, per (model profile, accelerator, role).
+
+The roofline (engine/costmodel) knows a pod's model and accelerator, not its software: a real engine's
+fixed per-request overhead (HTTP, tokenization, scheduling) and its kernels' efficiency shift every
+prediction the same way on every pod of one kind. So the picker learns, per kind of pod, a map from the
+raw prediction to what it then observes:
+
+    observed ~= a + b x raw                      (a >= 0 seconds, b > 0)
+
+fitted on the last ``window`` finished requests of that kind, minimising the relative error (each point
+weighted by 1 / observed^2, so a 20 ms request counts as much as a 2 s one) with recent requests weighing
+more (weight halves every ``half_life`` requests: a pod's speed drifts with its co-tenants and its cache).
+Until ``min_fit`` points are in, or when the raw predictions are too alike to separate a from b, it falls
+back to the median ratio observed / raw (robust to a few outliers), with a = 0; with fewer than 4 points it
+keeps the raw cost model (one cold start is not a trend). Both TTFT (attributed to the pod that ran the
+prefill) and TPOT (to the decode pod) are learned separately.
+
+Invariants: memory is ``window`` floats x 4 per kind of pod (kinds are bounded by the endpoint table);
+the decision path only reads two arrays per kind of latency (``ttft_a/ttft_b``, ``tpot_a/tpot_b``,
+indexed by endpoint slot), refreshed when an observation arrives; a fresh picker predicts the raw cost
+model exactly (a = 0, b = 1).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pickers.types import Endpoint
+
+GroupKey = tuple[str, str, str]  # (model profile, accelerator, role)
+B_MIN, B_MAX = 0.02, 50.0  # a kind of pod 50x slower or faster than its roofline is a wrong profile
+
+
+@dataclass(slots=True)
+class _Series:
+    """The last ``window`` (raw prediction, observation) pairs of one latency of one kind of pod."""
+
+    window: int
+    half_life: float = 16.0
+    raw: np.ndarray = field(init=False)
+    obs: np.ndarray = field(init=False)
+    n: int = 0  # total seen (the ring position is n % window)
+
+    def __post_init__(self) -> None:
+        self.raw = np.zeros(self.window)
+        self.obs = np.zeros(self.window)
+
+    def add(self, raw: float, obs: float) -> None:
+        i = self.n % self.window
+        self.raw[i] = raw
+        self.obs[i] = obs
+        self.n += 1
+
+    def fit(self, min_fit: int, min_ratio: int = 4) -> tuple[float, float]:
+        k = min(self.n, self.window)
+        if k < min_ratio:  # a few requests are anecdotes (a cold start, a stall): keep the cost model
+            return 0.0, 1.0
+        x, y = self.raw[:k], self.obs[:k]
+        ratio = float(np.clip(np.median(y / x), B_MIN, B_MAX))
+        if k < min_fit or float(x.max()) < 1.5 * float(x.min()):
+            return 0.0, ratio
+        newest = (self.n - 1) % self.window
+        age = (newest - np.arange(k)) % self.window if self.n > self.window else (k - 1 - np.arange(k))
+        w = np.exp2(-age / self.half_life) / (y * y)
+        sw, sx, sy = w.sum(), (w * x).sum(), (w * y).sum()
+        sxx, sxy = (w * x * x).sum(), (w * x * y).sum()
+        det = sw * sxx - sx * sx
+        if det <= 0.0:
+            return 0.0, ratio
+        b = (sw * sxy - sx * sy) / det
+        a = (sy - b * sx) / sw
+        if not (math.isfinite(a) and math.isfinite(b)) or b < B_MIN or b > B_MAX or a < 0.0:
+            return 0.0, ratio
+        return float(a), float(b)
+
+
+@dataclass(slots=True)
+class _Group:
+    ttft: _Series
+    tpot: _Series
+    slots: set[int] = field(default_factory=set)
+
+
+class OnlineCorrection:
+    """Per endpoint slot: the affine correction of its kind's TTFT and TPOT predictions (see module doc)."""
+
+    def __init__(self, max_endpoints: int = 1024, window: int = 64, min_fit: int = 8, refit_every: int = 4) -> None:
+        n = max_endpoints
+        self.window = window
+        self.min_fit = min_fit
+        self.refit_every = refit_every
+        self.ttft_a = np.zeros(n)
+        self.ttft_b = np.ones(n)
+        self.tpot_a = np.zeros(n)
+        self.tpot_b = np.ones(n)
+        self.group_of: list[GroupKey | None] = [None] * n
+        self._groups: dict[GroupKey, _Group] = {}
+
+    @staticmethod
+    def key(ep: Endpoint) -> GroupKey:
+        return (ep.model_profile, ep.accelerator, ep.role.value)
+
+    def on_endpoint(self, what: str, slot: int, ep: Endpoint) -> None:
+        """Endpoint table listener: a new pod starts with its kind's current correction."""
+        old = self.group_of[slot]
+        if old is not None:
+            self._groups[old].slots.discard(slot)
+            self.group_of[slot] = None
+        if what != "add":
+            self.ttft_a[slot], self.ttft_b[slot], self.tpot_a[slot], self.tpot_b[slot] = 0.0, 1.0, 0.0, 1.0
+            return
+        k = self.key(ep)
+        g = self._groups.get(k)
+        if g is None:
+            g = self._groups[k] = _Group(_Series(self.window), _Series(self.window))
+        g.slots.add(slot)
+        self.group_of[slot] = k
+        self._apply(g, "ttft")
+        self._apply(g, "tpot")
+
+    def observe(self, slot: int, kind: str, raw: float, observed: float) -> None:
+        """One finished request's raw prediction and observed value (seconds) on the pod at ``slot``. The
+        fit is redone on every observation while a kind has few, then every ``refit_every`` (it costs tens
+        of microseconds; a correction that lags a few requests loses nothing)."""
+        k = self.group_of[slot] if 0 <= slot < len(self.group_of) else None
+        if k is None or not (raw > 0.0 and observed > 0.0 and math.isfinite(raw) and math.isfinite(observed)):
+            return
+        g = self._groups[k]
+        series = g.ttft if kind == "ttft" else g.tpot
+        series.add(raw, observed)
+        if series.n <= 2 * self.min_fit or series.n % self.refit_every == 0:
+            self._apply(g, kind)
+
+    def _apply(self, g: _Group, kind: str) -> None:
+        a, b = (g.ttft if kind == "ttft" else g.tpot).fit(self.min_fit)
+        idx = np.fromiter(g.slots, dtype=np.int64, count=len(g.slots))
+        if kind == "ttft":
+            self.ttft_a[idx], self.ttft_b[idx] = a, b
+        else:
+            self.tpot_a[idx], self.tpot_b[idx] = a, b
+
+    def coefficients(self, key: GroupKey) -> dict[str, float]:
+        """The current (a, b) of one kind of pod, for explanations and tests."""
+        g = self._groups.get(key)
+        if g is None:
+            return {"ttft_a": 0.0, "ttft_b": 1.0, "tpot_a": 0.0, "tpot_b": 1.0}
+        ta, tb = g.ttft.fit(self.min_fit)
+        pa, pb = g.tpot.fit(self.min_fit)
+        return {"ttft_a": ta, "ttft_b": tb, "tpot_a": pa, "tpot_b": pb}
+
+
+__all__ = ["GroupKey", "OnlineCorrection"]
