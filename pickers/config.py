@@ -62,6 +62,7 @@ from pickers.framework import (
     check_value,
     create_as,
 )
+from pickers.plugins.admission_saturation import SaturationAdmission
 from pickers.predictor import PredictorSettings
 from pickers.profiles import BUILTIN_PROFILES, DECODE_FILTERS, RANK_OBLIVIOUS
 from pickers.promstats import scheduler_metrics
@@ -120,8 +121,10 @@ def _slo_policy(cfg: dict[str, Any], admission: list[Any]) -> SLOPolicy:
         objectives[str(name)] = Objective(
             _get(path, o, "priority", Param(int, 0, min=PRIORITY_MIN, max=PRIORITY_MAX)),
             _target_s(path, o, "ttft_ms", TTFT_MS_MAX), _target_s(path, o, "tpot_ms", TPOT_MS_MAX))
-    for i, a in enumerate(admission):
-        for name, prio in getattr(a, "objectives", {}).items():
+    for i, a in enumerate(admission):  # the saturation rule's own objective priorities (its older parameter)
+        if not isinstance(a, SaturationAdmission):
+            continue
+        for name, prio in a.objectives.items():
             have = objectives.get(name)
             if have is None:
                 objectives[name] = Objective(prio)
