@@ -82,10 +82,12 @@ async def test_one_replica_of_three_goes_away_under_load(tmp_path, sig, response
     if sig == signal.SIGTERM:
         assert r["failed"] == 0
     else:
-        started_before = r["failed"] - r["failed_started_after_kill"]
+        # placed before the kill: started more than 0.1 s before it (one started a millisecond before the kill was
+        # still in its ext_proc exchange, not placed; it fails like the new ones, seen in a CI run)
+        started_before = sum(1 for o in r["failed_offsets_s"] if o < -0.1)
         # A new request whose ext_proc stream Envoy opens on the dead replica in the ~1 s before its health
         # check removes it can still fail (500, connection refused): the gRPC retry on another replica and
         # the outlier ejection catch most but not all of them (observed 0 to 2 per run, detach more often).
-        assert r["failed_started_after_kill"] <= 3
+        assert r["failed"] - started_before <= 3
         if response_body == "detach":
             assert started_before == 0

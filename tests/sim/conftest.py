@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 import pytest
 import zmq
@@ -41,8 +43,11 @@ class EventSub:
         self.sock.connect(endpoint)
 
     async def joined(self, timeout: float = 10.0) -> None:
-        """Until the subscription reached the pod's publisher (ZMQ drops what PUB sends before that)."""
+        """Until the subscription reached the pod's publisher (ZMQ drops what PUB sends before that): the SUB's
+        handshake completed, plus a 50 ms margin for the publisher's I/O thread to apply the subscription (a CI
+        run lost the first event without it; the handshake alone does not prove the far side applied it)."""
         await wait_joined_async(self._monitor, timeout)
+        await asyncio.sleep(0.05)
 
     async def recv(self, timeout: float = 5.0):
         if not await self.sock.poll(timeout * 1000):
