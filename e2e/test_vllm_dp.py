@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -20,6 +19,7 @@ import msgspec
 import pytest
 import zmq
 
+from e2e.support.ports import free_port_pair
 from e2e.vllmcpu.server import VllmServer
 from engine.sim.fleet import SimFleet
 from engine.sim.spec import PodSpec
@@ -28,18 +28,6 @@ from engine.sim.spec import PodSpec
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
-def _port_pair() -> int:
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            p = a.getsockname()[1]
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", p + 1))
-                except OSError:
-                    continue
-        return p
-    raise RuntimeError("no two adjacent free ports")
 
 
 def _post(base: str, model: str, prompt: str, rank: str) -> tuple[int, dict]:
@@ -125,7 +113,7 @@ def _check(answers: dict) -> None:
 
 
 def test_real_vllm_and_the_simulator_agree_on_data_parallel_ranks(tiny_model_dir: Path):
-    kv_port = _port_pair()
+    kv_port = free_port_pair()
     srv = VllmServer(tiny_model_dir, model_name="tiny", kv_events_port=kv_port, start_timeout=900,
                      extra_args=["--data-parallel-size", "2"])
     try:  # stopped whatever happens, a timeout during start-up included
@@ -136,7 +124,7 @@ def test_real_vllm_and_the_simulator_agree_on_data_parallel_ranks(tiny_model_dir
     _check(real)
 
     async def sim() -> dict:
-        port = _port_pair()
+        port = free_port_pair()
         fleet = SimFleet([PodSpec(name="dp", dp_size=2, kv_events_port=port, model_name="tiny", block_size=128)],
                          time_scale=0.01)
         await fleet.start()

@@ -25,6 +25,21 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def free_port_pair() -> int:
+    """A port p with p + 1 free too (a data-parallel rank r publishes KV events on the configured port + r)."""
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            p = a.getsockname()[1]
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", p + 1))
+                except OSError:
+                    continue
+        return p
+    raise RuntimeError("no two adjacent free ports")
+
+
 def dead_address() -> str:
     """An ip:port where nothing listens (connect is refused)."""
     return f"127.0.0.1:{free_port()}"

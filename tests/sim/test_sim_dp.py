@@ -6,11 +6,10 @@ series (engine="<rank>"), and each rank publishes its KV events on its own socke
 
 from __future__ import annotations
 
-import socket
-
 import aiohttp
 import pytest
 
+from e2e.support.ports import free_port_pair
 from engine.costmodel.dataparallel import DataParallelCost
 from engine.sim.core import EngineConfig, SimRequest
 from engine.sim.dpgroup import DPGroup, RankBalancer
@@ -51,23 +50,10 @@ async def _joined(pod, subs, deadline_s: float = 10.0) -> None:
         await sub.drain(0.1)
 
 
-def _free_port_pair() -> int:
-    """A port p with p + 1 free too (rank 1 publishes on the configured port + 1, as vLLM does)."""
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            p = a.getsockname()[1]
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", p + 1))
-                except OSError:
-                    continue
-        return p
-    raise RuntimeError("no two adjacent free ports")
 
 
 async def test_rank_header_metrics_and_events_per_rank(fleet_factory, subscribe):
-    base = _free_port_pair()
+    base = free_port_pair()
     fleet = await fleet_factory([PodSpec(name="dp", dp_size=2, kv_events_port=base, model_profile="moe",
                                          accelerator="H200", num_blocks=256)], time_scale=0.01)
     pod = fleet.pods[0]
