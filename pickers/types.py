@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from pickers.state import RequestState
 
 Api = Literal["completions", "chat", "responses", "other"]
@@ -92,7 +94,8 @@ class InferenceRequest:
     model: str
     api: Api = "completions"
     prompt: str | None = None  # completions / responses: the prompt text
-    prompt_token_ids: list[int] | None = None  # completions given as token ids
+    # completions given as token ids (a list off the wire; an int array from in-process callers)
+    prompt_token_ids: list[int] | np.ndarray | None = None
     messages: list[dict[str, Any]] | None = None  # chat: the messages as sent
     stream: bool = False
     max_tokens: int | None = None

@@ -47,7 +47,8 @@ class PrefixCacheCounters:
 class BlockPool:
     """Blocks, reference counts, the prefix-cache map and the LRU free queue of one pod."""
 
-    def __init__(self, num_blocks: int, block_size: int, root_hash: int, publish_events: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, root_hash: int, publish_events: bool = True,
+                 in_process: bool = False) -> None:
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError("num_blocks and block_size must be positive")
         self.num_blocks = num_blocks
@@ -60,6 +61,11 @@ class BlockPool:
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.events: list[KVEvent] = []  # pending, drained by the engine once per step
         self.publish_events = publish_events
+        # Events consumed in this process (the virtual-time simulator hands them to the picker as objects):
+        # the blocks evicted by one allocation go in one BlockRemoved (the index applies a run of removals as
+        # one batch either way) and BlockStored carries the token ids as the engine's own array rather than a
+        # list. The wire (engine.sim.kvevents) keeps vLLM's shapes: one BlockRemoved per block, int lists.
+        self.in_process = in_process
         self.counters = PrefixCacheCounters()
 
     # ---- hashing ---------------------------------------------------------------------------------
@@ -142,9 +148,11 @@ class BlockPool:
                 removed.append(h)
             ref[b] = 1
             out.append(b)
-        if self.publish_events:
-            for h in removed:  # vLLM publishes one BlockRemoved per evicted block
-                self.events.append(BlockRemoved([h]))
+        if removed and self.publish_events:
+            if self.in_process:
+                self.events.append(BlockRemoved(removed))
+            else:  # vLLM publishes one BlockRemoved per evicted block
+                self.events.extend([BlockRemoved([h]) for h in removed])
         return out
 
     def commit(
@@ -179,9 +187,9 @@ class BlockPool:
         bs = self.block_size
         toks = token_ids[first * bs : (first + len(stored)) * bs]
         parent = parent_hash if first == 0 else block_hashes[first - 1]
-        self.events.append(
-            BlockStored(stored, parent, _int_list(toks), bs, lora_id=lora_id, lora_name=lora_name)
-        )
+        if not (self.in_process and isinstance(toks, np.ndarray)):
+            toks = _int_list(toks)
+        self.events.append(BlockStored(stored, parent, toks, bs, lora_id=lora_id, lora_name=lora_name))
 
     def free(self, block_ids: Sequence[int]) -> None:
         """Drop one reference on each block. vLLM frees a request's blocks tail first, so that its

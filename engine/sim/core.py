@@ -89,6 +89,8 @@ class EngineConfig:
     remote_port: int = 0
     tp_size: int | None = None  # None: cost.deployment.tp
     kv_events: bool = True  # False: nobody subscribes to KV events; skip building them
+    # True: the events are consumed in this process (virtual time), in the compact shapes BlockPool documents
+    kv_events_in_process: bool = False
     # Speculative decoding: every decode step verifies 1 + k tokens per request (k lookahead slots of the token
     # budget and the KV blocks), after k draft forwards; each draft is accepted with probability
     # ``acceptance`` while the ones before it were (engine.costmodel.speculative).
@@ -220,7 +222,8 @@ class EngineCore:
         self.max_model_len = min(model_len, self.num_blocks * cfg.block_size)
         self.engine_id = cfg.engine_id
         self.tp_size = cfg.tp_size if cfg.tp_size is not None else cost.deployment.tp
-        self.pool = BlockPool(self.num_blocks, cfg.block_size, new_root_hash(cfg.hash_seed), cfg.kv_events)
+        self.pool = BlockPool(self.num_blocks, cfg.block_size, new_root_hash(cfg.hash_seed), cfg.kv_events,
+                              cfg.kv_events_in_process)
         self.events_cb = events
         self.on_kv_pulled: Callable[[dict[str, Any]], None] | None = None
         self._waiting: deque[_Req] = deque()
@@ -229,6 +232,10 @@ class EngineCore:
         self._reqs: dict[str, _Req] = {}
         self._held: dict[tuple[int, ...], float] = {}  # held prefill blocks -> expiry time
         self._now = 0.0
+        # Bumped by every call that may change ``stats()`` other than the token counters alone (a quiet decode
+        # step that allocates no block changes only generation_tokens): a scrape that finds it unchanged
+        # knows the load it reports (running, waiting, KV usage, prefix counters, held blocks) is the same.
+        self.load_version = 0
         self.num_preemptions = 0
         self.prompt_tokens = 0
         self.generation_tokens = 0
@@ -256,11 +263,13 @@ class EngineCore:
         )
         self._reqs[req.request_id] = r
         self._waiting.append(r)
+        self.load_version += 1
 
     def abort(self, request_id: str) -> bool:
         r = self._reqs.pop(request_id, None)
         if r is None:
             return False
+        self.load_version += 1
         if r.status == RUNNING:
             self._running.remove(r)
         elif r.status == LOADING_REMOTE:
@@ -288,11 +297,13 @@ class EngineCore:
         key = tuple(int(b) for b in block_ids)
         if self._held.pop(key, None) is None:
             return False
+        self.load_version += 1
         self.pool.free(list(key))
         return True
 
     def reset_prefix_cache(self) -> list[KVEvent]:
         """Forget cached hashes; returns the AllBlocksCleared batch (also given to the events callback)."""
+        self.load_version += 1
         self.pool.clear()
         return self._emit(self._now)
 
@@ -385,6 +396,7 @@ class EngineCore:
         for _ in range(count):
             for r in running:
                 if r.num_computed + 1 > len(r.block_ids) * bs:
+                    self.load_version += 1
                     new = pool.allocate(1)
                     assert new is not None, "plan_quiet promised a free block"
                     r.block_ids.extend(new)
@@ -409,6 +421,7 @@ class EngineCore:
         ranks step together and the slowest decides. ``step`` is ``execute(now, schedule(now))``.
         """
         self._now = now
+        self.load_version += 1
         self._expire_held(now)
         self._finish_remote_loads(now)
         budget = self.config.max_num_batched_tokens
@@ -593,6 +606,7 @@ class EngineCore:
     def execute(self, now: float, sched: list[tuple[_Req, int]], duration: float | None = None) -> StepResult:
         """The second half of ``step``: apply the scheduled step; it lasts ``duration`` (None: this engine's
         own step time from the cost model)."""
+        self.load_version += 1
         new_tokens = 0
         prefill_tokens = 0
         decodes = 0

@@ -72,6 +72,14 @@ class MetricsStore:
         if m.block_size and self.on_block_size is not None:
             self.on_block_size(slot, m.block_size)
 
+    def touch(self, address: str, at: float) -> None:
+        """A scrape of ``address`` at ``at`` read the same values as its previous one: only its time moves
+        (the virtual-time simulator, for pods whose load did not change between scrapes)."""
+        slot = self._resolve(address)
+        if slot is None:
+            raise KeyError(f"unknown endpoint {address!r}")
+        self.updated_at[slot] = at
+
     def fresh(self, slots: np.ndarray, now: float) -> np.ndarray:
         return (now - self.updated_at[slots]) <= self.stale_after_s
 

@@ -402,7 +402,7 @@ class PredictiveAdmission(EarlyAdmission):
             return
         out = self.ledger.expected_output(state.request.max_tokens, self.default_output_tokens)
         prompt = float(state.tokens.size) if state.tokens is not None else float(
-            len(state.request.prompt_token_ids or ()) or self.dl.tokens.estimate(state.request))
+            self.dl.tokens.estimate(state.request))
         self.ledger.add(state.key, exp.decode_slot, state.arrival + exp.ttft_s, exp.tpot_s, out, prompt,
                         decision.decided_at)
 

@@ -26,10 +26,11 @@ def _trace(n: int = 120, seed: int = 3) -> list[TraceRequest]:
     return out
 
 
-def _replay(policy: str, quiet: bool, pods: int = 3, pd: str | None = None, seed: int = 0):
+def _replay(policy: str, quiet: bool, pods: int = 3, pd: str | None = None, seed: int = 0, fast: bool = True):
+    """``fast=False``: every other fast path off too (stats of every pod every scrape, vLLM-shaped events)."""
     fleet = fleet_from_flags(pods, "H100", "8b", pd=pd, num_blocks=600)
     router = OracleRouter() if policy == "oracle" else (lambda eps, clock: make_router(policy, eps, clock, seed=seed))
-    sim = ClusterSim(fleet, router, quiet_runs=quiet, seed=seed)
+    sim = ClusterSim(fleet, router, quiet_runs=quiet, seed=seed, incremental_scrapes=fast, compact_events=fast)
     res = sim.run(trace_prompts(_trace()))
     recs = [(r.request_id, r.first_token, r.finish, r.cached_tokens, r.decode_pod, r.prefill_pod, r.status)
             for r in res.records]
@@ -48,6 +49,19 @@ def test_quiet_runs_give_exactly_the_step_by_step_result(policy, pd):
     assert quiet[2].events < steps[2].events  # and the point of it: fewer events
     if policy == "round-robin" and pd is None:  # the pool ran short: runs stop before a preemption
         assert sum(p.core.num_preemptions for p in quiet[2].pods) > 0
+
+
+@pytest.mark.parametrize("policy,pd", [("default", None), ("precise", None), ("load-only", None),
+                                       ("default", "1:2")])
+def test_fast_paths_give_exactly_the_reference_result(policy, pd):
+    """Quiet runs, scrapes that send only pods whose load moved, and KV events in compact in-process shapes
+    (batched evictions, token ids as arrays) against one event per step, every pod's stats every scrape and
+    vLLM's wire shapes: the same decisions, times, cache hits and pool states."""
+    fast = _replay(policy, True, pd=pd)
+    ref = _replay(policy, False, pd=pd, fast=False)
+    assert fast[0] == ref[0]
+    assert fast[1] == ref[1]
+    assert fast[2].events < ref[2].events
 
 
 @pytest.mark.parametrize("policy", ["round-robin", "default"])

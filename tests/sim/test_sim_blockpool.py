@@ -128,3 +128,52 @@ def test_numpy_tokens_give_the_same_hashes():
     p = pool()
     toks = list(range(16))
     assert p.hash_tokens(np.asarray(toks, dtype=np.uint32)) == p.hash_tokens(toks)
+
+
+def _wire_shapes(events: list) -> list:
+    """In-process events in vLLM's shapes: one BlockRemoved per block, token ids as a list."""
+    out: list = []
+    for e in events:
+        if isinstance(e, BlockRemoved):
+            out.extend(BlockRemoved([h], e.medium) for h in e.block_hashes)
+        elif isinstance(e, BlockStored):
+            out.append(BlockStored(e.block_hashes, e.parent_block_hash, np.asarray(e.token_ids).tolist(),
+                                   e.block_size, e.lora_id, e.medium, e.lora_name))
+        else:
+            out.append(e)
+    return out
+
+
+def test_in_process_events_are_the_wire_events_in_compact_shapes():
+    """The virtual-time pool batches the evictions of one allocation into one BlockRemoved and keeps token ids
+    as arrays; expanded, its events are exactly the vLLM-shaped ones, and the pools evolve identically."""
+    rng = np.random.default_rng(5)
+    wire, compact = BlockPool(24, BS, ROOT), BlockPool(24, BS, ROOT, in_process=True)
+    held: list[list[int]] = []
+    for step in range(300):
+        if held and (rng.random() < 0.45 or wire.num_free < 6):
+            ids = held.pop(int(rng.integers(len(held))))
+            wire.free(ids)
+            compact.free(ids)
+        else:  # a request: a shared or fresh prefix, hits touched, the rest allocated and committed
+            base = int(rng.integers(0, 6)) * 1000 if rng.random() < 0.6 else 10_000 + step * 100
+            toks = np.arange(base, base + BS * int(rng.integers(1, 6)), dtype=np.uint32)
+            hashes = wire.hash_tokens(toks)
+            hits = wire.find_cached(hashes)
+            assert compact.find_cached(hashes) == hits
+            if not wire.can_allocate(len(hashes) - len(hits), hits):
+                continue
+            for p in (wire, compact):
+                p.touch(hits)
+            new = wire.allocate(len(hashes) - len(hits))
+            assert compact.allocate(len(hashes) - len(hits)) == new
+            ids = hits + (new or [])
+            for p in (wire, compact):
+                p.commit(ids[len(hits):], hashes[len(hits):], hashes[len(hits) - 1] if hits else None,
+                         toks[len(hits) * BS:])
+            held.append(ids)
+        assert wire.free_order() == compact.free_order() and wire.num_cached == compact.num_cached
+        w, c = wire.drain_events(), compact.drain_events()
+        assert all(len(e.block_hashes) == 1 for e in w if isinstance(e, BlockRemoved))
+        assert _wire_shapes(c) == w
+    assert wire.counters == compact.counters

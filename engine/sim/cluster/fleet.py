@@ -59,14 +59,16 @@ class PodSpec:
     def group_cost(self) -> DataParallelCost:
         return DataParallelCost(self.model_profile, self.accelerator, self.deployment(), dp=self.dp)
 
-    def engine_config(self, link: str, seed: int, index: int, kv_events: bool = True) -> EngineConfig:
+    def engine_config(self, link: str, seed: int, index: int, kv_events: bool = True,
+                      in_process: bool = False) -> EngineConfig:
+        """The engine of pod ``index``; ``in_process``: its KV events go to a router in this process."""
         host, _, port = self.name.rpartition(":")
         return EngineConfig(
             block_size=self.block_size, num_blocks=self.num_blocks, max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=self.max_model_len,
             role=self.role, link=self.link or link, kv_transfer_timeout_s=self.kv_transfer_timeout_s,
             engine_id=f"sim-{index}", hash_seed=seed * 1_000_003 + index,
-            remote_host=host, remote_port=int(port), kv_events=kv_events,
+            remote_host=host, remote_port=int(port), kv_events=kv_events, kv_events_in_process=in_process,
             speculative=speculative_for(self.model_profile) if self.speculative else None,
         )
 

@@ -11,7 +11,10 @@ The simulator talks to one small ``Router`` protocol, so the built-in policies a
   ``pickers.types.SchedulingError`` to reject it, e.g. admission's 429);
 - ``on_first_token(req, at)``, ``on_finished(req, usage, at)``, ``on_failed(req, reason, at)``;
 - ``on_kv_events(pod, events, at)`` after every step that changed a pod's cache, if ``wants_kv_events``;
-- ``on_metrics(pod, stats, at)`` every scrape interval, if ``wants_metrics`` (stale by design);
+- ``on_metrics(pod, stats, at)`` every scrape interval, if ``wants_metrics`` (stale by design); a router
+  that also has ``on_metrics_unchanged(pods, at)`` gets ``on_metrics`` only for pods whose load (running,
+  waiting, KV usage, prefix counters, held blocks; ``EngineCore.load_version``) moved since their previous
+  scrape, and one ``on_metrics_unchanged`` call naming the pods scraped at ``at`` whose load did not;
 - ``on_pod_added(endpoint, at)`` when a pod added at run time is ready, ``on_pod_removed(pod, at)`` when a
   pod starts draining: from then on the router must not pick it (its in-flight requests still report);
   ``on_pod_released(pod, at)`` when the drained pod is gone.
@@ -220,7 +223,7 @@ class SchedulerRouter(BaseRouter):
     def route(self, req: ClusterRequest, now: float) -> Route:
         ir = InferenceRequest(
             request_id=req.request_id, model=req.model, api="completions",
-            prompt_token_ids=req.prompt.tolist(), max_tokens=req.max_tokens, arrival=now,
+            prompt_token_ids=req.prompt, max_tokens=req.max_tokens, arrival=now,
             body_size=4 * len(req.prompt),
         )
         decision = self.director.decide(ir)
@@ -259,6 +262,12 @@ class SchedulerRouter(BaseRouter):
 
     def on_pod_released(self, pod: str, at: float) -> None:
         self.director.remove_endpoint(pod)
+
+    def on_metrics_unchanged(self, pods: list[str], at: float) -> None:
+        """These pods were scraped at ``at`` and report what their previous scrape did: only its time moves."""
+        touch = self._metrics.touch
+        for pod in pods:
+            touch(pod, at)
 
     def on_metrics(self, pod: str, stats: EngineStats, at: float) -> None:
         m = PodMetrics(

@@ -91,7 +91,7 @@ class Pod:
 
     __slots__ = ("index", "spec", "name", "group", "busy", "timer_at", "steps", "busy_time",
                  "run", "run_start", "run_next", "run_applied", "run_gen", "state", "requested_at", "ready_at",
-                 "released_at", "gpus", "assigned")
+                 "released_at", "gpus", "assigned", "scraped")
 
     def __init__(self, index: int, spec: PodSpec, group: DPGroup, requested_at: float = 0.0,
                  ready_at: float = 0.0) -> None:
@@ -115,6 +115,7 @@ class Pod:
         self.run_next = 0  # index in ``run`` of the next step to apply
         self.run_applied = 0  # steps applied to the core
         self.run_gen = 0  # bumped when a run is cut short: its end event is then stale
+        self.scraped = -1  # the core's load_version at the last scrape the router got stats from
 
     def settle(self, now: float, inclusive: bool) -> None:
         """Apply the quiet steps that have started by ``now`` (``inclusive``: also one starting at it)."""
@@ -210,7 +211,8 @@ class ClusterSim:
     def __init__(
         self, fleet: FleetSpec, router: Router | Callable[[list[Endpoint], ManualClock], Router],
         clock: ManualClock | None = None, scrape_interval: float = 0.05, seed: int = 0,
-        quiet_runs: bool = True, rank_endpoints: bool = True,
+        quiet_runs: bool = True, rank_endpoints: bool = True, incremental_scrapes: bool = True,
+        compact_events: bool = True,
     ) -> None:
         if scrape_interval <= 0:
             raise ValueError("scrape_interval must be positive")
@@ -223,13 +225,19 @@ class ClusterSim:
             endpoints_for(fleet, rank_endpoints), self.clock)
         self.scrape_interval = scrape_interval
         self.quiet_runs = quiet_runs  # False: one event per engine step (the reference the runs must match)
+        # Routers with ``on_metrics_unchanged`` get stats only from pods whose load moved since their last
+        # scrape, and one call naming the others (False: stats of every pod every time, the reference).
+        self.incremental_scrapes = incremental_scrapes
+        # KV events in the pools' in-process shapes (engine.sim.blockpool; False: vLLM's wire shapes)
+        self.compact_events = compact_events
         self.pods: list[Pod] = []
         self.by_name: dict[str, Pod] = {}
         self.by_engine: dict[str, Pod] = {}
         for i, spec in enumerate(fleet.pods):
             # Pods build KV events only when the router reads them.
             group = DPGroup(spec.group_cost(),
-                            spec.engine_config(fleet.link, seed, i, kv_events=self.router.wants_kv_events),
+                            spec.engine_config(fleet.link, seed, i, kv_events=self.router.wants_kv_events,
+                                               in_process=compact_events),
                             balancer=spec.dp_balancer)
             pod = Pod(i, spec, group)
             self.pods.append(pod)
@@ -345,6 +353,8 @@ class ClusterSim:
 
     def _scrape(self, now: float) -> None:
         router = self.router
+        unchanged = getattr(router, "on_metrics_unchanged", None) if self.incremental_scrapes else None
+        same: list[str] = []
         for pod in self.pods:
             if pod.state != READY:
                 continue  # the router does not know it (yet, or any more)
@@ -352,12 +362,20 @@ class ClusterSim:
                 pod.settle(now, inclusive=False)  # a scrape at a step's start sees the state before it
             cores = pod.group.cores
             if len(cores) == 1:
-                router.on_metrics(pod.name, cores[0].stats(), now)
+                core = cores[0]
+                if unchanged is not None:
+                    if core.load_version == pod.scraped:
+                        same.append(pod.name)  # the same running, waiting, KV usage and prefix counters
+                        continue
+                    pod.scraped = core.load_version
+                router.on_metrics(pod.name, core.stats(), now)
             elif self.rank_endpoints:  # per-rank series (vLLM's engine="<rank>" label)
                 for r, core in enumerate(cores):
                     router.on_metrics(pod.endpoint(r), core.stats(), now)
             else:  # a rank-oblivious reader sums the ranks' series, as a Prometheus sum() does
                 router.on_metrics(pod.name, _sum_stats([c.stats() for c in cores]), now)
+        if same:
+            unchanged(same, now)  # type: ignore[misc]
 
     # ---- requests --------------------------------------------------------------------------------
     def _arrive(self, tr: TraceRequest, prompt: np.ndarray, now: float) -> None:
@@ -560,7 +578,8 @@ class ClusterSim:
             raise ValueError(f"pod name {spec.name} is used twice")
         i = len(self.pods)
         group = DPGroup(spec.group_cost(), spec.engine_config(
-            self.fleet.link, self.seed, i, kv_events=self.router.wants_kv_events), balancer=spec.dp_balancer)
+            self.fleet.link, self.seed, i, kv_events=self.router.wants_kv_events, in_process=self.compact_events),
+            balancer=spec.dp_balancer)
         pod = Pod(i, spec, group, requested_at=now, ready_at=now + max(0.0, startup_s))
         self.pods.append(pod)
         self.by_name[spec.name] = pod
