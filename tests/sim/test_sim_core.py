@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 
 from engine.costmodel import CostModel
 from engine.sim.blockpool import BlockRemoved, BlockStored
-from engine.sim.core import EngineConfig, EngineCore, SimRequest
+from engine.sim.core import EngineConfig, EngineCore, SimRequest, draw_token, draw_tokens
 
 COST = CostModel("llama-3.1-8b", "H100")
 
@@ -220,3 +222,15 @@ def test_roles_ignore_params_they_do_not_serve():
     d.add_request(SimRequest("a", prompt(40), 1, kv_transfer_params={"do_remote_decode": True}))
     _, outs = run(d)
     assert outs["a"][-1].kv_transfer_params is None and d.pool.num_free == 64
+
+
+@pytest.mark.parametrize("vocab", [1, 2, 3, 1000, 32000, 32768, 50257, 151936])
+def test_token_draws_are_randrange_draws(vocab):
+    """The engine's token ids come from each request's own generator: the batched draws give the ids
+    randrange gives, one by one, and leave the generator in the same state."""
+    a, b, c = random.Random(7), random.Random(7), random.Random(7)
+    for n in (1, 5, 200, 0, 37):
+        want = [a.randrange(vocab) for _ in range(n)]
+        assert draw_tokens(b, vocab, n) == want
+        assert [draw_token(c, vocab) for _ in range(n)] == want
+    assert a.random() == b.random() == c.random()
