@@ -132,17 +132,23 @@ class BlockIndex:
     def add(self, pod: int, hashes: Iterable[int], medium: int = 0, unique: bool = False) -> int:
         """Record that ``pod`` holds ``hashes`` on ``medium``; returns how many were new for that pod.
         ``unique=True`` skips the duplicate check (chained hashes of one prompt never repeat)."""
+        return self.add_rows(pod, hashes, medium, unique)[0]
+
+    def add_rows(self, pod: int, hashes: Iterable[int], medium: int = 0, unique: bool = False
+                 ) -> tuple[int, np.ndarray]:
+        """``add``, also returning the rows of the hashes: with ``unique``, row i holds ``hashes[i]`` (fewer
+        rows than hashes only when the index is full), for a later ``remove_rows``."""
         self._tick += 1
         if unique and isinstance(hashes, list) and len(hashes) >= _CHUNK:
             head = self._present_rows(hashes)
             rest = self._rows_for(hashes[head.size:], True, head.tolist()) if head.size < len(hashes) else []
             r = np.concatenate([head, np.asarray(rest, dtype=np.intp)]) if rest else head
             if r.size == 0:
-                return 0
+                return 0, r
         else:
             rows = self._rows_for(hashes, unique)
             if not rows:
-                return 0
+                return 0, np.empty(0, dtype=np.intp)
             r = np.fromiter(rows, dtype=np.intp, count=len(rows))
         word, bit = divmod(pod, 64)
         b = np.uint64(1 << bit)
@@ -153,15 +159,44 @@ class BlockIndex:
         self.pod_counts[medium, pod] += new
         if self.per_pod_cap is not None and self.pod_counts[:, pod].sum() > self.per_pod_cap:
             self.evict_pod(pod, int(self.pod_counts[:, pod].sum()) - self.per_pod_cap + self.per_pod_cap // 8)
-        return new
+        return new, r
 
-    def remove(self, pod: int, hashes: Iterable[int], medium: int = 0) -> int:
-        """Forget that ``pod`` holds ``hashes`` on ``medium``; returns how many it held."""
+    def remove(self, pod: int, hashes: Iterable[int], medium: int = 0, unique: bool = False) -> int:
+        """Forget that ``pod`` holds ``hashes`` on ``medium``; returns how many it held. ``unique=True``: the
+        hashes never repeat (skips building a set of their rows)."""
         get = self._slot_of.get
-        rows = {s for h in hashes if (s := get(h)) is not None}
-        if not rows:
+        if unique:
+            got = list(map(get, hashes))
+            if None in got:
+                got = [s for s in got if s is not None]
+            if not got:
+                return 0
+            r = np.array(got, dtype=np.intp)
+        else:
+            rows = {s for h in hashes if (s := get(h)) is not None}
+            if not rows:
+                return 0
+            r = np.fromiter(rows, dtype=np.intp, count=len(rows))
+        return self._clear_bit(pod, r, medium)
+
+    def remove_rows(self, pod: int, hashes: Sequence[int], rows: np.ndarray, keys: np.ndarray, medium: int = 0
+                    ) -> int:
+        """``remove(pod, hashes, medium, unique=True)`` for hashes whose rows ``add_rows`` returned (``keys``:
+        the rows' keys then, ``_keys[rows]``): rows still holding their key are cleared directly, the rest
+        (freed or reused since, or never added) are looked up by hash. Returns how many ``pod`` held."""
+        n = rows.size
+        live = (self._keys[rows] == keys) & (self._stamp[rows] != _FREE) if n else np.zeros(0, dtype=bool)
+        held = self._clear_bit(pod, rows[live], medium) if n else 0
+        if n and not live.all():
+            held += self.remove(pod, [hashes[i] for i in np.flatnonzero(~live).tolist()], medium, unique=True)
+        if len(hashes) > n:
+            held += self.remove(pod, hashes[n:], medium, unique=True)
+        return held
+
+    def _clear_bit(self, pod: int, r: np.ndarray, medium: int) -> int:
+        """Clear ``pod``'s bit on ``medium`` in distinct rows ``r``; free rows left empty."""
+        if r.size == 0:
             return 0
-        r = np.fromiter(rows, dtype=np.intp, count=len(rows))
         word, bit = divmod(pod, 64)
         b = np.uint64(1 << bit)
         col = self._masks[r, medium, word]
@@ -225,6 +260,10 @@ class BlockIndex:
             weighted += self.weights[mi] * np.unpackbits(here.view(np.uint8), axis=1, bitorder="little").sum(
                 axis=0, dtype=np.int64)
         return blocks, weighted
+
+    def keys_of(self, rows: np.ndarray) -> np.ndarray:
+        """The keys of ``rows`` now (a copy), to check later that the rows still hold them."""
+        return self._keys[rows]
 
     def pods_holding(self, h: int) -> dict[str, list[int]]:
         """For tests and debugging: medium -> pod slots holding block ``h``."""

@@ -53,6 +53,7 @@ from pickers.kvblocks.index import BlockIndex
 log = logging.getLogger("kvswitch.pickers.precise")
 
 DEFAULT_MEDIUM_WEIGHTS = {"GPU": 1.0, "CPU": 0.8}
+_Pended = tuple[int, list[int], np.ndarray, np.ndarray]  # pod slot, block hashes, their rows, the rows' keys
 PENDING = "(pending)"  # the index's own medium column for speculative blocks; no event can name it
 
 
@@ -80,8 +81,9 @@ class PreciseIndex:
         self.pending_medium = len(media) - 1
         self.pending_ttl_s = pending_ttl_s
         self.pending_max_blocks = pending_max_blocks
-        # request key -> (expiry, [(pod slot, block hashes)]), oldest first (one TTL: expiry order = insertion)
-        self._pending: OrderedDict[Any, tuple[float, list[tuple[int, list[int]]]]] = OrderedDict()
+        # request key -> (expiry, [(pod slot, block hashes, their index rows, the rows' keys)]), oldest first
+        # (one TTL: expiry order = insertion); the rows let clearing skip a dict lookup per block
+        self._pending: OrderedDict[Any, tuple[float, list[_Pended]]] = OrderedDict()
         self._pending_blocks = 0
         self._resolve = resolve
         self._address_of = address_of
@@ -122,9 +124,9 @@ class PreciseIndex:
         """The pod left (or restarted): drop its blocks, engine map and sequence state."""
         self.index.drop_pod(slot)
         for _, parts in self._pending.values():  # its pending blocks went with drop_pod; a new pod may take the slot
-            kept = [(s, h) for s, h in parts if s != slot]
+            kept = [p for p in parts if p[0] != slot]
             if len(kept) != len(parts):
-                self._pending_blocks -= sum(len(h) for s, h in parts if s == slot)
+                self._pending_blocks -= sum(len(p[1]) for p in parts if p[0] == slot)
                 parts[:] = kept
         self._engine_maps.pop(slot, None)
         for key in [k for k in self._last_seq if k[0] == slot]:
@@ -203,19 +205,21 @@ class PreciseIndex:
         index = self.index
         emap = self._engine_maps.setdefault(slot, {})
         pop = emap.pop
-        gone: list[int] = []  # own hashes of consecutive BlockRemoved events of one medium: one batched remove
+        # own hashes of consecutive BlockRemoved events of one medium: one batched remove (distinct: each engine
+        # hash leaves the engine map once, and distinct engine hashes name distinct own hashes)
+        gone: list[int] = []
         gone_medium = None
         self.stats["events"] += len(events)
         for ev in events:
             if isinstance(ev, BlockRemoved):
                 if ev.medium != gone_medium and gone:
-                    index.remove(slot, gone, index.medium_index(gone_medium))
+                    index.remove(slot, gone, index.medium_index(gone_medium), unique=True)
                     gone = []
                 gone_medium = ev.medium
                 gone.extend(o for eh in ev.block_hashes if (o := pop(eh, None)) is not None)
                 continue
             if gone:  # keep the order: what was removed before this event is gone before it applies
-                index.remove(slot, gone, index.medium_index(gone_medium))
+                index.remove(slot, gone, index.medium_index(gone_medium), unique=True)
                 gone = []
             if isinstance(ev, BlockStored):
                 parent = ROOT_HASH if ev.parent_block_hash is None else emap.get(ev.parent_block_hash)
@@ -238,7 +242,7 @@ class PreciseIndex:
             else:
                 self.stats["unknown"] += 1
         if gone:
-            index.remove(slot, gone, index.medium_index(gone_medium))
+            index.remove(slot, gone, index.medium_index(gone_medium), unique=True)
         return len(events)
 
     def _drop(self, slot: int) -> int:
@@ -264,9 +268,9 @@ class PreciseIndex:
         entry = self._pending.get(key)
         if entry is None:
             entry = self._pending[key] = (now + self.pending_ttl_s, [])
-        entry[1].append((slot, hashes))
         self._pending_blocks += len(hashes)
-        self.index.add(slot, hashes, self.pending_medium, unique=True)
+        _, rows = self.index.add_rows(slot, hashes, self.pending_medium, unique=True)
+        entry[1].append((slot, hashes, rows, self.index.keys_of(rows)))
 
     def clear_pending(self, key: Any) -> None:
         """Request ``key`` reached its first token, failed or ended: its pods' events tell the rest."""
@@ -286,10 +290,10 @@ class PreciseIndex:
         """Pending block entries (a block pended on two pods counts twice)."""
         return self._pending_blocks
 
-    def _release_pending(self, parts: list[tuple[int, list[int]]]) -> None:
-        for slot, hashes in parts:
+    def _release_pending(self, parts: list[_Pended]) -> None:
+        for slot, hashes, rows, keys in parts:
             self._pending_blocks -= len(hashes)
-            self.index.remove(slot, hashes, self.pending_medium)
+            self.index.remove_rows(slot, hashes, rows, keys, self.pending_medium)
 
     # ---- degradation --------------------------------------------------------------------------------
     def expect_events(self, slot: int, routed_at: float, at: float) -> None:

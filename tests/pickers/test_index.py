@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -267,3 +269,21 @@ def test_bulk_row_allocation_equals_one_by_one(operations, cap):
                 ix.drop_pod(pod)
         assert bulk._slot_of == single._slot_of and bulk.contents() == single.contents()
         assert np.array_equal(bulk._stamp, single._stamp)
+
+
+def test_remove_rows_clears_what_remove_by_hash_clears():
+    """Pending blocks are cleared through the rows ``add_rows`` returned; rows freed or reused since (and
+    hashes re-added elsewhere) fall back to the hash lookup, so the index ends as ``remove`` leaves it."""
+    a = BlockIndex(1000, media=("GPU", "P"), max_pods=4)
+    hs = list(range(100, 160))
+    _, rows = a.add_rows(1, hs, 1, unique=True)
+    keys = a.keys_of(rows)
+    a.add(2, hs[:10], 0)  # another pod holds the first blocks: those rows stay
+    a.remove(1, hs[40:50], 1, unique=True)  # rows freed ...
+    a.add(3, list(range(900, 905)), 0)  # ... and reused by other hashes
+    a.add(1, hs[45:48], 1, unique=True)  # some hashes pended again, now in other rows
+    b = copy.deepcopy(a)
+    assert a.remove_rows(1, hs, rows, keys, 1) == b.remove(1, hs, 1)
+    assert a.contents() == b.contents() and np.array_equal(a.pod_counts, b.pod_counts)
+    a.check_invariants()
+    assert a.pods_holding(hs[0]) == {"GPU": [2]} and a.pods_holding(hs[46]) == {}

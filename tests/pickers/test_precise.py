@@ -294,7 +294,8 @@ def test_consecutive_removals_of_one_medium_are_one_batched_remove(monkeypatch):
     kv.apply_events(a, [stored(list(range(1, 9)), LONG[: 8 * BS])])
     calls = []
     real = kv.index.remove
-    monkeypatch.setattr(kv.index, "remove", lambda pod, hs, medium=0: calls.append(list(hs)) or real(pod, hs, medium))
+    monkeypatch.setattr(kv.index, "remove",
+                        lambda pod, hs, medium=0, **kw: calls.append(list(hs)) or real(pod, hs, medium, **kw))
     kv.apply_events(a, [removed([8]), removed([7]), removed([6]), removed([999])])  # as vLLM: one per block
     assert calls == [[own[7], own[6], own[5]]] and kv.index.match(own)[0][0] == 5
     # order kept around other events: removed then stored again within one batch, and per medium
