@@ -7,14 +7,22 @@
 
 Prints p50/p99/max of small-request latency and of the picker's gRPC health check (``Check`` on the ext_proc
 service every 20 ms), first with no big bodies (quiet) then while they arrive (loaded); the big bodies'
-statuses (a pod's 400 "prompt too long" is expected: the prompt is far past the context; a 5xx is a
-failure of the gateway path); small requests that failed; the picker's peak RSS.
+statuses (a 413 from the gateway or a pod's 400 "prompt too long" are expected: the prompt is far past the
+context; a 5xx is a failure of the gateway path); small requests that failed; the picker's peak RSS.
+
+To show where a small request's time goes, three small-request loops run side by side: through Envoy and the
+picker (the real path), through the same Envoy on a route without ext_proc (``envoy alone``: a bench-only route
+picked by an ``x-bench-bypass`` header, spliced into the generated config), and straight to a pod (``pod
+alone``). The picker's own view comes from its metrics: the event loop's lag (``kvswitch_event_loop_lag_seconds``,
+a timer every 20 ms inside the picker) and its decision time; and the CPU each process used (cores, from
+/proc/PID/stat) beside the whole machine's busy share, so CPU saturation and a stalled picker read differently.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import os
 import subprocess
 import sys
@@ -24,16 +32,89 @@ from pathlib import Path
 import aiohttp
 import grpc
 import orjson
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
+import extproc.localstack.envoy as envoy_child
 from e2e.support.envoy import EnvoyProcess
 from e2e.support.picker import wait_grpc_health
 from e2e.support.ports import free_port
-from extproc.envoyconfig.builder import EnvoyConfigOptions
+from extproc.envoyconfig.builder import EnvoyConfigOptions, to_dict
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "sim-model"
 EXT_PROC = "envoy.service.ext_proc.v3.ExternalProcessor"
+BYPASS = "x-bench-bypass"  # the bench-only route past the picker (see render_with_bypass)
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def render_with_bypass(opts: EnvoyConfigOptions, fmt: str = "yaml") -> str:
+    """The generated bootstrap plus one route first: POST /v1/completions with an ``x-bench-bypass`` header goes
+    to the pool like the API route but with ext_proc off (round robin), to time Envoy without the picker."""
+    doc = to_dict(opts)
+    hcm = doc["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
+    routes = hcm["routeConfig"]["virtualHosts"][0]["routes"]
+    api = next(r for r in routes if r.get("name") == "POST /v1/completions")
+    bypass = copy.deepcopy(api)
+    bypass.pop("typedPerFilterConfig", None)
+    bypass["name"] = "bench bypass"
+    bypass["match"]["headers"] = [*bypass["match"].get("headers", []), {"name": BYPASS, "presentMatch": True}]
+    routes.insert(0, bypass)
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process (threads included)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of all CPUs since boot, every process on the machine included."""
+    with open("/proc/stat", encoding="ascii") as f:
+        vals = [int(v) for v in f.readline().split()[1:]]
+    idle = vals[3] + vals[4]
+    return float(sum(vals) - idle), float(sum(vals))
+
+
+async def scrape(s: aiohttp.ClientSession, url: str) -> dict[str, dict[str, float]]:
+    """Histogram buckets (le -> cumulative count) and _sum/_count of the picker's lag and decision metrics."""
+    async with s.get(url) as r:
+        text = await r.text()
+    out: dict[str, dict[str, float]] = {}
+    for fam in text_string_to_metric_families(text):
+        if fam.name not in ("kvswitch_event_loop_lag_seconds", "kvswitch_decision_seconds"):
+            continue
+        d = out.setdefault(fam.name, {})
+        for smp in fam.samples:
+            if smp.name.endswith("_bucket"):
+                d[smp.labels["le"]] = smp.value
+            elif smp.name.endswith("_count"):
+                d["count"] = smp.value
+            elif smp.name.endswith("_sum"):
+                d["sum"] = smp.value
+    return out
+
+
+def hist_delta(before: dict[str, float], after: dict[str, float]) -> str:
+    """p50/p99 (upper bucket bounds), mean and the share above 100 ms of the observations between two scrapes."""
+    n = after.get("count", 0) - before.get("count", 0)
+    if n <= 0:
+        return "n=0"
+    bounds = sorted(((float(le), after[le] - before.get(le, 0)) for le in after if le not in ("count", "sum")),
+                    key=lambda b: b[0])
+
+    def q(frac: float) -> str:
+        for le, c in bounds:
+            if c >= frac * n:
+                return f"<={le * 1000:g}ms" if le != float("inf") else f">{bounds[-2][0] * 1000:g}ms"
+        return "?"
+
+    over = n - next((c for le, c in bounds if le == 0.1), n)
+    mean = (after.get("sum", 0) - before.get("sum", 0)) / n
+    return f"n={n:.0f} p50{q(0.5)} p99{q(0.99)} mean={mean * 1000:.1f}ms >100ms={over / n:.1%}"
 
 
 def pct(values: list[float], q: float) -> float:
@@ -69,12 +150,12 @@ async def _start(cmd: list[str], cwd: Path, env: dict[str, str], ready: str, log
 
 
 async def small_loop(s: aiohttp.ClientSession, url: str, stop: asyncio.Event, ms: list[float],
-                     failed: list[int]) -> None:
+                     failed: list[int], headers: dict[str, str] | None = None) -> None:
     body = {"model": MODEL, "prompt": "a short question", "max_tokens": 1}
     while not stop.is_set():
         t0 = time.perf_counter()
         try:
-            async with s.post(url + "/v1/completions", json=body) as r:
+            async with s.post(url + "/v1/completions", json=body, headers=headers) as r:
                 await r.read()
                 if r.status != 200:
                     failed.append(r.status)
@@ -135,23 +216,39 @@ async def run(args: argparse.Namespace) -> None:
                                       REPO, env, "ready", tmp / f"pod{i}.log"))
             pods.append(f"127.0.0.1:{port}")
         gport = free_port()
+        mport = free_port()
+        metrics_url = f"http://127.0.0.1:{mport}/metrics"
         picker = subprocess.Popen(
             [sys.executable, "-m", "extproc.cli", "serve", "--host", "127.0.0.1", "--port", str(gport),
-             "--metrics-port", "-1", *[a for p in pods for a in ("--endpoint", p)]],
+             "--metrics-port", str(mport), *[a for p in pods for a in ("--endpoint", p)]],
             cwd=picker_repo, env=env_picker, stdout=open(tmp / "picker.log", "wb"), stderr=subprocess.STDOUT)
         procs.append(picker)
         await wait_grpc_health(f"127.0.0.1:{gport}", timeout=60)
         opts = EnvoyConfigOptions(picker=f"127.0.0.1:{gport}", endpoints=pods)
+        envoy_child.render = render_with_bypass  # bench-only: the extra route past the picker
         async with EnvoyProcess(opts) as envoy, aiohttp.ClientSession() as s:
             results = {}
+            splits = {}
             for phase in ("quiet", "loaded"):
                 stop = asyncio.Event()
                 small: list[float] = []
                 small_failed: list[int] = []
+                alone: list[float] = []
+                alone_failed: list[int] = []
+                pod: list[float] = []
+                pod_failed: list[int] = []
                 health: list[float] = []
                 not_serving: list[int] = []
                 peak = [0.0]
+                watched = {"picker": [picker.pid], "envoy": [envoy.child.pid or 0],
+                           "pods": [p.pid for p in procs if p is not picker], "bench client": [os.getpid()]}
+                m0 = await scrape(s, metrics_url)
+                cpu0 = {k: sum(cpu_seconds(p) for p in pids) for k, pids in watched.items()}
+                busy0, t0_all = machine_busy()
+                w0 = time.perf_counter()
                 bg = [asyncio.create_task(small_loop(s, envoy.url, stop, small, small_failed)),
+                      asyncio.create_task(small_loop(s, envoy.url, stop, alone, alone_failed, {BYPASS: "1"})),
+                      asyncio.create_task(small_loop(s, f"http://{pods[0]}", stop, pod, pod_failed)),
                       asyncio.create_task(health_loop(f"127.0.0.1:{gport}", stop, health, not_serving)),
                       asyncio.create_task(rss_loop(picker.pid, stop, peak))]
                 statuses: list[int] = []
@@ -165,10 +262,29 @@ async def run(args: argparse.Namespace) -> None:
                                            for i in range(args.bodies)))
                 stop.set()
                 await asyncio.gather(*bg)
+                wall = time.perf_counter() - w0
+                busy1, t1_all = machine_busy()
+                cpu = {k: (sum(cpu_seconds(p) for p in pids) - cpu0[k]) / wall for k, pids in watched.items()}
+                m1 = await scrape(s, metrics_url)
+                lag = hist_delta(m0.get("kvswitch_event_loop_lag_seconds", {}),
+                                 m1.get("kvswitch_event_loop_lag_seconds", {}))
+                decision = hist_delta(m0.get("kvswitch_decision_seconds", {}), m1.get("kvswitch_decision_seconds", {}))
+                cores = " ".join(f"{k}={v:.2f}" for k, v in cpu.items())
+                busy = (busy1 - busy0) / max(1.0, t1_all - t0_all)
+                splits[phase] = [
+                    f"[{phase}] {summary('  envoy alone (no picker)', alone)} failed={len(alone_failed)}",
+                    f"[{phase}] {summary('  pod alone (direct)', pod)} failed={len(pod_failed)}",
+                    f"[{phase}] picker event-loop lag: {lag}",
+                    f"[{phase}] picker decision time: {decision}",
+                    f"[{phase}] CPU cores used over {wall:.1f}s: {cores}; whole machine busy {busy:.0%} of "
+                    f"{os.cpu_count()} CPUs; load {os.getloadavg()[0]:.1f}",
+                ]
                 results[phase] = (small, small_failed, health, not_serving, peak[0], statuses)
             print(f"\n== picker from {picker_repo} | load before/after: {os.getloadavg()}")
             for phase, (small, small_failed, health, not_serving, peak, statuses) in results.items():
                 print(f"[{phase}] {summary('small requests', small)} failed={len(small_failed)} {small_failed[:5]}")
+                for line in splits[phase]:
+                    print(line)
                 print(f"[{phase}] {summary('grpc health', health)} not_serving_or_error={len(not_serving)}")
                 print(f"[{phase}] picker peak RSS {peak:.0f} MiB")
                 if statuses:
