@@ -7,7 +7,7 @@
 
 Prints p50/p99/max of small-request latency and of the picker's gRPC health check (``Check`` on the ext_proc
 service every 20 ms), first with no big bodies (quiet) then while they arrive (loaded); the big bodies'
-statuses (a 413 from the gateway or a pod's 400 "prompt too long" are expected: the prompt is far past the
+statuses (a 400 context_length_exceeded from the picker, or from a pod, is expected: the prompt is far past the
 context; a 5xx is a failure of the gateway path); small requests that failed; the picker's peak RSS.
 
 To show where a small request's time goes, three small-request loops run side by side: through Envoy and the
@@ -40,6 +40,7 @@ import extproc.localstack.envoy as envoy_child
 from e2e.support.envoy import EnvoyProcess
 from e2e.support.picker import wait_grpc_health
 from e2e.support.ports import free_port
+from extproc.contextcap import context_cap_bytes
 from extproc.envoyconfig.builder import EnvoyConfigOptions, to_dict
 
 REPO = Path(__file__).resolve().parents[2]
@@ -180,9 +181,9 @@ async def health_loop(address: str, stop: asyncio.Event, ms: list[float], not_se
             await asyncio.sleep(0.02)
 
 
-async def big_body(s: aiohttp.ClientSession, url: str, i: int, text: str, sem: asyncio.Semaphore,
+async def big_body(s: aiohttp.ClientSession, url: str, i: int, tail: bytes, sem: asyncio.Semaphore,
                    statuses: list[int], total: int) -> None:
-    body = orjson.dumps({"model": MODEL, "max_tokens": 1, "prompt": f"{i} {text}"})
+    body = b'{"model": "%s", "max_tokens": 1, "prompt": "%08d ' % (MODEL.encode(), i) + tail  # one memcpy
     async with sem:
         try:
             async with s.post(url + "/v1/completions", data=body, headers={"content-type": "application/json"},
@@ -191,7 +192,44 @@ async def big_body(s: aiohttp.ClientSession, url: str, i: int, text: str, sem: a
                 statuses.append(r.status)
         except aiohttp.ClientError:
             statuses.append(0)
-        print(f"[bigbody] {len(statuses)}/{total} done (last status {statuses[-1]})", flush=True)
+        if len(statuses) % 10 == 0:
+            print(f"[bigbody] {len(statuses)}/{total} done (last status {statuses[-1]})", flush=True)
+
+
+async def send_waves(url: str, bodies: int, body_mb: int, concurrency: int, min_s: float) -> list[int]:
+    """Waves of ``bodies`` big bodies at ``concurrency`` until at least ``min_s`` seconds passed (one wave at
+    least); the statuses. Runs in its own process (``--sender``), so building and writing 8 MB bodies does not
+    stall the measuring loops."""
+    text = ("lorem ipsum dolor sit amet " * (body_mb * 1_000_000 // 27 + 1))[: body_mb * 1_000_000 - 60]
+    tail = text.encode() + b'"}'
+    statuses: list[int] = []
+    t0 = time.perf_counter()
+    async with aiohttp.ClientSession() as s:
+        wave = 0
+        while wave == 0 or time.perf_counter() - t0 < min_s:
+            sem = asyncio.Semaphore(concurrency)
+            await asyncio.gather(*(big_body(s, url, wave * bodies + i, tail, sem, statuses, bodies * (wave + 1))
+                                   for i in range(bodies)))
+            wave += 1
+    return statuses
+
+
+async def run_sender(url: str, args: argparse.Namespace) -> list[int]:
+    """The big-body sender as a child process (``--sender URL``); its statuses from its last output line."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "e2e.bench.bigbody", "--sender", url, "--bodies", str(args.bodies),
+        "--body-mb", str(args.body_mb), "--concurrency", str(args.concurrency), "--min-loaded-s",
+        str(args.min_loaded_s), cwd=REPO, stdout=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None
+    last = b""
+    async for line in proc.stdout:
+        if line.startswith(b"STATUSES "):
+            last = line
+        else:
+            print(line.decode().rstrip(), flush=True)
+    if await proc.wait() != 0 or not last:
+        raise RuntimeError("the big-body sender failed")
+    return list(orjson.loads(last[len(b"STATUSES "):]))
 
 
 async def rss_loop(pid: int, stop: asyncio.Event, peak: list[float]) -> None:
@@ -224,7 +262,8 @@ async def run(args: argparse.Namespace) -> None:
             cwd=picker_repo, env=env_picker, stdout=open(tmp / "picker.log", "wb"), stderr=subprocess.STDOUT)
         procs.append(picker)
         await wait_grpc_health(f"127.0.0.1:{gport}", timeout=60)
-        opts = EnvoyConfigOptions(picker=f"127.0.0.1:{gport}", endpoints=pods)
+        cap = context_cap_bytes(None, ["llama-3.1-8b"]) if args.envoy_cap else None  # the sim pods' profile
+        opts = EnvoyConfigOptions(picker=f"127.0.0.1:{gport}", endpoints=pods, max_body_bytes=cap)
         envoy_child.render = render_with_bypass  # bench-only: the extra route past the picker
         async with EnvoyProcess(opts) as envoy, aiohttp.ClientSession() as s:
             results = {}
@@ -255,11 +294,7 @@ async def run(args: argparse.Namespace) -> None:
                 if phase == "quiet":
                     await asyncio.sleep(args.quiet_s)
                 else:
-                    sem = asyncio.Semaphore(args.concurrency)
-                    text = ("lorem ipsum dolor sit amet " * (args.body_mb * 1_000_000 // 27 + 1))[
-                        : args.body_mb * 1_000_000 - 60]
-                    await asyncio.gather(*(big_body(s, envoy.url, i, text, sem, statuses, args.bodies)
-                                           for i in range(args.bodies)))
+                    statuses = await run_sender(envoy.url, args)
                 stop.set()
                 await asyncio.gather(*bg)
                 wall = time.perf_counter() - w0
@@ -280,7 +315,7 @@ async def run(args: argparse.Namespace) -> None:
                     f"{os.cpu_count()} CPUs; load {os.getloadavg()[0]:.1f}",
                 ]
                 results[phase] = (small, small_failed, health, not_serving, peak[0], statuses)
-            print(f"\n== picker from {picker_repo} | load before/after: {os.getloadavg()}")
+            print(f"\n== picker from {picker_repo}, Envoy content-length cap {cap} | load: {os.getloadavg()}")
             for phase, (small, small_failed, health, not_serving, peak, statuses) in results.items():
                 print(f"[{phase}] {summary('small requests', small)} failed={len(small_failed)} {small_failed[:5]}")
                 for line in splits[phase]:
@@ -311,9 +346,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--body-mb", type=int, default=8)
     p.add_argument("--concurrency", type=int, default=3)
     p.add_argument("--quiet-s", type=float, default=5.0)
+    p.add_argument("--min-loaded-s", type=float, default=20.0,
+                   help="repeat the wave of bodies until the loaded phase lasted this long (enough samples for a "
+                        "p99 when the gateway refuses big bodies fast)")
+    p.add_argument("--no-envoy-cap", dest="envoy_cap", action="store_false",
+                   help="leave out Envoy's content-length cap (max_body_bytes): the picker alone refuses big bodies")
     p.add_argument("--out", default="/tmp/kvswitch-bigbody")
+    p.add_argument("--sender", metavar="URL", help=argparse.SUPPRESS)  # internal: the big-body sender process
+    a = p.parse_args(argv)
+    if a.sender:
+        statuses = asyncio.run(send_waves(a.sender, a.bodies, a.body_mb, a.concurrency, a.min_loaded_s))
+        print("STATUSES " + orjson.dumps(statuses).decode(), flush=True)
+        return 0
     print(f"uptime load: {os.getloadavg()}", flush=True)
-    asyncio.run(run(p.parse_args(argv)))
+    asyncio.run(run(a))
     return 0
 
 

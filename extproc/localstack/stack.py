@@ -29,6 +29,7 @@ from engine.sim.fleet import SimFleet, load_fleet_config, specs_from_config
 from engine.sim.spec import PodSpec
 from engine.tokens.tokenizer import load_tokenizer
 from extproc.config import Config, ConfigError, EndpointConfig, load_config
+from extproc.contextcap import context_cap_bytes
 from extproc.envoyconfig.builder import EnvoyConfigOptions
 from extproc.localstack.envoy import EnvoyChild
 from extproc.localstack.pickerproc import PickerProcess
@@ -317,9 +318,16 @@ class LocalStack:
                                   pickers=addresses[1:],
                                   fail_open=False, admin_port=_free_port(),
                                   endpoints=[p.address for p in self.pods],
-                                  response_body=self.config.server.response_body if self.config else "observe")
+                                  response_body=self.config.server.response_body if self.config else "observe",
+                                  max_body_bytes=self._context_cap())
         self._s.envoy = envoy = EnvoyChild(opts, self.workdir, o.envoy_concurrency, o.envoy_log_level)
         await envoy.start(o.ready_timeout_s)
+
+    def _context_cap(self) -> int | None:
+        """The picker's context cap (extproc.contextcap), enforced by Envoy too for bodies with a content-length."""
+        if self.config is None:
+            return None
+        return context_cap_bytes(self.config.server.context_cap_bytes, {e.model_profile for e in self.config.endpoints})
 
     async def _wait_models(self) -> None:
         loop = asyncio.get_running_loop()
