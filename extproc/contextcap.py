@@ -10,6 +10,10 @@ and at most about 2.5 characters per token), so a body longer than ``largest con
 SLACK_BYTES`` (the slack covers the rest of the JSON: messages' roles, tools, parameters) holds no prompt any
 endpoint accepts.
 
+The one exception is pathological text (megabytes of one repeated character, which some vocabularies pack into
+tokens of dozens of bytes): such a prompt is refused here though a pod might take it; an operator who needs it
+sets ``server.context_cap_bytes`` (and Envoy's ``max_body_bytes``) higher.
+
 The largest context is the largest ``max_model_len`` among the endpoints' cost-model profiles (the default profile
 when endpoints come from discovery), so the cap never refuses what some endpoint of the pool could serve as
 profiled. Operators set ``server.context_cap_bytes`` to pin it, or 0 to turn it off.
