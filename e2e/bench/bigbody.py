@@ -258,12 +258,14 @@ async def run(args: argparse.Namespace) -> None:
         metrics_url = f"http://127.0.0.1:{mport}/metrics"
         picker = subprocess.Popen(
             [sys.executable, "-m", "extproc.cli", "serve", "--host", "127.0.0.1", "--port", str(gport),
-             "--metrics-port", str(mport), *[a for p in pods for a in ("--endpoint", p)]],
+             "--metrics-port", str(mport), "--response-body", args.response_body,
+             *[a for p in pods for a in ("--endpoint", p)]],
             cwd=picker_repo, env=env_picker, stdout=open(tmp / "picker.log", "wb"), stderr=subprocess.STDOUT)
         procs.append(picker)
         await wait_grpc_health(f"127.0.0.1:{gport}", timeout=60)
         cap = context_cap_bytes(None, ["llama-3.1-8b"]) if args.envoy_cap else None  # the sim pods' profile
-        opts = EnvoyConfigOptions(picker=f"127.0.0.1:{gport}", endpoints=pods, max_body_bytes=cap)
+        opts = EnvoyConfigOptions(picker=f"127.0.0.1:{gport}", endpoints=pods, max_body_bytes=cap,
+                                  response_body=args.response_body)
         envoy_child.render = render_with_bypass  # bench-only: the extra route past the picker
         async with EnvoyProcess(opts) as envoy, aiohttp.ClientSession() as s:
             results = {}
@@ -315,7 +317,8 @@ async def run(args: argparse.Namespace) -> None:
                     f"{os.cpu_count()} CPUs; load {os.getloadavg()[0]:.1f}",
                 ]
                 results[phase] = (small, small_failed, health, not_serving, peak[0], statuses)
-            print(f"\n== picker from {picker_repo}, Envoy content-length cap {cap} | load: {os.getloadavg()}")
+            print(f"\n== picker from {picker_repo}, Envoy content-length cap {cap}, response body "
+                  f"{args.response_body} | load: {os.getloadavg()}")
             for phase, (small, small_failed, health, not_serving, peak, statuses) in results.items():
                 print(f"[{phase}] {summary('small requests', small)} failed={len(small_failed)} {small_failed[:5]}")
                 for line in splits[phase]:
@@ -349,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-loaded-s", type=float, default=20.0,
                    help="repeat the wave of bodies until the loaded phase lasted this long (enough samples for a "
                         "p99 when the gateway refuses big bodies fast)")
+    p.add_argument("--response-body", default="observe",
+                   help="the picker's and Envoy's response mode (observe: what pickers before access-log support)")
     p.add_argument("--no-envoy-cap", dest="envoy_cap", action="store_false",
                    help="leave out Envoy's content-length cap (max_body_bytes): the picker alone refuses big bodies")
     p.add_argument("--out", default="/tmp/kvswitch-bigbody")
