@@ -41,7 +41,7 @@ from extproc.responselog import LoggedResponse, PendingResponses
 from pickers.clock import Clock
 from pickers.explain import explain_header
 from pickers.ranks import destinations, endpoint_address, served_id, split_endpoint_id
-from pickers.types import Decision, InferenceRequest, Scheduler, SchedulingError
+from pickers.types import Decision, InferenceRequest, Scheduler, SchedulingError, Usage
 
 log = logging.getLogger("kvswitch.extproc")
 
@@ -428,30 +428,29 @@ class ExtProcStream:
                 director.on_first_token(decision, at - max(0.0, response.end_s - response.first_byte_s))
         except Exception:
             log.exception("a director hook failed on an access-log entry")
-        self._ended = True
-        self.phase = Phase.DONE
-        self._uncount()
-        try:
-            if response.failure is None:
-                self.director.on_finished(decision, response.usage, at)
-            else:
-                metrics.ERRORS.labels("truncated" if response.failure.startswith("truncated")
-                                      else "upstream_error").inc()
-                self.director.on_failed(decision, response.failure, at)
-        except Exception:
-            log.exception("a director hook failed at the end of the request")
+        if response.failure is not None:
+            metrics.ERRORS.labels("truncated" if response.failure.startswith("truncated") else "upstream_error").inc()
+        self._end(response.failure, response.usage, at)
 
     def abandon(self, reason: str) -> None:
         """No access-log entry will come (expired, or the picker stops): release the request."""
-        if self._ended or self.decision is None:
-            return
+        if not self._ended and self.decision is not None:
+            self._end(reason, None, self.clock.now())
+
+    def _end(self, failure: str | None, usage: Usage | None, at: float) -> None:
+        """Report the end once: load released, then on_finished (``failure`` None) or on_failed."""
+        decision = self.decision
+        assert decision is not None
         self._ended = True
         self.phase = Phase.DONE
         self._uncount()
         try:
-            self.director.on_failed(self.decision, reason, self.clock.now())
+            if failure is None:
+                self.director.on_finished(decision, usage, at)
+            else:
+                self.director.on_failed(decision, failure, at)
         except Exception:
-            log.exception("director.on_failed failed")
+            log.exception("a director hook failed at the end of the request")
 
     def close(self) -> None:
         """The gRPC stream ended (normally or not): a request still in flight failed, unless no response
@@ -469,21 +468,9 @@ class ExtProcStream:
             self._finish()
         self._unpark()  # not waiting for an entry any more: the outcome is decided below
         if self.decision is not None and not self._ended and self.settings.detached:
-            self._ended = True  # detached: the response is never seen, so routing was the last we know of it
-            self.phase = Phase.DONE
-            self._uncount()
-            try:
-                self.director.on_finished(self.decision, None, self.clock.now())
-            except Exception:
-                log.exception("scheduler.on_finished failed")
+            self._end(None, None, self.clock.now())  # the response is never seen: routing was the last news
         if self.decision is not None and not self._ended:
-            self._ended = True
-            self._uncount()
             metrics.ERRORS.labels("stream_aborted").inc()
-            try:
-                self.director.on_failed(self.decision, "stream closed before the response ended",
-                                         self.clock.now())
-            except Exception:
-                log.exception("director.on_failed failed")
+            self._end("stream closed before the response ended", None, self.clock.now())
         self._uncount()  # whatever happened, a closed stream holds no in-flight gauge
         metrics.STREAM_SECONDS.observe(time.perf_counter() - self.started)
