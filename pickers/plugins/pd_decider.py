@@ -38,10 +38,13 @@ Comparing the two predicted TTFTs, queues included, sends a prompt to the prefil
 shorter than the decode pod's own prefill of the prompt, and keeps a short new chat turn (most of the prompt
 cached on d) local. W_d is counted on both ways: with max(TTFT_p, W_d) instead (the leg waits for d's queue
 only if that outlasts the prefill leg), legs on chat took 1.4-2.7x their predicted TTFT, because the local
-prefills sent to d while the leg ran went ahead of it. The
-TPOT guard is the reason to disaggregate at all: when the decode pod's running requests would miss their
-TPOT target because of local prefills, the leg is taken while it meets this request's TTFT target; past
-that, the faster way (a leg predicted to miss the TTFT target took 2-3 s on chat, and protected little). ``python -m e2e.bench.pd_split`` measures it against always-local, always-split and a
+prefills sent to d while the leg ran went ahead of it. The TPOT guard is the reason to disaggregate at all:
+when the decode pod's running requests would miss their TPOT target because of local prefills, the leg is
+taken while it meets this request's TTFT target; past that, the faster way (a leg predicted to miss the
+TTFT target took 2-3 s on chat, and protected little). When d misses the TPOT target with no local prefill
+at all, a leg protects little and costs this request TTFT: the faster way too (dropping that guard gave
+chat TPOT 44-54 ms against 48-58 ms at 0.8-1.1x the knee, but TTFT p90 above always-local's at 1.1x).
+``python -m e2e.bench.pd_split`` measures it against always-local, always-split and a
 fixed threshold (README "Prefill/decode: the decider").
 
 The ``threshold`` decider (kvswitch's earlier rule, and llm-d's with ``min_uncached_ratio`` 0 and

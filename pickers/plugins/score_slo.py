@@ -26,8 +26,8 @@ everyone (chat, 1 prefill + 3 decode pods: spill recomputes queued on one decode
 kind tie and the profile's expected-TTFT scorer picks the quickest among those meeting the targets.
 
 A request without targets gets no tiers and score 0 on every pod: the scorer adds nothing to any total, so
-the default profile routes it exactly as without this scorer (bit for bit: no constant is added). The other scorers of the profile (expected TTFT,
-prefix, KV) still order pods within a tier, with their weights.
+the default profile routes it exactly as without this scorer (bit for bit: no constant is added). The other
+scorers of the profile (expected TTFT, prefix, KV) still order pods within a tier, with their weights.
 
 Why tiers and not a weight: with a weight the other scorers (TTFT 3, prefix 1, KV 1 in the default profile)
 can outvote feasibility and put a request on a pod predicted to miss its TPOT while another meets it; a
