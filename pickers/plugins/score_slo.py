@@ -6,11 +6,13 @@ request's prediction (pickers/predictor.py, corrected online):
     late_p = max(TTFT_p / T_t, TPOT_p / T_p)          over the targets it has; <= 1: p is predicted to meet them
     tiers (``Scorer.tiers``): every pod of a higher tier ranks above every pod of a lower one, whatever the
     other scores; pods missing the targets get tier 0 when some pod meets them
-    meeting them:  tier_p = 1 + rank of s_p among them, slowest kind first; score_p = s_p / max_F s
+    meeting them:  tier_p = 1; score_p = s_p / max_F s
                    s_p = seconds per token of a 1024-token prompt alone on p: its kind (model, accelerator,
                          deployment), from the cost model, 3 significant digits (pods of one kind tie)
-                   the best fit: the slowest kind of pod that meets the targets (do not burn the fastest pod
-                   on a request with slack); within a kind the profile's other scorers choose
+                   the best fit, as a score (weight 2 in the default profile): the slower kind of pod that
+                   meets the targets is preferred (do not burn the fastest pod on a request with slack),
+                   against the profile's expected-TTFT (3), prefix (1) and KV (1) scores
+    missing them:  tier_p = 0 (when some pod meets them), score 0
     none meets them: tier_p = -rank of late_p; score_p = min_q late_q / late_p     the least late first
 
 Prefix affinity is the profile's expected-TTFT scorer's: a pod holding the prefix has the smaller TTFT_p and
@@ -19,6 +21,12 @@ miss elsewhere; with targets, only among the pods that meet them (a sticky pod p
 request to one that meets them, whatever its prefix). A recompute term in the fit itself was tried and
 doubled the affinity: chat on 1 prefill + 3 decode pods piled onto the pod holding the shared system prompt
 (208 of 240 requests, TPOT 48 ms against 37 ms without it).
+
+The kind preference is a score, not a tier: as a tier (every slower pod meeting the targets before any
+faster one) it sent the Mooncake trace's requests with slack to the A100s of a 4 H100 + 4 A100 fleet until
+their queues broke the targets the prediction said they met (400 requests at 1x, targets 5 s / 20 ms: SLO
+attainment 0.608 and TTFT p50 1325 ms, against 0.680 and 330 ms without slo-fit and 0.808 and 228 ms with
+the feasibility tier and this score; `kvswitch sim replay ... --fleet e2e/bench/slo/mixed-fleet.yaml`, README).
 
 The fit is by speed, not by the headroom left (llm-d's best fit, the least positive SLO - predicted): on pods
 of one kind the headroom is the queue, and packing each pod's queue up to the target raised the mean TTFT of
@@ -95,11 +103,6 @@ class SLOFitScorer(Scorer):
         ok = late <= 1.0
         if not ok.any():  # the least late first: tiers by rank of lateness (equal lateness, equal tier)
             return -np.unique(late, return_inverse=True)[1].astype(np.float64)
-        # meeting the targets: tier 1 + the rank of the pod's kind by speed, slowest first; missing: 0
-        kinds = np.unique(self.speed(cands)[ok], return_inverse=True)[1]
-        out = np.zeros(cands.size)
-        out[ok] = 1.0 + kinds
-        return out
-
+        return ok.astype(np.float64)  # meeting the targets: 1; missing them: 0
 
 REFERENCE_TOKENS = 1024.0
