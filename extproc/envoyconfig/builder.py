@@ -90,7 +90,7 @@ from envoy_data_plane.envoy.type.metadata.v3 import MetadataKey, MetadataKeyPath
 from envoy_data_plane.envoy.type.v3 import Percent
 from envoy_data_plane.google.protobuf import Any as AnyProto
 
-from extproc.envoyconfig import hardening
+from extproc.envoyconfig import hardening, responselog
 
 DESTINATION = "x-gateway-destination-endpoint"
 SERVED = "x-gateway-destination-endpoint-served"
@@ -98,6 +98,8 @@ LB_NAMESPACE = "envoy.lb"
 SUBSET_NAMESPACE = "envoy.lb.subset_hint"
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 PICKER_CLUSTER = "kvswitch_picker"
+PICKER_LOG_CLUSTER = "kvswitch_picker_log_{}"  # access-log mode with replicas at fixed addresses: one each
+RESPONSE_MODES = ("access-log", "observe", "skip", "detach")
 POOL_CLUSTER = "inference_pool"
 
 
@@ -132,7 +134,10 @@ class EnvoyConfigOptions:
     # "detach": nothing of the response (headers, body, trailers) goes to the picker, so Envoy closes the
     # ext_proc stream once the request is routed and a picker crash cannot cut it; run the picker with
     # server.response_body: detach (it then counts a request as ended when routed, and gets no feedback).
-    response_body: str = "observe"
+    # "access-log" (default): as detach on the ext_proc side, and the feedback comes off the critical path:
+    # a Lua filter notes first byte, [DONE], usage; the gRPC access log brings them with status, flags and
+    # the upstream to the picker when the request ends (extproc/envoyconfig/responselog.py).
+    response_body: str = "access-log"
     # TLS to the picker (kvswitch serve --tls-cert/--tls-key or --tls-self-signed): verify its certificate
     # against picker_tls_ca (a PEM file path) when given, else encrypt without verifying (GIE's self-signed
     # picker convention); picker_tls_sni names the server (default: none).
@@ -140,6 +145,9 @@ class EnvoyConfigOptions:
     picker_tls_ca: str | None = None
     picker_tls_sni: str = ""
     ext_proc: bool = True  # False: Envoy alone, round robin over ``endpoints`` (the benchmark baseline)
+    # rel2 (issue 14): a content-length past this gets a 400 context_length_exceeded from Envoy, before the picker
+    # or a pod sees a byte (extproc.contextcap.context_cap_bytes gives the picker's own cap); None: no such route.
+    max_body_bytes: int | None = None
     # Extra HTTP filters (already-serialised proto3 JSON dicts with "name"/"typedConfig") placed before
     # ext_proc; tests use it to inject a subset hint. Plain dicts on purpose: they are test-only.
     extra_http_filters: list[dict[str, Any]] = field(default_factory=list)
@@ -169,15 +177,20 @@ def _load_assignment(name: str, addresses: list[str]) -> ClusterLoadAssignment:
 def _ext_proc(opts: EnvoyConfigOptions) -> ExternalProcessor:
     send = ProcessingModeHeaderSendMode.SEND
     duplex = ProcessingModeBodySendMode.FULL_DUPLEX_STREAMED
-    if opts.response_body not in ("observe", "skip", "detach"):
-        raise ValueError(f"response_body must be observe, skip or detach, got {opts.response_body!r}")
+    if opts.response_body not in RESPONSE_MODES:
+        raise ValueError(f"response_body must be one of {', '.join(RESPONSE_MODES)}, got {opts.response_body!r}")
     response_body = duplex if opts.response_body == "observe" else ProcessingModeBodySendMode.NONE
     # detach: nothing of the response goes to the picker, so Envoy ends the ext_proc stream after the request
     # phase and a picker crash cannot cut a stream already placed (see EnvoyConfigOptions.response_body).
-    response_side = ProcessingModeHeaderSendMode.SKIP if opts.response_body == "detach" else send
+    # access-log: the same, the response's outcome reaches the picker through the access log instead.
+    detached = opts.response_body in ("detach", "access-log")
+    response_side = ProcessingModeHeaderSendMode.SKIP if detached else send
     return ExternalProcessor(
-        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=PICKER_CLUSTER,
-                                                                  retry_policy=hardening.picker_grpc_retry()),
+        # The retry policy on the GrpcService itself: the one ext_proc reads (with it Envoy also buffers the
+        # messages it sent, so a stream refused by a dead replica is replayed on another); the EnvoyGrpc one is
+        # for re-establishing long-lived streams and ext_proc ignores it.
+        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=PICKER_CLUSTER),
+                                 retry_policy=hardening.picker_grpc_retry(),
                                  timeout=_seconds(opts.picker_grpc_timeout_s)),
         failure_mode_allow=opts.fail_open,
         processing_mode=ProcessingMode(
@@ -188,7 +201,8 @@ def _ext_proc(opts: EnvoyConfigOptions) -> ExternalProcessor:
         message_timeout=_seconds(opts.message_timeout_s),
         metadata_options=MetadataOptions(
             forwarding_namespaces=MetadataOptionsMetadataNamespaces(untyped=[LB_NAMESPACE, SUBSET_NAMESPACE]),
-            receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[LB_NAMESPACE]),
+            receiving_namespaces=MetadataOptionsMetadataNamespaces(
+                untyped=[LB_NAMESPACE, responselog.DEBUG_NAMESPACE]),
         ),
     )
 
@@ -204,16 +218,20 @@ def _listener(opts: EnvoyConfigOptions) -> Listener:
         # Off by default, on for the API routes only (hardening.api_routes): see hardening._with_ext_proc.
         filters.insert(0, HttpFilter(name=hardening.EXT_PROC_FILTER, typed_config=_pack(_ext_proc(opts)),
                                      disabled=True))
+        if opts.response_body == "access-log":
+            filters.insert(1, responselog.observer_filter())
     hcm = HttpConnectionManager(
         stat_prefix="kvswitch_ingress",
         route_config=RouteConfiguration(
             name="inference",
             virtual_hosts=[VirtualHost(name="inference", domains=["*"],
-                                       routes=hardening.api_routes(action, opts.ext_proc, opts.fail_open))],
+                                       routes=hardening.api_routes(action, opts.ext_proc, opts.fail_open,
+                                                                  opts.max_body_bytes))],
         ),
         http_filters=filters,
         early_header_mutation_extensions=[hardening.early_strip()],
         local_reply_config=hardening.local_replies(),
+        access_log=responselog.access_logs(_log_clusters(opts)) if _logs(opts) else [],
     )
     return Listener(
         name="inference",
@@ -275,14 +293,14 @@ def _picker_cluster(opts: EnvoyConfigOptions) -> Cluster:
         name=PICKER_CLUSTER,
         type=_static_or_dns(opts.picker),
         connect_timeout=_seconds(1),
-        load_assignment=_load_assignment(PICKER_CLUSTER, [opts.picker] + [p for p in opts.pickers
-                                                                          if p != opts.picker]),
+        load_assignment=_load_assignment(PICKER_CLUSTER, _replicas(opts)),
         # No panic routing to an unhealthy picker: with no healthy host the ext_proc stream fails at once,
         # before any body chunk is sent, which is when Envoy still honours failure_mode_allow (fail-open)
         # under FULL_DUPLEX_STREAMED; it also makes fail-closed answer fast.
         common_lb_config=ClusterCommonLbConfig(healthy_panic_threshold=Percent(value=0.0)),
         typed_extension_protocol_options={"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _pack(h2)},
         outlier_detection=hardening.picker_outlier_detection(),
+        circuit_breakers=hardening.picker_circuit_breakers(),
         transport_socket=_picker_tls(opts),
         health_checks=[HealthCheck(
             timeout=_seconds(1),
@@ -294,6 +312,39 @@ def _picker_cluster(opts: EnvoyConfigOptions) -> Cluster:
             grpc_health_check=HealthCheckGrpcHealthCheck(service_name=EXT_PROC_SERVICE),
         )],
     )
+
+
+def _logs(opts: EnvoyConfigOptions) -> bool:
+    return opts.ext_proc and opts.response_body == "access-log"
+
+
+def _replicas(opts: EnvoyConfigOptions) -> list[str]:
+    return [opts.picker] + [p for p in opts.pickers if p != opts.picker]
+
+
+def _log_clusters(opts: EnvoyConfigOptions) -> list[str]:
+    """Where access-log entries go: the picker cluster, or with several replicas listed one cluster per
+    replica (each a fixed IP or a name resolving to that replica alone, e.g. a StatefulSet pod's DNS name):
+    every replica gets every entry and keeps those of the requests it routed. One name for several replicas
+    (a Service) cannot work: the entries would reach one replica; use response_body skip there."""
+    replicas = _replicas(opts)
+    if len(replicas) == 1:
+        return [PICKER_CLUSTER]
+    return [PICKER_LOG_CLUSTER.format(i) for i in range(len(replicas))]
+
+
+def _picker_log_clusters(opts: EnvoyConfigOptions) -> list[Cluster]:
+    names = _log_clusters(opts) if _logs(opts) else []
+    if names == [PICKER_CLUSTER] or not names:
+        return []
+    h2 = HttpProtocolOptions(explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+        http2_protocol_options=Http2ProtocolOptions()))
+    return [Cluster(name=name, type=_static_or_dns(replica), connect_timeout=_seconds(1),
+                    load_assignment=_load_assignment(name, [replica]),
+                    typed_extension_protocol_options={
+                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _pack(h2)},
+                    transport_socket=_picker_tls(opts))
+            for name, replica in zip(names, _replicas(opts), strict=True)]
 
 
 def _static_or_dns(hostport: str) -> ClusterDiscoveryType:
@@ -321,7 +372,8 @@ def build_bootstrap(opts: EnvoyConfigOptions) -> Bootstrap:
     return Bootstrap(
         static_resources=BootstrapStaticResources(
             listeners=[_listener(opts)],
-            clusters=[_pool_cluster(opts)] + ([_picker_cluster(opts)] if opts.ext_proc else []),
+            clusters=[_pool_cluster(opts)] + ([_picker_cluster(opts), *_picker_log_clusters(opts)]
+                                              if opts.ext_proc else []),
         ),
         admin=Admin(address=_addr(f"127.0.0.1:{opts.admin_port}")),
     )
