@@ -8,7 +8,10 @@ shapes (map and positional) into them; the precise index consumes them. Hashes a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
 
 GPU = "GPU"
 
@@ -17,7 +20,7 @@ GPU = "GPU"
 class BlockStored:
     block_hashes: list[Any]
     parent_block_hash: Any
-    token_ids: list[int]
+    token_ids: list[int] | np.ndarray  # a list off the wire; the engine's own array in process (virtual time)
     block_size: int
     lora_id: int | None = None
     medium: str | None = GPU

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import msgspec
+import numpy as np
 import zmq
 import zmq.asyncio
 
@@ -36,12 +37,14 @@ _encoder = msgspec.msgpack.Encoder()
 def event_to_wire(ev: KVEvent, fmt: str = "map", group_idx: int | None = 0) -> Any:
     """One event as vLLM serialises it: a tagged map (default) or a positional array (older vLLM)."""
     if isinstance(ev, BlockStored):
+        # a list on the wire (an in-process pool keeps the engine's array: engine.sim.blockpool)
+        toks = ev.token_ids if isinstance(ev.token_ids, list) else np.asarray(ev.token_ids).tolist()
         if fmt == "array":
-            return ["BlockStored", ev.block_hashes, ev.parent_block_hash, ev.token_ids, ev.block_size,
+            return ["BlockStored", ev.block_hashes, ev.parent_block_hash, toks, ev.block_size,
                     ev.lora_id, ev.medium, ev.lora_name]
         out = {
             "type": "BlockStored", "block_hashes": ev.block_hashes, "parent_block_hash": ev.parent_block_hash,
-            "token_ids": ev.token_ids, "block_size": ev.block_size, "lora_id": ev.lora_id,
+            "token_ids": toks, "block_size": ev.block_size, "lora_id": ev.lora_id,
             "medium": ev.medium, "lora_name": ev.lora_name, "extra_keys": [None] * len(ev.block_hashes),
         }
     elif isinstance(ev, BlockRemoved):
