@@ -259,9 +259,11 @@ class KubernetesDiscovery:
             for uid in [self._stale.pop() for _ in range(min(batch, len(self._stale)))]:
                 self._given[uid] = self._endpoints_of(self._pods[uid])
             await asyncio.sleep(0)
-        want = self.desired()
+        now = self.clock()
+        # a pod the live planner is removing stays out even while Kubernetes still lists it Ready
+        want = {a: ep for a, ep in self.desired().items() if not table.is_held(ep.address, now)}
         self._refused &= want.keys()
-        deadline = self.clock() + self.settings.drain_seconds
+        deadline = now + self.settings.drain_seconds
         done = 0
         for addr in list(table.by_address):
             if addr not in want and not table.is_draining(addr):
