@@ -79,6 +79,9 @@ class LocalFleetTarget:
         await self.stack.remove_pod(address)
         self.released.append(address)
 
+    def describe(self) -> str:
+        return "the local simulated fleet"
+
     async def close(self) -> None:
         tasks = [t for _, t in self._starting.values()]
         self._starting.clear()

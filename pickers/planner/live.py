@@ -177,6 +177,10 @@ class ScaleTarget(Protocol):
 
     async def close(self) -> None: ...
 
+    def describe(self) -> str:
+        """What it scales, for a log line."""
+        ...
+
 
 @dataclass(slots=True)
 class DrainRecord:
@@ -256,7 +260,9 @@ class LivePlanner:
         self.target = target
         self.poll_s = poll_s
         pods = self._pool_endpoints()
-        self.catalogue: Catalogue = s.catalogue([ep.accelerator for ep in pods])
+        k = s.target.kubernetes
+        self.catalogue: Catalogue = s.catalogue([ep.accelerator for ep in pods]
+                                                + ([d.accelerator for d in k.deployments] if k else []))
         model = s.model_profile or (pods[0].model_profile if pods else "llama-3.1-8b")
         for kind in self.catalogue.kinds:
             try:
