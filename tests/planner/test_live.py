@@ -329,3 +329,23 @@ async def test_kubernetes_target_scales_the_deployment_and_removes_the_drained_p
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
+
+
+async def test_serve_builds_the_planner_from_its_config_and_publishes_the_gauges():
+    from prometheus_client import REGISTRY
+
+    from extproc.serve import build_planner
+    from extproc.server import build_scheduler
+
+    cfg = config_from_dict({"endpoints": [{"address": "10.0.0.9:8000", "accelerator": "H200"}],
+                            "planner": {"interval_s": 5, "min_replicas": 2, "max_replicas": 3}})
+    director = build_scheduler(cfg)
+    lp = build_planner(cfg, director)
+    assert lp is not None and lp.target is None and lp.catalogue.kinds == ["H200"]
+    assert lp.observer.on_routed in director._on_routed  # the director calls the planner's hooks
+    assert await lp.tick() == {"H200": 2}  # no traffic yet: min_replicas
+    assert REGISTRY.get_sample_value("kvswitch_planner_desired_replicas",
+                                     {"role": "both", "accelerator": "H200"}) == 2
+    assert REGISTRY.get_sample_value("kvswitch_planner_replicas",
+                                     {"role": "both", "accelerator": "H200", "state": "ready"}) == 1
+    assert build_planner(config_from_dict({}), director) is None
