@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -73,6 +74,18 @@ class Stack:
     @property
     def url(self) -> str:
         return self.envoy.url
+
+    async def ended(self, n: int, timeout: float = 10.0) -> None:
+        """Until the picker has heard of ``n`` ended requests (finished or failed). In the default
+        access-log mode the outcome comes in Envoy's access-log entry just after the client's last byte."""
+        sched = self.scheduler
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while len(sched.finished) + len(sched.failed) < n:
+            if loop.time() > deadline:
+                raise AssertionError(f"{len(sched.finished) + len(sched.failed)} of {n} requests ended "
+                                     f"within {timeout}s")
+            await asyncio.sleep(0.01)
 
 
 @contextlib.asynccontextmanager
