@@ -96,6 +96,11 @@ class InflightTracker:
         self.decode_tokens[r.slot] -= r.decode
         return r
 
+    @property
+    def predicted_first_tokens(self) -> int:
+        """Entries waiting in the predicted-first-token heap (bounded: see ``settle``)."""
+        return len(self._due)
+
     def settle(self, now: float) -> None:
         """Requests whose predicted first token is due leave the prefill counts. The heap holds at most one
         entry per ``add`` with a prediction; entries of finished requests are dropped when due, and the heap
