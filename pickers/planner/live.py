@@ -198,7 +198,8 @@ class DrainRecord:
 class PlannerMetrics:
     """The planner's Prometheus series (one set per registry)."""
 
-    _by_registry: dict[int, PlannerMetrics] = {}
+    # registry id -> (the registry, its metrics): the registry is kept so that its id is never reused
+    _by_registry: dict[int, tuple[CollectorRegistry, PlannerMetrics]] = {}
 
     def __init__(self, registry: CollectorRegistry) -> None:
         r = registry
@@ -237,8 +238,8 @@ class PlannerMetrics:
         r = registry if registry is not None else REGISTRY
         got = cls._by_registry.get(id(r))
         if got is None:
-            got = cls._by_registry[id(r)] = cls(r)
-        return got
+            got = cls._by_registry[id(r)] = (r, cls(r))
+        return got[1]
 
 
 # ---- the loop ------------------------------------------------------------------------------------------
@@ -459,7 +460,13 @@ class LivePlanner:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.settings.interval_s)
-            await self.tick()
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the API server is down (reading the target's size): decide again next time
+                self.metrics.errors.inc()
+                log.warning("planner: this interval's decision failed", exc_info=True)
 
     async def drained(self) -> None:
         """Wait for the drains in progress (tests, shutdown)."""

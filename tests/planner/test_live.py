@@ -349,3 +349,27 @@ async def test_serve_builds_the_planner_from_its_config_and_publishes_the_gauges
     assert REGISTRY.get_sample_value("kvswitch_planner_replicas",
                                      {"role": "both", "accelerator": "H200", "state": "ready"}) == 1
     assert build_planner(config_from_dict({}), director) is None
+
+
+async def test_discovery_keeps_a_held_pod_out_and_adds_it_back_when_the_hold_lapses(tmp_path: Path):
+    async with FakeKubeApi() as api:
+        kubeconfig = api.kubeconfig(tmp_path / "kubeconfig")
+        api.set_pool("pool", {"app": "vllm"}, [8000])
+        now = [100.0]
+        table = scheduler({"profile": "load-only"}, [])[0].dl.endpoints
+        disco = KubernetesDiscovery(KubernetesDiscoverySettings(pool="pool", kubeconfig=str(kubeconfig),
+                                                                reap_interval_s=0.02), clock=lambda: now[0])
+        table.hold("10.1.0.7:8000", 130.0)  # the planner removed the pod that had this IP
+        task = asyncio.create_task(disco.run(table))
+        try:
+            api.add_pod("a", {"app": "vllm"}, ip="10.1.0.6", ready=True)
+            api.add_pod("b", {"app": "vllm"}, ip="10.1.0.7", ready=True)  # a new pod got the IP
+            await until(lambda: table.slot("10.1.0.6:8000") is not None, what="the other pod added")
+            await asyncio.sleep(0.1)
+            assert table.slot("10.1.0.7:8000") is None  # held
+            now[0] = 131.0  # no new event: the lapse alone brings it in
+            await until(lambda: table.slot("10.1.0.7:8000") is not None, what="added once the hold lapsed")
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
