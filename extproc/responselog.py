@@ -163,6 +163,12 @@ class PendingResponses:
         self._parked[request_id] = (now, stream)
         self._expire(now)
 
+    def discard(self, request_id: str, stream: Parked) -> None:
+        """``stream`` learned its outcome another way: stop waiting (if it is still the one parked there)."""
+        item = self._parked.get(request_id)
+        if item is not None and item[1] is stream:
+            del self._parked[request_id]
+
     def complete(self, response: LoggedResponse) -> bool:
         """Report the entry to its parked request; False when no request here waits for it."""
         item = self._parked.pop(response.request_id, None)

@@ -41,7 +41,7 @@ from extproc.responselog import LoggedResponse, PendingResponses
 from pickers.clock import Clock
 from pickers.explain import explain_header
 from pickers.ranks import destinations, endpoint_address, served_id, split_endpoint_id
-from pickers.types import Decision, InferenceRequest, Scheduler, SchedulingError
+from pickers.types import Decision, InferenceRequest, Scheduler, SchedulingError, Usage
 
 log = logging.getLogger("kvswitch.extproc")
 
@@ -142,6 +142,7 @@ class ExtProcStream:
         self._counted: str | None = None  # endpoint whose in-flight gauge this request holds
         self._ended = False  # on_finished/on_failed called
         self._body_expected = settings.response_body  # response body messages will come (observe)
+        self._parked: str | None = None  # the request id it waits under in settings.pending (access-log)
 
     # ---- dispatch -------------------------------------------------------------------------------------
     async def handle(self, req: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
@@ -250,6 +251,11 @@ class ExtProcStream:
         self.decision = decision
         self.phase = Phase.ROUTED
         self._count(decision.primary)
+        pending = self.settings.pending
+        rid = self.headers.get("x-request-id")  # Envoy's id: its access-log entry carries the same
+        if pending is not None and rid:  # parked now: the entry can come before this stream's close
+            self._parked = rid
+            pending.park(rid, self)
         # Data-parallel ranks: the gateway gets pods (ip:port), the chosen rank goes to the pod in a header.
         addresses, rank = destinations(decision.endpoints)
         value = ",".join(addresses)
@@ -352,11 +358,17 @@ class ExtProcStream:
             metrics.inflight(self._counted).dec()
             self._counted = None
 
+    def _unpark(self) -> None:
+        if self._parked is not None and self.settings.pending is not None:
+            self.settings.pending.discard(self._parked, self)
+            self._parked = None
+
     def _finish(self) -> None:
         """Response complete: report usage or the error once."""
         if self._ended or self.decision is None:
             self.phase = Phase.DONE
             return
+        self._unpark()  # the response was seen here: no access-log entry needed
         self._ended = True
         self.phase = Phase.DONE
         self._uncount()
@@ -394,63 +406,49 @@ class ExtProcStream:
                 director.on_first_token(decision, at - max(0.0, response.end_s - response.first_byte_s))
         except Exception:
             log.exception("a director hook failed on an access-log entry")
-        self._ended = True
-        self.phase = Phase.DONE
-        self._uncount()
-        try:
-            if response.failure is None:
-                self.director.on_finished(decision, response.usage, at)
-            else:
-                metrics.ERRORS.labels("truncated" if response.failure.startswith("truncated")
-                                      else "upstream_error").inc()
-                self.director.on_failed(decision, response.failure, at)
-        except Exception:
-            log.exception("a director hook failed at the end of the request")
+        if response.failure is not None:
+            metrics.ERRORS.labels("truncated" if response.failure.startswith("truncated") else "upstream_error").inc()
+        self._end(response.failure, response.usage, at)
 
     def abandon(self, reason: str) -> None:
         """No access-log entry will come (expired, or the picker stops): release the request."""
-        if self._ended or self.decision is None:
-            return
+        if not self._ended and self.decision is not None:
+            self._end(reason, None, self.clock.now())
+
+    def _end(self, failure: str | None, usage: Usage | None, at: float) -> None:
+        """Report the end once: load released, then on_finished (``failure`` None) or on_failed."""
+        decision = self.decision
+        assert decision is not None
         self._ended = True
         self.phase = Phase.DONE
         self._uncount()
         try:
-            self.director.on_failed(self.decision, reason, self.clock.now())
+            if failure is None:
+                self.director.on_finished(decision, usage, at)
+            else:
+                self.director.on_failed(decision, failure, at)
         except Exception:
-            log.exception("director.on_failed failed")
+            log.exception("a director hook failed at the end of the request")
 
     def close(self) -> None:
         """The gRPC stream ended (normally or not): a request still in flight failed, unless no response
         body was to come, in which case the stream's end is the response's end (usage unknown), or its
         outcome comes from the access log (parked until then)."""
-        pending = self.settings.pending
-        rid = self.headers.get("x-request-id")  # Envoy's id: the access-log entry carries the same
-        # Parked only when the gateway sent nothing of the response: one that does (a Gateway API
-        # implementation's own ext_proc settings) is served by the paths below, whatever this mode says.
-        if pending is not None and rid and self.decision is not None and not self._ended \
-                and self.phase is Phase.ROUTED and self.observer is None:
-            pending.park(rid, self)
+        # Parked (access-log) and the gateway sent nothing of the response: the entry reports the outcome.
+        # A gateway that does send the response (a Gateway API implementation's own ext_proc settings) is
+        # served by the paths below, whatever this mode says.
+        if self._parked is not None and not self._ended and self.phase is Phase.ROUTED \
+                and self.observer is None:
             metrics.STREAM_SECONDS.observe(time.perf_counter() - self.started)
             return
         if self.decision is not None and not self._ended and self.observer is not None \
                 and not self._body_expected:
             self._finish()
+        self._unpark()  # not waiting for an entry any more: the outcome is decided below
         if self.decision is not None and not self._ended and self.settings.detached:
-            self._ended = True  # detached: the response is never seen, so routing was the last we know of it
-            self.phase = Phase.DONE
-            self._uncount()
-            try:
-                self.director.on_finished(self.decision, None, self.clock.now())
-            except Exception:
-                log.exception("scheduler.on_finished failed")
+            self._end(None, None, self.clock.now())  # the response is never seen: routing was the last news
         if self.decision is not None and not self._ended:
-            self._ended = True
-            self._uncount()
             metrics.ERRORS.labels("stream_aborted").inc()
-            try:
-                self.director.on_failed(self.decision, "stream closed before the response ended",
-                                         self.clock.now())
-            except Exception:
-                log.exception("director.on_failed failed")
+            self._end("stream closed before the response ended", None, self.clock.now())
         self._uncount()  # whatever happened, a closed stream holds no in-flight gauge
         metrics.STREAM_SECONDS.observe(time.perf_counter() - self.started)

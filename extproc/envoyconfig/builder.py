@@ -183,8 +183,11 @@ def _ext_proc(opts: EnvoyConfigOptions) -> ExternalProcessor:
     detached = opts.response_body in ("detach", "access-log")
     response_side = ProcessingModeHeaderSendMode.SKIP if detached else send
     return ExternalProcessor(
-        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=PICKER_CLUSTER,
-                                                                  retry_policy=hardening.picker_grpc_retry()),
+        # The retry policy on the GrpcService itself: the one ext_proc reads (with it Envoy also buffers the
+        # messages it sent, so a stream refused by a dead replica is replayed on another); the EnvoyGrpc one is
+        # for re-establishing long-lived streams and ext_proc ignores it.
+        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=PICKER_CLUSTER),
+                                 retry_policy=hardening.picker_grpc_retry(),
                                  timeout=_seconds(opts.picker_grpc_timeout_s)),
         failure_mode_allow=opts.fail_open,
         processing_mode=ProcessingMode(
@@ -293,6 +296,7 @@ def _picker_cluster(opts: EnvoyConfigOptions) -> Cluster:
         common_lb_config=ClusterCommonLbConfig(healthy_panic_threshold=Percent(value=0.0)),
         typed_extension_protocol_options={"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _pack(h2)},
         outlier_detection=hardening.picker_outlier_detection(),
+        circuit_breakers=hardening.picker_circuit_breakers(),
         transport_socket=_picker_tls(opts),
         health_checks=[HealthCheck(
             timeout=_seconds(1),

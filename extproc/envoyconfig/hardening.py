@@ -34,7 +34,11 @@ from envoy_data_plane.envoy.config.accesslog.v3 import (
     ResponseFlagFilter,
     StatusCodeFilter,
 )
-from envoy_data_plane.envoy.config.cluster.v3 import OutlierDetection
+from envoy_data_plane.envoy.config.cluster.v3 import (
+    CircuitBreakers,
+    CircuitBreakersThresholds,
+    OutlierDetection,
+)
 from envoy_data_plane.envoy.config.common.mutation_rules.v3 import HeaderMutation as RuleHeaderMutation
 from envoy_data_plane.envoy.config.common.mutation_rules.v3 import HeaderMutationRemoveOnMatch
 from envoy_data_plane.envoy.config.core.v3 import (
@@ -232,6 +236,13 @@ def picker_grpc_retry() -> CoreRetryPolicy:
             name="envoy.retry_host_predicates.previous_hosts", typed_config=_pack(PreviousHostsPredicate()))],
         host_selection_retry_max_attempts=5,
     )
+
+
+def picker_circuit_breakers() -> CircuitBreakers:
+    """Room for every stream to retry at once: when a replica dies, each ext_proc stream Envoy was opening on
+    it needs its retry, and Envoy's default of 3 concurrent retries per cluster would fail the rest (500)."""
+    return CircuitBreakers(thresholds=[CircuitBreakersThresholds(max_retries=100_000, max_pending_requests=100_000,
+                                                                 max_requests=100_000)])
 
 
 def picker_outlier_detection() -> OutlierDetection:
