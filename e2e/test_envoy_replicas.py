@@ -74,12 +74,17 @@ async def test_one_replica_of_three_goes_away_under_load(tmp_path, sig, response
     SIGKILL: no new request fails either: an ext_proc stream Envoy opens on the dead replica is replayed on
     another (the retry policy on the GrpcService, with Envoy buffering what it sent) and the dead one is
     ejected at its first refused connection. With access-log (the default) and detach Envoy closed the
-    streams already placed once they were routed, so none is cut; with observe the streams in flight through
-    the killed picker are cut (Envoy fails an ext_proc stream that breaks after the body was sent)."""
+    streams already placed once they were routed, so none is cut (only a request caught mid-routing at the
+    kill can fail); with observe the streams in flight through the killed picker are cut (Envoy fails an
+    ext_proc stream that breaks after the body was sent)."""
     r = await run_replicas(sig, response_body, False, tmp_path)
     print(f"\nreplicas {sig.name} response_body={response_body}: {r}")
     assert r["ok"] > 50
-    if sig == signal.SIGTERM or response_body != "observe":
+    if sig == signal.SIGTERM:
         assert r["failed"] == 0
-    else:  # observe: the placed streams through the dead replica are cut by design; the new ones are not
-        assert r["failed_started_after_kill"] == 0
+        return
+    assert r["failed_started_after_kill"] == 0  # every new request replayed on a live replica
+    if response_body != "observe":
+        # none placed before the kill is cut; one whose routing exchange was under way at that instant (the
+        # dead picker had begun to answer, so Envoy cannot replay it) may fail: seen once, 6 ms before the kill
+        assert all(-0.1 <= o < 0 for o in r["failed_offsets_s"]) and r["failed"] <= 2

@@ -15,6 +15,7 @@ import msgspec
 import uvloop
 
 from extproc.config import Config, ConfigError, config_from_dict, load_config, parse_endpoint_flag
+from extproc.looplag import LoopLagProbe
 from extproc.server import build_scheduler, build_server
 from pickers.director import Director
 
@@ -110,6 +111,8 @@ async def _run(server: Server, planner: LivePlanner | None = None) -> None:
     # health checks and small requests responsive at a small cost to the worker's throughput.
     sys.setswitchinterval(0.001)
     await server.start()
+    lag = LoopLagProbe()  # kvswitch_event_loop_lag_seconds: a stalled loop vs a saturated machine
+    lag.start()
     print(f"kvswitch serve: ext_proc on port {server.port}, metrics on {server.metrics_port}", flush=True)
     if planner is not None:
         await planner.start()
@@ -120,6 +123,7 @@ async def _run(server: Server, planner: LivePlanner | None = None) -> None:
     if planner is not None:
         await planner.stop()
     logging.getLogger("kvswitch").info("draining (up to %.1fs)", server.config.server.drain_seconds)
+    await lag.stop()
     await server.stop()
 
 

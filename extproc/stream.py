@@ -66,6 +66,9 @@ class StreamSettings:
     offload_min_bytes: int = 256 * 1024
     budget: ByteBudget | None = None
     prefill_secret: bytes | None = None  # sign prefill targets for the decode pods' sidecars (server config)
+    # rel2 (issue 14): a body past this holds no prompt that fits the pool's context (extproc.contextcap):
+    # refused from its content-length, or once that many bytes arrived, before it is parsed or sent on.
+    context_cap_bytes: int | None = None
 
 
 class Phase(enum.Enum):
@@ -175,8 +178,25 @@ class ExtProcStream:
                 self.subset = _split_addresses(hint)
         if req.request_headers.end_of_stream:
             return await self._decide(None)
+        length = self.headers.get("content-length", "")
+        if length.isdigit() and self._over_context_cap(int(length)):  # rel2: refuse before any body byte
+            return self._reject_over_context(int(length))
         self.phase = Phase.BODY
         return []
+
+    def _over_context_cap(self, size: int) -> bool:
+        cap = self.settings.context_cap_bytes
+        return cap is not None and size > cap
+
+    def _reject_over_context(self, size: int) -> list[pb.ProcessingResponse]:
+        self._chunks = []
+        return self._reject(RequestRejected(
+            400,
+            f"request body is {'at least ' if self.phase is Phase.BODY else ''}{size} bytes: longer than any "
+            f"prompt that fits this pool's largest context (at most {self.settings.context_cap_bytes} bytes); "
+            "shorten the prompt",
+            "context_length_exceeded",
+        ))
 
     async def _on_request_body(self, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
         if self.phase is not Phase.BODY:
@@ -193,6 +213,8 @@ class ExtProcStream:
                     "or ask the operator to raise server.body_limit_bytes",
                     "request_too_large",
                 ))
+            if self._over_context_cap(self._size):  # rel2: chunked bodies, or a content-length that lied
+                return self._reject_over_context(self._size)
             self._chunks.append(chunk)
         if not body.end_of_stream:
             return []

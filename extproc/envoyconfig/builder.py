@@ -145,6 +145,9 @@ class EnvoyConfigOptions:
     picker_tls_ca: str | None = None
     picker_tls_sni: str = ""
     ext_proc: bool = True  # False: Envoy alone, round robin over ``endpoints`` (the benchmark baseline)
+    # rel2 (issue 14): a content-length past this gets a 400 context_length_exceeded from Envoy, before the picker
+    # or a pod sees a byte (extproc.contextcap.context_cap_bytes gives the picker's own cap); None: no such route.
+    max_body_bytes: int | None = None
     # Extra HTTP filters (already-serialised proto3 JSON dicts with "name"/"typedConfig") placed before
     # ext_proc; tests use it to inject a subset hint. Plain dicts on purpose: they are test-only.
     extra_http_filters: list[dict[str, Any]] = field(default_factory=list)
@@ -222,7 +225,8 @@ def _listener(opts: EnvoyConfigOptions) -> Listener:
         route_config=RouteConfiguration(
             name="inference",
             virtual_hosts=[VirtualHost(name="inference", domains=["*"],
-                                       routes=hardening.api_routes(action, opts.ext_proc, opts.fail_open))],
+                                       routes=hardening.api_routes(action, opts.ext_proc, opts.fail_open,
+                                                                  opts.max_body_bytes))],
         ),
         http_filters=filters,
         early_header_mutation_extensions=[hardening.early_strip()],
