@@ -20,6 +20,9 @@ BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
             {"type": "ttft", "weight": 3.0},
             {"type": "prefix", "mode": "auto", "gate_ttft_ratio": 1.5, "weight": 1.0},
             {"type": "kv-usage", "weight": 1.0},
+            # requests with SLO targets only (0 and no tiers for the rest): pods predicted to meet the targets
+            # first, the best fit among them, else the least late (pickers/plugins/score_slo.py)
+            {"type": "slo-fit", "weight": 2.0},
             # data-parallel ranks only (1 for every other endpoint): fill a pod's idle ranks before its slowest
             # one, place new prompt groups on the quietest rank. Weight 4: at 1-2 groups stayed where a tie put
             # them (request CV 0.16 on 2 pods x DP4 at 120 req/s); at 4 the busy-time CV is 0.05-0.06 there and

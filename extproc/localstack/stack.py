@@ -354,7 +354,10 @@ class LocalStack:
         cfg.endpoints = self._endpoint_configs()
         if has_prefill:
             if "handler" not in (cfg.scheduler or {}):
-                cfg.scheduler = {**(cfg.scheduler or {}), "handler": {"type": "prefill-decode"}}
+                # the threshold decider: on a quiet local fleet the SLO-aware one (the handler's default) keeps
+                # every prompt on its decode pod (a leg is slower there), and the stack is to show P/D legs
+                cfg.scheduler = {**(cfg.scheduler or {}), "handler": {"type": "prefill-decode",
+                                                                      "decider": "threshold"}}
             handler = (cfg.scheduler or {})["handler"]
             self.pd_handler = handler if isinstance(handler, str) else str(handler.get("type", "")) or None
         if self.options.pickers <= 1:
