@@ -45,6 +45,7 @@ async def test_bad_request_answered_and_server_keeps_serving(fake_pods, body, st
         async with s.post(stack.url + "/v1/completions", json=GOOD) as r:
             assert r.status == 200
             await r.read()
+        await stack.ended(1)
         assert stack.scheduler.finished and not stack.scheduler.failed
 
 

@@ -32,6 +32,7 @@ async def test_malformed_usage_does_not_cut_the_stream(fake_pods, usage):
                 assert r.status == 200
                 body = await r.read()
             assert body.count(b"data: ") == 5 and body.endswith(b"data: [DONE]\n\n")
+        await stack.ended(2)
         assert len(stack.scheduler.finished) == 2 and stack.scheduler.failed == []
         # the malformed counts are not used: output tokens come from the events seen, the prompt is unknown
         assert [(u.prompt_tokens, u.completion_tokens) for u in stack.scheduler.finished] == [(0, 3), (0, 3)]
@@ -46,5 +47,6 @@ async def test_stream_without_done_is_truncated_not_success(fake_pods):
             assert r.status == 200
             body = await r.read()
         assert b"[DONE]" not in body
+        await stack.ended(1)
         assert stack.scheduler.finished == []
         assert len(stack.scheduler.failed) == 1 and "truncated" in stack.scheduler.failed[0]

@@ -68,14 +68,15 @@ async def run_replicas(sig: int, response_body: str, fail_open: bool, tmp: Path)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
-@pytest.mark.parametrize("response_body", ["observe", "detach"])
+@pytest.mark.parametrize("response_body", ["access-log", "observe", "detach"])
 async def test_one_replica_of_three_goes_away_under_load(tmp_path, sig, response_body):
     """SIGTERM: no request fails (NOT_SERVING first, served until Envoy moved away, then drained).
     SIGKILL: new requests go to the other replicas (the ext_proc stream is retried on another replica, the
     dead one ejected at its first refused connection; a few in the first second may still fail); with
     response_body observe the streams in flight
     through the killed picker are cut (Envoy fails an ext_proc stream that breaks after the body was sent,
-    fail-open or not); with detach Envoy closed those streams after routing, so none is cut."""
+    fail-open or not); with detach and access-log (the default) Envoy closed those streams after routing, so
+    none is cut."""
     r = await run_replicas(sig, response_body, False, tmp_path)
     print(f"\nreplicas {sig.name} response_body={response_body}: {r}")
     assert r["ok"] > 50
@@ -85,9 +86,13 @@ async def test_one_replica_of_three_goes_away_under_load(tmp_path, sig, response
         # placed before the kill: started more than 0.1 s before it (one started a millisecond before the kill was
         # still in its ext_proc exchange, not placed; it fails like the new ones, seen in a CI run)
         started_before = sum(1 for o in r["failed_offsets_s"] if o < -0.1)
+        if response_body == "observe":  # its placed streams are cut by design: count the new ones only
+            started_before = r["failed"] - r["failed_started_after_kill"]
         # A new request whose ext_proc stream Envoy opens on the dead replica in the ~1 s before its health
         # check removes it can still fail (500, connection refused): the gRPC retry on another replica and
-        # the outlier ejection catch most but not all of them (observed 0 to 2 per run, detach more often).
-        assert r["failed"] - started_before <= 3
-        if response_body == "detach":
+        # the outlier ejection catch most but not all of them: the streams already waiting on a new connection
+        # to the dead replica fail together (observed 0 to 5 per run, fail-open or not: Envoy does not retry an
+        # ext_proc stream whose request body it already handed over).
+        assert r["failed"] - started_before <= 6
+        if response_body in ("detach", "access-log"):  # Envoy closed their ext_proc streams once routed
             assert started_before == 0

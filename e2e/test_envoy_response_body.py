@@ -1,5 +1,6 @@
-"""server.response_body skip vs observe through real Envoy: which messages reach the picker, and whether every
-request still ends (in-flight released, on_finished once) with usage only where the body is observed."""
+"""server.response_body access-log, skip and observe through real Envoy: which messages reach the picker, and
+whether every request still ends (in-flight released, on_finished once) with first token and usage where the
+mode brings them (observe: from the chunks; access-log: from Envoy's Lua observer and access log)."""
 
 from __future__ import annotations
 
@@ -69,8 +70,8 @@ def _body(stream: bool, chat: bool) -> dict:
     return doc
 
 
-@pytest.mark.parametrize("mode", ["skip", "observe"])
-async def test_requests_end_and_release_load_in_both_modes(sim_pods, message_counts, mode):
+@pytest.mark.parametrize("mode", ["access-log", "skip", "observe"])
+async def test_requests_end_and_release_load_in_every_mode(sim_pods, message_counts, mode):
     import contextlib
 
     async with contextlib.AsyncExitStack() as stack:
@@ -92,11 +93,17 @@ async def test_requests_end_and_release_load_in_both_modes(sim_pods, message_cou
                 assert _inflight(sim_pods) == 0
                 assert not sched.inner.dl.inflight.requests.any()  # the picker's own load released too
         assert sched.first_tokens == len(cases)
-        assert message_counts["request_headers"] == len(cases)
-        if mode == "skip":
+        if mode == "access-log":  # nothing of the response on the ext_proc stream; first token and usage
+            # from the access log
+            assert set(message_counts) == {"request_headers", "request_body"}
+            assert message_counts["request_headers"] == len(cases)
+            assert all(u is not None and u.completion_tokens == 8 and u.prompt_tokens > 0 for u in sched.finished)
+        elif mode == "skip":
+            assert message_counts["request_headers"] == len(cases)
             assert message_counts["response_body"] == 0
             assert sched.finished == [None] * len(cases)  # usage is not observed
         else:
+            assert message_counts["request_headers"] == len(cases)
             assert message_counts["response_body"] >= len(cases)
             assert all(u is not None and u.completion_tokens > 0 for u in sched.finished)
 
@@ -123,3 +130,41 @@ async def test_skip_error_status_is_a_failure_and_rejections_still_work(message_
                 assert r.status == 400
                 assert (await r.json())["error"]["code"] == "invalid_json"
         assert message_counts["response_body"] == 0
+
+
+async def test_access_log_brings_cached_tokens_failures_and_truncation(sim_pods, message_counts):
+    """access-log mode: a repeated prompt's usage carries the cached tokens the pod reported; a pod that is
+    gone is a failure that blames it; load is released every time; no response message reaches the picker."""
+    import contextlib
+
+    prompt = "the same long shared prefix " * 40
+    async with contextlib.AsyncExitStack() as stack:
+        envoy, sched = await _stack(sim_pods[:1], "access-log", stack)
+        async with aiohttp.ClientSession() as s:
+            for i in (1, 2):
+                doc = {"model": MODEL, "prompt": prompt, "max_tokens": 4, "stream": True,
+                       "stream_options": {"include_usage": True}}
+                async with s.post(envoy.url + "/v1/completions", json=doc) as r:
+                    assert r.status == 200
+                    assert r.headers["x-kvswitch-endpoint"] == sim_pods[0]  # debug headers via Lua
+                    await r.read()
+                await _settled(sched, i, sim_pods[:1])
+        first, second = sched.finished
+        assert first is not None and second is not None
+        assert first.cached_tokens < second.cached_tokens  # the second found the first's blocks
+        assert second.cached_tokens >= 16 and second.prompt_tokens == first.prompt_tokens
+        assert sched.failed == [] and _inflight(sim_pods[:1]) == 0
+    async with contextlib.AsyncExitStack() as stack:
+        pool = [dead_address()]
+        envoy, sched = await _stack(pool, "access-log", stack)
+        async with aiohttp.ClientSession() as s:
+            async with s.post(envoy.url + "/v1/completions", json=_body(True, False)) as r:
+                assert r.status == 503
+                await r.read()
+        for _ in range(200):
+            if sched.failed and _inflight(pool) == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert sched.finished == [] and sched.first_tokens == 0
+        assert sched.failed == ["upstream connection failure"]
+    assert set(message_counts) == {"request_headers", "request_body"}  # nothing of the responses

@@ -49,6 +49,7 @@ async def test_request_reaches_a_pod_and_comes_back(sim_pods, api, stream):
             doc = orjson.loads(text)
             assert doc["choices"] and doc["usage"]["completion_tokens"] > 0
         sched = stack.scheduler
+        await stack.ended(1)
         assert len(sched.requests) == 1
         req = sched.requests[0]
         assert req.model == MODEL and req.api == api and req.stream is stream
@@ -67,6 +68,7 @@ async def test_fallback_list_skips_a_dead_first_endpoint(fake_pods):
                 assert r.status == 200, await r.text()
                 assert r.headers["x-served-by"] == live
         assert len(fake_pods[0].seen) == 3
+        await stack.ended(3)
         assert stack.scheduler.served == [live] * 3
 
 

@@ -145,6 +145,7 @@ async def test_shared_prefix_routes_to_the_warm_pod_through_envoy(vllm_pair, pro
             sent = len(picker_tokens(kv, decision.request))
             assert ex[warm.address]["prefix"] == pytest.approx(len(expected) * bs / sent, abs=1e-3), ex
             assert ex[other.address]["prefix"] == 0.0, ex
+            await stack.scheduler.ended(len(stack.scheduler.decisions))
             assert stack.scheduler.served[-1] == warm.address
             # vLLM agrees: the warm pod served it from its local prefix cache, the other saw nothing
             assert local_hits(warm, pair.model_name) - hits[warm.address] >= len(expected) * bs

@@ -52,7 +52,10 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # stream once the request is routed: a picker crash or restart can no longer cut a stream already placed.
     # The cost: the picker never sees the response; a request counts as ended when it is routed (in-flight
     # load comes from the pods' scraped metrics only; no first-token, usage or failure feedback).
-    response_body: Literal["observe", "skip", "detach"] = "observe"
+    # access-log (default): as detach on the ext_proc stream; Envoy's access log brings each response's
+    # outcome (first byte, status, usage with cached tokens, [DONE], the upstream that served) when it ends
+    # (extproc/envoyconfig/responselog.py, extproc/responselog.py). Pair with the same Envoy mode.
+    response_body: Literal["access-log", "observe", "skip", "detach"] = "access-log"
     # TLS on the gRPC port (several gateways connect to the picker over TLS): a PEM certificate chain and key,
     # or a self-signed pair made at start (GIE's picker does the same; gateways then skip verification).
     # A second, plaintext gRPC port serving only grpc.health.v1 (the same statuses): kubelet's gRPC probes cannot

@@ -17,6 +17,7 @@ SUBSET = "x-gateway-destination-endpoint-subset"
 PREFILLER = "x-prefiller-host-port"
 LB_NAMESPACE = "envoy.lb"
 SUBSET_NAMESPACE = "envoy.lb.subset_hint"
+DEBUG_NAMESPACE = "kvswitch.debug"  # debug response headers, added by Envoy's Lua observer (access-log mode)
 # Headers a client must never be able to set: removed from every request before it goes upstream.
 SIGNATURE = "x-kvswitch-prefill-signature"  # the picker's HMAC over the prefill target (engine/sidecar/allowlist.py)
 DP_RANK = "x-data-parallel-rank"  # vLLM's target data-parallel rank (pickers.ranks)
@@ -42,9 +43,11 @@ def _add_header(mutation: pb.HeaderMutation, key: str, value: str) -> None:
 
 
 def destination_headers(
-    endpoints: str, prefill: str | None, remove: list[str], extra: list[tuple[str, str]] | None = None
+    endpoints: str, prefill: str | None, remove: list[str], extra: list[tuple[str, str]] | None = None,
+    debug: list[tuple[str, str]] | None = None,
 ) -> pb.ProcessingResponse:
-    """The request-headers reply that routes: header + envoy.lb metadata with the same fallback list."""
+    """The request-headers reply that routes: header + envoy.lb metadata with the same fallback list (and
+    ``debug`` response headers as ``kvswitch.debug`` metadata, for Envoy's Lua observer to add)."""
     r = pb.ProcessingResponse()
     common = r.request_headers.response
     mutation = common.header_mutation
@@ -58,6 +61,10 @@ def destination_headers(
         mutation.remove_headers.extend(remove)
     common.clear_route_cache = True
     r.dynamic_metadata.fields[LB_NAMESPACE].struct_value.fields[DESTINATION].string_value = endpoints
+    if debug:
+        fields = r.dynamic_metadata.fields[DEBUG_NAMESPACE].struct_value.fields
+        for k, v in debug:
+            fields[k].string_value = v
     return r
 
 

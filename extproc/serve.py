@@ -32,11 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-fallback", type=int, help="endpoints in the fallback list; 1 for ORIGINAL_DST clusters "
                    "(server.max_fallback)")
     p.add_argument("--debug-headers", action="store_true", help="add x-kvswitch-* response headers")
-    p.add_argument("--response-body", choices=["observe", "skip", "detach"],
-                   help="server.response_body: observe (default) reads every response chunk; skip expects Envoy "
-                        "to send none (kvswitch envoy-config --response-body skip) and ends requests at stream "
-                        "end; detach: "
-                        "Envoy sends nothing of the response, a picker crash cuts no placed stream, no feedback")
+    p.add_argument("--response-body", choices=["access-log", "observe", "skip", "detach"],
+                   help="server.response_body, matching kvswitch envoy-config --response-body: access-log "
+                        "(default) routes, then learns each response's outcome from Envoy's access log (first "
+                        "byte, usage, status) off the critical path; observe reads every response chunk; skip "
+                        "sees headers and the stream's end; detach sees nothing of the response")
     k8s = p.add_argument_group("Kubernetes discovery (discovery.kubernetes)")
     k8s.add_argument("--pool", help="watch this InferencePool and the pods it selects (instead of endpoints)")
     k8s.add_argument("--namespace", help="the pool's namespace (default: $POD_NAMESPACE, the service account's)")

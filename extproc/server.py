@@ -18,6 +18,7 @@ from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
 import grpc
+from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -26,6 +27,7 @@ from grpc_health.v1.health import aio as health_aio
 from extproc import metrics
 from extproc.budget import ByteBudget
 from extproc.config import Config, ConfigError
+from extproc.responselog import AccessLogReceiver, PendingResponses
 from extproc.stream import ExtProcStream, StreamSettings
 from extproc.tls import bind
 from pickers.clock import Clock, MonotonicClock
@@ -96,9 +98,15 @@ class Server:
         self.clock = clock or MonotonicClock()
         self.manage_scheduler = manage_scheduler
         s = config.server
+        # access-log: routed requests wait in ``pending`` for Envoy's access-log entry (their outcome)
+        self.pending = PendingResponses() if s.response_body == "access-log" else None
+        if self.pending is not None and isinstance(scheduler, Director):
+            scheduler.predicted_first_token = True  # no first token while a request runs: predict it
         self.processor = ExternalProcessor(
             scheduler, StreamSettings(s.body_limit_bytes, s.debug_headers, dict(s.model_rewrite),
-                                      s.response_body == "observe", detached=s.response_body == "detach",
+                                      s.response_body == "observe",
+                                      detached=s.response_body in ("detach", "access-log"),
+                                      pending=self.pending,
                                       offload_min_bytes=s.offload_min_bytes,
                                       budget=ByteBudget(s.offload_budget_bytes),
                                       prefill_secret=_secret(s.prefill_signing_secret_file)),
@@ -153,6 +161,8 @@ class Server:
         server = grpc.aio.server(options=_GRPC_OPTIONS)
         pb_grpc.add_ExternalProcessorServicer_to_server(self.processor, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if self.pending is not None:
+            als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogReceiver(self.pending), server)
         self.port, self.transport = bind(server, f"{s.host}:{s.grpc_port}", s.tls_cert, s.tls_key,
                                          s.tls_self_signed)
         if self.port == 0:
@@ -235,6 +245,8 @@ class Server:
                 pass
         if self._grpc is not None:
             await self._grpc.stop(grace)
+        if self.pending is not None:
+            self.pending.abandon_all()
         if self._health_grpc is not None:
             await self._health_grpc.stop(0)
         if self._metrics_httpd is not None:

@@ -7,6 +7,11 @@ response headers -> response body chunks passed straight back while observed -> 
 director's response hooks. ``handle`` returns the replies for one incoming message, in order; it never
 blocks on anything but the director.
 
+With ``response_body: access-log`` (the default) Envoy sends nothing of the response and closes the stream after
+routing; the stream parks in ``PendingResponses`` until Envoy's access-log entry for the request arrives
+(``finish_logged``), and debug headers travel as ``kvswitch.debug`` metadata that Envoy's Lua observer copies
+onto the response.
+
 When Envoy sends no response body (``response_body_mode: NONE``, said in the first message's
 ``protocol_config``; ``server.response_body: skip``), the response headers stand for the first token and the
 end of the gRPC stream for the end of the request: Envoy keeps the stream open until the HTTP stream completes
@@ -32,6 +37,7 @@ from extproc.budget import ByteBudget
 from extproc.errors import RequestRejected, body_for
 from extproc.observe import ResponseObserver
 from extproc.parse import HEADERS_THAT_MATTER, api_for_path, parse_client_body
+from extproc.responselog import LoggedResponse, PendingResponses
 from pickers.clock import Clock
 from pickers.explain import explain_header
 from pickers.ranks import destinations, endpoint_address, served_id, split_endpoint_id
@@ -53,6 +59,9 @@ class StreamSettings:
     model_rewrite: dict[str, str] = field(default_factory=dict)
     response_body: bool = True  # Envoy sends response bodies (observe); the stream's protocol_config decides
     detached: bool = False  # Envoy sends nothing of the response: the stream's end after routing is the end
+    # access-log mode: Envoy sends nothing of the response either; the routed request waits here for its
+    # access-log entry (extproc/responselog.py), which reports the outcome.
+    pending: PendingResponses | None = None
     # Bodies at least this large are parsed and routed off the event loop, within the shared byte budget.
     offload_min_bytes: int = 256 * 1024
     budget: ByteBudget | None = None
@@ -133,6 +142,7 @@ class ExtProcStream:
         self._counted: str | None = None  # endpoint whose in-flight gauge this request holds
         self._ended = False  # on_finished/on_failed called
         self._body_expected = settings.response_body  # response body messages will come (observe)
+        self._parked: str | None = None  # the request id it waits under in settings.pending (access-log)
 
     # ---- dispatch -------------------------------------------------------------------------------------
     async def handle(self, req: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
@@ -241,6 +251,11 @@ class ExtProcStream:
         self.decision = decision
         self.phase = Phase.ROUTED
         self._count(decision.primary)
+        pending = self.settings.pending
+        rid = self.headers.get("x-request-id")  # Envoy's id: its access-log entry carries the same
+        if pending is not None and rid:  # parked now: the entry can come before this stream's close
+            self._parked = rid
+            pending.park(rid, self)
         # Data-parallel ranks: the gateway gets pods (ip:port), the chosen rank goes to the pod in a header.
         addresses, rank = destinations(decision.endpoints)
         value = ",".join(addresses)
@@ -258,7 +273,9 @@ class ExtProcStream:
             extra = [*(extra or []), (msg.SIGNATURE, signature)]
             if "x-request-id" not in self.headers:
                 extra.append(("x-request-id", request_id))
-        out = [msg.destination_headers(value, prefill, remove, extra)]
+        debug = self._debug_headers() if self.settings.debug_headers and self.settings.pending is not None \
+            else None
+        out = [msg.destination_headers(value, prefill, remove, extra, debug)]
         if body is not None:
             out.extend(msg.body_chunks(body))
         metrics.ROUTED.inc()
@@ -341,11 +358,17 @@ class ExtProcStream:
             metrics.inflight(self._counted).dec()
             self._counted = None
 
+    def _unpark(self) -> None:
+        if self._parked is not None and self.settings.pending is not None:
+            self.settings.pending.discard(self._parked, self)
+            self._parked = None
+
     def _finish(self) -> None:
         """Response complete: report usage or the error once."""
         if self._ended or self.decision is None:
             self.phase = Phase.DONE
             return
+        self._unpark()  # the response was seen here: no access-log entry needed
         self._ended = True
         self.phase = Phase.DONE
         self._uncount()
@@ -365,12 +388,64 @@ class ExtProcStream:
         except Exception:
             log.exception("a director hook failed at the end of the request")
 
+    def finish_logged(self, response: LoggedResponse) -> None:
+        """Envoy's access-log entry for this (parked) request: report what the response did, once."""
+        decision = self.decision
+        if self._ended or decision is None:
+            return
+        at = self.clock.now()
+        director = self.director
+        try:
+            if response.served:
+                served = served_id(decision.primary, response.served)
+                self.served = served
+                if served != self._counted:
+                    self._count(served)
+                director.on_served(decision, served)
+            if response.first_byte_s is not None and response.status < 400:
+                director.on_first_token(decision, at - max(0.0, response.end_s - response.first_byte_s))
+        except Exception:
+            log.exception("a director hook failed on an access-log entry")
+        self._ended = True
+        self.phase = Phase.DONE
+        self._uncount()
+        try:
+            if response.failure is None:
+                self.director.on_finished(decision, response.usage, at)
+            else:
+                metrics.ERRORS.labels("truncated" if response.failure.startswith("truncated")
+                                      else "upstream_error").inc()
+                self.director.on_failed(decision, response.failure, at)
+        except Exception:
+            log.exception("a director hook failed at the end of the request")
+
+    def abandon(self, reason: str) -> None:
+        """No access-log entry will come (expired, or the picker stops): release the request."""
+        if self._ended or self.decision is None:
+            return
+        self._ended = True
+        self.phase = Phase.DONE
+        self._uncount()
+        try:
+            self.director.on_failed(self.decision, reason, self.clock.now())
+        except Exception:
+            log.exception("director.on_failed failed")
+
     def close(self) -> None:
         """The gRPC stream ended (normally or not): a request still in flight failed, unless no response
-        body was to come, in which case the stream's end is the response's end (usage unknown)."""
+        body was to come, in which case the stream's end is the response's end (usage unknown), or its
+        outcome comes from the access log (parked until then)."""
+        # Parked (access-log) and the gateway sent nothing of the response: the entry reports the outcome.
+        # A gateway that does send the response (a Gateway API implementation's own ext_proc settings) is
+        # served by the paths below, whatever this mode says.
+        if self._parked is not None and not self._ended and self.phase is Phase.ROUTED \
+                and self.observer is None:
+            metrics.STREAM_SECONDS.observe(time.perf_counter() - self.started)
+            return
         if self.decision is not None and not self._ended and self.observer is not None \
                 and not self._body_expected:
             self._finish()
+        self._unpark()  # not waiting for an entry any more: the outcome is decided below
         if self.decision is not None and not self._ended and self.settings.detached:
             self._ended = True  # detached: the response is never seen, so routing was the last we know of it
             self.phase = Phase.DONE

@@ -80,6 +80,9 @@ class Director:
         self.default_decode_tokens = default_decode_tokens
         self.max_fallback = max_fallback  # 0: the picker's whole ranking
         self.slo = slo or SLOPolicy()
+        # True when the gateway reports a response only once it ended (extproc access-log mode): a routed
+        # request's prompt then leaves the in-flight prefill counts at its predicted first token.
+        self.predicted_first_token = False
         run = profiles[handler.profile or profile]
         used: list[Plugin] = [handler, *admission, *run.plugins]
         every: list[Plugin] = [handler, *admission]
@@ -172,6 +175,7 @@ class Director:
         dl = self.dl
         if dl.precise_enabled:
             dl.kv_index.refresh(now)
+        dl.inflight.settle(now)
         ctx = CycleContext(state, dl, now)
         if self.needs_tokens:  # before anything reads the prompt's length: one count for the whole cycle
             ctx.token_ids()
@@ -295,7 +299,9 @@ class Director:
         compute_on = pslot if pslot is not None else slot
         uncached = max(1.0, p - float(hits[compute_on])) if hits is not None and compute_on < hits.size else p
         decode = min(req.max_tokens or self.default_decode_tokens, 32768)
-        dl.inflight.add(state.key, slot, pslot, uncached, decode, ctx.now)
+        exp = state.expected  # no live first token (access-log mode): the prediction stands in for it
+        due = ctx.now + exp.ttft_s if self.predicted_first_token and exp is not None else None
+        dl.inflight.add(state.key, slot, pslot, uncached, decode, ctx.now, due)
         targets = [slot] if pslot is None else [slot, pslot]
         if state.block_hashes:
             dl.learn(state.block_hashes, targets)

@@ -47,7 +47,7 @@ import uvloop
 from e2e.support.envoy import EnvoyProcess
 from e2e.support.picker import wait_grpc_health
 from e2e.support.ports import free_port
-from extproc.envoyconfig.builder import EnvoyConfigOptions
+from extproc.envoyconfig.builder import RESPONSE_MODES, EnvoyConfigOptions
 
 REPO = Path(__file__).resolve().parents[2]
 _FAST_METRICS = (b"# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name=\"m\"} 0.0\n"
@@ -105,7 +105,7 @@ def serve_fast_upstream(ports: list[int], host: str = "127.0.0.1") -> None:
     asyncio.run(go())
 
 
-def serve_picker(port: int, endpoints: list[str], simple: bool, response_body: str = "observe") -> None:
+def serve_picker(port: int, endpoints: list[str], simple: bool, response_body: str = "access-log") -> None:
     """The picker as ``kvswitch serve`` runs it; ``simple``: the least-inflight profile without admission
     (no metrics read: the ext_proc path alone)."""
     from extproc.config import config_from_dict
@@ -262,8 +262,8 @@ async def main_async(args: argparse.Namespace) -> None:
     ports = [free_port() for _ in range(args.pods)]
     modes = args.response_body.split(",")
     for m in modes:
-        if m not in ("observe", "skip"):
-            raise SystemExit(f"--response-body: {m!r} is not observe or skip")
+        if m not in RESPONSE_MODES:
+            raise SystemExit(f"--response-body: {m!r} is not one of {', '.join(RESPONSE_MODES)}")
     picker_ports = {m: free_port() for m in modes}
     logdir = Path(tempfile.mkdtemp(prefix="kvswitch-bench-"))
     pods = [f"127.0.0.1:{p}" for p in ports]
@@ -298,6 +298,13 @@ async def main_async(args: argparse.Namespace) -> None:
         await alone.start()
         for e in withk.values():
             await e.start()
+        # The picker's background CPU (metrics scrapes, health, readiness) while idle: subtracted from each
+        # row's picker CPU for the per-request figure (both are reported).
+        idle0 = {m: _cpu_seconds(p.pid) for m, p in pickers.items()}
+        t_idle = time.perf_counter()
+        await asyncio.sleep(3.0)
+        idle_rate = {m: (_cpu_seconds(p.pid) - idle0[m]) / (time.perf_counter() - t_idle) for m, p in pickers.items()}
+        print("# picker idle CPU: " + ", ".join(f"{m} {r * 1e3:.1f} ms/s" for m, r in idle_rate.items()))
         shapes = [("", 0)] + ([(f"s{args.stream_tokens}", args.stream_tokens)] if args.stream_tokens else [])
         print(f"# Envoy alone vs Envoy + kvswitch ({args.scheduler} scheduler, response body: {', '.join(modes)}); "
               f"{args.pods} {args.upstream} pods; non-streaming max_tokens 1"
@@ -307,7 +314,7 @@ async def main_async(args: argparse.Namespace) -> None:
         print(f"# uptime: {_uptime()}")
         print(f"{'prompt':>9} {'conc':>4} {'path':>7} {'n':>5} | {'alone p50':>9} {'p99':>7} | {'kvs p50':>8} "
               f"{'p99':>7} | {'+p50':>6} {'+p99':>6} | {'budget':>14} | {'req/s a':>7} {'req/s k':>7} | "
-              f"{'picker CPU/req':>14}")
+              f"{'picker CPU/req (net of idle)':>14}")
         concs = [int(c) for c in args.concurrency.split(",")]
         rows: list[dict[str, object]] = []
         for shape, stream_tokens in shapes:
@@ -340,6 +347,8 @@ async def main_async(args: argparse.Namespace) -> None:
                             lk[m] += x
                             tk[m] += t
                     a50, a99 = _pct(la, 50), _pct(la, 99)
+                    net = {m: max(0.0, cpu_k[m] - idle_rate[m] * tk[m]) / len(lk[m]) * 1e3 for m in modes}
+
                     label = f"{size_name}{'/' + shape if shape else ''}"
                     for m in modes:
                         k50, k99 = _pct(lk[m], 50), _pct(lk[m], 99)
@@ -351,7 +360,7 @@ async def main_async(args: argparse.Namespace) -> None:
                         print(f"{label:>9} {conc:>4} {m:>7} {len(lk[m]):>5} | {a50:8.2f}m {a99:6.2f}m | "
                               f"{k50:7.2f}m {k99:6.2f}m | {k50 - a50:6.2f} {k99 - a99:6.2f} | "
                               f"{', '.join(budget) or '-':>14} | {len(la) / ta:7.0f} {len(lk[m]) / tk[m]:7.0f} | "
-                              f"{cpu_k[m] / len(lk[m]) * 1e3:10.3f} ms", flush=True)
+                              f"{cpu_k[m] / len(lk[m]) * 1e3:7.3f} ({net[m]:.3f} net) ms", flush=True)
                         rows.append({
                             "prompt": size_name, "concurrency": conc, "stream_tokens": stream_tokens,
                             "response_body": m, "requests": len(lk[m]),
@@ -359,6 +368,8 @@ async def main_async(args: argparse.Namespace) -> None:
                             "added_ttft_p50_ms": round(_pct(fk[m], 50) - _pct(fa, 50), 3),
                             "added_ttft_p99_ms": round(_pct(fk[m], 99) - _pct(fa, 99), 3),
                             "picker_cpu_ms_per_req": round(cpu_k[m] / len(lk[m]) * 1e3, 4),
+                            "picker_cpu_net_ms_per_req": round(net[m], 4),
+                            "picker_idle_cpu_ms_per_s": round(idle_rate[m] * 1e3, 3),
                             "throughput_ratio": round((len(lk[m]) / tk[m]) / (len(la) / ta), 4),
                             "load_1min": round(os.getloadavg()[0], 2),
                         })
@@ -397,13 +408,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,32,150")
     p.add_argument("--no-decisions", action="store_true", help="skip the in-process decisions/s figures")
     p.add_argument("--picker-profile", metavar="FILE", help="run each picker under cProfile, stats to FILE.<mode>")
-    p.add_argument("--response-body", default="observe",
-                   help="observe, skip, or observe,skip: one picker + Envoy per mode, interleaved in every row")
+    p.add_argument("--response-body", default="access-log",
+                   help="comma-separated server.response_body modes (access-log, observe, skip, detach): one "
+                        "picker + Envoy per mode, interleaved in every row")
     p.add_argument("--stream-tokens", type=int, default=0,
                    help="also run rows with streamed responses of this many SSE events (e.g. 64)")
     p.add_argument("--token-interval-ms", type=float, default=1.0,
                    help="gap between the fast upstream's SSE events (so they reach Envoy as separate chunks)")
-    p.add_argument("--picker-response-body", default="observe", help=argparse.SUPPRESS)
+    p.add_argument("--picker-response-body", default="access-log", help=argparse.SUPPRESS)
     p.add_argument("--serve-upstream", metavar="PORTS", help=argparse.SUPPRESS)
     p.add_argument("--serve-picker", type=int, metavar="PORT", help=argparse.SUPPRESS)
     p.add_argument("--endpoints", default="", help=argparse.SUPPRESS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -47,6 +48,18 @@ class RecordingScheduler:
             self.routed.append((time.perf_counter(), decision.endpoints[0]))
         return decision
 
+    async def ended(self, n: int, timeout: float = 10.0) -> None:
+        """Until the picker has heard of ``n`` ended requests (finished or failed). In the default
+        access-log mode the outcome comes in Envoy's access-log entry just after the client's last byte."""
+        sched = self
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while len(sched.finished) + len(sched.failed) < n:
+            if loop.time() > deadline:
+                raise AssertionError(f"{len(sched.finished) + len(sched.failed)} of {n} requests ended "
+                                     f"within {timeout}s")
+            await asyncio.sleep(0.01)
+
     def on_served(self, decision: Decision, served: str) -> None:
         self.served.append(served)
         self.inner.on_served(decision, served)
@@ -73,6 +86,9 @@ class Stack:
     @property
     def url(self) -> str:
         return self.envoy.url
+
+    async def ended(self, n: int, timeout: float = 10.0) -> None:
+        await self.scheduler.ended(n, timeout)
 
 
 @contextlib.asynccontextmanager

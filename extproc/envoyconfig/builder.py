@@ -90,7 +90,7 @@ from envoy_data_plane.envoy.type.metadata.v3 import MetadataKey, MetadataKeyPath
 from envoy_data_plane.envoy.type.v3 import Percent
 from envoy_data_plane.google.protobuf import Any as AnyProto
 
-from extproc.envoyconfig import hardening
+from extproc.envoyconfig import hardening, responselog
 
 DESTINATION = "x-gateway-destination-endpoint"
 SERVED = "x-gateway-destination-endpoint-served"
@@ -98,6 +98,8 @@ LB_NAMESPACE = "envoy.lb"
 SUBSET_NAMESPACE = "envoy.lb.subset_hint"
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 PICKER_CLUSTER = "kvswitch_picker"
+PICKER_LOG_CLUSTER = "kvswitch_picker_log_{}"  # access-log mode with replicas at fixed addresses: one each
+RESPONSE_MODES = ("access-log", "observe", "skip", "detach")
 POOL_CLUSTER = "inference_pool"
 
 
@@ -132,7 +134,10 @@ class EnvoyConfigOptions:
     # "detach": nothing of the response (headers, body, trailers) goes to the picker, so Envoy closes the
     # ext_proc stream once the request is routed and a picker crash cannot cut it; run the picker with
     # server.response_body: detach (it then counts a request as ended when routed, and gets no feedback).
-    response_body: str = "observe"
+    # "access-log" (default): as detach on the ext_proc side, and the feedback comes off the critical path:
+    # a Lua filter notes first byte, [DONE], usage; the gRPC access log brings them with status, flags and
+    # the upstream to the picker when the request ends (extproc/envoyconfig/responselog.py).
+    response_body: str = "access-log"
     # TLS to the picker (kvswitch serve --tls-cert/--tls-key or --tls-self-signed): verify its certificate
     # against picker_tls_ca (a PEM file path) when given, else encrypt without verifying (GIE's self-signed
     # picker convention); picker_tls_sni names the server (default: none).
@@ -169,12 +174,14 @@ def _load_assignment(name: str, addresses: list[str]) -> ClusterLoadAssignment:
 def _ext_proc(opts: EnvoyConfigOptions) -> ExternalProcessor:
     send = ProcessingModeHeaderSendMode.SEND
     duplex = ProcessingModeBodySendMode.FULL_DUPLEX_STREAMED
-    if opts.response_body not in ("observe", "skip", "detach"):
-        raise ValueError(f"response_body must be observe, skip or detach, got {opts.response_body!r}")
+    if opts.response_body not in RESPONSE_MODES:
+        raise ValueError(f"response_body must be one of {', '.join(RESPONSE_MODES)}, got {opts.response_body!r}")
     response_body = duplex if opts.response_body == "observe" else ProcessingModeBodySendMode.NONE
     # detach: nothing of the response goes to the picker, so Envoy ends the ext_proc stream after the request
     # phase and a picker crash cannot cut a stream already placed (see EnvoyConfigOptions.response_body).
-    response_side = ProcessingModeHeaderSendMode.SKIP if opts.response_body == "detach" else send
+    # access-log: the same, the response's outcome reaches the picker through the access log instead.
+    detached = opts.response_body in ("detach", "access-log")
+    response_side = ProcessingModeHeaderSendMode.SKIP if detached else send
     return ExternalProcessor(
         grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=PICKER_CLUSTER,
                                                                   retry_policy=hardening.picker_grpc_retry()),
@@ -188,7 +195,8 @@ def _ext_proc(opts: EnvoyConfigOptions) -> ExternalProcessor:
         message_timeout=_seconds(opts.message_timeout_s),
         metadata_options=MetadataOptions(
             forwarding_namespaces=MetadataOptionsMetadataNamespaces(untyped=[LB_NAMESPACE, SUBSET_NAMESPACE]),
-            receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[LB_NAMESPACE]),
+            receiving_namespaces=MetadataOptionsMetadataNamespaces(
+                untyped=[LB_NAMESPACE, responselog.DEBUG_NAMESPACE]),
         ),
     )
 
@@ -204,6 +212,8 @@ def _listener(opts: EnvoyConfigOptions) -> Listener:
         # Off by default, on for the API routes only (hardening.api_routes): see hardening._with_ext_proc.
         filters.insert(0, HttpFilter(name=hardening.EXT_PROC_FILTER, typed_config=_pack(_ext_proc(opts)),
                                      disabled=True))
+        if opts.response_body == "access-log":
+            filters.insert(1, responselog.observer_filter())
     hcm = HttpConnectionManager(
         stat_prefix="kvswitch_ingress",
         route_config=RouteConfiguration(
@@ -214,6 +224,7 @@ def _listener(opts: EnvoyConfigOptions) -> Listener:
         http_filters=filters,
         early_header_mutation_extensions=[hardening.early_strip()],
         local_reply_config=hardening.local_replies(),
+        access_log=responselog.access_logs(_log_clusters(opts)) if _logs(opts) else [],
     )
     return Listener(
         name="inference",
@@ -275,8 +286,7 @@ def _picker_cluster(opts: EnvoyConfigOptions) -> Cluster:
         name=PICKER_CLUSTER,
         type=_static_or_dns(opts.picker),
         connect_timeout=_seconds(1),
-        load_assignment=_load_assignment(PICKER_CLUSTER, [opts.picker] + [p for p in opts.pickers
-                                                                          if p != opts.picker]),
+        load_assignment=_load_assignment(PICKER_CLUSTER, _replicas(opts)),
         # No panic routing to an unhealthy picker: with no healthy host the ext_proc stream fails at once,
         # before any body chunk is sent, which is when Envoy still honours failure_mode_allow (fail-open)
         # under FULL_DUPLEX_STREAMED; it also makes fail-closed answer fast.
@@ -294,6 +304,39 @@ def _picker_cluster(opts: EnvoyConfigOptions) -> Cluster:
             grpc_health_check=HealthCheckGrpcHealthCheck(service_name=EXT_PROC_SERVICE),
         )],
     )
+
+
+def _logs(opts: EnvoyConfigOptions) -> bool:
+    return opts.ext_proc and opts.response_body == "access-log"
+
+
+def _replicas(opts: EnvoyConfigOptions) -> list[str]:
+    return [opts.picker] + [p for p in opts.pickers if p != opts.picker]
+
+
+def _log_clusters(opts: EnvoyConfigOptions) -> list[str]:
+    """Where access-log entries go: the picker cluster, or with several replicas listed one cluster per
+    replica (each a fixed IP or a name resolving to that replica alone, e.g. a StatefulSet pod's DNS name):
+    every replica gets every entry and keeps those of the requests it routed. One name for several replicas
+    (a Service) cannot work: the entries would reach one replica; use response_body skip there."""
+    replicas = _replicas(opts)
+    if len(replicas) == 1:
+        return [PICKER_CLUSTER]
+    return [PICKER_LOG_CLUSTER.format(i) for i in range(len(replicas))]
+
+
+def _picker_log_clusters(opts: EnvoyConfigOptions) -> list[Cluster]:
+    names = _log_clusters(opts) if _logs(opts) else []
+    if names == [PICKER_CLUSTER] or not names:
+        return []
+    h2 = HttpProtocolOptions(explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+        http2_protocol_options=Http2ProtocolOptions()))
+    return [Cluster(name=name, type=_static_or_dns(replica), connect_timeout=_seconds(1),
+                    load_assignment=_load_assignment(name, [replica]),
+                    typed_extension_protocol_options={
+                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _pack(h2)},
+                    transport_socket=_picker_tls(opts))
+            for name, replica in zip(names, _replicas(opts), strict=True)]
 
 
 def _static_or_dns(hostport: str) -> ClusterDiscoveryType:
@@ -321,7 +364,8 @@ def build_bootstrap(opts: EnvoyConfigOptions) -> Bootstrap:
     return Bootstrap(
         static_resources=BootstrapStaticResources(
             listeners=[_listener(opts)],
-            clusters=[_pool_cluster(opts)] + ([_picker_cluster(opts)] if opts.ext_proc else []),
+            clusters=[_pool_cluster(opts)] + ([_picker_cluster(opts), *_picker_log_clusters(opts)]
+                                              if opts.ext_proc else []),
         ),
         admin=Admin(address=_addr(f"127.0.0.1:{opts.admin_port}")),
     )

@@ -22,9 +22,11 @@ def parse_args(argv: list[str]) -> tuple[EnvoyConfigOptions, str | None, str]:
     p.add_argument("--lb", choices=["override-host", "original-dst"], default="override-host")
     p.add_argument("--endpoint", action="append", default=[], metavar="IP:PORT",
                    help="a pool pod (repeatable; required with --lb override-host)")
-    p.add_argument("--response-body", choices=["observe", "skip", "detach"], default="observe",
-                   help="skip: Envoy sends no response body to the picker (pair with kvswitch serve "
-                        "--response-body skip): fewer messages, no usage/cached-token feedback")
+    p.add_argument("--response-body", choices=["access-log", "observe", "skip", "detach"], default="access-log",
+                   help="what of the response reaches the picker (pair with kvswitch serve --response-body): "
+                        "access-log (default): nothing on the ext_proc stream, the outcome (first byte, usage, "
+                        "status) through Envoy's gRPC access log; observe: every chunk; skip: headers and end; "
+                        "detach: nothing")
     p.add_argument("--picker-tls", action="store_true",
                    help="connect to the picker over TLS (kvswitch serve --tls-cert/--tls-key or --tls-self-signed)")
     p.add_argument("--picker-tls-ca", metavar="PEM", help="verify the picker's certificate against this CA file "

@@ -306,7 +306,7 @@ class LocalStack:
                                   pickers=[r.address for r in self._s.replicas],
                                   fail_open=False, admin_port=_free_port(),
                                   endpoints=[p.address for p in self.pods],
-                                  response_body=self.config.server.response_body if self.config else "observe")
+                                  response_body=self.config.server.response_body if self.config else "access-log")
         self._s.envoy = envoy = EnvoyChild(opts, self.workdir, o.envoy_concurrency, o.envoy_log_level)
         await envoy.start(o.ready_timeout_s)
 

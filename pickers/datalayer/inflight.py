@@ -4,10 +4,16 @@ Per pod slot: requests routed and not finished, those still before their first t
 prefill), their uncached prompt tokens (prefill work ahead of a new request) and the decode tokens they may
 still produce. Fed by the scheduler's hooks; records expire after ``ttl_s`` so a lost "finished" report
 cannot leak load forever, and at most ``max_records`` are kept.
+
+When the gateway reports a response only once it has ended (``response_body: access-log``), no first token
+arrives while a request runs: ``add`` then takes the predicted first-token time and ``settle`` moves the
+request out of the prefill counts when that time has passed (the real first token, reported at the end,
+corrects the predictor instead).
 """
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,16 +39,22 @@ class InflightTracker:
         self.ttl_s = ttl_s
         self.max_records = max_records
         self._recs: dict[str, _Rec] = {}
+        self._due: list[tuple[float, str]] = []  # (predicted first token, rid), a heap; see settle
 
     def __len__(self) -> int:
         return len(self._recs)
 
-    def add(self, rid: str, slot: int, prefill_slot: int | None, uncached: float, decode: float, now: float) -> None:
+    def add(self, rid: str, slot: int, prefill_slot: int | None, uncached: float, decode: float, now: float,
+            first_token_by: float | None = None) -> None:
+        """Count a routed request; ``first_token_by``: when no first-token report will come while it runs,
+        the predicted time after which its prompt no longer counts as prefill work ahead (``settle``)."""
         self._expire(now)
         if rid in self._recs:
             self.finish(rid)
         p = slot if prefill_slot is None else prefill_slot
         self._recs[rid] = _Rec(slot, p, float(uncached), float(decode), now)
+        if first_token_by is not None:
+            heapq.heappush(self._due, (first_token_by, rid))
         self.requests[slot] += 1
         self.decode_tokens[slot] += decode
         self.prefill_requests[p] += 1
@@ -83,6 +95,25 @@ class InflightTracker:
         self.requests[r.slot] -= 1
         self.decode_tokens[r.slot] -= r.decode
         return r
+
+    @property
+    def predicted_first_tokens(self) -> int:
+        """Entries waiting in the predicted-first-token heap (bounded: see ``settle``)."""
+        return len(self._due)
+
+    def settle(self, now: float) -> None:
+        """Requests whose predicted first token is due leave the prefill counts. The heap holds at most one
+        entry per ``add`` with a prediction; entries of finished requests are dropped when due, and the heap
+        is rebuilt from live records if it ever holds twice ``max_records``."""
+        due = self._due
+        while due and due[0][0] <= now:
+            _, rid = heapq.heappop(due)
+            r = self._recs.get(rid)
+            if r is not None:
+                self.first_token_rec(r)
+        if len(due) > 2 * self.max_records:
+            self._due = [(t, rid) for t, rid in due if rid in self._recs and not self._recs[rid].started]
+            heapq.heapify(self._due)
 
     def first_token_rec(self, r: _Rec) -> None:
         if not r.started:

@@ -45,16 +45,31 @@ def test_cli_writes_config_with_chosen_options(tmp_path):
 
 
 def test_ext_proc_filter_contract():
-    doc = to_dict(EnvoyConfigOptions(endpoints=["10.0.0.1:8000"]))
+    doc = to_dict(EnvoyConfigOptions(endpoints=["10.0.0.1:8000"]))  # the default: access-log
     hcm = doc["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
     ext = hcm["httpFilters"][0]["typedConfig"]
-    assert ext["processingMode"] == {
+    assert ext["processingMode"] == {  # nothing of the response: Envoy ends the stream once routed
+        "requestHeaderMode": "SEND", "responseHeaderMode": "SKIP",
+        "requestBodyMode": "FULL_DUPLEX_STREAMED",
+        "requestTrailerMode": "SEND", "responseTrailerMode": "SKIP",
+    }
+    # the outcome comes back through the Lua observer and one unbatched gRPC access logger to the picker
+    assert [f["name"] for f in hcm["httpFilters"]] == ["envoy.filters.http.ext_proc", "kvswitch.response_observer",
+                                                        "envoy.filters.http.router"]
+    (logger,) = hcm["accessLog"]
+    common = logger["typedConfig"]["commonConfig"]
+    assert common["grpcService"]["envoyGrpc"]["clusterName"] == "kvswitch_picker"
+    assert common["bufferSizeBytes"] == 0 and common["transportApiVersion"] == "V3"
+    observe = to_dict(EnvoyConfigOptions(endpoints=["10.0.0.1:8000"], response_body="observe"))
+    ohcm = observe["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
+    assert ohcm["httpFilters"][0]["typedConfig"]["processingMode"] == {
         "requestHeaderMode": "SEND", "responseHeaderMode": "SEND",
         "requestBodyMode": "FULL_DUPLEX_STREAMED", "responseBodyMode": "FULL_DUPLEX_STREAMED",
         "requestTrailerMode": "SEND", "responseTrailerMode": "SEND",
     }
+    assert "accessLog" not in ohcm and len(ohcm["httpFilters"]) == 2
     assert ext["messageTimeout"] == "1000s" and "failureModeAllow" not in ext
-    assert ext["metadataOptions"]["receivingNamespaces"]["untyped"] == ["envoy.lb"]
+    assert ext["metadataOptions"]["receivingNamespaces"]["untyped"] == ["envoy.lb", "kvswitch.debug"]
     assert "envoy.lb" in ext["metadataOptions"]["forwardingNamespaces"]["untyped"]
     pool = doc["staticResources"]["clusters"][0]
     lb = pool["loadBalancingPolicy"]["policies"][0]["typedExtensionConfig"]
@@ -69,3 +84,21 @@ def test_checked_in_examples_are_up_to_date():
         path = ENVOY_DIR / name
         assert path.exists(), f"envoy/{name} missing: run python -m extproc.envoyconfig.examples"
         assert path.read_text() == text, f"envoy/{name} is stale: run python -m extproc.envoyconfig.examples"
+
+
+def test_access_log_goes_to_every_listed_replica_and_to_the_service_otherwise():
+    """Each replica must get the entries of the requests it routed: with fixed addresses one logger (and one
+    cluster) per replica; behind one DNS name a single logger to the picker cluster."""
+    doc = to_dict(EnvoyConfigOptions(endpoints=["10.0.0.1:8000"], picker="10.1.1.1:9002",
+                                     pickers=["10.1.1.2:9002", "10.1.1.3:9002"]))
+    hcm = doc["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
+    targets = [a["typedConfig"]["commonConfig"]["grpcService"]["envoyGrpc"]["clusterName"] for a in hcm["accessLog"]]
+    clusters = {c["name"]: c for c in doc["staticResources"]["clusters"]}
+    assert targets == ["kvswitch_picker_log_0", "kvswitch_picker_log_1", "kvswitch_picker_log_2"]
+    hosts = [clusters[t]["loadAssignment"]["endpoints"][0]["lbEndpoints"][0]["endpoint"]["address"]["socketAddress"]
+             ["address"] for t in targets]
+    assert hosts == ["10.1.1.1", "10.1.1.2", "10.1.1.3"]
+    dns = to_dict(EnvoyConfigOptions(endpoints=["10.0.0.1:8000"], picker="kvswitch-picker.ns.svc:9002"))
+    dhcm = dns["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
+    assert [a["typedConfig"]["commonConfig"]["grpcService"]["envoyGrpc"]["clusterName"]
+            for a in dhcm["accessLog"]] == ["kvswitch_picker"]

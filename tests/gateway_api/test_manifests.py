@@ -32,7 +32,8 @@ CRDS = REPO / ".." / "shared" / "data" / "crds"
 OVERLAYS = sorted(p.name for p in (GATEWAY_API / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
 K8S_VERSION = "1.33"
 CORE_GROUPS = {"v1", "apps/v1", "policy/v1", "rbac.authorization.k8s.io/v1", "batch/v1", "autoscaling/v2"}
-PLAIN_ENVOY_COMMAND = ["envoy-config", "--lb", "original-dst", "--picker", "kvswitch-headless:9002", "--picker-tls",
+PLAIN_ENVOY_COMMAND = ["envoy-config", "--lb", "original-dst", "--picker", "kvswitch-headless:9002",
+                       "--response-body", "skip", "--picker-tls",
                        "--picker-tls-sni", "kvswitch", "--listen-port", "8081", "--admin-port", "9901"]
 
 
