@@ -20,10 +20,10 @@ BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
             {"type": "ttft", "weight": 3.0},
             {"type": "prefix", "mode": "auto", "gate_ttft_ratio": 1.5, "weight": 1.0},
             {"type": "kv-usage", "weight": 1.0},
-            # data-parallel ranks only (1 for every other endpoint): fill a pod's idle ranks before its slowest
-            # one, place new prompt groups on the quietest rank. Weight 4: at 1-2 groups stayed where a tie put
-            # them (request CV 0.16 on 2 pods x DP4 at 120 req/s); at 4 the busy-time CV is 0.05-0.06 there and
-            # 0.06 on Mooncake (e2e/bench/dp.py, e2e/bench/results/2026-12-02-dp-moe)
+            # data-parallel ranks only (1 for every other endpoint): new prompt groups on the quietest rank, and
+            # a rank past (1 + 0.05) x the ranks' mean of recent requests gives way (its group spills to a
+            # replica). Weight 4, the ttft and prefix weights together (3 + 1): a rank past the bound loses at
+            # least a warm rank's lead there (e2e/bench/dp.py, e2e/bench/results/2026-12-02-dp-moe-v2)
             {"type": "rank-balance", "weight": 4.0},
         ],
         "picker": {"type": "max-score", "max_endpoints": 3},

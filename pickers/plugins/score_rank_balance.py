@@ -37,6 +37,12 @@ before a cold one, so a hot group costs one miss per extra replica and then spre
 rank is always under the mean, so the bound never leaves every rank at 0. ``bound_slack`` keeps light load
 (a handful of requests) on the rank that holds the prefix.
 
+The top bound alone leaves a rank whose groups are small starved (2 pods x DP8, 32 groups, 10 req/s: one rank
+at 3.3 % against a 6.25 % mean, CV 0.08-0.14), since spills go to replicas, not to it. ``bound_floor`` bounds
+the bottom the same way: while a rank is under (1 - bound) x the mean - bound_slack it scores 1 and every rank
+at or above the mean 0, so the next request (of whichever group) goes there and warms it (CV 0.036-0.040,
+TTFT p90 10-12 ms, hit 88-89 % there).
+
 Default ``recent_weight`` 1: the straggler term is off. It assumes an idle rank's capacity is free in the
 pod's steps, but the experts are shared over the pod (EP): a second rank prefilling in the same steps adds
 its tokens to every expert's work, and the term sent prompts to a busy pod's idle rank before an idle pod
@@ -73,6 +79,9 @@ class RankBalanceScorer(Scorer):
         "bound_half_life_s": Param(float, 120.0, min=0.001, doc="half-life of the bounded-load request count"),
         "bound_spill": Param(float, 1.0, min=0.0, max=1.0,
                              doc="while a candidate is over the bound, the others score at least this"),
+        "bound_floor": Param(bool, True,
+                             doc="also pull to a rank under (1 - bound) x the mean - bound_slack (the others "
+                                 "at or above the mean score 0); off: only the top is bounded"),
     }
     mode: PrefixMode
     waiting_prompt_tokens: float
@@ -84,6 +93,7 @@ class RankBalanceScorer(Scorer):
     bound_slack: float
     bound_half_life_s: float
     bound_spill: float
+    bound_floor: bool
 
     def __init__(self, **params):
         super().__init__(**params)
@@ -130,10 +140,15 @@ class RankBalanceScorer(Scorer):
         out[ranked] = (1.0 - rw) * straggler[ranked] + rw * quiet
         if self.bound > 0 and rc.size > 1:
             routed = self._routed.at(ctx.now, table.slot_count)[rc]
-            over = routed > (1.0 + self.bound) * routed.mean() + self.bound_slack
+            mean = routed.mean()
+            over = routed > (1.0 + self.bound) * mean + self.bound_slack
             if over.any():
                 sub = out[ranked]
                 out[ranked] = np.where(over, 0.0, np.maximum(sub, self.bound_spill))
+            if self.bound_floor:
+                under = routed < (1.0 - self.bound) * mean - self.bound_slack
+                if under.any():
+                    out[ranked] = np.where(under, 1.0, np.where(routed >= mean, 0.0, out[ranked]))
         return out
 
 
