@@ -38,7 +38,7 @@ rank is always under the mean, so the bound never leaves every rank at 0. ``boun
 (a handful of requests) on the rank that holds the prefix.
 
 The top bound alone leaves a rank whose groups are small starved (2 pods x DP8, 32 groups, 10 req/s: one rank
-at 3.3 % against a 6.25 % mean, CV 0.08-0.14), since spills go to replicas, not to it. ``bound_floor`` bounds
+at 3.3 % against a 6.25 % mean, CV 0.06-0.14), since spills go to replicas, not to it. ``bound_floor`` bounds
 the bottom the same way: while a rank is under (1 - bound) x the mean - bound_slack it scores 1 and every rank
 at or above the mean 0, so the next request (of whichever group) goes there and warms it (CV 0.036-0.040,
 TTFT p90 10-12 ms, hit 88-89 % there).
