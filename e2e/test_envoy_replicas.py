@@ -71,28 +71,20 @@ async def run_replicas(sig: int, response_body: str, fail_open: bool, tmp: Path)
 @pytest.mark.parametrize("response_body", ["access-log", "observe", "detach"])
 async def test_one_replica_of_three_goes_away_under_load(tmp_path, sig, response_body):
     """SIGTERM: no request fails (NOT_SERVING first, served until Envoy moved away, then drained).
-    SIGKILL: new requests go to the other replicas (the ext_proc stream is retried on another replica, the
-    dead one ejected at its first refused connection; a few in the first second may still fail); with
-    response_body observe the streams in flight
-    through the killed picker are cut (Envoy fails an ext_proc stream that breaks after the body was sent,
-    fail-open or not); with detach and access-log (the default) Envoy closed those streams after routing, so
-    none is cut."""
+    SIGKILL: no new request fails either: an ext_proc stream Envoy opens on the dead replica is replayed on
+    another (the retry policy on the GrpcService, with Envoy buffering what it sent) and the dead one is
+    ejected at its first refused connection. With access-log (the default) and detach Envoy closed the
+    streams already placed once they were routed, so none is cut (only a request caught mid-routing at the
+    kill can fail); with observe the streams in flight through the killed picker are cut (Envoy fails an
+    ext_proc stream that breaks after the body was sent)."""
     r = await run_replicas(sig, response_body, False, tmp_path)
     print(f"\nreplicas {sig.name} response_body={response_body}: {r}")
     assert r["ok"] > 50
     if sig == signal.SIGTERM:
         assert r["failed"] == 0
-    else:
-        # placed before the kill: started more than 0.1 s before it (one started a millisecond before the kill was
-        # still in its ext_proc exchange, not placed; it fails like the new ones, seen in a CI run)
-        started_before = sum(1 for o in r["failed_offsets_s"] if o < -0.1)
-        if response_body == "observe":  # its placed streams are cut by design: count the new ones only
-            started_before = r["failed"] - r["failed_started_after_kill"]
-        # A new request whose ext_proc stream Envoy opens on the dead replica in the ~1 s before its health
-        # check removes it can still fail (500, connection refused): the gRPC retry on another replica and
-        # the outlier ejection catch most but not all of them: the streams already waiting on a new connection
-        # to the dead replica fail together (observed 0 to 5 per run, fail-open or not: Envoy does not retry an
-        # ext_proc stream whose request body it already handed over).
-        assert r["failed"] - started_before <= 6
-        if response_body in ("detach", "access-log"):  # Envoy closed their ext_proc streams once routed
-            assert started_before == 0
+        return
+    assert r["failed_started_after_kill"] == 0  # every new request replayed on a live replica
+    if response_body != "observe":
+        # none placed before the kill is cut; one whose routing exchange was under way at that instant (the
+        # dead picker had begun to answer, so Envoy cannot replay it) may fail: seen once, 6 ms before the kill
+        assert all(-0.1 <= o < 0 for o in r["failed_offsets_s"]) and r["failed"] <= 2

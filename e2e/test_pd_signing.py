@@ -36,7 +36,7 @@ async def test_sidecar_runs_only_picker_signed_prefill_legs(tmp_path, signing):
         sidecar = await stack.enter_async_context(Sidecar(SidecarConfig(
             decode_url=f"http://{decode.address}", host="127.0.0.1", port=0, prefill_pods=(),
             picker_secret=secret.read_bytes().strip())))
-        cfg = picker_config([], {"handler": {"type": "prefill-decode"}}, debug_headers=True,
+        cfg = picker_config([], {"handler": {"type": "prefill-decode", "decider": "threshold"}}, debug_headers=True,
                             prefill_signing_secret_file=str(secret) if signing else None)
         # the pool: the prefill engine and the decode pod's sidecar
         cfg.endpoints = [EndpointConfig(address=prefill.address, role="prefill",

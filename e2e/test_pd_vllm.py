@@ -80,7 +80,7 @@ async def pd_stack(pair):
             Endpoint(sidecar.address, role=Role.DECODE, model=pair.model_name, kv_events=pair.b.kv_events_endpoint,
                      metrics_url=f"{pair.b.base_url}/metrics", block_size=pair.block_size),
         ]
-        raw = {"handler": {"type": "prefill-decode", "threshold_tokens": THRESHOLD},
+        raw = {"handler": {"type": "prefill-decode", "decider": "threshold", "threshold_tokens": THRESHOLD},
                "tokenizer": {"path": str(pair.tokenizer_path / "tokenizer.json")},
                "datalayer": {"scrape_interval_ms": 250}}
         sched = build_scheduler(raw, endpoints, registry=CollectorRegistry())

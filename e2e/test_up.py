@@ -62,6 +62,31 @@ def _children(pid: int, name: str) -> list[int]:
     return out
 
 
+def _picker_children(pid: int) -> list[int]:
+    """Child processes of ``pid`` running ``kvswitch serve`` (the picker replicas of ``kvswitch up``)."""
+    out = []
+    for child in _children(pid, ""):
+        try:
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"extproc.cli" in argv and b"serve" in argv:
+            out.append(child)
+    return out
+
+
+def _picker_hosts(admin_port: int) -> dict[str, dict[str, str]]:
+    """Envoy's view of the picker cluster: host -> {stat or flag name: value} (admin /clusters)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/clusters", timeout=5) as r:
+        text = r.read().decode()
+    hosts: dict[str, dict[str, str]] = {}
+    for line in text.splitlines():
+        parts = line.split("::")
+        if len(parts) == 4 and parts[0] == "kvswitch_picker" and parts[1].startswith("127.0.0.1:"):
+            hosts.setdefault(parts[1], {})[parts[2]] = parts[3]
+    return hosts
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -170,6 +195,34 @@ def test_up_serves_through_envoy_and_stops_cleanly_on_sigterm():
         assert not any(_alive(pid) for pid in envoys)
         assert _port_free(up.port) and _port_free(up.admin_port)
         assert "kvswitch: stopped" in up.output
+
+
+def test_up_with_pickers_runs_each_in_its_own_process_health_checked_by_envoy():
+    """--pickers 2: two `kvswitch serve` processes (not two servers on one loop), both listed and health-checked
+    by Envoy and both taking requests; one killed is taken out and the other serves; SIGTERM stops them all."""
+    with kvswitch_up("--pods", "2", "--pickers", "2", "--port", "0", timeout=90) as up:
+        pickers = _picker_children(up.proc.pid)
+        assert len(pickers) == 2, up.output
+        hosts = _picker_hosts(up.admin_port)
+        assert len(hosts) == 2 and all(h["health_flags"] == "healthy" for h in hosts.values()), hosts
+        for i in range(12):
+            r = _complete(up.url, f"replica question {i}")
+            assert r.status_code == 200, r.text
+        hosts = _picker_hosts(up.admin_port)
+        assert all(int(h["rq_total"]) > 0 for h in hosts.values()), hosts  # Envoy balances over both
+
+        os.kill(pickers[0], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while not any(h["health_flags"] != "healthy" for h in _picker_hosts(up.admin_port).values()):
+            assert time.monotonic() < deadline, _picker_hosts(up.admin_port)
+            time.sleep(0.1)
+        for i in range(6):
+            r = _complete(up.url, f"after the kill {i}")
+            assert r.status_code == 200, r.text
+
+        up.proc.send_signal(signal.SIGTERM)
+        assert up.proc.wait(30) == 0, up.output
+        assert not any(_alive(pid) for pid in pickers)
 
 
 def test_up_refuses_a_busy_port_with_a_clear_message():

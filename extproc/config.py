@@ -1,8 +1,8 @@
 """The picker's one YAML configuration file, validated at start (errors name the bad key).
 
-    server: {grpc_port, metrics_port, host, body_limit_bytes, debug_headers, model_rewrite, drain_seconds,
-             move_away_seconds, move_away_quiet_seconds, offload_min_bytes, offload_budget_bytes, max_fallback,
-             response_body, tls_cert, tls_key, tls_self_signed, prefill_signing_secret_file}
+    server: {grpc_port, metrics_port, host, body_limit_bytes, context_cap_bytes, debug_headers, model_rewrite,
+             drain_seconds, move_away_seconds, move_away_quiet_seconds, offload_min_bytes, offload_budget_bytes,
+             max_fallback, response_body, tls_cert, tls_key, tls_self_signed, prefill_signing_secret_file}
     endpoints: [{address, role, model, accelerator, model_profile, labels, kv_events, metrics_url,
                  dp_size, dp_start_rank, dp_rank}]
                # dp_size N: the pod runs N vLLM data-parallel ranks; one endpoint per rank (ip:port#r), rank r's
@@ -30,6 +30,12 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     grpc_port: int = 9002
     metrics_port: int = 9090  # 0 picks a free port; -1 turns the metrics server off
     body_limit_bytes: int = 8 * 1024 * 1024
+    # A body longer than this cannot hold a prompt that fits the pool's largest context, so the picker refuses
+    # it (400 context_length_exceeded) from its content-length, or as soon as that many bytes arrived, instead
+    # of receiving, parsing and hashing it and sending it on to a pod that would refuse it after all the work.
+    # None: derived (extproc.contextcap: the endpoints' largest max_model_len x 32 bytes per token + 64 KiB);
+    # 0: off (only body_limit_bytes applies).
+    context_cap_bytes: int | None = None
     debug_headers: bool = False
     model_rewrite: dict[str, str] = {}
     drain_seconds: float = 10.0
@@ -126,6 +132,8 @@ def _check(cfg: Config) -> Config:
         port = getattr(s, key)
         if not -1 <= port <= 65535:
             raise ConfigError(f"server.{key}: {port} is not a port number (0-65535)")
+    if s.context_cap_bytes is not None and s.context_cap_bytes < 0:
+        raise ConfigError(f"server.context_cap_bytes: must be >= 0 (0 turns it off), got {s.context_cap_bytes}")
     if s.body_limit_bytes <= 0:
         raise ConfigError(f"server.body_limit_bytes: must be positive, got {s.body_limit_bytes}")
     if s.max_fallback < 0:

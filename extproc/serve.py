@@ -14,6 +14,7 @@ import msgspec
 import uvloop
 
 from extproc.config import Config, ConfigError, config_from_dict, load_config, parse_endpoint_flag
+from extproc.looplag import LoopLagProbe
 from extproc.server import build_scheduler, build_server
 from pickers.director import Director
 
@@ -85,9 +86,12 @@ async def _run(server) -> None:
     # health checks and small requests responsive at a small cost to the worker's throughput.
     sys.setswitchinterval(0.001)
     await server.start()
+    lag = LoopLagProbe()  # kvswitch_event_loop_lag_seconds: a stalled loop vs a saturated machine
+    lag.start()
     print(f"kvswitch serve: ext_proc on port {server.port}, metrics on {server.metrics_port}", flush=True)
     await stop.wait()
     logging.getLogger("kvswitch").info("draining (up to %.1fs)", server.config.server.drain_seconds)
+    await lag.stop()
     await server.stop()
 
 

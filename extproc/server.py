@@ -27,6 +27,7 @@ from grpc_health.v1.health import aio as health_aio
 from extproc import metrics
 from extproc.budget import ByteBudget
 from extproc.config import Config, ConfigError
+from extproc.contextcap import context_cap_bytes
 from extproc.responselog import AccessLogReceiver, PendingResponses
 from extproc.stream import ExtProcStream, StreamSettings
 from extproc.tls import bind
@@ -109,7 +110,9 @@ class Server:
                                       pending=self.pending,
                                       offload_min_bytes=s.offload_min_bytes,
                                       budget=ByteBudget(s.offload_budget_bytes),
-                                      prefill_secret=_secret(s.prefill_signing_secret_file)),
+                                      prefill_secret=_secret(s.prefill_signing_secret_file),
+                                      context_cap_bytes=context_cap_bytes(  # rel2 (issue 14)
+                                          s.context_cap_bytes, {e.model_profile for e in config.endpoints})),
             self.clock
         )
         self.health = health_aio.HealthServicer()

@@ -73,7 +73,7 @@ def options_from_args(a: argparse.Namespace) -> StackOptions:
                         accelerator=a.accelerator, model_profile=a.model_profile, model_name=a.model_name,
                         profile=a.profile, tokenizer=a.tokenizer, config_file=a.config,
                         debug_headers=a.debug_headers, envoy_concurrency=a.envoy_concurrency, seed=a.seed,
-                        dp=a.dp)
+                        dp=a.dp, picker_log_level=a.log_level.upper())
 
 
 def describe_pods(stack: LocalStack) -> list[str]:

@@ -41,7 +41,7 @@ from extproc.responselog import LoggedResponse, PendingResponses
 from pickers.clock import Clock
 from pickers.explain import explain_header
 from pickers.ranks import destinations, endpoint_address, served_id, split_endpoint_id
-from pickers.types import Decision, InferenceRequest, Scheduler, SchedulingError
+from pickers.types import Decision, InferenceRequest, Scheduler, SchedulingError, Usage
 
 log = logging.getLogger("kvswitch.extproc")
 
@@ -66,6 +66,9 @@ class StreamSettings:
     offload_min_bytes: int = 256 * 1024
     budget: ByteBudget | None = None
     prefill_secret: bytes | None = None  # sign prefill targets for the decode pods' sidecars (server config)
+    # rel2 (issue 14): a body past this holds no prompt that fits the pool's context (extproc.contextcap):
+    # refused from its content-length, or once that many bytes arrived, before it is parsed or sent on.
+    context_cap_bytes: int | None = None
 
 
 class Phase(enum.Enum):
@@ -175,8 +178,25 @@ class ExtProcStream:
                 self.subset = _split_addresses(hint)
         if req.request_headers.end_of_stream:
             return await self._decide(None)
+        length = self.headers.get("content-length", "")
+        if length.isdigit() and self._over_context_cap(int(length)):  # rel2: refuse before any body byte
+            return self._reject_over_context(int(length))
         self.phase = Phase.BODY
         return []
+
+    def _over_context_cap(self, size: int) -> bool:
+        cap = self.settings.context_cap_bytes
+        return cap is not None and size > cap
+
+    def _reject_over_context(self, size: int) -> list[pb.ProcessingResponse]:
+        self._chunks = []
+        return self._reject(RequestRejected(
+            400,
+            f"request body is {'at least ' if self.phase is Phase.BODY else ''}{size} bytes: longer than any "
+            f"prompt that fits this pool's largest context (at most {self.settings.context_cap_bytes} bytes); "
+            "shorten the prompt",
+            "context_length_exceeded",
+        ))
 
     async def _on_request_body(self, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
         if self.phase is not Phase.BODY:
@@ -193,6 +213,8 @@ class ExtProcStream:
                     "or ask the operator to raise server.body_limit_bytes",
                     "request_too_large",
                 ))
+            if self._over_context_cap(self._size):  # rel2: chunked bodies, or a content-length that lied
+                return self._reject_over_context(self._size)
             self._chunks.append(chunk)
         if not body.end_of_stream:
             return []
@@ -406,30 +428,29 @@ class ExtProcStream:
                 director.on_first_token(decision, at - max(0.0, response.end_s - response.first_byte_s))
         except Exception:
             log.exception("a director hook failed on an access-log entry")
-        self._ended = True
-        self.phase = Phase.DONE
-        self._uncount()
-        try:
-            if response.failure is None:
-                self.director.on_finished(decision, response.usage, at)
-            else:
-                metrics.ERRORS.labels("truncated" if response.failure.startswith("truncated")
-                                      else "upstream_error").inc()
-                self.director.on_failed(decision, response.failure, at)
-        except Exception:
-            log.exception("a director hook failed at the end of the request")
+        if response.failure is not None:
+            metrics.ERRORS.labels("truncated" if response.failure.startswith("truncated") else "upstream_error").inc()
+        self._end(response.failure, response.usage, at)
 
     def abandon(self, reason: str) -> None:
         """No access-log entry will come (expired, or the picker stops): release the request."""
-        if self._ended or self.decision is None:
-            return
+        if not self._ended and self.decision is not None:
+            self._end(reason, None, self.clock.now())
+
+    def _end(self, failure: str | None, usage: Usage | None, at: float) -> None:
+        """Report the end once: load released, then on_finished (``failure`` None) or on_failed."""
+        decision = self.decision
+        assert decision is not None
         self._ended = True
         self.phase = Phase.DONE
         self._uncount()
         try:
-            self.director.on_failed(self.decision, reason, self.clock.now())
+            if failure is None:
+                self.director.on_finished(decision, usage, at)
+            else:
+                self.director.on_failed(decision, failure, at)
         except Exception:
-            log.exception("director.on_failed failed")
+            log.exception("a director hook failed at the end of the request")
 
     def close(self) -> None:
         """The gRPC stream ended (normally or not): a request still in flight failed, unless no response
@@ -447,21 +468,9 @@ class ExtProcStream:
             self._finish()
         self._unpark()  # not waiting for an entry any more: the outcome is decided below
         if self.decision is not None and not self._ended and self.settings.detached:
-            self._ended = True  # detached: the response is never seen, so routing was the last we know of it
-            self.phase = Phase.DONE
-            self._uncount()
-            try:
-                self.director.on_finished(self.decision, None, self.clock.now())
-            except Exception:
-                log.exception("scheduler.on_finished failed")
+            self._end(None, None, self.clock.now())  # the response is never seen: routing was the last news
         if self.decision is not None and not self._ended:
-            self._ended = True
-            self._uncount()
             metrics.ERRORS.labels("stream_aborted").inc()
-            try:
-                self.director.on_failed(self.decision, "stream closed before the response ended",
-                                         self.clock.now())
-            except Exception:
-                log.exception("director.on_failed failed")
+            self._end("stream closed before the response ended", None, self.clock.now())
         self._uncount()  # whatever happened, a closed stream holds no in-flight gauge
         metrics.STREAM_SECONDS.observe(time.perf_counter() - self.started)

@@ -209,6 +209,12 @@ class Scorer(Plugin):
         """One float in [0, 1] per candidate, higher is better."""
         raise NotImplementedError
 
+    def tiers(self, ctx: CycleContext, cands: np.ndarray) -> np.ndarray | None:
+        """Optional: an integer tier per candidate (higher first) that orders candidates before any score
+        (``Profile.run``): every candidate of a higher tier ranks above every one of a lower tier, whatever
+        the weighted sum. None (the default): no tiers. Called after ``score`` in the same cycle."""
+        return None
+
 
 class Picker(Plugin):
     KIND = "picker"
@@ -258,10 +264,18 @@ class Profile:
             raise ctx.no_endpoint(self.name)
         totals = np.zeros(cands.size)
         scores: dict[str, np.ndarray] = {}
+        tiers: np.ndarray | None = None
         for s, w in self.scorers:
             v = s.score(ctx, cands)
             scores[s.label] = v
             totals += w * v
+            t = s.tiers(ctx, cands)
+            if t is not None:
+                tiers = t if tiers is None else np.minimum(tiers, t)
+        if tiers is not None and np.any(tiers != tiers[0]):
+            # lexicographic: each score is in [0, 1], so a tier step above the largest possible weighted sum
+            # puts every candidate of a higher tier first; within a tier the weighted sum decides
+            totals = totals + tiers * (sum(abs(w) for _, w in self.scorers) + 1.0)
         order = self.picker.pick(ctx, cands, totals)
         return ProfileResult(self.name, cands[order], cands, totals, scores)
 

@@ -20,6 +20,9 @@ BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
             {"type": "ttft", "weight": 3.0},
             {"type": "prefix", "mode": "auto", "gate_ttft_ratio": 1.5, "weight": 1.0},
             {"type": "kv-usage", "weight": 1.0},
+            # requests with SLO targets only (0 and no tiers for the rest): pods predicted to meet the targets
+            # first, the best fit among them, else the least late (pickers/plugins/score_slo.py)
+            {"type": "slo-fit", "weight": 2.0},
             # data-parallel ranks only (1 for every other endpoint): new prompt groups on the quietest rank, and
             # a rank past (1 + 0.05) x the ranks' mean of recent requests gives way (its group spills to a
             # replica). Weight 4, the ttft and prefix weights together (3 + 1): a rank past the bound loses at

@@ -63,9 +63,11 @@ class ProfileResult:
 
 
 # Why a prefill leg was or was not run (numbers, so the explanation stays a mapping of floats).
-PDReason = Literal["leg", "no-prefill-pods", "below-threshold", "mostly-cached-on-decode", "prefill-saturated"]
+PDReason = Literal["leg", "no-prefill-pods", "below-threshold", "mostly-cached-on-decode", "prefill-saturated",
+                   "split-faster", "local-faster", "protect-tpot", "always", "never"]
 PD_REASON_CODES: dict[PDReason, int] = {
     "leg": 0, "no-prefill-pods": 1, "below-threshold": 2, "mostly-cached-on-decode": 3, "prefill-saturated": 4,
+    "split-faster": 5, "local-faster": 6, "protect-tpot": 7, "always": 8, "never": 9,
 }
 
 
@@ -81,15 +83,23 @@ class PDVerdict:
     saved_s: float = 0.0
     prefill_wait_s: float = 0.0
     decode_room: bool = True
+    # the SLO-aware decider's numbers (pickers/plugins/pd_decider.py); -1 where it did not compute them
+    local_ttft_s: float = -1.0  # predicted TTFT with the prompt prefilled on the decode pod, its queue included
+    split_ttft_s: float = -1.0  # predicted TTFT through the best prefill pod: its queue, prefill, KV transfer,
+    #                             the hop and the decode pod's first step
+    local_tpot_s: float = -1.0  # the decode pod's running requests' TPOT if the prompt is prefilled there
 
     def explain(self) -> dict[str, float]:
+        extra = {} if self.local_ttft_s < 0 else {
+            "local-ttft-ms": round(self.local_ttft_s * 1e3, 3), "split-ttft-ms": round(self.split_ttft_s * 1e3, 3),
+            "local-tpot-ms": round(self.local_tpot_s * 1e3, 3)}
         return {
             "leg": 1.0 if self.leg else 0.0, "reason": float(PD_REASON_CODES[self.reason]), "prompt": self.prompt,
             "uncached": self.uncached,
             "ratio": round(self.uncached / self.prompt, 4) if self.prompt else 0.0,
             "threshold": float(self.threshold), "saved-ms": round(self.saved_s * 1e3, 3),
             "prefill-wait-ms": round(self.prefill_wait_s * 1e3, 3),
-            "decode-room": 1.0 if self.decode_room else 0.0,
+            "decode-room": 1.0 if self.decode_room else 0.0, **extra,
         }
 
 

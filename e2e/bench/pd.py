@@ -50,7 +50,8 @@ WORKLOADS: dict[str, list[tuple[float, int, int]]] = {  # (share, input tokens, 
 }
 DEFAULT_RATES = {"long": [3.0, 5.0, 7.0], "mixed": [8.0, 12.0, 16.0]}
 
-FORCED = {"type": "prefill-decode", "threshold_tokens": 0, "min_uncached_ratio": 0.0, "skip_when_saturated": False}
+FORCED = {"type": "prefill-decode", "decider": "threshold", "threshold_tokens": 0, "min_uncached_ratio": 0.0,
+          "skip_when_saturated": False}
 SETUPS: dict[str, tuple[dict[str, Any], dict[str, Any] | None]] = {
     "agg": ({"pods": 6}, None),
     "pd-all": ({"pd": "2:4"}, {"handler": FORCED}),

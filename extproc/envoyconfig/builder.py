@@ -145,6 +145,9 @@ class EnvoyConfigOptions:
     picker_tls_ca: str | None = None
     picker_tls_sni: str = ""
     ext_proc: bool = True  # False: Envoy alone, round robin over ``endpoints`` (the benchmark baseline)
+    # rel2 (issue 14): a content-length past this gets a 400 context_length_exceeded from Envoy, before the picker
+    # or a pod sees a byte (extproc.contextcap.context_cap_bytes gives the picker's own cap); None: no such route.
+    max_body_bytes: int | None = None
     # Extra HTTP filters (already-serialised proto3 JSON dicts with "name"/"typedConfig") placed before
     # ext_proc; tests use it to inject a subset hint. Plain dicts on purpose: they are test-only.
     extra_http_filters: list[dict[str, Any]] = field(default_factory=list)
@@ -183,8 +186,11 @@ def _ext_proc(opts: EnvoyConfigOptions) -> ExternalProcessor:
     detached = opts.response_body in ("detach", "access-log")
     response_side = ProcessingModeHeaderSendMode.SKIP if detached else send
     return ExternalProcessor(
-        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=PICKER_CLUSTER,
-                                                                  retry_policy=hardening.picker_grpc_retry()),
+        # The retry policy on the GrpcService itself: the one ext_proc reads (with it Envoy also buffers the
+        # messages it sent, so a stream refused by a dead replica is replayed on another); the EnvoyGrpc one is
+        # for re-establishing long-lived streams and ext_proc ignores it.
+        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=PICKER_CLUSTER),
+                                 retry_policy=hardening.picker_grpc_retry(),
                                  timeout=_seconds(opts.picker_grpc_timeout_s)),
         failure_mode_allow=opts.fail_open,
         processing_mode=ProcessingMode(
@@ -219,7 +225,8 @@ def _listener(opts: EnvoyConfigOptions) -> Listener:
         route_config=RouteConfiguration(
             name="inference",
             virtual_hosts=[VirtualHost(name="inference", domains=["*"],
-                                       routes=hardening.api_routes(action, opts.ext_proc, opts.fail_open))],
+                                       routes=hardening.api_routes(action, opts.ext_proc, opts.fail_open,
+                                                                  opts.max_body_bytes))],
         ),
         http_filters=filters,
         early_header_mutation_extensions=[hardening.early_strip()],
@@ -293,6 +300,7 @@ def _picker_cluster(opts: EnvoyConfigOptions) -> Cluster:
         common_lb_config=ClusterCommonLbConfig(healthy_panic_threshold=Percent(value=0.0)),
         typed_extension_protocol_options={"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _pack(h2)},
         outlier_detection=hardening.picker_outlier_detection(),
+        circuit_breakers=hardening.picker_circuit_breakers(),
         transport_socket=_picker_tls(opts),
         health_checks=[HealthCheck(
             timeout=_seconds(1),

@@ -32,6 +32,9 @@ def parse_args(argv: list[str]) -> tuple[EnvoyConfigOptions, str | None, str]:
     p.add_argument("--picker-tls-ca", metavar="PEM", help="verify the picker's certificate against this CA file "
                    "(implies --picker-tls; without it the connection is encrypted but not verified)")
     p.add_argument("--picker-tls-sni", default="", metavar="NAME", help="server name sent to the picker")
+    p.add_argument("--max-body-bytes", type=int, metavar="N",
+                   help="answer a request whose content-length is past N with a 400 context_length_exceeded from "
+                        "Envoy, before the picker sees it (kvswitch serve's server.context_cap_bytes; default: none)")
     p.add_argument("--admin-port", type=int, default=9901)
     p.add_argument("--format", choices=["yaml", "json"], default="yaml")
     p.add_argument("--out", help="write here instead of stdout")
@@ -43,7 +46,8 @@ def parse_args(argv: list[str]) -> tuple[EnvoyConfigOptions, str | None, str]:
                               response_body=a.response_body,
                               picker_tls=a.picker_tls or bool(a.picker_tls_ca), picker_tls_ca=a.picker_tls_ca,
                               picker_tls_sni=a.picker_tls_sni,
-                              endpoints=[e.split(",")[0] for e in a.endpoint])
+                              endpoints=[e.split(",")[0] for e in a.endpoint],
+                              max_body_bytes=a.max_body_bytes)
     return opts, a.out, a.format
 
 

@@ -34,7 +34,11 @@ from envoy_data_plane.envoy.config.accesslog.v3 import (
     ResponseFlagFilter,
     StatusCodeFilter,
 )
-from envoy_data_plane.envoy.config.cluster.v3 import OutlierDetection
+from envoy_data_plane.envoy.config.cluster.v3 import (
+    CircuitBreakers,
+    CircuitBreakersThresholds,
+    OutlierDetection,
+)
 from envoy_data_plane.envoy.config.common.mutation_rules.v3 import HeaderMutation as RuleHeaderMutation
 from envoy_data_plane.envoy.config.common.mutation_rules.v3 import HeaderMutationRemoveOnMatch
 from envoy_data_plane.envoy.config.core.v3 import (
@@ -67,6 +71,7 @@ from envoy_data_plane.envoy.extensions.http.early_header_mutation.header_mutatio
 )
 from envoy_data_plane.envoy.extensions.retry.host.previous_hosts.v3 import PreviousHostsPredicate
 from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
+from envoy_data_plane.envoy.type.v3 import Int64Range
 from envoy_data_plane.google.protobuf import Any as AnyProto
 from envoy_data_plane.google.protobuf import Struct
 
@@ -133,10 +138,25 @@ def _with_ext_proc(fail_open: bool) -> dict[str, AnyProto]:
     return {EXT_PROC_FILTER: _pack(FilterConfig(config=_pack(same), disabled=False))}
 
 
-def api_routes(action: RouteAction, ext_proc: bool, fail_open: bool) -> list[Route]:
+def too_long_for_context(max_body_bytes: int) -> Route:
+    """rel2 (issue 14): a request whose content-length is past ``max_body_bytes`` (extproc.contextcap: no prompt
+    that long fits the pool's context) gets a 400 from Envoy before any byte of it reaches the picker or a pod.
+    A body without content-length (chunked) is counted by the picker as it streams in."""
+    return Route(
+        name="too long for any context",
+        match=RouteMatch(prefix="/v1/", headers=[HeaderMatcher(
+            name="content-length", range_match=Int64Range(start=max_body_bytes + 1, end=2**63 - 1))]),
+        direct_response=_direct(400, f"request body is longer than any prompt that fits this pool's largest "
+                                     f"context (at most {max_body_bytes} bytes); shorten the prompt",
+                                "context_length_exceeded"),
+    )
+
+
+def api_routes(action: RouteAction, ext_proc: bool, fail_open: bool,
+               max_body_bytes: int | None = None) -> list[Route]:
     """The API routes to the pool (the only ones where ext_proc runs), then 405 for a wrong method on an API
-    path, then 404 for the rest."""
-    routes: list[Route] = []
+    path, then 404 for the rest; with ``max_body_bytes``, a 400 first for a body past it."""
+    routes: list[Route] = [too_long_for_context(max_body_bytes)] if max_body_bytes else []
     for path, method in API_ROUTES:
         routes.append(Route(
             name=f"{method} {path}",
@@ -232,6 +252,13 @@ def picker_grpc_retry() -> CoreRetryPolicy:
             name="envoy.retry_host_predicates.previous_hosts", typed_config=_pack(PreviousHostsPredicate()))],
         host_selection_retry_max_attempts=5,
     )
+
+
+def picker_circuit_breakers() -> CircuitBreakers:
+    """Room for every stream to retry at once: when a replica dies, each ext_proc stream Envoy was opening on
+    it needs its retry, and Envoy's default of 3 concurrent retries per cluster would fail the rest (500)."""
+    return CircuitBreakers(thresholds=[CircuitBreakersThresholds(max_retries=100_000, max_pending_requests=100_000,
+                                                                 max_requests=100_000)])
 
 
 def picker_outlier_detection() -> OutlierDetection:

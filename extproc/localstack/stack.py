@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 import aiohttp
-from prometheus_client import CollectorRegistry
 
 from engine.sidecar import SidecarConfig
 from engine.sidecar.server import Sidecar
@@ -30,11 +29,11 @@ from engine.sim.fleet import SimFleet, load_fleet_config, specs_from_config
 from engine.sim.spec import PodSpec
 from engine.tokens.tokenizer import load_tokenizer
 from extproc.config import Config, ConfigError, EndpointConfig, load_config
+from extproc.contextcap import context_cap_bytes
 from extproc.envoyconfig.builder import EnvoyConfigOptions
 from extproc.localstack.envoy import EnvoyChild
+from extproc.localstack.pickerproc import PickerProcess
 from extproc.server import Server, build_scheduler, build_server
-from pickers.clock import MonotonicClock
-from pickers.config import build_scheduler as framework_build
 
 log = logging.getLogger("kvswitch.up")
 
@@ -46,7 +45,9 @@ class StackOptions:
     """What ``kvswitch up`` starts; every field has a default that works on a laptop."""
 
     pods: int = 4
-    pickers: int = 1  # picker replicas behind the one Envoy (each health-checked, each subscribed to every pod)
+    # Picker replicas behind the one Envoy (each health-checked, each subscribed to every pod). One runs in this
+    # process (``LocalStack.server``); more than one run as separate ``kvswitch serve`` processes.
+    pickers: int = 1
     pd: tuple[int, int] | None = None  # (prefill pods, decode pods): P/D with a sidecar per decode pod
     fleet_file: str | None = None  # engine.sim fleet YAML instead of pods/pd
     port: int = 8080  # Envoy listener; 0 = a free port
@@ -62,6 +63,7 @@ class StackOptions:
     envoy_log_level: str = "warning"
     seed: int | None = None
     ready_timeout_s: float = 30.0
+    picker_log_level: str = "WARNING"  # replica processes' log level (their logs are in the work directory)
     dp: int = 1  # data-parallel ranks per pod (vLLM --data-parallel-size): one picker endpoint per rank
 
 
@@ -99,8 +101,8 @@ class _Started:
 
     fleet: SimFleet | None = None
     sidecars: list[Sidecar] = field(default_factory=list)
-    server: Server | None = None
-    replicas: list[Server] = field(default_factory=list)  # picker replicas after the first
+    server: Server | None = None  # the picker, in this process (``pickers`` == 1)
+    processes: list[PickerProcess] = field(default_factory=list)  # the replicas (``pickers`` > 1), one process each
     envoy: EnvoyChild | None = None
 
 
@@ -138,7 +140,8 @@ class LocalStack:
 
     @property
     def server(self) -> Server:
-        assert self._s.server is not None, "stack not started"
+        """The in-process picker (a stack with one picker; replicas run as processes: ``picker_processes``)."""
+        assert self._s.server is not None, "stack not started, or its pickers run as processes (--pickers > 1)"
         return self._s.server
 
     @property
@@ -147,17 +150,25 @@ class LocalStack:
         return self._s.envoy
 
     @property
-    def servers(self) -> list[Server]:
-        """Every picker replica, the first (``server``) included."""
-        return [self.server, *self._s.replicas]
+    def picker_processes(self) -> list[PickerProcess]:
+        """The picker replicas' processes (empty with one picker, which runs in this process)."""
+        return list(self._s.processes)
+
+    @property
+    def picker_addresses(self) -> list[str]:
+        """Every picker's gRPC address, the one Envoy prefers first."""
+        if self._s.processes:
+            return [p.address for p in self._s.processes]
+        return [self.server.address]
 
     @property
     def picker_address(self) -> str:
-        return self.server.address
+        return self.picker_addresses[0]
 
     @property
     def picker_metrics_url(self) -> str | None:
-        port = self.server.metrics_port
+        """The first picker's metrics (each replica process serves its own)."""
+        port = self._s.processes[0].metrics_port if self._s.processes else self.server.metrics_port
         return f"http://127.0.0.1:{port}/metrics" if port else None
 
     @property
@@ -175,7 +186,7 @@ class LocalStack:
             shape += f" x DP{o.dp}"
         metrics = f", metrics {self.picker_metrics_url}" if self.picker_metrics_url else ""
         return (f"kvswitch is up: {self.url}  ({shape} pods {o.model_profile} on {o.accelerator}, "
-                f"time scale {o.time_scale:g}; picker {', '.join(x.address for x in self.servers)}{metrics}; "
+                f"time scale {o.time_scale:g}; picker {', '.join(self.picker_addresses)}{metrics}; "
                 f"envoy admin {self.admin_url})")
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -280,35 +291,46 @@ class LocalStack:
         cfg.endpoints = self._endpoint_configs()
         if has_prefill:
             if "handler" not in (cfg.scheduler or {}):
-                cfg.scheduler = {**(cfg.scheduler or {}), "handler": {"type": "prefill-decode"}}
+                # the threshold decider: on a quiet local fleet the SLO-aware one (the handler's default) keeps
+                # every prompt on its decode pod (a leg is slower there), and the stack is to show P/D legs
+                cfg.scheduler = {**(cfg.scheduler or {}), "handler": {"type": "prefill-decode",
+                                                                      "decider": "threshold"}}
             handler = (cfg.scheduler or {})["handler"]
             self.pd_handler = handler if isinstance(handler, str) else str(handler.get("type", "")) or None
-        scheduler = build_scheduler(cfg)
-        self._s.server = server = build_server(cfg, scheduler)
-        await server.start()
-        for _ in range(self.options.pickers - 1):
-            # Each replica is a whole picker: its own director and data layer, scraping every pod and
-            # subscribed to every pod's KV events (so the precise index is the same on all). Its metrics live
-            # in their own registry (one set per process is served); its in-flight view is its own decisions
-            # plus the pods' scraped queues (see README, "Picker replicas").
-            rcfg = copy.deepcopy(cfg)
-            rcfg.server.metrics_port = -1
-            director = framework_build(rcfg.scheduler, rcfg.endpoint_objects(), MonotonicClock(),
-                                       registry=CollectorRegistry(), max_fallback=rcfg.server.max_fallback)
-            replica = build_server(rcfg, director)
-            self._s.replicas.append(replica)
-            await replica.start()
+        if self.options.pickers <= 1:
+            scheduler = build_scheduler(cfg)
+            self._s.server = server = build_server(cfg, scheduler)
+            await server.start()
+            return
+        # Each replica is a whole picker in its own process (its own loop, GIL, director and data layer),
+        # scraping every pod and subscribed to every pod's KV events (so the precise index is the same on all);
+        # its in-flight view is its own decisions plus the pods' scraped queues (see README, "Picker replicas").
+        assert self.workdir is not None
+        rcfg = copy.deepcopy(cfg)
+        rcfg.server.health_port = -1  # one fixed kubelet port cannot serve N processes
+        procs = [PickerProcess(rcfg, self.workdir, f"picker-{i}", self.options.picker_log_level)
+                 for i in range(self.options.pickers)]
+        self._s.processes.extend(procs)
+        await asyncio.gather(*(p.start(self.options.ready_timeout_s) for p in procs))
 
     async def _start_envoy(self) -> None:
         o = self.options
         assert self.workdir is not None
-        opts = EnvoyConfigOptions(listen_port=self.port, listen_host="127.0.0.1", picker=self.picker_address,
-                                  pickers=[r.address for r in self._s.replicas],
+        addresses = self.picker_addresses
+        opts = EnvoyConfigOptions(listen_port=self.port, listen_host="127.0.0.1", picker=addresses[0],
+                                  pickers=addresses[1:],
                                   fail_open=False, admin_port=_free_port(),
                                   endpoints=[p.address for p in self.pods],
-                                  response_body=self.config.server.response_body if self.config else "access-log")
+                                  response_body=self.config.server.response_body if self.config else "access-log",
+                                  max_body_bytes=self._context_cap())
         self._s.envoy = envoy = EnvoyChild(opts, self.workdir, o.envoy_concurrency, o.envoy_log_level)
         await envoy.start(o.ready_timeout_s)
+
+    def _context_cap(self) -> int | None:
+        """The picker's context cap (extproc.contextcap), enforced by Envoy too for bodies with a content-length."""
+        if self.config is None:
+            return None
+        return context_cap_bytes(self.config.server.context_cap_bytes, {e.model_profile for e in self.config.endpoints})
 
     async def _wait_models(self) -> None:
         loop = asyncio.get_running_loop()
@@ -333,8 +355,8 @@ class LocalStack:
         s, self._s = self._s, _Started()
         if s.envoy is not None:
             await _quietly(s.envoy.stop())
-        for replica in s.replicas:
-            await _quietly(replica.stop(0.5))
+        if s.processes:
+            await asyncio.gather(*(_quietly(p.stop()) for p in s.processes))
         if s.server is not None:
             await _quietly(s.server.stop(0.5))
         for sc in s.sidecars:

@@ -19,5 +19,6 @@ from pickers.plugins import (  # noqa: F401
     score_rank_balance,
     score_running,
     score_session,
+    score_slo,
     score_ttft,
 )

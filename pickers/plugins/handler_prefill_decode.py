@@ -2,8 +2,9 @@
 
 1. Run the decode profile (``profile``, default ``scheduler.profile``: role decode/both and its scorers)
    over the director's candidates: its ranking is the decode fallback list.
-2. Ask the decider (pickers/plugins/pd_decider.py: formula, constants and why) whether the part of the
-   prompt the chosen decode pod lacks is worth computing on a prefill pod.
+2. Ask the decider (``decider``: ``slo``, the default, ``threshold``, ``always`` or ``never``;
+   pickers/plugins/pd_decider.py: formulas, constants and why) whether the part of the prompt the chosen
+   decode pod lacks is worth computing on a prefill pod.
 3. If so, pick the prefill pod (healthy, role prefill/both, not the decode pod) with the lowest
 
        E_p = TTFT_p + transfer_p(U)
@@ -29,7 +30,9 @@ from engine.costmodel import resolve_link
 from pickers.framework import CycleContext, Param, Profile, ProfileHandler, reads_kv_events, register
 from pickers.plugins import pd_decider as pd
 from pickers.state import PDVerdict, PrefixMode, ProfileResult
-from pickers.types import Decision
+from pickers.types import Decision, Usage
+
+DECIDERS = ("slo", "threshold", "always", "never")
 
 
 @register
@@ -38,6 +41,12 @@ class PrefillDecodeHandler(ProfileHandler):
     runs_prefill_legs = True
     PARAMS = {
         "profile": Param((str, type(None)), None, doc="decode profile (default: scheduler.profile)"),
+        "decider": Param(str, "slo", choices=DECIDERS, doc="slo: predicted TTFT of both ways, queues included, "
+                         "and the decode pod's TPOT; threshold: uncached tokens; always; never"),
+        "tpot_headroom": Param(float, 0.05, min=0.0, max=0.9,
+                               doc="slo: local prefill keeps the decode pod's TPOT below (1 - this) x target"),
+        "default_output_tokens": Param(float, 256.0, min=1.0,
+                                       doc="slo: mean output length until finished requests have shown it"),
         "threshold_tokens": Param(int, 2048, min=0, doc="least uncached tokens on the decode pod for a leg"),
         "min_uncached_ratio": Param(float, 0.5, min=0.0, max=1.0, doc="least uncached / prompt for a leg"),
         "skip_when_saturated": Param(bool, True, doc="no leg when the prefill queue costs more than it saves "
@@ -47,6 +56,9 @@ class PrefillDecodeHandler(ProfileHandler):
         "decode_room_kv": Param(float, 0.8, min=0.0, max=1.0, doc="KV usage under which the decode pod has room"),
         "mode": Param(str, "auto", choices=("approximate", "precise", "auto")),
     }
+    decider: str
+    tpot_headroom: float
+    default_output_tokens: float
     threshold_tokens: int
     min_uncached_ratio: float
     skip_when_saturated: bool
@@ -61,6 +73,11 @@ class PrefillDecodeHandler(ProfileHandler):
             resolve_link(self.link)
         except ValueError as e:
             raise ValueError(f"link: {e}") from None
+        self.mean_output = self.default_output_tokens  # exponential mean of finished requests' outputs
+
+    def on_finished(self, decision: Decision, usage: Usage | None, at: float) -> None:
+        if usage is not None and usage.completion_tokens > 0:
+            self.mean_output += 0.02 * (usage.completion_tokens - self.mean_output)
 
     @property
     def uses_kv_events(self) -> bool:
@@ -90,16 +107,19 @@ class PrefillDecodeHandler(ProfileHandler):
         dl = self.dl
         cands = self._prefill_candidates(d)
         p = float(ctx.prompt_tokens())
-        threshold = float(self.threshold_tokens)
+        threshold = float(self.threshold_tokens) if self.decider == "threshold" else 0.0
         if cands.size == 0:
             return PDVerdict(False, "no-prefill-pods", p, p, threshold), None
         hits = ctx.hit_tokens(self.mode)  # also the "auto" hits the director records in-flight work with
         cached_d = min(float(hits[d]) if d < hits.size else 0.0, p)
         u = max(p - cached_d, 0.0)
-        if u < self.threshold_tokens:
-            return PDVerdict(False, "below-threshold", p, u, threshold), None
-        if p > 0 and u / p < self.min_uncached_ratio:
-            return PDVerdict(False, "mostly-cached-on-decode", p, u, threshold), None
+        if self.decider == "never":
+            return PDVerdict(False, "never", p, u, threshold), None
+        if self.decider == "threshold":
+            if u < self.threshold_tokens:
+                return PDVerdict(False, "below-threshold", p, u, threshold), None
+            if p > 0 and u / p < self.min_uncached_ratio:
+                return PDVerdict(False, "mostly-cached-on-decode", p, u, threshold), None
 
         # the prefill pods: predicted TTFT + the KV transfer to d
         pred = ctx.prediction(self.mode)
@@ -119,6 +139,27 @@ class PrefillDecodeHandler(ProfileHandler):
         room = bool(dl.queue_depth(dslot, ctx.now)[0] < 1.0
                     and (not dl.fresh(dslot, ctx.now)[0] or dl.metrics.kv_usage[d] < self.decode_room_kv))
         verdict = PDVerdict(True, "leg", p, u, threshold, saved, float(wait[best]), room)
-        if self.skip_when_saturated and verdict.prefill_wait_s > saved and room:
-            verdict.leg, verdict.reason = False, "prefill-saturated"
+        if self.decider == "always":
+            verdict.reason = "always"
+        elif self.decider == "threshold":
+            if self.skip_when_saturated and verdict.prefill_wait_s > saved and room:
+                verdict.leg, verdict.reason = False, "prefill-saturated"
+        else:
+            self._slo(ctx, d, float(pred.ttft_s[cands[best]]), float(xfer[best]), verdict)
         return verdict, pres
+
+    def _slo(self, ctx: CycleContext, d: int, prefill_ttft_s: float, xfer_s: float, verdict: PDVerdict) -> None:
+        """The ``slo`` decider (pickers/plugins/pd_decider.py): local vs split by predicted TTFT, queues
+        included, with the decode pod's running requests' TPOT protected."""
+        pred = ctx.prediction(self.mode)
+        tpot_d = float(pred.tpot_s[d])
+        verdict.local_ttft_s = float(pred.ttft_s[d])
+        # the decode pod takes the KV in its waiting order, when it arrives: behind the prefills queued there
+        # then (about as much as now on a busy pod: new local work keeps arriving) and its wait for KV space
+        verdict.split_ttft_s = prefill_ttft_s + float(pred.wait_s[d]) + xfer_s + self.hop_s + tpot_d
+        own = float(pred.uncached[d])
+        stall = float(pred.prefill_s[d]) * (float(pred.queued[d]) + own) / max(own, 1.0)
+        verdict.local_tpot_s = tpot_d + stall / max(self.mean_output, 1.0)
+        verdict.leg, verdict.reason = pd.slo_verdict(verdict.local_ttft_s, verdict.split_ttft_s, tpot_d,
+                                                     verdict.local_tpot_s, float(pred.running[d]),
+                                                     ctx.state.slo, self.tpot_headroom)

@@ -20,8 +20,11 @@ def pd_fleet(prefill: int = 2, decode: int = 2) -> list[Endpoint]:
             + [Endpoint(f"10.0.2.{i + 1}:8000", role="decode") for i in range(decode)])
 
 
-def pd_scheduler(handler=None, eps=None):
-    return scheduler({"handler": {"type": "prefill-decode", **(handler or {})}}, eps if eps is not None else pd_fleet())
+def pd_scheduler(handler=None, eps=None, decider="threshold"):
+    """The threshold decider unless told otherwise (the tests below it hold that rule; the slo decider's are in
+    test_pd_slo.py)."""
+    return scheduler({"handler": {"type": "prefill-decode", "decider": decider, **(handler or {})}},
+                     eps if eps is not None else pd_fleet())
 
 
 def toks(n: int, base: int = 0) -> list[int]:
@@ -30,7 +33,9 @@ def toks(n: int, base: int = 0) -> list[int]:
 
 def test_builds_with_no_parameters_and_rejects_a_bad_link():
     h = create("handler", {"type": "prefill-decode"}, "scheduler.handler")
-    assert (h.threshold_tokens, h.min_uncached_ratio, h.link) == (2048, 0.5, "rdma-400g")
+    assert (h.decider, h.threshold_tokens, h.min_uncached_ratio, h.link) == ("slo", 2048, 0.5, "rdma-400g")
+    with pytest.raises(ConfigError, match=r"scheduler.handler.decider: must be one of slo, threshold"):
+        pd_scheduler({"decider": "coin"})
     with pytest.raises(ConfigError, match=r"scheduler.handler: link: unknown link 'carrier-pigeon'"):
         pd_scheduler({"link": "carrier-pigeon"})
     with pytest.raises(ConfigError, match=r"scheduler.handler.min_uncached_ratio: must be <= 1"):

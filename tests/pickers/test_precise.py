@@ -197,7 +197,8 @@ def test_pd_decision_pends_on_the_prefill_pod_too():
 
     eps = [Endpoint(f"10.0.1.{i + 1}:8000", role="prefill", kv_events=f"tcp://127.0.0.1:{20 + i}") for i in range(2)]
     eps += [Endpoint(f"10.0.2.{i + 1}:8000", role="decode", kv_events=f"tcp://127.0.0.1:{30 + i}") for i in range(2)]
-    s, clock = scheduler(eps=eps, raw={"profile": "precise", "handler": {"type": "prefill-decode"}})
+    handler = {"type": "prefill-decode", "decider": "threshold"}  # a leg for 4096 uncached tokens, none once cached
+    s, clock = scheduler(eps=eps, raw={"profile": "precise", "handler": handler})
     toks = np.arange(1, 4096 + 1)
     d = s.decide(request("r1", toks))
     assert d.prefill is not None

@@ -6,7 +6,7 @@ import pytest
 
 from pickers.datalayer import PodMetrics
 from pickers.explain import explain_header
-from pickers.types import Endpoint, SchedulingError, Usage
+from pickers.types import Endpoint, Role, SchedulingError, Usage
 
 from .helpers import endpoints, request, scheduler
 
@@ -16,7 +16,7 @@ def test_decision_has_explanation_fallbacks_and_tracks_load():
     d = s.decide(request("r1", list(range(2048)), max_tokens=50))
     assert len(d.endpoints) == 3 and len(set(d.endpoints)) == 3
     assert d.primary in d.explanation
-    assert set(d.explanation[d.primary]) == {"ttft", "prefix", "kv-usage", "rank-balance", "total"}
+    assert set(d.explanation[d.primary]) == {"ttft", "prefix", "kv-usage", "slo-fit", "rank-balance", "total"}
     assert len([a for a in d.explanation if not a.startswith("_")]) == 5  # explain_top (plus "_slo")
     dl = s.dl
     slot = dl.endpoints.slot(d.primary)
@@ -29,13 +29,24 @@ def test_decision_has_explanation_fallbacks_and_tracks_load():
 
 
 def test_no_endpoint_503_names_the_cause():
-    s, clock = scheduler(eps=endpoints(2))
+    s, clock = scheduler(eps=endpoints(2), raw={"profile": "round-robin"})
     for slot in (0, 1):
         for _ in range(3):
             s.dl.health.failure(slot, "connect refused")
-    with pytest.raises(SchedulingError) as e:
-        s.decide(request("r", list(range(16))))
-    assert e.value.status == 503 and "health removed 2" in e.value.message
+    # every scrape failing at once: panic, route on the last known metrics instead of a 503 for all
+    assert s.decide(request("r0", list(range(16)))).primary in {"10.0.0.1:8000", "10.0.0.2:8000"}
+    s.dl.health.failure(0, "connect refused")
+    s.dl.health.success(1)  # one answers again: only it is routed to
+    assert {s.decide(request(f"r{i}", list(range(16)))).primary for i in range(1, 5)} \
+        == {s.dl.endpoints.address(1)}
+    s.dl.health.failure(1, "connect refused")
+    s.dl.health.failure(1, "connect refused")
+    s.dl.health.failure(1, "connect refused")
+    prefill_only = {"profile": "p", "profiles": {"p": {"filters": ["health", {"type": "role", "role": "prefill"}],
+                                                       "scorers": [], "picker": {"type": "max-score"}}}}
+    with pytest.raises(SchedulingError) as e:  # a filter that leaves nothing: the 503 says which one
+        scheduler(eps=endpoints(2, role=Role.DECODE), raw=prefill_only)[0].decide(request("r", list(range(16))))
+    assert e.value.status == 503 and "removed 2" in e.value.message
     s2, _ = scheduler(eps=[])
     with pytest.raises(SchedulingError) as e:
         s2.decide(request("r", list(range(16))))

@@ -64,7 +64,7 @@ def test_replay_runs_one_column_per_admission_arm(tmp_path, capsys):
                                            "output_length": 20, "hash_ids": [1000 + i]}) for i in range(24)) + "\n")
     out = tmp_path / "o.json"
     cfg = tmp_path / "picker.yaml"
-    cfg.write_text("scheduler: {handler: {type: prefill-decode, skip_when_saturated: false}}\n")
+    cfg.write_text("scheduler: {handler: {type: prefill-decode, decider: threshold, skip_when_saturated: false}}\n")
     rc = replay_main([str(trace), "--pd", "1:1", "--policy", "default", "--picker-config", str(cfg),
                       "--slo-ttft-ms", "600", "--slo-tpot-ms", "50",
                       "--admission", "none,early,predictive", "--json", str(out), "--quiet"])
