@@ -9,6 +9,7 @@
                # KV events on the kv_events port + start rank + r, as vLLM publishes them. dp_rank: one rank only.
     discovery: {kubernetes: {pool, namespace, kubeconfig, drain_seconds}}   # instead of endpoints
     scheduler: {...}   # passed as-is to pickers.config.build_scheduler when that module exists
+    planner: {...}     # the live planner (pickers/planner/settings.py); absent: off
 
 Every key has a default, so no file is needed; ``--endpoint`` flags add endpoints.
 """
@@ -121,6 +122,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     endpoints: list[EndpointConfig] = []
     discovery: DiscoveryConfig = msgspec.field(default_factory=DiscoveryConfig)
     scheduler: dict[str, Any] | None = None
+    planner: dict[str, Any] | None = None  # validated by pickers.planner.settings.planner_settings
 
     def endpoint_objects(self) -> list[Endpoint]:
         return [ep for e in self.endpoints for ep in e.to_endpoints()]
@@ -154,6 +156,10 @@ def _check(cfg: Config) -> Config:
             raise ConfigError(f"discovery.kubernetes.drain_seconds: must be >= 0, got {k8s.drain_seconds}")
         if cfg.endpoints:
             raise ConfigError("endpoints: not together with discovery.kubernetes (the pool's pods are the endpoints)")
+    if cfg.planner is not None:
+        from pickers.planner.settings import planner_settings
+
+        planner_settings(cfg.planner)  # a bad planner section is one clear error at start
     seen: set[str] = set()
     for i, e in enumerate(cfg.endpoints):
         try:

@@ -38,6 +38,9 @@ RESPONSE_NAMESPACE = "kvswitch.response"
 # Outcome unknown or caused by the client: a 4xx-shaped reason, so it blames no pod (datalayer.health.pod_fault).
 CLIENT_GONE = "http 499 the client closed the connection"
 NO_ENTRY = "http 499 no access-log entry came for this request"
+# Envoy replayed the request's ext_proc stream (its gRPC retry, after a reset before the routing reply reached
+# it): the earlier decision never took effect and is released for the new one.
+SUPERSEDED = "http 499 superseded: Envoy replayed this request's ext_proc stream"
 _TRUNCATED = "truncated: the response stream ended without its final event ([DONE])"
 _MAX_COUNT = 1 << 40
 
@@ -158,8 +161,9 @@ class PendingResponses:
     def park(self, request_id: str, stream: Parked) -> None:
         now = self._clock()
         old = self._parked.pop(request_id, None)
-        if old is not None:  # the same id twice: the first cannot be told apart any more
-            old[1].abandon(NO_ENTRY)
+        if old is not None and old[1] is not stream:  # the same request routed again: the first is void
+            ENTRIES.labels("superseded").inc()
+            old[1].abandon(SUPERSEDED)
         self._parked[request_id] = (now, stream)
         self._expire(now)
 

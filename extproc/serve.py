@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 import uvloop
@@ -17,6 +18,10 @@ from extproc.config import Config, ConfigError, config_from_dict, load_config, p
 from extproc.looplag import LoopLagProbe
 from extproc.server import build_scheduler, build_server
 from pickers.director import Director
+
+if TYPE_CHECKING:
+    from extproc.server import Server
+    from pickers.planner.live import LivePlanner
 
 SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
@@ -76,7 +81,27 @@ def attach_discovery(config: Config, director: Director) -> None:
         pool=k.pool, namespace=_namespace(k.namespace), kubeconfig=k.kubeconfig, drain_seconds=k.drain_seconds))
 
 
-async def _run(server) -> None:
+def build_planner(config: Config, director: Director) -> LivePlanner | None:
+    """The live planner when the configuration has a ``planner:`` section (else None): gauges always, and a
+    Kubernetes target when ``planner.target.kubernetes`` names Deployments."""
+    if config.planner is None:
+        return None
+    from pickers.planner.live import LivePlanner
+    from pickers.planner.settings import planner_settings
+
+    settings = planner_settings(config.planner)
+    target = None
+    k = settings.target.kubernetes
+    if k is not None:
+        from pickers.planner.kube import KubernetesTarget
+
+        target = KubernetesTarget(k, _namespace(k.namespace))
+    planner = LivePlanner(settings, director.dl, director.clock, target)
+    director.add_observer(planner.observer)
+    return planner
+
+
+async def _run(server: Server, planner: LivePlanner | None = None) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -89,7 +114,14 @@ async def _run(server) -> None:
     lag = LoopLagProbe()  # kvswitch_event_loop_lag_seconds: a stalled loop vs a saturated machine
     lag.start()
     print(f"kvswitch serve: ext_proc on port {server.port}, metrics on {server.metrics_port}", flush=True)
+    if planner is not None:
+        await planner.start()
+        print(f"kvswitch serve: live planner on, every {planner.settings.interval_s:g}s "
+              f"({'scaling ' + planner.target.describe() if planner.target else 'gauges only'})",
+              flush=True)
     await stop.wait()
+    if planner is not None:
+        await planner.stop()
     logging.getLogger("kvswitch").info("draining (up to %.1fs)", server.config.server.drain_seconds)
     await lag.stop()
     await server.stop()
@@ -146,13 +178,14 @@ def main(argv: list[str]) -> int:
     try:  # the scheduler section is validated here: a bad key is one line and exit 2, like the rest
         director = build_scheduler(config)
         attach_discovery(config, director)
+        planner = build_planner(config, director)
     except ConfigError as exc:
         print(f"kvswitch serve: {exc}", file=sys.stderr)
         return 2
     uvloop.install()
 
     async def go() -> None:
-        await _run(build_server(config, director))
+        await _run(build_server(config, director), planner)
 
     try:
         asyncio.run(go())

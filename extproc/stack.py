@@ -133,6 +133,11 @@ def main(argv: list[str]) -> int:
                 print(line)
             for note in stack.notes:
                 print(f"note: {note}")
+            if stack.planner is not None:
+                ps = stack.planner.settings
+                print(f"planner: on, every {ps.interval_s:g}s, {stack.planner.model} on "
+                      f"{','.join(stack.planner.catalogue.kinds)}, {ps.min_replicas}-{ps.max_replicas} pods; "
+                      f"gauges kvswitch_planner_* on the picker's /metrics", flush=True)
             if stack.pd_handler:
                 print(f"picker: prefill/decode handler {stack.pd_handler!r}")
             body = f'{{"model": "{options.model_name}", "prompt": "hello", "max_tokens": 8}}'

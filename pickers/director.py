@@ -108,6 +108,15 @@ class Director:
         self._started = False
         datalayer.endpoints.listen(self._endpoint_gauges)
 
+    def add_observer(self, observer: Plugin) -> None:
+        """Call ``observer``'s request hooks (those it overrides) after the profiles' own: something outside
+        the scheduling profiles that watches the traffic (the live planner's ``TrafficObserver``)."""
+        for name, hooks in (("on_routed", self._on_routed), ("on_served", self._on_served),
+                            ("on_first_token", self._on_first_token), ("on_finished", self._on_finished),
+                            ("on_failed", self._on_failed)):
+            if getattr(type(observer), name) is not getattr(Plugin, name):
+                hooks.append(getattr(observer, name))
+
     # ---- endpoints and lifecycle ------------------------------------------------------------------------
     def add_endpoint(self, endpoint: Endpoint) -> None:
         self.dl.endpoints.add(endpoint)

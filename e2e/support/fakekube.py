@@ -12,6 +12,12 @@ Served (all GET unless said):
   ``allowWatchBookmarks``, ``timeoutSeconds``
 - ``/api/v1/namespaces/{ns}/pods/{name}``; PUT ``.../pods/{name}/status`` (the status subresource)
 - ``/apis/inference.networking.k8s.io/v1/namespaces/{ns}/inferencepools[/{name}]``, same query parameters
+- GET and PATCH (JSON merge patch) ``/apis/apps/v1/namespaces/{ns}/deployments/{name}/scale`` (an
+  ``autoscaling/v1`` Scale, as the API documents it; no recorded response exists here), and PATCH
+  ``/api/v1/namespaces/{ns}/pods/{name}`` (merge patch of labels/annotations). Lowering a Deployment's
+  replicas deletes its surplus pods the way the ReplicaSet controller ranks them (not Ready first, then the
+  lowest ``controller.kubernetes.io/pod-deletion-cost``, then the newest); raising them calls
+  ``on_scale_up(deployment, how_many)`` so the test creates the pods (there is no kubelet).
 
 Tests drive it with methods (``add_pod``, ``set_ready``, ``delete_pod``, ``set_pool``, ``compact``,
 ``drop_watches``) that change the store exactly as the API server would and notify the open watches. Like
@@ -111,6 +117,9 @@ class FakeKubeApi:
         self.fail_next: list[int] = []  # statuses the next requests answer with (errors injection)
         self._snapshots: dict[str, tuple[int, list[dict[str, Any]]]] = {}  # continue token -> rest of a list
         self.pages_served = 0  # list responses that had a next page
+        self.deployments: dict[tuple[str, str], dict[str, Any]] = {}  # (ns, name) -> {selector, replicas, uid}
+        self.on_scale_up: Callable[[str, int], None] | None = None
+        self.patches: list[tuple[str, dict[str, Any]]] = []  # (path, body) of every PATCH, in order
 
     @property
     def url(self) -> str:
@@ -122,6 +131,9 @@ class FakeKubeApi:
         app.router.add_get("/api/v1/namespaces/{ns}/pods", self._list_or_watch("pods"))
         app.router.add_get("/api/v1/namespaces/{ns}/pods/{name}", self._get("pods"))
         app.router.add_put("/api/v1/namespaces/{ns}/pods/{name}/status", self._put_status)
+        app.router.add_patch("/api/v1/namespaces/{ns}/pods/{name}", self._patch_pod)
+        app.router.add_get("/apis/apps/v1/namespaces/{ns}/deployments/{name}/scale", self._get_scale)
+        app.router.add_patch("/apis/apps/v1/namespaces/{ns}/deployments/{name}/scale", self._patch_scale)
         app.router.add_get(POOLS.replace("{ns}", "{ns}"), self._list_or_watch("pools"))
         app.router.add_get(POOLS + "/{name}", self._get("pools"))
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
@@ -270,6 +282,79 @@ class FakeKubeApi:
             if transport is not None:
                 transport.close()
 
+    def add_deployment(self, name: str, selector: dict[str, str], replicas: int, ns: str = "default") -> None:
+        """A Deployment whose pods the test creates (with ``selector``'s labels); only its scale is served."""
+        self.deployments[(ns, name)] = {"selector": dict(selector), "replicas": replicas, "uid": str(uuid.uuid4()),
+                                        "created": _now()}
+
+    def _deployment_pods(self, ns: str, d: dict[str, Any]) -> list[dict[str, Any]]:
+        return [p for (pns, _), p in self.objects["pods"].items() if pns == ns
+                and not p["metadata"].get("deletionTimestamp")
+                and all((p["metadata"].get("labels") or {}).get(k) == v for k, v in d["selector"].items())]
+
+    def _scale(self, ns: str, name: str) -> dict[str, Any]:
+        d = self.deployments[(ns, name)]
+        return {"kind": "Scale", "apiVersion": "autoscaling/v1",
+                "metadata": {"name": name, "namespace": ns, "uid": d["uid"], "resourceVersion": str(self.rv),
+                             "creationTimestamp": d["created"]},
+                "spec": {"replicas": d["replicas"]},
+                "status": {"replicas": len(self._deployment_pods(ns, d)),
+                           "selector": ",".join(f"{k}={v}" for k, v in sorted(d["selector"].items()))}}
+
+    async def _get_scale(self, req: web.Request) -> web.Response:
+        self.requests.append(f"GET {req.path_qs}")
+        if (err := self._injected()) is not None:
+            return err
+        ns, name = req.match_info["ns"], req.match_info["name"]
+        if (ns, name) not in self.deployments:
+            return web.json_response(_status(404, f'deployments.apps "{name}" not found'), status=404)
+        return web.json_response(self._scale(ns, name))
+
+    async def _patch_scale(self, req: web.Request) -> web.Response:
+        self.requests.append(f"PATCH {req.path_qs}")
+        if (err := self._injected()) is not None:
+            return err
+        ns, name = req.match_info["ns"], req.match_info["name"]
+        d = self.deployments.get((ns, name))
+        if d is None:
+            return web.json_response(_status(404, f'deployments.apps "{name}" not found'), status=404)
+        if req.content_type != "application/merge-patch+json":
+            return web.json_response(_status(415, f"unsupported patch type {req.content_type}"), status=415)
+        body = await req.json()
+        self.patches.append((req.path, body))
+        replicas = (body.get("spec") or {}).get("replicas")
+        if not isinstance(replicas, int) or replicas < 0:
+            return web.json_response(_status(422, f"spec.replicas: Invalid value: {replicas!r}", "Invalid"),
+                                     status=422)
+        d["replicas"] = replicas
+        pods = self._deployment_pods(ns, d)
+        if len(pods) > replicas:  # the ReplicaSet controller's ranking, in short
+
+            def rank(p: dict[str, Any]) -> tuple[int, int, str]:
+                ready = any(c.get("type") == "Ready" and c.get("status") == "True"
+                            for c in (p.get("status") or {}).get("conditions") or [])
+                cost = int((p["metadata"].get("annotations") or {}).get(
+                    "controller.kubernetes.io/pod-deletion-cost", 0))
+                return (int(ready), cost, "~" + str(p["metadata"].get("creationTimestamp")))
+
+            for p in sorted(pods, key=rank)[: len(pods) - replicas]:
+                self.delete_pod(p["metadata"]["name"], ns)
+        elif len(pods) < replicas and self.on_scale_up is not None:
+            self.on_scale_up(name, replicas - len(pods))
+        return web.json_response(self._scale(ns, name))
+
+    async def _patch_pod(self, req: web.Request) -> web.Response:
+        self.requests.append(f"PATCH {req.path_qs}")
+        key = (req.match_info["ns"], req.match_info["name"])
+        if key not in self.objects["pods"]:
+            return web.json_response(_status(404, f'pods "{key[1]}" not found'), status=404)
+        if req.content_type != "application/merge-patch+json":
+            return web.json_response(_status(415, f"unsupported patch type {req.content_type}"), status=415)
+        body = await req.json()
+        self.patches.append((req.path, body))
+        pod = _merge_patch(copy.deepcopy(self.objects["pods"][key]), body)
+        return web.json_response(self._commit("pods", key, pod))
+
     # ---- HTTP ---------------------------------------------------------------------------------------------
     def _injected(self) -> web.Response | None:
         if self.fail_next:
@@ -380,7 +465,21 @@ class FakeKubeApi:
         return resp
 
 
+def _merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = _merge_patch(out.get(k), v)
+    return out
+
+
 def _status(code: int, message: str, reason: str = "") -> dict[str, Any]:
-    reasons = {404: "NotFound", 410: "Expired", 500: "InternalError", 503: "ServiceUnavailable"}
+    reasons = {404: "NotFound", 410: "Expired", 415: "UnsupportedMediaType", 422: "Invalid",
+               500: "InternalError", 503: "ServiceUnavailable"}
     return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
             "reason": reason or reasons.get(code, ""), "code": code}

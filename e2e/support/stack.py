@@ -12,6 +12,7 @@ from typing import Any
 from e2e.support.envoy import EnvoyProcess
 from e2e.support.picker import LEAST_INFLIGHT, picker_config, running_picker
 from extproc.envoyconfig.builder import EnvoyConfigOptions
+from extproc.responselog import SUPERSEDED
 from extproc.server import Server, build_scheduler
 from pickers.director import Director
 from pickers.types import Decision, InferenceRequest, Usage
@@ -28,6 +29,7 @@ class RecordingScheduler:
     first_tokens: int = 0
     finished: list[Usage | None] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    superseded: list[str] = field(default_factory=list)
     order: list[str] | None = None  # force this fallback list (tests of the gateway's fallback walk)
 
     async def start(self) -> None:
@@ -73,7 +75,9 @@ class RecordingScheduler:
         self.inner.on_finished(decision, usage, at)
 
     def on_failed(self, decision: Decision, reason: str, at: float) -> None:
-        self.failed.append(reason)
+        # A decision voided because Envoy replayed the request's ext_proc stream is not a failed response:
+        # the replay's decision carries the request (kept apart so tests can still see it happened).
+        (self.superseded if reason == SUPERSEDED else self.failed).append(reason)
         self.inner.on_failed(decision, reason, at)
 
 

@@ -7,6 +7,11 @@
 
 Everything runs in this process except Envoy (a child process in its own process group). Ports are
 free ones picked at start, except Envoy's listener (``port``, 8080 by default; 0 picks a free one).
+
+With a ``planner:`` section in the picker YAML (``--config``) the live planner runs in the picker and scales
+this fleet itself (``extproc.localstack.scaling.LocalFleetTarget``): pods of role both are started and, drain
+first, stopped at run time; Envoy then reaches pods through an ORIGINAL_DST cluster (one destination per
+decision, ``server.max_fallback`` 1), since its pod list is no longer fixed.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import aiohttp
 from engine.sidecar import SidecarConfig
 from engine.sidecar.server import Sidecar
 from engine.sim.fleet import SimFleet, load_fleet_config, specs_from_config
+from engine.sim.server import SimPod
 from engine.sim.spec import PodSpec
 from engine.tokens.tokenizer import load_tokenizer
 from extproc.config import Config, ConfigError, EndpointConfig, load_config
@@ -34,6 +40,9 @@ from extproc.envoyconfig.builder import EnvoyConfigOptions
 from extproc.localstack.envoy import EnvoyChild
 from extproc.localstack.pickerproc import PickerProcess
 from extproc.server import Server, build_scheduler, build_server
+from pickers.director import Director
+from pickers.planner.live import LivePlanner
+from pickers.planner.settings import planner_settings
 
 log = logging.getLogger("kvswitch.up")
 
@@ -117,6 +126,7 @@ class LocalStack:
         self.config: Config | None = None
         self.workdir: Path | None = None
         self.port = 0
+        self.planner: LivePlanner | None = None  # with a planner: section in the picker YAML
         self._s = _Started()
         self._stopped = False
 
@@ -203,6 +213,7 @@ class LocalStack:
             await self._start_picker()
             await self._start_envoy()
             await self._wait_models()
+            await self._start_planner()
         except BaseException:
             await self.stop()
             raise
@@ -223,6 +234,12 @@ class LocalStack:
         if o.tokenizer:
             sched["tokenizer"] = {**(sched.get("tokenizer") or {}), "path": o.tokenizer}
         cfg.scheduler = sched
+        if cfg.planner is not None:
+            if o.pickers > 1:
+                raise ConfigError("planner: the live planner drains pods in its own picker; run it with --pickers 1")
+            if cfg.planner.get("target"):
+                raise ConfigError("planner.target: `kvswitch up` scales its own simulated fleet; remove target")
+            s.max_fallback = 1  # ORIGINAL_DST: Envoy goes to the one pod the picker names
         return cfg
 
     def _specs(self) -> list[PodSpec]:
@@ -268,9 +285,55 @@ class LocalStack:
         if decode and not prefill:
             self.notes.append("decode pods without prefill pods: no sidecars, requests decode locally")
 
-    def _endpoint_configs(self) -> list[EndpointConfig]:
+    async def _start_planner(self) -> None:
+        cfg = self.config
+        if cfg is None or cfg.planner is None:
+            return
+        from extproc.localstack.scaling import LocalFleetTarget
+
+        settings = planner_settings(cfg.planner)
+        settings.time_scale = self.options.time_scale  # the pods' own time
+        director = self.server.scheduler
+        assert isinstance(director, Director)
+        target = LocalFleetTarget(self, startup_s=min(settings.startup_s, 600.0))
+        self.planner = LivePlanner(settings, director.dl, director.clock, target)
+        director.add_observer(self.planner.observer)
+        await self.planner.start()
+
+    def add_pod(self, pod: SimPod) -> None:
+        """A pod started at run time (the planner's target): into the fleet and the picker's table."""
+        self.fleet.pods.append(pod)
+        role = cast(Literal["prefill", "decode", "both"], pod.role)
+        sp = StackPod(pod.name, role, pod.address, pod.address, pod.kv_events_endpoint,
+                      f"http://{pod.address}/metrics", pod.kv_events_endpoints if pod.dp_size > 1 else [])
+        self.pods.append(sp)
+        director = self.server.scheduler
+        assert isinstance(director, Director)
+        for ec in self._endpoint_configs([sp]):
+            for ep in ec.to_endpoints():
+                director.add_endpoint(ep)
+
+    async def remove_pod(self, address: str) -> None:
+        """Stop the pod at ``address`` (the planner drained it first) and forget it; its endpoints leave the
+        picker's table."""
+        sp = next((p for p in self.pods if p.address == address), None)
+        if sp is None:
+            raise KeyError(f"no pod at {address}")
+        pod = self.fleet[sp.name]
+        table = self.server.scheduler.dl.endpoints if isinstance(self.server.scheduler, Director) else None
+        if table is not None:
+            for slot in list(table.pod_slots(address)):
+                ep = table.endpoints[slot]
+                if ep is not None:
+                    table.remove(ep.id)
+            table.unhold(address)
+        await pod.stop()
+        self.fleet.pods.remove(pod)
+        self.pods.remove(sp)
+
+    def _endpoint_configs(self, pods: list[StackPod] | None = None) -> list[EndpointConfig]:
         eps = []
-        for p in self.pods:
+        for p in self.pods if pods is None else pods:
             spec = self.fleet[p.name].spec
             common = dict(address=p.address, role=p.role, accelerator=spec.accelerator,
                           model_profile=spec.model_profile, metrics_url=p.metrics_url,
@@ -317,8 +380,9 @@ class LocalStack:
         o = self.options
         assert self.workdir is not None
         addresses = self.picker_addresses
+        planned = self.config is not None and self.config.planner is not None
         opts = EnvoyConfigOptions(listen_port=self.port, listen_host="127.0.0.1", picker=addresses[0],
-                                  pickers=addresses[1:],
+                                  pickers=addresses[1:], lb="original-dst" if planned else "override-host",
                                   fail_open=False, admin_port=_free_port(),
                                   endpoints=[p.address for p in self.pods],
                                   response_body=self.config.server.response_body if self.config else "access-log",
@@ -353,6 +417,9 @@ class LocalStack:
     async def stop(self) -> None:
         """Envoy first (no new requests), then the picker, sidecars and pods; removes the temp dir. Idempotent."""
         s, self._s = self._s, _Started()
+        planner, self.planner = self.planner, None
+        if planner is not None:
+            await _quietly(planner.stop())
         if s.envoy is not None:
             await _quietly(s.envoy.stop())
         if s.processes:

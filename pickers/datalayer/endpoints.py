@@ -13,6 +13,10 @@ in-flight load is released normally; ``reap(now)`` removes it once it is idle (t
 the DataLayer to the in-flight tracker, says no request is open on it) or its deadline has passed. ``add`` of
 the same address while it drains brings it back (a pod that flapped Ready). Draining is per endpoint id; a pod
 address drains every rank of that pod.
+
+Holding: the live planner removes a pod that is still Ready (it chose it for a scale-down). ``hold(address,
+until)`` tells discovery not to add that pod back while it drains and until its deletion has gone through
+(``KubernetesDiscovery`` skips held addresses); the planner lifts it, or it lapses at ``until``.
 """
 
 from __future__ import annotations
@@ -48,6 +52,25 @@ class EndpointTable:
         self._active_cache: np.ndarray | None = None
         self.draining: dict[str, float] = {}  # address -> deadline (caller's clock) of endpoints being drained
         self.busy: BusyProbe = lambda slot: False
+        self.held: dict[str, float] = {}  # pod address -> until (caller's clock): a planner is removing it
+
+    def hold(self, address: str, until: float) -> None:
+        """Discovery must not add ``address`` (a pod address) back before ``until`` (see the module doc)."""
+        self.held[address] = until
+
+    def unhold(self, address: str) -> None:
+        self.held.pop(address, None)
+
+    def is_held(self, address: str, now: float) -> bool:
+        """Whether ``address`` is held at ``now``; a lapsed hold is forgotten here (the dict stays bounded by
+        the pods a planner removes at once)."""
+        until = self.held.get(address)
+        if until is None:
+            return False
+        if now >= until:
+            del self.held[address]
+            return False
+        return True
 
     @property
     def by_address(self) -> dict[str, int]:

@@ -75,6 +75,7 @@ class KubernetesDiscovery:
         self._dirty = asyncio.Event()
         self._stale: set[str] = set()  # pods listed whose endpoints are not worked out yet
         self._refused: set[str] = set()  # addresses the full table refused (logged once)
+        self._recheck_at: float | None = None  # when the earliest planner hold on a wanted pod lapses
         self._pods: dict[str, dict[str, Any]] = {}  # uid -> pod
         self._given: dict[str, list[Endpoint]] = {}  # uid -> endpoints it gives now
         self._ip_seen: dict[str, tuple[str, int]] = {}  # uid -> (pod IP, order in which we saw it assigned)
@@ -113,6 +114,9 @@ class KubernetesDiscovery:
             while True:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._dirty.wait(), s.reap_interval_s)
+                if self._recheck_at is not None and self.clock() >= self._recheck_at:
+                    self._recheck_at = None
+                    self._dirty.set()
                 if self._dirty.is_set():
                     self._dirty.clear()
                     await self._apply()
@@ -259,9 +263,18 @@ class KubernetesDiscovery:
             for uid in [self._stale.pop() for _ in range(min(batch, len(self._stale)))]:
                 self._given[uid] = self._endpoints_of(self._pods[uid])
             await asyncio.sleep(0)
-        want = self.desired()
+        now = self.clock()
+        # a pod the live planner is removing stays out even while Kubernetes still lists it Ready (looked at
+        # again when the hold lapses: a new pod may have been given that IP meanwhile)
+        want: dict[str, Endpoint] = {}
+        for a, ep in self.desired().items():
+            if table.is_held(ep.address, now):
+                until = table.held[ep.address]
+                self._recheck_at = until if self._recheck_at is None else min(self._recheck_at, until)
+            else:
+                want[a] = ep
         self._refused &= want.keys()
-        deadline = self.clock() + self.settings.drain_seconds
+        deadline = now + self.settings.drain_seconds
         done = 0
         for addr in list(table.by_address):
             if addr not in want and not table.is_draining(addr):

@@ -53,7 +53,8 @@ class WatchEvent:
 
 
 class KubeApi:
-    """GET-only access to the API server through a ``kubernetes_asyncio`` ApiClient."""
+    """Access to the API server through a ``kubernetes_asyncio`` ApiClient: GET (list, watch) for discovery,
+    and JSON merge PATCH for the live planner (a Deployment's ``scale`` subresource, a pod's annotations)."""
 
     def __init__(self, api_client: Any, request_timeout_s: float = 30.0) -> None:
         self.client = api_client
@@ -96,6 +97,23 @@ class KubeApi:
             return orjson.loads(await resp.read())
         finally:
             resp.release()
+
+    async def patch(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A JSON merge patch (``application/merge-patch+json``); returns the object as the server stored it."""
+        resp = await self.client.call_api(
+            path, "PATCH", body=body,
+            header_params={"Accept": "application/json", "Content-Type": "application/merge-patch+json"},
+            auth_settings=["BearerToken"], _preload_content=False,
+            _request_timeout=aiohttp.ClientTimeout(total=self.request_timeout_s))
+        raw = await resp.read()
+        resp.release()
+        if resp.status != 200:
+            try:
+                message = orjson.loads(raw).get("message", "")
+            except (orjson.JSONDecodeError, AttributeError):
+                message = raw[:200].decode("utf-8", "replace")
+            raise ApiError(resp.status, f"PATCH {path}: {message}")
+        return orjson.loads(raw)
 
     async def watch(self, path: str, query: dict[str, str], timeout_s: int) -> AsyncIterator[WatchEvent]:
         """Events of one watch request until the server ends it (``timeoutSeconds``) or it breaks."""

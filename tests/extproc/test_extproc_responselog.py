@@ -11,6 +11,7 @@ from prometheus_client import REGISTRY
 from extproc.responselog import (
     CLIENT_GONE,
     NO_ENTRY,
+    SUPERSEDED,
     AccessLogReceiver,
     LoggedResponse,
     PendingResponses,
@@ -125,6 +126,10 @@ def test_pending_is_bounded_in_count_and_age_and_each_entry_reaches_its_request(
     pending.abandon_all()
     assert parked["r4"].abandoned == [NO_ENTRY] and len(pending) == 0
     assert pod_fault(NO_ENTRY) is False  # an outcome never heard of blames no pod
+    first, replay = _Parked(), _Parked()
+    pending.park("again", first)
+    pending.park("again", replay)  # Envoy replayed the stream: the first decision is void, the replay waits
+    assert first.abandoned == [SUPERSEDED] and pod_fault(SUPERSEDED) is False and len(pending) == 1
 
 
 def test_a_malformed_entry_is_counted_and_the_stream_goes_on():
