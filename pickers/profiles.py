@@ -23,10 +23,10 @@ BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
             # requests with SLO targets only (0 and no tiers for the rest): pods predicted to meet the targets
             # first, the best fit among them, else the least late (pickers/plugins/score_slo.py)
             {"type": "slo-fit", "weight": 2.0},
-            # data-parallel ranks only (1 for every other endpoint): fill a pod's idle ranks before its slowest
-            # one, place new prompt groups on the quietest rank. Weight 4: at 1-2 groups stayed where a tie put
-            # them (request CV 0.16 on 2 pods x DP4 at 120 req/s); at 4 the busy-time CV is 0.05-0.06 there and
-            # 0.06 on Mooncake (e2e/bench/dp.py, e2e/bench/results/2026-12-02-dp-moe)
+            # data-parallel ranks only (1 for every other endpoint): new prompt groups on the quietest rank, and
+            # a rank past (1 + 0.05) x the ranks' mean of recent requests gives way (its group spills to a
+            # replica). Weight 4, the ttft and prefix weights together (3 + 1): a rank past the bound loses at
+            # least a warm rank's lead there (e2e/bench/dp.py, e2e/bench/results/2026-12-02-dp-moe-v2)
             {"type": "rank-balance", "weight": 4.0},
         ],
         "picker": {"type": "max-score", "max_endpoints": 3},

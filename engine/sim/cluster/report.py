@@ -148,7 +148,8 @@ def summarize(result: SimResult, wall_s: float | None = None, slo: SloTargets | 
     pods = {p.name: p for p in result.pods}
     for r in recs:
         pod = pods.get(r.decode_pod)
-        if pod is not None:
+        # a request the pod refused (400, e.g. prompt over the model length) reached no rank: not rank 0's
+        if pod is not None and (r.decode_rank is not None or pod.spec.dp <= 1):
             key = pod.endpoint(r.decode_rank or 0)
             rshare[key] = rshare.get(key, 0) + 1
     rcounts = np.array(list(rshare.values()), dtype=np.float64)
@@ -171,7 +172,7 @@ def summarize(result: SimResult, wall_s: float | None = None, slo: SloTargets | 
         "pod_share": {k: v / max(1, len(recs)) for k, v in share.items()},
         "prefill_share": {k: v / max(1, len(recs)) for k, v in pshare.items()},
         "share_cv": float(counts.std() / counts.mean()) if len(counts) and counts.mean() else 0.0,
-        "rank_share": {k: v / max(1, len(recs)) for k, v in rshare.items()},
+        "rank_share": {k: v / max(1, sum(rshare.values())) for k, v in rshare.items()},  # of requests a rank took
         "rank_share_cv": _cv(rcounts),
         "rank_busy": {k: v / span for k, v in rbusy.items()},
         "rank_busy_cv": _cv(rbusy_arr),
