@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from e2e.bench import workloads as W
+from engine.sim.cluster.report import json_safe
 
 REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "e2e" / "bench" / "results" / "2026-12-02-pd-split"
@@ -125,14 +126,6 @@ def knee(workload: str, n: int) -> float:
     return float(run_point(workload, "always-local", 0, _rate(wl) * PROBE_SPEEDUP, n)["throughput_req_s"])
 
 
-def _clean(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_clean(v) for v in obj]
-    return obj
 
 
 METRICS = [("ttft_mean_s", "TTFT mean ms", 1e3), ("ttft_p50_s", "TTFT p50 ms", 1e3), ("ttft_p90_s", "TTFT p90 ms", 1e3),
@@ -274,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, (load, s, d) in enumerate(plan, 1):
             r = run_point(w, d, s, load * k, a.requests)
             r["load"] = load
-            doc["runs"].append(_clean(r))
+            doc["runs"].append(json_safe(r))
             path.write_text(json.dumps(doc, indent=1))
             el = time.monotonic() - t0
             print(f"  [{i}/{len(plan)}] {w} {load:g}x seed {s} {d:15s} TTFT mean {r['ttft_mean_s'] * 1e3:7.0f} ms "

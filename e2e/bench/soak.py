@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import csv
 import os
 import random
@@ -26,14 +25,13 @@ import subprocess
 import sys
 import time
 import tracemalloc
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 
 from e2e.conftest import SIM_MODEL
 from e2e.support.envoy import EnvoyProcess
-from e2e.support.picker import REPO, picker_process, wait_grpc_health
+from e2e.support.picker import REPO, picker_process
 from e2e.support.ports import free_port
 from extproc.envoyconfig.builder import EnvoyConfigOptions
 
@@ -77,26 +75,6 @@ async def _one(s: aiohttp.ClientSession, url: str, rng: random.Random, counts: d
     counts["failed" if reason else "ok"] += 1
     if reason:
         reasons[reason] = reasons.get(reason, 0) + 1
-
-
-@contextlib.asynccontextmanager
-async def traced_picker_process(args: list[str], port: int, log_path: Path, snapshots: Path
-                                ) -> AsyncIterator[subprocess.Popen]:
-    """``kvswitch serve`` under tracemalloc (``e2e.bench.traced_picker``), stopped with SIGTERM at exit."""
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "e2e.bench.traced_picker", str(snapshots), "serve",
-                                 "--host", "127.0.0.1", "--port", str(port), *args], cwd=REPO, stdout=out,
-                                stderr=subprocess.STDOUT)
-        try:
-            await wait_grpc_health(f"127.0.0.1:{port}", timeout=120)
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    await asyncio.to_thread(proc.wait, 10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
 
 
 async def take_snapshot(proc: subprocess.Popen, snapshots: Path, index: int) -> Path:
@@ -143,8 +121,9 @@ async def soak(minutes: float, rate: float, sample_s: float, out: Path, pods: in
     load_samples: list[float] = []
     async with SimFleet(specs, time_scale=0.05) as fleet:
         args = [a for p in fleet.pods for a in ("--endpoint", p.address)] + ["--metrics-port", "-1"]
-        starter = (traced_picker_process(args, port, out / "picker.log", snapshots) if trace
-                   else picker_process(args, port, out / "picker.log"))
+        # under tracemalloc (e2e.bench.traced_picker) when tracing, else the plain CLI
+        launcher = ("-m", "e2e.bench.traced_picker", str(snapshots)) if trace else ("-m", "extproc.cli")
+        starter = picker_process(args, port, out / "picker.log", ready_timeout=120, launcher=launcher)
         async with starter as proc:
             opts = EnvoyConfigOptions(picker=f"127.0.0.1:{port}", endpoints=[p.address for p in fleet.pods])
             async with EnvoyProcess(opts) as envoy, aiohttp.ClientSession() as s:

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from e2e.bench import workloads as W
+from engine.sim.cluster.report import json_safe
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS_DIR = REPO / "e2e" / "bench" / "results"
@@ -146,14 +147,6 @@ def knee(workload: str, requests: int, fleet: CurveFleet = CurveFleet()) -> floa
     return float(s["throughput_req_s"])
 
 
-def _clean(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_clean(v) for v in obj]
-    return obj
 
 
 def _run_star(args: tuple) -> dict[str, Any]:
@@ -186,7 +179,7 @@ def run_curves(workloads: list[str], routers: list[str], loads: list[float], see
             results = pool.map(_run_star, plan) if pool else map(_run_star, plan)
             for args, s in zip(plan, results):
                 s["load"] = args[3] / k
-                doc["runs"].append(_clean(s))
+                doc["runs"].append(json_safe(s))
                 done += 1
                 if done % max(1, len(routers)) == 0 or done == len(plan):
                     el = time.monotonic() - t0

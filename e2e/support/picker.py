@@ -60,11 +60,13 @@ async def wait_grpc_health(address: str, service: str = "readiness", timeout: fl
 
 @contextlib.asynccontextmanager
 async def picker_process(args: list[str], port: int, log_path: Path | None = None,
-                         ready_timeout: float = 60.0) -> AsyncIterator[subprocess.Popen]:
+                         ready_timeout: float = 60.0,
+                         launcher: tuple[str, ...] = ("-m", "extproc.cli")) -> AsyncIterator[subprocess.Popen]:
     """`python -m extproc.cli serve ARGS --port PORT` as a subprocess, stopped with SIGTERM at exit (its start
-    may take long on a loaded machine: ``ready_timeout``)."""
+    may take long on a loaded machine: ``ready_timeout``). ``launcher``: what runs the CLI (e.g. the soak's
+    tracemalloc wrapper)."""
     out = open(log_path, "wb") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen([sys.executable, "-m", "extproc.cli", "serve", "--host", "127.0.0.1", "--port",
+    proc = subprocess.Popen([sys.executable, *launcher, "serve", "--host", "127.0.0.1", "--port",
                              str(port), *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     try:
         await wait_grpc_health(f"127.0.0.1:{port}", timeout=ready_timeout)

@@ -190,21 +190,30 @@ class EarlyAdmission(Admission):
         return t
 
     def admit(self, ctx: CycleContext) -> None:
+        """Targets checked at arrival: TTFT on the candidates, then TPOT (``tpot_check``; the predictive rule
+        projects it to when this request's prefill ends)."""
         slo = ctx.state.slo
         if not slo.any:
             return
         slots = healthy(ctx)
         if slots.size == 0:
             return  # the handler answers with its 503
-        self.ttft_check(ctx, slots)
+        t_first = self.ttft_check(ctx, slots)
         if slo.tpot_s is not None:
-            decode = slots[self.dl.endpoints.can_decode[slots]]
-            if decode.size:
-                tp = float(ctx.prediction("auto").tpot_s[decode].min())
-                limit = slo.tpot_s * (1.0 - self.tpot_headroom) * margin(slo.priority, self.sheddable_margin)
-                if tp > limit:
-                    raise miss("tpot", tp, slo.tpot_s, limit, slo, f"the best of {decode.size} decode pods now",
-                               1.0)
+            self.tpot_check(ctx, slots, t_first, slo.tpot_s)
+
+    def tpot_limit(self, slo: SLOTargets, target_s: float) -> float:
+        return target_s * (1.0 - self.tpot_headroom) * margin(slo.priority, self.sheddable_margin)
+
+    def tpot_check(self, ctx: CycleContext, slots: np.ndarray, t_first: float, target_s: float) -> None:
+        """The best decode pod's TPOT now."""
+        slo = ctx.state.slo
+        decode = slots[self.dl.endpoints.can_decode[slots]]
+        if decode.size:
+            tp = float(ctx.prediction("auto").tpot_s[decode].min())
+            limit = self.tpot_limit(slo, target_s)
+            if tp > limit:
+                raise miss("tpot", tp, target_s, limit, slo, f"the best of {decode.size} decode pods now", 1.0)
 
 
 @dataclass(slots=True)
@@ -372,25 +381,18 @@ class PredictiveAdmission(EarlyAdmission):
         cr = dl.predictor.correction
         return (cr.tpot_a[decode] + cr.tpot_b[decode] * raw).max(axis=0)
 
-    def admit(self, ctx: CycleContext) -> None:
+    def tpot_check(self, ctx: CycleContext, slots: np.ndarray, t_first: float, target_s: float) -> None:
+        """The best decode pod's TPOT when this request's prefill will have ended (ledger projection)."""
         slo = ctx.state.slo
-        if not slo.any:
-            return
-        slots = healthy(ctx)
-        if slots.size == 0:
-            return
-        t_first = self.ttft_check(ctx, slots)
-        if slo.tpot_s is None:
-            return
         decode = self._decode(slots[self.dl.endpoints.can_decode[slots]])
         if decode.size == 0:
             return
         out = self.ledger.expected_output(ctx.request.max_tokens, self.default_output_tokens)
         tp = self.projected_tpot(ctx, decode, ctx.now + t_first, float(ctx.prompt_tokens()), out)
         best = float(tp.min())
-        limit = slo.tpot_s * (1.0 - self.tpot_headroom) * margin(slo.priority, self.sheddable_margin)
+        limit = self.tpot_limit(slo, target_s)
         if best > limit:
-            raise miss("tpot", best, slo.tpot_s, limit, slo,
+            raise miss("tpot", best, target_s, limit, slo,
                        f"the best of {decode.size} decode pods when its prefill ends ({t_first * 1e3:.0f} ms from "
                        f"now)", t_first + 1.0)
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any
 from engine.sim.cluster.autoscale import PLANNERS, PRICE_SOURCE, parse_accelerators, run_planner
 from engine.sim.cluster.fleet import FleetSpec, fleet_from_flags, load_fleet
 from engine.sim.cluster.progress import ReplayProgress
-from engine.sim.cluster.report import SloTargets, format_table, summarize
+from engine.sim.cluster.report import SloTargets, format_table, json_safe, summarize
 from engine.sim.cluster.routers import BUILTIN, RANK_OBLIVIOUS, Router, SchedulerRouter, make_router
 from engine.sim.cluster.simulator import ClusterSim, SimResult, trace_prompts
 from engine.sim.cluster.slo import SLO_ROWS, admission_summary
@@ -164,12 +163,6 @@ def _requests_path(base: str, policy: str, many: bool) -> Path:
     return path.with_name(f"{path.stem}.{policy}{path.suffix}") if many else path
 
 
-def _clean(obj: Any) -> Any:
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    return obj
 
 
 def _slo(args: argparse.Namespace) -> SloTargets | None:
@@ -214,7 +207,7 @@ def _autoscale(args: argparse.Namespace, reqs: list[TraceRequest], slo: SloTarge
     if args.json_out:
         payload = {"requests": len(reqs), "slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms,
                    "attainment_goal": args.attainment, "startup_s": args.startup_s, "price_source": PRICE_SOURCE,
-                   "runs": [_clean(s) for s in summaries]}
+                   "runs": [json_safe(s) for s in summaries]}
         Path(args.json_out).write_text(json.dumps(payload, indent=2), encoding="utf-8")
     return 0
 
@@ -291,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                 fh.writelines(json.dumps(rec.as_dict()) + "\n" for rec in res.records)
     print(format_table(summaries, list(extra_rows.values())))
     if args.json_out:
-        payload = {"fleet": fleet.describe(), "requests": len(reqs), "runs": [_clean(s) for s in summaries]}
+        payload = {"fleet": fleet.describe(), "requests": len(reqs), "runs": [json_safe(s) for s in summaries]}
         Path(args.json_out).write_text(json.dumps(payload, indent=2), encoding="utf-8")
     return 0
 

@@ -227,6 +227,18 @@ _ROWS: list[tuple[str, str, str]] = [
 _OPTIONAL = {"wall_s", "slo_attainment", "goodput_req_s", "cost"}
 
 
+def json_safe(obj: Any) -> Any:
+    """A summary made strict JSON: NaN and infinities (metrics of empty samples) become null, through nested
+    dicts and lists."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def _fmt(v: Any, fmt: str) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
