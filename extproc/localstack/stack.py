@@ -207,8 +207,9 @@ class LocalStack:
         if o.dp > 1:
             shape += f" x DP{o.dp}"
         metrics = f", metrics {self.picker_metrics_url}" if self.picker_metrics_url else ""
+        asked = f" asked over {self.envoy.opts.picker_protocol}" if self._s.envoy is not None else ""
         return (f"kvswitch is up: {self.url}  ({shape} pods {o.model_profile} on {o.accelerator}, "
-                f"time scale {o.time_scale:g}; picker {', '.join(self.picker_addresses)}{metrics}; "
+                f"time scale {o.time_scale:g}; picker {', '.join(self.picker_addresses)}{asked}{metrics}; "
                 f"envoy admin {self.admin_url})")
 
     # ---- lifecycle ------------------------------------------------------------------------------
