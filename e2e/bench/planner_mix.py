@@ -22,6 +22,7 @@ import json
 import math
 import sys
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -44,9 +45,14 @@ def classes(n: int = 4000, seed: int = 0) -> tuple[LoadShape, LoadShape, list[in
             chat_in, chat_out, long_in, long_out)
 
 
+@lru_cache(maxsize=4096)
+def _capacity(kind: PodKind, shape: LoadShape, goal: float) -> float:
+    return pod_capacity(kind, shape, TTFT_S, TPOT_S, goal)  # does not depend on prices: the scans reuse it
+
+
 def per_rate(kind: PodKind, price: float, shape: LoadShape, goal: float) -> float:
     """USD per hour per request/s of this shape on pods of ``kind`` at ``goal`` (inf: cannot serve it)."""
-    cap = pod_capacity(kind, shape, TTFT_S, TPOT_S, goal)
+    cap = _capacity(kind, shape, goal)
     return price * kind.gpus / cap if cap > 0 else math.inf
 
 

@@ -143,6 +143,7 @@ def live_pods(sim: ClusterSim) -> int:
 
 __all__ = [
     "PLANNERS", "PRICE_SOURCE", "Candidate", "Catalogue", "PlannerController", "live_pods", "parse_accelerators",
+    "parse_planner_spec",
     "peak_rate", "plan_fleets", "run_planner", "search",
 ]
 

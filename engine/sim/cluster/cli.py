@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.sim.cluster.autoscale import PRICE_SOURCE, parse_accelerators, run_planner
+from engine.sim.cluster.autoscale import PRICE_SOURCE, parse_accelerators, parse_planner_spec, run_planner
 from engine.sim.cluster.fleet import FleetSpec, fleet_from_flags, load_fleet
 from engine.sim.cluster.progress import ReplayProgress
 from engine.sim.cluster.report import SloTargets, format_table, json_safe, summarize
@@ -37,7 +37,6 @@ from engine.sim.cluster.simulator import ClusterSim, SimResult, trace_prompts
 from engine.sim.cluster.slo import SLO_ROWS, admission_summary
 from engine.sim.cluster.trace import BlockTokens, TraceRequest, read_mooncake
 from engine.sim.dpgroup import BALANCERS
-from pickers.planner.autoscale import parse_planner_spec
 
 
 def build_parser() -> argparse.ArgumentParser:
