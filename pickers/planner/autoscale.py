@@ -147,7 +147,8 @@ class KvswitchPlanner:
     interval: it follows the day's rise and fall but not a burst shorter than about half the start-up, which
     pods that serve only after the start-up could not catch anyway. A pod is
     added when the fleet misses the goal with requests queueing at a load its ready pods should carry (the
-    interval's rate within their cost-model capacity): the model was optimistic. Above that capacity the
+    interval's rate within their cost-model capacity) and no pod still starting (the last one has not had
+    its chance to help yet: one correction at a time): the model was optimistic. Above that capacity the
     miss is a burst above the trend (the trend itself is sized by the forecast), and a pod bought for it
     would serve after the start-up, most likely after the burst.
     A lower size must hold ``down_after_s`` before a scale-down, or only two intervals when the rate falls
@@ -233,9 +234,9 @@ class KvswitchPlanner:
         want = self.pods_for(rate, cap)
         cur = obs.current()
         have = cur.get(kind, 0)
-        ready = obs.pools[kind].ready if kind in obs.pools else have
+        pool = obs.pools.get(kind, PoolState(ready=have))
         if (obs.attainment == obs.attainment and obs.attainment < self.slo.goal and obs.waiting_per_pod >= 1.0
-                and obs.rate <= ready * cap):
+                and obs.rate <= pool.ready * cap and pool.starting == 0):
             want = max(want, have + 1)  # the model was optimistic at a load it says the pods carry
         if want > have:
             self._lower_since = None

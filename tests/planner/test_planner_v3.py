@@ -133,6 +133,18 @@ def test_the_reactive_pod_comes_only_at_a_load_the_ready_pods_should_carry():
     assert q.decide(_obs(300.0, cap * 2.5, 1, attainment=0.2, waiting=9.0)) is None
 
 
+def test_the_reactive_pod_waits_for_the_last_one_to_start():
+    cap = _cap()
+    p = KvswitchPlanner(parse_accelerators("H100=2", startup_s=300), "8b", SLO)
+    for i in range(10):
+        p.decide(_obs(30.0 * i, cap * 0.5, 2))
+    assert p.decide(_obs(300.0, cap * 0.5, 2, attainment=0.5, waiting=3.0)) == {"H100": 3}
+    # still missing while that pod starts: no second one (it would pile up one pod per interval)
+    for i in range(1, 10):
+        assert p.decide(_obs(300.0 + 30 * i, cap * 0.5, 2, attainment=0.5, waiting=3.0, starting=1)) is None
+    assert p.decide(_obs(600.0, cap * 0.5, 3, attainment=0.5, waiting=3.0)) == {"H100": 4}  # it served: next
+
+
 def test_dynamo_headroom_knob_divides_its_formula():
     slo = Slo(2.0, 0.06, 0.95)
     obs = _obs(0.0, 40.0, 0)
