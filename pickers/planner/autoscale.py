@@ -6,16 +6,21 @@ pods per kind by state) and returns the replicas it wants per kind, or None to l
 caller (the virtual-time adapter, or the live loop) applies them drain-first. Pools are aggregated pods
 (role "both"); planners compared:
 
-- ``kvswitch``: forecasts the rate at now + start-up + interval (recent level plus trend), sizes pods with the
-  cost-model capacity at the length distribution's tail (``capacity``), adds a pod when observed attainment
-  falls below the goal with requests queueing; scales up at once, down only after the lower size held for
-  ``down_after_s`` and ``cooldown_s`` after the last change (hysteresis), in one step to the new size.
+- ``kvswitch``: forecasts the rate at now + start-up + interval from a robust line through recent rates
+  (``KvswitchPlanner.trend``: bursts shorter than about half the start-up move nothing, steps are not
+  extrapolated as ramps), sizes pods with the cost-model capacity at the length distribution's tail
+  (``capacity``), adds one pod when observed attainment falls below the goal with requests queueing at a load
+  the ready pods should carry; scales up at once, down only after the lower size held for ``down_after_s``
+  (two intervals on a steady fall) and ``cooldown_s`` after the last change, in one step to the new size.
 - ``static-peak``: the cheapest static fleet that meets the SLO at the trace's peak (sized once, offline).
 - ``queue-hpa``: KEDA/HPA on the llm-d metrics: desired = ceil(current x max(waiting per pod / target,
   KV usage / 0.8)), 10 % tolerance, 300 s scale-down stabilisation (HPA defaults), every 15 s.
 - ``dynamo-throughput``: Dynamo's throughput planner every 180 s: next-interval rate = the last one's,
-  replicas = ceil(prompt tokens/s / prefill tokens/s per pod at the mean input + output tokens/s / decode
-  tokens/s per pod at the largest batch whose step meets the TPOT target), from mean lengths only.
+  replicas = ceil((prompt tokens/s / prefill tokens/s per pod at the mean input + output tokens/s / decode
+  tokens/s per pod at the largest batch whose step meets the TPOT target) / utilization), from mean lengths
+  only; ``utilization`` (default 1) is the headroom knob for a fair comparison at equal attainment.
+
+``make_planner`` takes a name or a ``PlannerSpec`` (``NAME:KEY=VALUE,...``, ``parse_planner_spec``).
 """
 
 from __future__ import annotations
