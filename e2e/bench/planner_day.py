@@ -131,7 +131,6 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.axhline(0.95, color="grey", lw=0.8, ls="--")
         ax.set_title(f"start-up {s:g} s")
         ax.set_xlabel("GPU-hours (day workload, 1 h)")
-        ax.set_xscale("log")
     axes[0][0].set_ylabel("SLO attainment (TTFT 2 s, TPOT 60 ms)")
     fig.suptitle("Planners on the day-shaped workload, 8B on H100 (squares: H100 + L40S catalogue)")
     fig.tight_layout()
