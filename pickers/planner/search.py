@@ -4,10 +4,14 @@ Candidates (aggregated pods; each priced as pods x GPUs per pod x price per GPU-
 
 - one kind, each tensor-parallel size that fits (1, 2, 4): as many pods as ``pods_needed`` gives for the peak
   rate over the whole length distribution (its tail included);
-- two kinds split by prompt length: prompts longer than a threshold (the 50th..95th percentile) go to kind A,
-  the rest to kind B, each pool sized for its own share of the rate and its own length distribution. Long
-  prompts need fast prefill (TTFT) and short chats mostly decode (memory bandwidth), so a cheaper kind may
-  carry one part.
+- two pools split by prompt length: prompts longer than a threshold (the 50th..95th percentile) go to pool
+  A, the rest to pool B, each sized for its own share of the rate and its own length distribution. Long
+  prompts need fast prefill (TTFT) and short chats mostly decode (memory bandwidth), so a cheaper kind (or a
+  smaller tensor-parallel size of the same kind) may carry one part. The attainment goal is over all
+  requests, so the pools share its miss budget: the long pool may miss a share ``f`` of it (f in
+  ``budget_shares``), the short pool the rest, each pool's goal being 1 - its misses / its share of requests
+  (so the fleet's expected attainment is the goal). A split whose pools are one kind (TP sizes may differ)
+  is a single-kind candidate: mixing kinds has to beat the best split of one kind too, not only one pool.
 
 The replay confirms the best few (engine/sim/cluster/plan.py); the search itself is pure.
 """
@@ -51,6 +55,11 @@ class Candidate:
     def kinds(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(p.kind.accelerator for p in self.pools))
 
+    @property
+    def mixed(self) -> bool:
+        """Two accelerator kinds (a split of one kind into two TP sizes is not mixed)."""
+        return len(self.kinds) > 1
+
     def describe(self) -> str:
         parts = []
         for p in self.pools:
@@ -70,7 +79,7 @@ def _price(pool: Pool, catalogue: Catalogue) -> float:
 def search(inputs: list[int], outputs: list[int], peak_rate: float, catalogue: Catalogue, model: str,
            ttft_s: float, tpot_s: float, goal: float, hit_rate: float = 0.0, utilization: float = 0.9,
            tps: tuple[int, ...] = (1, 2, 4), splits: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95),
-           ) -> list[Candidate]:
+           budget_shares: tuple[float, ...] = (0.5, 0.8, 0.95)) -> list[Candidate]:
     """Every feasible candidate, cheapest first (ties: fewer GPUs)."""
     if peak_rate <= 0 or not inputs:
         raise ValueError("the workload needs requests and a positive peak rate")
@@ -82,32 +91,53 @@ def search(inputs: list[int], outputs: list[int], peak_rate: float, catalogue: C
         if n is not None:
             pool = Pool(kind, n)
             out.append(Candidate((pool,), _price(pool, catalogue)))
-    if len(catalogue.kinds) > 1:
-        arr = np.asarray(inputs)
-        outs = np.asarray(outputs)
-        for q in splits:
-            cut = int(np.quantile(arr, q))
-            long_sel = arr > cut
-            share = float(long_sel.mean())
-            if share <= 0 or share >= 1:
-                continue
-            long_shape = LoadShape.from_lengths(arr[long_sel].tolist(), outs[long_sel].tolist(), hit_rate)
-            short_shape = LoadShape.from_lengths(arr[~long_sel].tolist(), outs[~long_sel].tolist(), hit_rate)
+    arr = np.asarray(inputs)
+    outs = np.asarray(outputs)
+    seen: set[tuple[object, ...]] = set()
+    for q in splits:
+        cut = int(np.quantile(arr, q))
+        long_sel = arr > cut
+        share = float(long_sel.mean())
+        if share <= 0 or share >= 1:
+            continue
+        long_shape = LoadShape.from_lengths(arr[long_sel].tolist(), outs[long_sel].tolist(), hit_rate)
+        short_shape = LoadShape.from_lengths(arr[~long_sel].tolist(), outs[~long_sel].tolist(), hit_rate)
+        for f in budget_shares:
+            goal_long, goal_short = split_goals(goal, share, f)
             for a in kinds:
-                na = pods_needed(peak_rate * share, a, long_shape, ttft_s, tpot_s, goal, utilization)
+                na = pods_needed(peak_rate * share, a, long_shape, ttft_s, tpot_s, goal_long, utilization)
                 if na is None:
                     continue
                 for b in kinds:
-                    if b.accelerator == a.accelerator:
+                    if b == a:
                         continue
-                    nb = pods_needed(peak_rate * (1 - share), b, short_shape, ttft_s, tpot_s, goal, utilization)
+                    nb = pods_needed(peak_rate * (1 - share), b, short_shape, ttft_s, tpot_s, goal_short,
+                                     utilization)
                     if nb is None:
                         continue
                     pools = (Pool(a, na, min_input=cut), Pool(b, nb, max_input=cut))
+                    key = (cut, pools[0].kind, na, pools[1].kind, nb)
+                    if key in seen:
+                        continue
+                    seen.add(key)
                     out.append(Candidate(pools, sum(_price(p, catalogue) for p in pools), split_tokens=cut,
-                                         notes={"long_share": share}))
+                                         notes={"long_share": share, "goal_long": goal_long,
+                                                "goal_short": goal_short}))
     out.sort(key=lambda c: (round(c.cost_per_hour, 6), c.gpus))
     return out
+
+
+def split_goals(goal: float, long_share: float, budget_share: float) -> tuple[float, float]:
+    """(long pool's goal, short pool's goal) when the long pool may miss ``budget_share`` of the fleet's miss
+    budget (1 - goal) and the short pool the rest; each pool's misses over its own requests. Expected
+    attainment: long_share x goal_long + (1 - long_share) x goal_short = goal (each clipped to [0.5, 0.9999]:
+    a goal of 1 has no quantile)."""
+    if not 0 < long_share < 1 or not 0 <= budget_share <= 1:
+        raise ValueError("long_share must be in (0, 1) and budget_share in [0, 1]")
+    miss = 1.0 - goal
+    goal_long = 1.0 - budget_share * miss / long_share
+    goal_short = 1.0 - (1.0 - budget_share) * miss / (1.0 - long_share)
+    return max(0.5, min(goal_long, 0.9999)), max(0.5, min(goal_short, 0.9999))
 
 
 def _fits(kind: str, model: str, tp: int) -> bool:
@@ -117,4 +147,4 @@ def _fits(kind: str, model: str, tp: int) -> bool:
         return False
 
 
-__all__ = ["Candidate", "Pool", "search"]
+__all__ = ["Candidate", "Pool", "search", "split_goals"]

@@ -19,7 +19,16 @@ from collections import deque
 
 from engine.sim.cluster.fleet import PodSpec
 from engine.sim.cluster.report import SloTargets, request_tpot
-from engine.sim.cluster.simulator import DRAINING, READY, RELEASED, STARTING, ClusterSim, Pod, RequestRecord
+from engine.sim.cluster.simulator import (
+    DRAINING,
+    READY,
+    RELEASED,
+    STARTING,
+    ClusterSim,
+    Pod,
+    RequestRecord,
+    SimResult,
+)
 from pickers.planner import (
     PLANNERS,
     LoadShape,
@@ -29,7 +38,7 @@ from pickers.planner import (
     make_planner,
     pod_capacity,
 )
-from pickers.planner.autoscale import Desired, Observation, Planner, PoolState
+from pickers.planner.autoscale import Desired, Observation, Planner, PoolState, parse_planner_spec
 from pickers.planner.catalogue import PRICE_SOURCE, Catalogue, parse_accelerators
 from pickers.planner.search import Candidate, search
 
@@ -134,6 +143,7 @@ def live_pods(sim: ClusterSim) -> int:
 
 __all__ = [
     "PLANNERS", "PRICE_SOURCE", "Candidate", "Catalogue", "PlannerController", "live_pods", "parse_accelerators",
+    "parse_planner_spec",
     "peak_rate", "plan_fleets", "run_planner", "search",
 ]
 
@@ -155,6 +165,7 @@ def plan_fleets(reqs: list, planner: str, catalogue: Catalogue, slo: SloTargets,
     the cost model gives for the first five minutes (the same start for every planner of one kind)."""
     shape = LoadShape.from_lengths([r.input_length for r in reqs], [r.output_length for r in reqs])
     s = Slo(slo.ttft_s, slo.tpot_s, goal)
+    planner = parse_planner_spec(planner).name
     if planner in ("kvswitch", "static-peak"):
         kind, cap = cheapest_kind(catalogue, model, shape, s)
     else:
@@ -171,8 +182,9 @@ def plan_fleets(reqs: list, planner: str, catalogue: Catalogue, slo: SloTargets,
 
 def run_planner(reqs: list, planner_name: str, catalogue: Catalogue, slo: SloTargets, model: str,
                 goal: float = 0.95, policy: str = "least-inflight", seed: int = 0, progress: bool = False,
-                **engine: object) -> tuple[object, float, PlannerController]:
-    """Replay ``reqs`` with ``planner_name`` in the loop; returns (SimResult, wall seconds, controller)."""
+                **engine: object) -> tuple[SimResult, float, PlannerController]:
+    """Replay ``reqs`` with ``planner_name`` (a name, or ``NAME:KEY=VALUE,...`` with its knobs) in the loop;
+    returns (SimResult, wall seconds, controller)."""
     import time
 
     from engine.sim.cluster.fleet import fleet_from_flags

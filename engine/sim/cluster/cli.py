@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.sim.cluster.autoscale import PLANNERS, PRICE_SOURCE, parse_accelerators, run_planner
+from engine.sim.cluster.autoscale import PRICE_SOURCE, parse_accelerators, parse_planner_spec, run_planner
 from engine.sim.cluster.fleet import FleetSpec, fleet_from_flags, load_fleet
 from engine.sim.cluster.progress import ReplayProgress
 from engine.sim.cluster.report import SloTargets, format_table, json_safe, summarize
@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument_group("autoscaling and SLOs")
     a.add_argument("--autoscale", default=None, metavar="PLANNERS",
                    help="comma-separated planners run in the loop, one replay each: kvswitch, static-peak, "
-                        "queue-hpa, dynamo-throughput (routing: --policy, default least-inflight here)")
+                        "queue-hpa, dynamo-throughput; knobs after a colon, e.g. "
+                        "dynamo-throughput:utilization=0.6,interval_s=60 or kvswitch:utilization=0.9 "
+                        "(routing: --policy, default least-inflight here)")
     a.add_argument("--startup-s", type=float, default=60.0, help="start-up time of a pod added at run time")
     a.add_argument("--accelerators", default=None, metavar="KIND=PRICE,...",
                    help="kinds the planner may buy and their price per GPU-hour (default: --accelerator at "
@@ -175,6 +177,20 @@ def _slo(args: argparse.Namespace) -> SloTargets | None:
     return SloTargets(args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
 
 
+def _split_specs(text: str) -> list[str]:
+    """``kvswitch,dynamo-throughput:utilization=0.6,interval_s=60`` -> one item per planner: a comma starts
+    a new planner only when what follows is not a ``KEY=VALUE`` knob of the one before."""
+    out: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if out and "=" in part and ":" not in part and ":" in out[-1]:
+            out[-1] += "," + part
+        else:
+            out.append(part)
+    return out
+
+
 def _autoscale(args: argparse.Namespace, reqs: list[TraceRequest], slo: SloTargets | None) -> int:
     if slo is None:
         raise ValueError("--autoscale needs --slo-ttft-ms and --slo-tpot-ms (the planners size for them)")
@@ -182,10 +198,7 @@ def _autoscale(args: argparse.Namespace, reqs: list[TraceRequest], slo: SloTarge
         raise ValueError("--autoscale plans aggregated pods itself: drop --fleet/--pd")
     if args.dp != 1 or args.speculative:
         raise ValueError("--autoscale plans single-engine pods without speculative decoding: drop --dp/--speculative")
-    names = [s.strip() for s in args.autoscale.split(",") if s.strip()]
-    for n in names:
-        if n not in PLANNERS:
-            raise ValueError(f"unknown planner {n!r}; known: {', '.join(PLANNERS)}")
+    names = [parse_planner_spec(n).label for n in _split_specs(args.autoscale)]
     if not reqs:
         raise ValueError("the trace is empty")
     catalogue = parse_accelerators(args.accelerators or args.accelerator, startup_s=args.startup_s)
@@ -196,9 +209,10 @@ def _autoscale(args: argparse.Namespace, reqs: list[TraceRequest], slo: SloTarge
         res, wall, ctl = run_planner(reqs, name, catalogue, slo, args.model_profile, args.attainment,
                                      policy=args.policy or "least-inflight", seed=args.seed,
                                      progress=not args.quiet, **engine)
-        s = summarize(res, wall, slo=slo, prices=catalogue.prices)  # type: ignore[arg-type]
+        s = summarize(res, wall, slo=slo, prices=catalogue.prices)
         s = {"planner": name, **s, "startup_s": args.startup_s, "accelerators": catalogue.prices,
-             "decisions": [{"at": t, "desired": d} for t, d in ctl.decisions]}
+             "decisions": [{"at": t, "desired": d} for t, d in ctl.decisions],
+             "initial_pods": sum(p.requested_at == 0.0 for p in res.pods)}
         summaries.append(s)
         if not args.quiet:
             print(f"{name}: attainment {s['slo_attainment']:.3f}, {s['gpu_hours']:.2f} GPU-h, "

@@ -7,7 +7,7 @@ by replaying the workload in virtual time.
 1. search (pickers.planner.search): every single-kind fleet (TP 1/2/4) and every two-kind fleet split by
    prompt length, sized by the cost-model capacity at the trace's peak five-minute rate and its length
    distribution (tail included), cheapest first;
-2. confirm: replay the trace on the best ``--confirm`` candidates of each family (single kind, mixed) in
+2. confirm: replay the trace on the best ``--confirm`` candidates of each family (one kind, mixed kinds) in
    virtual time (least in flight routing; mixed fleets route by the candidate's length split) and measure
    slo_attainment and goodput;
 3. the winner is the cheapest confirmed candidate whose attainment meets ``--attainment``; it is written as
@@ -45,8 +45,8 @@ def fleet_yaml(c: Candidate, model: str) -> str:
     """The candidate as the fleet file (engine.sim.fleet's schema)."""
     lines = [f"# kvswitch plan: {c.describe()}; ${c.cost_per_hour:.2f}/hour, {c.gpus} GPUs"]
     if c.split_tokens is not None:
-        lines.append(f"# route prompts longer than {c.split_tokens} tokens to the {c.pools[0].kind.accelerator} "
-                     f"pods, the rest to the {c.pools[1].kind.accelerator} pods")
+        lines.append(f"# route prompts longer than {c.split_tokens} tokens to the pods of group g0 "
+                     f"({c.pools[0].kind.accelerator}), the rest to group g1 ({c.pools[1].kind.accelerator})")
     lines += [f"defaults: {{model_profile: {model}}}", "pods:"]
     for g, p in enumerate(c.pools):
         tp = f", tp: {p.kind.tp}" if p.kind.tp else ""
@@ -58,8 +58,9 @@ def fleet_yaml(c: Candidate, model: str) -> str:
 def confirm(c: Candidate, reqs: list[TraceRequest], model: str, slo: SloTargets, prices: dict[str, float],
             seed: int = 0, progress: bool = True) -> dict[str, Any]:
     fleet = fleet_for(c, model)
-    long_kind = c.pools[0].kind.accelerator if c.split_tokens is not None else None
-    sim = ClusterSim(fleet, lambda eps, clock: LengthSplitRouter(eps, c.split_tokens, long_kind), seed=seed)
+    long_pods = frozenset(p.name for p in fleet.pods[: c.pools[0].count]) if c.split_tokens is not None else None
+    sim = ClusterSim(fleet, lambda eps, clock: LengthSplitRouter(eps, c.split_tokens, long_pods=long_pods),
+                     seed=seed)
     bar = ReplayProgress(c.describe(), len(reqs), reqs[-1].arrival if reqs else 0.0) if progress else None
     sim.progress = bar
     start = time.perf_counter()
@@ -72,7 +73,7 @@ def confirm(c: Candidate, reqs: list[TraceRequest], model: str, slo: SloTargets,
 
 
 def _row(c: Candidate, s: dict[str, Any], model: str) -> dict[str, Any]:
-    return {"fleet": c.describe(), "kinds": list(c.kinds), "mixed": c.split_tokens is not None,
+    return {"fleet": c.describe(), "kinds": list(c.kinds), "mixed": c.mixed,
             "split_tokens": c.split_tokens, "cost_per_hour": c.cost_per_hour, "gpus": c.gpus,
             "slo_attainment": s["slo_attainment"], "goodput_req_s": s["goodput_req_s"],
             "ttft_p99_s": s["ttft_p99_s"], "tpot_mean_s": s["tpot_mean_s"], "yaml": fleet_yaml(c, model)}
@@ -133,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
     say(f"{len(reqs)} requests, peak {peak:.2f} req/s (5-min window); {len(cands)} candidates from the cost model")
-    single = [c for c in cands if c.split_tokens is None][: args.confirm]
-    mixed = [c for c in cands if c.split_tokens is not None][: args.confirm]
+    single = [c for c in cands if not c.mixed][: args.confirm]  # one kind, one pool or a split by TP size
+    mixed = [c for c in cands if c.mixed][: args.confirm]
     rows: list[dict[str, Any]] = []
     confirmed: list[Candidate] = []
     for i, c in enumerate(sorted(single + mixed, key=lambda c: c.cost_per_hour)):

@@ -147,16 +147,18 @@ class RoundRobinRouter(BaseRouter):
 
 
 class LengthSplitRouter(BaseRouter):
-    """Prompts longer than ``split_tokens`` go to pods of ``long_kind``, the rest to the other pods; the pod
-    with the fewest requests in flight within the group (ties: in turn). Without a split: least in flight
-    over all pods. The router a planned heterogeneous fleet (``kvswitch plan``) is replayed with."""
+    """Prompts longer than ``split_tokens`` go to pods of ``long_kind`` (or, given ``long_pods``, to those
+    addresses: a split of one kind into two pools), the rest to the other pods; the pod with the fewest
+    requests in flight within the group (ties: in turn). Without a split: least in flight over all pods. The
+    router a planned split fleet (``kvswitch plan``) is replayed with."""
 
     name = "length-split"
 
-    def __init__(self, endpoints: list[Endpoint], split_tokens: int | None = None, long_kind: str | None = None
-                 ) -> None:
+    def __init__(self, endpoints: list[Endpoint], split_tokens: int | None = None, long_kind: str | None = None,
+                 long_pods: frozenset[str] | None = None) -> None:
         self.split = split_tokens
         self.long_kind = (long_kind or "").upper()
+        self.long_pods = long_pods
         self._kind: dict[str, str] = {}
         self._load: dict[str, int] = {}
         self._turn = 0
@@ -175,7 +177,10 @@ class LengthSplitRouter(BaseRouter):
         pods = list(self._kind)
         if self.split is not None:
             want_long = len(req.prompt) > self.split
-            group = [p for p in pods if (self._kind[p] == self.long_kind) == want_long]
+            if self.long_pods is not None:
+                group = [p for p in pods if (p in self.long_pods) == want_long]
+            else:
+                group = [p for p in pods if (self._kind[p] == self.long_kind) == want_long]
             pods = group or pods
         if not pods:
             raise SchedulingError(503, "no pod can decode", "no_endpoints")
