@@ -21,7 +21,10 @@ def protocol(request) -> dict:
     """Both ways Envoy asks the picker give the client the same answers."""
     return {"picker_protocol": request.param}
 
-LONG = "x" * 120_000  # ~30K tokens by the picker's estimate: seconds of prefill queued on an H100 8B pod
+# ~100K tokens by the picker's estimate: many seconds of prefill queued on an H100 8B pod. Long on purpose: in the
+# access-log modes a routed prompt leaves the picker's in-flight prefill at its predicted first token, and a loaded
+# machine can take a second or two to place the load and send the probe.
+LONG = "x" * 400_000
 SHORT = {"model": "m", "prompt": "y" * 4000, "max_tokens": 2}
 
 
