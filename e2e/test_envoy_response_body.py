@@ -39,11 +39,16 @@ def message_counts(monkeypatch):
 
 
 async def _stack(pool: list[str], mode: str, stack):
-    cfg = picker_config(pool, LEAST_INFLIGHT, response_body=mode, debug_headers=True)
+    """``mode``: an ext_proc response mode, or ext-authz (Envoy's ext_authz filter, outcomes from the access log)."""
+    authz = mode == "ext-authz"
+    body_mode = "access-log" if authz else mode
+    cfg = picker_config(pool, LEAST_INFLIGHT, response_body=body_mode, debug_headers=True)
     sched = RecordingScheduler(build_scheduler(cfg))
     picker = await stack.enter_async_context(running_picker(cfg, sched))
-    envoy = await stack.enter_async_context(
-        EnvoyProcess(EnvoyConfigOptions(picker=picker.address, endpoints=pool, response_body=mode)))
+    envoy = await stack.enter_async_context(EnvoyProcess(EnvoyConfigOptions(
+        picker=picker.address, endpoints=pool, response_body=body_mode,
+        picker_protocol="ext-authz" if authz else "ext-proc",
+        picker_decide=[f"127.0.0.1:{picker.decide_port}"] if authz else [])))
     return envoy, sched
 
 
@@ -70,7 +75,7 @@ def _body(stream: bool, chat: bool) -> dict:
     return doc
 
 
-@pytest.mark.parametrize("mode", ["access-log", "skip", "observe"])
+@pytest.mark.parametrize("mode", ["ext-authz", "access-log", "skip", "observe"])
 async def test_requests_end_and_release_load_in_every_mode(sim_pods, message_counts, mode):
     import contextlib
 
@@ -93,7 +98,10 @@ async def test_requests_end_and_release_load_in_every_mode(sim_pods, message_cou
                 assert _inflight(sim_pods) == 0
                 assert not sched.inner.dl.inflight.requests.any()  # the picker's own load released too
         assert sched.first_tokens == len(cases)
-        if mode == "access-log":  # nothing of the response on the ext_proc stream; first token and usage
+        if mode == "ext-authz":  # no ext_proc stream at all; first token and usage from the access log
+            assert sum(message_counts.values()) == 0
+            assert all(u is not None and u.completion_tokens == 8 and u.prompt_tokens > 0 for u in sched.finished)
+        elif mode == "access-log":  # nothing of the response on the ext_proc stream; first token and usage
             # from the access log
             assert set(message_counts) == {"request_headers", "request_body"}
             assert message_counts["request_headers"] == len(cases)
@@ -137,14 +145,16 @@ async def test_skip_error_status_is_a_failure_and_rejections_still_work(message_
         assert message_counts["response_body"] == 0
 
 
-async def test_access_log_brings_cached_tokens_failures_and_truncation(sim_pods, message_counts):
-    """access-log mode: a repeated prompt's usage carries the cached tokens the pod reported; a pod that is
-    gone is a failure that blames it; load is released every time; no response message reaches the picker."""
+@pytest.mark.parametrize("mode", ["access-log", "ext-authz"])
+async def test_access_log_brings_cached_tokens_failures_and_truncation(sim_pods, message_counts, mode):
+    """access-log mode (ext_proc or ext_authz): a repeated prompt's usage carries the cached tokens the pod
+    reported; a pod that is gone is a failure that blames it; load is released every time; no response message
+    reaches the picker."""
     import contextlib
 
     prompt = "the same long shared prefix " * 40
     async with contextlib.AsyncExitStack() as stack:
-        envoy, sched = await _stack(sim_pods[:1], "access-log", stack)
+        envoy, sched = await _stack(sim_pods[:1], mode, stack)
         async with aiohttp.ClientSession() as s:
             for i in (1, 2):
                 doc = {"model": MODEL, "prompt": prompt, "max_tokens": 4, "stream": True,
@@ -160,7 +170,8 @@ async def test_access_log_brings_cached_tokens_failures_and_truncation(sim_pods,
         assert second.cached_tokens >= 16 and second.prompt_tokens == first.prompt_tokens
         assert sched.failed == [] and _inflight(sim_pods[:1]) == 0
     async with contextlib.AsyncExitStack() as stack:
-        envoy, sched = await _request_to_a_dead_pod("access-log", stack)
+        envoy, sched = await _request_to_a_dead_pod(mode, stack)
         assert sched.finished == [] and sched.first_tokens == 0
         assert sched.failed == ["upstream connection failure"]  # from the access log's response flags
-    assert set(message_counts) == {"request_headers", "request_body"}  # nothing of the responses
+    # nothing of the responses (and with ext_authz no ext_proc message at all)
+    assert set(message_counts) == ({"request_headers", "request_body"} if mode == "access-log" else set())

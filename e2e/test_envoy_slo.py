@@ -15,6 +15,12 @@ from e2e.support.upstream import FakeUpstream
 
 pytestmark = pytest.mark.envoy
 
+
+@pytest.fixture(params=["ext-proc", "ext-authz"])
+def protocol(request) -> dict:
+    """Both ways Envoy asks the picker give the client the same answers."""
+    return {"picker_protocol": request.param}
+
 LONG = "x" * 120_000  # ~30K tokens by the picker's estimate: seconds of prefill queued on an H100 8B pod
 SHORT = {"model": "m", "prompt": "y" * 4000, "max_tokens": 2}
 
@@ -55,9 +61,9 @@ async def _drain(tasks: list[asyncio.Task]) -> None:
         resp.release()
 
 
-async def test_unmeetable_ttft_on_a_loaded_fleet_is_the_pickers_429_and_no_target_passes(fake_pods):
+async def test_unmeetable_ttft_on_a_loaded_fleet_is_the_pickers_429_and_no_target_passes(fake_pods, protocol):
     sched = {"profile": "least-inflight", "admission": ["early"]}
-    async with envoy_stack([p.address for p in fake_pods], scheduler=sched,
+    async with envoy_stack([p.address for p in fake_pods], scheduler=sched, envoy=protocol,
                            server={"body_limit_bytes": 1 << 20}) as stack, aiohttp.ClientSession() as s:
         probe = {"x-slo-ttft-ms": "300"}
         metric = stack.scheduler.inner.stats.rejections.labels("429", "slo_ttft_unattainable")
@@ -84,10 +90,10 @@ async def test_unmeetable_ttft_on_a_loaded_fleet_is_the_pickers_429_and_no_targe
         assert metric._value.get() - before == 1.0
 
 
-async def test_a_saturation_rule_sheds_requests_without_targets(fake_pods):
+async def test_a_saturation_rule_sheds_requests_without_targets(fake_pods, protocol):
     sched = {"profile": "least-inflight", "admission": [{"type": "stage-saturation", "queue_threshold": 1}],
              "datalayer": {"scrape_interval_ms": 20}}
-    async with envoy_stack([p.address for p in fake_pods], scheduler=sched,
+    async with envoy_stack([p.address for p in fake_pods], scheduler=sched, envoy=protocol,
                            server={"body_limit_bytes": 1 << 20}) as stack, aiohttp.ClientSession() as s:
         _slow(fake_pods, 2.0)
         load = await _load(s, stack.url, fake_pods, per_pod=1)  # one waiting request per pod: S = 1
@@ -106,8 +112,8 @@ async def test_a_saturation_rule_sheds_requests_without_targets(fake_pods):
     ({"x-llm-d-slo-tpot-ms": "-1"}, "x-llm-d-slo-tpot-ms"),
     ({"x-llm-d-slo-ttft-ms": "100", "x-slo-ttft-ms": "200"}, "x-slo-ttft-ms"),
 ])
-async def test_bad_slo_headers_are_400s_through_envoy(fake_pods, headers, param):
-    async with envoy_stack([p.address for p in fake_pods]) as stack, aiohttp.ClientSession() as s:
+async def test_bad_slo_headers_are_400s_through_envoy(fake_pods, headers, param, protocol):
+    async with envoy_stack([p.address for p in fake_pods], envoy=protocol) as stack, aiohttp.ClientSession() as s:
         async with s.post(stack.url + "/v1/completions", json=SHORT, headers=headers) as r:
             assert r.status == 400
             err = await _error(r)

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 
 from e2e.support.ports import free_port
+from extproc.envoyconfig.authz import DECIDE_CLUSTER
+from extproc.envoyconfig.builder import PICKER_CLUSTER
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.envoy, pytest.mark.slow]
@@ -75,14 +77,15 @@ def _picker_children(pid: int) -> list[int]:
     return out
 
 
-def _picker_hosts(admin_port: int) -> dict[str, dict[str, str]]:
-    """Envoy's view of the picker cluster: host -> {stat or flag name: value} (admin /clusters)."""
+def _picker_hosts(admin_port: int, cluster: str = DECIDE_CLUSTER) -> dict[str, dict[str, str]]:
+    """Envoy's view of a picker cluster (by default the decide ports `kvswitch up` routes through, ext-authz):
+    host -> {stat or flag name: value} (admin /clusters)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/clusters", timeout=5) as r:
         text = r.read().decode()
     hosts: dict[str, dict[str, str]] = {}
     for line in text.splitlines():
         parts = line.split("::")
-        if len(parts) == 4 and parts[0] == "kvswitch_picker" and parts[1].startswith("127.0.0.1:"):
+        if len(parts) == 4 and parts[0] == cluster and parts[1].startswith("127.0.0.1:"):
             hosts.setdefault(parts[1], {})[parts[2]] = parts[3]
     return hosts
 
@@ -203,8 +206,9 @@ def test_up_with_pickers_runs_each_in_its_own_process_health_checked_by_envoy():
     with kvswitch_up("--pods", "2", "--pickers", "2", "--port", "0", timeout=90) as up:
         pickers = _picker_children(up.proc.pid)
         assert len(pickers) == 2, up.output
-        hosts = _picker_hosts(up.admin_port)
-        assert len(hosts) == 2 and all(h["health_flags"] == "healthy" for h in hosts.values()), hosts
+        for cluster in (DECIDE_CLUSTER, PICKER_CLUSTER):  # decisions, and the access log on the gRPC ports
+            hosts = _picker_hosts(up.admin_port, cluster)
+            assert len(hosts) == 2 and all(h["health_flags"] == "healthy" for h in hosts.values()), (cluster, hosts)
         for i in range(12):
             r = _complete(up.url, f"replica question {i}")
             assert r.status_code == 200, r.text

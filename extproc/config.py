@@ -68,6 +68,12 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # A second, plaintext gRPC port serving only grpc.health.v1 (the same statuses): kubelet's gRPC probes cannot
     # speak TLS. -1: none.
     health_port: int = -1
+    # The ext_authz front (extproc/authz.py): Envoy's ext_authz filter asks over plain HTTP/1.1 with the body,
+    # one request and one answer per client request, instead of an ext_proc gRPC stream (about a tenth of the
+    # picker CPU per request; `kvswitch envoy-config --picker-protocol ext-authz`). None: grpc_port + 1 (a free
+    # port when grpc_port is 0), or off when TLS or model_rewrite is configured (the front has neither: it
+    # cannot change a body); -1: off.
+    decide_port: int | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_self_signed: bool = False
@@ -124,6 +130,15 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     scheduler: dict[str, Any] | None = None
     planner: dict[str, Any] | None = None  # validated by pickers.planner.settings.planner_settings
 
+    def decide_port(self) -> int:
+        """The ext_authz front's port as configured or derived (see ServerConfig.decide_port); -1: off."""
+        s = self.server
+        if s.decide_port is not None:
+            return s.decide_port
+        if s.tls_cert is not None or s.tls_self_signed or s.model_rewrite:
+            return -1
+        return s.grpc_port + 1 if s.grpc_port > 0 else 0
+
     def endpoint_objects(self) -> list[Endpoint]:
         return [ep for e in self.endpoints for ep in e.to_endpoints()]
 
@@ -134,6 +149,15 @@ def _check(cfg: Config) -> Config:
         port = getattr(s, key)
         if not -1 <= port <= 65535:
             raise ConfigError(f"server.{key}: {port} is not a port number (0-65535)")
+    if s.decide_port is not None and not -1 <= s.decide_port <= 65535:
+        raise ConfigError(f"server.decide_port: {s.decide_port} is not a port number (0-65535, or -1 for off)")
+    if s.decide_port is not None and s.decide_port >= 0:
+        if s.tls_cert is not None or s.tls_self_signed:
+            raise ConfigError("server.decide_port: the ext_authz front serves plain HTTP only; with TLS use the "
+                              "ext_proc protocol (leave decide_port unset or -1)")
+        if s.model_rewrite:
+            raise ConfigError("server.decide_port: the ext_authz front cannot rewrite a request body, so it cannot "
+                              "apply server.model_rewrite; use the ext_proc protocol (leave decide_port unset or -1)")
     if s.context_cap_bytes is not None and s.context_cap_bytes < 0:
         raise ConfigError(f"server.context_cap_bytes: must be >= 0 (0 turns it off), got {s.context_cap_bytes}")
     if s.body_limit_bytes <= 0:

@@ -29,3 +29,16 @@ class RequestRejected(SchedulingError):
 
 def body_for(exc: SchedulingError) -> bytes:
     return error_body(exc.message, exc.err_type, exc.code, exc.param)
+
+
+def body_too_large(limit: int) -> RequestRejected:
+    """413 for a body past ``server.body_limit_bytes``."""
+    return RequestRejected(413, f"request body is larger than this gateway accepts ({limit} bytes); send a shorter "
+                           "prompt or ask the operator to raise server.body_limit_bytes", "request_too_large")
+
+
+def over_context(size: int, cap: int, at_least: bool = False) -> RequestRejected:
+    """400 for a body past the context cap (extproc.contextcap): no prompt that long fits the pool's context."""
+    return RequestRejected(400, f"request body is {'at least ' if at_least else ''}{size} bytes: longer than any "
+                           f"prompt that fits this pool's largest context (at most {cap} bytes); shorten the prompt",
+                           "context_length_exceeded")

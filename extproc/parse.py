@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from engine.internal_fields import strip_engine_fields
+from engine.internal_fields import ENGINE_INTERNAL_FIELDS, strip_engine_fields
 from extproc.errors import RequestRejected
 from pickers.slo import SLO_HEADERS
 from pickers.types import Api, InferenceRequest
@@ -176,6 +176,7 @@ class ParsedBody:
     doc: dict[str, Any]
     body: bytes
     changed: bool
+    stripped: tuple[str, ...] = ()  # engine-internal fields the client set, removed from ``doc`` and ``body``
 
 
 def parse_client_body(
@@ -188,10 +189,11 @@ def parse_client_body(
 ) -> ParsedBody:
     """``parse_request`` plus what the gateway changes: engine-internal fields removed, model renamed."""
     request, doc = parse_request(body, path, request_id, headers, arrival)
+    stripped = tuple(name for name in ENGINE_INTERNAL_FIELDS if name in doc)
     changed = strip_engine_fields(doc)
     new_model = (model_rewrite or {}).get(request.model)
     if new_model:
         doc["model"] = new_model
         request.model = new_model
         changed = True
-    return ParsedBody(request, doc, orjson.dumps(doc) if changed else body, changed)
+    return ParsedBody(request, doc, orjson.dumps(doc) if changed else body, changed, stripped)

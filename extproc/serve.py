@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="add an endpoint (repeatable)")
     p.add_argument("--port", type=int, help="gRPC port (server.grpc_port)")
     p.add_argument("--metrics-port", type=int, help="Prometheus port (server.metrics_port; -1 disables)")
+    p.add_argument("--decide-port", type=int, help="the ext_authz front's HTTP port (server.decide_port; default the "
+                   "gRPC port + 1; -1 disables)")
     p.add_argument("--host", help="listen address (server.host)")
     p.add_argument("--health-port", type=int, help="plaintext gRPC health port for kubelet probes (server.health_port)")
     p.add_argument("--max-fallback", type=int, help="endpoints in the fallback list; 1 for ORIGINAL_DST clusters "
@@ -113,7 +115,8 @@ async def _run(server: Server, planner: LivePlanner | None = None) -> None:
     await server.start()
     lag = LoopLagProbe()  # kvswitch_event_loop_lag_seconds: a stalled loop vs a saturated machine
     lag.start()
-    print(f"kvswitch serve: ext_proc on port {server.port}, metrics on {server.metrics_port}", flush=True)
+    print(f"kvswitch serve: ext_proc on port {server.port}, metrics on {server.metrics_port}, ext_authz on port "
+          f"{server.decide_port}", flush=True)
     if planner is not None:
         await planner.start()
         print(f"kvswitch serve: live planner on, every {planner.settings.interval_s:g}s "
@@ -162,6 +165,8 @@ def main(argv: list[str]) -> int:
         s.grpc_port = args.port
     if args.metrics_port is not None:
         s.metrics_port = args.metrics_port
+    if args.decide_port is not None:
+        s.decide_port = args.decide_port
     if args.host:
         s.host = args.host
     if args.health_port is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
@@ -25,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from extproc import metrics
+from extproc.authz import AuthzFront
 from extproc.budget import ByteBudget
 from extproc.config import Config, ConfigError
 from extproc.contextcap import context_cap_bytes
@@ -103,6 +105,8 @@ class Server:
         self.pending = PendingResponses() if s.response_body == "access-log" else None
         if self.pending is not None and isinstance(scheduler, Director):
             scheduler.predicted_first_token = True  # no first token while a request runs: predict it
+        if isinstance(scheduler, Director) and not s.debug_headers and not log.isEnabledFor(logging.DEBUG):
+            scheduler.explain = False  # no x-kvswitch-explanation to write and no debug log: skip the work
         self.processor = ExternalProcessor(
             scheduler, StreamSettings(s.body_limit_bytes, s.debug_headers, dict(s.model_rewrite),
                                       s.response_body == "observe",
@@ -115,6 +119,12 @@ class Server:
                                           s.context_cap_bytes, {e.model_profile for e in config.endpoints})),
             self.clock
         )
+        # The ext_authz front (extproc/authz.py): the same routing over plain HTTP, one request per request.
+        settings = self.processor.settings
+        self.authz = AuthzFront(scheduler, replace(settings.routing(), can_rewrite=False), self.clock, self.pending,
+                                s.body_limit_bytes, settings.context_cap_bytes, s.debug_headers) \
+            if config.decide_port() >= 0 else None
+        self.decide_port: int | None = None
         self.health = health_aio.HealthServicer()
         self.port: int = 0
         self.transport = "plaintext"  # or "tls" / "tls-self-signed" (extproc/tls.py)
@@ -144,6 +154,8 @@ class Server:
             raise
 
     async def _undo_start(self) -> None:
+        if self.authz is not None:
+            await self.authz.stop(0)
         if self._grpc is not None:
             await self._grpc.stop(0)
             self._grpc = None
@@ -175,6 +187,9 @@ class Server:
         await self._update_readiness()
         await server.start()
         self._grpc = server
+        if self.authz is not None:
+            self.decide_port = await self.authz.start(s.host, self.config.decide_port())
+            self.authz.ready = await self._update_readiness()
         if s.health_port >= 0:  # kubelet's gRPC probes speak plaintext only: a TLS picker needs this port
             hs = grpc.aio.server()
             health_pb2_grpc.add_HealthServicer_to_server(self.health, hs)
@@ -192,14 +207,16 @@ class Server:
                 raise OSError(f"cannot serve metrics on {s.host}:{s.metrics_port}: {exc.strerror}") from None
             self.metrics_port = self._metrics_httpd.server_port
         self._ready_task = asyncio.create_task(self._watch_readiness(), name="kvswitch-readiness")
-        log.info("kvswitch ext_proc listening on %s:%d (%s; metrics %s)", s.host, self.port, self.transport,
-                 self.metrics_port)
+        log.info("kvswitch ext_proc listening on %s:%d (%s; ext_authz %s; metrics %s)", s.host, self.port,
+                 self.transport, self.decide_port, self.metrics_port)
 
     async def _update_readiness(self) -> bool:
         ready = not self._stopping and self.scheduler.ready()
         status = _SERVING if ready else _NOT_SERVING
         await self.health.set("readiness", status)
         await self.health.set(EXT_PROC_SERVICE, status if not self._stopping else _NOT_SERVING)
+        if self.authz is not None:
+            self.authz.ready = ready
         return ready
 
     async def _watch_readiness(self) -> None:
@@ -217,14 +234,17 @@ class Server:
         to see NOT_SERVING, and a stream refused meanwhile is an empty 500 for a client. Done when no stream
         started for ``move_away_quiet_seconds``, or after ``move_away_seconds`` whatever happens."""
         s = self.config.server
-        if s.move_away_seconds <= 0 or self._grpc is None:
+        if s.move_away_seconds <= 0 or (self._grpc is None and self.authz is None):
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + s.move_away_seconds
         start = loop.time()
         while True:
             now = loop.time()
-            quiet_since = max(self.processor.last_stream_at, start)
+            last = self.processor.last_stream_at
+            if self.authz is not None:
+                last = max(last, self.authz.last_request_at)
+            quiet_since = max(last, start)
             if now - quiet_since >= s.move_away_quiet_seconds or now >= deadline:
                 log.info("no new streams for %.1fs (or the %.1fs bound): stop accepting and drain",
                          now - quiet_since, s.move_away_seconds)
@@ -238,6 +258,8 @@ class Server:
             return
         self._stopping = True
         grace = self.config.server.drain_seconds if grace is None else grace
+        if self.authz is not None:
+            self.authz.ready = False  # its health check answers 503: Envoy moves away as from gRPC's NOT_SERVING
         await self.health.enter_graceful_shutdown()
         await self._wait_until_moved_away()
         if self._ready_task is not None:
@@ -246,6 +268,8 @@ class Server:
                 await self._ready_task
             except asyncio.CancelledError:
                 pass
+        if self.authz is not None:
+            await self.authz.stop(grace)
         if self._grpc is not None:
             await self._grpc.stop(grace)
         if self.pending is not None:

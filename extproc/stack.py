@@ -43,6 +43,10 @@ def add_stack_arguments(p: argparse.ArgumentParser, pods: int = 4, port: int = 8
     g.add_argument("--pods", type=int, default=pods, help=f"simulated pods (default {pods})")
     g.add_argument("--pickers", type=int, default=1,
                    help="picker replicas behind Envoy, each health-checked and subscribed to every pod (default 1)")
+    g.add_argument("--picker-protocol", choices=["ext-authz", "ext-proc"], default="ext-authz",
+                   help="how Envoy asks the picker: ext-authz (default; one HTTP request per request, the body not "
+                        "echoed; falls back to ext-proc when the picker config has TLS or model_rewrite) or ext-proc "
+                        "(a gRPC stream per request, the Gateway API Inference Extension's protocol)")
     g.add_argument("--dp", type=int, default=1,
                    help="data-parallel ranks per pod (vLLM --data-parallel-size; the picker routes to (pod, rank))")
     g.add_argument("--pd", type=_pd, metavar="P:D",
@@ -73,7 +77,7 @@ def options_from_args(a: argparse.Namespace) -> StackOptions:
                         accelerator=a.accelerator, model_profile=a.model_profile, model_name=a.model_name,
                         profile=a.profile, tokenizer=a.tokenizer, config_file=a.config,
                         debug_headers=a.debug_headers, envoy_concurrency=a.envoy_concurrency, seed=a.seed,
-                        dp=a.dp, picker_log_level=a.log_level.upper())
+                        dp=a.dp, picker_log_level=a.log_level.upper(), picker_protocol=a.picker_protocol)
 
 
 def describe_pods(stack: LocalStack) -> list[str]:

@@ -20,34 +20,29 @@ as long as response trailers are SEND (with trailers SKIP it closes it right aft
 
 from __future__ import annotations
 
-import asyncio
 import enum
-import itertools
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from engine.sidecar.allowlist import sign
 from extproc import messages as msg
 from extproc import metrics
 from extproc.budget import ByteBudget
-from extproc.errors import RequestRejected, body_for
+from extproc.errors import body_for, body_too_large, over_context
 from extproc.observe import ResponseObserver
-from extproc.parse import HEADERS_THAT_MATTER, api_for_path, parse_client_body
-from extproc.responselog import LoggedResponse, PendingResponses
+from extproc.outcome import RoutedOutcome
+from extproc.responselog import PendingResponses
+from extproc.routing import RouteSettings, route_request
 from pickers.clock import Clock
 from pickers.explain import explain_header
-from pickers.ranks import destinations, endpoint_address, served_id, split_endpoint_id
-from pickers.types import Decision, InferenceRequest, Scheduler, SchedulingError, Usage
+from pickers.ranks import served_id, split_endpoint_id
+from pickers.types import Scheduler, SchedulingError
 
 log = logging.getLogger("kvswitch.extproc")
 
 _BODY_NONE = 0  # ProcessingMode.BodySendMode.NONE
-_ids = itertools.count(1)
-_ID_PREFIX = os.urandom(4).hex()
 
 
 @dataclass(slots=True)
@@ -69,6 +64,15 @@ class StreamSettings:
     # rel2 (issue 14): a body past this holds no prompt that fits the pool's context (extproc.contextcap):
     # refused from its content-length, or once that many bytes arrived, before it is parsed or sent on.
     context_cap_bytes: int | None = None
+
+    _routing: RouteSettings | None = None
+
+    def routing(self) -> RouteSettings:
+        """The routing part (extproc.routing), made once."""
+        if self._routing is None:
+            self._routing = RouteSettings(self.model_rewrite, self.offload_min_bytes, self.budget,
+                                          self.prefill_secret)
+        return self._routing
 
 
 class Phase(enum.Enum):
@@ -126,26 +130,21 @@ def _split_addresses(value) -> list[str]:
     return out
 
 
-class ExtProcStream:
+class ExtProcStream(RoutedOutcome):
     """State of one ext_proc stream (one HTTP request through Envoy)."""
 
     def __init__(self, director: Scheduler, settings: StreamSettings, clock: Clock) -> None:
-        self.director = director
+        super().__init__(director, clock, settings.pending)
         self.settings = settings
-        self.clock = clock
+        self.route_settings = settings.routing()
         self.phase = Phase.HEADERS
         self.started = time.perf_counter()
         self.headers: dict[str, str] = {}
         self.subset: list[str] | None = None
-        self.decision: Decision | None = None
-        self.served: str | None = None
         self.observer: ResponseObserver | None = None
         self._chunks: list[bytes] = []
         self._size = 0
-        self._counted: str | None = None  # endpoint whose in-flight gauge this request holds
-        self._ended = False  # on_finished/on_failed called
         self._body_expected = settings.response_body  # response body messages will come (observe)
-        self._parked: str | None = None  # the request id it waits under in settings.pending (access-log)
 
     # ---- dispatch -------------------------------------------------------------------------------------
     async def handle(self, req: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
@@ -190,13 +189,8 @@ class ExtProcStream:
 
     def _reject_over_context(self, size: int) -> list[pb.ProcessingResponse]:
         self._chunks = []
-        return self._reject(RequestRejected(
-            400,
-            f"request body is {'at least ' if self.phase is Phase.BODY else ''}{size} bytes: longer than any "
-            f"prompt that fits this pool's largest context (at most {self.settings.context_cap_bytes} bytes); "
-            "shorten the prompt",
-            "context_length_exceeded",
-        ))
+        assert self.settings.context_cap_bytes is not None
+        return self._reject(over_context(size, self.settings.context_cap_bytes, self.phase is Phase.BODY))
 
     async def _on_request_body(self, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
         if self.phase is not Phase.BODY:
@@ -206,13 +200,7 @@ class ExtProcStream:
             self._size += len(chunk)
             if self._size > self.settings.body_limit_bytes:
                 self._chunks = []
-                limit = self.settings.body_limit_bytes
-                return self._reject(RequestRejected(
-                    413,
-                    f"request body is larger than this gateway accepts ({limit} bytes); send a shorter prompt "
-                    "or ask the operator to raise server.body_limit_bytes",
-                    "request_too_large",
-                ))
+                return self._reject(body_too_large(self.settings.body_limit_bytes))
             if self._over_context_cap(self._size):  # rel2: chunked bodies, or a content-length that lied
                 return self._reject_over_context(self._size)
             self._chunks.append(chunk)
@@ -233,75 +221,20 @@ class ExtProcStream:
         return b"".join(chunks)
 
     async def _decide(self, body: bytes | None) -> list[pb.ProcessingResponse]:
-        t0 = time.perf_counter()
-        path = self.headers.get(":path", "/")
-        request_id = self.headers.get("x-request-id") or f"{_ID_PREFIX}-{next(_ids)}"
-        wanted = {k: v for k, v in self.headers.items() if k in HEADERS_THAT_MATTER}
-        now = self.clock.now()
         try:
-            big = self.settings.budget is not None and body is not None \
-                and len(body) >= self.settings.offload_min_bytes
-            if big:  # parse and route in worker threads, with a bound on the bytes being processed at once
-                assert self.settings.budget is not None and body is not None
-                async with self.settings.budget.hold(len(body)):
-                    parsed = await asyncio.to_thread(parse_client_body, body, path, request_id, wanted, now,
-                                                     self.settings.model_rewrite)
-                    parsed.request.subset = self.subset
-                    decision = await self.director.route(parsed.request)
-                request, body, rewritten = parsed.request, parsed.body, parsed.changed
-            elif body:
-                parsed = parse_client_body(body, path, request_id, wanted, now, self.settings.model_rewrite)
-                request, body, rewritten = parsed.request, parsed.body, parsed.changed
-            else:
-                if body is not None:
-                    raise RequestRejected(400, "request body is empty: send a JSON object with a 'model'",
-                                          "invalid_json")
-                request = InferenceRequest(request_id=request_id, model="", api=api_for_path(path) or "other",
-                                           headers=wanted, arrival=now)
-                rewritten = False
-            if not big:
-                request.subset = self.subset
-                decision = await self.director.route(request)
+            routed = await route_request(self.director, self.route_settings, self.clock, self.headers, body,
+                                         self.subset)
         except SchedulingError as exc:
-            metrics.DECISION_SECONDS.observe(time.perf_counter() - t0)
             return self._reject(exc)
-        except Exception:  # a picker bug must not take the stream down silently
-            log.exception("the director failed for request %s", request_id)
-            metrics.DECISION_SECONDS.observe(time.perf_counter() - t0)
-            return self._reject(SchedulingError(503, "the endpoint picker failed to choose an endpoint; retry "
-                                                "the request", "picker_error"))
-        self.decision = decision
+        decision = self.decision = routed.decision
         self.phase = Phase.ROUTED
         self._count(decision.primary)
-        pending = self.settings.pending
-        rid = self.headers.get("x-request-id")  # Envoy's id: its access-log entry carries the same
-        if pending is not None and rid:  # parked now: the entry can come before this stream's close
-            self._parked = rid
-            pending.park(rid, self)
-        # Data-parallel ranks: the gateway gets pods (ip:port), the chosen rank goes to the pod in a header.
-        addresses, rank = destinations(decision.endpoints)
-        value = ",".join(addresses)
-        prefill = endpoint_address(decision.prefill) if decision.prefill else None  # a pod, never a rank id
-        signed = bool(decision.prefill and self.settings.prefill_secret)
-        remove = [h for h in msg.CONTROLLED_HEADERS if h in self.headers and h != msg.DESTINATION
-                  and not (h == msg.PREFILLER and decision.prefill) and not (h == msg.SIGNATURE and signed)
-                  and not (h == msg.DP_RANK and rank is not None)]
-        extra = [("content-length", str(len(body)))] if rewritten and body is not None else None
-        if rank is not None:
-            extra = [*(extra or []), (msg.DP_RANK, str(rank))]
-        if signed:  # the sidecar checks the signature against the request id the upstream sees
-            assert prefill is not None and self.settings.prefill_secret is not None
-            signature = sign(self.settings.prefill_secret, request_id, prefill)
-            extra = [*(extra or []), (msg.SIGNATURE, signature)]
-            if "x-request-id" not in self.headers:
-                extra.append(("x-request-id", request_id))
-        debug = self._debug_headers() if self.settings.debug_headers and self.settings.pending is not None \
-            else None
-        out = [msg.destination_headers(value, prefill, remove, extra, debug)]
-        if body is not None:
-            out.extend(msg.body_chunks(body))
-        metrics.ROUTED.inc()
-        metrics.DECISION_SECONDS.observe(time.perf_counter() - t0)
+        self._park(self.headers.get("x-request-id", ""))  # Envoy's id: its access-log entry carries the same
+        debug = self._debug_headers() if self.settings.debug_headers and self.pending is not None else None
+        out = [msg.destination_headers(routed.destination, routed.prefill, routed.remove, routed.extra or None,
+                                       debug)]
+        if routed.body is not None:
+            out.extend(msg.body_chunks(routed.body))
         return out
 
     def _reject(self, exc: SchedulingError) -> list[pb.ProcessingResponse]:
@@ -369,22 +302,6 @@ class ExtProcStream:
         return out
 
     # ---- end --------------------------------------------------------------------------------------------
-    def _count(self, endpoint: str) -> None:
-        if self._counted is not None:
-            metrics.inflight(self._counted).dec()
-        self._counted = endpoint
-        metrics.inflight(endpoint).inc()
-
-    def _uncount(self) -> None:
-        if self._counted is not None:
-            metrics.inflight(self._counted).dec()
-            self._counted = None
-
-    def _unpark(self) -> None:
-        if self._parked is not None and self.settings.pending is not None:
-            self.settings.pending.discard(self._parked, self)
-            self._parked = None
-
     def _finish(self) -> None:
         """Response complete: report usage or the error once."""
         if self._ended or self.decision is None:
@@ -410,47 +327,8 @@ class ExtProcStream:
         except Exception:
             log.exception("a director hook failed at the end of the request")
 
-    def finish_logged(self, response: LoggedResponse) -> None:
-        """Envoy's access-log entry for this (parked) request: report what the response did, once."""
-        decision = self.decision
-        if self._ended or decision is None:
-            return
-        at = self.clock.now()
-        director = self.director
-        try:
-            if response.served:
-                served = served_id(decision.primary, response.served)
-                self.served = served
-                if served != self._counted:
-                    self._count(served)
-                director.on_served(decision, served)
-            if response.first_byte_s is not None and response.status < 400:
-                director.on_first_token(decision, at - max(0.0, response.end_s - response.first_byte_s))
-        except Exception:
-            log.exception("a director hook failed on an access-log entry")
-        if response.failure is not None:
-            metrics.ERRORS.labels("truncated" if response.failure.startswith("truncated") else "upstream_error").inc()
-        self._end(response.failure, response.usage, at)
-
-    def abandon(self, reason: str) -> None:
-        """No access-log entry will come (expired, or the picker stops): release the request."""
-        if not self._ended and self.decision is not None:
-            self._end(reason, None, self.clock.now())
-
-    def _end(self, failure: str | None, usage: Usage | None, at: float) -> None:
-        """Report the end once: load released, then on_finished (``failure`` None) or on_failed."""
-        decision = self.decision
-        assert decision is not None
-        self._ended = True
+    def _ended_hook(self) -> None:
         self.phase = Phase.DONE
-        self._uncount()
-        try:
-            if failure is None:
-                self.director.on_finished(decision, usage, at)
-            else:
-                self.director.on_failed(decision, failure, at)
-        except Exception:
-            log.exception("a director hook failed at the end of the request")
 
     def close(self) -> None:
         """The gRPC stream ended (normally or not): a request still in flight failed, unless no response

@@ -83,6 +83,9 @@ class Director:
         # True when the gateway reports a response only once it ended (extproc access-log mode): a routed
         # request's prompt then leaves the in-flight prefill counts at its predicted first token.
         self.predicted_first_token = False
+        # Fill Decision.explanation (the scores per endpoint, the prediction, the targets). A server without
+        # debug headers turns it off: nothing else reads it there, and it is ~10 % of a default decision.
+        self.explain = True
         run = profiles[handler.profile or profile]
         used: list[Plugin] = [handler, *admission, *run.plugins]
         every: list[Plugin] = [handler, *admission]
@@ -207,7 +210,8 @@ class Director:
         state.prefill = decision.prefill
         state.decided_at = decision.decided_at = now
         state.expected = self._expected(ctx, decision)
-        decision.explanation = self._explain(state, decision)
+        if self.explain:  # per-endpoint scores for debug headers and logs; off, a server saves the work
+            decision.explanation = self._explain(state, decision)
         self._record(ctx, decision)
         self.stats.decisions.labels(decision.profile).inc()
         if log.isEnabledFor(logging.DEBUG):

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m e2e.bench.overhead [--requests-scale 1.0] [--upstream fast|sim] [--pods 4]
         [--scheduler framework|simple] [--sizes 4KB,200KB] [--concurrency 1,32,150]
-        [--response-body observe|skip|observe,skip] [--stream-tokens 64]
+        [--paths ext-authz,access-log,observe] [--stream-tokens 64]
 
 Non-streaming completions with max_tokens 1, 4 KB and 200 KB prompts, concurrency 1, 32 and 150. The
 upstream is by default a fast fake vLLM (``--upstream fast``: aiohttp, fixed JSON reply with ``usage``, a
@@ -20,7 +20,9 @@ response byte (the client's TTFT). ``--json FILE`` writes the rows: added_p50_ms
 added_ttft_p50_ms, added_ttft_p99_ms, picker_cpu_ms_per_req, throughput_ratio (kvswitch / Envoy alone),
 response_body mode and the machine's load.
 
-``--response-body observe,skip`` runs one picker + Envoy pair per mode (skip: Envoy sends no response body to
+``--paths ext-authz,access-log,observe`` runs one picker + Envoy pair per path (ext-authz: Envoy's ext_authz filter
+asks the picker over HTTP, the default of ``kvswitch up``; the others are ext_proc response modes; skip: Envoy sends
+no response body to
 the picker) and interleaves them with Envoy alone in every row. ``--stream-tokens N`` adds rows with streamed
 responses (``stream: true``, N SSE events from the fast upstream, ``--token-interval-ms`` apart so Envoy sees
 them as separate body chunks): that is where skip saves picker CPU.
@@ -105,14 +107,15 @@ def serve_fast_upstream(ports: list[int], host: str = "127.0.0.1") -> None:
     asyncio.run(go())
 
 
-def serve_picker(port: int, endpoints: list[str], simple: bool, response_body: str = "access-log") -> None:
+def serve_picker(port: int, endpoints: list[str], simple: bool, response_body: str = "access-log",
+                 decide_port: int = -1) -> None:
     """The picker as ``kvswitch serve`` runs it; ``simple``: the least-inflight profile without admission
-    (no metrics read: the ext_proc path alone)."""
+    (no metrics read: the request path alone); ``decide_port``: the ext_authz front's port (-1: off)."""
     from extproc.config import config_from_dict
     from extproc.server import build_scheduler, build_server
 
     cfg = config_from_dict({"server": {"host": "127.0.0.1", "grpc_port": port, "metrics_port": -1,
-                                       "response_body": response_body},
+                                       "response_body": response_body, "decide_port": decide_port},
                             "endpoints": [{"address": a} for a in endpoints],
                             "scheduler": SIMPLE if simple else None})
     sched = build_scheduler(cfg)
@@ -128,6 +131,11 @@ SIMPLE = {"profile": "least-inflight", "admission": []}  # the ext_proc path wit
 # DESIGN.md budgets for the added latency (ms): (prompt size, concurrency, percentile) -> budget
 BUDGETS = {("4KB", 1, "p50"): 1.0, ("4KB", 1, "p99"): 3.0, ("200KB", 1, "p50"): 2.0, ("200KB", 150, "p99"): 20.0}
 SIZES = {"4KB": 4 * 1024, "40KB": 40 * 1024, "200KB": 200 * 1024}
+
+
+def _response_body(path: str) -> str:
+    """The picker's and Envoy's response mode for a bench path (ext-authz takes the access log)."""
+    return "access-log" if path == "ext-authz" else path
 
 
 def _prompts(size: int, n: int = 32, stream_tokens: int = 0) -> list[bytes]:
@@ -258,13 +266,17 @@ def _uptime() -> str:
         return f"load {os.getloadavg()[0]:.2f}"
 
 
+PATHS = ("ext-authz", *RESPONSE_MODES)  # ext-authz (with the access log), or ext_proc with a response mode
+
+
 async def main_async(args: argparse.Namespace) -> None:
     ports = [free_port() for _ in range(args.pods)]
-    modes = args.response_body.split(",")
+    modes = args.paths.split(",")
     for m in modes:
-        if m not in RESPONSE_MODES:
-            raise SystemExit(f"--response-body: {m!r} is not one of {', '.join(RESPONSE_MODES)}")
+        if m not in PATHS:
+            raise SystemExit(f"--paths: {m!r} is not one of {', '.join(PATHS)}")
     picker_ports = {m: free_port() for m in modes}
+    decide_ports = {m: free_port() if m == "ext-authz" else -1 for m in modes}
     logdir = Path(tempfile.mkdtemp(prefix="kvswitch-bench-"))
     pods = [f"127.0.0.1:{p}" for p in ports]
     if args.upstream == "sim":
@@ -282,14 +294,18 @@ async def main_async(args: argparse.Namespace) -> None:
     pickers: dict[str, subprocess.Popen] = {}
     for m, port in picker_ports.items():
         cmd = [sys.executable, "-m", "e2e.bench.overhead", "--serve-picker", str(port), "--endpoints",
-               ",".join(pods), "--picker-response-body", m] + (["--simple"] if args.scheduler == "simple" else [])
+               ",".join(pods), "--picker-response-body", _response_body(m), "--picker-decide-port",
+               str(decide_ports[m])] + (["--simple"] if args.scheduler == "simple" else [])
         if args.picker_profile:
             cmd = [sys.executable, "-m", "cProfile", "-o", f"{args.picker_profile}.{m}"] + cmd[1:]
         pickers[m] = subprocess.Popen(cmd, cwd=REPO, stdout=open(logdir / f"picker-{m}.log", "wb"),
                                       stderr=subprocess.STDOUT)
     alone = EnvoyProcess(EnvoyConfigOptions(ext_proc=False, endpoints=pods))
-    withk = {m: EnvoyProcess(EnvoyConfigOptions(picker=f"127.0.0.1:{port}", endpoints=pods, response_body=m))
-             for m, port in picker_ports.items()}
+    withk = {m: EnvoyProcess(EnvoyConfigOptions(
+        picker=f"127.0.0.1:{port}", endpoints=pods, response_body=_response_body(m),
+        picker_protocol="ext-authz" if m == "ext-authz" else "ext-proc",
+        picker_decide=[f"127.0.0.1:{decide_ports[m]}"] if m == "ext-authz" else []))
+        for m, port in picker_ports.items()}
     try:
         for a in pods:
             await _wait_http(f"http://{a}/health")
@@ -306,13 +322,13 @@ async def main_async(args: argparse.Namespace) -> None:
         idle_rate = {m: (_cpu_seconds(p.pid) - idle0[m]) / (time.perf_counter() - t_idle) for m, p in pickers.items()}
         print("# picker idle CPU: " + ", ".join(f"{m} {r * 1e3:.1f} ms/s" for m, r in idle_rate.items()))
         shapes = [("", 0)] + ([(f"s{args.stream_tokens}", args.stream_tokens)] if args.stream_tokens else [])
-        print(f"# Envoy alone vs Envoy + kvswitch ({args.scheduler} scheduler, response body: {', '.join(modes)}); "
+        print(f"# Envoy alone vs Envoy + kvswitch ({args.scheduler} scheduler, paths: {', '.join(modes)}); "
               f"{args.pods} {args.upstream} pods; non-streaming max_tokens 1"
               + (f", and s{args.stream_tokens} rows: stream true, {args.stream_tokens} SSE events "
                  f"{args.token_interval_ms:g} ms apart" if args.stream_tokens else "")
               + f"; {os.cpu_count()} CPUs shared by client, Envoy, picker and upstream")
         print(f"# uptime: {_uptime()}")
-        print(f"{'prompt':>9} {'conc':>4} {'path':>7} {'n':>5} | {'alone p50':>9} {'p99':>7} | {'kvs p50':>8} "
+        print(f"{'prompt':>9} {'conc':>4} {'path':>10} {'n':>5} | {'alone p50':>9} {'p99':>7} | {'kvs p50':>8} "
               f"{'p99':>7} | {'+p50':>6} {'+p99':>6} | {'budget':>14} | {'req/s a':>7} {'req/s k':>7} | "
               f"{'picker CPU/req (net of idle)':>14}")
         concs = [int(c) for c in args.concurrency.split(",")]
@@ -357,13 +373,14 @@ async def main_async(args: argparse.Namespace) -> None:
                             b = None if stream_tokens else BUDGETS.get((size_name, conc, pname))
                             if b:
                                 budget.append(f"{pname} {added / b:.2f}x of {b:g}ms")
-                        print(f"{label:>9} {conc:>4} {m:>7} {len(lk[m]):>5} | {a50:8.2f}m {a99:6.2f}m | "
+                        print(f"{label:>9} {conc:>4} {m:>10} {len(lk[m]):>5} | {a50:8.2f}m {a99:6.2f}m | "
                               f"{k50:7.2f}m {k99:6.2f}m | {k50 - a50:6.2f} {k99 - a99:6.2f} | "
                               f"{', '.join(budget) or '-':>14} | {len(la) / ta:7.0f} {len(lk[m]) / tk[m]:7.0f} | "
                               f"{cpu_k[m] / len(lk[m]) * 1e3:7.3f} ({net[m]:.3f} net) ms", flush=True)
                         rows.append({
                             "prompt": size_name, "concurrency": conc, "stream_tokens": stream_tokens,
-                            "response_body": m, "requests": len(lk[m]),
+                            "path": m, "picker_protocol": "ext-authz" if m == "ext-authz" else "ext-proc",
+                            "response_body": _response_body(m), "requests": len(lk[m]),
                             "added_p50_ms": round(k50 - a50, 3), "added_p99_ms": round(k99 - a99, 3),
                             "added_ttft_p50_ms": round(_pct(fk[m], 50) - _pct(fa, 50), 3),
                             "added_ttft_p99_ms": round(_pct(fk[m], 99) - _pct(fa, 99), 3),
@@ -408,14 +425,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,32,150")
     p.add_argument("--no-decisions", action="store_true", help="skip the in-process decisions/s figures")
     p.add_argument("--picker-profile", metavar="FILE", help="run each picker under cProfile, stats to FILE.<mode>")
-    p.add_argument("--response-body", default="access-log",
-                   help="comma-separated server.response_body modes (access-log, observe, skip, detach): one "
-                        "picker + Envoy per mode, interleaved in every row")
+    p.add_argument("--paths", default="ext-authz",
+                   help="comma-separated request paths, one picker + Envoy each, interleaved in every row: ext-authz "
+                        "(the default of kvswitch up: ext_authz over HTTP, outcomes from the access log) or an "
+                        "ext_proc response mode (access-log, observe, skip, detach)")
     p.add_argument("--stream-tokens", type=int, default=0,
                    help="also run rows with streamed responses of this many SSE events (e.g. 64)")
     p.add_argument("--token-interval-ms", type=float, default=1.0,
                    help="gap between the fast upstream's SSE events (so they reach Envoy as separate chunks)")
     p.add_argument("--picker-response-body", default="access-log", help=argparse.SUPPRESS)
+    p.add_argument("--picker-decide-port", type=int, default=-1, help=argparse.SUPPRESS)
     p.add_argument("--serve-upstream", metavar="PORTS", help=argparse.SUPPRESS)
     p.add_argument("--serve-picker", type=int, metavar="PORT", help=argparse.SUPPRESS)
     p.add_argument("--endpoints", default="", help=argparse.SUPPRESS)
@@ -436,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("KVSWITCH_BENCH_LOOP", "uvloop") == "uvloop":
             uvloop.install()
         try:
-            serve_picker(args.serve_picker, args.endpoints.split(","), args.simple, args.picker_response_body)
+            serve_picker(args.serve_picker, args.endpoints.split(","), args.simple, args.picker_response_body,
+                         args.picker_decide_port)
         except KeyboardInterrupt:
             pass
         return 0

@@ -163,7 +163,7 @@ class KvSwitch(Router):
         self.profile = profile
 
     def picker_config(self, fleet: FleetView, grpc_port: int, metrics_port: int,
-                      sidecars: dict[str, str] | None = None) -> dict:
+                      sidecars: dict[str, str] | None = None, decide_port: int = -1) -> dict:
         """The picker's YAML: every pod with its role, accelerator and model profile (the cost model's
         inputs), KV events and metrics; a decode pod behind a sidecar is addressed at its sidecar."""
         sidecars = sidecars or {}
@@ -186,7 +186,7 @@ class KvSwitch(Router):
             scheduler["handler"] = {"type": PD_HANDLER}
         # drain_seconds: nothing is in flight when a run ends; do not wait 10 s per run for it.
         return {"server": {"host": "127.0.0.1", "grpc_port": grpc_port, "metrics_port": metrics_port,
-                           "drain_seconds": 0.5},
+                           "decide_port": decide_port, "drain_seconds": 0.5},
                 "endpoints": endpoints, "scheduler": scheduler}
 
     def _start_sidecars(self, fleet: FleetView) -> dict[str, str]:
@@ -214,16 +214,16 @@ class KvSwitch(Router):
 
     def _launch(self, fleet: FleetView) -> str:
         sidecars = self._start_sidecars(fleet)
-        grpc, metrics, port, admin = free_port(), free_port(), free_port(), free_port()
+        grpc, metrics, port, admin, decide = free_port(), free_port(), free_port(), free_port(), free_port()
         cfg = self.workdir / f"{self.slug}-picker.yaml"
-        cfg.write_text(yaml.safe_dump(self.picker_config(fleet, grpc, metrics, sidecars), sort_keys=False))
+        cfg.write_text(yaml.safe_dump(self.picker_config(fleet, grpc, metrics, sidecars, decide), sort_keys=False))
         picker = self._proc("picker", [sys.executable, "-m", "extproc.cli", "serve", "--config", str(cfg)])
         picker.wait_log("ext_proc on port", READY_TIMEOUT_S)
         from extproc.envoyconfig.cli import main as envoy_config
 
         bootstrap = self.workdir / f"{self.slug}-envoy.yaml"
         argv = ["--listen-port", str(port), "--listen-host", "127.0.0.1", "--picker", f"127.0.0.1:{grpc}",
-                "--admin-port", str(admin), "--out", str(bootstrap)]
+                "--picker-decide", f"127.0.0.1:{decide}", "--admin-port", str(admin), "--out", str(bootstrap)]
         for addr in fleet.addresses:
             argv += ["--endpoint", sidecars.get(addr, addr)]
         if envoy_config(argv) != 0:

@@ -25,9 +25,12 @@ LEAST_INFLIGHT: dict[str, object] = {"profile": "least-inflight", "admission": [
 
 
 def picker_config(endpoints: list[str], scheduler: dict[str, object] | None = None, **server: object) -> Config:
-    """A picker configuration on a free port with metrics off, for the given endpoint addresses."""
-    srv = {"host": "127.0.0.1", "grpc_port": free_port(), "metrics_port": -1, "drain_seconds": 1.0,
-           "move_away_seconds": 1.0, "move_away_quiet_seconds": 0.2, **server}
+    """A picker configuration on free ports (gRPC, the ext_authz front) with metrics off, for the given endpoint
+    addresses."""
+    # the ext_authz front on a free port (not gRPC + 1, which may be taken), unless the config rules it out
+    no_front = server.get("model_rewrite") or server.get("tls_cert") or server.get("tls_self_signed")
+    srv = {"host": "127.0.0.1", "grpc_port": free_port(), "metrics_port": -1, "decide_port": -1 if no_front else 0,
+           "drain_seconds": 1.0, "move_away_seconds": 1.0, "move_away_quiet_seconds": 0.2, **server}
     return config_from_dict({"server": srv, "endpoints": [{"address": a, "role": "decode"} for a in endpoints],
                              "scheduler": scheduler})
 
@@ -66,6 +69,8 @@ async def picker_process(args: list[str], port: int, log_path: Path | None = Non
     may take long on a loaded machine: ``ready_timeout``). ``launcher``: what runs the CLI (e.g. the soak's
     tracemalloc wrapper)."""
     out = open(log_path, "wb") if log_path else subprocess.DEVNULL
+    if "--decide-port" not in args:  # port + 1 (the default) may be taken: on only when a test asks for it
+        args = [*args, "--decide-port", "-1"]
     proc = subprocess.Popen([sys.executable, *launcher, "serve", "--host", "127.0.0.1", "--port",
                              str(port), *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     try:

@@ -111,7 +111,8 @@ async def envoy_stack(
 
     ``simple``: the least-inflight profile (reads no pod metrics, so it fronts any upstream); False: the
     default profile, which scrapes vLLM metrics and so needs simulator or vLLM pods. ``envoy``: more
-    EnvoyConfigOptions fields. ``scheduler``: a whole ``scheduler:`` section instead (e.g. admission rules).
+    EnvoyConfigOptions fields (``picker_protocol: ext-authz`` asks the picker's decide port). ``scheduler``: a
+    whole ``scheduler:`` section instead (e.g. admission rules).
     """
     cfg = picker_config(picker_endpoints if picker_endpoints is not None else pool,
                         scheduler if scheduler is not None else LEAST_INFLIGHT if simple else None,
@@ -119,7 +120,10 @@ async def envoy_stack(
     inner = build_scheduler(cfg)
     sched = RecordingScheduler(inner, order=order)
     async with running_picker(cfg, sched) as picker:
+        more = dict(envoy or {})
+        if more.get("picker_protocol") == "ext-authz" and not more.get("picker_decide"):
+            more["picker_decide"] = [f"127.0.0.1:{picker.decide_port}"]  # the picker's ext_authz front
         opts = EnvoyConfigOptions(picker=picker.address, endpoints=pool, fail_open=fail_open,
-                                  extra_http_filters=extra_http_filters or [], **(envoy or {}))
+                                  extra_http_filters=extra_http_filters or [], **more)
         async with EnvoyProcess(opts) as envoy:
             yield Stack(envoy, picker, sched)

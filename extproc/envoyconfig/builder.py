@@ -90,7 +90,7 @@ from envoy_data_plane.envoy.type.metadata.v3 import MetadataKey, MetadataKeyPath
 from envoy_data_plane.envoy.type.v3 import Percent
 from envoy_data_plane.google.protobuf import Any as AnyProto
 
-from extproc.envoyconfig import hardening, responselog
+from extproc.envoyconfig import authz, hardening, responselog
 
 DESTINATION = "x-gateway-destination-endpoint"
 SERVED = "x-gateway-destination-endpoint-served"
@@ -100,6 +100,7 @@ EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 PICKER_CLUSTER = "kvswitch_picker"
 PICKER_LOG_CLUSTER = "kvswitch_picker_log_{}"  # access-log mode with replicas at fixed addresses: one each
 RESPONSE_MODES = ("access-log", "observe", "skip", "detach")
+PICKER_PROTOCOLS = ("ext-proc", "ext-authz")
 POOL_CLUSTER = "inference_pool"
 
 
@@ -138,6 +139,14 @@ class EnvoyConfigOptions:
     # a Lua filter notes first byte, [DONE], usage; the gRPC access log brings them with status, flags and
     # the upstream to the picker when the request ends (extproc/envoyconfig/responselog.py).
     response_body: str = "access-log"
+    # How Envoy asks the picker. "ext-proc": a gRPC ext_proc stream per request (the Gateway API Inference
+    # Extension's protocol; every response mode). "ext-authz": Envoy's ext_authz filter asks the picker's decide
+    # port over HTTP/1.1 with the buffered body, one request and one answer (extproc/authz.py: about a tenth of
+    # the picker's CPU per request); response_body access-log or detach only, no model_rewrite. The decide
+    # addresses (``picker_decide``, one per picker replica in the order of picker + pickers) default to each
+    # picker's host with its gRPC port + 1 (kvswitch serve's default).
+    picker_protocol: str = "ext-proc"
+    picker_decide: list[str] = field(default_factory=list)
     # TLS to the picker (kvswitch serve --tls-cert/--tls-key or --tls-self-signed): verify its certificate
     # against picker_tls_ca (a PEM file path) when given, else encrypt without verifying (GIE's self-signed
     # picker convention); picker_tls_sni names the server (default: none).
@@ -214,10 +223,17 @@ def _listener(opts: EnvoyConfigOptions) -> Listener:
         retry_policy=hardening.retry_policy(opts.retries, opts.per_try_idle_timeout_s),
     )
     filters = [HttpFilter(name="envoy.filters.http.router", typed_config=_pack(Router()))]
+    per_route: dict[str, AnyProto] = {}
     if opts.ext_proc:
-        # Off by default, on for the API routes only (hardening.api_routes): see hardening._with_ext_proc.
-        filters.insert(0, HttpFilter(name=hardening.EXT_PROC_FILTER, typed_config=_pack(_ext_proc(opts)),
-                                     disabled=True))
+        # Off by default, on for the API routes only (hardening.api_routes): see hardening.with_ext_proc.
+        if opts.picker_protocol == "ext-authz":
+            filters.insert(0, authz.authz_filter(opts.fail_open, opts.picker_grpc_timeout_s,
+                                                 opts.buffer_limit_bytes))
+            per_route = authz.per_route()
+        else:
+            filters.insert(0, HttpFilter(name=hardening.EXT_PROC_FILTER, typed_config=_pack(_ext_proc(opts)),
+                                         disabled=True))
+            per_route = hardening.with_ext_proc(opts.fail_open)
         if opts.response_body == "access-log":
             filters.insert(1, responselog.observer_filter())
     hcm = HttpConnectionManager(
@@ -225,8 +241,7 @@ def _listener(opts: EnvoyConfigOptions) -> Listener:
         route_config=RouteConfiguration(
             name="inference",
             virtual_hosts=[VirtualHost(name="inference", domains=["*"],
-                                       routes=hardening.api_routes(action, opts.ext_proc, opts.fail_open,
-                                                                  opts.max_body_bytes))],
+                                       routes=hardening.api_routes(action, per_route, opts.max_body_bytes))],
         ),
         http_filters=filters,
         early_header_mutation_extensions=[hardening.early_strip()],
@@ -347,6 +362,33 @@ def _picker_log_clusters(opts: EnvoyConfigOptions) -> list[Cluster]:
             for name, replica in zip(names, _replicas(opts), strict=True)]
 
 
+def decide_addresses(opts: EnvoyConfigOptions) -> list[str]:
+    """The pickers' ext_authz addresses: as given, or each replica's host with its gRPC port + 1."""
+    if opts.picker_decide:
+        return list(opts.picker_decide)
+    out = []
+    for replica in _replicas(opts):
+        host, _, port = replica.rpartition(":")
+        out.append(f"{host}:{int(port) + 1}")
+    return out
+
+
+def _decide_cluster(opts: EnvoyConfigOptions) -> list[Cluster]:
+    if not opts.ext_proc or opts.picker_protocol != "ext-authz":
+        return []
+    if opts.response_body not in ("access-log", "detach"):
+        raise ValueError(f"picker protocol ext-authz sends nothing of the response to the picker: response_body "
+                         f"must be access-log or detach, got {opts.response_body!r}")
+    if opts.picker_tls:
+        raise ValueError("picker protocol ext-authz speaks plain HTTP to the picker: no TLS (use ext-proc)")
+    replicas = decide_addresses(opts)
+    if len(replicas) != len(_replicas(opts)):
+        raise ValueError(f"give one decide address per picker replica: {len(replicas)} for "
+                         f"{len(_replicas(opts))} replicas")
+    return [authz.decide_cluster(_load_assignment(authz.DECIDE_CLUSTER, replicas), _static_or_dns(replicas[0]),
+                                 opts.picker_health_interval_s)]
+
+
 def _static_or_dns(hostport: str) -> ClusterDiscoveryType:
     """STATIC for an IP; STRICT_DNS for a name (in a cluster: the picker's headless Service, so Envoy sees, health
     checks and balances over every replica)."""
@@ -369,11 +411,13 @@ def _picker_tls(opts: EnvoyConfigOptions) -> TransportSocket | None:
 
 
 def build_bootstrap(opts: EnvoyConfigOptions) -> Bootstrap:
+    if opts.picker_protocol not in PICKER_PROTOCOLS:
+        raise ValueError(f"picker_protocol must be one of {', '.join(PICKER_PROTOCOLS)}, got {opts.picker_protocol!r}")
     return Bootstrap(
         static_resources=BootstrapStaticResources(
             listeners=[_listener(opts)],
-            clusters=[_pool_cluster(opts)] + ([_picker_cluster(opts), *_picker_log_clusters(opts)]
-                                              if opts.ext_proc else []),
+            clusters=[_pool_cluster(opts)] + ([_picker_cluster(opts), *_picker_log_clusters(opts),
+                                               *_decide_cluster(opts)] if opts.ext_proc else []),
         ),
         admin=Admin(address=_addr(f"127.0.0.1:{opts.admin_port}")),
     )

@@ -27,6 +27,15 @@ def parse_args(argv: list[str]) -> tuple[EnvoyConfigOptions, str | None, str]:
                         "access-log (default): nothing on the ext_proc stream, the outcome (first byte, usage, "
                         "status) through Envoy's gRPC access log; observe: every chunk; skip: headers and end; "
                         "detach: nothing")
+    p.add_argument("--picker-protocol", choices=["ext-authz", "ext-proc"],
+                   help="how Envoy asks the picker: ext-authz (the default, unless --picker-tls or a response body "
+                        "mode other than access-log/detach is given): Envoy's ext_authz filter over HTTP/1.1 to the "
+                        "picker's decide port, one request per request, about a tenth of ext-proc's picker CPU; "
+                        "ext-proc: a gRPC ext_proc stream per request (the Gateway API Inference Extension's "
+                        "protocol, every response mode, TLS)")
+    p.add_argument("--picker-decide", action="append", metavar="HOST:PORT",
+                   help="a picker's ext_authz address, one per --picker in the same order (default: each picker's "
+                        "host with its port + 1, kvswitch serve's default server.decide_port)")
     p.add_argument("--picker-tls", action="store_true",
                    help="connect to the picker over TLS (kvswitch serve --tls-cert/--tls-key or --tls-self-signed)")
     p.add_argument("--picker-tls-ca", metavar="PEM", help="verify the picker's certificate against this CA file "
@@ -40,11 +49,15 @@ def parse_args(argv: list[str]) -> tuple[EnvoyConfigOptions, str | None, str]:
     p.add_argument("--out", help="write here instead of stdout")
     a = p.parse_args(argv)
     pickers = a.picker or ["127.0.0.1:9002"]
+    tls = a.picker_tls or bool(a.picker_tls_ca)
+    protocol = a.picker_protocol or ("ext-authz" if not tls and a.response_body in ("access-log", "detach")
+                                     else "ext-proc")
     opts = EnvoyConfigOptions(listen_port=a.listen_port, listen_host=a.listen_host, picker=pickers[0],
                               pickers=pickers[1:],
                               fail_open=a.fail_open, lb=a.lb, admin_port=a.admin_port,
                               response_body=a.response_body,
-                              picker_tls=a.picker_tls or bool(a.picker_tls_ca), picker_tls_ca=a.picker_tls_ca,
+                              picker_tls=tls, picker_tls_ca=a.picker_tls_ca,
+                              picker_protocol=protocol, picker_decide=a.picker_decide or [],
                               picker_tls_sni=a.picker_tls_sni,
                               endpoints=[e.split(",")[0] for e in a.endpoint],
                               max_body_bytes=a.max_body_bytes)

@@ -12,6 +12,8 @@ _POOL = ["10.0.0.11:8000", "10.0.0.12:8000", "10.0.0.13:8000"]
 
 EXAMPLES: dict[str, EnvoyConfigOptions] = {
     "envoy-override-host.yaml": EnvoyConfigOptions(endpoints=_POOL),
+    # what `kvswitch envoy-config` writes by default: the picker asked over ext_authz (its decide port 9003)
+    "envoy-override-host-ext-authz.yaml": EnvoyConfigOptions(endpoints=_POOL, picker_protocol="ext-authz"),
     "envoy-override-host-fail-open.yaml": EnvoyConfigOptions(endpoints=_POOL, fail_open=True),
     "envoy-original-dst.yaml": EnvoyConfigOptions(lb="original-dst"),
     # pair with `kvswitch serve --response-body skip`

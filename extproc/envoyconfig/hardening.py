@@ -129,7 +129,7 @@ def _direct(status: int, message: str, code: str) -> DirectResponseAction:
     return DirectResponseAction(status=status, body=DataSource(inline_string=body))
 
 
-def _with_ext_proc(fail_open: bool) -> dict[str, AnyProto]:
+def with_ext_proc(fail_open: bool) -> dict[str, AnyProto]:
     """Per-route switch that turns on the ext_proc filter, which is off by default (see builder): a reply
     Envoy makes before any route matched (a codec error: HTTP/1.0, too many headers, CL+chunked) must not wait
     on the picker, or the connection closes before the reply is written and the client sees no status."""
@@ -152,10 +152,12 @@ def too_long_for_context(max_body_bytes: int) -> Route:
     )
 
 
-def api_routes(action: RouteAction, ext_proc: bool, fail_open: bool,
+def api_routes(action: RouteAction, picker_filter: dict[str, AnyProto],
                max_body_bytes: int | None = None) -> list[Route]:
-    """The API routes to the pool (the only ones where ext_proc runs), then 405 for a wrong method on an API
-    path, then 404 for the rest; with ``max_body_bytes``, a 400 first for a body past it."""
+    """The API routes to the pool (the only ones where the picker's filter runs: ``picker_filter`` is its
+    per-route switch, ``with_ext_proc`` or extproc.envoyconfig.authz.per_route; empty for Envoy alone), then 405
+    for a wrong method on an API path, then 404 for the rest; with ``max_body_bytes``, a 400 first for a body
+    past it."""
     routes: list[Route] = [too_long_for_context(max_body_bytes)] if max_body_bytes else []
     for path, method in API_ROUTES:
         routes.append(Route(
@@ -163,7 +165,7 @@ def api_routes(action: RouteAction, ext_proc: bool, fail_open: bool,
             match=RouteMatch(path=path, headers=[HeaderMatcher(name=":method",
                                                                string_match=StringMatcher(exact=method))]),
             route=action,
-            typed_per_filter_config=_with_ext_proc(fail_open) if ext_proc else {},
+            typed_per_filter_config=picker_filter,
         ))
     for path, method in API_ROUTES:
         routes.append(Route(
@@ -234,9 +236,10 @@ def local_replies() -> LocalReplyConfig:
 
 def picker_reply_filter() -> AccessLogFilter:
     """Matches replies the picker made (ImmediateResponse ``details`` are ``kvswitch_<code>``, which Envoy
-    keeps as the response code details) and the 404/405 direct responses above, so their OpenAI-shaped bodies
-    are not wrapped a second time."""
+    keeps as the response code details; an ext_authz answer other than 200 is ``ext_authz_denied``) and the
+    404/405 direct responses above, so their OpenAI-shaped bodies are not wrapped a second time."""
     expr = ExpressionFilter(expression="response.code_details.startsWith('kvswitch_') || "
+                                       "response.code_details == 'ext_authz_denied' || "
                                        "response.code_details == 'direct_response'")
     return AccessLogFilter(extension_filter=ExtensionFilter(
         name="envoy.access_loggers.extension_filters.cel", typed_config=_pack(expr)))

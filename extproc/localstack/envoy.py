@@ -15,6 +15,7 @@ from pathlib import Path
 
 import aiohttp
 
+from extproc.envoyconfig.authz import DECIDE_CLUSTER
 from extproc.envoyconfig.builder import PICKER_CLUSTER, EnvoyConfigOptions, render
 
 
@@ -70,7 +71,7 @@ class EnvoyChild:
         """Until the admin says ready and (with ext_proc) the picker cluster is healthy."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        prefix = f"{PICKER_CLUSTER}::"
+        prefixes = (f"{PICKER_CLUSTER}::", f"{DECIDE_CLUSTER}::")  # the decide cluster with ext-authz
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as s:
             while True:
                 if self.proc is not None and self.proc.poll() is not None:
@@ -82,7 +83,7 @@ class EnvoyChild:
                         async with s.get(f"{self.admin_url}/clusters") as r:
                             text = await r.text()
                         flags = [ln for ln in text.splitlines()
-                                 if ln.startswith(prefix) and "::health_flags::" in ln]
+                                 if ln.startswith(prefixes) and "::health_flags::" in ln]
                         ready = bool(flags) and all(ln.endswith("::healthy") for ln in flags)
                     if ready:
                         return

@@ -28,7 +28,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from extproc.config import Config
 
 # What ``kvswitch serve`` prints once its ports are bound (extproc/serve.py).
-_READY_LINE = re.compile(rb"kvswitch serve: ext_proc on port (\d+), metrics on (-?\d+|None)")
+_READY_LINE = re.compile(rb"kvswitch serve: ext_proc on port (\d+), metrics on (-?\d+|None), ext_authz on port "
+                         rb"(\d+|None)")
 
 
 class PickerProcess:
@@ -45,6 +46,7 @@ class PickerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.metrics_port: int | None = None
+        self.decide_port: int | None = None  # the ext_authz front (extproc/authz.py), when on
 
     @property
     def address(self) -> str:
@@ -76,6 +78,8 @@ class PickerProcess:
                     self.port = int(m.group(1))
                     metrics = m.group(2).decode()
                     self.metrics_port = int(metrics) if metrics.lstrip("-").isdigit() and int(metrics) > 0 else None
+                    decide = m.group(3).decode()
+                    self.decide_port = int(decide) if decide.isdigit() else None
                     break
                 self._check_alive()
                 if loop.time() > deadline:

@@ -74,6 +74,9 @@ class StackOptions:
     ready_timeout_s: float = 30.0
     picker_log_level: str = "WARNING"  # replica processes' log level (their logs are in the work directory)
     dp: int = 1  # data-parallel ranks per pod (vLLM --data-parallel-size): one picker endpoint per rank
+    # How Envoy asks the picker (extproc.envoyconfig.builder.EnvoyConfigOptions.picker_protocol): ext-authz unless
+    # the pickers have no decide port (TLS or model_rewrite in their config), then ext-proc.
+    picker_protocol: str = "ext-authz"
 
 
 @dataclass
@@ -172,6 +175,15 @@ class LocalStack:
         return [self.server.address]
 
     @property
+    def picker_decide_addresses(self) -> list[str]:
+        """Every picker's ext_authz address (extproc/authz.py), in the order of ``picker_addresses``; empty when
+        any replica has none."""
+        ports = [p.decide_port for p in self._s.processes] if self._s.processes else [self.server.decide_port]
+        if any(port is None for port in ports):
+            return []
+        return [f"127.0.0.1:{port}" for port in ports]
+
+    @property
     def picker_address(self) -> str:
         return self.picker_addresses[0]
 
@@ -195,8 +207,9 @@ class LocalStack:
         if o.dp > 1:
             shape += f" x DP{o.dp}"
         metrics = f", metrics {self.picker_metrics_url}" if self.picker_metrics_url else ""
+        asked = f" asked over {self.envoy.opts.picker_protocol}" if self._s.envoy is not None else ""
         return (f"kvswitch is up: {self.url}  ({shape} pods {o.model_profile} on {o.accelerator}, "
-                f"time scale {o.time_scale:g}; picker {', '.join(self.picker_addresses)}{metrics}; "
+                f"time scale {o.time_scale:g}; picker {', '.join(self.picker_addresses)}{asked}{metrics}; "
                 f"envoy admin {self.admin_url})")
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -380,13 +393,16 @@ class LocalStack:
         o = self.options
         assert self.workdir is not None
         addresses = self.picker_addresses
+        response_body = self.config.server.response_body if self.config else "access-log"
+        decide = self.picker_decide_addresses \
+            if o.picker_protocol == "ext-authz" and response_body in ("access-log", "detach") else []
         planned = self.config is not None and self.config.planner is not None
         opts = EnvoyConfigOptions(listen_port=self.port, listen_host="127.0.0.1", picker=addresses[0],
                                   pickers=addresses[1:], lb="original-dst" if planned else "override-host",
                                   fail_open=False, admin_port=_free_port(),
                                   endpoints=[p.address for p in self.pods],
-                                  response_body=self.config.server.response_body if self.config else "access-log",
-                                  max_body_bytes=self._context_cap())
+                                  response_body=response_body, max_body_bytes=self._context_cap(),
+                                  picker_protocol="ext-authz" if decide else "ext-proc", picker_decide=decide)
         self._s.envoy = envoy = EnvoyChild(opts, self.workdir, o.envoy_concurrency, o.envoy_log_level)
         await envoy.start(o.ready_timeout_s)
 

@@ -1,0 +1,161 @@
+"""The picker as Envoy's ext_authz HTTP service: one plain HTTP request per client request, the decision in the
+answer's headers.
+
+Why a second front beside ext_proc: an ext_proc stream is a gRPC bidirectional stream per client request with
+at least four messages (request headers, body, the headers reply, the body streamed back), and grpc-python pays
+about 2 ms of CPU per such stream on this project's reference machine, most of it in gRPC's own machinery, not
+in the decision. Envoy's ext_authz filter with ``with_request_body`` buffers the body and asks once over
+HTTP/1.1 keep-alive connections; the body is not echoed back; the answer's headers go onto the upstream request
+(``allowed_upstream_headers``). Served by aiohttp's low-level server on the picker's event loop, next to the
+gRPC port that still takes the access log (the responses' outcomes) and ext_proc for gateways that speak only it
+(Gateway API implementations).
+
+The contract (extproc/envoyconfig/builder.py writes Envoy's side):
+- ``GET /health``: 200 while the picker is ready, 503 while not ready or stopping (Envoy's active health check).
+- ``<method> /decide<path>`` with the client's headers that matter (``parse.HEADERS_THAT_MATTER`` and the
+  request id) and body: 200 routes (``x-gateway-destination-endpoint`` and the other routing headers, debug
+  headers for the client); a 4xx is the answer the client gets (the OpenAI error body, ``retry-after`` on a
+  429). A 5xx (no endpoint available, a director bug) Envoy takes for a failed check, as if the picker were
+  unreachable: fail-closed, the client gets Envoy's own 503 (OpenAI-shaped by the local-reply mappers, without
+  the picker's message); fail-open, the request goes on without a decision (round robin over the listed pool).
+- It cannot change a body: a body the gateway would have to clean (engine-internal fields a client set) is a 400,
+  and ``server.model_rewrite`` needs the ext_proc front (extproc/config.py refuses the combination).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+
+from extproc import messages as msg
+from extproc import metrics
+from extproc.errors import RequestRejected, body_for, body_too_large, over_context
+from extproc.outcome import RoutedOutcome
+from extproc.responselog import PendingResponses
+from extproc.routing import RouteSettings, route_request
+from pickers.clock import Clock
+from pickers.explain import explain_header
+from pickers.types import Scheduler, SchedulingError
+
+log = logging.getLogger("kvswitch.extproc")
+
+DECIDE_PREFIX = "/decide"
+HEALTH_PATH = "/health"
+REMOVE_HEADER = "x-envoy-auth-headers-to-remove"  # ext_authz: names the answer removes from the upstream request
+_JSON = "application/json"
+
+
+class AuthzRequest(RoutedOutcome):
+    """One routed request of the ext_authz front: its outcome comes from the access log (or, with no log to wait
+    for, its end is the routing itself, as the ext_proc front's detach mode)."""
+
+
+class AuthzFront:
+    """The ext_authz HTTP service (see the module docstring). ``ready`` is set by the server's readiness loop."""
+
+    def __init__(self, director: Scheduler, settings: RouteSettings, clock: Clock,
+                 pending: PendingResponses | None, body_limit_bytes: int, context_cap_bytes: int | None,
+                 debug_headers: bool = False) -> None:
+        self.director = director
+        self.settings = settings
+        self.clock = clock
+        self.pending = pending
+        self.body_limit_bytes = body_limit_bytes
+        self.context_cap_bytes = context_cap_bytes
+        self.debug_headers = debug_headers
+        self.ready = False
+        self.last_request_at = 0.0  # loop time of the newest decision request (the server's move-away wait)
+        self._runner: web.ServerRunner | None = None
+        self.port = 0
+
+    async def start(self, host: str, port: int) -> int:
+        loop = asyncio.get_running_loop()
+        limit = self.body_limit_bytes
+
+        def request(message, payload, protocol, writer, task):
+            return web.BaseRequest(message, payload, protocol, writer, task, loop, client_max_size=limit)
+
+        server = web.Server(self._handle, request_factory=request, access_log=None)
+        runner = web.ServerRunner(server, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise OSError(f"cannot serve the ext_authz front on {host}:{port}: {exc.strerror}") from None
+        self._runner = runner
+        self.port = runner.addresses[0][1]
+        return self.port
+
+    async def stop(self, grace: float) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            runner.server.shutdown_timeout = grace  # type: ignore[union-attr]
+            await runner.cleanup()
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        path = request.path
+        if path == HEALTH_PATH:
+            return web.Response(status=200 if self.ready else 503, text="ok" if self.ready else "not ready")
+        if not path.startswith(DECIDE_PREFIX):
+            return _error(RequestRejected(404, f"no such path on the picker: {path}", "not_found"))
+        self.last_request_at = asyncio.get_running_loop().time()
+        metrics.STREAMS.inc()
+        try:
+            return await self._decide(request, request.raw_path[len(DECIDE_PREFIX):] or "/")
+        finally:
+            metrics.STREAMS.dec()
+
+    async def _decide(self, request: web.BaseRequest, path: str) -> web.StreamResponse:
+        size = request.content_length
+        cap = self.context_cap_bytes
+        if size is not None and size > self.body_limit_bytes:
+            return _reject(body_too_large(self.body_limit_bytes))
+        if size is not None and cap is not None and size > cap:
+            return _reject(over_context(size, cap))
+        try:
+            body = await request.read() if request.body_exists else None
+        except web.HTTPRequestEntityTooLarge:  # no content-length (chunked) and past the limit
+            return _reject(body_too_large(self.body_limit_bytes))
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        headers[":path"] = path
+        headers[":method"] = request.method
+        outcome = AuthzRequest(self.director, self.clock, self.pending)
+        try:
+            routed = await route_request(self.director, self.settings, self.clock, headers, body)
+        except SchedulingError as exc:
+            return _reject(exc)
+        decision = outcome.decision = routed.decision
+        outcome._count(decision.primary)
+        rid = headers.get("x-request-id", "")
+        if self.pending is not None and rid:
+            outcome._park(rid)  # Envoy's id: its access-log entry carries the same
+        else:  # nothing will report the end: routing is the last news (the ext_proc front's detach mode)
+            outcome._end(None, None, self.clock.now())
+        out = [(msg.DESTINATION, routed.destination)]
+        if routed.prefill:
+            out.append((msg.PREFILLER, routed.prefill))
+        out.extend(routed.extra)
+        if routed.remove:
+            out.append((REMOVE_HEADER, ",".join(routed.remove)))
+        if self.debug_headers:
+            out.append(("x-kvswitch-endpoint", decision.primary))
+            if decision.prefill:
+                out.append(("x-kvswitch-prefill-endpoint", decision.prefill))
+            if decision.explanation:
+                out.append(("x-kvswitch-explanation", explain_header(decision, 1024)))
+        return web.Response(status=200, headers=out)
+
+
+def _reject(exc: SchedulingError) -> web.Response:
+    metrics.DECISIONS.labels(str(exc.status)).inc()
+    metrics.ERRORS.labels(exc.code).inc()
+    return _error(exc)
+
+
+def _error(exc: SchedulingError) -> web.Response:
+    headers = [("content-type", _JSON), *exc.headers]
+    return web.Response(status=exc.status, body=body_for(exc), headers=headers)
