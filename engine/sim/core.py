@@ -159,6 +159,9 @@ class EngineStats:
     prompt_tokens: int
     generation_tokens: int
     num_held_blocks: int
+    # vllm:cache_config_info: the KV blocks of this engine and their size (what a real scrape reads there)
+    num_gpu_blocks: int = 0
+    block_size: int = 0
 
 
 class _Req:
@@ -344,6 +347,8 @@ class EngineCore:
             prompt_tokens=self.prompt_tokens,
             generation_tokens=self.generation_tokens,
             num_held_blocks=sum(len(k) for k in self._held),
+            num_gpu_blocks=self.num_blocks,
+            block_size=self.block_size,
         )
 
     # ---- quiet decode runs (virtual time) -----------------------------------------------------------

@@ -312,3 +312,19 @@ def test_pool_events_handed_over_directly_build_the_same_index_as_the_wire_form(
         via_wire.apply_events(pod, [event_to_wire(e) for e in evs], now=now)
     direct = kv.contents_by_address()
     assert direct and via_wire.contents_by_address() == direct
+
+
+def test_scrapes_hand_the_picker_each_pods_kv_capacity():
+    """A virtual-time scrape carries vllm:cache_config_info as a real one does (num_gpu_blocks, block_size):
+    the picker's approximate index then holds at most a pod's real KV capacity of blocks per pod (learning
+    from our own decisions cannot claim more than the pod can keep), not its 200,000-block fallback."""
+    fleet = fleet_from_flags(2, "H100", "8b", num_blocks=64)
+    reqs = [tr(i, 0.02 * i, 600, 2, [1000 + i, 2000 + i]) for i in range(12)]  # 37 new blocks each, 2 pods
+    sim = ClusterSim(fleet, lambda eps, clock: make_router("default", eps, clock), scrape_interval=0.05)
+    res = sim.run(trace_prompts(reqs))
+    assert all(r.status == "ok" for r in res.records)
+    dl = sim.router.director.dl
+    slots = [dl.endpoints.slot(p.name) for p in res.pods]
+    assert [int(dl.metrics.num_gpu_blocks[s]) for s in slots] == [64, 64]
+    learned = [int(dl.approx.pod_counts[0, s]) for s in slots]
+    assert all(0 < n <= 64 for n in learned), learned  # 6 prompts x 37 blocks were sent to each pod

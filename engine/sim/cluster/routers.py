@@ -273,6 +273,7 @@ class SchedulerRouter(BaseRouter):
         m = PodMetrics(
             waiting=float(stats.num_waiting), running=float(stats.num_running), kv_usage=float(stats.kv_usage),
             prefix_cache_queries=float(stats.prefix_queries), prefix_cache_hits=float(stats.prefix_hits),
+            num_gpu_blocks=stats.num_gpu_blocks or None, block_size=stats.block_size or None,
         )
         self._metrics.update(pod, m, at)
 

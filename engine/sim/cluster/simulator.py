@@ -678,6 +678,7 @@ def _sum_stats(stats: list[EngineStats]) -> EngineStats:
         num_preemptions=sum(s.num_preemptions for s in stats), prompt_tokens=sum(s.prompt_tokens for s in stats),
         generation_tokens=sum(s.generation_tokens for s in stats),
         num_held_blocks=sum(s.num_held_blocks for s in stats),
+        num_gpu_blocks=stats[0].num_gpu_blocks, block_size=stats[0].block_size,  # per engine, as cache_config_info
     )
 
 
