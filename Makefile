@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 PIP_FLAGS := --quiet --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast check bench venv vllm-venv bench-venv clean promtool image lock
+.PHONY: demo test test-fast check bench bench-curves venv vllm-venv bench-venv clean promtool image lock
 
 # promtool checks and unit-tests the PrometheusRule (tests/gateway_api). Debian's prometheus package ships it;
 # CI runs as root on a possibly bare machine, so install it when missing (sudo when not root).
@@ -88,6 +88,14 @@ demo: $(VENV)/.stamp
 
 bench: $(VENV)/.stamp $(BENCH_VENV)/.stamp
 	KVSWITCH_BENCH_VENV=$(CURDIR)/$(BENCH_VENV) $(VENV)/bin/kvswitch bench compare --preset reduced
+
+# The real-time load curves (issue 15): 4 workloads x kvswitch and the 4 peers x 4 loads (0.5-3x the knee) x
+# 3 repetitions through Envoy and the real peers, sized to CURVES_BUDGET_MIN wall minutes on a quiet 2-core
+# machine (`kvswitch bench curves --plan` prints the plan; CURVES_ARGS=--smoke runs one point).
+CURVES_BUDGET_MIN ?= 120
+CURVES_ARGS ?=
+bench-curves: $(VENV)/.stamp $(BENCH_VENV)/.stamp
+	KVSWITCH_BENCH_VENV=$(CURDIR)/$(BENCH_VENV) $(VENV)/bin/kvswitch bench curves --budget-min $(CURVES_BUDGET_MIN) $(CURVES_ARGS)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) $(BENCH_VENV) .pytest_cache .hypothesis

@@ -14,20 +14,28 @@ BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
     # Expected TTFT from the cost model (prefix hit + queued prefill + decode load), a TTFT-gated prefix
     # bonus and KV pressure (no decode-stall charge: see pickers/plugins/score_ttft.py for why).
     # See pickers/plugins/score_ttft.py for the formula.
+    # Prefix weight 2 within 2x the best TTFT (was 1 within 1.5x): a warm pod keeps its group while its TTFT is
+    # up to 2x a cold pod's, so past the knee a hot group spills less and the fleet recomputes fewer shared
+    # prefixes; below the knee the warm pod is the fastest anyway. Virtual-time curves, 3 seeds (README "The
+    # default profile"): shared prefix at 2x the knee TTFT p90 0.97 -> 0.81 s, at 3x 13.8 -> 14.3 req/s;
+    # multi-turn at 3x p90 0.49 -> 0.37 s (req/s 18.5 -> 18.1, peers <= 14.1); no-sharing unchanged.
     "default": {
         "filters": DECODE_FILTERS,
         "scorers": [
             {"type": "ttft", "weight": 3.0},
-            {"type": "prefix", "mode": "auto", "gate_ttft_ratio": 1.5, "weight": 1.0},
-            {"type": "kv-usage", "weight": 1.0},
+            {"type": "prefix", "mode": "auto", "gate_ttft_ratio": 2.0, "weight": 2.0},
+            # KV use counting the prompt tokens queued for the pod (level past the knee; with plain usage the
+            # Mooncake curve at 3x fell below round robin's req/s: pickers/plugins/score_kv_usage.py)
+            {"type": "kv-usage", "weight": 1.0, "with_queue": True},
             # requests with SLO targets only (0 and no tiers for the rest): pods predicted to meet the targets
             # first, the best fit among them, else the least late (pickers/plugins/score_slo.py)
             {"type": "slo-fit", "weight": 2.0},
             # data-parallel ranks only (1 for every other endpoint): new prompt groups on the quietest rank, and
             # a rank past (1 + 0.05) x the ranks' mean of recent requests gives way (its group spills to a
-            # replica). Weight 4, the ttft and prefix weights together (3 + 1): a rank past the bound loses at
-            # least a warm rank's lead there (e2e/bench/dp.py, e2e/bench/results/2026-12-02-dp-moe-v2)
-            {"type": "rank-balance", "weight": 4.0},
+            # replica). Weight 5, the ttft and prefix weights together (3 + 2): a rank past the bound loses at
+            # least a warm rank's lead there (e2e/bench/dp.py, e2e/bench/results/2026-12-02-dp-moe-v2, run with
+            # 4 = 3 + 1 when the prefix weight was 1)
+            {"type": "rank-balance", "weight": 5.0},
         ],
         "picker": {"type": "max-score", "max_endpoints": 3},
     },

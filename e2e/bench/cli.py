@@ -3,6 +3,8 @@
     kvswitch bench compare --preset reduced                     (what `make bench` runs)
     kvswitch bench compare --workload shared-prefix --routers kvswitch,envoy-rr,vllm-router:cache_aware \
         --rates 2,4,8 --pods 4 --time-scale 1 --repetitions 3 --seed 0 [--param groups=8 ...] [--out DIR]
+    kvswitch bench curve ...                                    (load curves in virtual time)
+    kvswitch bench curves [--budget-min 120] [--smoke|--plan]   (the real-time curves: make bench-curves)
     kvswitch bench report DIR/results.json                      (re-render the report)
     kvswitch bench workload --workload multi-turn --rate 2 --out trace.jsonl   (write a trace only)
     kvswitch bench peers                                        (is the peers' environment there?)
@@ -80,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("curve", help="load curves in virtual time (every router, 0.5x-3x the knee)",
                        add_help=False)
     v.add_argument("rest", nargs=argparse.REMAINDER)
+    rc = sub.add_parser("curves", help="the real-time load curves: every workload, router, load and repetition "
+                                       "within a wall-clock budget (make bench-curves)", add_help=False)
+    rc.add_argument("rest", nargs=argparse.REMAINDER)
     r = sub.add_parser("report", help="re-render README.md and plots from a results.json")
     r.add_argument("results", type=Path)
     r.add_argument("--no-plots", action="store_true")
@@ -129,9 +134,16 @@ def _compare(a: argparse.Namespace) -> int:
         print(f"kvswitch bench: {why}", file=sys.stderr)
         return 2
     if a.curve:
+        from e2e.bench import vcurve
         from e2e.bench.runner import probe_knee
 
-        knee = probe_knee(cfg)
+        if cfg.workload in vcurve.WORKLOADS and not set(params) - {"num_requests"}:
+            # the virtual-time curve's trace and knee (same generator, parameters, seeds, windows): the
+            # generator's own rate would be conversations/s for multi-turn, and Mooncake's window per seed
+            cfg.curve_requests = a.requests or 240
+            knee = vcurve.knee(cfg.workload, 240, vcurve.CurveFleet(cfg.pods, cfg.accelerator, cfg.model_profile))
+        else:
+            knee = probe_knee(cfg)
         cfg.rates = [round(x * knee, 3) for x in a.loads]
         print(f"kvswitch bench: knee {knee:.2f} req/s (virtual-time probe: round robin offered the trace 20x "
               f"faster on {cfg.pods} x {cfg.model_profile}/{cfg.accelerator}); rates {cfg.rates}", flush=True)
@@ -159,13 +171,26 @@ def _print_report(results: Path, with_plots: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["curve"]:  # their own parsers: argparse's REMAINDER does not take leading options
+        from e2e.bench.vcurve import main as curve_main
+
+        return curve_main(args[1:])
+    if args[:1] == ["curves"]:
+        from e2e.bench.rtcurve import main as curves_main
+
+        return curves_main(args[1:])
+    a = _parser().parse_args(args)
     if a.cmd == "compare":
         return _compare(a)
     if a.cmd == "curve":
         from e2e.bench.vcurve import main as curve_main
 
         return curve_main(a.rest)
+    if a.cmd == "curves":
+        from e2e.bench.rtcurve import main as curves_main
+
+        return curves_main(a.rest)
     if a.cmd == "report":
         _print_report(Path(a.results), with_plots=not a.no_plots)
         return 0

@@ -44,6 +44,10 @@ class CompareConfig:
     accelerator: str = "H100"
     out: Path | None = None
     cache_dir: Path | None = None
+    # load curves: the virtual-time curves' trace (e2e.bench.vcurve.WORKLOADS[workload], this many requests,
+    # seed = seed + repetition, its window for Mooncake) replayed at the rate asked, as `kvswitch bench curve`
+    # does; None: the workload generator with ``workload_params`` at that rate
+    curve_requests: int | None = None
 
     def out_dir(self) -> Path:
         if self.out:
@@ -67,6 +71,12 @@ def machine() -> dict[str, Any]:
 
 def build_workload(cfg: CompareConfig, rate: float, repetition: int) -> Workload:
     """The trace for one rate and repetition: the same for every router (seed = seed + repetition)."""
+    if cfg.curve_requests is not None:
+        from e2e.bench.vcurve import WORKLOADS, mean_rate
+        from e2e.bench.workloads import scale_rate
+
+        wl = WORKLOADS[cfg.workload].make(cfg.seed + repetition, cfg.curve_requests)
+        return scale_rate(wl, rate / mean_rate(wl))
     params = dict(cfg.workload_params)
     params["seed"] = cfg.seed + repetition
     return make(cfg.workload, rate=rate, **params)

@@ -2,7 +2,7 @@
 
 ``mode``: ``approximate`` (learned from our own decisions), ``precise`` (vLLM KV events) or ``auto``
 (precise per pod unless it publishes no events or is degraded, then approximate). With ``gate_ttft_ratio``
-> 0 (the default profile uses 1.5) a pod whose estimated TTFT exceeds that multiple of the best pod's
+> 0 (the default profile uses 2) a pod whose estimated TTFT exceeds that multiple of the best pod's
 gets 0: cache affinity never pulls traffic onto a pod that is already the slow choice (the TTFT is the
 request's shared prediction, pickers/predictor.py).
 """

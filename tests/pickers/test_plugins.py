@@ -217,3 +217,22 @@ def test_ttft_stall_weight_keeps_a_group_on_its_warm_pod_when_the_spill_would_st
     feed(s, **{A: (0, 0, 0.1), B: (0, 0, 0.1), C: (0, 0, 0.1)})
     ctx = ctx_for(s, clock, request("r3", toks))
     assert np.allclose(stall.score(ctx, c), plain.score(ctx_for(s, clock, request("r4", toks)), c))
+
+
+def test_kv_usage_with_queue_counts_the_queued_prompt_tokens_as_used():
+    """The default profile's kv-usage: a pod whose cache is emptier but whose queue would fill it is not
+    preferred (past the knee the plain score pulled requests onto such pods)."""
+    s, clock = scheduler()
+    feed(s, **{A: (0, 4, 0.2), B: (0, 4, 0.5), C: (0, 4, 0.5)})
+    cap = float(s.dl.costs.kv_capacity[s.dl.endpoints.slot(A)])
+    s.dl.inflight.add("q", s.dl.endpoints.slot(A), None, int(0.6 * cap), 10, clock.now())  # queued on A
+    ctx = ctx_for(s, clock)
+    c = cands(s)
+    plain = plugin(s, "scorer", "kv-usage").score(ctx, c)
+    queued = plugin(s, "scorer", {"type": "kv-usage", "with_queue": True}).score(ctx, c)
+    assert plain.tolist() == pytest.approx([0.8, 0.5, 0.5])
+    assert queued[0] == pytest.approx(0.2, abs=0.02) and queued[1:].tolist() == pytest.approx([0.5, 0.5])
+    # a queue beyond the capacity scores 0 (full), never below
+    s.dl.inflight.add("q2", s.dl.endpoints.slot(A), None, int(2 * cap), 10, clock.now())
+    ctx2 = ctx_for(s, clock)
+    assert plugin(s, "scorer", {"type": "kv-usage", "with_queue": True}).score(ctx2, c)[0] == 0.0

@@ -1,0 +1,355 @@
+"""The real-time load curves: every workload x router x load x repetition through Envoy and the real peers,
+sized to a wall-clock budget.
+
+    kvswitch bench curves [--budget-min 120] [--workloads shared-prefix,multi-turn,no-sharing,mooncake]
+        [--routers kvswitch,vllm-router:cache_aware,vllm-router:kv_aware,sglang-router:cache_aware,envoy-rr]
+        [--loads 0.5,1,2,3] [--repetitions 3] [--requests N] [--plan] [--smoke] [--out DIR]
+    make bench-curves                                          (the same, defaults)
+
+The workloads are the virtual-time curves' (``e2e.bench.vcurve.WORKLOADS``: same generators, parameters,
+seeds and Mooncake windows), on the same fleet model (4 simulated L40S pods, 8B profile); the knee of each
+is the virtual-time one (round robin offered the seed-0 trace 20x faster, ``vcurve.knee``), so the loads
+here are the same multiples of the same knee as the virtual-time report's.
+
+Sizing (``plan``): a run's wall time is its simulated makespan x the time scale plus a fixed cost (fleet
+restart, router start, client start; ``--overhead-s``). Per workload:
+
+- time scale = the smallest that keeps the wall request rate at the highest load under ``--max-wall-rate``
+  and the wall rate of streamed output tokens (about 1.4 x the knee's, what the best router completes past
+  it) under ``--max-wall-tokens``: on two cores the client, Envoy, the routers and the simulated pods share
+  the CPU, and a router's path must stay small against the TTFTs it is judged on; never below 0.5;
+- requests per run = as many as the budget allows when every workload gets the same share of it,
+  from the virtual-time replay of the same traces (round robin's makespan per load, which the routers
+  under test beat or match), at least ``--min-requests``; ``--requests`` fixes it instead.
+
+``--plan`` prints the plan (knees, time scales, requests, estimated wall) and stops; ``--smoke`` runs one
+point of it (the first workload at the knee, one repetition, every router) to prove the chain end to end.
+Progress: one line per run with the whole set's ETA. Output: one folder per workload (``kvswitch bench
+compare``'s report: table, plots against the offered load, TTFT CDFs) and a summary README.md with, per
+workload, load and router, the medians over repetitions and where kvswitch misses the issue's bar against
+the best peer, plus 4-panel plots against load / knee (req/s, TTFT p90, TTFT p99, hit rate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from e2e.bench import vcurve
+from e2e.bench.runner import RESULTS_DIR, CompareConfig, Comparison
+
+ROUTERS = ["kvswitch", "vllm-router:cache_aware", "vllm-router:kv_aware", "sglang-router:cache_aware", "envoy-rr"]
+LOADS = [0.5, 1.0, 2.0, 3.0]
+KNEE_REQUESTS = 240  # the virtual-time report's requests per run: the knee is found on the same trace
+PEAK_COMPLETION = 1.4  # completed req/s past the knee, as a multiple of the knee (the best router's, virtual time)
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    minutes: float = 120.0
+    overhead_s: float = 10.0  # per run: fleet restart, router start and readiness probe, client start
+    max_wall_rate: float = 16.0  # offered requests per wall second at the highest load
+    max_wall_tokens: float = 1200.0  # streamed output tokens per wall second
+    min_time_scale: float = 0.5
+    min_requests: int = 48
+    max_requests: int = 240
+
+
+DEFAULT_BUDGET = Budget()
+
+
+@dataclass(slots=True)
+class WorkloadPlan:
+    workload: str
+    knee_req_s: float
+    mean_output_tokens: float
+    time_scale: float
+    requests: int
+    rates: list[float]  # simulated req/s: loads x knee
+    est_wall_s: float  # every router, load and repetition of this workload
+
+    def describe(self) -> str:
+        return (f"{self.workload}: knee {self.knee_req_s:.2f} req/s, time scale {self.time_scale:.2f}, "
+                f"{self.requests} requests per run, rates {', '.join(f'{r:g}' for r in self.rates)}, "
+                f"est. {self.est_wall_s / 60:.0f} min")
+
+
+def time_scale_for(knee: float, mean_output: float, max_load: float, budget: Budget) -> float:
+    """The smallest time scale (wall s per simulated s) within the wall request and token rates."""
+    ts = max(budget.min_time_scale, max_load * knee / budget.max_wall_rate,
+             PEAK_COMPLETION * knee * mean_output / budget.max_wall_tokens)
+    return round(ts, 2)
+
+
+def sim_makespans(workload: str, knee: float, loads: list[float], requests: int) -> list[float]:
+    """Round robin's simulated makespan (s) of the seed-0 trace at each load, in virtual time."""
+    out = []
+    for load in loads:
+        s = vcurve.run_point(workload, "envoy:round_robin", 0, load * knee, requests)
+        out.append(float(s["makespan_s"]))
+    return out
+
+
+def plan(workloads: list[str], routers: list[str], loads: list[float], repetitions: int, budget: Budget,
+         requests: int | None = None, log: Any = print, share_s: float | None = None) -> list[WorkloadPlan]:
+    """Knee, time scale and requests per run for each workload, so the whole set fits ``budget`` (each
+    workload ``share_s`` of it: by default the same share)."""
+    runs_per_load = len(routers) * repetitions
+    if share_s is None:
+        share_s = budget.minutes * 60.0 / len(workloads)
+    plans = []
+    for w in workloads:
+        knee = vcurve.knee(w, KNEE_REQUESTS)
+        wl = vcurve.WORKLOADS[w].make(0, KNEE_REQUESTS)
+        mean_out = float(np.mean([r.output_length for r in wl.records]))
+        ts = time_scale_for(knee, mean_out, max(loads), budget)
+        probe_n = 64
+        per_request = sum(sim_makespans(w, knee, loads, probe_n)) / probe_n  # simulated s per request, all loads
+        fixed = len(loads) * runs_per_load * budget.overhead_s
+        n = requests or int((share_s - fixed) / (runs_per_load * ts * per_request))
+        n = max(budget.min_requests, min(budget.max_requests, n // 8 * 8))
+        est = fixed + runs_per_load * ts * per_request * n
+        plans.append(WorkloadPlan(w, knee, mean_out, ts, n, [round(x * knee, 3) for x in loads], est))
+        log(f"  plan {plans[-1].describe()}")
+    return plans
+
+
+def _config(p: WorkloadPlan, routers: list[str], repetitions: int, out: Path) -> CompareConfig:
+    f = vcurve.CurveFleet()
+    return CompareConfig(workload=p.workload, routers=routers, rates=p.rates, pods=f.pods,
+                         time_scale=p.time_scale, repetitions=repetitions, seed=0, model_profile=f.model_profile,
+                         accelerator=f.accelerator, out=out, curve_requests=p.requests)
+
+
+def run(plans: list[WorkloadPlan], routers: list[str], repetitions: int, out: Path, loads: list[float],
+        log: Any = print) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    total = sum(len(p.rates) for p in plans) * len(routers) * repetitions
+    done = 0
+    started = time.monotonic()
+    summary: dict[str, Any] = {"meta": {
+        "date": _dt.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+        "routers": routers, "loads": loads, "repetitions": repetitions,
+        "plans": [asdict(p) for p in plans]}, "workloads": {}}
+    for p in plans:
+        comparison = Comparison(_config(p, routers, repetitions, out / p.workload))
+        comparison.knee = p.knee_req_s
+        offset = done
+
+        def progress(line: str, _p: WorkloadPlan = p, _offset: int = offset) -> None:
+            i = _offset + int(line[1:line.index("/")]) if line.startswith("[") else _offset
+            el = time.monotonic() - started
+            log(f"[{i}/{total}] {_p.workload} {line.split('] ', 1)[-1]} (set ETA "
+                f"{el / max(i, 1) * (total - i) / 60:.0f} min)")
+
+        comparison.log = progress
+        results = comparison.run()
+        done += len(comparison.plan())
+        from e2e.bench.report import render
+
+        render(results)
+        summary["workloads"][p.workload] = str(results.relative_to(out))
+        (out / "curves.json").write_text(json.dumps(summary, indent=1))
+    summary["meta"]["wall_s"] = time.monotonic() - started
+    (out / "curves.json").write_text(json.dumps(summary, indent=1))
+    return render_summary(out)
+
+
+# ---- summary -------------------------------------------------------------------------------------------
+def _medians(out: Path, summary: dict[str, Any]) -> dict[tuple[str, float, str], dict[str, float]]:
+    """(workload, load, router) -> medians over repetitions of req/s, TTFT p90/p99 (ms), hit rate."""
+    from e2e.bench.client import percentile
+    from e2e.bench.report import load
+
+    med: dict[tuple[str, float, str], dict[str, float]] = {}
+    knees = {p["workload"]: p["knee_req_s"] for p in summary["meta"]["plans"]}
+    for w, rel in summary["workloads"].items():
+        _, runs, _ = load(out / rel)
+        groups: dict[tuple[float, str], list[Any]] = {}
+        for r in runs:
+            groups.setdefault((round(r.rate / knees[w], 2), r.router), []).append(r)
+        for (ld, router), rs in groups.items():
+            med[(w, ld, router)] = {
+                "req_s": float(np.median([r.request_throughput for r in rs])),
+                "p90": float(np.median([percentile(r.ttft_ms, 90) for r in rs])),
+                "p99": float(np.median([percentile(r.ttft_ms, 99) for r in rs])),
+                "hit": float(np.median([r.hit_rate if r.hit_rate is not None else math.nan for r in rs])),
+                "path": float(np.median([r.path_ms for r in rs])),
+                "n": float(len(rs))}
+    return med
+
+
+def verdict(med: dict[tuple[str, float, str], dict[str, float]], w: str, ld: float, kv: str = "kvswitch") -> str:
+    """The issue's bar at one point: median req/s >= the best peer's, TTFT p90 <= the best peer's, p99 <=
+    1.1x the best peer's."""
+    mine = med.get((w, ld, kv))
+    peers = [m for (w2, l2, r), m in med.items() if w2 == w and l2 == ld and r != kv]
+    if mine is None or not peers:
+        return "(incomplete)"
+    miss = []
+    best_tp = max(m["req_s"] for m in peers)
+    best_p90 = min(m["p90"] for m in peers)
+    best_p99 = min(m["p99"] for m in peers)
+    if mine["req_s"] < best_tp:
+        miss.append(f"req/s {mine['req_s']:.3f} < {best_tp:.3f}")
+    if mine["p90"] > best_p90:
+        miss.append(f"p90 {mine['p90']:.0f} > {best_p90:.0f} ms")
+    if mine["p99"] > 1.1 * best_p99:
+        miss.append(f"p99 {mine['p99']:.0f} > 1.1 x {best_p99:.0f} ms")
+    return "met" if not miss else "; ".join(miss)
+
+
+def render_summary(out: Path, plots: bool = True) -> Path:
+    summary = json.loads((out / "curves.json").read_text())
+    meta = summary["meta"]
+    med = _medians(out, summary)
+    routers = meta["routers"]
+    lines = [f"# Load curves in real time ({meta['date']})", "",
+             "Through Envoy (kvswitch, Envoy round robin) and the real peers (vllm-router, sglang-router), real "
+             "client (aiperf), simulated pods (4 x 8B on L40S, `python -m engine.sim`) replaying in real time "
+             "x the time scale; every latency and rate below is in simulated time. Workloads, seeds and knees "
+             "are the virtual-time curves' (`kvswitch bench curve`).", "",
+             f"Command: `{meta['command']}`; wall {meta.get('wall_s', 0) / 60:.0f} min.", "",
+             "| workload | knee req/s | time scale | requests per run | est. wall min |", "|---|---|---|---|---|"]
+    for p in meta["plans"]:
+        lines.append(f"| {p['workload']} | {p['knee_req_s']:.2f} | {p['time_scale']:g} | {p['requests']} | "
+                     f"{p['est_wall_s'] / 60:.0f} |")
+    lines.append("")
+    for p in meta["plans"]:
+        w = p["workload"]
+        if w not in summary["workloads"]:
+            continue
+        lines += [f"## {w} (knee {p['knee_req_s']:.2f} req/s; full report: [{w}/README.md]({w}/README.md))", ""]
+        if plots:
+            lines += [f"![{w}]({w}-curve.png)", ""]
+        lines += ["| load | router | req/s | TTFT p90 ms | TTFT p99 ms | hit % | path ms | runs |",
+                  "|---|---|---|---|---|---|---|---|"]
+        loads = sorted({ld for (w2, ld, _) in med if w2 == w})
+        for ld in loads:
+            for r in routers:
+                m = med.get((w, ld, r))
+                if m:
+                    lines.append(f"| {ld:g}x | {r} | {m['req_s']:.3f} | {m['p90']:.0f} | {m['p99']:.0f} | "
+                                 f"{100 * m['hit']:.0f} | {m['path']:.1f} | {m['n']:.0f} |")
+        lines += ["", "| load | kvswitch against the best peer |", "|---|---|"]
+        lines += [f"| {ld:g}x | {verdict(med, w, ld)} |" for ld in loads]
+        lines.append("")
+        if plots:
+            _plot(out, w, p["knee_req_s"], routers, med)
+    path = out / "README.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _plot(out: Path, w: str, knee: float, routers: list[str], med: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("req_s", "completed req/s", False), ("p90", "TTFT p90 (ms)", True), ("p99", "TTFT p99 (ms)", True),
+              ("hit", "prefix hit rate", False)]
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
+    for ax, (key, label, log) in zip(axes, panels):
+        for r in routers:
+            pts = sorted((ld, m[key]) for (w2, ld, r2), m in med.items() if w2 == w and r2 == r)
+            if pts:
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=r,
+                        linewidth=2.5 if r.startswith("kvswitch") else 1.2)
+        ax.set_xlabel(f"offered load / knee ({knee:.2f} req/s)")
+        ax.set_ylabel(label)
+        if log:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{w}: real time through Envoy and the real peers, medians over repetitions")
+    fig.tight_layout()
+    fig.savefig(out / f"{w}-curve.png", dpi=90)
+    plt.close(fig)
+
+
+def _list(text: str) -> list[str]:
+    return [x for x in text.split(",") if x]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="kvswitch bench curves", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workloads", default="shared-prefix,multi-turn,no-sharing,mooncake")
+    p.add_argument("--routers", default=",".join(ROUTERS))
+    p.add_argument("--loads", default=",".join(f"{x:g}" for x in LOADS), help="multiples of the knee")
+    p.add_argument("--repetitions", type=int, default=3)
+    p.add_argument("--requests", type=int, default=None, help="requests per run (default: sized to the budget)")
+    p.add_argument("--budget-min", type=float, default=DEFAULT_BUDGET.minutes, help="wall minutes for the whole set")
+    p.add_argument("--overhead-s", type=float, default=DEFAULT_BUDGET.overhead_s, help="fixed wall seconds per run")
+    p.add_argument("--max-wall-rate", type=float, default=DEFAULT_BUDGET.max_wall_rate)
+    p.add_argument("--max-wall-tokens", type=float, default=DEFAULT_BUDGET.max_wall_tokens)
+    p.add_argument("--plan", action="store_true", help="print the plan and stop")
+    p.add_argument("--smoke", action="store_true",
+                   help="one point: the first workload at the first load >= 1 (else the last), one repetition")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--report", type=Path, default=None, help="only re-render the summary of a curves folder")
+    a = p.parse_args(argv)
+    if a.report:
+        print(render_summary(a.report).read_text())
+        return 0
+    workloads, routers = _list(a.workloads), _list(a.routers)
+    try:
+        loads = [float(x) for x in _list(a.loads)]
+    except ValueError as exc:
+        print(f"kvswitch bench curves: --loads: {exc}", file=sys.stderr)
+        return 2
+    unknown = [w for w in workloads if w not in vcurve.WORKLOADS]
+    if unknown or not workloads or not routers or not loads or any(x <= 0 for x in loads) or a.repetitions < 1:
+        print(f"kvswitch bench curves: workloads from {', '.join(vcurve.WORKLOADS)} (unknown: {unknown}), "
+              "routers and positive loads needed, --repetitions >= 1", file=sys.stderr)
+        return 2
+    from e2e.bench import peersenv
+    from e2e.bench.routers import make_router
+
+    for r in routers:
+        try:
+            make_router(r, Path("."))
+        except ValueError as exc:
+            print(f"kvswitch bench curves: {exc}", file=sys.stderr)
+            return 2
+    budget = Budget(a.budget_min, a.overhead_s, a.max_wall_rate, a.max_wall_tokens)
+    reps = a.repetitions
+    print(f"kvswitch bench curves: {len(workloads)} workloads x {len(routers)} routers x {len(loads)} loads x "
+          f"{reps} repetitions; planning (virtual-time knees and makespans)", flush=True)
+    # the smoke point is planned as part of the whole set (its time scale and requests), then run alone
+    plans = plan(workloads[:1] if a.smoke else workloads, routers, loads, reps, budget, a.requests,
+                 log=lambda line: print(line, flush=True),
+                 share_s=budget.minutes * 60.0 / len(workloads))
+    est = sum(x.est_wall_s for x in plans)
+    print(f"kvswitch bench curves: estimated wall {est / 60:.0f} min on a quiet machine", flush=True)
+    if a.plan:
+        return 0
+    if a.smoke:
+        i = next((k for k, x in enumerate(loads) if x >= 1.0), len(loads) - 1)
+        loads, reps = [loads[i]], 1
+        plans[0].rates = [plans[0].rates[i]]
+        print(f"kvswitch bench curves: smoke point: {plans[0].workload} at {loads[0]:g}x the knee "
+              f"({plans[0].rates[0]:g} req/s), {plans[0].requests} requests, time scale {plans[0].time_scale:g}, "
+              "one repetition", flush=True)
+    if why := peersenv.missing():
+        print(f"kvswitch bench curves: {why}", file=sys.stderr)
+        return 2
+    out = a.out or RESULTS_DIR / f"{_dt.datetime.now():%Y-%m-%d-%H%M}-curves{'-smoke' if a.smoke else ''}"
+    readme = run(plans, routers, reps, out, loads, log=lambda line: print(line, flush=True))
+    print(readme.read_text())
+    print(f"report: {readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

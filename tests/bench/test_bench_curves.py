@@ -1,0 +1,61 @@
+"""The real-time curve harness (`kvswitch bench curves`): its sizing, its traces and its verdicts.
+
+The runs themselves go through Envoy and the real peers (tests/bench/test_bench_e2e.py covers that chain);
+here: the plan stays within the wall rates and the budget, a curve run replays the virtual-time curves'
+traces at the asked rate, and the summary's verdict applies the issue's bar.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from e2e.bench import rtcurve, vcurve
+from e2e.bench.runner import CompareConfig, build_workload
+
+
+def test_time_scale_keeps_the_wall_request_and_token_rates_under_their_caps():
+    b = rtcurve.Budget(max_wall_rate=16.0, max_wall_tokens=1200.0, min_time_scale=0.5)
+    for knee, out in ((10.99, 128.0), (2.35, 182.0), (6.22, 196.0), (100.0, 10.0)):
+        ts = rtcurve.time_scale_for(knee, out, 3.0, b)
+        assert ts >= 0.5
+        assert 3.0 * knee / ts <= 16.0 * 1.01  # offered wall req/s at the highest load
+        assert rtcurve.PEAK_COMPLETION * knee * out / ts <= 1200.0 * 1.01  # streamed wall tokens/s
+    assert rtcurve.time_scale_for(0.1, 10.0, 3.0, b) == 0.5  # a slow workload is not slowed further
+
+
+@pytest.mark.slow
+def test_the_plan_fits_the_budget_and_grows_with_it():
+    routers, loads = rtcurve.ROUTERS, rtcurve.LOADS
+    small = rtcurve.plan(["shared-prefix"], routers, loads, 3, rtcurve.Budget(minutes=30.0), log=lambda _: None)
+    large = rtcurve.plan(["shared-prefix"], routers, loads, 3, rtcurve.Budget(minutes=60.0), log=lambda _: None)
+    assert small[0].knee_req_s == pytest.approx(vcurve.knee("shared-prefix", rtcurve.KNEE_REQUESTS))
+    assert small[0].rates == [round(x * small[0].knee_req_s, 3) for x in loads]
+    assert small[0].est_wall_s <= 30.0 * 60.0 * 1.05
+    assert large[0].requests > small[0].requests
+    assert large[0].est_wall_s <= 60.0 * 60.0 * 1.05
+
+
+def test_a_curve_run_replays_the_virtual_time_trace_at_the_asked_rate():
+    cfg = CompareConfig(workload="mooncake", curve_requests=40, seed=0)
+    reference = vcurve.WORKLOADS["mooncake"].make(1, 40)  # repetition 1 = seed 1: the second window
+    wl = build_workload(cfg, 3.0, 1)
+    assert [r.hash_ids for r in wl.records] == [r.hash_ids for r in reference.records]
+    assert vcurve.mean_rate(wl) == pytest.approx(3.0, rel=0.02)
+    other = build_workload(cfg, 3.0, 0)
+    assert [r.hash_ids for r in other.records] != [r.hash_ids for r in wl.records]
+    # multi-turn: the rate is requests/s (the generator's own rate would be conversations/s)
+    mt = build_workload(CompareConfig(workload="multi-turn", curve_requests=50), 10.0, 0)
+    assert vcurve.mean_rate(mt) == pytest.approx(10.0, rel=0.02)
+
+
+def test_the_verdict_applies_the_issues_bar():
+    def m(req_s: float, p90: float, p99: float) -> dict[str, float]:
+        return {"req_s": req_s, "p90": p90, "p99": p99}
+
+    med = {("w", 1.0, "kvswitch"): m(10.0, 100.0, 200.0), ("w", 1.0, "envoy-rr"): m(9.9, 120.0, 190.0),
+           ("w", 1.0, "sglang-router:cache_aware"): m(9.0, 100.0, 185.0)}
+    assert rtcurve.verdict(med, "w", 1.0) == "met"  # p99 200 <= 1.1 x 185
+    med[("w", 1.0, "envoy-rr")] = m(10.5, 90.0, 150.0)
+    v = rtcurve.verdict(med, "w", 1.0)
+    assert "req/s 10.000 < 10.500" in v and "p90 100 > 90 ms" in v and "p99 200 > 1.1 x 150 ms" in v
+    assert rtcurve.verdict(med, "w", 2.0) == "(incomplete)"
