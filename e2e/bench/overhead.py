@@ -316,9 +316,12 @@ async def main_async(args: argparse.Namespace) -> None:
             await e.start()
         # The picker's background CPU (metrics scrapes, health, readiness) while idle: subtracted from each
         # row's picker CPU for the per-request figure (both are reported).
+        # Settle first: a picker's first seconds (imports on first use, the first scrapes, Envoy's first health
+        # checks) cost more than its steady background and would be subtracted from every request after.
+        await asyncio.sleep(3.0)
         idle0 = {m: _cpu_seconds(p.pid) for m, p in pickers.items()}
         t_idle = time.perf_counter()
-        await asyncio.sleep(3.0)
+        await asyncio.sleep(5.0)
         idle_rate = {m: (_cpu_seconds(p.pid) - idle0[m]) / (time.perf_counter() - t_idle) for m, p in pickers.items()}
         print("# picker idle CPU: " + ", ".join(f"{m} {r * 1e3:.1f} ms/s" for m, r in idle_rate.items()))
         shapes = [("", 0)] + ([(f"s{args.stream_tokens}", args.stream_tokens)] if args.stream_tokens else [])
