@@ -260,16 +260,7 @@ def _plot(out: Path, w: str, knee: float, routers: list[str], med: dict) -> None
               ("hit", "prefix hit rate", False)]
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
     for ax, (key, label, log) in zip(axes, panels):
-        for r in routers:
-            pts = sorted((ld, m[key]) for (w2, ld, r2), m in med.items() if w2 == w and r2 == r)
-            if pts:
-                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=r,
-                        linewidth=2.5 if r.startswith("kvswitch") else 1.2)
-        ax.set_xlabel(f"offered load / knee ({knee:.2f} req/s)")
-        ax.set_ylabel(label)
-        if log:
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
+        vcurve.curve_panel(ax, med, w, routers, key, label, knee, log, highlight="kvswitch")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{w}: real time through Envoy and the real peers, medians over repetitions")
     fig.tight_layout()

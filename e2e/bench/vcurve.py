@@ -276,6 +276,22 @@ def render(path: Path, plots: bool = True) -> Path:
     return readme
 
 
+def curve_panel(ax: Any, med: dict, workload: str, routers: list[str], key: str, label: str, knee: float, log: bool,
+                scale: float = 1.0, highlight: str = "default") -> None:
+    """One panel of a load curve: ``key`` against offered load / knee per router (medians ``med`` keyed
+    (workload, load, router)); ``highlight``: the router drawn thick (every router whose name starts with it)."""
+    for r in routers:
+        pts = sorted((load, m[key] * scale) for (w2, load, r2), m in med.items() if w2 == workload and r2 == r)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=r,
+                    linewidth=2.5 if r.startswith(highlight) else 1.2)
+    ax.set_xlabel(f"offered load / knee ({knee:.2f} req/s)")
+    ax.set_ylabel(label)
+    if log:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+
+
 def _plots(doc: dict[str, Any], med: dict, out: Path) -> None:
     import matplotlib
 
@@ -288,16 +304,7 @@ def _plots(doc: dict[str, Any], med: dict, out: Path) -> None:
     for w, k in doc["knees"].items():
         fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
         for ax, (key, label, scale, log) in zip(axes, panels):
-            for r in routers:
-                pts = sorted((load, m[key] * scale) for (w2, load, r2), m in med.items() if w2 == w and r2 == r)
-                if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=r,
-                            linewidth=2.5 if r == "default" else 1.2)
-            ax.set_xlabel(f"offered load / knee ({k:.2f} req/s)")
-            ax.set_ylabel(label)
-            if log:
-                ax.set_yscale("log")
-            ax.grid(alpha=0.3)
+            curve_panel(ax, med, w, routers, key, label, k, log, scale, highlight="default")
         axes[0].legend(fontsize=8)
         fig.suptitle(f"{w}: {doc['meta']['fleet']}, virtual time, median of {len(doc['meta']['seeds'])} seeds")
         fig.tight_layout()
