@@ -34,9 +34,8 @@ from extproc import metrics
 from extproc.errors import RequestRejected, body_for, body_too_large, over_context
 from extproc.outcome import RoutedOutcome
 from extproc.responselog import PendingResponses
-from extproc.routing import RouteSettings, route_request
+from extproc.routing import RouteSettings, count_rejection, route_request
 from pickers.clock import Clock
-from pickers.explain import explain_header
 from pickers.types import Scheduler, SchedulingError
 
 log = logging.getLogger("kvswitch.extproc")
@@ -45,11 +44,6 @@ DECIDE_PREFIX = "/decide"
 HEALTH_PATH = "/health"
 REMOVE_HEADER = "x-envoy-auth-headers-to-remove"  # ext_authz: names the answer removes from the upstream request
 _JSON = "application/json"
-
-
-class AuthzRequest(RoutedOutcome):
-    """One routed request of the ext_authz front: its outcome comes from the access log (or, with no log to wait
-    for, its end is the routing itself, as the ext_proc front's detach mode)."""
 
 
 class AuthzFront:
@@ -123,17 +117,13 @@ class AuthzFront:
         headers = {k.lower(): v for k, v in request.headers.items()}
         headers[":path"] = path
         headers[":method"] = request.method
-        outcome = AuthzRequest(self.director, self.clock, self.pending)
+        outcome = RoutedOutcome(self.director, self.clock, self.pending)
         try:
             routed = await route_request(self.director, self.settings, self.clock, headers, body)
         except SchedulingError as exc:
             return _reject(exc)
-        decision = outcome.decision = routed.decision
-        outcome._count(decision.primary)
-        rid = headers.get("x-request-id", "")
-        if self.pending is not None and rid:
-            outcome._park(rid)  # Envoy's id: its access-log entry carries the same
-        else:  # nothing will report the end: routing is the last news (the ext_proc front's detach mode)
+        if not outcome.place(routed.decision, headers.get("x-request-id", "")):
+            # nothing will report the end: routing is the last news (the ext_proc front's detach mode)
             outcome._end(None, None, self.clock.now())
         out = [(msg.DESTINATION, routed.destination)]
         if routed.prefill:
@@ -142,17 +132,12 @@ class AuthzFront:
         if routed.remove:
             out.append((REMOVE_HEADER, ",".join(routed.remove)))
         if self.debug_headers:
-            out.append(("x-kvswitch-endpoint", decision.primary))
-            if decision.prefill:
-                out.append(("x-kvswitch-prefill-endpoint", decision.prefill))
-            if decision.explanation:
-                out.append(("x-kvswitch-explanation", explain_header(decision, 1024)))
+            out.extend(outcome.debug_headers())
         return web.Response(status=200, headers=out)
 
 
 def _reject(exc: SchedulingError) -> web.Response:
-    metrics.DECISIONS.labels(str(exc.status)).inc()
-    metrics.ERRORS.labels(exc.code).inc()
+    count_rejection(exc)
     return _error(exc)
 
 

@@ -14,7 +14,8 @@ import logging
 from extproc import metrics
 from extproc.responselog import LoggedResponse, PendingResponses
 from pickers.clock import Clock
-from pickers.ranks import served_id
+from pickers.explain import explain_header
+from pickers.ranks import served_id, split_endpoint_id
 from pickers.types import Decision, Scheduler, Usage
 
 log = logging.getLogger("kvswitch.extproc")
@@ -33,6 +34,34 @@ class RoutedOutcome:
         self._ended = False  # on_finished/on_failed called
         self._parked: str | None = None  # the request id it waits under in ``pending`` (access-log)
 
+    def place(self, decision: Decision, request_id: str) -> bool:
+        """The request is routed: hold its endpoint's in-flight gauge and wait for Envoy's access-log entry of
+        ``request_id`` (True), or, with no log to wait for, nothing will report the end (False; the caller decides
+        when it ends)."""
+        self.decision = decision
+        self._count(decision.primary)
+        if self.pending is None or not request_id:
+            return False
+        self._park(request_id)
+        return True
+
+    def debug_headers(self) -> list[tuple[str, str]]:
+        """The x-kvswitch-* response headers: the endpoint (the rank that served, when known), the prefill pod, the
+        explanation."""
+        d = self.decision
+        if d is None:
+            return []
+        served = self.served or d.primary
+        out = [("x-kvswitch-endpoint", served)]
+        rank = split_endpoint_id(served)[1]
+        if rank is not None:
+            out.append(("x-kvswitch-dp-rank", str(rank)))
+        if d.prefill:
+            out.append(("x-kvswitch-prefill-endpoint", d.prefill))
+        if d.explanation:
+            out.append(("x-kvswitch-explanation", explain_header(d, 1024)))
+        return out
+
     def _count(self, endpoint: str) -> None:
         if self._counted is not None:
             metrics.inflight(self._counted).dec()
@@ -46,9 +75,9 @@ class RoutedOutcome:
 
     def _park(self, request_id: str) -> None:
         """Wait for the access-log entry of Envoy's request ``request_id`` (it can come before anything else)."""
-        if self.pending is not None and request_id:
-            self._parked = request_id
-            self.pending.park(request_id, self)
+        assert self.pending is not None
+        self._parked = request_id
+        self.pending.park(request_id, self)
 
     def _unpark(self) -> None:
         if self._parked is not None and self.pending is not None:

@@ -138,7 +138,7 @@ def logged_response(entry: al.HTTPAccessLogEntry) -> LoggedResponse | None:
 
 
 class Parked(Protocol):
-    """A routed request waiting for its access-log entry (extproc.stream.ExtProcStream)."""
+    """A routed request waiting for its access-log entry (extproc.outcome.RoutedOutcome: either front)."""
 
     def finish_logged(self, response: LoggedResponse) -> None: ...
 

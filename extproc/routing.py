@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from engine.sidecar.allowlist import sign
 from extproc import messages as msg
 from extproc import metrics
+from extproc.budget import ByteBudget
 from extproc.errors import RequestRejected
 from extproc.parse import HEADERS_THAT_MATTER, ParsedBody, api_for_path, parse_client_body
 from pickers.clock import Clock
@@ -59,7 +60,7 @@ class RouteSettings:
 
     model_rewrite: dict[str, str]
     offload_min_bytes: int
-    budget: object | None  # extproc.budget.ByteBudget: bodies this large are parsed off the loop, bounded
+    budget: ByteBudget | None  # bodies of at least offload_min_bytes are parsed off the loop, bounded
     prefill_secret: bytes | None
     # False for a front that cannot change the body (ext_authz): a body the gateway would have to rewrite
     # (engine-internal fields a client set) is refused with a 400 instead of being cleaned.
@@ -73,16 +74,21 @@ async def route_request(director: Scheduler, settings: RouteSettings, clock: Clo
     try:
         routed = await _route(director, settings, clock, headers, body, subset)
     except SchedulingError:
-        metrics.DECISION_SECONDS.observe(time.perf_counter() - t0)
         raise
     except Exception:  # a picker bug must not take the request down silently
         log.exception("the director failed for request %s", headers.get("x-request-id"))
-        metrics.DECISION_SECONDS.observe(time.perf_counter() - t0)
         raise SchedulingError(503, "the endpoint picker failed to choose an endpoint; retry the request",
                               "picker_error") from None
+    finally:
+        metrics.DECISION_SECONDS.observe(time.perf_counter() - t0)
     metrics.ROUTED.inc()
-    metrics.DECISION_SECONDS.observe(time.perf_counter() - t0)
     return routed
+
+
+def count_rejection(exc: SchedulingError) -> None:
+    """The metrics of a request the picker answered itself (either front)."""
+    metrics.DECISIONS.labels(str(exc.status)).inc()
+    metrics.ERRORS.labels(exc.code).inc()
 
 
 def _refuse_rewrite(parsed: ParsedBody, settings: RouteSettings) -> None:
@@ -103,7 +109,7 @@ async def _route(director: Scheduler, settings: RouteSettings, clock: Clock, hea
     budget = settings.budget
     if body is not None and budget is not None and len(body) >= settings.offload_min_bytes:
         # parse and route in worker threads, with a bound on the bytes being processed at once
-        async with budget.hold(len(body)):  # type: ignore[attr-defined]
+        async with budget.hold(len(body)):
             parsed = await asyncio.to_thread(parse_client_body, body, path, request_id, wanted, now, rewrite)
             _refuse_rewrite(parsed, settings)
             parsed.request.subset = subset

@@ -34,10 +34,9 @@ from extproc.errors import body_for, body_too_large, over_context
 from extproc.observe import ResponseObserver
 from extproc.outcome import RoutedOutcome
 from extproc.responselog import PendingResponses
-from extproc.routing import RouteSettings, route_request
+from extproc.routing import RouteSettings, count_rejection, route_request
 from pickers.clock import Clock
-from pickers.explain import explain_header
-from pickers.ranks import served_id, split_endpoint_id
+from pickers.ranks import served_id
 from pickers.types import Scheduler, SchedulingError
 
 log = logging.getLogger("kvswitch.extproc")
@@ -226,11 +225,9 @@ class ExtProcStream(RoutedOutcome):
                                          self.subset)
         except SchedulingError as exc:
             return self._reject(exc)
-        decision = self.decision = routed.decision
         self.phase = Phase.ROUTED
-        self._count(decision.primary)
-        self._park(self.headers.get("x-request-id", ""))  # Envoy's id: its access-log entry carries the same
-        debug = self._debug_headers() if self.settings.debug_headers and self.pending is not None else None
+        self.place(routed.decision, self.headers.get("x-request-id", ""))  # Envoy's id: its access-log entry has it
+        debug = self.debug_headers() if self.settings.debug_headers and self.pending is not None else None
         out = [msg.destination_headers(routed.destination, routed.prefill, routed.remove, routed.extra or None,
                                        debug)]
         if routed.body is not None:
@@ -239,8 +236,7 @@ class ExtProcStream(RoutedOutcome):
 
     def _reject(self, exc: SchedulingError) -> list[pb.ProcessingResponse]:
         self.phase = Phase.REJECTED
-        metrics.DECISIONS.labels(str(exc.status)).inc()
-        metrics.ERRORS.labels(exc.code).inc()
+        count_rejection(exc)
         return [msg.immediate(exc.status, body_for(exc), f"kvswitch_{exc.code}", exc.headers)]
 
     # ---- response path --------------------------------------------------------------------------------
@@ -266,7 +262,7 @@ class ExtProcStream(RoutedOutcome):
                     self.director.on_served(self.decision, served)
                 except Exception:
                     log.exception("director.on_served failed")
-        extra = self._debug_headers() if self.settings.debug_headers else None
+        extra = self.debug_headers() if self.settings.debug_headers else None
         out = [msg.response_headers_reply(extra)]
         if req.response_headers.end_of_stream:
             self._finish()
@@ -284,21 +280,6 @@ class ExtProcStream(RoutedOutcome):
         out = [msg.response_body_chunk(chunk, body.end_of_stream)]
         if body.end_of_stream:
             self._finish()
-        return out
-
-    def _debug_headers(self) -> list[tuple[str, str]]:
-        d = self.decision
-        if d is None:
-            return []
-        served = self.served or d.primary
-        out = [("x-kvswitch-endpoint", served)]
-        rank = split_endpoint_id(served)[1]
-        if rank is not None:
-            out.append(("x-kvswitch-dp-rank", str(rank)))
-        if d.prefill:
-            out.append(("x-kvswitch-prefill-endpoint", d.prefill))
-        if d.explanation:
-            out.append(("x-kvswitch-explanation", explain_header(d, 1024)))
         return out
 
     # ---- end --------------------------------------------------------------------------------------------
