@@ -100,6 +100,18 @@ class RankBalanceScorer(Scorer):
         self._recent = _Decaying(self.half_life_s)
         self._routed = _Decaying(self.bound_half_life_s)
 
+    def bind(self, dl):
+        super().bind(dl)
+        dl.endpoints.listen(self._on_endpoint)
+
+    def _on_endpoint(self, change: str, slot: int, ep) -> None:
+        """A removed endpoint's counts go with it: its slot is reused by the next endpoint added, which must
+        start at zero (else a replacement pod inherits its predecessor's traffic and the bound misjudges it)."""
+        if change == "remove":
+            for counts in (self._recent, self._routed):
+                if slot < counts.counts.size:
+                    counts.counts[slot] = 0.0
+
     def on_routed(self, decision):
         slot = self.dl.endpoints.slot(decision.primary)
         if slot is not None and self.dl.endpoints.is_rank[slot]:

@@ -80,3 +80,34 @@ def test_without_the_bottom_bound_a_rank_with_small_groups_is_starved() -> None:
     prof["scorers"] = [{**s, "bound_floor": False} if s["type"] == "rank-balance" else s for s in prof["scorers"]]
     per_rank, _ = _route(prof, 0, 8)
     assert min(per_rank.values()) < 0.85 * REQUESTS / 16, per_rank
+
+
+def test_a_replacement_pod_does_not_inherit_the_routed_counts_of_the_pod_whose_slots_it_reuses() -> None:
+    """Pod 2 goes away after taking half the traffic and pod 3 comes up in its slots: pod 3's ranks start at zero,
+    so the load floor pulls the next requests to them (with the counts inherited they would look as busy as pod 1's
+    ranks, and pod 1 would keep the traffic of a prefix it holds)."""
+    dp = 4
+    eps = [r for ep in endpoints(2) for r in expand_ranks(ep, dp)]
+    raw = {"profile": "default", "profiles": {"default": {**_default(), "picker": {"type": "max-score", "seed": 0}}}}
+    s, clock = scheduler(raw=raw, eps=eps)
+    prompt = list(range(PREFIX + OWN))
+    for i in range(200):
+        clock.advance(0.1)
+        d = s.decide(request(f"r{i}", [t + 10_000_000 * (i % 8) for t in prompt], max_tokens=16))
+        s.on_first_token(d, clock.now())
+        s.on_finished(d, Usage(PREFIX + OWN, 16), clock.now())
+    table = s.dl.endpoints
+    old_slots = sorted(table.slot(e.id) for e in eps if e.address == "10.0.0.2:8000")
+    for e in eps:
+        if e.address == "10.0.0.2:8000":
+            table.remove(e.id)
+    new = expand_ranks(endpoints(3)[2], dp)
+    assert sorted(table.add(e) for e in new) == old_slots  # the replacement reuses the slots
+    went: Counter[str] = Counter()
+    for i in range(8):
+        clock.advance(0.1)
+        d = s.decide(request(f"n{i}", [t + 10_000_000 * (i % 8) for t in prompt], max_tokens=16))
+        went[d.primary.split("#")[0]] += 1
+        s.on_first_token(d, clock.now())
+        s.on_finished(d, Usage(PREFIX + OWN, 16), clock.now())
+    assert went["10.0.0.3:8000"] >= 6, went
