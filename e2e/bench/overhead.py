@@ -18,7 +18,10 @@ prompts) on one core. Not part of `make test`: timings belong in benchmarks.
 150, 300-token streamed responses 20 ms per token), and every row also reports the added time to the first
 response byte (the client's TTFT). ``--json FILE`` writes the rows: added_p50_ms, added_p99_ms,
 added_ttft_p50_ms, added_ttft_p99_ms, picker_cpu_ms_per_req, throughput_ratio (kvswitch / Envoy alone),
-response_body mode and the machine's load.
+response_body mode and the machine's load. At concurrency > 1 the latency columns are the steady state of that
+many requests in flight: the start burst of each run (every client's first request, sent in one instant) is
+kept out of them and reported apart (start_burst_requests, start_burst_added_p99_ms); throughput and CPU per
+request count every request.
 
 ``--paths ext-authz,access-log,observe`` runs one picker + Envoy pair per path (ext-authz: Envoy's ext_authz filter
 asks the picker over HTTP, the default of ``kvswitch up``; the others are ext_proc response modes; skip: Envoy sends
@@ -156,10 +159,16 @@ def _cpu_seconds(pid: int) -> float:
 
 
 async def _run(url: str, bodies: list[bytes], concurrency: int, total: int,
-               ttft: list[float] | None = None) -> tuple[list[float], float]:
+               ttft: list[float] | None = None, burst: list[float] | None = None) -> tuple[list[float], float]:
     """Latencies of ``total`` requests at ``concurrency`` (and, into ``ttft``, the time to the first body
-    chunk: for a streamed response, its first token) and the elapsed wall time."""
+    chunk: for a streamed response, its first token) and the elapsed wall time.
+
+    At concurrency > 1 the first ``concurrency`` requests start in the same instant (every worker's first
+    request): that start burst is not the steady state of ``concurrency`` requests in flight the budgets are
+    about, so its latencies go to ``burst`` instead of the returned list (and its first tokens are not in
+    ``ttft``); the elapsed time and throughput count every request."""
     lat: list[float] = []
+    ramp = concurrency if concurrency > 1 else 0
     next_i = 0
     errors = 0
     conn = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
@@ -175,12 +184,16 @@ async def _run(url: str, bodies: list[bytes], concurrency: int, total: int,
                                   headers={"content-type": "application/json"}) as r:
                     first = True
                     async for _ in r.content.iter_any():
-                        if first and ttft is not None:
+                        if first and ttft is not None and i >= ramp:
                             ttft.append(time.perf_counter() - t0)
                         first = False
                     if r.status != 200:
                         errors += 1
-                lat.append(time.perf_counter() - t0)
+                took = time.perf_counter() - t0
+                if i >= ramp:
+                    lat.append(took)
+                elif burst is not None:
+                    burst.append(took)
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - t0
@@ -350,23 +363,29 @@ async def main_async(args: argparse.Namespace) -> None:
                     await _run(alone.url, bodies, conc, min(total, 200))  # warm-up every path
                     for e in withk.values():
                         await _run(e.url, bodies, conc, min(total, 200))
-                    la, ta, fa = [], 0.0, []
+                    la: list[float] = []
+                    fa: list[float] = []
+                    ba: list[float] = []
+                    ta = 0.0
                     fk: dict[str, list[float]] = {m: [] for m in modes}
-                    lk = {m: [] for m in modes}
+                    bk: dict[str, list[float]] = {m: [] for m in modes}  # start bursts (see _run)
+                    lk: dict[str, list[float]] = {m: [] for m in modes}
                     tk = {m: 0.0 for m in modes}
                     cpu_k = {m: 0.0 for m in modes}
                     for half in range(2):  # alone, then each mode, twice (order flipped) to cancel drift
-                        x, t = await _run(alone.url, bodies, conc, total // 2, fa)
+                        x, t = await _run(alone.url, bodies, conc, total // 2, fa, ba)
                         la += x
                         ta += t
                         for m in (modes if half == 0 else modes[::-1]):
                             c0 = _cpu_seconds(pickers[m].pid)
-                            x, t = await _run(withk[m].url, bodies, conc, total // 2, fk[m])
+                            x, t = await _run(withk[m].url, bodies, conc, total // 2, fk[m], bk[m])
                             cpu_k[m] += _cpu_seconds(pickers[m].pid) - c0
                             lk[m] += x
                             tk[m] += t
                     a50, a99 = _pct(la, 50), _pct(la, 99)
-                    net = {m: max(0.0, cpu_k[m] - idle_rate[m] * tk[m]) / len(lk[m]) * 1e3 for m in modes}
+                    done_a = len(la) + len(ba)  # every request of the row, start bursts included: throughput and CPU
+                    done_k = {m: len(lk[m]) + len(bk[m]) for m in modes}
+                    net = {m: max(0.0, cpu_k[m] - idle_rate[m] * tk[m]) / done_k[m] * 1e3 for m in modes}
 
                     label = f"{size_name}{'/' + shape if shape else ''}"
                     for m in modes:
@@ -378,8 +397,8 @@ async def main_async(args: argparse.Namespace) -> None:
                                 budget.append(f"{pname} {added / b:.2f}x of {b:g}ms")
                         print(f"{label:>9} {conc:>4} {m:>10} {len(lk[m]):>5} | {a50:8.2f}m {a99:6.2f}m | "
                               f"{k50:7.2f}m {k99:6.2f}m | {k50 - a50:6.2f} {k99 - a99:6.2f} | "
-                              f"{', '.join(budget) or '-':>14} | {len(la) / ta:7.0f} {len(lk[m]) / tk[m]:7.0f} | "
-                              f"{cpu_k[m] / len(lk[m]) * 1e3:7.3f} ({net[m]:.3f} net) ms", flush=True)
+                              f"{', '.join(budget) or '-':>14} | {done_a / ta:7.0f} {done_k[m] / tk[m]:7.0f} | "
+                              f"{cpu_k[m] / done_k[m] * 1e3:7.3f} ({net[m]:.3f} net) ms", flush=True)
                         rows.append({
                             "prompt": size_name, "concurrency": conc, "stream_tokens": stream_tokens,
                             "path": m, "picker_protocol": "ext-authz" if m == "ext-authz" else "ext-proc",
@@ -387,10 +406,13 @@ async def main_async(args: argparse.Namespace) -> None:
                             "added_p50_ms": round(k50 - a50, 3), "added_p99_ms": round(k99 - a99, 3),
                             "added_ttft_p50_ms": round(_pct(fk[m], 50) - _pct(fa, 50), 3),
                             "added_ttft_p99_ms": round(_pct(fk[m], 99) - _pct(fa, 99), 3),
-                            "picker_cpu_ms_per_req": round(cpu_k[m] / len(lk[m]) * 1e3, 4),
+                            "start_burst_requests": len(bk[m]),
+                            "start_burst_added_p99_ms": (round(_pct(bk[m], 99) - _pct(ba, 99), 3)
+                                                         if bk[m] and ba else None),
+                            "picker_cpu_ms_per_req": round(cpu_k[m] / done_k[m] * 1e3, 4),
                             "picker_cpu_net_ms_per_req": round(net[m], 4),
                             "picker_idle_cpu_ms_per_s": round(idle_rate[m] * 1e3, 3),
-                            "throughput_ratio": round((len(lk[m]) / tk[m]) / (len(la) / ta), 4),
+                            "throughput_ratio": round((done_k[m] / tk[m]) / (done_a / ta), 4),
                             "load_1min": round(os.getloadavg()[0], 2),
                         })
         print(f"# uptime: {_uptime()}")
