@@ -136,9 +136,13 @@ BUDGETS = {("4KB", 1, "p50"): 1.0, ("4KB", 1, "p99"): 3.0, ("200KB", 1, "p50"): 
 SIZES = {"4KB": 4 * 1024, "40KB": 40 * 1024, "200KB": 200 * 1024}
 
 
+def _is_authz(path: str) -> bool:
+    return path.startswith("ext-authz")
+
+
 def _response_body(path: str) -> str:
     """The picker's and Envoy's response mode for a bench path (ext-authz takes the access log)."""
-    return "access-log" if path == "ext-authz" else path
+    return "access-log" if _is_authz(path) else path
 
 
 def _prompts(size: int, n: int = 32, stream_tokens: int = 0) -> list[bytes]:
@@ -279,7 +283,8 @@ def _uptime() -> str:
         return f"load {os.getloadavg()[0]:.2f}"
 
 
-PATHS = ("ext-authz", *RESPONSE_MODES)  # ext-authz (with the access log), or ext_proc with a response mode
+# ext-authz (with the access log; -batched: its entries batched, --batch-flush-ms), or ext_proc with a response mode
+PATHS = ("ext-authz", "ext-authz-batched", *RESPONSE_MODES)
 
 
 async def main_async(args: argparse.Namespace) -> None:
@@ -289,7 +294,7 @@ async def main_async(args: argparse.Namespace) -> None:
         if m not in PATHS:
             raise SystemExit(f"--paths: {m!r} is not one of {', '.join(PATHS)}")
     picker_ports = {m: free_port() for m in modes}
-    decide_ports = {m: free_port() if m == "ext-authz" else -1 for m in modes}
+    decide_ports = {m: free_port() if _is_authz(m) else -1 for m in modes}
     logdir = Path(tempfile.mkdtemp(prefix="kvswitch-bench-"))
     pods = [f"127.0.0.1:{p}" for p in ports]
     if args.upstream == "sim":
@@ -316,8 +321,9 @@ async def main_async(args: argparse.Namespace) -> None:
     alone = EnvoyProcess(EnvoyConfigOptions(ext_proc=False, endpoints=pods))
     withk = {m: EnvoyProcess(EnvoyConfigOptions(
         picker=f"127.0.0.1:{port}", endpoints=pods, response_body=_response_body(m),
-        picker_protocol="ext-authz" if m == "ext-authz" else "ext-proc",
-        picker_decide=[f"127.0.0.1:{decide_ports[m]}"] if m == "ext-authz" else []))
+        picker_protocol="ext-authz" if _is_authz(m) else "ext-proc",
+        access_log_flush_ms=args.batch_flush_ms if m.endswith("-batched") else 0.0,
+        picker_decide=[f"127.0.0.1:{decide_ports[m]}"] if _is_authz(m) else []))
         for m, port in picker_ports.items()}
     try:
         for a in pods:
@@ -401,7 +407,7 @@ async def main_async(args: argparse.Namespace) -> None:
                               f"{cpu_k[m] / done_k[m] * 1e3:7.3f} ({net[m]:.3f} net) ms", flush=True)
                         rows.append({
                             "prompt": size_name, "concurrency": conc, "stream_tokens": stream_tokens,
-                            "path": m, "picker_protocol": "ext-authz" if m == "ext-authz" else "ext-proc",
+                            "path": m, "picker_protocol": "ext-authz" if _is_authz(m) else "ext-proc",
                             "response_body": _response_body(m), "requests": len(lk[m]),
                             "added_p50_ms": round(k50 - a50, 3), "added_p99_ms": round(k99 - a99, 3),
                             "added_ttft_p50_ms": round(_pct(fk[m], 50) - _pct(fa, 50), 3),
@@ -453,7 +459,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paths", default="ext-authz",
                    help="comma-separated request paths, one picker + Envoy each, interleaved in every row: ext-authz "
                         "(the default of kvswitch up: ext_authz over HTTP, outcomes from the access log) or an "
-                        "ext_proc response mode (access-log, observe, skip, detach)")
+                        "ext_proc response mode (access-log, observe, skip, detach); ext-authz-batched: ext-authz "
+                        "with the access-log entries batched (--batch-flush-ms)")
+    p.add_argument("--batch-flush-ms", type=float, default=20.0,
+                   help="Envoy's access-log batching interval for the ext-authz-batched path (default 20)")
     p.add_argument("--stream-tokens", type=int, default=0,
                    help="also run rows with streamed responses of this many SSE events (e.g. 64)")
     p.add_argument("--token-interval-ms", type=float, default=1.0,

@@ -139,6 +139,10 @@ class EnvoyConfigOptions:
     # a Lua filter notes first byte, [DONE], usage; the gRPC access log brings them with status, flags and
     # the upstream to the picker when the request ends (extproc/envoyconfig/responselog.py).
     response_body: str = "access-log"
+    # access-log only: 0 (default) sends each entry as its request ends; > 0 lets Envoy batch entries into one
+    # gRPC message (up to 16 KiB, or this many ms after the first): fewer messages for the picker to handle, the
+    # price being that long after its end a request's load is released (nothing waits on it otherwise).
+    access_log_flush_ms: float = 0.0
     # How Envoy asks the picker. "ext-proc": a gRPC ext_proc stream per request (the Gateway API Inference
     # Extension's protocol; every response mode). "ext-authz": Envoy's ext_authz filter asks the picker's decide
     # port over HTTP/1.1 with the buffered body, one request and one answer (extproc/authz.py: about a tenth of
@@ -246,7 +250,7 @@ def _listener(opts: EnvoyConfigOptions) -> Listener:
         http_filters=filters,
         early_header_mutation_extensions=[hardening.early_strip()],
         local_reply_config=hardening.local_replies(),
-        access_log=responselog.access_logs(_log_clusters(opts)) if _logs(opts) else [],
+        access_log=responselog.access_logs(_log_clusters(opts), opts.access_log_flush_ms) if _logs(opts) else [],
     )
     return Listener(
         name="inference",

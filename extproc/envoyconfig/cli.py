@@ -27,6 +27,9 @@ def parse_args(argv: list[str]) -> tuple[EnvoyConfigOptions, str | None, str]:
                         "access-log (default): nothing on the ext_proc stream, the outcome (first byte, usage, "
                         "status) through Envoy's gRPC access log; observe: every chunk; skip: headers and end; "
                         "detach: nothing")
+    p.add_argument("--access-log-flush-ms", type=float, default=0.0, metavar="MS",
+                   help="with --response-body access-log: batch the access-log entries sent to the picker, one "
+                        "message per 16 KiB or MS milliseconds (default 0: each entry as its request ends)")
     p.add_argument("--picker-protocol", choices=["ext-authz", "ext-proc"],
                    help="how Envoy asks the picker: ext-authz (the default, unless --picker-tls or a response body "
                         "mode other than access-log/detach is given): Envoy's ext_authz filter over HTTP/1.1 to the "
@@ -55,7 +58,7 @@ def parse_args(argv: list[str]) -> tuple[EnvoyConfigOptions, str | None, str]:
     opts = EnvoyConfigOptions(listen_port=a.listen_port, listen_host=a.listen_host, picker=pickers[0],
                               pickers=pickers[1:],
                               fail_open=a.fail_open, lb=a.lb, admin_port=a.admin_port,
-                              response_body=a.response_body,
+                              response_body=a.response_body, access_log_flush_ms=a.access_log_flush_ms,
                               picker_tls=tls, picker_tls_ca=a.picker_tls_ca,
                               picker_protocol=protocol, picker_decide=a.picker_decide or [],
                               picker_tls_sni=a.picker_tls_sni,

@@ -11,7 +11,8 @@ no message per chunk. What the scheduler learns from responses comes back anothe
   API's ``response.completed``) came, the count of data events, an error event, and the usage counts of the
   last ``usage`` block (prompt, completion and cached tokens);
 - Envoy's HTTP gRPC access logger sends one entry per request to the picker's ``AccessLogService`` as soon as
-  the request ends (``buffer_size_bytes: 0``: no batching), carrying that metadata with the status, the
+  the request ends (``buffer_size_bytes: 0``: no batching; ``access_log_flush_ms`` > 0 batches entries into one
+  message), carrying that metadata with the status, the
   response flags (upstream reset, timeout, connection failure, client gone), the upstream that answered and
   the timings. ``extproc/responselog.py`` turns an entry into the director's hooks.
 
@@ -120,16 +121,23 @@ def observer_filter() -> HttpFilter:
         Lua(default_source_code=DataSource(inline_string=OBSERVER_LUA))))
 
 
-def access_logs(clusters: list[str]) -> list[AccessLog]:
-    """One HTTP gRPC access logger per picker cluster, unbatched (an entry leaves as its request ends)."""
+BATCH_BYTES = 16 * 1024  # a batch leaves when it holds this much, or flush_ms after its first entry
+
+
+def access_logs(clusters: list[str], flush_ms: float = 0.0) -> list[AccessLog]:
+    """One HTTP gRPC access logger per picker cluster: unbatched (an entry leaves as its request ends) when
+    ``flush_ms`` is 0, else entries batched into one message up to ``BATCH_BYTES`` or ``flush_ms``."""
+    if flush_ms < 0:
+        raise ValueError(f"access_log_flush_ms must be >= 0, got {flush_ms}")
+    batched = flush_ms > 0
     return [AccessLog(name="envoy.access_loggers.http_grpc", typed_config=AnyProto.pack(HttpGrpcAccessLogConfig(
         common_config=CommonGrpcAccessLogConfig(
             log_name=LOG_NAME,
             grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=cluster),
                                      timeout=timedelta(seconds=5)),
             transport_api_version=ApiVersion.V3,
-            buffer_size_bytes=0,
-            buffer_flush_interval=timedelta(milliseconds=100),
+            buffer_size_bytes=BATCH_BYTES if batched else 0,
+            buffer_flush_interval=timedelta(milliseconds=flush_ms if batched else 100),
         ),
         additional_response_headers_to_log=["content-type"],
     ))) for cluster in clusters]

@@ -102,3 +102,25 @@ def test_access_log_goes_to_every_listed_replica_and_to_the_service_otherwise():
     dhcm = dns["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
     assert [a["typedConfig"]["commonConfig"]["grpcService"]["envoyGrpc"]["clusterName"]
             for a in dhcm["accessLog"]] == ["kvswitch_picker"]
+
+
+@pytest.mark.envoy
+def test_access_log_batching_is_off_by_default_and_bounded_when_asked(tmp_path):
+    """Unbatched by default (an entry leaves as its request ends); --access-log-flush-ms N batches entries up to
+    16 KiB or N ms, and the result is a config Envoy accepts; a negative interval is refused."""
+    def common(opts):
+        hcm = to_dict(opts)["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
+        return [a["typedConfig"]["commonConfig"] for a in hcm["accessLog"]]
+
+    base = dict(endpoints=["10.0.0.1:8000"])
+    (c,) = common(EnvoyConfigOptions(**base))
+    assert c.get("bufferSizeBytes", 0) == 0
+    (c,) = common(EnvoyConfigOptions(**base, access_log_flush_ms=20))
+    assert c["bufferSizeBytes"] == 16 * 1024 and c["bufferFlushInterval"] == "0.020s"
+    with pytest.raises(ValueError, match="access_log_flush_ms"):
+        to_dict(EnvoyConfigOptions(**base, access_log_flush_ms=-1))
+    out = tmp_path / "e.yaml"
+    assert cli.main(["--endpoint", "10.0.0.1:8000", "--access-log-flush-ms", "50", "--out", str(out)]) == 0
+    assert "0.050s" in out.read_text()
+    r = _validate(out)
+    assert r.returncode == 0, r.stdout + r.stderr
