@@ -84,6 +84,18 @@ def prefill_seconds(c: Roofline, new: np.ndarray, chunk: np.ndarray, running: np
     reads that much KV). Chunk j attends to, and reads the KV of, ``grow x (start + j x chunk)`` earlier
     tokens: ``grow`` 1 for a prompt after a cached prefix of ``start`` tokens, 0 for queued prompts taken
     as fresh. Exactly the steps ``CostModel.time_to_first_token`` charges one by one."""
+    full, last = prefill_split(c, new, chunk, running, decode_pairs, start, grow)
+    return full + step_seconds_v(c, *last)
+
+
+def prefill_split(c: Roofline, new: np.ndarray, chunk: np.ndarray, running: np.ndarray,
+                  decode_pairs: np.ndarray, start: np.ndarray, grow: np.ndarray
+                  ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``prefill_seconds`` in two parts: the seconds of the full chunks, and the arguments of
+    ``step_seconds_v`` for the partial last step (new tokens, attention pairs, KV read), so a caller can
+    evaluate that step in one call together with other steps (pickers/predictor.py: one ``step_seconds_v``
+    for the last steps and the decode steps of a decision). ``full + step_seconds_v(c, *last)`` is
+    ``prefill_seconds`` bit for bit."""
     n = np.floor(new / chunk)
     rest = new - n * chunk
     tokens = chunk + running
@@ -96,9 +108,8 @@ def prefill_seconds(c: Roofline, new: np.ndarray, chunk: np.ndarray, running: np
     e = c.kv_bytes_per_token * grow * chunk / c.bandwidth
     full = n * (c.overhead_s + c.comm_s_per_token * tokens) + _sum_of_max(a, b, m, e, n)
     ctx = ctx0 + grow * n * chunk
-    last = step_seconds_v(c, np.where(rest > 0, rest + running, 0.0),
-                          rest * ctx + rest * (rest + 1.0) / 2.0 + decode_pairs, ctx + decode_pairs)
-    return full + last
+    return full, (np.where(rest > 0, rest + running, 0.0), rest * ctx + rest * (rest + 1.0) / 2.0 + decode_pairs,
+                  ctx + decode_pairs)
 
 
 def ttft_seconds(c: Roofline, prompt: float | np.ndarray, cached: np.ndarray, queued: np.ndarray,
@@ -126,6 +137,7 @@ def ttft_parts(c: Roofline, prompt: float | np.ndarray, cached: np.ndarray, queu
 
 
 __all__ = [
-    "FIELDS", "RooflineTable", "decode_step_seconds", "prefill_seconds", "step_seconds_v", "ttft_parts",
+    "FIELDS", "RooflineTable", "decode_step_seconds", "prefill_seconds", "prefill_split", "step_seconds_v",
+    "ttft_parts",
     "ttft_seconds",
 ]
