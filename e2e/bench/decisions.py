@@ -18,7 +18,8 @@ kept in flight (the predictive ledger holds them), each arm measured side by sid
 ``--default-only``: the CPU time of one decision of the default profile (issue 16's serving path), at each
 of ``--default-pods`` (aggregated pods), prompts of ``--default-prompt-tokens`` from 32 shared contexts,
 ``--default-inflight`` requests per pod kept in flight and a scrape of every pod every 50 decisions; with
-``--default-slo`` every request carries TTFT/TPOT targets and admission is ``predictive``. Per decision:
+``--default-slo`` every request carries TTFT/TPOT targets and admission is ``predictive``; with
+``--default-no-explain`` no explanation is built (the server's setting unless a client asks for one). Per decision:
 CPU p50/p99 (``time.process_time``) and wall p50/p99. Decisions are deterministic (seeded), so two commits
 run with the same arguments make the same decisions; ``--default-digest`` prints a digest of the chosen
 endpoints to show it.
@@ -193,7 +194,7 @@ def bench_slo(pods: int, decisions: int, inflight: int, prompt_tokens: int) -> N
 
 
 def bench_default(pods: int, decisions: int, prompt_tokens: int, inflight_per_pod: int, slo: bool,
-                  digest: bool) -> None:
+                  digest: bool, explain: bool = True) -> None:
     """CPU per decision of the default profile (see the module docstring)."""
     import hashlib
     from collections import deque
@@ -210,6 +211,7 @@ def bench_default(pods: int, decisions: int, prompt_tokens: int, inflight_per_po
     if slo:
         cfg |= {"admission": ["predictive"], "slo": {"ttft_ms": 60_000, "tpot_ms": 1000}}
     s = build_scheduler(cfg, eps, clock, network=False, registry=CollectorRegistry())
+    s.explain = explain  # the server turns it off unless a client asks for the explanation header
     live: deque = deque()
     keep = max(1, inflight_per_pod * pods)
     warm = min(500, decisions // 4)
@@ -237,7 +239,8 @@ def bench_default(pods: int, decisions: int, prompt_tokens: int, inflight_per_po
             s.on_first_token(old, clock.now())
             s.on_finished(old, Usage(prompt_tokens, 200), clock.now())
     c, w = cpu * 1e6, wall * 1e6
-    print(f"default{'+slo/predictive' if slo else ''} {pods:>4} pods, {prompt_tokens}-token prompts, "
+    name = f"default{'+slo/predictive' if slo else ''}{'' if explain else ' (no explain)'}"
+    print(f"{name} {pods:>4} pods, {prompt_tokens}-token prompts, "
           f"{keep} in flight: CPU p50 {np.percentile(c, 50):6.0f} us  p99 {np.percentile(c, 99):6.0f} us  "
           f"mean {c.mean():6.0f} us;  wall p50 {np.percentile(w, 50):6.0f} us  p99 {np.percentile(w, 99):6.0f} us"
           f"  (load {os.getloadavg()[0]:.1f})" + (f"  digest {h.hexdigest()[:16]}" if digest else ""))
@@ -263,12 +266,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--default-prompt-tokens", type=int, default=1024)
     ap.add_argument("--default-inflight", type=int, default=8, help="requests in flight per pod")
     ap.add_argument("--default-slo", action="store_true", help="TTFT/TPOT targets and predictive admission")
+    ap.add_argument("--default-no-explain", action="store_true",
+                    help="no per-endpoint explanation (as the server decides when no client asks for it)")
     ap.add_argument("--default-digest", action="store_true", help="print a digest of the decisions made")
     a = ap.parse_args(argv)
     if a.default_only:
         for pods in (int(x) for x in a.default_pods.split(",")):
             bench_default(pods, a.decisions, a.default_prompt_tokens, a.default_inflight, a.default_slo,
-                          a.default_digest)
+                          a.default_digest, not a.default_no_explain)
         return 0
     if a.slo_only:
         bench_slo(a.slo_pods, a.decisions, a.slo_inflight, 2048)
