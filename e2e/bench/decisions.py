@@ -19,10 +19,10 @@ kept in flight (the predictive ledger holds them), each arm measured side by sid
 of ``--default-pods`` (aggregated pods), prompts of ``--default-prompt-tokens`` from 32 shared contexts,
 ``--default-inflight`` requests per pod kept in flight and a scrape of every pod every 50 decisions; with
 ``--default-slo`` every request carries TTFT/TPOT targets and admission is ``predictive``; with
-``--default-no-explain`` no explanation is built (the server's setting unless a client asks for one). Per decision:
-CPU p50/p99 (``time.process_time``) and wall p50/p99. Decisions are deterministic (seeded), so two commits
-run with the same arguments make the same decisions; ``--default-digest`` prints a digest of the chosen
-endpoints to show it.
+``--no-explain`` (also for ``--slo-only``) no explanation is built (the server's setting unless a client
+asks for one). Per decision: CPU p50/p99 (``time.process_time``) and wall p50/p99. Decisions are
+deterministic (seeded), so two commits run with the same arguments make the same decisions;
+``--default-digest`` prints a digest of the chosen endpoints to show it.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def run_decisions(s, clock, prompts: list[list[int]], n: int, text: bool = False
     return n / cpu, lat * 1e6
 
 
-def bench_slo(pods: int, decisions: int, inflight: int, prompt_tokens: int) -> None:
+def bench_slo(pods: int, decisions: int, inflight: int, prompt_tokens: int, explain: bool = True) -> None:
     """Per-decision latency of the default profile with each admission arm (targets on every request),
     interleaved in rounds so machine load hits every arm alike; the predictive ledger holds ``inflight``
     requests and the correction has observations for every kind of pod."""
@@ -151,6 +151,7 @@ def bench_slo(pods: int, decisions: int, inflight: int, prompt_tokens: int) -> N
         s = build_scheduler({"profile": "load-only", "handler": {"type": "prefill-decode"}, "admission": [arm],
                              "slo": {"ttft_ms": 60_000, "tpot_ms": 1000}}, eps, clock, network=False,
                             registry=CollectorRegistry())
+        s.explain = explain
         feed_metrics(s, eps, rng)
         built[arm] = (s, clock, deque())
     lat: dict[str, list[float]] = {a: [] for a in arms}
@@ -181,7 +182,7 @@ def bench_slo(pods: int, decisions: int, inflight: int, prompt_tokens: int) -> N
     base = np.percentile(np.array(lat["none"]) * 1e6, 99)
     base_cpu = cpu["none"] / len(lat["none"]) * 1e6
     print(f"== SLO admission: {pods} pods (P/D, two accelerator kinds), {prompt_tokens}-token prompts, "
-          f"{inflight} in flight, load {os.getloadavg()[0]:.1f}")
+          f"{inflight} in flight{'' if explain else ', no explanation'}, load {os.getloadavg()[0]:.1f}")
     for arm in arms:
         v = np.array(lat[arm]) * 1e6
         ledger = getattr(built[arm][0].admission[0], "ledger", None)
@@ -266,17 +267,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--default-prompt-tokens", type=int, default=1024)
     ap.add_argument("--default-inflight", type=int, default=8, help="requests in flight per pod")
     ap.add_argument("--default-slo", action="store_true", help="TTFT/TPOT targets and predictive admission")
-    ap.add_argument("--default-no-explain", action="store_true",
-                    help="no per-endpoint explanation (as the server decides when no client asks for it)")
+    ap.add_argument("--no-explain", action="store_true",
+                    help="--default-only and --slo-only: no per-endpoint explanation (the server's setting when "
+                         "no client asks for one)")
     ap.add_argument("--default-digest", action="store_true", help="print a digest of the decisions made")
     a = ap.parse_args(argv)
     if a.default_only:
         for pods in (int(x) for x in a.default_pods.split(",")):
             bench_default(pods, a.decisions, a.default_prompt_tokens, a.default_inflight, a.default_slo,
-                          a.default_digest, not a.default_no_explain)
+                          a.default_digest, not a.no_explain)
         return 0
     if a.slo_only:
-        bench_slo(a.slo_pods, a.decisions, a.slo_inflight, 2048)
+        bench_slo(a.slo_pods, a.decisions, a.slo_inflight, 2048, not a.no_explain)
         return 0
     rng = random.Random(7)
     nrng = np.random.default_rng(7)
@@ -360,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"HF tokenizer ({a.tokenizer}): {dt * 1e3:.2f} ms for {len(words):,} chars -> {len(ids):,} tokens;"
               f" cached (same text): {ct * 1e6:.0f} us")
     if a.slo:
-        bench_slo(a.slo_pods, a.decisions, a.slo_inflight, 2048)
+        bench_slo(a.slo_pods, a.decisions, a.slo_inflight, 2048, not a.no_explain)
     return 0
 
 
