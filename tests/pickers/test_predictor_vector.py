@@ -166,3 +166,34 @@ def test_memoised_kind_terms_follow_the_fleet():
     slots = dl.endpoints.active_slots()
     check([e for e in eps2 if dl.endpoints.slot(e.id) is not None])
     assert not np.array_equal(fit.speed(slots.copy()), before)
+
+
+def test_per_cycle_memos_do_not_outlive_their_inputs():
+    """slo-fit's lateness is kept for one cycle (state and candidates), the ledger's expected output until
+    the next observed output: a new request, or a new output, gets new values."""
+    from pickers.plugins.admission_slo import DecodeLedger
+    from pickers.plugins.score_slo import SLOFitScorer
+    from pickers.state import SLOTargets
+
+    eps = [Endpoint(f"10.9.3.{i + 1}:8000", model_profile=m, accelerator=a) for i, (m, a) in enumerate(KINDS[:3])]
+    s, clock = scheduler({"profile": "default"}, eps)
+    fit = SLOFitScorer()
+    fit.bind(s.dl)
+    cands = s.dl.endpoints.active_slots()
+    lates = []
+    for n, ttft in ((500, 1.0), (20_000, 1.0), (20_000, 0.1)):
+        st = state(request(f"m{n}-{ttft}", list(range(n))))
+        st.slo = SLOTargets(ttft, None)
+        ctx = CycleContext(st, s.dl, clock.now())
+        late = fit.lateness(ctx, cands)
+        assert late is fit.lateness(ctx, cands)  # the same cycle: computed once
+        np.testing.assert_array_equal(late, fit._lateness(ctx, cands))
+        lates.append(late)
+    assert not np.array_equal(lates[0], lates[1]) and not np.array_equal(lates[1], lates[2])
+
+    led = DecodeLedger(outputs_window=8)
+    assert led.expected_output(100, 256.0) == 100.0
+    led.observe_output(10)
+    assert led.expected_output(100, 256.0) == 10.0 and led.expected_output(5, 256.0) == 5.0
+    led.observe_output(30)
+    assert led.expected_output(100, 256.0) == 20.0
