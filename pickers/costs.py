@@ -9,7 +9,9 @@ pod would be deployed by engine.presets), its KV capacity in tokens, and the cos
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from functools import lru_cache
+from typing import TypeVar, cast
 
 import numpy as np
 
@@ -18,6 +20,9 @@ from engine.costmodel.dataparallel import rank_cost_model
 from engine.costmodel.vector import RooflineTable
 from engine.presets import preset
 from pickers.types import Endpoint
+
+T = TypeVar("T")
+MAX_DERIVED = 64
 
 
 @lru_cache(maxsize=256)
@@ -43,6 +48,25 @@ class CostTable:
         self.empty_step_s = np.full(n, 1e-3)  # one token, nothing cached: the floor every step pays
         self._version = 0
         self._memo: dict[int, tuple[np.ndarray, int, Roofline]] = {}  # copies -> (slots, version, rooflines)
+        self._derived: dict[Hashable, tuple[int, object]] = {}  # key -> (version, value): see derived
+
+    @property
+    def version(self) -> int:
+        """Changes whenever a slot's cost model, budget or capacity is set (memo key for derived values)."""
+        return self._version
+
+    def derived(self, key: Hashable, build: Callable[[], T]) -> T:
+        """A value computed from the table (``build()``), kept until the table changes: per-slot constants of
+        the pods' kinds that a decision would otherwise recompute (e.g. KV transfer coefficients). At most
+        ``MAX_DERIVED`` keys are kept."""
+        got = self._derived.get(key)
+        if got is not None and got[0] == self._version:
+            return cast("T", got[1])
+        v = build()
+        if len(self._derived) >= MAX_DERIVED and key not in self._derived:
+            self._derived.clear()
+        self._derived[key] = (self._version, v)
+        return v
 
     def rooflines(self, slots: np.ndarray, copies: int = 1) -> Roofline:
         """The rooflines of ``slots`` (repeated ``copies`` times, for stacked evaluations). Memoised for the

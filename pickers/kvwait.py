@@ -41,15 +41,30 @@ if TYPE_CHECKING:
 def kv_wait_seconds(dl: DataLayer, slots: np.ndarray, now: float, queued: np.ndarray, uncached: np.ndarray,
                     running: np.ndarray) -> np.ndarray:
     """Expected seconds a new request of ``uncached`` tokens waits for KV space on each of ``slots``."""
+    fresh = dl.fresh(slots, now)
+    cap, held, b = kv_held(dl, slots, fresh, running)
+    step = decode_step_seconds(dl.costs.rooflines(slots), b, held)
+    return kv_wait_from_step(dl, slots, fresh, queued, uncached, cap, held, b, step)
+
+
+def kv_held(dl: DataLayer, slots: np.ndarray, fresh: np.ndarray,
+            running: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The request-independent part of the wait: per slot (cap_p, held_p, b_p) of the module docstring.
+    The drain's decode step is ``decode_step_seconds(rooflines, b, held)``; the predictor evaluates it in
+    one call with its other steps and passes it to ``kv_wait_from_step``."""
     blocks = dl.metrics.num_gpu_blocks[slots] * dl.endpoints.block_size[slots]
     cap = np.where(blocks > 0, blocks, dl.costs.kv_capacity[slots])
-    fresh = dl.fresh(slots, now)
     held = np.where(fresh, dl.metrics.kv_usage[slots], 0.0) * cap
+    return cap, held, np.maximum(running, 1.0)
+
+
+def kv_wait_from_step(dl: DataLayer, slots: np.ndarray, fresh: np.ndarray, queued: np.ndarray,
+                      uncached: np.ndarray, cap: np.ndarray, held: np.ndarray, b: np.ndarray,
+                      step: np.ndarray) -> np.ndarray:
+    """``kv_wait_seconds`` from ``kv_held``'s terms and the drain's decode step (bit for bit the same)."""
     need = queued + uncached - (cap - held)
-    b = np.maximum(running, 1.0)
-    step = decode_step_seconds(dl.costs.rooflines(slots), b, held)
     drain = dl.inflight.decode_tokens[slots] / b * step
     return np.where(fresh & (need > 0), np.minimum(need / np.maximum(held, 1.0), 1.0) * drain, 0.0)
 
 
-__all__ = ["kv_wait_seconds"]
+__all__ = ["kv_held", "kv_wait_from_step", "kv_wait_seconds"]

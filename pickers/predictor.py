@@ -33,9 +33,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from engine.costmodel.vector import decode_step_seconds, prefill_seconds
+from engine.costmodel.vector import prefill_split, step_seconds_v
 from pickers.correction import OnlineCorrection
-from pickers.kvwait import kv_wait_seconds
+from pickers.kvwait import kv_held, kv_wait_from_step
 from pickers.state import Prediction, PrefixMode
 
 if TYPE_CHECKING:
@@ -61,6 +61,7 @@ class Predictor:
         self.correction = OnlineCorrection(dl.endpoints.max_endpoints, self.settings.correction_window)
         if self.settings.correction:
             dl.endpoints.listen(self.correction.on_endpoint)
+        self._const: tuple[np.ndarray, np.ndarray] | None = None  # _constants
 
     def predict(self, ctx: CycleContext, mode: PrefixMode) -> Prediction:
         dl, s = self.dl, self.settings
@@ -69,49 +70,81 @@ class Predictor:
         p = float(ctx.prompt_tokens())
         self.mean_prompt += 0.01 * (p - self.mean_prompt)
         per_waiting = s.waiting_prompt_tokens or self.mean_prompt
-        ttft, wait, prefill, tpot = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
-        uncached, queued, running = np.zeros(n), np.zeros(n), np.zeros(n)
-        if slots.size:
-            k = slots.size
-            fresh = dl.fresh(slots, ctx.now)
-            waiting = np.where(fresh, dl.metrics.waiting[slots], 0.0)
-            # Own requests counted exactly, the rest at the mean prompt. Not max(own, waiting x mean): that took
-            # a pod holding many short waiting requests for one holding as many average ones, so past the knee
-            # long prompts piled onto the pods whose queues were really longer (one pod took 37 % of the
-            # requests of an overloaded fleet; tests/sim/test_overload_balance.py). A decode-role pod's waiting
-            # requests are mostly P/D requests waiting for their KV (no prefill there): they do not count.
-            per = np.where(dl.endpoints.can_prefill[slots], per_waiting, 0.0)
-            q = dl.inflight.prefill_tokens[slots] + np.maximum(
-                waiting - dl.inflight.prefill_requests[slots], 0.0) * per
-            budget = dl.costs.budget[slots]
-            r = np.minimum(dl.running(slots, ctx.now), 0.9 * budget)
-            h = np.minimum(ctx.hit_tokens(mode)[slots], p)
-            u = np.maximum(p - h, 1.0)
-            zero, one = np.zeros(k), np.ones(k)
-            # three segments in one pass (time_to_first_token's steps, closed form): the queue ahead (fresh
-            # prompts), this prompt after its cached prefix with the running decodes, and the same alone
-            c = dl.costs.rooflines(slots, 3)
-            seg = prefill_seconds(
-                c, np.concatenate((q, u, u)), np.concatenate((budget - r, budget - r, budget)),
-                np.concatenate((r, r, zero)), np.concatenate((r, r, zero)) * s.decode_context_tokens,
-                np.concatenate((zero, h, h)), np.concatenate((zero, one, one)))
-            w, own, alone = seg[:k], seg[k:2 * k], seg[2 * k:]
-            w = w + kv_wait_seconds(dl, slots, ctx.now, q, u, r)
+        k = slots.size
+        if not k:
+            ttft, wait, prefill, tpot = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
+            return self._corrected(n, Prediction(mode, ttft, wait, prefill, tpot, np.zeros(n), np.zeros(n),
+                                                 np.zeros(n)))
+        inflight = dl.inflight
+        fresh = dl.fresh(slots, ctx.now)  # once per decision: the queue, the running decodes, the KV wait
+        waiting = np.where(fresh, dl.metrics.waiting[slots], 0.0)
+        pre_req = inflight.prefill_requests[slots]
+        # Own requests counted exactly, the rest at the mean prompt. Not max(own, waiting x mean): that took
+        # a pod holding many short waiting requests for one holding as many average ones, so past the knee
+        # long prompts piled onto the pods whose queues were really longer (one pod took 37 % of the
+        # requests of an overloaded fleet; tests/sim/test_overload_balance.py). A decode-role pod's waiting
+        # requests are mostly P/D requests waiting for their KV (no prefill there): they do not count.
+        per = np.where(dl.endpoints.can_prefill[slots], per_waiting, 0.0)
+        q = inflight.prefill_tokens[slots] + np.maximum(waiting - pre_req, 0.0) * per
+        budget = dl.costs.budget[slots]
+        # DataLayer.running with the fresh mask at hand: the pod's count when fresh, never below ours
+        running = np.maximum(np.where(fresh, dl.metrics.running[slots], 0.0), inflight.requests[slots] - pre_req)
+        r = np.minimum(running, 0.9 * budget)
+        h = np.minimum(ctx.hit_tokens(mode)[slots], p)
+        u = np.maximum(p - h, 1.0)
+        zero, grow = self._constants(k)
+        # three segments in one pass (time_to_first_token's steps, closed form): the queue ahead (fresh
+        # prompts), this prompt after its cached prefix with the running decodes, and the same alone
+        chunk = budget - r
+        rr = np.concatenate((r, r, zero))
+        full, last = prefill_split(dl.costs.rooflines(slots, 3), np.concatenate((q, u, u)),
+                                   np.concatenate((chunk, chunk, budget)), rr, rr * s.decode_context_tokens,
+                                   np.concatenate((zero, h, h)), grow)
+        # every single step of the decision in one evaluation of the roofline: the three segments' partial
+        # last steps, the decode step that drains the KV cache (kvwait) and this request's decode step
+        cap, held, b = kv_held(dl, slots, fresh, r)
+        dec_b = r + 1.0  # tpot: once it joins the batch, its own context being its prompt
+        dec_kv = r * s.decode_context_tokens + p
+        steps = step_seconds_v(dl.costs.rooflines(slots, 5), np.concatenate((last[0], b, dec_b)),
+                               np.concatenate((last[1], held, dec_kv)), np.concatenate((last[2], held, dec_kv)))
+        seg = full + steps[:3 * k]
+        w = seg[:k] + kv_wait_from_step(dl, slots, fresh, q, u, cap, held, b, steps[3 * k:4 * k])
+        own, alone, tp = seg[k:2 * k], seg[2 * k:], steps[4 * k:]
+        pre = np.maximum(alone - dl.costs.empty_step_s[slots], 0.0)
+        if k == n:  # every slot active (slots is 0..n-1): the per-slot arrays are the per-candidate ones
+            pred = Prediction(mode, w + own, w, pre, tp, u, q, r)
+        else:
+            ttft, wait, prefill, tpot = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
+            uncached, queued, run = np.zeros(n), np.zeros(n), np.zeros(n)
             ttft[slots] = w + own
             wait[slots] = w
-            prefill[slots] = np.maximum(alone - dl.costs.empty_step_s[slots], 0.0)
-            tpot[slots] = decode_step_seconds(dl.costs.rooflines(slots), r + 1.0,
-                                              r * s.decode_context_tokens + p)
+            prefill[slots] = pre
+            tpot[slots] = tp
             uncached[slots] = u
             queued[slots] = q
-            running[slots] = r
-        if not s.correction:
-            return Prediction(mode, ttft, wait, prefill, tpot, uncached, queued, running)
-        # the online correction (identity until observations arrive): observed ~= a + b x raw, per slot
+            run[slots] = r
+            pred = Prediction(mode, ttft, wait, prefill, tpot, uncached, queued, run)
+        return self._corrected(n, pred)
+
+    def _constants(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """zeros(k) and the segments' ``grow`` (0 for the queue, 1 for this prompt's two): read-only."""
+        got = self._const
+        if got is None or got[0].size != k:
+            zero = np.zeros(k)
+            got = self._const = (zero, np.concatenate((zero, zero + 1.0, zero + 1.0)))
+            for a in got:
+                a.flags.writeable = False
+        return got
+
+    def _corrected(self, n: int, raw: Prediction) -> Prediction:
+        """The online correction (identity until observations arrive): observed ~= a + b x raw, per slot."""
+        if not self.settings.correction:
+            return raw
         cr = self.correction
         b_t, b_p = cr.ttft_b[:n], cr.tpot_b[:n]
-        return Prediction(mode, cr.ttft_a[:n] + b_t * ttft, b_t * wait, b_t * prefill, cr.tpot_a[:n] + b_p * tpot,
-                          uncached, queued, running, ttft, tpot)
+        return Prediction(raw.mode, cr.ttft_a[:n] + b_t * raw.ttft_s, b_t * raw.wait_s, b_t * raw.prefill_s,
+                          cr.tpot_a[:n] + b_p * raw.tpot_s, raw.uncached, raw.queued, raw.running, raw.ttft_s,
+                          raw.tpot_s)
 
 
 __all__ = ["Predictor", "PredictorSettings"]

@@ -14,6 +14,15 @@ DESIGN.md budget: >= 3,000 decisions/s with 8K-token prompts and 64 pods.
 ``--slo-only`` (or ``--slo``, after the rest): the cost of SLO admission and the online correction per
 decision, 100 pods (``--slo-pods``), every request with TTFT and TPOT targets, ``--slo-inflight`` requests
 kept in flight (the predictive ledger holds them), each arm measured side by side with ``none``.
+
+``--default-only``: the CPU time of one decision of the default profile (issue 16's serving path), at each
+of ``--default-pods`` (aggregated pods), prompts of ``--default-prompt-tokens`` from 32 shared contexts,
+``--default-inflight`` requests per pod kept in flight and a scrape of every pod every 50 decisions; with
+``--default-slo`` every request carries TTFT/TPOT targets and admission is ``predictive``; with
+``--no-explain`` (also for ``--slo-only``) no explanation is built (the server's setting unless a client
+asks for one). Per decision: CPU p50/p99 (``time.process_time``) and wall p50/p99. Decisions are
+deterministic (seeded), so two commits run with the same arguments make the same decisions;
+``--default-digest`` prints a digest of the chosen endpoints to show it.
 """
 
 from __future__ import annotations
@@ -123,7 +132,7 @@ def run_decisions(s, clock, prompts: list[list[int]], n: int, text: bool = False
     return n / cpu, lat * 1e6
 
 
-def bench_slo(pods: int, decisions: int, inflight: int, prompt_tokens: int) -> None:
+def bench_slo(pods: int, decisions: int, inflight: int, prompt_tokens: int, explain: bool = True) -> None:
     """Per-decision latency of the default profile with each admission arm (targets on every request),
     interleaved in rounds so machine load hits every arm alike; the predictive ledger holds ``inflight``
     requests and the correction has observations for every kind of pod."""
@@ -142,10 +151,12 @@ def bench_slo(pods: int, decisions: int, inflight: int, prompt_tokens: int) -> N
         s = build_scheduler({"profile": "load-only", "handler": {"type": "prefill-decode"}, "admission": [arm],
                              "slo": {"ttft_ms": 60_000, "tpot_ms": 1000}}, eps, clock, network=False,
                             registry=CollectorRegistry())
+        s.explain = explain
         feed_metrics(s, eps, rng)
         built[arm] = (s, clock, deque())
     lat: dict[str, list[float]] = {a: [] for a in arms}
     cpu: dict[str, float] = {a: 0.0 for a in arms}
+    cpus: dict[str, list[float]] = {a: [] for a in arms}  # CPU seconds of each decision
     rounds = max(1, decisions // 100)
     for rnd in range(rounds + 2):  # two warm-up rounds
         for arm in arms:
@@ -157,9 +168,11 @@ def bench_slo(pods: int, decisions: int, inflight: int, prompt_tokens: int) -> N
                 t0 = time.perf_counter()
                 d = s.decide(req)
                 dt = time.perf_counter() - t0
+                dc = time.process_time() - c0
                 if rnd >= 2:
                     lat[arm].append(dt)
-                    cpu[arm] += time.process_time() - c0
+                    cpu[arm] += dc
+                    cpus[arm].append(dc)
                 clock.advance(0.001)
                 live.append(d)
                 if len(live) > inflight:  # the oldest ends: first token and end feed the correction
@@ -169,7 +182,7 @@ def bench_slo(pods: int, decisions: int, inflight: int, prompt_tokens: int) -> N
     base = np.percentile(np.array(lat["none"]) * 1e6, 99)
     base_cpu = cpu["none"] / len(lat["none"]) * 1e6
     print(f"== SLO admission: {pods} pods (P/D, two accelerator kinds), {prompt_tokens}-token prompts, "
-          f"{inflight} in flight, load {os.getloadavg()[0]:.1f}")
+          f"{inflight} in flight{'' if explain else ', no explanation'}, load {os.getloadavg()[0]:.1f}")
     for arm in arms:
         v = np.array(lat[arm]) * 1e6
         ledger = getattr(built[arm][0].admission[0], "ledger", None)
@@ -177,7 +190,61 @@ def bench_slo(pods: int, decisions: int, inflight: int, prompt_tokens: int) -> N
         c = cpu[arm] / len(lat[arm]) * 1e6
         print(f"{arm:>17}: wall p50 {np.percentile(v, 50):6.0f} us  p99 {np.percentile(v, 99):6.0f} us  "
               f"(p99 - none p99: {np.percentile(v, 99) - base:+6.0f} us); CPU {c:5.0f} us/decision "
-              f"({c - base_cpu:+5.0f} us vs none){extra}")
+              f"({c - base_cpu:+5.0f} us vs none), CPU p50 {np.percentile(cpus[arm], 50) * 1e6:5.0f} us "
+              f"p99 {np.percentile(cpus[arm], 99) * 1e6:5.0f} us{extra}")
+
+
+def bench_default(pods: int, decisions: int, prompt_tokens: int, inflight_per_pod: int, slo: bool,
+                  digest: bool, explain: bool = True) -> None:
+    """CPU per decision of the default profile (see the module docstring)."""
+    import hashlib
+    from collections import deque
+
+    nrng = np.random.default_rng(5)
+    rng = random.Random(5)
+    shared = prompt_tokens * 3 // 4
+    groups = [nrng.integers(0, 32000, size=shared, dtype=np.uint32) for _ in range(32)]
+    prompts = [np.concatenate([groups[i % 32], nrng.integers(0, 32000, size=prompt_tokens - shared,
+                                                               dtype=np.uint32)]) for i in range(512)]
+    eps = [Endpoint(f"10.3.{i // 250}.{i % 250}:8000") for i in range(pods)]
+    clock = ManualClock(0.0)
+    cfg: dict = {"profile": "default"}
+    if slo:
+        cfg |= {"admission": ["predictive"], "slo": {"ttft_ms": 60_000, "tpot_ms": 1000}}
+    s = build_scheduler(cfg, eps, clock, network=False, registry=CollectorRegistry())
+    s.explain = explain  # the server turns it off unless a client asks for the explanation header
+    live: deque = deque()
+    keep = max(1, inflight_per_pod * pods)
+    warm = min(500, decisions // 4)
+    cpu = np.zeros(decisions)
+    wall = np.zeros(decisions)
+    h = hashlib.sha256()
+    for i in range(warm + decisions):
+        if i % 50 == 0:
+            feed_metrics(s, eps, rng)
+        req = InferenceRequest(request_id=f"d{i}", model="m", prompt_token_ids=prompts[i % len(prompts)],
+                               max_tokens=200)
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        d = s.decide(req)
+        t1 = time.perf_counter()
+        c1 = time.process_time()
+        if i >= warm:
+            cpu[i - warm] = c1 - c0
+            wall[i - warm] = t1 - t0
+        h.update(f"{d.primary}|{','.join(d.endpoints)}\n".encode())
+        clock.advance(0.002)
+        live.append(d)
+        if len(live) > keep:
+            old = live.popleft()
+            s.on_first_token(old, clock.now())
+            s.on_finished(old, Usage(prompt_tokens, 200), clock.now())
+    c, w = cpu * 1e6, wall * 1e6
+    name = f"default{'+slo/predictive' if slo else ''}{'' if explain else ' (no explain)'}"
+    print(f"{name} {pods:>4} pods, {prompt_tokens}-token prompts, "
+          f"{keep} in flight: CPU p50 {np.percentile(c, 50):6.0f} us  p99 {np.percentile(c, 99):6.0f} us  "
+          f"mean {c.mean():6.0f} us;  wall p50 {np.percentile(w, 50):6.0f} us  p99 {np.percentile(w, 99):6.0f} us"
+          f"  (load {os.getloadavg()[0]:.1f})" + (f"  digest {h.hexdigest()[:16]}" if digest else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,9 +262,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slo-only", action="store_true", help="only time SLO admission")
     ap.add_argument("--slo-pods", type=int, default=100)
     ap.add_argument("--slo-inflight", type=int, default=2000)
+    ap.add_argument("--default-only", action="store_true", help="only time the default profile's decision")
+    ap.add_argument("--default-pods", default="4,100")
+    ap.add_argument("--default-prompt-tokens", type=int, default=1024)
+    ap.add_argument("--default-inflight", type=int, default=8, help="requests in flight per pod")
+    ap.add_argument("--default-slo", action="store_true", help="TTFT/TPOT targets and predictive admission")
+    ap.add_argument("--no-explain", action="store_true",
+                    help="--default-only and --slo-only: no per-endpoint explanation (the server's setting when "
+                         "no client asks for one)")
+    ap.add_argument("--default-digest", action="store_true", help="print a digest of the decisions made")
     a = ap.parse_args(argv)
+    if a.default_only:
+        for pods in (int(x) for x in a.default_pods.split(",")):
+            bench_default(pods, a.decisions, a.default_prompt_tokens, a.default_inflight, a.default_slo,
+                          a.default_digest, not a.no_explain)
+        return 0
     if a.slo_only:
-        bench_slo(a.slo_pods, a.decisions, a.slo_inflight, 2048)
+        bench_slo(a.slo_pods, a.decisions, a.slo_inflight, 2048, not a.no_explain)
         return 0
     rng = random.Random(7)
     nrng = np.random.default_rng(7)
@@ -281,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"HF tokenizer ({a.tokenizer}): {dt * 1e3:.2f} ms for {len(words):,} chars -> {len(ids):,} tokens;"
               f" cached (same text): {ct * 1e6:.0f} us")
     if a.slo:
-        bench_slo(a.slo_pods, a.decisions, a.slo_inflight, 2048)
+        bench_slo(a.slo_pods, a.decisions, a.slo_inflight, 2048, not a.no_explain)
     return 0
 
 

@@ -68,12 +68,20 @@ def _sum_of_max(a: np.ndarray, b: np.ndarray, m: np.ndarray, e: np.ndarray, n: n
     d0, dd = a - m, b - e
     safe = np.where(dd != 0, dd, 1.0)
     cross = -d0 / safe  # compute (a + b j) wins for j >= cross if dd > 0, for j <= cross if dd < 0
-    zero = np.zeros_like(n)
+    zero = np.zeros(np.shape(n))
     up_lo = np.minimum(np.maximum(np.ceil(cross), 0.0), n)
     down_hi = np.minimum(np.maximum(np.floor(cross) + 1.0, 0.0), n)
     everywhere = d0 >= 0  # dd == 0: everywhere or nowhere (the empty range [n, n))
-    lo = np.where(dd > 0, up_lo, np.where(dd < 0, zero, np.where(everywhere, zero, n)))
-    hi = np.where(dd > 0, n, np.where(dd < 0, down_hi, n))
+    up, down = dd > 0, dd < 0
+    lo = np.where(up, up_lo, np.where(down, zero, np.where(everywhere, zero, n)))
+    hi = np.where(up, n, np.where(down, down_hi, n))
+    shape = np.shape(n)
+    if len(shape) == 1 and all(np.shape(x) == shape for x in (a, b, m, e)):
+        # the three series in one evaluation (the same operations on each element, a third of the calls)
+        k = shape[0]
+        s = _series(np.concatenate((a, m, m)), np.concatenate((b, e, e)), np.concatenate((lo, zero, hi)),
+                    np.concatenate((hi, lo, n)))
+        return s[:k] + s[k:2 * k] + s[2 * k:]
     return _series(a, b, lo, hi) + _series(m, e, zero, lo) + _series(m, e, hi, n)
 
 
@@ -84,6 +92,18 @@ def prefill_seconds(c: Roofline, new: np.ndarray, chunk: np.ndarray, running: np
     reads that much KV). Chunk j attends to, and reads the KV of, ``grow x (start + j x chunk)`` earlier
     tokens: ``grow`` 1 for a prompt after a cached prefix of ``start`` tokens, 0 for queued prompts taken
     as fresh. Exactly the steps ``CostModel.time_to_first_token`` charges one by one."""
+    full, last = prefill_split(c, new, chunk, running, decode_pairs, start, grow)
+    return full + step_seconds_v(c, *last)
+
+
+def prefill_split(c: Roofline, new: np.ndarray, chunk: np.ndarray, running: np.ndarray,
+                  decode_pairs: np.ndarray, start: np.ndarray, grow: np.ndarray
+                  ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``prefill_seconds`` in two parts: the seconds of the full chunks, and the arguments of
+    ``step_seconds_v`` for the partial last step (new tokens, attention pairs, KV read), so a caller can
+    evaluate that step in one call together with other steps (pickers/predictor.py: one ``step_seconds_v``
+    for the last steps and the decode steps of a decision). ``full + step_seconds_v(c, *last)`` is
+    ``prefill_seconds`` bit for bit."""
     n = np.floor(new / chunk)
     rest = new - n * chunk
     tokens = chunk + running
@@ -96,9 +116,8 @@ def prefill_seconds(c: Roofline, new: np.ndarray, chunk: np.ndarray, running: np
     e = c.kv_bytes_per_token * grow * chunk / c.bandwidth
     full = n * (c.overhead_s + c.comm_s_per_token * tokens) + _sum_of_max(a, b, m, e, n)
     ctx = ctx0 + grow * n * chunk
-    last = step_seconds_v(c, np.where(rest > 0, rest + running, 0.0),
-                          rest * ctx + rest * (rest + 1.0) / 2.0 + decode_pairs, ctx + decode_pairs)
-    return full + last
+    return full, (np.where(rest > 0, rest + running, 0.0), rest * ctx + rest * (rest + 1.0) / 2.0 + decode_pairs,
+                  ctx + decode_pairs)
 
 
 def ttft_seconds(c: Roofline, prompt: float | np.ndarray, cached: np.ndarray, queued: np.ndarray,
@@ -126,6 +145,7 @@ def ttft_parts(c: Roofline, prompt: float | np.ndarray, cached: np.ndarray, queu
 
 
 __all__ = [
-    "FIELDS", "RooflineTable", "decode_step_seconds", "prefill_seconds", "step_seconds_v", "ttft_parts",
+    "FIELDS", "RooflineTable", "decode_step_seconds", "prefill_seconds", "prefill_split", "step_seconds_v",
+    "ttft_parts",
     "ttft_seconds",
 ]

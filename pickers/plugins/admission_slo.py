@@ -255,9 +255,20 @@ class DecodeLedger:
         self.row_of: dict[str, int] = {}
         self.outputs = np.zeros(outputs_window)
         self.outputs_seen = 0
+        self._expected: tuple[tuple[int, int | None, float], float] | None = None
 
     # expected output length from what the pool produced
     def expected_output(self, max_tokens: int | None, default: float) -> float:
+        """Memoised until the next observed output (a decision asks twice: admission and ``on_routed``)."""
+        key = (self.outputs_seen, max_tokens, default)
+        got = self._expected
+        if got is not None and got[0] == key:
+            return got[1]
+        v = self._expected_output(max_tokens, default)
+        self._expected = (key, v)
+        return v
+
+    def _expected_output(self, max_tokens: int | None, default: float) -> float:
         k = min(self.outputs_seen, self.outputs.size)
         if k == 0:
             return float(min(max_tokens, default)) if max_tokens else default

@@ -99,17 +99,29 @@ def transfer_coefficients(model_profile: str, accelerator: str, link: str) -> tu
 
 
 def transfer_seconds(dl: DataLayer, slots: np.ndarray, tokens: float, link: str) -> np.ndarray:
-    """Seconds to ship ``tokens`` of KV from each slot's pod (its model x accelerator) over ``link``."""
-    out = np.zeros(slots.size)
+    """Seconds to ship ``tokens`` of KV from each slot's pod (its model x accelerator) over ``link``:
+    lat + per x tokens per slot (the same two float operations as one pod at a time)."""
     if tokens <= 0:
-        return out
-    eps = dl.endpoints.endpoints
-    for i, s in enumerate(slots.tolist()):
-        ep = eps[s]
-        assert ep is not None
-        lat, per = transfer_coefficients(ep.model_profile, ep.accelerator, link)
-        out[i] = lat + per * tokens
-    return out
+        return np.zeros(slots.size)
+    lat, per = _coefficients(dl, link)
+    return lat[slots] + per[slots] * tokens
+
+
+def _coefficients(dl: DataLayer, link: str) -> tuple[np.ndarray, np.ndarray]:
+    """``transfer_coefficients`` of every endpoint slot (NaN where none), kept by the cost table until it
+    changes (an endpoint set or replaced)."""
+    def build() -> tuple[np.ndarray, np.ndarray]:
+        eps = dl.endpoints.endpoints
+        lat, per = np.full(len(eps), math.nan), np.full(len(eps), math.nan)
+        for s, ep in enumerate(eps):
+            if ep is not None:
+                lat[s], per[s] = transfer_coefficients(ep.model_profile, ep.accelerator, link)
+        return lat, per
+
+    got: tuple[np.ndarray, np.ndarray] = dl.costs.derived(("transfer", link), build)
+    if got[0].size < dl.endpoints.slot_count:  # a slot added without a cost-table change: cannot happen, but
+        got = build()                          # never index past the arrays
+    return got
 
 
 def slo_verdict(local_ttft_s: float, split_ttft_s: float, tpot_s: float, local_tpot_s: float, running: float,

@@ -62,8 +62,24 @@ class SLOFitScorer(Scorer):
     def uses_kv_events(self) -> bool:
         return reads_kv_events(self.mode)
 
+    def __init__(self, **params: object) -> None:
+        super().__init__(**params)
+        # memos, both read-only arrays: lateness of the cycle being scored (``score`` and ``tiers`` ask for the
+        # same state and candidates), and the speeds of the last candidates (they change only with the
+        # fleet: the cost table's version)
+        self._late: tuple[object, np.ndarray, np.ndarray | None] | None = None
+        self._speed: tuple[int, np.ndarray, np.ndarray] | None = None
+
     def lateness(self, ctx: CycleContext, cands: np.ndarray) -> np.ndarray | None:
         """late_p per candidate (None without targets)."""
+        got = self._late
+        if got is not None and got[0] is ctx.state and got[1] is cands:
+            return got[2]
+        late = self._lateness(ctx, cands)
+        self._late = (ctx.state, cands, late)
+        return late
+
+    def _lateness(self, ctx: CycleContext, cands: np.ndarray) -> np.ndarray | None:
         slo = ctx.state.slo
         if not slo.any:
             return None
@@ -73,11 +89,22 @@ class SLOFitScorer(Scorer):
             late = np.maximum(late, pred.ttft_s[cands] / slo.ttft_s)
         if slo.tpot_s is not None:
             late = np.maximum(late, pred.tpot_s[cands] / slo.tpot_s)
+        late.flags.writeable = False
         return late
 
     def speed(self, cands: np.ndarray) -> np.ndarray:
         """Seconds per token of a 1024-token prompt alone on each candidate (its kind: model, accelerator,
-        deployment), rounded to 3 significant digits so pods of one kind tie exactly."""
+        deployment), rounded to 3 significant digits so pods of one kind tie exactly. Memoised for the
+        same candidates while the cost table is unchanged (a pod's kind changes only with its endpoint)."""
+        got, version = self._speed, self.dl.costs.version
+        if got is not None and got[0] == version and got[1].size == cands.size and np.array_equal(got[1], cands):
+            return got[2]
+        sp = self._speeds(cands)
+        sp.flags.writeable = False
+        self._speed = (version, cands.copy(), sp)
+        return sp
+
+    def _speeds(self, cands: np.ndarray) -> np.ndarray:
         dl = self.dl
         n = np.full(cands.size, REFERENCE_TOKENS)
         zero = np.zeros(cands.size)
