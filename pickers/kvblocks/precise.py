@@ -35,12 +35,13 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from itertools import repeat
+from typing import Any, cast
 
 import numpy as np
 
 from engine.kvcache.events import AllBlocksCleared, BlockRemoved, BlockStored
-from engine.kvcache.hashing import ROOT_HASH, hash_blocks_unshared
+from engine.kvcache.hashing import ROOT_HASH, hash_blocks
 from pickers.kvblocks.events import (
     EventError,
     KVEvent,
@@ -216,7 +217,11 @@ class PreciseIndex:
                     index.remove(slot, gone, index.medium_index(gone_medium), unique=True)
                     gone = []
                 gone_medium = ev.medium
-                gone.extend(o for eh in ev.block_hashes if (o := pop(eh, None)) is not None)
+                popped: list[int | None] = list(map(pop, ev.block_hashes, repeat(None, len(ev.block_hashes))))
+                if None in popped:  # the pops run in C; hashes we never mapped are skipped
+                    gone += [o for o in popped if o is not None]
+                else:
+                    gone += cast(list[int], popped)
                 continue
             if gone:  # keep the order: what was removed before this event is gone before it applies
                 index.remove(slot, gone, index.medium_index(gone_medium), unique=True)
@@ -227,7 +232,7 @@ class PreciseIndex:
                     self.stats["orphans"] += 1  # parent unknown (evicted from our map or before a gap)
                     continue
                 bs = ev.block_size or 16
-                own = hash_blocks_unshared(ev.token_ids, bs, parent, limit=len(ev.block_hashes))
+                own = hash_blocks(ev.token_ids, bs, parent, limit=len(ev.block_hashes))
                 n = len(own)
                 if n == 0:
                     continue
