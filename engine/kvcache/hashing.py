@@ -169,3 +169,9 @@ def hash_blocks(
         h = _xxh3(mv[s : s + step], h)
         out.append(h)
     return out
+
+
+def warm_up() -> None:
+    """Load (or compile, the first time on a machine) the compiled hash loop now rather than in the first
+    request (see ``pickers.kvblocks.index.warm_up``)."""
+    hash_blocks(np.zeros(2 * 16, dtype=np.uint32), 16)

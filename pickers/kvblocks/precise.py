@@ -42,6 +42,7 @@ import numpy as np
 
 from engine.kvcache.events import AllBlocksCleared, BlockRemoved, BlockStored
 from engine.kvcache.hashing import ROOT_HASH, hash_blocks
+from engine.kvcache.hashing import warm_up as warm_up_hashing
 from pickers.kvblocks.events import (
     EventError,
     KVEvent,
@@ -75,6 +76,7 @@ class PreciseIndex:
         pending_max_blocks: int = 1_000_000,
         resolve_rank: Callable[[int, int], int | None] | None = None,
     ) -> None:
+        warm_up_hashing()  # requests and events are hashed with a compiled loop: load it before the first one
         weights = dict(medium_weights or DEFAULT_MEDIUM_WEIGHTS)
         media = [m.upper() for m in weights] + [PENDING]
         self.index = BlockIndex(max_blocks, media=media, weights=[*weights.values(), max(weights.values())],
