@@ -21,18 +21,122 @@ Everything is bounded by ``num_blocks``: the hash map holds at most one entry pe
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 from engine.kvcache.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from engine.kvcache.hashing import chain_hash, hash_blocks
+from engine.kvcache.rowtable import RowTable, as_keys, delete_key, find, put
 
 MEDIUM = "GPU"
 
 
+# ---- compiled loops over the pool's arrays -----------------------------------------------------------------
+# Loops that take block ids from the caller check bounds (a bad id is an IndexError, as with lists).
+# The free queue is a circular doubly linked list over block ids with a sentinel node ``num_blocks`` (head =
+# nxt[S], tail = prv[S]); a block is in it exactly when its reference count is 0.
+
+@njit(cache=True, nogil=True)
+def _unlink(nxt, prv, b):
+    p, q = prv[b], nxt[b]
+    nxt[p] = q
+    prv[q] = p
+
+
+@njit(cache=True, nogil=True)
+def _append(nxt, prv, s, b):
+    t = prv[s]
+    nxt[t] = b
+    prv[b] = t
+    nxt[b] = s
+    prv[s] = b
+
+
+@njit(cache=True, nogil=True)
+def _allocate(n, nxt, prv, ref, hashed, hsh, tk, tr, mask, shift, out, removed):
+    """Pop ``n`` blocks off the head (the caller checked there are enough): a block that still had a hash loses
+    it (and its map entry, if the map points at it) and the hash goes to ``removed``. Returns (removed, map
+    entries deleted)."""
+    s = nxt.size - 1
+    nr = 0
+    gone = 0
+    for i in range(n):
+        b = nxt[s]
+        _unlink(nxt, prv, b)
+        if hashed[b]:
+            hashed[b] = 0
+            h = hsh[b]
+            if find(tk, tr, mask, shift, h) == b:
+                gone += delete_key(tk, tr, mask, shift, h)
+            removed[nr] = h
+            nr += 1
+        ref[b] = 1
+        out[i] = b
+    return nr, gone
+
+
+@njit(cache=True, nogil=True, boundscheck=True)
+def _touch(blocks, nxt, prv, ref):
+    revived = 0
+    for b in blocks:
+        if ref[b] == 0:
+            _unlink(nxt, prv, b)
+            revived += 1
+        ref[b] += 1
+    return revived
+
+
+@njit(cache=True, nogil=True, boundscheck=True)
+def _free(blocks, nxt, prv, ref):
+    """Drop a reference on each block, last first; returns (blocks that went to the free queue, the first block
+    freed twice or -1)."""
+    s = nxt.size - 1
+    freed = 0
+    for i in range(blocks.size - 1, -1, -1):
+        b = blocks[i]
+        ref[b] -= 1
+        if ref[b] == 0:
+            _append(nxt, prv, s, b)
+            freed += 1
+        elif ref[b] < 0:
+            return freed, b
+    return freed, -1
+
+
+@njit(cache=True, nogil=True, boundscheck=True)
+def _commit(blocks, hashes, hashed, hsh, tk, tr, mask, shift, stored):
+    """Give each block without a hash its hash; a hash not yet in the map points at its block. ``stored``
+    receives the index of every block that got a hash. Returns (blocks stored, map entries added)."""
+    ns = 0
+    added = 0
+    for i in range(blocks.size):
+        b = blocks[i]
+        if hashed[b]:
+            continue
+        h = hashes[i]
+        hashed[b] = 1
+        hsh[b] = h
+        if put(tk, tr, mask, shift, h, b) == b:
+            added += 1
+        stored[ns] = i
+        ns += 1
+    return ns, added
+
+
+@njit(cache=True, nogil=True, boundscheck=True)
+def _count_zero(blocks, ref):
+    n = 0
+    for b in blocks:
+        if ref[b] == 0:
+            n += 1
+    return n
+
+
+def _ids(block_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+    return np.asarray(block_ids, dtype=np.int64) if len(block_ids) else np.empty(0, dtype=np.int64)
 
 
 @dataclass(slots=True)
@@ -45,7 +149,12 @@ class PrefixCacheCounters:
 
 
 class BlockPool:
-    """Blocks, reference counts, the prefix-cache map and the LRU free queue of one pod."""
+    """Blocks, reference counts, the prefix-cache map and the LRU free queue of one pod.
+
+    State lives in flat arrays walked by compiled loops (a pool of tens of thousands of blocks as Python dicts
+    and an OrderedDict cost several cache misses per block touched): ``_ref`` (reference counts), ``_hsh`` and
+    ``_hashed`` (a block's hash, kept while it sits in the free queue), the hash -> block map (``RowTable``,
+    sized for every block at once, never grown) and the free queue (linked list ``_nxt``/``_prv``)."""
 
     def __init__(self, num_blocks: int, block_size: int, root_hash: int, publish_events: bool = True,
                  in_process: bool = False) -> None:
@@ -54,11 +163,18 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.root_hash = root_hash
-        self._ref = [0] * num_blocks
-        self._hash: list[int | None] = [None] * num_blocks
-        self._cached: dict[int, int] = {}  # block hash -> block id
-        # Free blocks, head first = evicted first. Values unused; OrderedDict gives O(1) removal.
-        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        n = num_blocks
+        self._ref = np.zeros(n, dtype=np.int64)
+        self._hsh = np.zeros(n, dtype=np.uint64)
+        self._hashed = np.zeros(n, dtype=np.uint8)
+        self._cached = RowTable(2 * n)  # block hash -> block id; at most one entry per block
+        self._cached.reserve(n)
+        ids = np.arange(n + 1, dtype=np.int64)  # free queue 0, 1, ..., n-1 behind the sentinel n
+        self._nxt = np.roll(ids, -1)
+        self._prv = np.roll(ids, 1)
+        self._nfree = n
+        self._scratch = np.empty(n, dtype=np.int64)
+        self._removed = np.empty(n, dtype=np.uint64)
         self.events: list[KVEvent] = []  # pending, drained by the engine once per step
         self.publish_events = publish_events
         # Events consumed in this process (the virtual-time simulator hands them to the picker as objects):
@@ -79,81 +195,76 @@ class BlockPool:
     # ---- queries ---------------------------------------------------------------------------------
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self._nfree
 
     @property
     def usage(self) -> float:
         """Share of blocks in use, as vllm:kv_cache_usage_perc reports it (cached free blocks count free)."""
-        return 1.0 - len(self._free) / self.num_blocks
+        return 1.0 - self._nfree / self.num_blocks
 
     @property
     def num_cached(self) -> int:
         return len(self._cached)
 
     def ref_count(self, block_id: int) -> int:
-        return self._ref[block_id]
+        return int(self._ref[block_id])
 
     def block_hash(self, block_id: int) -> int | None:
-        return self._hash[block_id]
+        return int(self._hsh[block_id]) if self._hashed[block_id] else None
 
     def cached_block(self, block_hash: int) -> int | None:
         return self._cached.get(block_hash)
 
     def free_order(self) -> list[int]:
         """Free block ids in eviction order (for tests and debugging)."""
-        return list(self._free)
+        out: list[int] = []
+        nxt, s = self._nxt, self.num_blocks
+        b = int(nxt[s])
+        while b != s:
+            out.append(b)
+            b = int(nxt[b])
+        return out
 
     def find_cached(self, block_hashes: Sequence[int], max_blocks: int | None = None) -> list[int]:
         """Block ids of the longest cached prefix of ``block_hashes`` (at most ``max_blocks``)."""
-        out: list[int] = []
-        cached = self._cached
         n = len(block_hashes) if max_blocks is None else min(max_blocks, len(block_hashes))
-        for i in range(n):
-            bid = cached.get(block_hashes[i])
-            if bid is None:
-                break
-            out.append(bid)
-        return out
+        if n <= 0:
+            return []
+        q = as_keys(block_hashes)
+        return self._cached.prefix(q[:n]).tolist()
 
     def num_evictable(self, block_ids: Sequence[int]) -> int:
         """How many of ``block_ids`` sit in the free queue (touching them takes them out of it)."""
-        return sum(1 for b in block_ids if self._ref[b] == 0)
+        return int(_count_zero(_ids(block_ids), self._ref)) if len(block_ids) else 0
 
     def can_allocate(self, num_new: int, touching: Sequence[int] = ()) -> bool:
-        return num_new <= len(self._free) - self.num_evictable(touching)
+        return num_new <= self._nfree - self.num_evictable(touching)
 
     # ---- mutations -------------------------------------------------------------------------------
     def touch(self, block_ids: Sequence[int]) -> None:
         """Take a reference on cached blocks (a prefix-cache hit); revive them from the free queue."""
-        ref, free = self._ref, self._free
-        for b in block_ids:
-            if ref[b] == 0:
-                del free[b]
-            ref[b] += 1
+        if len(block_ids):
+            self._nfree -= int(_touch(_ids(block_ids), self._nxt, self._prv, self._ref))
 
     def allocate(self, n: int) -> list[int] | None:
         """``n`` fresh blocks from the head of the free queue, evicting their old hashes; None if short."""
-        if n > len(self._free):
+        if n > self._nfree:
             return None
-        out: list[int] = []
-        removed: list[int] = []
-        free, ref, hashes, cached = self._free, self._ref, self._hash, self._cached
-        for _ in range(n):
-            b, _ = free.popitem(last=False)
-            h = hashes[b]
-            if h is not None:
-                hashes[b] = None
-                if cached.get(h) == b:
-                    del cached[h]
-                removed.append(h)
-            ref[b] = 1
-            out.append(b)
-        if removed and self.publish_events:
+        if n <= 0:
+            return []
+        tk, tr, mask, shift = self._cached.arrays()
+        out = self._scratch[:n]
+        nr, gone = _allocate(n, self._nxt, self._prv, self._ref, self._hashed, self._hsh, tk, tr, mask, shift,
+                             out, self._removed)
+        self._nfree -= n
+        self._cached.adjust(-int(gone))
+        if nr and self.publish_events:
+            removed = self._removed[:nr].tolist()
             if self.in_process:
                 self.events.append(BlockRemoved(removed))
             else:  # vLLM publishes one BlockRemoved per evicted block
                 self.events.extend([BlockRemoved([h]) for h in removed])
-        return out
+        return out.tolist()
 
     def commit(
         self,
@@ -170,22 +281,23 @@ class BlockPool:
         A hash already cached in another block (two requests computed the same prefix at once) is not
         registered twice; as in vLLM, the first copy stays the one a lookup finds.
         """
-        stored: list[int] = []
-        first = -1
-        hashes, cached = self._hash, self._cached
-        for i, (b, h) in enumerate(zip(block_ids, block_hashes)):
-            if hashes[b] is not None:
-                continue
-            hashes[b] = h
-            if h not in cached:
-                cached[h] = b
-            if first < 0:
-                first = i
-            stored.append(h)
-        if not stored or not self.publish_events:
+        k = min(len(block_ids), len(block_hashes))
+        if k == 0:
             return
+        if k > self.num_blocks:
+            raise ValueError(f"cannot commit {k} blocks in a pool of {self.num_blocks}")
+        tk, tr, mask, shift = self._cached.arrays()
+        hashes = as_keys(block_hashes)
+        ns, added = _commit(_ids(block_ids)[:k], hashes[:k], self._hashed, self._hsh, tk, tr, mask, shift,
+                            self._scratch)
+        self._cached.adjust(int(added))
+        if not ns or not self.publish_events:
+            return
+        idx = self._scratch[:ns]
+        first = int(idx[0])
+        stored = hashes[idx].tolist()
         bs = self.block_size
-        toks = token_ids[first * bs : (first + len(stored)) * bs]
+        toks = token_ids[first * bs : (first + ns) * bs]
         parent = parent_hash if first == 0 else block_hashes[first - 1]
         if not (self.in_process and isinstance(toks, np.ndarray)):
             toks = _int_list(toks)
@@ -194,19 +306,17 @@ class BlockPool:
     def free(self, block_ids: Sequence[int]) -> None:
         """Drop one reference on each block. vLLM frees a request's blocks tail first, so that its
         last blocks (the least shared) are evicted first: pass them in the request's order."""
-        ref, free = self._ref, self._free
-        for b in reversed(block_ids):
-            ref[b] -= 1
-            if ref[b] == 0:
-                free[b] = None
-            elif ref[b] < 0:
-                raise AssertionError(f"block {b} freed twice")
+        if not len(block_ids):
+            return
+        freed, bad = _free(_ids(block_ids), self._nxt, self._prv, self._ref)
+        self._nfree += int(freed)
+        if bad >= 0:
+            raise AssertionError(f"block {int(bad)} freed twice")
 
     def clear(self) -> None:
         """Forget every cached hash (vLLM's reset_prefix_cache, or a restart); blocks in use stay."""
         self._cached.clear()
-        for i in range(self.num_blocks):
-            self._hash[i] = None
+        self._hashed[:] = 0
         if self.publish_events:
             self.events.append(AllBlocksCleared())
 

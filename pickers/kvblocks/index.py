@@ -2,8 +2,9 @@
 
 Layout (chosen for the decision hot path and for bytes per block):
 
-- ``_slot_of``: a Python dict own-hash -> row. One ``dict.get`` per prompt block is the fastest lookup
-  Python offers (~40 ns) and the walk stops at the first block no pod holds.
+- ``_table``: own hash -> row, an open-addressing table over flat arrays with compiled loops
+  (``rowtable.RowTable``): a request's or a KV event's blocks are looked up, inserted or deleted in one call,
+  and a prompt's walk stops at the first block no pod holds.
 - numpy rows: ``_keys[row]`` (the hash, for eviction), ``_masks[row, medium, word]`` (bit ``p`` of word
   ``p // 64`` set when pod slot ``p`` holds the block on that medium) and ``_stamp[row]`` (last use, for LRU).
 
@@ -20,15 +21,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Sequence
-from typing import cast
 
 import numpy as np
+
+from engine.kvcache.rowtable import RowTable, as_keys, distinct_rows, rows_with_bit
 
 assert sys.byteorder == "little", "bit unpacking below assumes a little-endian host"
 
 _EVICT_FRACTION = 16
-_CHUNK = 32  # blocks per entry of the chunk-row cache (16: ~5% slower decisions, 64: ~2% faster, coarser)
-_CHUNK_CACHE = 8192  # entries (~1 KB each: 8 MiB, 256K blocks of hot prefixes); cleared when full
 _FREE = 0  # stamp of a free row; live rows have stamps >= 1
 
 
@@ -66,6 +66,7 @@ class BlockIndex:
         blocks): ``medium_index`` never maps a name, unknown or None, to them."""
         if max_blocks < 1:
             raise ValueError("max_blocks must be >= 1")
+        warm_up()
         self.max_blocks = int(max_blocks)
         self.media = list(media)
         self.weights = np.asarray(weights if weights is not None else [1.0] * len(self.media), dtype=np.float64)
@@ -76,17 +77,14 @@ class BlockIndex:
         self.per_pod_cap = per_pod_cap
         self._words = max(1, -(-max_pods // 64))
         rows = min(self.max_blocks, initial_rows)
-        self._slot_of: dict[int, int] = {}
+        self._table = RowTable()
         self._keys = np.zeros(rows, dtype=np.uint64)
         self._masks = np.zeros((rows, len(self.media), self._words), dtype=np.uint64)
         self._stamp = np.zeros(rows, dtype=np.uint64)
         self._next_row = 0  # rows below this have been used at least once
         self._free_rows: list[int] = []
-        # Chunk-row cache: last hash of _CHUNK consecutive prompt blocks -> (their hashes, their rows as an array).
-        # A hit skips _CHUNK dict lookups; rows are re-checked against _keys in one vector compare, so an entry
-        # made stale by eviction or removal is never trusted (see _present_rows).
-        self._chunks: dict[int, tuple[list[int], np.ndarray, np.ndarray, int]] = {}
-        self._releases = 0  # bumped whenever rows are freed: entries younger than the last bump need no check
+        self._mark = np.zeros(rows, dtype=np.int64)  # scratch for distinct_rows, one generation per call
+        self._mark_gen = 0
         self._tick = 1
         self.pod_counts = np.zeros((len(self.media), self._words * 64), dtype=np.int64)
         self.evictions = 0
@@ -96,7 +94,7 @@ class BlockIndex:
 
     # ---- shape --------------------------------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self._slot_of)
+        return len(self._table)
 
     @property
     def pod_slots(self) -> int:
@@ -123,10 +121,9 @@ class BlockIndex:
         self._words = words
 
     def nbytes(self) -> int:
-        """Approximate memory: numpy arrays plus the dict and its int objects (measured constants)."""
-        arrays = self._keys.nbytes + self._masks.nbytes + self._stamp.nbytes
-        # dict: ~1.5 slots of 8-byte index + 24-byte entry per key at typical fill; key int 40 B, row int 32 B.
-        return arrays + int(len(self._slot_of) * (1.5 * 8 + 24 + 40 + 32)) + sys.getsizeof(self._free_rows)
+        """Approximate memory: the numpy arrays, the hash table and the free-row list."""
+        arrays = self._keys.nbytes + self._masks.nbytes + self._stamp.nbytes + self._mark.nbytes
+        return arrays + self._table.nbytes + sys.getsizeof(self._free_rows) + 8 * len(self._free_rows)
 
     # ---- writes -------------------------------------------------------------------------------------
     def add(self, pod: int, hashes: Iterable[int], medium: int = 0, unique: bool = False) -> int:
@@ -139,23 +136,21 @@ class BlockIndex:
         """``add``, also returning the rows of the hashes: with ``unique``, row i holds ``hashes[i]`` (fewer
         rows than hashes only when the index is full), for a later ``remove_rows``."""
         self._tick += 1
-        if unique and isinstance(hashes, list) and len(hashes) >= _CHUNK:
-            head = self._present_rows(hashes)
-            rest = self._rows_for(hashes[head.size:], True, head.tolist()) if head.size < len(hashes) else []
-            r = np.concatenate([head, np.asarray(rest, dtype=np.intp)]) if rest else head
+        q = as_keys(hashes if isinstance(hashes, (list, np.ndarray)) else list(hashes))
+        if q.size == 0:
+            return 0, np.empty(0, dtype=np.int64)
+        if self._fits(q):
+            new, r = self._assign(pod, q, medium, unique)
+        else:  # the cap is in reach: allocate one by one, evicting (and protecting this call's rows)
+            r = self._rows_one_by_one(q, unique)
             if r.size == 0:
                 return 0, r
-        else:
-            rows = self._rows_for(hashes, unique)
-            if not rows:
-                return 0, np.empty(0, dtype=np.intp)
-            r = np.fromiter(rows, dtype=np.intp, count=len(rows))
-        word, bit = divmod(pod, 64)
-        b = np.uint64(1 << bit)
-        col = self._masks[r, medium, word]
-        new = int(np.count_nonzero((col & b) == 0))
-        self._masks[r, medium, word] = col | b
-        self._stamp[r] = self._tick
+            word, bit = divmod(pod, 64)
+            b = np.uint64(1 << bit)
+            col = self._masks[r, medium, word]
+            new = int(np.count_nonzero((col & b) == 0))
+            self._masks[r, medium, word] = col | b
+            self._stamp[r] = self._tick
         self.pod_counts[medium, pod] += new
         if self.per_pod_cap is not None and self.pod_counts[:, pod].sum() > self.per_pod_cap:
             self.evict_pod(pod, int(self.pod_counts[:, pod].sum()) - self.per_pod_cap + self.per_pod_cap // 8)
@@ -164,19 +159,12 @@ class BlockIndex:
     def remove(self, pod: int, hashes: Iterable[int], medium: int = 0, unique: bool = False) -> int:
         """Forget that ``pod`` holds ``hashes`` on ``medium``; returns how many it held. ``unique=True``: the
         hashes never repeat (skips building a set of their rows)."""
-        get = self._slot_of.get
-        if unique:
-            got = list(map(get, hashes))
-            if None in got:
-                got = [s for s in got if s is not None]
-            if not got:
-                return 0
-            r = np.array(got, dtype=np.intp)
-        else:
-            rows = {s for h in hashes if (s := get(h)) is not None}
-            if not rows:
-                return 0
-            r = np.fromiter(rows, dtype=np.intp, count=len(rows))
+        q = as_keys(hashes if isinstance(hashes, (list, np.ndarray)) else list(hashes))
+        if q.size == 0:
+            return 0
+        if not unique:
+            self._mark_gen += 1
+        r = self._table.rows_of(q, self._mark, self._mark_gen, not unique)  # in order, first occurrences
         return self._clear_bit(pod, r, medium)
 
     def remove_rows(self, pod: int, hashes: Sequence[int], rows: np.ndarray, keys: np.ndarray, medium: int = 0
@@ -198,13 +186,10 @@ class BlockIndex:
         if r.size == 0:
             return 0
         word, bit = divmod(pod, 64)
-        b = np.uint64(1 << bit)
-        col = self._masks[r, medium, word]
-        held = (col & b) != 0
-        n = int(np.count_nonzero(held))
-        self._masks[r, medium, word] = col & ~b
+        n, freed = self._table.clear_rows(r, self._masks, medium, word, bit, self._keys, self._stamp)
         self.pod_counts[medium, pod] -= n
-        self._free_if_empty(r[held])
+        if freed.size:
+            self._free_rows.extend(freed.tolist())
         return n
 
     def drop_pod(self, pod: int) -> int:
@@ -213,10 +198,7 @@ class BlockIndex:
         if word >= self._words:
             return 0
         b = np.uint64(1 << bit)
-        hi = self._next_row
-        col = self._masks[:hi, :, word]
-        held = ((col & b) != 0).any(axis=1)
-        rows = np.nonzero(held)[0]
+        rows = rows_with_bit(self._masks, self._next_row, word, bit)
         n = int(self.pod_counts[:, pod].sum())
         if rows.size:
             self._masks[rows, :, word] &= ~b
@@ -225,8 +207,7 @@ class BlockIndex:
         return n
 
     def clear(self) -> None:
-        self._slot_of.clear()
-        self._chunks.clear()
+        self._table.clear()
         self._masks[:] = 0
         self._stamp[:] = _FREE
         self._keys[:] = 0
@@ -267,7 +248,7 @@ class BlockIndex:
 
     def pods_holding(self, h: int) -> dict[str, list[int]]:
         """For tests and debugging: medium -> pod slots holding block ``h``."""
-        row = self._slot_of.get(h)
+        row = self._table.get(h)
         if row is None:
             return {}
         out: dict[str, list[int]] = {}
@@ -280,17 +261,31 @@ class BlockIndex:
 
     def contents(self) -> dict[int, dict[str, tuple[int, ...]]]:
         """The whole index as plain data (tests, replica comparison). O(blocks): not for the hot path."""
-        return {h: {m: tuple(p) for m, p in self.pods_holding(h).items()} for h in self._slot_of}
+        return {h: {m: tuple(p) for m, p in self.pods_holding(h).items()} for h in self.rows_by_key()}
+
+    def row_of(self, h: int) -> int | None:
+        """The row holding block ``h``, or None (tests and debugging)."""
+        return self._table.get(h)
+
+    def rows_by_key(self) -> dict[int, int]:
+        """Every block hash and its row (tests and debugging). O(blocks)."""
+        keys, rows = self._table.items()
+        return dict(zip(keys.tolist(), rows.tolist()))
 
     def check_invariants(self) -> None:
         """Raise AssertionError when the structure is inconsistent (used by property tests)."""
-        assert len(self._slot_of) <= self.max_blocks, "over the block cap"
+        table = self._table
+        assert len(table) <= self.max_blocks, "over the block cap"
+        keys, trows = table.items()
+        assert keys.size == len(table), "table size differs from its entries"
+        assert np.array_equal(table.lookup(keys), trows), "an entry is not reachable from its home slot"
+        assert np.unique(keys).size == keys.size and np.unique(trows).size == trows.size, "a key or row twice"
         live = np.zeros(self._next_row, dtype=bool)
-        for h, row in self._slot_of.items():
-            assert int(self._keys[row]) == h, "row key differs from dict key"
-            assert self._stamp[row] != _FREE, "dict points at a free row"
-            live[row] = True
-        assert int(np.count_nonzero(self._stamp[: self._next_row] != _FREE)) == len(self._slot_of)
+        assert trows.size == 0 or int(trows.max()) < self._next_row, "table points past the used rows"
+        assert np.array_equal(self._keys[trows], keys), "row key differs from the table's key"
+        assert (self._stamp[trows] != _FREE).all(), "table points at a free row"
+        live[trows] = True
+        assert int(np.count_nonzero(self._stamp[: self._next_row] != _FREE)) == len(table)
         rows = np.nonzero(live)[0]
         bits = np.unpackbits(self._masks[rows].view(np.uint8), axis=2, bitorder="little")  # (n, media, pods)
         assert rows.size == 0 or bits.reshape(rows.size, -1).any(axis=1).all(), "a live row holds no pod"
@@ -301,114 +296,71 @@ class BlockIndex:
             assert int(self.pod_counts.sum(axis=0).max(initial=0)) <= self.per_pod_cap, "pod over its cap"
 
     # ---- internals ----------------------------------------------------------------------------------
-    def _present_rows(self, hashes: Sequence[int]) -> np.ndarray:
-        """Rows of the leading ``hashes`` the index holds, up to the first it does not (the exact walk),
-        served _CHUNK blocks at a time from the chunk-row cache where its entries are still valid."""
-        n = len(hashes)
-        chunks = self._chunks
-        parts: list[np.ndarray] = []
-        kparts: list[np.ndarray] = []
-        i = 0
-        gen = self._releases
-        check = False
-        while i + _CHUNK <= n:
-            e = chunks.get(hashes[i + _CHUNK - 1])
-            if e is None or e[0] != hashes[i:i + _CHUNK]:
-                break
-            parts.append(e[1])
-            kparts.append(e[2])
-            check = check or e[3] != gen
-            i += _CHUNK
-        if parts:
-            keys: np.ndarray | None
-            if len(parts) == 1:
-                head, keys = parts[0], kparts[0]
-            else:
-                head = np.concatenate(parts)
-                keys = np.concatenate(kparts) if check else None
-            # rows are only ever freed by _release: entries made since its last call are valid as they are
-            ok = (self._keys[head] == keys) & (self._stamp[head] != _FREE) if check else None
-            if ok is not None and not ok.all():  # a row was freed or reused since: walk again from that chunk
-                i = int(np.argmin(ok)) // _CHUNK * _CHUNK
-                chunks.pop(hashes[i + _CHUNK - 1], None)
-                head = head[:i]
-        else:
-            head = np.empty(0, dtype=np.intp)
-        get = self._slot_of.get
-        tail: list[int] = []
-        while i < n:
-            row = get(hashes[i])
+    def _present_rows(self, hashes: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Rows of the leading ``hashes`` the index holds, up to the first it does not (the exact walk)."""
+        return self._table.prefix(as_keys(hashes))
+
+    def _distinct(self, rows: np.ndarray) -> np.ndarray:
+        self._mark_gen += 1
+        return distinct_rows(rows, self._mark, self._mark_gen)
+
+    def _fits(self, q: np.ndarray) -> bool:
+        """Whether the hashes of ``q`` the index lacks fit under the cap without an eviction."""
+        n = len(self._table)
+        if n + q.size <= self.max_blocks:
+            return True
+        return n + int(np.unique(q[self._table.lookup(q) < 0]).size) <= self.max_blocks
+
+    def _assign(self, pod: int, q: np.ndarray, medium: int, unique: bool) -> tuple[int, np.ndarray]:
+        """Rows for ``q`` (absent keys take rows exactly as ``_alloc`` would one by one: free rows last freed
+        first, then fresh ones), stamped, with ``pod``'s bit set on ``medium``, in compiled passes; the caller
+        has checked that the new keys fit the cap. Returns (bits newly set, rows)."""
+        m = int(q.size)
+        self._table.reserve(m)
+        word, bit = divmod(pod, 64)
+        if not unique:
+            self._mark_gen += 1
+        out = np.empty(m, dtype=np.int64)
+        i = nout = new = 0
+        while True:
+            free = self._free_rows
+            take = min(m - i, len(free))
+            room = min(self._keys.shape[0], self.max_blocks) - self._next_row
+            fresh = max(0, min(m - i - take, room))
+            cand = np.empty(take + fresh, dtype=np.int64)
+            if take:
+                cand[:take] = free[len(free) - take:][::-1]  # _alloc pops from the end
+            cand[take:] = np.arange(self._next_row, self._next_row + fresh)
+            i, used, nout, k = self._table.assign(q, i, cand, out, nout, self._keys, self._stamp, self._tick,
+                                                  self._masks, medium, word, bit, self._mark, self._mark_gen,
+                                                  not unique)
+            new += k
+            from_free = min(used, take)
+            if from_free:
+                del free[len(free) - from_free:]
+            self._next_row += used - from_free
+            if i == m:
+                return new, out[:nout]
+            self._grow()  # out of candidate rows: the arrays were full (the cap check says rows remain)
+
+    def _rows_one_by_one(self, q: np.ndarray, unique: bool) -> np.ndarray:
+        out: list[int] = []
+        for h in q.tolist():
+            row = self._table.get(h)
             if row is None:
-                break
-            tail.append(row)
-            i += 1
-            if i % _CHUNK == 0:  # i started at a chunk boundary, so tail[-_CHUNK:] are this chunk's rows
-                if len(chunks) >= _CHUNK_CACHE:
-                    chunks.clear()
-                hs = hashes[i - _CHUNK:i]
-                chunks[hashes[i - 1]] = (list(hs), np.asarray(tail[-_CHUNK:], dtype=np.intp),
-                                         np.asarray(hs, dtype=np.uint64), gen)
-        if not tail:
-            return head
-        t = np.asarray(tail, dtype=np.intp)
-        return np.concatenate([head, t]) if head.size else t
-
-    def _rows_for(self, hashes: Iterable[int], unique: bool = False, pending: list[int] | None = None
-                  ) -> list[int]:
-        """Rows for ``hashes`` (allocating), all stamped with the current tick. Stops early when the
-        index is full of this very call's rows (a call larger than the cap keeps its first blocks).
-        ``pending``: rows this call already holds (protected from eviction, not returned)."""
-        slot_of = self._slot_of
-        if not isinstance(hashes, list):
-            hashes = list(hashes)
-        got = list(map(slot_of.get, hashes))
-        out: list[int]
-        if None not in got:
-            out = cast(list[int], got)
-        elif self._alloc_many([h for h, r in zip(hashes, got) if r is None]):
-            out = cast(list[int], list(map(slot_of.get, hashes)))  # the same rows, in the same order
-        else:  # the cap is in reach: allocate one by one, evicting (and protecting this call's rows)
-            out = []
-            for h in hashes:
-                row = slot_of.get(h)
-                if row is None:
-                    row = self._alloc(h, out if pending is None else pending + out)
-                    if row < 0:
-                        break
-                out.append(row)
-        if not unique and len(out) > 1 and len(set(out)) != len(out):
-            out = list(dict.fromkeys(out))
-        return out
-
-    def _alloc_many(self, missing: list[int]) -> bool:
-        """Rows for new hashes ``missing`` (in order, repeats allowed) exactly as ``_alloc`` would give them one
-        by one, in a few vector operations; False (nothing done) when that would need an eviction."""
-        new = list(dict.fromkeys(missing))
-        k = len(new)
-        if len(self._slot_of) + k > self.max_blocks:
-            return False
-        free = self._free_rows
-        take = min(k, len(free))
-        rows = free[len(free) - take:][::-1]  # _alloc pops from the end
-        del free[len(free) - take:]
-        fresh = k - take
-        if fresh:
-            while self._next_row + fresh > self._keys.shape[0]:
-                self._grow()
-            rows.extend(range(self._next_row, self._next_row + fresh))
-            self._next_row += fresh
-        self._slot_of.update(zip(new, rows))
-        r = np.asarray(rows, dtype=np.intp)
-        self._keys[r] = np.asarray(new, dtype=np.uint64)
-        self._stamp[r] = self._tick
-        return True
+                row = self._alloc(h, out)
+                if row < 0:
+                    break
+            out.append(row)
+        r = np.asarray(out, dtype=np.int64)
+        return r if unique or r.size < 2 else self._distinct(r)
 
     def _alloc(self, h: int, pending: list[int]) -> int:
-        if len(self._slot_of) >= self.max_blocks:
+        if len(self._table) >= self.max_blocks:
             if pending:  # protect this call's rows: eviction must not free a row we are about to use
                 self._stamp[pending] = self._tick
             self._evict_lru(max(1, self.max_blocks // _EVICT_FRACTION), protect=self._tick)
-            if len(self._slot_of) >= self.max_blocks:
+            if len(self._table) >= self.max_blocks:
                 return -1
         if self._free_rows:
             row = self._free_rows.pop()
@@ -417,7 +369,7 @@ class BlockIndex:
                 self._grow()
             row = self._next_row
             self._next_row += 1
-        self._slot_of[h] = row
+        self._table.insert_new(np.array([h], dtype=np.uint64), np.array([row], dtype=np.int64))
         self._keys[row] = h
         self._stamp[row] = self._tick
         return row
@@ -435,6 +387,9 @@ class BlockIndex:
         masks = np.zeros((new,) + self._masks.shape[1:], dtype=np.uint64)
         masks[:old] = self._masks
         self._masks = masks
+        mark = np.zeros(new, dtype=np.int64)
+        mark[:old] = self._mark
+        self._mark = mark
 
     def _evict_rows(self, rows: np.ndarray) -> None:
         if rows.size == 0:
@@ -459,7 +414,7 @@ class BlockIndex:
         word, bit = divmod(pod, 64)
         b = np.uint64(1 << bit)
         hi = self._next_row
-        rows = np.nonzero(((self._masks[:hi, :, word] & b) != 0).any(axis=1))[0]
+        rows = rows_with_bit(self._masks, hi, word, bit)
         if rows.size == 0:
             return
         n = min(n, rows.size)
@@ -473,16 +428,42 @@ class BlockIndex:
     def _free_if_empty(self, rows: np.ndarray) -> None:
         if rows.size == 0:
             return
-        empty = rows[~self._masks[rows].reshape(rows.size, -1).any(axis=1)]
+        masks = self._masks
+        if masks.shape[1] * masks.shape[2] == 1:
+            empty = rows[masks[rows, 0, 0] == 0]
+        else:
+            empty = rows[~masks[rows].reshape(rows.size, -1).any(axis=1)]
         self._release(empty)
 
     def _release(self, rows: np.ndarray) -> None:
         if rows.size == 0:
             return
-        self._releases += 1
-        slot_of = self._slot_of
-        for h in self._keys[rows].tolist():
-            del slot_of[h]
+        self._table.delete(self._keys[rows])
         self._stamp[rows] = _FREE
         self._keys[rows] = 0
         self._free_rows.extend(rows.tolist())
+
+
+_warmed = False
+
+
+def warm_up() -> None:
+    """Load (or, the first time on a machine, compile) the index's compiled loops now, with the types the hot
+    path uses, instead of inside the first request: that costs ~0.2 s from numba's disk cache and ~3 s when the
+    cache is cold. Once per process; every BlockIndex calls it."""
+    global _warmed
+    if _warmed:
+        return
+    _warmed = True
+    ix = BlockIndex(64, media=("GPU", "CPU"), max_pods=2, initial_rows=8)
+    hs = list(range(1, 21))
+    ix.add(0, hs, unique=True)
+    _, rows = ix.add_rows(1, hs[:10], 1)
+    ix.match(hs)
+    ix.remove_rows(1, hs[:10], rows, ix.keys_of(rows), 1)
+    ix.remove(0, hs[:5])
+    ix.remove(0, hs[5:], unique=True)
+    ix.add(1, hs, 0)
+    ix.evict_pod(1, 2)
+    ix.drop_pod(1)
+    ix.clear()

@@ -35,12 +35,14 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from itertools import repeat
+from typing import Any, cast
 
 import numpy as np
 
 from engine.kvcache.events import AllBlocksCleared, BlockRemoved, BlockStored
-from engine.kvcache.hashing import ROOT_HASH, hash_blocks_unshared
+from engine.kvcache.hashing import ROOT_HASH, hash_blocks
+from engine.kvcache.hashing import warm_up as warm_up_hashing
 from pickers.kvblocks.events import (
     EventError,
     KVEvent,
@@ -74,6 +76,7 @@ class PreciseIndex:
         pending_max_blocks: int = 1_000_000,
         resolve_rank: Callable[[int, int], int | None] | None = None,
     ) -> None:
+        warm_up_hashing()  # requests and events are hashed with a compiled loop: load it before the first one
         weights = dict(medium_weights or DEFAULT_MEDIUM_WEIGHTS)
         media = [m.upper() for m in weights] + [PENDING]
         self.index = BlockIndex(max_blocks, media=media, weights=[*weights.values(), max(weights.values())],
@@ -216,7 +219,11 @@ class PreciseIndex:
                     index.remove(slot, gone, index.medium_index(gone_medium), unique=True)
                     gone = []
                 gone_medium = ev.medium
-                gone.extend(o for eh in ev.block_hashes if (o := pop(eh, None)) is not None)
+                popped: list[int | None] = list(map(pop, ev.block_hashes, repeat(None, len(ev.block_hashes))))
+                if None in popped:  # the pops run in C; hashes we never mapped are skipped
+                    gone += [o for o in popped if o is not None]
+                else:
+                    gone += cast(list[int], popped)
                 continue
             if gone:  # keep the order: what was removed before this event is gone before it applies
                 index.remove(slot, gone, index.medium_index(gone_medium), unique=True)
@@ -227,7 +234,7 @@ class PreciseIndex:
                     self.stats["orphans"] += 1  # parent unknown (evicted from our map or before a gap)
                     continue
                 bs = ev.block_size or 16
-                own = hash_blocks_unshared(ev.token_ids, bs, parent, limit=len(ev.block_hashes))
+                own = hash_blocks(ev.token_ids, bs, parent, limit=len(ev.block_hashes))
                 n = len(own)
                 if n == 0:
                     continue

@@ -26,7 +26,7 @@ def test_stored_chain_removed_cleared(positional):
     assert kv.engine_map_size(0) == 4
     kv.apply_events(a, [removed([104], positional=positional)], now=clock.now())
     assert kv.index.match(own)[0][0] == 3
-    assert own[3] not in kv.index._slot_of
+    assert kv.index.row_of(own[3]) is None
     kv.apply_events(a, [cleared(positional)], now=clock.now())
     assert len(kv.index) == 0 and kv.engine_map_size(0) == 0
     kv.check_invariants()

@@ -177,3 +177,124 @@ def test_in_process_events_are_the_wire_events_in_compact_shapes():
         assert all(len(e.block_hashes) == 1 for e in w if isinstance(e, BlockRemoved))
         assert _wire_shapes(c) == w
     assert wire.counters == compact.counters
+
+
+class _ReferencePool:
+    """The pool's semantics in plain Python (an OrderedDict free queue, a dict map), as it was written before the
+    compiled arrays: the randomized test below holds the pool to it operation by operation."""
+
+    def __init__(self, n: int) -> None:
+        from collections import OrderedDict
+
+        self.ref = [0] * n
+        self.hash: list[int | None] = [None] * n
+        self.cached: dict[int, int] = {}
+        self.free_q: OrderedDict[int, None] = OrderedDict((i, None) for i in range(n))
+        self.removed: list[int] = []
+        self.stored: list[list[int]] = []
+
+    def find_cached(self, hashes: list[int], m: int) -> list[int]:
+        out = []
+        for h in hashes[:m]:
+            b = self.cached.get(h)
+            if b is None:
+                break
+            out.append(b)
+        return out
+
+    def touch(self, ids: list[int]) -> None:
+        for b in ids:
+            if self.ref[b] == 0:
+                del self.free_q[b]
+            self.ref[b] += 1
+
+    def allocate(self, n: int) -> list[int] | None:
+        if n > len(self.free_q):
+            return None
+        out = []
+        for _ in range(n):
+            b, _ = self.free_q.popitem(last=False)
+            h = self.hash[b]
+            if h is not None:
+                self.hash[b] = None
+                if self.cached.get(h) == b:
+                    del self.cached[h]
+                self.removed.append(h)
+            self.ref[b] = 1
+            out.append(b)
+        return out
+
+    def commit(self, ids: list[int], hashes: list[int]) -> None:
+        stored = []
+        for b, h in zip(ids, hashes):
+            if self.hash[b] is not None:
+                continue
+            self.hash[b] = h
+            self.cached.setdefault(h, b)
+            stored.append(h)
+        if stored:
+            self.stored.append(stored)
+
+    def free(self, ids: list[int]) -> None:
+        for b in reversed(ids):
+            self.ref[b] -= 1
+            if self.ref[b] == 0:
+                self.free_q[b] = None
+
+    def clear(self) -> None:
+        self.cached.clear()
+        self.hash = [None] * len(self.hash)
+
+
+def test_pool_equals_the_reference_on_random_operations():
+    """Allocate, touch, commit (including hashes another block already holds, and blocks already hashed), free
+    and clear at random: the same block ids, hits, free order, cached map, evictions and stored hashes."""
+    rng = np.random.default_rng(11)
+    for trial in range(20):
+        n = int(rng.integers(4, 40))
+        p, ref = BlockPool(n, BS, ROOT, in_process=True), _ReferencePool(n)
+        held: list[list[int]] = []
+        for _step in range(250):
+            r = rng.random()
+            if r < 0.02:
+                p.clear()
+                ref.clear()
+            elif held and (r < 0.4 or p.num_free < 3):
+                ids = held.pop(int(rng.integers(len(held))))
+                p.free(ids)
+                ref.free(ids)
+            else:  # hashes from a small space, so prefixes and collisions with blocks in use recur
+                k = int(rng.integers(1, 8))
+                hashes = [int(x) * 2**60 + i for i, x in enumerate(rng.integers(0, 12, size=k))]
+                m = int(rng.integers(0, k + 1))
+                hits = p.find_cached(hashes, m)
+                assert hits == ref.find_cached(hashes, m)
+                need = k - len(hits)
+                if not p.can_allocate(need, hits):
+                    assert need > len(ref.free_q) - sum(1 for b in hits if ref.ref[b] == 0)
+                    continue
+                p.touch(hits)
+                ref.touch(hits)
+                new = p.allocate(need)
+                assert new == ref.allocate(need)
+                ids = hits + (new or [])
+                start = int(rng.integers(0, k + 1))  # sometimes re-commit blocks that already have a hash
+                p.commit(ids[start:], hashes[start:], None, np.arange(BS * k, dtype=np.uint32)[start * BS:])
+                ref.commit(ids[start:], hashes[start:])
+                held.append(ids)
+            assert p.free_order() == list(ref.free_q)
+            assert [p.ref_count(b) for b in range(n)] == ref.ref
+            assert [p.block_hash(b) for b in range(n)] == ref.hash
+            assert p.num_cached == len(ref.cached)
+            assert all(p.cached_block(h) == b for h, b in ref.cached.items())
+        events = p.drain_events()
+        assert [h for e in events if isinstance(e, BlockRemoved) for h in e.block_hashes] == ref.removed
+        assert [e.block_hashes for e in events if isinstance(e, BlockStored)] == ref.stored, trial
+
+
+def test_bad_block_ids_are_errors():
+    p = pool()
+    with pytest.raises(IndexError):
+        p.free([10**6])
+    with pytest.raises(IndexError):
+        p.touch([10**6])
