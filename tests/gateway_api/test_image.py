@@ -36,3 +36,20 @@ def test_dockerfile_installs_only_locked_wheels_as_non_root():
     assert "HEALTHCHECK" in text and "extproc.healthcheck" in text
     make = (REPO / "Makefile").read_text()
     assert "--isolation chroot" in make and "--isolation=chroot" in make
+
+
+def test_dockerfile_compiles_the_numba_loops_into_a_cache_the_picker_user_can_write(tmp_path):
+    """The image compiles the compiled loops at build time (else every picker start compiles ~3 s): the command it
+    runs must work against this tree, and the runtime user owns the cache (numba recompiles there on another CPU)."""
+    import os
+    import subprocess
+    import sys
+
+    text = (REPO / "Dockerfile").read_text()
+    (cmd,) = re.findall(r'^RUN /opt/kvswitch/bin/python -c "([^"]+)"', text, re.M)
+    assert "warm_up()" in cmd
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", cmd], cwd=REPO, env=env, check=True, timeout=300)
+    assert any(p.suffix == ".nbi" for p in tmp_path.rglob("*")), "the warm-up left no numba cache index"
+    assert text.count("NUMBA_CACHE_DIR=/opt/kvswitch/numba-cache") == 2  # build stage and runtime stage
+    assert "--chown=10001:10001 /opt/kvswitch/numba-cache" in text
