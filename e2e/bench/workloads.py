@@ -51,11 +51,11 @@ class Workload:
         return (self.records[-1].timestamp / 1000.0) if self.records else 0.0
 
     def write(self, path: Path) -> Path:
-        """Write the trace as JSONL (what aiperf's --input-file reads)."""
+        """Write the trace as JSONL (what aiperf's --input-file reads), ids made single-sized (``aiperf_ids``)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w") as f:
-            for rec in self.records:
-                f.write(json.dumps(rec.to_json()) + "\n")
+            for rec, ids in zip(self.records, aiperf_ids(self.records)):
+                f.write(json.dumps({**rec.to_json(), "hash_ids": ids}) + "\n")
         return path
 
     def stats(self) -> dict[str, float]:
@@ -80,6 +80,37 @@ class Workload:
             "max_input": int(max(inputs)),
             "reusable_block_share": reused / total if total else 0.0,
         }
+
+
+def aiperf_ids(records: list[TraceRecord]) -> list[list[int]]:
+    """Each record's hash ids with every id standing for one block size, as aiperf's trace loader requires
+    (it writes an id's text once and refuses the id at another size).
+
+    A prompt's last block may be partial. In the simulator a partial block is the first tokens of the full one,
+    so a chat turn whose last block is partial shares those tokens with the next turn, which has the block in
+    full (vLLM caches in 16-token blocks and shares them too). aiperf cannot express that: the partial use of an
+    id that is also used in full gets an id of its own here (one per id and size), so through aiperf the next
+    turn shares the previous turn's full blocks only (up to 511 tokens less reuse per turn than in the simulator).
+    """
+    def sizes(rec: TraceRecord) -> list[int]:
+        n = len(rec.hash_ids)
+        return [BLOCK_TOKENS] * (n - 1) + [max(1, rec.input_length - (n - 1) * BLOCK_TOKENS)] if n else []
+
+    full = {h for rec in records for h, size in zip(rec.hash_ids, sizes(rec)) if size >= BLOCK_TOKENS}
+    fresh = max((h for rec in records for h in rec.hash_ids), default=-1) + 1
+    alias: dict[tuple[int, int], int] = {}
+    out = []
+    for rec in records:
+        ids = []
+        for h, size in zip(rec.hash_ids, sizes(rec)):
+            if size < BLOCK_TOKENS and h in full:
+                if (h, size) not in alias:
+                    alias[(h, size)] = fresh
+                    fresh += 1
+                h = alias[(h, size)]
+            ids.append(h)
+        out.append(ids)
+    return out
 
 
 def num_blocks(tokens: int) -> int:

@@ -162,3 +162,34 @@ def test_day_workload_synthetic_mix_of_chat_and_long_prompts():
     assert shared >= 0.65 * len(wl.records)  # chat turns start with one of 32 shared system prompts
     with pytest.raises(ValueError):
         w.day(long_share=1.5)
+
+
+def test_written_multi_turn_trace_gives_each_hash_id_one_block_size(tmp_path):
+    """aiperf refuses a trace that uses one hash id at two sizes (every real-time multi-turn run failed so):
+    a chat turn ends in a partial block the next turn has in full. Written, the partial use gets an id of its
+    own, and each turn still starts with every full block of the previous turn of its conversation."""
+    from e2e.bench.vcurve import WORKLOADS
+
+    wl = WORKLOADS["multi-turn"].make(0, 56)
+
+    def sized(recs):
+        seen: dict[int, set[int]] = {}
+        for r in recs:
+            n = len(r["hash_ids"])
+            for i, h in enumerate(r["hash_ids"]):
+                size = BLOCK_TOKENS if i < n - 1 else r["input_length"] - (n - 1) * BLOCK_TOKENS
+                seen.setdefault(h, set()).add(min(size, BLOCK_TOKENS))
+        return seen
+
+    raw = [{"input_length": r.input_length, "hash_ids": r.hash_ids} for r in wl.records]
+    assert any(len(s) > 1 for s in sized(raw).values())  # the generator's ids do mix sizes
+    written = [json.loads(line) for line in wl.write(tmp_path / "t.jsonl").read_text().splitlines()]
+    assert all(len(s) == 1 for s in sized(written).values())
+    assert [x["input_length"] for x in written] == [r.input_length for r in wl.records]
+    by_conv: dict[str, list[dict]] = {}
+    for rec, x in zip(wl.records, written):
+        by_conv.setdefault(rec.session_id, []).append(x)
+    for turns in by_conv.values():
+        for prev, nxt in zip(turns, turns[1:]):
+            full = prev["input_length"] // BLOCK_TOKENS
+            assert nxt["hash_ids"][:full] == prev["hash_ids"][:full]
