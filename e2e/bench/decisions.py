@@ -7,7 +7,7 @@ KV-event ingestion rate; tokenization cost.
 
 The default 512 prompts (64 shared 6K-token contexts + a 2K-token tail each) recur, so a tail is seen
 again every 512 decisions; ``--fresh-tails`` gives every decision a new tail (the harder case for the
-hash memo, the chunk-row cache and approximate learning).
+row table and approximate learning).
 
 DESIGN.md budget: >= 3,000 decisions/s with 8K-token prompts and 64 pods.
 
