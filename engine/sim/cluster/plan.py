@@ -8,8 +8,9 @@ by replaying the workload in virtual time.
    prompt length, and every prefill/decode disaggregated fleet (prefill pool of one kind and TP size, decode
    pool of the same or another), sized by the cost-model capacity at the trace's peak five-minute rate and
    its length distribution (tail included), cheapest first;
-2. confirm: replay the trace on the best ``--confirm`` candidates of each family (one kind or mixed kinds,
-   aggregated or P/D) in virtual time (least in flight routing; split fleets route by the candidate's length
+2. confirm: replay the trace on the best ``--confirm`` candidates of each family (each kind alone, or two
+   kinds mixed; aggregated or P/D: the best one-kind fleet is looked for in every kind, not only in the
+   kind the model ranks first) in virtual time (least in flight routing; split fleets route by the candidate's length
    split, P/D fleets take the least loaded prefill pod and the least loaded decode pod) and measure
    slo_attainment and goodput;
 3. the winner is the cheapest confirmed candidate whose attainment meets ``--attainment``; it is written as
@@ -34,7 +35,10 @@ from engine.sim.cluster.routers import LengthSplitRouter
 from engine.sim.cluster.simulator import ClusterSim, trace_prompts
 from engine.sim.cluster.trace import TraceRequest, read_mooncake
 
-FAMILIES = ((False, False), (False, True), (True, False), (True, True))  # (mixed kinds, P/D)
+
+def family(c: Candidate) -> str:
+    """The family a candidate is confirmed and shrunk in: its kind (or "mixed"), aggregated or P/D."""
+    return f"{'+'.join(c.kinds) if not c.mixed else 'two kinds'}, {'P/D' if c.disaggregated else 'aggregated'}"
 
 
 def fleet_for(c: Candidate, model: str) -> FleetSpec:
@@ -82,6 +86,7 @@ def confirm(c: Candidate, reqs: list[TraceRequest], model: str, slo: SloTargets,
 
 def _row(c: Candidate, s: dict[str, Any], model: str) -> dict[str, Any]:
     return {"fleet": c.describe(), "kinds": list(c.kinds), "mixed": c.mixed, "pd": c.disaggregated,
+            "family": family(c),
             "split_tokens": c.split_tokens, "cost_per_hour": c.cost_per_hour, "gpus": c.gpus,
             "slo_attainment": s["slo_attainment"], "goodput_req_s": s["goodput_req_s"],
             "ttft_p99_s": s["ttft_p99_s"], "tpot_mean_s": s["tpot_mean_s"], "yaml": fleet_yaml(c, model)}
@@ -143,8 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
     say(f"{len(reqs)} requests, peak {peak:.2f} req/s (5-min window); {len(cands)} candidates from the cost model")
-    # families: (mixed kinds?, P/D?); one kind covers one pool, a split by TP size and a one-kind P/D fleet
-    chosen = [c for fam in FAMILIES for c in [c for c in cands if (c.mixed, c.disaggregated) == fam][: args.confirm]]
+    # families: each kind alone (one pool, a split by TP size, a one-kind P/D fleet) and two kinds mixed
+    families = list(dict.fromkeys(family(c) for c in cands))
+    chosen = [c for fam in families for c in [c for c in cands if family(c) == fam][: args.confirm]]
     rows: list[dict[str, Any]] = []
     confirmed: list[Candidate] = []
     for i, c in enumerate(sorted(chosen, key=lambda c: c.cost_per_hour)):
@@ -156,9 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     # replay still meets the goal: each round tries one pod fewer in each pool (most expensive pool first) and
     # keeps the first that still meets it; it stops when none does (each try one more replay, none twice)
     tried = {r["fleet"] for r in rows}
-    for family in FAMILIES:
+    for fam_name in families:
         fam = [(r, c) for r, c in zip(rows, confirmed, strict=True)
-               if (r["mixed"], r["pd"]) == family and r["slo_attainment"] >= args.attainment]
+               if r["family"] == fam_name and r["slo_attainment"] >= args.attainment]
         if not fam:
             continue
         row, cand = min(fam, key=lambda rc: rc[0]["cost_per_hour"])
@@ -194,10 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mixing kinds: {saving:+.1%} cost against the best single-kind fleet at attainment >= "
               f"{args.attainment}" + ("" if saving > 0 else " (mixing does not pay here)"))
     best_by_family = {}
-    for mixed, pd in FAMILIES:
-        name = f"{'two kinds' if mixed else 'one kind'}, {'P/D' if pd else 'aggregated'}"
-        best = min((r for r in ok if (r["mixed"], r["pd"]) == (mixed, pd)), key=lambda r: r["cost_per_hour"],
-                   default=None)
+    for name in families:
+        best = min((r for r in ok if r["family"] == name), key=lambda r: r["cost_per_hour"], default=None)
         best_by_family[name] = None if best is None else {k: best[k] for k in (
             "fleet", "cost_per_hour", "gpus", "slo_attainment")}
         print(f"best {name}: " + ("none met the goal" if best is None else
