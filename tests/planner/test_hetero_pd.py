@@ -145,8 +145,26 @@ def test_plan_json_marks_pd_rows(tmp_path, capsys):
     assert plan_main([str(trace), "--accelerators", "H100=2.49,MI300X=2.19", "--slo-ttft-ms", "3000",
                       "--slo-tpot-ms", "100", "--attainment", "0.9", "--confirm", "1", "--json", str(js),
                       "--quiet"]) == 0
-    rows = json.loads(js.read_text())["candidates"]
+    plan = json.loads(js.read_text())
+    rows = plan["candidates"]
     assert {(r["mixed"], r["pd"]) for r in rows} >= {(False, False), (False, True), (True, True)}
+    # the best one-kind fleet is looked for in each kind, not only in the kind the model ranks first
+    assert {"H100, aggregated", "MI300X, aggregated", "H100, P/D", "MI300X, P/D"} <= set(plan["best_by_family"])
+    assert {r["family"] for r in rows} == set(plan["best_by_family"])
     for r in rows:
         assert ("role: prefill" in r["yaml"]) == r["pd"] and ("prefill" in r["fleet"]) == r["pd"]
     capsys.readouterr()
+
+
+def test_shrinking_tries_one_pod_fewer_in_every_pool_the_dearest_first():
+    from engine.sim.cluster.plan import _shrinks
+
+    cat = parse_accelerators("H100=2.49,MI300X=2.19")
+    c = Candidate((Pool(PodKind("H100", "8b", 2), 2, role="prefill"), Pool(PodKind("MI300X", "8b", 1), 3,
+                                                                          role="decode")), 0.0)
+    out = _shrinks(c, cat)
+    # the H100 pool ($9.96/h) before the MI300X pool ($6.57/h)
+    assert [[p.count for p in s.pools] for s in out] == [[1, 3], [2, 2]]
+    assert [s.cost_per_hour for s in out] == pytest.approx([2 * 2.49 + 3 * 2.19, 2 * 2 * 2.49 + 2 * 2.19])
+    assert all(s.pools[0].role == "prefill" for s in out)
+    assert _shrinks(Candidate((Pool(PodKind("H100", "8b", 1), 1),), 2.49), cat) == []
