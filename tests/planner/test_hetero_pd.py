@@ -123,7 +123,7 @@ def test_search_rejects_bad_input(kwargs, why):
     args = dict(inputs=[1000] * 4, outputs=[100] * 4, peak_rate=1.0, catalogue=parse_accelerators("H100"),
                 model="8b", ttft_s=1.0, tpot_s=0.05, goal=0.9)
     with pytest.raises(ValueError, match=why):
-        search(**{**args, **kwargs})  # type: ignore[arg-type]
+        search(**{**args, **kwargs})
 
 
 @pytest.mark.parametrize("prices,why", [
