@@ -24,6 +24,19 @@ class Catalogue:
     prices: dict[str, float]
     startup_s: dict[str, float]
 
+    def __post_init__(self) -> None:
+        """A catalogue built in code is held to what ``parse_accelerators`` checks: known kinds (upper case),
+        positive finite prices, a start-up time per kind."""
+        if not self.prices:
+            raise ValueError("the catalogue needs at least one kind")
+        for kind, price in self.prices.items():
+            if kind not in ACCELERATORS:
+                raise ValueError(f"catalogue: unknown kind {kind!r}; known: {', '.join(sorted(ACCELERATORS))}")
+            if not (isinstance(price, int | float) and 0 < price < float("inf")):
+                raise ValueError(f"catalogue: price of {kind} must be positive and finite, got {price!r}")
+            if not self.startup_s.get(kind, -1.0) >= 0:
+                raise ValueError(f"catalogue: start-up time of {kind} must be >= 0 s")
+
     @property
     def kinds(self) -> list[str]:
         return list(self.prices)

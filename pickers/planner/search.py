@@ -11,7 +11,14 @@ Candidates (aggregated pods; each priced as pods x GPUs per pod x price per GPU-
   requests, so the pools share its miss budget: the long pool may miss a share ``f`` of it (f in
   ``budget_shares``), the short pool the rest, each pool's goal being 1 - its misses / its share of requests
   (so the fleet's expected attainment is the goal). A split whose pools are one kind (TP sizes may differ)
-  is a single-kind candidate: mixing kinds has to beat the best split of one kind too, not only one pool.
+  is a single-kind candidate: mixing kinds has to beat the best split of one kind too, not only one pool;
+- prefill/decode disaggregated (``pd=True``): a prefill pool of one kind and TP size and a decode pool of
+  another (or the same: a one-kind P/D fleet), every request prefilled on the first and decoded on the
+  second (Splitwise: prefill is compute-bound, decode memory-bound, so the cheapest kind for each can
+  differ). The prefill pool is sized by ``capacity.prefill_capacity`` (TTFT at the goal: wait + prefill on
+  the prefill kind + the KV pull to the decode kind + one decode step at the decode pool's load), the decode
+  pool by ``capacity.decode_capacity`` (TPOT with no prefill in its steps, KV and ``max_num_seqs`` bounds),
+  both at the whole workload's rate and goal. P/D pools are not combined with length splits (bounded search).
 
 The replay confirms the best few (engine/sim/cluster/plan.py); the search itself is pure.
 """
@@ -22,18 +29,28 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pickers.planner.capacity import LoadShape, PodKind, pods_needed
+from pickers.planner.capacity import (
+    LoadShape,
+    PodKind,
+    count_for,
+    decode_capacity,
+    decode_tpot,
+    pods_needed,
+    prefill_capacity,
+)
 from pickers.planner.catalogue import Catalogue
 
 
 @dataclass(frozen=True, slots=True)
 class Pool:
-    """``count`` aggregated pods of one kind; ``min_input``/``max_input``: the prompt lengths it serves."""
+    """``count`` pods of one kind; ``min_input``/``max_input``: the prompt lengths it serves; ``role``: both
+    (aggregated), or prefill / decode (the two pools of a disaggregated fleet)."""
 
     kind: PodKind
     count: int
     min_input: int = 0
     max_input: int | None = None
+    role: str = "both"
 
     @property
     def gpus(self) -> int:
@@ -56,6 +73,10 @@ class Candidate:
         return tuple(dict.fromkeys(p.kind.accelerator for p in self.pools))
 
     @property
+    def disaggregated(self) -> bool:
+        return any(p.role == "prefill" for p in self.pools)
+
+    @property
     def mixed(self) -> bool:
         """Two accelerator kinds (a split of one kind into two TP sizes is not mixed)."""
         return len(self.kinds) > 1
@@ -68,7 +89,8 @@ class Candidate:
                 rng = f" (prompts <= {p.max_input})"
             elif p.min_input:
                 rng = f" (prompts > {p.min_input})"
-            parts.append(f"{p.count}x {p.kind.accelerator} tp{p.kind.cost().deployment.tp}{rng}")
+            role = f" {p.role}" if p.role != "both" else ""
+            parts.append(f"{p.count}x {p.kind.accelerator} tp{p.kind.cost().deployment.tp}{role}{rng}")
         return " + ".join(parts)
 
 
@@ -79,10 +101,15 @@ def _price(pool: Pool, catalogue: Catalogue) -> float:
 def search(inputs: list[int], outputs: list[int], peak_rate: float, catalogue: Catalogue, model: str,
            ttft_s: float, tpot_s: float, goal: float, hit_rate: float = 0.0, utilization: float = 0.9,
            tps: tuple[int, ...] = (1, 2, 4), splits: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95),
-           budget_shares: tuple[float, ...] = (0.5, 0.8, 0.95)) -> list[Candidate]:
+           budget_shares: tuple[float, ...] = (0.5, 0.8, 0.95), pd: bool = True,
+           link: str = "rdma-400g") -> list[Candidate]:
     """Every feasible candidate, cheapest first (ties: fewer GPUs)."""
     if peak_rate <= 0 or not inputs:
         raise ValueError("the workload needs requests and a positive peak rate")
+    if len(outputs) != len(inputs):
+        raise ValueError(f"{len(inputs)} prompt lengths but {len(outputs)} output lengths")
+    if not 0 < goal <= 1 or not ttft_s > 0 or not tpot_s > 0 or not 0 < utilization <= 1:
+        raise ValueError("the goal and utilization must be in (0, 1] and the targets positive")
     kinds = [PodKind(k, model, tp) for k in catalogue.kinds for tp in tps if _fits(k, model, tp)]
     out: list[Candidate] = []
     shape = LoadShape.from_lengths(inputs, outputs, hit_rate)
@@ -123,7 +150,33 @@ def search(inputs: list[int], outputs: list[int], peak_rate: float, catalogue: C
                     out.append(Candidate(pools, sum(_price(p, catalogue) for p in pools), split_tokens=cut,
                                          notes={"long_share": share, "goal_long": goal_long,
                                                 "goal_short": goal_short}))
+    if pd:
+        out += disaggregated(kinds, shape, peak_rate, catalogue, ttft_s, tpot_s, goal, utilization, link)
     out.sort(key=lambda c: (round(c.cost_per_hour, 6), c.gpus))
+    return out
+
+
+def disaggregated(kinds: list[PodKind], shape: LoadShape, peak_rate: float, catalogue: Catalogue, ttft_s: float,
+                  tpot_s: float, goal: float, utilization: float = 0.9, link: str = "rdma-400g"
+                  ) -> list[Candidate]:
+    """Every P/D candidate: a prefill pool of kind a and a decode pool of kind b (a == b: one kind), each
+    sized for the whole rate (module docstring). The decode pods' first step is charged to TTFT: their
+    step time (``decode_tpot``) at the rate per decode pod the decode pool is sized for."""
+    dcap = {b: decode_capacity(b, shape, tpot_s) for b in kinds}
+    out: list[Candidate] = []
+    for b in kinds:
+        nd = count_for(peak_rate, dcap[b], utilization)
+        if nd is None:
+            continue
+        first_step = decode_tpot(b, shape, peak_rate / nd)
+        for a in kinds:
+            pcap = prefill_capacity(a, shape, ttft_s, goal, decode=b, first_step_s=first_step, link=link)
+            na = count_for(peak_rate, pcap, utilization)
+            if na is None:
+                continue
+            pools = (Pool(a, na, role="prefill"), Pool(b, nd, role="decode"))
+            out.append(Candidate(pools, sum(_price(p, catalogue) for p in pools),
+                                 notes={"prefill_capacity": pcap, "decode_capacity": dcap[b]}))
     return out
 
 
@@ -147,4 +200,4 @@ def _fits(kind: str, model: str, tp: int) -> bool:
         return False
 
 
-__all__ = ["Candidate", "Pool", "search", "split_goals"]
+__all__ = ["Candidate", "Pool", "disaggregated", "search", "split_goals"]

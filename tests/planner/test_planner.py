@@ -174,11 +174,12 @@ def test_plan_cli_writes_a_fleet_the_simulators_accept_and_rejects_bad_input(tmp
     table = capsys.readouterr().out
     assert "<- winner" in table and "$/hour" in table
     fleet = load_fleet(out)
-    assert fleet.pods and all(p.role == "both" for p in fleet.pods)
     import json
 
     plan = json.loads(js.read_text())
     win = next(c for c in plan["candidates"] if c["fleet"] == plan["winner"])
+    assert fleet.pods and {p.role for p in fleet.pods} == ({"prefill", "decode"} if win["pd"] else {"both"})
+    assert fleet.disaggregated == win["pd"]
     assert win["slo_attainment"] >= 0.9 and win["cost_per_hour"] == min(
         c["cost_per_hour"] for c in plan["candidates"] if c["slo_attainment"] >= 0.9)
     for bad in (["--accelerators", "H100=x"], ["--accelerators", "B200=3"], ["--attainment", "2"]):

@@ -4,11 +4,14 @@ by replaying the workload in virtual time.
     kvswitch plan TRACE.jsonl --model-profile 8b --accelerators H100=2.49,L40S=0.86 \\
         --slo-ttft-ms 2000 --slo-tpot-ms 60 --attainment 0.99 --out fleet.yaml --json plan.json
 
-1. search (pickers.planner.search): every single-kind fleet (TP 1/2/4) and every two-kind fleet split by
-   prompt length, sized by the cost-model capacity at the trace's peak five-minute rate and its length
-   distribution (tail included), cheapest first;
-2. confirm: replay the trace on the best ``--confirm`` candidates of each family (one kind, mixed kinds) in
-   virtual time (least in flight routing; mixed fleets route by the candidate's length split) and measure
+1. search (pickers.planner.search): every single-kind fleet (TP 1/2/4), every two-pool fleet split by
+   prompt length, and every prefill/decode disaggregated fleet (prefill pool of one kind and TP size, decode
+   pool of the same or another), sized by the cost-model capacity at the trace's peak five-minute rate and
+   its length distribution (tail included), cheapest first;
+2. confirm: replay the trace on the best ``--confirm`` candidates of each family (each kind alone, or two
+   kinds mixed; aggregated or P/D: the best one-kind fleet is looked for in every kind, not only in the
+   kind the model ranks first) in virtual time (least in flight routing; split fleets route by the candidate's length
+   split, P/D fleets take the least loaded prefill pod and the least loaded decode pod) and measure
    slo_attainment and goodput;
 3. the winner is the cheapest confirmed candidate whose attainment meets ``--attainment``; it is written as
    a fleet YAML that ``kvswitch sim --config`` and ``kvswitch sim replay --fleet`` read.
@@ -17,6 +20,7 @@ by replaying the workload in virtual time.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -32,11 +36,16 @@ from engine.sim.cluster.simulator import ClusterSim, trace_prompts
 from engine.sim.cluster.trace import TraceRequest, read_mooncake
 
 
+def family(c: Candidate) -> str:
+    """The family a candidate is confirmed and shrunk in: its kind (or "mixed"), aggregated or P/D."""
+    return f"{'+'.join(c.kinds) if not c.mixed else 'two kinds'}, {'P/D' if c.disaggregated else 'aggregated'}"
+
+
 def fleet_for(c: Candidate, model: str) -> FleetSpec:
     spec = FleetSpec()
     for g, pool in enumerate(c.pools):
         for i in range(pool.count):
-            spec.pods.append(PodSpec(_address(g, i), "both", pool.kind.accelerator, pool.kind.model,
+            spec.pods.append(PodSpec(_address(g, i), pool.role, pool.kind.accelerator, pool.kind.model,
                                      tp=pool.kind.tp, label=f"{pool.kind.accelerator.lower()}-{g}-{i}"))
     return spec
 
@@ -47,10 +56,13 @@ def fleet_yaml(c: Candidate, model: str) -> str:
     if c.split_tokens is not None:
         lines.append(f"# route prompts longer than {c.split_tokens} tokens to the pods of group g0 "
                      f"({c.pools[0].kind.accelerator}), the rest to group g1 ({c.pools[1].kind.accelerator})")
+    if c.disaggregated:
+        lines.append("# prefill/decode disaggregated: every request is prefilled on a prefill pod, its KV pulled by "
+                     "a decode pod")
     lines += [f"defaults: {{model_profile: {model}}}", "pods:"]
     for g, p in enumerate(c.pools):
         tp = f", tp: {p.kind.tp}" if p.kind.tp else ""
-        lines.append(f"  - {{count: {p.count}, role: both, accelerator: {p.kind.accelerator}{tp}, "
+        lines.append(f"  - {{count: {p.count}, role: {p.role}, accelerator: {p.kind.accelerator}{tp}, "
                      f"name: {p.kind.accelerator.lower()}-g{g}}}")
     return "\n".join(lines) + "\n"
 
@@ -73,23 +85,25 @@ def confirm(c: Candidate, reqs: list[TraceRequest], model: str, slo: SloTargets,
 
 
 def _row(c: Candidate, s: dict[str, Any], model: str) -> dict[str, Any]:
-    return {"fleet": c.describe(), "kinds": list(c.kinds), "mixed": c.mixed,
+    return {"fleet": c.describe(), "kinds": list(c.kinds), "mixed": c.mixed, "pd": c.disaggregated,
+            "family": family(c),
             "split_tokens": c.split_tokens, "cost_per_hour": c.cost_per_hour, "gpus": c.gpus,
             "slo_attainment": s["slo_attainment"], "goodput_req_s": s["goodput_req_s"],
             "ttft_p99_s": s["ttft_p99_s"], "tpot_mean_s": s["tpot_mean_s"], "yaml": fleet_yaml(c, model)}
 
 
-def _shrink(c: Candidate, catalogue: Any) -> Candidate | None:
-    """The candidate with one pod fewer in its most expensive pool that has more than one pod."""
-    pools = list(c.pools)
-    order = sorted(range(len(pools)), key=lambda i: -pools[i].gpus * catalogue.price(pools[i].kind.accelerator))
+def _shrinks(c: Candidate, catalogue: Any) -> list[Candidate]:
+    """The candidate with one pod fewer in one pool, for each pool that has more than one pod, the most
+    expensive pool first (a pool left empty would change the fleet's shape, so a pool keeps one pod)."""
+    out = []
+    order = sorted(range(len(c.pools)), key=lambda i: -c.pools[i].gpus * catalogue.price(c.pools[i].kind.accelerator))
     for i in order:
-        if pools[i].count > 1:
-            p = pools[i]
-            pools[i] = type(p)(p.kind, p.count - 1, p.min_input, p.max_input)
+        if c.pools[i].count > 1:
+            pools = list(c.pools)
+            pools[i] = dataclasses.replace(pools[i], count=pools[i].count - 1)
             cost = sum(q.gpus * catalogue.price(q.kind.accelerator) for q in pools)
-            return Candidate(tuple(pools), cost, c.split_tokens, dict(c.notes))
-    return None
+            out.append(Candidate(tuple(pools), cost, c.split_tokens, dict(c.notes)))
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,35 +148,41 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
     say(f"{len(reqs)} requests, peak {peak:.2f} req/s (5-min window); {len(cands)} candidates from the cost model")
-    single = [c for c in cands if not c.mixed][: args.confirm]  # one kind, one pool or a split by TP size
-    mixed = [c for c in cands if c.mixed][: args.confirm]
+    # families: each kind alone (one pool, a split by TP size, a one-kind P/D fleet) and two kinds mixed
+    families = list(dict.fromkeys(family(c) for c in cands))
+    chosen = [c for fam in families for c in [c for c in cands if family(c) == fam][: args.confirm]]
     rows: list[dict[str, Any]] = []
     confirmed: list[Candidate] = []
-    for i, c in enumerate(sorted(single + mixed, key=lambda c: c.cost_per_hour)):
-        say(f"[{i + 1}/{len(single) + len(mixed)}] replaying {c.describe()}")
+    for i, c in enumerate(sorted(chosen, key=lambda c: c.cost_per_hour)):
+        say(f"[{i + 1}/{len(chosen)}] replaying {c.describe()}")
         s = confirm(c, reqs, args.model_profile, slo, catalogue.prices, args.seed, progress=not args.quiet)
         rows.append(_row(c, s, args.model_profile))
         confirmed.append(c)
     # the model errs on the safe side: shrink the cheapest confirmed fleet of each family pod by pod while the
-    # replay still meets the goal (each step one more replay)
-    for family in (False, True):
+    # replay still meets the goal: each round tries one pod fewer in each pool (most expensive pool first) and
+    # keeps the first that still meets it; it stops when none does (each try one more replay, none twice)
+    tried = {r["fleet"] for r in rows}
+    for fam_name in families:
         fam = [(r, c) for r, c in zip(rows, confirmed, strict=True)
-               if r["mixed"] == family and r["slo_attainment"] >= args.attainment]
+               if r["family"] == fam_name and r["slo_attainment"] >= args.attainment]
         if not fam:
             continue
         row, cand = min(fam, key=lambda rc: rc[0]["cost_per_hour"])
-        while True:
-            smaller = _shrink(cand, catalogue)
-            if smaller is None:
-                break
-            say(f"shrinking: replaying {smaller.describe()}")
-            r = _row(smaller, confirm(smaller, reqs, args.model_profile, slo, catalogue.prices, args.seed,
-                                      progress=not args.quiet), args.model_profile)
-            rows.append(r)
-            confirmed.append(smaller)
-            if r["slo_attainment"] < args.attainment:
-                break
-            cand = smaller
+        shrunk = True
+        while shrunk:
+            shrunk = False
+            for smaller in _shrinks(cand, catalogue):
+                if smaller.describe() in tried:
+                    continue
+                tried.add(smaller.describe())
+                say(f"shrinking: replaying {smaller.describe()}")
+                r = _row(smaller, confirm(smaller, reqs, args.model_profile, slo, catalogue.prices, args.seed,
+                                          progress=not args.quiet), args.model_profile)
+                rows.append(r)
+                confirmed.append(smaller)
+                if r["slo_attainment"] >= args.attainment:
+                    cand, shrunk = smaller, True
+                    break
     ok = [r for r in rows if r["slo_attainment"] >= args.attainment]
     winner = min(ok, key=lambda r: (r["cost_per_hour"], r["gpus"])) if ok else max(
         rows, key=lambda r: r["slo_attainment"])
@@ -179,6 +199,13 @@ def main(argv: list[str] | None = None) -> int:
         verdict = saving
         print(f"mixing kinds: {saving:+.1%} cost against the best single-kind fleet at attainment >= "
               f"{args.attainment}" + ("" if saving > 0 else " (mixing does not pay here)"))
+    best_by_family = {}
+    for name in families:
+        best = min((r for r in ok if r["family"] == name), key=lambda r: r["cost_per_hour"], default=None)
+        best_by_family[name] = None if best is None else {k: best[k] for k in (
+            "fleet", "cost_per_hour", "gpus", "slo_attainment")}
+        print(f"best {name}: " + ("none met the goal" if best is None else
+                                  f"{best['fleet']} ${best['cost_per_hour']:.2f}/hour {best['slo_attainment']:.4f}"))
     if not ok:
         print(f"kvswitch plan: no replayed candidate reached attainment {args.attainment}; wrote the best one",
               file=sys.stderr)
@@ -189,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             "requests": len(reqs), "peak_rate": peak, "slo_ttft_ms": args.slo_ttft_ms,
             "slo_tpot_ms": args.slo_tpot_ms, "attainment_goal": args.attainment, "prices": catalogue.prices,
             "price_source": PRICE_SOURCE, "candidates": rows, "winner": winner["fleet"],
-            "mixed_saving_vs_single": verdict}, indent=2), encoding="utf-8")
+            "mixed_saving_vs_single": verdict, "best_by_family": best_by_family}, indent=2), encoding="utf-8")
     return 0 if ok else 1
 
 

@@ -149,8 +149,10 @@ class RoundRobinRouter(BaseRouter):
 class LengthSplitRouter(BaseRouter):
     """Prompts longer than ``split_tokens`` go to pods of ``long_kind`` (or, given ``long_pods``, to those
     addresses: a split of one kind into two pools), the rest to the other pods; the pod with the fewest
-    requests in flight within the group (ties: in turn). Without a split: least in flight over all pods. The
-    router a planned split fleet (``kvswitch plan``) is replayed with."""
+    requests in flight within the group (ties: in turn). Without a split: least in flight over all pods. On a
+    fleet with prefill pods every request also takes the prefill pod with the fewest prefills in flight
+    (ties: in turn; a prefill counts until the request's first token or its end). The router a planned fleet
+    (``kvswitch plan``: one pool, a length split or P/D pools) is replayed with."""
 
     name = "length-split"
 
@@ -161,17 +163,26 @@ class LengthSplitRouter(BaseRouter):
         self.long_pods = long_pods
         self._kind: dict[str, str] = {}
         self._load: dict[str, int] = {}
+        self._prefill: dict[str, int] = {}  # prefill pod -> prefills in flight
         self._turn = 0
         for e in endpoints:
             self.on_pod_added(e, 0.0)
 
     def on_pod_added(self, endpoint: Endpoint, at: float) -> None:
-        if endpoint.role.can_decode():
+        if endpoint.role is Role.PREFILL:
+            self._prefill.setdefault(endpoint.address, 0)
+        elif endpoint.role.can_decode():
             self._kind[endpoint.address] = endpoint.accelerator.upper()
             self._load.setdefault(endpoint.address, 0)
 
     def on_pod_removed(self, pod: str, at: float) -> None:
         self._kind.pop(pod, None)
+        self._prefill.pop(pod, None)
+
+    @staticmethod
+    def _least(pods: list[str], load: dict[str, int], turn: int) -> str:
+        n = len(pods)
+        return pods[min(range(n), key=lambda i: (load[pods[i]], (i - turn) % n))]
 
     def route(self, req: ClusterRequest, now: float) -> Route:
         pods = list(self._kind)
@@ -185,17 +196,29 @@ class LengthSplitRouter(BaseRouter):
         if not pods:
             raise SchedulingError(503, "no pod can decode", "no_endpoints")
         self._turn += 1
-        n = len(pods)
-        best = min(range(n), key=lambda i: (self._load[pods[i]], (i - self._turn) % n))
-        pod = pods[best]
+        pod = self._least(pods, self._load, self._turn)
         self._load[pod] += 1
         req.state["pod"] = pod
-        return pod, None
+        prefill = None
+        if self._prefill:
+            prefill = self._least(list(self._prefill), self._prefill, self._turn)
+            self._prefill[prefill] += 1
+            req.state["prefill_pod"] = prefill
+        return pod, prefill
+
+    def _prefilled(self, req: ClusterRequest) -> None:
+        pod = req.state.pop("prefill_pod", None)
+        if pod is not None and self._prefill.get(pod, 0) > 0:
+            self._prefill[pod] -= 1
 
     def _done(self, req: ClusterRequest) -> None:
+        self._prefilled(req)
         pod = req.state.pop("pod", None)
         if pod is not None and self._load.get(pod, 0) > 0:
             self._load[pod] -= 1
+
+    def on_first_token(self, req: ClusterRequest, at: float) -> None:
+        self._prefilled(req)
 
     def on_finished(self, req: ClusterRequest, usage: Usage, at: float) -> None:
         self._done(req)
