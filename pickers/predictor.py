@@ -87,9 +87,7 @@ class Predictor:
         per = np.where(dl.endpoints.can_prefill[slots], per_waiting, 0.0)
         q = inflight.prefill_tokens[slots] + np.maximum(waiting - pre_req, 0.0) * per
         budget = dl.costs.budget[slots]
-        # DataLayer.running with the fresh mask at hand: the pod's count when fresh, never below ours
-        running = np.maximum(np.where(fresh, dl.metrics.running[slots], 0.0), inflight.requests[slots] - pre_req)
-        r = np.minimum(running, 0.9 * budget)
+        r = np.minimum(dl.running(slots, ctx.now, fresh), 0.9 * budget)
         h = np.minimum(ctx.hit_tokens(mode)[slots], p)
         u = np.maximum(p - h, 1.0)
         zero, grow = self._constants(k)

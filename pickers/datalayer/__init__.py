@@ -198,8 +198,10 @@ class DataLayer:
         w = np.where(self.fresh(cands, now), self.metrics.waiting[cands], 0.0)
         return np.maximum(w, self.inflight.prefill_requests[cands])
 
-    def running(self, cands: np.ndarray, now: float) -> np.ndarray:
-        r = np.where(self.fresh(cands, now), self.metrics.running[cands], 0.0)
+    def running(self, cands: np.ndarray, now: float, fresh: np.ndarray | None = None) -> np.ndarray:
+        """Running requests per candidate: the pod's count when its metrics are fresh, never below the requests
+        this picker has past their first token there. ``fresh``: ``self.fresh(cands, now)`` when the caller has it."""
+        r = np.where(self.fresh(cands, now) if fresh is None else fresh, self.metrics.running[cands], 0.0)
         return np.maximum(r, self.inflight.requests[cands] - self.inflight.prefill_requests[cands])
 
     def prefix_hits(self, ctx: CycleContext, mode: PrefixMode) -> np.ndarray:
