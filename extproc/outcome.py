@@ -90,7 +90,7 @@ class RoutedOutcome:
         if self._ended or decision is None:
             return
         self._parked = None  # PendingResponses popped it
-        at = self.clock.now()
+        at = self.clock.now() - response.lag_s  # when the request ended, not when its (batched) entry came
         director = self.director
         try:
             if response.served:

@@ -56,6 +56,9 @@ class LoggedResponse:
     end_s: float  # last byte sent to the client (or the stream's duration)
     usage: Usage | None
     failure: str | None  # None: success; else a reason in the director's vocabulary (pod fault or not)
+    # How long before the entry reached the picker the request ended: the access log's batching and delivery,
+    # so the hooks get the times things happened, not the time the batch came (see ``log_lag``).
+    lag_s: float = 0.0
 
 
 def _flags_failure(flags: al.ResponseFlags) -> str | None:
@@ -94,8 +97,21 @@ def _count(value: float | None) -> int | None:
     return int(value)
 
 
-def logged_response(entry: al.HTTPAccessLogEntry) -> LoggedResponse | None:
-    """Read one entry; None when it names no request (not one kvswitch routed)."""
+# The most an entry's delivery may have lagged its request's end: Envoy batches entries for
+# ``access_log_flush_ms`` (extproc/envoyconfig/responselog.py, 10 ms by default); a larger difference between
+# Envoy's wall clock and the picker's is clock skew between their hosts, not delay, and is not trusted.
+MAX_LOG_LAG_S = 0.1
+
+
+def log_lag(ended_wall_s: float, received_wall_s: float) -> float:
+    """Seconds between a request's end on Envoy's wall clock and the entry's arrival on the picker's, within
+    [0, MAX_LOG_LAG_S]: exact on one host (``kvswitch up``) or NTP-synchronised ones, bounded otherwise."""
+    return min(max(received_wall_s - ended_wall_s, 0.0), MAX_LOG_LAG_S)
+
+
+def logged_response(entry: al.HTTPAccessLogEntry, received_wall_s: float | None = None) -> LoggedResponse | None:
+    """Read one entry; None when it names no request (not one kvswitch routed). ``received_wall_s``: the
+    picker's wall clock when the entry came (gives ``lag_s``; None: no lag assumed)."""
     rid = entry.request.request_id
     if not rid:
         return None
@@ -134,7 +150,8 @@ def logged_response(entry: al.HTTPAccessLogEntry) -> LoggedResponse | None:
         failure = f"http {status}"
     if failure is None and status == 0:
         failure = "no response"
-    return LoggedResponse(rid, status, served, first_byte_s, end_s, usage, failure)
+    lag = 0.0 if received_wall_s is None else log_lag(start_us / 1e6 + end_s, received_wall_s)
+    return LoggedResponse(rid, status, served, first_byte_s, end_s, usage, failure, lag)
 
 
 class Parked(Protocol):
@@ -202,20 +219,23 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
     """Envoy's access-log stream into ``PendingResponses``; entries of requests another replica routed are
     counted and dropped."""
 
-    def __init__(self, pending: PendingResponses) -> None:
+    def __init__(self, pending: PendingResponses, wall: Callable[[], float] = time.time) -> None:
         self.pending = pending
+        self.wall = wall  # the wall clock Envoy's entry times are read against (the lag of a batch)
 
     async def StreamAccessLogs(  # noqa: N802 (the gRPC method's name)
         self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage], context: grpc.aio.ServicerContext
     ) -> als_pb2.StreamAccessLogsResponse:
         async for message in request_iterator:
+            received = self.wall()
             for entry in message.http_logs.log_entry:
-                self.receive(entry)
+                self.receive(entry, received)
         return als_pb2.StreamAccessLogsResponse()
 
-    def receive(self, entry: al.HTTPAccessLogEntry) -> None:
+    def receive(self, entry: al.HTTPAccessLogEntry, received_wall_s: float | None = None) -> None:
+        """One entry, which came at ``received_wall_s`` on the wall clock (None: now)."""
         try:
-            response = logged_response(entry)
+            response = logged_response(entry, self.wall() if received_wall_s is None else received_wall_s)
         except Exception:  # total: a strange entry must not end Envoy's log stream
             log.warning("skipping an access-log entry that could not be read", exc_info=True)
             ENTRIES.labels("malformed").inc()

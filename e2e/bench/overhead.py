@@ -283,8 +283,9 @@ def _uptime() -> str:
         return f"load {os.getloadavg()[0]:.2f}"
 
 
-# ext-authz (with the access log; -batched: its entries batched, --batch-flush-ms), or ext_proc with a response mode
-PATHS = ("ext-authz", "ext-authz-batched", *RESPONSE_MODES)
+# ext-authz (with the access log, its entries batched by --batch-flush-ms as by default; -unbatched: one message per
+# entry), or ext_proc with a response mode
+PATHS = ("ext-authz", "ext-authz-unbatched", *RESPONSE_MODES)
 
 
 async def main_async(args: argparse.Namespace) -> None:
@@ -322,7 +323,7 @@ async def main_async(args: argparse.Namespace) -> None:
     withk = {m: EnvoyProcess(EnvoyConfigOptions(
         picker=f"127.0.0.1:{port}", endpoints=pods, response_body=_response_body(m),
         picker_protocol="ext-authz" if _is_authz(m) else "ext-proc",
-        access_log_flush_ms=args.batch_flush_ms if m.endswith("-batched") else 0.0,
+        access_log_flush_ms=0.0 if m.endswith("-unbatched") else args.batch_flush_ms,
         picker_decide=[f"127.0.0.1:{decide_ports[m]}"] if _is_authz(m) else []))
         for m, port in picker_ports.items()}
     try:
@@ -343,7 +344,8 @@ async def main_async(args: argparse.Namespace) -> None:
         await asyncio.sleep(5.0)
         idle_rate = {m: (_cpu_seconds(p.pid) - idle0[m]) / (time.perf_counter() - t_idle) for m, p in pickers.items()}
         print("# picker idle CPU: " + ", ".join(f"{m} {r * 1e3:.1f} ms/s" for m, r in idle_rate.items()))
-        shapes = [("", 0)] + ([(f"s{args.stream_tokens}", args.stream_tokens)] if args.stream_tokens else [])
+        streamed = [(f"s{args.stream_tokens}", args.stream_tokens)] if args.stream_tokens else []
+        shapes = streamed if args.streamed_only and streamed else [("", 0), *streamed]
         print(f"# Envoy alone vs Envoy + kvswitch ({args.scheduler} scheduler, paths: {', '.join(modes)}); "
               f"{args.pods} {args.upstream} pods; non-streaming max_tokens 1"
               + (f", and s{args.stream_tokens} rows: stream true, {args.stream_tokens} SSE events "
@@ -366,9 +368,11 @@ async def main_async(args: argparse.Namespace) -> None:
                     if stream_tokens:
                         base //= 4
                     total = max(conc * 2, int(base * args.requests_scale))
-                    await _run(alone.url, bodies, conc, min(total, 200))  # warm-up every path
+                    # warm-up every path (a streamed request lasts its whole stream: two rounds of clients)
+                    warm = min(total, 2 * conc if stream_tokens else 200)
+                    await _run(alone.url, bodies, conc, warm)
                     for e in withk.values():
-                        await _run(e.url, bodies, conc, min(total, 200))
+                        await _run(e.url, bodies, conc, warm)
                     la: list[float] = []
                     fa: list[float] = []
                     ba: list[float] = []
@@ -459,12 +463,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paths", default="ext-authz",
                    help="comma-separated request paths, one picker + Envoy each, interleaved in every row: ext-authz "
                         "(the default of kvswitch up: ext_authz over HTTP, outcomes from the access log) or an "
-                        "ext_proc response mode (access-log, observe, skip, detach); ext-authz-batched: ext-authz "
-                        "with the access-log entries batched (--batch-flush-ms)")
-    p.add_argument("--batch-flush-ms", type=float, default=20.0,
-                   help="Envoy's access-log batching interval for the ext-authz-batched path (default 20)")
+                        "ext_proc response mode (access-log, observe, skip, detach); ext-authz-unbatched: ext-authz "
+                        "with one access-log message per entry")
+    p.add_argument("--batch-flush-ms", type=float, default=EnvoyConfigOptions.access_log_flush_ms,
+                   help="Envoy's access-log batching interval on the access-log paths (default: kvswitch's, "
+                        f"{EnvoyConfigOptions.access_log_flush_ms:g} ms)")
     p.add_argument("--stream-tokens", type=int, default=0,
                    help="also run rows with streamed responses of this many SSE events (e.g. 64)")
+    p.add_argument("--streamed-only", action="store_true",
+                   help="with --stream-tokens (or --realistic): only the streamed rows")
     p.add_argument("--token-interval-ms", type=float, default=1.0,
                    help="gap between the fast upstream's SSE events (so they reach Envoy as separate chunks)")
     p.add_argument("--picker-response-body", default="access-log", help=argparse.SUPPRESS)

@@ -139,10 +139,13 @@ class EnvoyConfigOptions:
     # a Lua filter notes first byte, [DONE], usage; the gRPC access log brings them with status, flags and
     # the upstream to the picker when the request ends (extproc/envoyconfig/responselog.py).
     response_body: str = "access-log"
-    # access-log only: 0 (default) sends each entry as its request ends; > 0 lets Envoy batch entries into one
-    # gRPC message (up to 16 KiB, or this many ms after the first): fewer messages for the picker to handle, the
-    # price being that long after its end a request's load is released (nothing waits on it otherwise).
-    access_log_flush_ms: float = 0.0
+    # access-log only: Envoy batches entries into one gRPC message (up to 16 KiB, or this many ms after the
+    # first; 0: each entry as its request ends). Batched, the picker handles one message per batch instead of one
+    # per request (its CPU per 4 KB request 0.92 -> 0.76 ms, added p50 1.10 -> 0.93 ms: README, "The request
+    # path"); the price is that a request's load is released up to this long after its end. The picker dates
+    # each outcome from Envoy's own timestamps (extproc/responselog.py: log_lag), so observed latencies are not
+    # stretched by the batching.
+    access_log_flush_ms: float = 10.0
     # How Envoy asks the picker. "ext-proc": a gRPC ext_proc stream per request (the Gateway API Inference
     # Extension's protocol; every response mode). "ext-authz": Envoy's ext_authz filter asks the picker's decide
     # port over HTTP/1.1 with the buffered body, one request and one answer (extproc/authz.py: about a tenth of

@@ -10,9 +10,9 @@ no message per chunk. What the scheduler learns from responses comes back anothe
   stream; all tokens of a non-streamed answer), whether the SSE terminal event (``[DONE]``, or the Responses
   API's ``response.completed``) came, the count of data events, an error event, and the usage counts of the
   last ``usage`` block (prompt, completion and cached tokens);
-- Envoy's HTTP gRPC access logger sends one entry per request to the picker's ``AccessLogService`` as soon as
-  the request ends (``buffer_size_bytes: 0``: no batching; ``access_log_flush_ms`` > 0 batches entries into one
-  message), carrying that metadata with the status, the
+- Envoy's HTTP gRPC access logger sends each request's entry to the picker's ``AccessLogService`` when the
+  request ends, batched (``access_log_flush_ms``, 10 ms by default: one message per 16 KiB or per interval;
+  0: one message per entry), carrying that metadata with the status, the
   response flags (upstream reset, timeout, connection failure, client gone), the upstream that answered and
   the timings. ``extproc/responselog.py`` turns an entry into the director's hooks.
 

@@ -53,13 +53,13 @@ def test_ext_proc_filter_contract():
         "requestBodyMode": "FULL_DUPLEX_STREAMED",
         "requestTrailerMode": "SEND", "responseTrailerMode": "SKIP",
     }
-    # the outcome comes back through the Lua observer and one unbatched gRPC access logger to the picker
+    # the outcome comes back through the Lua observer and one gRPC access logger to the picker (batched)
     assert [f["name"] for f in hcm["httpFilters"]] == ["envoy.filters.http.ext_proc", "kvswitch.response_observer",
                                                         "envoy.filters.http.router"]
     (logger,) = hcm["accessLog"]
     common = logger["typedConfig"]["commonConfig"]
     assert common["grpcService"]["envoyGrpc"]["clusterName"] == "kvswitch_picker"
-    assert common["bufferSizeBytes"] == 0 and common["transportApiVersion"] == "V3"
+    assert common["bufferSizeBytes"] == 16 * 1024 and common["transportApiVersion"] == "V3"
     observe = to_dict(EnvoyConfigOptions(endpoints=["10.0.0.1:8000"], response_body="observe"))
     ohcm = observe["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
     assert ohcm["httpFilters"][0]["typedConfig"]["processingMode"] == {
@@ -105,15 +105,18 @@ def test_access_log_goes_to_every_listed_replica_and_to_the_service_otherwise():
 
 
 @pytest.mark.envoy
-def test_access_log_batching_is_off_by_default_and_bounded_when_asked(tmp_path):
-    """Unbatched by default (an entry leaves as its request ends); --access-log-flush-ms N batches entries up to
-    16 KiB or N ms, and the result is a config Envoy accepts; a negative interval is refused."""
+def test_access_log_is_batched_by_default_and_unbatched_when_asked(tmp_path):
+    """Batched by default (entries leave in one message per 16 KiB or 10 ms); --access-log-flush-ms N sets the
+    interval, 0 sends each entry as its request ends, and the results are configs Envoy accepts; a negative
+    interval is refused."""
     def common(opts):
         hcm = to_dict(opts)["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
         return [a["typedConfig"]["commonConfig"] for a in hcm["accessLog"]]
 
     base = dict(endpoints=["10.0.0.1:8000"])
     (c,) = common(EnvoyConfigOptions(**base))
+    assert c["bufferSizeBytes"] == 16 * 1024 and c["bufferFlushInterval"] == "0.010s"
+    (c,) = common(EnvoyConfigOptions(**base, access_log_flush_ms=0))
     assert c.get("bufferSizeBytes", 0) == 0
     (c,) = common(EnvoyConfigOptions(**base, access_log_flush_ms=20))
     assert c["bufferSizeBytes"] == 16 * 1024 and c["bufferFlushInterval"] == "0.020s"

@@ -8,8 +8,10 @@ import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2 as al
 from prometheus_client import REGISTRY
 
+from extproc.outcome import RoutedOutcome
 from extproc.responselog import (
     CLIENT_GONE,
+    MAX_LOG_LAG_S,
     NO_ENTRY,
     SUPERSEDED,
     AccessLogReceiver,
@@ -17,9 +19,10 @@ from extproc.responselog import (
     PendingResponses,
     logged_response,
 )
+from pickers.clock import ManualClock
 from pickers.datalayer.health import pod_fault
 from pickers.datalayer.inflight import InflightTracker
-from pickers.types import Usage
+from pickers.types import Decision, Usage
 
 START_S = 1_800_000_000
 
@@ -159,3 +162,49 @@ def test_predicted_first_token_releases_prefill_work_when_due():
         t.add(f"x{i}", 2, None, 1.0, 1.0, now=0.0, first_token_by=1e9)
         t.settle(0.0)
     assert t.predicted_first_tokens <= 2 * t.max_records + 1
+
+
+@pytest.mark.parametrize(("received_after_end_s", "lag"), [
+    (0.007, 0.007),  # batched for 7 ms: the entry came 7 ms after the request ended
+    (-0.5, 0.0),  # the picker's clock behind Envoy's: skew, not a negative delay
+    (60.0, MAX_LOG_LAG_S),  # a minute late is skew between hosts: bounded
+    (None, 0.0),  # no arrival time given: no lag assumed
+])
+def test_an_entrys_lag_is_read_from_envoys_clock_and_bounded(received_after_end_s, lag):
+    end_s = 0.9  # _entry: the request ended 900 ms after START_S on Envoy's clock
+    received = None if received_after_end_s is None else START_S + end_s + received_after_end_s
+    assert logged_response(_entry(end_ms=900), received).lag_s == pytest.approx(lag, abs=1e-6)
+
+
+@dataclass
+class _Director:
+    """The end hooks' times as a RoutedOutcome reports them."""
+
+    first_token_at: list[float] = field(default_factory=list)
+    finished_at: list[float] = field(default_factory=list)
+
+    def on_first_token(self, decision: Decision, at: float) -> None:
+        self.first_token_at.append(at)
+
+    def on_finished(self, decision: Decision, usage: Usage | None, at: float) -> None:
+        self.finished_at.append(at)
+
+    def on_served(self, decision: Decision, served: str) -> None:
+        pass
+
+
+def test_a_batched_entry_dates_the_hooks_when_things_happened_not_when_the_batch_came():
+    """Envoy batches access-log entries (10 ms by default): the first token and the end reach the director at
+    the times they happened on the picker's clock, the batch's delay taken off; without it a batch would stretch
+    every observed TTFT and bias the online correction."""
+    clock = ManualClock(100.0)
+    director = _Director()
+    pending = PendingResponses(clock=clock.now)
+    outcome = RoutedOutcome(director, clock, pending)  # type: ignore[arg-type]
+    assert outcome.place(Decision(state=None, endpoints=["10.0.0.7:8000"]), "r1")  # type: ignore[arg-type]
+    clock.advance(0.908)  # the entry comes 8 ms after the end (900 ms after the request started)
+    AccessLogReceiver(pending, wall=lambda: START_S + 0.908).receive(
+        _entry("r1", end_ms=900, first_byte_us=_first_us(120), sse=True, done=True, events=5,
+               prompt_tokens=900, completion_tokens=5))
+    assert director.finished_at == [pytest.approx(100.9)]
+    assert director.first_token_at == [pytest.approx(100.12)]
