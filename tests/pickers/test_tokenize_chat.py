@@ -49,3 +49,26 @@ def test_completion_tokens_get_bos_and_cache_keys_differ_by_kind(hf_dir):
         InferenceRequest("r2", "m", api="chat", messages=[{"role": "user", "content": "hello"}]))
     # The same text: as a completions prompt it gets BOS added (two in all), as chat it does not.
     assert as_prompt.tolist() == [0] + as_chat.tolist()
+
+
+@pytest.mark.parametrize(("builtin", "chars", "threaded"), [
+    (True, 200 * 1024, False),  # the built-in tokenizer: a 200 KB prompt is ~0.2 ms, cheaper than a thread's hop
+    (True, 2 << 20, True),  # 2 MiB: ~4 ms, worth freeing the event loop for
+    (False, 20 * 1024, True),  # a real tokenizer from offload_min_chars (16 KiB)
+    (False, 1024, False),
+])
+async def test_big_prompts_are_encoded_off_the_event_loop_where_it_pays(hf_dir, builtin, chars, threaded):
+    import threading
+
+    svc = TokenService(None if builtin else HFTokenizer(str(hf_dir)))
+    seen: list[int] = []
+    encode = svc._encode
+
+    def spy(text, *args):
+        seen.append(threading.get_ident())
+        return encode(text, *args)
+
+    svc._encode = spy  # type: ignore[method-assign]
+    ids = await svc.tokens(InferenceRequest(request_id="r", model="m", prompt="hello world " * (chars // 12)))
+    assert len(ids) > 0 and len(seen) >= 1
+    assert (seen[0] != threading.get_ident()) is threaded
