@@ -136,6 +136,53 @@ BUDGETS = {("4KB", 1, "p50"): 1.0, ("4KB", 1, "p99"): 3.0, ("200KB", 1, "p50"): 
 SIZES = {"4KB": 4 * 1024, "40KB": 40 * 1024, "200KB": 200 * 1024}
 
 
+def plot_runs(runs: dict[str, str], png: Path) -> None:
+    """One bar group per (row, path) of the ``--json`` files ``runs`` (label -> file): added p50 and p99 (of the
+    client's TTFT on streamed rows, where the whole request is the stream) and the picker's CPU per request, net
+    of its idle background, each run a colour. The budgets of the issue are drawn where they apply."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    docs = {label: orjson.loads(Path(f).read_bytes())["rows"] for label, f in runs.items()}
+
+    def key(r: dict) -> str:
+        shape = f"/s{r['stream_tokens']}" if r["stream_tokens"] else ""
+        return f"{r['prompt']}{shape} c{r['concurrency']}\n{r['path']}"
+
+    keys = list(dict.fromkeys(key(r) for rows in docs.values() for r in rows))
+    panels = (("added p50 (ms)", "added_p50_ms", "added_ttft_p50_ms"),
+              ("added p99 (ms)", "added_p99_ms", "added_ttft_p99_ms"),
+              ("picker CPU per request, net (ms)", "picker_cpu_net_ms_per_req", "picker_cpu_net_ms_per_req"))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(8.0, 1.1 * len(keys)), 10), sharex=True)
+    width = 0.8 / max(1, len(docs))
+    for ax, (title, plain, streamed) in zip(axes, panels, strict=True):
+        for i, (label, rows) in enumerate(docs.items()):
+            by = {key(r): r for r in rows}
+            xs = [k + i * width for k, name in enumerate(keys) if name in by]
+            ys = [by[name][streamed if by[name]["stream_tokens"] else plain] for name in keys if name in by]
+            ax.bar(xs, ys, width, label=label)
+        ax.set_ylabel(title)
+        ax.set_yscale("symlog", linthresh=1.0)
+        ax.grid(axis="y", alpha=0.3)
+    for k, name in enumerate(keys):  # the issue's budgets (ms) where a row has one
+        size, rest = name.split(" c", 1)
+        conc = int(rest.split("\n", 1)[0])
+        budget = {("4KB", 1): 1.0, ("200KB", 1): 2.0}.get((size, conc))
+        if budget is not None:
+            axes[0].hlines(budget, k - 0.1, k + 0.7, colors="red", linestyles="dashed")
+        if size.startswith("4KB") and conc == 32:
+            axes[1].hlines(10.0, k - 0.1, k + 0.7, colors="red", linestyles="dashed")
+    axes[2].axhline(1.0, color="red", linestyle="dashed", linewidth=0.8)
+    axes[-1].set_xticks([k + 0.4 - width / 2 for k in range(len(keys))], keys, fontsize=7)
+    axes[0].legend(fontsize=8)
+    axes[0].set_title("kvswitch's added latency over Envoy alone (dashed: the issue's budgets)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
 def _is_authz(path: str) -> bool:
     return path.startswith("ext-authz")
 
@@ -163,22 +210,28 @@ def _cpu_seconds(pid: int) -> float:
 
 
 async def _run(url: str, bodies: list[bytes], concurrency: int, total: int,
-               ttft: list[float] | None = None, burst: list[float] | None = None) -> tuple[list[float], float]:
+               ttft: list[float] | None = None, burst: list[float] | None = None,
+               stagger_s: float = 0.0) -> tuple[list[float], float]:
     """Latencies of ``total`` requests at ``concurrency`` (and, into ``ttft``, the time to the first body
     chunk: for a streamed response, its first token) and the elapsed wall time.
 
     At concurrency > 1 the first ``concurrency`` requests start in the same instant (every worker's first
     request): that start burst is not the steady state of ``concurrency`` requests in flight the budgets are
     about, so its latencies go to ``burst`` instead of the returned list (and its first tokens are not in
-    ``ttft``); the elapsed time and throughput count every request."""
+    ``ttft``); the elapsed time and throughput count every request. ``stagger_s`` > 0 spreads the clients' first
+    requests evenly over that many seconds instead (a streamed row: one stream's duration), so that clients
+    whose requests all last the same do not stay in lockstep, every round a burst of ``concurrency`` decisions;
+    nothing is then reported apart."""
     lat: list[float] = []
-    ramp = concurrency if concurrency > 1 else 0
+    ramp = concurrency if concurrency > 1 and stagger_s <= 0 else 0
     next_i = 0
     errors = 0
     conn = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
     async with aiohttp.ClientSession(connector=conn) as s:
-        async def worker() -> None:
+        async def worker(k: int) -> None:
             nonlocal next_i, errors
+            if stagger_s > 0:
+                await asyncio.sleep(k * stagger_s / concurrency)
             while next_i < total:
                 i = next_i
                 next_i += 1
@@ -199,7 +252,7 @@ async def _run(url: str, bodies: list[bytes], concurrency: int, total: int,
                 elif burst is not None:
                     burst.append(took)
         t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker(k) for k in range(concurrency)))
         elapsed = time.perf_counter() - t0
     if errors:
         print(f"  warning: {errors} non-200 responses", file=sys.stderr)
@@ -370,9 +423,11 @@ async def main_async(args: argparse.Namespace) -> None:
                     total = max(conc * 2, int(base * args.requests_scale))
                     # warm-up every path (a streamed request lasts its whole stream: two rounds of clients)
                     warm = min(total, 2 * conc if stream_tokens else 200)
-                    await _run(alone.url, bodies, conc, warm)
+                    # streamed rows: clients spread over one stream's duration, not in lockstep (see _run)
+                    stagger = stream_tokens * args.token_interval_ms / 1000 if conc > 1 else 0.0
+                    await _run(alone.url, bodies, conc, warm, stagger_s=stagger)
                     for e in withk.values():
-                        await _run(e.url, bodies, conc, warm)
+                        await _run(e.url, bodies, conc, warm, stagger_s=stagger)
                     la: list[float] = []
                     fa: list[float] = []
                     ba: list[float] = []
@@ -383,12 +438,12 @@ async def main_async(args: argparse.Namespace) -> None:
                     tk = {m: 0.0 for m in modes}
                     cpu_k = {m: 0.0 for m in modes}
                     for half in range(2):  # alone, then each mode, twice (order flipped) to cancel drift
-                        x, t = await _run(alone.url, bodies, conc, total // 2, fa, ba)
+                        x, t = await _run(alone.url, bodies, conc, total // 2, fa, ba, stagger)
                         la += x
                         ta += t
                         for m in (modes if half == 0 else modes[::-1]):
                             c0 = _cpu_seconds(pickers[m].pid)
-                            x, t = await _run(withk[m].url, bodies, conc, total // 2, fk[m], bk[m])
+                            x, t = await _run(withk[m].url, bodies, conc, total // 2, fk[m], bk[m], stagger)
                             cpu_k[m] += _cpu_seconds(pickers[m].pid) - c0
                             lk[m] += x
                             tk[m] += t
@@ -480,7 +535,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serve-picker", type=int, metavar="PORT", help=argparse.SUPPRESS)
     p.add_argument("--endpoints", default="", help=argparse.SUPPRESS)
     p.add_argument("--simple", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--plot", nargs="+", metavar="LABEL=FILE.json",
+                   help="only plot: the added p50/p99 (TTFT for streamed rows) and picker CPU per request of each "
+                        "--json file, row by row, side by side, into --png")
+    p.add_argument("--png", default="overhead.png", help="with --plot: the figure's path")
     args = p.parse_args(argv)
+    if args.plot:
+        plot_runs(dict(item.split("=", 1) for item in args.plot), Path(args.png))
+        print(f"wrote {args.png}")
+        return 0
     if args.realistic:
         args.sizes, args.concurrency = "4KB,40KB,200KB", "1,32,150"
         args.stream_tokens, args.token_interval_ms = 300, 20.0
