@@ -10,24 +10,31 @@ The ``slo`` decider (the default): queue- and SLO-aware, from predicted latencie
 
     local  = TTFT_d                                   prefill of U on d, after the prefill queued on d, beside
                                                       d's running decodes, plus d's wait for KV space
-    split  = TTFT_p + W_d + transfer_p(U) + hop_s + TPOT_d
+    split_e = TTFT_p + W_e + transfer_p(U_e) + hop_s + TPOT_e      for every decode candidate e (``pair``;
+                                                      else e = d only), U_e = P - H_e:
                                                       the best prefill pod p (least TTFT_p + transfer_p(U)): its
-                                                      queue and the prompt's part not cached on p; then d's wait
-                                                      W_d (queued prefill and KV space: d takes the KV in its
+                                                      queue and the prompt's part not cached on p; then e's wait
+                                                      W_e (queued prefill and KV space: e takes the KV in its
                                                       waiting order when it arrives, vLLM's FCFS queue, and on a
                                                       busy pod new local prefills keep the queue about as long
-                                                      as now), the KV shipped to d, the extra hop and d's first
-                                                      decode step
+                                                      as now), the KV e lacks shipped to e, the extra hop and
+                                                      e's first decode step
+    split  = min over e of split_e (ties keep d)      the leg's decode pod: a leg may decode elsewhere than d
     stall  = prefill_d x (Q_d + U) / U                the local prefills d will run (its queue and this one),
                                                       each pausing every running decode on d
-    tpot_local = TPOT_d + stall / mean output         the running requests' TPOT if it stays local (the stall
-                                                      spread over a decode of the pool's observed mean length)
+    rho_d  = decayed rate of the local prefill seconds this picker sent to d (window ``arrival_window_s``): the
+             share of d's time that prefills arriving during a decode will take
+    tpot_local = (TPOT_d + stall / mean output) / (1 - min(rho_d, 0.9))
+                                                      the running requests' TPOT if it stays local: the stall
+                                                      spread over a decode of the pool's observed mean length,
+                                                      and the prefills that arrive meanwhile
 
     protected  = d runs no decode, or the request has no TPOT target, or tpot_local <= (1 - tpot_headroom) x target,
                  or TPOT_d alone is already above it (a leg would cost this request TTFT and protect nothing)
     leg  iff  not protected and split <= TTFT target (or none)     "protect-tpot": local prefill would break
-                                                                    the TPOT of d's running requests, and the
-                                                                    leg still meets this request's TTFT
+              and split <= protect_ttft_ratio x local               the TPOT of d's running requests, and the
+                                                                    leg still meets this request's TTFT, at
+                                                                    most that many times its local TTFT
          or   split < local                                         "split-faster"
     else local                                                      "local-faster"
 
@@ -107,6 +114,13 @@ def transfer_seconds(dl: DataLayer, slots: np.ndarray, tokens: float, link: str)
     return lat[slots] + per[slots] * tokens
 
 
+def transfer_from(dl: DataLayer, slot: int, tokens: np.ndarray, link: str) -> np.ndarray:
+    """Seconds to ship ``tokens[i]`` of KV from the pod of ``slot`` over ``link`` (0 where nothing moves):
+    ``transfer_seconds`` of one pod for several amounts."""
+    lat, per = _coefficients(dl, link)
+    return np.where(tokens > 0, lat[slot] + per[slot] * tokens, 0.0)
+
+
 def _coefficients(dl: DataLayer, link: str) -> tuple[np.ndarray, np.ndarray]:
     """``transfer_coefficients`` of every endpoint slot (NaN where none), kept by the cost table until it
     changes (an endpoint set or replaced)."""
@@ -124,19 +138,66 @@ def _coefficients(dl: DataLayer, link: str) -> tuple[np.ndarray, np.ndarray]:
     return got
 
 
+class PrefillRate:
+    """Per endpoint slot: the cost model's seconds of local prefill this picker sent to the pod, as a rate
+    (seconds of prefill per second) averaged exponentially over ``window_s``: the share of the decode pod's
+    time that prefills arriving during a request's decode will take from it. Grows with the slot table
+    (bounded by it); a slot reused by another endpoint starts from what the old one left, which decays away
+    within a few windows."""
+
+    __slots__ = ("window_s", "_rate", "_at")
+
+    def __init__(self, window_s: float) -> None:
+        if not window_s > 0:
+            raise ValueError(f"window_s must be > 0, got {window_s}")
+        self.window_s = window_s
+        self._rate = np.zeros(0)
+        self._at = -math.inf
+
+    def at(self, now: float, size: int) -> np.ndarray:
+        """The rate per slot at ``now`` (a view: do not keep it across calls)."""
+        if self._rate.size < size:
+            self._rate = np.concatenate([self._rate, np.zeros(size - self._rate.size)])
+        if now > self._at:
+            if self._at > -math.inf:
+                self._rate *= math.exp(-(now - self._at) / self.window_s)
+            self._at = now
+        return self._rate
+
+    def observe(self, slot: int, seconds: float, now: float) -> None:
+        """A prefill of ``seconds`` (cost model, alone on the pod) sent to ``slot`` at ``now``."""
+        if seconds > 0 and math.isfinite(seconds):
+            self.at(now, slot + 1)[slot] += seconds / self.window_s
+
+
+def tpot_with_arrivals(tpot_s: np.ndarray | float, stall_s: np.ndarray | float, output_tokens: float,
+                       rate: np.ndarray | float, max_share: float = 0.9) -> np.ndarray:
+    """The running requests' TPOT over a decode of ``output_tokens``: their decode step ``tpot_s``, the
+    ``stall_s`` of the prefill queued now (this prompt's included) spread over the decode, and the prefills
+    arriving meanwhile, which take ``rate`` of the pod's time (capped at ``max_share``):
+
+        T = n x tpot + stall + rate x T      =>      TPOT = (tpot + stall / n) / (1 - rate)
+    """
+    share = np.minimum(np.asarray(rate, dtype=np.float64), max_share)
+    return (np.asarray(tpot_s, dtype=np.float64) + np.asarray(stall_s, dtype=np.float64) / max(output_tokens, 1.0)) \
+        / (1.0 - share)
+
+
 def slo_verdict(local_ttft_s: float, split_ttft_s: float, tpot_s: float, local_tpot_s: float, running: float,
-                slo: SLOTargets, tpot_headroom: float) -> tuple[bool, PDReason]:
+                slo: SLOTargets, tpot_headroom: float, protect_ttft_ratio: float = math.inf) -> tuple[bool, PDReason]:
     """The ``slo`` decider's rule on its predicted inputs (module docstring): (leg, reason). ``tpot_s``: the
     decode pod's TPOT without this local prefill, ``local_tpot_s`` with it."""
     limit = (1.0 - tpot_headroom) * slo.tpot_s if slo.tpot_s is not None else math.inf
     # protected: nothing decodes there, or the local prefill keeps the TPOT within the target, or the pod misses
     # it anyway (its batch alone is too slow: a leg would cost this request TTFT and protect nothing)
     protected = running <= 0.0 or local_tpot_s <= limit or tpot_s > limit
-    if not protected and (slo.ttft_s is None or split_ttft_s <= slo.ttft_s):
+    if (not protected and (slo.ttft_s is None or split_ttft_s <= slo.ttft_s)
+            and split_ttft_s <= protect_ttft_ratio * local_ttft_s):
         return True, "protect-tpot"
     if split_ttft_s < local_ttft_s:
         return True, "split-faster"
     return False, "local-faster"
 
 
-__all__ = ["slo_verdict", "transfer_coefficients", "transfer_seconds"]
+__all__ = ["PrefillRate", "slo_verdict", "tpot_with_arrivals", "transfer_coefficients", "transfer_from",
+           "transfer_seconds"]
