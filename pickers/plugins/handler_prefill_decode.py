@@ -12,7 +12,9 @@
    where TTFT_p is the request's predicted TTFT on p (its queued prefill + prefill of the part not cached on
    p + its decode load) and transfer_p the cost model's KV transfer of the U tokens the decode pod lacks over
    ``link``. ``Decision.prefill`` = that pod; extproc sends it to the decode pod's sidecar as
-   ``x-prefiller-host-port``.
+   ``x-prefiller-host-port``. The ``slo`` decider may give the leg another decode pod than the profile's
+   first (``pair``: the one with the least predicted split TTFT); that pod then leads the fallback list,
+   the profile's ranking after it.
 
 The verdict (``RequestState.pd``) carries the decider's numbers; the director puts them first in the
 explanation (``_pd``), and the prefill candidates appear beside the decode ones (scores ``pd-ttft-ms``,
@@ -179,23 +181,24 @@ class PrefillDecodeHandler(ProfileHandler):
         # waiting order, when it arrives: behind the prefills queued there then (about as much as now on a
         # busy pod: new local work keeps arriving) and its wait for KV space; the KV e lacks, the hop and e's
         # first decode step
-        dcands = dcands[dcands != pslot]
-        if not (dcands == d).any():
-            dcands = np.concatenate(([d], dcands)).astype(dcands.dtype)
         p = float(ctx.prompt_tokens())
-        lacks = np.maximum(p - np.minimum(ctx.hit_tokens(self.mode)[dcands], p), 0.0)
-        split = (float(pred.ttft_s[pslot]) + pred.wait_s[dcands] + pd.transfer_from(self.dl, pslot, lacks, self.link)
-                 + self.hop_s + pred.tpot_s[dcands])
-        # the profile's pod unless another is faster (a stable argmin from d: ties keep the profile's choice)
-        first = int(np.flatnonzero(dcands == d)[0])
-        j = int(np.argmin(split))
-        j = first if split[j] >= split[first] else j
-        verdict.split_ttft_s = float(split[j])
+        hits = ctx.hit_tokens(self.mode)
+        lat, per = pd.transfer_coefficients_of(self.dl, pslot, self.link)
+        base = float(pred.ttft_s[pslot]) + self.hop_s
+        lacks_d = p - min(float(hits[d]), p)
+        verdict.split_ttft_s = base + float(pred.wait_s[d]) + (lat + per * lacks_d if lacks_d > 0 else 0.0) + tpot_d
+        leg_d = d
+        if dcands.size > 1:  # the profile's pod unless another is faster (ties keep the profile's choice)
+            lacks = p - np.minimum(hits[dcands], p)
+            split = base + pred.wait_s[dcands] + np.where(lacks > 0, lat + per * lacks, 0.0) + pred.tpot_s[dcands]
+            split[dcands == pslot] = np.inf  # a pod both prefill and decode is not its own leg's decode pod
+            j = int(np.argmin(split))
+            if split[j] < verdict.split_ttft_s:
+                verdict.split_ttft_s, leg_d = float(split[j]), int(dcands[j])
         own = float(pred.uncached[d])
         stall = float(pred.prefill_s[d]) * (float(pred.queued[d]) + own) / max(own, 1.0)
-        rate = float(self.local_prefill.at(ctx.now, self.dl.endpoints.slot_count)[d])
-        verdict.local_tpot_s = float(pd.tpot_with_arrivals(tpot_d, stall, self.mean_output, rate))
+        verdict.local_tpot_s = pd.tpot_with_arrivals(tpot_d, stall, self.mean_output, self.local_prefill.at(d, ctx.now))
         verdict.leg, verdict.reason = pd.slo_verdict(verdict.local_ttft_s, verdict.split_ttft_s, tpot_d,
                                                      verdict.local_tpot_s, float(pred.running[d]),
                                                      ctx.state.slo, self.tpot_headroom, self.protect_ttft_ratio)
-        return int(dcands[j])
+        return leg_d

@@ -51,6 +51,20 @@ taken while it meets this request's TTFT target; past that, the faster way (a le
 TTFT target took 2-3 s on chat, and protected little). When d misses the TPOT target with no local prefill
 at all, a leg protects little and costs this request TTFT: the faster way too (dropping that guard gave
 chat TPOT 44-54 ms against 48-58 ms at 0.8-1.1x the knee, but TTFT p90 above always-local's at 1.1x).
+
+The leg's decode pod (``pair``): the decode profile keeps a prompt group on the pod that holds its prefix
+(its prefix gate tolerates 2x a cold pod's TTFT), so on chat (one shared system prompt) it sent 80-100 % of
+the turns to one decode pod (TPOT 50-75 ms there, the other two nearly idle). A leg computes the prompt on the
+prefill pod and ships the KV anyway, so it can decode where the pair is fastest: the KV moves there, and the
+conversation's next turns follow it (the profile routes them to the pod holding their prefix). The first legs
+spread the groups over the decode pods.
+The arrival rate: the local prefills that reach d while a request decodes stall its running decodes as much as
+the queue does now. ``arrival_window_s`` 0.1 s is shorter than most prefills, so rho_d reads "d is prefilling
+or just was": a burst of local prefills on one pod. Windows 5, 2, 1, 0.3, 0.1 s (and none), 9 seeds: chat
+mean TTFT at 0.5/0.8/1.1x the knee 113/186/245, 107/178/247, 106/158/248, 97/122/207, 85/107/162 ms (none:
+131/197/265), code TTFT p90 at 1.1x 670, 637, 641, 624, 624 ms (none 688), code attainment at 1.1x
+0.994-0.999 (none 0.964). ``protect_ttft_ratio`` 3 (2: chat 85/107/162 ms against 84/97/140 ms with 3; no
+bound: TTFT p90 above always-local's on code at 1.1x).
 ``python -m e2e.bench.pd_split`` measures it against always-local, always-split and a
 fixed threshold (README "Prefill/decode: the decider").
 
@@ -114,11 +128,10 @@ def transfer_seconds(dl: DataLayer, slots: np.ndarray, tokens: float, link: str)
     return lat[slots] + per[slots] * tokens
 
 
-def transfer_from(dl: DataLayer, slot: int, tokens: np.ndarray, link: str) -> np.ndarray:
-    """Seconds to ship ``tokens[i]`` of KV from the pod of ``slot`` over ``link`` (0 where nothing moves):
-    ``transfer_seconds`` of one pod for several amounts."""
+def transfer_coefficients_of(dl: DataLayer, slot: int, link: str) -> tuple[float, float]:
+    """``transfer_coefficients`` of one slot's pod: moving n > 0 tokens from it takes lat + per x n seconds."""
     lat, per = _coefficients(dl, link)
-    return np.where(tokens > 0, lat[slot] + per[slot] * tokens, 0.0)
+    return float(lat[slot]), float(per[slot])
 
 
 def _coefficients(dl: DataLayer, link: str) -> tuple[np.ndarray, np.ndarray]:
@@ -140,10 +153,11 @@ def _coefficients(dl: DataLayer, link: str) -> tuple[np.ndarray, np.ndarray]:
 
 class PrefillRate:
     """Per endpoint slot: the cost model's seconds of local prefill this picker sent to the pod, as a rate
-    (seconds of prefill per second) averaged exponentially over ``window_s``: the share of the decode pod's
-    time that prefills arriving during a request's decode will take from it. Grows with the slot table
-    (bounded by it); a slot reused by another endpoint starts from what the old one left, which decays away
-    within a few windows."""
+    (seconds of prefill per second) decayed exponentially with time constant ``window_s``: the share of the
+    decode pod's time that prefills arriving during a request's decode will take from it. Each slot decays
+    lazily when read or written (O(1) per decision); the arrays grow with the slot table (bounded by it). A
+    slot reused by another endpoint starts from what the old one left, which decays away within a few
+    windows."""
 
     __slots__ = ("window_s", "_rate", "_at")
 
@@ -152,35 +166,37 @@ class PrefillRate:
             raise ValueError(f"window_s must be > 0, got {window_s}")
         self.window_s = window_s
         self._rate = np.zeros(0)
-        self._at = -math.inf
+        self._at = np.zeros(0)
 
-    def at(self, now: float, size: int) -> np.ndarray:
-        """The rate per slot at ``now`` (a view: do not keep it across calls)."""
-        if self._rate.size < size:
-            self._rate = np.concatenate([self._rate, np.zeros(size - self._rate.size)])
-        if now > self._at:
-            if self._at > -math.inf:
-                self._rate *= math.exp(-(now - self._at) / self.window_s)
-            self._at = now
-        return self._rate
+    def at(self, slot: int, now: float) -> float:
+        """The rate of ``slot`` at ``now`` (0 for a slot never written)."""
+        if slot >= self._rate.size:
+            return 0.0
+        dt = now - float(self._at[slot])
+        rate = float(self._rate[slot])
+        return rate * math.exp(-dt / self.window_s) if dt > 0 else rate
 
     def observe(self, slot: int, seconds: float, now: float) -> None:
         """A prefill of ``seconds`` (cost model, alone on the pod) sent to ``slot`` at ``now``."""
-        if seconds > 0 and math.isfinite(seconds):
-            self.at(now, slot + 1)[slot] += seconds / self.window_s
+        if not (seconds > 0 and math.isfinite(seconds)):
+            return
+        if slot >= self._rate.size:
+            grow = slot + 1 - self._rate.size
+            self._rate = np.concatenate([self._rate, np.zeros(grow)])
+            self._at = np.concatenate([self._at, np.full(grow, now)])
+        self._rate[slot] = self.at(slot, now) + seconds / self.window_s
+        self._at[slot] = max(now, float(self._at[slot]))
 
 
-def tpot_with_arrivals(tpot_s: np.ndarray | float, stall_s: np.ndarray | float, output_tokens: float,
-                       rate: np.ndarray | float, max_share: float = 0.9) -> np.ndarray:
+def tpot_with_arrivals(tpot_s: float, stall_s: float, output_tokens: float, rate: float,
+                       max_share: float = 0.9) -> float:
     """The running requests' TPOT over a decode of ``output_tokens``: their decode step ``tpot_s``, the
     ``stall_s`` of the prefill queued now (this prompt's included) spread over the decode, and the prefills
     arriving meanwhile, which take ``rate`` of the pod's time (capped at ``max_share``):
 
         T = n x tpot + stall + rate x T      =>      TPOT = (tpot + stall / n) / (1 - rate)
     """
-    share = np.minimum(np.asarray(rate, dtype=np.float64), max_share)
-    return (np.asarray(tpot_s, dtype=np.float64) + np.asarray(stall_s, dtype=np.float64) / max(output_tokens, 1.0)) \
-        / (1.0 - share)
+    return (tpot_s + stall_s / max(output_tokens, 1.0)) / (1.0 - min(max(rate, 0.0), max_share))
 
 
 def slo_verdict(local_ttft_s: float, split_ttft_s: float, tpot_s: float, local_tpot_s: float, running: float,
@@ -199,5 +215,5 @@ def slo_verdict(local_ttft_s: float, split_ttft_s: float, tpot_s: float, local_t
     return False, "local-faster"
 
 
-__all__ = ["PrefillRate", "slo_verdict", "tpot_with_arrivals", "transfer_coefficients", "transfer_from",
+__all__ = ["PrefillRate", "slo_verdict", "tpot_with_arrivals", "transfer_coefficients", "transfer_coefficients_of",
            "transfer_seconds"]

@@ -66,24 +66,28 @@ def test_a_protecting_leg_costs_at_most_the_ratio_of_local_ttft(local, split, ra
 
 def test_prefill_rate_is_a_decayed_rate_per_slot():
     r = PrefillRate(5.0)
-    assert r.at(0.0, 3).tolist() == [0.0, 0.0, 0.0]
+    assert r.at(0, 0.0) == 0.0 and r.at(9, 0.0) == 0.0
     r.observe(1, 0.5, 0.0)
     r.observe(1, 0.5, 0.0)
-    assert r.at(0.0, 3)[1] == pytest.approx(1.0 / 5.0)  # 1 s of prefill over a 5 s window
-    assert r.at(5.0, 3)[1] == pytest.approx(0.2 * math.exp(-1.0))
-    assert r.at(5.0, 3)[0] == 0.0 and r.at(5.0, 3)[2] == 0.0
+    assert r.at(1, 0.0) == pytest.approx(1.0 / 5.0)  # 1 s of prefill over a 5 s window
+    assert r.at(1, 5.0) == pytest.approx(0.2 * math.exp(-1.0))
+    assert r.at(0, 5.0) == 0.0 and r.at(2, 5.0) == 0.0
+    r.observe(1, 1.0, 5.0)  # decayed, then the new prefill added
+    assert r.at(1, 5.0) == pytest.approx(0.2 * math.exp(-1.0) + 0.2)
     r.observe(7, 1.0, 5.0)  # a slot past the table grows it
-    assert r.at(5.0, 8)[7] == pytest.approx(0.2)
+    assert r.at(7, 5.0) == pytest.approx(0.2) and r.at(7, 10.0) == pytest.approx(0.2 * math.exp(-1.0))
+    r.observe(3, float("nan"), 5.0)
+    r.observe(3, -1.0, 5.0)
+    assert r.at(3, 5.0) == 0.0
     with pytest.raises(ValueError):
         PrefillRate(0.0)
 
 
 def test_tpot_with_arrivals():
     # n x tpot + stall + rate x T = T over the decode
-    t = float(tpot_with_arrivals(0.020, 0.5, 100.0, 0.25))
-    assert t == pytest.approx((0.020 + 0.005) / 0.75)
-    assert float(tpot_with_arrivals(0.020, 0.5, 100.0, 0.0)) == pytest.approx(0.025)
-    assert float(tpot_with_arrivals(0.020, 0.0, 100.0, 5.0)) == pytest.approx(0.2)  # share capped at 0.9
+    assert tpot_with_arrivals(0.020, 0.5, 100.0, 0.25) == pytest.approx((0.020 + 0.005) / 0.75)
+    assert tpot_with_arrivals(0.020, 0.5, 100.0, 0.0) == pytest.approx(0.025)
+    assert tpot_with_arrivals(0.020, 0.0, 100.0, 5.0) == pytest.approx(0.2)  # share capped at 0.9
 
 
 # ---- the handler on hand-built fleets --------------------------------------------------------------------
@@ -213,7 +217,7 @@ def test_local_prefills_arriving_on_the_decode_pod_count_against_its_tpot():
 
     s, clock, base = fleet_after_one_local_prefill()
     slot = s.dl.endpoints.slot(D0)
-    rate = float(s.handler.local_prefill.at(clock.now(), s.dl.endpoints.slot_count)[slot])
+    rate = s.handler.local_prefill.at(slot, clock.now())
     assert rate == pytest.approx(float(base.state.predictions["auto"].prefill_s[slot]) / s.handler.arrival_window_s)
     probe = s.decide(request("r1", toks(4096, 10**6)))  # no target: local
     v = probe.state.pd
