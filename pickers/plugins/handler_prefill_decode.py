@@ -12,7 +12,9 @@
    where TTFT_p is the request's predicted TTFT on p (its queued prefill + prefill of the part not cached on
    p + its decode load) and transfer_p the cost model's KV transfer of the U tokens the decode pod lacks over
    ``link``. ``Decision.prefill`` = that pod; extproc sends it to the decode pod's sidecar as
-   ``x-prefiller-host-port``.
+   ``x-prefiller-host-port``. The ``slo`` decider may give the leg another decode pod than the profile's
+   first (``pair``: the one with the least predicted split TTFT); that pod then leads the fallback list,
+   the profile's ranking after it.
 
 The verdict (``RequestState.pd``) carries the decider's numbers; the director puts them first in the
 explanation (``_pd``), and the prefill candidates appear beside the decode ones (scores ``pd-ttft-ms``,
@@ -47,6 +49,14 @@ class PrefillDecodeHandler(ProfileHandler):
                                doc="slo: local prefill keeps the decode pod's TPOT below (1 - this) x target"),
         "default_output_tokens": Param(float, 256.0, min=1.0,
                                        doc="slo: mean output length until finished requests have shown it"),
+        "arrival_window_s": Param(float, 0.1, min=0.01, max=600.0,
+                                  doc="slo: window of the decayed rate of local prefill per decode pod, the "
+                                      "prefill expected to arrive during a request's decode"),
+        "protect_ttft_ratio": Param(float, 3.0, min=1.0,
+                                    doc="slo: a leg that protects the decode pod's TPOT costs this request at most "
+                                        "this many times its local TTFT"),
+        "pair": Param(bool, True, doc="slo: a leg decodes on the decode pod with the least predicted split TTFT "
+                                      "(not only the decode profile's first)"),
         "threshold_tokens": Param(int, 2048, min=0, doc="least uncached tokens on the decode pod for a leg"),
         "min_uncached_ratio": Param(float, 0.5, min=0.0, max=1.0, doc="least uncached / prompt for a leg"),
         "skip_when_saturated": Param(bool, True, doc="no leg when the prefill queue costs more than it saves "
@@ -59,6 +69,9 @@ class PrefillDecodeHandler(ProfileHandler):
     decider: str
     tpot_headroom: float
     default_output_tokens: float
+    arrival_window_s: float
+    protect_ttft_ratio: float
+    pair: bool
     threshold_tokens: int
     min_uncached_ratio: float
     skip_when_saturated: bool
@@ -74,6 +87,7 @@ class PrefillDecodeHandler(ProfileHandler):
         except ValueError as e:
             raise ValueError(f"link: {e}") from None
         self.mean_output = self.default_output_tokens  # exponential mean of finished requests' outputs
+        self.local_prefill = pd.PrefillRate(self.arrival_window_s)  # per decode pod: local prefill s per s
 
     def on_finished(self, decision: Decision, usage: Usage | None, at: float) -> None:
         if usage is not None and usage.completion_tokens > 0:
@@ -90,11 +104,17 @@ class PrefillDecodeHandler(ProfileHandler):
         res = profiles[name].run(ctx, ctx.candidates)
         ctx.state.results.append(res)
         decision = Decision(ctx.state, dl.endpoints.addresses(res.ranked), profile=name, decided_at=ctx.now)
-        verdict, pres = self._decide(ctx, int(res.ranked[0]))
+        d = int(res.ranked[0])
+        verdict, pres, leg_d = self._decide(ctx, d, res.cands)
         if pres is not None:
             ctx.state.results.append(pres)
         if verdict.leg and pres is not None:
             decision.prefill = dl.endpoints.address(int(pres.ranked[0]))
+            if leg_d != d:  # the leg decodes on another pod: it goes first, the profile's ranking after it
+                rest = res.ranked[res.ranked != leg_d]
+                decision.endpoints = dl.endpoints.addresses(np.concatenate(([leg_d], rest)).astype(res.ranked.dtype))
+        elif self.decider == "slo" and pres is not None:
+            self.local_prefill.observe(d, float(ctx.prediction(self.mode).prefill_s[d]), ctx.now)
         ctx.state.pd = verdict
         return decision
 
@@ -103,23 +123,25 @@ class PrefillDecodeHandler(ProfileHandler):
         cands = dl.endpoints.active_slots()
         return cands[dl.endpoints.can_prefill[cands] & dl.health.healthy[cands] & (cands != d)]
 
-    def _decide(self, ctx: CycleContext, d: int) -> tuple[PDVerdict, ProfileResult | None]:
+    def _decide(self, ctx: CycleContext, d: int, dcands: np.ndarray
+                ) -> tuple[PDVerdict, ProfileResult | None, int]:
+        """(verdict, the prefill candidates' result, the decode pod of a leg)."""
         dl = self.dl
         cands = self._prefill_candidates(d)
         p = float(ctx.prompt_tokens())
         threshold = float(self.threshold_tokens) if self.decider == "threshold" else 0.0
         if cands.size == 0:
-            return PDVerdict(False, "no-prefill-pods", p, p, threshold), None
+            return PDVerdict(False, "no-prefill-pods", p, p, threshold), None, d
         hits = ctx.hit_tokens(self.mode)  # also the "auto" hits the director records in-flight work with
         cached_d = min(float(hits[d]) if d < hits.size else 0.0, p)
         u = max(p - cached_d, 0.0)
         if self.decider == "never":
-            return PDVerdict(False, "never", p, u, threshold), None
+            return PDVerdict(False, "never", p, u, threshold), None, d
         if self.decider == "threshold":
             if u < self.threshold_tokens:
-                return PDVerdict(False, "below-threshold", p, u, threshold), None
+                return PDVerdict(False, "below-threshold", p, u, threshold), None, d
             if p > 0 and u / p < self.min_uncached_ratio:
-                return PDVerdict(False, "mostly-cached-on-decode", p, u, threshold), None
+                return PDVerdict(False, "mostly-cached-on-decode", p, u, threshold), None, d
 
         # the prefill pods: predicted TTFT + the KV transfer to d
         pred = ctx.prediction(self.mode)
@@ -139,27 +161,44 @@ class PrefillDecodeHandler(ProfileHandler):
         room = bool(dl.queue_depth(dslot, ctx.now)[0] < 1.0
                     and (not dl.fresh(dslot, ctx.now)[0] or dl.metrics.kv_usage[d] < self.decode_room_kv))
         verdict = PDVerdict(True, "leg", p, u, threshold, saved, float(wait[best]), room)
+        leg_d = d
         if self.decider == "always":
             verdict.reason = "always"
         elif self.decider == "threshold":
             if self.skip_when_saturated and verdict.prefill_wait_s > saved and room:
                 verdict.leg, verdict.reason = False, "prefill-saturated"
         else:
-            self._slo(ctx, d, float(pred.ttft_s[cands[best]]), float(xfer[best]), verdict)
-        return verdict, pres
+            leg_d = self._slo(ctx, d, int(cands[best]), dcands if self.pair else np.array([d]), verdict)
+        return verdict, pres, leg_d
 
-    def _slo(self, ctx: CycleContext, d: int, prefill_ttft_s: float, xfer_s: float, verdict: PDVerdict) -> None:
+    def _slo(self, ctx: CycleContext, d: int, pslot: int, dcands: np.ndarray, verdict: PDVerdict) -> int:
         """The ``slo`` decider (pickers/plugins/pd_decider.py): local vs split by predicted TTFT, queues
-        included, with the decode pod's running requests' TPOT protected."""
+        included, with the decode pod's running requests' TPOT protected; returns the leg's decode pod."""
         pred = ctx.prediction(self.mode)
         tpot_d = float(pred.tpot_s[d])
         verdict.local_ttft_s = float(pred.ttft_s[d])
-        # the decode pod takes the KV in its waiting order, when it arrives: behind the prefills queued there
-        # then (about as much as now on a busy pod: new local work keeps arriving) and its wait for KV space
-        verdict.split_ttft_s = prefill_ttft_s + float(pred.wait_s[d]) + xfer_s + self.hop_s + tpot_d
+        # a leg through the best prefill pod p to each decode candidate e: the decode pod takes the KV in its
+        # waiting order, when it arrives: behind the prefills queued there then (about as much as now on a
+        # busy pod: new local work keeps arriving) and its wait for KV space; the KV e lacks, the hop and e's
+        # first decode step
+        p = float(ctx.prompt_tokens())
+        hits = ctx.hit_tokens(self.mode)
+        lat, per = pd.transfer_coefficients_of(self.dl, pslot, self.link)
+        base = float(pred.ttft_s[pslot]) + self.hop_s
+        lacks_d = p - min(float(hits[d]), p)
+        verdict.split_ttft_s = base + float(pred.wait_s[d]) + (lat + per * lacks_d if lacks_d > 0 else 0.0) + tpot_d
+        leg_d = d
+        if dcands.size > 1:  # the profile's pod unless another is faster (ties keep the profile's choice)
+            lacks = p - np.minimum(hits[dcands], p)
+            split = base + pred.wait_s[dcands] + np.where(lacks > 0, lat + per * lacks, 0.0) + pred.tpot_s[dcands]
+            split[dcands == pslot] = np.inf  # a pod both prefill and decode is not its own leg's decode pod
+            j = int(np.argmin(split))
+            if split[j] < verdict.split_ttft_s:
+                verdict.split_ttft_s, leg_d = float(split[j]), int(dcands[j])
         own = float(pred.uncached[d])
         stall = float(pred.prefill_s[d]) * (float(pred.queued[d]) + own) / max(own, 1.0)
-        verdict.local_tpot_s = tpot_d + stall / max(self.mean_output, 1.0)
+        verdict.local_tpot_s = pd.tpot_with_arrivals(tpot_d, stall, self.mean_output, self.local_prefill.at(d, ctx.now))
         verdict.leg, verdict.reason = pd.slo_verdict(verdict.local_ttft_s, verdict.split_ttft_s, tpot_d,
                                                      verdict.local_tpot_s, float(pred.running[d]),
-                                                     ctx.state.slo, self.tpot_headroom)
+                                                     ctx.state.slo, self.tpot_headroom, self.protect_ttft_ratio)
+        return leg_d

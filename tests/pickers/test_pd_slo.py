@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from engine.costmodel import CostModel
 from pickers.datalayer import PodMetrics
-from pickers.plugins.pd_decider import slo_verdict
+from pickers.plugins.pd_decider import PrefillRate, slo_verdict, tpot_with_arrivals
 from pickers.state import SLOTargets
 from pickers.types import Endpoint
 
@@ -51,6 +53,41 @@ BOTH = SLOTargets(ttft_s=1.0, tpot_s=0.040)
 ])
 def test_rule(local, split, tpot, local_tpot, running, slo, want):
     assert slo_verdict(local, split, tpot, local_tpot, running, slo, 0.05) == want
+
+
+@pytest.mark.parametrize("local,split,ratio,want", [
+    (0.20, 0.39, 2.0, (True, "protect-tpot")),  # the leg costs this request under 2x its local TTFT
+    (0.20, 0.41, 2.0, (False, "local-faster")),  # over 2x: the faster way, whatever the TTFT target allows
+    (0.20, 0.41, 3.0, (True, "protect-tpot")),
+])
+def test_a_protecting_leg_costs_at_most_the_ratio_of_local_ttft(local, split, ratio, want):
+    assert slo_verdict(local, split, 0.030, 0.039, 10, BOTH, 0.05, ratio) == want
+
+
+def test_prefill_rate_is_a_decayed_rate_per_slot():
+    r = PrefillRate(5.0)
+    assert r.at(0, 0.0) == 0.0 and r.at(9, 0.0) == 0.0
+    r.observe(1, 0.5, 0.0)
+    r.observe(1, 0.5, 0.0)
+    assert r.at(1, 0.0) == pytest.approx(1.0 / 5.0)  # 1 s of prefill over a 5 s window
+    assert r.at(1, 5.0) == pytest.approx(0.2 * math.exp(-1.0))
+    assert r.at(0, 5.0) == 0.0 and r.at(2, 5.0) == 0.0
+    r.observe(1, 1.0, 5.0)  # decayed, then the new prefill added
+    assert r.at(1, 5.0) == pytest.approx(0.2 * math.exp(-1.0) + 0.2)
+    r.observe(7, 1.0, 5.0)  # a slot past the table grows it
+    assert r.at(7, 5.0) == pytest.approx(0.2) and r.at(7, 10.0) == pytest.approx(0.2 * math.exp(-1.0))
+    r.observe(3, float("nan"), 5.0)
+    r.observe(3, -1.0, 5.0)
+    assert r.at(3, 5.0) == 0.0
+    with pytest.raises(ValueError):
+        PrefillRate(0.0)
+
+
+def test_tpot_with_arrivals():
+    # n x tpot + stall + rate x T = T over the decode
+    assert tpot_with_arrivals(0.020, 0.5, 100.0, 0.25) == pytest.approx((0.020 + 0.005) / 0.75)
+    assert tpot_with_arrivals(0.020, 0.5, 100.0, 0.0) == pytest.approx(0.025)
+    assert tpot_with_arrivals(0.020, 0.0, 100.0, 5.0) == pytest.approx(0.2)  # share capped at 0.9
 
 
 # ---- the handler on hand-built fleets --------------------------------------------------------------------
@@ -130,6 +167,69 @@ def test_tpot_target_protects_the_decode_pods_running_requests():
     ttft_ms = (v.local_ttft_s + v.split_ttft_s) / 2 * 1e3
     d2 = s.decide(request("r2", toks(8192, 2 * 10**6), headers={**hdr, "x-slo-ttft-ms": f"{ttft_ms:.1f}"}))
     assert d2.prefill is None and d2.state.pd.reason == "local-faster"
+
+
+def _warm_prefill_pod(s, clock, prompt):
+    """A first request through the prefill pod (both decode pods so busy that the leg is faster): the prompt
+    is then cached on the prefill pod and on the leg's decode pod; returns that decode pod."""
+    dl = s.dl
+    for pod in (D0, D1):
+        dl.metrics.update(pod, PodMetrics(waiting=0, running=2000, kv_usage=0.3), clock.now())
+    first = s.decide(request("a", prompt))
+    assert first.prefill == P0
+    s.on_first_token(first, clock.now())
+    s.on_finished(first, None, clock.now())
+    for pod in (D0, D1):
+        dl.metrics.update(pod, PodMetrics(waiting=0, running=0, kv_usage=0.0), clock.now())
+    return first.primary
+
+
+@pytest.mark.parametrize("pair", [True, False])
+def test_a_leg_decodes_on_the_quiet_pod_when_the_warm_one_has_a_queue(pair):
+    s, clock = slo_scheduler(pair=pair)
+    dl = s.dl
+    prompt = toks(8192)
+    warm = _warm_prefill_pod(s, clock, prompt)
+    quiet = D1 if warm == D0 else D0
+    dl.inflight.add("q", dl.endpoints.slot(warm), None, 6000, 10, clock.now())  # ~0.2 s of prefill queued
+    d = s.decide(request("b", prompt + toks(256, 50_000)))
+    v = d.state.pd
+    pred = d.state.predictions["auto"]
+    assert d.explanation[P0]["pd-ttft-ms"] < 100  # the prefill pod holds the prompt: only the new turn
+    if pair:
+        # a leg to the warm pod would wait for its queue after the prefill (slower than local), one to the
+        # quiet pod moves the whole KV there and is the fastest way: the conversation moves with it
+        assert d.prefill == P0 and d.primary == quiet and d.endpoints[1] == warm
+        assert v.reason == "split-faster" and v.split_ttft_s < v.local_ttft_s
+        assert v.split_ttft_s < float(pred.wait_s[dl.endpoints.slot(warm)])
+    else:
+        assert d.prefill is None and d.primary == warm and v.reason == "local-faster"
+
+
+def test_local_prefills_arriving_on_the_decode_pod_count_against_its_tpot():
+    def fleet_after_one_local_prefill():
+        s, clock = scheduler({"handler": {"type": "prefill-decode"}, "predictor": {"correction": False}},
+                             [Endpoint(P0, role="prefill"), Endpoint(D0, role="decode")])
+        s.dl.metrics.update(D0, PodMetrics(waiting=0, running=64, kv_usage=0.3), clock.now())
+        base = s.decide(request("r0", toks(8192)))  # no target: local, and counted in the pod's rate
+        assert base.prefill is None
+        return s, clock, base
+
+    s, clock, base = fleet_after_one_local_prefill()
+    slot = s.dl.endpoints.slot(D0)
+    rate = s.handler.local_prefill.at(slot, clock.now())
+    assert rate == pytest.approx(float(base.state.predictions["auto"].prefill_s[slot]) / s.handler.arrival_window_s)
+    probe = s.decide(request("r1", toks(4096, 10**6)))  # no target: local
+    v = probe.state.pd
+    assert not v.leg
+    without = v.local_tpot_s * (1.0 - min(rate, 0.9))  # the queue and this prefill spread over the decode, no arrivals
+    assert without < v.local_tpot_s
+    # the same request with a TPOT target between the two, on the same fleet: the arrivals break it
+    target_ms = (without + v.local_tpot_s) / 2 / 0.95 * 1e3
+    s, clock, _ = fleet_after_one_local_prefill()
+    d = s.decide(request("r1", toks(4096, 10**6), headers={"x-slo-tpot-ms": f"{target_ms:.3f}"}))
+    assert d.state.pd.local_tpot_s == pytest.approx(v.local_tpot_s)
+    assert d.state.pd.reason == "protect-tpot" and d.prefill == P0
 
 
 def test_always_and_never():
