@@ -4,7 +4,8 @@ Each pod's model x accelerator x deployment becomes a ``Roofline`` (the numbers 
 a ``RooflineTable``; the predictor evaluates the very formula the simulator charges, vectorised over
 candidates (engine.costmodel.vector), never a fitted approximation of it. Beside it, per slot: the pod's
 step token budget (vLLM ``max_num_batched_tokens``: the endpoint's own value, else its role's preset, as the
-pod would be deployed by engine.presets), its KV capacity in tokens, and the cost of an empty step.
+pod would be deployed by engine.presets), its sequence slots (``max_num_seqs``, the same way), its KV capacity
+in tokens, and the cost of an empty step.
 """
 
 from __future__ import annotations
@@ -37,13 +38,21 @@ def preset_budget(model_profile: str, accelerator: str, role: str) -> int:
     return preset(model_profile, accelerator, role).max_num_batched_tokens
 
 
+@lru_cache(maxsize=256)
+def preset_max_seqs(model_profile: str, accelerator: str, role: str) -> int:
+    """max_num_seqs of the preset a pod of this kind is deployed with."""
+    return preset(model_profile, accelerator, role).max_num_seqs
+
+
 class CostTable:
-    """Per endpoint slot: the pod's roofline, step token budget, KV capacity and empty-step cost."""
+    """Per endpoint slot: the pod's roofline, step token budget, sequence slots, KV capacity and empty-step
+    cost."""
 
     def __init__(self, max_endpoints: int = 1024) -> None:
         n = max_endpoints
         self.roofline = RooflineTable(n)
         self.budget = np.full(n, 8192.0)
+        self.max_seqs = np.full(n, 256.0)  # vLLM max_num_seqs: running sequences at most (pickers/slotwait.py)
         self.kv_capacity = np.full(n, 1e6)
         self.empty_step_s = np.full(n, 1e-3)  # one token, nothing cached: the floor every step pays
         self._version = 0
@@ -52,7 +61,8 @@ class CostTable:
 
     @property
     def version(self) -> int:
-        """Changes whenever a slot's cost model, budget or capacity is set (memo key for derived values)."""
+        """Changes whenever a slot's cost model, budget, sequence slots or capacity is set (memo key for
+        derived values)."""
         return self._version
 
     def derived(self, key: Hashable, build: Callable[[], T]) -> T:
@@ -87,6 +97,9 @@ class CostTable:
         self.roofline.set(slot, cm.roofline)
         self.budget[slot] = float(endpoint.max_num_batched_tokens
                                   or preset_budget(endpoint.model_profile, endpoint.accelerator, endpoint.role.value))
+        self.max_seqs[slot] = float(endpoint.max_num_seqs
+                                    or preset_max_seqs(endpoint.model_profile, endpoint.accelerator,
+                                                       endpoint.role.value))
         self.kv_capacity[slot] = float(cm.kv_capacity_tokens)
         self.empty_step_s[slot] = cm.step_time(1, 1.0, 0.0)
         self._version += 1

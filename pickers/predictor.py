@@ -13,7 +13,9 @@ For a prompt of P tokens and each endpoint slot p:
     ttft_p    = CostModel.time_to_first_token(P, H_p, budget=B_p, queued=Q_p, running=r_p,
                                               decode_context=ctx)          (closed form, all pods at once)
     ttft_p   += kvwait_p: the wait for KV space on a pod whose cache is full (pickers/kvwait.py)
-    wait_p    = the part of ttft_p that prefills Q_p, plus kvwait_p
+    wait_p    = the part of ttft_p that prefills Q_p, plus kvwait_p; or, when larger, slotwait_p: the wait
+                for a sequence slot on a pod running max_num_seqs (pickers/slotwait.py), whose steps carry
+                that same prefill
     prefill_p = the same with nothing queued and nothing running, less one empty step: the time this
                 prompt's own tokens keep each running decode on p waiting
     tpot_p    = CostModel.decode_step_time(r_p + 1, r_p x ctx + P)          once it joins the batch (its own
@@ -36,6 +38,7 @@ import numpy as np
 from engine.costmodel.vector import prefill_split, step_seconds_v
 from pickers.correction import OnlineCorrection
 from pickers.kvwait import kv_held, kv_wait_from_step
+from pickers.slotwait import slot_drain, slot_wait_from_step
 from pickers.state import Prediction, PrefixMode
 
 if TYPE_CHECKING:
@@ -87,7 +90,8 @@ class Predictor:
         per = np.where(dl.endpoints.can_prefill[slots], per_waiting, 0.0)
         q = inflight.prefill_tokens[slots] + np.maximum(waiting - pre_req, 0.0) * per
         budget = dl.costs.budget[slots]
-        r = np.minimum(dl.running(slots, ctx.now, fresh), 0.9 * budget)
+        run = dl.running(slots, ctx.now, fresh)
+        r = np.minimum(run, 0.9 * budget)
         h = np.minimum(ctx.hit_tokens(mode)[slots], p)
         u = np.maximum(p - h, 1.0)
         zero, grow = self._constants(k)
@@ -103,11 +107,20 @@ class Predictor:
         cap, held, b = kv_held(dl, slots, fresh, r)
         dec_b = r + 1.0  # tpot: once it joins the batch, its own context being its prompt
         dec_kv = r * s.decode_context_tokens + p
-        steps = step_seconds_v(dl.costs.rooflines(slots, 5), np.concatenate((last[0], b, dec_b)),
-                               np.concatenate((last[1], held, dec_kv)), np.concatenate((last[2], held, dec_kv)))
+        drain = slot_drain(dl, slots, ctx.now, run, waiting, q, budget, self.mean_prompt)
+        if drain is None:  # a free sequence slot on every pod
+            steps = step_seconds_v(dl.costs.rooflines(slots, 5), np.concatenate((last[0], b, dec_b)),
+                                   np.concatenate((last[1], held, dec_kv)), np.concatenate((last[2], held, dec_kv)))
+        else:  # and the step of each pod's slot drain
+            sa = drain.step_args
+            steps = step_seconds_v(dl.costs.rooflines(slots, 6), np.concatenate((last[0], b, dec_b, sa[0])),
+                                   np.concatenate((last[1], held, dec_kv, sa[1])),
+                                   np.concatenate((last[2], held, dec_kv, sa[2])))
         seg = full + steps[:3 * k]
         w = seg[:k] + kv_wait_from_step(dl, slots, fresh, q, u, cap, held, b, steps[3 * k:4 * k])
-        own, alone, tp = seg[k:2 * k], seg[2 * k:], steps[4 * k:]
+        if drain is not None:
+            w = np.maximum(w, slot_wait_from_step(drain, steps[5 * k:]))
+        own, alone, tp = seg[k:2 * k], seg[2 * k:], steps[4 * k:5 * k]
         pre = np.maximum(alone - dl.costs.empty_step_s[slots], 0.0)
         if k == n:  # every slot active (slots is 0..n-1): the per-slot arrays are the per-candidate ones
             pred = Prediction(mode, w + own, w, pre, tp, u, q, r)

@@ -54,6 +54,7 @@ class Endpoint:
     kv_events: str | None = None  # ZMQ endpoint of the pod's (or this rank's) KV event publisher
     block_size: int = 16
     max_num_batched_tokens: int | None = None  # the engine's step token budget; None: its role's preset
+    max_num_seqs: int | None = None  # the engine's sequence slots (vLLM --max-num-seqs); None: its role's preset
     dp_rank: int | None = None  # the data-parallel rank this endpoint targets (X-data-parallel-rank)
     dp_engine: int | None = None  # vLLM's engine index of that rank; None: dp_rank
     dp_size: int | None = None  # ranks of its pod (prices a rank with a rank's share of the pod's GPUs)
@@ -68,6 +69,8 @@ class Endpoint:
             raise ValueError(f"dp_rank and dp_engine must be >= 0, got {self.dp_rank}, {self.dp_engine}")
         if self.dp_engine is not None and self.dp_rank is None:
             raise ValueError("dp_engine needs a dp_rank")
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
 
     @property
     def id(self) -> str:

@@ -17,6 +17,11 @@ the report.
 Each workload is generated once per seed at its base rate and then replayed ``load x knee / base rate``
 times faster (the trace's timestamps scaled, as a Mooncake replay at a speedup does), so every load point
 of a seed has the same requests.
+
+A change to the picker is judged against the tree before it, run by run: ``--report B/results.json --against
+A/results.json`` adds to B's report, per workload and load, the differences B - A of the router both ran
+(``default``) paired by seed (the same trace on both sides), their median, min and max, and how many seeds
+changed at all (a change that never fires leaves the runs identical, bit for bit).
 """
 
 from __future__ import annotations
@@ -238,7 +243,32 @@ def verdicts(doc: dict[str, Any], kvswitch: str = "default") -> list[str]:
     return lines
 
 
-def render(path: Path, plots: bool = True) -> Path:
+PAIRED = [("throughput_req_s", "req/s", 1.0, "{:+.3f}"), ("ttft_p90_s", "TTFT p90 s", 1.0, "{:+.3f}"),
+          ("ttft_p99_s", "TTFT p99 s", 1.0, "{:+.3f}")]
+
+
+def paired(doc: dict[str, Any], base: dict[str, Any], router: str = "default") -> list[str]:
+    """Markdown rows: per workload and load, ``router``'s per-seed differences ``doc`` - ``base`` (median
+    [min, max]) over the seeds both ran, and how many seeds differ in any of them."""
+    def runs(d: dict[str, Any]) -> dict[tuple[str, float, int], dict[str, Any]]:
+        return {(r["workload"], round(r["load"], 3), r["seed"]): r for r in d["runs"] if r["router"] == router}
+
+    new, old = runs(doc), runs(base)
+    lines = []
+    for w, load in sorted({(w, load) for w, load, _ in new}):
+        seeds = sorted(s for w2, l2, s in new if (w2, l2) == (w, load) and (w, load, s) in old)
+        if not seeds:
+            continue
+        cells = []
+        for key, _, scale, fmt in PAIRED:
+            d = [scale * (new[(w, load, s)][key] - old[(w, load, s)][key]) for s in seeds]
+            cells.append(f"{fmt.format(float(np.median(d)))} [{fmt.format(min(d))}, {fmt.format(max(d))}]")
+        changed = sum(any(new[(w, load, s)][k] != old[(w, load, s)][k] for k, _, _, _ in PAIRED) for s in seeds)
+        lines.append(f"| {w} | {load:g}x | {len(seeds)} | " + " | ".join(cells) + f" | {changed} |")
+    return lines
+
+
+def render(path: Path, plots: bool = True, against: Path | None = None) -> Path:
     doc = json.loads(Path(path).read_text())
     out = Path(path).parent
     med = medians(doc["runs"])
@@ -269,6 +299,11 @@ def render(path: Path, plots: bool = True) -> Path:
         lines.append("")
     lines += ["## Against the issue's bar (kvswitch default vs the best peer, medians)", "",
               "| workload | load | verdict |", "|---|---|---|", *verdicts(doc), ""]
+    if against is not None:
+        lines += [f"## Paired by seed against {against} (default: this run - that one)", "",
+                  "| workload | load | seeds | " + " | ".join(f"d {lbl} median [min, max]" for _, lbl, _, _ in PAIRED)
+                  + " | seeds changed |", "|---|---|---|" + "---|" * (len(PAIRED) + 1),
+                  *paired(doc, json.loads(Path(against).read_text())), ""]
     readme = out / "README.md"
     readme.write_text("\n".join(lines))
     if plots:
@@ -323,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="parallel replays (processes)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--report", type=Path, default=None, help="only re-render the report of a results.json")
+    p.add_argument("--against", type=Path, default=None,
+                   help="another results.json (the tree before a change): add the paired-by-seed differences")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--variants", type=Path, default=None,
                    help="JSON {router name: picker config with its 'profile'} (profiles under test)")
@@ -330,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.variants:
         VARIANTS.update(json.loads(a.variants.read_text()))
     if a.report:
-        print(render(a.report, not a.no_plots))
+        print(render(a.report, not a.no_plots, a.against))
         return 0
     workloads = [w for w in a.workloads.split(",") if w]
     for w in workloads:
@@ -349,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     out = a.out or RESULTS_DIR / f"{_dt.datetime.now():%Y-%m-%d-%H%M}-vcurve"
     path = run_curves(workloads, [r for r in a.routers.split(",") if r], loads, seeds, a.requests, out,
                       max(1, a.jobs), lambda line: print(line, flush=True))
-    print(render(path, not a.no_plots).read_text())
+    print(render(path, not a.no_plots, a.against).read_text())
     return 0
 
 

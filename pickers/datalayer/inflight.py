@@ -1,14 +1,21 @@
 """Load the picker puts on each pod itself, known the moment it decides (metrics lag by a scrape).
 
 Per pod slot: requests routed and not finished, those still before their first token (queued or in
-prefill), their uncached prompt tokens (prefill work ahead of a new request) and the decode tokens they may
-still produce. Fed by the scheduler's hooks; records expire after ``ttl_s`` so a lost "finished" report
-cannot leak load forever, and at most ``max_records`` are kept.
+prefill), their uncached prompt tokens (prefill work ahead of a new request), the decode tokens they may
+still produce, and those past their first token (decoding) with the sum of their first-token times (how long
+the pod's running decodes have been at it: pickers/slotwait.py). Fed by the scheduler's hooks; records
+expire after ``ttl_s`` so a lost "finished" report cannot leak load forever, and at most ``max_records`` are
+kept.
 
 When the gateway reports a response only once it has ended (``response_body: access-log``), no first token
 arrives while a request runs: ``add`` then takes the predicted first-token time and ``settle`` moves the
 request out of the prefill counts when that time has passed (the real first token, reported at the end,
 corrects the predictor instead).
+
+A first token is stamped with the latest time the tracker was told (``add``, ``settle``: every decision),
+not the moment it arrived, which the hook does not carry; it is late by at most the gap between two
+decisions, and nothing reads it in between. The sum of first-token times goes back to exactly 0 whenever a
+slot has no decoding request, so rounding cannot accumulate.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ class _Rec:
     decode: float
     at: float
     started: bool = False
+    started_at: float = 0.0  # the tracker's time when its first token was counted
 
 
 class InflightTracker:
@@ -36,6 +44,9 @@ class InflightTracker:
         self.prefill_requests = np.zeros(n)
         self.prefill_tokens = np.zeros(n)
         self.decode_tokens = np.zeros(n)
+        self.decoding = np.zeros(n)  # requests past their first token (on the decode slot)
+        self.decoding_since = np.zeros(n)  # the sum of their first-token times
+        self._now = 0.0  # the latest time the tracker was told (stamps first tokens)
         self.ttl_s = ttl_s
         self.max_records = max_records
         self._recs: dict[str, _Rec] = {}
@@ -48,6 +59,7 @@ class InflightTracker:
             first_token_by: float | None = None) -> None:
         """Count a routed request; ``first_token_by``: when no first-token report will come while it runs,
         the predicted time after which its prompt no longer counts as prefill work ahead (``settle``)."""
+        self._now = now
         self._expire(now)
         if rid in self._recs:
             self.finish(rid)
@@ -70,6 +82,10 @@ class InflightTracker:
         self.decode_tokens[r.slot] -= r.decode
         self.requests[slot] += 1
         self.decode_tokens[slot] += r.decode
+        if r.started:
+            self._undecode(r)
+            self.decoding[slot] += 1
+            self.decoding_since[slot] += r.started_at
         if same and not r.started:
             self.prefill_requests[r.slot] -= 1
             self.prefill_tokens[r.slot] -= r.uncached
@@ -81,17 +97,15 @@ class InflightTracker:
 
     def first_token(self, rid: str) -> None:
         r = self._recs.get(rid)
-        if r is None or r.started:
-            return
-        r.started = True
-        self.prefill_requests[r.prefill_slot] -= 1
-        self.prefill_tokens[r.prefill_slot] -= r.uncached
+        if r is not None:
+            self.first_token_rec(r)
 
     def finish(self, rid: str) -> _Rec | None:
         r = self._recs.pop(rid, None)
         if r is None:
             return None
         self.first_token_rec(r)
+        self._undecode(r)
         self.requests[r.slot] -= 1
         self.decode_tokens[r.slot] -= r.decode
         return r
@@ -105,27 +119,40 @@ class InflightTracker:
         """Requests whose predicted first token is due leave the prefill counts. The heap holds at most one
         entry per ``add`` with a prediction; entries of finished requests are dropped when due, and the heap
         is rebuilt from live records if it ever holds twice ``max_records``."""
+        self._now = now
         due = self._due
         while due and due[0][0] <= now:
-            _, rid = heapq.heappop(due)
+            at, rid = heapq.heappop(due)
             r = self._recs.get(rid)
             if r is not None:
-                self.first_token_rec(r)
+                self.first_token_rec(r, at)
         if len(due) > 2 * self.max_records:
             self._due = [(t, rid) for t, rid in due if rid in self._recs and not self._recs[rid].started]
             heapq.heapify(self._due)
 
-    def first_token_rec(self, r: _Rec) -> None:
+    def first_token_rec(self, r: _Rec, at: float | None = None) -> None:
+        """``r`` is past its first token (at ``at``; default: the tracker's latest time)."""
         if not r.started:
             r.started = True
+            r.started_at = self._now if at is None else at
             self.prefill_requests[r.prefill_slot] -= 1
             self.prefill_tokens[r.prefill_slot] -= r.uncached
+            self.decoding[r.slot] += 1
+            self.decoding_since[r.slot] += r.started_at
+
+    def _undecode(self, r: _Rec) -> None:
+        """Take a started ``r`` out of its slot's decoding counts (exactly 0 once the last one leaves)."""
+        if r.started:
+            s = r.slot
+            self.decoding[s] -= 1
+            self.decoding_since[s] = self.decoding_since[s] - r.started_at if self.decoding[s] > 0 else 0.0
 
     def reset(self, slot: int) -> None:
         for rid in [k for k, r in self._recs.items() if r.slot == slot or r.prefill_slot == slot]:
             self.finish(rid)
         self.requests[slot] = self.prefill_requests[slot] = 0.0
         self.prefill_tokens[slot] = self.decode_tokens[slot] = 0.0
+        self.decoding[slot] = self.decoding_since[slot] = 0.0
 
     def _expire(self, now: float) -> None:
         recs = self._recs

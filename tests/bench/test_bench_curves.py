@@ -59,3 +59,18 @@ def test_the_verdict_applies_the_issues_bar():
     v = rtcurve.verdict(med, "w", 1.0)
     assert "req/s 10.000 < 10.500" in v and "p90 100 > 90 ms" in v and "p99 200 > 1.1 x 150 ms" in v
     assert rtcurve.verdict(med, "w", 2.0) == "(incomplete)"
+
+
+def test_paired_differences_are_per_seed_and_count_the_seeds_that_changed():
+    def run(seed: int, tp: float, p99: float, load: float = 3.0) -> dict:
+        return {"workload": "shared-prefix", "load": load, "router": "default", "seed": seed,
+                "throughput_req_s": tp, "ttft_p90_s": 1.0, "ttft_p99_s": p99}
+
+    base = {"runs": [run(0, 19.0, 25.0), run(1, 20.0, 3.0), run(2, 21.0, 24.0), run(0, 8.0, 0.5, load=1.0)]}
+    new = {"runs": [run(0, 20.5, 3.0), run(1, 20.0, 3.0), run(2, 22.0, 3.5), run(0, 8.0, 0.5, load=1.0),
+                    {**run(1, 30.0, 1.0), "router": "sglang:cache_aware"}]}  # another router: not paired
+    rows = vcurve.paired(new, base)
+    assert rows == ["| shared-prefix | 1x | 1 | +0.000 [+0.000, +0.000] | +0.000 [+0.000, +0.000] "
+                    "| +0.000 [+0.000, +0.000] | 0 |",
+                    "| shared-prefix | 3x | 3 | +1.000 [+0.000, +1.500] | +0.000 [+0.000, +0.000] "
+                    "| -20.500 [-22.000, +0.000] | 2 |"]

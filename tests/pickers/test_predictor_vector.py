@@ -1,6 +1,6 @@
 """The predictor, vectorised over pods and with its steps stacked into one roofline evaluation, against the
 scalar cost model pod by pod (``CostModel.time_to_first_token``, ``decode_step_time``, ``step_time``) and the
-kvwait formula written out per pod, on many random fleets and pod states.
+kvwait and slotwait formulas written out per pod, on many random fleets and pod states.
 
 What would break it: a stacked argument out of place (a segment's partial last step evaluated with another
 segment's tokens, the KV drain's step with the request's decode step), a memoised per-pod term not
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from engine.costmodel import CostModel
-from pickers.costs import preset_budget
+from pickers.costs import preset_budget, preset_max_seqs
 from pickers.datalayer import PodMetrics
 from pickers.framework import CycleContext
 from pickers.types import Endpoint
@@ -54,8 +54,28 @@ def _reference(s, slot: int, ep: Endpoint, p: float, hit: float, now: float, ctx
     b = max(r, 1.0)
     drain = float(inf.decode_tokens[slot]) / b * cm.decode_step_time(b, held)
     kv_wait = min(need / max(held, 1.0), 1.0) * drain if fresh and need > 0 else 0.0
+    # slotwait.py, one pod
+    seqs = float(ep.max_num_seqs or preset_max_seqs(ep.model_profile, ep.accelerator, ep.role.value))
+    k = max(running + waiting, float(inf.requests[slot])) + 1.0 - seqs
+    wait = wait + kv_wait
+    if k > 0 and ep.role.value != "prefill":
+        own_n = float(inf.requests[slot])
+        total = float(inf.requests.sum())
+        dec = float(inf.decode_tokens[slot]) / own_n if own_n > 0 else (
+            float(inf.decode_tokens.sum()) / total if total > 0 else 256.0)
+        dec = max(dec, 1.0)
+        bs = max(min(running, seqs), 1.0)
+        kv = bs * (dl.predictor.mean_prompt + dec / 2.0)
+        c = min(q * bs / (k * dec), max(budget - bs, 0.0))
+        whole = dec * cm.step_time(bs + c, kv + c * (c + 1.0) / 2.0, kv)
+        m = float(inf.decoding[slot])
+        slot_wait = k / bs * whole
+        if m > 0:
+            age = 2.0 * (now - float(inf.decoding_since[slot]) / m) * (1.0 - (k - 0.5) / bs)
+            slot_wait = max(slot_wait, whole - max(age, 0.0))
+        wait = max(wait, slot_wait)
     alone = cm.time_to_first_token(p, h, budget=budget)
-    return {"ttft": wait + kv_wait + own, "wait": wait + kv_wait,
+    return {"ttft": wait + own, "wait": wait,
             "prefill": max(alone - cm.step_time(1, 1.0, 0.0), 0.0),
             "tpot": cm.decode_step_time(r + 1.0, r * ctx_tokens + p),
             "uncached": u, "queued": q, "running": r}

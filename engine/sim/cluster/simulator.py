@@ -184,7 +184,9 @@ def endpoints_for_pod(p: PodSpec, ranks: bool = True) -> list[Endpoint]:
         Endpoint(
             p.name, role=Role(p.role), model="sim", accelerator=p.accelerator, model_profile=p.model_profile,
             block_size=p.block_size, kv_events=f"inproc://{p.label or p.name}" + (f"_dp{r}" if per_rank else ""),
-            max_num_batched_tokens=p.max_num_batched_tokens, dp_rank=r if per_rank else None,
+            max_num_batched_tokens=p.max_num_batched_tokens,
+            max_num_seqs=p.max_num_seqs if per_rank else p.max_num_seqs * p.dp,  # every rank's sequence slots
+            dp_rank=r if per_rank else None,
             dp_size=p.dp if per_rank else None)
         for r in range(p.dp if per_rank else 1)
     ]
