@@ -19,16 +19,18 @@ below its prediction (a cache hit the picker did not know of, a stall elsewhere 
 gets a huge weight 1 / observed^2, and two of them once set an H100 TTFT slope to 0.16 while the window's
 median ratio was 1.00 (a 0.90 s prediction corrected to 0.15 s; observed 0.91 s). So:
 
-1. the start is the weighted least-squares line if its median relative error over the window is below the
-   median ratio's, else the median ratio;
+1. the start is the weighted least-squares line if its capped relative error over the window (the mean of
+   |fitted - observed| / observed, each point's capped at 0.5: a bounded loss) is below the median
+   ratio's, else the median ratio;
 2. four passes of iteratively reweighted least squares with Tukey's biweight on the relative residuals
    (observed - fitted) / observed: a point more than 4.685 robust standard deviations (1.4826 x the
    residuals' median absolute deviation) off the line gets weight 0 instead of a huge one;
-3. the result is kept only if its median relative error over the window is below the median ratio's;
+3. the result is kept only if its capped relative error over the window is below the median ratio's;
    otherwise the median ratio (a = 0).
 
-Invariant: the correction in use is never worse for the typical request of the window (median relative
-error) than the median ratio, which only half the window or more can move. Both TTFT (attributed to the
+Invariant: the correction in use never has a larger capped relative error over the window than the
+median ratio (which only half the window or more can move), and no point adds more than 0.5 / window to
+that error: a few outliers cannot buy a line that misses the rest of the window. Both TTFT (attributed to the
 pod that ran the prefill) and TPOT (to the decode pod) are learned separately.
 
 Other invariants: memory is ``window`` floats x 4 per kind of pod (kinds are bounded by the endpoint table);
@@ -53,6 +55,7 @@ ROBUST_ITERATIONS = 4  # reweighting passes of the affine fit (each a weighted l
 BIWEIGHT_C = 4.685  # Tukey's biweight constant (95 % efficiency on normal residuals)
 MAD_TO_SIGMA = 1.4826  # median absolute deviation -> standard deviation of a normal
 MIN_SCALE = 1e-3  # relative-residual scale floor: an exact fit keeps every point within 0.5 %
+ERROR_CAP = 0.5  # in the fits' comparison a point counts at most this relative error (a miss is a miss)
 
 
 @dataclass(slots=True)
@@ -87,9 +90,9 @@ class _Series:
         newest = (self.n - 1) % self.window
         age = (newest - np.arange(k)) % self.window if self.n > self.window else (k - 1 - np.arange(k))
         w = np.exp2(-age / self.half_life) / (y * y)
-        scale_err = _median_rel_error(x, y, 0.0, ratio)
+        scale_err = _capped_rel_error(x, y, 0.0, ratio)
         got = _weighted_affine(x, y, w)
-        a, b = got if got is not None and _median_rel_error(x, y, *got) < scale_err else (0.0, ratio)
+        a, b = got if got is not None and _capped_rel_error(x, y, *got) < scale_err else (0.0, ratio)
         for _ in range(ROBUST_ITERATIONS):  # Tukey's biweight on the relative residuals, from the better start
             r = (y - a - b * x) / y
             s = max(MAD_TO_SIGMA * _median(np.abs(r - _median(r))), MIN_SCALE)
@@ -101,7 +104,7 @@ class _Series:
                 a, b = got
                 break  # converged (an exact fit does so at once)
             a, b = got
-        if _median_rel_error(x, y, a, b) < scale_err:
+        if _capped_rel_error(x, y, a, b) < scale_err:
             return a, b
         return 0.0, ratio
 
@@ -115,9 +118,11 @@ def _median(v: np.ndarray) -> float:
     return 0.5 * float(p[m - 1] + p[m])
 
 
-def _median_rel_error(x: np.ndarray, y: np.ndarray, a: float, b: float) -> float:
-    """The typical request's relative error of ``a + b x`` against ``y`` (a median: outliers do not move it)."""
-    return _median(np.abs(a + b * x - y) / y)
+def _capped_rel_error(x: np.ndarray, y: np.ndarray, a: float, b: float) -> float:
+    """Mean relative error of ``a + b x`` against ``y``, each point's capped at ``ERROR_CAP``: a bounded loss, so
+    an outlier adds at most ERROR_CAP / len(y), while every point counts (a median would ignore the small
+    requests that alone show a fixed overhead)."""
+    return float(np.minimum(np.abs(a + b * x - y) / y, ERROR_CAP).mean())
 
 
 def _weighted_affine(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, float] | None:
