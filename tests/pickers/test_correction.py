@@ -23,18 +23,17 @@ def corrected(cr: OnlineCorrection, raw: float) -> float:
 
 def test_two_requests_observed_far_below_their_prediction_do_not_drag_the_correction():
     """The case that set the H100 TTFT slope to 0.16 (a 0.90 s prediction corrected to 0.15 s): a window
-    of requests observed as predicted (within 5 %, small ones among them) and two long ones observed 20-30x
-    faster. The least-squares fit on relative error weights those two by 1 / observed^2 and follows them."""
+    of requests observed as predicted (within 5 %) and two observed 20-30x faster. The least-squares fit on
+    relative error weights those two by 1 / observed^2, ~1000x the others, and follows them."""
     cr = correction_with_one_pod()
     rng = np.random.default_rng(3)
-    raws = np.concatenate((rng.uniform(0.02, 0.1, 31), rng.uniform(0.3, 2.0, 31)))
-    for raw in rng.permutation(raws):
+    for raw in rng.uniform(0.2, 2.0, 62):
         cr.observe(0, "ttft", raw, raw * rng.uniform(0.95, 1.05))
     cr.observe(0, "ttft", 0.9, 0.03)
     cr.observe(0, "ttft", 1.5, 0.08)
-    assert cr.ttft_b[0] > 0.9  # (was 0.17)
-    assert corrected(cr, 0.9) == pytest.approx(0.9, rel=0.1)  # (was 0.15 s)
-    assert corrected(cr, 0.05) == pytest.approx(0.05, rel=0.1)
+    assert cr.ttft_b[0] > 0.9
+    for raw in (0.2, 0.9, 2.0):
+        assert corrected(cr, raw) == pytest.approx(raw, rel=0.05)
 
 
 def test_a_minority_of_fast_outliers_does_not_hide_a_fixed_overhead():
