@@ -186,8 +186,9 @@ class OnlineCorrection:
 
     def observe(self, slot: int, kind: str, raw: float, observed: float) -> None:
         """One finished request's raw prediction and observed value (seconds) on the pod at ``slot``. The
-        fit is redone on every observation while a kind has few, then every ``refit_every`` (it costs tens
-        of microseconds; a correction that lags a few requests loses nothing)."""
+        fit is redone on every observation while a kind has few, then every ``refit_every`` (a robust refit of
+        a 64-point window costs ~0.09 ms CPU, main's least-squares one ~0.03 ms: ~20 us per observation;
+        a correction that lags a few requests loses nothing)."""
         k = self.group_of[slot] if 0 <= slot < len(self.group_of) else None
         if k is None or not (raw > 0.0 and observed > 0.0 and math.isfinite(raw) and math.isfinite(observed)):
             return
