@@ -29,9 +29,9 @@ median ratio was 1.00 (a 0.90 s prediction corrected to 0.15 s; observed 0.91 s)
    otherwise the median ratio (a = 0).
 
 Invariant: the correction in use never has a larger capped relative error over the window than the
-median ratio (which only half the window or more can move), and no point adds more than 0.5 / window to
-that error: a few outliers cannot buy a line that misses the rest of the window. Both TTFT (attributed to the
-pod that ran the prefill) and TPOT (to the decode pod) are learned separately.
+median ratio (which only half the window or more can move), and no point adds more than 0.5 / k to that
+error (k points in the window): a few outliers cannot buy a line that misses the rest of the window. Both
+TTFT (attributed to the pod that ran the prefill) and TPOT (to the decode pod) are learned separately.
 
 Other invariants: memory is ``window`` floats x 4 per kind of pod (kinds are bounded by the endpoint table);
 a refit is O(window) (five weighted sums and a few medians over at most ``window`` points);
