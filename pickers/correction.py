@@ -100,10 +100,10 @@ class _Series:
             got = _weighted_affine(x, y, w * (1.0 - u * u) ** 2)
             if got is None:
                 break
-            if abs(got[0] - a) <= 1e-9 * (abs(a) + 1e-9) and abs(got[1] - b) <= 1e-9 * b:
-                a, b = got
-                break  # converged (an exact fit does so at once)
+            converged = abs(got[0] - a) <= 1e-9 * (abs(a) + 1e-9) and abs(got[1] - b) <= 1e-9 * b
             a, b = got
+            if converged:  # an exact fit converges at once
+                break
         if _capped_rel_error(x, y, a, b) < scale_err:
             return a, b
         return 0.0, ratio
@@ -187,7 +187,7 @@ class OnlineCorrection:
     def observe(self, slot: int, kind: str, raw: float, observed: float) -> None:
         """One finished request's raw prediction and observed value (seconds) on the pod at ``slot``. The
         fit is redone on every observation while a kind has few, then every ``refit_every`` (a robust refit of
-        a 64-point window costs ~0.09 ms CPU, main's least-squares one ~0.03 ms: ~20 us per observation;
+        a 64-point window costs ~0.09 ms CPU, the former least-squares one ~0.03 ms: ~20 us per observation;
         a correction that lags a few requests loses nothing)."""
         k = self.group_of[slot] if 0 <= slot < len(self.group_of) else None
         if k is None or not (raw > 0.0 and observed > 0.0 and math.isfinite(raw) and math.isfinite(observed)):

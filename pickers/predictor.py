@@ -103,19 +103,18 @@ class Predictor:
                                    np.concatenate((chunk, chunk, budget)), rr, rr * s.decode_context_tokens,
                                    np.concatenate((zero, h, h)), grow)
         # every single step of the decision in one evaluation of the roofline: the three segments' partial
-        # last steps, the decode step that drains the KV cache (kvwait) and this request's decode step
+        # last steps, the decode step that drains the KV cache (kvwait), this request's decode step and, where
+        # some pod has no free sequence slot, the step of each pod's slot drain (slotwait)
         cap, held, b = kv_held(dl, slots, fresh, r)
         dec_b = r + 1.0  # tpot: once it joins the batch, its own context being its prompt
         dec_kv = r * s.decode_context_tokens + p
+        new, pairs, reads = [last[0], b, dec_b], [last[1], held, dec_kv], [last[2], held, dec_kv]
         drain = slot_drain(dl, slots, ctx.now, run, waiting, q, budget, self.mean_prompt)
-        if drain is None:  # a free sequence slot on every pod
-            steps = step_seconds_v(dl.costs.rooflines(slots, 5), np.concatenate((last[0], b, dec_b)),
-                                   np.concatenate((last[1], held, dec_kv)), np.concatenate((last[2], held, dec_kv)))
-        else:  # and the step of each pod's slot drain
-            sa = drain.step_args
-            steps = step_seconds_v(dl.costs.rooflines(slots, 6), np.concatenate((last[0], b, dec_b, sa[0])),
-                                   np.concatenate((last[1], held, dec_kv, sa[1])),
-                                   np.concatenate((last[2], held, dec_kv, sa[2])))
+        if drain is not None:
+            for args, more in zip((new, pairs, reads), drain.step_args, strict=True):
+                args.append(more)
+        steps = step_seconds_v(dl.costs.rooflines(slots, 5 if drain is None else 6), np.concatenate(new),
+                               np.concatenate(pairs), np.concatenate(reads))
         seg = full + steps[:3 * k]
         w = seg[:k] + kv_wait_from_step(dl, slots, fresh, q, u, cap, held, b, steps[3 * k:4 * k])
         if drain is not None:

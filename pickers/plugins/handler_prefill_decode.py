@@ -168,12 +168,15 @@ class PrefillDecodeHandler(ProfileHandler):
             if self.skip_when_saturated and verdict.prefill_wait_s > saved and room:
                 verdict.leg, verdict.reason = False, "prefill-saturated"
         else:
-            leg_d = self._slo(ctx, d, int(cands[best]), dcands if self.pair else np.array([d]), verdict)
+            leg_d = self._slo(ctx, d, int(cands[best]), float(xfer[best]), dcands if self.pair else np.array([d]),
+                              verdict)
         return verdict, pres, leg_d
 
-    def _slo(self, ctx: CycleContext, d: int, pslot: int, dcands: np.ndarray, verdict: PDVerdict) -> int:
+    def _slo(self, ctx: CycleContext, d: int, pslot: int, xfer_d: float, dcands: np.ndarray,
+             verdict: PDVerdict) -> int:
         """The ``slo`` decider (pickers/plugins/pd_decider.py): local vs split by predicted TTFT, queues
-        included, with the decode pod's running requests' TPOT protected; returns the leg's decode pod."""
+        included, with the decode pod's running requests' TPOT protected; returns the leg's decode pod.
+        ``xfer_d``: the transfer from the prefill pod ``pslot`` of the KV ``d`` lacks (``_decide`` has it)."""
         pred = ctx.prediction(self.mode)
         tpot_d = float(pred.tpot_s[d])
         verdict.local_ttft_s = float(pred.ttft_s[d])
@@ -181,15 +184,13 @@ class PrefillDecodeHandler(ProfileHandler):
         # waiting order, when it arrives: behind the prefills queued there then (about as much as now on a
         # busy pod: new local work keeps arriving) and its wait for KV space; the KV e lacks, the hop and e's
         # first decode step
-        p = float(ctx.prompt_tokens())
-        hits = ctx.hit_tokens(self.mode)
-        lat, per = pd.transfer_coefficients_of(self.dl, pslot, self.link)
         base = float(pred.ttft_s[pslot]) + self.hop_s
-        lacks_d = p - min(float(hits[d]), p)
-        verdict.split_ttft_s = base + float(pred.wait_s[d]) + (lat + per * lacks_d if lacks_d > 0 else 0.0) + tpot_d
+        verdict.split_ttft_s = base + float(pred.wait_s[d]) + xfer_d + tpot_d
         leg_d = d
         if dcands.size > 1:  # the profile's pod unless another is faster (ties keep the profile's choice)
-            lacks = p - np.minimum(hits[dcands], p)
+            p = float(ctx.prompt_tokens())
+            lat, per = pd.transfer_coefficients_of(self.dl, pslot, self.link)
+            lacks = p - np.minimum(ctx.hit_tokens(self.mode)[dcands], p)
             split = base + pred.wait_s[dcands] + np.where(lacks > 0, lat + per * lacks, 0.0) + pred.tpot_s[dcands]
             split[dcands == pslot] = np.inf  # a pod both prefill and decode is not its own leg's decode pod
             j = int(np.argmin(split))
