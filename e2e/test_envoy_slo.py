@@ -54,6 +54,7 @@ async def _load(s: aiohttp.ClientSession, url: str, fake_pods: list[FakeUpstream
                                                                         "max_tokens": 2}))
              for i in range(per_pod * len(fake_pods))]
     await _wait(lambda: sum(p.holding for p in fake_pods) == len(tasks))
+    assert all(p.holding == per_pod for p in fake_pods)  # spread evenly: every pod is loaded
     return tasks
 
 
@@ -74,6 +75,10 @@ async def test_unmeetable_ttft_on_a_loaded_fleet_is_the_pickers_429_and_no_targe
         async with s.post(stack.url + "/v1/completions", json=SHORT, headers=probe) as r:
             assert r.status == 200  # idle fleet: a 1K-token prompt is predicted well under 300 ms
             await r.read()
+        # its end reaches the picker in the next access-log batch: until then least-inflight counts it, and two
+        # load requests sent meanwhile could both land on the other pod, leaving this one idle for the probe
+        inflight = stack.scheduler.inner.dl.inflight
+        await _wait(lambda: len(inflight) == 0)
         _slow(fake_pods, 2.0)
         load = await _load(s, stack.url, fake_pods, per_pod=1)
         seen = sum(len(p.seen) for p in fake_pods)
