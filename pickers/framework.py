@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 
-from engine.kvcache.hashing import MAX_ROUTED_BLOCKS, hash_blocks
+from engine.kvcache.hashing import MAX_ROUTED_BLOCKS, hash_block_keys
 from pickers.state import Prediction, PrefixMode, ProfileResult, RequestState
 from pickers.types import Decision, InferenceRequest, SchedulingError, Usage
 
@@ -324,10 +324,10 @@ class CycleContext:
             return len(st.request.prompt_token_ids)
         return self.dl.tokens.estimate(st.request)
 
-    def block_hashes(self, block_size: int) -> list[int]:
+    def block_hashes(self, block_size: int) -> np.ndarray:
         got = self.state.block_hashes.get(block_size)
         if got is None:
-            got = hash_blocks(self.token_ids(), block_size, limit=MAX_ROUTED_BLOCKS)
+            got = hash_block_keys(self.token_ids(), block_size, limit=MAX_ROUTED_BLOCKS)
             self.state.block_hashes[block_size] = got
         return got
 

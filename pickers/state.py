@@ -154,7 +154,7 @@ class RequestState:
     arrival: float
     slo: SLOTargets = NO_TARGETS
     tokens: np.ndarray | None = None  # the engine's token ids of the prompt, when a plugin needs them
-    block_hashes: dict[int, list[int]] = field(default_factory=dict)  # block size -> chained hashes
+    block_hashes: dict[int, np.ndarray] = field(default_factory=dict)  # block size -> chained hashes (uint64)
     hits: dict[PrefixMode, np.ndarray] = field(default_factory=dict)  # mode -> cached tokens per slot
     predictions: dict[PrefixMode, Prediction] = field(default_factory=dict)
     candidates: np.ndarray | None = None  # slots the director allowed (active, inside the subset hint)

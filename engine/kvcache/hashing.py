@@ -152,6 +152,15 @@ def hash_blocks(
     tokens: Sequence[int] | np.ndarray, block_size: int, parent: int = ROOT_HASH, limit: int | None = None
 ) -> list[int]:
     """Hashes of every full block of ``tokens`` (at most ``limit``), chained from ``parent``."""
+    return hash_block_keys(tokens, block_size, parent, limit).tolist()
+
+
+def hash_block_keys(
+    tokens: Sequence[int] | np.ndarray, block_size: int, parent: int = ROOT_HASH, limit: int | None = None
+) -> np.ndarray:
+    """``hash_blocks`` as a uint64 array: the form the block indexes look keys up in. A router keeps a prompt's
+    hashes this way (a 50K-token prompt's 3K hashes cost ~20 us as a list and ~60 us more to turn back into
+    an array for every index lookup)."""
     if block_size <= 0:
         raise ValueError("block_size must be positive")
     arr = _as_u32(tokens)
@@ -159,16 +168,17 @@ def hash_blocks(
     if limit is not None:
         n = min(n, limit)
     if n == 0:
-        return []
+        return np.empty(0, dtype=np.uint64)
     if block_size <= MAX_COMPILED_BLOCK:
-        return _chain_compiled(arr, block_size, n, np.uint64(parent), _SECRET).tolist()
+        out: np.ndarray = _chain_compiled(arr, block_size, n, np.uint64(parent), _SECRET)
+        return out
     mv, step = memoryview(arr.tobytes()), 4 * block_size
-    out: list[int] = []
+    keys = np.empty(n, dtype=np.uint64)
     h = parent
-    for s in range(0, n * step, step):  # block by block through the library (the specification's long branches)
+    for i, s in enumerate(range(0, n * step, step)):  # block by block through the library (the long branches)
         h = _xxh3(mv[s : s + step], h)
-        out.append(h)
-    return out
+        keys[i] = h
+    return keys
 
 
 def warm_up() -> None:

@@ -219,7 +219,7 @@ class DataLayer:
         degraded = self.kv_index.degraded_mask(ctx.now)[:n] if mode == "auto" and use_precise else None
         for bs, sel in groups:
             hashes = ctx.block_hashes(bs)
-            if not hashes:
+            if not len(hashes):
                 continue
             vals = np.zeros(n)
             if mode == "approximate" or not use_precise or (degraded is not None and degraded[slots].any()):
@@ -237,12 +237,12 @@ class DataLayer:
                 out[slots[sel]] = vals[slots[sel]]
         return out
 
-    def learn(self, hashes_by_bs: dict[int, list[int]], slots: list[int]) -> None:
+    def learn(self, hashes_by_bs: dict[int, np.ndarray], slots: list[int]) -> None:
         """Approximate index: the pods we sent a prompt to will hold its blocks."""
         bsz = self.endpoints.block_size
         for slot in slots:
             hashes = hashes_by_bs.get(int(bsz[slot]))
-            if hashes:
+            if hashes is not None and len(hashes):
                 cap = int(self.metrics.num_gpu_blocks[slot]) or int(self.approx_pod_cap[slot])
                 self.approx.add(slot, hashes, unique=True)
                 held = int(self.approx.pod_counts[0, slot])

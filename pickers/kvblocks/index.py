@@ -167,8 +167,8 @@ class BlockIndex:
         r = self._table.rows_of(q, self._mark, self._mark_gen, not unique)  # in order, first occurrences
         return self._clear_bit(pod, r, medium)
 
-    def remove_rows(self, pod: int, hashes: Sequence[int], rows: np.ndarray, keys: np.ndarray, medium: int = 0
-                    ) -> int:
+    def remove_rows(self, pod: int, hashes: Sequence[int] | np.ndarray, rows: np.ndarray, keys: np.ndarray,
+                    medium: int = 0) -> int:
         """``remove(pod, hashes, medium, unique=True)`` for hashes whose rows ``add_rows`` returned (``keys``:
         the rows' keys then, ``_keys[rows]``): rows still holding their key are cleared directly, the rest
         (freed or reused since, or never added) are looked up by hash. Returns how many ``pod`` held."""
@@ -216,7 +216,7 @@ class BlockIndex:
         self.pod_counts[:] = 0
 
     # ---- reads --------------------------------------------------------------------------------------
-    def match(self, hashes: Sequence[int], touch: bool = True) -> tuple[np.ndarray, np.ndarray] | None:
+    def match(self, hashes: Sequence[int] | np.ndarray, touch: bool = True) -> tuple[np.ndarray, np.ndarray] | None:
         """Per pod slot: (prefix blocks held on any medium, the same weighted by the best medium per block).
 
         ``None`` when no pod holds even the first block. The walk stops at the first block nobody holds.

@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import repeat
 from typing import Any, cast
 
@@ -55,7 +55,8 @@ from pickers.kvblocks.index import BlockIndex
 log = logging.getLogger("kvswitch.pickers.precise")
 
 DEFAULT_MEDIUM_WEIGHTS = {"GPU": 1.0, "CPU": 0.8}
-_Pended = tuple[int, list[int], np.ndarray, np.ndarray]  # pod slot, block hashes, their rows, the rows' keys
+# pod slot, block hashes, their rows, the rows' keys
+_Pended = tuple[int, Sequence[int] | np.ndarray, np.ndarray, np.ndarray]
 PENDING = "(pending)"  # the index's own medium column for speculative blocks; no event can name it
 
 
@@ -262,10 +263,10 @@ class PreciseIndex:
             del emap[k]
 
     # ---- pending (speculative) blocks -----------------------------------------------------------------
-    def add_pending(self, key: Any, slot: int, hashes: list[int], now: float) -> None:
+    def add_pending(self, key: Any, slot: int, hashes: Sequence[int] | np.ndarray, now: float) -> None:
         """Request ``key`` was sent to pod ``slot``: count its prompt blocks ``hashes`` as held there until
         ``clear_pending(key)`` or ``pending_ttl_s``."""
-        if not hashes or self.pending_ttl_s <= 0 or self.pending_max_blocks <= 0:
+        if not len(hashes) or self.pending_ttl_s <= 0 or self.pending_max_blocks <= 0:
             return
         if len(hashes) > self.pending_max_blocks:
             hashes = hashes[: self.pending_max_blocks]
