@@ -6,8 +6,9 @@ at least four messages (request headers, body, the headers reply, the body strea
 about 2 ms of CPU per such stream on this project's reference machine, most of it in gRPC's own machinery, not
 in the decision. Envoy's ext_authz filter with ``with_request_body`` buffers the body and asks once over
 HTTP/1.1 keep-alive connections; the body is not echoed back; the answer's headers go onto the upstream request
-(``allowed_upstream_headers``). Served by aiohttp's low-level server on the picker's event loop, next to the
-gRPC port that still takes the access log (the responses' outcomes) and ext_proc for gateways that speak only it
+(``allowed_upstream_headers``). Served by a small HTTP/1.1 server (extproc/http1.py: httptools under an
+asyncio protocol) on the picker's event loop, next to the gRPC port that still takes the access log (the
+responses' outcomes) and ext_proc for gateways that speak only it
 (Gateway API implementations).
 
 The contract (extproc/envoyconfig/builder.py writes Envoy's side):
@@ -27,11 +28,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from aiohttp import web
-
 from extproc import messages as msg
 from extproc import metrics
 from extproc.errors import RequestRejected, body_for, body_too_large, over_context
+from extproc.http1 import HttpServer, Request, Response
 from extproc.outcome import RoutedOutcome
 from extproc.responselog import PendingResponses
 from extproc.routing import RouteSettings, count_rejection, route_request
@@ -44,6 +44,7 @@ DECIDE_PREFIX = "/decide"
 HEALTH_PATH = "/health"
 REMOVE_HEADER = "x-envoy-auth-headers-to-remove"  # ext_authz: names the answer removes from the upstream request
 _JSON = "application/json"
+_TEXT = [("content-type", "text/plain")]
 
 
 class AuthzFront:
@@ -61,60 +62,46 @@ class AuthzFront:
         self.debug_headers = debug_headers
         self.ready = False
         self.last_request_at = 0.0  # loop time of the newest decision request (the server's move-away wait)
-        self._runner: web.ServerRunner | None = None
+        self._server: HttpServer | None = None
         self.port = 0
 
     async def start(self, host: str, port: int) -> int:
-        loop = asyncio.get_running_loop()
-        limit = self.body_limit_bytes
-
-        def request(message, payload, protocol, writer, task):
-            return web.BaseRequest(message, payload, protocol, writer, task, loop, client_max_size=limit)
-
-        server = web.Server(self._handle, request_factory=request, access_log=None)
-        runner = web.ServerRunner(server, handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(runner, host, port, reuse_address=True)
+        server = HttpServer(self._handle, _bad_request, self.body_limit_bytes)
         try:
-            await site.start()
+            self.port = await server.start(host, port)
         except OSError as exc:
-            await runner.cleanup()
             raise OSError(f"cannot serve the ext_authz front on {host}:{port}: {exc.strerror}") from None
-        self._runner = runner
-        self.port = runner.addresses[0][1]
+        self._server = server
         return self.port
 
     async def stop(self, grace: float) -> None:
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            runner.server.shutdown_timeout = grace  # type: ignore[union-attr]
-            await runner.cleanup()
+        server, self._server = self._server, None
+        if server is not None:
+            await server.stop(grace)
 
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        path = request.path
+    async def _handle(self, request: Request) -> Response:
+        target = request.target
+        path = target.partition("?")[0]
         if path == HEALTH_PATH:
-            return web.Response(status=200 if self.ready else 503, text="ok" if self.ready else "not ready")
+            return Response(200 if self.ready else 503, _TEXT, b"ok" if self.ready else b"not ready")
         if not path.startswith(DECIDE_PREFIX):
             return _error(RequestRejected(404, f"no such path on the picker: {path}", "not_found"))
         self.last_request_at = asyncio.get_running_loop().time()
         metrics.STREAMS.inc()
         try:
-            return await self._decide(request, request.raw_path[len(DECIDE_PREFIX):] or "/")
+            return await self._decide(request, target[len(DECIDE_PREFIX):] or "/")
         finally:
             metrics.STREAMS.dec()
 
-    async def _decide(self, request: web.BaseRequest, path: str) -> web.StreamResponse:
+    async def _decide(self, request: Request, path: str) -> Response:
         size = request.content_length
         cap = self.context_cap_bytes
-        if size is not None and size > self.body_limit_bytes:
+        if request.body_dropped or (size is not None and size > self.body_limit_bytes):
             return _reject(body_too_large(self.body_limit_bytes))
         if size is not None and cap is not None and size > cap:
             return _reject(over_context(size, cap))
-        try:
-            body = await request.read() if request.body_exists else None
-        except web.HTTPRequestEntityTooLarge:  # no content-length (chunked) and past the limit
-            return _reject(body_too_large(self.body_limit_bytes))
-        headers = {k.lower(): v for k, v in request.headers.items()}
+        body = request.body
+        headers = dict(request.headers)
         headers[":path"] = path
         headers[":method"] = request.method
         outcome = RoutedOutcome(self.director, self.clock, self.pending)
@@ -133,14 +120,19 @@ class AuthzFront:
             out.append((REMOVE_HEADER, ",".join(routed.remove)))
         if self.debug_headers:
             out.extend(outcome.debug_headers())
-        return web.Response(status=200, headers=out)
+        return Response(200, out)
 
 
-def _reject(exc: SchedulingError) -> web.Response:
+def _reject(exc: SchedulingError) -> Response:
     count_rejection(exc)
     return _error(exc)
 
 
-def _error(exc: SchedulingError) -> web.Response:
-    headers = [("content-type", _JSON), *exc.headers]
-    return web.Response(status=exc.status, body=body_for(exc), headers=headers)
+def _error(exc: SchedulingError) -> Response:
+    return Response(exc.status, [("content-type", _JSON), *exc.headers], body_for(exc))
+
+
+def _bad_request(status: int, why: str) -> Response:
+    """The answer to what the HTTP parser rejected (or a failure of the handler itself: 500)."""
+    code = {400: "invalid_http", 431: "headers_too_large"}.get(status, "picker_error")
+    return _error(RequestRejected(status, why, code))
