@@ -232,6 +232,49 @@ def _rows_with_bit(masks, hi, word, bit):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, nogil=True)
+def _prefix_match(tk, tr, mask, shift, q, masks, stamp, tick, rows, blocks):  # type: ignore[no-untyped-def]
+    """The leading keys of ``q`` present (their rows into ``rows``, stamped ``tick`` when ``tick`` > 0) up to the
+    first absent one, and per pod bit the count of leading rows that pod holds on any medium (into ``blocks``,
+    zeroed by the caller): a pod's count ends at the first row it lacks. Returns the number of rows."""
+    media, words = masks.shape[1], masks.shape[2]
+    cum = np.empty(words, dtype=np.uint64)
+    n = 0
+    for i in range(q.size):
+        r = _find(tk, tr, mask, shift, q[i])
+        if r < 0:
+            break
+        rows[n] = r
+        n += 1
+        if tick > 0:
+            stamp[r] = tick
+        for w in range(words):
+            held = masks[r, 0, w]
+            for m in range(1, media):
+                held |= masks[r, m, w]
+            prev = held if i == 0 else cum[w]
+            now = prev & held
+            gone = prev & ~now  # pods that held rows 0..i-1 and not row i: they match i rows
+            while gone:
+                low = gone & (~gone + np.uint64(1))
+                bit = 0
+                while (low >> np.uint64(bit)) != np.uint64(1):
+                    bit += 1
+                blocks[w * 64 + bit] = i
+                gone ^= low
+            cum[w] = now
+    for w in range(words):  # pods holding every row found
+        rest = cum[w] if n > 0 else np.uint64(0)
+        while rest:
+            low = rest & (~rest + np.uint64(1))
+            bit = 0
+            while (low >> np.uint64(bit)) != np.uint64(1):
+                bit += 1
+            blocks[w * 64 + bit] = n
+            rest ^= low
+    return n
+
+
+@njit(cache=True, nogil=True)
 def _distinct(rows, mark, gen):  # type: ignore[no-untyped-def]
     """``rows`` without repeats, first occurrences in order (``mark``: scratch per row, ``gen`` unused in it)."""
     out = np.empty(rows.size, dtype=np.int64)
@@ -277,6 +320,17 @@ class RowTable:
         out = np.empty(keys.size, dtype=np.int64)
         n = _prefix(self._keys, self._rows, self._mask, self._shift, keys, out)
         return out[:n]
+
+    def prefix_match(self, keys: np.ndarray, masks: np.ndarray, stamp: np.ndarray, tick: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """``prefix`` and, in the same compiled walk, per pod bit of ``masks`` (rows x media x words) how many
+        leading rows that pod holds on any medium; stamps the rows found with ``tick`` (0: no stamp). Returns
+        (rows, blocks per pod bit)."""
+        rows = np.empty(keys.size, dtype=np.int64)
+        blocks = np.zeros(masks.shape[2] * 64, dtype=np.int64)
+        n = _prefix_match(self._keys, self._rows, self._mask, self._shift, keys, masks, stamp, np.uint64(tick),
+                          rows, blocks)
+        return rows[:n], blocks
 
     def get(self, key: int) -> int | None:
         r = int(_find(self._keys, self._rows, self._mask, self._shift, np.uint64(key)))
