@@ -19,6 +19,7 @@ import numpy as np
 from engine.costmodel import CostModel, Roofline
 from engine.costmodel.dataparallel import rank_cost_model
 from engine.costmodel.vector import RooflineTable
+from engine.costmodel.vector import warm_up as warm_up_vector
 from engine.presets import preset
 from pickers.types import Endpoint
 
@@ -50,6 +51,7 @@ class CostTable:
 
     def __init__(self, max_endpoints: int = 1024) -> None:
         n = max_endpoints
+        warm_up_vector()  # the predictor's compiled prefill kernel, loaded before the first decision
         self.roofline = RooflineTable(n)
         self.budget = np.full(n, 8192.0)
         self.max_seqs = np.full(n, 256.0)  # vLLM max_num_seqs: running sequences at most (pickers/slotwait.py)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import fields
 
 import numpy as np
+from numba import njit
 
 from engine.costmodel.roofline import Roofline, step_seconds
 
@@ -57,32 +58,46 @@ def decode_step_seconds(c: Roofline, batch: np.ndarray, kv_tokens: np.ndarray) -
     return step_seconds_v(c, batch, kv_tokens, kv_tokens)
 
 
-def _series(first: np.ndarray, slope: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+@njit(cache=True, nogil=True)
+def _series(first, slope, lo, hi):  # type: ignore[no-untyped-def]
     """sum of first + slope * j for integer j in [lo, hi)."""
-    n = np.maximum(hi - lo, 0.0)
+    n = max(hi - lo, 0.0)
     return n * first + slope * (lo + hi - 1.0) * n / 2.0
 
 
-def _sum_of_max(a: np.ndarray, b: np.ndarray, m: np.ndarray, e: np.ndarray, n: np.ndarray) -> np.ndarray:
-    """sum over j = 0..n-1 of max(a + b j, m + e j), element-wise, in O(1)."""
+@njit(cache=True, nogil=True)
+def _sum_of_max(a, b, m, e, n):  # type: ignore[no-untyped-def]
+    """sum over j = 0..n-1 of max(a + b j, m + e j), in O(1): the lines cross at most once."""
     d0, dd = a - m, b - e
-    safe = np.where(dd != 0, dd, 1.0)
-    cross = -d0 / safe  # compute (a + b j) wins for j >= cross if dd > 0, for j <= cross if dd < 0
-    zero = np.zeros(np.shape(n))
-    up_lo = np.minimum(np.maximum(np.ceil(cross), 0.0), n)
-    down_hi = np.minimum(np.maximum(np.floor(cross) + 1.0, 0.0), n)
-    everywhere = d0 >= 0  # dd == 0: everywhere or nowhere (the empty range [n, n))
-    up, down = dd > 0, dd < 0
-    lo = np.where(up, up_lo, np.where(down, zero, np.where(everywhere, zero, n)))
-    hi = np.where(up, n, np.where(down, down_hi, n))
-    shape = np.shape(n)
-    if len(shape) == 1 and all(np.shape(x) == shape for x in (a, b, m, e)):
-        # the three series in one evaluation (the same operations on each element, a third of the calls)
-        k = shape[0]
-        s = _series(np.concatenate((a, m, m)), np.concatenate((b, e, e)), np.concatenate((lo, zero, hi)),
-                    np.concatenate((hi, lo, n)))
-        return s[:k] + s[k:2 * k] + s[2 * k:]
-    return _series(a, b, lo, hi) + _series(m, e, zero, lo) + _series(m, e, hi, n)
+    if dd > 0:  # compute (a + b j) wins from the crossing on
+        lo, hi = min(max(np.ceil(-d0 / dd), 0.0), n), n
+    elif dd < 0:  # ... up to the crossing
+        lo, hi = 0.0, min(max(np.floor(-d0 / dd) + 1.0, 0.0), n)
+    else:  # parallel: everywhere or nowhere (the empty range [n, n))
+        lo, hi = (0.0, n) if d0 >= 0 else (n, n)
+    return _series(a, b, lo, hi) + _series(m, e, 0.0, lo) + _series(m, e, hi, n)
+
+
+@njit(cache=True, nogil=True)
+def _prefill_split(fpt, fpp, peak, dense, expert, untouched, kvb, bw, overhead, comm,  # type: ignore[no-untyped-def]
+                   new, chunk, running, decode_pairs, start, grow, full, last_new, last_pairs, last_read):
+    for i in range(new.size):
+        ch, run, dp, g = chunk[i], running[i], decode_pairs[i], grow[i]
+        n = np.floor(new[i] / ch)
+        rest = new[i] - n * ch
+        tokens = ch + run
+        ctx0 = g * start[i]
+        own_pairs = ch * (ch + 1.0) / 2.0 + dp
+        a = (fpt[i] * tokens + fpp[i] * (own_pairs + ch * ctx0)) / peak[i]
+        b = fpp[i] * g * ch * ch / peak[i]
+        weights = dense[i] + expert[i] * (1.0 - untouched[i] ** tokens)
+        m = (weights + kvb[i] * (ctx0 + dp + tokens)) / bw[i]
+        e = kvb[i] * g * ch / bw[i]
+        full[i] = n * (overhead[i] + comm[i] * tokens) + _sum_of_max(a, b, m, e, n)
+        ctx = ctx0 + g * n * ch
+        last_new[i] = rest + run if rest > 0 else 0.0
+        last_pairs[i] = rest * ctx + rest * (rest + 1.0) / 2.0 + dp
+        last_read[i] = ctx + dp
 
 
 def prefill_seconds(c: Roofline, new: np.ndarray, chunk: np.ndarray, running: np.ndarray,
@@ -103,21 +118,30 @@ def prefill_split(c: Roofline, new: np.ndarray, chunk: np.ndarray, running: np.n
     ``step_seconds_v`` for the partial last step (new tokens, attention pairs, KV read), so a caller can
     evaluate that step in one call together with other steps (pickers/predictor.py: one ``step_seconds_v``
     for the last steps and the decode steps of a decision). ``full + step_seconds_v(c, *last)`` is
-    ``prefill_seconds`` bit for bit."""
-    n = np.floor(new / chunk)
-    rest = new - n * chunk
-    tokens = chunk + running
-    ctx0 = grow * start
-    own_pairs = chunk * (chunk + 1.0) / 2.0 + decode_pairs
-    a = (c.flops_per_token * tokens + c.flops_per_pair * (own_pairs + chunk * ctx0)) / c.peak_flops
-    b = c.flops_per_pair * grow * chunk * chunk / c.peak_flops
-    weights = c.dense_bytes + c.expert_bytes * (1.0 - c.expert_untouched ** tokens)
-    m = (weights + c.kv_bytes_per_token * (ctx0 + decode_pairs + tokens)) / c.bandwidth
-    e = c.kv_bytes_per_token * grow * chunk / c.bandwidth
-    full = n * (c.overhead_s + c.comm_s_per_token * tokens) + _sum_of_max(a, b, m, e, n)
-    ctx = ctx0 + grow * n * chunk
-    return full, (np.where(rest > 0, rest + running, 0.0), rest * ctx + rest * (rest + 1.0) / 2.0 + decode_pairs,
-                  ctx + decode_pairs)
+    ``prefill_seconds`` bit for bit.
+
+    Full chunks j = 0..N-1 cost ``overhead + comm x tokens + max(a + b j, m + e j)`` each (the roofline's compute
+    and memory terms, both linear in j): their sum is closed-form (``_sum_of_max``). Evaluated element by
+    element in one compiled loop: for the handful of pods of a decision, ~30 numpy operations on tiny arrays
+    cost far more than the arithmetic."""
+    args = [np.asarray(x, dtype=np.float64) for x in (
+        c.flops_per_token, c.flops_per_pair, c.peak_flops, c.dense_bytes, c.expert_bytes, c.expert_untouched,
+        c.kv_bytes_per_token, c.bandwidth, c.overhead_s, c.comm_s_per_token,
+        new, chunk, running, decode_pairs, start, grow)]
+    shape = args[10].shape
+    if len(shape) != 1 or any(x.shape != shape for x in args):  # scalars among arrays: one shape for all
+        args = [np.ascontiguousarray(x, dtype=np.float64).reshape(-1) for x in np.broadcast_arrays(*args)]
+    k = args[10].size
+    full, last_new, last_pairs, last_read = np.empty(k), np.empty(k), np.empty(k), np.empty(k)
+    _prefill_split(*args, full, last_new, last_pairs, last_read)  # type: ignore[call-arg]
+    return full, (last_new, last_pairs, last_read)
+
+
+def warm_up() -> None:
+    """Load (or compile, the first time on a machine: ~2 s) the compiled prefill kernel now rather than in the
+    first decision; the compiled code is cached on disk (numba ``cache=True``)."""
+    one = np.ones(1)
+    prefill_split(RooflineTable(1).gather(np.zeros(1, dtype=np.int64)), one, one, one, one, one, one)
 
 
 def ttft_seconds(c: Roofline, prompt: float | np.ndarray, cached: np.ndarray, queued: np.ndarray,
@@ -148,4 +172,5 @@ __all__ = [
     "FIELDS", "RooflineTable", "decode_step_seconds", "prefill_seconds", "prefill_split", "step_seconds_v",
     "ttft_parts",
     "ttft_seconds",
+    "warm_up",
 ]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from engine.costmodel import ACCELERATORS, MODELS, CostModel
-from engine.costmodel.vector import RooflineTable, decode_step_seconds, step_seconds_v, ttft_seconds
+from engine.costmodel.vector import RooflineTable, decode_step_seconds, prefill_seconds, step_seconds_v, ttft_seconds
 from pickers.clock import ManualClock
 from pickers.config import build_scheduler
 from pickers.types import Endpoint, InferenceRequest
@@ -100,3 +100,18 @@ def test_predictor_on_an_idle_pod_is_the_cost_model(model, accelerator):
         assert pred.ttft_s[0] == pytest.approx(cm.time_to_first_token(n, 0, budget=8192), rel=TOLERANCE)
         assert pred.tpot_s[0] == pytest.approx(cm.decode_step_time(1, n), rel=TOLERANCE)
         director.on_finished(d, None, clock.now())
+
+
+def test_prefill_split_broadcasts_scalars_like_arrays():
+    """The compiled kernel takes one shape: scalars among arrays are broadcast first, same answers."""
+    cm = CostModel(*PROFILES[0])
+    table = RooflineTable(3)
+    for s in range(3):
+        table.set(s, cm.roofline)
+    c = table.gather(np.arange(3))
+    new = np.array([100.0, 9000.0, 70_000.0])
+    full = prefill_seconds(c, new, np.full(3, 2048.0), np.full(3, 8.0), np.full(3, 8000.0), np.zeros(3), np.ones(3))
+    mixed = prefill_seconds(c, new, 2048.0, 8.0, 8000.0, 0.0, 1.0)
+    assert mixed.tolist() == full.tolist()
+    one = prefill_seconds(_one(cm), 9000.0, 2048.0, 8.0, 8000.0, 0.0, 1.0)
+    assert one.tolist() == [full[1]]
