@@ -140,8 +140,11 @@ def prefill_split(c: Roofline, new: np.ndarray, chunk: np.ndarray, running: np.n
 def warm_up() -> None:
     """Load (or compile, the first time on a machine: ~2 s) the compiled prefill kernel now rather than in the
     first decision; the compiled code is cached on disk (numba ``cache=True``)."""
-    one = np.ones(1)
-    prefill_split(RooflineTable(1).gather(np.zeros(1, dtype=np.int64)), one, one, one, one, one, one)
+    c = RooflineTable(1).gather(np.zeros(1, dtype=np.int64))
+    one, frozen = np.ones(1), np.ones(1)
+    frozen.flags.writeable = False  # numba compiles read-only arrays apart: the predictor's ``grow`` is one
+    prefill_split(c, one, one, one, one, one, one)
+    prefill_split(c, one, one, one, one, one, frozen)
 
 
 def ttft_seconds(c: Roofline, prompt: float | np.ndarray, cached: np.ndarray, queued: np.ndarray,
