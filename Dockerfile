@@ -19,11 +19,11 @@ COPY kernels kernels
 RUN python3 -m venv /opt/kvswitch \
  && /opt/kvswitch/bin/pip wheel --no-cache-dir --wheel-dir /wheels --constraint requirements.lock --prefer-binary . \
  && /opt/kvswitch/bin/pip install --no-cache-dir --no-index --find-links /wheels --constraint requirements.lock kvswitch
-# The prefix index and block hashing run compiled loops (numba, cache=True): compile them once here into a cache
-# the image carries, so a picker does not spend ~3 s compiling at start-up (numba recompiles, into the same
-# writable folder, only when the node's CPU differs from the build machine's).
+# The prefix index, block hashing and the predictor's prefill run compiled loops (numba, cache=True): compile them
+# once here into a cache the image carries, so a picker does not spend ~4 s compiling at start-up (numba
+# recompiles, into the same writable folder, only when the node's CPU differs from the build machine's).
 ENV NUMBA_CACHE_DIR=/opt/kvswitch/numba-cache
-RUN /opt/kvswitch/bin/python -c "import pickers.kvblocks.index as i, engine.kvcache.hashing as h; i.warm_up(); h.warm_up()"
+RUN /opt/kvswitch/bin/python -c "import pickers.kvblocks.index as i, engine.kvcache.hashing as h, engine.costmodel.vector as v; i.warm_up(); h.warm_up(); v.warm_up()"
 
 FROM ${BASE_IMAGE}
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PATH=/opt/kvswitch/bin:$PATH NUMBA_CACHE_DIR=/opt/kvswitch/numba-cache
