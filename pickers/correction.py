@@ -84,7 +84,7 @@ class _Series:
         if k < min_ratio:  # a few requests are anecdotes (a cold start, a stall): keep the cost model
             return 0.0, 1.0
         x, y = self.raw[:k], self.obs[:k]
-        ratio = min(max(_median(y / x), B_MIN), B_MAX)
+        ratio = min(max(_mape_scale(x, y), B_MIN), B_MAX)
         if k < min_fit or float(x.max()) < 1.5 * float(x.min()):
             return 0.0, ratio
         newest = (self.n - 1) % self.window
@@ -116,6 +116,15 @@ def _median(v: np.ndarray) -> float:
         return float(np.partition(v, m)[m])
     p = np.partition(v, (m - 1, m))
     return 0.5 * float(p[m - 1] + p[m])
+
+
+def _mape_scale(x: np.ndarray, y: np.ndarray) -> float:
+    """The scale b minimising the mean relative error of ``b x`` against ``y``: sum |b x - y| / y =
+    sum (x / y) |b - y / x|, so the median of the ratios y / x weighted by x / y (the lower one on a tie)."""
+    ratio = y / x
+    order = np.argsort(ratio)
+    w = np.cumsum((x / y)[order])
+    return float(ratio[order[int(np.searchsorted(w, 0.5 * w[-1]))]])
 
 
 def _capped_rel_error(x: np.ndarray, y: np.ndarray, a: float, b: float) -> float:

@@ -46,12 +46,19 @@ if TYPE_CHECKING:
     from pickers.framework import CycleContext
 
 
+# The 1/y-weighted median of a residual uniform on [0, step] added to a latency of one step (a short prompt
+# on a busy pod): the point that minimises the expected relative error, c with ln(1 + c) = ln(2) / 2.
+STEP_RESIDUAL = 2.0 ** 0.5 - 1.0
+
+
 @dataclass(slots=True)
 class PredictorSettings:
     decode_context_tokens: float = 2048.0  # mean KV context of a running decode
     waiting_prompt_tokens: float = 0.0  # tokens per waiting request; 0: running mean of the prompts seen
     correction: bool = True  # learn a per-kind affine correction from observed latencies (pickers/correction.py)
     correction_window: int = 64  # finished requests remembered per kind of pod
+    kv_from_metrics: bool = True  # running decodes' KV from the pod's kv_usage (else r x decode_context_tokens)
+    step_in_progress: bool = True  # a busy pod's new request waits for the end of the step in progress
 
 
 class Predictor:
@@ -95,19 +102,24 @@ class Predictor:
         h = np.minimum(ctx.hit_tokens(mode)[slots], p)
         u = np.maximum(p - h, 1.0)
         zero, grow = self._constants(k)
+        cap, held, b = kv_held(dl, slots, fresh, r)
+        # the running decodes' KV: what the pod's fresh /metrics say it holds (kv_usage x capacity), else
+        # r x the configured mean context (a stale pod, or one whose usage reads 0 while it runs)
+        kv = r * s.decode_context_tokens
+        if s.kv_from_metrics:
+            kv = np.where((held > 0.0) & (r > 0.0), held, kv)
         # three segments in one pass (time_to_first_token's steps, closed form): the queue ahead (fresh
         # prompts), this prompt after its cached prefix with the running decodes, and the same alone
         chunk = budget - r
         rr = np.concatenate((r, r, zero))
         full, last = prefill_split(dl.costs.rooflines(slots, 3), np.concatenate((q, u, u)),
-                                   np.concatenate((chunk, chunk, budget)), rr, rr * s.decode_context_tokens,
+                                   np.concatenate((chunk, chunk, budget)), rr, np.concatenate((kv, kv, zero)),
                                    np.concatenate((zero, h, h)), grow)
         # every single step of the decision in one evaluation of the roofline: the three segments' partial
         # last steps, the decode step that drains the KV cache (kvwait), this request's decode step and, where
         # some pod has no free sequence slot, the step of each pod's slot drain (slotwait)
-        cap, held, b = kv_held(dl, slots, fresh, r)
         dec_b = r + 1.0  # tpot: once it joins the batch, its own context being its prompt
-        dec_kv = r * s.decode_context_tokens + p
+        dec_kv = kv + p
         new, pairs, reads = [last[0], b, dec_b], [last[1], held, dec_kv], [last[2], held, dec_kv]
         drain = slot_drain(dl, slots, ctx.now, run, waiting, q, budget, self.mean_prompt)
         if drain is not None:
@@ -116,7 +128,10 @@ class Predictor:
         steps = step_seconds_v(dl.costs.rooflines(slots, 5 if drain is None else 6), np.concatenate(new),
                                np.concatenate(pairs), np.concatenate(reads))
         seg = full + steps[:3 * k]
-        w = seg[:k] + kv_wait_from_step(dl, slots, fresh, q, u, cap, held, b, steps[3 * k:4 * k])
+        drain_step = steps[3 * k:4 * k]  # decode_step(b, held): the running batch's own step
+        w = seg[:k] + kv_wait_from_step(dl, slots, fresh, q, u, cap, held, b, drain_step)
+        if s.step_in_progress:  # a busy pod starts this prompt at the end of the step it is in (see module doc)
+            w = w + np.where(fresh & (r > 0.0), STEP_RESIDUAL * drain_step, 0.0)
         if drain is not None:
             w = np.maximum(w, slot_wait_from_step(drain, steps[5 * k:]))
         own, alone, tp = seg[k:2 * k], seg[2 * k:], steps[4 * k:5 * k]
