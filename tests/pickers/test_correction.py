@@ -96,3 +96,30 @@ def test_the_fit_in_use_is_never_worse_than_the_median_ratio_in_capped_relative_
     ratio = float(np.clip(np.median(y / x), 0.02, 50.0))
     assert _capped_rel_error(x, y, a, b) <= _capped_rel_error(x, y, 0.0, ratio)
     assert a >= 0.0 and 0.02 <= b <= 50.0
+
+
+def test_the_tpot_scale_minimises_relative_error_on_a_right_skewed_window():
+    """TPOT on an aggregated pod: most requests decode as predicted (ratio ~1), those that prompts arrived
+    on during their decode 1.5-4x slower. The plain median ratio (what TTFT keeps) sits inside that tail;
+    the TPOT scale is the relative-error minimiser, the median weighted by raw / observed."""
+    cr = correction_with_one_pod()
+    rng = np.random.default_rng(7)
+    xs, ys = [], []
+    for i in range(64):
+        raw = float(rng.uniform(0.010, 0.012))  # raw predictions too alike for an affine fit: the scale
+        obs = raw * (float(rng.uniform(0.97, 1.03)) if i % 20 < 9 else float(rng.uniform(1.5, 4.0)))
+        xs.append(raw)
+        ys.append(obs)
+        cr.observe(0, "tpot", raw, obs)
+        cr.observe(0, "ttft", raw, obs)
+    x, y = np.array(xs), np.array(ys)
+
+    def mape(b: float) -> float:
+        return float(np.mean(np.abs(b * x - y) / y))
+
+    median = float(np.median(y / x))
+    assert median > 1.4 and cr.ttft_b[0] == pytest.approx(median)  # TTFT: the plain median ratio
+    assert cr.tpot_a[0] == 0.0 and cr.tpot_b[0] < 1.05
+    best = min(mape(float(b)) for b in y / x)  # the minimiser is one of the ratios
+    assert mape(cr.tpot_b[0]) == pytest.approx(best, rel=1e-12)
+    assert mape(cr.tpot_b[0]) < 0.8 * mape(median)
