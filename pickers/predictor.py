@@ -22,17 +22,22 @@ For a prompt of P tokens and each endpoint slot p:
     tpot_p    = CostModel.decode_step_time(r_p + 1, r_p x ctx + P)          once it joins the batch (its own
                                                                             context is its prompt)
 
-ctx is the mean context of a running decode on p: held_p / r_p, held_p the KV the pod holds (kv_usage x
-capacity, fresh /metrics: pickers/kvwait.py), where p runs decodes and reports a usage; else the configured
-``decode_context_tokens``. One configured mean was wrong for every pod that serves another mix: on a fleet
-whose A100 pods ran short prompts and H100 pods long ones (the mixed fleet of the README's prediction error,
-mean 15.4K configured), the A100 steps were over-predicted ~10 %.
+ctx is ``decode_context_tokens``, the mean context of a running decode; with ``kv_from_metrics`` it is
+held_p / r_p, held_p the KV the pod holds (kv_usage x capacity, fresh /metrics: pickers/kvwait.py), where p
+runs decodes and reports a usage. One configured mean is wrong for every pod that serves another mix: on a
+fleet whose A100 pods ran short prompts and H100 pods long ones (the mixed fleet of the README's prediction
+error, 15.4K configured) the A100 steps were over-predicted ~10 %, and kv_from_metrics takes the A100 TPOT
+MAPE from 10 % to 4.4 % at 1x, 17.9 % to 12.4 % at 1.25x. It is off by default because predictive admission
+(pickers/plugins/admission_slo.py) scales its own decode-batch projection by this predictor's TPOT
+correction: learned against r x 2048 tokens on the Mooncake P/D fleet, that correction inflated the
+projection (the README's "projected 1.22x observed"), which is what kept the admitted attainment at 0.999;
+learned against the held KV it does not, and predictive at 2x admits 0.952 within target (rejects 0.079).
 
 The step in progress: a request that reaches a busy pod joins the batch when the step it is in ends, a
 residual uniform on [0, step]. Its mean is half a step; the figure added is the value that minimises the
 expected relative error of a one-step latency (a short prompt: the case where it matters), the 1/y-weighted
 median c of 1 + U[0, 1]: ln(1 + c) = ln(2) / 2. Without it a short prompt on a busy pod was predicted up to
-0.6 step early (A100 TTFT MAPE 10.7 % at 1x, 7.2 % with both changes).
+0.6 step early (mixed fleet, A100 TTFT MAPE 7.8 / 10.9 % at 0.75 / 1x; with it 3.6 / 7.0 %).
 
 Every figure is then corrected per
 kind of pod (model profile, accelerator, role) by what the picker observed (pickers/correction.py):
@@ -70,7 +75,9 @@ class PredictorSettings:
     waiting_prompt_tokens: float = 0.0  # tokens per waiting request; 0: running mean of the prompts seen
     correction: bool = True  # learn a per-kind affine correction from observed latencies (pickers/correction.py)
     correction_window: int = 64  # finished requests remembered per kind of pod
-    kv_from_metrics: bool = True  # running decodes' KV from the pod's kv_usage (else r x decode_context_tokens)
+    # running decodes' KV from the pod's kv_usage instead of r x decode_context_tokens: off until predictive
+    # admission calibrates its own TPOT projection (see the module doc)
+    kv_from_metrics: bool = False
     step_in_progress: bool = True  # a busy pod's new request waits for the end of the step in progress
 
 

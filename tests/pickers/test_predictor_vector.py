@@ -47,8 +47,8 @@ def _reference(s, slot: int, ep: Endpoint, p: float, hit: float, now: float, ctx
     blocks = float(dl.metrics.num_gpu_blocks[slot]) * float(dl.endpoints.block_size[slot])
     cap = blocks if blocks > 0 else float(cm.kv_capacity_tokens)
     held = (float(dl.metrics.kv_usage[slot]) if fresh else 0.0) * cap
-    # the running decodes' mean context: what the pod holds, else the configured one
-    ctx_tokens = held / r if held > 0 and r > 0 else ctx_tokens
+    if dl.predictor.settings.kv_from_metrics:  # the running decodes' mean context: what the pod holds
+        ctx_tokens = held / r if held > 0 and r > 0 else ctx_tokens
     own = cm.time_to_first_token(p, h, budget=budget, running=r, decode_context=ctx_tokens)
     wait = cm.time_to_first_token(p, h, budget=budget, queued=q, running=r, decode_context=ctx_tokens) - own
     # kvwait.py, one pod
@@ -125,6 +125,7 @@ def test_vector_predictor_equals_the_scalar_cost_model_pod_by_pod(seed):
         dl.endpoints.remove(eps[1].id)
         eps = [e for i, e in enumerate(eps) if i != 1]
     ctx_tokens = dl.predictor.settings.decode_context_tokens
+    dl.predictor.settings.kv_from_metrics = seed % 2 == 1  # both ways of reading the running decodes' KV
     for step in range(6):  # the same fleet decided on again and again: nothing memoised may go stale
         _load(s, rng, eps, clock.now(), f"{seed}-{step}")
         p = int(rng.choice([1, 16, 1000, 8192, 8193, 30_000]))
