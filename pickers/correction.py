@@ -38,7 +38,7 @@ median of observed / raw weighted by raw / observed), and "the median ratio" abo
 aggregated pod a request's TPOT is its decode step (ratio ~1) unless prompts arrive during its decode and
 share chunked-prefill steps with it (ratio 1.5-5): the ratio is skewed right, so its plain median sits above
 what minimises relative error, and the correction scaled every prediction up by it (virtual time, mixed
-fleet, H100 TPOT MAPE 42.6 % against 37.5 % at 1.25x). TTFT keeps the plain median ratio: its errors go
+fleet, H100 TPOT MAPE 42.7 % against 38.3 % at 1.25x). TTFT keeps the plain median ratio: its errors go
 both ways and the real-vLLM test (e2e/test_vllm_prediction.py) was tuned on it.
 
 Other invariants: memory is ``window`` floats x 4 per kind of pod (kinds are bounded by the endpoint table);
