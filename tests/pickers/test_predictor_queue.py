@@ -7,8 +7,9 @@ ones looked idle, so long prompts piled onto the pods whose queues were really l
 
 from __future__ import annotations
 
-import numpy as np
+import pytest
 
+from engine.costmodel import CostModel
 from pickers.datalayer import PodMetrics
 from pickers.framework import CycleContext
 from tests.pickers.helpers import endpoints, request, scheduler, state
@@ -73,4 +74,6 @@ def test_a_full_cache_adds_the_decode_drain_to_ttft_and_an_empty_one_does_not():
     # cache, ~35 s) end: 4096 / cap of that drain, a fraction of a second; the pod with room adds nothing
     cap = s.dl.costs.kv_capacity[b]
     assert 0.3 < extra < 3.0 and extra > 0.5 * 4096 / cap * 500 * 0.05
-    assert np.isclose(pred.wait_s[a], 0.0, atol=1e-3)
+    # the pod with room: only the step in progress, (sqrt 2 - 1) x one decode step of its 20 requests
+    step = CostModel("llama-3.1-8b", "L40S").decode_step_time(20, 0.2 * s.dl.costs.kv_capacity[a])
+    assert pred.wait_s[a] == pytest.approx((2 ** 0.5 - 1.0) * step, rel=1e-9)

@@ -44,12 +44,14 @@ def _reference(s, slot: int, ep: Endpoint, p: float, hit: float, now: float, ctx
     r = min(running, 0.9 * budget)
     h = min(hit, p)
     u = max(p - h, 1.0)
-    own = cm.time_to_first_token(p, h, budget=budget, running=r, decode_context=ctx_tokens)
-    wait = cm.time_to_first_token(p, h, budget=budget, queued=q, running=r, decode_context=ctx_tokens) - own
-    # kvwait.py, one pod
     blocks = float(dl.metrics.num_gpu_blocks[slot]) * float(dl.endpoints.block_size[slot])
     cap = blocks if blocks > 0 else float(cm.kv_capacity_tokens)
     held = (float(dl.metrics.kv_usage[slot]) if fresh else 0.0) * cap
+    if dl.predictor.settings.kv_from_metrics:  # the running decodes' mean context: what the pod holds
+        ctx_tokens = held / r if held > 0 and r > 0 else ctx_tokens
+    own = cm.time_to_first_token(p, h, budget=budget, running=r, decode_context=ctx_tokens)
+    wait = cm.time_to_first_token(p, h, budget=budget, queued=q, running=r, decode_context=ctx_tokens) - own
+    # kvwait.py, one pod
     need = q + u - (cap - held)
     b = max(r, 1.0)
     drain = float(inf.decode_tokens[slot]) / b * cm.decode_step_time(b, held)
@@ -58,6 +60,8 @@ def _reference(s, slot: int, ep: Endpoint, p: float, hit: float, now: float, ctx
     seqs = float(ep.max_num_seqs or preset_max_seqs(ep.model_profile, ep.accelerator, ep.role.value))
     k = max(running + waiting, float(inf.requests[slot])) + 1.0 - seqs
     wait = wait + kv_wait
+    if fresh and r > 0:  # the step in progress on a busy pod
+        wait += (math.sqrt(2.0) - 1.0) * cm.decode_step_time(b, held)
     if k > 0 and ep.role.value != "prefill":
         own_n = float(inf.requests[slot])
         total = float(inf.requests.sum())
@@ -121,6 +125,7 @@ def test_vector_predictor_equals_the_scalar_cost_model_pod_by_pod(seed):
         dl.endpoints.remove(eps[1].id)
         eps = [e for i, e in enumerate(eps) if i != 1]
     ctx_tokens = dl.predictor.settings.decode_context_tokens
+    dl.predictor.settings.kv_from_metrics = seed % 2 == 1  # both ways of reading the running decodes' KV
     for step in range(6):  # the same fleet decided on again and again: nothing memoised may go stale
         _load(s, rng, eps, clock.now(), f"{seed}-{step}")
         p = int(rng.choice([1, 16, 1000, 8192, 8193, 30_000]))
