@@ -30,7 +30,8 @@ every error message). No section at all gives the ``default`` profile with every
         precise: {max_blocks: 10000000, medium_weights: {GPU: 1.0, CPU: 0.8}, engine_map_cap: 2000000,
                   degraded_after_s: 10, topic: "", pending_ttl_s: 5, pending_max_blocks: 1000000}
       predictor: {decode_context_tokens: 2048, waiting_prompt_tokens: 0,   # pickers/predictor.py
-                  correction: true, correction_window: 64}
+                  correction: true, correction_window: 64,
+                  kv_from_metrics: false, step_in_progress: true}
       explain_top: 5
       default_decode_tokens: 256
 
@@ -246,12 +247,15 @@ def build_scheduler(
 
     prp = f"{ROOT}.predictor"
     pcfg = _mapping(prp, cfg.get("predictor"))
-    _keys(prp, pcfg, {"decode_context_tokens", "waiting_prompt_tokens", "correction", "correction_window"})
+    _keys(prp, pcfg, {"decode_context_tokens", "waiting_prompt_tokens", "correction", "correction_window",
+                      "kv_from_metrics", "step_in_progress"})
     predictor = PredictorSettings(
         decode_context_tokens=_get(prp, pcfg, "decode_context_tokens", Param(float, 2048.0, min=0.0)),
         waiting_prompt_tokens=_get(prp, pcfg, "waiting_prompt_tokens", Param(float, 0.0, min=0.0)),
         correction=_get(prp, pcfg, "correction", Param(bool, True)),
         correction_window=_get(prp, pcfg, "correction_window", Param(int, 64, min=8, max=4096)),
+        kv_from_metrics=_get(prp, pcfg, "kv_from_metrics", Param(bool, False)),
+        step_in_progress=_get(prp, pcfg, "step_in_progress", Param(bool, True)),
     )
     slo = _slo_policy(cfg, admission)
 

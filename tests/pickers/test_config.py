@@ -31,6 +31,8 @@ def test_defaults_and_every_builtin_profile_decides():
     ({"prefix": {"precise": {"medium_weights": {"GPU": 2}}}}, "scheduler.prefix.precise.medium_weights.GPU"),
     ({"admission": [{"type": "saturation", "objectives": {"b": "low"}}]}, "scheduler.admission[0]: objectives.b"),
     ({"colour": 1}, "scheduler.colour: unknown key"),
+    ({"predictor": {"kv_from_metrics": "yes"}}, "scheduler.predictor.kv_from_metrics: expected"),
+    ({"predictor": {"step_in_progress": 0.5}}, "scheduler.predictor.step_in_progress: expected"),
     ({"tokenizer": {"path": "/nonexistent/tok"}}, "scheduler.tokenizer.path: cannot load"),
     ([1], "scheduler: expected a mapping"),
 ])
@@ -61,3 +63,11 @@ profiles:
 def test_bad_endpoint_profile_is_reported():
     with pytest.raises(ConfigError, match=r"endpoints\[1\]: unknown accelerator"):
         scheduler(eps=[*endpoints(1), *endpoints(2, accelerator="TPU")[1:]])
+
+
+def test_the_predictors_settings_reach_it():
+    s, _ = scheduler(raw={"predictor": {"kv_from_metrics": True, "step_in_progress": False}})
+    got = s.dl.predictor.settings
+    assert got.kv_from_metrics is True and got.step_in_progress is False
+    d, _ = scheduler(raw=None)
+    assert d.dl.predictor.settings.kv_from_metrics is False and d.dl.predictor.settings.step_in_progress is True
