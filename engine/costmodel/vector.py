@@ -1,9 +1,11 @@
 """The one cost model evaluated for many pods at once (the scorers, the predictor, admission, the planner).
 
-Nothing here is a second approximation: every function evaluates ``roofline.step_seconds`` (the same
-formula the simulator charges per step) on numpy arrays with one entry per pod, and sums steps exactly as
-``CostModel.time_to_first_token`` does, in closed form instead of a loop. ``tests/costmodel`` holds the two
-paths together for every model x accelerator profile.
+Nothing here is a second approximation: single steps evaluate ``roofline.step_seconds`` (the same formula
+the simulator charges per step) on numpy arrays with one entry per pod, and a chunked prefill sums exactly
+the steps ``CostModel.time_to_first_token`` charges one by one, in closed form instead of a loop (the
+roofline's compute and memory terms written per chunk, in one compiled loop over the pods: for the few pods
+of a decision, numpy's per-call cost exceeded the arithmetic). ``tests/costmodel`` holds the paths together
+for every model x accelerator profile.
 
 Closed form of a chunked prefill. A prompt with ``new`` uncached tokens after ``cached`` ones is computed in
 steps of ``chunk`` prefill tokens (the step budget less one token per running decode), the last one
