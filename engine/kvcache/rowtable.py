@@ -253,25 +253,24 @@ def _prefix_match(tk, tr, mask, shift, q, masks, stamp, tick, rows, blocks):  # 
                 held |= masks[r, m, w]
             prev = held if i == 0 else cum[w]
             now = prev & held
-            gone = prev & ~now  # pods that held rows 0..i-1 and not row i: they match i rows
-            while gone:
-                low = gone & (~gone + np.uint64(1))
-                bit = 0
-                while (low >> np.uint64(bit)) != np.uint64(1):
-                    bit += 1
-                blocks[w * 64 + bit] = i
-                gone ^= low
+            _record_lengths(prev & ~now, w, i, blocks)  # pods that held rows 0..i-1 and not row i: i rows
             cum[w] = now
-    for w in range(words):  # pods holding every row found
-        rest = cum[w] if n > 0 else np.uint64(0)
-        while rest:
-            low = rest & (~rest + np.uint64(1))
-            bit = 0
-            while (low >> np.uint64(bit)) != np.uint64(1):
-                bit += 1
-            blocks[w * 64 + bit] = n
-            rest ^= low
+    if n > 0:
+        for w in range(words):  # pods holding every row found
+            _record_lengths(cum[w], w, n, blocks)
     return n
+
+
+@njit(cache=True, nogil=True)
+def _record_lengths(bits, word, length, blocks):  # type: ignore[no-untyped-def]
+    """``blocks[pod] = length`` for every pod bit set in ``bits`` (word ``word`` of the pod masks)."""
+    while bits:
+        low = bits & (~bits + np.uint64(1))
+        bit = 0
+        while (low >> np.uint64(bit)) != np.uint64(1):
+            bit += 1
+        blocks[word * 64 + bit] = length
+        bits ^= low
 
 
 @njit(cache=True, nogil=True)
