@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -103,6 +104,15 @@ def build_planner(config: Config, director: Director) -> LivePlanner | None:
     return planner
 
 
+def freeze_startup_objects() -> None:
+    """Move every object alive once the picker is up (modules, numba's and numpy's machinery, the scheduler's
+    tables) out of the garbage collector's sight. A full collection scanned them all: one took 59 ms inside a
+    serving picker (every request in flight waited), 1.7 ms after this. They live as long as the process, so
+    nothing is lost by never scanning them; call it once, at the end of start-up."""
+    gc.collect()
+    gc.freeze()
+
+
 async def _run(server: Server, planner: LivePlanner | None = None) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -122,6 +132,7 @@ async def _run(server: Server, planner: LivePlanner | None = None) -> None:
         print(f"kvswitch serve: live planner on, every {planner.settings.interval_s:g}s "
               f"({'scaling ' + planner.target.describe() if planner.target else 'gauges only'})",
               flush=True)
+    freeze_startup_objects()
     await stop.wait()
     if planner is not None:
         await planner.stop()

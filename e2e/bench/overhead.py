@@ -115,6 +115,7 @@ def serve_picker(port: int, endpoints: list[str], simple: bool, response_body: s
     """The picker as ``kvswitch serve`` runs it; ``simple``: the least-inflight profile without admission
     (no metrics read: the request path alone); ``decide_port``: the ext_authz front's port (-1: off)."""
     from extproc.config import config_from_dict
+    from extproc.serve import freeze_startup_objects
     from extproc.server import build_scheduler, build_server
 
     cfg = config_from_dict({"server": {"host": "127.0.0.1", "grpc_port": port, "metrics_port": -1,
@@ -126,6 +127,7 @@ def serve_picker(port: int, endpoints: list[str], simple: bool, response_body: s
     async def go() -> None:
         server = build_server(cfg, sched)
         await server.start()
+        freeze_startup_objects()  # as kvswitch serve does once it is up
         await server.wait_for_termination()
 
     asyncio.run(go())
