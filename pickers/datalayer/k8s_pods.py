@@ -16,7 +16,16 @@ or engines of one pod, as the Gateway API Inference Extension defines them). Wha
 - ``kvswitch.io/kv-events-port``: vLLM's ZMQ KV-event port, ``tcp://<pod ip>:<port>`` (default none: no
   precise prefix index for the pod)
 - ``kvswitch.io/metrics-port``: port of ``/metrics`` when it is not the target port (default the target port)
-- ``kvswitch.io/block-size``: the engine's KV block size in tokens (default 16)
+- ``kvswitch.io/block-size``: the engine's KV block size in tokens (default: the container's ``--block-size``,
+  else 16)
+- ``kvswitch.io/max-num-seqs``, ``kvswitch.io/max-num-batched-tokens``: the engine's sequence slots and step
+  token budget (default: the container's ``--max-num-seqs`` / ``--max-num-batched-tokens``, else the preset of
+  the pod's model, accelerator and role): the predictor's slot wait and chunked-prefill steps use them
+
+Engine flags from the pod spec: the containers' ``command`` and ``args`` are read as vLLM's command line
+(``--flag N``, ``--flag=N``, underscores or dashes; an element holding a shell command line, as in ``sh -c
+"vllm serve ..."``, is split as the shell would). A flag given twice takes its last value, as argparse does; a
+value that is not a positive integer leaves the pod out.
 
 With several target ports, ``kv-events-port`` and ``metrics-port`` may list one port per target port,
 comma-separated, in the same order (one value applies to all). An accelerator or model the cost model does not
@@ -34,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shlex
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +60,9 @@ SERVED_MODEL_KEY = PREFIX + "served-model"
 KV_EVENTS_PORT_KEY = PREFIX + "kv-events-port"
 METRICS_PORT_KEY = PREFIX + "metrics-port"
 BLOCK_SIZE_KEY = PREFIX + "block-size"
+MAX_NUM_SEQS_KEY = PREFIX + "max-num-seqs"
+MAX_BATCHED_TOKENS_KEY = PREFIX + "max-num-batched-tokens"
+ENGINE_FLAGS = ("block-size", "max-num-seqs", "max-num-batched-tokens")  # the vLLM flags read from the spec
 GPU_PRODUCT_KEYS = ("nvidia.com/gpu.product", "cloud.google.com/gke-accelerator", "amd.com/gpu.product-name",
                     "karpenter.k8s.aws/instance-gpu-name")
 # The cost model's accelerator kinds (engine/costmodel/profiles.py ACCELERATORS), longest first so that a
@@ -128,6 +141,39 @@ def _ports(value: str | None, n: int, what: str, pod: str) -> list[int | None]:
     return [int(p) for p in parts]
 
 
+def engine_flags(spec: dict[str, Any]) -> dict[str, str]:
+    """The ``ENGINE_FLAGS`` set on the pod's containers' command lines (see the module docstring): flag -> its
+    last value, as given."""
+    words: list[str] = []
+    for c in spec.get("containers") or []:
+        for part in [*(c.get("command") or []), *(c.get("args") or [])]:
+            text = str(part)
+            try:
+                words += shlex.split(text) if any(ch.isspace() for ch in text) else [text]
+            except ValueError:  # unbalanced quotes: not a command line we can read
+                words.append(text)
+    out: dict[str, str] = {}
+    for i, w in enumerate(words):
+        if not w.startswith("--"):
+            continue
+        name, eq, value = w[2:].partition("=")
+        name = name.replace("_", "-")
+        if name in ENGINE_FLAGS:
+            if eq:
+                out[name] = value
+            elif i + 1 < len(words):
+                out[name] = words[i + 1]
+    return out
+
+
+def _positive(value: str | None, what: str, pod: str) -> int | None:
+    if value is None:
+        return None
+    if not value.isdigit() or int(value) <= 0:
+        raise ValueError(f"pod {pod}: {what} {value!r} is not a positive integer")
+    return int(value)
+
+
 def is_ready(pod: dict[str, Any]) -> bool:
     """Ready condition True, an IP, and not being deleted (graceful deletion sets deletionTimestamp first)."""
     if (pod.get("metadata") or {}).get("deletionTimestamp"):
@@ -173,9 +219,11 @@ def pod_endpoints(pod: dict[str, Any], pool: PoolSpec) -> list[Endpoint]:
         log.warning("pod %s: model %r unknown to the cost model; costed as %s", name, profile,
                     DEFAULT_MODEL_PROFILE)
         profile = DEFAULT_MODEL_PROFILE
-    block_size = get(BLOCK_SIZE_KEY) or "16"
-    if not block_size.isdigit() or int(block_size) <= 0:
-        raise ValueError(f"pod {name}: {BLOCK_SIZE_KEY} {block_size!r} is not a positive integer")
+    flags = engine_flags(pod.get("spec") or {})
+    block_size = _positive(get(BLOCK_SIZE_KEY) or flags.get("block-size") or "16", "block size", name)
+    max_seqs = _positive(get(MAX_NUM_SEQS_KEY) or flags.get("max-num-seqs"), "max-num-seqs", name)
+    max_batched = _positive(get(MAX_BATCHED_TOKENS_KEY) or flags.get("max-num-batched-tokens"),
+                            "max-num-batched-tokens", name)
     n = len(pool.target_ports)
     kv_ports = _ports(get(KV_EVENTS_PORT_KEY), n, KV_EVENTS_PORT_KEY, name)
     metrics_ports = _ports(get(METRICS_PORT_KEY), n, METRICS_PORT_KEY, name)
@@ -187,6 +235,7 @@ def pod_endpoints(pod: dict[str, Any], pool: PoolSpec) -> list[Endpoint]:
             address=f"{host}:{port}", role=role, model=get(SERVED_MODEL_KEY) or "", accelerator=accel,
             model_profile=profile, labels=labels,
             metrics_url=f"http://{host}:{mp}/metrics" if mp else None,
-            kv_events=f"tcp://{host}:{kv}" if kv else None, block_size=int(block_size),
+            kv_events=f"tcp://{host}:{kv}" if kv else None, block_size=block_size or 16,
+            max_num_seqs=max_seqs, max_num_batched_tokens=max_batched,
         ))
     return out

@@ -82,6 +82,38 @@ def test_labels_annotations_and_node_selector():
         pod_endpoints(pod, spec)
 
 
+@pytest.mark.parametrize("container, want", [
+    ({"args": ["--model", "m", "--max-num-seqs", "128", "--max-num-batched-tokens=4096", "--block-size", "32"]},
+     (32, 128, 4096)),
+    # a shell command line; underscores as vLLM accepts them; the last of a repeated flag, as argparse takes it
+    ({"command": ["/bin/sh", "-c"], "args": ["vllm serve m --max_num_seqs 64 --port 8000 --max-num-seqs 96"]},
+     (16, 96, None)),
+    ({"command": ["python3", "-m", "vllm.entrypoints.openai.api_server"], "args": ["--model", "m"]},
+     (16, None, None)),  # nothing set: block 16, the presets decide the rest
+    ({}, (16, None, None)),
+])
+def test_engine_flags_from_the_pods_command_line(container, want):
+    spec = pool_spec(recorded_pool())
+    pod = ready_pod()
+    pod["spec"]["containers"][0].update(container)
+    eps = pod_endpoints(pod, spec)
+    assert {(e.block_size, e.max_num_seqs, e.max_num_batched_tokens) for e in eps} == {want}
+
+
+def test_annotations_win_over_engine_flags_and_bad_values_leave_the_pod_out():
+    spec = pool_spec(recorded_pool())
+    pod = ready_pod()
+    pod["spec"]["containers"][0]["args"] = ["--max-num-seqs", "128", "--block-size", "32"]
+    pod["metadata"]["annotations"] = {"kvswitch.io/max-num-seqs": "48", "kvswitch.io/max-num-batched-tokens": "2048"}
+    (a, _) = pod_endpoints(pod, spec)
+    assert (a.block_size, a.max_num_seqs, a.max_num_batched_tokens) == (32, 48, 2048)
+    for bad in (["--max-num-seqs", "lots"], ["--block-size=0"], ["--max-num-batched-tokens", "-5"]):
+        pod["metadata"]["annotations"] = {}
+        pod["spec"]["containers"][0]["args"] = bad
+        with pytest.raises(ValueError, match="is not a positive integer"):
+            pod_endpoints(pod, spec)
+
+
 def test_drain_keeps_the_slot_until_idle_or_deadline():
     table = EndpointTable(8)
     busy: set[int] = set()
