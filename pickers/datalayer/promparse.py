@@ -1,7 +1,7 @@
 """A cheap reader for the few vLLM metric families the picker uses.
 
 vLLM's /metrics page is tens of KB of histograms; the full Prometheus text parser costs milliseconds per
-page. One compiled regular expression anchored at line starts and restricted to the wanted names scans it
+page. One compiled regular expression matching at line starts and restricted to the wanted names scans it
 in C; everything else is skipped. Old and new names are both accepted (``gpu_cache_usage_perc`` was
 renamed ``kv_cache_usage_perc``). Samples of the same family are summed over engines (data parallel) by
 ``parse_vllm_metrics``; ``parse_vllm_metrics_by_engine`` keeps each ``engine="<rank>"`` apart.
@@ -18,7 +18,10 @@ _NAMES = (
     "prefix_cache_queries_total", "prefix_cache_hits_total", "gpu_prefix_cache_queries_total",
     "gpu_prefix_cache_hits_total", "cache_config_info", "lora_requests_info",
 )
-_LINE = re.compile(r"^vllm:(" + "|".join(_NAMES) + r")(?:\{([^}]*)\})?[ \t]+(\S+)", re.M)
+# A wanted line starts after a newline (the page is scanned with one prepended): "\nvllm:" is a literal prefix,
+# which the regex engine finds with a fast search; "^" under re.M made it try every position (~90 against ~17
+# us for a 22 KB page).
+_LINE = re.compile(r"\nvllm:(" + "|".join(_NAMES) + r")(?:\{([^}]*)\})?[ \t]+(\S+)")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 _ENGINE = re.compile(r'(?:^|,)\s*engine="([^"]*)"')
 
@@ -79,7 +82,7 @@ def parse_vllm_metrics(text: str) -> PodMetrics:
     """The picker's view of one /metrics page. Raises MetricsParseError when no vLLM family is present."""
     acc = _Acc()
     seen = 0
-    for name, labels, value in _LINE.findall(text):
+    for name, labels, value in _LINE.findall("\n" + text):
         try:
             v = float(value)
         except ValueError:
@@ -96,7 +99,7 @@ def parse_vllm_metrics_by_engine(text: str) -> dict[str, PodMetrics]:
     ``engine="<rank>"``). Series without an engine label (``lora_requests_info``) go to every engine."""
     accs: dict[str, _Acc] = {}
     shared: list[tuple[str, str, float]] = []
-    for name, labels, value in _LINE.findall(text):
+    for name, labels, value in _LINE.findall("\n" + text):
         try:
             v = float(value)
         except ValueError:

@@ -40,6 +40,18 @@ def test_parse_new_and_old_names():
         parse_vllm_metrics("<html>not metrics</html>")
 
 
+@pytest.mark.parametrize("shift", range(0, 13, 3))
+@pytest.mark.parametrize("eol", ["\n", "\r\n"])
+def test_a_wanted_line_counts_wherever_it_stands(shift, eol):
+    """The scan matches at line starts: the first line, CRLF pages and any order of lines give the same figures,
+    and a name inside another line (or a longer name) is not a match."""
+    lines = NEW.splitlines()
+    lines = lines[shift:] + lines[:shift]  # rotate: each wanted line takes its turn as the first
+    noise = ['# HELP x vllm:num_requests_running{model_name="m"} 77.0', "vllm:num_requests_running_total 9"]
+    page = eol.join(lines[:2] + noise + lines[2:])
+    assert parse_vllm_metrics(page) == parse_vllm_metrics(NEW)
+
+
 async def test_scraper_feeds_metrics_and_health():
     state = {"ok": True}
 
