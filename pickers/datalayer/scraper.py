@@ -1,11 +1,12 @@
 """Scrapes every pod's /metrics on a fixed interval (default 50 ms, like the reference picker).
 
-One task per metrics URL, so a slow pod delays only itself. A pod running data-parallel ranks has one page
-for all of them, its series labelled ``engine="<rank>"``: it is scraped once and each rank endpoint gets
-its own engine's figures (``watch(..., engine="3")``); an endpoint without a rank gets the sum. A failed or
-unparsable scrape counts as a health failure of every endpoint on that URL; a good one as a success (this
-is also how a pod that was taken out comes back). A rank whose engine label is missing from a good page is
-a failure of that rank alone.
+One task per metrics URL, so a slow pod delays only itself; a plain http:// page is fetched over one
+kept-alive connection per pod (``httpget.KeepAliveGet``), an https:// one through aiohttp. A pod running
+data-parallel ranks has one page for all of them, its series labelled ``engine="<rank>"``: it is scraped once
+and each rank endpoint gets its own engine's figures (``watch(..., engine="3")``); an endpoint without a rank
+gets the sum. A failed or unparsable scrape counts as a health failure of every endpoint on that URL; a good
+one as a success (this is also how a pod that was taken out comes back). A rank whose engine label is missing
+from a good page is a failure of that rank alone.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable
 import aiohttp
 
 from pickers.datalayer.health import HealthTracker
+from pickers.datalayer.httpget import KeepAliveGet
 from pickers.datalayer.metrics import MetricsStore
 from pickers.datalayer.promparse import MetricsParseError, parse_vllm_metrics, parse_vllm_metrics_by_engine
 
@@ -28,7 +30,10 @@ Target = tuple[int, str | None]  # (endpoint slot, engine label or None for the 
 class MetricsScraper:
     def __init__(self, metrics: MetricsStore, health: HealthTracker, interval_s: float = 0.05,
                  timeout_s: float | None = None, max_bytes: int = 4 * 1024 * 1024,
-                 on_engines: Callable[[str, list[str]], None] | None = None) -> None:
+                 on_engines: Callable[[str, list[str]], None] | None = None, keep_alive_get: bool = True) -> None:
+        """``keep_alive_get``: plain http:// pages over ``KeepAliveGet``; False: every page through aiohttp (the
+        baseline of ``e2e.bench.scrape``)."""
+        self.keep_alive_get = keep_alive_get
         self.metrics = metrics
         self.health = health
         self.interval_s = interval_s
@@ -36,7 +41,8 @@ class MetricsScraper:
         self.max_bytes = max_bytes
         # called with (url, engine labels) when a page shows several engines: rank count learned from metrics
         self.on_engines = on_engines
-        self._session: aiohttp.ClientSession | None = None
+        self._session: aiohttp.ClientSession | None = None  # https:// pages (plain http: KeepAliveGet)
+        self._clients: dict[str, KeepAliveGet] = {}  # url -> its kept-alive GET (http://)
         self._tasks: dict[str, asyncio.Task] = {}  # url -> its scrape loop
         self._targets: dict[str, dict[str, Target]] = {}  # url -> endpoint id -> target
         self._url_of: dict[str, str] = {}  # endpoint id -> url
@@ -44,7 +50,10 @@ class MetricsScraper:
 
     def watch(self, slot: int, endpoint_id: str, url: str, engine: str | None = None) -> None:
         self.unwatch(endpoint_id)
-        if self._session is None:
+        if self.keep_alive_get and url.startswith("http://"):
+            if url not in self._clients:
+                self._clients[url] = KeepAliveGet(url, self.max_bytes)
+        elif self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.timeout_s),
                 connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
@@ -66,6 +75,9 @@ class MetricsScraper:
             t = self._tasks.pop(url, None)
             if t is not None:
                 t.cancel()
+            client = self._clients.pop(url, None)
+            if client is not None:
+                client.close()
 
     async def stop(self) -> None:
         tasks = list(self._tasks.values())
@@ -75,18 +87,30 @@ class MetricsScraper:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
         if self._session is not None:
             await self._session.close()
             self._session = None
 
+    async def _get(self, url: str) -> bytes:
+        client = self._clients.get(url)
+        if client is not None:
+            status, body = await client.get(self.timeout_s)
+        else:
+            assert self._session is not None
+            async with self._session.get(url) as resp:
+                status = resp.status
+                body = await resp.content.read(self.max_bytes)
+        if status != 200:
+            raise MetricsParseError(f"HTTP {status}")
+        return body
+
     async def scrape_once(self, url: str) -> bool:
-        assert self._session is not None
         targets = list(self._targets.get(url, {}).values())
         try:
-            async with self._session.get(url) as resp:
-                if resp.status != 200:
-                    raise MetricsParseError(f"HTTP {resp.status}")
-                body = await resp.content.read(self.max_bytes)
+            body = await self._get(url)
             text = body.decode("utf-8", "replace")
             ranked = any(engine is not None for _, engine in targets)
             # A page of several engines has a second engine label somewhere; one page, one engine is the common
