@@ -101,7 +101,7 @@ class AuthzFront:
         if size is not None and cap is not None and size > cap:
             return _reject(over_context(size, cap))
         body = request.body
-        headers = dict(request.headers)
+        headers = request.headers  # the request's own dict (http1 builds one per request): no copy
         headers[":path"] = path
         headers[":method"] = request.method
         outcome = RoutedOutcome(self.director, self.clock, self.pending)

@@ -249,13 +249,16 @@ def build_scheduler(
     pcfg = _mapping(prp, cfg.get("predictor"))
     _keys(prp, pcfg, {"decode_context_tokens", "waiting_prompt_tokens", "correction", "correction_window",
                       "kv_from_metrics", "step_in_progress"})
+    dflt = PredictorSettings()  # the defaults live on the settings' dataclass, once
     predictor = PredictorSettings(
-        decode_context_tokens=_get(prp, pcfg, "decode_context_tokens", Param(float, 2048.0, min=0.0)),
-        waiting_prompt_tokens=_get(prp, pcfg, "waiting_prompt_tokens", Param(float, 0.0, min=0.0)),
-        correction=_get(prp, pcfg, "correction", Param(bool, True)),
-        correction_window=_get(prp, pcfg, "correction_window", Param(int, 64, min=8, max=4096)),
-        kv_from_metrics=_get(prp, pcfg, "kv_from_metrics", Param(bool, False)),
-        step_in_progress=_get(prp, pcfg, "step_in_progress", Param(bool, True)),
+        decode_context_tokens=_get(prp, pcfg, "decode_context_tokens",
+                                   Param(float, dflt.decode_context_tokens, min=0.0)),
+        waiting_prompt_tokens=_get(prp, pcfg, "waiting_prompt_tokens",
+                                   Param(float, dflt.waiting_prompt_tokens, min=0.0)),
+        correction=_get(prp, pcfg, "correction", Param(bool, dflt.correction)),
+        correction_window=_get(prp, pcfg, "correction_window", Param(int, dflt.correction_window, min=8, max=4096)),
+        kv_from_metrics=_get(prp, pcfg, "kv_from_metrics", Param(bool, dflt.kv_from_metrics)),
+        step_in_progress=_get(prp, pcfg, "step_in_progress", Param(bool, dflt.step_in_progress)),
     )
     slo = _slo_policy(cfg, admission)
 

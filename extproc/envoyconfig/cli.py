@@ -27,10 +27,10 @@ def parse_args(argv: list[str]) -> tuple[EnvoyConfigOptions, str | None, str]:
                         "access-log (default): nothing on the ext_proc stream, the outcome (first byte, usage, "
                         "status) through Envoy's gRPC access log; observe: every chunk; skip: headers and end; "
                         "detach: nothing")
-    p.add_argument("--access-log-flush-ms", type=float, default=10.0, metavar="MS",
+    p.add_argument("--access-log-flush-ms", type=float, default=EnvoyConfigOptions.access_log_flush_ms, metavar="MS",
                    help="with --response-body access-log: Envoy batches the access-log entries it sends to the "
-                        "picker, one message per 16 KiB or MS milliseconds (default 10; 0: each entry as its "
-                        "request ends)")
+                        f"picker, one message per 16 KiB or MS milliseconds (default "
+                        f"{EnvoyConfigOptions.access_log_flush_ms:g}; 0: each entry as its request ends)")
     p.add_argument("--picker-protocol", choices=["ext-authz", "ext-proc"],
                    help="how Envoy asks the picker: ext-authz (the default, unless --picker-tls or a response body "
                         "mode other than access-log/detach is given): Envoy's ext_authz filter over HTTP/1.1 to the "

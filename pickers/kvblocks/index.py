@@ -279,10 +279,6 @@ class BlockIndex:
             assert int(self.pod_counts.sum(axis=0).max(initial=0)) <= self.per_pod_cap, "pod over its cap"
 
     # ---- internals ----------------------------------------------------------------------------------
-    def _present_rows(self, hashes: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Rows of the leading ``hashes`` the index holds, up to the first it does not (the exact walk)."""
-        return self._table.prefix(as_keys(hashes))
-
     def _distinct(self, rows: np.ndarray) -> np.ndarray:
         self._mark_gen += 1
         return distinct_rows(rows, self._mark, self._mark_gen)
