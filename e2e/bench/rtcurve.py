@@ -14,10 +14,12 @@ here are the same multiples of the same knee as the virtual-time report's.
 Sizing (``plan``): a run's wall time is its simulated makespan x the time scale plus a fixed cost (fleet
 restart, router start, client start; ``--overhead-s``). Per workload:
 
-- time scale = the smallest that keeps the wall request rate at the highest load under ``--max-wall-rate``
-  and the wall rate of streamed output tokens (about 1.4 x the knee's, what the best router completes past
-  it) under ``--max-wall-tokens``: on two cores the client, Envoy, the routers and the simulated pods share
-  the CPU, and a router's path must stay small against the TTFTs it is judged on; never below 0.5;
+- time scale, per load = the smallest that keeps the wall request rate at that load under
+  ``--max-wall-rate`` and the wall rate of streamed output tokens (the load's, at most about 1.4 x the
+  knee's, what the best router completes past it) under ``--max-wall-tokens``: on two cores the client,
+  Envoy, the routers and the simulated pods share the CPU, and a router's path must stay small against the
+  TTFTs it is judged on; never below 0.5. A light load runs faster than the heaviest, so every load point
+  costs about the same wall time per request;
 - requests per run = as many as the budget allows when every workload gets the same share of it,
   from the virtual-time replay of the same traces (round robin's makespan per load, which the routers
   under test beat or match), at least ``--min-requests``; ``--requests`` fixes it instead.
@@ -49,7 +51,10 @@ from e2e.bench.runner import RESULTS_DIR, CompareConfig, Comparison
 
 ROUTERS = ["kvswitch", "vllm-router:cache_aware", "vllm-router:kv_aware", "sglang-router:cache_aware", "envoy-rr"]
 LOADS = [0.5, 1.0, 2.0, 3.0]
-KNEE_REQUESTS = 240  # the virtual-time report's requests per run: the knee is found on the same trace
+# The knee is round robin's capacity on a 1,000-request trace: on 240 requests the probe mostly reads the drain
+# (the last long decodes), which put the knees 1.2-1.85x low (e2e/bench/results/2026-12-02-vcurve1000/).
+KNEE_REQUESTS = 1000
+PROBE_REQUESTS = 160  # the makespan probe's trace when --requests is not given
 PEAK_COMPLETION = 1.4  # completed req/s past the knee, as a multiple of the knee (the best router's, virtual time)
 
 
@@ -72,22 +77,24 @@ class WorkloadPlan:
     workload: str
     knee_req_s: float
     mean_output_tokens: float
-    time_scale: float
+    time_scales: list[float]  # per rate: wall s per simulated s
     requests: int
     rates: list[float]  # simulated req/s: loads x knee
     est_wall_s: float  # every router, load and repetition of this workload
 
     def describe(self) -> str:
-        return (f"{self.workload}: knee {self.knee_req_s:.2f} req/s, time scale {self.time_scale:.2f}, "
+        return (f"{self.workload}: knee {self.knee_req_s:.2f} req/s, time scales "
+                f"{', '.join(f'{t:g}' for t in self.time_scales)}, "
                 f"{self.requests} requests per run, rates {', '.join(f'{r:g}' for r in self.rates)}, "
                 f"est. {self.est_wall_s / 60:.0f} min")
 
 
-def time_scale_for(knee: float, mean_output: float, max_load: float, budget: Budget) -> float:
-    """The smallest time scale (wall s per simulated s) within the wall request and token rates."""
-    ts = max(budget.min_time_scale, max_load * knee / budget.max_wall_rate,
-             PEAK_COMPLETION * knee * mean_output / budget.max_wall_tokens)
-    return round(ts, 2)
+def time_scale_for(knee: float, mean_output: float, load: float, budget: Budget) -> float:
+    """The smallest time scale (wall s per simulated s) that keeps a run at ``load`` x the knee within the
+    wall request and token rates (past the knee the fleet completes at most ``PEAK_COMPLETION`` x it)."""
+    ts = max(budget.min_time_scale, load * knee / budget.max_wall_rate,
+             min(load, PEAK_COMPLETION) * knee * mean_output / budget.max_wall_tokens)
+    return math.ceil(ts * 100) / 100
 
 
 def sim_makespans(workload: str, knee: float, loads: list[float], requests: int) -> list[float]:
@@ -111,14 +118,15 @@ def plan(workloads: list[str], routers: list[str], loads: list[float], repetitio
         knee = vcurve.knee(w, KNEE_REQUESTS)
         wl = vcurve.WORKLOADS[w].make(0, KNEE_REQUESTS)
         mean_out = float(np.mean([r.output_length for r in wl.records]))
-        ts = time_scale_for(knee, mean_out, max(loads), budget)
-        probe_n = 64
-        per_request = sum(sim_makespans(w, knee, loads, probe_n)) / probe_n  # simulated s per request, all loads
+        scales = [time_scale_for(knee, mean_out, ld, budget) for ld in loads]
+        probe_n = requests or PROBE_REQUESTS  # the drain is a smaller share of a longer run: probe at its size
+        makespans = sim_makespans(w, knee, loads, probe_n)
+        wall_per_request = sum(ts * m for ts, m in zip(scales, makespans)) / probe_n  # wall s, all loads
         fixed = len(loads) * runs_per_load * budget.overhead_s
-        n = requests or int((share_s - fixed) / (runs_per_load * ts * per_request))
+        n = requests or int((share_s - fixed) / (runs_per_load * wall_per_request))
         n = max(budget.min_requests, min(budget.max_requests, n // 8 * 8))
-        est = fixed + runs_per_load * ts * per_request * n
-        plans.append(WorkloadPlan(w, knee, mean_out, ts, n, [round(x * knee, 3) for x in loads], est))
+        est = fixed + runs_per_load * wall_per_request * n
+        plans.append(WorkloadPlan(w, knee, mean_out, scales, n, [round(x * knee, 3) for x in loads], est))
         log(f"  plan {plans[-1].describe()}")
     return plans
 
@@ -126,7 +134,8 @@ def plan(workloads: list[str], routers: list[str], loads: list[float], repetitio
 def _config(p: WorkloadPlan, routers: list[str], repetitions: int, out: Path) -> CompareConfig:
     f = vcurve.CurveFleet()
     return CompareConfig(workload=p.workload, routers=routers, rates=p.rates, pods=f.pods,
-                         time_scale=p.time_scale, repetitions=repetitions, seed=0, model_profile=f.model_profile,
+                         time_scale=max(p.time_scales), time_scales=p.time_scales, repetitions=repetitions,
+                         seed=0, model_profile=f.model_profile,
                          accelerator=f.accelerator, out=out, curve_requests=p.requests)
 
 
@@ -219,9 +228,12 @@ def render_summary(out: Path, plots: bool = True) -> Path:
              "x the time scale; every latency and rate below is in simulated time. Workloads, seeds and knees "
              "are the virtual-time curves' (`kvswitch bench curve`).", "",
              f"Command: `{meta['command']}`; wall {meta.get('wall_s', 0) / 60:.0f} min.", "",
-             "| workload | knee req/s | time scale | requests per run | est. wall min |", "|---|---|---|---|---|"]
+             "| workload | knee req/s | time scale per load | requests per run | est. wall min |",
+             "|---|---|---|---|---|"]
     for p in meta["plans"]:
-        lines.append(f"| {p['workload']} | {p['knee_req_s']:.2f} | {p['time_scale']:g} | {p['requests']} | "
+        scales = p.get("time_scales") or [p["time_scale"]]  # sets before per-load scales kept one
+        lines.append(f"| {p['workload']} | {p['knee_req_s']:.2f} | {' / '.join(f'{t:g}' for t in scales)} | "
+                     f"{p['requests']} | "
                      f"{p['est_wall_s'] / 60:.0f} |")
     lines.append("")
     for p in meta["plans"]:
@@ -328,9 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.smoke:
         i = next((k for k, x in enumerate(loads) if x >= 1.0), len(loads) - 1)
         loads, reps = [loads[i]], 1
-        plans[0].rates = [plans[0].rates[i]]
+        plans[0].rates, plans[0].time_scales = [plans[0].rates[i]], [plans[0].time_scales[i]]
         print(f"kvswitch bench curves: smoke point: {plans[0].workload} at {loads[0]:g}x the knee "
-              f"({plans[0].rates[0]:g} req/s), {plans[0].requests} requests, time scale {plans[0].time_scale:g}, "
+              f"({plans[0].rates[0]:g} req/s), {plans[0].requests} requests, time scale {plans[0].time_scales[0]:g}, "
               "one repetition", flush=True)
     if why := peersenv.missing():
         print(f"kvswitch bench curves: {why}", file=sys.stderr)

@@ -14,7 +14,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,9 @@ class CompareConfig:
     rates: list[float] = field(default_factory=lambda: [4.0])
     pods: int = 4
     time_scale: float = 1.0
+    # per rate (same order as ``rates``): wall s per simulated s of the runs at that rate; None: time_scale
+    # for every rate. A light load can run faster than the heaviest without crowding the shared CPU.
+    time_scales: list[float] | None = None
     repetitions: int = 1
     seed: int = 0
     roles: list[str] | None = None  # P/D fleets: per-pod role
@@ -48,6 +51,12 @@ class CompareConfig:
     # seed = seed + repetition, its window for Mooncake) replayed at the rate asked, as `kvswitch bench curve`
     # does; None: the workload generator with ``workload_params`` at that rate
     curve_requests: int | None = None
+
+    def scale_for(self, rate: float) -> float:
+        """The time scale of the runs at ``rate``."""
+        if self.time_scales is None:
+            return self.time_scale
+        return self.time_scales[self.rates.index(rate)]
 
     def out_dir(self) -> Path:
         if self.out:
@@ -121,7 +130,8 @@ class Comparison:
             "date": _dt.datetime.now().isoformat(timespec="seconds"),
             "workload": cfg.workload, "workload_params": {**wl0.params, "rate": None},
             "workload_stats": wl0.stats(), "routers": cfg.routers, "rates": cfg.rates, "pods": cfg.pods,
-            "roles": cfg.roles, "time_scale": cfg.time_scale, "repetitions": cfg.repetitions, "seed": cfg.seed,
+            "roles": cfg.roles, "time_scale": max(cfg.time_scales or [cfg.time_scale]),
+            "time_scales": cfg.time_scales, "repetitions": cfg.repetitions, "seed": cfg.seed,
             "model_profile": cfg.model_profile, "accelerator": cfg.accelerator, "machine": machine(),
             "versions": peersenv.versions(), "client": "aiperf (streaming completions, fixed schedule)",
             "command": " ".join(sys.argv), "knee_req_s": self.knee,
@@ -156,9 +166,11 @@ class Comparison:
     def one(self, fleet: SimFleetProcess, name: str, rate: float, rep: int) -> RunResult:
         # ``rate`` is simulated requests/s: the trace is replayed time_scale x slower in wall time, and the
         # samples are converted back to simulated time, so results do not depend on the time scale.
-        wl = build_workload(self.cfg, rate / self.cfg.time_scale, rep)
+        ts = self.cfg.scale_for(rate)
+        wl = build_workload(self.cfg, rate / ts, rep)
         run_dir = self.raw / f"{name.replace(':', '-')}-r{rate:g}-rep{rep}"
         trace = wl.write(run_dir / "trace.jsonl")
+        fleet.spec = replace(fleet.spec, time_scale=ts)  # read when the fleet (re)starts
         fleet.restart()
         router = make_router(name, run_dir)
         t0 = time.monotonic()
@@ -169,7 +181,7 @@ class Comparison:
                              timeout_s=wl.duration_s * 4 + 120, seed=self.cfg.seed + rep,
                              cache_dir=self.cfg.cache_dir)
             res.rate = rate
-            res.to_simulated(self.cfg.time_scale)
+            res.to_simulated(ts)
             hr = hit_rate(before, fleet.prefix_counters())
             ttft1 = fleet.ttft_counters()
             if ttft1[1] > ttft0[1]:

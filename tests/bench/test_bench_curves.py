@@ -13,14 +13,24 @@ from e2e.bench import rtcurve, vcurve
 from e2e.bench.runner import CompareConfig, build_workload
 
 
-def test_time_scale_keeps_the_wall_request_and_token_rates_under_their_caps():
+def test_time_scale_keeps_the_wall_request_and_token_rates_under_their_caps_at_every_load():
     b = rtcurve.Budget(max_wall_rate=16.0, max_wall_tokens=1200.0, min_time_scale=0.5)
-    for knee, out in ((10.99, 128.0), (2.35, 182.0), (6.22, 196.0), (100.0, 10.0)):
-        ts = rtcurve.time_scale_for(knee, out, 3.0, b)
-        assert ts >= 0.5
-        assert 3.0 * knee / ts <= 16.0 * 1.01  # offered wall req/s at the highest load
-        assert rtcurve.PEAK_COMPLETION * knee * out / ts <= 1200.0 * 1.01  # streamed wall tokens/s
+    for knee, out in ((17.34, 128.0), (2.96, 182.0), (11.5, 196.0), (100.0, 10.0)):
+        scales = [rtcurve.time_scale_for(knee, out, load, b) for load in rtcurve.LOADS]
+        assert scales == sorted(scales)  # a heavier load never runs faster
+        for load, ts in zip(rtcurve.LOADS, scales):
+            assert ts >= 0.5
+            assert load * knee / ts <= 16.0  # offered wall req/s
+            assert min(load, rtcurve.PEAK_COMPLETION) * knee * out / ts <= 1200.0  # streamed wall tokens/s
+    # the light loads run faster than the heaviest (the point of a scale per load), within the same caps
+    assert rtcurve.time_scale_for(17.34, 128.0, 0.5, b) < 0.5 * rtcurve.time_scale_for(17.34, 128.0, 3.0, b)
     assert rtcurve.time_scale_for(0.1, 10.0, 3.0, b) == 0.5  # a slow workload is not slowed further
+
+
+def test_each_rate_runs_at_its_own_time_scale():
+    cfg = CompareConfig(rates=[5.0, 20.0], time_scale=2.0, time_scales=[0.6, 2.0])
+    assert (cfg.scale_for(5.0), cfg.scale_for(20.0)) == (0.6, 2.0)
+    assert CompareConfig(rates=[5.0, 20.0], time_scale=1.5).scale_for(5.0) == 1.5  # one scale for all
 
 
 @pytest.mark.slow
@@ -30,6 +40,7 @@ def test_the_plan_fits_the_budget_and_grows_with_it():
     large = rtcurve.plan(["shared-prefix"], routers, loads, 3, rtcurve.Budget(minutes=60.0), log=lambda _: None)
     assert small[0].knee_req_s == pytest.approx(vcurve.knee("shared-prefix", rtcurve.KNEE_REQUESTS))
     assert small[0].rates == [round(x * small[0].knee_req_s, 3) for x in loads]
+    assert len(small[0].time_scales) == len(loads) and small[0].time_scales == sorted(small[0].time_scales)
     assert small[0].est_wall_s <= 30.0 * 60.0 * 1.05
     assert large[0].requests > small[0].requests
     assert large[0].est_wall_s <= 60.0 * 60.0 * 1.05
