@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from engine.sim.cluster import ClusterSim, fleet_from_flags, trace_prompts
-from engine.sim.cluster.peers import SGLANG_CACHE_AWARE, VLLM_CACHE_AWARE, CacheAwareRouter, make_peer
+from engine.sim.cluster.peers import (SGLANG_CACHE_AWARE, VLLM_CACHE_AWARE, CacheAwareRouter, KvAwareRouter,
+                                      make_peer)
 from engine.sim.cluster.routers import ClusterRequest, make_router
 from engine.sim.cluster.trace import TraceRequest
 from pickers.clock import ManualClock
@@ -59,17 +60,67 @@ def test_vllm_cache_aware_sends_a_low_match_to_the_least_loaded_worker():
     assert r.route(_req("c", np.concatenate([a[:144], _prompt(7, 368)])), 0.0)[0] != first
 
 
-def test_kv_aware_reads_the_pods_caches_and_ignores_load():
-    fleet = fleet_from_flags(3, "H100", "8b")
-    clock = ManualClock()
-    sim = ClusterSim(fleet, lambda eps, c: make_router("vllm:kv_aware", eps, c), clock=clock)
+def _kv_sim(pods: int = 3) -> ClusterSim:
+    fleet = fleet_from_flags(pods, "H100", "8b")
+    return ClusterSim(fleet, lambda eps, c: make_router("vllm:kv_aware", eps, c), clock=ManualClock())
+
+
+def test_kv_aware_spreads_a_shared_prefix_by_its_cost_instead_of_piling_on_one_pod():
+    """vllm-router 0.1.17 kv_aware: cost = (new prefill + active prefill tokens) x (requests + 1). Twelve
+    requests 10 ms apart share 4096 prompt tokens (each prefill takes longer than 10 ms): a cached prefix
+    lowers one pod's prefill term, but the requests it already holds multiply it, so the others get work
+    (the longest-match rule it replaced sent all twelve to one pod)."""
     shared = list(range(8))  # 8 x 512-token blocks shared by every request
     reqs = [TraceRequest(i, 0.01 * i, 4096 + 256, 4, shared + [100 + i]) for i in range(12)]
-    res = sim.run(trace_prompts(reqs))
+    res = _kv_sim().run(trace_prompts(reqs))
     pods = [r.decode_pod for r in res.records]
-    # the first goes to the least loaded; once its prefix is cached (or speculated) every later one follows
-    # it whatever its load: kv_aware has no load term
-    assert len(set(pods)) == 1
+    assert len(set(pods)) == 3
+    assert max(pods.count(p) for p in set(pods)) < 12
+
+
+def _attached(pods: int) -> tuple[ClusterSim, KvAwareRouter]:
+    sim = _kv_sim(pods)
+    router = sim.router
+    assert isinstance(router, KvAwareRouter)
+    return sim, router
+
+
+def test_kv_aware_cost_weighs_cached_prefix_against_requests_in_flight():
+    sim, r = _attached(2)
+    bs = sim.pods[0].core.pool.block_size
+    prompt = _prompt(5, 64 * bs)  # 64 full blocks
+    # nothing cached, nothing in flight: equal costs, the first worker
+    first = _req("a", prompt)
+    assert r.route(first, 0.0)[0] == r.workers[0]
+    assert r.prefill_tokens.tolist() == [64 * bs, 0] and r.load.tolist() == [1, 0]
+    # worker 0 holds a request still in prefill: (n + n) x 2 > n x 1, the idle worker
+    second = _req("b", prompt)
+    assert r.route(second, 0.0)[0] == r.workers[1]
+    # the first token moves a request to decode: its prefill tokens come off, the request stays
+    r.on_first_token(first, 1.0)
+    assert r.prefill_tokens.tolist() == [0, 64 * bs] and r.load.tolist() == [1, 1]
+    r.on_finished(second, Usage(), 2.0)  # finishing before its first token releases both counters
+    assert r.prefill_tokens.tolist() == [0, 0] and r.load.tolist() == [1, 0]
+    r.on_finished(first, Usage(), 2.0)
+    assert r.load.tolist() == [0, 0]
+
+
+def test_kv_aware_new_prefill_counts_the_cached_prefix_and_always_computes_the_last_token():
+    sim, r = _attached(2)
+    pool = sim.pods[1].core.pool
+    bs = pool.block_size
+    prompt = _prompt(6, 8 * bs)  # exactly 8 full blocks
+    assert r.new_prefill_tokens(1, prompt) == 8 * bs
+    hashes = pool.hash_tokens(prompt)
+    blocks = pool.allocate(8)
+    assert blocks is not None
+    pool.commit(blocks[:5], hashes[:5], None, prompt)  # the first 5 blocks cached on worker 1
+    assert r.new_prefill_tokens(1, prompt) == 3 * bs and r.new_prefill_tokens(0, prompt) == 8 * bs
+    pool.commit(blocks[5:], hashes[5:], hashes[4], prompt[5 * bs:])
+    # all 8 cached: at most (n - 1) // bs = 7 blocks count, the last block is computed again
+    assert r.new_prefill_tokens(1, prompt) == bs
+    # worker 1's cost 16 x 1 beats worker 0's 128 x 1
+    assert r.route(_req("c", prompt), 0.0)[0] == r.workers[1]
 
 
 def test_unknown_peer_names_fail_clearly():

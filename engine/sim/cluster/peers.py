@@ -15,10 +15,19 @@ workload takes seconds per point. Each is written from the peer's source/documen
   0.5 / 32 / 1.0001, apply only when it is embedded); a low match goes to the least loaded worker instead of
   the smallest tree (vllm-project/router src/policies/cache_aware.rs; the wheel's Rust source is not
   shipped, so this follows the repository's current code).
-- ``vllm:kv_aware`` (vllm-router src/policies/kv_aware.rs): longest contiguous cached prefix per worker from
-  the engines' KV events plus speculative entries (the blocks it just routed, for 2 s); the highest score
-  wins, no load term at all (a tie goes to the last worker, as Rust's ``max_by_key`` does); a request with no
-  hit anywhere goes to the least loaded worker.
+- ``vllm:kv_aware`` (vllm-router 0.1.17 as installed; its Rust source is not shipped and the repository's
+  kv_aware.rs we can read is an older design, so this is read from the wheel's binary: symbols, log strings and
+  the disassembly of ``MultiplicativeScorer::score``, ``request_prefill_tokens``, ``TemperaturePicker::pick``,
+  ``InMemorySlotManager`` and ``RequestLoadGuard::release``). Per worker it keeps two counters: prompt tokens
+  of its requests still in prefill and requests in flight. A request's new prefill tokens on a worker are its
+  prompt tokens less the worker's longest cached prefix of full blocks (from the engines' KV events), at most
+  ``(n - 1) // block_size`` blocks. Cost = (new prefill tokens + active prefill tokens) x (requests in flight
+  + 1); with ``--router-temperature 0`` (the default) the lowest cost wins, the first of equal costs. The
+  chosen worker's counters take the request's new prefill tokens and one request; the first frame of its
+  response moves it to decode (the prefill tokens come off); finishing takes the request off. There are no
+  speculative index entries and no separate fallback: a miss everywhere is just the least-cost worker.
+  A cached prefix lowers a worker's prefill term but every request in flight multiplies it, so on a shared
+  system prompt it spreads, unlike the longest-match rule of the repository's older kv_aware.rs.
 - ``envoy:round_robin``: Envoy's ROUND_ROBIN over the pods (``RoundRobinRouter``).
 - ``least-loaded``: fewest requests in flight (``least-inflight``: pickers.simple.LeastInFlight).
 
@@ -29,8 +38,10 @@ Approximations (all stated in the curve reports):
   tokens; the 0.3 / 0.5 thresholds are unaffected at that scale). Tree eviction (every 120 s down to 2^26
   characters per worker) never triggers on the curve workloads; a per-worker cap of blocks bounds memory.
 - kv_aware reads each pod's committed blocks directly (what its event-fed index holds when events arrive at
-  once, as they do in virtual time) instead of decoding the event stream; its speculative entries expire
-  after 2 simulated seconds.
+  once, as they do in virtual time) instead of decoding the event stream; only the device tier exists in the
+  sim (the host/external/disk credits 0.8/0.6/0.3 never apply). Its workers are in the fleet's order, so the
+  first of equal costs (which decides only ties, e.g. the very first request) may differ from the real router's
+  order (it listed the workers reversed in session 5's logs). "First frame" is the first token here.
 - Load is the router's own in-flight count, decremented when the request finishes, as both routers do.
 """
 
@@ -181,51 +192,65 @@ class CacheAwareRouter(_LoadTracking):
 
 
 class KvAwareRouter(_LoadTracking):
-    """vllm-router ``kv_aware``: the longest cached prefix per pod (KV events + 2 s speculative entries)."""
+    """vllm-router 0.1.17 ``kv_aware``: least cost = (new prefill tokens + active prefill tokens) x (requests + 1).
+
+    Per worker the router keeps two counters (its ``SlotCounters``): prompt tokens of its requests still in
+    prefill and requests in flight. Routing adds the request's new prefill tokens and one request to the
+    chosen worker; its first token moves it to decode (the prefill tokens come off); finishing or failing
+    takes it off (the router's ``RequestLoadGuard::release``: to decode if still in prefill, then ``free``).
+    Invariants: both counters are >= 0; ``load`` is the router's in-flight count (``_LoadTracking``).
+    """
 
     name = "vllm:kv_aware"
 
-    def __init__(self, endpoints: Sequence[Endpoint], speculative_ttl_s: float = 2.0) -> None:
+    def __init__(self, endpoints: Sequence[Endpoint]) -> None:
         super().__init__(endpoints)
-        self.ttl = speculative_ttl_s
         self._pods: list = []
-        # per worker: engine block hash -> expiry of a speculative entry
-        self._spec: list[dict[int, float]] = [{} for _ in self.workers]
+        self.prefill_tokens = np.zeros(len(self.workers), dtype=np.int64)  # active prefill tokens per worker
 
     def attach(self, pods: list) -> None:
         """The simulator's pods (``ClusterSim`` calls this once it has built them)."""
         by_name = {p.name: p for p in pods}
         self._pods = [by_name[w] for w in self.workers]
 
+    def new_prefill_tokens(self, i: int, prompt: np.ndarray) -> int:
+        """Prompt tokens worker ``i`` must compute: all but its longest contiguous cached prefix of full blocks,
+        at most ``(n - 1) // block_size`` blocks (the last token is always computed, as vLLM does)."""
+        pool = self._pods[i].core.pool
+        hashes = pool.hash_tokens(prompt)
+        n = len(prompt)
+        cap = min(len(hashes), max(0, n - 1) // pool.block_size)
+        k = 0
+        while k < cap and pool.cached_block(hashes[k]) is not None:
+            k += 1
+        return n - k * pool.block_size
+
     def route(self, req: ClusterRequest, now: float) -> Route:
         if not self._pods:
             raise RuntimeError("KvAwareRouter needs ClusterSim to attach its pods")
-        best_i, best_k, per_pod = 0, -1, []
-        for i, pod in enumerate(self._pods):
-            pool = pod.core.pool
-            hashes = pool.hash_tokens(req.prompt)
-            spec = self._spec[i]
-            if len(spec) > 4096:  # drop expired speculative entries now and then (bounded)
-                for h in [h for h, t in spec.items() if t < now]:
-                    del spec[h]
-            k = 0
-            while k < len(hashes) and (pool.cached_block(hashes[k]) is not None or spec.get(hashes[k], -1.0) >= now):
-                k += 1
-            per_pod.append((hashes, k))
-            if k >= best_k:  # Rust max_by_key: the last of equal maxima
-                best_i, best_k = i, k
-        if len(req.prompt) < pool.block_size:
-            i = self.least_loaded()  # no full block: least load
-        elif best_k == 0:
-            i = self.least_loaded()
-        else:
-            i = best_i
-        hashes, k = per_pod[i]
-        if k < len(hashes):
-            spec = self._spec[i]
-            for h in hashes[k:]:
-                spec[h] = now + self.ttl
+        new = np.array([self.new_prefill_tokens(i, req.prompt) for i in range(len(self.workers))], dtype=np.int64)
+        cost = (new + self.prefill_tokens).astype(np.float64) * (self.load + 1).astype(np.float64)
+        i = int(np.argmin(cost))  # temperature 0: the lowest cost, the first of equal minima
+        self.prefill_tokens[i] += new[i]
+        req.state["kv_prefill"] = (i, int(new[i]))
         return self._routed(req, i)
+
+    def _to_decode(self, req: ClusterRequest) -> None:
+        held = req.state.pop("kv_prefill", None)
+        if held is not None:
+            i, tokens = held
+            self.prefill_tokens[i] = max(0, int(self.prefill_tokens[i]) - tokens)
+
+    def on_first_token(self, req: ClusterRequest, at: float) -> None:
+        self._to_decode(req)
+
+    def on_finished(self, req: ClusterRequest, usage: Usage, at: float) -> None:
+        self._to_decode(req)
+        self._release(req)
+
+    def on_failed(self, req: ClusterRequest, reason: str, at: float) -> None:
+        self._to_decode(req)
+        self._release(req)
 
 
 PEERS = ("sglang:cache_aware", "vllm:cache_aware", "vllm:kv_aware")
