@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from engine.sim.cluster import ClusterSim, fleet_from_flags, trace_prompts
-from engine.sim.cluster.peers import (SGLANG_CACHE_AWARE, VLLM_CACHE_AWARE, CacheAwareRouter, KvAwareRouter,
-                                      make_peer)
+from engine.sim.cluster.peers import SGLANG_CACHE_AWARE, VLLM_CACHE_AWARE, CacheAwareRouter, KvAwareRouter, make_peer
 from engine.sim.cluster.routers import ClusterRequest, make_router
 from engine.sim.cluster.trace import TraceRequest
 from pickers.clock import ManualClock
