@@ -11,8 +11,8 @@ from typing import Any
 DECODE_FILTERS: list[Any] = ["health", {"type": "role", "role": "decode"}]
 
 BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
-    # Expected TTFT from the cost model (prefix hit + queued prefill + decode load), a TTFT-gated prefix
-    # bonus and KV pressure (no decode-stall charge: see pickers/plugins/score_ttft.py for why).
+    # Expected TTFT from the cost model (prefix hit + queued prefill + decode load), the expected TPOT, a
+    # TTFT-gated prefix bonus and KV pressure (no decode-stall charge: see pickers/plugins/score_ttft.py).
     # See pickers/plugins/score_ttft.py for the formula.
     # Prefix weight 2 within 2x the best TTFT (was 1 within 1.5x): a warm pod keeps its group while its TTFT is
     # up to 2x a cold pod's, so past the knee a hot group spills less and the fleet recomputes fewer shared
@@ -23,6 +23,12 @@ BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
         "filters": DECODE_FILTERS,
         "scorers": [
             {"type": "ttft", "weight": 3.0},
+            # the decode step the request joins (pickers/plugins/score_tpot.py): below the knee a warm pod's
+            # lowest TTFT kept every new conversation on the pods that held the system prompt (multi-turn at
+            # 0.5x the knee: 2 of 4 pods took everything, TPOT 50 ms); weight 2 spreads them while the batch
+            # there runs slower (TPOT 41 ms, TTFT p90 158 -> 139 ms, 1x 198 -> 159 ms); past the knee every
+            # batch is full, the term is level and the curves are unchanged within the seed noise (README)
+            {"type": "tpot", "weight": 2.0},
             {"type": "prefix", "mode": "auto", "gate_ttft_ratio": 2.0, "weight": 2.0},
             # KV use counting the prompt tokens queued for the pod (level past the knee; with plain usage the
             # Mooncake curve at 3x fell below round robin's req/s: pickers/plugins/score_kv_usage.py)

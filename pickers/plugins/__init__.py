@@ -20,5 +20,6 @@ from pickers.plugins import (  # noqa: F401
     score_running,
     score_session,
     score_slo,
+    score_tpot,
     score_ttft,
 )

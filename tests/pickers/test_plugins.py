@@ -236,3 +236,36 @@ def test_kv_usage_with_queue_counts_the_queued_prompt_tokens_as_used():
     s.dl.inflight.add("q2", s.dl.endpoints.slot(A), None, int(2 * cap), 10, clock.now())
     ctx2 = ctx_for(s, clock)
     assert plugin(s, "scorer", {"type": "kv-usage", "with_queue": True}).score(ctx2, c)[0] == 0.0
+
+
+def test_tpot_scorer_prefers_the_pod_whose_batch_runs_fastest_and_is_level_when_batches_are_alike():
+    s, clock = scheduler()
+    sc = plugin(s, "scorer", {"type": "tpot", "mode": "approximate"})
+    c = cands(s)
+    feed(s, **{A: (0, 200, 0.6), B: (0, 2, 0.05), C: (0, 2, 0.05)})
+    v = sc.score(ctx_for(s, clock), c)
+    assert v[1] == v[2] == 1.0 and v[0] < 0.95  # 200 decodes read far more KV per step than 2
+    feed(s, **{A: (0, 8, 0.1), B: (0, 8, 0.1), C: (0, 8, 0.1)})
+    assert sc.score(ctx_for(s, clock, request("r2", list(range(64)))), c).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_default_profile_starts_a_new_conversation_on_an_idle_pod_not_on_a_busy_warm_one():
+    """Below the knee a new conversation whose system prompt (a quarter of it) is cached on two pods running
+    64 decodes each, and an idle cold third pod: the warm pods' TTFT is a little lower, but the request's decode
+    and every other one there run slower; the default profile starts it on the idle pod (without its TPOT
+    term it took a warm one, which is how 2 of 4 pods came to take a whole multi-turn workload)."""
+    from engine.kvcache.hashing import hash_blocks
+    from pickers.profiles import BUILTIN_PROFILES
+
+    def first_choice(profile: dict) -> str:
+        s, _ = scheduler({"profile": "p", "profiles": {"p": profile}})
+        toks = list(range(2048))
+        for pod in (0, 1):
+            s.dl.approx.add(pod, hash_blocks(toks[:512], 16))
+        feed(s, **{A: (0, 64, 0.3), B: (0, 64, 0.3), C: (0, 0, 0.0)})
+        return s.decide(request("r", toks)).endpoints[0]
+
+    default = BUILTIN_PROFILES["default"]
+    assert first_choice(default) == C
+    without = {**default, "scorers": [x for x in default["scorers"] if x.get("type") != "tpot"]}
+    assert first_choice(without) in (A, B)
