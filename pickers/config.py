@@ -31,7 +31,8 @@ every error message). No section at all gives the ``default`` profile with every
                   degraded_after_s: 10, topic: "", pending_ttl_s: 5, pending_max_blocks: 1000000}
       predictor: {decode_context_tokens: 2048, waiting_prompt_tokens: 0,   # pickers/predictor.py
                   correction: true, correction_window: 64,
-                  kv_from_metrics: false, step_in_progress: true}
+                  kv_from_metrics: false, step_in_progress: true,
+                  time_scale: 1}          # wall s per cost-model s: simulated pods at a time scale only
       explain_top: 5
       default_decode_tokens: 256
 
@@ -248,7 +249,7 @@ def build_scheduler(
     prp = f"{ROOT}.predictor"
     pcfg = _mapping(prp, cfg.get("predictor"))
     _keys(prp, pcfg, {"decode_context_tokens", "waiting_prompt_tokens", "correction", "correction_window",
-                      "kv_from_metrics", "step_in_progress"})
+                      "kv_from_metrics", "step_in_progress", "time_scale"})
     dflt = PredictorSettings()  # the defaults live on the settings' dataclass, once
     predictor = PredictorSettings(
         decode_context_tokens=_get(prp, pcfg, "decode_context_tokens",
@@ -259,6 +260,7 @@ def build_scheduler(
         correction_window=_get(prp, pcfg, "correction_window", Param(int, dflt.correction_window, min=8, max=4096)),
         kv_from_metrics=_get(prp, pcfg, "kv_from_metrics", Param(bool, dflt.kv_from_metrics)),
         step_in_progress=_get(prp, pcfg, "step_in_progress", Param(bool, dflt.step_in_progress)),
+        time_scale=_get(prp, pcfg, "time_scale", Param(float, dflt.time_scale, min=1e-3, max=1e3)),
     )
     slo = _slo_policy(cfg, admission)
 

@@ -79,6 +79,12 @@ class PredictorSettings:
     # admission calibrates its own TPOT projection (see the module doc)
     kv_from_metrics: bool = False
     step_in_progress: bool = True  # a busy pod's new request waits for the end of the step in progress
+    # wall seconds per second of the cost model: simulated pods replaying at a time scale run that much slower
+    # than their profile (the benchmark and the local stack's sims). Every step is scaled before the online
+    # correction, which otherwise learns the factor only from finished requests: in access-log mode the first
+    # tokens arrive with each request's end, after a short run's decisions are made (a fleet at time scale
+    # 1.9 was predicted to drain its prefill queues 1.9x too fast). Real engines: 1.
+    time_scale: float = 1.0
 
 
 class Predictor:
@@ -147,6 +153,9 @@ class Predictor:
                 args.append(more)
         steps = step_seconds_v(dl.costs.rooflines(slots, 5 if drain is None else 6), np.concatenate(new),
                                np.concatenate(pairs), np.concatenate(reads))
+        empty = dl.costs.empty_step_s[slots]
+        if s.time_scale != 1.0:  # the pods' steps in wall seconds (PredictorSettings.time_scale)
+            full, steps, empty = full * s.time_scale, steps * s.time_scale, empty * s.time_scale
         seg = full + steps[:3 * k]
         drain_step = steps[3 * k:4 * k]  # decode_step(b, held): the running batch's own step
         w = seg[:k] + kv_wait_from_step(dl, slots, fresh, q, u, cap, held, b, drain_step)
@@ -155,7 +164,7 @@ class Predictor:
         if drain is not None:
             w = np.maximum(w, slot_wait_from_step(drain, steps[5 * k:]))
         own, alone, tp = seg[k:2 * k], seg[2 * k:], steps[4 * k:5 * k]
-        pre = np.maximum(alone - dl.costs.empty_step_s[slots], 0.0)
+        pre = np.maximum(alone - empty, 0.0)
         if k == n:  # every slot active (slots is 0..n-1): the per-slot arrays are the per-candidate ones
             pred = Prediction(mode, w + own, w, pre, tp, u, q, r)
         else:

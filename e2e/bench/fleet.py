@@ -83,6 +83,11 @@ class SimFleetProcess:
         return self.spec.tokenizer
 
     @property
+    def time_scale(self) -> float:
+        """Wall seconds per simulated second of the running pods."""
+        return self.spec.time_scale
+
+    @property
     def accelerator(self) -> str:
         return self.spec.accelerator
 

@@ -179,6 +179,9 @@ class KvSwitch(Router):
                 ep["model_profile"] = profile
             endpoints.append(ep)
         scheduler: dict = {"profile": self.profile}
+        time_scale = float(getattr(fleet, "time_scale", 1.0))
+        if time_scale != 1.0:  # simulated pods at a time scale: predict their steps in wall seconds
+            scheduler["predictor"] = {"time_scale": time_scale}
         tokenizer = getattr(fleet, "tokenizer", None)
         if tokenizer:  # the picker must hash the very token ids the pods hash
             scheduler["tokenizer"] = {"path": str(tokenizer)}

@@ -85,3 +85,24 @@ def test_paired_differences_are_per_seed_and_count_the_seeds_that_changed():
                     "| +0.000 [+0.000, +0.000] | 0 |",
                     "| shared-prefix | 3x | 3 | +1.000 [+0.000, +1.500] | +0.000 [+0.000, +0.000] "
                     "| -20.500 [-22.000, +0.000] | 2 |"]
+
+
+def test_kvswitch_is_told_the_pods_time_scale_and_the_picker_accepts_it(tmp_path):
+    """A run at time scale k: the pods' steps take k x their cost model in wall time, and kvswitch (the only
+    router that predicts times) is configured with it; at scale 1 nothing is added."""
+    from types import SimpleNamespace
+
+    from e2e.bench.routers import make_router
+    from pickers.config import build_scheduler
+    from pickers.types import Endpoint
+
+    fleet = SimpleNamespace(addresses=["127.0.0.1:9001"], urls=["http://127.0.0.1:9001"],
+                            kv_event_endpoints=["tcp://127.0.0.1:9101"], roles=["both"], model="m",
+                            accelerator="L40S", model_profile="llama-3.1-8b", time_scale=2.6)
+    router = make_router("kvswitch", tmp_path)
+    cfg = router.picker_config(fleet, 1, 2)
+    assert cfg["scheduler"]["predictor"] == {"time_scale": 2.6}
+    director = build_scheduler(cfg["scheduler"], [Endpoint("127.0.0.1:9001")], network=False)
+    assert director.dl.predictor.settings.time_scale == 2.6
+    fleet.time_scale = 1.0
+    assert "predictor" not in router.picker_config(fleet, 1, 2)["scheduler"]

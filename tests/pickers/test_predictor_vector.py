@@ -222,3 +222,27 @@ def test_per_cycle_memos_do_not_outlive_their_inputs():
     assert led.expected_output(100, 256.0) == 10.0 and led.expected_output(5, 256.0) == 5.0
     led.observe_output(30)
     assert led.expected_output(100, 256.0) == 20.0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_time_scale_scales_every_predicted_latency_by_it(seed):
+    """Simulated pods replaying at time scale k run k x slower than their cost model: with
+    ``predictor.time_scale: k`` every step is k x longer, so TTFT, its queue wait, the prefill and the TPOT all
+    are k x the unscaled prediction (pods with free sequence slots: the slot wait reads clock ages instead)."""
+    rng = np.random.default_rng(100 + seed)
+    eps = _fleet(rng, 5)
+    preds = []
+    for scale in (1.0, 2.5):
+        s, clock = scheduler({"profile": "default", "predictor": {"correction": False, "time_scale": scale}}, eps)
+        r = np.random.default_rng(seed)  # the same load on both
+        for ep in eps:
+            s.dl.metrics.update(ep.id, PodMetrics(waiting=int(r.integers(0, 20)), running=int(r.integers(0, 200)),
+                                                  kv_usage=float(r.random())), clock.now())
+            slot = s.dl.endpoints.slot(ep.id)
+            s.dl.inflight.add(f"x{slot}", slot, None, float(r.integers(1, 20_000)), 100.0, clock.now())
+        preds.append(CycleContext(state(request("q", list(range(5000)))), s.dl, clock.now()).prediction("auto"))
+    one, scaled = preds
+    assert one.ttft_s.max() > 0
+    for key in ("ttft_s", "wait_s", "prefill_s", "tpot_s"):
+        np.testing.assert_allclose(getattr(scaled, key), 2.5 * getattr(one, key), rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(scaled.queued, one.queued)
