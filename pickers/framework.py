@@ -216,6 +216,21 @@ class Scorer(Plugin):
         return None
 
 
+class PrefixModeScorer(Scorer):
+    """Base of the scorers that read a request's prefix hits (directly or through its prediction) under a
+    ``mode``: ``approximate`` (learned from kvswitch's own decisions), ``precise`` (vLLM KV events) or
+    ``auto`` (precise per pod unless it publishes no events or is degraded). They need the prompt's tokens,
+    and the director subscribes to KV events only when one of them reads the precise index."""
+
+    needs_tokens = True
+    PARAMS = {"mode": Param(str, "auto", choices=("approximate", "precise", "auto"))}
+    mode: PrefixMode
+
+    @property
+    def uses_kv_events(self) -> bool:
+        return reads_kv_events(self.mode)
+
+
 class Picker(Plugin):
     KIND = "picker"
     reads_metrics = False
@@ -363,6 +378,7 @@ class CycleContext:
 
 
 __all__ = [
-    "Admission", "ConfigError", "CycleContext", "Filter", "Param", "Picker", "Plugin", "Profile", "ProfileHandler",
-    "ProfileResult", "REGISTRY", "Scorer", "check_value", "create", "create_as", "reads_kv_events", "register",
+    "Admission", "ConfigError", "CycleContext", "Filter", "Param", "Picker", "Plugin", "PrefixModeScorer", "Profile",
+    "ProfileHandler", "ProfileResult", "REGISTRY", "Scorer", "check_value", "create", "create_as", "reads_kv_events",
+    "register",
 ]

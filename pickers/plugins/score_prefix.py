@@ -11,24 +11,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from pickers.framework import CycleContext, Param, Scorer, reads_kv_events, register
-from pickers.state import PrefixMode
+from pickers.framework import CycleContext, Param, PrefixModeScorer, register
 
 
 @register
-class PrefixScorer(Scorer):
+class PrefixScorer(PrefixModeScorer):
     TYPE = "prefix"
-    needs_tokens = True
     PARAMS = {
-        "mode": Param(str, "auto", choices=("approximate", "precise", "auto")),
+        **PrefixModeScorer.PARAMS,
         "gate_ttft_ratio": Param(float, 0.0, min=0.0),
     }
-    mode: PrefixMode
     gate_ttft_ratio: float
-
-    @property
-    def uses_kv_events(self) -> bool:
-        return reads_kv_events(self.mode)
 
     @property
     def label(self) -> str:

@@ -47,20 +47,12 @@ from __future__ import annotations
 import numpy as np
 
 from engine.costmodel.vector import prefill_seconds
-from pickers.framework import CycleContext, Param, Scorer, reads_kv_events, register
-from pickers.state import PrefixMode
+from pickers.framework import CycleContext, PrefixModeScorer, register
 
 
 @register
-class SLOFitScorer(Scorer):
+class SLOFitScorer(PrefixModeScorer):
     TYPE = "slo-fit"
-    needs_tokens = True
-    PARAMS = {"mode": Param(str, "auto", choices=("approximate", "precise", "auto"))}
-    mode: PrefixMode
-
-    @property
-    def uses_kv_events(self) -> bool:
-        return reads_kv_events(self.mode)
 
     def __init__(self, **params: object) -> None:
         super().__init__(**params)

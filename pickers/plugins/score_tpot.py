@@ -13,20 +13,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from pickers.framework import CycleContext, Param, Scorer, reads_kv_events, register
-from pickers.state import PrefixMode
+from pickers.framework import CycleContext, PrefixModeScorer, register
 
 
 @register
-class TPOTScorer(Scorer):
+class TPOTScorer(PrefixModeScorer):
     TYPE = "tpot"
-    needs_tokens = True
-    PARAMS = {"mode": Param(str, "auto", choices=("approximate", "precise", "auto"))}
-    mode: PrefixMode
-
-    @property
-    def uses_kv_events(self) -> bool:
-        return reads_kv_events(self.mode)
 
     def score(self, ctx: CycleContext, cands: np.ndarray) -> np.ndarray:
         tpot = ctx.prediction(self.mode).tpot_s[cands]

@@ -41,25 +41,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from pickers.framework import CycleContext, Param, Scorer, reads_kv_events, register
-from pickers.state import PrefixMode
+from pickers.framework import CycleContext, Param, PrefixModeScorer, register
 
 
 @register
-class TTFTScorer(Scorer):
+class TTFTScorer(PrefixModeScorer):
     TYPE = "ttft"
-    needs_tokens = True
     PARAMS = {
-        "mode": Param(str, "auto", choices=("approximate", "precise", "auto")),
+        **PrefixModeScorer.PARAMS,
         "stall_weight": Param(float, 0.0, min=0.0,
                               doc="weight of the decode stall r x prefill added to the predicted TTFT"),
     }
-    mode: PrefixMode
     stall_weight: float
-
-    @property
-    def uses_kv_events(self) -> bool:
-        return reads_kv_events(self.mode)
 
     def score(self, ctx: CycleContext, cands: np.ndarray) -> np.ndarray:
         pred = ctx.prediction(self.mode)
