@@ -246,6 +246,10 @@ class LocalStack:
             sched["profile"] = o.profile
         if o.tokenizer:
             sched["tokenizer"] = {**(sched.get("tokenizer") or {}), "path": o.tokenizer}
+        if o.time_scale != 1.0:  # the pods run time_scale x slower than their profile: predict their wall steps
+            predictor = dict(sched.get("predictor") or {})
+            predictor.setdefault("time_scale", o.time_scale)  # a config file that sets it knows better
+            sched["predictor"] = predictor
         cfg.scheduler = sched
         if cfg.planner is not None:
             if o.pickers > 1:
