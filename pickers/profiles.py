@@ -29,6 +29,10 @@ BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
             # there runs slower (TPOT 41 ms, TTFT p90 158 -> 139 ms, 1x 198 -> 159 ms); past the knee every
             # batch is full, the term is level and the curves are unchanged within the seed noise (README)
             {"type": "tpot", "weight": 2.0},
+            # requests in flight while some pod has nothing queued (pickers/plugins/score_spread.py): below the
+            # knee a pod that holds no shared prefix no longer stays idle (multi-turn at 0.5x the knee, 5 seeds:
+            # TTFT p90 139 -> 131 ms, TPOT 41 -> 35 ms; at 1x 159 -> 152 ms); level past the knee
+            {"type": "spread", "weight": 2.0},
             {"type": "prefix", "mode": "auto", "gate_ttft_ratio": 2.0, "weight": 2.0},
             # KV use counting the prompt tokens queued for the pod (level past the knee; with plain usage the
             # Mooncake curve at 3x fell below round robin's req/s: pickers/plugins/score_kv_usage.py)

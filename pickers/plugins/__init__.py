@@ -20,6 +20,7 @@ from pickers.plugins import (  # noqa: F401
     score_running,
     score_session,
     score_slo,
+    score_spread,
     score_tpot,
     score_ttft,
 )

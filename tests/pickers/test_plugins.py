@@ -269,3 +269,53 @@ def test_default_profile_starts_a_new_conversation_on_an_idle_pod_not_on_a_busy_
     assert first_choice(default) == C
     without = {**default, "scorers": [x for x in default["scorers"] if x.get("type") != "tpot"]}
     assert first_choice(without) in (A, B)
+
+
+def _in_flight(s, clock, addr: str, n: int, *, decoding: bool) -> None:
+    """``n`` requests of the picker's own on ``addr``: past their first token, or still queued for prefill."""
+    slot = s.dl.endpoints.slot(addr)
+    for i in range(n):
+        rid = f"{addr}-{i}"
+        s.dl.inflight.add(rid, slot, None, 512, 128, clock.now())
+        if decoding:
+            s.dl.inflight.first_token(rid)
+
+
+def test_spread_scorer_ranks_by_requests_in_flight_and_is_level_once_every_pod_has_a_queue():
+    s, clock = scheduler()
+    sc = plugin(s, "scorer", {"type": "spread", "offset": 1.0})
+    c = cands(s)
+    _in_flight(s, clock, A, 20, decoding=True)
+    _in_flight(s, clock, B, 24, decoding=True)
+    assert sc.score(ctx_for(s, clock), c) == pytest.approx([1 / 21, 1 / 25, 1.0])
+    gentle = plugin(s, "scorer", {"type": "spread"})  # offset 4: (0 + 4) / (n + 4)
+    assert gentle.score(ctx_for(s, clock), c) == pytest.approx([4 / 24, 4 / 28, 1.0])
+    _in_flight(s, clock, C, 1, decoding=False)  # C has a prompt queued; A and B have none: still spreading
+    assert sc.score(ctx_for(s, clock, request("r2", list(range(64)))), c) == pytest.approx([2 / 21, 2 / 25, 1.0])
+    for addr in (A, B):  # now every pod has a prompt queued: past the knee, level
+        _in_flight(s, clock, addr, 1, decoding=False)
+    assert sc.score(ctx_for(s, clock, request("r3", list(range(64)))), c).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_default_profile_warms_an_idle_pod_rather_than_leave_it_idle():
+    """Below the knee, a new conversation whose system prompt (half of it) is cached on two pods running 20 and
+    24 decodes and not on an idle third pod: the warm pods' TTFT is lower, and without the spread term the
+    profile sent every new conversation to them, so the third pod never held the prompt and stayed idle (multi-
+    turn at 0.5x the knee, README "The default profile"). With it the idle pod takes the conversation."""
+    from engine.kvcache.hashing import hash_blocks
+    from pickers.profiles import BUILTIN_PROFILES
+
+    def first_choice(profile: dict) -> str:
+        s, clock = scheduler({"profile": "p", "profiles": {"p": profile}})
+        toks = list(range(2048))
+        for pod in (0, 1):
+            s.dl.approx.add(pod, hash_blocks(toks[:1024], 16))
+        _in_flight(s, clock, A, 20, decoding=True)
+        _in_flight(s, clock, B, 24, decoding=True)
+        feed(s, **{A: (0, 20, 0.2), B: (0, 24, 0.25), C: (0, 0, 0.0)})
+        return s.decide(request("r", toks)).endpoints[0]
+
+    default = BUILTIN_PROFILES["default"]
+    assert first_choice(default) == C
+    without = {**default, "scorers": [x for x in default["scorers"] if x.get("type") != "spread"]}
+    assert first_choice(without) in (A, B)

@@ -16,8 +16,8 @@ def test_decision_has_explanation_fallbacks_and_tracks_load():
     d = s.decide(request("r1", list(range(2048)), max_tokens=50))
     assert len(d.endpoints) == 3 and len(set(d.endpoints)) == 3
     assert d.primary in d.explanation
-    assert set(d.explanation[d.primary]) == {"ttft", "tpot", "prefix", "kv-usage", "slo-fit", "rank-balance",
-                                             "total"}
+    assert set(d.explanation[d.primary]) == {"ttft", "tpot", "spread", "prefix", "kv-usage", "slo-fit",
+                                             "rank-balance", "total"}
     assert len([a for a in d.explanation if not a.startswith("_")]) == 5  # explain_top (plus "_slo")
     dl = s.dl
     slot = dl.endpoints.slot(d.primary)
