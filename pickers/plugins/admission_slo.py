@@ -389,6 +389,7 @@ class PredictiveAdmission(EarlyAdmission):
         batch = (c + extra + 1.0).ravel()
         tokens = (v + extra * mean_ctx + own).ravel()
         raw = decode_step_seconds(dl.costs.rooflines(decode, k), batch, tokens).reshape(k, decode.size)
+        raw *= dl.predictor.settings.time_scale  # the pods' wall seconds, as the correction learned them
         cr = dl.predictor.correction
         return (cr.tpot_a[decode] + cr.tpot_b[decode] * raw).max(axis=0)
 

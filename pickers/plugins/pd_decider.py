@@ -136,14 +136,18 @@ def transfer_coefficients_of(dl: DataLayer, slot: int, link: str) -> tuple[float
 
 def _coefficients(dl: DataLayer, link: str) -> tuple[np.ndarray, np.ndarray]:
     """``transfer_coefficients`` of every endpoint slot (NaN where none), kept by the cost table until it
-    changes (an endpoint set or replaced)."""
+    changes (an endpoint set or replaced). In wall seconds of the pods: x ``predictor.time_scale``, like every
+    step the predictor charges, so that simulated pods at a time scale weigh a leg's transfer against their
+    prefill as real ones would (unscaled, pods 20x faster than their profile never took a leg)."""
+    scale = dl.predictor.settings.time_scale
+
     def build() -> tuple[np.ndarray, np.ndarray]:
         eps = dl.endpoints.endpoints
         lat, per = np.full(len(eps), math.nan), np.full(len(eps), math.nan)
         for s, ep in enumerate(eps):
             if ep is not None:
                 lat[s], per[s] = transfer_coefficients(ep.model_profile, ep.accelerator, link)
-        return lat, per
+        return lat * scale, per * scale
 
     got: tuple[np.ndarray, np.ndarray] = dl.costs.derived(("transfer", link), build)
     if got[0].size < dl.endpoints.slot_count:  # a slot added without a cost-table change: cannot happen, but

@@ -246,3 +246,18 @@ def test_a_time_scale_scales_every_predicted_latency_by_it(seed):
     for key in ("ttft_s", "wait_s", "prefill_s", "tpot_s"):
         np.testing.assert_allclose(getattr(scaled, key), 2.5 * getattr(one, key), rtol=1e-9, atol=1e-12)
     np.testing.assert_array_equal(scaled.queued, one.queued)
+
+
+def test_a_time_scale_scales_a_legs_kv_transfer_too():
+    """The P/D decider weighs a leg's KV transfer against the predicted prefill: both are the pods' wall
+    seconds, so at time scale k the transfer is k x the cost model's too (unscaled, a local stack whose pods run
+    20x faster than their profile predicted every prefill 20x shorter and the same transfer, and never took a
+    leg: e2e/test_pd_security.py)."""
+    from pickers.plugins.pd_decider import transfer_seconds
+
+    got = []
+    for scale in (1.0, 0.05):
+        s, _ = scheduler({"profile": "default", "predictor": {"time_scale": scale}})
+        got.append(transfer_seconds(s.dl, s.dl.endpoints.active_slots(), 4096.0, "rdma-400g"))
+    assert got[0].min() > 0
+    np.testing.assert_allclose(got[1], 0.05 * got[0], rtol=1e-12)

@@ -230,6 +230,28 @@ def test_stage_saturation_takes_the_worse_pool_and_sheds_sheddable_first():
     assert "decode pool" in e.value.message
 
 
+def test_predictive_projects_the_batch_in_the_pods_wall_seconds_at_a_time_scale():
+    """Pods at time scale 3 (simulated, 3x slower than their profile) and a TPOT target 3x the one above: the
+    same six requests fit. The projection is the cost model's step x the time scale, as every prediction (it
+    was the bare cost model, 3x short, and admitted all ten)."""
+    cm = CostModel(MODEL, ACC)
+    n, out = 1000, 256
+    ctx = n + out / 2
+    step = lambda b: cm.decode_step_time(b, b * ctx)
+    target = 3.0 * 0.5 * (step(6) + step(7))
+    hdr = {"x-slo-tpot-ms": f"{target * 1e3:.4f}"}
+    s, _ = scheduler({"admission": [{"type": "predictive", "tpot_headroom": 0.0}], "profile": "round-robin",
+                      "predictor": {"time_scale": 3.0}}, [Endpoint(A)])
+    admitted = 0
+    for i in range(10):
+        try:
+            s.decide(request(f"p{i}", toks(n, 10_000 * i), max_tokens=1000, headers=hdr))
+            admitted += 1
+        except SchedulingError as e:
+            assert e.code == "slo_tpot_unattainable"
+    assert admitted == 6
+
+
 @pytest.mark.parametrize("arm", ["early", "predictive", "stage-saturation"])
 def test_a_higher_priority_is_never_rejected_where_a_lower_one_is_admitted(arm):
     prios = {"gold": 10, "std": 0, "batch": -1}
