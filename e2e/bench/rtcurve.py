@@ -139,8 +139,21 @@ def _config(p: WorkloadPlan, routers: list[str], repetitions: int, out: Path) ->
                          accelerator=f.accelerator, out=out, curve_requests=p.requests)
 
 
+def plans_of(base: Path, workloads: list[str]) -> tuple[list[WorkloadPlan], list[float]]:
+    """The plans (and loads) of the earlier set in ``base`` for ``workloads``, to re-run routers on exactly its
+    knees, rates, time scales, requests and traces."""
+    meta = json.loads((base / "curves.json").read_text())["meta"]
+    plans = [WorkloadPlan(**x) for x in meta["plans"] if x["workload"] in workloads]
+    missing = sorted(set(workloads) - {x.workload for x in plans})
+    if missing:
+        raise ValueError(f"no plan for {', '.join(missing)}")
+    return plans, [float(x) for x in meta["loads"]]
+
+
 def run(plans: list[WorkloadPlan], routers: list[str], repetitions: int, out: Path, loads: list[float],
-        log: Any = print) -> Path:
+        log: Any = print, base: Path | None = None) -> Path:
+    """Run every plan; ``base``: the earlier set whose plans these are (the summary judges kvswitch against
+    its other routers too)."""
     out.mkdir(parents=True, exist_ok=True)
     total = sum(len(p.rates) for p in plans) * len(routers) * repetitions
     done = 0
@@ -148,7 +161,7 @@ def run(plans: list[WorkloadPlan], routers: list[str], repetitions: int, out: Pa
     summary: dict[str, Any] = {"meta": {
         "date": _dt.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
         "routers": routers, "loads": loads, "repetitions": repetitions,
-        "plans": [asdict(p) for p in plans]}, "workloads": {}}
+        "plans": [asdict(p) for p in plans], "base": str(base) if base is not None else None}, "workloads": {}}
     for p in plans:
         comparison = Comparison(_config(p, routers, repetitions, out / p.workload))
         comparison.knee = p.knee_req_s
@@ -217,10 +230,23 @@ def verdict(med: dict[tuple[str, float, str], dict[str, float]], w: str, ld: flo
     return "met" if not miss else "; ".join(miss)
 
 
+def _beside(base: dict[tuple[str, float, str], dict[str, float]], mine: dict[tuple[str, float, str], dict[str, float]],
+            w: str, ld: float, kv: str = "kvswitch") -> dict[tuple[str, float, str], dict[str, float]]:
+    """``base``'s routers at (w, ld) other than ``kv``, with ``mine``'s ``kv`` in its place."""
+    got = {k: v for k, v in base.items() if k[0] == w and k[1] == ld and k[2] != kv}
+    if (w, ld, kv) in mine:
+        got[(w, ld, kv)] = mine[(w, ld, kv)]
+    return got
+
+
 def render_summary(out: Path, plots: bool = True) -> Path:
     summary = json.loads((out / "curves.json").read_text())
     meta = summary["meta"]
     med = _medians(out, summary)
+    base_med = {}
+    if meta.get("base"):
+        base = Path(meta["base"])
+        base_med = _medians(base, json.loads((base / "curves.json").read_text()))
     routers = meta["routers"]
     lines = [f"# Load curves in real time ({meta['date']})", "",
              "Through Envoy (kvswitch, Envoy round robin) and the real peers (vllm-router, sglang-router), real "
@@ -252,9 +278,15 @@ def render_summary(out: Path, plots: bool = True) -> Path:
                 if m:
                     lines.append(f"| {ld:g}x | {r} | {m['req_s']:.3f} | {m['p90']:.0f} | {m['p99']:.0f} | "
                                  f"{100 * m['hit']:.0f} | {m['path']:.1f} | {m['n']:.0f} |")
-        lines += ["", "| load | kvswitch against the best peer |", "|---|---|"]
-        lines += [f"| {ld:g}x | {verdict(med, w, ld)} |" for ld in loads]
         lines.append("")
+        if set(routers) - {"kvswitch"}:
+            lines += ["| load | kvswitch against the best peer |", "|---|---|"]
+            lines += [f"| {ld:g}x | {verdict(med, w, ld)} |" for ld in loads]
+            lines.append("")
+        if base_med:
+            lines += [f"| load | this set's kvswitch against {meta['base']}'s other routers |", "|---|---|"]
+            lines += [f"| {ld:g}x | {verdict(_beside(base_med, med, w, ld), w, ld)} |" for ld in loads]
+            lines.append("")
         if plots:
             _plot(out, w, p["knee_req_s"], routers, med)
     path = out / "README.md"
@@ -301,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="one point: the first workload at the first load >= 1 (else the last), one repetition")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--report", type=Path, default=None, help="only re-render the summary of a curves folder")
+    p.add_argument("--plan-from", type=Path, default=None,
+                   help="run --routers on the plan of an earlier set (its knees, rates, time scales, requests and "
+                        "traces) and judge kvswitch against that set's other routers")
     a = p.parse_args(argv)
     if a.report:
         print(render_summary(a.report).read_text())
@@ -327,12 +362,21 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     budget = Budget(a.budget_min, a.overhead_s, a.max_wall_rate, a.max_wall_tokens)
     reps = a.repetitions
-    print(f"kvswitch bench curves: {len(workloads)} workloads x {len(routers)} routers x {len(loads)} loads x "
-          f"{reps} repetitions; planning (virtual-time knees and makespans)", flush=True)
-    # the smoke point is planned as part of the whole set (its time scale and requests), then run alone
-    plans = plan(workloads[:1] if a.smoke else workloads, routers, loads, reps, budget, a.requests,
-                 log=lambda line: print(line, flush=True),
-                 share_s=budget.minutes * 60.0 / len(workloads))
+    if a.plan_from is not None:
+        try:
+            plans, loads = plans_of(a.plan_from, workloads)
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"kvswitch bench curves: --plan-from {a.plan_from}: {exc}", file=sys.stderr)
+            return 2
+        print(f"kvswitch bench curves: {len(plans)} workloads x {len(routers)} routers on the plan of "
+              f"{a.plan_from}", flush=True)
+    else:
+        print(f"kvswitch bench curves: {len(workloads)} workloads x {len(routers)} routers x {len(loads)} loads x "
+              f"{reps} repetitions; planning (virtual-time knees and makespans)", flush=True)
+        # the smoke point is planned as part of the whole set (its time scale and requests), then run alone
+        plans = plan(workloads[:1] if a.smoke else workloads, routers, loads, reps, budget, a.requests,
+                     log=lambda line: print(line, flush=True),
+                     share_s=budget.minutes * 60.0 / len(workloads))
     est = sum(x.est_wall_s for x in plans)
     print(f"kvswitch bench curves: estimated wall {est / 60:.0f} min on a quiet machine", flush=True)
     if a.plan:
@@ -348,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvswitch bench curves: {why}", file=sys.stderr)
         return 2
     out = a.out or RESULTS_DIR / f"{_dt.datetime.now():%Y-%m-%d-%H%M}-curves{'-smoke' if a.smoke else ''}"
-    readme = run(plans, routers, reps, out, loads, log=lambda line: print(line, flush=True))
+    readme = run(plans, routers, reps, out, loads, log=lambda line: print(line, flush=True), base=a.plan_from)
     print(readme.read_text())
     print(f"report: {readme}")
     return 0

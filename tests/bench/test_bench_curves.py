@@ -72,6 +72,28 @@ def test_the_verdict_applies_the_issues_bar():
     assert rtcurve.verdict(med, "w", 2.0) == "(incomplete)"
 
 
+def test_a_rerun_on_an_earlier_sets_plan_is_judged_against_that_sets_other_routers(tmp_path, capsys):
+    """``--plan-from``: the committed set's own plans (knees, rates, time scales, requests), and the verdict of
+    the new kvswitch rows against that set's peers, its own old kvswitch row left out."""
+    base = rtcurve.RESULTS_DIR / "2026-12-02-curves-1000"
+    plans, loads = rtcurve.plans_of(base, ["mooncake", "shared-prefix"])
+    assert [p.workload for p in plans] == ["shared-prefix", "mooncake"] and loads == [0.5, 1.0, 2.0, 3.0]
+    assert plans[1].knee_req_s == pytest.approx(2.959, abs=1e-3) and len(plans[1].time_scales) == 4
+    with pytest.raises(ValueError, match="no plan for nope"):
+        rtcurve.plans_of(base, ["mooncake", "nope"])
+    assert rtcurve.main(["--plan-from", str(tmp_path), "--routers", "kvswitch"]) == 2
+    assert f"--plan-from {tmp_path}" in capsys.readouterr().err
+
+    def m(req_s: float) -> dict[str, float]:
+        return {"req_s": req_s, "p90": 100.0, "p99": 200.0}
+
+    old = {("w", 1.0, "kvswitch"): m(12.0), ("w", 1.0, "envoy-rr"): m(10.5), ("w", 2.0, "envoy-rr"): m(1.0)}
+    new = {("w", 1.0, "kvswitch"): m(10.0)}
+    both = rtcurve._beside(old, new, "w", 1.0)
+    assert both == {("w", 1.0, "kvswitch"): m(10.0), ("w", 1.0, "envoy-rr"): m(10.5)}
+    assert rtcurve.verdict(both, "w", 1.0) == "req/s 10.000 < 10.500"
+
+
 def test_paired_differences_are_per_seed_and_count_the_seeds_that_changed():
     def run(seed: int, tp: float, p99: float, load: float = 3.0) -> dict:
         return {"workload": "shared-prefix", "load": load, "router": "default", "seed": seed,
