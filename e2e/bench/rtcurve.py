@@ -29,7 +29,9 @@ point of it (the first workload at the knee, one repetition, every router) to pr
 Progress: one line per run with the whole set's ETA. Output: one folder per workload (``kvswitch bench
 compare``'s report: table, plots against the offered load, TTFT CDFs) and a summary README.md with, per
 workload, load and router, the medians over repetitions and where kvswitch misses the issue's bar against
-the best peer, plus 4-panel plots against load / knee (req/s, TTFT p90, TTFT p99, hit rate).
+the best peer, plus 4-panel plots against load / knee (req/s, TTFT p90, TTFT p99, hit rate), and every
+router beside its virtual-time twin (``twins``). ``--plan-from DIR`` re-runs routers on an earlier set's plan
+and judges kvswitch against that set's other routers.
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ LOADS = [0.5, 1.0, 2.0, 3.0]
 KNEE_REQUESTS = 1000
 PROBE_REQUESTS = 160  # the makespan probe's trace when --requests is not given
 PEAK_COMPLETION = 1.4  # completed req/s past the knee, as a multiple of the knee (the best router's, virtual time)
+# Each router's virtual-time twin: its emulation in engine/sim/cluster/peers.py (kvswitch: the same default
+# profile through pickers), replayed on the same trace, rate and requests (``twins``).
+TWINS = {"kvswitch": "default", "vllm-router:cache_aware": "vllm:cache_aware", "vllm-router:kv_aware": "vllm:kv_aware",
+         "sglang-router:cache_aware": "sglang:cache_aware", "envoy-rr": "envoy:round_robin"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +189,58 @@ def run(plans: list[WorkloadPlan], routers: list[str], repetitions: int, out: Pa
         (out / "curves.json").write_text(json.dumps(summary, indent=1))
     summary["meta"]["wall_s"] = time.monotonic() - started
     (out / "curves.json").write_text(json.dumps(summary, indent=1))
+    twins(out, log)
     return render_summary(out)
+
+
+# ---- virtual-time twins ------------------------------------------------------------------------------
+def twins(out: Path, log: Any = print) -> Path:
+    """Replay every run of the set in ``out`` in virtual time through its router's twin (``TWINS``): the same
+    trace (seed = repetition), rate and requests; the medians over repetitions go into curves.json
+    (``twins``), and the summary sets them beside the real ones. A router that matches its twin is one the
+    virtual-time curves stand for; one that does not is where the emulation, the simulated pods' time scale
+    or the real router's path differ (session 8: kvswitch fell behind its twin as the time scale grew, which
+    is how ``predictor.time_scale`` was found). Seconds per run; progress per workload."""
+    path = out / "curves.json"
+    summary = json.loads(path.read_text())
+    meta = summary["meta"]
+    knees = {p["workload"]: p["knee_req_s"] for p in meta["plans"]}
+    rows = []
+    for p in meta["plans"]:
+        w = p["workload"]
+        if w not in summary["workloads"]:
+            continue
+        started = time.monotonic()
+        for rate in p["rates"]:
+            for router in meta["routers"]:
+                twin = TWINS.get(router)
+                if twin is None:
+                    continue
+                got = [vcurve.run_point(w, twin, rep, rate, p["requests"]) for rep in range(meta["repetitions"])]
+                rows.append({"workload": w, "load": round(rate / knees[w], 2), "router": router, "twin": twin,
+                             "req_s": float(np.median([g["throughput_req_s"] for g in got])),
+                             "p90": 1e3 * float(np.median([g["ttft_p90_s"] for g in got])),
+                             "p99": 1e3 * float(np.median([g["ttft_p99_s"] for g in got])),
+                             "hit": float(np.median([g["prefix_hit_rate"] for g in got]))})
+        log(f"twins: {w} in {time.monotonic() - started:.0f} s")
+    summary["twins"] = rows
+    path.write_text(json.dumps(summary, indent=1))
+    return path
+
+
+def _twin_lines(summary: dict[str, Any], med: dict[tuple[str, float, str], dict[str, float]], w: str) -> list[str]:
+    rows = [t for t in summary.get("twins", []) if t["workload"] == w]
+    if not rows:
+        return []
+    lines = ["Each router against its virtual-time twin (same traces, rates and requests; medians, real / twin):",
+             "", "| load | router | req/s | TTFT p90 ms | TTFT p99 ms | hit % |", "|---|---|---|---|---|---|"]
+    for t in rows:
+        m = med.get((w, t["load"], t["router"]))
+        if m:
+            lines.append(f"| {t['load']:g}x | {t['router']} | {m['req_s']:.2f} / {t['req_s']:.2f} | "
+                         f"{m['p90']:.0f} / {t['p90']:.0f} | {m['p99']:.0f} / {t['p99']:.0f} | "
+                         f"{100 * m['hit']:.0f} / {100 * t['hit']:.0f} |")
+    return [*lines, ""]
 
 
 # ---- summary -------------------------------------------------------------------------------------------
@@ -287,6 +344,7 @@ def render_summary(out: Path, plots: bool = True) -> Path:
             lines += [f"| load | this set's kvswitch against {meta['base']}'s other routers |", "|---|---|"]
             lines += [f"| {ld:g}x | {verdict(_beside(base_med, med, w, ld), w, ld)} |" for ld in loads]
             lines.append("")
+        lines += _twin_lines(summary, med, w)
         if plots:
             _plot(out, w, p["knee_req_s"], routers, med)
     path = out / "README.md"
@@ -333,11 +391,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="one point: the first workload at the first load >= 1 (else the last), one repetition")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--report", type=Path, default=None, help="only re-render the summary of a curves folder")
+    p.add_argument("--twins", action="store_true",
+                   help="with --report: (re)compute every run's virtual-time twin first (a set runs them itself)")
     p.add_argument("--plan-from", type=Path, default=None,
                    help="run --routers on the plan of an earlier set (its knees, rates, time scales, requests and "
                         "traces) and judge kvswitch against that set's other routers")
     a = p.parse_args(argv)
     if a.report:
+        if a.twins:
+            twins(a.report, log=lambda line: print(line, flush=True))
         print(render_summary(a.report).read_text())
         return 0
     workloads, routers = _list(a.workloads), _list(a.routers)

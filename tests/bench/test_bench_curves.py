@@ -94,6 +94,29 @@ def test_a_rerun_on_an_earlier_sets_plan_is_judged_against_that_sets_other_route
     assert rtcurve.verdict(both, "w", 1.0) == "req/s 10.000 < 10.500"
 
 
+def test_every_run_gets_its_virtual_time_twin_on_the_same_trace(tmp_path):
+    """``twins``: each (workload, rate, router) of a set replayed through the router's emulation, one run per
+    repetition on that repetition's trace, medians stored in curves.json and set beside the real medians."""
+    import json
+
+    plan = {"workload": "mooncake", "knee_req_s": 2.0, "rates": [1.0, 4.0], "time_scales": [0.5, 0.5],
+            "time_scale": 0.5, "requests": 20, "est_wall_s": 1.0}
+    meta = {"plans": [plan], "routers": ["envoy-rr", "not-a-router"], "repetitions": 2}
+    (tmp_path / "curves.json").write_text(json.dumps({"meta": meta, "workloads": {"mooncake": "x"}}))
+    lines: list[str] = []
+    rtcurve.twins(tmp_path, log=lines.append)
+    rows = json.loads((tmp_path / "curves.json").read_text())["twins"]
+    assert [(r["load"], r["router"], r["twin"]) for r in rows] == [(0.5, "envoy-rr", "envoy:round_robin"),
+                                                                  (2.0, "envoy-rr", "envoy:round_robin")]
+    runs = [vcurve.run_point("mooncake", "envoy:round_robin", rep, 4.0, 20) for rep in (0, 1)]
+    assert rows[1]["req_s"] == pytest.approx(sum(r["throughput_req_s"] for r in runs) / 2)  # median of two
+    assert lines and lines[0].startswith("twins: mooncake")
+    med = {("mooncake", 2.0, "envoy-rr"): {"req_s": 1.5, "p90": 900.0, "p99": 1200.0, "hit": 0.0}}
+    got = rtcurve._twin_lines(json.loads((tmp_path / "curves.json").read_text()), med, "mooncake")
+    assert any(line.startswith(f"| 2x | envoy-rr | 1.50 / {rows[1]['req_s']:.2f} | 900 / ") for line in got)
+    assert not any("| 0.5x |" in line for line in got)  # no real run there: no row
+
+
 def test_paired_differences_are_per_seed_and_count_the_seeds_that_changed():
     def run(seed: int, tp: float, p99: float, load: float = 3.0) -> dict:
         return {"workload": "shared-prefix", "load": load, "router": "default", "seed": seed,
