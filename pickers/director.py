@@ -51,6 +51,9 @@ from pickers.types import Decision, Endpoint, InferenceRequest, SchedulingError,
 # thread's hop (submit, wake, the loop woken back, the GIL handed twice) cost ~0.3 ms on a 2-core VM: below this
 # length the hop cost the request more than it freed the loop.
 OFFLOAD_HASH_TOKENS = 1 << 18
+# A request whose prefill end is watched in its pod's KV events (access-log mode) leaves the queued prefill at
+# that event, or at this multiple of its predicted TTFT if the event never comes (lost, or the pod down).
+WATCHED_PREFILL_BOUND = 4.0
 log = logging.getLogger("kvswitch.pickers.director")
 
 
@@ -192,6 +195,9 @@ class Director:
         dl = self.dl
         if dl.precise_enabled:
             dl.kv_index.refresh(now)
+            for key, at in dl.kv_index.prefill_watch.take():  # prefills ended, per their pods' KV events
+                dl.inflight.first_token(key, at)
+                dl.kv_index.clear_pending(key)  # as at a first token: the pods' events tell the rest
         dl.inflight.settle(now)
         ctx = CycleContext(state, dl, now)
         if self.needs_tokens:  # before anything reads the prompt's length: one count for the whole cycle
@@ -319,18 +325,34 @@ class Director:
         decode = min(req.max_tokens or self.default_decode_tokens, 32768)
         exp = state.expected  # no live first token (access-log mode): the prediction stands in for it
         due = ctx.now + exp.ttft_s if self.predicted_first_token and exp is not None else None
-        dl.inflight.add(state.key, slot, pslot, uncached, decode, ctx.now, due)
         targets = [slot] if pslot is None else [slot, pslot]
+        expect = [s for s in targets if self._new_blocks(ctx, s) > 0] if dl.precise_enabled else []
+        if due is not None and exp is not None and compute_on in expect and self._watch_prefill(ctx, compute_on):
+            # the pod's KV event ends the prefill; the prediction only bounds a lost event (a short one released
+            # the queued prefill early and piled prompts on the pod: pickers/kvblocks/prefill_watch.py)
+            due = ctx.now + WATCHED_PREFILL_BOUND * exp.ttft_s
+        dl.inflight.add(state.key, slot, pslot, uncached, decode, ctx.now, due)
         if state.block_hashes:
             dl.learn(state.block_hashes, targets)
         if dl.precise_enabled:
-            expect = [s for s in targets if self._new_blocks(ctx, s) > 0]
             if expect:  # these pods will announce new blocks: judged from the first token
                 state.kv_expect = KVExpectation(ctx.now, expect)
             if state.block_hashes:
                 self._pend(state, targets, ctx.now)
         for hook in self._on_routed:
             hook(decision)
+
+    def _watch_prefill(self, ctx: CycleContext, slot: int) -> bool:
+        """No first token will be reported while this request runs: take the KV event of its prompt's last full
+        block on ``slot`` (the pod computing it) as the end of its prefill, when that is sooner than the
+        predicted first token (pickers/kvblocks/prefill_watch.py). Only for a prompt hashed in full (every
+        block, not a routing prefix of it) on a pod that publishes events."""
+        kv = self.dl.kv_index
+        bs = int(self.dl.endpoints.block_size[slot]) or 16
+        hashes = ctx.state.block_hashes.get(bs)
+        if hashes is None or not len(hashes) or len(hashes) != ctx.prompt_tokens() // bs or not kv.has_events[slot]:
+            return False
+        return kv.prefill_watch.watch(ctx.state.key, slot, int(hashes[-1]))
 
     def _pend(self, state: RequestState, slots: list[int], now: float) -> None:
         """Speculative blocks: the pods computing this prompt count as holding it until its first token."""
@@ -375,6 +397,7 @@ class Director:
                     self.dl.learn(state.block_hashes, [slot])
                     if self.dl.precise_enabled:  # the pending blocks follow the request to the pod serving it
                         self.dl.kv_index.clear_pending(state.key)
+                        self.dl.kv_index.prefill_watch.unwatch(state.key)  # another pod: the prediction stands
                         pslot = self.dl.endpoints.slot(decision.prefill) if decision.prefill else None
                         self._pend(state, [slot] if pslot is None else [slot, pslot], self.clock.now())
         self._call(self._on_served, decision, served)
@@ -394,6 +417,7 @@ class Director:
         state = decision.state
         self.dl.inflight.first_token(state.key)
         self.dl.kv_index.clear_pending(state.key)
+        self.dl.kv_index.prefill_watch.unwatch(state.key)
         self._judge_kv_events(state, at)
         exp = state.expected
         if exp is not None and exp.first_token_at < 0.0:
@@ -425,6 +449,7 @@ class Director:
     def _release(self, state: RequestState) -> None:
         self.dl.inflight.finish(state.key)
         self.dl.kv_index.clear_pending(state.key)
+        self.dl.kv_index.prefill_watch.unwatch(state.key)
 
     def _serving_slot(self, state: RequestState) -> int | None:
         serving = state.serving

@@ -95,10 +95,10 @@ class InflightTracker:
             r.prefill_slot = slot
         r.slot = slot
 
-    def first_token(self, rid: str) -> None:
+    def first_token(self, rid: str, at: float | None = None) -> None:
         r = self._recs.get(rid)
         if r is not None:
-            self.first_token_rec(r)
+            self.first_token_rec(r, at)
 
     def finish(self, rid: str) -> _Rec | None:
         r = self._recs.pop(rid, None)

@@ -51,6 +51,7 @@ from pickers.kvblocks.events import (
     decode_seq,
 )
 from pickers.kvblocks.index import BlockIndex
+from pickers.kvblocks.prefill_watch import PrefillWatch
 
 log = logging.getLogger("kvswitch.pickers.precise")
 
@@ -89,6 +90,8 @@ class PreciseIndex:
         # (one TTL: expiry order = insertion); the rows let clearing skip a dict lookup per block
         self._pending: OrderedDict[Any, tuple[float, list[_Pended]]] = OrderedDict()
         self._pending_blocks = 0
+        # prompts whose prefill end the director watches for (access-log mode): pickers/kvblocks/prefill_watch.py
+        self.prefill_watch = PrefillWatch()
         self._resolve = resolve
         self._address_of = address_of
         # (slot, engine index in a batch) -> the slot of that data-parallel rank of the same pod, or None
@@ -241,6 +244,8 @@ class PreciseIndex:
                     continue
                 index.add(slot, own, index.medium_index(ev.medium))
                 emap.update(zip(ev.block_hashes[:n], own))
+                if self.prefill_watch:
+                    self.prefill_watch.stored(slot, own, now)
                 if len(emap) > self.engine_map_cap:
                     self._trim(emap)
             elif isinstance(ev, AllBlocksCleared):

@@ -108,13 +108,25 @@ def test_every_run_gets_its_virtual_time_twin_on_the_same_trace(tmp_path):
     rows = json.loads((tmp_path / "curves.json").read_text())["twins"]
     assert [(r["load"], r["router"], r["twin"]) for r in rows] == [(0.5, "envoy-rr", "envoy:round_robin"),
                                                                   (2.0, "envoy-rr", "envoy:round_robin")]
-    runs = [vcurve.run_point("mooncake", "envoy:round_robin", rep, 4.0, 20) for rep in (0, 1)]
+    runs = [vcurve.run_point("mooncake", "envoy:round_robin", rep, 4.0, 20, as_aiperf_sends=True) for rep in (0, 1)]
     assert rows[1]["req_s"] == pytest.approx(sum(r["throughput_req_s"] for r in runs) / 2)  # median of two
     assert lines and lines[0].startswith("twins: mooncake")
     med = {("mooncake", 2.0, "envoy-rr"): {"req_s": 1.5, "p90": 900.0, "p99": 1200.0, "hit": 0.0}}
     got = rtcurve._twin_lines(json.loads((tmp_path / "curves.json").read_text()), med, "mooncake")
     assert any(line.startswith(f"| 2x | envoy-rr | 1.50 / {rows[1]['req_s']:.2f} | 900 / ") for line in got)
     assert not any("| 0.5x |" in line for line in got)  # no real run there: no row
+
+
+def test_a_twin_sends_the_blocks_aiperf_sends():
+    """aiperf's trace loader gives a partial last block an id of its own, so a chat turn shares only the previous
+    turn's full blocks: the twin's requests carry the same ids, and reuse less than the simulator's own."""
+    wl = vcurve.WORKLOADS["multi-turn"].make(0, 10)
+    plain, sent = vcurve._to_requests(wl), vcurve._to_requests(wl, as_aiperf_sends=True)
+    first = next(i for i, r in enumerate(wl.records) if r.input_length % 512)  # a turn with a partial last block
+    later = next(i for i, r in enumerate(wl.records) if i > first and r.session_id == wl.records[first].session_id)
+    assert plain[first].hash_ids[-1] in plain[later].hash_ids
+    assert sent[first].hash_ids[-1] not in sent[later].hash_ids
+    assert sent[first].hash_ids[:-1] == plain[first].hash_ids[:-1]
 
 
 def test_paired_differences_are_per_seed_and_count_the_seeds_that_changed():

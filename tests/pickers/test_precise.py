@@ -318,3 +318,57 @@ def test_blocks_stored_after_a_clear_in_the_same_batch_are_kept():
     kv.apply_events(a, [stored([1, 2], LONG[: 2 * BS]), cleared(), stored([11, 12], LONG[: 2 * BS]),
                         stored([13], LONG[2 * BS: 3 * BS], parent=12)])
     assert kv.index.match(hash_blocks(LONG, BS))[0][0] == 3 and kv.engine_map_size(0) == 3
+
+
+def test_access_log_mode_ends_a_prefill_at_its_pods_kv_event_not_at_its_predicted_first_token():
+    """No first token while a request runs (extproc access-log): the pod's BlockStored of the prompt's last full
+    block ends its queued prefill in the picker's accounting; a late event is waited for past the predicted
+    first token (a short prediction released the queue early and piled prompts on the pod), and a lost one
+    releases it at 4x the prediction (pickers/kvblocks/prefill_watch.py)."""
+    s, clock = scheduler(eps=endpoints(1, kv=True))
+    s.predicted_first_token = True
+    kv, inflight = s.dl.kv_index, s.dl.inflight
+    a = "10.0.0.1:8000"
+    other = np.arange(10_000, 10_000 + BS)
+    kv.apply_events(a, [stored([900], other)], now=clock.now())  # the pod publishes events
+
+    def prefilling(key: str) -> bool:
+        return not inflight._recs[key].started
+
+    d = s.decide(request("r1", TOK))
+    ttft = d.state.expected.ttft_s
+    assert prefilling("r1") and inflight.prefill_tokens[0] == len(TOK) and len(kv.prefill_watch) == 1
+    clock.advance(2 * ttft)  # past the prediction, no event yet: still prefilling
+    s.decide(request("probe1", other))
+    assert prefilling("r1")
+    clock.advance(0.01)
+    kv.apply_events(a, [stored([1, 2, 3, 4], TOK)], now=clock.now())  # its blocks: the prefill ended
+    s.decide(request("probe2", other))
+    assert not prefilling("r1") and inflight._recs["r1"].started_at == clock.now()
+    assert len(kv.prefill_watch) == 0
+    # a request whose event never comes: released at 4x its predicted first token
+    d3 = s.decide(request("r3", np.arange(50_000, 50_000 + 4 * BS)))
+    t3 = d3.state.expected.ttft_s
+    clock.advance(3.9 * t3)
+    s.decide(request("probe3", other))
+    assert prefilling("r3")
+    clock.advance(0.2 * t3)
+    s.decide(request("probe4", other))
+    assert not prefilling("r3")
+    s.on_finished(d3, None, clock.now())
+    assert len(kv.prefill_watch) == 0 and "r3" not in inflight._recs
+
+
+def test_prefill_watch_is_bounded_fires_once_and_keeps_the_first_of_two_prompts_ending_in_one_block():
+    from pickers.kvblocks.prefill_watch import PrefillWatch
+
+    w = PrefillWatch(max_watched=2)
+    assert w.watch("a", 0, 11) and w.watch("b", 0, 12)
+    assert not w.watch("c", 0, 11)  # "a" ends in that block on that pod: "c" falls back to its prediction
+    assert w.watch("d", 1, 11) and len(w) == 2  # the oldest ("a") dropped for it
+    w.stored(0, [11, 12], now=5.0)
+    w.stored(0, [12], now=6.0)
+    assert w.take() == [("b", 5.0)] and w.take() == []
+    w.unwatch("d")
+    w.stored(1, [11], now=7.0)
+    assert w.take() == [] and len(w) == 0
