@@ -109,20 +109,26 @@ def mean_rate(wl: W.Workload) -> float:
     return (len(wl.records) - 1) / wl.duration_s if wl.duration_s > 0 and len(wl.records) > 1 else 1.0
 
 
-def _to_requests(wl: W.Workload) -> list[Any]:
+def _to_requests(wl: W.Workload, as_aiperf_sends: bool = False) -> list[Any]:
+    """The simulator's requests for ``wl``; ``as_aiperf_sends``: with the hash ids aiperf's trace loader
+    turns them into (``workloads.aiperf_ids``: a partial last block shares nothing with the full one), as
+    the real-time runs send them."""
     from engine.sim.cluster.trace import TraceRequest
 
-    return [TraceRequest(i, r.timestamp / 1000.0, r.input_length, r.output_length, list(r.hash_ids))
-            for i, r in enumerate(wl.records)]
+    ids = W.aiperf_ids(wl.records) if as_aiperf_sends else [r.hash_ids for r in wl.records]
+    return [TraceRequest(i, r.timestamp / 1000.0, r.input_length, r.output_length, list(h))
+            for i, (r, h) in enumerate(zip(wl.records, ids, strict=True))]
 
 
 VARIANTS: dict[str, dict[str, Any]] = {}  # router name -> picker config (a profile under test), --variants
 
 
 def run_point(workload: str, router: str, seed: int, rate: float, requests: int,
-              fleet: CurveFleet = CurveFleet(), variants: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+              fleet: CurveFleet = CurveFleet(), variants: dict[str, dict[str, Any]] | None = None,
+              as_aiperf_sends: bool = False) -> dict[str, Any]:
     """One replay: ``workload`` (seed) at ``rate`` requests/s through ``router``; its summary. A router named
-    in ``variants`` is the picker profile ``variants[router]["profile"]`` built with that config."""
+    in ``variants`` is the picker profile ``variants[router]["profile"]`` built with that config.
+    ``as_aiperf_sends``: the prompts as the real-time runs send them (``_to_requests``)."""
     from engine.sim.cluster.cli import replay
     from engine.sim.cluster.fleet import fleet_from_flags
     from engine.sim.cluster.report import summarize
@@ -130,7 +136,7 @@ def run_point(workload: str, router: str, seed: int, rate: float, requests: int,
 
     wl = WORKLOADS[workload].make(seed, requests)
     wl = W.scale_rate(wl, rate / mean_rate(wl))
-    reqs = _to_requests(wl)
+    reqs = _to_requests(wl, as_aiperf_sends)
     spec = fleet_from_flags(fleet.pods, fleet.accelerator, fleet.model_profile, max_model_len=fleet.max_model_len)
     variant = (variants if variants is not None else VARIANTS).get(router)
     policy = router if variant is None else str(variant.get("profile", "default"))
