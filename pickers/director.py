@@ -198,6 +198,7 @@ class Director:
             for key, at in dl.kv_index.prefill_watch.take():  # prefills ended, per their pods' KV events
                 dl.inflight.first_token(key, at)
                 dl.kv_index.clear_pending(key)  # as at a first token: the pods' events tell the rest
+                self.stats.prefill_ends.labels("kv_event").inc()
         dl.inflight.settle(now)
         ctx = CycleContext(state, dl, now)
         if self.needs_tokens:  # before anything reads the prompt's length: one count for the whole cycle
@@ -331,6 +332,8 @@ class Director:
             # the pod's KV event ends the prefill; the prediction only bounds a lost event (a short one released
             # the queued prefill early and piled prompts on the pod: pickers/kvblocks/prefill_watch.py)
             due = ctx.now + WATCHED_PREFILL_BOUND * exp.ttft_s
+        elif due is not None:
+            self.stats.prefill_ends.labels("prediction").inc()
         dl.inflight.add(state.key, slot, pslot, uncached, decode, ctx.now, due)
         if state.block_hashes:
             dl.learn(state.block_hashes, targets)
@@ -417,7 +420,7 @@ class Director:
         state = decision.state
         self.dl.inflight.first_token(state.key)
         self.dl.kv_index.clear_pending(state.key)
-        self.dl.kv_index.prefill_watch.unwatch(state.key)
+        self._unwatch(state)
         self._judge_kv_events(state, at)
         exp = state.expected
         if exp is not None and exp.first_token_at < 0.0:
@@ -449,7 +452,11 @@ class Director:
     def _release(self, state: RequestState) -> None:
         self.dl.inflight.finish(state.key)
         self.dl.kv_index.clear_pending(state.key)
-        self.dl.kv_index.prefill_watch.unwatch(state.key)
+        self._unwatch(state)
+
+    def _unwatch(self, state: RequestState) -> None:
+        if self.dl.kv_index.prefill_watch.unwatch(state.key):  # watched, and its pod's event never came
+            self.stats.prefill_ends.labels("no_event").inc()
 
     def _serving_slot(self, state: RequestState) -> int | None:
         serving = state.serving

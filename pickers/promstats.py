@@ -21,6 +21,7 @@ class SchedulerMetrics:
     index_blocks: Gauge
     stale_ignored: Gauge
     prediction_ratio: Histogram
+    prefill_ends: Counter
 
 
 # keyed by the registry itself, weakly: an id() key outlives a collected registry, and a new one allocated at
@@ -52,6 +53,13 @@ def scheduler_metrics(registry: CollectorRegistry | None = None) -> SchedulerMet
                 "Observed over predicted latency of finished requests (after the online correction): TTFT on "
                 "the pod that ran the prefill, TPOT on the decode pod", ["latency", "accelerator", "role"],
                 buckets=RATIO_BUCKETS, registry=reg),
+            prefill_ends=Counter(
+                "kvswitch_prefill_ends",
+                "How the picker learned that a request's prefill ended when no first token is reported while it "
+                "runs (access-log mode): kv_event (its pod stored the prompt's last full block), prediction (not "
+                "watched: no KV events or no new block; released at the predicted first token), no_event "
+                "(watched, no event came: released at 4x the prediction or at the end)", ["source"],
+                registry=reg),
         )
         _BY_REGISTRY[reg] = got
     return got

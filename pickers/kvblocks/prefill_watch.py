@@ -49,10 +49,13 @@ class PrefillWatch:
         self._by_key[key] = block
         return True
 
-    def unwatch(self, key: Any) -> None:
+    def unwatch(self, key: Any) -> bool:
+        """Stop watching ``key``; whether it was still watched (its event had not come)."""
         block = self._by_key.pop(key, None)
-        if block is not None:
-            self._by_block.pop(block, None)
+        if block is None:
+            return False
+        self._by_block.pop(block, None)
+        return True
 
     def stored(self, slot: int, hashes: Iterable[int], now: float) -> None:
         """Pod ``slot`` stored ``hashes`` (own hashes) at ``now``: the watches they end fire."""

@@ -357,6 +357,11 @@ def test_access_log_mode_ends_a_prefill_at_its_pods_kv_event_not_at_its_predicte
     assert not prefilling("r3")
     s.on_finished(d3, None, clock.now())
     assert len(kv.prefill_watch) == 0 and "r3" not in inflight._recs
+    # what an operator sees: r1 by its event, the probes (their block already stored: nothing new to announce)
+    # by prediction, r3 watched without an event
+    ends = {src: s.test_registry.get_sample_value("kvswitch_prefill_ends_total", {"source": src})
+            for src in ("kv_event", "prediction", "no_event")}
+    assert ends == {"kv_event": 1.0, "prediction": 4.0, "no_event": 1.0}
 
 
 def test_prefill_watch_is_bounded_fires_once_and_keeps_the_first_of_two_prompts_ending_in_one_block():
