@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -293,3 +294,32 @@ async def test_localstack_api_serves_and_stops():
     assert envoy_pid is not None and not _alive(envoy_pid)
     assert not workdir.exists() and _port_free(port)
     await stack.stop()  # a second stop is a no-op
+
+
+async def test_access_log_mode_learns_prefill_ends_from_the_pods_kv_events():
+    """Through real Envoy (access-log mode: no first token while a request runs), ZMQ KV events from the
+    simulated pods end each watched prefill in the picker's accounting (pickers/kvblocks/prefill_watch.py)."""
+    import aiohttp
+
+    from extproc.localstack import LocalStack, StackOptions
+
+    def ends(director, source: str) -> float:
+        return sum(s.value for m in director.stats.prefill_ends.collect() for s in m.samples
+                   if s.name.endswith("_total") and s.labels.get("source") == source)
+
+    async with LocalStack(StackOptions(pods=2, port=0, time_scale=0.2)) as stack:
+        director = stack.server.scheduler
+        before = ends(director, "kv_event")
+        async with aiohttp.ClientSession() as s:
+            for i in range(8):  # distinct long prompts: new full blocks on whichever pod computes them
+                body = {"model": "sim-model", "max_tokens": 4, "prompt": f"document {i}: " + "lorem ipsum " * 200}
+                async with s.post(f"{stack.url}/completions", json=body) as r:
+                    assert r.status == 200, await r.text()
+                    await r.read()
+        assert ends(director, "kv_event") > before
+        for _ in range(200):  # each request's end comes with Envoy's access-log entry, just after its response
+            if not director.dl.inflight.requests.any():
+                break
+            await asyncio.sleep(0.01)
+        assert not director.dl.inflight.requests.any()
+        assert len(director.dl.kv_index.prefill_watch) == 0  # no watch outlives its request
