@@ -296,18 +296,22 @@ async def test_localstack_api_serves_and_stops():
     await stack.stop()  # a second stop is a no-op
 
 
-async def test_access_log_mode_learns_prefill_ends_from_the_pods_kv_events():
+async def test_access_log_mode_learns_prefill_ends_from_the_pods_kv_events(tmp_path):
     """Through real Envoy (access-log mode: no first token while a request runs), ZMQ KV events from the
-    simulated pods end each watched prefill in the picker's accounting (pickers/kvblocks/prefill_watch.py)."""
+    simulated pods end each watched prefill in the picker's accounting (pickers/kvblocks/prefill_watch.py;
+    opt-in: ``scheduler.prefill_end_from_kv_events``)."""
     import aiohttp
 
     from extproc.localstack import LocalStack, StackOptions
+
+    cfg = tmp_path / "picker.yaml"
+    cfg.write_text("scheduler: {prefill_end_from_kv_events: true}\n")
 
     def ends(director, source: str) -> float:
         return sum(s.value for m in director.stats.prefill_ends.collect() for s in m.samples
                    if s.name.endswith("_total") and s.labels.get("source") == source)
 
-    async with LocalStack(StackOptions(pods=2, port=0, time_scale=0.2)) as stack:
+    async with LocalStack(StackOptions(pods=2, port=0, time_scale=0.2, config_file=str(cfg))) as stack:
         director = stack.server.scheduler
         before = ends(director, "kv_event")
         async with aiohttp.ClientSession() as s:

@@ -35,6 +35,7 @@ every error message). No section at all gives the ``default`` profile with every
                   time_scale: 1}          # wall s per cost-model s: simulated pods at a time scale only
       explain_top: 5
       default_decode_tokens: 256
+      prefill_end_from_kv_events: false   # access-log mode: end a prefill at its pod's KV event (director.py)
 
 Each endpoint's step token budget (vLLM ``max_num_batched_tokens``) is the endpoint's own
 ``max_num_batched_tokens`` or, when unset, what engine.presets deploys for its model, accelerator and role.
@@ -77,7 +78,8 @@ __all__ = ["ConfigError", "build_scheduler"]
 
 ROOT = "scheduler"
 _TOP = {"profile", "handler", "admission", "profiles", "filters", "scorers", "picker", "tokenizer",
-        "datalayer", "prefix", "predictor", "explain_top", "default_decode_tokens", "objectives", "slo"}
+        "datalayer", "prefix", "predictor", "explain_top", "default_decode_tokens", "objectives", "slo",
+        "prefill_end_from_kv_events"}
 
 
 def _mapping(path: str, v: Any) -> dict[str, Any]:
@@ -276,6 +278,7 @@ def build_scheduler(
         explain_top=_get(ROOT, cfg, "explain_top", Param(int, 5, min=1)),
         default_decode_tokens=_get(ROOT, cfg, "default_decode_tokens", Param(int, 256, min=1)),
         max_fallback=max_fallback, slo=slo,
+        prefill_end_from_kv_events=_get(ROOT, cfg, "prefill_end_from_kv_events", Param(bool, False)),
     )
     if name == RANK_OBLIVIOUS:  # every data-parallel pod is one endpoint again
         endpoints = fold_ranks(endpoints)

@@ -74,6 +74,7 @@ class Director:
         default_decode_tokens: int = 256,
         max_fallback: int = 0,
         slo: SLOPolicy | None = None,
+        prefill_end_from_kv_events: bool = False,
     ) -> None:
         self.dl = datalayer
         self.profiles = profiles
@@ -90,6 +91,12 @@ class Director:
         # True when the gateway reports a response only once it ended (extproc access-log mode): a routed
         # request's prompt then leaves the in-flight prefill counts at its predicted first token.
         self.predicted_first_token = False
+        # With predicted first tokens: end a prefill at its pod's KV event for the prompt's last full block
+        # (pickers/kvblocks/prefill_watch.py). Off by default: in real time through Envoy it cost multi-turn at
+        # 3x the knee 12.8 -> 12.1 req/s and 6-8 points of hit rate in all three repetitions, which its virtual-
+        # time emulation does not show (there it matches live first tokens on shared-prefix, where the real
+        # runs did not clearly gain); README "The default profile".
+        self.prefill_end_from_kv_events = prefill_end_from_kv_events
         # Fill Decision.explanation (the scores per endpoint, the prediction, the targets). A server without
         # debug headers turns it off: nothing else reads it there, and it is ~10 % of a default decision.
         self.explain = True
@@ -328,7 +335,8 @@ class Director:
         due = ctx.now + exp.ttft_s if self.predicted_first_token and exp is not None else None
         targets = [slot] if pslot is None else [slot, pslot]
         expect = [s for s in targets if self._new_blocks(ctx, s) > 0] if dl.precise_enabled else []
-        if due is not None and exp is not None and compute_on in expect and self._watch_prefill(ctx, compute_on):
+        if (due is not None and exp is not None and self.prefill_end_from_kv_events and compute_on in expect
+                and self._watch_prefill(ctx, compute_on)):
             # the pod's KV event ends the prefill; the prediction only bounds a lost event (a short one released
             # the queued prefill early and piled prompts on the pod: pickers/kvblocks/prefill_watch.py)
             due = ctx.now + WATCHED_PREFILL_BOUND * exp.ttft_s

@@ -196,11 +196,12 @@ def run(plans: list[WorkloadPlan], routers: list[str], repetitions: int, out: Pa
 # ---- virtual-time twins ------------------------------------------------------------------------------
 def twins(out: Path, log: Any = print) -> Path:
     """Replay every run of the set in ``out`` in virtual time through its router's twin (``TWINS``): the same trace
-    (seed = repetition), rate and requests, the prompts' blocks as aiperf sends them; the medians over
-    repetitions go into curves.json (``twins``), and the summary sets them beside the real ones. A router that
-    matches its twin is one the virtual-time curves stand for; one that does not is where the emulation, the
-    simulated pods' time scale or the real router's path differ (session 8: kvswitch fell behind its twin as the
-    time scale grew, which is how ``predictor.time_scale`` was found). Seconds per run; progress per workload."""
+    (seed = repetition), rate and requests, the prompts' blocks as aiperf sends them, first tokens reported at
+    each request's end as Envoy's access log does; the medians over repetitions go into curves.json (``twins``),
+    and the summary sets them beside the real ones. A router that matches its twin is one the virtual-time
+    curves stand for; one that does not is where the emulation, the simulated pods' time scale or the real
+    router's path differ (session 8: kvswitch fell behind its twin as the time scale grew, which is how
+    ``predictor.time_scale`` was found). Seconds per run; progress per workload."""
     path = out / "curves.json"
     summary = json.loads(path.read_text())
     meta = summary["meta"]
@@ -216,7 +217,7 @@ def twins(out: Path, log: Any = print) -> Path:
                 twin = TWINS.get(router)
                 if twin is None:
                     continue
-                got = [vcurve.run_point(w, twin, rep, rate, p["requests"], as_aiperf_sends=True)
+                got = [vcurve.run_point(w, twin, rep, rate, p["requests"], as_aiperf_sends=True, access_log=True)
                        for rep in range(meta["repetitions"])]
                 rows.append({"workload": w, "load": round(rate / knees[w], 2), "router": router, "twin": twin,
                              "req_s": float(np.median([g["throughput_req_s"] for g in got])),

@@ -125,10 +125,11 @@ VARIANTS: dict[str, dict[str, Any]] = {}  # router name -> picker config (a prof
 
 def run_point(workload: str, router: str, seed: int, rate: float, requests: int,
               fleet: CurveFleet = CurveFleet(), variants: dict[str, dict[str, Any]] | None = None,
-              as_aiperf_sends: bool = False) -> dict[str, Any]:
+              as_aiperf_sends: bool = False, access_log: bool = False) -> dict[str, Any]:
     """One replay: ``workload`` (seed) at ``rate`` requests/s through ``router``; its summary. A router named
     in ``variants`` is the picker profile ``variants[router]["profile"]`` built with that config.
-    ``as_aiperf_sends``: the prompts as the real-time runs send them (``_to_requests``)."""
+    ``as_aiperf_sends``: the prompts as the real-time runs send them (``_to_requests``); ``access_log``: the
+    picker hears of first tokens only at each request's end, as behind Envoy in access-log mode."""
     from engine.sim.cluster.cli import replay
     from engine.sim.cluster.fleet import fleet_from_flags
     from engine.sim.cluster.report import summarize
@@ -140,7 +141,8 @@ def run_point(workload: str, router: str, seed: int, rate: float, requests: int,
     spec = fleet_from_flags(fleet.pods, fleet.accelerator, fleet.model_profile, max_model_len=fleet.max_model_len)
     variant = (variants if variants is not None else VARIANTS).get(router)
     policy = router if variant is None else str(variant.get("profile", "default"))
-    res, wall = replay(reqs, spec, policy, seed=seed, blocks=BlockTokens(), picker_config=variant)
+    res, wall = replay(reqs, spec, policy, seed=seed, blocks=BlockTokens(), picker_config=variant,
+                       access_log=access_log)
     s = summarize(res, wall)
     ok = [r for r in res.records if r.status == "ok"]
     s["cold"] = sum(1 for r in ok if r.cached_tokens < 0.5 * r.prompt_tokens)
@@ -161,11 +163,11 @@ def knee(workload: str, requests: int, fleet: CurveFleet = CurveFleet()) -> floa
 
 
 def _run_star(args: tuple) -> dict[str, Any]:
-    return run_point(*args[:5], variants=args[5])
+    return run_point(*args[:5], variants=args[5], access_log=args[6])
 
 
 def run_curves(workloads: list[str], routers: list[str], loads: list[float], seeds: list[int], requests: int,
-               out: Path, jobs: int = 1, log: Callable[[str], None] = print) -> Path:
+               out: Path, jobs: int = 1, log: Callable[[str], None] = print, access_log: bool = False) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     fleet = CurveFleet()
     doc: dict[str, Any] = {"meta": {
@@ -174,7 +176,8 @@ def run_curves(workloads: list[str], routers: list[str], loads: list[float], see
         "loads": loads, "seeds": seeds, "requests": requests, "knee_method": (
             f"round robin offered the seed-0 trace {PROBE_SPEEDUP:g}x faster than its base rate; knee = completed "
             "req/s (the fleet's service capacity for that traffic)"),
-        "workloads": {w: WORKLOADS[w].params for w in workloads}, "command": " ".join(sys.argv)},
+        "workloads": {w: WORKLOADS[w].params for w in workloads}, "command": " ".join(sys.argv),
+        "access_log": access_log},
         "knees": {}, "runs": []}
     path = out / "results.json"
     started = time.monotonic()
@@ -182,7 +185,8 @@ def run_curves(workloads: list[str], routers: list[str], loads: list[float], see
         k = knee(w, requests, fleet)
         doc["knees"][w] = k
         log(f"{w}: knee {k:.2f} req/s (round robin at {PROBE_SPEEDUP:g}x the base rate)")
-        plan = [(w, r, s, load * k, requests, VARIANTS) for load in loads for s in seeds for r in routers]
+        plan = [(w, r, s, load * k, requests, VARIANTS, access_log) for load in loads for s in seeds
+                for r in routers]
         done = 0
         t0 = time.monotonic()
         pool = ProcessPoolExecutor(jobs) if jobs > 1 else None
@@ -367,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--against", type=Path, default=None,
                    help="another results.json (the tree before a change): add the paired-by-seed differences")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--access-log", action="store_true",
+                   help="the picker hears of first tokens only at each request's end, as behind Envoy in its "
+                        "default access-log mode (peers are unaffected)")
     p.add_argument("--variants", type=Path, default=None,
                    help="JSON {router name: picker config with its 'profile'} (profiles under test)")
     a = p.parse_args(argv)
@@ -391,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = a.out or RESULTS_DIR / f"{_dt.datetime.now():%Y-%m-%d-%H%M}-vcurve"
     path = run_curves(workloads, [r for r in a.routers.split(",") if r], loads, seeds, a.requests, out,
-                      max(1, a.jobs), lambda line: print(line, flush=True))
+                      max(1, a.jobs), lambda line: print(line, flush=True), access_log=a.access_log)
     print(render(path, not a.no_plots, a.against).read_text())
     return 0
 

@@ -324,8 +324,14 @@ def test_access_log_mode_ends_a_prefill_at_its_pods_kv_event_not_at_its_predicte
     """No first token while a request runs (extproc access-log): the pod's BlockStored of the prompt's last full
     block ends its queued prefill in the picker's accounting; a late event is waited for past the predicted
     first token (a short prediction released the queue early and piled prompts on the pod), and a lost one
-    releases it at 4x the prediction (pickers/kvblocks/prefill_watch.py)."""
-    s, clock = scheduler(eps=endpoints(1, kv=True))
+    releases it at 4x the prediction (pickers/kvblocks/prefill_watch.py). Opt-in:
+    ``scheduler.prefill_end_from_kv_events``."""
+    off, _ = scheduler(eps=endpoints(1, kv=True))
+    off.predicted_first_token = True
+    off.dl.kv_index.apply_events("10.0.0.1:8000", [stored([900], np.arange(10_000, 10_000 + BS))])
+    off.decide(request("r0", TOK))
+    assert len(off.dl.kv_index.prefill_watch) == 0  # the default: the predicted first token alone
+    s, clock = scheduler({"prefill_end_from_kv_events": True}, eps=endpoints(1, kv=True))
     s.predicted_first_token = True
     kv, inflight = s.dl.kv_index, s.dl.inflight
     a = "10.0.0.1:8000"

@@ -328,3 +328,27 @@ def test_scrapes_hand_the_picker_each_pods_kv_capacity():
     assert [int(dl.metrics.num_gpu_blocks[s]) for s in slots] == [64, 64]
     learned = [int(dl.approx.pod_counts[0, s]) for s in slots]
     assert all(0 < n <= 64 for n in learned), learned  # 6 prompts x 37 blocks were sent to each pod
+
+
+def test_access_log_emulation_reports_a_first_token_only_with_the_end():
+    """``access_log``: as behind Envoy in access-log mode, the picker hears of a request's first token only when
+    it ends (with the real time), and meanwhile releases its prefill by prediction or its pod's KV event."""
+    import numpy as np
+
+    from engine.sim.cluster.routers import ClusterRequest, ManualClock, Usage, make_router
+    from pickers.types import Endpoint
+
+    clock = ManualClock(0.0)
+    eps = [Endpoint(f"10.0.0.{i}:8000", model_profile="8b", accelerator="L40S") for i in (1, 2)]
+    for access_log, late in ((False, False), (True, True)):
+        router = make_router("default", eps, clock, access_log=access_log)
+        director = router.director
+        assert director.predicted_first_token is access_log
+        req = ClusterRequest("r", 0.0, np.arange(1, 257), 8)
+        pod, _ = router.route(req, 0.0)
+        slot = director.dl.endpoints.slot(pod)
+        router.on_first_token(req, 0.05)
+        assert bool(director.dl.inflight.decoding[slot] == 0) is late  # not heard of yet
+        router.on_finished(req, Usage(256, 8), 0.5)
+        assert director.dl.inflight.requests[slot] == 0
+        assert req.state == {}

@@ -118,17 +118,18 @@ def _fleet(args: argparse.Namespace) -> FleetSpec:
 def replay(
     reqs: list[TraceRequest], fleet: FleetSpec, policy: str, *, seed: int = 0, scrape_interval: float = 0.05,
     picker_config: dict[str, Any] | None = None, blocks: BlockTokens | None = None, progress: bool = False,
-    predicted: dict[str, tuple[float, float]] | None = None,
+    predicted: dict[str, tuple[float, float]] | None = None, access_log: bool = False,
 ) -> tuple[SimResult, float]:
     """One replay of ``reqs`` on a fresh fleet; returns the result and its wall time. ``progress``: report
     on stderr while it runs (see ``ReplayProgress``). ``predicted``, when given, receives the picker's
-    predicted (TTFT, TPOT) per request id."""
+    predicted (TTFT, TPOT) per request id. ``access_log``: the picker hears of first tokens only at each
+    request's end, as behind Envoy in access-log mode."""
     start = time.perf_counter()
     routers: list[Router] = []
 
     def build(eps: Any, clock: Any) -> Router:
         routers.append(make_router(policy, eps, clock, seed=seed, config=picker_config,
-                                   scrape_interval=scrape_interval))
+                                   scrape_interval=scrape_interval, access_log=access_log))
         return routers[-1]
 
     sim = ClusterSim(fleet, build, scrape_interval=scrape_interval, seed=seed,

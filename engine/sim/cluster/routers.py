@@ -237,10 +237,16 @@ class SchedulerRouter(BaseRouter):
     only when a plugin reads KV events, ``director.uses_kv_events``, so pods skip building them otherwise).
     """
 
-    def __init__(self, director: Director, name: str, clock: ManualClock) -> None:
+    def __init__(self, director: Director, name: str, clock: ManualClock, access_log: bool = False) -> None:
         self.director = director
         self.name = name
         self.clock = clock
+        # ``access_log``: as behind Envoy in extproc's access-log mode, the director hears of a first token only
+        # when the request ends (its first token then, with the real time), and meanwhile tracks the prefill by
+        # prediction and KV events (pickers/kvblocks/prefill_watch.py)
+        self.access_log = access_log
+        if access_log:
+            director.predicted_first_token = True
         self._metrics = director.dl.metrics
         self._kv_index = director.dl.kv_index
         self.wants_metrics = director.uses_metrics
@@ -263,6 +269,9 @@ class SchedulerRouter(BaseRouter):
         return decision.endpoints[0], decision.prefill
 
     def on_first_token(self, req: ClusterRequest, at: float) -> None:
+        if self.access_log:
+            req.state["first_token_at"] = at  # reported with the end, as Envoy's access log does
+            return
         d = req.state.get("decision")
         if d is not None:
             self.director.on_first_token(d, at)
@@ -270,6 +279,9 @@ class SchedulerRouter(BaseRouter):
     def on_finished(self, req: ClusterRequest, usage: Usage, at: float) -> None:
         d = req.state.pop("decision", None)
         if d is not None:
+            first = req.state.pop("first_token_at", None)
+            if first is not None:
+                self.director.on_first_token(d, first)
             self.director.on_finished(d, usage, at)
 
     def on_failed(self, req: ClusterRequest, reason: str, at: float) -> None:
@@ -310,12 +322,14 @@ BUILTIN = ("round-robin", "envoy:round_robin", "sglang:cache_aware", "vllm:cache
 
 
 def make_router(name: str, endpoints: list[Endpoint], clock: ManualClock, seed: int = 0,
-                config: dict[str, Any] | None = None, scrape_interval: float = 0.05) -> Router:
+                config: dict[str, Any] | None = None, scrape_interval: float = 0.05,
+                access_log: bool = False) -> Router:
     """A router by policy name: ``round-robin`` (built in; alias ``envoy:round_robin``), a peer emulation
     (``sglang:cache_aware``, ``vllm:cache_aware``, ``vllm:kv_aware``: engine/sim/cluster/peers.py), or a picker
     profile (``default``, ``least-inflight`` (alias ``least-loaded``), ``load-only``, ``approximate``,
     ``precise``, ... or ``picker:NAME`` to force the picker's own profile of a built-in's name) built by
-    ``pickers.config.build_scheduler`` in virtual time."""
+    ``pickers.config.build_scheduler`` in virtual time; ``access_log``: the picker hears of first tokens only
+    at each request's end (``SchedulerRouter``), as behind Envoy in access-log mode."""
     if name in ("round-robin", "envoy:round_robin"):
         rr = RoundRobinRouter(endpoints)
         rr.name = name
@@ -343,7 +357,7 @@ def make_router(name: str, endpoints: list[Endpoint], clock: ManualClock, seed: 
         raise ValueError(f"policy {name!r}: {exc}") from None
     finally:
         random.setstate(saved)
-    return SchedulerRouter(director, name, clock)
+    return SchedulerRouter(director, name, clock, access_log)
 
 
 __all__ = [
