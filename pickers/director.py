@@ -97,6 +97,9 @@ class Director:
         # time emulation does not show (there it matches live first tokens on shared-prefix, where the real
         # runs did not clearly gain); README "The default profile".
         self.prefill_end_from_kv_events = prefill_end_from_kv_events
+        ends = stats.prefill_ends  # the counter's children once, not a label lookup per request
+        self._ended_by_event, self._ended_by_prediction, self._ended_without_event = (
+            ends.labels("kv_event"), ends.labels("prediction"), ends.labels("no_event"))
         # Fill Decision.explanation (the scores per endpoint, the prediction, the targets). A server without
         # debug headers turns it off: nothing else reads it there, and it is ~10 % of a default decision.
         self.explain = True
@@ -205,7 +208,7 @@ class Director:
             for key, at in dl.kv_index.prefill_watch.take():  # prefills ended, per their pods' KV events
                 dl.inflight.first_token(key, at)
                 dl.kv_index.clear_pending(key)  # as at a first token: the pods' events tell the rest
-                self.stats.prefill_ends.labels("kv_event").inc()
+                self._ended_by_event.inc()
         dl.inflight.settle(now)
         ctx = CycleContext(state, dl, now)
         if self.needs_tokens:  # before anything reads the prompt's length: one count for the whole cycle
@@ -341,7 +344,7 @@ class Director:
             # the queued prefill early and piled prompts on the pod: pickers/kvblocks/prefill_watch.py)
             due = ctx.now + WATCHED_PREFILL_BOUND * exp.ttft_s
         elif due is not None:
-            self.stats.prefill_ends.labels("prediction").inc()
+            self._ended_by_prediction.inc()
         dl.inflight.add(state.key, slot, pslot, uncached, decode, ctx.now, due)
         if state.block_hashes:
             dl.learn(state.block_hashes, targets)
@@ -464,7 +467,7 @@ class Director:
 
     def _unwatch(self, state: RequestState) -> None:
         if self.dl.kv_index.prefill_watch.unwatch(state.key):  # watched, and its pod's event never came
-            self.stats.prefill_ends.labels("no_event").inc()
+            self._ended_without_event.inc()
 
     def _serving_slot(self, state: RequestState) -> int | None:
         serving = state.serving

@@ -249,26 +249,40 @@ def test_tpot_scorer_prefers_the_pod_whose_batch_runs_fastest_and_is_level_when_
     assert sc.score(ctx_for(s, clock, request("r2", list(range(64)))), c).tolist() == [1.0, 1.0, 1.0]
 
 
+def _new_conversation_goes_to(profile: dict, cached: int, busy: dict[str, tuple[int, float]], own: bool) -> str:
+    """Where ``profile`` starts a 2048-token conversation whose first ``cached`` tokens (a system prompt) A and
+    B hold, each running ``busy[pod][0]`` decodes at KV usage ``busy[pod][1]`` (its metrics; ``own``: the
+    picker's own requests too), C idle."""
+    from engine.kvcache.hashing import hash_blocks
+
+    s, clock = scheduler({"profile": "p", "profiles": {"p": profile}})
+    toks = list(range(2048))
+    for pod in (0, 1):
+        s.dl.approx.add(pod, hash_blocks(toks[:cached], 16))
+    if own:
+        for addr, (n, _) in busy.items():
+            _in_flight(s, clock, addr, n, decoding=True)
+    feed(s, **{addr: (0, n, kv) for addr, (n, kv) in busy.items()}, **{C: (0, 0, 0.0)})
+    return s.decide(request("r", toks)).endpoints[0]
+
+
+def _default_without(scorer: str) -> dict:
+    from pickers.profiles import BUILTIN_PROFILES
+
+    default = BUILTIN_PROFILES["default"]
+    return {**default, "scorers": [x for x in default["scorers"] if x.get("type") != scorer]}
+
+
 def test_default_profile_starts_a_new_conversation_on_an_idle_pod_not_on_a_busy_warm_one():
     """Below the knee a new conversation whose system prompt (a quarter of it) is cached on two pods running
     64 decodes each, and an idle cold third pod: the warm pods' TTFT is a little lower, but the request's decode
     and every other one there run slower; the default profile starts it on the idle pod (without its TPOT
     term it took a warm one, which is how 2 of 4 pods came to take a whole multi-turn workload)."""
-    from engine.kvcache.hashing import hash_blocks
     from pickers.profiles import BUILTIN_PROFILES
 
-    def first_choice(profile: dict) -> str:
-        s, _ = scheduler({"profile": "p", "profiles": {"p": profile}})
-        toks = list(range(2048))
-        for pod in (0, 1):
-            s.dl.approx.add(pod, hash_blocks(toks[:512], 16))
-        feed(s, **{A: (0, 64, 0.3), B: (0, 64, 0.3), C: (0, 0, 0.0)})
-        return s.decide(request("r", toks)).endpoints[0]
-
-    default = BUILTIN_PROFILES["default"]
-    assert first_choice(default) == C
-    without = {**default, "scorers": [x for x in default["scorers"] if x.get("type") != "tpot"]}
-    assert first_choice(without) in (A, B)
+    busy = {A: (64, 0.3), B: (64, 0.3)}
+    assert _new_conversation_goes_to(BUILTIN_PROFILES["default"], 512, busy, own=False) == C
+    assert _new_conversation_goes_to(_default_without("tpot"), 512, busy, own=False) in (A, B)
 
 
 def _in_flight(s, clock, addr: str, n: int, *, decoding: bool) -> None:
@@ -302,20 +316,8 @@ def test_default_profile_warms_an_idle_pod_rather_than_leave_it_idle():
     24 decodes and not on an idle third pod: the warm pods' TTFT is lower, and without the spread term the
     profile sent every new conversation to them, so the third pod never held the prompt and stayed idle (multi-
     turn at 0.5x the knee, README "The default profile"). With it the idle pod takes the conversation."""
-    from engine.kvcache.hashing import hash_blocks
     from pickers.profiles import BUILTIN_PROFILES
 
-    def first_choice(profile: dict) -> str:
-        s, clock = scheduler({"profile": "p", "profiles": {"p": profile}})
-        toks = list(range(2048))
-        for pod in (0, 1):
-            s.dl.approx.add(pod, hash_blocks(toks[:1024], 16))
-        _in_flight(s, clock, A, 20, decoding=True)
-        _in_flight(s, clock, B, 24, decoding=True)
-        feed(s, **{A: (0, 20, 0.2), B: (0, 24, 0.25), C: (0, 0, 0.0)})
-        return s.decide(request("r", toks)).endpoints[0]
-
-    default = BUILTIN_PROFILES["default"]
-    assert first_choice(default) == C
-    without = {**default, "scorers": [x for x in default["scorers"] if x.get("type") != "spread"]}
-    assert first_choice(without) in (A, B)
+    busy = {A: (20, 0.2), B: (24, 0.25)}
+    assert _new_conversation_goes_to(BUILTIN_PROFILES["default"], 1024, busy, own=True) == C
+    assert _new_conversation_goes_to(_default_without("spread"), 1024, busy, own=True) in (A, B)
