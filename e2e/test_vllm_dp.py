@@ -113,12 +113,12 @@ def _check(answers: dict) -> None:
 
 
 def test_real_vllm_and_the_simulator_agree_on_data_parallel_ranks(tiny_model_dir: Path):
-    kv_port = free_port_pair()
-    srv = VllmServer(tiny_model_dir, model_name="tiny", kv_events_port=kv_port, start_timeout=900,
-                     extra_args=["--data-parallel-size", "2"])
+    # the server picks its ports (KV events on a free pair: rank r publishes on port + r) and relaunches on
+    # fresh ones if vLLM's own start-up took one of them first
+    srv = VllmServer(tiny_model_dir, model_name="tiny", start_timeout=900, extra_args=["--data-parallel-size", "2"])
     try:  # stopped whatever happens, a timeout during start-up included
         srv.start()
-        real = _probe(srv.base_url, "tiny", kv_port, srv.metrics_text)
+        real = _probe(srv.base_url, "tiny", srv.kv_events_port, srv.metrics_text)
     finally:
         srv.stop()
     _check(real)

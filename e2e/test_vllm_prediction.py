@@ -13,6 +13,7 @@ from __future__ import annotations
 import http.client
 import json
 import urllib.parse
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -49,21 +50,36 @@ def _stream_first_chunk(base_url: str, body: dict, clock: MonotonicClock) -> tup
         conn.close()
 
 
-def test_online_correction_cuts_the_ttft_error_against_real_vllm_within_50_requests(vllm_pair):
+SPEED_SHIFT = 1.5  # the pod's speed (median observed / raw TTFT) moved this much between the first 30 and last 20
+
+
+@dataclass(slots=True)
+class _Run:
+    late: float  # the corrected prediction's MAPE over the last 20 of 50 requests
+    raw_late: float  # the raw cost model's over the same requests
+    speed_shift: float  # median observed / raw over the last 20 over that of the first 30 (1: a steady pod)
+
+    def passed(self) -> bool:
+        # within 25 % (issue 10's goal), or at least 40 % less error than the cost model alone
+        return self.late < max(0.25, 0.6 * self.raw_late)
+
+
+def _run(vllm_pair, seed: int) -> _Run:
+    """50 requests through a fresh picker; each one's prediction against its measured TTFT."""
     pod = vllm_pair.a
     clock = MonotonicClock()
     sched = build_scheduler({"profile": "least-inflight", "admission": ["none"]},
                             [Endpoint(pod.address, model_profile="llama-3.1-8b", accelerator="H100")],
                             clock, network=False)
-    rng = np.random.default_rng(7)
-    errors, raw_errors = [], []
+    rng = np.random.default_rng(seed)
+    errors, raw_errors, ratios = [], [], []
     for i in range(50):
         vllm_pair.clear_shared_storage()
         n = int(rng.integers(64, 1500))
         ids = [int(x) for x in rng.integers(10, 500, n)]
-        ids[0] = 600 + i  # a fresh first token: no prefix cache hit on the pod
-        req = InferenceRequest(request_id=f"c{i}", model=vllm_pair.model_name, prompt_token_ids=ids, max_tokens=4,
-                               stream=True)
+        ids[0] = 600 + 50 * seed + i  # a fresh first token: no prefix cache hit on the pod
+        req = InferenceRequest(request_id=f"c{seed}-{i}", model=vllm_pair.model_name, prompt_token_ids=ids,
+                               max_tokens=4, stream=True)
         d = sched.decide(req)
         exp = d.state.expected
         first, end, tokens = _stream_first_chunk(pod.base_url, {
@@ -73,17 +89,29 @@ def test_online_correction_cuts_the_ttft_error_against_real_vllm_within_50_reque
         print(f"{i} n={n} obs={observed * 1e3:.1f} raw={exp.ttft_raw_s * 1e3:.1f} pred={exp.ttft_s * 1e3:.1f}")
         errors.append(abs(exp.ttft_s - observed) / observed)
         raw_errors.append(abs(exp.ttft_raw_s - observed) / observed)
+        ratios.append(observed / exp.ttft_raw_s)
         sched.on_first_token(d, first)
         sched.on_finished(d, Usage(n, tokens), end)
     for j in range(0, 50, 5):
         print(j, [round(e, 2) for e in errors[j:j + 5]])
-    late = float(np.mean(errors[-20:]))
-    raw_late = float(np.mean(raw_errors[-20:]))
-    print(f"TTFT MAPE: raw cost model {np.mean(raw_errors):.1%} (last 20: {raw_late:.1%}), corrected (last 20 of "
-          f"50) {late:.1%}, first 4 {np.mean(errors[:4]):.1%}")
+    run = _Run(late=float(np.mean(errors[-20:])), raw_late=float(np.mean(raw_errors[-20:])),
+               speed_shift=float(np.median(ratios[-20:]) / np.median(ratios[:30])))
+    print(f"TTFT MAPE: raw cost model {np.mean(raw_errors):.1%} (last 20: {run.raw_late:.1%}), corrected (last 20 "
+          f"of 50) {run.late:.1%}, first 4 {np.mean(errors[:4]):.1%}; the pod's speed over the run x "
+          f"{run.speed_shift:.2f}")
     print("correction:", sched.dl.predictor.correction.coefficients(("llama-3.1-8b", "H100", "both")))
-    # within 25 % (issue 10's goal), or at least 40 % less error than the cost model alone. Measured: 11.9 % vs raw
-    # 29.7 % on a quiet machine (CI run, load ~1), 33 % vs 82-90 % with six other jobs running; with the robust
-    # fit (pickers/correction.py) 5.1 % and 7.7 % vs raw 87-90 % (two runs, load 0-3.4). Fast outliers (a
-    # stall that emptied the queue) used to drag main's least-squares fit: 37.7 % vs the bound 32 % once.
-    assert late < max(0.25, 0.6 * raw_late)
+    return run
+
+
+def test_online_correction_cuts_the_ttft_error_against_real_vllm_within_50_requests(vllm_pair):
+    # Measured: 11.9 % vs raw 29.7 % on a quiet machine (CI run, load ~1), 33 % vs 82-90 % with six other jobs
+    # running; with the robust fit (pickers/correction.py) 5.1 % and 7.7 % vs raw 87-90 % (two runs, load 0-3.4).
+    # Fast outliers (a stall that emptied the queue) used to drag main's least-squares fit: 37.7 % vs the bound
+    # 32 % once. A run in which the shared CPU pod itself changed speed (2x faster from request 30 of 50 once,
+    # when another job ended: corrected 100 % vs raw 144 %) measures the window's lag, not the correction, so it is
+    # repeated once with a fresh picker; a correction that does not learn fails both.
+    run = _run(vllm_pair, seed=7)
+    if not run.passed() and not 1 / SPEED_SHIFT < run.speed_shift < SPEED_SHIFT:
+        print(f"the pod's speed moved x {run.speed_shift:.2f} during the run: measuring again")
+        run = _run(vllm_pair, seed=8)
+    assert run.passed(), run

@@ -2,7 +2,10 @@
 
 vLLM spawns an engine-core process (and a worker under it), so the server runs in its own session and is
 stopped by signalling the whole process group: nothing is left behind when a test ends or fails.
-Ports are free ports picked at run time; several people run tests on this machine at once.
+Ports are free ports picked at run time; several people run tests on this machine at once, and vLLM itself
+picks free ports for its engine cores' sockets while it starts, so a port free when it was picked can be taken
+before vLLM binds it ("Address already in use"). A server whose ports it picked itself relaunches on fresh ones
+when that is why start-up failed (``PORT_CLASH_RELAUNCHES`` times at most); any other start-up failure raises.
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -19,17 +21,14 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from e2e.support.ports import free_port, free_port_pair
+
 from .env import vllm_python
 
 # Startup on 2 shared cores: 60-90 s for one server, more for two at once.
 DEFAULT_START_TIMEOUT = 240.0
-
-
-def free_port() -> int:
-    """A TCP port free right now on 127.0.0.1 (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+PORT_CLASH_RELAUNCHES = 2
+PORT_CLASH = "Address already in use"
 
 
 @dataclass
@@ -59,14 +58,17 @@ class VllmServer:
     extra_args: list[str] = field(default_factory=list)
     start_timeout: float = DEFAULT_START_TIMEOUT
     log_path: Path | None = None
-    port: int = 0
+    port: int = 0  # 0: a free port picked at launch
+    # 0: picked at launch, with the next port free too (data-parallel rank r publishes on this port + r)
     kv_events_port: int = 0
     startup_seconds: float | None = None
+    port_clash_relaunches: int = 0  # how often start-up hit a taken port and relaunched on fresh ones
 
     def __post_init__(self) -> None:
         self.model_dir = Path(self.model_dir)
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file = None
+        self._picks_ports = self.port == 0 and self.kv_events_port == 0
 
     # -- addresses ---------------------------------------------------------------------------------------
     @property
@@ -141,7 +143,7 @@ class VllmServer:
             raise RuntimeError("already started")
         self.port = self.port or free_port()
         if self.kv_events:
-            self.kv_events_port = self.kv_events_port or free_port()
+            self.kv_events_port = self.kv_events_port or free_port_pair()
         if self.log_path is None:
             fd, name = tempfile.mkstemp(prefix=f"vllm-{self.model_name}-{self.port}-", suffix=".log")
             os.close(fd)
@@ -160,6 +162,9 @@ class VllmServer:
         while True:
             if self._proc.poll() is not None:
                 self.stop()
+                if self._relaunch_after_port_clash():
+                    deadline = self._t0 + self.start_timeout
+                    continue
                 raise RuntimeError(f"vLLM exited with {self._proc.returncode} during start-up\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(self.base_url + "/health", timeout=2) as r:
@@ -174,6 +179,19 @@ class VllmServer:
                 )
             time.sleep(0.5)
         self.startup_seconds = time.monotonic() - self._t0
+
+    def _relaunch_after_port_clash(self) -> bool:
+        """Relaunch on fresh ports if the last start-up died on a taken port we picked; False: it did not."""
+        if not self._picks_ports or self.port_clash_relaunches >= PORT_CLASH_RELAUNCHES:
+            return False
+        assert self.log_path is not None
+        if PORT_CLASH not in self.log_path.read_text(errors="replace"):
+            return False
+        self.port_clash_relaunches += 1
+        self._proc = None
+        self.port = self.kv_events_port = 0
+        self.launch()  # the same log file, rewritten
+        return True
 
     def start(self) -> VllmServer:
         self.launch()
