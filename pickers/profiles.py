@@ -33,6 +33,11 @@ BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
             # knee a pod that holds no shared prefix no longer stays idle (multi-turn at 0.5x the knee, 5 seeds:
             # TTFT p90 139 -> 131 ms, TPOT 41 -> 35 ms; at 1x 159 -> 152 ms); level past the knee
             {"type": "spread", "weight": 2.0},
+            # a second copy of a hot group prefix on a quiet pod with nothing queued, while one pod holds it
+            # (pickers/plugins/score_replicate.py): the group's bursts then have two warm pods to choose from
+            # (shared-prefix, 5 seeds: TTFT p90 123 -> 97 ms at 0.5x the knee, 184 -> 169 ms at 1x); level past
+            # the knee. Weight 5: the warm pod's lead from the ttft and prefix terms (3 + 2)
+            {"type": "replicate", "weight": 5.0},
             {"type": "prefix", "mode": "auto", "gate_ttft_ratio": 2.0, "weight": 2.0},
             # KV use counting the prompt tokens queued for the pod (level past the knee; with plain usage the
             # Mooncake curve at 3x fell below round robin's req/s: pickers/plugins/score_kv_usage.py)

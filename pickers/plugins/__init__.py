@@ -17,6 +17,7 @@ from pickers.plugins import (  # noqa: F401
     score_prefix,
     score_queue,
     score_rank_balance,
+    score_replicate,
     score_running,
     score_session,
     score_slo,

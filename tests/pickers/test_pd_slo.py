@@ -265,7 +265,7 @@ def test_a_request_with_slack_prefers_the_slower_kind_that_meets_it():
         row = d.explanation[a]
         assert row["total"] == pytest.approx(
             3 * row["ttft"] + 2 * row["tpot"] + 2 * row["spread"] + 2 * row["prefix"] + row["kv-usage"]
-            + 2 * row["slo-fit"] + 5 * row["rank-balance"],
+            + 2 * row["slo-fit"] + 5 * row["rank-balance"] + 5 * row["replicate"],
             abs=1e-3)
     # a target only the H100s meet: an H100
     h = CostModel("llama-3.1-8b", "H100").time_to_first_token(4096)

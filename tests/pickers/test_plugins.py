@@ -321,3 +321,80 @@ def test_default_profile_warms_an_idle_pod_rather_than_leave_it_idle():
     busy = {A: (20, 0.2), B: (24, 0.25)}
     assert _new_conversation_goes_to(BUILTIN_PROFILES["default"], 1024, busy, own=True) == C
     assert _new_conversation_goes_to(_default_without("spread"), 1024, busy, own=True) in (A, B)
+
+
+def _group_request(rid: str, question: int) -> object:
+    """A 4,608-token prompt: the group's 4,096-token shared prefix, then a question of its own."""
+    return request(rid, list(range(4096)) + [100_000 + 512 * question + i for i in range(512)])
+
+
+def _group_held_by(s, *pods: str) -> None:
+    from engine.kvcache.hashing import hash_blocks
+
+    for addr in pods:
+        s.dl.approx.add(s.dl.endpoints.slot(addr), hash_blocks(list(range(4096)), 16))
+
+
+def test_replicate_scorer_copies_a_hot_group_held_by_one_busy_pod_to_a_quiet_one():
+    s, clock = scheduler()
+    sc = plugin(s, "scorer", "replicate")
+    c = cands(s)
+    _group_held_by(s, A)
+    _in_flight(s, clock, A, 5, decoding=True)
+    _in_flight(s, clock, B, 1, decoding=True)  # 5 >= 1 + 3: quiet enough
+    _in_flight(s, clock, C, 3, decoding=True)  # 5 < 3 + 3: not
+    # the first two requests of the group make it hot (2 seen); until then the term is level
+    assert sc.score(ctx_for(s, clock, _group_request("g0", 0)), c).tolist() == [1.0, 1.0, 1.0]
+    assert sc.score(ctx_for(s, clock, _group_request("g1", 1)), c).tolist() == [1.0, 1.0, 1.0]
+    assert sc.score(ctx_for(s, clock, _group_request("g2", 2)), c).tolist() == [0.0, 1.0, 0.0]
+    # with a prompt queued on B (its Q > 0) no pod has room for the copy: level
+    _in_flight(s, clock, B, 1, decoding=False)
+    assert sc.score(ctx_for(s, clock, _group_request("g3", 3)), c).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_replicate_scorer_leaves_a_conversation_and_a_prefix_with_two_copies_alone():
+    s, clock = scheduler()
+    sc = plugin(s, "scorer", "replicate")
+    c = cands(s)
+    from engine.kvcache.hashing import hash_blocks
+
+    _in_flight(s, clock, A, 8, decoding=True)
+    # a conversation: each turn's history (held by A) ends at a new block, so no prefix end is ever seen twice
+    history = list(range(2048))
+    for turn in range(6):
+        s.dl.approx.add(s.dl.endpoints.slot(A), hash_blocks(history, 16))
+        ctx = ctx_for(s, clock, request(f"t{turn}", history + [200_000 + 64 * turn + i for i in range(64)]))
+        assert sc.score(ctx, c).tolist() == [1.0, 1.0, 1.0]
+        history = history + [300_000 + 384 * turn + i for i in range(384)]
+    # a hot group held by two pods already has its copy
+    _group_held_by(s, A, B)
+    for i in range(4):
+        assert sc.score(ctx_for(s, clock, _group_request(f"g{i}", i)), c).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_replicate_scorer_remembers_a_bounded_number_of_prefix_ends():
+    s, _ = scheduler()
+    sc = plugin(s, "scorer", {"type": "replicate", "recent": 4})
+    assert [sc.heat(k) for k in (1, 1, 2, 3, 4, 1, 5, 6, 7)] == [0, 1, 0, 0, 0, 1, 0, 0, 0]
+    assert len(sc._ring) == 4 and sum(sc._count.values()) == 4 and set(sc._count) == {1, 5, 6, 7}
+
+
+def test_default_profile_gives_a_hot_group_a_second_warm_pod_while_the_fleet_has_room():
+    """Below the knee a group whose 4K-token prefix one pod holds stays there: its TTFT is lowest there for
+    every request, and the group's bursts queue on that pod while the others idle. The default profile puts
+    the third request of the group in a row on the quietest pod (one cold prefill there, then two warm pods to
+    choose from); without the replicate term it stays on the holder."""
+    from pickers.profiles import BUILTIN_PROFILES
+
+    def third_request_goes_to(profile: dict) -> str:
+        s, clock = scheduler({"profile": "p", "profiles": {"p": profile}})
+        _group_held_by(s, A)
+        _in_flight(s, clock, A, 6, decoding=True)
+        _in_flight(s, clock, B, 2, decoding=True)
+        feed(s, **{A: (0, 6, 0.1), B: (0, 2, 0.1), C: (0, 0, 0.0)})
+        for i in range(2):
+            s.decide(_group_request(f"g{i}", i))
+        return s.decide(_group_request("g2", 2)).endpoints[0]
+
+    assert third_request_goes_to(BUILTIN_PROFILES["default"]) == C
+    assert third_request_goes_to(_default_without("replicate")) == A

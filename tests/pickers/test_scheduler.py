@@ -17,7 +17,7 @@ def test_decision_has_explanation_fallbacks_and_tracks_load():
     assert len(d.endpoints) == 3 and len(set(d.endpoints)) == 3
     assert d.primary in d.explanation
     assert set(d.explanation[d.primary]) == {"ttft", "tpot", "spread", "prefix", "kv-usage", "slo-fit",
-                                             "rank-balance", "total"}
+                                             "rank-balance", "replicate", "total"}
     assert len([a for a in d.explanation if not a.startswith("_")]) == 5  # explain_top (plus "_slo")
     dl = s.dl
     slot = dl.endpoints.slot(d.primary)
