@@ -162,8 +162,25 @@ def knee(workload: str, requests: int, fleet: CurveFleet = CurveFleet()) -> floa
 
 
 
-def _run_star(args: tuple) -> dict[str, Any]:
-    return run_point(*args[:5], variants=args[5], access_log=args[6])
+@dataclass(frozen=True, slots=True)
+class PlannedRun:
+    """One replay of a curve: what ``run_point`` gets, picklable for the process pool."""
+
+    workload: str
+    router: str
+    seed: int
+    rate: float  # offered requests/s (the load x the knee)
+    requests: int
+    variants: dict[str, dict[str, Any]]
+    access_log: bool
+
+    def run(self) -> dict[str, Any]:
+        return run_point(self.workload, self.router, self.seed, self.rate, self.requests,
+                         variants=self.variants, access_log=self.access_log)
+
+
+def _run_planned(run: PlannedRun) -> dict[str, Any]:
+    return run.run()
 
 
 def run_curves(workloads: list[str], routers: list[str], loads: list[float], seeds: list[int], requests: int,
@@ -185,15 +202,15 @@ def run_curves(workloads: list[str], routers: list[str], loads: list[float], see
         k = knee(w, requests, fleet)
         doc["knees"][w] = k
         log(f"{w}: knee {k:.2f} req/s (round robin at {PROBE_SPEEDUP:g}x the base rate)")
-        plan = [(w, r, s, load * k, requests, VARIANTS, access_log) for load in loads for s in seeds
+        plan = [PlannedRun(w, r, s, load * k, requests, VARIANTS, access_log) for load in loads for s in seeds
                 for r in routers]
         done = 0
         t0 = time.monotonic()
         pool = ProcessPoolExecutor(jobs) if jobs > 1 else None
         try:
-            results = pool.map(_run_star, plan) if pool else map(_run_star, plan)
-            for args, s in zip(plan, results):
-                s["load"] = args[3] / k
+            results = pool.map(_run_planned, plan) if pool else map(_run_planned, plan)
+            for planned, s in zip(plan, results):
+                s["load"] = planned.rate / k
                 doc["runs"].append(json_safe(s))
                 done += 1
                 if done % max(1, len(routers)) == 0 or done == len(plan):
