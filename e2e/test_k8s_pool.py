@@ -88,7 +88,8 @@ async def serve_pool(kubeconfig: Path, workdir: Path, grpc_port: int, metrics_po
     proc = subprocess.Popen(
         [sys.executable, "-m", "extproc.cli", "serve", "--config", str(cfg), "--pool", "llm-pool",
          "--namespace", "default", "--kubeconfig", str(kubeconfig), "--host", "127.0.0.1",
-         "--port", str(grpc_port), "--metrics-port", str(metrics_port)],
+         "--port", str(grpc_port), "--metrics-port", str(metrics_port),
+         "--decide-port", "-1"],  # port + 1 (the default) may be taken
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
         yield proc

@@ -258,7 +258,7 @@ async def run(args: argparse.Namespace) -> None:
         metrics_url = f"http://127.0.0.1:{mport}/metrics"
         picker = subprocess.Popen(
             [sys.executable, "-m", "extproc.cli", "serve", "--host", "127.0.0.1", "--port", str(gport),
-             "--metrics-port", str(mport), "--response-body", args.response_body,
+             "--metrics-port", str(mport), "--decide-port", "-1", "--response-body", args.response_body,
              *[a for p in pods for a in ("--endpoint", p)]],
             cwd=picker_repo, env=env_picker, stdout=open(tmp / "picker.log", "wb"), stderr=subprocess.STDOUT)
         procs.append(picker)

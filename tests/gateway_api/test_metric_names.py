@@ -102,7 +102,8 @@ async def test_every_alert_and_dashboard_metric_is_exported(tmp_path: Path):
         proc = subprocess.Popen(
             [sys.executable, "-m", "extproc.cli", "serve", "--pool", "llm-pool", "--namespace", "default",
              "--kubeconfig", str(api.kubeconfig(tmp_path / "kubeconfig")), "--host", "127.0.0.1",
-             "--port", str(free_port()), "--metrics-port", str(metrics_port)],
+             "--port", str(free_port()), "--metrics-port", str(metrics_port),
+             "--decide-port", "-1"],  # port + 1 (the default) may be taken
             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             picker_text = ""
