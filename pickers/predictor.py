@@ -158,7 +158,7 @@ class Predictor:
             full, steps, empty = full * s.time_scale, steps * s.time_scale, empty * s.time_scale
         seg = full + steps[:3 * k]
         drain_step = steps[3 * k:4 * k]  # decode_step(b, held): the running batch's own step
-        w = seg[:k] + kv_wait_from_step(dl, slots, fresh, q, u, cap, held, b, drain_step)
+        w = seg[:k] + kv_wait_from_step(dl, slots, fresh, q, u, cap, held, drain_step)
         if s.step_in_progress:  # a busy pod starts this prompt at the end of the step it is in (see module doc)
             w = w + np.where(fresh & (r > 0.0), STEP_RESIDUAL * drain_step, 0.0)
         if drain is not None:

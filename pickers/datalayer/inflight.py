@@ -2,8 +2,9 @@
 
 Per pod slot: requests routed and not finished, those still before their first token (queued or in
 prefill), their uncached prompt tokens (prefill work ahead of a new request), the decode tokens they may
-still produce, and those past their first token (decoding) with the sum of their first-token times (how long
-the pod's running decodes have been at it: pickers/slotwait.py). Fed by the scheduler's hooks; records
+still produce, the KV they hold times the steps they hold it for (the KV drain: pickers/kvwait.py), and
+those past their first token (decoding) with the sum of their first-token times (how long the pod's running
+decodes have been at it: pickers/slotwait.py). Fed by the scheduler's hooks; records
 expire after ``ttl_s`` so a lost "finished" report cannot leak load forever, and at most ``max_records`` are
 kept.
 
@@ -36,6 +37,12 @@ class _Rec:
     started: bool = False
     started_at: float = 0.0  # the tracker's time when its first token was counted
 
+    @property
+    def kv_steps(self) -> float:
+        """The KV it holds while it decodes (its uncached prompt and, on average, half its output: a cached
+        prefix is held once for every request that shares it) times the steps it holds it for."""
+        return (self.uncached + self.decode / 2.0) * self.decode
+
 
 class InflightTracker:
     def __init__(self, max_endpoints: int = 1024, ttl_s: float = 600.0, max_records: int = 100_000) -> None:
@@ -44,6 +51,7 @@ class InflightTracker:
         self.prefill_requests = np.zeros(n)
         self.prefill_tokens = np.zeros(n)
         self.decode_tokens = np.zeros(n)
+        self.kv_steps = np.zeros(n)  # the sum of the requests' KV x steps (_Rec.kv_steps): pickers/kvwait.py
         self.decoding = np.zeros(n)  # requests past their first token (on the decode slot)
         self.decoding_since = np.zeros(n)  # the sum of their first-token times
         self._now = 0.0  # the latest time the tracker was told (stamps first tokens)
@@ -64,11 +72,12 @@ class InflightTracker:
         if rid in self._recs:
             self.finish(rid)
         p = slot if prefill_slot is None else prefill_slot
-        self._recs[rid] = _Rec(slot, p, float(uncached), float(decode), now)
+        r = self._recs[rid] = _Rec(slot, p, float(uncached), float(decode), now)
         if first_token_by is not None:
             heapq.heappush(self._due, (first_token_by, rid))
         self.requests[slot] += 1
         self.decode_tokens[slot] += decode
+        self.kv_steps[slot] += r.kv_steps
         self.prefill_requests[p] += 1
         self.prefill_tokens[p] += uncached
 
@@ -80,8 +89,10 @@ class InflightTracker:
         same = r.prefill_slot == r.slot
         self.requests[r.slot] -= 1
         self.decode_tokens[r.slot] -= r.decode
+        self._release_kv(r)
         self.requests[slot] += 1
         self.decode_tokens[slot] += r.decode
+        self.kv_steps[slot] += r.kv_steps
         if r.started:
             self._undecode(r)
             self.decoding[slot] += 1
@@ -108,6 +119,7 @@ class InflightTracker:
         self._undecode(r)
         self.requests[r.slot] -= 1
         self.decode_tokens[r.slot] -= r.decode
+        self._release_kv(r)
         return r
 
     @property
@@ -140,6 +152,11 @@ class InflightTracker:
             self.decoding[r.slot] += 1
             self.decoding_since[r.slot] += r.started_at
 
+    def _release_kv(self, r: _Rec) -> None:
+        """Take ``r``'s KV x steps off its slot (after its request count; exactly 0 once the last one leaves)."""
+        s = r.slot
+        self.kv_steps[s] = self.kv_steps[s] - r.kv_steps if self.requests[s] > 0 else 0.0
+
     def _undecode(self, r: _Rec) -> None:
         """Take a started ``r`` out of its slot's decoding counts (exactly 0 once the last one leaves)."""
         if r.started:
@@ -151,7 +168,7 @@ class InflightTracker:
         for rid in [k for k, r in self._recs.items() if r.slot == slot or r.prefill_slot == slot]:
             self.finish(rid)
         self.requests[slot] = self.prefill_requests[slot] = 0.0
-        self.prefill_tokens[slot] = self.decode_tokens[slot] = 0.0
+        self.prefill_tokens[slot] = self.decode_tokens[slot] = self.kv_steps[slot] = 0.0
         self.decoding[slot] = self.decoding_since[slot] = 0.0
 
     def _expire(self, now: float) -> None:

@@ -54,7 +54,7 @@ def _reference(s, slot: int, ep: Endpoint, p: float, hit: float, now: float, ctx
     # kvwait.py, one pod
     need = q + u - (cap - held)
     b = max(r, 1.0)
-    drain = float(inf.decode_tokens[slot]) / b * cm.decode_step_time(b, held)
+    drain = float(inf.kv_steps[slot]) / max(cap, 1.0) * cm.decode_step_time(b, held)
     kv_wait = min(need / max(held, 1.0), 1.0) * drain if fresh and need > 0 else 0.0
     # slotwait.py, one pod
     seqs = float(ep.max_num_seqs or preset_max_seqs(ep.model_profile, ep.accelerator, ep.role.value))

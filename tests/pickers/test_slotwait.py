@@ -154,3 +154,19 @@ def test_the_tracker_counts_decoding_requests_and_their_first_token_times():
     t.finish("d")  # unknown: nothing
     t.reset(2)
     assert not t.decoding.any() and not t.decoding_since.any()
+
+
+def test_the_tracker_sums_the_kv_steps_of_its_requests_exactly_back_to_zero():
+    t = InflightTracker(max_endpoints=3)
+    t.add("a", 0, None, 1000, 100, now=0.0)  # (1000 + 50) x 100
+    t.add("b", 0, 2, 333.3, 7, now=0.0)  # a prefill leg elsewhere: the KV is held where it decodes
+    assert t.kv_steps[0] == 105_000 + (333.3 + 3.5) * 7 and t.kv_steps[2] == 0.0
+    t.first_token("a")  # a first token changes nothing: the request holds its KV until it ends
+    t.move("b", 1)
+    assert t.kv_steps[0] == 105_000 and t.kv_steps[1] == (333.3 + 3.5) * 7
+    t.finish("a")
+    t.finish("b")
+    assert not t.kv_steps.any()  # exactly 0 once a slot is empty, whatever the rounding
+    t.add("c", 1, None, 10, 10, now=1.0)
+    t.reset(1)
+    assert not t.kv_steps.any()
