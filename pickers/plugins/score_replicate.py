@@ -19,8 +19,9 @@ once its holder is a few requests busier) had TTFT p90 97 and 101 ms on shared-p
 the default's 123 ms, at the same hit rate per request. A second copy costs one cold prefill on a pod with
 nothing queued and gives the group two warm pods, and the TTFT term then sends each request to the one with the
 shorter queue (the power of two choices). Virtual time, 4 L40S pods, 1,000 requests, 5 seeds
-(e2e/bench/results/2026-12-03-vcurve1000-replicate/): shared-prefix 0.5x p90 123 -> 97 ms, 1x 184 -> 169 ms,
-p99 within 5 % (the extra cold starts are in the top 2 %); no other curve moved beyond the seed noise.
+(e2e/bench/results/2026-12-03-vcurve1000-replicate/): shared-prefix 0.5x p90 123 -> 97 ms, 1x 184 -> 169 ms
+(lower in every seed), p99 +4 % and +8 % (16 more cold starts, in the top 2-3 %; within 1.1x of the best
+peer's); every multi-turn, no-sharing and Mooncake run identical.
 Tried and dropped (same curves): any number of copies while at most half the pods hold it (0.5x as good, at
 the knee 3 copies per group and one pod's p90 at 470 ms), no hotness test (multi-turn 0.5x p90 131 -> 162 ms:
 conversations were copied), a ratio (n_holder + 1) >= r (n_pod + 1) in place of the gap (0.5x p90 117-122 ms:
@@ -28,9 +29,8 @@ below the knee every pod runs ~11 requests, and the ratio seldom fires), a sprea
 kv_aware does (no change: the TTFT and prefix terms outvote it).
 
 Weight 5 in the default profile: the warm pod's lead from the TTFT (3) and prefix (2) terms is what a copy has
-to overcome, as for rank-balance. Past the knee some pod always has a queue ahead and the hot group's holder
-has no pod `gap` requests quieter with nothing queued, so the term is level (every curve past the knee
-unchanged run for run but for the tie-break noise).
+to overcome, as for rank-balance. Past the knee a pod with nothing queued is rare, so the term seldom acts
+(shared-prefix at 2x and 3x the knee moved -4 to +2 % per seed, inside the noise).
 
 Memory: a ring of ``recent`` block hashes and their counts (at most ``recent`` keys), per scorer instance.
 """
