@@ -179,10 +179,6 @@ class PlannedRun:
                          variants=self.variants, access_log=self.access_log)
 
 
-def _run_planned(run: PlannedRun) -> dict[str, Any]:
-    return run.run()
-
-
 def run_curves(workloads: list[str], routers: list[str], loads: list[float], seeds: list[int], requests: int,
                out: Path, jobs: int = 1, log: Callable[[str], None] = print, access_log: bool = False) -> Path:
     out.mkdir(parents=True, exist_ok=True)
@@ -208,7 +204,7 @@ def run_curves(workloads: list[str], routers: list[str], loads: list[float], see
         t0 = time.monotonic()
         pool = ProcessPoolExecutor(jobs) if jobs > 1 else None
         try:
-            results = pool.map(_run_planned, plan) if pool else map(_run_planned, plan)
+            results = pool.map(PlannedRun.run, plan) if pool else map(PlannedRun.run, plan)
             for planned, s in zip(plan, results):
                 s["load"] = planned.rate / k
                 doc["runs"].append(json_safe(s))

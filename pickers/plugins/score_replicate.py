@@ -1,8 +1,9 @@
 """A second copy of a hot prefix while the fleet has room: 1 on the pods that should take the copy, 0 on the
 rest; 1 on every pod (level) when none should.
 
-A pod *holds* the request's prompt when at least ``held`` (half) of it is cached there (the ``auto`` prefix
-hits: precise where the pod's KV events are healthy). The term acts only when all of these hold:
+A pod *holds* the request's prompt when at least ``held`` (half) of it is cached there (the prefix hits under
+``mode``, ``auto`` by default: precise where the pod's KV events are healthy). The term acts only when all of
+these hold:
 
 - fewer than ``copies`` (2) candidates hold the prompt;
 - the prefix is *hot*: of the last ``recent`` (256) requests held somewhere, at least ``hot`` (2) ended their
@@ -41,13 +42,14 @@ from collections import Counter, deque
 
 import numpy as np
 
-from pickers.framework import CycleContext, Param, Scorer, register
+from pickers.framework import CycleContext, Param, PrefixModeScorer, register
 
 
 @register
-class ReplicateScorer(Scorer):
+class ReplicateScorer(PrefixModeScorer):
     TYPE = "replicate"
     PARAMS = {
+        **PrefixModeScorer.PARAMS,
         "copies": Param(int, 2, min=2, doc="copy a hot prefix while fewer pods than this hold it"),
         "gap": Param(float, 3.0, min=1.0, doc="in-flight requests the least busy holder has over the copy's pod"),
         "held": Param(float, 0.5, min=0.01, max=1.0, doc="a pod holds the prompt from this cached share on"),
@@ -83,7 +85,7 @@ class ReplicateScorer(Scorer):
         p = ctx.prompt_tokens()
         if p <= 0 or cands.size < 2:
             return level
-        hits = ctx.hit_tokens("auto")[cands]
+        hits = ctx.hit_tokens(self.mode)[cands]
         holder = hits >= self.held * p
         k = int(np.count_nonzero(holder))
         if k == 0 or k >= self.copies:
@@ -95,5 +97,5 @@ class ReplicateScorer(Scorer):
         if depth < 1 or depth > hashes.size or self.heat(int(hashes[depth - 1])) < self.hot:
             return level
         n = self.dl.inflight.requests[cands].astype(np.float64)
-        room = ~holder & (ctx.prediction().queued[cands] == 0) & (n + self.gap <= n[holder].min())
+        room = ~holder & (ctx.prediction(self.mode).queued[cands] == 0) & (n + self.gap <= n[holder].min())
         return room.astype(np.float64) if room.any() else level
