@@ -81,8 +81,10 @@ class DataLayer:
         self.health = HealthTracker(ep.address, n, s.failure_threshold, on_health, s.request_failure_threshold,
                                     s.base_ejection_s, s.max_ejection_s, s.max_ejected_fraction,
                                     lambda: int(ep.active_slots().size))
-        self.inflight = InflightTracker(n, s.inflight_ttl_s)
+        self.inflight = InflightTracker(n, s.inflight_ttl_s, scrape_epoch=self.metrics.epoch)
         self.costs = CostTable(n)
+        # requests the director's flow control holds (pickers/flowcontrol.py): queued for the pool as a whole
+        self.held_requests = 0
         self.approx = BlockIndex(s.approx_max_blocks, ("GPU",), max_pods=64, per_pod_cap=None)
         self.approx_pod_cap = np.full(n, s.approx_pod_blocks, dtype=np.int64)
         self.kv_index = PreciseIndex(ep.slot, ep.address, s.precise_max_blocks, s.medium_weights, 64,
@@ -197,6 +199,16 @@ class DataLayer:
         """Requests waiting for prefill: the pod's own count when fresh, never below what we sent."""
         w = np.where(self.fresh(cands, now), self.metrics.waiting[cands], 0.0)
         return np.maximum(w, self.inflight.prefill_requests[cands])
+
+    def waiting_now(self, cands: np.ndarray, now: float) -> np.ndarray:
+        """Requests waiting in each candidate's queue now, as well as the picker knows: with fresh metrics, the
+        pod's last scraped count brought up to date with what this picker sent there and saw start since
+        (``InflightTracker.waiting_since_scrape``); without, the requests it sent that have not started, less
+        one that may be in its prefill."""
+        inf = self.inflight
+        est = inf.waiting_since_scrape(cands, self.metrics.waiting[cands])
+        blind = np.maximum(inf.prefill_requests[cands] - 1.0, 0.0)
+        return np.where(self.fresh(cands, now), est, blind)
 
     def running(self, cands: np.ndarray, now: float, fresh: np.ndarray | None = None) -> np.ndarray:
         """Running requests per candidate: the pod's count when its metrics are fresh, never below the requests

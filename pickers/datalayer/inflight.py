@@ -13,6 +13,10 @@ arrives while a request runs: ``add`` then takes the predicted first-token time 
 request out of the prefill counts when that time has passed (the real first token, reported at the end,
 corrects the predictor instead).
 
+Against the pod's own scraped queue, each slot also counts, since its last scrape (``MetricsStore.epoch``),
+the requests sent to it that have not started and the requests sent before that scrape that have started
+since: ``waiting_since_scrape`` turns the scraped waiting count into one as of now (pickers/flowcontrol.py).
+
 A first token is stamped with the latest time the tracker was told (``add``, ``settle``: every decision),
 not the moment it arrived, which the hook does not carry; it is late by at most the gap between two
 decisions, and nothing reads it in between. The sum of first-token times goes back to exactly 0 whenever a
@@ -36,6 +40,7 @@ class _Rec:
     at: float
     started: bool = False
     started_at: float = 0.0  # the tracker's time when its first token was counted
+    epoch: int = 0  # its prefill slot's scrape epoch when it was sent there
 
     @property
     def kv_steps(self) -> float:
@@ -45,7 +50,8 @@ class _Rec:
 
 
 class InflightTracker:
-    def __init__(self, max_endpoints: int = 1024, ttl_s: float = 600.0, max_records: int = 100_000) -> None:
+    def __init__(self, max_endpoints: int = 1024, ttl_s: float = 600.0, max_records: int = 100_000,
+                 scrape_epoch: np.ndarray | None = None) -> None:
         n = max_endpoints
         self.requests = np.zeros(n)
         self.prefill_requests = np.zeros(n)
@@ -54,6 +60,13 @@ class InflightTracker:
         self.kv_steps = np.zeros(n)  # the sum of the requests' KV x steps (_Rec.kv_steps): pickers/kvwait.py
         self.decoding = np.zeros(n)  # requests past their first token (on the decode slot)
         self.decoding_since = np.zeros(n)  # the sum of their first-token times
+        # per prefill slot, since its last scrape (``scrape_epoch``, MetricsStore.epoch; the counts belong to
+        # ``_counted_epoch`` and read as 0 once a newer scrape has come): requests sent there and not started,
+        # and requests sent before that scrape that started since
+        self.scrape_epoch = np.zeros(n, dtype=np.int64) if scrape_epoch is None else scrape_epoch
+        self._counted_epoch = np.full(n, -1, dtype=np.int64)
+        self._sent_since = np.zeros(n)
+        self._started_since = np.zeros(n)
         self._now = 0.0  # the latest time the tracker was told (stamps first tokens)
         self.ttl_s = ttl_s
         self.max_records = max_records
@@ -73,6 +86,7 @@ class InflightTracker:
             self.finish(rid)
         p = slot if prefill_slot is None else prefill_slot
         r = self._recs[rid] = _Rec(slot, p, float(uncached), float(decode), now)
+        self._sent(r)
         if first_token_by is not None:
             heapq.heappush(self._due, (first_token_by, rid))
         self.requests[slot] += 1
@@ -102,9 +116,13 @@ class InflightTracker:
             self.prefill_tokens[r.slot] -= r.uncached
             self.prefill_requests[slot] += 1
             self.prefill_tokens[slot] += r.uncached
+            if self._counting(r.slot) and r.epoch == self._counted_epoch[r.slot]:
+                self._sent_since[r.slot] -= 1  # it never waited there (the gateway passed it over)
         if same:
             r.prefill_slot = slot
         r.slot = slot
+        if same and not r.started:
+            self._sent(r)
 
     def first_token(self, rid: str, at: float | None = None) -> None:
         r = self._recs.get(rid)
@@ -147,10 +165,42 @@ class InflightTracker:
         if not r.started:
             r.started = True
             r.started_at = self._now if at is None else at
+            p = r.prefill_slot
+            self._sync(p)
+            if r.epoch == self._counted_epoch[p]:
+                self._sent_since[p] -= 1
+            else:
+                self._started_since[p] += 1
             self.prefill_requests[r.prefill_slot] -= 1
             self.prefill_tokens[r.prefill_slot] -= r.uncached
             self.decoding[r.slot] += 1
             self.decoding_since[r.slot] += r.started_at
+
+    # ---- since the last scrape -------------------------------------------------------------------------
+    def _counting(self, p: int) -> bool:
+        return bool(self._counted_epoch[p] == self.scrape_epoch[p])
+
+    def _sync(self, p: int) -> None:
+        """Start slot ``p``'s counts afresh when a scrape came since they were last touched."""
+        e = self.scrape_epoch[p]
+        if self._counted_epoch[p] != e:
+            self._counted_epoch[p] = e
+            self._sent_since[p] = self._started_since[p] = 0.0
+
+    def _sent(self, r: _Rec) -> None:
+        p = r.prefill_slot
+        self._sync(p)
+        self._sent_since[p] += 1
+        r.epoch = int(self.scrape_epoch[p])
+
+    def waiting_since_scrape(self, slots: np.ndarray, scraped: np.ndarray) -> np.ndarray:
+        """The pods' waiting counts now, from ``scraped`` (their last scrape's, per slot of ``slots``): less the
+        requests this picker sent before that scrape that have started since (they may have been among them),
+        plus those it sent since that have not started."""
+        current = self._counted_epoch[slots] == self.scrape_epoch[slots]
+        started = np.where(current, self._started_since[slots], 0.0)
+        sent = np.where(current, self._sent_since[slots], 0.0)
+        return np.maximum(scraped - started, 0.0) + sent
 
     def _release_kv(self, r: _Rec) -> None:
         """Take ``r``'s KV x steps off its slot (after its request count; exactly 0 once the last one leaves)."""
@@ -170,6 +220,8 @@ class InflightTracker:
         self.requests[slot] = self.prefill_requests[slot] = 0.0
         self.prefill_tokens[slot] = self.decode_tokens[slot] = self.kv_steps[slot] = 0.0
         self.decoding[slot] = self.decoding_since[slot] = 0.0
+        self._sent_since[slot] = self._started_since[slot] = 0.0
+        self._counted_epoch[slot] = -1
 
     def _expire(self, now: float) -> None:
         recs = self._recs

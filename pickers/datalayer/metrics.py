@@ -2,7 +2,8 @@
 
 ``update(address, PodMetrics)`` is the one way in: the scraper calls it, and so can the virtual-time
 simulator and tests. Metrics older than ``stale_after_s`` count as unknown: scorers then fall back to the
-load the picker tracks itself (see ``InflightTracker``).
+load the picker tracks itself (see ``InflightTracker``). ``epoch[slot]`` counts the scrapes a slot has had
+(``update`` and ``touch``): the tracker keys what it sent and saw start "since the last scrape" to it.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class MetricsStore:
         self.running = np.zeros(n)
         self.kv_usage = np.zeros(n)
         self.updated_at = np.full(n, -math.inf)
+        self.epoch = np.zeros(n, dtype=np.int64)  # scrapes so far; moves at every update, touch and reset
         self.num_gpu_blocks = np.zeros(n, dtype=np.int64)
         self.prefix_queries = np.zeros(n)
         self.prefix_hits = np.zeros(n)
@@ -60,6 +62,7 @@ class MetricsStore:
         self.running[slot] = max(0.0, m.running)
         self.kv_usage[slot] = min(1.0, max(0.0, m.kv_usage))
         self.updated_at[slot] = self.clock.now() if at is None else at
+        self.epoch[slot] += 1
         if m.num_gpu_blocks:
             self.num_gpu_blocks[slot] = m.num_gpu_blocks
         if m.prefix_cache_queries is not None:
@@ -79,6 +82,7 @@ class MetricsStore:
         if slot is None:
             raise KeyError(f"unknown endpoint {address!r}")
         self.updated_at[slot] = at
+        self.epoch[slot] += 1
 
     def fresh(self, slots: np.ndarray, now: float) -> np.ndarray:
         return (now - self.updated_at[slots]) <= self.stale_after_s
@@ -86,6 +90,7 @@ class MetricsStore:
     def reset(self, slot: int) -> None:
         self.waiting[slot] = self.running[slot] = self.kv_usage[slot] = 0.0
         self.updated_at[slot] = -math.inf
+        self.epoch[slot] += 1
         self.num_gpu_blocks[slot] = 0
         self.prefix_queries[slot] = self.prefix_hits[slot] = 0.0
         self.lora[slot] = None
