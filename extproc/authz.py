@@ -42,6 +42,10 @@ log = logging.getLogger("kvswitch.extproc")
 
 DECIDE_PREFIX = "/decide"
 HEALTH_PATH = "/health"
+# Flow control decides a request held this long at the latest: Envoy's ext_authz call gives up at the timeout
+# `kvswitch envoy-config` writes (10 s, extproc/envoyconfig/builder.py picker_grpc_timeout_s), and a request the
+# call gave up on is failed (or, fail-open, sent unrouted).
+AUTHZ_HOLD_LIMIT_S = 8.0
 REMOVE_HEADER = "x-envoy-auth-headers-to-remove"  # ext_authz: names the answer removes from the upstream request
 _JSON = "application/json"
 _TEXT = [("content-type", "text/plain")]

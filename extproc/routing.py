@@ -65,6 +65,9 @@ class RouteSettings:
     # False for a front that cannot change the body (ext_authz): a body the gateway would have to rewrite
     # (engine-internal fields a client set) is refused with a 400 instead of being cleaned.
     can_rewrite: bool = True
+    # A front whose caller gives up sooner than flow control's max_wait_s (ext_authz: Envoy's call timeout) has
+    # its held requests decided before then (InferenceRequest.hold_limit_s; pickers/flowcontrol.py).
+    hold_limit_s: float | None = None
 
 
 async def route_request(director: Scheduler, settings: RouteSettings, clock: Clock, headers: dict[str, str],
@@ -108,12 +111,14 @@ async def _route(director: Scheduler, settings: RouteSettings, clock: Clock, hea
     rewrite = settings.model_rewrite if settings.can_rewrite else None
     budget = settings.budget
     if body is not None and budget is not None and len(body) >= settings.offload_min_bytes:
-        # parse and route in worker threads, with a bound on the bytes being processed at once
+        # parse in a worker thread, with a bound on the bytes being parsed at once (not held while flow control
+        # holds the request: a held request must not keep others from being parsed)
         async with budget.hold(len(body)):
             parsed = await asyncio.to_thread(parse_client_body, body, path, request_id, wanted, now, rewrite)
             _refuse_rewrite(parsed, settings)
-            parsed.request.subset = subset
-            decision = await director.route(parsed.request)
+        parsed.request.subset = subset
+        parsed.request.hold_limit_s = settings.hold_limit_s
+        decision = await director.route(parsed.request)
         request, body, rewritten = parsed.request, parsed.body, parsed.changed
     else:
         if body:
@@ -127,6 +132,7 @@ async def _route(director: Scheduler, settings: RouteSettings, clock: Clock, hea
                                        headers=wanted, arrival=now)
             rewritten = False
         request.subset = subset
+        request.hold_limit_s = settings.hold_limit_s
         decision = await director.route(request)
     return _answer(decision, request, request_id, headers, body, rewritten, settings.prefill_secret)
 

@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from extproc import metrics
-from extproc.authz import AuthzFront
+from extproc.authz import AUTHZ_HOLD_LIMIT_S, AuthzFront
 from extproc.budget import ByteBudget
 from extproc.config import Config, ConfigError
 from extproc.contextcap import context_cap_bytes
@@ -121,7 +121,8 @@ class Server:
         )
         # The ext_authz front (extproc/authz.py): the same routing over plain HTTP, one request per request.
         settings = self.processor.settings
-        self.authz = AuthzFront(scheduler, replace(settings.routing(), can_rewrite=False), self.clock, self.pending,
+        self.authz = AuthzFront(scheduler, replace(settings.routing(), can_rewrite=False,
+                                                      hold_limit_s=AUTHZ_HOLD_LIMIT_S), self.clock, self.pending,
                                 s.body_limit_bytes, settings.context_cap_bytes, s.debug_headers) \
             if config.decide_port() >= 0 else None
         self.decide_port: int | None = None

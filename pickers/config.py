@@ -36,6 +36,12 @@ every error message). No section at all gives the ``default`` profile with every
       explain_top: 5
       default_decode_tokens: 256
       prefill_end_from_kv_events: false   # access-log mode: end a prefill at its pod's KV event (director.py)
+      flow_control:               # hold requests in the picker while no pod has room (pickers/flowcontrol.py)
+        enabled: null             # null: the profile's own `flow_control` (the default profile: true)
+        room: 1                   # a pod has room while fewer requests than this wait in its queue
+        max_queued: 4096          # past this many held, a request is decided at once
+        max_wait_s: 600           # a held request is decided by then, room or not
+        tick_ms: 10               # how often the room is re-checked while requests are held
 
 Each endpoint's step token budget (vLLM ``max_num_batched_tokens``) is the endpoint's own
 ``max_num_batched_tokens`` or, when unset, what engine.presets deploys for its model, accelerator and role.
@@ -53,6 +59,7 @@ from pickers.costs import cost_model, preset_budget
 from pickers.datalayer import DataLayer, DataLayerSettings
 from pickers.datalayer.endpoints import StaticDiscovery
 from pickers.director import Director
+from pickers.flowcontrol import FlowControlSettings
 from pickers.framework import (
     Admission,
     ConfigError,
@@ -79,7 +86,7 @@ __all__ = ["ConfigError", "build_scheduler"]
 ROOT = "scheduler"
 _TOP = {"profile", "handler", "admission", "profiles", "filters", "scorers", "picker", "tokenizer",
         "datalayer", "prefix", "predictor", "explain_top", "default_decode_tokens", "objectives", "slo",
-        "prefill_end_from_kv_events"}
+        "prefill_end_from_kv_events", "flow_control"}
 
 
 def _mapping(path: str, v: Any) -> dict[str, Any]:
@@ -144,7 +151,7 @@ def _slo_policy(cfg: dict[str, Any], admission: list[Any]) -> SLOPolicy:
 
 def _profile(path: str, name: str, raw: Any) -> Profile:
     raw = _mapping(path, raw)
-    _keys(path, raw, {"filters", "scorers", "picker"})
+    _keys(path, raw, {"filters", "scorers", "picker", "flow_control"})
     filters = [create_as(Filter, f, f"{path}.filters[{i}]")
                for i, f in enumerate(_list(f"{path}.filters", raw.get("filters", DECODE_FILTERS)))]
     scorers = []
@@ -155,7 +162,8 @@ def _profile(path: str, name: str, raw: Any) -> Profile:
             weight = check_value(f"{sp}.weight", s["weight"], Param(float, 1.0, min=0.0))
         scorers.append((create_as(Scorer, s, sp, reserved=("weight",)), weight))
     picker = create_as(Picker, raw.get("picker", {"type": "max-score"}), f"{path}.picker")
-    return Profile(name, filters, scorers, picker)
+    return Profile(name, filters, scorers, picker,
+                   check_value(f"{path}.flow_control", raw.get("flow_control", False), Param(bool, False)))
 
 
 def build_scheduler(
@@ -265,6 +273,17 @@ def build_scheduler(
         time_scale=_get(prp, pcfg, "time_scale", Param(float, dflt.time_scale, min=1e-3, max=1e3)),
     )
     slo = _slo_policy(cfg, admission)
+    fp = f"{ROOT}.flow_control"
+    f = _mapping(fp, cfg.get("flow_control"))
+    _keys(fp, f, {"enabled", "room", "max_queued", "max_wait_s", "tick_ms"})
+    fd = FlowControlSettings()
+    flow = FlowControlSettings(
+        enabled=_get(fp, f, "enabled", Param((bool, type(None)), None)),
+        room=_get(fp, f, "room", Param(float, fd.room, min=1.0, max=1e6)),
+        max_queued=_get(fp, f, "max_queued", Param(int, fd.max_queued, min=1, max=10_000_000)),
+        max_wait_s=_get(fp, f, "max_wait_s", Param(float, fd.max_wait_s, min=0.0, max=86_400.0)),
+        tick_s=_get(fp, f, "tick_ms", Param(float, fd.tick_s * 1e3, min=1.0, max=10_000.0)) / 1e3,
+    )
 
     stats = scheduler_metrics(registry)
     dl = DataLayer(
@@ -279,6 +298,7 @@ def build_scheduler(
         default_decode_tokens=_get(ROOT, cfg, "default_decode_tokens", Param(int, 256, min=1)),
         max_fallback=max_fallback, slo=slo,
         prefill_end_from_kv_events=_get(ROOT, cfg, "prefill_end_from_kv_events", Param(bool, False)),
+        flow_control=flow,
     )
     if name == RANK_OBLIVIOUS:  # every data-parallel pod is one endpoint again
         endpoints = fold_ranks(endpoints)

@@ -10,6 +10,9 @@ and the Envoy header mutations happens here, in this order:
 2. subset    the gateway's subset hint, applied once: an empty hint, or one naming no known endpoint, is a
              503 (``subset_empty`` / ``subset_no_match``); otherwise only endpoints inside it are candidates.
 3. admission each admission plugin accepts or raises 429 (``SchedulingError``) before any work is paid for.
+   hold      flow control (pickers/flowcontrol.py): when no candidate's queue has room, the admitted request
+             waits in the picker and steps 4-6 run the moment one has (late binding); released requests are
+             decided on the fleet's events (first tokens, ends, failures) and on a short tick.
 4. handler   the profile handler runs the profile(s) over the candidates: filters, scorers (reading the
              state's prediction, computed once), picker; maybe a prefill pod (prefill/decode handler).
 5. fallback  the decode ranking becomes the fallback list, cut to ``max_fallback``.
@@ -23,8 +26,8 @@ and the Envoy header mutations happens here, in this order:
              (first token) and TPOT (end), plugin hooks called.
 
 ``decide`` (steps 2-6) is synchronous and never awaits, so the virtual-time simulator drives this same
-code with a ManualClock. Background upkeep (scrapes, KV events, discovery) belongs to the data layer and
-runs between ``start`` and ``stop``.
+code with a ManualClock (``decide_or_hold`` and ``dispatch_held`` with flow control). Background upkeep
+(scrapes, KV events, discovery) belongs to the data layer and runs between ``start`` and ``stop``.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from engine.kvcache.hashing import MAX_ROUTED_BLOCKS, hash_block_keys
 from pickers.clock import Clock
 from pickers.datalayer import DataLayer
 from pickers.explain import explain_text
+from pickers.flowcontrol import FlowControl, FlowControlSettings, Held
 from pickers.framework import Admission, CycleContext, Plugin, Profile, ProfileHandler
 from pickers.promstats import SchedulerMetrics
 from pickers.slo import SLOPolicy
@@ -75,6 +79,7 @@ class Director:
         max_fallback: int = 0,
         slo: SLOPolicy | None = None,
         prefill_end_from_kv_events: bool = False,
+        flow_control: FlowControlSettings | None = None,
     ) -> None:
         self.dl = datalayer
         self.profiles = profiles
@@ -103,6 +108,11 @@ class Director:
         # Fill Decision.explanation (the scores per endpoint, the prediction, the targets). A server without
         # debug headers turns it off: nothing else reads it there, and it is ~10 % of a default decision.
         self.explain = True
+        # Flow control: on when its settings say so, else when the running profile asks for it
+        fc = flow_control or FlowControlSettings()
+        on = fc.enabled if fc.enabled is not None else profiles[handler.profile or profile].flow_control
+        self.flow: FlowControl | None = FlowControl(datalayer, fc) if on else None
+        self._ticker: asyncio.Task[None] | None = None
         run = profiles[handler.profile or profile]
         used: list[Plugin] = [handler, *admission, *run.plugins]
         every: list[Plugin] = [handler, *admission]
@@ -154,6 +164,15 @@ class Director:
         await self.dl.start()
 
     async def stop(self) -> None:
+        """Stop the data layer's upkeep; requests still held are answered with a 503 (the picker is going)."""
+        ticker, self._ticker = self._ticker, None
+        if ticker is not None:
+            ticker.cancel()
+            await asyncio.gather(ticker, return_exceptions=True)
+        if self.flow is not None:
+            for h in self.flow.take_all():
+                h.release(SchedulingError(503, "the endpoint picker is stopping; retry the request",
+                                          "picker_stopping"))
         if not self._started:
             return
         self._started = False
@@ -183,7 +202,47 @@ class Director:
             state.tokens = await self.dl.tokens.tokens(request)
             if state.tokens is not None and state.tokens.size >= OFFLOAD_HASH_TOKENS:
                 await self._hash_off_loop(state)
-        return self._decide(state)
+        ctx = self._admit(state)
+        flow = self.flow
+        if flow is None or not flow.should_hold(state, self.handler.runs_prefill_legs):
+            return self._schedule(ctx)
+        return await self._held(flow, state, ctx.now)
+
+    async def _held(self, flow: FlowControl, state: RequestState, now: float) -> Decision:
+        """Wait for the release of a held request; a client that goes away takes it out of the queue (or, released
+        already, gives its decision's load back)."""
+        fut: asyncio.Future[Decision | SchedulingError] = asyncio.get_running_loop().create_future()
+
+        def release(result: Decision | SchedulingError) -> None:
+            if not fut.done():
+                fut.set_result(result)
+
+        held = flow.hold(state, now, release, state.request.subset is not None)
+        self.stats.flow_queued.set(flow.queued)
+        if self._ticker is None or self._ticker.done():
+            self._ticker = asyncio.get_running_loop().create_task(self._tick(flow), name="flow control")
+        try:
+            result = await fut
+        except asyncio.CancelledError:
+            if not flow.cancel(held) and fut.done():
+                got = fut.result()
+                if isinstance(got, Decision):
+                    self._release(got.state)  # decided, never sent: its load goes back
+            self.stats.flow_queued.set(flow.queued)
+            raise
+        if isinstance(result, SchedulingError):
+            raise result
+        return result
+
+    async def _tick(self, flow: FlowControl) -> None:
+        """Re-check the room while requests are held: scrapes and predicted first tokens move it without a hook."""
+        tick = flow.settings.tick_s
+        while flow.queued:
+            await asyncio.sleep(tick)
+            try:
+                self.dispatch_held()
+            except Exception:  # a bug here must not strand the held requests: they still go at their deadline
+                log.exception("flow control: dispatching held requests failed")
 
     async def _hash_off_loop(self, state: RequestState) -> None:
         """A long prompt's block hashes, computed in a worker thread before the (synchronous) cycle reads
@@ -197,11 +256,57 @@ class Director:
                                                                  limit=MAX_ROUTED_BLOCKS)
 
     def decide(self, request: InferenceRequest) -> Decision:
-        """Decide now, synchronously (virtual time; raises SchedulingError 429/503)."""
-        return self._decide(self._new_state(request))
+        """Decide now, synchronously, whatever the room (raises SchedulingError 429/503)."""
+        return self._schedule(self._admit(self._new_state(request)))
 
-    def _decide(self, state: RequestState) -> Decision:
+    def decide_or_hold(self, request: InferenceRequest,
+                       release: Callable[[Decision | SchedulingError], None]) -> Decision | None:
+        """Decide now, or hold the request (flow control) and return None: ``release`` then gets its decision
+        (or the error that answers it) from a later ``dispatch_held``. Synchronous (virtual time)."""
+        state = self._new_state(request)
+        ctx = self._admit(state)
+        flow = self.flow
+        if flow is None or not flow.should_hold(state, self.handler.runs_prefill_legs):
+            return self._schedule(ctx)
+        flow.hold(state, ctx.now, release, request.subset is not None)
+        self.stats.flow_queued.set(flow.queued)
+        return None
+
+    def dispatch_held(self) -> int:
+        """Decide every held request that may go now (room, deadline, nothing left to serve it), one at a time:
+        each decision's load closes the room it used before the next is weighed. Returns how many went."""
+        flow = self.flow
+        if flow is None or not flow.queued:
+            return 0
         now = self.clock.now()
+        self._refresh(now)
+        n = 0
+        while (nxt := flow.next_ready(now)) is not None:
+            held, why = nxt
+            result = self._decide_held(held, now)
+            self.stats.flow_released.labels(why).inc()
+            self.stats.flow_wait.observe(now - held.held_at)
+            held.release(result)
+            n += 1
+        self.stats.flow_queued.set(flow.queued)
+        return n
+
+    def _decide_held(self, held: Held, now: float) -> Decision | SchedulingError:
+        state = held.state
+        # what the admission cycle computed describes the fleet as it was then
+        state.hits.clear()
+        state.predictions.clear()
+        state.results.clear()
+        state.rejected.clear()
+        ctx = CycleContext(state, self.dl, now)
+        try:
+            state.candidates = self._candidates(state.request)
+            return self._schedule(ctx)
+        except SchedulingError as e:
+            return e
+
+    def _refresh(self, now: float) -> None:
+        """Bring the in-flight load up to ``now``: prefills ended per KV events, predicted first tokens due."""
         dl = self.dl
         if dl.precise_enabled:
             dl.kv_index.refresh(now)
@@ -210,7 +315,12 @@ class Director:
                 dl.kv_index.clear_pending(key)  # as at a first token: the pods' events tell the rest
                 self._ended_by_event.inc()
         dl.inflight.settle(now)
-        ctx = CycleContext(state, dl, now)
+
+    def _admit(self, state: RequestState) -> CycleContext:
+        """Steps 1-3: targets, candidates, admission (raises the SchedulingError that answers the request)."""
+        now = self.clock.now()
+        self._refresh(now)
+        ctx = CycleContext(state, self.dl, now)
         if self.needs_tokens:  # before anything reads the prompt's length: one count for the whole cycle
             ctx.token_ids()
         try:
@@ -221,10 +331,22 @@ class Director:
                     a.admit(ctx)
                 finally:
                     self.stats.stale_ignored.set(a.stale_endpoints)
+        except SchedulingError as e:
+            self._rejected(state, e)
+            raise
+        return ctx
+
+    def _rejected(self, state: RequestState, e: SchedulingError) -> None:
+        self.stats.rejections.labels(str(e.status), e.code).inc()
+        log.info("request %s not routed: %d %s", state.key, e.status, e.message)
+
+    def _schedule(self, ctx: CycleContext) -> Decision:
+        """Steps 4-6 on an admitted request: the handler's decision, recorded."""
+        state, now = ctx.state, ctx.now
+        try:
             decision = self.handler.handle(ctx, self.profiles, self.profile)
         except SchedulingError as e:
-            self.stats.rejections.labels(str(e.status), e.code).inc()
-            log.info("request %s not routed: %d %s", state.key, e.status, e.message)
+            self._rejected(state, e)
             raise
         if self.max_fallback:
             decision.endpoints = decision.endpoints[: self.max_fallback]
@@ -436,8 +558,11 @@ class Director:
         exp = state.expected
         if exp is not None and exp.first_token_at < 0.0:
             exp.first_token_at = at
-            self._observe(exp, "ttft", at - state.arrival)
+            # from the decision: the prediction is the pod's part (a held request waited before it)
+            self._observe(exp, "ttft", at - state.decided_at)
         self._call(self._on_first_token, decision, at)
+        if self.flow is not None and self.flow.queued:
+            self.dispatch_held()
 
     def on_finished(self, decision: Decision, usage: Usage | None, at: float) -> None:
         state = decision.state
@@ -450,6 +575,8 @@ class Director:
         if exp is not None and exp.first_token_at >= 0.0 and usage is not None and usage.completion_tokens >= 2:
             self._observe(exp, "tpot", (at - exp.first_token_at) / (usage.completion_tokens - 1))
         self._call(self._on_finished, decision, usage, at)
+        if self.flow is not None and self.flow.queued:
+            self.dispatch_held()
 
     def on_failed(self, decision: Decision, reason: str, at: float) -> None:
         state = decision.state
@@ -459,6 +586,8 @@ class Director:
         if slot is not None:
             self.dl.health.request_failure(slot, reason, at)  # pod faults only (datalayer.health.pod_fault)
         self._call(self._on_failed, decision, reason, at)
+        if self.flow is not None and self.flow.queued:
+            self.dispatch_held()
 
     def _release(self, state: RequestState) -> None:
         self.dl.inflight.finish(state.key)

@@ -261,6 +261,7 @@ class Profile:
     filters: list[Filter]
     scorers: list[tuple[Scorer, float]]
     picker: Picker
+    flow_control: bool = False  # hold requests while no pod has room (pickers/flowcontrol.py)
 
     @property
     def needs_tokens(self) -> bool:

@@ -53,6 +53,9 @@ BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
             {"type": "rank-balance", "weight": 5.0},
         ],
         "picker": {"type": "max-score", "max_endpoints": 3},
+        # Past the knee a request waits in the picker until some pod's queue has room, and is placed then
+        # (pickers/flowcontrol.py): virtual-time curves, 5 seeds (README "Flow control")
+        "flow_control": True,
     },
     "round-robin": {"filters": DECODE_FILTERS, "scorers": [], "picker": {"type": "round-robin"}},
     # Fewest requests in flight from this picker (random tie-break): the cheapest useful policy, and the

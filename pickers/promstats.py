@@ -10,6 +10,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 
 # observed / predicted latency: 1.0 is a perfect prediction; the buckets resolve +-5 % around it
 RATIO_BUCKETS = (0.25, 0.5, 0.67, 0.8, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25, 1.5, 2.0, 4.0)
+# seconds held by flow control: a step or two below the knee, minutes deep past it
+WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0)
 
 
 @dataclass
@@ -22,6 +24,9 @@ class SchedulerMetrics:
     stale_ignored: Gauge
     prediction_ratio: Histogram
     prefill_ends: Counter
+    flow_queued: Gauge
+    flow_released: Counter
+    flow_wait: Histogram
 
 
 # keyed by the registry itself, weakly: an id() key outlives a collected registry, and a new one allocated at
@@ -60,6 +65,15 @@ def scheduler_metrics(registry: CollectorRegistry | None = None) -> SchedulerMet
                 "watched: no KV events or no new block; released at the predicted first token), no_event "
                 "(watched, no event came: released at 4x the prediction or at the end)", ["source"],
                 registry=reg),
+            flow_queued=Gauge("kvswitch_flow_control_queued",
+                              "Requests held by flow control, waiting for a pod with room", registry=reg),
+            flow_released=Counter(
+                "kvswitch_flow_control_released",
+                "Held requests decided, by why: room (a pod had room), deadline (max_wait_s or the gateway's "
+                "deadline passed), unservable (no healthy decode pod left among its candidates)", ["reason"],
+                registry=reg),
+            flow_wait=Histogram("kvswitch_flow_control_wait_seconds", "Time a request was held by flow control",
+                                buckets=WAIT_BUCKETS, registry=reg),
         )
         _BY_REGISTRY[reg] = got
     return got

@@ -106,6 +106,9 @@ class InferenceRequest:
     subset: list[str] | None = None  # gateway subset hint: pick only among these addresses
     body_size: int = 0
     arrival: float = 0.0  # clock time the request reached the picker
+    # the longest the gateway waits for the routing answer (an ext_authz call's deadline): flow control decides
+    # a held request before then (pickers/flowcontrol.py); None: its own max_wait_s
+    hold_limit_s: float | None = None
 
     @property
     def text(self) -> str:

@@ -1,7 +1,8 @@
 """Saturation admission (GIE legacy): shed sheddable requests with 429 when the pool is saturated.
 
 saturation = mean over ready decode pods with fresh metrics of max(waiting / queue_threshold,
-kv_usage / kv_threshold). Stale metrics are no evidence of saturation: by default a pod whose metrics are
+kv_usage / kv_threshold), where waiting counts the requests flow control holds (pickers/flowcontrol.py) spread
+evenly over the pods: with flow control the pods' own queues stay short past the knee. Stale metrics are no evidence of saturation: by default a pod whose metrics are
 stale is left out of the mean (its signal is ignored, never shed on), and ``stale_endpoints`` (exported by
 the scheduler as ``kvswitch_saturation_stale_endpoints``) says how many were ignored at the last check; with
 no fresh pod at all nothing is shed. ``stale_counts_as_saturated: true`` restores the strict rule (a stale
@@ -46,7 +47,9 @@ class SaturationAdmission(Admission):
         if slots.size == 0:
             return 0.0, 0
         m = dl.metrics
-        per = np.maximum(m.waiting[slots] / self.queue_threshold, m.kv_usage[slots] / self.kv_threshold)
+        # requests held by flow control wait for these pods too: spread over them
+        waiting = m.waiting[slots] + dl.held_requests / slots.size
+        per = np.maximum(waiting / self.queue_threshold, m.kv_usage[slots] / self.kv_threshold)
         fresh = m.fresh(slots, now)
         self.stale_endpoints = int(slots.size - np.count_nonzero(fresh))
         if self.stale_counts_as_saturated:

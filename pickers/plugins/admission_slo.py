@@ -130,7 +130,8 @@ class StageSaturationAdmission(Admission):
         if slots.size == 0:
             return 0.0, 0
         m = self.dl.metrics
-        per = np.maximum(m.waiting[slots] / self.queue_threshold, m.kv_usage[slots] / self.kv_threshold)
+        waiting = m.waiting[slots] + self.dl.held_requests / slots.size  # flow control's held requests, spread
+        per = np.maximum(waiting / self.queue_threshold, m.kv_usage[slots] / self.kv_threshold)
         fresh = m.fresh(slots, now)
         stale = int(slots.size - np.count_nonzero(fresh))
         self.stale_endpoints += stale

@@ -8,7 +8,10 @@ The simulator talks to one small ``Router`` protocol, so the built-in policies a
 (pickers/, through ``SchedulerRouter``) plug in the same way. The simulator calls, in virtual time:
 
 - ``route(req, now) -> (decode_pod, prefill_pod | None)`` when a request arrives (raise
-  ``pickers.types.SchedulingError`` to reject it, e.g. admission's 429);
+  ``pickers.types.SchedulingError`` to reject it, e.g. admission's 429), or ``None`` to hold it (the
+  picker's flow control): ``take_released()`` then hands back each held request with its route (or the
+  ``SchedulingError`` that answers it), and the simulator asks after every event and at
+  ``next_release_at()``;
 - ``on_first_token(req, at)``, ``on_finished(req, usage, at)``, ``on_failed(req, reason, at)``;
 - ``on_kv_events(pod, events, at)`` after every step that changed a pod's cache, if ``wants_kv_events``;
 - ``on_metrics(pod, stats, at)`` every scrape interval, if ``wants_metrics`` (stale by design); a router
@@ -37,7 +40,7 @@ from pickers.config import ConfigError, build_scheduler
 from pickers.datalayer.metrics import PodMetrics
 from pickers.director import Director
 from pickers.profiles import RANK_OBLIVIOUS  # re-exported: the simulator's rank-oblivious fleet view
-from pickers.types import Endpoint, InferenceRequest, Role, SchedulingError, Usage
+from pickers.types import Decision, Endpoint, InferenceRequest, Role, SchedulingError, Usage
 
 
 @dataclass(slots=True)
@@ -62,7 +65,9 @@ class Router(Protocol):
     wants_kv_events: bool
     wants_metrics: bool
 
-    def route(self, req: ClusterRequest, now: float) -> Route: ...
+    def route(self, req: ClusterRequest, now: float) -> Route | None: ...
+    def take_released(self) -> list[tuple[ClusterRequest, Route | SchedulingError]]: ...
+    def next_release_at(self) -> float: ...
     def on_first_token(self, req: ClusterRequest, at: float) -> None: ...
     def on_finished(self, req: ClusterRequest, usage: Usage, at: float) -> None: ...
     def on_failed(self, req: ClusterRequest, reason: str, at: float) -> None: ...
@@ -80,8 +85,14 @@ class BaseRouter:
     wants_kv_events = False
     wants_metrics = False
 
-    def route(self, req: ClusterRequest, now: float) -> Route:  # pragma: no cover - abstract
+    def route(self, req: ClusterRequest, now: float) -> Route | None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def take_released(self) -> list[tuple[ClusterRequest, Route | SchedulingError]]:
+        return []
+
+    def next_release_at(self) -> float:
+        return math.inf
 
     def on_first_token(self, req: ClusterRequest, at: float) -> None:
         return None
@@ -253,20 +264,38 @@ class SchedulerRouter(BaseRouter):
         self.wants_kv_events = director.uses_kv_events
         # request id -> the decision's predicted (TTFT, TPOT) on the pods it chose (engine/sim/cluster/slo.py)
         self.predicted: dict[str, tuple[float, float]] = {}
+        # held requests released (flow control) since the simulator last asked
+        self._released: list[tuple[ClusterRequest, Route | SchedulingError]] = []
 
-    def route(self, req: ClusterRequest, now: float) -> Route:
+    def route(self, req: ClusterRequest, now: float) -> Route | None:
         ir = InferenceRequest(
             request_id=req.request_id, model=req.model, api="completions",
             prompt_token_ids=req.prompt, max_tokens=req.max_tokens, arrival=now,
             body_size=4 * len(req.prompt),
         )
-        decision = self.director.decide(ir)
+
+        def release(result: Decision | SchedulingError) -> None:
+            self._released.append((req, result if isinstance(result, SchedulingError) else self._routed(req, result)))
+
+        decision = self.director.decide_or_hold(ir, release)
+        return None if decision is None else self._routed(req, decision)
+
+    def _routed(self, req: ClusterRequest, decision: Decision) -> Route:
         req.state["decision"] = decision
         exp = decision.state.expected
         if exp is not None:
             self.predicted[req.request_id] = (exp.ttft_s, exp.tpot_s)
         self.director.on_served(decision, decision.endpoints[0])
         return decision.endpoints[0], decision.prefill
+
+    def take_released(self) -> list[tuple[ClusterRequest, Route | SchedulingError]]:
+        self.director.dispatch_held()
+        out, self._released = self._released, []
+        return out
+
+    def next_release_at(self) -> float:
+        flow = self.director.flow
+        return flow.next_deadline() if flow is not None and flow.queued else math.inf
 
     def on_first_token(self, req: ClusterRequest, at: float) -> None:
         if self.access_log:

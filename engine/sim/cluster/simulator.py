@@ -262,6 +262,7 @@ class ClusterSim:
         self._heap: list[tuple[float, int, int, int, GroupStep | int | None]] = []
         self._seq = 0
         self._live: dict[str, RequestRecord] = {}  # engine request id -> record
+        self._held: dict[str, RequestRecord] = {}  # request id -> record of a request the router holds
         self._released: list[Pod] = []  # prefill pods freed during a step, kicked after it
         self.records: list[RequestRecord] = []
         self.events = 0
@@ -285,7 +286,8 @@ class ClusterSim:
                 pop(heap)
             t_arr = nxt[0].arrival if nxt is not None else math.inf
             t_heap = heap[0][0] if heap else math.inf
-            t = min(t_arr, t_heap, scrape, control)
+            t_rel = router.next_release_at() if self._held else math.inf  # a held request's deadline
+            t = min(t_arr, t_heap, scrape, control, t_rel)
             if t == math.inf:
                 break
             clock.set(max(t, clock.now()))
@@ -293,9 +295,14 @@ class ClusterSim:
             self.events += 1
             if self.progress is not None and self.events % self.progress_every == 0:
                 self.progress(now, len(self.records), self.ended)
+            if t_rel <= t_heap and t_rel <= t_arr and t_rel <= scrape and t_rel <= control:
+                self._take_released(now)
+                continue
             if scrape <= t_heap and scrape <= t_arr and scrape <= control:
                 self._scrape(now)
-                scrape = now + self.scrape_interval if (heap or nxt is not None) else math.inf
+                scrape = now + self.scrape_interval if (heap or nxt is not None or self._held) else math.inf
+                if self._held:
+                    self._take_released(now)
                 continue
             if control <= t_heap and control <= t_arr:
                 assert self.controller is not None
@@ -319,6 +326,8 @@ class ClusterSim:
                 elif pod.timer_at <= now:
                     pod.timer_at = math.inf
                     self._kick(pod, now)
+                if self._held:
+                    self._take_released(now)
                 continue
             tr, prompt = nxt  # type: ignore[misc]
             if tr.arrival < last_arrival:
@@ -391,12 +400,32 @@ class ClusterSim:
                 if pod.run:
                     pod.settle(now, inclusive=True)
         try:
-            decode, prefill = self.router.route(req, now)
+            route = self.router.route(req, now)
         except SchedulingError as exc:
-            rec.status, rec.reason = "rejected", f"{exc.status} {exc.code}"
-            self.ended += 1
-            rec.req = None
+            self._reject(rec, exc)
             return
+        if route is None:  # held by the router (flow control): placed when ``take_released`` hands it back
+            self._held[rid] = rec
+            return
+        self._place(rec, req, route, now)
+
+    def _reject(self, rec: RequestRecord, exc: SchedulingError) -> None:
+        rec.status, rec.reason = "rejected", f"{exc.status} {exc.code}"
+        self.ended += 1
+        rec.req = None
+
+    def _take_released(self, now: float) -> None:
+        for req, route in self.router.take_released():
+            rec = self._held.pop(req.request_id)
+            if isinstance(route, SchedulingError):
+                self._reject(rec, route)
+            else:
+                self._place(rec, req, route, now)
+
+    def _place(self, rec: RequestRecord, req: ClusterRequest, route: tuple[str, str | None], now: float) -> None:
+        """Send a routed request to its pods (a prefill leg first when the route names another pod)."""
+        rid, tr_index, prompt = rec.request_id, rec.index, req.prompt
+        decode, prefill = route
         decode, drank = _split_rank(decode)
         prank = None
         if prefill:
@@ -414,12 +443,12 @@ class ClusterSim:
             rec.prefill_pod = ppod.name
             ppod.assigned += 1
             sreq = SimRequest(rid + _PREFILL_SUFFIX, prompt, 1, arrival=now,
-                              kv_transfer_params={"do_remote_decode": True}, seed=tr.index)
+                              kv_transfer_params={"do_remote_decode": True}, seed=tr_index)
             self._submit(rec, ppod, sreq, now, prank)
             rec.decode_rank = drank  # the decode leg goes there once the prefill is done
         else:
-            self._submit(rec, dpod, SimRequest(rid, prompt, tr.output_length, arrival=now, ignore_eos=True,
-                                               seed=tr.index), now, drank)
+            self._submit(rec, dpod, SimRequest(rid, prompt, rec.max_tokens, arrival=now, ignore_eos=True,
+                                               seed=tr_index), now, drank)
 
     def _submit(self, rec: RequestRecord, pod: Pod, sreq: SimRequest, now: float, rank: int | None = None) -> None:
         if pod.state == RELEASED:  # its decode pod went away while the prefill leg ran

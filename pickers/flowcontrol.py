@@ -1,0 +1,195 @@
+"""Flow control: past the knee a request waits in the picker for a pod with room, not in one pod's queue.
+
+Without it a request is bound to a pod the moment it arrives. Past the knee it then waits in that pod's
+queue behind requests whose output lengths, unknown when they were placed, decide how long; the pods'
+queues drift apart, and a request that arrived later on a luckier pod starts first. With it, a request that
+finds every pod's queue full (``DataLayer.waiting_now`` >= ``room`` on each of its candidates) waits here,
+and is decided the moment some pod has room: late binding, the placement made with the fleet as it is when
+the request can start (the flow control of Gateway API Inference Extension and llm-d). Below the knee some
+pod always has room and nothing is held.
+
+Invariants:
+
+- At most ``max_queued`` requests are held. One more is decided at once and waits in a pod's queue as it
+  would without flow control: nothing is rejected for want of room here.
+- A held request is decided at the latest ``max_wait_s`` after it was held, or by its own
+  ``InferenceRequest.hold_limit_s`` (the gateway's deadline for the routing answer), room or not.
+- Release order: higher priority first, then arrival. A request whose candidates (the gateway's subset
+  hint) have no room does not hold up one behind it whose candidates do; one whose candidates have no
+  healthy decode pod left is released at once (its decision answers with the 503).
+- Never held: requests with latency targets (admission and the slo-fit scorer weigh their wait on each pod,
+  which a queue here would hide from them), and requests of a handler that runs prefill legs (room there is
+  the prefill pool's; not modelled yet).
+
+The queue is synchronous and owns no task: the director releases held requests when the fleet changes
+(a first token, an end, a failure) and on a short tick (scrapes and predicted first tokens move the room
+without a hook), and the virtual-time simulator calls the same ``Director.dispatch_held``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from pickers.state import RequestState
+from pickers.types import Decision, SchedulingError
+
+Released = Literal["room", "deadline", "unservable"]
+
+
+@dataclass(slots=True)
+class FlowControlSettings:
+    """``scheduler.flow_control`` (pickers/config.py)."""
+
+    enabled: bool | None = None  # None: the running profile's choice (``flow_control`` in its definition)
+    room: float = 1.0  # a pod has room while fewer requests than this wait in its queue
+    max_queued: int = 4096
+    max_wait_s: float = 600.0
+    tick_s: float = 0.01  # how often a server re-checks the room while requests are held
+
+
+@dataclass(slots=True, eq=False)
+class Held:
+    """One request waiting for room. ``release`` receives its decision, or the error that answers it."""
+
+    state: RequestState
+    priority: int
+    seq: int
+    held_at: float
+    deadline: float
+    subset: np.ndarray | None  # its candidate slots when the gateway's hint narrowed them; None: every endpoint
+    release: Callable[[Decision | SchedulingError], None]
+
+
+class FlowControl:
+    """The held requests (bands by priority, each in arrival order) and the room test. See the module docstring."""
+
+    def __init__(self, dl, settings: FlowControlSettings) -> None:
+        self.dl = dl
+        self.settings = settings
+        self._bands: dict[int, dict[int, Held]] = {}
+        self._deadlines: list[tuple[float, int, int]] = []  # (deadline, priority, seq); stale entries skipped
+        self._seq = 0
+        self._count = 0
+        self.overflowed = 0  # requests decided at once because ``max_queued`` were held
+        self.held_total = 0  # requests ever held
+
+    @property
+    def queued(self) -> int:
+        return self._count
+
+    def _counted(self, delta: int) -> None:
+        """Held count; the data layer carries it (``held_requests``) for the saturation rules, for which the
+        requests held here are queued as surely as those in the pods' queues."""
+        self._count += delta
+        self.dl.held_requests = self._count
+
+    def usable(self) -> tuple[np.ndarray, np.ndarray]:
+        """(Active endpoint slots, per slot of the table: whether it is a healthy decode endpoint with room)."""
+        dl = self.dl
+        ep = dl.endpoints
+        active = ep.active_slots()
+        usable = np.zeros(ep.slot_count, dtype=bool)
+        roomy = np.zeros(ep.slot_count, dtype=bool)
+        ok = active[ep.can_decode[active] & dl.health.healthy[active]]
+        usable[ok] = True
+        if ok.size:
+            roomy[ok] = dl.waiting_now(ok, dl.clock.now()) < self.settings.room
+        return usable, roomy
+
+    def should_hold(self, state: RequestState, runs_prefill_legs: bool) -> bool:
+        """Whether this admitted request waits: requests of its priority or higher are held already, or none of
+        its candidates has room (and some could serve it)."""
+        if state.slo.any or runs_prefill_legs:
+            return False
+        if self._count >= self.settings.max_queued:
+            self.overflowed += 1
+            return False
+        cands = state.candidates
+        usable, roomy = self.usable()
+        if cands is None or not usable[cands].any():
+            return False  # nothing could serve it: decided now, it gets its 503 now
+        if any(self._bands.get(p) for p in self._bands if p >= state.slo.priority):
+            return True
+        return not bool(roomy[cands].any())
+
+    def hold(self, state: RequestState, now: float, release: Callable[[Decision | SchedulingError], None],
+             subset: bool) -> Held:
+        limit = self.settings.max_wait_s
+        own = state.request.hold_limit_s
+        if own is not None:
+            limit = min(limit, max(0.0, own))
+        self._seq += 1
+        prio = state.slo.priority
+        h = Held(state, prio, self._seq, now, now + limit, state.candidates if subset else None, release)
+        self._bands.setdefault(prio, {})[h.seq] = h
+        self._counted(1)
+        self.held_total += 1
+        heapq.heappush(self._deadlines, (h.deadline, prio, h.seq))
+        return h
+
+    def cancel(self, h: Held) -> bool:
+        """Take ``h`` out (its client went away); False when it was already released."""
+        return self._pop(h.priority, h.seq) is not None
+
+    def next_ready(self, now: float) -> tuple[Held, Released] | None:
+        """The next request to decide now, if any, taken out of the queue. The caller decides it before asking
+        again: the decision's load is what closes the room it used."""
+        if not self._count:
+            return None
+        dl = self._deadlines
+        while dl and dl[0][0] <= now:
+            _, prio, seq = heapq.heappop(dl)
+            h = self._pop(prio, seq)
+            if h is not None:
+                return h, "deadline"
+        if len(dl) > 2 * max(self._count, self.settings.max_queued):  # released entries linger until due
+            self._deadlines = [(h.deadline, h.priority, h.seq) for b in self._bands.values() for h in b.values()]
+            heapq.heapify(self._deadlines)
+        usable, roomy = self.usable()
+        active = None
+        for prio in sorted(self._bands, reverse=True):
+            for seq, h in self._bands[prio].items():
+                if h.subset is None:
+                    if active is None:
+                        active = self.dl.endpoints.active_slots()
+                    slots = active
+                else:
+                    slots = h.subset
+                if not usable[slots].any():
+                    self._pop(prio, seq)
+                    return h, "unservable"
+                if roomy[slots].any():
+                    self._pop(prio, seq)
+                    return h, "room"
+                if h.subset is None:
+                    break  # everyone behind it in this band wants the same pods
+        return None
+
+    def next_deadline(self) -> float:
+        return self._deadlines[0][0] if self._deadlines else math.inf
+
+    def take_all(self) -> list[Held]:
+        """Every held request, in release order, taken out (the picker is stopping)."""
+        out = [h for p in sorted(self._bands, reverse=True) for h in self._bands[p].values()]
+        self._bands.clear()
+        self._deadlines.clear()
+        self._counted(-self._count)
+        return out
+
+    def _pop(self, prio: int, seq: int) -> Held | None:
+        band = self._bands.get(prio)
+        h = band.pop(seq, None) if band is not None else None
+        if h is not None:
+            self._counted(-1)
+            if not band:
+                del self._bands[prio]
+        return h
+
+
+__all__ = ["FlowControl", "FlowControlSettings", "Held", "Released"]

@@ -1,0 +1,239 @@
+"""Flow control (pickers/flowcontrol.py): requests held while no pod has room, and decided when one has."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from pickers.config import ConfigError
+from pickers.datalayer import PodMetrics
+from pickers.datalayer.inflight import InflightTracker
+from pickers.types import Decision, SchedulingError, Usage
+
+from .helpers import endpoints, request, scheduler
+
+OBJECTIVES = {"urgent": {"priority": 5}, "batch": {"priority": -1}, "fast": {"ttft_ms": 5000}}
+
+
+def _director(**flow):
+    s, clock = scheduler({"flow_control": flow, "objectives": OBJECTIVES}, eps=endpoints(2))
+    return s, clock
+
+
+def _scrape(s, clock, waiting: list[float]) -> None:
+    """Every pod scraped now, with these waiting counts (fresh metrics)."""
+    for i, w in enumerate(waiting):
+        s.dl.metrics.update(f"10.0.0.{i + 1}:8000", PodMetrics(waiting=w, running=4, kv_usage=0.3), clock.now())
+
+
+def _req(rid: str, objective: str | None = None):
+    """A request with a prompt of its own (no prefix affinity pulls it anywhere)."""
+    headers = {"x-gateway-inference-objective": objective} if objective else {}
+    base = 1000 * (ord(rid[0]) + 1)
+    return request(rid, list(range(base, base + 64)), max_tokens=8, headers=headers)
+
+
+class Released:
+    """A release callback that keeps what it was handed."""
+
+    def __init__(self) -> None:
+        self.got: list[Decision | SchedulingError] = []
+
+    def __call__(self, result: Decision | SchedulingError) -> None:
+        self.got.append(result)
+
+
+def test_the_default_profile_holds_only_while_every_pod_is_full():
+    s, clock = _director()
+    assert s.flow is not None  # the default profile asks for it
+    _scrape(s, clock, [0, 2])
+    assert isinstance(s.decide_or_hold(_req("a"), Released()), Decision)  # a pod has room: decided at once
+    _scrape(s, clock, [1, 2])
+    rel = Released()
+    assert s.decide_or_hold(_req("b"), rel) is None and s.flow.queued == 1
+    assert s.dispatch_held() == 0 and not rel.got  # still no room
+    _scrape(s, clock, [1, 0])  # pod 2's queue drained
+    assert s.dispatch_held() == 1 and s.flow.queued == 0
+    (d,) = rel.got
+    assert isinstance(d, Decision) and d.primary == "10.0.0.2:8000"  # placed where the room is, when it is
+    assert s.dl.inflight.requests[s.dl.endpoints.slot(d.primary)] == 1
+
+
+def test_other_profiles_place_at_once_unless_configured():
+    s, _ = scheduler({"profile": "least-inflight"}, eps=endpoints(2))
+    assert s.flow is None
+    s, _ = scheduler({"profile": "least-inflight", "flow_control": {"enabled": True}}, eps=endpoints(2))
+    assert s.flow is not None
+    s, _ = scheduler({"flow_control": {"enabled": False}}, eps=endpoints(2))
+    assert s.flow is None
+
+
+def test_room_counts_what_the_picker_sent_and_saw_start_since_the_scrape():
+    s, clock = _director()
+    _scrape(s, clock, [0, 0])
+    first, second = Released(), Released()
+    d1 = s.decide_or_hold(_req("a"), first)
+    d2 = s.decide_or_hold(_req("b"), second)
+    assert isinstance(d1, Decision) and isinstance(d2, Decision) and d1.primary != d2.primary
+    # both pods now have one request of ours not started since their scrape: no room, the next one waits
+    rel = Released()
+    assert s.decide_or_hold(_req("c"), rel) is None
+    s.on_first_token(d1, clock.now())  # d1 started: its pod has room again, and the held request goes there
+    (d3,) = rel.got
+    assert isinstance(d3, Decision) and d3.primary == d1.primary
+
+
+def test_waiting_since_scrape_is_exact_through_scrapes_starts_and_ends():
+    epoch = np.zeros(2, dtype=np.int64)
+    t = InflightTracker(2, scrape_epoch=epoch)
+    slots = np.array([0, 1])
+    t.add("a", 0, None, 100, 10, 0.0)
+    t.add("b", 0, None, 100, 10, 0.0)
+    assert t.waiting_since_scrape(slots, np.array([3.0, 0.0])).tolist() == [5.0, 0.0]
+    epoch[0] += 1  # a scrape of pod 0: it counted a and b (the scraped count has them)
+    assert t.waiting_since_scrape(slots, np.array([2.0, 0.0])).tolist() == [2.0, 0.0]
+    t.first_token("a")  # started since that scrape: one fewer waiting
+    t.add("c", 0, None, 100, 10, 0.0)  # sent since: one more
+    assert t.waiting_since_scrape(slots, np.array([2.0, 0.0])).tolist() == [2.0, 0.0]
+    t.finish("c")  # ended before it started: it leaves the count it was in
+    assert t.waiting_since_scrape(slots, np.array([2.0, 0.0])).tolist() == [1.0, 0.0]
+    t.finish("b")
+    assert t.waiting_since_scrape(slots, np.array([0.0, 0.0])).tolist() == [0.0, 0.0]  # never below 0
+    t.reset(0)
+    assert t.waiting_since_scrape(slots, np.array([0.0, 0.0])).tolist() == [0.0, 0.0]
+
+
+def test_release_order_is_priority_then_arrival():
+    s, clock = _director()
+    _scrape(s, clock, [1, 1])
+    order: list[str] = []
+
+    def keep(result: Decision | SchedulingError) -> None:
+        assert isinstance(result, Decision)
+        order.append(result.state.key)
+
+    for rid, obj in (("a", None), ("b", "batch"), ("c", None), ("d", "urgent")):
+        assert s.decide_or_hold(_req(rid, obj), keep) is None
+    # room for one request at a time: each decision fills it again until the next scrape shows it drained
+    for _ in range(4):
+        _scrape(s, clock, [0, 1])
+        assert s.dispatch_held() == 1
+    assert order == ["d", "a", "c", "b"]
+
+
+def test_requests_with_targets_are_never_held():
+    s, clock = _director()
+    _scrape(s, clock, [3, 3])
+    assert isinstance(s.decide_or_hold(_req("t", "fast"), Released()), Decision)
+    assert s.flow is not None and s.flow.queued == 0
+
+
+def test_a_full_queue_places_the_next_request_at_once():
+    s, clock = _director(max_queued=2)
+    _scrape(s, clock, [2, 2])
+    assert s.decide_or_hold(_req("a"), Released()) is None
+    assert s.decide_or_hold(_req("b"), Released()) is None
+    assert isinstance(s.decide_or_hold(_req("c"), Released()), Decision)  # nothing rejected for want of room
+    assert s.flow is not None and s.flow.queued == 2 and s.flow.overflowed == 1
+
+
+def test_a_held_request_goes_by_its_deadline_room_or_not():
+    s, clock = _director(max_wait_s=2.0)
+    _scrape(s, clock, [2, 2])
+    rel, short = Released(), Released()
+    assert s.decide_or_hold(_req("a"), rel) is None
+    limited = _req("b")
+    limited.hold_limit_s = 0.5  # the gateway gives up sooner (ext_authz): its own deadline wins
+    assert s.decide_or_hold(limited, short) is None
+    clock.advance(0.5)
+    _scrape(s, clock, [2, 2])
+    assert s.dispatch_held() == 1 and isinstance(short.got[0], Decision) and not rel.got
+    clock.advance(1.5)
+    _scrape(s, clock, [2, 2])
+    assert s.dispatch_held() == 1 and isinstance(rel.got[0], Decision)
+    reg = s.test_registry
+    assert reg.get_sample_value("kvswitch_flow_control_released_total", {"reason": "deadline"}) == 2
+    assert reg.get_sample_value("kvswitch_flow_control_wait_seconds_count") == 2
+
+
+def test_a_held_request_whose_pods_are_gone_gets_its_503_at_once():
+    s, clock = _director()
+    _scrape(s, clock, [2, 2])
+    rel = Released()
+    assert s.decide_or_hold(_req("a"), rel) is None
+    s.remove_endpoint("10.0.0.1:8000")
+    s.remove_endpoint("10.0.0.2:8000")
+    assert s.dispatch_held() == 1
+    (err,) = rel.got
+    assert isinstance(err, SchedulingError) and err.status == 503
+    assert s.flow is not None and s.flow.queued == 0
+
+
+@pytest.mark.parametrize("flow, path", [
+    ({"room": 0}, "scheduler.flow_control.room"),
+    ({"max_queued": 0}, "scheduler.flow_control.max_queued"),
+    ({"max_wait_s": -1}, "scheduler.flow_control.max_wait_s"),
+    ({"enabled": "yes"}, "scheduler.flow_control.enabled"),
+    ({"queue": 3}, "scheduler.flow_control.queue"),
+])
+def test_bad_settings_name_their_path(flow, path):
+    with pytest.raises(ConfigError, match=path.replace(".", r"\.")):
+        scheduler({"flow_control": flow})
+
+
+def test_route_waits_for_room_and_a_client_that_leaves_takes_nothing_with_it():
+    async def main() -> None:
+        s, clock = _director(tick_ms=1)
+        _scrape(s, clock, [0, 0])
+        a = await s.route(_req("a"))
+        b = await s.route(_req("b"))
+        held = asyncio.create_task(s.route(_req("c")))
+        gone = asyncio.create_task(s.route(_req("d")))
+        await asyncio.sleep(0.01)
+        assert not held.done() and s.flow is not None and s.flow.queued == 2
+        gone.cancel()  # its client went away while it waited
+        await asyncio.gather(gone, return_exceptions=True)
+        assert s.flow.queued == 1
+        s.on_first_token(a, clock.now())
+        s.on_finished(a, Usage(64, 8), clock.now())
+        c = await asyncio.wait_for(held, 1.0)
+        assert c.primary == a.primary
+        inflight = s.dl.inflight
+        assert len(inflight) == 2  # b and c: nothing of d
+        s.on_finished(b, Usage(64, 8), clock.now())
+        s.on_finished(c, Usage(64, 8), clock.now())
+        assert len(inflight) == 0
+        # released while its client was leaving: the decision's load goes back
+        _scrape(s, clock, [1, 1])
+        late = asyncio.create_task(s.route(_req("e")))
+        await asyncio.sleep(0.01)
+        _scrape(s, clock, [0, 1])
+        s.dispatch_held()
+        late.cancel()
+        await asyncio.gather(late, return_exceptions=True)
+        assert len(inflight) == 0
+        # stopping answers what is still held with a 503
+        _scrape(s, clock, [1, 1])
+        last = asyncio.create_task(s.route(_req("f")))
+        await asyncio.sleep(0.01)
+        await s.stop()
+        with pytest.raises(SchedulingError) as e:
+            await last
+        assert e.value.status == 503 and e.value.code == "picker_stopping"
+
+    asyncio.run(main())
+
+
+def test_held_requests_count_as_queued_for_the_saturation_rule():
+    s, clock = _director()
+    _scrape(s, clock, [2, 2])
+    assert s.decide_or_hold(_req("b0", "batch"), Released()) is None  # sheddable, the pool not saturated yet
+    for i in range(7):
+        assert s.decide_or_hold(_req(f"r{i}"), Released()) is None
+    # 8 held over 2 pods: (2 + 4) / 5 >= 1 by the default saturation rule: sheddable requests are refused now
+    with pytest.raises(SchedulingError) as e:
+        s.decide_or_hold(_req("b1", "batch"), Released())
+    assert e.value.status == 429 and e.value.code == "pool_saturated"
+    assert s.dl.held_requests == 8
