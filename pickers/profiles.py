@@ -90,5 +90,7 @@ BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
 # ranked endpoints are folded into their pods, no rank header is sent (the pod balances its ranks itself),
 # metrics are summed over ranks and every rank's KV events count for the pod. A baseline, not a choice.
 RANK_OBLIVIOUS = "rank-oblivious"
-BUILTIN_PROFILES[RANK_OBLIVIOUS] = BUILTIN_PROFILES["default"]
+# The default profile over whole pods, without flow control: a pod's summed queue does not say whether one of
+# its ranks has room, so holding on it would wait while a rank idles (pickers/flowcontrol.py).
+BUILTIN_PROFILES[RANK_OBLIVIOUS] = {**BUILTIN_PROFILES["default"], "flow_control": False}
 

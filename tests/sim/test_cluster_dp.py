@@ -18,12 +18,10 @@ def _groups(n: int = 240, groups: int = 8, rate: float = 40.0) -> list[TraceRequ
 
 
 def _seeded(profile: str) -> dict:
-    """The built-in profile with a seeded tie-break, so the run is the same every time, placing every request
-    at once: these tests are about where requests go (flow control off; a rank-oblivious pod's summed queue
-    would hold requests while one of its ranks had room: pickers/flowcontrol.py)."""
+    """The built-in profile with a seeded tie-break, so the run is the same every time."""
     prof = json.loads(json.dumps(BUILTIN_PROFILES[profile]))
     prof["picker"] = {**prof["picker"], "seed": 0}
-    return {"scheduler": {"profiles": {profile: prof}, "flow_control": {"enabled": False}}}
+    return {"scheduler": {"profiles": {profile: prof}}}
 
 
 def test_rank_aware_routing_keeps_prefixes_on_ranks_and_balances_them():
