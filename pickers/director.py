@@ -298,11 +298,14 @@ class Director:
         state.predictions.clear()
         state.results.clear()
         state.rejected.clear()
-        ctx = CycleContext(state, self.dl, now)
         try:
-            state.candidates = self._candidates(state.request)
-            return self._schedule(ctx)
+            state.candidates = self._candidates(state.request)  # the fleet may have changed while it waited
         except SchedulingError as e:
+            self._rejected(state, e)
+            return e
+        try:
+            return self._schedule(CycleContext(state, self.dl, now))
+        except SchedulingError as e:  # counted by _schedule
             return e
 
     def _refresh(self, now: float) -> None:
