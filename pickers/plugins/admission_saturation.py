@@ -1,14 +1,15 @@
 """Saturation admission (GIE legacy): shed sheddable requests with 429 when the pool is saturated.
 
-saturation = mean over ready decode pods with fresh metrics of max(waiting / queue_threshold,
-kv_usage / kv_threshold), where waiting counts the requests flow control holds (pickers/flowcontrol.py) spread
-evenly over the pods: with flow control the pods' own queues stay short past the knee. Stale metrics are no
-evidence of saturation: by default a pod whose metrics are stale is left out of the mean (its signal is ignored, never shed on), and ``stale_endpoints`` (exported by
-the scheduler as ``kvswitch_saturation_stale_endpoints``) says how many were ignored at the last check; with
-no fresh pod at all nothing is shed. ``stale_counts_as_saturated: true`` restores the strict rule (a stale
-pod counts as saturated, 1.0). A request is sheddable when its priority (``RequestState.slo``, from its
-objective: ``scheduler.objectives``) is negative. This plugin's own ``objectives`` (name -> priority) still
-work: the config folds them into ``scheduler.objectives`` (a name given two priorities is a config error).
+saturation = mean over ready decode pods with fresh metrics of max(waiting / queue_threshold, kv_usage /
+kv_threshold), where waiting counts the requests flow control holds (pickers/flowcontrol.py) spread evenly
+over the pods: with flow control the pods' own queues stay short past the knee. Stale metrics are no evidence
+of saturation: by default a pod whose metrics are stale is left out of the mean (its signal is ignored, never
+shed on), and ``stale_endpoints`` (exported by the scheduler as ``kvswitch_saturation_stale_endpoints``) says
+how many were ignored at the last check; with no fresh pod at all nothing is shed.
+``stale_counts_as_saturated: true`` restores the strict rule (a stale pod counts as saturated, 1.0). A request
+is sheddable when its priority (``RequestState.slo``, from its objective: ``scheduler.objectives``) is
+negative. This plugin's own ``objectives`` (name -> priority) still work: the config folds them into
+``scheduler.objectives`` (a name given two priorities is a config error).
 """
 
 from __future__ import annotations
