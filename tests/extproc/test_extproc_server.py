@@ -8,10 +8,14 @@ import grpc
 import orjson
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
 
 from e2e.support.extproc_fakes import REQUEST_HEADERS, body, headers
 from e2e.support.picker import LEAST_INFLIGHT, picker_config, running_picker
 from e2e.support.waits import until
+from pickers.clock import MonotonicClock
+from pickers.config import build_scheduler as build_director
+from pickers.datalayer import PodMetrics
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
@@ -91,3 +95,50 @@ async def test_stop_keeps_accepting_streams_until_envoy_moved_away():
         t0 = asyncio.get_running_loop().time()
         await stopping
         assert asyncio.get_running_loop().time() - t0 < 2.5
+
+
+async def test_flow_control_holds_a_stream_until_a_pod_has_room_and_drops_it_when_its_client_leaves():
+    """Over the wire: while both pods' queues are full a stream gets no routing answer; a client that cancels
+    takes its request out of the picker's queue (no load left behind); once a pod has room, the held stream is
+    routed there. The pods' /metrics are stood in by updates every 20 ms (fresh for the room test)."""
+    eps = ["10.0.0.1:8000", "10.0.0.2:8000"]
+    cfg = picker_config(eps, {"flow_control": {"tick_ms": 5}})
+    clock = MonotonicClock()
+    director = build_director(cfg.scheduler, cfg.endpoint_objects(), clock, network=False, registry=CollectorRegistry())
+    flow = director.flow
+    assert flow is not None
+    waiting = dict.fromkeys(eps, 1.0)
+
+    async def scrapes() -> None:
+        while True:
+            for address, w in waiting.items():
+                director.dl.metrics.update(address, PodMetrics(waiting=w, running=2.0), clock.now())
+            await asyncio.sleep(0.02)
+
+    scraping = asyncio.create_task(scrapes())
+    try:
+        async with running_picker(cfg, director) as srv, grpc.aio.insecure_channel(srv.address) as ch:
+            stub = pb_grpc.ExternalProcessorStub(ch)
+            gone = stub.Process()
+            await gone.write(headers(REQUEST_HEADERS))
+            await gone.write(body(orjson.dumps({"model": "m", "prompt": "first"}), True))
+            await until(lambda: flow.queued == 1)
+            gone.cancel()
+            await until(lambda: flow.queued == 0)
+            assert len(director.dl.inflight) == 0
+            call = stub.Process()
+            await call.write(headers(REQUEST_HEADERS))
+            await call.write(body(orjson.dumps({"model": "m", "prompt": "second"}), True))
+            await until(lambda: flow.queued == 1)
+            answer = asyncio.ensure_future(call.read())
+            await asyncio.sleep(0.1)
+            assert not answer.done()  # held: no pod has room
+            waiting[eps[1]] = 0.0
+            first = await asyncio.wait_for(answer, 5.0)
+            destination = first.request_headers.response.header_mutation.set_headers[0].header.raw_value
+            assert destination.split(b",")[0] == b"10.0.0.2:8000"  # the pod with room heads the fallback list
+            assert flow.queued == 0 and len(director.dl.inflight) == 1
+            call.cancel()
+    finally:
+        scraping.cancel()
+        await asyncio.gather(scraping, return_exceptions=True)
