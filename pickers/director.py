@@ -283,7 +283,7 @@ class Director:
         n = 0
         while (nxt := flow.next_ready(now)) is not None:
             held, why = nxt
-            result = self._decide_held(held, now)
+            result = self._decide_held(held, why == "room", now)
             self.stats.flow_released.labels(why).inc()
             self.stats.flow_wait.observe(now - held.held_at)
             held.release(result)
@@ -291,7 +291,7 @@ class Director:
         self.stats.flow_queued.set(flow.queued)
         return n
 
-    def _decide_held(self, held: Held, now: float) -> Decision | SchedulingError:
+    def _decide_held(self, held: Held, for_room: bool, now: float) -> Decision | SchedulingError:
         state = held.state
         # what the admission cycle computed describes the fleet as it was then
         state.hits.clear()
@@ -303,10 +303,33 @@ class Director:
         except SchedulingError as e:
             self._rejected(state, e)
             return e
+        ctx = CycleContext(state, self.dl, now)
+        if for_room:
+            self._to_room(ctx)
         try:
-            return self._schedule(CycleContext(state, self.dl, now))
+            return self._schedule(ctx)
         except SchedulingError as e:  # counted by _schedule
             return e
+
+    def _to_room(self, ctx: CycleContext) -> None:
+        """A request released because a pod has room goes among the pods with room (what late binding is for: the
+        TTFT terms may not tell a pod with an empty queue from one with a short one), unless that would lose more
+        than ``cache_loss`` of its prompt in cached tokens against the warmest candidate. Without token ids (a
+        profile that never tokenizes) nothing is known of caches and the room decides."""
+        flow = self.flow
+        state = ctx.state
+        cands = state.candidates
+        if flow is None or cands is None:
+            return
+        _, roomy = flow.usable()
+        keep = cands[roomy[cands]]
+        if keep.size == 0 or keep.size == cands.size:
+            return
+        if self.needs_tokens:
+            hits = ctx.hit_tokens("auto")
+            if float(hits[cands].max() - hits[keep].max()) > flow.settings.cache_loss * ctx.prompt_tokens():
+                return
+        state.candidates = keep
 
     def _refresh(self, now: float) -> None:
         """Bring the in-flight load up to ``now``: prefills ended per KV events, predicted first tokens due."""

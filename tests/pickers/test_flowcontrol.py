@@ -177,6 +177,7 @@ def test_a_held_request_whose_pods_are_gone_gets_its_503_at_once():
     ({"max_wait_s": -1}, "scheduler.flow_control.max_wait_s"),
     ({"enabled": "yes"}, "scheduler.flow_control.enabled"),
     ({"queue": 3}, "scheduler.flow_control.queue"),
+    ({"cache_loss": 1.5}, "scheduler.flow_control.cache_loss"),
 ])
 def test_bad_settings_name_their_path(flow, path):
     with pytest.raises(ConfigError, match=path.replace(".", r"\.")):
@@ -237,3 +238,29 @@ def test_held_requests_count_as_queued_for_the_saturation_rule():
         s.decide_or_hold(_req("b1", "batch"), Released())
     assert e.value.status == 429 and e.value.code == "pool_saturated"
     assert s.dl.held_requests == 8
+
+
+def test_a_request_released_for_room_goes_to_room_unless_that_loses_its_cache():
+    prompt = list(range(5000, 5256))  # 256 tokens: 16 blocks
+
+    def weighed(cache_loss: float, cached: bool) -> tuple[str, int]:
+        """(where a request released for room on pod 2 went, how many pods its profile weighed)."""
+        s, clock = _director(cache_loss=cache_loss)
+        if cached:
+            _scrape(s, clock, [0, 5])
+            warm = s.decide(request("warm", prompt, max_tokens=8))  # pod 1 now holds the whole prompt
+            assert warm.primary == "10.0.0.1:8000"
+            s.on_first_token(warm, clock.now())
+            s.on_finished(warm, Usage(256, 8), clock.now())
+        _scrape(s, clock, [1, 1])
+        rel = Released()
+        assert s.decide_or_hold(request("again", prompt, max_tokens=8), rel) is None
+        _scrape(s, clock, [1, 0])  # room on pod 2, which holds none of it
+        assert s.dispatch_held() == 1
+        (d,) = rel.got
+        assert isinstance(d, Decision)
+        return d.primary, int(d.state.results[0].cands.size)
+
+    assert weighed(0.25, cached=False) == ("10.0.0.2:8000", 1)  # no cache anywhere: only the pod with room
+    assert weighed(1.0, cached=True) == ("10.0.0.2:8000", 1)  # any loss allowed: only the pod with room
+    assert weighed(0.25, cached=True)[1] == 2  # the whole prompt cached on the full pod: the profile weighs both

@@ -46,7 +46,7 @@ def _ttft(res) -> np.ndarray:
 
 
 def test_past_the_knee_requests_wait_in_the_picker_and_all_complete():
-    reqs, fleet = _no_sharing(3.0, n=600)
+    reqs, fleet = _no_sharing(2.0, n=1000)
     held, router = _run(reqs, fleet, True)
     placed, _ = _run(reqs, fleet, False)
     assert all(r.status == "ok" for r in held.records) and len(held.records) == len(reqs)
