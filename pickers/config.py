@@ -42,8 +42,8 @@ every error message). No section at all gives the ``default`` profile with every
         max_queued: 4096          # past this many held, a request is decided at once
         max_wait_s: 600           # a held request is decided by then, room or not
         tick_ms: 10               # how often the room is re-checked while requests are held
-        cache_loss: 0.25          # released for room: to a pod with room unless that loses more of the
-                                  # prompt's cached tokens than this share (then the profile decides)
+        room_first: false         # released for room: to a pod with room (opt-in; README "Flow control")
+        cache_loss: 0.25          #    unless that loses more of the prompt's cached tokens than this share
 
 Each endpoint's step token budget (vLLM ``max_num_batched_tokens``) is the endpoint's own
 ``max_num_batched_tokens`` or, when unset, what engine.presets deploys for its model, accelerator and role.
@@ -277,7 +277,7 @@ def build_scheduler(
     slo = _slo_policy(cfg, admission)
     fp = f"{ROOT}.flow_control"
     f = _mapping(fp, cfg.get("flow_control"))
-    _keys(fp, f, {"enabled", "room", "max_queued", "max_wait_s", "tick_ms", "cache_loss"})
+    _keys(fp, f, {"enabled", "room", "max_queued", "max_wait_s", "tick_ms", "room_first", "cache_loss"})
     fd = FlowControlSettings()
     flow = FlowControlSettings(
         enabled=_get(fp, f, "enabled", Param((bool, type(None)), None)),
@@ -285,6 +285,7 @@ def build_scheduler(
         max_queued=_get(fp, f, "max_queued", Param(int, fd.max_queued, min=1, max=10_000_000)),
         max_wait_s=_get(fp, f, "max_wait_s", Param(float, fd.max_wait_s, min=0.0, max=86_400.0)),
         tick_s=_get(fp, f, "tick_ms", Param(float, fd.tick_s * 1e3, min=1.0, max=10_000.0)) / 1e3,
+        room_first=_get(fp, f, "room_first", Param(bool, fd.room_first)),
         cache_loss=_get(fp, f, "cache_loss", Param(float, fd.cache_loss, min=0.0, max=1.0)),
     )
 

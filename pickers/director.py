@@ -304,7 +304,7 @@ class Director:
             self._rejected(state, e)
             return e
         ctx = CycleContext(state, self.dl, now)
-        if for_room:
+        if for_room and self.flow is not None and self.flow.settings.room_first:
             self._to_room(ctx)
         try:
             return self._schedule(ctx)

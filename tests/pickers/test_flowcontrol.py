@@ -240,12 +240,12 @@ def test_held_requests_count_as_queued_for_the_saturation_rule():
     assert s.dl.held_requests == 8
 
 
-def test_a_request_released_for_room_goes_to_room_unless_that_loses_its_cache():
+def test_room_first_sends_a_request_released_for_room_to_room_unless_that_loses_its_cache():
     prompt = list(range(5000, 5256))  # 256 tokens: 16 blocks
 
     def weighed(cache_loss: float, cached: bool) -> tuple[str, int]:
         """(where a request released for room on pod 2 went, how many pods its profile weighed)."""
-        s, clock = _director(cache_loss=cache_loss)
+        s, clock = _director(room_first=True, cache_loss=cache_loss)
         if cached:
             _scrape(s, clock, [0, 5])
             warm = s.decide(request("warm", prompt, max_tokens=8))  # pod 1 now holds the whole prompt
@@ -264,3 +264,14 @@ def test_a_request_released_for_room_goes_to_room_unless_that_loses_its_cache():
     assert weighed(0.25, cached=False) == ("10.0.0.2:8000", 1)  # no cache anywhere: only the pod with room
     assert weighed(1.0, cached=True) == ("10.0.0.2:8000", 1)  # any loss allowed: only the pod with room
     assert weighed(0.25, cached=True)[1] == 2  # the whole prompt cached on the full pod: the profile weighs both
+
+
+def test_without_room_first_the_profile_weighs_every_pod_for_a_released_request():
+    s, clock = _director()
+    _scrape(s, clock, [1, 1])
+    rel = Released()
+    assert s.decide_or_hold(_req("a"), rel) is None
+    _scrape(s, clock, [1, 0])
+    assert s.dispatch_held() == 1
+    (d,) = rel.got
+    assert isinstance(d, Decision) and d.state.results[0].cands.size == 2
