@@ -111,7 +111,7 @@ class Director:
         # Flow control: on when its settings say so, else when the running profile asks for it
         fc = flow_control or FlowControlSettings()
         on = fc.enabled if fc.enabled is not None else profiles[handler.profile or profile].flow_control
-        self.flow: FlowControl | None = FlowControl(datalayer, fc) if on else None
+        self.flow: FlowControl | None = FlowControl(datalayer, fc, stats.flow_queued.set) if on else None
         self._ticker: asyncio.Task[None] | None = None
         run = profiles[handler.profile or profile]
         used: list[Plugin] = [handler, *admission, *run.plugins]
@@ -203,10 +203,13 @@ class Director:
             if state.tokens is not None and state.tokens.size >= OFFLOAD_HASH_TOKENS:
                 await self._hash_off_loop(state)
         ctx = self._admit(state)
+        flow = self._holding(state)
+        return self._schedule(ctx) if flow is None else await self._held(flow, state, ctx.now)
+
+    def _holding(self, state: RequestState) -> FlowControl | None:
+        """The flow control that holds this admitted request, or None when it is decided now."""
         flow = self.flow
-        if flow is None or not flow.should_hold(state, self.handler.runs_prefill_legs):
-            return self._schedule(ctx)
-        return await self._held(flow, state, ctx.now)
+        return flow if flow is not None and flow.should_hold(state, self.handler.runs_prefill_legs) else None
 
     async def _held(self, flow: FlowControl, state: RequestState, now: float) -> Decision:
         """Wait for the release of a held request; a client that goes away takes it out of the queue (or, released
@@ -217,8 +220,7 @@ class Director:
             if not fut.done():
                 fut.set_result(result)
 
-        held = flow.hold(state, now, release, state.request.subset is not None)
-        self.stats.flow_queued.set(flow.queued)
+        held = flow.hold(state, now, release)
         if self._ticker is None or self._ticker.done():
             self._ticker = asyncio.get_running_loop().create_task(self._tick(flow), name="flow control")
         try:
@@ -228,7 +230,6 @@ class Director:
                 got = fut.result()
                 if isinstance(got, Decision):
                     self._release(got.state)  # decided, never sent: its load goes back
-            self.stats.flow_queued.set(flow.queued)
             raise
         if isinstance(result, SchedulingError):
             raise result
@@ -265,11 +266,10 @@ class Director:
         (or the error that answers it) from a later ``dispatch_held``. Synchronous (virtual time)."""
         state = self._new_state(request)
         ctx = self._admit(state)
-        flow = self.flow
-        if flow is None or not flow.should_hold(state, self.handler.runs_prefill_legs):
+        flow = self._holding(state)
+        if flow is None:
             return self._schedule(ctx)
-        flow.hold(state, ctx.now, release, request.subset is not None)
-        self.stats.flow_queued.set(flow.queued)
+        flow.hold(state, ctx.now, release)
         return None
 
     def dispatch_held(self) -> int:
@@ -288,7 +288,6 @@ class Director:
             self.stats.flow_wait.observe(now - held.held_at)
             held.release(result)
             n += 1
-        self.stats.flow_queued.set(flow.queued)
         return n
 
     def _decide_held(self, held: Held, for_room: bool, now: float) -> Decision | SchedulingError:

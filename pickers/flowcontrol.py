@@ -77,9 +77,10 @@ class Held:
 class FlowControl:
     """The held requests (bands by priority, each in arrival order) and the room test. See the module docstring."""
 
-    def __init__(self, dl, settings: FlowControlSettings) -> None:
+    def __init__(self, dl, settings: FlowControlSettings, on_count: Callable[[int], None] | None = None) -> None:
         self.dl = dl
         self.settings = settings
+        self._on_count = on_count  # told the held count whenever it changes (the director's gauge)
         self._bands: dict[int, dict[int, Held]] = {}
         self._deadlines: list[tuple[float, int, int]] = []  # (deadline, priority, seq); stale entries skipped
         self._seq = 0
@@ -96,9 +97,11 @@ class FlowControl:
         requests held here are queued as surely as those in the pods' queues."""
         self._count += delta
         self.dl.held_requests = self._count
+        if self._on_count is not None:
+            self._on_count(self._count)
 
     def usable(self) -> tuple[np.ndarray, np.ndarray]:
-        """(Active endpoint slots, per slot of the table: whether it is a healthy decode endpoint with room)."""
+        """Two masks over the endpoint table's slots: a healthy active decode endpoint; and one of those with room."""
         dl = self.dl
         ep = dl.endpoints
         active = ep.active_slots()
@@ -126,15 +129,15 @@ class FlowControl:
             return True
         return not bool(roomy[cands].any())
 
-    def hold(self, state: RequestState, now: float, release: Callable[[Decision | SchedulingError], None],
-             subset: bool) -> Held:
+    def hold(self, state: RequestState, now: float, release: Callable[[Decision | SchedulingError], None]) -> Held:
         limit = self.settings.max_wait_s
         own = state.request.hold_limit_s
         if own is not None:
             limit = min(limit, max(0.0, own))
         self._seq += 1
         prio = state.slo.priority
-        h = Held(state, prio, self._seq, now, now + limit, state.candidates if subset else None, release)
+        subset = state.candidates if state.request.subset is not None else None
+        h = Held(state, prio, self._seq, now, now + limit, subset, release)
         self._bands.setdefault(prio, {})[h.seq] = h
         self._counted(1)
         self.held_total += 1
