@@ -42,7 +42,7 @@ every error message). No section at all gives the ``default`` profile with every
         max_queued: 4096          # past this many held, a request is decided at once
         max_wait_s: 600           # a held request is decided by then, room or not
         tick_ms: 10               # how often the room is re-checked while requests are held
-        room_first: false         # released for room: to a pod with room (opt-in; README "Flow control")
+        room_first: true          # released for room: to a pod with room (README "Flow control")
         cache_loss: 0.25          #    unless that loses more of the prompt's cached tokens than this share
 
 Each endpoint's step token budget (vLLM ``max_num_batched_tokens``) is the endpoint's own

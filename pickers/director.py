@@ -303,32 +303,49 @@ class Director:
             self._rejected(state, e)
             return e
         ctx = CycleContext(state, self.dl, now)
-        if for_room and self.flow is not None and self.flow.settings.room_first:
-            self._to_room(ctx)
+        full = self._to_room(ctx) if for_room else None
         try:
-            return self._schedule(ctx)
+            decision = self._schedule(ctx)
         except SchedulingError as e:  # counted by _schedule
             return e
+        if full is not None:
+            self._fall_back_to_full(decision, full, now)
+        return decision
 
-    def _to_room(self, ctx: CycleContext) -> None:
-        """A request released because a pod has room goes among the pods with room (what late binding is for: the
-        TTFT terms may not tell a pod with an empty queue from one with a short one), unless that would lose more
-        than ``cache_loss`` of its prompt in cached tokens against the warmest candidate. Without token ids (a
-        profile that never tokenizes) nothing is known of caches and the room decides."""
+    def _to_room(self, ctx: CycleContext) -> np.ndarray | None:
+        """With ``room_first``, a request released because a pod has room goes among the pods with room (what late
+        binding is for: the TTFT terms may not tell a pod with an empty queue from one with a short one), unless
+        that would lose more than ``cache_loss`` of its prompt in cached tokens against the warmest candidate.
+        Without token ids (a profile that never tokenizes) nothing is known of caches and the room decides.
+        Returns the pods set aside (for the fallback list), or None when the candidates are left as they were."""
         flow = self.flow
         state = ctx.state
         cands = state.candidates
-        if flow is None or cands is None:
-            return
+        if flow is None or cands is None or not flow.settings.room_first:
+            return None
         _, roomy = flow.usable()
         keep = cands[roomy[cands]]
         if keep.size == 0 or keep.size == cands.size:
-            return
+            return None
         if self.needs_tokens:
             hits = ctx.hit_tokens("auto")
             if float(hits[cands].max() - hits[keep].max()) > flow.settings.cache_loss * ctx.prompt_tokens():
-                return
+                return None
         state.candidates = keep
+        return cands[~roomy[cands]]
+
+    def _fall_back_to_full(self, decision: Decision, full: np.ndarray, now: float) -> None:
+        """The pods without room that ``_to_room`` set aside stay in the fallback list, after the profile's
+        ranking and shortest queue first: the gateway still has somewhere to retry if the pods with room fail."""
+        assert self.flow is not None
+        usable, _ = self.flow.usable()
+        full = full[usable[full]]
+        if full.size:
+            full = full[np.argsort(self.dl.waiting_now(full, now), kind="stable")]
+            seen = set(decision.endpoints)
+            decision.endpoints += [a for a in self.dl.endpoints.addresses(full) if a not in seen]
+            if self.max_fallback:
+                decision.endpoints = decision.endpoints[: self.max_fallback]
 
     def _refresh(self, now: float) -> None:
         """Bring the in-flight load up to ``now``: prefills ended per KV events, predicted first tokens due."""

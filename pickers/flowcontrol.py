@@ -5,10 +5,10 @@ queue behind requests whose output lengths, unknown when they were placed, decid
 queues drift apart, and a request that arrived later on a luckier pod starts first. With it, a request that
 finds every pod's queue full (``DataLayer.waiting_now`` >= ``room`` on each of its candidates) waits here,
 and is decided the moment some pod has room: late binding, the placement made with the fleet as it is when
-the request can start (the flow control of Gateway API Inference Extension and llm-d); the profile places it.
-With ``room_first`` (opt-in) a request released for room is placed among the pods with room, unless one
-without holds much more of its prompt (``cache_loss``). Below the knee some
-pod always has room and nothing is held.
+the request can start (the flow control of Gateway API Inference Extension and llm-d). A request released for
+room is placed among the pods with room (``room_first``), unless one without holds much more of its prompt
+(``cache_loss``); the profile places it there. Room counts only on a pod whose requests succeed: one that fails
+every request fast has an empty queue. Below the knee some pod always has room and nothing is held.
 
 Invariants:
 
@@ -52,11 +52,9 @@ class FlowControlSettings:
     room: float = 1.0  # a pod has room while fewer requests than this wait in its queue
     max_queued: int = 4096
     max_wait_s: float = 600.0
-    # opt-in: a request released for room goes to a pod with room, unless that loses more than ``cache_loss`` of
-    # its prompt in cached tokens against the warmest candidate (then the profile weighs the warm pod's queue).
-    # Off by default: a pod that fails every request fast always looks empty and took the released requests
-    # whenever its ejection lapsed (e2e/test_envoy_outliers.py: 3 % of decisions against the bound 1 %)
-    room_first: bool = False
+    # a request released for room goes to a pod with room, unless that loses more than ``cache_loss`` of its
+    # prompt in cached tokens against the warmest candidate (then the profile weighs the warm pod's queue)
+    room_first: bool = True
     cache_loss: float = 0.25
     tick_s: float = 0.01  # how often a server re-checks the room while requests are held
 
@@ -101,16 +99,21 @@ class FlowControl:
             self._on_count(self._count)
 
     def usable(self) -> tuple[np.ndarray, np.ndarray]:
-        """Two masks over the endpoint table's slots: a healthy active decode endpoint; and one of those with room."""
+        """Two masks over the endpoint table's slots: a healthy active decode endpoint; and one of those with room
+        whose requests succeed (none failed since its last success, not on probation)."""
         dl = self.dl
         ep = dl.endpoints
         active = ep.active_slots()
         usable = np.zeros(ep.slot_count, dtype=bool)
         roomy = np.zeros(ep.slot_count, dtype=bool)
-        ok = active[ep.can_decode[active] & dl.health.healthy[active]]
+        health = dl.health
+        ok = active[ep.can_decode[active] & health.healthy[active]]
         usable[ok] = True
-        if ok.size:
-            roomy[ok] = dl.waiting_now(ok, dl.clock.now()) < self.settings.room
+        # room only on a pod whose last request of ours did not fail and that is not on probation: a pod that
+        # fails every request fast always has an empty queue, and would draw every released request to it
+        proven = ok[(health.request_failures[ok] == 0) & ~health.probation[ok]]
+        if proven.size:
+            roomy[proven] = dl.waiting_now(proven, dl.clock.now()) < self.settings.room
         return usable, roomy
 
     def should_hold(self, state: RequestState, runs_prefill_legs: bool) -> bool:

@@ -259,6 +259,7 @@ def test_room_first_sends_a_request_released_for_room_to_room_unless_that_loses_
         assert s.dispatch_held() == 1
         (d,) = rel.got
         assert isinstance(d, Decision)
+        assert d.endpoints == ["10.0.0.2:8000", "10.0.0.1:8000"]  # the full pod stays a fallback either way
         return d.primary, int(d.state.results[0].cands.size)
 
     assert weighed(0.25, cached=False) == ("10.0.0.2:8000", 1)  # no cache anywhere: only the pod with room
@@ -267,7 +268,7 @@ def test_room_first_sends_a_request_released_for_room_to_room_unless_that_loses_
 
 
 def test_without_room_first_the_profile_weighs_every_pod_for_a_released_request():
-    s, clock = _director()
+    s, clock = _director(room_first=False)
     _scrape(s, clock, [1, 1])
     rel = Released()
     assert s.decide_or_hold(_req("a"), rel) is None
@@ -275,3 +276,33 @@ def test_without_room_first_the_profile_weighs_every_pod_for_a_released_request(
     assert s.dispatch_held() == 1
     (d,) = rel.got
     assert isinstance(d, Decision) and d.state.results[0].cands.size == 2
+
+
+def test_a_pod_whose_last_request_failed_has_no_room_until_one_succeeds_there():
+    """A pod that fails every request fast always has an empty queue: its room must not draw held requests."""
+    s, clock = _director()
+    _scrape(s, clock, [5, 0])
+    bad = s.decide(_req("a"))
+    assert bad.primary == "10.0.0.2:8000"
+    s.on_failed(bad, "http 500", clock.now())  # one pod fault: not ejected yet (threshold 3), but unproven
+    _scrape(s, clock, [1, 0])
+    rel = Released()
+    assert s.decide_or_hold(_req("b"), rel) is None  # pod 2's empty queue is no room while it fails
+    assert s.dispatch_held() == 0 and not rel.got
+    good = s.decide(_req("c"))  # decided whatever the room; pod 2 serves it
+    assert good.primary == "10.0.0.2:8000"
+    s.on_first_token(good, clock.now())
+    assert not rel.got
+    s.on_finished(good, Usage(64, 8), clock.now())  # a success there: its room counts again, and an end
+    (d,) = rel.got  # releases what is held (the director's hooks dispatch)
+    assert isinstance(d, Decision) and d.primary == "10.0.0.2:8000"
+
+
+def test_a_pod_on_probation_has_no_room():
+    s, clock = _director()
+    slot = s.dl.endpoints.slot("10.0.0.2:8000")
+    s.dl.health.probation[slot] = True  # its ejection ran out: eligible for one probe, not for the room test
+    _scrape(s, clock, [1, 0])
+    usable, roomy = s.flow.usable()
+    assert usable[slot] and not roomy[slot]
+    assert s.decide_or_hold(_req("a"), Released()) is None
