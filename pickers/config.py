@@ -44,6 +44,8 @@ every error message). No section at all gives the ``default`` profile with every
         tick_ms: 10               # how often the room is re-checked while requests are held
         room_first: true          # released for room: to a pod with room (README "Flow control")
         cache_loss: 0.25          #    unless that loses more of the prompt's cached tokens than this share
+        window: 64                # released for room: one of the 64 oldest held may pass the oldest
+        pass_ratio: 4             #    when its prefill is under 1/4 of the oldest's (1 window: arrival order)
 
 Each endpoint's step token budget (vLLM ``max_num_batched_tokens``) is the endpoint's own
 ``max_num_batched_tokens`` or, when unset, what engine.presets deploys for its model, accelerator and role.
@@ -277,7 +279,8 @@ def build_scheduler(
     slo = _slo_policy(cfg, admission)
     fp = f"{ROOT}.flow_control"
     f = _mapping(fp, cfg.get("flow_control"))
-    _keys(fp, f, {"enabled", "room", "max_queued", "max_wait_s", "tick_ms", "room_first", "cache_loss"})
+    _keys(fp, f, {"enabled", "room", "max_queued", "max_wait_s", "tick_ms", "room_first", "cache_loss", "window",
+                  "pass_ratio"})
     fd = FlowControlSettings()
     flow = FlowControlSettings(
         enabled=_get(fp, f, "enabled", Param((bool, type(None)), None)),
@@ -287,6 +290,8 @@ def build_scheduler(
         tick_s=_get(fp, f, "tick_ms", Param(float, fd.tick_s * 1e3, min=1.0, max=10_000.0)) / 1e3,
         room_first=_get(fp, f, "room_first", Param(bool, fd.room_first)),
         cache_loss=_get(fp, f, "cache_loss", Param(float, fd.cache_loss, min=0.0, max=1.0)),
+        window=_get(fp, f, "window", Param(int, fd.window, min=1, max=4096)),
+        pass_ratio=_get(fp, f, "pass_ratio", Param(float, fd.pass_ratio, min=1.0, max=1e6)),
     )
 
     stats = scheduler_metrics(registry)

@@ -204,14 +204,14 @@ class Director:
                 await self._hash_off_loop(state)
         ctx = self._admit(state)
         flow = self._holding(state)
-        return self._schedule(ctx) if flow is None else await self._held(flow, state, ctx.now)
+        return self._schedule(ctx) if flow is None else await self._held(flow, ctx)
 
     def _holding(self, state: RequestState) -> FlowControl | None:
         """The flow control that holds this admitted request, or None when it is decided now."""
         flow = self.flow
         return flow if flow is not None and flow.should_hold(state, self.handler.runs_prefill_legs) else None
 
-    async def _held(self, flow: FlowControl, state: RequestState, now: float) -> Decision:
+    async def _held(self, flow: FlowControl, ctx: CycleContext) -> Decision:
         """Wait for the release of a held request; a client that goes away takes it out of the queue (or, released
         already, gives its decision's load back)."""
         fut: asyncio.Future[Decision | SchedulingError] = asyncio.get_running_loop().create_future()
@@ -220,7 +220,7 @@ class Director:
             if not fut.done():
                 fut.set_result(result)
 
-        held = flow.hold(state, now, release)
+        held = flow.hold(ctx.state, ctx.now, release, self._prefill_work(ctx))
         if self._ticker is None or self._ticker.done():
             self._ticker = asyncio.get_running_loop().create_task(self._tick(flow), name="flow control")
         try:
@@ -269,8 +269,17 @@ class Director:
         flow = self._holding(state)
         if flow is None:
             return self._schedule(ctx)
-        flow.hold(state, ctx.now, release)
+        flow.hold(state, ctx.now, release, self._prefill_work(ctx))
         return None
+
+    def _prefill_work(self, ctx: CycleContext) -> float:
+        """The prompt tokens of this request that no candidate holds: its prefill where it is warmest, as the
+        caches are now (a profile that never tokenizes knows no caches: the whole prompt, estimated)."""
+        prompt = float(ctx.prompt_tokens())
+        cands = ctx.state.candidates
+        if not self.needs_tokens or cands is None or cands.size == 0:
+            return prompt
+        return prompt - float(ctx.hit_tokens("auto")[cands].max())
 
     def dispatch_held(self) -> int:
         """Decide every held request that may go now (room, deadline, nothing left to serve it), one at a time:

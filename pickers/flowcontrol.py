@@ -57,6 +57,10 @@ class FlowControlSettings:
     room_first: bool = True
     cache_loss: float = 0.25
     tick_s: float = 0.01  # how often a server re-checks the room while requests are held
+    # released for room: the oldest held request, unless one of the next ``window - 1`` needs under 1/``pass_ratio``
+    # of its prefill (the smallest such goes first); a request is passed over at most ``window`` times. 1: arrival order
+    window: int = 64
+    pass_ratio: float = 4.0
 
 
 @dataclass(slots=True, eq=False)
@@ -70,6 +74,8 @@ class Held:
     deadline: float
     subset: np.ndarray | None  # its candidate slots when the gateway's hint narrowed them; None: every endpoint
     release: Callable[[Decision | SchedulingError], None]
+    work: float = 0.0  # its prefill when it was held: prompt tokens no candidate holds (the director's estimate)
+    passed: int = 0  # how many requests that arrived after it went before it
 
 
 class FlowControl:
@@ -132,7 +138,8 @@ class FlowControl:
             return True
         return not bool(roomy[cands].any())
 
-    def hold(self, state: RequestState, now: float, release: Callable[[Decision | SchedulingError], None]) -> Held:
+    def hold(self, state: RequestState, now: float, release: Callable[[Decision | SchedulingError], None],
+             work: float = 0.0) -> Held:
         limit = self.settings.max_wait_s
         own = state.request.hold_limit_s
         if own is not None:
@@ -140,7 +147,7 @@ class FlowControl:
         self._seq += 1
         prio = state.slo.priority
         subset = state.candidates if state.request.subset is not None else None
-        h = Held(state, prio, self._seq, now, now + limit, subset, release)
+        h = Held(state, prio, self._seq, now, now + limit, subset, release, work)
         self._bands.setdefault(prio, {})[h.seq] = h
         self._counted(1)
         self.held_total += 1
@@ -179,11 +186,43 @@ class FlowControl:
                     self._pop(prio, seq)
                     return h, "unservable"
                 if roomy[slots].any():
-                    self._pop(prio, seq)
+                    if self.settings.window > 1 and h.subset is None:
+                        h = self._overtaker(self._bands[prio], h)
+                    self._pop(prio, h.seq)
                     return h, "room"
                 if h.subset is None:
                     break  # everyone behind it in this band wants the same pods
         return None
+
+    def _overtaker(self, band: dict[int, Held], head: Held) -> Held:
+        """Which request goes for room: ``head`` (the oldest of its band that may go), or the one with the least
+        prefill among the next ``window - 1`` if it needs under 1/``pass_ratio`` of the head's. Past the knee a
+        long prompt in front holds up every short one behind it for the length of its prefill; letting the much
+        shorter ones go first shortens most waits by more than it lengthens the long one's (shortest job first,
+        which lowers the mean and the p90 of the queueing delay). The ratio keeps requests of about the same size
+        in arrival order (a turn of a conversation does not pass its peers for a few cached tokens), and the
+        bound on passes keeps the long ones from starving: a request passed over ``window`` times goes next."""
+        settings = self.settings
+        if head.passed >= settings.window:
+            return head
+        best = head
+        seen = 0
+        for h in band.values():
+            if h.seq <= head.seq or h.subset is not None:
+                continue  # older ones are not ready (subset without room); a subset's room is its own
+            if h.work < best.work:
+                best = h
+            seen += 1
+            if seen >= settings.window - 1:
+                break
+        if best is head or best.work * settings.pass_ratio > head.work:
+            return head
+        for h in band.values():
+            if h.seq >= best.seq:
+                break
+            if h.seq >= head.seq and h.subset is None:
+                h.passed += 1
+        return best
 
     def next_deadline(self) -> float:
         return self._deadlines[0][0] if self._deadlines else math.inf

@@ -178,6 +178,8 @@ def test_a_held_request_whose_pods_are_gone_gets_its_503_at_once():
     ({"enabled": "yes"}, "scheduler.flow_control.enabled"),
     ({"queue": 3}, "scheduler.flow_control.queue"),
     ({"cache_loss": 1.5}, "scheduler.flow_control.cache_loss"),
+    ({"window": 0}, "scheduler.flow_control.window"),
+    ({"pass_ratio": 0.5}, "scheduler.flow_control.pass_ratio"),
 ])
 def test_bad_settings_name_their_path(flow, path):
     with pytest.raises(ConfigError, match=path.replace(".", r"\.")):
@@ -306,3 +308,48 @@ def test_a_pod_on_probation_has_no_room():
     usable, roomy = s.flow.usable()
     assert usable[slot] and not roomy[slot]
     assert s.decide_or_hold(_req("a"), Released()) is None
+
+
+def _sized(rid: str, tokens: int):
+    """A request with a prompt of ``tokens`` tokens of its own (nothing cached anywhere)."""
+    base = 100_000 * (ord(rid[0]) - ord("a") + 1)
+    return request(rid, list(range(base, base + tokens)), max_tokens=8)
+
+
+def _release_order(s, clock, rids: list[str], rel: Released) -> list[str]:
+    """Open room on pod 2 once per held request (a fresh scrape each time); the order they went in."""
+    for _ in rids:
+        _scrape(s, clock, [1, 0])
+        assert s.dispatch_held() == 1
+    return [d.state.request.request_id for d in rel.got]
+
+
+def test_a_much_shorter_prefill_passes_the_oldest_held_one_and_a_similar_one_does_not():
+    s, clock = _director()
+    _scrape(s, clock, [1, 1])
+    rel = Released()
+    sizes = {"a": 2048, "b": 1024, "c": 256, "d": 128}  # b is half of a: not short enough to pass it
+    for rid, n in sizes.items():
+        assert s.decide_or_hold(_sized(rid, n), rel) is None
+    # d (1/16 of a) goes first, then c; b stays behind a (1/2 of it); with a gone, b is alone
+    assert _release_order(s, clock, list(sizes), rel) == ["d", "c", "a", "b"]
+
+
+def test_arrival_order_with_a_window_of_one():
+    s, clock = _director(window=1)
+    _scrape(s, clock, [1, 1])
+    rel = Released()
+    for rid, n in {"a": 2048, "b": 64}.items():
+        assert s.decide_or_hold(_sized(rid, n), rel) is None
+    assert _release_order(s, clock, ["a", "b"], rel) == ["a", "b"]
+
+
+def test_a_long_prefill_is_passed_over_at_most_window_times():
+    s, clock = _director(window=3)
+    _scrape(s, clock, [1, 1])
+    rel = Released()
+    rids = ["a", "b", "c", "d", "e", "f"]
+    for rid in rids:
+        assert s.decide_or_hold(_sized(rid, 4096 if rid == "a" else 64), rel) is None
+    # every short one is 1/64 of a: b, c and d pass it; passed three times, a goes before e and f
+    assert _release_order(s, clock, rids, rel) == ["b", "c", "d", "a", "e", "f"]
