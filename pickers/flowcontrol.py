@@ -16,9 +16,11 @@ Invariants:
   would without flow control: nothing is rejected for want of room here.
 - A held request is decided at the latest ``max_wait_s`` after it was held, or by its own
   ``InferenceRequest.hold_limit_s`` (the gateway's deadline for the routing answer), room or not.
-- Release order: higher priority first, then arrival. A request whose candidates (the gateway's subset
-  hint) have no room does not hold up one behind it whose candidates do; one whose candidates have no
-  healthy decode pod left is released at once (its decision answers with the 503).
+- Release order: higher priority first, then arrival, except that within a band a request with under
+  1/``pass_ratio`` of the oldest's prefill may go before it, and no request is passed over more than ``window``
+  times. A request whose candidates (the gateway's subset hint) have no room does not hold up one behind it
+  whose candidates do; one whose candidates have no healthy decode pod left is released at once (its decision
+  answers with the 503).
 - Never held: requests with latency targets (admission and the slo-fit scorer weigh their wait on each pod,
   which a queue here would hide from them), and requests of a handler that runs prefill legs (room there is
   the prefill pool's; not modelled yet).
@@ -201,9 +203,9 @@ class FlowControl:
         shorter ones go first shortens most waits by more than it lengthens the long one's (shortest job first,
         which lowers the mean and the p90 of the queueing delay). The ratio keeps requests of about the same size
         in arrival order (a turn of a conversation does not pass its peers for a few cached tokens), and the
-        bound on passes keeps the long ones from starving: a request passed over ``window`` times goes next."""
+        bound on passes keeps the long ones from starving: no request is passed over more than ``window`` times."""
         settings = self.settings
-        if head.passed >= settings.window:
+        if head.passed >= settings.window:  # the oldest has been passed over most: every pass passes it too
             return head
         best = head
         seen = 0

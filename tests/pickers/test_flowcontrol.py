@@ -353,3 +353,19 @@ def test_a_long_prefill_is_passed_over_at_most_window_times():
         assert s.decide_or_hold(_sized(rid, 4096 if rid == "a" else 64), rel) is None
     # every short one is 1/64 of a: b, c and d pass it; passed three times, a goes before e and f
     assert _release_order(s, clock, rids, rel) == ["b", "c", "d", "a", "e", "f"]
+
+
+def test_no_request_is_passed_over_more_than_window_times():
+    rng = np.random.default_rng(7)
+    sizes = {f"r{i:02d}": int(rng.choice([64, 512, 4096, 16384])) for i in range(40)}
+    s, clock = _director(window=4)
+    _scrape(s, clock, [1, 1])
+    rel = Released()
+    for rid, n in sizes.items():
+        req = request(rid, list(range(1_000_000 * int(rid[1:]) + 1, 1_000_000 * int(rid[1:]) + 1 + n)), max_tokens=8)
+        assert s.decide_or_hold(req, rel) is None
+    order = _release_order(s, clock, list(sizes), rel)
+    assert sorted(order) == sorted(sizes)
+    went = {rid: i for i, rid in enumerate(order)}
+    passed = {rid: sum(went[o] < went[rid] for o in sizes if o > rid) for rid in sizes}  # later ones gone first
+    assert max(passed.values()) == 4  # the bound is reached (the 16K prompts) and never exceeded
