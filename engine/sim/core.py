@@ -39,9 +39,11 @@ pool is short of blocks the newest running request is preempted (recompute: its 
 it goes to the front of the waiting queue). If nothing was preempted, waiting requests are admitted
 in FCFS order while the token budget, ``max_num_seqs`` and free blocks allow; a new request first
 takes the longest cached prefix (at most ``num_tokens - 1`` tokens, as vLLM recomputes the last
-token). Full blocks are committed (hashed, BlockStored) as soon as their tokens are computed, output
-blocks included. Prefill/decode disaggregation follows NixlConnector: ``do_remote_decode`` (roles
-prefill/both) finishes after the first token and holds all its blocks until ``release_remote`` or
+token). Full blocks are committed (hashed, BlockStored) when the step that computes their last tokens is
+scheduled, output blocks included, as vLLM's ``allocate_slots`` caches them: a request admitted later in the
+same step hits the blocks an earlier one is computing (two waiting requests with a new prefix compute it
+once). Prefill/decode disaggregation follows NixlConnector: ``do_remote_decode`` (roles prefill/both)
+finishes after the first token and holds all its blocks until ``release_remote`` or
 ``kv_transfer_timeout_s``; ``do_remote_prefill`` (roles decode/both) allocates blocks for the
 prompt, charges ``cost.transfer_time(prompt tokens not cached locally, link)`` without occupying the
 GPU, then commits the pulled blocks (BlockStored on this pod too) and recomputes only the last token.
@@ -500,6 +502,7 @@ class EngineCore:
             if not scheduled:
                 break
             sched.append((r, n))
+            self._commit(r, n)
             budget -= n + look
             i += 1
         if not preempted:
@@ -570,6 +573,7 @@ class EngineCore:
             r.status = RUNNING
             self._running.append(r)
             sched.append((r, n))
+            self._commit(r, n)
             budget -= n
         return budget
 
@@ -634,10 +638,13 @@ class EngineCore:
         self._waiting.appendleft(r)
         self.num_preemptions += 1
 
-    def _commit(self, r: _Req) -> None:
-        """Hash and commit every block of ``r`` whose tokens are all computed."""
+    def _commit(self, r: _Req, scheduled: int = 0) -> None:
+        """Hash and commit every block of ``r`` whose tokens are all computed, or scheduled to be (``scheduled``
+        more tokens in the step being built). As vLLM's ``allocate_slots`` caches the blocks a step will fill
+        when it schedules them, a request scheduled after ``r`` in the same step already hits them: two
+        requests that wait with the same prompt prefix share it even when one step starts both."""
         bs = self.block_size
-        full = min(r.num_computed, r.num_tokens) // bs
+        full = min(r.num_computed + scheduled, r.num_tokens) // bs
         if full <= r.committed:
             return
         hashes = r.hashes

@@ -56,6 +56,30 @@ def test_second_request_hits_the_prefix_and_is_faster():
     assert s.kv_usage == 0.0 and s.num_running == 0
 
 
+def test_requests_one_step_starts_share_the_prefix_the_first_is_computing():
+    """vLLM's ``allocate_slots`` caches the blocks a step will fill when it schedules them (``cache_blocks`` with
+    the computed tokens plus the step's new ones), so a request scheduled after another in the same step hits
+    the blocks that one is computing: two waiting requests with one new prefix compute it once."""
+    c = core()
+    c.add_request(SimRequest("a", prompt(2048), 4, arrival=0.0))
+    c.add_request(SimRequest("b", prompt(2048), 4, arrival=0.0))
+    first = c.step(0.0)
+    assert not first.idle
+    _, outs = run(c, first.end)
+    for o in first.outputs:
+        outs.setdefault(o.request_id, []).insert(0, o)
+    assert outs["a"][-1].num_cached_tokens == 0
+    assert outs["b"][-1].num_cached_tokens == 2032  # all but the last block, as from a finished request
+    assert (c.stats().prefix_queries, c.stats().prefix_hits) == (4096, 2032)
+    # a chunk scheduled in the step covers only the tokens of that chunk: with a 512-token budget the second
+    # request starts once the first's chunks are scheduled, and hits what they cover by then
+    c = core(max_num_batched_tokens=512)
+    c.add_request(SimRequest("a", prompt(2048, base=7), 4, arrival=0.0))
+    c.add_request(SimRequest("b", prompt(2048, base=7), 4, arrival=0.0))
+    _, outs = run(c, 0.0)
+    assert outs["a"][-1].num_cached_tokens == 0 and outs["b"][-1].num_cached_tokens == 2032
+
+
 def test_chunked_prefill_respects_the_token_budget():
     c = core(max_num_batched_tokens=512)
     c.add_request(SimRequest("a", prompt(1300), 2))
