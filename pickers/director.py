@@ -326,13 +326,14 @@ class Director:
         binding is for: the TTFT terms may not tell a pod with an empty queue from one with a short one), unless
         that would lose more than ``cache_loss`` of its prompt in cached tokens against the warmest candidate.
         Without token ids (a profile that never tokenizes) nothing is known of caches and the room decides.
-        Returns the pods set aside (for the fallback list), or None when the candidates are left as they were."""
+        Returns the healthy pods set aside (for the fallback list), or None when the candidates are left as they
+        were."""
         flow = self.flow
         state = ctx.state
         cands = state.candidates
         if flow is None or cands is None or not flow.settings.room_first:
             return None
-        _, roomy = flow.usable()
+        usable, roomy = flow.usable()
         keep = cands[roomy[cands]]
         if keep.size == 0 or keep.size == cands.size:
             return None
@@ -341,14 +342,11 @@ class Director:
             if float(hits[cands].max() - hits[keep].max()) > flow.settings.cache_loss * ctx.prompt_tokens():
                 return None
         state.candidates = keep
-        return cands[~roomy[cands]]
+        return cands[usable[cands] & ~roomy[cands]]
 
     def _fall_back_to_full(self, decision: Decision, full: np.ndarray, now: float) -> None:
-        """The pods without room that ``_to_room`` set aside stay in the fallback list, after the profile's
+        """The healthy pods without room that ``_to_room`` set aside stay in the fallback list, after the profile's
         ranking and shortest queue first: the gateway still has somewhere to retry if the pods with room fail."""
-        assert self.flow is not None
-        usable, _ = self.flow.usable()
-        full = full[usable[full]]
         if full.size:
             full = full[np.argsort(self.dl.waiting_now(full, now), kind="stable")]
             seen = set(decision.endpoints)

@@ -76,7 +76,7 @@ class Held:
     deadline: float
     subset: np.ndarray | None  # its candidate slots when the gateway's hint narrowed them; None: every endpoint
     release: Callable[[Decision | SchedulingError], None]
-    work: float = 0.0  # its prefill when it was held: prompt tokens no candidate holds (the director's estimate)
+    work: float  # its prefill when it was held: prompt tokens no candidate holds (the director's estimate)
     passed: int = 0  # how many requests that arrived after it went before it
 
 
@@ -141,7 +141,7 @@ class FlowControl:
         return not bool(roomy[cands].any())
 
     def hold(self, state: RequestState, now: float, release: Callable[[Decision | SchedulingError], None],
-             work: float = 0.0) -> Held:
+             work: float) -> Held:
         limit = self.settings.max_wait_s
         own = state.request.hold_limit_s
         if own is not None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 ENV_VAR = "KVSWITCH_VLLM_PYTHON"
@@ -39,3 +42,12 @@ def require_vllm() -> Path:
     if in_ci():
         pytest.fail(reason + " [CI=true: tests marked vllm must run]", pytrace=False)
     pytest.skip(reason)
+
+
+def facts_from(script: Path, timeout: float = 600.0) -> dict[str, Any]:
+    """Run ``script`` with vLLM's python (``require_vllm``) and return the JSON object on its last stdout line:
+    the facts a test reads from vLLM's own code, in vLLM's own environment."""
+    proc = subprocess.run([str(require_vllm()), str(script)], capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    facts: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return facts

@@ -9,14 +9,12 @@ simulator copies. A change in any of them in a later vLLM fails here.
 from __future__ import annotations
 
 import base64
-import json
-import subprocess
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from e2e.vllmcpu.env import require_vllm
+from e2e.vllmcpu.env import facts_from
 from engine.sim.kvevents import decode_batch
 from engine.sim.metrics import PodMetrics
 from engine.sim.server import RANK_HEADER
@@ -31,10 +29,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "e2e" / "vllmcpu" / "dp_facts_scr
 
 @pytest.fixture(scope="module")
 def facts() -> dict:
-    python = require_vllm()
-    proc = subprocess.run([str(python), str(SCRIPT)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return facts_from(SCRIPT)
 
 
 def test_rank_header_name_and_parsing(facts):

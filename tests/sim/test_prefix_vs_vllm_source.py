@@ -12,14 +12,12 @@ compared with the simulator on the same scenario. A later vLLM that caches block
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from e2e.vllmcpu.env import require_vllm
+from e2e.vllmcpu.env import facts_from
 from engine.costmodel import CostModel
 from engine.sim.core import EngineConfig, EngineCore, SimRequest
 
@@ -31,10 +29,7 @@ COST = CostModel("llama-3.1-8b", "H100")
 
 @pytest.fixture(scope="module")
 def facts() -> dict:
-    python = require_vllm()
-    proc = subprocess.run([str(python), str(SCRIPT)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return facts_from(SCRIPT)
 
 
 def _prompt(n: int) -> np.ndarray:
