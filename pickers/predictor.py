@@ -99,29 +99,34 @@ class Predictor:
             dl.endpoints.listen(self.correction.on_endpoint)
         self._const: tuple[np.ndarray, np.ndarray] | None = None  # _constants
 
+    def queued_tokens(self, slots: np.ndarray, fresh: np.ndarray) -> np.ndarray:
+        """Q_p per slot of ``slots``: prompt tokens queued ahead of a new request (``fresh``: the slots whose
+        /metrics are fresh)."""
+        dl = self.dl
+        inflight = dl.inflight
+        waiting = np.where(fresh, dl.metrics.waiting[slots], 0.0)
+        # Own requests counted exactly, the rest at the mean prompt. Not max(own, waiting x mean): that took
+        # a pod holding many short waiting requests for one holding as many average ones, so past the knee
+        # long prompts piled onto the pods whose queues were really longer (one pod took 37 % of the
+        # requests of an overloaded fleet; tests/sim/test_overload_balance.py). A decode-role pod's waiting
+        # requests are mostly P/D requests waiting for their KV (no prefill there): they do not count.
+        per = np.where(dl.endpoints.can_prefill[slots], self.settings.waiting_prompt_tokens or self.mean_prompt, 0.0)
+        return inflight.prefill_tokens[slots] + np.maximum(waiting - inflight.prefill_requests[slots], 0.0) * per
+
     def predict(self, ctx: CycleContext, mode: PrefixMode) -> Prediction:
         dl, s = self.dl, self.settings
         slots = dl.endpoints.active_slots()
         n = dl.endpoints.slot_count
         p = float(ctx.prompt_tokens())
         self.mean_prompt += 0.01 * (p - self.mean_prompt)
-        per_waiting = s.waiting_prompt_tokens or self.mean_prompt
         k = slots.size
         if not k:
             ttft, wait, prefill, tpot = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
             return self._corrected(n, Prediction(mode, ttft, wait, prefill, tpot, np.zeros(n), np.zeros(n),
                                                  np.zeros(n)))
-        inflight = dl.inflight
         fresh = dl.fresh(slots, ctx.now)  # once per decision: the queue, the running decodes, the KV wait
+        q = self.queued_tokens(slots, fresh)
         waiting = np.where(fresh, dl.metrics.waiting[slots], 0.0)
-        pre_req = inflight.prefill_requests[slots]
-        # Own requests counted exactly, the rest at the mean prompt. Not max(own, waiting x mean): that took
-        # a pod holding many short waiting requests for one holding as many average ones, so past the knee
-        # long prompts piled onto the pods whose queues were really longer (one pod took 37 % of the
-        # requests of an overloaded fleet; tests/sim/test_overload_balance.py). A decode-role pod's waiting
-        # requests are mostly P/D requests waiting for their KV (no prefill there): they do not count.
-        per = np.where(dl.endpoints.can_prefill[slots], per_waiting, 0.0)
-        q = inflight.prefill_tokens[slots] + np.maximum(waiting - pre_req, 0.0) * per
         budget = dl.costs.budget[slots]
         run = dl.running(slots, ctx.now, fresh)
         r = np.minimum(run, 0.9 * budget)
