@@ -38,7 +38,9 @@ every error message). No section at all gives the ``default`` profile with every
       prefill_end_from_kv_events: false   # access-log mode: end a prefill at its pod's KV event (director.py)
       flow_control:               # hold requests in the picker while no pod has room (pickers/flowcontrol.py)
         enabled: null             # null: the profile's own `flow_control` (the default profile: true)
-        room: 1                   # a pod has room while fewer requests than this wait in its queue
+        room: 1                   # a pod has room while fewer requests than this wait in its queue,
+        step_share: 0.75          #    or while its next step takes its queue, a mean prompt and its decodes
+                                  #    within this share of its token budget (with KV and a slot; 0: off)
         max_queued: 4096          # past this many held, a request is decided at once
         max_wait_s: 600           # a held request is decided by then, room or not
         tick_ms: 10               # how often the room is re-checked while requests are held
@@ -280,7 +282,7 @@ def build_scheduler(
     fp = f"{ROOT}.flow_control"
     f = _mapping(fp, cfg.get("flow_control"))
     _keys(fp, f, {"enabled", "room", "max_queued", "max_wait_s", "tick_ms", "room_first", "cache_loss", "window",
-                  "pass_ratio"})
+                  "pass_ratio", "step_share"})
     fd = FlowControlSettings()
     flow = FlowControlSettings(
         enabled=_get(fp, f, "enabled", Param((bool, type(None)), None)),
@@ -292,6 +294,7 @@ def build_scheduler(
         cache_loss=_get(fp, f, "cache_loss", Param(float, fd.cache_loss, min=0.0, max=1.0)),
         window=_get(fp, f, "window", Param(int, fd.window, min=1, max=4096)),
         pass_ratio=_get(fp, f, "pass_ratio", Param(float, fd.pass_ratio, min=1.0, max=1e6)),
+        step_share=_get(fp, f, "step_share", Param(float, fd.step_share, min=0.0, max=1.0)),
     )
 
     stats = scheduler_metrics(registry)

@@ -40,6 +40,7 @@ from typing import Literal
 
 import numpy as np
 
+from pickers.kvwait import kv_held
 from pickers.state import RequestState
 from pickers.types import Decision, SchedulingError
 
@@ -63,6 +64,9 @@ class FlowControlSettings:
     # of its prefill (the smallest such goes first); a request is passed over at most ``window`` times. 1: arrival order
     window: int = 64
     pass_ratio: float = 4.0
+    # a pod also has room while its next step could start its queued prompts and a mean one beside its running
+    # decodes within this share of its step budget, with KV for them and a free sequence slot (0: count only)
+    step_share: float = 0.75
 
 
 @dataclass(slots=True, eq=False)
@@ -121,8 +125,32 @@ class FlowControl:
         # fails every request fast always has an empty queue, and would draw every released request to it
         proven = ok[(health.request_failures[ok] == 0) & ~health.probation[ok]]
         if proven.size:
-            roomy[proven] = dl.waiting_now(proven, dl.clock.now()) < self.settings.room
+            now = dl.clock.now()
+            room = dl.waiting_now(proven, now) < self.settings.room
+            if not room.any():
+                dl.saturated_at = now  # a queue on every pod: past the knee (pickers/plugins/score_replicate.py)
+            if self.settings.step_share > 0.0:
+                room |= self._step_room(proven, now)
+            roomy[proven] = room
         return usable, roomy
+
+    def _step_room(self, slots: np.ndarray, now: float) -> np.ndarray:
+        """Per slot of ``slots``: the pod's next step would start what is queued there and a mean prompt (the
+        predictor's Q_p + P) beside its running decodes within ``step_share`` of its token budget, its KV cache
+        has room for those prompts, and it has a free sequence slot. A request sent there then starts in that
+        step, as one sent to an empty queue would; counting waiting requests alone caps the pool's admissions
+        at about one per pod per scrape (a request sent counts as waiting until its first token)."""
+        dl = self.dl
+        fresh = dl.fresh(slots, now)
+        queued = dl.predictor.queued_tokens(slots, fresh) + dl.predictor.mean_prompt
+        running = dl.running(slots, now, fresh)
+        cap, held, _ = kv_held(dl, slots, fresh, running)
+        costs = dl.costs
+        # KV for the queued prompts, a mean one and what the requests in flight will still write (half their
+        # expected outputs, as pickers/kvwait.py counts them): a full cache preempts
+        kv = queued + 0.5 * dl.inflight.decode_tokens[slots] <= cap - held
+        return ((queued + running <= self.settings.step_share * costs.budget[slots])
+                & kv & (running < costs.max_seqs[slots]))
 
     def should_hold(self, state: RequestState, runs_prefill_legs: bool) -> bool:
         """Whether this admitted request waits: requests of its priority or higher are held already, or none of

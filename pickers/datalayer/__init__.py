@@ -14,6 +14,7 @@ Feed it directly in virtual time or tests::
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -85,6 +86,7 @@ class DataLayer:
         self.costs = CostTable(n)
         # requests the director's flow control holds (pickers/flowcontrol.py): queued for the pool as a whole
         self.held_requests = 0
+        self.saturated_at = -math.inf  # when flow control last found a queue on every pod: past the knee then
         self.approx = BlockIndex(s.approx_max_blocks, ("GPU",), max_pods=64, per_pod_cap=None)
         self.approx_pod_cap = np.full(n, s.approx_pod_blocks, dtype=np.int64)
         self.kv_index = PreciseIndex(ep.slot, ep.address, s.precise_max_blocks, s.medium_weights, 64,

@@ -18,14 +18,18 @@ OBJECTIVES = {"urgent": {"priority": 5}, "batch": {"priority": -1}, "fast": {"tt
 
 
 def _director(**flow):
+    """Two pods; room counted in waiting requests only (``step_share`` 0) unless ``flow`` says otherwise: the
+    step's room has its own tests (``test_step_room_*``)."""
+    flow.setdefault("step_share", 0.0)
     s, clock = scheduler({"flow_control": flow, "objectives": OBJECTIVES}, eps=endpoints(2))
     return s, clock
 
 
-def _scrape(s, clock, waiting: list[float]) -> None:
+def _scrape(s, clock, waiting: list[float], running: float = 4, kv_usage: float = 0.3) -> None:
     """Every pod scraped now, with these waiting counts (fresh metrics)."""
     for i, w in enumerate(waiting):
-        s.dl.metrics.update(f"10.0.0.{i + 1}:8000", PodMetrics(waiting=w, running=4, kv_usage=0.3), clock.now())
+        s.dl.metrics.update(f"10.0.0.{i + 1}:8000", PodMetrics(waiting=w, running=running, kv_usage=kv_usage),
+                            clock.now())
 
 
 def _req(rid: str, objective: str | None = None):
@@ -59,6 +63,58 @@ def test_the_default_profile_holds_only_while_every_pod_is_full():
     (d,) = rel.got
     assert isinstance(d, Decision) and d.primary == "10.0.0.2:8000"  # placed where the room is, when it is
     assert s.dl.inflight.requests[s.dl.endpoints.slot(d.primary)] == 1
+
+
+def test_step_room_a_pod_whose_next_step_takes_its_queue_and_one_more_prompt_has_room():
+    """Default ``step_share`` 0.75 of the 8,192-token budget: 6,144 tokens for the queued prompts (waiting x the
+    mean prompt, 1,024 tokens before any request moves it), a mean prompt and the running decodes (4)."""
+    s, clock = scheduler({"flow_control": {}}, eps=endpoints(2))
+    assert s.flow is not None and s.flow.settings.step_share == 0.75
+    _scrape(s, clock, [2, 6])  # 3,076 tokens fit; 7,172 do not
+    d = s.decide_or_hold(_req("a"), Released())
+    assert isinstance(d, Decision) and d.primary == "10.0.0.1:8000"
+    assert s.dl.saturated_at == clock.now()  # every pod had a request waiting: the pool is past its knee
+    _scrape(s, clock, [6, 6])
+    rel = Released()
+    assert s.decide_or_hold(_req("b"), rel) is None and s.flow.queued == 1
+    _scrape(s, clock, [6, 1])
+    assert s.dispatch_held() == 1 and rel.got[0].primary == "10.0.0.2:8000"
+
+
+@pytest.mark.parametrize(("why", "waiting", "running", "kv_usage"), [
+    ("KV cache full: no room for the queued prompts", 1, 4, 0.999),
+    ("every sequence slot taken (max_num_seqs 256)", 1, 256, 0.3),
+    ("the queue fills the step: 6 x 1,024 + 1,024 + 4 > 6,144", 6, 4, 0.3),
+])
+def test_step_room_needs_kv_a_sequence_slot_and_budget(why, waiting, running, kv_usage):
+    s, clock = scheduler({"flow_control": {}}, eps=endpoints(2))
+    _scrape(s, clock, [waiting, waiting], running=running, kv_usage=kv_usage)
+    assert s.decide_or_hold(_req("a"), Released()) is None, why
+    s, clock = scheduler({"flow_control": {}}, eps=endpoints(2))
+    _scrape(s, clock, [1, 1])  # one waiting with KV, slots and budget to spare: decided at once
+    assert isinstance(s.decide_or_hold(_req("a"), Released()), Decision)
+
+
+def test_step_room_keeps_kv_for_what_the_requests_in_flight_will_still_write():
+    """At 97 % KV use (12,345 tokens free of 411,529) the queued prompt and a mean one (2,048 tokens) fit; with a
+    request in flight there that may still write 25,000 tokens (half of it counted, as the KV wait counts it)
+    they do not: a full cache preempts."""
+    s, clock = scheduler({"flow_control": {}}, eps=endpoints(2))
+    _scrape(s, clock, [1, 1], kv_usage=0.97)
+    assert isinstance(s.decide_or_hold(_req("a"), Released()), Decision)
+    s, clock = scheduler({"flow_control": {}}, eps=endpoints(2))
+    for slot in (0, 1):
+        s.dl.inflight.add(f"long{slot}", slot, None, 0, 25_000, clock.now())
+        s.dl.inflight.first_token(f"long{slot}")
+    _scrape(s, clock, [1, 1], kv_usage=0.97)
+    assert s.decide_or_hold(_req("a"), Released()) is None
+
+
+def test_step_room_off_counts_waiting_requests_only():
+    s, clock = _director()
+    assert s.flow.settings.step_share == 0.0
+    _scrape(s, clock, [1, 1])
+    assert s.decide_or_hold(_req("a"), Released()) is None
 
 
 def test_other_profiles_place_at_once_unless_configured():
@@ -180,6 +236,7 @@ def test_a_held_request_whose_pods_are_gone_gets_its_503_at_once():
     ({"cache_loss": 1.5}, "scheduler.flow_control.cache_loss"),
     ({"window": 0}, "scheduler.flow_control.window"),
     ({"pass_ratio": 0.5}, "scheduler.flow_control.pass_ratio"),
+    ({"step_share": 1.5}, "scheduler.flow_control.step_share"),
 ])
 def test_bad_settings_name_their_path(flow, path):
     with pytest.raises(ConfigError, match=path.replace(".", r"\.")):
