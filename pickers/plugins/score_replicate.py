@@ -11,7 +11,15 @@ these hold:
   ends at the same block every time; a conversation's history ends at a new block every turn, so a
   conversation is never copied (it has one request in flight at a time and nothing to gain);
 - a pod that does not hold it has no prompt tokens queued (the predictor's Q_p = 0) and ``gap`` (3) fewer
-  requests in flight than the least busy holder: those pods get 1.
+  requests in flight than the least busy holder: those pods get 1;
+- the pool is below its knee: flow control holds nothing and has not, for ``quiet_s`` (10 s), found a request
+  waiting on every pod (``DataLayer.saturated_at``). Past the knee a pod with nothing queued is a moment between
+  two requests, not a pod with time to spare: every pod's time is the pool's throughput, and a copy is one more
+  cold prefill. Shared-prefix at 2x the knee, 5 seeds: without this test copies made in those moments brought
+  the cold prefills to 30-32 per run (sglang-router 16) and TTFT p90 0.63 s against its 0.53 s; with it 16-18
+  and p90 0.50 s (e2e/bench/results/2026-12-03-vcurve1000-steproom/, with flow control's step room). 3 s
+  instead of 10: 0.53 s; 0: 0.57 s; at 1x the knee 0.171-0.178 s whichever (bursts there fill every queue now
+  and then, and the copies wait for the next quiet spell).
 
 Why: below the knee the expected TTFT of a request whose group prefix one pod holds is lowest on that pod,
 so a group stays on one pod, and its Poisson bursts queue there while other pods are idle. Round robin (every
@@ -55,12 +63,14 @@ class ReplicateScorer(PrefixModeScorer):
         "held": Param(float, 0.5, min=0.01, max=1.0, doc="a pod holds the prompt from this cached share on"),
         "hot": Param(int, 2, min=1, doc="hot: this many of the last `recent` held requests ended at its block"),
         "recent": Param(int, 256, min=1, max=65536),
+        "quiet_s": Param(float, 10.0, min=0.0, doc="no copy this long after flow control saw every pod queued"),
     }
     copies: int
     gap: float
     held: float
     hot: int
     recent: int
+    quiet_s: float
 
     def __init__(self, **params: object) -> None:
         super().__init__(**params)
@@ -84,6 +94,9 @@ class ReplicateScorer(PrefixModeScorer):
         level = np.ones(cands.size)
         p = ctx.prompt_tokens()
         if p <= 0 or cands.size < 2:
+            return level
+        dl = self.dl
+        if self.quiet_s > 0 and (dl.held_requests > 0 or ctx.now - dl.saturated_at < self.quiet_s):
             return level
         hits = ctx.hit_tokens(self.mode)[cands]
         holder = hits >= self.held * p

@@ -352,6 +352,33 @@ def test_replicate_scorer_copies_a_hot_group_held_by_one_busy_pod_to_a_quiet_one
     assert sc.score(ctx_for(s, clock, _group_request("g3", 3)), c).tolist() == [1.0, 1.0, 1.0]
 
 
+def test_replicate_scorer_makes_no_copy_while_the_pool_is_past_its_knee():
+    """A copy is one more cold prefill; past the knee every pod's time is the pool's throughput. While flow control
+    holds requests, and for ``quiet_s`` after it last found a queue on every pod, the term is level."""
+    s, clock = scheduler()
+    sc = plugin(s, "scorer", {"type": "replicate", "quiet_s": 5.0})
+    c = cands(s)
+    _group_held_by(s, A)
+    _in_flight(s, clock, A, 5, decoding=True)
+    for i in range(2):  # hot from here on
+        sc.score(ctx_for(s, clock, _group_request(f"h{i}", i)), c)
+    copy = [0.0, 1.0, 1.0]
+    assert sc.score(ctx_for(s, clock, _group_request("g0", 10)), c).tolist() == copy
+    s.dl.saturated_at = clock.now()
+    clock.advance(4.9)
+    assert sc.score(ctx_for(s, clock, _group_request("g1", 11)), c).tolist() == [1.0, 1.0, 1.0]
+    clock.advance(0.2)
+    assert sc.score(ctx_for(s, clock, _group_request("g2", 12)), c).tolist() == copy
+    s.dl.held_requests = 1
+    assert sc.score(ctx_for(s, clock, _group_request("g3", 13)), c).tolist() == [1.0, 1.0, 1.0]
+    s.dl.held_requests = 0
+    s.dl.saturated_at = clock.now()
+    eager = plugin(s, "scorer", {"type": "replicate", "quiet_s": 0.0})  # 0: copies whatever the pool's load
+    for i in range(2):
+        eager.score(ctx_for(s, clock, _group_request(f"e{i}", 20 + i)), c)
+    assert eager.score(ctx_for(s, clock, _group_request("g4", 14)), c).tolist() == copy
+
+
 def test_replicate_scorer_leaves_a_conversation_and_a_prefix_with_two_copies_alone():
     s, clock = scheduler()
     sc = plugin(s, "scorer", "replicate")
