@@ -38,8 +38,7 @@ below the knee every pod runs ~11 requests, and the ratio seldom fires), a sprea
 kv_aware does (no change: the TTFT and prefix terms outvote it).
 
 Weight 5 in the default profile: the warm pod's lead from the TTFT (3) and prefix (2) terms is what a copy has
-to overcome, as for rank-balance. Past the knee a pod with nothing queued is rare, so the term seldom acts
-(shared-prefix at 2x and 3x the knee moved -4 to +2 % per seed, inside the noise).
+to overcome, as for rank-balance. Past the knee the quiet test above keeps it level.
 
 Memory: a ring of ``recent`` block hashes and their counts (at most ``recent`` keys), per scorer instance.
 """
