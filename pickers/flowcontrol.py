@@ -1,12 +1,13 @@
 """Flow control: past the knee a request waits in the picker for a pod with room, not in one pod's queue.
 
-Without it a request is bound to a pod the moment it arrives. Past the knee it then waits in that pod's
-queue behind requests whose output lengths, unknown when they were placed, decide how long; the pods'
-queues drift apart, and a request that arrived later on a luckier pod starts first. With it, a request that
-finds every pod's queue full (``DataLayer.waiting_now`` >= ``room`` on each of its candidates) waits here,
-and is decided the moment some pod has room: late binding, the placement made with the fleet as it is when
-the request can start (the flow control of Gateway API Inference Extension and llm-d). A request released for
-room is placed among the pods with room (``room_first``), unless one without holds much more of its prompt
+Without it a request is bound to a pod the moment it arrives. Past the knee it then waits in that pod's queue
+behind requests whose output lengths, unknown when they were placed, decide how long; the pods' queues drift apart,
+and a request that arrived later on a luckier pod starts first. With it, a request that finds no room on any of its
+candidates waits here, and is decided the moment some pod has room. A pod has room while fewer than ``room``
+requests wait in its queue (``DataLayer.waiting_now``), or while its next step would start what is queued there and
+one more prompt (``step_share``, ``FlowControl._step_room``): late binding, the placement made with the fleet as it
+is when the request can start (the flow control of Gateway API Inference Extension and llm-d). A request released
+for room is placed among the pods with room (``room_first``), unless one without holds much more of its prompt
 (``cache_loss``); the profile places it there. Room counts only on a pod whose requests succeed: one that fails
 every request fast has an empty queue. Below the knee some pod always has room and nothing is held.
 
@@ -65,7 +66,8 @@ class FlowControlSettings:
     window: int = 64
     pass_ratio: float = 4.0
     # a pod also has room while its next step could start its queued prompts and a mean one beside its running
-    # decodes within this share of its step budget, with KV for them and a free sequence slot (0: count only)
+    # decodes within this share of its step budget, with KV for them and for what its requests in flight will
+    # still write, and a free sequence slot (0: waiting requests only)
     step_share: float = 0.75
 
 
@@ -137,7 +139,8 @@ class FlowControl:
     def _step_room(self, slots: np.ndarray, now: float) -> np.ndarray:
         """Per slot of ``slots``: the pod's next step would start what is queued there and a mean prompt (the
         predictor's Q_p + P) beside its running decodes within ``step_share`` of its token budget, its KV cache
-        has room for those prompts, and it has a free sequence slot. A request sent there then starts in that
+        has room for those prompts and for what its requests in flight will still write, and it has a free
+        sequence slot. A request sent there then starts in that
         step, as one sent to an empty queue would; counting waiting requests alone caps the pool's admissions
         at about one per pod per scrape (a request sent counts as waiting until its first token)."""
         dl = self.dl

@@ -13,13 +13,13 @@ these hold:
 - a pod that does not hold it has no prompt tokens queued (the predictor's Q_p = 0) and ``gap`` (3) fewer
   requests in flight than the least busy holder: those pods get 1;
 - the pool is below its knee: flow control holds nothing and has not, for ``quiet_s`` (10 s), found a request
-  waiting on every pod (``DataLayer.saturated_at``). Past the knee a pod with nothing queued is a moment between
-  two requests, not a pod with time to spare: every pod's time is the pool's throughput, and a copy is one more
-  cold prefill. Shared-prefix at 2x the knee, 5 seeds: without this test copies made in those moments brought
-  the cold prefills to 30-32 per run (sglang-router 16) and TTFT p90 0.63 s against its 0.53 s; with it 16-18
-  and p90 0.50 s (e2e/bench/results/2026-12-03-vcurve1000-steproom/, with flow control's step room). 3 s
-  instead of 10: 0.53 s; 0: 0.57 s; at 1x the knee 0.171-0.178 s whichever (bursts there fill every queue now
-  and then, and the copies wait for the next quiet spell).
+  waiting on every pod (``DataLayer.saturated_at``; a profile without flow control is never quiet). Past the knee a
+  pod with nothing queued is a moment between two requests, not a pod with time to spare: every pod's time is the
+  pool's throughput, and a copy is one more cold prefill. Shared-prefix at 2x the knee, 5 seeds: without this test
+  copies made in those moments brought the cold prefills to 30-32 per run (sglang-router 16) and TTFT p90 0.63 s
+  against its 0.53 s; with it 16-18 and p90 0.50 s (e2e/bench/results/2026-12-03-vcurve1000-steproom/, with flow
+  control's step room). 3 s instead of 10: 0.53 s; 0: 0.57 s; at 1x the knee 0.171-0.178 s whichever (bursts there
+  fill every queue now and then, and the copies wait for the next quiet spell).
 
 Why: below the knee the expected TTFT of a request whose group prefix one pod holds is lowest on that pod,
 so a group stays on one pod, and its Poisson bursts queue there while other pods are idle. Round robin (every
