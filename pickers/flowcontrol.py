@@ -139,10 +139,11 @@ class FlowControl:
     def _step_room(self, slots: np.ndarray, now: float) -> np.ndarray:
         """Per slot of ``slots``: the pod's next step would start what is queued there and a mean prompt (the
         predictor's Q_p + P) beside its running decodes within ``step_share`` of its token budget, its KV cache
-        has room for those prompts and for what its requests in flight will still write, and it has a free
-        sequence slot. A request sent there then starts in that
-        step, as one sent to an empty queue would; counting waiting requests alone caps the pool's admissions
-        at about one per pod per scrape (a request sent counts as waiting until its first token)."""
+        has room for those prompts and for what its requests in flight will still write, it has a free sequence
+        slot, and it prefills (a decode-role pod's room is counted in waiting requests only). A request sent
+        there then starts in that step, as one sent to an empty queue would; counting waiting requests alone
+        caps the pool's admissions at about one per pod per scrape (a request sent counts as waiting until its
+        first token)."""
         dl = self.dl
         fresh = dl.fresh(slots, now)
         queued = dl.predictor.queued_tokens(slots, fresh) + dl.predictor.mean_prompt
@@ -152,7 +153,9 @@ class FlowControl:
         # KV for the queued prompts, a mean one and what the requests in flight will still write (half their
         # expected outputs, as pickers/kvwait.py counts them): a full cache preempts
         kv = queued + 0.5 * dl.inflight.decode_tokens[slots] <= cap - held
-        return ((queued + running <= self.settings.step_share * costs.budget[slots])
+        # a decode-role pod's waiting count mixes requests waiting for their KV from a prefill pod with local
+        # prompts, and Q_p counts neither: its room stays in waiting requests
+        return (dl.endpoints.can_prefill[slots] & (queued + running <= self.settings.step_share * costs.budget[slots])
                 & kv & (running < costs.max_seqs[slots]))
 
     def should_hold(self, state: RequestState, runs_prefill_legs: bool) -> bool:

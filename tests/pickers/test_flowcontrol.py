@@ -110,6 +110,14 @@ def test_step_room_keeps_kv_for_what_the_requests_in_flight_will_still_write():
     assert s.decide_or_hold(_req("a"), Released()) is None
 
 
+def test_step_room_on_decode_role_pods_counts_waiting_requests_only():
+    """A decode-role pod's waiting requests may be waiting for their KV from a prefill pod, or be local prompts;
+    the predictor's queued tokens count neither, so the step's room would always be open there."""
+    s, clock = scheduler({"flow_control": {"enabled": True}}, eps=endpoints(2, role="decode"))
+    _scrape(s, clock, [1, 1])
+    assert s.decide_or_hold(_req("a"), Released()) is None
+
+
 def test_step_room_off_counts_waiting_requests_only():
     s, clock = _director()
     assert s.flow.settings.step_share == 0.0
