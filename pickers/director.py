@@ -43,7 +43,7 @@ from engine.kvcache.hashing import MAX_ROUTED_BLOCKS, hash_block_keys
 from pickers.clock import Clock
 from pickers.datalayer import DataLayer
 from pickers.explain import explain_text
-from pickers.flowcontrol import FlowControl, FlowControlSettings, Held
+from pickers.flowcontrol import FlowControl, FlowControlSettings, Held, Room
 from pickers.framework import Admission, CycleContext, Plugin, Profile, ProfileHandler
 from pickers.promstats import SchedulerMetrics
 from pickers.slo import SLOPolicy
@@ -291,15 +291,16 @@ class Director:
         self._refresh(now)
         n = 0
         while (nxt := flow.next_ready(now)) is not None:
-            held, why = nxt
-            result = self._decide_held(held, why == "room", now)
+            held, why, room = nxt
+            result = self._decide_held(held, room, now)
             self.stats.flow_released.labels(why).inc()
             self.stats.flow_wait.observe(now - held.held_at)
             held.release(result)
             n += 1
         return n
 
-    def _decide_held(self, held: Held, for_room: bool, now: float) -> Decision | SchedulingError:
+    def _decide_held(self, held: Held, room: Room | None, now: float) -> Decision | SchedulingError:
+        """Decide a released request; ``room``: the room it was released on, when it was released for room."""
         state = held.state
         # what the admission cycle computed describes the fleet as it was then
         state.hits.clear()
@@ -312,7 +313,7 @@ class Director:
             self._rejected(state, e)
             return e
         ctx = CycleContext(state, self.dl, now)
-        full = self._to_room(ctx) if for_room else None
+        full = self._to_room(ctx, room) if room is not None else None
         try:
             decision = self._schedule(ctx)
         except SchedulingError as e:  # counted by _schedule
@@ -321,7 +322,7 @@ class Director:
             self._fall_back_to_full(decision, full, now)
         return decision
 
-    def _to_room(self, ctx: CycleContext) -> np.ndarray | None:
+    def _to_room(self, ctx: CycleContext, room: Room) -> np.ndarray | None:
         """With ``room_first``, a request released because a pod has room goes among the pods with room (what late
         binding is for: the TTFT terms may not tell a pod with an empty queue from one with a short one), unless
         that would lose more than ``cache_loss`` of its prompt in cached tokens against the warmest candidate.
@@ -333,7 +334,7 @@ class Director:
         cands = state.candidates
         if flow is None or cands is None or not flow.settings.room_first:
             return None
-        usable, roomy = flow.usable()
+        usable, roomy = room  # as flow control found it when it released the request (nothing moved since)
         keep = cands[roomy[cands]]
         if keep.size == 0 or keep.size == cands.size:
             return None

@@ -37,7 +37,7 @@ import heapq
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 
@@ -46,6 +46,13 @@ from pickers.state import RequestState
 from pickers.types import Decision, SchedulingError
 
 Released = Literal["room", "deadline", "unservable"]
+
+
+class Room(NamedTuple):
+    """Two masks over the endpoint table's slots (``FlowControl.usable``)."""
+
+    usable: np.ndarray  # a healthy active decode endpoint
+    roomy: np.ndarray  # one of those with room whose requests succeed
 
 
 @dataclass(slots=True)
@@ -112,7 +119,7 @@ class FlowControl:
         if self._on_count is not None:
             self._on_count(self._count)
 
-    def usable(self) -> tuple[np.ndarray, np.ndarray]:
+    def usable(self) -> Room:
         """Two masks over the endpoint table's slots: a healthy active decode endpoint; and one of those with room
         whose requests succeed (none failed since its last success, not on probation)."""
         dl = self.dl
@@ -134,7 +141,7 @@ class FlowControl:
             if self.settings.step_share > 0.0:
                 room |= self._step_room(proven, now)
             roomy[proven] = room
-        return usable, roomy
+        return Room(usable, roomy)
 
     def _step_room(self, slots: np.ndarray, now: float) -> np.ndarray:
         """Per slot of ``slots``: the pod's next step would start what is queued there and a mean prompt (the
@@ -146,7 +153,8 @@ class FlowControl:
         first token)."""
         dl = self.dl
         fresh = dl.fresh(slots, now)
-        queued = dl.predictor.queued_tokens(slots, fresh) + dl.predictor.mean_prompt
+        waiting = np.where(fresh, dl.metrics.waiting[slots], 0.0)
+        queued = dl.predictor.queued_tokens(slots, waiting) + dl.predictor.mean_prompt
         running = dl.running(slots, now, fresh)
         cap, held, _ = kv_held(dl, slots, fresh, running)
         costs = dl.costs
@@ -194,9 +202,10 @@ class FlowControl:
         """Take ``h`` out (its client went away); False when it was already released."""
         return self._pop(h.priority, h.seq) is not None
 
-    def next_ready(self, now: float) -> tuple[Held, Released] | None:
-        """The next request to decide now, if any, taken out of the queue. The caller decides it before asking
-        again: the decision's load is what closes the room it used."""
+    def next_ready(self, now: float) -> tuple[Held, Released, Room | None] | None:
+        """The next request to decide now, if any, taken out of the queue, with the room it was released on (for
+        room; None otherwise). The caller decides it before asking again: the decision's load is what closes the
+        room it used."""
         if not self._count:
             return None
         dl = self._deadlines
@@ -204,11 +213,12 @@ class FlowControl:
             _, prio, seq = heapq.heappop(dl)
             h = self._pop(prio, seq)
             if h is not None:
-                return h, "deadline"
+                return h, "deadline", None
         if len(dl) > 2 * max(self._count, self.settings.max_queued):  # released entries linger until due
             self._deadlines = [(h.deadline, h.priority, h.seq) for b in self._bands.values() for h in b.values()]
             heapq.heapify(self._deadlines)
-        usable, roomy = self.usable()
+        room = self.usable()
+        usable, roomy = room
         active = None
         for prio in sorted(self._bands, reverse=True):
             for seq, h in self._bands[prio].items():
@@ -220,12 +230,12 @@ class FlowControl:
                     slots = h.subset
                 if not usable[slots].any():
                     self._pop(prio, seq)
-                    return h, "unservable"
+                    return h, "unservable", None
                 if roomy[slots].any():
                     if self.settings.window > 1 and h.subset is None:
                         h = self._overtaker(self._bands[prio], h)
                     self._pop(prio, h.seq)
-                    return h, "room"
+                    return h, "room", room
                 if h.subset is None:
                     break  # everyone behind it in this band wants the same pods
         return None

@@ -99,12 +99,11 @@ class Predictor:
             dl.endpoints.listen(self.correction.on_endpoint)
         self._const: tuple[np.ndarray, np.ndarray] | None = None  # _constants
 
-    def queued_tokens(self, slots: np.ndarray, fresh: np.ndarray) -> np.ndarray:
-        """Q_p per slot of ``slots``: prompt tokens queued ahead of a new request (``fresh``: the slots whose
-        /metrics are fresh)."""
+    def queued_tokens(self, slots: np.ndarray, waiting: np.ndarray) -> np.ndarray:
+        """Q_p per slot of ``slots``: prompt tokens queued ahead of a new request (``waiting``: each pod's waiting
+        requests from fresh /metrics, 0 where they are stale)."""
         dl = self.dl
         inflight = dl.inflight
-        waiting = np.where(fresh, dl.metrics.waiting[slots], 0.0)
         # Own requests counted exactly, the rest at the mean prompt. Not max(own, waiting x mean): that took
         # a pod holding many short waiting requests for one holding as many average ones, so past the knee
         # long prompts piled onto the pods whose queues were really longer (one pod took 37 % of the
@@ -125,8 +124,8 @@ class Predictor:
             return self._corrected(n, Prediction(mode, ttft, wait, prefill, tpot, np.zeros(n), np.zeros(n),
                                                  np.zeros(n)))
         fresh = dl.fresh(slots, ctx.now)  # once per decision: the queue, the running decodes, the KV wait
-        q = self.queued_tokens(slots, fresh)
         waiting = np.where(fresh, dl.metrics.waiting[slots], 0.0)
+        q = self.queued_tokens(slots, waiting)
         budget = dl.costs.budget[slots]
         run = dl.running(slots, ctx.now, fresh)
         r = np.minimum(run, 0.9 * budget)
