@@ -46,7 +46,7 @@ every error message). No section at all gives the ``default`` profile with every
         tick_ms: 10               # how often the room is re-checked while requests are held
         room_first: true          # released for room: to a pod with room (README "Flow control")
         cache_loss: 0.25          #    unless that loses more of the prompt's cached tokens than this share
-        window: 64                # released for room: one of the 64 oldest held may pass the oldest
+        window: 256               # released for room: one of the 256 oldest held may pass the oldest
         pass_ratio: 4             #    when its prefill is under 1/4 of the oldest's (1 window: arrival order)
 
 Each endpoint's step token budget (vLLM ``max_num_batched_tokens``) is the endpoint's own

@@ -70,7 +70,7 @@ class FlowControlSettings:
     tick_s: float = 0.01  # how often a server re-checks the room while requests are held
     # released for room: the oldest held request, unless one of the next ``window - 1`` needs under 1/``pass_ratio``
     # of its prefill (the smallest such goes first); a request is passed over at most ``window`` times. 1: arrival order
-    window: int = 64
+    window: int = 256
     pass_ratio: float = 4.0
     # a pod also has room while its next step could start its queued prompts and a mean one beside its running
     # decodes within this share of its step budget, with KV for them and for what its requests in flight will

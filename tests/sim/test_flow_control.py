@@ -72,7 +72,7 @@ def test_below_the_knee_nothing_is_held_and_decisions_match_placing_at_once():
 
 def test_on_heavy_tailed_prompts_a_much_shorter_prefill_goes_first_and_the_tail_holds():
     """Mooncake prompts (1 to 16K tokens) at 2x the knee: a held request with under a quarter of the oldest's
-    prefill may go before it (``window`` 64, the default) against strict arrival order (``window`` 1)."""
+    prefill may go before it (``window`` 256, the default) against strict arrival order (``window`` 1)."""
     reqs, fleet = _workload(2.0, n=1000, workload="mooncake")
     passing, _ = _run(reqs, fleet, True)
     in_order, _ = _run(reqs, fleet, True, window=1)
