@@ -49,11 +49,15 @@ def _slow(fake_pods: list[FakeUpstream], delay_s: float) -> None:
 
 
 async def _load(s: aiohttp.ClientSession, url: str, fake_pods: list[FakeUpstream], per_pod: int) -> list[asyncio.Task]:
-    """Long requests without targets, held by the pods: the picker counts their prefill as queued."""
+    """Long requests without targets, held by the pods: the picker counts their prefill as queued. Returns once
+    every pod holds its share and has read each body (a pod counts a request as held before its long body is in,
+    and records it as seen after)."""
+    seen = sum(len(p.seen) for p in fake_pods)
     tasks = [asyncio.create_task(s.post(url + "/v1/completions", json={"model": "m", "prompt": LONG + str(i),
                                                                         "max_tokens": 2}))
              for i in range(per_pod * len(fake_pods))]
-    await _wait(lambda: sum(p.holding for p in fake_pods) == len(tasks))
+    await _wait(lambda: sum(p.holding for p in fake_pods) == len(tasks)
+                and sum(len(p.seen) for p in fake_pods) == seen + len(tasks))
     assert all(p.holding == per_pod for p in fake_pods)  # spread evenly: every pod is loaded
     return tasks
 
