@@ -153,8 +153,7 @@ class FlowControl:
         first token)."""
         dl = self.dl
         fresh = dl.fresh(slots, now)
-        waiting = np.where(fresh, dl.metrics.waiting[slots], 0.0)
-        queued = dl.predictor.queued_tokens(slots, waiting) + dl.predictor.mean_prompt
+        queued = dl.predictor.queued_tokens(slots, dl.scraped_waiting(slots, now, fresh)) + dl.predictor.mean_prompt
         running = dl.running(slots, now, fresh)
         cap, held, _ = kv_held(dl, slots, fresh, running)
         costs = dl.costs
@@ -218,7 +217,6 @@ class FlowControl:
             self._deadlines = [(h.deadline, h.priority, h.seq) for b in self._bands.values() for h in b.values()]
             heapq.heapify(self._deadlines)
         room = self.usable()
-        usable, roomy = room
         active = None
         for prio in sorted(self._bands, reverse=True):
             for seq, h in self._bands[prio].items():
@@ -228,10 +226,10 @@ class FlowControl:
                     slots = active
                 else:
                     slots = h.subset
-                if not usable[slots].any():
+                if not room.usable[slots].any():
                     self._pop(prio, seq)
                     return h, "unservable", None
-                if roomy[slots].any():
+                if room.roomy[slots].any():
                     if self.settings.window > 1 and h.subset is None:
                         h = self._overtaker(self._bands[prio], h)
                     self._pop(prio, h.seq)

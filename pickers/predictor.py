@@ -101,7 +101,7 @@ class Predictor:
 
     def queued_tokens(self, slots: np.ndarray, waiting: np.ndarray) -> np.ndarray:
         """Q_p per slot of ``slots``: prompt tokens queued ahead of a new request (``waiting``: each pod's waiting
-        requests from fresh /metrics, 0 where they are stale)."""
+        requests from fresh /metrics, 0 where they are stale: ``DataLayer.scraped_waiting``)."""
         dl = self.dl
         inflight = dl.inflight
         # Own requests counted exactly, the rest at the mean prompt. Not max(own, waiting x mean): that took
@@ -124,7 +124,7 @@ class Predictor:
             return self._corrected(n, Prediction(mode, ttft, wait, prefill, tpot, np.zeros(n), np.zeros(n),
                                                  np.zeros(n)))
         fresh = dl.fresh(slots, ctx.now)  # once per decision: the queue, the running decodes, the KV wait
-        waiting = np.where(fresh, dl.metrics.waiting[slots], 0.0)
+        waiting = dl.scraped_waiting(slots, ctx.now, fresh)
         q = self.queued_tokens(slots, waiting)
         budget = dl.costs.budget[slots]
         run = dl.running(slots, ctx.now, fresh)

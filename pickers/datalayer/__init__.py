@@ -197,10 +197,14 @@ class DataLayer:
     def fresh(self, cands: np.ndarray, now: float) -> np.ndarray:
         return self.metrics.fresh(cands, now)
 
+    def scraped_waiting(self, cands: np.ndarray, now: float, fresh: np.ndarray | None = None) -> np.ndarray:
+        """Waiting requests per candidate as its last scrape counted them, 0 where that scrape is stale.
+        ``fresh``: ``self.fresh(cands, now)`` when the caller has it."""
+        return np.where(self.fresh(cands, now) if fresh is None else fresh, self.metrics.waiting[cands], 0.0)
+
     def queue_depth(self, cands: np.ndarray, now: float) -> np.ndarray:
         """Requests waiting for prefill: the pod's own count when fresh, never below what we sent."""
-        w = np.where(self.fresh(cands, now), self.metrics.waiting[cands], 0.0)
-        return np.maximum(w, self.inflight.prefill_requests[cands])
+        return np.maximum(self.scraped_waiting(cands, now), self.inflight.prefill_requests[cands])
 
     def waiting_now(self, cands: np.ndarray, now: float) -> np.ndarray:
         """Requests waiting in each candidate's queue now, as well as the picker knows: with fresh metrics, the

@@ -128,10 +128,10 @@ class RankBalanceScorer(Scorer):
             return out
         active = table.active_slots()
         fresh = dl.fresh(active, ctx.now)
-        waiting = np.where(fresh, dl.metrics.waiting[active], 0.0) * self.waiting_prompt_tokens
+        waiting = dl.scraped_waiting(active, ctx.now, fresh) * self.waiting_prompt_tokens
         queued = np.maximum(dl.inflight.prefill_tokens[active], waiting)
         if self.decode_tokens:
-            queued = queued + self.decode_tokens * dl.running(active, ctx.now)
+            queued = queued + self.decode_tokens * dl.running(active, ctx.now, fresh)
         groups = table.pod_group[active]
         longest = np.zeros(int(groups.max()) + 1 if groups.size else 1)
         np.maximum.at(longest, groups, queued)

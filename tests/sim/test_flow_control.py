@@ -89,7 +89,7 @@ def test_on_heavy_tailed_prompts_a_much_shorter_prefill_goes_first_and_the_tail_
 def test_a_short_prompt_passes_from_deep_in_the_queue():
     """No-sharing at 2x the knee: with the step room more of a burst goes to the pods at once, and a short prompt
     that arrived behind long ones must be able to pass from further back than the oldest 64 held (``window``
-    256, the default; 64 until session 14). The long prompts pay in the tail, within a bound."""
+    256, the default; 64 before the step room). The long prompts pay in the tail, within a bound."""
     reqs, fleet = _workload(2.0, n=1000)
     deep, _ = _run(reqs, fleet, True)
     shallow, _ = _run(reqs, fleet, True, window=64)
