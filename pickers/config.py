@@ -21,8 +21,8 @@ every error message). No section at all gives the ``default`` profile with every
       # or, short for one profile named after `profile` (or "custom"):
       # filters: [...]; scorers: [...]; picker: {...}
       tokenizer: {path: null, cache_size: 4096, offload_min_chars: 16384}
-      datalayer: {scrape_interval_ms: 50, stale_after_intervals: 4, failure_threshold: 3,
-                  max_endpoints: 1024, inflight_ttl_s: 600,
+      datalayer: {scrape_interval_ms: 50, scrape_read_families_only: true, stale_after_intervals: 4,
+                  failure_threshold: 3, max_endpoints: 1024, inflight_ttl_s: 600,
                   dp_ranks: auto}   # auto: a pod whose /metrics shows several engines (vLLM data-parallel
                                     # ranks) becomes one endpoint per rank; off: pods stay one endpoint
       prefix:
@@ -194,8 +194,8 @@ def build_scheduler(
     # data layer settings
     dlp = f"{ROOT}.datalayer"
     d = _mapping(dlp, cfg.get("datalayer"))
-    _keys(dlp, d, {"scrape_interval_ms", "stale_after_intervals", "failure_threshold", "max_endpoints",
-                   "inflight_ttl_s", "dp_ranks"})
+    _keys(dlp, d, {"scrape_interval_ms", "scrape_read_families_only", "stale_after_intervals", "failure_threshold",
+                   "max_endpoints", "inflight_ttl_s", "dp_ranks"})
     pp = f"{ROOT}.prefix"
     pr = _mapping(pp, cfg.get("prefix"))
     _keys(pp, pr, {"approximate", "precise"})
@@ -212,6 +212,7 @@ def build_scheduler(
     settings = DataLayerSettings(
         max_endpoints=_get(dlp, d, "max_endpoints", Param(int, 1024, min=1, max=65536)),
         scrape_interval_s=_get(dlp, d, "scrape_interval_ms", Param(float, 50.0, min=1.0)) / 1000.0,
+        scrape_read_families_only=_get(dlp, d, "scrape_read_families_only", Param(bool, True)),
         stale_after_intervals=_get(dlp, d, "stale_after_intervals", Param(float, 4.0, min=1.0)),
         failure_threshold=_get(dlp, d, "failure_threshold", Param(int, 3, min=1)),
         inflight_ttl_s=_get(dlp, d, "inflight_ttl_s", Param(float, 600.0, min=1.0)),

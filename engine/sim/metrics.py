@@ -152,8 +152,9 @@ class PodMetrics:
         e.prompt_len.observe(out.num_prompt_tokens)
         e.gen_len.observe(out.num_output_tokens)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, names: Sequence[str] = ()) -> bytes:
+        """The exposition text; with ``names``, only the families holding those samples (``name[]``)."""
+        return generate_latest(self.registry.restricted_registry(names) if names else self.registry)
 
 
 __all__ = ["PodMetrics"]

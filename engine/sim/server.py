@@ -512,8 +512,16 @@ class SimPod:
         return web.Response(body=b'{"version":"0.32.0"}', content_type=_JSON)
 
     async def _metrics(self, request: web.Request) -> web.Response:
+        """The page, or with ``name[]`` parameters only those samples' families (prometheus_client's filter).
+
+        vLLM 0.32 answers GET /metrics from its instrumentator route, which ignores the filter; it renders the
+        page in the API server process, though, so a scrape never delays a GPU step. Here the page is rendered on
+        the loop that runs the pods' steps: the full page costs ~2.2 ms of it, the picker's families ~0.18 ms,
+        and at the picker's 20 scrapes a second per pod the full pages took 8.2 s of the fleet process's CPU in
+        a 24 s benchmark run (4 pods) against ~3 s filtered, slowing the very steps being measured."""
         self._update_metrics()
-        return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
+        names = request.query.getall("name[]", [])
+        return web.Response(body=self.metrics.render(names), content_type="text/plain", charset="utf-8")
 
     async def _reset_prefix_cache(self, request: web.Request) -> web.Response:
         self.reset_prefix_cache()

@@ -47,6 +47,9 @@ __all__ = ["DataLayer", "DataLayerSettings", "Discovery", "EndpointTable", "PodM
 class DataLayerSettings:
     max_endpoints: int = 1024
     scrape_interval_s: float = 0.05
+    # each scrape names the families the picker reads (name[]): a pod serving prometheus_client's filter renders
+    # only those (pickers/datalayer/promparse.py); False: the configured URL as it is
+    scrape_read_families_only: bool = True
     stale_after_intervals: float = 4.0
     failure_threshold: int = 3  # failed scrapes in a row that take a pod out
     request_failure_threshold: int = 3  # pod faults in a row on our requests that eject a pod (outlier detection)
@@ -116,7 +119,8 @@ class DataLayer:
         s = self.settings
         # dp_ranks auto: a pod whose /metrics shows several engines (vLLM DP ranks) becomes one endpoint per rank
         on_engines = self._learn_ranks if s.dp_ranks == "auto" else None
-        self._scraper = MetricsScraper(self.metrics, self.health, s.scrape_interval_s, on_engines=on_engines)
+        self._scraper = MetricsScraper(self.metrics, self.health, s.scrape_interval_s, on_engines=on_engines,
+                                       read_families_only=s.scrape_read_families_only)
         self._subscriber = KVEventSubscriber(self.kv_index, self.clock, s.kv_events_topic)
         for slot in self.endpoints.active_slots().tolist():
             ep = self.endpoints.endpoints[slot]

@@ -7,6 +7,10 @@ and each rank endpoint gets its own engine's figures (``watch(..., engine="3")``
 gets the sum. A failed or unparsable scrape counts as a health failure of every endpoint on that URL; a good
 one as a success (this is also how a pod that was taken out comes back). A rank whose engine label is missing
 from a good page is a failure of that rank alone.
+
+By default each GET names the families the picker reads (``promparse.restricted_url``): a pod whose server
+honours prometheus_client's ``name[]`` filter renders those alone (0.18 against 2.2 ms of the simulator's CPU per
+page), one that does not sends the whole page.
 """
 
 from __future__ import annotations
@@ -20,7 +24,12 @@ import aiohttp
 from pickers.datalayer.health import HealthTracker
 from pickers.datalayer.httpget import KeepAliveGet
 from pickers.datalayer.metrics import MetricsStore
-from pickers.datalayer.promparse import MetricsParseError, parse_vllm_metrics, parse_vllm_metrics_by_engine
+from pickers.datalayer.promparse import (
+    MetricsParseError,
+    parse_vllm_metrics,
+    parse_vllm_metrics_by_engine,
+    restricted_url,
+)
 
 log = logging.getLogger("kvswitch.pickers.scraper")
 
@@ -30,10 +39,13 @@ Target = tuple[int, str | None]  # (endpoint slot, engine label or None for the 
 class MetricsScraper:
     def __init__(self, metrics: MetricsStore, health: HealthTracker, interval_s: float = 0.05,
                  timeout_s: float | None = None, max_bytes: int = 4 * 1024 * 1024,
-                 on_engines: Callable[[str, list[str]], None] | None = None, keep_alive_get: bool = True) -> None:
+                 on_engines: Callable[[str, list[str]], None] | None = None, keep_alive_get: bool = True,
+                 read_families_only: bool = True) -> None:
         """``keep_alive_get``: plain http:// pages over ``KeepAliveGet``; False: every page through aiohttp (the
-        baseline of ``e2e.bench.scrape``)."""
+        baseline of ``e2e.bench.scrape``). ``read_families_only``: each GET names the families parsed (``name[]``);
+        False: the URL as configured."""
         self.keep_alive_get = keep_alive_get
+        self.read_families_only = read_families_only
         self.metrics = metrics
         self.health = health
         self.interval_s = interval_s
@@ -48,11 +60,15 @@ class MetricsScraper:
         self._url_of: dict[str, str] = {}  # endpoint id -> url
         self._engines_seen: dict[str, tuple[str, ...]] = {}
 
+    def fetch_url(self, url: str) -> str:
+        """What a GET of the page at ``url`` asks for (see ``read_families_only``)."""
+        return restricted_url(url) if self.read_families_only else url
+
     def watch(self, slot: int, endpoint_id: str, url: str, engine: str | None = None) -> None:
         self.unwatch(endpoint_id)
         if self.keep_alive_get and url.startswith("http://"):
             if url not in self._clients:
-                self._clients[url] = KeepAliveGet(url, self.max_bytes)
+                self._clients[url] = KeepAliveGet(self.fetch_url(url), self.max_bytes)
         elif self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.timeout_s),
@@ -100,7 +116,7 @@ class MetricsScraper:
             status, body = await client.get(self.timeout_s)
         else:
             assert self._session is not None
-            async with self._session.get(url) as resp:
+            async with self._session.get(self.fetch_url(url)) as resp:
                 status = resp.status
                 body = await resp.content.read(self.max_bytes)
         if status != 200:

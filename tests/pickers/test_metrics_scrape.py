@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from aiohttp import web
 
-from pickers.datalayer.promparse import MetricsParseError, parse_vllm_metrics
+from pickers.datalayer.promparse import SAMPLE_NAMES, MetricsParseError, parse_vllm_metrics, restricted_url
 from pickers.types import Endpoint
 
 from .helpers import request
@@ -52,10 +52,26 @@ def test_a_wanted_line_counts_wherever_it_stands(shift, eol):
     assert parse_vllm_metrics(page) == parse_vllm_metrics(NEW)
 
 
-async def test_scraper_feeds_metrics_and_health():
-    state = {"ok": True}
+def test_restricted_url_names_every_family_read_after_the_query_it_had():
+    from urllib.parse import parse_qsl, urlsplit
 
-    async def metrics(_):
+    url = restricted_url("http://10.0.0.1:8000/metrics?x=1")
+    parts = urlsplit(url)
+    assert (parts.netloc, parts.path) == ("10.0.0.1:8000", "/metrics")
+    query = parse_qsl(parts.query)
+    assert query[0] == ("x", "1") and [v for k, v in query[1:] if k == "name[]"] == list(SAMPLE_NAMES)
+    assert {"vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc",
+            "vllm:cache_config_info"} <= set(SAMPLE_NAMES)
+
+
+async def test_scraper_feeds_metrics_and_health():
+    """Against a server that ignores the name[] filter (sends the whole page): the scraper asked for exactly the
+    families it reads, and reads them from the whole page."""
+    state = {"ok": True}
+    asked: list[list[str]] = []
+
+    async def metrics(request):
+        asked.append(request.query.getall("name[]", []))
         return web.Response(text=NEW) if state["ok"] else web.Response(status=500)
 
     app = web.Application()
@@ -81,6 +97,7 @@ async def test_scraper_feeds_metrics_and_health():
                 break
             await asyncio.sleep(0.01)
         assert dl.metrics.waiting[0] == 4.0 and dl.endpoints.block_size[0] == 128
+        assert asked and all(a == list(SAMPLE_NAMES) for a in asked)
         state["ok"] = False
         for _ in range(200):
             if not dl.health.healthy[0]:
@@ -99,3 +116,41 @@ async def test_scraper_feeds_metrics_and_health():
         await s.stop()
         await runner.cleanup()
     assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("scrape ") and not t.done()]
+
+
+async def test_scrape_read_families_only_false_gets_the_configured_url_as_it_is():
+    asked: list[str] = []
+
+    async def metrics(request):
+        asked.append(request.query_string)
+        return web.Response(text=NEW)
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    from prometheus_client import CollectorRegistry
+
+    from pickers.clock import MonotonicClock
+    from pickers.config import ConfigError, build_scheduler
+
+    with pytest.raises(ConfigError, match="scrape_read_families_only"):
+        build_scheduler({"datalayer": {"scrape_read_families_only": "yes"}}, [], MonotonicClock(),
+                        registry=CollectorRegistry())
+    s = build_scheduler({"datalayer": {"scrape_interval_ms": 10, "scrape_read_families_only": False}},
+                        [Endpoint(f"127.0.0.1:{port}", metrics_url=f"http://127.0.0.1:{port}/metrics?x=1")],
+                        MonotonicClock(), registry=CollectorRegistry())
+    try:
+        await s.start()
+        for _ in range(200):
+            if s.dl.metrics.running[0] == 5.0:
+                break
+            await asyncio.sleep(0.01)
+        assert s.dl.metrics.running[0] == 5.0
+        assert asked and set(asked) == {"x=1"}
+    finally:
+        await s.stop()
+        await runner.cleanup()

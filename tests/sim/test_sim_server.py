@@ -96,6 +96,34 @@ async def test_repeated_long_prompt_hits_cache_and_has_shorter_ttft(fleet_factor
     assert value(fams, "vllm:prefix_cache_queries", "vllm:prefix_cache_queries_total") == 4096
 
 
+async def test_metrics_named_by_the_picker_are_all_a_filtered_page_holds_and_read_the_same(fleet_factory):
+    """GET /metrics?name[]=... (prometheus_client's filter, what the picker's scraper asks for) renders only the
+    families of those samples; the picker reads the same figures from it as from the whole page; no
+    parameter, the whole page."""
+    from pickers.datalayer.promparse import SAMPLE_NAMES, parse_vllm_metrics, restricted_url
+
+    fleet = await fleet_factory([PodSpec(name="p0", seed=1)], time_scale=0.05)
+    pod = fleet.pods[0]
+    client = openai.AsyncOpenAI(base_url=f"http://{pod.address}/v1", api_key="x")
+    try:
+        await client.completions.create(model="sim-model", prompt=list(range(1, 300)), max_tokens=2)
+    finally:
+        await client.close()
+    async with aiohttp.ClientSession() as s:
+        async with s.get(restricted_url(f"http://{pod.address}/metrics")) as r:
+            assert r.status == 200
+            part = await r.text()
+        async with s.get(f"http://{pod.address}/metrics") as r:
+            whole = await r.text()
+    names = {f.name for f in text_string_to_metric_families(part)}
+    samples = {x.name for f in text_string_to_metric_families(part) for x in f.samples}
+    assert samples <= set(SAMPLE_NAMES) and "vllm:num_requests_running" in samples
+    assert "vllm:time_to_first_token_seconds" not in names and len(part) < len(whole) / 5
+    assert METRIC_NAMES <= {f.name for f in text_string_to_metric_families(whole)}
+    got = parse_vllm_metrics(part)
+    assert got == parse_vllm_metrics(whole) and got.prefix_cache_queries == 299 and got.block_size == 16
+
+
 async def test_kv_events_stored_then_lru_removed(fleet_factory, subscribe):
     fleet = await fleet_factory([PodSpec(name="p0", num_blocks=32, seed=3)], time_scale=0.02)
     pod = fleet.pods[0]
