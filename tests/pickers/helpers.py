@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import numpy as np
+from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from pickers.clock import ManualClock
@@ -13,6 +16,21 @@ from pickers.state import RequestState
 from pickers.types import Endpoint, InferenceRequest
 
 BS = 16
+
+
+@contextlib.asynccontextmanager
+async def metrics_page(handler: Callable[[web.Request], Awaitable[web.Response]]) -> AsyncIterator[int]:
+    """A real HTTP server on 127.0.0.1 answering GET /metrics with ``handler``; yields its port."""
+    app = web.Application()
+    app.router.add_get("/metrics", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    finally:
+        await runner.cleanup()
 
 
 def endpoints(n: int, kv: bool = False, **kw: Any) -> list[Endpoint]:

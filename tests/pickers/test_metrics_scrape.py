@@ -6,11 +6,14 @@ import asyncio
 
 import pytest
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
+from pickers.clock import MonotonicClock
+from pickers.config import ConfigError, build_scheduler
 from pickers.datalayer.promparse import SAMPLE_NAMES, MetricsParseError, parse_vllm_metrics, restricted_url
 from pickers.types import Endpoint
 
-from .helpers import request
+from .helpers import metrics_page, request
 
 NEW = """# HELP vllm:num_requests_running Number of requests in model execution batches.
 # TYPE vllm:num_requests_running gauge
@@ -74,83 +77,53 @@ async def test_scraper_feeds_metrics_and_health():
         asked.append(request.query.getall("name[]", []))
         return web.Response(text=NEW) if state["ok"] else web.Response(status=500)
 
-    app = web.Application()
-    app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    ep = Endpoint(f"127.0.0.1:{port}")
-    from prometheus_client import CollectorRegistry
-
-    from pickers.clock import MonotonicClock
-    from pickers.config import build_scheduler
-
-    s = build_scheduler({"datalayer": {"scrape_interval_ms": 10, "failure_threshold": 2, "dp_ranks": "off"}},
-                        [ep], MonotonicClock(), registry=CollectorRegistry())
-    dl = s.dl
-    try:
-        await s.start()
-        for _ in range(200):
-            if dl.metrics.running[0] == 5.0:
-                break
-            await asyncio.sleep(0.01)
-        assert dl.metrics.waiting[0] == 4.0 and dl.endpoints.block_size[0] == 128
-        assert asked and all(a == list(SAMPLE_NAMES) for a in asked)
-        state["ok"] = False
-        for _ in range(200):
-            if not dl.health.healthy[0]:
-                break
-            await asyncio.sleep(0.01)
-        assert not dl.health.healthy[0]
-        state["ok"] = True
-        for _ in range(200):
-            if dl.health.healthy[0]:
-                break
-            await asyncio.sleep(0.01)
-        assert dl.health.healthy[0]
-        assert any(t.get_name() == f"scrape {ep.scrape_url}" for t in asyncio.all_tasks())
-        s.decide(request("r", list(range(300))))
-    finally:
-        await s.stop()
-        await runner.cleanup()
+    async with metrics_page(metrics) as port:
+        ep = Endpoint(f"127.0.0.1:{port}")
+        s = build_scheduler({"datalayer": {"scrape_interval_ms": 10, "failure_threshold": 2, "dp_ranks": "off"}},
+                            [ep], MonotonicClock(), registry=CollectorRegistry())
+        dl = s.dl
+        try:
+            await s.start()
+            assert await _until(lambda: dl.metrics.running[0] == 5.0)
+            assert dl.metrics.waiting[0] == 4.0 and dl.endpoints.block_size[0] == 128
+            assert asked and all(a == list(SAMPLE_NAMES) for a in asked)
+            state["ok"] = False
+            assert await _until(lambda: not dl.health.healthy[0])
+            state["ok"] = True
+            assert await _until(lambda: dl.health.healthy[0])
+            assert any(t.get_name() == f"scrape {ep.scrape_url}" for t in asyncio.all_tasks())
+            s.decide(request("r", list(range(300))))
+        finally:
+            await s.stop()
     assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("scrape ") and not t.done()]
 
 
 async def test_scrape_read_families_only_false_gets_the_configured_url_as_it_is():
+    """A bad setting is a ConfigError naming it; off, every GET carries the configured query alone."""
     asked: list[str] = []
 
     async def metrics(request):
         asked.append(request.query_string)
         return web.Response(text=NEW)
 
-    app = web.Application()
-    app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    from prometheus_client import CollectorRegistry
-
-    from pickers.clock import MonotonicClock
-    from pickers.config import ConfigError, build_scheduler
-
     with pytest.raises(ConfigError, match="scrape_read_families_only"):
         build_scheduler({"datalayer": {"scrape_read_families_only": "yes"}}, [], MonotonicClock(),
                         registry=CollectorRegistry())
-    s = build_scheduler({"datalayer": {"scrape_interval_ms": 10, "scrape_read_families_only": False}},
-                        [Endpoint(f"127.0.0.1:{port}", metrics_url=f"http://127.0.0.1:{port}/metrics?x=1")],
-                        MonotonicClock(), registry=CollectorRegistry())
-    try:
-        await s.start()
-        for _ in range(200):
-            if s.dl.metrics.running[0] == 5.0:
-                break
-            await asyncio.sleep(0.01)
-        assert s.dl.metrics.running[0] == 5.0
-        assert asked and set(asked) == {"x=1"}
-    finally:
-        await s.stop()
-        await runner.cleanup()
+    async with metrics_page(metrics) as port:
+        s = build_scheduler({"datalayer": {"scrape_interval_ms": 10, "scrape_read_families_only": False}},
+                            [Endpoint(f"127.0.0.1:{port}", metrics_url=f"http://127.0.0.1:{port}/metrics?x=1")],
+                            MonotonicClock(), registry=CollectorRegistry())
+        try:
+            await s.start()
+            assert await _until(lambda: s.dl.metrics.running[0] == 5.0)
+            assert asked and set(asked) == {"x=1"}
+        finally:
+            await s.stop()
+
+
+async def _until(pred, timeout_s: float = 2.0) -> bool:
+    for _ in range(int(timeout_s / 0.01)):
+        if pred():
+            return True
+        await asyncio.sleep(0.01)
+    return bool(pred())

@@ -16,7 +16,7 @@ from pickers.config import build_scheduler
 from pickers.kvblocks.events import encode_batch
 from pickers.types import Endpoint
 
-from .helpers import BS, cleared, removed, request, stored
+from .helpers import BS, cleared, metrics_page, removed, request, stored
 
 TOK = np.arange(1, 4 * BS + 1)
 
@@ -41,20 +41,11 @@ vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.1
 async def metrics_server():
     from aiohttp import web
 
-    app = web.Application()
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(text=METRICS)
 
-    app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    try:
+    async with metrics_page(metrics) as port:
         yield f"http://127.0.0.1:{port}/metrics"
-    finally:
-        await runner.cleanup()
 
 
 @pytest.fixture
