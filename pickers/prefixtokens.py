@@ -1,15 +1,21 @@
-"""Token ids of a prompt that extends one tokenized before, by encoding only its new tail.
+"""Token ids of a prompt that shares its start with one tokenized before, by encoding only what follows.
 
 A multi-turn conversation sends its whole history again with every turn: a 100K-token prompt that grew by
-1K tokens since the last request. Byte-level BPE tokenizers (Llama 3, Qwen, GPT-style) split the text into
-pre-tokens with a regex that looks ahead only a character or two, and merge bytes only inside a pre-token.
-So where the earlier text has a pre-token boundary at character ``s``, well before its end, the ids of the
-new text are the earlier ids up to ``s`` followed by the ids of ``text[s:]`` encoded alone.
+1K tokens since the last request. An agent or a RAG service sends the same long system prompt or document
+before a different question every time. Byte-level BPE tokenizers (Llama 3, Qwen, GPT-style) split the text
+into pre-tokens with a regex that looks ahead only a character or two, and merge bytes only inside a
+pre-token. So where an earlier text has a pre-token boundary at character ``s``, well before the point ``L``
+where the two texts part (the earlier text's end, when the new one extends it), the ids of the new text are the
+earlier ids up to ``s`` followed by the ids of ``text[s:]`` encoded alone: everything the split at ``s`` and
+the tokens before it depend on lies in the common part.
 
 The boundary is checked, not assumed: ``s`` is the start of a token about ``TAIL_CHECK`` characters before
-the earlier text's end, and the earlier text's tail from ``s`` re-encoded alone must give exactly the earlier
-ids from there. Anything else (no earlier text is a prefix, the check fails, a short prompt) falls back to a
-full encode, so the result is always what the tokenizer would produce for the whole text (tests hold this).
+``L``, and the earlier text from ``s`` re-encoded alone must give exactly the earlier ids from there: all of
+them when the new text extends the earlier one, else those of the tokens that start ``TAIL_CHECK / 2`` or
+more characters before ``L`` (the ones at the parting are cut by it). Anything else (no earlier text starts
+with the same ``HEAD_CHARS`` characters, the check fails, a short prompt) falls back to a full encode, so the
+result is always what the tokenizer would produce for the whole text (tests hold this). A text seen before is
+its stored ids.
 
 Bounded: at most ``max_entries`` texts and ``max_tokens`` token ids are kept, least recently used first out.
 """
@@ -65,7 +71,14 @@ class PrefixTokens:
         head = (special, xxhash.xxh3_64_digest(text[:HEAD_CHARS].encode("utf-8", "surrogatepass")))
         with self._lock:
             candidates = list(self._by_head.get(head, ()))  # entries never change once stored
-        got = self._extend(text, special, candidates)
+        best, shared = _longest_shared(text, candidates)
+        if best is not None and shared == len(text) == len(best.text):
+            self.reused += 1
+            with self._lock:
+                if id(best) in self._entries:
+                    self._entries.move_to_end(id(best))
+            return best.ids
+        got = self._extend(text, special, best, shared) if best is not None else None
         if got is None:
             ids, starts = self.tokenizer.encode_with_starts(text, add_special_tokens=special)
             self.full += 1
@@ -77,20 +90,23 @@ class PrefixTokens:
             self._store(head, _Encoded(text, special, ids, starts))
         return ids
 
-    def _extend(self, text: str, special: bool, candidates: list[_Encoded]) -> tuple[np.ndarray, np.ndarray] | None:
-        best: _Encoded | None = None
-        for e in candidates:
-            if len(e.text) < len(text) and (best is None or len(e.text) > len(best.text)) and text.startswith(e.text):
-                best = e
-        if best is None:
+    def _extend(self, text: str, special: bool, best: _Encoded, shared: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """``text``'s ids and starts from ``best``'s up to a checked boundary before ``shared`` (module doc)."""
+        if shared < 2 * TAIL_CHECK:  # only on a collision of the head's hash: a shared head is 2 x TAIL_CHECK
             return None
-        k = int(np.searchsorted(best.starts, len(best.text) - TAIL_CHECK))
+        k = int(np.searchsorted(best.starts, shared - TAIL_CHECK))
         if k <= (1 if special else 0) or k >= best.ids.size:
             return None
         cut = int(best.starts[k])
-        tail, _ = self.tokenizer.encode_with_starts(best.text[cut:], add_special_tokens=False)
-        if not np.array_equal(tail, best.ids[k:]):
-            return None  # not a clean boundary (a pre-token spans it): encode the whole text
+        if shared == len(best.text):  # the new text extends the earlier one: its whole tail must re-encode the same
+            tail = self.tokenizer.encode_array(best.text[cut:], add_special_tokens=False)
+            if not np.array_equal(tail, best.ids[k:]):
+                return None  # not a clean boundary (a pre-token spans it): encode the whole text
+        else:  # they part at `shared`: the tokens well before it must re-encode the same
+            end = int(np.searchsorted(best.starts, shared - TAIL_CHECK // 2))
+            tail = self.tokenizer.encode_array(best.text[cut:shared], add_special_tokens=False)
+            if end <= k or tail.size < end - k or not np.array_equal(tail[:end - k], best.ids[k:end]):
+                return None
         new_ids, new_starts = self.tokenizer.encode_with_starts(text[cut:], add_special_tokens=False)
         return (np.concatenate((best.ids[:k], new_ids)), np.concatenate((best.starts[:k], new_starts + cut)))
 
@@ -108,6 +124,29 @@ class PrefixTokens:
                 members.remove(old)
                 if not members:
                     del self._by_head[key]
+
+
+def _shared_chars(a: str, b: str) -> int:
+    """Length of the longest common prefix of ``a`` and ``b`` (binary search over slice equality, compared in C)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _longest_shared(text: str, candidates: list[_Encoded]) -> tuple[_Encoded | None, int]:
+    """The candidate sharing the longest start with ``text`` and how many characters it shares."""
+    best: _Encoded | None = None
+    most = 0
+    for e in candidates:
+        n = _shared_chars(e.text, text)
+        if n > most:
+            best, most = e, n
+    return best, most
 
 
 __all__ = ["PrefixTokens"]

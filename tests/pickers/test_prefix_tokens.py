@@ -1,8 +1,8 @@
-"""Reusing the token ids of an earlier prompt's prefix gives exactly what the tokenizer gives for the whole text.
+"""Reusing the token ids of an earlier prompt's start gives exactly what the tokenizer gives for the whole text.
 
 With a real byte-level BPE tokenizer (trained at test time, as the tiny vLLM model's), conversations that grow
-turn by turn, and joins chosen to be hard: whitespace runs, contractions, punctuation, digits and non-ASCII
-text at the seam, and texts that share a head but not a prefix.
+turn by turn, one long system prompt or document before different questions, and joins chosen to be hard:
+whitespace runs, contractions, punctuation, digits and non-ASCII text at the seam and where two texts part.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from e2e.bench.tokenizer import ensure_tokenizer
 from engine.tokens.tokenizer import HFTokenizer
-from pickers.prefixtokens import MIN_CHARS, PrefixTokens
+from pickers.prefixtokens import HEAD_CHARS, MIN_CHARS, PrefixTokens
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +61,36 @@ def test_any_appended_text_gives_the_full_encode(tokenizer, seam, tail, seed):
     assert np.array_equal(pt.encode(grown, True), tokenizer.encode_array(grown))
 
 
-def test_a_shared_head_that_is_not_a_prefix_is_encoded_whole(tokenizer):
+def test_texts_that_part_after_a_long_shared_start_reuse_it_and_match_a_full_encode(tokenizer):
+    """A long system prompt or document before different questions: the second and later texts encode only what
+    follows a checked boundary before the parting; a text seen before is its stored ids; one that parts right
+    after the head the texts are grouped by, and one the earlier text extends, too."""
     rng = random.Random(9)
     pt = PrefixTokens(tokenizer)
     head = _text(rng, MIN_CHARS + 500)
-    a, b = head + " first branch " + _text(rng, 800), head + " second branch " + _text(rng, 800)
-    pt.encode(a, True)
-    assert np.array_equal(pt.encode(b, True), tokenizer.encode_array(b))
-    assert pt.reused == 0 and pt.full == 2
+    texts = [head + f" question {i}: " + _text(rng, 800) for i in range(4)]
+    for t in texts:
+        assert np.array_equal(pt.encode(t, True), tokenizer.encode_array(t))
+    assert pt.full == 1 and pt.reused == 3
+    again = pt.encode(texts[1], True)
+    assert np.array_equal(again, tokenizer.encode_array(texts[1])) and pt.reused == 4 and len(pt) == 4
+    early = head[:HEAD_CHARS + 10] + "Z" + _text(rng, MIN_CHARS)  # same head, parts 1,034 characters in
+    cut = texts[2][:len(head) + 300]  # a text the earlier one extends: it parts at its own end
+    for t in (early, cut):
+        assert np.array_equal(pt.encode(t, True), tokenizer.encode_array(t))
+    assert pt.full == 1 and pt.reused == 6
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seam=st.text(min_size=0, max_size=40), a=st.text(min_size=0, max_size=300),
+       b=st.text(min_size=0, max_size=300), seed=st.integers(0, 10**6))
+def test_any_two_texts_after_a_shared_start_give_their_full_encodes(tokenizer, seam, a, b, seed):
+    rng = random.Random(seed)
+    pt = PrefixTokens(tokenizer)
+    base = _text(rng, MIN_CHARS + 600) + seam
+    for text in (base + a, base + b):
+        for special in (True, False):
+            assert np.array_equal(pt.encode(text, special), tokenizer.encode_array(text, add_special_tokens=special))
 
 
 def test_bounded_by_entries_and_tokens(tokenizer):
