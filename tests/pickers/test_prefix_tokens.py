@@ -93,6 +93,32 @@ def test_any_two_texts_after_a_shared_start_give_their_full_encodes(tokenizer, s
             assert np.array_equal(pt.encode(text, special), tokenizer.encode_array(text, add_special_tokens=special))
 
 
+def test_texts_nothing_extends_never_pay_for_token_offsets(tokenizer):
+    """Offsets (the costly part of an encode with starts) are computed for a stored text only once a later one
+    shares at least half of itself with it; unrelated texts with a common head never compute them."""
+    calls: list[int] = []
+
+    class Counting(HFTokenizer):
+        def encode_with_starts(self, text, add_special_tokens=True):
+            calls.append(len(text))
+            return super().encode_with_starts(text, add_special_tokens)
+
+    counting = Counting.__new__(Counting)
+    counting.__dict__.update(tokenizer.__dict__)
+    rng = random.Random(4)
+    pt = PrefixTokens(counting)
+    head = "You are a helpful assistant. " * 40  # 1,160 characters: every text has this head
+    for i in range(5):
+        text = head + f" document {i}: " + _text(rng, MIN_CHARS)
+        assert np.array_equal(pt.encode(text, True), tokenizer.encode_array(text))
+    assert calls == [] and pt.full == 5
+    grown = text + " and a question about it?"
+    assert np.array_equal(pt.encode(grown, True), tokenizer.encode_array(grown))
+    assert len(calls) == 2 and calls[0] == len(text) and pt.reused == 1  # its offsets once, then the new tail
+    again = grown + " another."
+    assert np.array_equal(pt.encode(again, True), tokenizer.encode_array(again)) and len(calls) == 3
+
+
 def test_bounded_by_entries_and_tokens(tokenizer):
     rng = random.Random(2)
     pt = PrefixTokens(tokenizer, max_entries=3, max_tokens=10**9)
