@@ -54,7 +54,7 @@ class _Encoded:
 
 
 class PrefixTokens:
-    """Encode ``text`` reusing the ids of the longest earlier text it extends (see the module docstring)."""
+    """Encode ``text`` reusing the ids of the earlier text that shares the longest start with it (module doc)."""
 
     def __init__(self, tokenizer: HFTokenizer, max_entries: int = 64, max_tokens: int = 8_000_000) -> None:
         self.tokenizer = tokenizer
@@ -79,7 +79,8 @@ class PrefixTokens:
             return self.tokenizer.encode_array(text, add_special_tokens=special)
         head = (special, xxhash.xxh3_64_digest(text[:HEAD_CHARS].encode("utf-8", "surrogatepass")))
         with self._lock:
-            candidates = list(self._by_head.get(head, ()))  # entries never change once stored
+            # an entry's text and ids never change once stored; its starts only once, from None (_extend)
+            candidates = list(self._by_head.get(head, ()))
         best, shared = _longest_shared(text, candidates)
         if best is not None and shared == len(text) == len(best.text):
             self.reused += 1
