@@ -58,6 +58,7 @@ class MetricsScraper:
         self._tasks: dict[str, asyncio.Task] = {}  # url -> its scrape loop
         self._targets: dict[str, dict[str, Target]] = {}  # url -> endpoint id -> target
         self._url_of: dict[str, str] = {}  # endpoint id -> url
+        self._fetch: dict[str, str] = {}  # url -> what its GET asks for (fetch_url), built once per url
         self._engines_seen: dict[str, tuple[str, ...]] = {}
 
     def fetch_url(self, url: str) -> str:
@@ -66,9 +67,10 @@ class MetricsScraper:
 
     def watch(self, slot: int, endpoint_id: str, url: str, engine: str | None = None) -> None:
         self.unwatch(endpoint_id)
+        fetch = self._fetch.setdefault(url, self.fetch_url(url))
         if self.keep_alive_get and url.startswith("http://"):
             if url not in self._clients:
-                self._clients[url] = KeepAliveGet(self.fetch_url(url), self.max_bytes)
+                self._clients[url] = KeepAliveGet(fetch, self.max_bytes)
         elif self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.timeout_s),
@@ -88,6 +90,7 @@ class MetricsScraper:
         if not targets:
             self._targets.pop(url, None)
             self._engines_seen.pop(url, None)
+            self._fetch.pop(url, None)
             t = self._tasks.pop(url, None)
             if t is not None:
                 t.cancel()
@@ -100,6 +103,7 @@ class MetricsScraper:
         self._tasks.clear()
         self._targets.clear()
         self._url_of.clear()
+        self._fetch.clear()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -116,7 +120,7 @@ class MetricsScraper:
             status, body = await client.get(self.timeout_s)
         else:
             assert self._session is not None
-            async with self._session.get(self.fetch_url(url)) as resp:
+            async with self._session.get(self._fetch[url]) as resp:
                 status = resp.status
                 body = await resp.content.read(self.max_bytes)
         if status != 200:
