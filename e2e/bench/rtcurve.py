@@ -42,7 +42,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -156,8 +156,18 @@ def plans_of(base: Path, workloads: list[str]) -> tuple[list[WorkloadPlan], list
     return plans, [float(x) for x in meta["loads"]]
 
 
+def subset(p: WorkloadPlan, plan_loads: list[float], loads: list[float]) -> WorkloadPlan:
+    """``p`` at some of its loads (``plan_loads``: the loads its rates and time scales are for)."""
+    missing = [x for x in loads if x not in plan_loads]
+    if missing:
+        raise ValueError(f"loads {', '.join(f'{x:g}' for x in missing)} not in the plan "
+                         f"({', '.join(f'{x:g}' for x in plan_loads)})")
+    idx = [plan_loads.index(x) for x in loads]
+    return replace(p, rates=[p.rates[i] for i in idx], time_scales=[p.time_scales[i] for i in idx])
+
+
 def run(plans: list[WorkloadPlan], routers: list[str], repetitions: int, out: Path, loads: list[float],
-        log: Any = print, base: Path | None = None) -> Path:
+        log: Any = print, base: Path | None = None, with_twins: bool = True) -> Path:
     """Run every plan; ``base``: the earlier set whose plans these are (the summary judges kvswitch against
     its other routers too)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -189,7 +199,90 @@ def run(plans: list[WorkloadPlan], routers: list[str], repetitions: int, out: Pa
         (out / "curves.json").write_text(json.dumps(summary, indent=1))
     summary["meta"]["wall_s"] = time.monotonic() - started
     (out / "curves.json").write_text(json.dumps(summary, indent=1))
-    twins(out, log)
+    if with_twins:
+        twins(out, log)
+    return render_summary(out)
+
+
+def run_parallel(plans: list[WorkloadPlan], routers: list[str], repetitions: int, out: Path, loads: list[float],
+                 jobs: int, log: Any = print, base: Path | None = None, deadline_s: float | None = None,
+                 with_twins: bool = True) -> Path:
+    """``run`` with ``jobs`` points at once, for a machine with cores to spare: each (workload, router, load) is a
+    comparison of its own (its own simulated fleet, router and client, on free ports), the longest first;
+    their runs are merged into one comparison per workload, the results.json and report ``run`` writes.
+
+    On two cores the points would share the CPU that their routers' paths are judged on: keep ``jobs`` at
+    about a sixth of the cores (a run's client, router, Envoy and simulated pods). No run starts after
+    ``deadline_s`` wall seconds (the runs done are kept; the summary counts the runs per point)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from e2e.bench.tokenizer import ensure_tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    ensure_tokenizer(None)  # made once, before the points that share it start
+    started = time.monotonic()
+    stop = threading.Event()
+    units = [(p, router, i) for p in plans for router in routers for i in range(len(p.rates))]
+    # longest first: a run's wall is its trace's span at that time scale (requests / rate) plus the fixed cost
+    units.sort(key=lambda u: -(u[0].time_scales[u[2]] * u[0].requests / u[0].rates[u[2]]))
+    total = len(units) * repetitions
+    done = [0]
+    lock = threading.Lock()
+
+    def one(p: WorkloadPlan, router: str, i: int) -> Comparison:
+        point = f"{router.replace(':', '-')}-{loads[i]:g}x"
+        cfg = _config(p, [router], repetitions, out / p.workload / "points" / point)
+        cfg.rates, cfg.time_scales = [p.rates[i]], [p.time_scales[i]]
+        comparison = Comparison(cfg)
+        comparison.knee = p.knee_req_s
+        comparison.should_stop = lambda: stop.is_set() or (
+            deadline_s is not None and time.monotonic() - started > deadline_s)
+
+        def progress(line: str) -> None:
+            if not line.startswith("["):
+                log(f"{p.workload} {router} {loads[i]:g}x: {line}")
+                return
+            with lock:
+                done[0] += 1
+                el = time.monotonic() - started
+                n = done[0]
+            log(f"[{n}/{total}] {p.workload} {line.split('] ', 1)[-1]} "
+                f"(set ETA {el / n * (total - n) / 60:.0f} min)")
+
+        comparison.log = progress
+        comparison.run()
+        return comparison
+
+    try:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = [(u, pool.submit(one, *u)) for u in units]
+            parts = [(u, f.result()) for u, f in futures]
+    except KeyboardInterrupt:
+        stop.set()  # the runs under way finish; none starts after them
+        raise
+    summary: dict[str, Any] = {"meta": {
+        "date": _dt.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+        "routers": routers, "loads": loads, "repetitions": repetitions, "jobs": jobs,
+        "plans": [asdict(p) for p in plans], "base": str(base) if base is not None else None}, "workloads": {}}
+    from e2e.bench.report import render
+
+    for p in plans:
+        whole = Comparison(_config(p, routers, repetitions, out / p.workload))
+        whole.knee = p.knee_req_s
+        mine = [c for (q, _, _), c in parts if q is p]
+        whole.meta = {**whole.describe(), "jobs": jobs, "wall_s": time.monotonic() - started}
+        order = {(rep, rate, r): k for k, (rep, rate, r) in enumerate(whole.plan())}
+        whole.results = sorted((r for c in mine for r in c.results),
+                               key=lambda r: order.get((r.repetition, r.rate, r.router), len(order)))
+        whole.failures = [f for c in mine for f in c.failures]
+        results = whole.save()
+        render(results)
+        summary["workloads"][p.workload] = str(results.relative_to(out))
+    summary["meta"]["wall_s"] = time.monotonic() - started
+    (out / "curves.json").write_text(json.dumps(summary, indent=1))
+    if with_twins:
+        twins(out, log)
     return render_summary(out)
 
 
@@ -365,7 +458,8 @@ def _plot(out: Path, w: str, knee: float, routers: list[str], med: dict) -> None
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
     for ax, (key, label, log) in zip(axes, panels):
         vcurve.curve_panel(ax, med, w, routers, key, label, knee, log, highlight="kvswitch")
-    axes[0].legend(fontsize=8)
+    if axes[0].get_legend_handles_labels()[0]:  # a set stopped before its first run has no curve to name
+        axes[0].legend(fontsize=8)
     fig.suptitle(f"{w}: real time through Envoy and the real peers, medians over repetitions")
     fig.tight_layout()
     fig.savefig(out / f"{w}-curve.png", dpi=90)
@@ -381,13 +475,25 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workloads", default="shared-prefix,multi-turn,no-sharing,mooncake")
     p.add_argument("--routers", default=",".join(ROUTERS))
-    p.add_argument("--loads", default=",".join(f"{x:g}" for x in LOADS), help="multiples of the knee")
+    p.add_argument("--loads", default=None,
+                   help=f"multiples of the knee (default {','.join(f'{x:g}' for x in LOADS)}; with --plan-from: "
+                        "some of that set's loads, default all)")
     p.add_argument("--repetitions", type=int, default=3)
     p.add_argument("--requests", type=int, default=None, help="requests per run (default: sized to the budget)")
     p.add_argument("--budget-min", type=float, default=DEFAULT_BUDGET.minutes, help="wall minutes for the whole set")
     p.add_argument("--overhead-s", type=float, default=DEFAULT_BUDGET.overhead_s, help="fixed wall seconds per run")
     p.add_argument("--max-wall-rate", type=float, default=DEFAULT_BUDGET.max_wall_rate)
     p.add_argument("--max-wall-tokens", type=float, default=DEFAULT_BUDGET.max_wall_tokens)
+    p.add_argument("--jobs", type=int, default=1,
+                   help="points run at once, each with its own fleet, router and client (cores to spare: about "
+                        "one job per 6 cores; on two cores keep 1)")
+    p.add_argument("--deadline-min", type=float, default=None,
+                   help="no run starts after this many wall minutes (the runs done are reported)")
+    p.add_argument("--time-scale", type=float, default=None,
+                   help="with --plan-from: every load at this time scale instead of the plan's (a machine whose "
+                        "router, client and pods do not share cores can replay faster)")
+    p.add_argument("--no-twins", action="store_true",
+                   help="leave out the virtual-time twins (--report DIR --twins adds them later)")
     p.add_argument("--plan", action="store_true", help="print the plan and stop")
     p.add_argument("--smoke", action="store_true",
                    help="one point: the first workload at the first load >= 1 (else the last), one repetition")
@@ -406,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     workloads, routers = _list(a.workloads), _list(a.routers)
     try:
-        loads = [float(x) for x in _list(a.loads)]
+        loads = [float(x) for x in _list(a.loads)] if a.loads is not None else list(LOADS)
     except ValueError as exc:
         print(f"kvswitch bench curves: --loads: {exc}", file=sys.stderr)
         return 2
@@ -414,6 +520,14 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not workloads or not routers or not loads or any(x <= 0 for x in loads) or a.repetitions < 1:
         print(f"kvswitch bench curves: workloads from {', '.join(vcurve.WORKLOADS)} (unknown: {unknown}), "
               "routers and positive loads needed, --repetitions >= 1", file=sys.stderr)
+        return 2
+    if a.jobs < 1 or (a.time_scale is not None and a.time_scale <= 0) or (
+            a.deadline_min is not None and a.deadline_min <= 0):
+        print("kvswitch bench curves: --jobs >= 1, --time-scale > 0 and --deadline-min > 0", file=sys.stderr)
+        return 2
+    if a.time_scale is not None and a.plan_from is None:
+        print("kvswitch bench curves: --time-scale re-times an earlier set's plan: it needs --plan-from (a new "
+              "plan sizes its time scales with --max-wall-rate and --max-wall-tokens)", file=sys.stderr)
         return 2
     from e2e.bench import peersenv
     from e2e.bench.routers import make_router
@@ -428,7 +542,14 @@ def main(argv: list[str] | None = None) -> int:
     reps = a.repetitions
     if a.plan_from is not None:
         try:
-            plans, loads = plans_of(a.plan_from, workloads)
+            plans, plan_loads = plans_of(a.plan_from, workloads)
+            if a.loads is not None:
+                plans = [subset(x, plan_loads, loads) for x in plans]
+            else:
+                loads = plan_loads
+            if a.time_scale is not None:
+                for x in plans:
+                    x.time_scales = [a.time_scale] * len(x.rates)
         except (OSError, ValueError, KeyError) as exc:
             print(f"kvswitch bench curves: --plan-from {a.plan_from}: {exc}", file=sys.stderr)
             return 2
@@ -456,7 +577,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvswitch bench curves: {why}", file=sys.stderr)
         return 2
     out = a.out or RESULTS_DIR / f"{_dt.datetime.now():%Y-%m-%d-%H%M}-curves{'-smoke' if a.smoke else ''}"
-    readme = run(plans, routers, reps, out, loads, log=lambda line: print(line, flush=True), base=a.plan_from)
+    if a.jobs > 1 or a.deadline_min is not None:
+        readme = run_parallel(plans, routers, reps, out, loads, a.jobs, log=lambda line: print(line, flush=True),
+                              base=a.plan_from, with_twins=not a.no_twins,
+                              deadline_s=None if a.deadline_min is None else 60.0 * a.deadline_min)
+    else:
+        readme = run(plans, routers, reps, out, loads, log=lambda line: print(line, flush=True), base=a.plan_from,
+                     with_twins=not a.no_twins)
     print(readme.read_text())
     print(f"report: {readme}")
     return 0

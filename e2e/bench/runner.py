@@ -108,6 +108,8 @@ class Comparison:
         self.failures: list[dict[str, Any]] = []
         self.meta: dict[str, Any] = {}
         self.knee: float | None = None  # --curve: the probed knee (req/s), kept in the report
+        # asked before each run; True: no further run starts (the runs done are saved as usual)
+        self.should_stop: Callable[[], bool] = lambda: False
 
     def plan(self) -> list[tuple[int, float, str]]:
         return [(rep, rate, router) for rep in range(self.cfg.repetitions) for rate in self.cfg.rates
@@ -119,14 +121,11 @@ class Comparison:
         path.write_text(json.dumps(doc, indent=1, default=str))
         return path
 
-    def run(self) -> Path:
+    def describe(self) -> dict[str, Any]:
+        """The comparison's meta: workload, routers, rates, fleet, machine and versions (results.json's)."""
         cfg = self.cfg
-        for name in cfg.routers:  # bad names fail before anything starts
-            make_router(name, self.raw)
-        self.raw.mkdir(parents=True, exist_ok=True)
-        tokenizer = ensure_tokenizer(cfg.cache_dir)
         wl0 = build_workload(cfg, cfg.rates[0], 0)
-        self.meta = {
+        return {
             "date": _dt.datetime.now().isoformat(timespec="seconds"),
             "workload": cfg.workload, "workload_params": {**wl0.params, "rate": None},
             "workload_stats": wl0.stats(), "routers": cfg.routers, "rates": cfg.rates, "pods": cfg.pods,
@@ -136,6 +135,14 @@ class Comparison:
             "versions": peersenv.versions(), "client": "aiperf (streaming completions, fixed schedule)",
             "command": " ".join(sys.argv), "knee_req_s": self.knee,
         }
+
+    def run(self) -> Path:
+        cfg = self.cfg
+        for name in cfg.routers:  # bad names fail before anything starts
+            make_router(name, self.raw)
+        self.raw.mkdir(parents=True, exist_ok=True)
+        tokenizer = ensure_tokenizer(cfg.cache_dir)
+        self.meta = self.describe()
         fleet = SimFleetProcess(FleetSpec(pods=cfg.pods, time_scale=cfg.time_scale, tokenizer=tokenizer,
                                           model_profile=cfg.model_profile, accelerator=cfg.accelerator,
                                           roles=cfg.roles, seed=cfg.seed), self.raw)
@@ -143,6 +150,9 @@ class Comparison:
         started = time.monotonic()
         try:
             for i, (rep, rate, name) in enumerate(plan, 1):
+                if self.should_stop():
+                    self.log(f"stopped before run {i}/{len(plan)}")
+                    break
                 t0 = time.monotonic()
                 try:
                     res = self.one(fleet, name, rate, rep)

@@ -163,3 +163,61 @@ def test_kvswitch_is_told_the_pods_time_scale_and_the_picker_accepts_it(tmp_path
     assert director.dl.predictor.settings.time_scale == 2.6
     fleet.time_scale = 1.0
     assert "predictor" not in router.picker_config(fleet, 1, 2)["scheduler"]
+
+
+def test_points_run_at_once_are_merged_into_the_serial_sets_comparison(tmp_path, monkeypatch):
+    """``--jobs``: each (workload, router, load) runs as a comparison of its own, several at once; their runs
+    are merged into one results.json per workload in the order ``run`` would have written them, and the
+    summary judges the set as usual. No run starts after the deadline. (Each run here is a stand-in: the
+    chain through Envoy and the peers is tests/bench/test_bench_e2e.py's.)"""
+    import json
+    import threading
+    import time
+
+    from e2e.bench.client import RunResult
+    from e2e.bench.runner import Comparison
+
+    running, peak = [0], [0]
+    lock = threading.Lock()
+
+    def one(self, fleet, name, rate, rep):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        fast = name == "kvswitch"
+        return RunResult(name, rate, rep, ttft_ms=[100.0 if fast else 200.0] * 10, request_throughput=rate / 2,
+                         hit_rate=0.5, engine_ttft_ms=90.0)
+
+    monkeypatch.setattr(Comparison, "one", one)
+    plan = rtcurve.WorkloadPlan("no-sharing", 10.0, 128.0, [1.0, 1.0], 16, [5.0, 10.0], 60.0)
+    routers = ["kvswitch", "envoy-rr"]
+    readme = rtcurve.run_parallel([plan], routers, 2, tmp_path, [0.5, 1.0], jobs=3, log=lambda _: None,
+                                  with_twins=False)
+    doc = json.loads((tmp_path / "no-sharing" / "results.json").read_text())
+    order = [(r["repetition"], r["rate"], r["router"]) for r in doc["runs"]]
+    assert order == [(rep, rate, r) for rep in range(2) for rate in (5.0, 10.0) for r in routers]
+    assert doc["meta"]["routers"] == routers and doc["meta"]["rates"] == [5.0, 10.0] and doc["meta"]["jobs"] == 3
+    assert peak[0] >= 2  # points ran at once
+    assert "| 1x | met |" in readme.read_text()
+    late = rtcurve.run_parallel([plan], routers, 2, tmp_path / "late", [0.5, 1.0], jobs=2, log=lambda _: None,
+                                with_twins=False, deadline_s=0.0)
+    assert json.loads((tmp_path / "late" / "no-sharing" / "results.json").read_text())["runs"] == []
+    assert "| 0.5x | kvswitch" not in late.read_text()  # no run, no row (and the report still renders)
+
+
+def test_a_rerun_takes_some_of_the_plans_loads_at_a_time_scale_of_its_own(capsys):
+    base = rtcurve.RESULTS_DIR / "2026-12-02-curves-1000"
+    plans, loads = rtcurve.plans_of(base, ["shared-prefix"])
+    sub = rtcurve.subset(plans[0], loads, [1.0, 3.0])
+    assert sub.rates == [plans[0].rates[1], plans[0].rates[3]]
+    assert sub.time_scales == [plans[0].time_scales[1], plans[0].time_scales[3]]
+    with pytest.raises(ValueError, match="loads 1.5 not in the plan"):
+        rtcurve.subset(plans[0], loads, [1.5])
+    assert rtcurve.main(["--plan-from", str(base), "--loads", "1.5", "--plan"]) == 2
+    assert rtcurve.main(["--time-scale", "0.5", "--plan"]) == 2  # a new plan sizes its own time scales
+    assert rtcurve.main(["--jobs", "0", "--plan"]) == 2
+    err = capsys.readouterr().err
+    assert "loads 1.5 not in the plan" in err and "needs --plan-from" in err and "--jobs >= 1" in err
