@@ -162,6 +162,9 @@ class Director:
             return
         self._started = True
         await self.dl.start()
+        if self.dl.warmups is not None:
+            counters = {o: self.stats.warmups.labels(o) for o in ("offered", "ok", "failed", "expired")}
+            self.dl.warmups.count = lambda outcome: counters[outcome].inc()
 
     async def stop(self) -> None:
         """Stop the data layer's upkeep; requests still held are answered with a 503 (the picker is going)."""

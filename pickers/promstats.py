@@ -27,6 +27,7 @@ class SchedulerMetrics:
     flow_queued: Gauge
     flow_released: Counter
     flow_wait: Histogram
+    warmups: Counter
 
 
 # keyed by the registry itself, weakly: an id() key outlives a collected registry, and a new one allocated at
@@ -74,6 +75,11 @@ def scheduler_metrics(registry: CollectorRegistry | None = None) -> SchedulerMet
                 registry=reg),
             flow_wait=Histogram("kvswitch_flow_control_wait_seconds", "Time a request was held by flow control",
                                 buckets=WAIT_BUCKETS, registry=reg),
+            warmups=Counter(
+                "kvswitch_warmups",
+                "The picker's own prefills of a hot group prefix on a quiet pod (pickers/warmup.py), by outcome: "
+                "offered, ok (the pod ran it), failed (an error or no answer within the timeout), expired (no "
+                "report from the transport)", ["outcome"], registry=reg),
         )
         _BY_REGISTRY[reg] = got
     return got

@@ -28,6 +28,7 @@ from pickers.datalayer.health import HealthTracker
 from pickers.datalayer.inflight import InflightTracker
 from pickers.datalayer.metrics import MetricsStore, PodMetrics
 from pickers.datalayer.scraper import MetricsScraper
+from pickers.datalayer.warmupsender import WarmupSender
 from pickers.kvblocks.index import BlockIndex
 from pickers.kvblocks.precise import PreciseIndex
 from pickers.kvblocks.subscriber import KVEventSubscriber
@@ -36,6 +37,7 @@ from pickers.ranks import learn_ranks
 from pickers.state import PrefixMode
 from pickers.tokenize import TokenService
 from pickers.types import Endpoint
+from pickers.warmup import Warmups
 
 if TYPE_CHECKING:
     from pickers.framework import CycleContext
@@ -90,6 +92,8 @@ class DataLayer:
         # requests the director's flow control holds (pickers/flowcontrol.py): queued for the pool as a whole
         self.held_requests = 0
         self.saturated_at = -math.inf  # when flow control last found a queue on every pod: past the knee then
+        # the picker's own prefills (pickers/warmup.py), when a transport sends them (the simulator, kvswitch serve)
+        self.warmups: Warmups | None = None
         self.approx = BlockIndex(s.approx_max_blocks, ("GPU",), max_pods=64, per_pod_cap=None)
         self.approx_pod_cap = np.full(n, s.approx_pod_blocks, dtype=np.int64)
         self.kv_index = PreciseIndex(ep.slot, ep.address, s.precise_max_blocks, s.medium_weights, 64,
@@ -103,6 +107,7 @@ class DataLayer:
         self._scraper: MetricsScraper | None = None
         self._subscriber: KVEventSubscriber | None = None
         self._discovery_task: asyncio.Task[None] | None = None
+        self._warmup_sender: WarmupSender | None = None
         ep.listen(self._on_endpoint)
         ep.set_busy_probe(self._busy)
 
@@ -129,9 +134,17 @@ class DataLayer:
         if self.discovery is not None and not isinstance(self.discovery, StaticDiscovery):
             self._discovery_task = asyncio.get_running_loop().create_task(
                 self.discovery.run(self.endpoints), name="endpoint discovery")
+        # the picker's own prefills (pickers/warmup.py), posted to the pods
+        self.warmups = Warmups(self.inflight)
+        self._warmup_sender = WarmupSender(self.warmups)
+        await self._warmup_sender.start()
 
     async def stop(self) -> None:
         """Stop discovery, scrapes and subscriptions; every task is awaited. Idempotent."""
+        sender, self._warmup_sender = self._warmup_sender, None
+        if sender is not None:
+            await sender.stop()
+            self.warmups = None
         if self._discovery_task is not None:
             self._discovery_task.cancel()
             await asyncio.gather(self._discovery_task, return_exceptions=True)

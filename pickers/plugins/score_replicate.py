@@ -63,6 +63,8 @@ class ReplicateScorer(PrefixModeScorer):
         "hot": Param(int, 2, min=1, doc="hot: this many of the last `recent` held requests ended at its block"),
         "recent": Param(int, 256, min=1, max=65536),
         "quiet_s": Param(float, 10.0, min=0.0, doc="no copy this long after flow control saw every pod queued"),
+        "warm_up": Param(bool, True, doc="make the copy with a warm-up prefill of the prefix (pickers/warmup.py) "
+                         "where a transport sends one, not with this request"),
     }
     copies: int
     gap: float
@@ -70,6 +72,7 @@ class ReplicateScorer(PrefixModeScorer):
     hot: int
     recent: int
     quiet_s: float
+    warm_up: bool
 
     def __init__(self, **params: object) -> None:
         super().__init__(**params)
@@ -109,5 +112,18 @@ class ReplicateScorer(PrefixModeScorer):
         if depth < 1 or depth > hashes.size or self.heat(int(hashes[depth - 1])) < self.hot:
             return level
         n = self.dl.inflight.requests[cands].astype(np.float64)
-        room = ~holder & (ctx.prediction(self.mode).queued[cands] == 0) & (n + self.gap <= n[holder].min())
-        return room.astype(np.float64) if room.any() else level
+        pred = ctx.prediction(self.mode)
+        room = ~holder & (pred.queued[cands] == 0) & (n + self.gap <= n[holder].min())
+        if not room.any():
+            return level
+        warmups = self.dl.warmups
+        if self.warm_up and warmups is not None:
+            # the copy without this request: the prefix alone to the least busy pod with room (level here)
+            idx = np.flatnonzero(room)
+            slot = int(cands[idx[np.argmin(n[idx])]])
+            ep = self.dl.endpoints.endpoints[slot]
+            if ep is not None:
+                warmups.offer(slot, ep, ctx.request.model, int(hashes[depth - 1]), ctx.token_ids()[: depth * bs],
+                              ctx.now, float(pred.prefill_s[slot]))
+            return level
+        return room.astype(np.float64)

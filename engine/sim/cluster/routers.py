@@ -41,6 +41,7 @@ from pickers.datalayer.metrics import PodMetrics
 from pickers.director import Director
 from pickers.profiles import RANK_OBLIVIOUS  # re-exported: the simulator's rank-oblivious fleet view
 from pickers.types import Decision, Endpoint, InferenceRequest, Role, SchedulingError, Usage
+from pickers.warmup import Warmup, Warmups
 
 
 @dataclass(slots=True)
@@ -76,6 +77,8 @@ class Router(Protocol):
     def on_pod_added(self, endpoint: Endpoint, at: float) -> None: ...
     def on_pod_removed(self, pod: str, at: float) -> None: ...
     def on_pod_released(self, pod: str, at: float) -> None: ...
+    def take_warmups(self) -> list[Warmup]: ...
+    def warmup_done(self, request_id: str, ok: bool) -> None: ...
 
 
 class BaseRouter:
@@ -93,6 +96,13 @@ class BaseRouter:
 
     def next_release_at(self) -> float:
         return math.inf
+
+    def take_warmups(self) -> list[Warmup]:
+        """Prefills the router sends on its own (pickers/warmup.py), since the simulator last asked."""
+        return []
+
+    def warmup_done(self, request_id: str, ok: bool) -> None:
+        return None
 
     def on_first_token(self, req: ClusterRequest, at: float) -> None:
         return None
@@ -266,6 +276,8 @@ class SchedulerRouter(BaseRouter):
         self.predicted: dict[str, tuple[float, float]] = {}
         # held requests released (flow control) since the simulator last asked
         self._released: list[tuple[ClusterRequest, Route | SchedulingError]] = []
+        # the picker's warm-up prefills: the simulator is their transport (it submits each to its pod)
+        self.warmups = director.dl.warmups = Warmups(director.dl.inflight)
 
     def route(self, req: ClusterRequest, now: float) -> Route | None:
         ir = InferenceRequest(
@@ -292,6 +304,12 @@ class SchedulerRouter(BaseRouter):
         self.director.dispatch_held()
         out, self._released = self._released, []
         return out
+
+    def take_warmups(self) -> list[Warmup]:
+        return self.warmups.take()
+
+    def warmup_done(self, request_id: str, ok: bool) -> None:
+        self.warmups.done(request_id, ok)
 
     def next_release_at(self) -> float:
         flow = self.director.flow

@@ -263,6 +263,7 @@ class ClusterSim:
         self._seq = 0
         self._live: dict[str, RequestRecord] = {}  # engine request id -> record
         self._held: dict[str, RequestRecord] = {}  # request id -> record of a request the router holds
+        self._warming: dict[str, Pod] = {}  # warm-up request id -> its pod (the router's own prefills)
         self._released: list[Pod] = []  # prefill pods freed during a step, kicked after it
         self.records: list[RequestRecord] = []
         self.events = 0
@@ -406,8 +407,9 @@ class ClusterSim:
             return
         if route is None:  # held by the router (flow control): placed when ``take_released`` hands it back
             self._held[rid] = rec
-            return
-        self._place(rec, req, route, now)
+        else:
+            self._place(rec, req, route, now)
+        self._send_warmups(now)
 
     def _reject(self, rec: RequestRecord, exc: SchedulingError) -> None:
         rec.status, rec.reason = "rejected", f"{exc.status} {exc.code}"
@@ -421,6 +423,27 @@ class ClusterSim:
                 self._reject(rec, route)
             else:
                 self._place(rec, req, route, now)
+        self._send_warmups(now)
+
+    def _send_warmups(self, now: float) -> None:
+        """Submit the router's warm-up prefills (pickers/warmup.py) to their pods: one-token requests that are
+        no trace request's (no record); the router hears of each end through ``warmup_done``."""
+        for w in self.router.take_warmups():
+            name, rank = _split_rank(w.endpoint_id)
+            pod = self.by_name.get(name)
+            if pod is None or pod.state != READY:
+                self.router.warmup_done(w.request_id, False)
+                continue
+            if pod.run:
+                self._cut(pod, now)
+            try:
+                pod.group.add_request(SimRequest(w.request_id, w.token_ids, 1, arrival=now, ignore_eos=True), rank,
+                                      now)
+            except ValueError:
+                self.router.warmup_done(w.request_id, False)
+                continue
+            self._warming[w.request_id] = pod
+            self._kick(pod, now)
 
     def _place(self, rec: RequestRecord, req: ClusterRequest, route: tuple[str, str | None], now: float) -> None:
         """Send a routed request to its pods (a prefill leg first when the route names another pod)."""
@@ -558,6 +581,8 @@ class ClusterSim:
             rid = out.request_id
             rec = live.get(rid)
             if rec is None:
+                if out.finished and self._warming.pop(rid, None) is not None:
+                    router.warmup_done(rid, True)
                 continue
             if rid.endswith(_PREFILL_SUFFIX):
                 if out.finished:

@@ -1,0 +1,93 @@
+"""The real transport of the picker's warm-up prefills (pickers/warmup.py): each is a POST to its pod's OpenAI
+completions endpoint with the prompt as token ids and ``max_tokens`` 1, the way vLLM takes a pre-tokenized
+prompt (the ids are the picker's own tokenization, the one whose block hashes match the pod's KV events, so
+the pod caches the same blocks a user request of that group will look up).
+
+Bounded: at most ``concurrency`` posts at once (the queue itself holds at most ``Warmups.max_in_flight``),
+each within ``timeout_s``; every outcome goes back to the queue (``Warmups.done``), a failure too, so the pod's
+in-flight count is released. ``stop`` cancels the loop and every post and awaits them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import aiohttp
+
+from pickers.warmup import Warmup, Warmups
+
+log = logging.getLogger("kvswitch.pickers.warmup")
+
+
+class WarmupSender:
+    def __init__(self, warmups: Warmups, concurrency: int = 4, timeout_s: float = 30.0) -> None:
+        self.warmups = warmups
+        self.concurrency = concurrency
+        self.timeout_s = timeout_s
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._posts: set[asyncio.Task[None]] = set()
+        self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        if self._task is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+        self.warmups.on_offer = self._offered
+        self._task = self._loop.create_task(self._run(), name="kvswitch warm-ups")
+
+    def _offered(self) -> None:
+        """The queue's wake-up: offers come from decisions, which may run off the event loop's thread."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._wake.set)
+
+    async def _run(self) -> None:
+        sem = asyncio.Semaphore(self.concurrency)
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            for w in self.warmups.take():
+                await sem.acquire()
+                task = asyncio.get_running_loop().create_task(self._post(w, sem))
+                self._posts.add(task)
+                task.add_done_callback(self._posts.discard)
+
+    def body(self, w: Warmup) -> dict[str, Any]:
+        return {"model": w.model, "prompt": w.token_ids.tolist(), "max_tokens": 1, "temperature": 0.0,
+                "stream": False}
+
+    async def _post(self, w: Warmup, sem: asyncio.Semaphore) -> None:
+        ok = False
+        try:
+            assert self._session is not None
+            headers = {"x-data-parallel-rank": str(w.dp_rank)} if w.dp_rank is not None else {}
+            async with self._session.post(f"http://{w.address}/v1/completions", json=self.body(w),
+                                          headers=headers) as resp:
+                await resp.read()
+                ok = resp.status == 200
+                if not ok:
+                    log.info("warm-up of %d tokens on %s: HTTP %d", w.token_ids.size, w.endpoint_id, resp.status)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            log.info("warm-up of %d tokens on %s failed: %s", w.token_ids.size, w.endpoint_id, exc)
+        finally:
+            sem.release()
+            self.warmups.done(w.request_id, ok)
+
+    async def stop(self) -> None:
+        self.warmups.on_offer = None
+        tasks = [t for t in (self._task, *self._posts) if t is not None]
+        self._task = None
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+__all__ = ["WarmupSender"]

@@ -1,0 +1,168 @@
+"""The picker's warm-up prefills (pickers/warmup.py): the queue's bounds and in-flight accounting, the replicate
+scorer making its copy with one, and the real transport (a POST of token ids to a simulated pod, whose prefix
+cache then holds the blocks)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import numpy as np
+import pytest
+
+from pickers.datalayer.inflight import InflightTracker
+from pickers.datalayer.warmupsender import WarmupSender
+from pickers.types import Endpoint
+from pickers.warmup import Warmups, WarmupSettings
+
+EP_A, EP_B = Endpoint("10.0.0.1:8000"), Endpoint("10.0.0.2:8000", dp_rank=1)
+
+
+def queue(**settings: float) -> tuple[Warmups, InflightTracker]:
+    inflight = InflightTracker(8)
+    return Warmups(inflight, WarmupSettings(**settings)), inflight  # type: ignore[arg-type]
+
+
+def test_a_warm_up_counts_as_prefill_queued_on_its_pod_until_it_ends():
+    w, inflight = queue()
+    tokens = np.arange(4096)
+    assert w.offer(1, EP_B, "m", key=7, token_ids=tokens, now=0.0, prefill_s=0.5)
+    assert inflight.prefill_tokens[1] == 4096 and inflight.requests[1] == 1
+    (sent,) = w.take()
+    assert (sent.endpoint_id, sent.address, sent.dp_rank, sent.model) == ("10.0.0.2:8000#1", "10.0.0.2:8000", 1, "m")
+    assert sent.token_ids.tolist() == tokens.tolist() and w.take() == []  # handed out once
+    w.done(sent.request_id, ok=True)
+    assert inflight.prefill_tokens[1] == 0 and inflight.requests[1] == 0 and len(w) == 0 and w.ok == 1
+    w.done(sent.request_id, ok=True)  # a second report (or an unknown id) changes nothing
+    assert w.ok == 1
+
+
+def test_one_warm_up_per_pod_and_per_prefix_and_at_most_max_in_flight():
+    w, _ = queue(max_in_flight=2)
+    t = np.arange(64)
+    assert w.offer(0, EP_A, "m", 1, t, 0.0, 0.1)
+    assert not w.offer(0, EP_A, "m", 2, t, 0.0, 0.1)  # that pod is computing one
+    assert not w.offer(1, EP_B, "m", 1, t, 0.0, 0.1)  # that prefix is being copied
+    assert not w.offer(1, EP_B, "m", 2, t[:0], 0.0, 0.1)  # nothing to send
+    assert w.offer(1, EP_B, "m", 2, t, 0.0, 0.1)
+    assert not w.offer(2, Endpoint("10.0.0.3:8000"), "m", 3, t, 0.0, 0.1)  # two in flight: the bound
+    assert len(w) == 2 and w.offered == 2
+
+
+def test_a_warm_up_the_transport_never_reports_expires_and_frees_its_pod():
+    w, inflight = queue(timeout_s=30.0)
+    assert w.offer(0, EP_A, "m", 1, np.arange(64), 0.0, 0.1)
+    w.expire(29.9)
+    assert len(w) == 1 and inflight.requests[0] == 1
+    assert w.offer(1, EP_B, "m", 2, np.arange(64), 31.0, 0.1)  # offering expires the old one first
+    assert len(w) == 1 and w.expired == 1 and inflight.requests[0] == 0
+    assert [x.slot for x in w.take()] == [1]  # the expired one is no longer handed out
+
+
+def test_the_replicate_scorer_copies_with_a_warm_up_and_leaves_the_request_where_it_is_fastest():
+    """With a transport, the scorer offers the group prefix (its whole blocks) to the quiet pod and is level:
+    the request goes to the holder, and the copy pod counts the warm-up as queued prefill meanwhile."""
+    from .helpers import scheduler
+    from .test_plugins import A, B, C, _group_held_by, _group_request, _in_flight, cands, ctx_for, plugin
+
+    s, clock = scheduler()
+    s.dl.warmups = Warmups(s.dl.inflight)
+    sc = plugin(s, "scorer", "replicate")
+    c = cands(s)
+    _group_held_by(s, A)
+    _in_flight(s, clock, A, 5, decoding=True)
+    _in_flight(s, clock, B, 1, decoding=True)
+    _in_flight(s, clock, C, 3, decoding=True)
+    for i in range(3):
+        assert sc.score(ctx_for(s, clock, _group_request(f"g{i}", i)), c).tolist() == [1.0, 1.0, 1.0]
+    (w,) = s.dl.warmups.take()
+    b = s.dl.endpoints.slot(B)
+    assert w.address == B and w.token_ids.tolist() == list(range(4096))
+    assert s.dl.inflight.prefill_tokens[b] == 4096
+    assert sc.score(ctx_for(s, clock, _group_request("g3", 3)), c).tolist() == [1.0, 1.0, 1.0]
+    assert s.dl.warmups.take() == []  # B now has a prompt queued (the warm-up): no room, no second copy
+    no_warm = plugin(s, "scorer", {"type": "replicate", "warm_up": False})  # the request itself makes the copy
+    s.dl.warmups.done(w.request_id, ok=True)
+    for i in range(2):
+        no_warm.score(ctx_for(s, clock, _group_request(f"n{i}", 10 + i)), c)
+    assert no_warm.score(ctx_for(s, clock, _group_request("n2", 12)), c).tolist() == [0.0, 1.0, 0.0]
+
+
+async def test_the_sender_posts_the_prefix_as_token_ids_and_the_pod_caches_it():
+    """Through a real simulated pod over HTTP: the warm-up's blocks are in its prefix cache afterwards (a request
+    with that prefix finds them cached), and the in-flight count is released when the POST ends."""
+    from engine.sim.fleet import SimFleet
+    from engine.sim.spec import PodSpec
+
+    fleet = SimFleet([PodSpec(name="p", seed=3)], time_scale=0.05)
+    await fleet.start()
+    address = fleet.pods[0].address
+    inflight = InflightTracker(4)
+    w = Warmups(inflight)
+    outcomes: list[str] = []
+    w.count = outcomes.append  # the director points this at kvswitch_warmups{outcome}
+    sender = WarmupSender(w, concurrency=2, timeout_s=10.0)
+    await sender.start()
+    try:
+        prefix = list(range(1000, 1000 + 1024))
+        assert w.offer(0, Endpoint(address), "sim-model", 5, np.array(prefix), 0.0, 0.2)
+        for _ in range(200):
+            if not len(w):
+                break
+            await asyncio.sleep(0.02)
+        assert (w.ok, w.failed, len(w), inflight.requests[0]) == (1, 0, 0, 0) and outcomes == ["offered", "ok"]
+        async with aiohttp.ClientSession() as http, http.post(
+                f"http://{address}/v1/completions",
+                json={"model": "sim-model", "prompt": prefix + [7, 8, 9], "max_tokens": 1}) as resp:
+            usage = (await resp.json())["usage"]
+        assert usage["prompt_tokens_details"]["cached_tokens"] == 1024
+    finally:
+        await sender.stop()
+        await fleet.stop()
+
+
+async def test_a_warm_up_to_a_pod_that_is_gone_fails_and_frees_its_count():
+    from e2e.support.ports import free_port_pair
+
+    port = free_port_pair()
+    inflight = InflightTracker(4)
+    w = Warmups(inflight)
+    sender = WarmupSender(w, timeout_s=5.0)
+    await sender.start()
+    try:
+        assert w.offer(2, Endpoint(f"127.0.0.1:{port}"), "m", 1, np.arange(32), 0.0, 0.1)
+        for _ in range(200):
+            if not len(w):
+                break
+            await asyncio.sleep(0.02)
+        assert (w.ok, w.failed, inflight.requests[2]) == (0, 1, 0)
+    finally:
+        await sender.stop()
+    assert w.on_offer is None
+
+
+@pytest.mark.slow
+def test_warm_up_copies_cost_no_user_request_a_cold_prefill():
+    """Shared-prefix traffic at the knee, 400 requests (virtual time, seed 0): the copies made by warm-ups
+    against the same copies made by user requests (``warm_up: false``, the previous default). The warm-ups are
+    no trace request's: every record is one of the trace's."""
+    import copy
+
+    from e2e.bench import vcurve
+    from pickers.profiles import BUILTIN_PROFILES
+
+    def variant(warm: bool) -> dict:
+        p = copy.deepcopy(BUILTIN_PROFILES["default"])
+        for sc in p["scorers"]:
+            if sc["type"] == "replicate":
+                sc["warm_up"] = warm
+        return {"profile": "default", "profiles": {"default": p}}
+
+    knee = 17.344
+    got = {name: vcurve.run_point("shared-prefix", name, 0, knee, 400, variants={name: variant(name == "warm")},
+                                  as_aiperf_sends=True, access_log=True)
+           for name in ("warm", "cold")}
+    warm, cold = got["warm"], got["cold"]
+    assert warm["completed"] == cold["completed"] == 400
+    assert warm["cold"] < cold["cold"]  # the copies' cold prefills are the warm-ups', not the requests'
+    assert warm["ttft_p90_s"] < 0.8 * cold["ttft_p90_s"]
