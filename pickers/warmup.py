@@ -43,6 +43,7 @@ class Warmup:
     slot: int
     endpoint_id: str  # what a Decision names (``Endpoint.id``: ip:port, #rank for a data-parallel rank)
     address: str  # ip:port
+    scheme: str  # http, or https where the pod's metrics are served over TLS
     dp_rank: int | None  # sent as X-data-parallel-rank
     model: str
     token_ids: np.ndarray
@@ -85,8 +86,9 @@ class Warmups:
         if (slot in self._slots or key in self._keys or len(self._in_flight) >= self.settings.max_in_flight
                 or token_ids.size == 0):
             return False
-        w = Warmup(f"kvswitch-warmup-{next(self._ids)}", slot, endpoint.id, endpoint.address, endpoint.dp_rank,
-                   model, np.array(token_ids, dtype=np.int64), key, now)
+        scheme = "https" if (endpoint.metrics_url or "").startswith("https://") else "http"
+        w = Warmup(f"kvswitch-warmup-{next(self._ids)}", slot, endpoint.id, endpoint.address, scheme,
+                   endpoint.dp_rank, model, np.array(token_ids, dtype=np.int64), key, now)
         self._in_flight[w.request_id] = w
         self._slots.add(slot)
         self._keys.add(key)

@@ -1,7 +1,7 @@
 """The real transport of the picker's warm-up prefills (pickers/warmup.py): each is a POST to its pod's OpenAI
-completions endpoint with the prompt as token ids and ``max_tokens`` 1, the way vLLM takes a pre-tokenized
-prompt (the ids are the picker's own tokenization, the one whose block hashes match the pod's KV events, so
-the pod caches the same blocks a user request of that group will look up).
+completions endpoint (https where its /metrics are) with the prompt as token ids and ``max_tokens`` 1, the way
+vLLM takes a pre-tokenized prompt (the ids are the picker's own tokenization, the one whose block hashes match
+the pod's KV events, so the pod caches the same blocks a user request of that group will look up).
 
 Bounded: at most ``concurrency`` posts at once (the queue itself holds at most ``Warmups.max_in_flight``),
 each within ``timeout_s``; every outcome goes back to the queue (``Warmups.done``), a failure too, so the pod's
@@ -66,7 +66,7 @@ class WarmupSender:
         try:
             assert self._session is not None
             headers = {"x-data-parallel-rank": str(w.dp_rank)} if w.dp_rank is not None else {}
-            async with self._session.post(f"http://{w.address}/v1/completions", json=self.body(w),
+            async with self._session.post(f"{w.scheme}://{w.address}/v1/completions", json=self.body(w),
                                           headers=headers) as resp:
                 await resp.read()
                 ok = resp.status == 200

@@ -30,6 +30,13 @@ def test_a_warm_up_counts_as_prefill_queued_on_its_pod_until_it_ends():
     assert inflight.prefill_tokens[1] == 4096 and inflight.requests[1] == 1
     (sent,) = w.take()
     assert (sent.endpoint_id, sent.address, sent.dp_rank, sent.model) == ("10.0.0.2:8000#1", "10.0.0.2:8000", 1, "m")
+    assert sent.scheme == "http"
+    tls = Endpoint("10.0.0.3:8443", metrics_url="https://10.0.0.3:8443/metrics")
+    assert w.offer(2, tls, "m", key=8, token_ids=tokens, now=0.0, prefill_s=0.5)
+    (tls_sent,) = w.take()
+    assert tls_sent.scheme == "https"  # the pod's TLS, as its metrics show
+    w.done(tls_sent.request_id, ok=False)
+    assert w.failed == 1 and inflight.requests[2] == 0
     assert sent.token_ids.tolist() == tokens.tolist() and w.take() == []  # handed out once
     w.done(sent.request_id, ok=True)
     assert inflight.prefill_tokens[1] == 0 and inflight.requests[1] == 0 and len(w) == 0 and w.ok == 1
