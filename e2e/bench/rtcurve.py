@@ -212,7 +212,7 @@ def run_parallel(plans: list[WorkloadPlan], routers: list[str], repetitions: int
     their runs are merged into one comparison per workload, the results.json and report ``run`` writes.
 
     On two cores the points would share the CPU that their routers' paths are judged on: keep ``jobs`` at
-    about a sixth of the cores (a run's client, router, Envoy and simulated pods). No run starts after
+    about a third of the cores (a run's client, router, Envoy and simulated pods). No run starts after
     ``deadline_s`` wall seconds (the runs done are kept; the summary counts the runs per point)."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
@@ -486,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-wall-tokens", type=float, default=DEFAULT_BUDGET.max_wall_tokens)
     p.add_argument("--jobs", type=int, default=1,
                    help="points run at once, each with its own fleet, router and client (cores to spare: about "
-                        "one job per 6 cores; on two cores keep 1)")
+                        "one job per 3 cores, 5 on 16 ran at load 5.9; on two cores keep 1)")
     p.add_argument("--deadline-min", type=float, default=None,
                    help="no run starts after this many wall minutes (the runs done are reported)")
     p.add_argument("--time-scale", type=float, default=None,
