@@ -392,6 +392,12 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.variants:
         VARIANTS.update(json.loads(a.variants.read_text()))
+    if a.against is not None:  # a report's folder names its results.json; checked before hours of runs
+        if a.against.is_dir():
+            a.against = a.against / "results.json"
+        if not a.against.is_file():
+            print(f"kvswitch bench curve: --against {a.against}: no such results.json", file=sys.stderr)
+            return 2
     if a.report:
         print(render(a.report, not a.no_plots, a.against))
         return 0

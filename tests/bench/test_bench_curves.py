@@ -221,3 +221,18 @@ def test_a_rerun_takes_some_of_the_plans_loads_at_a_time_scale_of_its_own(capsys
     assert rtcurve.main(["--jobs", "0", "--plan"]) == 2
     err = capsys.readouterr().err
     assert "loads 1.5 not in the plan" in err and "needs --plan-from" in err and "--jobs >= 1" in err
+
+
+def test_the_virtual_curves_take_an_earlier_reports_folder_to_pair_with_and_refuse_a_missing_one(tmp_path, capsys):
+    """``kvswitch bench curve --against``: a folder means its results.json; one that is not there is refused
+    before any run (it used to fail after the whole set, when the report was rendered)."""
+    import shutil
+
+    base = tmp_path / "base"
+    base.mkdir()
+    shutil.copy(rtcurve.RESULTS_DIR / "2026-12-04-vcurve1000-warmup" / "results.json", base / "results.json")
+    assert vcurve.main(["--report", str(base / "results.json"), "--against", str(base), "--no-plots"]) == 0
+    assert "## Paired by seed against" in (base / "README.md").read_text()
+    assert vcurve.main(["--requests", "10", "--against", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
+    assert "no such results.json" in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
