@@ -150,9 +150,11 @@ async def test_a_warm_up_to_a_pod_that_is_gone_fails_and_frees_its_count():
 
 @pytest.mark.slow
 def test_warm_up_copies_cost_no_user_request_a_cold_prefill():
-    """Shared-prefix traffic at the knee, 400 requests (virtual time, seed 0): the copies made by warm-ups
-    against the same copies made by user requests (``warm_up: false``, the previous default). The warm-ups are
-    no trace request's: every record is one of the trace's."""
+    """Shared-prefix traffic at half the knee, 400 requests (virtual time, seed 0, first tokens from the access
+    log): the copies made by warm-ups against the same copies made by user requests (``warm_up: false``, the
+    previous default): 16 cold requests against 32, TTFT p90 ~0.14 against ~0.44 s (at the knee 0.30 against
+    0.49 s, but there the random tie-break alone moves a 400-request p90 by 0.1 s). The warm-ups are no trace
+    request's: every record is one of the trace's."""
     import copy
 
     from e2e.bench import vcurve
@@ -165,11 +167,11 @@ def test_warm_up_copies_cost_no_user_request_a_cold_prefill():
                 sc["warm_up"] = warm
         return {"profile": "default", "profiles": {"default": p}}
 
-    knee = 17.344
-    got = {name: vcurve.run_point("shared-prefix", name, 0, knee, 400, variants={name: variant(name == "warm")},
+    half_knee = 8.672
+    got = {name: vcurve.run_point("shared-prefix", name, 0, half_knee, 400, variants={name: variant(name == "warm")},
                                   as_aiperf_sends=True, access_log=True)
            for name in ("warm", "cold")}
     warm, cold = got["warm"], got["cold"]
     assert warm["completed"] == cold["completed"] == 400
     assert warm["cold"] < cold["cold"]  # the copies' cold prefills are the warm-ups', not the requests'
-    assert warm["ttft_p90_s"] < 0.8 * cold["ttft_p90_s"]
+    assert warm["ttft_p90_s"] < 0.6 * cold["ttft_p90_s"]
