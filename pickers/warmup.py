@@ -13,8 +13,8 @@ tokens as queued prefill) until the transport reports it ended, so the predictor
 it computes the copy; the prefix index learns the copy from the pod's KV events like any other prefill.
 
 Transports: the simulator submits each warm-up to its pod (engine/sim/cluster); ``kvswitch serve`` posts it
-to the pod's OpenAI completions endpoint with the prompt as token ids (extproc/warmup.py). Without one,
-``DataLayer.warmups`` is None and the replicate scorer makes its copy with the user request, as before.
+to the pod's OpenAI completions endpoint with the prompt as token ids (pickers/datalayer/warmupsender.py).
+Without one, ``DataLayer.warmups`` is None and the replicate scorer makes its copy with the user request.
 
 Invariants (bounded): at most ``max_in_flight`` warm-ups between ``offer`` and ``done`` (taken or not), at
 most one per endpoint and one per group prefix; one that the transport has not reported after ``timeout_s``

@@ -174,10 +174,7 @@ def run(plans: list[WorkloadPlan], routers: list[str], repetitions: int, out: Pa
     total = sum(len(p.rates) for p in plans) * len(routers) * repetitions
     done = 0
     started = time.monotonic()
-    summary: dict[str, Any] = {"meta": {
-        "date": _dt.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
-        "routers": routers, "loads": loads, "repetitions": repetitions,
-        "plans": [asdict(p) for p in plans], "base": str(base) if base is not None else None}, "workloads": {}}
+    summary = _summary(plans, routers, repetitions, loads, base)
     for p in plans:
         comparison = Comparison(_config(p, routers, repetitions, out / p.workload))
         comparison.knee = p.knee_req_s
@@ -197,6 +194,20 @@ def run(plans: list[WorkloadPlan], routers: list[str], repetitions: int, out: Pa
         render(results)
         summary["workloads"][p.workload] = str(results.relative_to(out))
         (out / "curves.json").write_text(json.dumps(summary, indent=1))
+    return _finish(out, summary, started, log, with_twins)
+
+
+def _summary(plans: list[WorkloadPlan], routers: list[str], repetitions: int, loads: list[float],
+             base: Path | None, **more: Any) -> dict[str, Any]:
+    """curves.json before its workloads' results: the set's command, routers, loads and plans."""
+    return {"meta": {
+        "date": _dt.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+        "routers": routers, "loads": loads, "repetitions": repetitions, **more,
+        "plans": [asdict(p) for p in plans], "base": str(base) if base is not None else None}, "workloads": {}}
+
+
+def _finish(out: Path, summary: dict[str, Any], started: float, log: Any, with_twins: bool) -> Path:
+    """The set's wall time into curves.json, the twins (unless left out) and the summary README."""
     summary["meta"]["wall_s"] = time.monotonic() - started
     (out / "curves.json").write_text(json.dumps(summary, indent=1))
     if with_twins:
@@ -261,10 +272,7 @@ def run_parallel(plans: list[WorkloadPlan], routers: list[str], repetitions: int
     except KeyboardInterrupt:
         stop.set()  # the runs under way finish; none starts after them
         raise
-    summary: dict[str, Any] = {"meta": {
-        "date": _dt.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
-        "routers": routers, "loads": loads, "repetitions": repetitions, "jobs": jobs,
-        "plans": [asdict(p) for p in plans], "base": str(base) if base is not None else None}, "workloads": {}}
+    summary = _summary(plans, routers, repetitions, loads, base, jobs=jobs)
     from e2e.bench.report import render
 
     for p in plans:
@@ -279,11 +287,7 @@ def run_parallel(plans: list[WorkloadPlan], routers: list[str], repetitions: int
         results = whole.save()
         render(results)
         summary["workloads"][p.workload] = str(results.relative_to(out))
-    summary["meta"]["wall_s"] = time.monotonic() - started
-    (out / "curves.json").write_text(json.dumps(summary, indent=1))
-    if with_twins:
-        twins(out, log)
-    return render_summary(out)
+    return _finish(out, summary, started, log, with_twins)
 
 
 # ---- virtual-time twins ------------------------------------------------------------------------------

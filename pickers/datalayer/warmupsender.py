@@ -30,21 +30,14 @@ class WarmupSender:
         self._task: asyncio.Task[None] | None = None
         self._posts: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
         if self._task is not None:
             return
-        self._loop = asyncio.get_running_loop()
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
-        self.warmups.on_offer = self._offered
-        self._task = self._loop.create_task(self._run(), name="kvswitch warm-ups")
-
-    def _offered(self) -> None:
-        """The queue's wake-up: offers come from decisions, which may run off the event loop's thread."""
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._wake.set)
+        # offers come from decisions, which run on this loop (only hashing and tokenizing leave it)
+        self.warmups.on_offer = self._wake.set
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="kvswitch warm-ups")
 
     async def _run(self) -> None:
         sem = asyncio.Semaphore(self.concurrency)

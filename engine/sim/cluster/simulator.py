@@ -434,11 +434,8 @@ class ClusterSim:
             if pod is None or pod.state != READY:
                 self.router.warmup_done(w.request_id, False)
                 continue
-            if pod.run:
-                self._cut(pod, now)
             try:
-                pod.group.add_request(SimRequest(w.request_id, w.token_ids, 1, arrival=now, ignore_eos=True), rank,
-                                      now)
+                self._enqueue(pod, SimRequest(w.request_id, w.token_ids, 1, arrival=now, ignore_eos=True), rank, now)
             except ValueError:
                 self.router.warmup_done(w.request_id, False)
                 continue
@@ -477,10 +474,8 @@ class ClusterSim:
         if pod.state == RELEASED:  # its decode pod went away while the prefill leg ran
             self._fail(rec, LOST, now)
             return
-        if pod.run:
-            self._cut(pod, now)
         try:
-            served = pod.group.add_request(sreq, rank, now)
+            served = self._enqueue(pod, sreq, rank, now)
         except ValueError as exc:
             self._fail(rec, f"400 {exc}", now)
             return
@@ -488,6 +483,13 @@ class ClusterSim:
             rec.decode_rank = served
         self._live[sreq.request_id] = rec
         self._kick(pod, now)
+
+    def _enqueue(self, pod: Pod, sreq: SimRequest, rank: int | None, now: float) -> int:
+        """Queue ``sreq`` on ``pod`` (its quiet run cut first: the new request changes its steps); the rank that
+        took it. ValueError as vLLM's 400."""
+        if pod.run:
+            self._cut(pod, now)
+        return pod.group.add_request(sreq, rank, now)
 
     def _fail(self, rec: RequestRecord, reason: str, now: float) -> None:
         rec.status, rec.reason = "failed", reason
