@@ -223,6 +223,35 @@ def run_curves(workloads: list[str], routers: list[str], loads: list[float], see
     return path
 
 
+def adopt_peers(path: Path, source: Path) -> int:
+    """Add to ``path``'s results the runs of ``source`` (another set's results.json) by routers ``path`` did not
+    run, at its workloads, loads and seeds: a change to the default judged against peers that did not change
+    (their emulations do not read the picker's code) without re-running them. The two sets must have run the
+    same traces: equal requests per run, access-log mode and knees, and ``source`` every (workload, load, seed)
+    for each router it adds, else ValueError and ``path`` is unchanged. Returns the runs added."""
+    doc, other = json.loads(path.read_text()), json.loads(source.read_text())
+    meta, ometa = doc["meta"], other["meta"]
+    for key, default in (("requests", None), ("access_log", False), ("fleet", None)):
+        if meta.get(key, default) != ometa.get(key, default):
+            raise ValueError(f"{source}: {key} {ometa.get(key, default)!r}, this set {meta.get(key, default)!r}")
+    for w, k in doc["knees"].items():
+        if other["knees"].get(w) != k:
+            raise ValueError(f"{source}: knee of {w} {other['knees'].get(w)!r}, this set {k!r} (other traces)")
+    cells = {(r["workload"], r["load"], r["seed"]) for r in doc["runs"]}
+    added = [r for r in other["runs"] if r["router"] not in meta["routers"]
+             and (r["workload"], r["load"], r["seed"]) in cells]
+    peers = [r for r in ometa["routers"] if r not in meta["routers"]]
+    for router in peers:
+        have = {(r["workload"], r["load"], r["seed"]) for r in added if r["router"] == router}
+        if have != cells:
+            raise ValueError(f"{source}: {router} lacks {len(cells - have)} of this set's runs")
+    doc["runs"] += added
+    meta["routers"] = meta["routers"] + peers
+    meta["peers_from"] = f"{source} ({', '.join(peers)})"
+    path.write_text(json.dumps(doc, indent=1))
+    return len(added)
+
+
 # ---- report ------------------------------------------------------------------------------------------------
 METRICS = [("throughput_req_s", "req/s", 1.0), ("ttft_p50_s", "TTFT p50 ms", 1e3),
            ("ttft_p90_s", "TTFT p90 ms", 1e3), ("ttft_p99_s", "TTFT p99 ms", 1e3),
@@ -304,6 +333,9 @@ def render(path: Path, plots: bool = True, against: Path | None = None) -> Path:
              "policies in the simulator (engine/sim/cluster/peers.py, which states where they approximate); the "
              "real peers through Envoy are `kvswitch bench compare --curve`.", "",
              f"Command: `{meta.get('command', '')}`; wall {meta.get('wall_s', 0):.0f} s.", ""]
+    if meta.get("peers_from"):
+        lines += [f"Runs of the routers this command did not run, from {meta['peers_from']}: the same traces "
+                  "(requests, knees and access-log mode checked), not re-run.", ""]
     for w, k in doc["knees"].items():
         lines += [f"## {w}: knee {k:.2f} req/s", "", f"Parameters: `{json.dumps(meta['workloads'].get(w, {}))}`", ""]
         if plots:
@@ -383,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", type=Path, default=None, help="only re-render the report of a results.json")
     p.add_argument("--against", type=Path, default=None,
                    help="another results.json (the tree before a change): add the paired-by-seed differences")
+    p.add_argument("--peers-from", type=Path, default=None,
+                   help="another set (folder or results.json): its runs of the routers not in --routers join this "
+                        "report (the same traces, checked), so a change to the default needs no peer re-runs")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--access-log", action="store_true",
                    help="the picker hears of first tokens only at each request's end, as behind Envoy in its "
@@ -392,12 +427,16 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.variants:
         VARIANTS.update(json.loads(a.variants.read_text()))
-    if a.against is not None:  # a report's folder names its results.json; checked before hours of runs
-        if a.against.is_dir():
-            a.against = a.against / "results.json"
-        if not a.against.is_file():
-            print(f"kvswitch bench curve: --against {a.against}: no such results.json", file=sys.stderr)
-            return 2
+    for flag in ("against", "peers_from"):  # a report's folder names its results.json; checked before hours of runs
+        given = getattr(a, flag)
+        if given is not None:
+            if given.is_dir():
+                given = given / "results.json"
+                setattr(a, flag, given)
+            if not given.is_file():
+                print(f"kvswitch bench curve: --{flag.replace('_', '-')} {given}: no such results.json",
+                      file=sys.stderr)
+                return 2
     if a.report:
         print(render(a.report, not a.no_plots, a.against))
         return 0
@@ -418,6 +457,12 @@ def main(argv: list[str] | None = None) -> int:
     out = a.out or RESULTS_DIR / f"{_dt.datetime.now():%Y-%m-%d-%H%M}-vcurve"
     path = run_curves(workloads, [r for r in a.routers.split(",") if r], loads, seeds, a.requests, out,
                       max(1, a.jobs), lambda line: print(line, flush=True), access_log=a.access_log)
+    if a.peers_from is not None:
+        try:
+            print(f"{adopt_peers(path, a.peers_from)} runs of other routers from {a.peers_from}", flush=True)
+        except ValueError as exc:
+            print(f"kvswitch bench curve: --peers-from {exc}; this set's own runs are in {path}", file=sys.stderr)
+            return 2
     print(render(path, not a.no_plots, a.against).read_text())
     return 0
 

@@ -7,6 +7,8 @@ traces at the asked rate, and the summary's verdict applies the issue's bar.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from e2e.bench import rtcurve, vcurve
@@ -236,3 +238,25 @@ def test_the_virtual_curves_take_an_earlier_reports_folder_to_pair_with_and_refu
     assert vcurve.main(["--requests", "10", "--against", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
     assert "no such results.json" in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
+
+
+def test_a_rerun_of_the_default_takes_the_peers_runs_of_an_earlier_set_on_the_same_traces(tmp_path, capsys):
+    """``kvswitch bench curve --routers default --peers-from SET``: SET's runs of the other routers join the
+    report as they were (the same traces: requests, knees and access-log mode checked); a set of other traces is
+    refused, and the new runs stay on disk."""
+    base, new, other = tmp_path / "base", tmp_path / "new", tmp_path / "other"
+    common = ["--workloads", "shared-prefix", "--loads", "1", "--seeds", "0", "--no-plots"]
+    assert vcurve.main([*common, "--requests", "24", "--routers", "default,envoy:round_robin", "--out", str(base)]) == 0
+    assert vcurve.main([*common, "--requests", "24", "--routers", "default", "--peers-from", str(base),
+                        "--out", str(new)]) == 0
+    doc, before = (json.loads((d / "results.json").read_text()) for d in (new, base))
+    assert doc["meta"]["routers"] == ["default", "envoy:round_robin"]
+    assert [r for r in doc["runs"] if r["router"] != "default"] == [r for r in before["runs"]
+                                                                   if r["router"] == "envoy:round_robin"]
+    assert "from " + str(base / "results.json") in (new / "README.md").read_text()
+    assert "| shared-prefix | 1x |" in (new / "README.md").read_text()  # judged against the adopted peer
+    capsys.readouterr()
+    assert vcurve.main([*common, "--requests", "20", "--routers", "default", "--peers-from", str(base),
+                        "--out", str(other)]) == 2  # 20 requests per run: other traces
+    assert "requests 24, this set 20" in capsys.readouterr().err
+    assert [r["router"] for r in json.loads((other / "results.json").read_text())["runs"]] == ["default"]
