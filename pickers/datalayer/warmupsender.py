@@ -1,5 +1,6 @@
 """The real transport of the picker's warm-up prefills (pickers/warmup.py): each is a POST to its pod's OpenAI
-completions endpoint (https where its /metrics are) with the prompt as token ids and ``max_tokens`` 1, the way
+completions endpoint (https where its /metrics are) with the prompt as token ids and ``max_tokens`` 1 (in pieces,
+each posted when the one before has answered: ``Warmup.ends``), the way
 vLLM takes a pre-tokenized prompt (the ids are the picker's own tokenization, the one whose block hashes match
 the pod's KV events, so the pod caches the same blocks a user request of that group will look up).
 
@@ -50,21 +51,26 @@ class WarmupSender:
                 self._posts.add(task)
                 task.add_done_callback(self._posts.discard)
 
-    def body(self, w: Warmup) -> dict[str, Any]:
-        return {"model": w.model, "prompt": w.token_ids.tolist(), "max_tokens": 1, "temperature": 0.0,
+    def body(self, w: Warmup, k: int) -> dict[str, Any]:
+        """Piece ``k``'s request."""
+        return {"model": w.model, "prompt": w.piece(k).tolist(), "max_tokens": 1, "temperature": 0.0,
                 "stream": False}
 
     async def _post(self, w: Warmup, sem: asyncio.Semaphore) -> None:
+        """The pieces one after another (each posted when the one before has answered); ok when all did."""
         ok = False
         try:
             assert self._session is not None
             headers = {"x-data-parallel-rank": str(w.dp_rank)} if w.dp_rank is not None else {}
-            async with self._session.post(f"{w.scheme}://{w.address}/v1/completions", json=self.body(w),
-                                          headers=headers) as resp:
-                await resp.read()
-                ok = resp.status == 200
-                if not ok:
-                    log.info("warm-up of %d tokens on %s: HTTP %d", w.token_ids.size, w.endpoint_id, resp.status)
+            for k in range(len(w.ends)):
+                async with self._session.post(f"{w.scheme}://{w.address}/v1/completions", json=self.body(w, k),
+                                              headers=headers) as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        log.info("warm-up of %d tokens on %s: HTTP %d", w.ends[k], w.endpoint_id, resp.status)
+                        break
+            else:
+                ok = True
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             log.info("warm-up of %d tokens on %s failed: %s", w.token_ids.size, w.endpoint_id, exc)
         finally:

@@ -13,7 +13,7 @@ import pytest
 from pickers.datalayer.inflight import InflightTracker
 from pickers.datalayer.warmupsender import WarmupSender
 from pickers.types import Endpoint
-from pickers.warmup import Warmups, WarmupSettings
+from pickers.warmup import Warmups, WarmupSettings, piece_ends
 
 EP_A, EP_B = Endpoint("10.0.0.1:8000"), Endpoint("10.0.0.2:8000", dp_rank=1)
 
@@ -42,6 +42,17 @@ def test_a_warm_up_counts_as_prefill_queued_on_its_pod_until_it_ends():
     assert inflight.prefill_tokens[1] == 0 and inflight.requests[1] == 0 and len(w) == 0 and w.ok == 1
     w.done(sent.request_id, ok=True)  # a second report (or an unknown id) changes nothing
     assert w.ok == 1
+
+
+def test_a_warm_up_is_sent_in_pieces_of_whole_blocks():
+    assert piece_ends(4096, 512, 16) == (512, 1024, 1536, 2048, 2560, 3072, 3584, 4096)
+    assert piece_ends(1000, 300, 16) == (288, 576, 864, 1000)  # whole blocks, the last piece the rest
+    assert piece_ends(4096, 8, 16) == tuple(range(16, 4097, 16))  # at least a block
+    assert piece_ends(512, 512, 16) == (512,) and piece_ends(4096, 0, 16) == (4096,)
+    w, _ = queue()
+    assert w.offer(0, EP_A, "m", 1, np.arange(2048 + 32), 0.0, 0.1, block_size=32, piece_tokens=1024)
+    (sent,) = w.take()
+    assert sent.ends == (1024, 2048, 2080) and sent.piece(1).tolist() == list(range(2048))
 
 
 def test_one_warm_up_per_pod_and_per_prefix_and_at_most_max_in_flight():
@@ -96,8 +107,9 @@ def test_the_replicate_scorer_copies_with_a_warm_up_and_leaves_the_request_where
 
 
 async def test_the_sender_posts_the_prefix_as_token_ids_and_the_pod_caches_it():
-    """Through a real simulated pod over HTTP: the warm-up's blocks are in its prefix cache afterwards (a request
-    with that prefix finds them cached), and the in-flight count is released when the POST ends."""
+    """Through a real simulated pod over HTTP: the warm-up's pieces are posted in order, and its blocks are in
+    the pod's prefix cache afterwards (a request with that prefix finds them cached); the in-flight count is
+    released when the last POST ends."""
     from engine.sim.fleet import SimFleet
     from engine.sim.spec import PodSpec
 
@@ -112,12 +124,16 @@ async def test_the_sender_posts_the_prefix_as_token_ids_and_the_pod_caches_it():
     await sender.start()
     try:
         prefix = list(range(1000, 1000 + 1024))
-        assert w.offer(0, Endpoint(address), "sim-model", 5, np.array(prefix), 0.0, 0.2)
+        assert w.offer(0, Endpoint(address), "sim-model", 5, np.array(prefix), 0.0, 0.2, piece_tokens=512)
         for _ in range(200):
             if not len(w):
                 break
             await asyncio.sleep(0.02)
         assert (w.ok, w.failed, len(w), inflight.requests[0]) == (1, 0, 0, 0) and outcomes == ["offered", "ok"]
+        async with aiohttp.ClientSession() as http, http.get(f"http://{address}/metrics") as resp:
+            page = await resp.text()
+        # two pieces of 512, the second posted after the first had answered: it found the first cached
+        assert 'vllm:prefix_cache_hits_total{engine="0",model_name="sim-model"} 512.0' in page, page
         async with aiohttp.ClientSession() as http, http.post(
                 f"http://{address}/v1/completions",
                 json={"model": "sim-model", "prompt": prefix + [7, 8, 9], "max_tokens": 1}) as resp:
@@ -175,3 +191,57 @@ def test_warm_up_copies_cost_no_user_request_a_cold_prefill():
     assert warm["completed"] == cold["completed"] == 400
     assert warm["cold"] < cold["cold"]  # the copies' cold prefills are the warm-ups', not the requests'
     assert warm["ttft_p90_s"] < 0.6 * cold["ttft_p90_s"]
+
+
+def test_a_request_arriving_during_a_warm_up_waits_for_one_piece_not_the_whole_prefix():
+    """The simulator's transport, one pod: a 4,096-token warm-up offered at t = 0, a user request of 256 tokens
+    at 10 ms. In one piece the request waits for the whole prefill (0.17 s on an H100 8B); in pieces of 512 it
+    is admitted after the piece in progress (0.05 s: vLLM takes waiting requests in arrival order, and the next piece
+    arrives when the one before ends). The pieces build on each other: the copy is whole afterwards (a request
+    with that prefix finds all 4,096 tokens cached) and the warm-up is reported once, ok."""
+    from engine.sim.cluster import BaseRouter, ClusterSim, TraceRequest, fleet_from_flags, trace_prompts
+
+    class OneWarmup(BaseRouter):
+        name = "one-warm-up"
+
+        def __init__(self, queue: Warmups, prefix: np.ndarray, piece_tokens: int) -> None:
+            self.queue, self.prefix, self.piece_tokens = queue, prefix, piece_tokens
+            self.cached: dict[int, int] = {}
+            self.first: dict[int, float] = {}
+            self.reports: list[tuple[str, bool]] = []
+
+        def route(self, req, now):
+            if req.request_id == "req-0":
+                self.queue.offer(0, Endpoint("10.0.0.0:8000"), "m", 1, self.prefix, now, 0.3,
+                                 piece_tokens=self.piece_tokens)
+            return "10.0.0.0:8000", None
+
+        def take_warmups(self):
+            return self.queue.take()
+
+        def warmup_done(self, request_id, ok):
+            self.reports.append((request_id, ok))
+            self.queue.done(request_id, ok)
+
+        def on_first_token(self, req, at):
+            self.first[int(req.request_id[4:])] = at
+
+        def on_finished(self, req, usage, at):
+            self.cached[int(req.request_id[4:])] = usage.cached_tokens
+
+    trace = [TraceRequest(0, 0.0, 16, 2, [1]), TraceRequest(1, 0.01, 256, 2, [2] + list(range(100, 115))),
+             TraceRequest(2, 5.0, 4096 + 64, 2, list(range(300, 300 + 256)) + [999])]
+    prompts = list(trace_prompts(trace))
+    prefix = prompts[2][1][:4096]
+
+    def replay(piece_tokens: int) -> OneWarmup:
+        router = OneWarmup(Warmups(InflightTracker(2)), prefix, piece_tokens)
+        ClusterSim(fleet_from_flags(1, "H100", "8b"), router).run(iter(prompts))
+        return router
+
+    whole, pieces = replay(0), replay(512)
+    for r in (whole, pieces):
+        assert r.reports == [("kvswitch-warmup-0", True)] and len(r.queue) == 0
+        assert r.cached[2] == 4096  # the copy is whole
+    wait_whole, wait_pieces = whole.first[1] - 0.01, pieces.first[1] - 0.01
+    assert wait_whole > 0.12 and wait_pieces < 0.4 * wait_whole, (wait_whole, wait_pieces)

@@ -27,6 +27,7 @@ from engine.sim.cluster.routers import ClusterRequest, Endpoint, ManualClock, Ro
 from engine.sim.cluster.trace import BlockTokens, TraceRequest
 from engine.sim.core import EngineCore, EngineStats, SimRequest
 from engine.sim.dpgroup import DPGroup, GroupStep
+from pickers.warmup import Warmup
 
 _STEP = 0
 _TIMER = 1
@@ -263,7 +264,8 @@ class ClusterSim:
         self._seq = 0
         self._live: dict[str, RequestRecord] = {}  # engine request id -> record
         self._held: dict[str, RequestRecord] = {}  # request id -> record of a request the router holds
-        self._warming: dict[str, Pod] = {}  # warm-up request id -> its pod (the router's own prefills)
+        # the router's own prefills: a warm-up piece's request id -> (its pod, the warm-up, the piece's index)
+        self._warming: dict[str, tuple[Pod, Warmup, int]] = {}
         self._released: list[Pod] = []  # prefill pods freed during a step, kicked after it
         self.records: list[RequestRecord] = []
         self.events = 0
@@ -427,20 +429,35 @@ class ClusterSim:
 
     def _send_warmups(self, now: float) -> None:
         """Submit the router's warm-up prefills (pickers/warmup.py) to their pods: one-token requests that are
-        no trace request's (no record); the router hears of each end through ``warmup_done``."""
+        no trace request's (no record), a warm-up's pieces one after another; the router hears of each end
+        through ``warmup_done``."""
         for w in self.router.take_warmups():
-            name, rank = _split_rank(w.endpoint_id)
-            pod = self.by_name.get(name)
-            if pod is None or pod.state != READY:
+            pod = self.by_name.get(_split_rank(w.endpoint_id)[0])
+            if pod is None or not self._send_piece(pod, w, 0, now):
                 self.router.warmup_done(w.request_id, False)
-                continue
-            try:
-                self._enqueue(pod, SimRequest(w.request_id, w.token_ids, 1, arrival=now, ignore_eos=True), rank, now)
-            except ValueError:
-                self.router.warmup_done(w.request_id, False)
-                continue
-            self._warming[w.request_id] = pod
+
+    def _send_piece(self, pod: Pod, w: Warmup, k: int, now: float, kick: bool = True) -> bool:
+        """Piece ``k`` of ``w`` to ``pod`` (queued behind the requests waiting there); False where the pod no
+        longer takes requests. ``kick``: start the pod's next step (not from within its step's end)."""
+        if pod.state != READY:
+            return False
+        rid = f"{w.request_id}.{k}"
+        try:
+            self._enqueue(pod, SimRequest(rid, w.piece(k), 1, arrival=now, ignore_eos=True),
+                          _split_rank(w.endpoint_id)[1], now)
+        except ValueError:
+            return False
+        self._warming[rid] = (pod, w, k)
+        if kick:
             self._kick(pod, now)
+        return True
+
+    def _warmup_piece_done(self, rid: str, now: float) -> None:
+        pod, w, k = self._warming.pop(rid)
+        if k + 1 == len(w.ends):
+            self.router.warmup_done(w.request_id, True)
+        elif not self._send_piece(pod, w, k + 1, now, kick=False):  # the step's end kicks the pod
+            self.router.warmup_done(w.request_id, False)
 
     def _place(self, rec: RequestRecord, req: ClusterRequest, route: tuple[str, str | None], now: float) -> None:
         """Send a routed request to its pods (a prefill leg first when the route names another pod)."""
@@ -583,8 +600,8 @@ class ClusterSim:
             rid = out.request_id
             rec = live.get(rid)
             if rec is None:
-                if out.finished and self._warming.pop(rid, None) is not None:
-                    router.warmup_done(rid, True)
+                if out.finished and rid in self._warming:
+                    self._warmup_piece_done(rid, now)
                 continue
             if rid.endswith(_PREFILL_SUFFIX):
                 if out.finished:
