@@ -483,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"multiples of the knee (default {','.join(f'{x:g}' for x in LOADS)}; with --plan-from: "
                         "some of that set's loads, default all)")
     p.add_argument("--repetitions", type=int, default=3)
-    p.add_argument("--requests", type=int, default=None, help="requests per run (default: sized to the budget)")
+    p.add_argument("--requests", type=int, default=None,
+                   help="requests per run (default: sized to the budget; with --plan-from, the plan's)")
     p.add_argument("--budget-min", type=float, default=DEFAULT_BUDGET.minutes, help="wall minutes for the whole set")
     p.add_argument("--overhead-s", type=float, default=DEFAULT_BUDGET.overhead_s, help="fixed wall seconds per run")
     p.add_argument("--max-wall-rate", type=float, default=DEFAULT_BUDGET.max_wall_rate)
@@ -525,9 +526,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvswitch bench curves: workloads from {', '.join(vcurve.WORKLOADS)} (unknown: {unknown}), "
               "routers and positive loads needed, --repetitions >= 1", file=sys.stderr)
         return 2
-    if a.jobs < 1 or (a.time_scale is not None and a.time_scale <= 0) or (
+    if a.jobs < 1 or (a.requests is not None and a.requests < 2) or (
+            a.time_scale is not None and a.time_scale <= 0) or (
             a.deadline_min is not None and a.deadline_min <= 0):
-        print("kvswitch bench curves: --jobs >= 1, --time-scale > 0 and --deadline-min > 0", file=sys.stderr)
+        print("kvswitch bench curves: --jobs >= 1, --requests >= 2, --time-scale > 0 and --deadline-min > 0",
+              file=sys.stderr)
         return 2
     if a.time_scale is not None and a.plan_from is None:
         print("kvswitch bench curves: --time-scale re-times an earlier set's plan: it needs --plan-from (a new "
@@ -554,11 +557,17 @@ def main(argv: list[str] | None = None) -> int:
             if a.time_scale is not None:
                 for x in plans:
                     x.time_scales = [a.time_scale] * len(x.rates)
+            if a.requests is not None:  # longer runs of the same traces: fewer cold starts per request judged
+                for x in plans:
+                    x.est_wall_s *= a.requests / x.requests
+                    x.requests = a.requests
         except (OSError, ValueError, KeyError) as exc:
             print(f"kvswitch bench curves: --plan-from {a.plan_from}: {exc}", file=sys.stderr)
             return 2
         print(f"kvswitch bench curves: {len(plans)} workloads x {len(routers)} routers on the plan of "
               f"{a.plan_from}", flush=True)
+        for x in plans:
+            print(f"  {x.describe()}", flush=True)
     else:
         print(f"kvswitch bench curves: {len(workloads)} workloads x {len(routers)} routers x {len(loads)} loads x "
               f"{reps} repetitions; planning (virtual-time knees and makespans)", flush=True)

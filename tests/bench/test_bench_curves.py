@@ -221,8 +221,15 @@ def test_a_rerun_takes_some_of_the_plans_loads_at_a_time_scale_of_its_own(capsys
     assert rtcurve.main(["--plan-from", str(base), "--loads", "1.5", "--plan"]) == 2
     assert rtcurve.main(["--time-scale", "0.5", "--plan"]) == 2  # a new plan sizes its own time scales
     assert rtcurve.main(["--jobs", "0", "--plan"]) == 2
+    assert rtcurve.main(["--plan-from", str(base), "--requests", "1", "--plan"]) == 2
     err = capsys.readouterr().err
     assert "loads 1.5 not in the plan" in err and "needs --plan-from" in err and "--jobs >= 1" in err
+    assert "--requests >= 2" in err
+    # longer runs of the plan's traces: its rates and time scales, the requests asked for
+    assert rtcurve.main(["--plan-from", str(base), "--workloads", "shared-prefix", "--loads", "1", "--requests",
+                         "240", "--time-scale", "1.5", "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert f"time scales 1.5, 240 requests per run, rates {plans[0].rates[1]:g}," in out
 
 
 def test_the_virtual_curves_take_an_earlier_reports_folder_to_pair_with_and_refuse_a_missing_one(tmp_path, capsys):
