@@ -163,7 +163,11 @@ def subset(p: WorkloadPlan, plan_loads: list[float], loads: list[float]) -> Work
         raise ValueError(f"loads {', '.join(f'{x:g}' for x in missing)} not in the plan "
                          f"({', '.join(f'{x:g}' for x in plan_loads)})")
     idx = [plan_loads.index(x) for x in loads]
-    return replace(p, rates=[p.rates[i] for i in idx], time_scales=[p.time_scales[i] for i in idx])
+    # a run's wall is its requests at the wall rate (rate / time scale): the estimate keeps the loads' share
+    wall = [t / r for r, t in zip(p.rates, p.time_scales, strict=True)]
+    share = sum(wall[i] for i in idx) / sum(wall) if sum(wall) > 0 else 1.0
+    return replace(p, rates=[p.rates[i] for i in idx], time_scales=[p.time_scales[i] for i in idx],
+                   est_wall_s=p.est_wall_s * share)
 
 
 def run(plans: list[WorkloadPlan], routers: list[str], repetitions: int, out: Path, loads: list[float],

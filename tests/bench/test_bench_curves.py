@@ -216,6 +216,7 @@ def test_a_rerun_takes_some_of_the_plans_loads_at_a_time_scale_of_its_own(capsys
     sub = rtcurve.subset(plans[0], loads, [1.0, 3.0])
     assert sub.rates == [plans[0].rates[1], plans[0].rates[3]]
     assert sub.time_scales == [plans[0].time_scales[1], plans[0].time_scales[3]]
+    assert 0.3 * plans[0].est_wall_s < sub.est_wall_s < 0.6 * plans[0].est_wall_s  # two loads' share of the wall
     with pytest.raises(ValueError, match="loads 1.5 not in the plan"):
         rtcurve.subset(plans[0], loads, [1.5])
     assert rtcurve.main(["--plan-from", str(base), "--loads", "1.5", "--plan"]) == 2
