@@ -409,6 +409,6 @@ def make_router(name: str, endpoints: list[Endpoint], clock: ManualClock, seed: 
 
 __all__ = [
     "BUILTIN", "BaseRouter", "ClusterRequest", "Endpoint", "LengthSplitRouter", "ManualClock", "RANK_OBLIVIOUS",
-    "Role", "RoundRobinRouter", "Route", "Router", "SchedulerRouter", "SchedulingError", "Usage",
+    "Role", "RoundRobinRouter", "Route", "Router", "SchedulerRouter", "SchedulingError", "Usage", "Warmup",
     "make_router",
 ]

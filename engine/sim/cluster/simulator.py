@@ -23,11 +23,19 @@ from typing import Protocol
 import numpy as np
 
 from engine.sim.cluster.fleet import FleetSpec, PodSpec
-from engine.sim.cluster.routers import ClusterRequest, Endpoint, ManualClock, Role, Router, SchedulingError, Usage
+from engine.sim.cluster.routers import (
+    ClusterRequest,
+    Endpoint,
+    ManualClock,
+    Role,
+    Router,
+    SchedulingError,
+    Usage,
+    Warmup,
+)
 from engine.sim.cluster.trace import BlockTokens, TraceRequest
 from engine.sim.core import EngineCore, EngineStats, SimRequest
 from engine.sim.dpgroup import DPGroup, GroupStep
-from pickers.warmup import Warmup
 
 _STEP = 0
 _TIMER = 1
