@@ -402,6 +402,11 @@ def _plots(doc: dict[str, Any], med: dict, out: Path) -> None:
         plt.close(fig)
 
 
+def _results_json(path: Path | None) -> Path | None:
+    """A set's results.json: ``path`` itself, or the one in the folder ``path``."""
+    return path / "results.json" if path is not None and path.is_dir() else path
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kvswitch bench curve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -427,16 +432,12 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.variants:
         VARIANTS.update(json.loads(a.variants.read_text()))
-    for flag in ("against", "peers_from"):  # a report's folder names its results.json; checked before hours of runs
-        given = getattr(a, flag)
-        if given is not None:
-            if given.is_dir():
-                given = given / "results.json"
-                setattr(a, flag, given)
-            if not given.is_file():
-                print(f"kvswitch bench curve: --{flag.replace('_', '-')} {given}: no such results.json",
-                      file=sys.stderr)
-                return 2
+    # a report's folder names its results.json; a missing one is refused before hours of runs
+    a.against, a.peers_from = (_results_json(x) for x in (a.against, a.peers_from))
+    for flag, given in (("--against", a.against), ("--peers-from", a.peers_from)):
+        if given is not None and not given.is_file():
+            print(f"kvswitch bench curve: {flag} {given}: no such results.json", file=sys.stderr)
+            return 2
     if a.report:
         print(render(a.report, not a.no_plots, a.against))
         return 0

@@ -176,6 +176,15 @@ class Pod:
         return self.name if self.spec.dp == 1 else f"{self.name}#{rank}"
 
 
+@dataclass(frozen=True, slots=True)
+class _Warming:
+    """A warm-up the simulator is sending (pickers/warmup.py): its pod and rank, read once off its endpoint."""
+
+    pod: Pod
+    rank: int | None
+    warmup: Warmup
+
+
 @dataclass(slots=True)
 class SimResult:
     records: list[RequestRecord]
@@ -272,8 +281,8 @@ class ClusterSim:
         self._seq = 0
         self._live: dict[str, RequestRecord] = {}  # engine request id -> record
         self._held: dict[str, RequestRecord] = {}  # request id -> record of a request the router holds
-        # the router's own prefills: a warm-up piece's request id -> (its pod, the warm-up, the piece's index)
-        self._warming: dict[str, tuple[Pod, Warmup, int]] = {}
+        # the router's own prefills: a warm-up piece's request id -> (its warm-up, the piece's index)
+        self._warming: dict[str, tuple[_Warming, int]] = {}
         self._released: list[Pod] = []  # prefill pods freed during a step, kicked after it
         self.records: list[RequestRecord] = []
         self.events = 0
@@ -440,32 +449,34 @@ class ClusterSim:
         no trace request's (no record), a warm-up's pieces one after another; the router hears of each end
         through ``warmup_done``."""
         for w in self.router.take_warmups():
-            pod = self.by_name.get(_split_rank(w.endpoint_id)[0])
-            if pod is None or not self._send_piece(pod, w, 0, now):
+            name, rank = _split_rank(w.endpoint_id)
+            pod = self.by_name.get(name)
+            if pod is None or not self._send_piece(_Warming(pod, rank, w), 0, now):
                 self.router.warmup_done(w.request_id, False)
 
-    def _send_piece(self, pod: Pod, w: Warmup, k: int, now: float, kick: bool = True) -> bool:
-        """Piece ``k`` of ``w`` to ``pod`` (queued behind the requests waiting there); False where the pod no
-        longer takes requests. ``kick``: start the pod's next step (not from within its step's end)."""
+    def _send_piece(self, warming: _Warming, k: int, now: float, kick: bool = True) -> bool:
+        """Piece ``k`` of the warm-up to its pod (queued behind the requests waiting there); False where the pod
+        no longer takes requests. ``kick``: start the pod's next step (not from within its step's end)."""
+        pod, w = warming.pod, warming.warmup
         if pod.state != READY:
             return False
         rid = f"{w.request_id}.{k}"
         try:
-            self._enqueue(pod, SimRequest(rid, w.piece(k), 1, arrival=now, ignore_eos=True),
-                          _split_rank(w.endpoint_id)[1], now)
+            self._enqueue(pod, SimRequest(rid, w.piece(k), 1, arrival=now, ignore_eos=True), warming.rank, now)
         except ValueError:
             return False
-        self._warming[rid] = (pod, w, k)
+        self._warming[rid] = (warming, k)
         if kick:
             self._kick(pod, now)
         return True
 
     def _warmup_piece_done(self, rid: str, now: float) -> None:
-        pod, w, k = self._warming.pop(rid)
-        if k + 1 == len(w.ends):
-            self.router.warmup_done(w.request_id, True)
-        elif not self._send_piece(pod, w, k + 1, now, kick=False):  # the step's end kicks the pod
-            self.router.warmup_done(w.request_id, False)
+        warming, k = self._warming.pop(rid)
+        request_id = warming.warmup.request_id
+        if k + 1 == len(warming.warmup.ends):
+            self.router.warmup_done(request_id, True)
+        elif not self._send_piece(warming, k + 1, now, kick=False):  # the step's end kicks the pod
+            self.router.warmup_done(request_id, False)
 
     def _place(self, rec: RequestRecord, req: ClusterRequest, route: tuple[str, str | None], now: float) -> None:
         """Send a routed request to its pods (a prefill leg first when the route names another pod)."""
