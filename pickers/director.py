@@ -165,6 +165,7 @@ class Director:
         if self.dl.warmups is not None:
             counters = {o: self.stats.warmups.labels(o) for o in ("offered", "ok", "failed", "expired")}
             self.dl.warmups.count = lambda outcome: counters[outcome].inc()
+            self.dl.warmups.piece_time = self.stats.warmup_piece.observe
 
     async def stop(self) -> None:
         """Stop the data layer's upkeep; requests still held are answered with a 503 (the picker is going)."""

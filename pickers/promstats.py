@@ -28,6 +28,7 @@ class SchedulerMetrics:
     flow_released: Counter
     flow_wait: Histogram
     warmups: Counter
+    warmup_piece: Histogram
 
 
 # keyed by the registry itself, weakly: an id() key outlives a collected registry, and a new one allocated at
@@ -80,6 +81,11 @@ def scheduler_metrics(registry: CollectorRegistry | None = None) -> SchedulerMet
                 "The picker's own prefills of a hot group prefix on a quiet pod (pickers/warmup.py), by outcome: "
                 "offered, ok (the pod ran it), failed (an error or no answer within the timeout), expired (no "
                 "report from the transport)", ["outcome"], registry=reg),
+            warmup_piece=Histogram(
+                "kvswitch_warmup_piece_seconds",
+                "Latency of each answered piece of a warm-up prefill (post to answer; max_tokens 1, so about the "
+                "pod's TTFT for it): the pods' own TTFT and prefix-cache counters include these requests",
+                buckets=WAIT_BUCKETS, registry=reg),
         )
         _BY_REGISTRY[reg] = got
     return got

@@ -93,6 +93,10 @@ class Warmups:
         self._ids = itertools.count()
         self.offered = self.ok = self.failed = self.expired = 0
         self.count: Callable[[str], None] | None = None  # outcome -> a metric (kvswitch_warmups)
+        # an answered piece's latency in seconds, as its transport saw it -> a metric
+        # (kvswitch_warmup_piece_seconds): the pods' own TTFT histograms count these prefills too, and whoever
+        # reads those for the users' requests (e2e/bench/runner.py) takes them out
+        self.piece_time: Callable[[float], None] | None = None
 
     def __len__(self) -> int:
         return len(self._in_flight)

@@ -45,6 +45,7 @@ class RunResult:
     wall_s: float = 0.0
     pod_query_tokens: list[float] = field(default_factory=list)  # prompt tokens each pod scheduled
     engine_ttft_ms: float | None = None  # mean TTFT the pods measured themselves (simulated ms)
+    router_prompts: float = 0.0  # prompts the router sent the pods itself (kvswitch's warm-up pieces)
     time_scale: float = 1.0  # samples are in simulated time: wall / time_scale (see to_simulated)
 
     def to_simulated(self, time_scale: float) -> RunResult:

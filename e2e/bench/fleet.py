@@ -18,7 +18,7 @@ import yaml
 from e2e.bench.procs import Proc, free_port_range
 
 VLLM_DEFAULT_KV_TOPIC = ""  # vLLM's KVEventsConfig.topic default
-_METRIC = re.compile(r"^(vllm:[a-z_]+)(\{[^}]*\})?\s+([-+0-9.eE]+|NaN)\s*$")
+_METRIC = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eE]+|NaN)\s*$")
 
 
 @dataclass
@@ -36,14 +36,14 @@ class FleetSpec:
     python: str = sys.executable
 
 
-def scrape(url: str, timeout: float = 5.0) -> dict[str, float]:
-    """Sum of each vllm:* sample over its labels (one pod's /metrics)."""
+def scrape(url: str, timeout: float = 5.0, prefix: str = "vllm:") -> dict[str, float]:
+    """Sum of each ``prefix``* sample over its labels (one pod's /metrics, or a router's)."""
     with urllib.request.urlopen(url, timeout=timeout) as r:
         text = r.read().decode()
     out: dict[str, float] = {}
     for line in text.splitlines():
         m = _METRIC.match(line)
-        if m and m.group(3) != "NaN":
+        if m and m.group(1).startswith(prefix) and m.group(3) != "NaN":
             out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
     return out
 

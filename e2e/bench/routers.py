@@ -25,7 +25,7 @@ from typing import Protocol
 import yaml
 
 from e2e.bench import peersenv
-from e2e.bench.fleet import cache_block_size
+from e2e.bench.fleet import cache_block_size, scrape
 from e2e.bench.procs import Proc, free_port
 
 READY_TIMEOUT_S = 60.0
@@ -105,6 +105,11 @@ class Router:
         self.procs.clear()
         self.url = None
 
+    def own_prefills(self) -> tuple[float, float]:
+        """(wall seconds, count) of the prompts the router itself has sent the pods so far, as it timed them:
+        the pods' TTFT histograms count them beside the client's requests. (0, 0): it sends none."""
+        return 0.0, 0.0
+
 
 def _envoy_cmd(config: Path) -> list[str]:
     return [str(peersenv.envoy_binary()), "-c", str(config), "--use-dynamic-base-id", "--log-level", "warn",
@@ -161,6 +166,14 @@ class KvSwitch(Router):
     def __init__(self, name: str, workdir: Path, profile: str = "default") -> None:
         super().__init__(name, workdir)
         self.profile = profile
+        self.metrics_url: str | None = None  # the picker's /metrics, once launched
+
+    def own_prefills(self) -> tuple[float, float]:
+        """The picker's warm-up pieces (pickers/warmup.py), from its kvswitch_warmup_piece_seconds."""
+        if self.metrics_url is None:
+            return 0.0, 0.0
+        m = scrape(self.metrics_url, prefix="kvswitch_warmup_piece_seconds")
+        return m.get("kvswitch_warmup_piece_seconds_sum", 0.0), m.get("kvswitch_warmup_piece_seconds_count", 0.0)
 
     def picker_config(self, fleet: FleetView, grpc_port: int, metrics_port: int,
                       sidecars: dict[str, str] | None = None, decide_port: int = -1) -> dict:
@@ -218,6 +231,7 @@ class KvSwitch(Router):
     def _launch(self, fleet: FleetView) -> str:
         sidecars = self._start_sidecars(fleet)
         grpc, metrics, port, admin, decide = free_port(), free_port(), free_port(), free_port(), free_port()
+        self.metrics_url = f"http://127.0.0.1:{metrics}/metrics"
         cfg = self.workdir / f"{self.slug}-picker.yaml"
         cfg.write_text(yaml.safe_dump(self.picker_config(fleet, grpc, metrics, sidecars, decide), sort_keys=False))
         picker = self._proc("picker", [sys.executable, "-m", "extproc.cli", "serve", "--config", str(cfg)])

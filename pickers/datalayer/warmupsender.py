@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import aiohttp
@@ -63,12 +64,15 @@ class WarmupSender:
             assert self._session is not None
             headers = {"x-data-parallel-rank": str(w.dp_rank)} if w.dp_rank is not None else {}
             for k in range(len(w.ends)):
+                sent = time.monotonic()
                 async with self._session.post(f"{w.scheme}://{w.address}/v1/completions", json=self.body(w, k),
                                               headers=headers) as resp:
                     await resp.read()
                     if resp.status != 200:
                         log.info("warm-up of %d tokens on %s: HTTP %d", w.ends[k], w.endpoint_id, resp.status)
                         break
+                if self.warmups.piece_time is not None:
+                    self.warmups.piece_time(time.monotonic() - sent)
             else:
                 ok = True
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:

@@ -6,8 +6,11 @@ import json
 import math
 import re
 
+import pytest
+
 from e2e.bench.client import RunResult, parse_exports
 from e2e.bench.report import aggregate, render
+from e2e.bench.runner import engine_ttft_ms
 
 
 def _run(router: str, rate: float, rep: int, ttft: float, hit: float) -> RunResult:
@@ -93,6 +96,42 @@ def test_to_simulated_converts_wall_samples_by_the_time_scale():
     assert run.ttft_ms[0] == 50.0 and run.itl_ms[0] == 2.5 and run.e2e_ms[0] == 300.0
     assert run.request_throughput == 4.0 and run.output_tok_s == 400.0 and run.duration_s == 2.5
     assert RunResult.from_json(run.to_json()).time_scale == 2.0
+
+
+def test_the_pods_ttft_leaves_out_the_prompts_the_router_sent_itself():
+    """300 client requests of 100 ms at the pods and 20 warm-up pieces of 50 ms (the picker timed them in wall
+    seconds, 0.1 s each at time scale 2): the pods' histogram averages 96.9 ms over all 320; the client's own
+    requests averaged 100."""
+    before, after = (10.0, 100.0), (10.0 + 30.0 + 20 * 0.05, 100.0 + 320)
+    assert engine_ttft_ms(before, after, (0.0, 0.0), (0.0, 0.0), 2.0) == pytest.approx(1000 * 31 / 320)
+    assert engine_ttft_ms(before, after, (5.0, 7.0), (5.0 + 20 * 0.1, 27.0), 2.0) == pytest.approx(100.0)
+    assert engine_ttft_ms(before, before, (0.0, 0.0), (0.0, 0.0), 1.0) is None  # nothing counted: unknown
+
+
+def test_a_router_reads_its_own_prefills_off_its_metrics(tmp_path):
+    """kvswitch's warm-up pieces from its kvswitch_warmup_piece_seconds (served as Prometheus text); routers that
+    send the pods nothing of their own report (0, 0)."""
+    from prometheus_client import CollectorRegistry, Histogram, start_http_server
+
+    from e2e.bench.procs import free_port
+    from e2e.bench.routers import make_router
+
+    reg = CollectorRegistry()
+    h = Histogram("kvswitch_warmup_piece_seconds", "pieces", registry=reg)
+    for t in (0.25, 0.5):
+        h.observe(t)
+    port = free_port()
+    server, thread = start_http_server(port, addr="127.0.0.1", registry=reg)
+    try:
+        kv = make_router("kvswitch", tmp_path)
+        assert kv.own_prefills() == (0.0, 0.0)  # not launched: nothing sent
+        kv.metrics_url = f"http://127.0.0.1:{port}/metrics"
+        assert kv.own_prefills() == (0.75, 2.0)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    assert make_router("sglang-router:cache_aware", tmp_path).own_prefills() == (0.0, 0.0)
 
 
 def test_path_is_client_ttft_minus_pod_ttft_and_shows_in_the_table(tmp_path):
