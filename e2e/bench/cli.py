@@ -147,6 +147,9 @@ def _compare(a: argparse.Namespace) -> int:
         cfg.rates = [round(x * knee, 3) for x in a.loads]
         print(f"kvswitch bench: knee {knee:.2f} req/s (virtual-time probe: round robin offered the trace 20x "
               f"faster on {cfg.pods} x {cfg.model_profile}/{cfg.accelerator}); rates {cfg.rates}", flush=True)
+    from e2e.bench.procs import interrupt_on_sigterm
+
+    interrupt_on_sigterm()
     try:
         comparison = Comparison(cfg)
         if a.curve:

@@ -2,6 +2,12 @@
 
 Every router, fleet and client runs as a separate process in its own session, so stopping it kills
 everything it started (Envoy workers, aiperf's services) and nothing else.
+
+Invariant: every ``Proc`` not yet stopped is in one registry, so a benchmark that is told to end by a signal
+stops them all (``stop_all``), not only the ones its own ``finally`` blocks reach: the runs go on in worker
+threads, and a SIGTERM's default action ends the interpreter without running any of them (an interrupted
+``kvswitch bench curves`` left its fleet of simulated pods, a router and aiperf's eight services running).
+Once ``stop_all`` has run, no ``Proc`` starts.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -55,6 +62,38 @@ def tail(path: Path, lines: int = 40) -> str:
         return "(no log)"
 
 
+_live: set[Proc] = set()  # started and not stopped
+_live_lock = threading.RLock()  # reentrant: the SIGTERM handler may run while the main thread holds it
+_closing = threading.Event()
+
+
+def stop_all(grace: float = 2.0) -> int:
+    """Stop every child process group still running and refuse new ones; returns how many were running."""
+    _closing.set()
+    with _live_lock:
+        procs = list(_live)
+    for p in procs:  # every group told at once, then each waited for
+        p.terminate()
+    for p in procs:
+        p.stop(grace)
+    return len(procs)
+
+
+def interrupt_on_sigterm() -> None:
+    """From now on SIGTERM (``kill``, a CI job's timeout) stops every child at once (``stop_all``) and then raises
+    KeyboardInterrupt in the main thread, so the benchmark ends as after Ctrl-C: no run starts after it, the
+    results so far are saved, and nothing it started is left running. Only the main thread can set a signal
+    handler: called from another (a test running a command in a thread) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        n = stop_all()
+        raise KeyboardInterrupt(f"signal {signum}: stopped {n} child process groups")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 class Proc:
     """One child process (and its whole process group) with its log file."""
 
@@ -64,8 +103,13 @@ class Proc:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self._logf = self.log.open("ab")
         full_env = {**os.environ, **(env or {})}
-        self.popen = subprocess.Popen(self.cmd, stdout=self._logf, stderr=subprocess.STDOUT, env=full_env,
-                                      cwd=cwd, start_new_session=True, stdin=subprocess.DEVNULL)
+        with _live_lock:
+            if _closing.is_set():
+                self._logf.close()
+                raise StartError(f"{name}: not started: the benchmark is stopping")
+            self.popen = subprocess.Popen(self.cmd, stdout=self._logf, stderr=subprocess.STDOUT, env=full_env,
+                                          cwd=cwd, start_new_session=True, stdin=subprocess.DEVNULL)
+            _live.add(self)
 
     @property
     def alive(self) -> bool:
@@ -103,13 +147,18 @@ class Proc:
     def wait_log(self, text: str, timeout: float = 60.0) -> None:
         self.wait_until(lambda: text in self.log.read_text(errors="replace"), timeout, f"printing {text!r}")
 
-    def stop(self, grace: float = 5.0) -> None:
-        """SIGTERM the process group, SIGKILL what is left after ``grace`` seconds."""
+    def terminate(self) -> None:
+        """SIGTERM the process group (without waiting)."""
         if self.alive:
             try:
                 os.killpg(self.popen.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
+
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM the process group, SIGKILL what is left after ``grace`` seconds."""
+        if self.alive:
+            self.terminate()
             try:
                 self.popen.wait(grace)
             except subprocess.TimeoutExpired:
@@ -124,3 +173,5 @@ class Proc:
         except subprocess.TimeoutExpired:
             pass
         self._logf.close()
+        with _live_lock:
+            _live.discard(self)

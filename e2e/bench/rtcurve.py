@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from e2e.bench import vcurve
+from e2e.bench.procs import interrupt_on_sigterm
 from e2e.bench.runner import RESULTS_DIR, CompareConfig, Comparison
 
 ROUTERS = ["kvswitch", "vllm-router:cache_aware", "vllm-router:kv_aware", "sglang-router:cache_aware", "envoy-rr"]
@@ -594,6 +595,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvswitch bench curves: {why}", file=sys.stderr)
         return 2
     out = a.out or RESULTS_DIR / f"{_dt.datetime.now():%Y-%m-%d-%H%M}-curves{'-smoke' if a.smoke else ''}"
+    interrupt_on_sigterm()
     if a.jobs > 1 or a.deadline_min is not None:
         readme = run_parallel(plans, routers, reps, out, loads, a.jobs, log=lambda line: print(line, flush=True),
                               base=a.plan_from, with_twins=not a.no_twins,
