@@ -4,10 +4,10 @@ Every router, fleet and client runs as a separate process in its own session, so
 everything it started (Envoy workers, aiperf's services) and nothing else.
 
 Invariant: every ``Proc`` not yet stopped is in one registry, so a benchmark that is told to end by a signal
-stops them all (``stop_all``), not only the ones its own ``finally`` blocks reach: the runs go on in worker
-threads, and a SIGTERM's default action ends the interpreter without running any of them (an interrupted
-``kvswitch bench curves`` left its fleet of simulated pods, a router and aiperf's eight services running).
-Once ``stop_all`` has run, no ``Proc`` starts.
+stops them all (``stop_all``) at once, whichever thread started them: SIGTERM's default action ends the
+interpreter without running a single ``finally`` block, and a job started in the background ignores SIGINT
+(a ``kvswitch bench curves`` killed so left its fleet of simulated pods, a router and aiperf's eight services
+running). Once ``stop_all`` has run, no ``Proc`` starts.
 """
 
 from __future__ import annotations
