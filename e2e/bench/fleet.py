@@ -6,6 +6,7 @@ no queued work. The fleet also reports its prefix-cache counters so a run can co
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 import urllib.request
@@ -14,11 +15,25 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from e2e.bench.procs import Proc, free_port_range
 
 VLLM_DEFAULT_KV_TOPIC = ""  # vLLM's KVEventsConfig.topic default
-_METRIC = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eE]+|NaN)\s*$")
+
+
+@dataclass(slots=True)
+class FleetCounters:
+    """The pods' own counters at one moment (``SimFleetProcess.counters``).
+
+    ``prefix``: per pod, (prefix_cache_hits_total, prefix_cache_queries_total) in tokens. ``ttft``: the fleet's
+    totals of the engines' TTFT histogram, (sum in simulated seconds, count). The engine's TTFT starts when the
+    request reaches the pod, so client TTFT minus engine TTFT is what the path in front of the pods (router,
+    proxy, client) adds; the engine part holds queueing and prefill, i.e. what routing decides.
+    """
+
+    prefix: dict[str, tuple[float, float]]
+    ttft: tuple[float, float]
 
 
 @dataclass
@@ -37,14 +52,15 @@ class FleetSpec:
 
 
 def scrape(url: str, timeout: float = 5.0, prefix: str = "vllm:") -> dict[str, float]:
-    """Sum of each ``prefix``* sample over its labels (one pod's /metrics, or a router's)."""
+    """Sum of each ``prefix``* sample over its labels (one pod's /metrics, or a router's), NaN left out.
+    prometheus_client's own text parser: off the request path, a few pages per run."""
     with urllib.request.urlopen(url, timeout=timeout) as r:
         text = r.read().decode()
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        m = _METRIC.match(line)
-        if m and m.group(1).startswith(prefix) and m.group(3) != "NaN":
-            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith(prefix) and not math.isnan(sample.value):
+                out[sample.name] = out.get(sample.name, 0.0) + sample.value
     return out
 
 
@@ -152,27 +168,16 @@ class SimFleetProcess:
         self.stop()
         self.start(timeout)
 
-    def prefix_counters(self) -> dict[str, tuple[float, float]]:
-        """Per pod: (prefix_cache_hits_total, prefix_cache_queries_total), in tokens."""
-        out = {}
+    def counters(self) -> FleetCounters:
+        """One scrape of every pod: the prefix-cache counters per pod and the fleet's TTFT histogram totals."""
+        prefix = {}
+        total = count = 0.0
         for addr, url in zip(self.addresses, self.urls):
             m = scrape(url + "/metrics")
-            out[addr] = (m.get("vllm:prefix_cache_hits_total", 0.0), m.get("vllm:prefix_cache_queries_total", 0.0))
-        return out
-
-    def ttft_counters(self) -> tuple[float, float]:
-        """Fleet totals of the engines' own TTFT histogram: (sum in simulated seconds, count).
-
-        The engine's TTFT starts when the request reaches the pod, so client TTFT minus engine TTFT is
-        what the path in front of the pods (router, proxy, client) adds; the engine part holds queueing
-        and prefill, i.e. what routing decides.
-        """
-        total = count = 0.0
-        for url in self.urls:
-            m = scrape(url + "/metrics")
+            prefix[addr] = (m.get("vllm:prefix_cache_hits_total", 0.0), m.get("vllm:prefix_cache_queries_total", 0.0))
             total += m.get("vllm:time_to_first_token_seconds_sum", 0.0)
             count += m.get("vllm:time_to_first_token_seconds_count", 0.0)
-        return total, count
+        return FleetCounters(prefix, (total, count))
 
     def __enter__(self) -> SimFleetProcess:
         self.start()

@@ -186,15 +186,15 @@ class Comparison:
         t0 = time.monotonic()
         try:
             url = router.start(fleet)
-            before, ttft0, own0 = fleet.prefix_counters(), fleet.ttft_counters(), router.own_prefills()
+            before, own0 = fleet.counters(), router.own_prefills()
             res = run_aiperf(url, fleet.model, trace, run_dir / "aiperf", router=name, rate=rate, repetition=rep,
                              timeout_s=wl.duration_s * 4 + 120, seed=self.cfg.seed + rep,
                              cache_dir=self.cfg.cache_dir)
             res.rate = rate
             res.to_simulated(ts)
-            hr = hit_rate(before, fleet.prefix_counters())
-            own1 = router.own_prefills()
-            res.engine_ttft_ms = engine_ttft_ms(ttft0, fleet.ttft_counters(), own0, own1, ts)
+            after, own1 = fleet.counters(), router.own_prefills()
+            hr = hit_rate(before.prefix, after.prefix)
+            res.engine_ttft_ms = engine_ttft_ms(before.ttft, after.ttft, own0, own1, ts)
             res.router_prompts = own1[1] - own0[1]
             res.hit_rate, res.max_pod_share = hr["hit_rate"], hr["max_pod_share"]
             res.pod_query_tokens = hr["pod_query_tokens"]
