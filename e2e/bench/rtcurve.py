@@ -138,6 +138,17 @@ def plan(workloads: list[str], routers: list[str], loads: list[float], repetitio
     return plans
 
 
+def estimate_wall_s(p: WorkloadPlan, runs_per_rate: int, overhead_s: float) -> float:
+    """Wall seconds for every run of ``p``: at each rate, round robin's simulated makespan of the seed-0 trace
+    at ``p.requests`` (virtual time, seconds) x that rate's time scale, plus ``overhead_s`` per run. A plan
+    re-timed or lengthened (``--time-scale``, ``--requests``) is estimated again this way rather than scaled:
+    a run's wall grows with its time scale, and its drain (the last long decodes) does not grow with its
+    requests, so neither factor is linear in the stored estimate."""
+    spans = [float(vcurve.run_point(p.workload, "envoy:round_robin", 0, rate, p.requests)["makespan_s"])
+             for rate in p.rates]
+    return runs_per_rate * sum(ts * span + overhead_s for ts, span in zip(p.time_scales, spans, strict=True))
+
+
 def _config(p: WorkloadPlan, routers: list[str], repetitions: int, out: Path) -> CompareConfig:
     f = vcurve.CurveFleet()
     return CompareConfig(workload=p.workload, routers=routers, rates=p.rates, pods=f.pods,
@@ -564,8 +575,10 @@ def main(argv: list[str] | None = None) -> int:
                     x.time_scales = [a.time_scale] * len(x.rates)
             if a.requests is not None:  # longer runs of the same traces: fewer cold starts per request judged
                 for x in plans:
-                    x.est_wall_s *= a.requests / x.requests
                     x.requests = a.requests
+            if a.time_scale is not None or a.requests is not None:
+                for x in plans:
+                    x.est_wall_s = estimate_wall_s(x, len(routers) * reps, budget.overhead_s)
         except (OSError, ValueError, KeyError) as exc:
             print(f"kvswitch bench curves: --plan-from {a.plan_from}: {exc}", file=sys.stderr)
             return 2

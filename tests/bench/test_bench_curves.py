@@ -8,6 +8,7 @@ traces at the asked rate, and the summary's verdict applies the issue's bar.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -231,6 +232,25 @@ def test_a_rerun_takes_some_of_the_plans_loads_at_a_time_scale_of_its_own(capsys
                          "240", "--time-scale", "1.5", "--plan"]) == 0
     out = capsys.readouterr().out
     assert f"time scales 1.5, 240 requests per run, rates {plans[0].rates[1]:g}," in out
+
+
+def test_a_retimed_or_lengthened_plan_is_estimated_again_from_virtual_time(capsys):
+    """The stored estimate is for the stored time scales and requests; scaling it was off by up to 6x (a set at
+    time scale 4 printed the 16 min of its plan's 0.65)."""
+    plans, loads = rtcurve.plans_of(rtcurve.RESULTS_DIR / "2026-12-02-curves-1000", ["no-sharing"])
+    one = replace(rtcurve.subset(plans[0], loads, [1.0]), time_scales=[1.0], requests=48)
+    runs, overhead = 15, 10.0
+    fixed = runs * overhead
+    base = rtcurve.estimate_wall_s(one, runs, overhead) - fixed
+    assert base > 0
+    slower = rtcurve.estimate_wall_s(replace(one, time_scales=[2.0]), runs, overhead) - fixed
+    assert slower == pytest.approx(2 * base)  # the wall grows with the time scale
+    longer = rtcurve.estimate_wall_s(replace(one, requests=4 * one.requests), runs, overhead) - fixed
+    assert base < longer < 4 * base  # the drain does not grow with the requests
+    assert rtcurve.main(["--plan-from", str(rtcurve.RESULTS_DIR / "2026-12-02-curves-1000"), "--workloads",
+                         "no-sharing", "--loads", "1", "--requests", "48", "--time-scale", "2", "--plan"]) == 0
+    est_min = float(capsys.readouterr().out.split("estimated wall ")[1].split(" min")[0])
+    assert est_min == pytest.approx((slower + fixed) / 60, abs=0.5)
 
 
 def test_the_virtual_curves_take_an_earlier_reports_folder_to_pair_with_and_refuse_a_missing_one(tmp_path, capsys):
