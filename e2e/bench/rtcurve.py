@@ -593,6 +593,10 @@ def main(argv: list[str] | None = None) -> int:
         plans = plan(workloads[:1] if a.smoke else workloads, routers, loads, reps, budget, a.requests,
                      log=lambda line: print(line, flush=True),
                      share_s=budget.minutes * 60.0 / len(workloads))
+    for x in plans:  # repetition r replays seed r of the virtual-time curves' trace
+        if why := vcurve.check_seeds([x.workload], list(range(reps)), x.requests):
+            print(f"kvswitch bench curves: {why}", file=sys.stderr)
+            return 2
     est = sum(x.est_wall_s for x in plans)
     print(f"kvswitch bench curves: estimated wall {est / 60:.0f} min on a quiet machine", flush=True)
     if a.plan:

@@ -84,10 +84,23 @@ def _no_sharing(seed: int, n: int) -> W.Workload:
                         output_sigma=0.8, max_input=8192, max_output=1024, seed=seed)
 
 
+MOONCAKE_WINDOW_MS = 120_000  # seed s replays the trace from s x this
+
+
 def _mooncake(seed: int, n: int) -> W.Workload:
-    # seed picks the window: consecutive windows of the trace, so repetitions see different traffic
-    start_ms = seed * 120_000
-    return W.mooncake(num_requests=n, start_ms=start_ms, max_input_tokens=16384, max_output_tokens=512)
+    """Seed s: the ``n`` requests from s x 120 s of the trace on (consecutive windows, so repetitions see
+    different traffic). A window that ends before ``n`` requests is refused: a short run, or an empty one, would
+    join the medians as if it were a run of ``n`` (seeds 7-9 at 1,000 requests held 755, 251 and 0)."""
+    start_ms = seed * MOONCAKE_WINDOW_MS
+    wl = W.mooncake(num_requests=n, start_ms=start_ms, max_input_tokens=16384, max_output_tokens=512)
+    if len(wl.records) < n:
+        times = sorted(r.timestamp for r in W.read_trace(W.DEFAULT_MOONCAKE_TRACE))
+        last = next((s for s in range(seed - 1, -1, -1)
+                     if sum(1 for t in times if t >= s * MOONCAKE_WINDOW_MS) >= n), None)
+        allowed = f"seeds 0-{last} give {n}" if last is not None else f"no seed gives {n} (the trace has {len(times)})"
+        raise ValueError(f"mooncake: seed {seed}'s window (from {start_ms / 1000:g} s of the trace, which ends at "
+                         f"{times[-1] / 1000:g} s) holds {len(wl.records)} of the {n} requests asked; {allowed}")
+    return wl
 
 
 WORKLOADS: dict[str, CurveWorkload] = {
@@ -103,6 +116,18 @@ WORKLOADS: dict[str, CurveWorkload] = {
         trace=str(W.DEFAULT_MOONCAKE_TRACE), window="seed s starts at s x 120 s of the trace",
         max_input_tokens=16384, max_output_tokens=512)),
 }
+
+
+def check_seeds(workloads: list[str], seeds: list[int], requests: int) -> str | None:
+    """Why some seed cannot give some workload ``requests`` requests (a Mooncake window past the trace's end),
+    or None: checked before any run, so a set is refused rather than judged on short runs."""
+    for w in workloads:
+        for seed in seeds:
+            try:
+                WORKLOADS[w].make(seed, requests)
+            except ValueError as exc:
+                return str(exc)
+    return None
 
 
 def mean_rate(wl: W.Workload) -> float:
@@ -454,6 +479,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not loads or any(x <= 0 for x in loads) or not seeds or a.requests < 2:
         print("kvswitch bench curve: loads must be positive, seeds non-empty, --requests >= 2", file=sys.stderr)
+        return 2
+    if why := check_seeds(workloads, seeds, a.requests):
+        print(f"kvswitch bench curve: {why}", file=sys.stderr)
         return 2
     out = a.out or RESULTS_DIR / f"{_dt.datetime.now():%Y-%m-%d-%H%M}-vcurve"
     path = run_curves(workloads, [r for r in a.routers.split(",") if r], loads, seeds, a.requests, out,

@@ -253,6 +253,24 @@ def test_a_retimed_or_lengthened_plan_is_estimated_again_from_virtual_time(capsy
     assert est_min == pytest.approx((slower + fixed) / 60, abs=0.5)
 
 
+def test_a_mooncake_window_past_the_traces_end_is_refused_before_any_run(tmp_path, capsys):
+    """Seed s replays the trace from s x 120 s: at 1,000 requests seeds 7-9 held 755, 251 and 0, and the empty
+    run joined the medians as a run with no figures. Each bad set gets exit 2 and says which seeds work."""
+    assert len(vcurve.WORKLOADS["mooncake"].make(6, 1000).records) == 1000
+    assert len(vcurve.WORKLOADS["mooncake"].make(8, 240).records) == 240  # a shorter run fits a late window
+    with pytest.raises(ValueError, match="seed 7's window .* holds 755 of the 1000 requests asked; seeds 0-6 give"):
+        vcurve.WORKLOADS["mooncake"].make(7, 1000)
+    assert vcurve.check_seeds(["shared-prefix", "mooncake"], [0, 6], 1000) is None
+    out = tmp_path / "never"
+    assert vcurve.main(["--workloads", "shared-prefix,mooncake", "--seeds", "0,9", "--requests", "1000",
+                        "--out", str(out)]) == 2
+    assert "seed 9's window" in capsys.readouterr().err and not out.exists()
+    base = rtcurve.RESULTS_DIR / "2026-12-02-curves-1000"  # repetition r replays seed r
+    assert rtcurve.main(["--plan-from", str(base), "--workloads", "mooncake", "--loads", "1", "--requests", "1000",
+                         "--repetitions", "8", "--plan"]) == 2
+    assert "seed 7's window" in capsys.readouterr().err
+
+
 def test_the_virtual_curves_take_an_earlier_reports_folder_to_pair_with_and_refuse_a_missing_one(tmp_path, capsys):
     """``kvswitch bench curve --against``: a folder means its results.json; one that is not there is refused
     before any run (it used to fail after the whole set, when the report was rendered)."""
