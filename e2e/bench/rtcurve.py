@@ -104,13 +104,10 @@ def time_scale_for(knee: float, mean_output: float, load: float, budget: Budget)
     return math.ceil(ts * 100) / 100
 
 
-def sim_makespans(workload: str, knee: float, loads: list[float], requests: int) -> list[float]:
-    """Round robin's simulated makespan (s) of the seed-0 trace at each load, in virtual time."""
-    out = []
-    for load in loads:
-        s = vcurve.run_point(workload, "envoy:round_robin", 0, load * knee, requests)
-        out.append(float(s["makespan_s"]))
-    return out
+def sim_makespans(workload: str, rates: list[float], requests: int) -> list[float]:
+    """Round robin's simulated makespan (s) of the seed-0 trace at each rate (req/s), in virtual time."""
+    return [float(vcurve.run_point(workload, "envoy:round_robin", 0, rate, requests)["makespan_s"])
+            for rate in rates]
 
 
 def plan(workloads: list[str], routers: list[str], loads: list[float], repetitions: int, budget: Budget,
@@ -127,7 +124,7 @@ def plan(workloads: list[str], routers: list[str], loads: list[float], repetitio
         mean_out = float(np.mean([r.output_length for r in wl.records]))
         scales = [time_scale_for(knee, mean_out, ld, budget) for ld in loads]
         probe_n = requests or PROBE_REQUESTS  # the drain is a smaller share of a longer run: probe at its size
-        makespans = sim_makespans(w, knee, loads, probe_n)
+        makespans = sim_makespans(w, [ld * knee for ld in loads], probe_n)
         wall_per_request = sum(ts * m for ts, m in zip(scales, makespans)) / probe_n  # wall s, all loads
         fixed = len(loads) * runs_per_load * budget.overhead_s
         n = requests or int((share_s - fixed) / (runs_per_load * wall_per_request))
@@ -144,8 +141,7 @@ def estimate_wall_s(p: WorkloadPlan, runs_per_rate: int, overhead_s: float) -> f
     re-timed or lengthened (``--time-scale``, ``--requests``) is estimated again this way rather than scaled:
     a run's wall grows with its time scale, and its drain (the last long decodes) does not grow with its
     requests, so neither factor is linear in the stored estimate."""
-    spans = [float(vcurve.run_point(p.workload, "envoy:round_robin", 0, rate, p.requests)["makespan_s"])
-             for rate in p.rates]
+    spans = sim_makespans(p.workload, p.rates, p.requests)
     return runs_per_rate * sum(ts * span + overhead_s for ts, span in zip(p.time_scales, spans, strict=True))
 
 

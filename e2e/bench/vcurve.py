@@ -27,6 +27,7 @@ changed at all (a change that never fires leaves the runs identical, bit for bit
 from __future__ import annotations
 
 import argparse
+import bisect
 import datetime as _dt
 import json
 import math
@@ -95,9 +96,8 @@ def _mooncake(seed: int, n: int) -> W.Workload:
     wl = W.mooncake(num_requests=n, start_ms=start_ms, max_input_tokens=16384, max_output_tokens=512)
     if len(wl.records) < n:
         times = sorted(r.timestamp for r in W.read_trace(W.DEFAULT_MOONCAKE_TRACE))
-        last = next((s for s in range(seed - 1, -1, -1)
-                     if sum(1 for t in times if t >= s * MOONCAKE_WINDOW_MS) >= n), None)
-        allowed = f"seeds 0-{last} give {n}" if last is not None else f"no seed gives {n} (the trace has {len(times)})"
+        fits = [s for s in range(seed) if len(times) - bisect.bisect_left(times, s * MOONCAKE_WINDOW_MS) >= n]
+        allowed = f"seeds 0-{fits[-1]} give {n}" if fits else f"no seed gives {n} (the trace has {len(times)})"
         raise ValueError(f"mooncake: seed {seed}'s window (from {start_ms / 1000:g} s of the trace, which ends at "
                          f"{times[-1] / 1000:g} s) holds {len(wl.records)} of the {n} requests asked; {allowed}")
     return wl
