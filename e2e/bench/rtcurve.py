@@ -407,14 +407,30 @@ def _beside(base: dict[tuple[str, float, str], dict[str, float]], mine: dict[tup
     return got
 
 
+def runs_differ(base: dict[str, Any], mine: dict[str, Any]) -> str | None:
+    """Why the runs of plan ``mine`` cannot stand beside those of ``base`` (the earlier set's plan of the same
+    workload), or None: other requests per run are other traces (the first n of each seed's), and another time
+    scale at a rate is another load on the machine's CPUs."""
+    if base["requests"] != mine["requests"]:
+        return f"{base['requests']} requests per run there, {mine['requests']} here"
+    there = dict(zip(base["rates"], base.get("time_scales") or [base["time_scale"]] * len(base["rates"])))
+    for rate, ts in zip(mine["rates"], mine.get("time_scales") or [mine["time_scale"]] * len(mine["rates"])):
+        if there.get(rate) != ts:
+            return f"time scale {there.get(rate)} there at {rate:g} req/s, {ts:g} here"
+    return None
+
+
 def render_summary(out: Path, plots: bool = True) -> Path:
     summary = json.loads((out / "curves.json").read_text())
     meta = summary["meta"]
     med = _medians(out, summary)
-    base_med = {}
+    base_med: dict[tuple[str, float, str], dict[str, float]] = {}
+    base_plans: dict[str, dict[str, Any]] = {}
     if meta.get("base"):
         base = Path(meta["base"])
-        base_med = _medians(base, json.loads((base / "curves.json").read_text()))
+        base_doc = json.loads((base / "curves.json").read_text())
+        base_med = _medians(base, base_doc)
+        base_plans = {x["workload"]: x for x in base_doc["meta"]["plans"]}
     routers = meta["routers"]
     lines = [f"# Load curves in real time ({meta['date']})", "",
              "Through Envoy (kvswitch, Envoy round robin) and the real peers (vllm-router, sglang-router), real "
@@ -451,10 +467,13 @@ def render_summary(out: Path, plots: bool = True) -> Path:
             lines += ["| load | kvswitch against the best peer |", "|---|---|"]
             lines += [f"| {ld:g}x | {verdict(med, w, ld)} |" for ld in loads]
             lines.append("")
-        if base_med:
-            lines += [f"| load | this set's kvswitch against {meta['base']}'s other routers |", "|---|---|"]
-            lines += [f"| {ld:g}x | {verdict(_beside(base_med, med, w, ld), w, ld)} |" for ld in loads]
-            lines.append("")
+        if base_med and w in base_plans:
+            if why := runs_differ(base_plans[w], p):
+                lines += [f"Not judged against {meta['base']}'s other routers: {why}.", ""]
+            else:
+                lines += [f"| load | this set's kvswitch against {meta['base']}'s other routers |", "|---|---|"]
+                lines += [f"| {ld:g}x | {verdict(_beside(base_med, med, w, ld), w, ld)} |" for ld in loads]
+                lines.append("")
         lines += _twin_lines(summary, med, w)
         if plots:
             _plot(out, w, p["knee_req_s"], routers, med)

@@ -8,6 +8,7 @@ traces at the asked rate, and the summary's verdict applies the issue's bar.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -95,6 +96,25 @@ def test_a_rerun_on_an_earlier_sets_plan_is_judged_against_that_sets_other_route
     both = rtcurve._beside(old, new, "w", 1.0)
     assert both == {("w", 1.0, "kvswitch"): m(10.0), ("w", 1.0, "envoy-rr"): m(10.5)}
     assert rtcurve.verdict(both, "w", 1.0) == "req/s 10.000 < 10.500"
+
+
+def test_a_set_of_other_run_lengths_or_time_scales_is_not_judged_against_its_base(tmp_path):
+    """Other requests per run are other traces, another time scale another load on the CPUs: the 240-request
+    sets at time scale 4 were judged against the base's 48-request runs at 1.89 (and 'missed' by that)."""
+    base_plan = {"requests": 64, "rates": [1.0, 2.0], "time_scales": [0.5, 0.65]}
+    assert rtcurve.runs_differ(base_plan, {"requests": 64, "rates": [2.0], "time_scales": [0.65]}) is None
+    assert rtcurve.runs_differ(base_plan, {"requests": 240, "rates": [2.0], "time_scales": [0.65]}) == (
+        "64 requests per run there, 240 here")
+    assert rtcurve.runs_differ(base_plan, {"requests": 64, "rates": [2.0], "time_scales": [4.0]}) == (
+        "time scale 0.65 there at 2 req/s, 4 here")
+    committed = rtcurve.RESULTS_DIR / "2026-12-05-curves-no-sharing-1x-240-ts4"
+    out = tmp_path / "set"
+    shutil.copytree(committed, out)
+    text = rtcurve.render_summary(out, plots=False).read_text()
+    assert "Not judged against e2e/bench/results/2026-12-02-curves-1000's other routers: 48 requests per run " \
+           "there, 240 here." in text
+    assert "this set's kvswitch against" not in text
+    assert "| 1x | req/s 5.067 < 5.163; p90 370 > 340 ms |" in text  # its own peers still judge it
 
 
 def test_every_run_gets_its_virtual_time_twin_on_the_same_trace(tmp_path):
