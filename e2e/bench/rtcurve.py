@@ -407,14 +407,19 @@ def _beside(base: dict[tuple[str, float, str], dict[str, float]], mine: dict[tup
     return got
 
 
+def _plan_scales(p: dict[str, Any]) -> list[float]:
+    """A stored plan's time scale per rate (sets before per-load scales kept one for every rate)."""
+    return p.get("time_scales") or [p["time_scale"]] * len(p["rates"])
+
+
 def runs_differ(base: dict[str, Any], mine: dict[str, Any]) -> str | None:
     """Why the runs of plan ``mine`` cannot stand beside those of ``base`` (the earlier set's plan of the same
     workload), or None: other requests per run are other traces (the first n of each seed's), and another time
     scale at a rate is another load on the machine's CPUs."""
     if base["requests"] != mine["requests"]:
         return f"{base['requests']} requests per run there, {mine['requests']} here"
-    there = dict(zip(base["rates"], base.get("time_scales") or [base["time_scale"]] * len(base["rates"])))
-    for rate, ts in zip(mine["rates"], mine.get("time_scales") or [mine["time_scale"]] * len(mine["rates"])):
+    there = dict(zip(base["rates"], _plan_scales(base), strict=True))
+    for rate, ts in zip(mine["rates"], _plan_scales(mine), strict=True):
         if there.get(rate) != ts:
             return f"time scale {there.get(rate)} there at {rate:g} req/s, {ts:g} here"
     return None
