@@ -155,9 +155,12 @@ def _config(p: WorkloadPlan, routers: list[str], repetitions: int, out: Path) ->
 
 def plans_of(base: Path, workloads: list[str]) -> tuple[list[WorkloadPlan], list[float]]:
     """The plans (and loads) of the earlier set in ``base`` for ``workloads``, to re-run routers on exactly its
-    knees, rates, time scales, requests and traces."""
+    knees, rates, time scales, requests and traces. A set from before per-load time scales kept one for every
+    rate (``_plan_scales``)."""
     meta = json.loads((base / "curves.json").read_text())["meta"]
-    plans = [WorkloadPlan(**x) for x in meta["plans"] if x["workload"] in workloads]
+    plans = [WorkloadPlan(**{k: v for k, v in x.items() if k not in ("time_scale", "time_scales")},
+                          time_scales=_plan_scales(x))
+             for x in meta["plans"] if x["workload"] in workloads]
     missing = sorted(set(workloads) - {x.workload for x in plans})
     if missing:
         raise ValueError(f"no plan for {', '.join(missing)}")

@@ -85,6 +85,8 @@ def test_a_rerun_on_an_earlier_sets_plan_is_judged_against_that_sets_other_route
     assert plans[1].knee_req_s == pytest.approx(2.959, abs=1e-3) and len(plans[1].time_scales) == 4
     with pytest.raises(ValueError, match="no plan for nope"):
         rtcurve.plans_of(base, ["mooncake", "nope"])
+    old, _ = rtcurve.plans_of(rtcurve.RESULTS_DIR / "2026-12-02-curves", ["shared-prefix"])  # one time scale
+    assert len(old[0].time_scales) == len(old[0].rates) > 1 and len(set(old[0].time_scales)) == 1
     assert rtcurve.main(["--plan-from", str(tmp_path), "--routers", "kvswitch"]) == 2
     assert f"--plan-from {tmp_path}" in capsys.readouterr().err
 
