@@ -47,7 +47,7 @@ from engine.sim.cluster.report import json_safe
 REPO = Path(__file__).resolve().parents[2]
 RESULTS_DIR = REPO / "e2e" / "bench" / "results"
 ROUTERS = ["default", "envoy:round_robin", "least-loaded", "sglang:cache_aware", "vllm:cache_aware",
-           "vllm:kv_aware"]
+           "vllm:kv_aware", "tree:smallest"]
 LOADS = [0.5, 0.75, 1.0, 1.5, 2.0, 3.0]
 PROBE_SPEEDUP = 20.0
 
@@ -354,8 +354,10 @@ def render(path: Path, plots: bool = True, against: Path | None = None) -> Path:
              f"Fleet: {meta['fleet']}. Routers: {', '.join(meta['routers'])}. Seeds: {meta['seeds']} "
              f"({meta['requests']} requests per run). Medians over seeds.", "",
              f"Knee: {meta['knee_method']}.", "",
-             "Peers (`sglang:`, `vllm:`, `envoy:round_robin`, `least-loaded`) are emulations of their published "
-             "policies in the simulator (engine/sim/cluster/peers.py, which states where they approximate); the "
+             "Peers (`sglang:`, `vllm:`, `envoy:round_robin`) are emulations of their policies as installed, "
+             "beside two baselines (`least-loaded`, `tree:smallest`: the cache-aware tree with earlier "
+             "sgl-router's smallest-tree fallback), in the simulator (engine/sim/cluster/peers.py, which states "
+             "where they approximate); the "
              "real peers through Envoy are `kvswitch bench compare --curve`.", "",
              f"Command: `{meta.get('command', '')}`; wall {meta.get('wall_s', 0):.0f} s.", ""]
     if meta.get("peers_from"):

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from engine.sim.cluster import ClusterSim, fleet_from_flags, trace_prompts
-from engine.sim.cluster.peers import SGLANG_CACHE_AWARE, VLLM_CACHE_AWARE, CacheAwareRouter, KvAwareRouter, make_peer
+from engine.sim.cluster.peers import (
+    SGLANG_CACHE_AWARE,
+    SMALLEST_TREE,
+    VLLM_CACHE_AWARE,
+    CacheAwareRouter,
+    KvAwareRouter,
+    make_peer,
+)
 from engine.sim.cluster.routers import ClusterRequest, make_router
 from engine.sim.cluster.trace import TraceRequest
 from pickers.clock import ManualClock
@@ -25,15 +32,31 @@ def _prompt(seed: int, n: int = 512) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 30000, n).astype(np.uint32)
 
 
-def test_sglang_cache_aware_follows_a_match_and_sends_a_miss_to_the_smallest_tree():
+def test_sglang_cache_aware_follows_a_match_and_sends_a_miss_to_the_least_loaded_worker():
+    """As the installed sglang-router 0.3.2 does (tests/bench/test_peer_placement.py): a miss goes to the least
+    loaded worker, ties to the same one, however much prompt that worker was sent before."""
     r = CacheAwareRouter(_eps(3), SGLANG_CACHE_AWARE, "sglang:cache_aware")
     a = _prompt(1)
     first, _ = r.route(_req("a", a), 0.0)
     assert r.route(_req("a2", np.concatenate([a[:400], _prompt(9, 112)])), 0.0)[0] == first  # 400/512 > 0.3
+    r.load[:] = 0  # both finished: every worker idle
+    assert r.route(_req("b", _prompt(2)), 0.0)[0] == first  # a tie: the same worker, its tree the largest
+    r.load[:] = [1, 1, 0]
+    assert r.route(_req("c", _prompt(3)), 0.0)[0] == "10.0.0.3:8000"
+    assert r.decisions == {"load_balance": 0, "cache_affinity": 1, "low_match": 3}
+
+
+def test_smallest_tree_baseline_sends_a_miss_to_the_smallest_tree():
+    r = make_peer("tree:smallest", _eps(3))
+    assert isinstance(r, CacheAwareRouter) and r.params == SMALLEST_TREE
+    a = _prompt(1)
+    first, _ = r.route(_req("a", a), 0.0)
     # a miss goes to a worker whose tree is smallest (empty), never to the one holding a's blocks
     miss, _ = r.route(_req("b", _prompt(2)), 0.0)
     assert miss != first
-    assert r.decisions == {"load_balance": 0, "cache_affinity": 1, "low_match": 2}
+    third, _ = r.route(_req("c", _prompt(3)), 0.0)
+    assert third not in (first, miss)
+    assert r.decisions == {"load_balance": 0, "cache_affinity": 0, "low_match": 3}
 
 
 def test_cache_aware_switches_to_least_loaded_only_when_both_thresholds_hold():
@@ -53,8 +76,7 @@ def test_vllm_cache_aware_sends_a_low_match_to_the_least_loaded_worker():
     r = CacheAwareRouter(_eps(2), VLLM_CACHE_AWARE, "vllm:cache_aware")
     a = _prompt(4)
     first, _ = r.route(_req("a", a), 0.0)
-    # 208/512 = 0.41 > 0.3 follows the match; 144/512 = 0.28 goes to the least loaded (the other one), where
-    # sglang would pick the smallest tree
+    # 208/512 = 0.41 > 0.3 follows the match; 144/512 = 0.28 goes to the least loaded (the other one)
     assert r.route(_req("b", np.concatenate([a[:208], _prompt(8, 304)])), 0.0)[0] == first
     assert r.route(_req("c", np.concatenate([a[:144], _prompt(7, 368)])), 0.0)[0] != first
 

@@ -5,16 +5,26 @@ these emulations replay the same decision rules inside ``ClusterSim`` so a whole
 workload takes seconds per point. Each is written from the peer's source/documentation (see
 /work/shared/reference/peers.md) and says below where it approximates.
 
-- ``sglang:cache_aware`` (sglang-router 0.3.x CLI defaults): per-worker approximate radix tree of the
-  prompts it routed (learned from its own decisions, never from the engines). Load = requests it routed that
-  have not finished. If ``max - min > 64`` and ``max > 1.5 x min``: the least loaded worker. Else the prefix
-  match in the tree: if matched / prompt > 0.3, the worker holding that match (most recently used one when
-  several do); else the worker with the smallest tree. The chosen worker's tree learns the prompt.
-- ``vllm:cache_aware`` (vllm-router 0.1.17, a fork of the same code): the same tree and balance rule with the
-  same CLI defaults (``vllm-router --help``: match ratio 0.3, abs 64, rel 1.5; the library's own defaults,
-  0.5 / 32 / 1.0001, apply only when it is embedded); a low match goes to the least loaded worker instead of
-  the smallest tree (vllm-project/router src/policies/cache_aware.rs; the wheel's Rust source is not
-  shipped, so this follows the repository's current code).
+- ``sglang:cache_aware`` (sglang-router 0.3.2 with its CLI defaults, as installed and measured): per-worker
+  approximate radix tree of the prompts it routed (learned from its own decisions, never from the engines).
+  Load = requests it routed that have not finished (streamed or not). If ``max - min > 64`` and
+  ``max > 1.5 x min``: the least loaded worker. Else the prefix match in the tree: if matched / prompt > 0.3,
+  the worker holding that match (most recently used one when several do), even while it is the busiest; else
+  the least loaded worker, ties always to the same worker. The chosen worker's tree learns the prompt at
+  routing. tests/bench/test_peer_placement.py holds the installed binary to each of these rules.
+  (sgl-router's earlier releases sent a low match to the worker with the smallest tree, as
+  /work/shared/reference/peers.md still says; 0.3.2 does not: a fresh prompt goes to the same idle worker
+  as the 8,000 characters before it. That older rule is kept as the baseline ``tree:smallest``.)
+- ``vllm:cache_aware`` (vllm-router 0.1.17, a fork of the same code): the same tree and rules with the same
+  CLI defaults (``vllm-router --help``: match ratio 0.3, abs 64, rel 1.5; the library's own defaults,
+  0.5 / 32 / 1.0001, apply only when it is embedded), so the same emulation as ``sglang:cache_aware``
+  (vllm-project/router src/policies/cache_aware.rs; the wheel's Rust source is not shipped). In real time the
+  two have placed alike (shared-prefix 2x and 3x at time scale 4: 11.67 / 11.68 and 11.62 / 11.62 req/s,
+  hit rate 83 % each).
+- ``tree:smallest`` (a baseline, not a peer as installed): the same tree and balance rule, a low match to the
+  worker whose tree holds the fewest blocks, i.e. the least prompt work sent so far (sgl-router's earlier
+  ``get_smallest_tenant``). It balances cumulative prompt work blindly, which is strong on prompts of very
+  different lengths; the virtual-time curves keep it beside the peers so the bar is not lowered.
 - ``vllm:kv_aware`` (vllm-router 0.1.17 as installed; its Rust source is not shipped and the repository's
   kv_aware.rs we can read is an older design, so this is read from the wheel's binary: symbols, log strings and
   the disassembly of ``MultiplicativeScorer::score``, ``request_prefill_tokens``, ``TemperaturePicker::pick``,
@@ -67,12 +77,13 @@ class CacheAwareParams:
     cache_threshold: float = 0.3
     balance_abs_threshold: int = 64
     balance_rel_threshold: float = 1.5
-    low_match: str = "smallest-tree"  # sglang: smallest tree; vllm-router: least loaded
+    low_match: str = "least-loaded"  # the peers as installed; "smallest-tree" for the tree:smallest baseline
     max_tree_blocks: int = 1 << 22  # per worker (2^26 characters at ~1 char/4 tokens... bounds memory)
 
 
 SGLANG_CACHE_AWARE = CacheAwareParams()
-VLLM_CACHE_AWARE = CacheAwareParams(low_match="least-loaded")
+VLLM_CACHE_AWARE = CacheAwareParams()
+SMALLEST_TREE = CacheAwareParams(low_match="smallest-tree")
 
 
 def _decoders(endpoints: Sequence[Endpoint]) -> list[str]:
@@ -253,7 +264,7 @@ class KvAwareRouter(_LoadTracking):
         self._release(req)
 
 
-PEERS = ("sglang:cache_aware", "vllm:cache_aware", "vllm:kv_aware")
+PEERS = ("sglang:cache_aware", "vllm:cache_aware", "vllm:kv_aware", "tree:smallest")
 
 
 def make_peer(name: str, endpoints: Sequence[Endpoint]) -> BaseRouter:
@@ -264,8 +275,10 @@ def make_peer(name: str, endpoints: Sequence[Endpoint]) -> BaseRouter:
         return CacheAwareRouter(endpoints, VLLM_CACHE_AWARE, name)
     if name == "vllm:kv_aware":
         return KvAwareRouter(endpoints)
+    if name == "tree:smallest":
+        return CacheAwareRouter(endpoints, SMALLEST_TREE, name)
     raise ValueError(f"unknown peer emulation {name!r}; known: {', '.join(PEERS)}")
 
 
-__all__ = ["PEERS", "SGLANG_CACHE_AWARE", "VLLM_CACHE_AWARE", "CacheAwareParams", "CacheAwareRouter",
+__all__ = ["PEERS", "SGLANG_CACHE_AWARE", "SMALLEST_TREE", "VLLM_CACHE_AWARE", "CacheAwareParams", "CacheAwareRouter",
            "KvAwareRouter", "PrefixTree", "make_peer"]

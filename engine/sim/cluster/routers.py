@@ -365,14 +365,16 @@ class SchedulerRouter(BaseRouter):
         self._metrics.update(pod, m, at)
 
 
-BUILTIN = ("round-robin", "envoy:round_robin", "sglang:cache_aware", "vllm:cache_aware", "vllm:kv_aware")
+BUILTIN = ("round-robin", "envoy:round_robin", "sglang:cache_aware", "vllm:cache_aware", "vllm:kv_aware",
+           "tree:smallest")
 
 
 def make_router(name: str, endpoints: list[Endpoint], clock: ManualClock, seed: int = 0,
                 config: dict[str, Any] | None = None, scrape_interval: float = 0.05,
                 access_log: bool = False) -> Router:
     """A router by policy name: ``round-robin`` (built in; alias ``envoy:round_robin``), a peer emulation
-    (``sglang:cache_aware``, ``vllm:cache_aware``, ``vllm:kv_aware``: engine/sim/cluster/peers.py), or a picker
+    (``sglang:cache_aware``, ``vllm:cache_aware``, ``vllm:kv_aware``, and the ``tree:smallest`` baseline:
+    engine/sim/cluster/peers.py), or a picker
     profile (``default``, ``least-inflight`` (alias ``least-loaded``), ``load-only``, ``approximate``,
     ``precise``, ... or ``picker:NAME`` to force the picker's own profile of a built-in's name) built by
     ``pickers.config.build_scheduler`` in virtual time; ``access_log``: the picker hears of first tokens only
