@@ -60,6 +60,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -77,7 +78,8 @@ class CacheAwareParams:
     cache_threshold: float = 0.3
     balance_abs_threshold: int = 64
     balance_rel_threshold: float = 1.5
-    low_match: str = "least-loaded"  # the peers as installed; "smallest-tree" for the tree:smallest baseline
+    # a low match: the least loaded worker (the peers as installed), or the smallest tree (tree:smallest)
+    low_match: Literal["least-loaded", "smallest-tree"] = "least-loaded"
     max_tree_blocks: int = 1 << 22  # per worker (2^26 characters at ~1 char/4 tokens... bounds memory)
 
 
