@@ -3,24 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
-from e2e.bench import peersenv
 from e2e.bench.report import render
 from e2e.bench.runner import Comparison, config_from_preset
 
 pytestmark = [pytest.mark.slow, pytest.mark.envoy, pytest.mark.timeout(240)]
-
-
-@pytest.fixture
-def peers():
-    why = peersenv.missing()
-    if why:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(why, pytrace=False)
-        pytest.skip(why)
 
 
 def test_tiny_comparison_every_router_serves(tmp_path, peers):

@@ -13,10 +13,8 @@ rule (the worker with the smallest tree, kept as the ``tree:smallest`` baseline)
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import string
-import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +24,8 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from e2e.bench import peersenv
+from e2e.bench.procs import tail
+from e2e.bench.routers import make_router
 from e2e.support.ports import free_ports
 from engine.sim.cluster.peers import SGLANG_CACHE_AWARE, CacheAwareRouter
 from engine.sim.cluster.routers import ClusterRequest
@@ -37,14 +36,17 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 WORKERS = 4
 
 
-@pytest.fixture
-def sglang_router() -> Path:
-    try:
-        return peersenv.tool("sglang-router")
-    except FileNotFoundError as exc:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(str(exc), pytrace=False)
-        pytest.skip(str(exc))
+@dataclass(slots=True)
+class StandInFleet:
+    """The fleet as the benchmark's routers read it (``e2e.bench.routers.FleetView``)."""
+
+    urls: list[str]
+    addresses: list[str]
+    kv_event_endpoints: list[str]
+    roles: list[str]
+    model: str = "m"
+    accelerator: str = "L40S"
+    model_profile: str = "8b"
 
 
 @dataclass(slots=True)
@@ -98,47 +100,33 @@ def _fresh(n: int, rng: random.Random) -> str:
 
 
 @pytest.fixture
-async def placed(sglang_router: Path, tmp_path: Path) -> AsyncIterator[tuple[StandIns, str]]:
+async def placed(peers: None, tmp_path: Path) -> AsyncIterator[tuple[StandIns, str]]:
+    """The stand-ins behind sglang-router as the benchmark starts it (``make_router``: its flags, its own
+    process group, ready once a completion goes through), every worker registered."""
     stand_ins = StandIns()
-    *worker_ports, router_port, prom_port = free_ports(WORKERS + 2)
+    router = make_router("sglang-router:cache_aware", tmp_path)
     runners = []
-    proc = None
     try:
-        for i, port in enumerate(worker_ports):
+        ports = free_ports(WORKERS)
+        for i, port in enumerate(ports):
             runner = web.AppRunner(stand_ins.app(i))
             await runner.setup()
             await web.TCPSite(runner, "127.0.0.1", port).start()
             runners.append(runner)
-        log = (tmp_path / "sglang-router.log").open("w")
-        proc = subprocess.Popen(
-            [str(sglang_router), "launch", "--host", "127.0.0.1", "--port", str(router_port), "--worker-urls",
-             *[f"http://127.0.0.1:{p}" for p in worker_ports], "--policy", "cache_aware",
-             "--prometheus-port", str(prom_port), "--prometheus-host", "127.0.0.1"],
-            stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        url = f"http://127.0.0.1:{router_port}"
+        addresses = [f"127.0.0.1:{p}" for p in ports]
+        fleet = StandInFleet([f"http://{a}" for a in addresses], addresses, [""] * WORKERS, ["both"] * WORKERS)
+        url = await asyncio.to_thread(router.start, fleet)  # blocking: the stand-ins answer on this loop
         async with aiohttp.ClientSession() as http:
-            for _ in range(150):  # the router registers its workers in the background after it listens
-                try:
-                    loads = await _router_loads(http, url)
-                    if len(loads) == WORKERS:
-                        break
-                except aiohttp.ClientError:
-                    pass
-                assert proc.poll() is None, (tmp_path / "sglang-router.log").read_text()[-2000:]
+            for _ in range(150):  # it registers its workers in the background, answering before all are in
+                if len(await _router_loads(http, url)) == WORKERS:
+                    break
                 await asyncio.sleep(0.2)
             else:
-                pytest.fail("sglang-router never listed its workers healthy:\n"
-                            + (tmp_path / "sglang-router.log").read_text()[-2000:])
+                pytest.fail(f"sglang-router never listed its {WORKERS} workers healthy:\n"
+                            + tail(router.procs[-1].log))
         yield stand_ins, url
     finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        await asyncio.to_thread(router.stop)
         for runner in runners:
             await runner.cleanup()
 
@@ -221,7 +209,8 @@ async def test_sglang_router_places_as_its_emulation(placed: tuple[StandIns, str
     stand_ins, url = placed
     rng = random.Random(5)
     async with aiohttp.ClientSession() as http:
-        script = Script(http, url, stand_ins)
+        # the readiness probe's completions first: the emulation replays them too
+        script = Script(http, url, stand_ins, [e for p in stand_ins.arrivals for e in (("route", p), ("finish", p))])
         # A prompt that matches nothing, every worker idle: the same worker each time (least loaded, ties
         # to one worker), though it was sent 8,000 characters and three others nothing. The smallest-tree
         # rule would send the second prompt elsewhere.

@@ -65,7 +65,7 @@ from typing import Literal
 import numpy as np
 
 from engine.kvcache.hashing import hash_blocks
-from engine.sim.cluster.routers import BaseRouter, ClusterRequest, Endpoint, Role, Route, Usage
+from engine.sim.cluster.routers import PEERS, BaseRouter, ClusterRequest, Endpoint, Role, Route, Usage
 
 TREE_BLOCK = 16  # tokens per tree node (see "Approximations")
 _TREE_ROOT = 0x7472656572  # any fixed root: the tree only compares its own hashes
@@ -264,9 +264,6 @@ class KvAwareRouter(_LoadTracking):
     def on_failed(self, req: ClusterRequest, reason: str, at: float) -> None:
         self._to_decode(req)
         self._release(req)
-
-
-PEERS = ("sglang:cache_aware", "vllm:cache_aware", "vllm:kv_aware", "tree:smallest")
 
 
 def make_peer(name: str, endpoints: Sequence[Endpoint]) -> BaseRouter:

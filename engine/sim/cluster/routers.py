@@ -365,8 +365,10 @@ class SchedulerRouter(BaseRouter):
         self._metrics.update(pod, m, at)
 
 
-BUILTIN = ("round-robin", "envoy:round_robin", "sglang:cache_aware", "vllm:cache_aware", "vllm:kv_aware",
-           "tree:smallest")
+# The peer emulations and baselines engine/sim/cluster/peers.py builds (``make_peer``), named here, where a
+# router name is resolved, so the list of built-ins and the emulations' own check read one tuple.
+PEERS = ("sglang:cache_aware", "vllm:cache_aware", "vllm:kv_aware", "tree:smallest")
+BUILTIN = ("round-robin", "envoy:round_robin", *PEERS)
 
 
 def make_router(name: str, endpoints: list[Endpoint], clock: ManualClock, seed: int = 0,
@@ -410,7 +412,7 @@ def make_router(name: str, endpoints: list[Endpoint], clock: ManualClock, seed: 
 
 
 __all__ = [
-    "BUILTIN", "BaseRouter", "ClusterRequest", "Endpoint", "LengthSplitRouter", "ManualClock", "RANK_OBLIVIOUS",
-    "Role", "RoundRobinRouter", "Route", "Router", "SchedulerRouter", "SchedulingError", "Usage", "Warmup",
-    "make_router",
+    "BUILTIN", "PEERS", "BaseRouter", "ClusterRequest", "Endpoint", "LengthSplitRouter", "ManualClock",
+    "RANK_OBLIVIOUS", "Role", "RoundRobinRouter", "Route", "Router", "SchedulerRouter", "SchedulingError", "Usage",
+    "Warmup", "make_router",
 ]
