@@ -1,13 +1,18 @@
-"""The installed sglang-router places as its emulation (engine/sim/cluster/peers.py) says it does.
+"""The installed cache-aware peers place as their emulations (engine/sim/cluster/peers.py) say they do.
 
 The virtual-time curves judge kvswitch against emulations of the peers, so an emulation that follows a rule
-the installed router does not would move the bar. This starts the real ``sglang-router`` 0.3.2 (cache_aware,
-the benchmark's flags) in front of four stand-in workers that record which worker each prompt reached and
-hold streams open on command, and checks each rule the emulation implements: a prompt that matches more
-than 0.3 of what a worker was sent goes there, even while it is the busiest; a prompt that matches nothing
-goes to the least loaded worker (in-flight requests, streams included), ties always to the same worker,
-however much prompt that worker was sent before. The last is where the router and sgl-router's earlier
-rule (the worker with the smallest tree, kept as the ``tree:smallest`` baseline) part.
+the installed router does not would move the bar. This starts the real ``sglang-router`` 0.3.2 and
+``vllm-router`` 0.1.17 (cache_aware, the benchmark's flags) in front of four stand-in workers that record
+which worker each prompt reached and hold streams open on command, and checks each rule the emulations
+implement: a prompt that matches more than 0.3 of what a worker was sent goes there, even while it is the
+busiest; a prompt that matches nothing goes to the least loaded worker (in-flight requests, streams
+included), ties always to the same worker, however much prompt that worker was sent before. The last is where
+the routers and sgl-router's earlier rule (the worker with the smallest tree, kept as the ``tree:smallest``
+baseline) part.
+
+vllm-router routes on token ids that it asks the worker for (vLLM's Renderer API, ``POST
+/v1/completions/render``, which the simulated pods serve); without it, it matches nothing and every prompt is
+a low match. The stand-ins render a prompt as its bytes, the emulations' one character a token.
 """
 
 from __future__ import annotations
@@ -27,13 +32,18 @@ from aiohttp import web
 from e2e.bench.procs import tail
 from e2e.bench.routers import make_router
 from e2e.support.ports import free_ports
-from engine.sim.cluster.peers import SGLANG_CACHE_AWARE, CacheAwareRouter
+from engine.sim.cluster.peers import SGLANG_CACHE_AWARE, VLLM_CACHE_AWARE, CacheAwareParams, CacheAwareRouter
 from engine.sim.cluster.routers import ClusterRequest
 from pickers.types import Endpoint, Usage
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 WORKERS = 4
+# the installed router (as e2e.bench.routers names it) -> its emulation's name and parameters
+EMULATIONS: dict[str, tuple[str, CacheAwareParams]] = {
+    "sglang-router:cache_aware": ("sglang:cache_aware", SGLANG_CACHE_AWARE),
+    "vllm-router:cache_aware": ("vllm:cache_aware", VLLM_CACHE_AWARE),
+}
 
 
 @dataclass(slots=True)
@@ -65,6 +75,15 @@ class StandIns:
         async def models(_: web.Request) -> web.Response:
             return web.json_response({"object": "list", "data": [{"id": "m", "object": "model"}]})
 
+        async def render(req: web.Request) -> web.Response:
+            """vLLM's Renderer API for a completion: the prompt's token ids (here its bytes)."""
+            body = await req.json()
+            return web.json_response([{
+                "request_id": "cmpl-stand-in", "token_ids": list(body["prompt"].encode()), "features": None,
+                "sampling_params": {"max_tokens": body.get("max_tokens", 16)}, "model": body["model"],
+                "stream": body.get("stream", False), "stream_options": None, "cache_salt": None, "priority": 0,
+                "kv_transfer_params": None}])
+
         async def completions(req: web.Request) -> web.StreamResponse:
             prompt = (await req.json())["prompt"]
             self.in_flight[index] += 1
@@ -85,7 +104,8 @@ class StandIns:
 
         app = web.Application(client_max_size=1 << 22)
         app.add_routes([web.get("/health", health), web.get("/v1/models", models),
-                        web.post("/v1/completions", completions)])
+                        web.post("/v1/completions", completions),
+                        web.post("/v1/completions/render", render)])
         return app
 
     async def wait_arrival(self, prompt: str) -> int:
@@ -99,12 +119,13 @@ def _fresh(n: int, rng: random.Random) -> str:
     return "".join(rng.choice(string.ascii_lowercase + " ") for _ in range(n))
 
 
-@pytest.fixture
-async def placed(peers: None, tmp_path: Path) -> AsyncIterator[tuple[StandIns, str]]:
-    """The stand-ins behind sglang-router as the benchmark starts it (``make_router``: its flags, its own
-    process group, ready once a completion goes through), every worker registered."""
+@pytest.fixture(params=list(EMULATIONS))
+async def placed(request: pytest.FixtureRequest, peers: None,
+                 tmp_path: Path) -> AsyncIterator[tuple[StandIns, str, str]]:
+    """The stand-ins behind a peer as the benchmark starts it (``make_router``: its flags, its own process
+    group, ready once a completion goes through), every worker registered: (stand-ins, URL, router name)."""
     stand_ins = StandIns()
-    router = make_router("sglang-router:cache_aware", tmp_path)
+    router = make_router(request.param, tmp_path)
     runners = []
     try:
         ports = free_ports(WORKERS)
@@ -122,9 +143,9 @@ async def placed(peers: None, tmp_path: Path) -> AsyncIterator[tuple[StandIns, s
                     break
                 await asyncio.sleep(0.2)
             else:
-                pytest.fail(f"sglang-router never listed its {WORKERS} workers healthy:\n"
+                pytest.fail(f"{request.param} never listed its {WORKERS} workers healthy:\n"
                             + tail(router.procs[-1].log))
-        yield stand_ins, url
+        yield stand_ins, url, request.param
     finally:
         await asyncio.to_thread(router.stop)
         for runner in runners:
@@ -188,10 +209,10 @@ class Script:
         self.tasks.clear()
 
 
-def _emulated(events: list[tuple[str, str]]) -> dict[str, int]:
-    """The same events through the sglang:cache_aware emulation, a character a token: worker per prompt."""
-    emulation = CacheAwareRouter([Endpoint(f"10.0.0.{i + 1}:8000") for i in range(WORKERS)], SGLANG_CACHE_AWARE,
-                                 "sglang:cache_aware")
+def _emulated(router: str, events: list[tuple[str, str]]) -> dict[str, int]:
+    """The same events through the router's emulation, a character a token: worker per prompt."""
+    name, params = EMULATIONS[router]
+    emulation = CacheAwareRouter([Endpoint(f"10.0.0.{i + 1}:8000") for i in range(WORKERS)], params, name)
     requests: dict[str, ClusterRequest] = {}
     placed: dict[str, int] = {}
     for kind, prompt in events:
@@ -205,8 +226,8 @@ def _emulated(events: list[tuple[str, str]]) -> dict[str, int]:
     return placed
 
 
-async def test_sglang_router_places_as_its_emulation(placed: tuple[StandIns, str]) -> None:
-    stand_ins, url = placed
+async def test_the_peer_places_as_its_emulation(placed: tuple[StandIns, str, str]) -> None:
+    stand_ins, url, router = placed
     rng = random.Random(5)
     async with aiohttp.ClientSession() as http:
         # the readiness probe's completions first: the emulation replays them too
@@ -234,6 +255,6 @@ async def test_sglang_router_places_as_its_emulation(placed: tuple[StandIns, str
 
     # The emulation, given the same events, places every prompt alike up to the workers' names (the router's
     # tie goes to a worker of its own choosing; the emulation's to the first).
-    emulated = _emulated(script.events)
+    emulated = _emulated(router, script.events)
     pairs = {(stand_ins.arrivals[p], emulated[p]) for p in emulated}
     assert len(pairs) == len({real for real, _ in pairs}) == len({emu for _, emu in pairs}), sorted(pairs)

@@ -18,9 +18,11 @@ workload takes seconds per point. Each is written from the peer's source/documen
 - ``vllm:cache_aware`` (vllm-router 0.1.17, a fork of the same code): the same tree and rules with the same
   CLI defaults (``vllm-router --help``: match ratio 0.3, abs 64, rel 1.5; the library's own defaults,
   0.5 / 32 / 1.0001, apply only when it is embedded), so the same emulation as ``sglang:cache_aware``
-  (vllm-project/router src/policies/cache_aware.rs; the wheel's Rust source is not shipped). In real time the
-  two have placed alike (shared-prefix 2x and 3x at time scale 4: 11.67 / 11.68 and 11.62 / 11.62 req/s,
-  hit rate 83 % each).
+  (vllm-project/router src/policies/cache_aware.rs; the wheel's Rust source is not shipped). Its tree holds
+  token ids, which it asks a worker for (vLLM's Renderer API, ``/v1/completions/render``; without
+  it every prompt is a low match). tests/bench/test_peer_placement.py holds the installed binary to the same
+  rules as sglang-router's. In real time the two have placed alike (shared-prefix 2x and 3x at time scale 4:
+  11.67 / 11.68 and 11.62 / 11.62 req/s, hit rate 83 % each).
 - ``tree:smallest`` (a baseline, not a peer as installed): the same tree and balance rule, a low match to the
   worker whose tree holds the fewest blocks, i.e. the least prompt work sent so far (sgl-router's earlier
   ``get_smallest_tenant``). It balances cumulative prompt work blindly, which is strong on prompts of very
