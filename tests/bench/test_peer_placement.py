@@ -13,11 +13,17 @@ baseline) part.
 vllm-router routes on token ids that it asks the worker for (vLLM's Renderer API, ``POST
 /v1/completions/render``, which the simulated pods serve); without it, it matches nothing and every prompt is
 a low match. The stand-ins render a prompt as its bytes, the emulations' one character a token.
+
+vllm-router's kv_aware (its rule read from the binary: engine/sim/cluster/peers.py) is held the same way,
+with the stand-ins publishing KV events on vLLM's default topic as each prompt arrives: a cached prefix is
+followed to its owner, and each request in flight there multiplies the owner's cost until an idle worker
+is cheaper.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import string
 from collections.abc import AsyncIterator
@@ -29,16 +35,27 @@ import numpy as np
 import pytest
 from aiohttp import web
 
+from e2e.bench.fleet import VLLM_DEFAULT_KV_TOPIC
 from e2e.bench.procs import tail
 from e2e.bench.routers import make_router
 from e2e.support.ports import free_ports
-from engine.sim.cluster.peers import SGLANG_CACHE_AWARE, VLLM_CACHE_AWARE, CacheAwareParams, CacheAwareRouter
-from engine.sim.cluster.routers import ClusterRequest
+from engine.kvcache.events import BlockStored
+from engine.kvcache.hashing import hash_blocks
+from engine.sim.cluster.peers import (
+    SGLANG_CACHE_AWARE,
+    VLLM_CACHE_AWARE,
+    CacheAwareParams,
+    CacheAwareRouter,
+    KvAwareRouter,
+)
+from engine.sim.cluster.routers import BaseRouter, ClusterRequest
+from engine.sim.kvevents import KVEventPublisher
 from pickers.types import Endpoint, Usage
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 WORKERS = 4
+BLOCK = 16  # tokens per KV block: the stand-ins' cache and kv_aware's --kv-event-block-size
 # the installed router (as e2e.bench.routers names it) -> its emulation's name and parameters
 EMULATIONS: dict[str, tuple[str, CacheAwareParams]] = {
     "sglang-router:cache_aware": ("sglang:cache_aware", SGLANG_CACHE_AWARE),
@@ -67,6 +84,9 @@ class StandIns:
     in_flight: list[int] = field(default_factory=lambda: [0] * WORKERS)
     holds: dict[str, asyncio.Event] = field(default_factory=dict)  # prompt -> released when set
     arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
+    # with kv_aware: one publisher per worker, on vLLM's default topic; a prompt's full blocks are stored
+    # (BlockStored) as it arrives, as an engine whose prefill is instant would
+    kv_publishers: list[KVEventPublisher] = field(default_factory=list)
 
     def app(self, index: int) -> web.Application:
         async def health(_: web.Request) -> web.Response:
@@ -84,8 +104,15 @@ class StandIns:
                 "stream": body.get("stream", False), "stream_options": None, "cache_salt": None, "priority": 0,
                 "kv_transfer_params": None}])
 
+        async def metrics(_: web.Request) -> web.Response:  # the block size the benchmark tells kv_aware
+            return web.Response(text=f'vllm:cache_config_info{{block_size="{BLOCK}"}} 1.0\n')
+
         async def completions(req: web.Request) -> web.StreamResponse:
             prompt = (await req.json())["prompt"]
+            if self.kv_publishers:
+                tokens = list(prompt.encode())[: len(prompt) // BLOCK * BLOCK]
+                if tokens:
+                    self.kv_publishers[index].publish([BlockStored(hash_blocks(tokens, BLOCK), None, tokens, BLOCK)])
             self.in_flight[index] += 1
             async with self.arrived:
                 self.arrivals[prompt] = index
@@ -105,7 +132,7 @@ class StandIns:
         app = web.Application(client_max_size=1 << 22)
         app.add_routes([web.get("/health", health), web.get("/v1/models", models),
                         web.post("/v1/completions", completions),
-                        web.post("/v1/completions/render", render)])
+                        web.post("/v1/completions/render", render), web.get("/metrics", metrics)])
         return app
 
     async def wait_arrival(self, prompt: str) -> int:
@@ -119,15 +146,16 @@ def _fresh(n: int, rng: random.Random) -> str:
     return "".join(rng.choice(string.ascii_lowercase + " ") for _ in range(n))
 
 
-@pytest.fixture(params=list(EMULATIONS))
-async def placed(request: pytest.FixtureRequest, peers: None,
-                 tmp_path: Path) -> AsyncIterator[tuple[StandIns, str, str]]:
+@contextlib.asynccontextmanager
+async def _placed(router_name: str, workdir: Path, kv_events: bool = False) -> AsyncIterator[tuple[StandIns, str]]:
     """The stand-ins behind a peer as the benchmark starts it (``make_router``: its flags, its own process
-    group, ready once a completion goes through), every worker registered: (stand-ins, URL, router name)."""
+    group, ready once a completion goes through), every worker registered: (stand-ins, URL)."""
     stand_ins = StandIns()
-    router = make_router(request.param, tmp_path)
+    router = make_router(router_name, workdir)
     runners = []
     try:
+        if kv_events:
+            stand_ins.kv_publishers = [KVEventPublisher(topic=VLLM_DEFAULT_KV_TOPIC.encode()) for _ in range(WORKERS)]
         ports = free_ports(WORKERS)
         for i, port in enumerate(ports):
             runner = web.AppRunner(stand_ins.app(i))
@@ -135,7 +163,8 @@ async def placed(request: pytest.FixtureRequest, peers: None,
             await web.TCPSite(runner, "127.0.0.1", port).start()
             runners.append(runner)
         addresses = [f"127.0.0.1:{p}" for p in ports]
-        fleet = StandInFleet([f"http://{a}" for a in addresses], addresses, [""] * WORKERS, ["both"] * WORKERS)
+        endpoints = [pub.endpoint for pub in stand_ins.kv_publishers] or [""] * WORKERS
+        fleet = StandInFleet([f"http://{a}" for a in addresses], addresses, endpoints, ["both"] * WORKERS)
         url = await asyncio.to_thread(router.start, fleet)  # blocking: the stand-ins answer on this loop
         async with aiohttp.ClientSession() as http:
             for _ in range(150):  # it registers its workers in the background, answering before all are in
@@ -143,13 +172,30 @@ async def placed(request: pytest.FixtureRequest, peers: None,
                     break
                 await asyncio.sleep(0.2)
             else:
-                pytest.fail(f"{request.param} never listed its {WORKERS} workers healthy:\n"
+                pytest.fail(f"{router_name} never listed its {WORKERS} workers healthy:\n"
                             + tail(router.procs[-1].log))
-        yield stand_ins, url, request.param
+        yield stand_ins, url
     finally:
         await asyncio.to_thread(router.stop)
         for runner in runners:
             await runner.cleanup()
+        for pub in stand_ins.kv_publishers:
+            await pub.close()
+
+
+@pytest.fixture(params=list(EMULATIONS))
+async def placed(request: pytest.FixtureRequest, peers: None,
+                 tmp_path: Path) -> AsyncIterator[tuple[StandIns, str, str]]:
+    """A cache-aware peer in front of the stand-ins: (stand-ins, URL, router name)."""
+    async with _placed(request.param, tmp_path) as (stand_ins, url):
+        yield stand_ins, url, request.param
+
+
+@pytest.fixture
+async def kv_placed(peers: None, tmp_path: Path) -> AsyncIterator[tuple[StandIns, str]]:
+    """vllm-router kv_aware in front of the stand-ins, subscribed to their KV events."""
+    async with _placed("vllm-router:kv_aware", tmp_path, kv_events=True) as placed:
+        yield placed
 
 
 async def _router_loads(http: aiohttp.ClientSession, url: str) -> dict[str, int]:
@@ -187,19 +233,25 @@ class Script:
     stand_ins: StandIns
     events: list[tuple[str, str]] = field(default_factory=list)  # ("route" | "finish", prompt)
     tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    # after each arrival: time for the router to take in what it learns asynchronously (the worker's KV
+    # events, the first frame of a held stream); loopback delivers both in milliseconds
+    settle_s: float = 0.0
 
     async def send(self, prompt: str) -> int:
         """A request that finishes at once; the worker it reached."""
         self.events += [("route", prompt), ("finish", prompt)]
         await _send(self.http, self.url, prompt, in_flight_after=len(self.tasks))
+        await asyncio.sleep(self.settle_s)
         return self.stand_ins.arrivals[prompt]
 
     async def hold(self, prompt: str) -> int:
-        """A stream held open on its worker until released; the worker it reached."""
+        """A stream held open on its worker until released (its first frame sent); the worker it reached."""
         self.events.append(("route", prompt))
         self.stand_ins.holds[prompt] = asyncio.Event()
         self.tasks[prompt] = asyncio.create_task(_send(self.http, self.url, prompt))
-        return await self.stand_ins.wait_arrival(prompt)
+        worker = await self.stand_ins.wait_arrival(prompt)
+        await asyncio.sleep(self.settle_s)
+        return worker
 
     async def release(self) -> None:
         for prompt in self.tasks:
@@ -209,21 +261,64 @@ class Script:
         self.tasks.clear()
 
 
+@dataclass(slots=True)
+class _StandInCache:
+    """What the kv_aware emulation reads of a pod's cache (``core.pool``): the blocks its stand-in stored."""
+
+    block_size: int = BLOCK
+    stored: set[int] = field(default_factory=set)
+
+    def hash_tokens(self, tokens: np.ndarray) -> list[int]:
+        return hash_blocks(tokens, self.block_size)
+
+    def cached_block(self, block_hash: int) -> int | None:
+        return 0 if block_hash in self.stored else None
+
+
+@dataclass(slots=True)
+class _StandInCore:
+    pool: _StandInCache
+
+
+@dataclass(slots=True)
+class _StandInPod:
+    name: str
+    core: _StandInCore
+
+
 def _emulated(router: str, events: list[tuple[str, str]]) -> dict[str, int]:
-    """The same events through the router's emulation, a character a token: worker per prompt."""
-    name, params = EMULATIONS[router]
-    emulation = CacheAwareRouter([Endpoint(f"10.0.0.{i + 1}:8000") for i in range(WORKERS)], params, name)
+    """The same events through the router's emulation, a character a token: worker per prompt. As the
+    stand-ins do, the chosen worker stores the prompt's full blocks and sends its first frame at once."""
+    endpoints = [Endpoint(f"10.0.0.{i + 1}:8000") for i in range(WORKERS)]
+    caches = [_StandInCache() for _ in range(WORKERS)]
+    emulation: BaseRouter
+    if router == "vllm-router:kv_aware":
+        emulation = kv_aware = KvAwareRouter(endpoints)
+        kv_aware.attach([_StandInPod(e.address, _StandInCore(c)) for e, c in zip(endpoints, caches)])
+    else:
+        name, params = EMULATIONS[router]
+        emulation = CacheAwareRouter(endpoints, params, name)
     requests: dict[str, ClusterRequest] = {}
     placed: dict[str, int] = {}
     for kind, prompt in events:
         if kind == "route":
             tokens = np.frombuffer(prompt.encode(), dtype=np.uint8).astype(np.uint32)
             requests[prompt] = ClusterRequest(f"r{len(requests)}", 0.0, tokens, 1)
-            address, _ = emulation.route(requests[prompt], 0.0)
-            placed[prompt] = emulation.index[address]
+            route = emulation.route(requests[prompt], 0.0)
+            assert route is not None
+            placed[prompt] = i = emulation.index[route[0]]
+            caches[i].stored.update(caches[i].hash_tokens(tokens[: len(tokens) // BLOCK * BLOCK]))
+            emulation.on_first_token(requests[prompt], 0.0)
         else:
             emulation.on_finished(requests[prompt], Usage(), 0.0)
     return placed
+
+
+def _alike(stand_ins: StandIns, emulated: dict[str, int]) -> None:
+    """Every prompt placed alike up to the workers' names (the router's tie goes to a worker of its own
+    choosing, the emulation's to the first): real and emulated workers pair one to one."""
+    pairs = {(stand_ins.arrivals[p], emulated[p]) for p in emulated}
+    assert len(pairs) == len({real for real, _ in pairs}) == len({emu for _, emu in pairs}), sorted(pairs)
 
 
 async def test_the_peer_places_as_its_emulation(placed: tuple[StandIns, str, str]) -> None:
@@ -253,8 +348,36 @@ async def test_the_peer_places_as_its_emulation(placed: tuple[StandIns, str, str
         await script.release()
     assert stand_ins.in_flight == [0] * WORKERS
 
-    # The emulation, given the same events, places every prompt alike up to the workers' names (the router's
-    # tie goes to a worker of its own choosing; the emulation's to the first).
-    emulated = _emulated(router, script.events)
-    pairs = {(stand_ins.arrivals[p], emulated[p]) for p in emulated}
-    assert len(pairs) == len({real for real, _ in pairs}) == len({emu for _, emu in pairs}), sorted(pairs)
+    # The emulation, given the same events, places every prompt alike.
+    _alike(stand_ins, _emulated(router, script.events))
+
+
+async def test_vllm_router_kv_aware_places_as_its_emulation(kv_placed: tuple[StandIns, str]) -> None:
+    """kv_aware's cost, (new prefill tokens + prefill tokens in flight) x (requests in flight + 1), lowest
+    wins: the new tokens are the prompt less the worker's cached prefix as its KV events report it."""
+    stand_ins, url = kv_placed
+    rng = random.Random(7)
+    async with aiohttp.ClientSession() as http:
+        script = Script(http, url, stand_ins, [e for p in stand_ins.arrivals for e in (("route", p), ("finish", p))],
+                        settle_s=0.5)
+        # Cold prompts, every worker idle: n x 1 everywhere, the tie always to the same worker.
+        fresh = [await script.send(_fresh(n, rng)) for n in (3000, 100, 800)]
+        assert len(set(fresh)) == 1, fresh
+        ties = fresh[0]
+
+        # That worker busy with a stream: a 400-character prompt costs 400 x 2 there, 400 x 1 elsewhere.
+        assert await script.hold(_fresh(300, rng)) == ties
+        shared = _fresh(400, rng)
+        owner = await script.send(shared)
+        assert owner != ties
+        await script.release()
+
+        # Every worker idle again: the same 400 characters (25 blocks) and 120 new ones follow the blocks to
+        # their owner, 120 new tokens x 1 against 520 x 1 at the worker that takes the ties. Each stream held
+        # there multiplies the owner's cost: 120 x (k + 1) stays below 520 for k = 0..3; the fifth (600)
+        # goes elsewhere. A longest-match rule would keep all five; least loaded would move the second.
+        places = [await script.hold(shared + _fresh(120, rng)) for _ in range(5)]
+        assert places[:4] == [owner] * 4 and places[4] != owner, (owner, places)
+        await script.release()
+    assert stand_ins.in_flight == [0] * WORKERS
+    _alike(stand_ins, _emulated("vllm-router:kv_aware", script.events))

@@ -40,6 +40,8 @@ workload takes seconds per point. Each is written from the peer's source/documen
   speculative index entries and no separate fallback: a miss everywhere is just the least-cost worker.
   A cached prefix lowers a worker's prefill term but every request in flight multiplies it, so on a shared
   system prompt it spreads, unlike the longest-match rule of the repository's older kv_aware.rs.
+  tests/bench/test_peer_placement.py holds the installed binary to this rule (stand-in workers publishing
+  KV events; the router takes them only on vLLM's default topic, the empty string, as the bench fleet uses).
 - ``envoy:round_robin``: Envoy's ROUND_ROBIN over the pods (``RoundRobinRouter``).
 - ``least-loaded``: fewest requests in flight (``least-inflight``: pickers.simple.LeastInFlight).
 
