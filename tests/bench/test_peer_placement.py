@@ -1,4 +1,4 @@
-"""The installed cache-aware peers place as their emulations (engine/sim/cluster/peers.py) say they do.
+"""The installed peers (cache_aware and kv_aware) place as their emulations (engine/sim/cluster/peers.py) say.
 
 The virtual-time curves judge kvswitch against emulations of the peers, so an emulation that follows a rule
 the installed router does not would move the bar. This starts the real ``sglang-router`` 0.3.2 and
