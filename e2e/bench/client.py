@@ -46,6 +46,8 @@ class RunResult:
     pod_query_tokens: list[float] = field(default_factory=list)  # prompt tokens each pod scheduled
     engine_ttft_ms: float | None = None  # mean TTFT the pods measured themselves (simulated ms)
     router_prompts: float = 0.0  # prompts the router sent the pods itself (kvswitch's warm-up pieces)
+    # the router's own KV index lookups over the run, by result (vllm-router kv_aware; Router.kv_lookups)
+    router_kv_lookups: dict[str, float] = field(default_factory=dict)
     time_scale: float = 1.0  # samples are in simulated time: wall / time_scale (see to_simulated)
 
     def to_simulated(self, time_scale: float) -> RunResult:

@@ -64,6 +64,18 @@ def scrape(url: str, timeout: float = 5.0, prefix: str = "vllm:") -> dict[str, f
     return out
 
 
+def scrape_by_label(url: str, sample: str, label: str, timeout: float = 5.0) -> dict[str, float]:
+    """The value of each ``sample`` series on a /metrics page, keyed by its ``label`` (summed over the rest)."""
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == sample and label in s.labels:
+                out[s.labels[label]] = out.get(s.labels[label], 0.0) + s.value
+    return out
+
+
 def cache_block_size(url: str) -> int | None:
     """The pod's KV block size from ``vllm:cache_config_info{block_size=...}``."""
     with urllib.request.urlopen(url, timeout=5) as r:

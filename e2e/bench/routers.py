@@ -25,7 +25,7 @@ from typing import Protocol
 import yaml
 
 from e2e.bench import peersenv
-from e2e.bench.fleet import cache_block_size, scrape
+from e2e.bench.fleet import cache_block_size, scrape, scrape_by_label
 from e2e.bench.procs import Proc, free_port
 
 READY_TIMEOUT_S = 60.0
@@ -109,6 +109,12 @@ class Router:
         """(wall seconds, count) of the prompts the router itself has sent the pods so far, as it timed them:
         the pods' TTFT histograms count them beside the client's requests. (0, 0): it sends none."""
         return 0.0, 0.0
+
+    def kv_lookups(self) -> dict[str, float]:
+        """Lookups of the router's own KV index so far, by result (hit, miss, ...): {} for a router without
+        one. A peer whose index never hits has not taken the pods' KV events (their topic, their block size)
+        and is not the router its users run."""
+        return {}
 
 
 def _envoy_cmd(config: Path) -> list[str]:
@@ -261,6 +267,7 @@ class VllmRouter(Router):
     def __init__(self, name: str, workdir: Path, policy: str) -> None:
         super().__init__(name, workdir)
         self.policy = policy
+        self.metrics_url: str | None = None  # its Prometheus port's /metrics, once launched
 
     def command(self, fleet: FleetView, port: int, prom: int) -> list[str]:
         cmd = [str(peersenv.tool("vllm-router")), "--host", "127.0.0.1", "--port", str(port),
@@ -286,7 +293,14 @@ class VllmRouter(Router):
     def _launch(self, fleet: FleetView) -> str:
         port, prom = free_port(), free_port()
         self._proc("router", self.command(fleet, port, prom))
+        self.metrics_url = f"http://127.0.0.1:{prom}/metrics"
         return f"http://127.0.0.1:{port}"
+
+    def kv_lookups(self) -> dict[str, float]:
+        """kv_aware's ``vllm_router_kv_placement_lookups_total`` by result."""
+        if self.policy != "kv_aware" or self.metrics_url is None:
+            return {}
+        return scrape_by_label(self.metrics_url, "vllm_router_kv_placement_lookups_total", "result")
 
 
 class SglangRouter(Router):

@@ -357,6 +357,24 @@ def _twin_lines(summary: dict[str, Any], med: dict[tuple[str, float, str], dict[
     return [*lines, ""]
 
 
+def _kv_index_lines(out: Path, summary: dict[str, Any], w: str) -> list[str]:
+    """Each run's lookups of a peer's own KV index (vllm-router kv_aware): hits / all. An index that never
+    hits where prompts share prefixes has not taken the pods' KV events, and the run is not the peer's."""
+    from e2e.bench.report import load
+
+    knee = {p["workload"]: p["knee_req_s"] for p in summary["meta"]["plans"]}[w]
+    _, runs, _ = load(out / summary["workloads"][w])
+    cells: dict[tuple[str, float], list[str]] = {}
+    for r in sorted(runs, key=lambda r: (r.router, r.rate, r.repetition)):
+        if r.router_kv_lookups:
+            hits, total = r.router_kv_lookups.get("hit", 0.0), sum(r.router_kv_lookups.values())
+            cells.setdefault((r.router, round(r.rate / knee, 2)), []).append(f"{hits:.0f} / {total:.0f}")
+    if not cells:
+        return []
+    return ["Peers' own KV index, hits / lookups per run (from the router's metrics):", "",
+            *[f"- {router} at {ld:g}x: {', '.join(c)}" for (router, ld), c in cells.items()], ""]
+
+
 # ---- summary -------------------------------------------------------------------------------------------
 def _medians(out: Path, summary: dict[str, Any]) -> dict[tuple[str, float, str], dict[str, float]]:
     """(workload, load, router) -> medians over repetitions of req/s, TTFT p90/p99 (ms), hit rate."""
@@ -483,6 +501,7 @@ def render_summary(out: Path, plots: bool = True) -> Path:
                 lines += [f"| {ld:g}x | {verdict(_beside(base_med, med, w, ld), w, ld)} |" for ld in loads]
                 lines.append("")
         lines += _twin_lines(summary, med, w)
+        lines += _kv_index_lines(out, summary, w)
         if plots:
             _plot(out, w, p["knee_req_s"], routers, med)
     path = out / "README.md"

@@ -186,7 +186,7 @@ class Comparison:
         t0 = time.monotonic()
         try:
             url = router.start(fleet)
-            before, own0 = fleet.counters(), router.own_prefills()
+            before, own0, kv0 = fleet.counters(), router.own_prefills(), router.kv_lookups()
             res = run_aiperf(url, fleet.model, trace, run_dir / "aiperf", router=name, rate=rate, repetition=rep,
                              timeout_s=wl.duration_s * 4 + 120, seed=self.cfg.seed + rep,
                              cache_dir=self.cfg.cache_dir)
@@ -196,6 +196,7 @@ class Comparison:
             hr = hit_rate(before.prefix, after.prefix)
             res.engine_ttft_ms = engine_ttft_ms(before.ttft, after.ttft, own0, own1, ts)
             res.router_prompts = own1[1] - own0[1]
+            res.router_kv_lookups = {k: v - kv0.get(k, 0.0) for k, v in router.kv_lookups().items()}
             res.hit_rate, res.max_pod_share = hr["hit_rate"], hr["max_pod_share"]
             res.pod_query_tokens = hr["pod_query_tokens"]
         finally:

@@ -328,3 +328,21 @@ def test_a_rerun_of_the_default_takes_the_peers_runs_of_an_earlier_set_on_the_sa
                         "--out", str(other)]) == 2  # 20 requests per run: other traces
     assert "requests 24, this set 20" in capsys.readouterr().err
     assert [r["router"] for r in json.loads((other / "results.json").read_text())["runs"]] == ["default"]
+
+
+def test_the_summary_shows_how_often_a_peers_own_kv_index_hit(tmp_path):
+    """vllm-router kv_aware's lookups of its own KV index (Router.kv_lookups, per run) are listed per load: an
+    index that never hits is a peer that never took the pods' KV events. Sets from before the record list none."""
+    out = tmp_path / "set"
+    shutil.copytree(rtcurve.RESULTS_DIR / "2026-12-05-curves-mooncake-2x-240-ts4", out)
+    assert "own KV index" not in rtcurve.render_summary(out, plots=False).read_text()
+    results = out / "mooncake" / "results.json"
+    doc = json.loads(results.read_text())
+    kv_runs = [r for r in doc["runs"] if r["router"] == "vllm-router:kv_aware"]
+    assert len(kv_runs) == 3
+    for rep, run in enumerate(kv_runs):
+        run["router_kv_lookups"] = {"hit": 5.0 + rep, "miss": 235.0, "missing_tokens": 1.0}
+    results.write_text(json.dumps(doc))
+    text = rtcurve.render_summary(out, plots=False).read_text()
+    assert "- vllm-router:kv_aware at 2x: 5 / 241, 6 / 242, 7 / 243" in text
+    assert "sglang-router:cache_aware at" not in text  # a router without an index of its own: no line

@@ -37,7 +37,7 @@ from aiohttp import web
 
 from e2e.bench.fleet import VLLM_DEFAULT_KV_TOPIC
 from e2e.bench.procs import tail
-from e2e.bench.routers import make_router
+from e2e.bench.routers import Router, make_router
 from e2e.support.ports import free_ports
 from engine.kvcache.events import BlockStored
 from engine.kvcache.hashing import hash_blocks
@@ -147,9 +147,10 @@ def _fresh(n: int, rng: random.Random) -> str:
 
 
 @contextlib.asynccontextmanager
-async def _placed(router_name: str, workdir: Path, kv_events: bool = False) -> AsyncIterator[tuple[StandIns, str]]:
+async def _placed(router_name: str, workdir: Path,
+                  kv_events: bool = False) -> AsyncIterator[tuple[StandIns, str, Router]]:
     """The stand-ins behind a peer as the benchmark starts it (``make_router``: its flags, its own process
-    group, ready once a completion goes through), every worker registered: (stand-ins, URL)."""
+    group, ready once a completion goes through), every worker registered: (stand-ins, URL, router)."""
     stand_ins = StandIns()
     router = make_router(router_name, workdir)
     runners = []
@@ -174,7 +175,7 @@ async def _placed(router_name: str, workdir: Path, kv_events: bool = False) -> A
             else:
                 pytest.fail(f"{router_name} never listed its {WORKERS} workers healthy:\n"
                             + tail(router.procs[-1].log))
-        yield stand_ins, url
+        yield stand_ins, url, router
     finally:
         await asyncio.to_thread(router.stop)
         for runner in runners:
@@ -187,12 +188,12 @@ async def _placed(router_name: str, workdir: Path, kv_events: bool = False) -> A
 async def placed(request: pytest.FixtureRequest, peers: None,
                  tmp_path: Path) -> AsyncIterator[tuple[StandIns, str, str]]:
     """A cache-aware peer in front of the stand-ins: (stand-ins, URL, router name)."""
-    async with _placed(request.param, tmp_path) as (stand_ins, url):
+    async with _placed(request.param, tmp_path) as (stand_ins, url, _):
         yield stand_ins, url, request.param
 
 
 @pytest.fixture
-async def kv_placed(peers: None, tmp_path: Path) -> AsyncIterator[tuple[StandIns, str]]:
+async def kv_placed(peers: None, tmp_path: Path) -> AsyncIterator[tuple[StandIns, str, Router]]:
     """vllm-router kv_aware in front of the stand-ins, subscribed to their KV events."""
     async with _placed("vllm-router:kv_aware", tmp_path, kv_events=True) as placed:
         yield placed
@@ -352,10 +353,10 @@ async def test_the_peer_places_as_its_emulation(placed: tuple[StandIns, str, str
     _alike(stand_ins, _emulated(router, script.events))
 
 
-async def test_vllm_router_kv_aware_places_as_its_emulation(kv_placed: tuple[StandIns, str]) -> None:
+async def test_vllm_router_kv_aware_places_as_its_emulation(kv_placed: tuple[StandIns, str, Router]) -> None:
     """kv_aware's cost, (new prefill tokens + prefill tokens in flight) x (requests in flight + 1), lowest
     wins: the new tokens are the prompt less the worker's cached prefix as its KV events report it."""
-    stand_ins, url = kv_placed
+    stand_ins, url, router = kv_placed
     rng = random.Random(7)
     async with aiohttp.ClientSession() as http:
         script = Script(http, url, stand_ins, [e for p in stand_ins.arrivals for e in (("route", p), ("finish", p))],
@@ -381,3 +382,8 @@ async def test_vllm_router_kv_aware_places_as_its_emulation(kv_placed: tuple[Sta
         await script.release()
     assert stand_ins.in_flight == [0] * WORKERS
     _alike(stand_ins, _emulated("vllm-router:kv_aware", script.events))
+    # what the benchmark records of each kv_aware run (Router.kv_lookups): the five prompts behind the 400
+    # shared characters found them in the router's index; the five prompts before them (and the readiness
+    # probe's) did not
+    lookups = router.kv_lookups()
+    assert lookups.get("hit") == 5 and lookups.get("miss", 0) >= 5, lookups
