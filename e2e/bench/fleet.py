@@ -10,12 +10,14 @@ import math
 import re
 import sys
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from e2e.bench.procs import Proc, free_port_range
 
@@ -51,28 +53,30 @@ class FleetSpec:
     python: str = sys.executable
 
 
-def scrape(url: str, timeout: float = 5.0, prefix: str = "vllm:") -> dict[str, float]:
-    """Sum of each ``prefix``* sample over its labels (one pod's /metrics, or a router's), NaN left out.
-    prometheus_client's own text parser: off the request path, a few pages per run."""
+def _samples(url: str, timeout: float) -> Iterator[Sample]:
+    """Every sample on a /metrics page: prometheus_client's own text parser, off the request path."""
     with urllib.request.urlopen(url, timeout=timeout) as r:
         text = r.read().decode()
-    out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name.startswith(prefix) and not math.isnan(sample.value):
-                out[sample.name] = out.get(sample.name, 0.0) + sample.value
+        yield from family.samples
+
+
+def scrape(url: str, timeout: float = 5.0, prefix: str = "vllm:") -> dict[str, float]:
+    """Sum of each ``prefix``* sample over its labels (one pod's /metrics, or a router's), NaN left out; a few
+    pages per run."""
+    out: dict[str, float] = {}
+    for sample in _samples(url, timeout):
+        if sample.name.startswith(prefix) and not math.isnan(sample.value):
+            out[sample.name] = out.get(sample.name, 0.0) + sample.value
     return out
 
 
 def scrape_by_label(url: str, sample: str, label: str, timeout: float = 5.0) -> dict[str, float]:
     """The value of each ``sample`` series on a /metrics page, keyed by its ``label`` (summed over the rest)."""
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        text = r.read().decode()
     out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == sample and label in s.labels:
-                out[s.labels[label]] = out.get(s.labels[label], 0.0) + s.value
+    for s in _samples(url, timeout):
+        if s.name == sample and label in s.labels:
+            out[s.labels[label]] = out.get(s.labels[label], 0.0) + s.value
     return out
 
 

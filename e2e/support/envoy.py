@@ -21,31 +21,17 @@ class EnvoyProcess:
     """One Envoy with its own ports, temp dir and log; ``async with`` starts and always stops it."""
 
     def __init__(self, opts: EnvoyConfigOptions, concurrency: int = 2, log_level: str = "warning") -> None:
-        # Ports left at their defaults are picked here, and picked again if another process binds one between
-        # the pick and Envoy's bind (the machine is shared: EnvoyChild.start). Ports a test names are kept.
-        self._picks_listen = not opts.listen_port or opts.listen_port == 8081
-        self._picks_admin = not opts.admin_port or opts.admin_port == 9901
+        # Ports left at their defaults are picked here (and again by EnvoyChild.start if another process binds
+        # one before Envoy does: the machine is shared); ports a test names are kept.
+        picks = {"listen_port": not opts.listen_port or opts.listen_port == 8081,
+                 "admin_port": not opts.admin_port or opts.admin_port == 9901}
+        self._picked = tuple(f for f, picked in picks.items() if picked)
+        for f in self._picked:
+            setattr(opts, f, free_port())
         opts.listen_host = "127.0.0.1"
         self.opts = opts
-        self._pick_ports()
         self.dir = Path(tempfile.mkdtemp(prefix="kvswitch-envoy-"))
         self.child = EnvoyChild(opts, self.dir, concurrency=concurrency, log_level=log_level)
-
-    def _pick_ports(self) -> None:
-        if self._picks_listen:
-            self.opts.listen_port = free_port()
-        if self._picks_admin:
-            self.opts.admin_port = free_port()
-
-    def _repick_port(self, port: int) -> bool:
-        """A fresh port for ``port`` if it was picked here (EnvoyChild.start calls this on a bind clash)."""
-        if self._picks_listen and port == self.opts.listen_port:
-            self.opts.listen_port = free_port()
-            return True
-        if self._picks_admin and port == self.opts.admin_port:
-            self.opts.admin_port = free_port()
-            return True
-        return False
 
     @property
     def url(self) -> str:
@@ -60,7 +46,7 @@ class EnvoyProcess:
 
     async def start(self, timeout: float = 20.0) -> None:
         """Until Envoy is ready and, with ext_proc, its health check sees the picker (EnvoyChild's wait)."""
-        await self.child.start(timeout, repick_port=self._repick_port)
+        await self.child.start(timeout, repick=self._picked)
 
     async def wait_picker_health(self, healthy: bool, timeout: float = 20.0) -> None:
         """Wait until Envoy's health check sees the picker cluster healthy (or not)."""

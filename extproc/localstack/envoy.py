@@ -12,13 +12,14 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Collection
 from pathlib import Path
 
 import aiohttp
 
 from extproc.envoyconfig.authz import DECIDE_CLUSTER
 from extproc.envoyconfig.builder import PICKER_CLUSTER, EnvoyConfigOptions, render
+from extproc.localstack.ports import free_port
 
 # Envoy's start-up error when a listener or its admin cannot bind: "cannot bind '127.0.0.1:PORT': Address already
 # in use" (checked with Envoy 1.40).
@@ -59,14 +60,14 @@ class EnvoyChild:
         except OSError:
             return ""
 
-    async def start(self, timeout: float = 30.0, repick_port: Callable[[int], bool] | None = None,
-                    attempts: int = 3) -> None:
+    async def start(self, timeout: float = 30.0, repick: Collection[str] = (), attempts: int = 3) -> None:
         """Start Envoy and wait until it is ready (``_wait``).
 
-        A port picked free is only free when picked: another process may bind it before Envoy does. A caller
-        that picks ports passes ``repick_port``: given the port Envoy could not bind, it sets a fresh one on
-        ``opts`` and returns True, or returns False for a port it did not pick (the operator's). Envoy then
-        starts again, ``attempts`` launches in all. Any other failure raises at once with Envoy's log."""
+        A port picked free is only free when picked: another process may bind it before Envoy does. ``repick``
+        names the port fields of ``opts`` the caller picked (``listen_port``, ``admin_port``); when Envoy cannot
+        bind the port one of them holds, that field gets a fresh port and Envoy starts again, ``attempts``
+        launches in all. A clash on any other port (the operator's) or any other failure raises at once with
+        Envoy's log."""
         for attempt in range(1, attempts + 1):
             self._launch()
             try:
@@ -75,9 +76,10 @@ class EnvoyChild:
             except RuntimeError:
                 clash = _BIND_CLASH.search(self.log_tail())
                 await self.stop()
-                if clash is None or repick_port is None or attempt == attempts \
-                        or not repick_port(int(clash.group(1))):
+                lost = [f for f in repick if clash and getattr(self.opts, f) == int(clash.group(1))]
+                if not lost or attempt == attempts:
                     raise
+                setattr(self.opts, lost[0], free_port())
 
     def _launch(self) -> None:
         binary = envoy_binary()

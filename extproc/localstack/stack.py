@@ -39,6 +39,7 @@ from extproc.contextcap import context_cap_bytes
 from extproc.envoyconfig.builder import EnvoyConfigOptions
 from extproc.localstack.envoy import EnvoyChild
 from extproc.localstack.pickerproc import PickerProcess
+from extproc.localstack.ports import free_port
 from extproc.server import Server, build_scheduler, build_server
 from pickers.director import Director
 from pickers.planner.live import LivePlanner
@@ -99,12 +100,6 @@ def _check_port_free(port: int) -> None:
             s.bind(("127.0.0.1", port))
         except OSError as exc:
             raise OSError(f"port {port} is in use ({exc.strerror}); pick another with --port") from None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -217,7 +212,7 @@ class LocalStack:
         o = self.options
         if o.time_scale <= 0:
             raise ValueError("time scale must be positive")
-        self.port = o.port or _free_port()
+        self.port = o.port or free_port()
         _check_port_free(self.port)
         self.config = self._picker_config()  # before anything starts: a bad file changes nothing
         self.workdir = Path(tempfile.mkdtemp(prefix="kvswitch-up-"))
@@ -403,19 +398,16 @@ class LocalStack:
         planned = self.config is not None and self.config.planner is not None
         opts = EnvoyConfigOptions(listen_port=self.port, listen_host="127.0.0.1", picker=addresses[0],
                                   pickers=addresses[1:], lb="original-dst" if planned else "override-host",
-                                  fail_open=False, admin_port=_free_port(),
+                                  fail_open=False, admin_port=free_port(),
                                   endpoints=[p.address for p in self.pods],
                                   response_body=response_body, max_body_bytes=self._context_cap(),
                                   picker_protocol="ext-authz" if decide else "ext-proc", picker_decide=decide)
         self._s.envoy = envoy = EnvoyChild(opts, self.workdir, o.envoy_concurrency, o.envoy_log_level)
-
-        def repick_admin_port(port: int) -> bool:  # the listen port is the stack's announced URL: it stays
-            if port != opts.admin_port:
-                return False
-            opts.admin_port = _free_port()
-            return True
-
-        await envoy.start(o.ready_timeout_s, repick_port=repick_admin_port)
+        # the admin port is picked here, the listen port too unless the operator named it (--port); a picked
+        # one another process took first is picked again, and the stack's URL follows it
+        picked = ("admin_port",) if o.port else ("admin_port", "listen_port")
+        await envoy.start(o.ready_timeout_s, repick=picked)
+        self.port = opts.listen_port
 
     def _context_cap(self) -> int | None:
         """The picker's context cap (extproc.contextcap), enforced by Envoy too for bodies with a content-length."""

@@ -41,14 +41,8 @@ from e2e.bench.routers import Router, make_router
 from e2e.support.ports import free_ports
 from engine.kvcache.events import BlockStored
 from engine.kvcache.hashing import hash_blocks
-from engine.sim.cluster.peers import (
-    SGLANG_CACHE_AWARE,
-    VLLM_CACHE_AWARE,
-    CacheAwareParams,
-    CacheAwareRouter,
-    KvAwareRouter,
-)
-from engine.sim.cluster.routers import BaseRouter, ClusterRequest
+from engine.sim.cluster.peers import KvAwareRouter, make_peer
+from engine.sim.cluster.routers import ClusterRequest
 from engine.sim.kvevents import KVEventPublisher
 from pickers.types import Endpoint, Usage
 
@@ -56,11 +50,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 WORKERS = 4
 BLOCK = 16  # tokens per KV block: the stand-ins' cache and kv_aware's --kv-event-block-size
-# the installed router (as e2e.bench.routers names it) -> its emulation's name and parameters
-EMULATIONS: dict[str, tuple[str, CacheAwareParams]] = {
-    "sglang-router:cache_aware": ("sglang:cache_aware", SGLANG_CACHE_AWARE),
-    "vllm-router:cache_aware": ("vllm:cache_aware", VLLM_CACHE_AWARE),
-}
+# the installed router (as e2e.bench.routers names it) -> its emulation (engine.sim.cluster.peers.make_peer)
+EMULATIONS = {"sglang-router:cache_aware": "sglang:cache_aware", "vllm-router:cache_aware": "vllm:cache_aware",
+              "vllm-router:kv_aware": "vllm:kv_aware"}
+CACHE_AWARE = [r for r in EMULATIONS if r.endswith(":cache_aware")]
 
 
 @dataclass(slots=True)
@@ -184,7 +177,7 @@ async def _placed(router_name: str, workdir: Path,
             await pub.close()
 
 
-@pytest.fixture(params=list(EMULATIONS))
+@pytest.fixture(params=CACHE_AWARE)
 async def placed(request: pytest.FixtureRequest, peers: None,
                  tmp_path: Path) -> AsyncIterator[tuple[StandIns, str, str]]:
     """A cache-aware peer in front of the stand-ins: (stand-ins, URL, router name)."""
@@ -292,13 +285,9 @@ def _emulated(router: str, events: list[tuple[str, str]]) -> dict[str, int]:
     stand-ins do, the chosen worker stores the prompt's full blocks and sends its first frame at once."""
     endpoints = [Endpoint(f"10.0.0.{i + 1}:8000") for i in range(WORKERS)]
     caches = [_StandInCache() for _ in range(WORKERS)]
-    emulation: BaseRouter
-    if router == "vllm-router:kv_aware":
-        emulation = kv_aware = KvAwareRouter(endpoints)
-        kv_aware.attach([_StandInPod(e.address, _StandInCore(c)) for e, c in zip(endpoints, caches)])
-    else:
-        name, params = EMULATIONS[router]
-        emulation = CacheAwareRouter(endpoints, params, name)
+    emulation = make_peer(EMULATIONS[router], endpoints)
+    if isinstance(emulation, KvAwareRouter):  # it reads each pod's cache, as ClusterSim attaches them
+        emulation.attach([_StandInPod(e.address, _StandInCore(c)) for e, c in zip(endpoints, caches)])
     requests: dict[str, ClusterRequest] = {}
     placed: dict[str, int] = {}
     for kind, prompt in events:

@@ -1,0 +1,12 @@
+"""A free loopback port for the local stack's processes (``kvswitch up``)."""
+
+from __future__ import annotations
+
+import socket
+
+
+def free_port() -> int:
+    """A port free when asked; another process may bind it before ours does (``EnvoyChild.start`` re-picks)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
