@@ -296,6 +296,45 @@ async def test_localstack_api_serves_and_stops():
     await stack.stop()  # a second stop is a no-op
 
 
+@pytest.mark.parametrize("named", [False, True])
+async def test_up_loses_its_listen_port_before_envoy_binds_it(named: bool):
+    """`kvswitch up` picks its listen port before the pods and the picker start, and Envoy binds it only after:
+    another process on this shared machine may take it in between. A picked port is picked again and the
+    stack's URL follows it; a port the operator named (``--port``) is kept, and its clash fails the start
+    with Envoy's log and stops everything the start began."""
+    import aiohttp
+
+    from extproc.localstack import LocalStack, StackOptions
+
+    stack = LocalStack(StackOptions(pods=1, port=free_port() if named else 0, time_scale=0.2))
+    start_picker = stack._start_picker
+    taker = socket.socket()
+    workdirs: list[Path] = []
+
+    async def start_picker_then_lose_the_port() -> None:
+        await start_picker()
+        assert stack.workdir is not None
+        workdirs.append(stack.workdir)
+        taker.bind(("127.0.0.1", stack.port))  # as another process would, between the pick and Envoy's bind
+        taker.listen()
+
+    stack._start_picker = start_picker_then_lose_the_port  # type: ignore[method-assign]
+    with taker:
+        if named:
+            port = stack.options.port
+            with pytest.raises(RuntimeError, match="Address already in use"):
+                await stack.start()
+            assert stack.port == port and workdirs and not workdirs[0].exists()
+            # nothing the start began outlives it: the pods were up (the picker had started) and are gone
+            assert stack.pods and all(_port_free(int(p.address.rsplit(":", 1)[1])) for p in stack.pods)
+            return
+        async with stack:
+            lost = taker.getsockname()[1]
+            assert stack.port != lost and stack.url == f"http://127.0.0.1:{stack.port}/v1"
+            async with aiohttp.ClientSession() as s, s.get(f"{stack.url}/models") as r:
+                assert r.status == 200
+
+
 async def test_access_log_mode_learns_prefill_ends_from_the_pods_kv_events(tmp_path):
     """Through real Envoy (access-log mode: no first token while a request runs), ZMQ KV events from the
     simulated pods end each watched prefill in the picker's accounting (pickers/kvblocks/prefill_watch.py;
