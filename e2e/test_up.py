@@ -320,19 +320,22 @@ async def test_up_loses_its_listen_port_before_envoy_binds_it(named: bool):
 
     stack._start_picker = start_picker_then_lose_the_port  # type: ignore[method-assign]
     with taker:
-        if named:
-            port = stack.options.port
-            with pytest.raises(RuntimeError, match="Address already in use"):
-                await stack.start()
-            assert stack.port == port and workdirs and not workdirs[0].exists()
-            # nothing the start began outlives it: the pods were up (the picker had started) and are gone
-            assert stack.pods and all(_port_free(int(p.address.rsplit(":", 1)[1])) for p in stack.pods)
-            return
-        async with stack:
+        try:
+            if named:
+                port = stack.options.port
+                with pytest.raises(RuntimeError, match="Address already in use"):
+                    await stack.start()
+                assert stack.port == port and workdirs and not workdirs[0].exists()
+                # nothing the start began outlives it: the pods were up (the picker had started) and are gone
+                assert stack.pods and all(_port_free(int(p.address.rsplit(":", 1)[1])) for p in stack.pods)
+                return
+            await stack.start()
             lost = taker.getsockname()[1]
             assert stack.port != lost and stack.url == f"http://127.0.0.1:{stack.port}/v1"
             async with aiohttp.ClientSession() as s, s.get(f"{stack.url}/models") as r:
                 assert r.status == 200
+        finally:
+            await stack.stop()  # idempotent; a start that should have failed but did not leaves nothing running
 
 
 async def test_access_log_mode_learns_prefill_ends_from_the_pods_kv_events(tmp_path):
