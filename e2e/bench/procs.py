@@ -28,12 +28,6 @@ class StartError(RuntimeError):
     """A process did not become ready; the message carries the tail of its log."""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def free_port_range(n: int, attempts: int = 50) -> int:
     """The first of ``n`` consecutive ports that are free now (for tools that take a base port)."""
     import random

@@ -26,7 +26,8 @@ import yaml
 
 from e2e.bench import peersenv
 from e2e.bench.fleet import cache_block_size, scrape, scrape_by_label
-from e2e.bench.procs import Proc, free_port
+from e2e.bench.procs import Proc
+from e2e.support.ports import free_port
 
 READY_TIMEOUT_S = 60.0
 KVSWITCH_PROFILES = ("default", "round-robin", "load-only", "approximate", "precise")

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import socket
 
+from extproc.localstack.ports import free_port
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["dead_address", "free_port", "free_port_pair", "free_ports"]
 
 
 def free_ports(n: int) -> list[int]:

@@ -76,10 +76,11 @@ class EnvoyChild:
             except RuntimeError:
                 clash = _BIND_CLASH.search(self.log_tail())
                 await self.stop()
-                lost = [f for f in repick if clash and getattr(self.opts, f) == int(clash.group(1))]
-                if not lost or attempt == attempts:
+                port = int(clash.group(1)) if clash else None
+                lost = next((f for f in repick if getattr(self.opts, f) == port), None)
+                if lost is None or attempt == attempts:
                     raise
-                setattr(self.opts, lost[0], free_port())
+                setattr(self.opts, lost, free_port())
 
     def _launch(self) -> None:
         binary = envoy_binary()

@@ -1,4 +1,5 @@
-"""A free loopback port for the local stack's processes (``kvswitch up``)."""
+"""A free loopback port for the local stack's processes (``kvswitch up``); the tests and benchmarks pick theirs
+with the same function (``e2e.support.ports``)."""
 
 from __future__ import annotations
 

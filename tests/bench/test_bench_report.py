@@ -113,8 +113,8 @@ def test_a_router_reads_its_own_prefills_off_its_metrics(tmp_path):
     send the pods nothing of their own report (0, 0)."""
     from prometheus_client import CollectorRegistry, Histogram, start_http_server
 
-    from e2e.bench.procs import free_port
     from e2e.bench.routers import make_router
+    from e2e.support.ports import free_port
 
     reg = CollectorRegistry()
     h = Histogram("kvswitch_warmup_piece_seconds", "pieces", registry=reg)

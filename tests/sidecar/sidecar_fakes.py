@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,11 +73,5 @@ async def decode_sse(request: web.Request, server: FakeServer) -> web.StreamResp
                      b'"total_tokens":42,"prompt_tokens_details":{"cached_tokens":40}}}\n\ndata: [DONE]\n\n')
     await resp.write_eof()
     return resp
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 

@@ -9,10 +9,11 @@ import aiohttp
 import orjson
 import pytest
 
+from e2e.support.ports import free_port
 from engine.sidecar import PrefillAllowList, normalize_address, sign
 from engine.sidecar.allowlist import AddressError
 from engine.sidecar.cli import main as cli_main
-from tests.sidecar.sidecar_fakes import decode_json, free_port, json_response, prefill_ok
+from tests.sidecar.sidecar_fakes import decode_json, json_response, prefill_ok
 
 BODY = {"model": "m", "prompt": "hello", "max_tokens": 4}
 
