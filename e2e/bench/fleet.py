@@ -19,7 +19,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from e2e.bench.procs import Proc, free_port_range
+from e2e.bench.procs import Proc, StartError, free_port_range
 
 VLLM_DEFAULT_KV_TOPIC = ""  # vLLM's KVEventsConfig.topic default
 
@@ -160,14 +160,26 @@ class SimFleetProcess:
                                         "defaults": {"kv_events_topic": VLLM_DEFAULT_KV_TOPIC}}))
         return path
 
+    START_ATTEMPTS = 3
+
     def start(self, timeout: float = 60.0) -> None:
-        self.base_port = free_port_range(self.spec.pods)
-        self.kv_base_port = free_port_range(self.spec.pods)
-        self.starts += 1
-        self.proc = Proc("sim fleet", self.command(), self.log_dir / f"fleet-{self.starts}.log")
-        self.proc.wait_log("ready", timeout)
-        for url in self.urls:
-            self.proc.wait_http(url + "/v1/models", timeout)
+        """Start the fleet on free ports. The ports are free when picked and bound only once the fleet runs, so
+        another process may take one in between: such a start exits with EADDRINUSE and is made again on fresh
+        ports, at most ``START_ATTEMPTS`` times in all; any other failure is raised at once."""
+        for attempt in range(1, self.START_ATTEMPTS + 1):
+            self.base_port = free_port_range(self.spec.pods)
+            self.kv_base_port = free_port_range(self.spec.pods)
+            self.starts += 1
+            self.proc = Proc("sim fleet", self.command(), self.log_dir / f"fleet-{self.starts}.log")
+            try:
+                self.proc.wait_log("ready", timeout)
+                for url in self.urls:
+                    self.proc.wait_http(url + "/v1/models", timeout)
+                break
+            except StartError as exc:
+                self.stop()
+                if attempt == self.START_ATTEMPTS or "address already in use" not in str(exc):
+                    raise
         import json
 
         with urllib.request.urlopen(self.urls[0] + "/v1/models", timeout=5) as r:
