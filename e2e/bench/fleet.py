@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from e2e.bench.procs import Proc, StartError, free_port_range
+from e2e.support.ports import port_clash
 
 VLLM_DEFAULT_KV_TOPIC = ""  # vLLM's KVEventsConfig.topic default
 
@@ -178,7 +179,7 @@ class SimFleetProcess:
                 break
             except StartError as exc:
                 self.stop()
-                if attempt == self.START_ATTEMPTS or "address already in use" not in str(exc):
+                if attempt == self.START_ATTEMPTS or not port_clash(str(exc)):
                     raise
         import json
 

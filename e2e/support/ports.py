@@ -6,7 +6,16 @@ import socket
 
 from extproc.localstack.ports import free_port
 
-__all__ = ["dead_address", "free_port", "free_port_pair", "free_ports"]
+__all__ = ["PORT_CLASH", "dead_address", "free_port", "free_port_pair", "free_ports", "port_clash"]
+
+# What a process logs when a port picked for it was taken before it bound it: the OS's message, which vLLM and
+# zmq print as is ("Address already in use") and asyncio's servers in lower case (the simulated fleet).
+PORT_CLASH = "address already in use"
+
+
+def port_clash(log: str) -> bool:
+    """Whether a failed start-up's log says one of its ports was taken (the cue to relaunch on fresh ones)."""
+    return PORT_CLASH in log.lower()
 
 
 def free_ports(n: int) -> list[int]:

@@ -21,14 +21,13 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from e2e.support.ports import free_port, free_port_pair
+from e2e.support.ports import free_port, free_port_pair, port_clash
 
 from .env import vllm_python
 
 # Startup on 2 shared cores: 60-90 s for one server, more for two at once.
 DEFAULT_START_TIMEOUT = 240.0
 PORT_CLASH_RELAUNCHES = 2
-PORT_CLASH = "Address already in use"
 
 
 @dataclass
@@ -185,7 +184,7 @@ class VllmServer:
         if not self._picks_ports or self.port_clash_relaunches >= PORT_CLASH_RELAUNCHES:
             return False
         assert self.log_path is not None
-        if PORT_CLASH not in self.log_path.read_text(errors="replace"):
+        if not port_clash(self.log_path.read_text(errors="replace")):
             return False
         self.port_clash_relaunches += 1
         self._proc = None
