@@ -371,7 +371,7 @@ def render(path: Path, plots: bool = True, against: Path | None = None) -> Path:
                   "(requests, knees and access-log mode checked), not re-run.", ""]
     for w, k in doc["knees"].items():
         lines += [f"## {w}: knee {k:.2f} req/s", "", f"Parameters: `{json.dumps(meta['workloads'].get(w, {}))}`", ""]
-        if plots:
+        if plots or (out / f"{w}.png").exists():  # a re-render without plots keeps the ones drawn before
             lines += [f"![{w}]({w}.png)", ""]
         lines.append("| load | router | " + " | ".join(lbl for _, lbl, _ in METRICS) + " |")
         lines.append("|---|---|" + "---|" * len(METRICS))

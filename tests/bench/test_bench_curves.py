@@ -326,9 +326,13 @@ def test_the_virtual_curves_take_an_earlier_reports_folder_to_pair_with_and_refu
 
     base = tmp_path / "base"
     base.mkdir()
-    shutil.copy(rtcurve.RESULTS_DIR / "2026-12-04-vcurve1000-warmup" / "results.json", base / "results.json")
+    for name in ("results.json", "shared-prefix.png"):
+        shutil.copy(rtcurve.RESULTS_DIR / "2026-12-04-vcurve1000-warmup" / name, base / name)
     assert vcurve.main(["--report", str(base / "results.json"), "--against", str(base), "--no-plots"]) == 0
-    assert "## Paired by seed against" in (base / "README.md").read_text()
+    readme = (base / "README.md").read_text()
+    assert "## Paired by seed against" in readme
+    # a re-render without plots links the plots drawn before, and only those
+    assert "![shared-prefix](shared-prefix.png)" in readme and "![no-sharing]" not in readme
     assert vcurve.main(["--requests", "10", "--against", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
     assert "no such results.json" in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
