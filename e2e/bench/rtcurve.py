@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from e2e.bench import vcurve
+from e2e.bench.bar import Figures, misses
 from e2e.bench.procs import interrupt_on_sigterm
 from e2e.bench.runner import RESULTS_DIR, CompareConfig, Comparison
 
@@ -400,23 +401,16 @@ def _medians(out: Path, summary: dict[str, Any]) -> dict[tuple[str, float, str],
 
 
 def verdict(med: dict[tuple[str, float, str], dict[str, float]], w: str, ld: float, kv: str = "kvswitch") -> str:
-    """The issue's bar at one point: median req/s >= the best peer's, TTFT p90 <= the best peer's, p99 <=
-    1.1x the best peer's."""
+    """The issue's bar at one point (``e2e.bench.bar``), every other router of the set a peer: "met", what is
+    missed, or "(incomplete)" where ``kv`` or every peer is missing."""
+    def figures(m: dict[str, float]) -> Figures:
+        return Figures(req_s=m["req_s"], p90_ms=m["p90"], p99_ms=m["p99"])
+
     mine = med.get((w, ld, kv))
-    peers = [m for (w2, l2, r), m in med.items() if w2 == w and l2 == ld and r != kv]
+    peers = [figures(m) for (w2, l2, r), m in med.items() if w2 == w and l2 == ld and r != kv]
     if mine is None or not peers:
         return "(incomplete)"
-    miss = []
-    best_tp = max(m["req_s"] for m in peers)
-    best_p90 = min(m["p90"] for m in peers)
-    best_p99 = min(m["p99"] for m in peers)
-    if mine["req_s"] < best_tp:
-        miss.append(f"req/s {mine['req_s']:.3f} < {best_tp:.3f}")
-    if mine["p90"] > best_p90:
-        miss.append(f"p90 {mine['p90']:.0f} > {best_p90:.0f} ms")
-    if mine["p99"] > 1.1 * best_p99:
-        miss.append(f"p99 {mine['p99']:.0f} > 1.1 x {best_p99:.0f} ms")
-    return "met" if not miss else "; ".join(miss)
+    return "; ".join(misses(figures(mine), peers)) or "met"
 
 
 def _beside(base: dict[tuple[str, float, str], dict[str, float]], mine: dict[tuple[str, float, str], dict[str, float]],

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import pytest
 
-from e2e.bench import rtcurve, vcurve
+from e2e.bench import bar, rtcurve, vcurve
 from e2e.bench.runner import CompareConfig, build_workload
 
 
@@ -152,6 +152,32 @@ def test_a_twin_sends_the_blocks_aiperf_sends():
     assert plain[first].hash_ids[-1] in plain[later].hash_ids
     assert sent[first].hash_ids[-1] not in sent[later].hash_ids
     assert sent[first].hash_ids[:-1] == plain[first].hash_ids[:-1]
+
+
+def test_the_virtual_curves_judge_the_default_against_the_four_peers_only_on_the_seeds_all_ran():
+    """``vcurve.verdicts`` applies the same bar as the real-time summary (``e2e.bench.bar``): no allowance on
+    req/s, a baseline or a variant run beside the peers is not a peer, and a seed that only a peer ran is left out
+    of the medians (another trace)."""
+    def run(router: str, seed: int, tp: float, p90: float = 0.1, p99: float = 0.2, load: float = 1.0) -> dict:
+        return {"workload": "no-sharing", "load": load, "router": router, "seed": seed,
+                "throughput_req_s": tp, "ttft_p90_s": p90, "ttft_p99_s": p99}
+
+    runs = [run("default", s, 10.0) for s in (0, 1, 2)]
+    runs += [run("vllm:kv_aware", s, 9.99) for s in (0, 1, 2)] + [run("vllm:kv_aware", 3, 50.0)]
+    runs += [run("least-loaded", s, 20.0, p90=0.01, p99=0.01) for s in (0, 1, 2)]  # a baseline
+    runs += [run("variant", s, 30.0, p90=0.01) for s in (0, 1, 2)]  # a profile under test
+    runs += [run("default", 0, 5.0, load=3.0)]  # no peer ran 3x: no row
+    assert vcurve.verdicts({"runs": runs}) == ["| no-sharing | 1x | 3 | met |"]
+    # 0.3 % behind the best peer: missed (the old table allowed 0.5 %)
+    runs.append(run("envoy:round_robin", 0, 10.03))
+    runs += [run("envoy:round_robin", s, 10.03, p90=0.09, p99=0.15) for s in (1, 2)]
+    assert vcurve.verdicts({"runs": runs}) == ["| no-sharing | 1x | 3 | req/s 10.000 < 10.030; p90 100 > 90 ms; "
+                                              "p99 200 > 1.1 x 150 ms |"]
+    # the peers that ran the point set the seeds: without seed 2 for one of them, the medians are over 0 and 1
+    assert vcurve.verdicts({"runs": [r for r in runs if (r["router"], r["seed"]) != ("vllm:kv_aware", 2)]})[0] \
+        .startswith("| no-sharing | 1x | 2 |")
+    with pytest.raises(ValueError, match="at least one peer"):
+        bar.misses(bar.Figures(1.0, 1.0, 1.0), [])
 
 
 def test_paired_differences_are_per_seed_and_count_the_seeds_that_changed():
@@ -300,9 +326,13 @@ def test_the_virtual_curves_take_an_earlier_reports_folder_to_pair_with_and_refu
 
     base = tmp_path / "base"
     base.mkdir()
-    shutil.copy(rtcurve.RESULTS_DIR / "2026-12-04-vcurve1000-warmup" / "results.json", base / "results.json")
+    for name in ("results.json", "shared-prefix.png"):
+        shutil.copy(rtcurve.RESULTS_DIR / "2026-12-04-vcurve1000-warmup" / name, base / name)
     assert vcurve.main(["--report", str(base / "results.json"), "--against", str(base), "--no-plots"]) == 0
-    assert "## Paired by seed against" in (base / "README.md").read_text()
+    readme = (base / "README.md").read_text()
+    assert "## Paired by seed against" in readme
+    # a re-render without plots links the plots drawn before, and only those
+    assert "![shared-prefix](shared-prefix.png)" in readme and "![no-sharing]" not in readme
     assert vcurve.main(["--requests", "10", "--against", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
     assert "no such results.json" in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
