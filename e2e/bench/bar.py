@@ -14,7 +14,8 @@ real vllm-router, sglang-router and Envoy), in virtual time the emulations of th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 P99_ALLOWANCE = 1.1
@@ -31,17 +32,24 @@ class Figures:
 
 def misses(mine: Figures, peers: Sequence[Figures]) -> list[str]:
     """What ``mine`` misses of the bar against ``peers`` (non-empty), each as "figure mine vs best"; empty when
-    every part is met."""
+    every part is met. A figure that is not a number (NaN: no request of those runs completed) meets nothing on
+    kvswitch's side and is no one's best on a peer's."""
     if not peers:
         raise ValueError("the bar needs at least one peer")
-    best_req_s = max(p.req_s for p in peers)
-    best_p90 = min(p.p90_ms for p in peers)
-    best_p99 = min(p.p99_ms for p in peers)
+
+    def best(values: list[float], pick: Callable[[list[float]], float]) -> float:
+        finite = [v for v in values if math.isfinite(v)]
+        return pick(finite) if finite else math.nan
+
+    best_req_s = best([p.req_s for p in peers], max)
+    best_p90 = best([p.p90_ms for p in peers], min)
+    best_p99 = best([p.p99_ms for p in peers], min)
     out = []
-    if mine.req_s < best_req_s:
+    # written as "not met" so that a NaN on either side is a miss, never a pass
+    if not mine.req_s >= best_req_s:
         out.append(f"req/s {mine.req_s:.3f} < {best_req_s:.3f}")
-    if mine.p90_ms > best_p90:
+    if not mine.p90_ms <= best_p90:
         out.append(f"p90 {mine.p90_ms:.0f} > {best_p90:.0f} ms")
-    if mine.p99_ms > P99_ALLOWANCE * best_p99:
+    if not mine.p99_ms <= P99_ALLOWANCE * best_p99:
         out.append(f"p99 {mine.p99_ms:.0f} > {P99_ALLOWANCE:g} x {best_p99:.0f} ms")
     return out

@@ -302,9 +302,12 @@ def medians(runs: list[dict[str, Any]]) -> dict[tuple[str, float, str], dict[str
 
 def _figures(runs: list[dict[str, Any]]) -> Figures:
     """The bar's figures from runs of one router at one point: medians over the runs."""
-    return Figures(req_s=float(np.median([r["throughput_req_s"] for r in runs])),
-                   p90_ms=1e3 * float(np.median([r["ttft_p90_s"] for r in runs])),
-                   p99_ms=1e3 * float(np.median([r["ttft_p99_s"] for r in runs])))
+    def median(key: str) -> float:  # a run without the figure (None: nothing completed) is left out
+        values = [r[key] for r in runs if r.get(key) is not None]
+        return float(np.median(values)) if values else math.nan
+
+    return Figures(req_s=median("throughput_req_s"), p90_ms=1e3 * median("ttft_p90_s"),
+                   p99_ms=1e3 * median("ttft_p99_s"))
 
 
 def verdicts(doc: dict[str, Any], kvswitch: str = "default", peers: tuple[str, ...] = PEERS) -> list[str]:

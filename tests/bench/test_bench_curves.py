@@ -178,6 +178,13 @@ def test_the_virtual_curves_judge_the_default_against_the_four_peers_only_on_the
         .startswith("| no-sharing | 1x | 2 |")
     with pytest.raises(ValueError, match="at least one peer"):
         bar.misses(bar.Figures(1.0, 1.0, 1.0), [])
+    # runs without figures (nothing completed): a miss on kvswitch's side, never a pass; no peer's best
+    nan = float("nan")
+    assert len(bar.misses(bar.Figures(nan, nan, nan), [bar.Figures(1.0, 100.0, 200.0)])) == 3
+    mine, empty, peer = bar.Figures(1.0, 100.0, 200.0), bar.Figures(nan, nan, nan), bar.Figures(0.9, 110.0, 190.0)
+    assert bar.misses(mine, [empty, peer]) == []
+    blank = [{**r, "ttft_p90_s": None} if r["router"] == "default" else r for r in runs]
+    assert "p90 nan > 90 ms" in vcurve.verdicts({"runs": blank})[0]
 
 
 def test_paired_differences_are_per_seed_and_count_the_seeds_that_changed():
