@@ -300,14 +300,9 @@ def medians(runs: list[dict[str, Any]]) -> dict[tuple[str, float, str], dict[str
     return out
 
 
-def _figures(runs: list[dict[str, Any]]) -> Figures:
-    """The bar's figures from runs of one router at one point: medians over the runs."""
-    def median(key: str) -> float:  # a run without the figure (None: nothing completed) is left out
-        values = [r[key] for r in runs if r.get(key) is not None]
-        return float(np.median(values)) if values else math.nan
-
-    return Figures(req_s=median("throughput_req_s"), p90_ms=1e3 * median("ttft_p90_s"),
-                   p99_ms=1e3 * median("ttft_p99_s"))
+def _figures(m: dict[str, float]) -> Figures:
+    """The bar's figures from one router's ``medians`` at one point."""
+    return Figures(req_s=m["throughput_req_s"], p90_ms=1e3 * m["ttft_p90_s"], p99_ms=1e3 * m["ttft_p99_s"])
 
 
 def verdicts(doc: dict[str, Any], kvswitch: str = "default", peers: tuple[str, ...] = PEERS) -> list[str]:
@@ -319,12 +314,12 @@ def verdicts(doc: dict[str, Any], kvswitch: str = "default", peers: tuple[str, .
         by_seed.setdefault((r["workload"], round(r["load"], 3), r["router"]), {})[r["seed"]] = r
     lines = []
     for w, load, _ in sorted(k for k in by_seed if k[2] == kvswitch):
-        present = [by_seed[(w, load, p)] for p in peers if (w, load, p) in by_seed]
-        seeds = sorted(set(by_seed[(w, load, kvswitch)]).intersection(*present))
+        present = [p for p in peers if (w, load, p) in by_seed]
+        seeds = sorted(set(by_seed[(w, load, kvswitch)]).intersection(*(by_seed[(w, load, p)] for p in present)))
         if not present or not seeds:
             continue
-        miss = misses(_figures([by_seed[(w, load, kvswitch)][s] for s in seeds]),
-                      [_figures([runs[s] for s in seeds]) for runs in present])
+        med = medians([by_seed[(w, load, r)][s] for r in (kvswitch, *present) for s in seeds])
+        miss = misses(_figures(med[(w, load, kvswitch)]), [_figures(med[(w, load, p)]) for p in present])
         lines.append(f"| {w} | {load:g}x | {len(seeds)} | {'; '.join(miss) or 'met'} |")
     return lines
 
