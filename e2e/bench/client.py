@@ -29,6 +29,9 @@ class RunResult:
     rate: float
     repetition: int
     ttft_ms: list[float] = field(default_factory=list)
+    # per entry of ttft_ms: when that request was sent, seconds after the run's first send (empty in sets
+    # recorded before it was kept)
+    sent_s: list[float] = field(default_factory=list)
     itl_ms: list[float] = field(default_factory=list)  # per-request mean inter-token latency
     e2e_ms: list[float] = field(default_factory=list)
     output_tokens: list[int] = field(default_factory=list)
@@ -54,6 +57,7 @@ class RunResult:
         """Wall-clock samples -> simulated time (the fleet runs ``time_scale`` x slower than simulated)."""
         ts = float(time_scale)
         self.ttft_ms = [v / ts for v in self.ttft_ms]
+        self.sent_s = [v / ts for v in self.sent_s]
         self.itl_ms = [v / ts for v in self.itl_ms]
         self.e2e_ms = [v / ts for v in self.e2e_ms]
         self.duration_s /= ts
@@ -68,6 +72,20 @@ class RunResult:
         if not self.input_tokens:
             return float("nan")
         return float(sum(1 for n, c in zip(self.input_tokens, self.cached_tokens) if n and c < n / 2))
+
+    @property
+    def late_ttft_p90(self) -> float:
+        """TTFT p90 of the requests sent in the second half of the run's sends (NaN without send times).
+
+        The first requests of a run find every cache cold: each prompt group's prefix is computed once, and the
+        requests behind it wait. On a short run at the knee those first seconds hold most of the requests at or
+        above the run's p90 (shared prefix at 1x, 400 requests: 30-40 of the 40, every router), so the run's p90
+        measures the cold start; this one measures the fleet once it runs warm."""
+        if not self.sent_s or len(self.sent_s) != len(self.ttft_ms):
+            return float("nan")
+        sent = np.asarray(self.sent_s)
+        late = np.asarray(self.ttft_ms)[sent >= sent.max() / 2]
+        return float(np.percentile(late, 90))
 
     @property
     def path_ms(self) -> float:
@@ -88,6 +106,11 @@ class RunResult:
         return cls(**d)
 
 
+def run_dir_name(router: str, rate: float, repetition: int) -> str:
+    """A run's folder under a comparison's ``raw/`` (its trace, the router's logs, aiperf's exports in ``aiperf/``)."""
+    return f"{router.replace(':', '-')}-r{rate:g}-rep{repetition}"
+
+
 def _value(metrics: dict[str, Any], name: str) -> Any:
     m = metrics.get(name)
     return m.get("value") if isinstance(m, dict) else None
@@ -98,6 +121,7 @@ def parse_exports(artifact_dir: Path, router: str, rate: float, repetition: int)
     art = Path(artifact_dir)
     res = RunResult(router, rate, repetition)
     records = art / "profile_export.jsonl"
+    started: list[float | None] = []  # per entry of ttft_ms: the request's send time (ns), where aiperf gave one
     if records.exists():
         for line in records.read_text().splitlines():
             if not line.strip():
@@ -120,6 +144,8 @@ def parse_exports(artifact_dir: Path, router: str, rate: float, repetition: int)
             ttft = _value(metrics, "time_to_first_token")
             if ttft is not None:
                 res.ttft_ms.append(float(ttft))
+                start = (rec.get("metadata") or {}).get("request_start_ns")
+                started.append(float(start) if isinstance(start, (int, float)) else None)
             itl = _value(metrics, "inter_token_latency")
             if itl is not None and not (isinstance(itl, float) and math.isnan(itl)):
                 res.itl_ms.append(float(itl))
@@ -127,6 +153,9 @@ def parse_exports(artifact_dir: Path, router: str, rate: float, repetition: int)
             res.output_tokens.append(int(osl or 0))
             res.input_tokens.append(int(_value(metrics, "usage_prompt_tokens") or 0))
             res.cached_tokens.append(int(_value(metrics, "usage_prompt_cache_read_tokens") or 0))
+    if started and None not in started:
+        first = min(t for t in started if t is not None)
+        res.sent_s = [(t - first) / 1e9 for t in started if t is not None]
     summary = art / "profile_export_aiperf.json"
     if summary.exists():
         s = json.loads(summary.read_text())

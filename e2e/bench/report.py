@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from e2e.bench.client import RunResult, percentile
+from e2e.bench.client import RunResult, parse_exports, percentile, run_dir_name
 
 # column key -> (header, function of one run, format)
 METRICS: list[tuple[str, str, Any, str]] = [
@@ -23,6 +23,7 @@ METRICS: list[tuple[str, str, Any, str]] = [
     ("ttft_p50", "TTFT p50 ms", lambda r: percentile(r.ttft_ms, 50), "{:.0f}"),
     ("ttft_p90", "TTFT p90 ms", lambda r: percentile(r.ttft_ms, 90), "{:.0f}"),
     ("ttft_p99", "TTFT p99 ms", lambda r: percentile(r.ttft_ms, 99), "{:.0f}"),
+    ("ttft_p90_late", "TTFT p90 late ms", lambda r: r.late_ttft_p90, "{:.0f}"),
     ("ttft_mean", "TTFT mean ms", lambda r: float(np.mean(r.ttft_ms)) if r.ttft_ms else math.nan, "{:.0f}"),
     ("engine_ttft", "pod TTFT mean ms",
      lambda r: r.engine_ttft_ms if r.engine_ttft_ms is not None else math.nan, "{:.0f}"),
@@ -39,6 +40,31 @@ METRICS: list[tuple[str, str, Any, str]] = [
 def load(path: Path) -> tuple[dict[str, Any], list[RunResult], list[dict[str, Any]]]:
     doc = json.loads(Path(path).read_text())
     return doc.get("meta", {}), [RunResult.from_json(r) for r in doc.get("runs", [])], doc.get("failures", [])
+
+
+def add_send_times(results_path: Path) -> int:
+    """Give each run of ``results_path`` that has none its requests' send times (``RunResult.sent_s``), read
+    again from its aiperf export under ``raw/`` (sets recorded before they were kept); the number of runs given
+    them. A run whose export is gone, or whose TTFT samples are not the stored ones, is left as it was."""
+    results_path = Path(results_path)
+    doc = json.loads(results_path.read_text())
+    added = 0
+    for r in doc.get("runs", []):
+        if r.get("sent_s"):
+            continue
+        art = results_path.parent / "raw" / run_dir_name(r["router"], r["rate"], r["repetition"]) / "aiperf"
+        if not (art / "profile_export.jsonl").exists():
+            continue
+        ts = float(r.get("time_scale") or 1.0)
+        again = parse_exports(art, r["router"], r["rate"], r["repetition"]).to_simulated(ts)
+        if (not again.sent_s or len(again.ttft_ms) != len(r["ttft_ms"])
+                or not np.allclose(again.ttft_ms, r["ttft_ms"], rtol=1e-9, atol=1e-9)):
+            continue
+        r["sent_s"] = again.sent_s
+        added += 1
+    if added:
+        results_path.write_text(json.dumps(doc, indent=1))
+    return added
 
 
 def aggregate(runs: list[RunResult]) -> dict[tuple[str, float], dict[str, tuple[float, float, float]]]:
@@ -136,7 +162,49 @@ def plots(out_dir: Path, meta: dict[str, Any], runs: list[RunResult]) -> list[st
         fig.savefig(out_dir / fname, dpi=110)
         plt.close(fig)
         written.append(fname)
+        if name := _over_time_plot(out_dir, routers, [r for r in runs if r.rate == rate], rate):
+            written.append(name)
     return written
+
+
+def over_time(runs: list[RunResult], windows: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """TTFT p90 by send time: the runs' send span cut into ``windows`` equal windows, and per window the p90 of
+    the requests of every run sent in it (NaN where none was); (window midpoints in seconds, p90s in ms). Runs
+    without send times are left out."""
+    sent = [np.asarray(r.sent_s) for r in runs if r.sent_s and len(r.sent_s) == len(r.ttft_ms)]
+    ttft = [np.asarray(r.ttft_ms) for r in runs if r.sent_s and len(r.sent_s) == len(r.ttft_ms)]
+    if not sent:
+        return np.empty(0), np.empty(0)
+    t, v = np.concatenate(sent), np.concatenate(ttft)
+    edges = np.linspace(0.0, max(float(t.max()), 1e-9), windows + 1)
+    which = np.clip(np.searchsorted(edges, t, side="right") - 1, 0, windows - 1)
+    p90 = np.array([np.percentile(v[which == k], 90) if (which == k).any() else np.nan for k in range(windows)])
+    return (edges[:-1] + edges[1:]) / 2, p90
+
+
+def _over_time_plot(out_dir: Path, routers: list[str], runs: list[RunResult], rate: float) -> str | None:
+    """ttft_time_r<rate>.png: each router's TTFT p90 by send time, its repetitions pooled (``over_time``); None
+    where no run has send times."""
+    import matplotlib.pyplot as plt
+
+    curves = {router: over_time([r for r in runs if r.router == router]) for router in routers}
+    if not any(x.size for x, _ in curves.values()):
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for router, (x, p90) in curves.items():
+        if x.size:
+            ax.plot(x, p90, marker=".", label=router)
+    ax.set_yscale("log")
+    ax.set_xlabel("request sent at (s after the run's first)")
+    ax.set_ylabel("TTFT p90 of the requests sent then (ms, log)")
+    ax.set_title(f"TTFT over the run at {rate:g} req/s offered (repetitions pooled)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fname = f"ttft_time_r{rate:g}.png"
+    fig.savefig(out_dir / fname, dpi=110)
+    plt.close(fig)
+    return fname
 
 
 def render(results_path: Path, with_plots: bool = True) -> Path:
@@ -176,7 +244,9 @@ def render(results_path: Path, with_plots: bool = True) -> Path:
         "rate is the fleet's prefix-cache hits / queries (tokens) during the run. pod TTFT is the pods' own mean TTFT "
         "(from arrival at the pod: queueing + prefill, what routing decides); path = client mean TTFT - pod mean "
         "TTFT, what the router, proxy and client add per request. cold prompts: requests that found less than half "
-        "their prompt cached (from each response's usage), i.e. the prefix misses the placement cost.",
+        "their prompt cached (from each response's usage), i.e. the prefix misses the placement cost. TTFT p90 late: "
+        "the p90 of the requests sent in the second half of the run (the first seconds of a run find every cache "
+        "cold; on a short run near the knee they hold most of the requests at or above the run's p90).",
         "",
         table(meta, runs),
         "",

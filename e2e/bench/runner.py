@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from e2e.bench import peersenv
-from e2e.bench.client import RunResult, percentile, run_aiperf
+from e2e.bench.client import RunResult, percentile, run_aiperf, run_dir_name
 from e2e.bench.fleet import FleetSpec, SimFleetProcess, hit_rate
 from e2e.bench.routers import make_router
 from e2e.bench.tokenizer import ensure_tokenizer
@@ -178,7 +178,7 @@ class Comparison:
         # samples are converted back to simulated time, so results do not depend on the time scale.
         ts = self.cfg.scale_for(rate)
         wl = build_workload(self.cfg, rate / ts, rep)
-        run_dir = self.raw / f"{name.replace(':', '-')}-r{rate:g}-rep{rep}"
+        run_dir = self.raw / run_dir_name(name, rate, rep)
         trace = wl.write(run_dir / "trace.jsonl")
         fleet.spec = replace(fleet.spec, time_scale=ts)  # read when the fleet (re)starts
         fleet.restart()

@@ -11,6 +11,7 @@ import json
 import shutil
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from e2e.bench import bar, rtcurve, vcurve
@@ -383,3 +384,33 @@ def test_the_summary_shows_how_often_a_peers_own_kv_index_hit(tmp_path):
     text = rtcurve.render_summary(out, plots=False).read_text()
     assert "- vllm-router:kv_aware at 2x: 5 / 241, 6 / 242, 7 / 243" in text
     assert "sglang-router:cache_aware at" not in text  # a router without an index of its own: no line
+
+
+def test_send_times_are_added_to_a_recorded_set_without_touching_its_readme(tmp_path, capsys):
+    """``--report DIR --send-times``: each run recorded before send times were kept gets them from its aiperf
+    export (here one run's, made from its stored samples at its time scale), each workload's report is rendered
+    again with the TTFT-over-time plot, and the set's README (hand-written sections below the summary) is left
+    as it is; the summary's late column shows the medians once there are any."""
+    out = tmp_path / "set"
+    shutil.copytree(rtcurve.RESULTS_DIR / "2026-12-05-curves-mooncake-2x-240-ts4", out,
+                    ignore=shutil.ignore_patterns("raw"))  # raw/ is not committed: a clean clone has none
+    assert "| 2x | kvswitch | 2.696 | 23918 | 30774 | - |" in rtcurve.render_summary(out, plots=False).read_text()
+    (out / "README.md").write_text("hand-written")
+    results = out / "mooncake" / "results.json"
+    run = next(r for r in json.loads(results.read_text())["runs"] if r["router"] == "kvswitch")
+    art = out / "mooncake" / "raw" / f"kvswitch-r{run['rate']:g}-rep{run['repetition']}" / "aiperf"
+    art.mkdir(parents=True)
+    n = len(run["ttft_ms"])
+    art.joinpath("profile_export.jsonl").write_text("".join(
+        json.dumps({"metadata": {"request_start_ns": i * 10**8},
+                    "metrics": {"request_latency": {"value": 1.0}, "time_to_first_token": {"value": 4.0 * t}}}) + "\n"
+        for i, t in enumerate(run["ttft_ms"])))
+    assert rtcurve.main(["--report", str(out), "--send-times"]) == 0
+    assert "send times added to 1 runs" in capsys.readouterr().out
+    assert (out / "README.md").read_text() == "hand-written"
+    assert "](ttft_time_r5.919.png)" in (out / "mooncake" / "README.md").read_text()
+    stored = next(r for r in json.loads(results.read_text())["runs"] if r["router"] == "kvswitch")
+    assert stored["sent_s"] == pytest.approx([i * 0.025 for i in range(n)])  # 0.1 s wall at time scale 4
+    late = float(np.percentile([t for i, t in enumerate(run["ttft_ms"]) if i * 0.025 >= (n - 1) * 0.025 / 2], 90))
+    text = rtcurve.render_summary(out, plots=False).read_text()
+    assert f"| 2x | kvswitch | 2.696 | 23918 | 30774 | {late:.0f} |" in text

@@ -6,10 +6,11 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
 
-from e2e.bench.client import RunResult, parse_exports
-from e2e.bench.report import aggregate, render
+from e2e.bench.client import RunResult, parse_exports, percentile
+from e2e.bench.report import add_send_times, aggregate, over_time, render
 from e2e.bench.runner import engine_ttft_ms
 
 
@@ -88,6 +89,83 @@ def test_parse_aiperf_exports(tmp_path):
     assert res.ttft_ms == [20.0, 40.0] and res.itl_ms == [4.0] and res.e2e_ms == [100.0, 300.0]
     assert res.request_throughput == 1.0 and res.output_tok_s == 11.0
     assert res.input_tokens == [4608, 0] and res.cached_tokens == [4096, 0]  # usage absent: 0
+
+
+def _record(ttft_ms: float, start_ns: int | None) -> dict:
+    meta = {} if start_ns is None else {"request_start_ns": start_ns}
+    return {"metadata": meta, "metrics": {"request_latency": {"value": ttft_ms + 100.0},
+                                          "time_to_first_token": {"value": ttft_ms}}}
+
+
+def test_each_ttft_keeps_when_its_request_was_sent(tmp_path):
+    """sent_s[i] is the send time of the request of ttft_ms[i], seconds after the run's first send (the export
+    lists requests as they end, not as they were sent); a failed request has neither. An export without send
+    times gives none rather than misaligned ones."""
+    recs = [_record(20.0, 3_000_000_000), _record(40.0, 1_000_000_000),
+            {"metadata": {"request_start_ns": 500}, "metrics": {}, "error": {"code": 503}},
+            _record(30.0, 2_500_000_000)]
+    (tmp_path / "profile_export.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    res = parse_exports(tmp_path, "r", 1.0, 0)
+    assert res.ttft_ms == [20.0, 40.0, 30.0] and res.sent_s == [2.0, 0.0, 1.5]
+    res.to_simulated(2.0)
+    assert res.sent_s == [1.0, 0.0, 0.75] and RunResult.from_json(res.to_json()).sent_s == [1.0, 0.0, 0.75]
+    (tmp_path / "profile_export.jsonl").write_text(json.dumps(_record(20.0, 10)) + "\n" +
+                                                   json.dumps(_record(30.0, None)) + "\n")
+    assert parse_exports(tmp_path, "r", 1.0, 0).sent_s == []
+
+
+def test_the_late_p90_leaves_out_the_cold_start():
+    """Twenty requests a second apart, the first ten slow (every cache cold), the last ten 100-109 ms: the run's
+    p90 is a cold one; the late p90 is that of the requests sent from the span's midpoint (9.5 s) on."""
+    run = RunResult("kvswitch", 1.0, 0, ttft_ms=[1000.0] * 10 + [100.0 + i for i in range(10)],
+                    sent_s=[float(i) for i in range(20)])
+    assert percentile(run.ttft_ms, 90) == 1000.0
+    assert run.late_ttft_p90 == pytest.approx(float(np.percentile([100.0 + i for i in range(10)], 90)))
+    assert math.isnan(RunResult("k", 1.0, 0, ttft_ms=[1.0, 2.0]).late_ttft_p90)  # recorded without send times
+    assert math.isnan(RunResult("k", 1.0, 0, ttft_ms=[1.0, 2.0], sent_s=[0.0]).late_ttft_p90)  # not aligned
+
+
+def test_ttft_over_time_pools_the_repetitions_per_window():
+    a = RunResult("k", 1.0, 0, ttft_ms=[500.0, 100.0, 100.0, 120.0], sent_s=[0.0, 1.0, 3.0, 4.0])
+    b = RunResult("k", 1.0, 1, ttft_ms=[700.0, 110.0], sent_s=[0.5, 3.5])
+    x, p90 = over_time([a, b, RunResult("k", 1.0, 2, ttft_ms=[9999.0])], windows=2)
+    assert list(x) == [1.0, 3.0]
+    assert p90[0] == pytest.approx(float(np.percentile([500.0, 700.0, 100.0], 90)))
+    assert p90[1] == pytest.approx(float(np.percentile([100.0, 110.0, 120.0], 90)))  # the run without: left out
+    x, p90 = over_time([a], windows=8)
+    assert x.size == 8 and np.isnan(p90).sum() == 4  # windows no request was sent in: no figure
+    assert over_time([RunResult("k", 1.0, 0, ttft_ms=[1.0])])[0].size == 0
+
+
+def test_send_times_are_added_to_runs_recorded_without_them_from_their_own_exports(tmp_path):
+    """A set recorded before send times were kept gets them from each run's aiperf export under raw/ (wall
+    samples at the run's time scale), only where the export's TTFTs are the stored ones; the column and the
+    TTFT-over-time plot follow."""
+    path = _results(tmp_path, reps=1)
+    doc = json.loads(path.read_text())
+    kv = next(r for r in doc["runs"] if r["router"] == "kvswitch" and r["rate"] == 2.0)
+    rr = next(r for r in doc["runs"] if r["router"] == "envoy-rr" and r["rate"] == 2.0)
+    for r in doc["runs"]:
+        r["time_scale"] = 0.5
+    path.write_text(json.dumps(doc))
+    for run, shift in ((kv, 0.0), (rr, 1.0)):  # envoy-rr's export is another run's: its TTFTs differ
+        art = tmp_path / "raw" / f"{run['router']}-r2-rep0" / "aiperf"
+        art.mkdir(parents=True)
+        # the export in the order requests ended: the slow one (stored last) was the first sent
+        recs = [_record(t * 0.5 + shift, 10**9 + (9 - i) * 250_000_000) for i, t in enumerate(run["ttft_ms"])]
+        (art / "profile_export.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    assert "ttft_time_r2.png" not in render(path).read_text()
+    assert add_send_times(path) == 1
+    runs = {(r["router"], r["rate"]): r for r in json.loads(path.read_text())["runs"]}
+    assert runs[("kvswitch", 2.0)]["sent_s"] == pytest.approx([(9 - i) * 0.5 for i in range(10)])  # 0.25 s / 0.5
+    assert not runs[("envoy-rr", 2.0)].get("sent_s") and not runs[("kvswitch", 4.0)].get("sent_s")
+    assert add_send_times(path) == 0  # nothing left to add
+    readme = render(path).read_text()
+    assert "](ttft_time_r2.png)" in readme and "ttft_time_r4.png" not in readme
+    assert (tmp_path / "ttft_time_r2.png").stat().st_size > 1000
+    row = next(line for line in readme.splitlines() if line.startswith("| kvswitch | 2 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]  # router, rate, req/s, tok/s, TTFT p50, p90, p99, late
+    assert (cells[5], cells[7]) == ("38", "20")  # the run's one slow request (200 ms) was its first sent
 
 
 def test_to_simulated_converts_wall_samples_by_the_time_scale():
