@@ -336,6 +336,7 @@ def twins(out: Path, log: Any = print) -> Path:
                              "req_s": float(np.median([g["throughput_req_s"] for g in got])),
                              "p90": 1e3 * float(np.median([g["ttft_p90_s"] for g in got])),
                              "p99": 1e3 * float(np.median([g["ttft_p99_s"] for g in got])),
+                             "late": 1e3 * float(np.median([g["ttft_p90_late_s"] for g in got])),
                              "hit": float(np.median([g["prefix_hit_rate"] for g in got]))})
         log(f"twins: {w} in {time.monotonic() - started:.0f} s")
     summary["twins"] = rows
@@ -348,13 +349,18 @@ def _twin_lines(summary: dict[str, Any], med: dict[tuple[str, float, str], dict[
     if not rows:
         return []
     lines = ["Each router against its virtual-time twin (same traces, rates and requests; medians, real / twin):",
-             "", "| load | router | req/s | TTFT p90 ms | TTFT p99 ms | hit % |", "|---|---|---|---|---|---|"]
+             "", "| load | router | req/s | TTFT p90 ms | TTFT p99 ms | TTFT p90 late ms | hit % |",
+             "|---|---|---|---|---|---|---|"]
+
+    def ms(v: float | None) -> str:
+        return "-" if v is None or math.isnan(v) else f"{v:.0f}"
+
     for t in rows:
         m = med.get((w, t["load"], t["router"]))
         if m:
             lines.append(f"| {t['load']:g}x | {t['router']} | {m['req_s']:.2f} / {t['req_s']:.2f} | "
                          f"{m['p90']:.0f} / {t['p90']:.0f} | {m['p99']:.0f} / {t['p99']:.0f} | "
-                         f"{100 * m['hit']:.0f} / {100 * t['hit']:.0f} |")
+                         f"{ms(m.get('late'))} / {ms(t.get('late'))} | {100 * m['hit']:.0f} / {100 * t['hit']:.0f} |")
     return [*lines, ""]
 
 

@@ -141,6 +141,9 @@ def test_every_run_gets_its_virtual_time_twin_on_the_same_trace(tmp_path):
     got = rtcurve._twin_lines(json.loads((tmp_path / "curves.json").read_text()), med, "mooncake")
     assert any(line.startswith(f"| 2x | envoy-rr | 1.50 / {rows[1]['req_s']:.2f} | 900 / ") for line in got)
     assert not any("| 0.5x |" in line for line in got)  # no real run there: no row
+    late = 1e3 * (runs[0]["ttft_p90_late_s"] + runs[1]["ttft_p90_late_s"]) / 2
+    assert rows[1]["late"] == pytest.approx(late)  # the second half's p90, as the real runs' late column
+    assert any(f"| - / {late:.0f} |" in line for line in got)  # a real set recorded without send times: "-"
 
 
 def test_a_twin_sends_the_blocks_aiperf_sends():

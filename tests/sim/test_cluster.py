@@ -106,6 +106,21 @@ def test_ttft_on_idle_pod_is_the_cost_model_prefill_time():
     assert s["tpot_mean_s"] == pytest.approx((rec.e2e - rec.ttft) / 2)
 
 
+def test_the_late_p90_counts_the_requests_of_the_second_half_of_the_arrivals():
+    """Four cold 4K prompts at once on one pod queue behind each other; four short ones after them, seconds
+    apart, start on an idle pod: the run's p90 is a cold one, the late p90 that of the short ones, each one
+    prefill on an idle pod."""
+    reqs = [tr(i, 0.0, 4096, 2, [10 * i + k for k in range(8)]) for i in range(4)]
+    reqs += [tr(4 + i, 10.0 + 2.0 * i, 600, 2, [100 + i]) for i in range(4)]
+    _, res = run(reqs)
+    s = summarize(res)
+    late = [r.ttft for r in res.records if r.arrival >= 8.0]
+    assert late == pytest.approx([COST.prefill_time(600, 0)] * 4, rel=1e-9)
+    assert s["ttft_p90_late_s"] == pytest.approx(float(np.percentile(late, 90)))
+    assert s["ttft_p90_s"] > 3 * s["ttft_p90_late_s"]
+    assert "TTFT p90 late ms" in format_table([s])
+
+
 def test_arrivals_sorted_and_times_consistent():
     reqs = [tr(i, (7 - i) * 0.5, 600, 5, [i]) for i in range(8)]  # given in reverse order
     spy = SpyRouter(["10.0.0.0:8000"])
