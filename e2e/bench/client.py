@@ -80,12 +80,13 @@ class RunResult:
         The first requests of a run find every cache cold: each prompt group's prefix is computed once, and the
         requests behind it wait. On a short run at the knee those first seconds hold most of the requests at or
         above the run's p90 (shared prefix at 1x, 400 requests: 30-40 of the 40, every router), so the run's p90
-        measures the cold start; this one measures the fleet once it runs warm."""
+        measures the cold start; this one measures the fleet once it runs warm. The simulator's definition
+        (imported here, not with the module: the simulator is most of a second to import)."""
         if not self.sent_s or len(self.sent_s) != len(self.ttft_ms):
             return float("nan")
-        sent = np.asarray(self.sent_s)
-        late = np.asarray(self.ttft_ms)[sent >= sent.max() / 2]
-        return float(np.percentile(late, 90))
+        from engine.sim.cluster.report import late_p90
+
+        return late_p90(np.asarray(self.sent_s), np.asarray(self.ttft_ms))
 
     @property
     def path_ms(self) -> float:

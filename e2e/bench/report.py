@@ -171,11 +171,10 @@ def over_time(runs: list[RunResult], windows: int = 20) -> tuple[np.ndarray, np.
     """TTFT p90 by send time: the runs' send span cut into ``windows`` equal windows, and per window the p90 of
     the requests of every run sent in it (NaN where none was); (window midpoints in seconds, p90s in ms). Runs
     without send times are left out."""
-    sent = [np.asarray(r.sent_s) for r in runs if r.sent_s and len(r.sent_s) == len(r.ttft_ms)]
-    ttft = [np.asarray(r.ttft_ms) for r in runs if r.sent_s and len(r.sent_s) == len(r.ttft_ms)]
-    if not sent:
+    timed = [r for r in runs if r.sent_s and len(r.sent_s) == len(r.ttft_ms)]
+    if not timed:
         return np.empty(0), np.empty(0)
-    t, v = np.concatenate(sent), np.concatenate(ttft)
+    t, v = np.concatenate([r.sent_s for r in timed]), np.concatenate([r.ttft_ms for r in timed])
     edges = np.linspace(0.0, max(float(t.max()), 1e-9), windows + 1)
     which = np.clip(np.searchsorted(edges, t, side="right") - 1, 0, windows - 1)
     p90 = np.array([np.percentile(v[which == k], 90) if (which == k).any() else np.nan for k in range(windows)])

@@ -104,11 +104,12 @@ def _cv(values: np.ndarray) -> float:
     return float(values.std() / values.mean()) if len(values) and values.mean() else 0.0
 
 
-def _late_p90(arrival: np.ndarray, ttft: np.ndarray) -> float:
-    """TTFT p90 of the requests that arrived in the second half of the arrival span. A run's first seconds find
-    every cache cold (each prompt group's prefix computed once, the requests behind it waiting); on a short run
-    near the knee they hold most of the requests at or above the run's p90, which then measures the cold start.
-    The same figure as the real-time reports' (``e2e.bench.client.RunResult.late_ttft_p90``)."""
+def late_p90(arrival: np.ndarray, ttft: np.ndarray) -> float:
+    """TTFT p90 of the requests that arrived in the second half of the arrival span (NaN for none). A run's first
+    seconds find every cache cold (each prompt group's prefix computed once, the requests behind it waiting); on
+    a short run near the knee they hold most of the requests at or above the run's p90, which then measures the
+    cold start. The real-time reports take the same figure from the client's send times
+    (``e2e.bench.client.RunResult.late_ttft_p90``)."""
     if not len(arrival):
         return math.nan
     return _pct(ttft[arrival >= (arrival.min() + arrival.max()) / 2], 90)
@@ -175,7 +176,7 @@ def summarize(result: SimResult, wall_s: float | None = None, slo: SloTargets | 
         "output_tok_s": float(out_tok.sum()) / span,
         "input_tok_s": float(prompt.sum()) / span,
         "ttft_p50_s": _pct(ttft, 50), "ttft_p90_s": _pct(ttft, 90), "ttft_p99_s": _pct(ttft, 99),
-        "ttft_p90_late_s": _late_p90(arrival, ttft),
+        "ttft_p90_late_s": late_p90(arrival, ttft),
         "tpot_mean_s": float(tpot.mean()) if len(tpot) else math.nan, "tpot_p90_s": _pct(tpot, 90),
         "e2e_p50_s": _pct(e2e, 50), "e2e_p90_s": _pct(e2e, 90),
         "prefix_hit_rate": float(cached.sum() / prompt.sum()) if prompt.sum() else 0.0,
