@@ -113,7 +113,7 @@ def table(meta: dict[str, Any], runs: list[RunResult]) -> str:
 
 def plots(out_dir: Path, meta: dict[str, Any], runs: list[RunResult]) -> list[str]:
     """throughput.png, req_s.png, ttft_p90.png, ttft_p99.png and hit_rate.png against offered load,
-    ttft_cdf.png per rate; names written."""
+    ttft_cdf_r<rate>.png and (runs with send times) ttft_time_r<rate>.png per rate; names written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,12 +139,7 @@ def plots(out_dir: Path, meta: dict[str, Any], runs: list[RunResult]) -> list[st
             ax.errorbar(xs, med, yerr=[lo, hi], marker="o", capsize=3, label=router)
         ax.set_xlabel("offered load (requests/s)")
         ax.set_ylabel(label)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out_dir / fname, dpi=110)
-        plt.close(fig)
-        written.append(fname)
+        written.append(_save(fig, ax, out_dir, fname))
     for rate in rates:
         fig, ax = plt.subplots(figsize=(6, 4))
         for router in routers:
@@ -155,13 +150,7 @@ def plots(out_dir: Path, meta: dict[str, Any], runs: list[RunResult]) -> list[st
         ax.set_xlabel("TTFT (ms, log)")
         ax.set_ylabel("fraction of requests")
         ax.set_title(f"TTFT CDF at {rate:g} req/s offered")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fname = f"ttft_cdf_r{rate:g}.png"
-        fig.savefig(out_dir / fname, dpi=110)
-        plt.close(fig)
-        written.append(fname)
+        written.append(_save(fig, ax, out_dir, f"ttft_cdf_r{rate:g}.png"))
         if name := _over_time_plot(out_dir, routers, [r for r in runs if r.rate == rate], rate):
             written.append(name)
     return written
@@ -197,10 +186,16 @@ def _over_time_plot(out_dir: Path, routers: list[str], runs: list[RunResult], ra
     ax.set_xlabel("request sent at (s after the run's first)")
     ax.set_ylabel("TTFT p90 of the requests sent then (ms, log)")
     ax.set_title(f"TTFT over the run at {rate:g} req/s offered (repetitions pooled)")
+    return _save(fig, ax, out_dir, f"ttft_time_r{rate:g}.png")
+
+
+def _save(fig: Any, ax: Any, out_dir: Path, fname: str) -> str:
+    """Grid, legend, ``out_dir/fname`` written and the figure closed; ``fname``."""
+    import matplotlib.pyplot as plt
+
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fname = f"ttft_time_r{rate:g}.png"
     fig.savefig(out_dir / fname, dpi=110)
     plt.close(fig)
     return fname
