@@ -351,16 +351,12 @@ def _twin_lines(summary: dict[str, Any], med: dict[tuple[str, float, str], dict[
     lines = ["Each router against its virtual-time twin (same traces, rates and requests; medians, real / twin):",
              "", "| load | router | req/s | TTFT p90 ms | TTFT p99 ms | TTFT p90 late ms | hit % |",
              "|---|---|---|---|---|---|---|"]
-
-    def ms(v: float | None) -> str:
-        return "-" if v is None or math.isnan(v) else f"{v:.0f}"
-
     for t in rows:
         m = med.get((w, t["load"], t["router"]))
         if m:
             lines.append(f"| {t['load']:g}x | {t['router']} | {m['req_s']:.2f} / {t['req_s']:.2f} | "
                          f"{m['p90']:.0f} / {t['p90']:.0f} | {m['p99']:.0f} / {t['p99']:.0f} | "
-                         f"{ms(m.get('late'))} / {ms(t.get('late'))} | {100 * m['hit']:.0f} / {100 * t['hit']:.0f} |")
+                         f"{_ms(m.get('late'))} / {_ms(t.get('late'))} | {100 * m['hit']:.0f} / {100 * t['hit']:.0f} |")
     return [*lines, ""]
 
 
@@ -405,6 +401,12 @@ def _medians(out: Path, summary: dict[str, Any]) -> dict[tuple[str, float, str],
                 "path": float(np.median([r.path_ms for r in rs])),
                 "n": float(len(rs))}
     return med
+
+
+def _ms(v: float | None) -> str:
+    """Milliseconds for a table cell; "-" for a figure a set does not have (None, or NaN: runs recorded without
+    send times have no late p90)."""
+    return "-" if v is None or math.isnan(v) else f"{v:.0f}"
 
 
 def _nanmedian(values: list[float]) -> float:
@@ -493,8 +495,8 @@ def render_summary(out: Path, plots: bool = True) -> Path:
             for r in routers:
                 m = med.get((w, ld, r))
                 if m:
-                    late = "-" if math.isnan(m["late"]) else f"{m['late']:.0f}"
-                    lines.append(f"| {ld:g}x | {r} | {m['req_s']:.3f} | {m['p90']:.0f} | {m['p99']:.0f} | {late} | "
+                    lines.append(f"| {ld:g}x | {r} | {m['req_s']:.3f} | {m['p90']:.0f} | {m['p99']:.0f} | "
+                                 f"{_ms(m['late'])} | "
                                  f"{100 * m['hit']:.0f} | {m['path']:.1f} | {m['n']:.0f} |")
         lines += ["", "TTFT p90 late: the p90 of the requests sent in the second half of each run (the cold start "
                   "left out; not part of the bar), median over repetitions.", ""]
