@@ -42,13 +42,28 @@ log = logging.getLogger("kvswitch.extproc")
 
 DECIDE_PREFIX = "/decide"
 HEALTH_PATH = "/health"
-# Flow control decides a request held this long at the latest: Envoy's ext_authz call gives up at the timeout
-# `kvswitch envoy-config` writes (10 s, extproc/envoyconfig/builder.py picker_grpc_timeout_s), and a request the
-# call gave up on is failed (or, fail-open, sent unrouted).
-AUTHZ_HOLD_LIMIT_S = 8.0
 REMOVE_HEADER = "x-envoy-auth-headers-to-remove"  # ext_authz: names the answer removes from the upstream request
 _JSON = "application/json"
 _TEXT = [("content-type", "text/plain")]
+# Envoy's ext_authz call gives up after server.decide_timeout_s (extproc.config.DECIDE_TIMEOUT_S, 290 s, the
+# timeout `kvswitch envoy-config` writes: EnvoyConfigOptions.decide_timeout_s), and a request the call gave up
+# on is failed (or, fail-open, sent unrouted); flow control therefore decides a request it holds DECIDE_MARGIN_S
+# before that at the latest. Past the knee flow control holds a request in the picker until some pod has room.
+# With the earlier 10 s (a hold of 8 s) every request held longer went to a pod's first-come queue, which undid
+# the release order (shortest prefill first): on the Mooncake trace at 3x the knee, in virtual time, a hold
+# limit of 4 s took the median TTFT from 3.7 to 26 s and the p90 from 48 to 53 s (README "Flow control behind
+# ext_authz"). Why 290 s: Envoy resets a stream with no bytes either way for 5 minutes (the connection
+# manager's stream_idle_timeout, left at its default; per-try idle on the upstream side is 300 s too), held or
+# not, so a longer call would end in that reset instead of a decision. What it costs: a picker that hangs
+# (accepts and never answers) keeps its requests this long before Envoy gives up, fail-open included; one that
+# is down is refused at once.
+DECIDE_MARGIN_S = 2.0
+
+
+def hold_limit_s(decide_timeout_s: float) -> float:
+    """How long flow control may hold a request asked over ext_authz whose call times out after
+    ``decide_timeout_s``: that less DECIDE_MARGIN_S, so the answer reaches Envoy before it gives up."""
+    return max(0.0, decide_timeout_s - DECIDE_MARGIN_S)
 
 
 class AuthzFront:

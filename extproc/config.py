@@ -2,7 +2,8 @@
 
     server: {grpc_port, metrics_port, host, body_limit_bytes, context_cap_bytes, debug_headers, model_rewrite,
              drain_seconds, move_away_seconds, move_away_quiet_seconds, offload_min_bytes, offload_budget_bytes,
-             max_fallback, response_body, tls_cert, tls_key, tls_self_signed, prefill_signing_secret_file}
+             max_fallback, response_body, tls_cert, tls_key, tls_self_signed, prefill_signing_secret_file,
+             decide_port, decide_timeout_s}
     endpoints: [{address, role, model, accelerator, model_profile, labels, kv_events, metrics_url,
                  dp_size, dp_start_rank, dp_rank}]
                # dp_size N: the pod runs N vLLM data-parallel ranks; one endpoint per rank (ip:port#r), rank r's
@@ -24,6 +25,11 @@ import yaml
 from pickers.framework import ConfigError  # one error type for every configuration mistake
 from pickers.ranks import expand_ranks
 from pickers.types import Endpoint, Role
+
+# Envoy's ext_authz call timeout, the same default on both sides: `kvswitch envoy-config` writes it
+# (EnvoyConfigOptions.decide_timeout_s) and the picker holds requests to it (server.decide_timeout_s). Why this
+# long: extproc/authz.py.
+DECIDE_TIMEOUT_S = 290.0
 
 
 class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -74,6 +80,9 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # port when grpc_port is 0), or off when TLS or model_rewrite is configured (the front has neither: it
     # cannot change a body); -1: off.
     decide_port: int | None = None
+    # Envoy's ext_authz call timeout as its config sets it (`kvswitch envoy-config --decide-timeout`, the same
+    # default): flow control decides a request held this long less 2 s at the latest (extproc/authz.py).
+    decide_timeout_s: float = DECIDE_TIMEOUT_S
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_self_signed: bool = False
@@ -158,6 +167,9 @@ def _check(cfg: Config) -> Config:
         if s.model_rewrite:
             raise ConfigError("server.decide_port: the ext_authz front cannot rewrite a request body, so it cannot "
                               "apply server.model_rewrite; use the ext_proc protocol (leave decide_port unset or -1)")
+    if not 1.0 <= s.decide_timeout_s <= 86_400.0:
+        raise ConfigError(f"server.decide_timeout_s: Envoy's ext_authz call timeout in seconds, 1-86400, got "
+                          f"{s.decide_timeout_s}")
     if s.context_cap_bytes is not None and s.context_cap_bytes < 0:
         raise ConfigError(f"server.context_cap_bytes: must be >= 0 (0 turns it off), got {s.context_cap_bytes}")
     if s.body_limit_bytes <= 0:

@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from extproc import metrics
-from extproc.authz import AUTHZ_HOLD_LIMIT_S, AuthzFront
+from extproc.authz import AuthzFront, hold_limit_s
 from extproc.budget import ByteBudget
 from extproc.config import Config, ConfigError
 from extproc.contextcap import context_cap_bytes
@@ -121,10 +121,10 @@ class Server:
         )
         # The ext_authz front (extproc/authz.py): the same routing over plain HTTP, one request per request.
         settings = self.processor.settings
-        self.authz = AuthzFront(scheduler, replace(settings.routing(), can_rewrite=False,
-                                                      hold_limit_s=AUTHZ_HOLD_LIMIT_S), self.clock, self.pending,
-                                s.body_limit_bytes, settings.context_cap_bytes, s.debug_headers) \
-            if config.decide_port() >= 0 else None
+        # Held requests are decided before Envoy's ext_authz call gives up (server.decide_timeout_s).
+        authz_routing = replace(settings.routing(), can_rewrite=False, hold_limit_s=hold_limit_s(s.decide_timeout_s))
+        self.authz = AuthzFront(scheduler, authz_routing, self.clock, self.pending, s.body_limit_bytes,
+                                settings.context_cap_bytes, s.debug_headers) if config.decide_port() >= 0 else None
         self.decide_port: int | None = None
         self.health = health_aio.HealthServicer()
         self.port: int = 0

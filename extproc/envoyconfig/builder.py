@@ -90,6 +90,7 @@ from envoy_data_plane.envoy.type.metadata.v3 import MetadataKey, MetadataKeyPath
 from envoy_data_plane.envoy.type.v3 import Percent
 from envoy_data_plane.google.protobuf import Any as AnyProto
 
+from extproc.config import DECIDE_TIMEOUT_S
 from extproc.envoyconfig import authz, hardening, responselog
 
 DESTINATION = "x-gateway-destination-endpoint"
@@ -123,6 +124,11 @@ class EnvoyConfigOptions:
     # longest non-streaming generation; 0 turns it off.
     per_try_idle_timeout_s: float = 300.0
     picker_grpc_timeout_s: float = 10.0
+    # ext_authz only: how long Envoy waits for the picker's answer. Past the knee flow control holds a request
+    # in the picker until a pod has room, so this is long (below the connection manager's 5-minute stream idle
+    # timeout); the picker is told the same value (server.decide_timeout_s, the same default). Why:
+    # extproc/authz.py.
+    decide_timeout_s: float = DECIDE_TIMEOUT_S
     message_timeout_s: float = 1000.0
     buffer_limit_bytes: int = 32 * 1024 * 1024  # large prompts pass through Envoy's buffers
     picker_health_interval_s: float = 1.0
@@ -234,7 +240,7 @@ def _listener(opts: EnvoyConfigOptions) -> Listener:
     if opts.ext_proc:
         # Off by default, on for the API routes only (hardening.api_routes): see hardening.with_ext_proc.
         if opts.picker_protocol == "ext-authz":
-            filters.insert(0, authz.authz_filter(opts.fail_open, opts.picker_grpc_timeout_s,
+            filters.insert(0, authz.authz_filter(opts.fail_open, opts.decide_timeout_s,
                                                  opts.buffer_limit_bytes))
             per_route = authz.per_route()
         else:
@@ -420,6 +426,9 @@ def _picker_tls(opts: EnvoyConfigOptions) -> TransportSocket | None:
 def build_bootstrap(opts: EnvoyConfigOptions) -> Bootstrap:
     if opts.picker_protocol not in PICKER_PROTOCOLS:
         raise ValueError(f"picker_protocol must be one of {', '.join(PICKER_PROTOCOLS)}, got {opts.picker_protocol!r}")
+    if not opts.decide_timeout_s > 0:
+        raise ValueError(f"decide_timeout_s must be positive (seconds Envoy waits for the picker's ext_authz answer), "
+                         f"got {opts.decide_timeout_s}")
     return Bootstrap(
         static_resources=BootstrapStaticResources(
             listeners=[_listener(opts)],

@@ -37,6 +37,10 @@ def parse_args(argv: list[str]) -> tuple[EnvoyConfigOptions, str | None, str]:
                         "picker's decide port, one request per request, about a tenth of ext-proc's picker CPU; "
                         "ext-proc: a gRPC ext_proc stream per request (the Gateway API Inference Extension's "
                         "protocol, every response mode, TLS)")
+    p.add_argument("--decide-timeout", type=float, default=EnvoyConfigOptions.decide_timeout_s, metavar="S",
+                   help="ext-authz: seconds Envoy waits for the picker's answer, which flow control holds past the "
+                        f"knee (default {EnvoyConfigOptions.decide_timeout_s:g}, below Envoy's 300 s stream idle "
+                        "timeout; give kvswitch serve the same in server.decide_timeout_s)")
     p.add_argument("--picker-decide", action="append", metavar="HOST:PORT",
                    help="a picker's ext_authz address, one per --picker in the same order (default: each picker's "
                         "host with its port + 1, kvswitch serve's default server.decide_port)")
@@ -62,6 +66,7 @@ def parse_args(argv: list[str]) -> tuple[EnvoyConfigOptions, str | None, str]:
                               response_body=a.response_body, access_log_flush_ms=a.access_log_flush_ms,
                               picker_tls=tls, picker_tls_ca=a.picker_tls_ca,
                               picker_protocol=protocol, picker_decide=a.picker_decide or [],
+                              decide_timeout_s=a.decide_timeout,
                               picker_tls_sni=a.picker_tls_sni,
                               endpoints=[e.split(",")[0] for e in a.endpoint],
                               max_body_bytes=a.max_body_bytes)

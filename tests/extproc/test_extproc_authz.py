@@ -106,3 +106,38 @@ def test_the_ext_authz_front_refuses_what_it_cannot_do():
         with pytest.raises(ConfigError, match="decide_port"):
             config_from_dict({"server": server})
     assert config_from_dict({"server": {"decide_port": -1}}).decide_port() == -1
+
+
+def test_a_request_is_held_until_just_before_envoys_call_gives_up():
+    """Flow control holds a request asked over ext_authz up to the call's timeout less 2 s, the timeout being
+    what `kvswitch envoy-config` writes by default (past the knee a hold outlasts the old 10 s call: the
+    request then went to a pod's first-come queue, undoing the release order)."""
+    from extproc.envoyconfig.builder import EnvoyConfigOptions, to_dict
+    from extproc.server import Server
+
+    def hold(server: dict) -> float | None:
+        cfg = config_from_dict({"server": server, "endpoints": [{"address": a} for a in PODS]})
+        s = Server(cfg, build_scheduler(cfg))
+        assert s.authz is not None
+        return s.authz.settings.hold_limit_s
+
+    envoy_default = EnvoyConfigOptions().decide_timeout_s
+    # long, and below the 5-minute stream idle timeout that would reset a held stream in Envoy first
+    assert hold({}) == envoy_default - 2.0 and 60.0 < envoy_default < 300.0
+    assert hold({"decide_timeout_s": 30}) == 28.0
+    doc = to_dict(EnvoyConfigOptions(endpoints=PODS, picker_protocol="ext-authz", decide_timeout_s=30))
+    hcm = doc["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
+    authz = next(f for f in hcm["httpFilters"] if f["name"] == "envoy.filters.http.ext_authz")
+    assert authz["typedConfig"]["httpService"]["serverUri"]["timeout"] == "30s"
+
+
+def test_a_call_timeout_that_cannot_hold_is_refused():
+    from extproc.envoyconfig import cli
+    from pickers.framework import ConfigError
+
+    for bad in (0, 0.5, -3, 1e9):
+        with pytest.raises(ConfigError, match=r"server\.decide_timeout_s"):
+            config_from_dict({"server": {"decide_timeout_s": bad}})
+    with pytest.raises(ConfigError, match=r"decide_timeout_s"):
+        config_from_dict({"server": {"decide_timeout_s": "long"}})
+    assert cli.main(["--picker-protocol", "ext-authz", "--endpoint", "10.0.0.1:8000", "--decide-timeout", "0"]) == 2
