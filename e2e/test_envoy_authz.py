@@ -1,17 +1,24 @@
 """The picker's ext_authz front (extproc/authz.py) through the real Envoy (picker_protocol ext-authz): the chosen
 pod gets the request byte for byte, bad input gets the picker's OpenAI error and changes nothing, a director bug
 is a 503 (Envoy's: ext_authz counts a 5xx answer as a failed check) and the next request is served, a client
-cannot steer, and a picker that is gone is a clean 503 (fail-closed) or round robin (fail-open). The 429s of
+cannot steer, a request flow control holds is decided before Envoy's call gives up, and a picker that is gone
+is a clean 503 (fail-closed) or round robin (fail-open). The 429s of
 admission and bad SLO headers through this front are in test_envoy_slo.py, the outcomes from the access log in
 test_envoy_response_body.py."""
 
 from __future__ import annotations
 
+import time
+
 import aiohttp
+import numpy as np
 import orjson
 import pytest
 
+from e2e.support.picker import LEAST_INFLIGHT
 from e2e.support.stack import envoy_stack
+from e2e.support.waits import until
+from pickers.flowcontrol import Room
 
 pytestmark = pytest.mark.envoy
 AUTHZ = {"picker_protocol": "ext-authz"}
@@ -118,3 +125,33 @@ async def test_a_picker_that_is_gone(fake_pods, fail_open):
                 err = await _error(r)
                 assert err["type"] == "service_unavailable"
         assert sum(len(p.seen) for p in fake_pods) == (1 if fail_open else 0)
+
+
+@pytest.mark.parametrize("picker_timeout_s,status", [(3.0, 200), (10.0, 503)])
+async def test_a_held_request_is_decided_before_envoys_call_gives_up(fake_pods, picker_timeout_s, status):
+    """Flow control holds a request while no pod has room (here: never) and decides it by its deadline, the
+    call's timeout less 2 s; Envoy waits for the answer as long as its config says (3 s here). A picker told a
+    longer timeout than Envoy's (10 s) holds past it: Envoy gives up, the client gets a 503, nothing reaches a
+    pod and the picker drops the request when the call goes (why both sides take one setting,
+    server.decide_timeout_s and envoy-config --decide-timeout)."""
+    pool = [p.address for p in fake_pods]
+    scheduler = {**LEAST_INFLIGHT, "flow_control": {"enabled": True, "tick_ms": 5}}
+    async with envoy_stack(pool, envoy={**AUTHZ, "decide_timeout_s": 3.0}, scheduler=scheduler,
+                           server={"decide_timeout_s": picker_timeout_s}) as stack, aiohttp.ClientSession() as s:
+        flow = stack.scheduler.inner.flow
+        assert flow is not None
+        room = flow.usable
+        flow.usable = lambda: Room(room().usable, np.zeros_like(room().roomy))  # no pod ever has room
+        t0 = time.monotonic()
+        async with s.post(stack.url + "/v1/completions", json=DOC) as r:
+            assert r.status == status, await r.text()
+            await r.read()
+        waited = time.monotonic() - t0
+        await until(lambda: flow.queued == 0)
+        assert flow.held_total == 1
+        if status == 200:  # decided by its deadline, 1 s after it was held, and served
+            assert 1.0 <= waited < 3.0
+            assert sum(len(p.seen) for p in fake_pods) == 1
+        else:  # Envoy gave up at its 3 s; the picker's 8 s were never reached
+            assert 3.0 <= waited < 8.0
+            assert sum(len(p.seen) for p in fake_pods) == 0
