@@ -8,8 +8,17 @@ request (``allowed_upstream_headers``) and the debug headers onto the client's r
 what the client gets (status, OpenAI error body, ``retry-after``), passed through the local-reply mappers
 untouched (``hardening.picker_reply_filter`` matches ``ext_authz_denied``). A picker that cannot be reached is a
 503 (``status_on_error``), or with fail-open the request goes on without a decision (round robin). The check
-goes to one replica of the decide cluster (round robin over the healthy ones, HTTP/1.1 keep-alive); a refused
-connection is retried on another replica.
+goes to one replica of the decide cluster (round robin over the healthy ones, HTTP/1.1 keep-alive).
+
+The call is not retried. Past the knee flow control holds a request in the picker until a pod has room, and
+the call waits for it up to ``EnvoyConfigOptions.decide_timeout_s`` (290 s; extproc/authz.py says why). A retry
+policy on the call would cut that at 10 s: Envoy gives every try of a call with a retry policy a per-try
+timeout of 10 s, which the policy's proto cannot change (``Http::Utility::convertCoreToRouteRetryPolicy``);
+measured through the real Envoy, calls held past 10 s were reset, asked twice more and failed at 30 s. What
+that costs: a picker replica that dies fails the calls it holds and, until Envoy ejects it (at its first
+refused connection: outlier detection, or its health check within 2 s), the new calls sent to it; 503s, or with
+fail-open requests sent unrouted. The ext_proc front keeps its retry policy: a held stream outlasts 10 s there
+(measured the same way).
 """
 
 from __future__ import annotations
@@ -24,9 +33,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     HealthCheck,
     HealthCheckHttpHealthCheck,
     HttpUri,
-    RetryPolicyRetryHostPredicate,
 )
-from envoy_data_plane.envoy.config.core.v3 import RetryPolicy as CoreRetryPolicy
 from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment
 from envoy_data_plane.envoy.config.route.v3 import FilterConfig
 from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import (
@@ -39,7 +46,6 @@ from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import (
     HttpService,
 )
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import HttpFilter
-from envoy_data_plane.envoy.extensions.retry.host.previous_hosts.v3 import PreviousHostsPredicate
 from envoy_data_plane.envoy.type.matcher.v3 import ListStringMatcher, StringMatcher
 from envoy_data_plane.envoy.type.v3 import HttpStatus, Percent, StatusCode
 from envoy_data_plane.google.protobuf import Any as AnyProto
@@ -79,13 +85,6 @@ def authz_filter(fail_open: bool, timeout_s: float, max_body_bytes: int) -> Http
                 StringMatcher(prefix=CLIENT_HEADERS_ON_SUCCESS_PREFIX)]),
             allowed_client_headers_on_success=ListStringMatcher(patterns=[
                 StringMatcher(prefix=CLIENT_HEADERS_ON_SUCCESS_PREFIX)]),
-        ),
-        retry_policy=CoreRetryPolicy(
-            retry_on="connect-failure,reset",
-            num_retries=2,
-            retry_host_predicate=[RetryPolicyRetryHostPredicate(
-                name="envoy.retry_host_predicates.previous_hosts", typed_config=_pack(PreviousHostsPredicate()))],
-            host_selection_retry_max_attempts=5,
         ),
     )
     config = ExtAuthz(
