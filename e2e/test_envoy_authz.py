@@ -151,9 +151,10 @@ async def test_a_held_request_is_decided_before_envoys_call_gives_up(fake_pods, 
         waited = time.monotonic() - t0
         await until(lambda: flow.queued == 0)
         assert flow.held_total == 1
-        if status == 200:  # decided by its deadline, 11 s after it was held, asked once and served
-            assert 11.0 <= waited < 13.0
+        # (bounds with room for the two processes' clocks: Envoy's 3-s timer once fired 2 ms early by ours)
+        if status == 200:  # decided by its deadline, 11 s after it was held (past 10 s), asked once and served
+            assert 10.5 < waited < 13.0
             assert sum(len(p.seen) for p in fake_pods) == 1
         else:  # Envoy gave up at its 3 s; the picker's 8 s were never reached
-            assert 3.0 <= waited < 8.0
+            assert 2.5 < waited < 8.0
             assert sum(len(p.seen) for p in fake_pods) == 0
