@@ -30,6 +30,7 @@ from pickers.types import Endpoint, Role
 # (EnvoyConfigOptions.decide_timeout_s) and the picker holds requests to it (server.decide_timeout_s). Why this
 # long: extproc/authz.py.
 DECIDE_TIMEOUT_S = 290.0
+DECIDE_TIMEOUT_RANGE_S = (1.0, 86_400.0)  # what either side accepts
 
 
 class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -167,8 +168,9 @@ def _check(cfg: Config) -> Config:
         if s.model_rewrite:
             raise ConfigError("server.decide_port: the ext_authz front cannot rewrite a request body, so it cannot "
                               "apply server.model_rewrite; use the ext_proc protocol (leave decide_port unset or -1)")
-    if not 1.0 <= s.decide_timeout_s <= 86_400.0:
-        raise ConfigError(f"server.decide_timeout_s: Envoy's ext_authz call timeout in seconds, 1-86400, got "
+    lo, hi = DECIDE_TIMEOUT_RANGE_S
+    if not lo <= s.decide_timeout_s <= hi:
+        raise ConfigError(f"server.decide_timeout_s: Envoy's ext_authz call timeout in seconds, {lo:g}-{hi:g}, got "
                           f"{s.decide_timeout_s}")
     if s.context_cap_bytes is not None and s.context_cap_bytes < 0:
         raise ConfigError(f"server.context_cap_bytes: must be >= 0 (0 turns it off), got {s.context_cap_bytes}")

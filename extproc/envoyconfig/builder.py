@@ -90,7 +90,7 @@ from envoy_data_plane.envoy.type.metadata.v3 import MetadataKey, MetadataKeyPath
 from envoy_data_plane.envoy.type.v3 import Percent
 from envoy_data_plane.google.protobuf import Any as AnyProto
 
-from extproc.config import DECIDE_TIMEOUT_S
+from extproc.config import DECIDE_TIMEOUT_RANGE_S, DECIDE_TIMEOUT_S
 from extproc.envoyconfig import authz, hardening, responselog
 
 DESTINATION = "x-gateway-destination-endpoint"
@@ -426,8 +426,9 @@ def _picker_tls(opts: EnvoyConfigOptions) -> TransportSocket | None:
 def build_bootstrap(opts: EnvoyConfigOptions) -> Bootstrap:
     if opts.picker_protocol not in PICKER_PROTOCOLS:
         raise ValueError(f"picker_protocol must be one of {', '.join(PICKER_PROTOCOLS)}, got {opts.picker_protocol!r}")
-    if not opts.decide_timeout_s > 0:
-        raise ValueError(f"decide_timeout_s must be positive (seconds Envoy waits for the picker's ext_authz answer), "
+    lo, hi = DECIDE_TIMEOUT_RANGE_S  # the range the picker's server.decide_timeout_s accepts: both sides agree
+    if not lo <= opts.decide_timeout_s <= hi:
+        raise ValueError(f"decide_timeout_s: seconds Envoy waits for the picker's ext_authz answer, {lo:g}-{hi:g}, "
                          f"got {opts.decide_timeout_s}")
     return Bootstrap(
         static_resources=BootstrapStaticResources(
