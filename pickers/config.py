@@ -47,7 +47,8 @@ every error message). No section at all gives the ``default`` profile with every
         room_first: true          # released for room: to a pod with room (README "Flow control")
         cache_loss: 0.25          #    unless that loses more of the prompt's cached tokens than this share
         window: 256               # released for room: one of the 256 oldest held may pass the oldest
-        pass_ratio: 4             #    when its prefill is under 1/4 of the oldest's (1 window: arrival order)
+        pass_ratio: 4             #    when its prefill is under 1/4 of the oldest's (1 window: arrival order),
+        pass_slack: 0.5           #    and by no more prefill than half of what was held ahead of it and its own
 
 Each endpoint's step token budget (vLLM ``max_num_batched_tokens``) is the endpoint's own
 ``max_num_batched_tokens`` or, when unset, what engine.presets deploys for its model, accelerator and role.
@@ -283,7 +284,7 @@ def build_scheduler(
     fp = f"{ROOT}.flow_control"
     f = _mapping(fp, cfg.get("flow_control"))
     _keys(fp, f, {"enabled", "room", "max_queued", "max_wait_s", "tick_ms", "room_first", "cache_loss", "window",
-                  "pass_ratio", "step_share"})
+                  "pass_ratio", "pass_slack", "step_share"})
     fd = FlowControlSettings()
     flow = FlowControlSettings(
         enabled=_get(fp, f, "enabled", Param((bool, type(None)), None)),
@@ -295,6 +296,7 @@ def build_scheduler(
         cache_loss=_get(fp, f, "cache_loss", Param(float, fd.cache_loss, min=0.0, max=1.0)),
         window=_get(fp, f, "window", Param(int, fd.window, min=1, max=4096)),
         pass_ratio=_get(fp, f, "pass_ratio", Param(float, fd.pass_ratio, min=1.0, max=1e6)),
+        pass_slack=_get(fp, f, "pass_slack", Param(float, fd.pass_slack, min=0.0, max=1e6)),
         step_share=_get(fp, f, "step_share", Param(float, fd.step_share, min=0.0, max=1.0)),
     )
 

@@ -18,8 +18,8 @@ Invariants:
 - A held request is decided at the latest ``max_wait_s`` after it was held, or by its own
   ``InferenceRequest.hold_limit_s`` (the gateway's deadline for the routing answer), room or not.
 - Release order: higher priority first, then arrival, except that within a band a request with under
-  1/``pass_ratio`` of the oldest's prefill may go before it, and no request is passed over more than ``window``
-  times. A request whose candidates (the gateway's subset hint) have no room does not hold up one behind it
+  1/``pass_ratio`` of the oldest's prefill may go before it; no request is passed over more than ``window``
+  times, nor by more prefill than ``pass_slack`` x (what was held ahead of it when it was held + its own). A request whose candidates (the gateway's subset hint) have no room does not hold up one behind it
   whose candidates do; one whose candidates have no healthy decode pod left is released at once (its decision
   answers with the 503).
 - Never held: requests with latency targets (admission and the slo-fit scorer weigh their wait on each pod,
@@ -72,6 +72,10 @@ class FlowControlSettings:
     # of its prefill (the smallest such goes first); a request is passed over at most ``window`` times. 1: arrival order
     window: int = 256
     pass_ratio: float = 4.0
+    # and only while what goes before a request stays within what was held ahead of it when it was held, plus
+    # ``pass_slack`` x that and its own prefill (in prefill tokens): its wait stays near the one arrival order would
+    # give it, in a burst that drains as in sustained overload (inf, or in effect 1e6: the ``window`` bound alone)
+    pass_slack: float = 0.5
     # a pod also has room while its next step could start its queued prompts and a mean one beside its running
     # decodes within this share of its step budget, with KV for them and for what its requests in flight will
     # still write, and a free sequence slot (0: waiting requests only)
@@ -90,6 +94,8 @@ class Held:
     subset: np.ndarray | None  # its candidate slots when the gateway's hint narrowed them; None: every endpoint
     release: Callable[[Decision | SchedulingError], None]
     work: float  # its prefill when it was held: prompt tokens no candidate holds (the director's estimate)
+    # the flow's released prefill (``FlowControl.released_work``) past which nothing more may go before it
+    budget: float = math.inf
     passed: int = 0  # how many requests that arrived after it went before it
 
 
@@ -105,6 +111,8 @@ class FlowControl:
         self._seq = 0
         self._count = 0
         self.overflowed = 0  # requests decided at once because ``max_queued`` were held
+        self._held_work = 0.0  # the prefill of the requests held now
+        self.released_work = 0.0  # the prefill of every request released so far (cancelled ones left out)
         self.held_total = 0  # requests ever held
 
     @property
@@ -190,16 +198,28 @@ class FlowControl:
         self._seq += 1
         prio = state.slo.priority
         subset = state.candidates if state.request.subset is not None else None
-        h = Held(state, prio, self._seq, now, now + limit, subset, release, work)
+        h = Held(state, prio, self._seq, now, now + limit, subset, release, work, self._budget(work))
+        self._held_work += work
         self._bands.setdefault(prio, {})[h.seq] = h
         self._counted(1)
         self.held_total += 1
         heapq.heappush(self._deadlines, (h.deadline, prio, h.seq))
         return h
 
+    def _budget(self, work: float) -> float:
+        """A request held now with ``work`` prefill: the released prefill past which none may pass it. Arrival order
+        would release exactly what is held now before it, and start it in about the time that takes plus its own
+        prefill; passing may add ``pass_slack`` of both (so a long prompt at the head of an empty queue can still be
+        passed by a few much shorter ones, which is where shortest-first gains most)."""
+        slack = self.settings.pass_slack
+        if math.isinf(slack):
+            return math.inf
+        return self.released_work + self._held_work + slack * (self._held_work + work)
+
     def cancel(self, h: Held) -> bool:
-        """Take ``h`` out (its client went away); False when it was already released."""
-        return self._pop(h.priority, h.seq) is not None
+        """Take ``h`` out (its client went away); False when it was already released. Its prefill leaves the held
+        work without counting as released: it went before no one."""
+        return self._pop(h.priority, h.seq, released=False) is not None
 
     def next_ready(self, now: float) -> tuple[Held, Released, Room | None] | None:
         """The next request to decide now, if any, taken out of the queue, with the room it was released on (for
@@ -244,18 +264,24 @@ class FlowControl:
         long prompt in front holds up every short one behind it for the length of its prefill; letting the much
         shorter ones go first shortens most waits by more than it lengthens the long one's (shortest job first,
         which lowers the mean and the p90 of the queueing delay). The ratio keeps requests of about the same size
-        in arrival order (a turn of a conversation does not pass its peers for a few cached tokens), and the
-        bound on passes keeps the long ones from starving: no request is passed over more than ``window`` times."""
+        in arrival order (a turn of a conversation does not pass its peers for a few cached tokens), and two
+        bounds keep the long ones from starving: no request is passed over more than ``window`` times, and none
+        by more prefill than its ``budget`` allows. The second is what holds the tail in a burst that drains:
+        there the last short arrivals would otherwise keep passing a long prompt held early, which then goes
+        last, its wait the whole drain where arrival order would have started it early."""
         settings = self.settings
         if head.passed >= settings.window:  # the oldest has been passed over most: every pass passes it too
             return head
         best = head
         seen = 0
+        released = self.released_work
+        tightest = head.budget  # the least budget of the requests a candidate would pass (``pass_slack``)
         for h in band.values():
             if h.seq <= head.seq or h.subset is not None:
                 continue  # older ones are not ready (subset without room); a subset's room is its own
-            if h.work < best.work:
+            if h.work < best.work and released + h.work <= tightest:
                 best = h
+            tightest = min(tightest, h.budget)
             seen += 1
             if seen >= settings.window - 1:
                 break
@@ -277,13 +303,17 @@ class FlowControl:
         self._bands.clear()
         self._deadlines.clear()
         self._counted(-self._count)
+        self._held_work = 0.0
         return out
 
-    def _pop(self, prio: int, seq: int) -> Held | None:
+    def _pop(self, prio: int, seq: int, released: bool = True) -> Held | None:
         band = self._bands.get(prio)
         h = band.pop(seq, None) if band is not None else None
         if h is not None:
             self._counted(-1)
+            self._held_work = self._held_work - h.work if self._count else 0.0  # no drift once empty
+            if released:
+                self.released_work += h.work
             if not band:
                 del self._bands[prio]
         return h
