@@ -244,6 +244,8 @@ def test_a_held_request_whose_pods_are_gone_gets_its_503_at_once():
     ({"cache_loss": 1.5}, "scheduler.flow_control.cache_loss"),
     ({"window": 0}, "scheduler.flow_control.window"),
     ({"pass_ratio": 0.5}, "scheduler.flow_control.pass_ratio"),
+    ({"pass_slack": -0.1}, "scheduler.flow_control.pass_slack"),
+    ({"pass_slack": "half"}, "scheduler.flow_control.pass_slack"),
     ({"step_share": 1.5}, "scheduler.flow_control.step_share"),
 ])
 def test_bad_settings_name_their_path(flow, path):
@@ -418,6 +420,56 @@ def test_a_long_prefill_is_passed_over_at_most_window_times():
         assert s.decide_or_hold(_sized(rid, 4096 if rid == "a" else 64), rel) is None
     # every short one is 1/64 of a: b, c and d pass it; passed three times, a goes before e and f
     assert _release_order(s, clock, rids, rel) == ["b", "c", "d", "a", "e", "f"]
+
+
+def test_a_long_prefill_is_passed_by_at_most_pass_slack_of_its_own_at_the_head_of_the_queue():
+    """Held first (nothing ahead of it), a 2048-token prompt may be passed by 0.5 x 2048 = 1024 tokens of shorter
+    prefill: 16 prompts of 64 go first, the other 14 after it, although the window (256) allows all 30."""
+    s, clock = _director()
+    _scrape(s, clock, [1, 1])
+    rel = Released()
+    shorts = [f"s{i:02d}" for i in range(30)]
+    assert s.decide_or_hold(_sized("a", 2048), rel) is None
+    for i, rid in enumerate(shorts):
+        req = request(rid, list(range(10_000_000 + 1000 * i, 10_000_000 + 1000 * i + 64)), max_tokens=8)
+        assert s.decide_or_hold(req, rel) is None
+    assert _release_order(s, clock, ["a", *shorts], rel) == [*shorts[:16], "a", *shorts[16:]]
+
+
+def test_the_prefill_held_ahead_of_a_request_widens_what_may_pass_it():
+    """Behind 3 x 1024 held tokens a 2048-token prompt may be passed by 0.5 x (3072 + 2048) = 2560 tokens beyond
+    what arrival order puts ahead of it; and passing one request passes the older ones behind it too, so each of
+    their budgets binds: b and c, each held behind less, stop the shorts sooner than d's own budget would."""
+    s, clock = _director()
+    _scrape(s, clock, [1, 1])
+    rel = Released()
+    for rid in "bc":  # held first: budgets 0.5 x 1024 = 512 (b) and 1024 + 0.5 x 2048 = 2048 (c) of release
+        assert s.decide_or_hold(_sized(rid, 1024), rel) is None
+    flow = s.flow
+    assert flow is not None
+    budgets = [h.budget for b in flow._bands.values() for h in b.values()]
+    assert budgets == [512.0, 2048.0]
+    shorts = [f"s{i:02d}" for i in range(40)]
+    for i, rid in enumerate(shorts):
+        req = request(rid, list(range(10_000_000 + 1000 * i, 10_000_000 + 1000 * i + 64)), max_tokens=8)
+        assert s.decide_or_hold(req, rel) is None
+    # b's budget: 8 shorts (512 tokens) pass it; then b goes (1024 released more), and c's budget 2048 leaves
+    # room for 2048 - 512 - 1024 = 512: 8 more; then c, and the rest in arrival order among themselves
+    assert _release_order(s, clock, ["b", "c", *shorts], rel) == [*shorts[:8], "b", *shorts[8:16], "c", *shorts[16:]]
+    assert flow.released_work == 2 * 1024 + 40 * 64 and flow._held_work == 0.0
+
+
+def test_a_cancelled_request_went_before_no_one():
+    """Its prefill leaves the held work but is not counted released: it uses up no one's budget."""
+    s, clock = _director()
+    _scrape(s, clock, [1, 1])
+    rel = Released()
+    assert s.decide_or_hold(_sized("a", 1024), rel) is None
+    flow = s.flow
+    assert flow is not None
+    (held,) = [h for b in flow._bands.values() for h in b.values()]
+    assert flow.cancel(held) and flow.queued == 0
+    assert flow.released_work == 0.0 and flow._held_work == 0.0
 
 
 def test_no_request_is_passed_over_more_than_window_times():

@@ -86,16 +86,19 @@ def test_on_heavy_tailed_prompts_a_much_shorter_prefill_goes_first_and_the_tail_
     assert a.max() <= 1.1 * b.max()
 
 
-def test_a_short_prompt_passes_from_deep_in_the_queue():
-    """No-sharing at 2x the knee: with the step room more of a burst goes to the pods at once, and a short prompt
-    that arrived behind long ones must be able to pass from further back than the oldest 64 held (``window``
-    256, the default; 64 before the step room). The long prompts pay in the tail, within a bound."""
-    reqs, fleet = _workload(2.0, n=1000)
-    deep, _ = _run(reqs, fleet, True)
-    shallow, _ = _run(reqs, fleet, True, window=64)
-    assert all(r.status == "ok" for r in deep.records) and len(deep.records) == len(reqs)
-    a, b = _ttft(deep), _ttft(shallow)
-    print(f"\nno-sharing 2x, 1000 requests: TTFT p90 {np.percentile(a, 90):.2f} s against {np.percentile(b, 90):.2f} s "
-          f"with window 64; p99 {np.percentile(a, 99):.2f} against {np.percentile(b, 99):.2f} s")
-    assert np.percentile(a, 90) < 0.75 * np.percentile(b, 90)  # measured 2.61 against 5.30 s
-    assert np.percentile(a, 99) < 1.4 * np.percentile(b, 99)  # measured 8.73 against 7.02 s
+def test_in_a_burst_that_drains_the_prefill_bound_holds_the_tail():
+    """No-sharing at 3x the knee, 500 requests: a burst that drains (the real-time benchmark's point). With the
+    ``window`` bound alone a long prompt held early is passed by every shorter arrival and goes last, its wait the
+    whole drain; ``pass_slack`` (0.5, the default) bounds the prefill that may pass it near what arrival order puts
+    ahead of it. Shortest-first still gives most requests a far shorter wait than arrival order."""
+    reqs, fleet = _workload(3.0, n=500)
+    bounded, _ = _run(reqs, fleet, True)
+    window_only, _ = _run(reqs, fleet, True, pass_slack=1e6)
+    in_order, _ = _run(reqs, fleet, True, window=1)
+    assert all(r.status == "ok" for r in bounded.records) and len(bounded.records) == len(reqs)
+    a, b, c = _ttft(bounded), _ttft(window_only), _ttft(in_order)
+    print(f"\nno-sharing 3x, 500 requests, TTFT p50 / p99 / max: {np.percentile(a, 50):.2f} / {np.percentile(a, 99):.2f} / "
+          f"{a.max():.2f} s; window alone {np.percentile(b, 50):.2f} / {np.percentile(b, 99):.2f} / {b.max():.2f} s; "
+          f"arrival order {np.percentile(c, 50):.2f} / {np.percentile(c, 99):.2f} / {c.max():.2f} s")
+    assert np.percentile(a, 99) < 0.8 * np.percentile(b, 99) and a.max() < 0.8 * b.max()  # measured 4.70 / 5.34 s
+    assert np.percentile(a, 50) < 0.5 * np.percentile(c, 50)  # against 6.63 / 7.98; p50 0.96 against 2.26 s
