@@ -27,8 +27,9 @@ from pickers.ranks import expand_ranks
 from pickers.types import Endpoint, Role
 
 # Envoy's ext_authz call timeout, the same default on both sides: `kvswitch envoy-config` writes it
-# (EnvoyConfigOptions.decide_timeout_s) and the picker holds requests to it (server.decide_timeout_s). Why this
-# long: extproc/authz.py.
+# (EnvoyConfigOptions.decide_timeout_s) and the picker holds requests to it (server.decide_timeout_s), on the
+# ext_proc front too, where Envoy's stream idle timeout (300 s, its default) would reset a stream held longer.
+# Why this long: extproc/authz.py.
 DECIDE_TIMEOUT_S = 290.0
 DECIDE_TIMEOUT_RANGE_S = (1.0, 86_400.0)  # what either side accepts
 

@@ -65,8 +65,9 @@ class RouteSettings:
     # False for a front that cannot change the body (ext_authz): a body the gateway would have to rewrite
     # (engine-internal fields a client set) is refused with a 400 instead of being cleaned.
     can_rewrite: bool = True
-    # A front whose caller gives up sooner than flow control's max_wait_s (ext_authz: Envoy's call timeout) has
-    # its held requests decided before then (InferenceRequest.hold_limit_s; pickers/flowcontrol.py).
+    # A front whose caller gives up sooner than flow control's max_wait_s (ext_authz: Envoy's call timeout;
+    # ext_proc: Envoy's 5-minute stream idle timeout) has its held requests decided before then
+    # (InferenceRequest.hold_limit_s; pickers/flowcontrol.py).
     hold_limit_s: float | None = None
 
 

@@ -116,13 +116,14 @@ class Server:
                                       budget=ByteBudget(s.offload_budget_bytes),
                                       prefill_secret=_secret(s.prefill_signing_secret_file),
                                       context_cap_bytes=context_cap_bytes(  # rel2 (issue 14)
-                                          s.context_cap_bytes, {e.model_profile for e in config.endpoints})),
+                                          s.context_cap_bytes, {e.model_profile for e in config.endpoints}),
+                                      hold_limit_s=hold_limit_s(s.decide_timeout_s)),
             self.clock
         )
         # The ext_authz front (extproc/authz.py): the same routing over plain HTTP, one request per request.
         settings = self.processor.settings
-        # Held requests are decided before Envoy's ext_authz call gives up (server.decide_timeout_s).
-        authz_routing = replace(settings.routing(), can_rewrite=False, hold_limit_s=hold_limit_s(s.decide_timeout_s))
+        # Held requests are decided before Envoy gives up on the answer (server.decide_timeout_s), on either front.
+        authz_routing = replace(settings.routing(), can_rewrite=False)
         self.authz = AuthzFront(scheduler, authz_routing, self.clock, self.pending, s.body_limit_bytes,
                                 settings.context_cap_bytes, s.debug_headers) if config.decide_port() >= 0 else None
         self.decide_port: int | None = None

@@ -63,6 +63,9 @@ class StreamSettings:
     # rel2 (issue 14): a body past this holds no prompt that fits the pool's context (extproc.contextcap):
     # refused from its content-length, or once that many bytes arrived, before it is parsed or sent on.
     context_cap_bytes: int | None = None
+    # Flow control decides a request held on this stream by then at the latest (server.decide_timeout_s less
+    # extproc.authz.DECIDE_MARGIN_S): Envoy resets a stream idle for 5 minutes, held or not. None: max_wait_s only.
+    hold_limit_s: float | None = None
 
     _routing: RouteSettings | None = None
 
@@ -70,7 +73,7 @@ class StreamSettings:
         """The routing part (extproc.routing), made once."""
         if self._routing is None:
             self._routing = RouteSettings(self.model_rewrite, self.offload_min_bytes, self.budget,
-                                          self.prefill_secret)
+                                          self.prefill_secret, hold_limit_s=self.hold_limit_s)
         return self._routing
 
 

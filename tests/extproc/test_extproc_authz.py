@@ -119,6 +119,8 @@ def test_a_request_is_held_until_just_before_envoys_call_gives_up():
         cfg = config_from_dict({"server": server, "endpoints": [{"address": a} for a in PODS]})
         s = Server(cfg, build_scheduler(cfg))
         assert s.authz is not None
+        # the ext_proc front the same: Envoy resets a stream idle for 5 minutes, held or not
+        assert s.processor.settings.routing().hold_limit_s == s.authz.settings.hold_limit_s
         return s.authz.settings.hold_limit_s
 
     envoy_default = EnvoyConfigOptions().decide_timeout_s

@@ -197,3 +197,14 @@ async def test_upstream_error_and_aborted_stream_reported_as_failed():
     await s2.handle(body(BODY, True))
     s2.close()
     assert sched2.events == [("failed", "stream closed before the response ended")]
+
+
+async def test_the_request_carries_the_fronts_hold_limit_to_the_scheduler():
+    """Flow control decides a request held on an ext_proc stream by the server's deadline (decide_timeout_s less
+    2 s): Envoy resets a stream idle for 5 minutes, held or not. Without one, only max_wait_s bounds the hold."""
+    for limit in (288.0, None):
+        s, sched = _stream(hold_limit_s=limit)
+        await s.handle(headers(REQUEST_HEADERS))
+        await s.handle(body(BODY, True))
+        (req,) = sched.requests
+        assert req.hold_limit_s == limit
