@@ -96,7 +96,7 @@ class Held:
     release: Callable[[Decision | SchedulingError], None]
     work: float  # its prefill when it was held: prompt tokens no candidate holds (the director's estimate)
     # the flow's released prefill (``FlowControl.released_work``) past which nothing more may go before it
-    budget: float = math.inf
+    budget: float
     passed: int = 0  # how many requests that arrived after it went before it
 
 

@@ -383,6 +383,15 @@ def _sized(rid: str, tokens: int):
     return request(rid, list(range(base, base + tokens)), max_tokens=8)
 
 
+def _shorts(s, rel: Released, n: int) -> list[str]:
+    """Hold ``n`` requests of 64 prompt tokens each, none sharing a block with another; their ids."""
+    rids = [f"s{i:02d}" for i in range(n)]
+    for i, rid in enumerate(rids):
+        base = 10_000_000 + 1000 * i
+        assert s.decide_or_hold(request(rid, list(range(base, base + 64)), max_tokens=8), rel) is None
+    return rids
+
+
 def _release_order(s, clock, rids: list[str], rel: Released) -> list[str]:
     """Open room on pod 2 once per held request (a fresh scrape each time); the order they went in."""
     for _ in rids:
@@ -428,18 +437,15 @@ def test_a_long_prefill_is_passed_by_at_most_pass_slack_of_its_own_at_the_head_o
     s, clock = _director()
     _scrape(s, clock, [1, 1])
     rel = Released()
-    shorts = [f"s{i:02d}" for i in range(30)]
     assert s.decide_or_hold(_sized("a", 2048), rel) is None
-    for i, rid in enumerate(shorts):
-        req = request(rid, list(range(10_000_000 + 1000 * i, 10_000_000 + 1000 * i + 64)), max_tokens=8)
-        assert s.decide_or_hold(req, rel) is None
+    shorts = _shorts(s, rel, 30)
     assert _release_order(s, clock, ["a", *shorts], rel) == [*shorts[:16], "a", *shorts[16:]]
 
 
 def test_the_prefill_held_ahead_of_a_request_widens_what_may_pass_it():
-    """Behind 3 x 1024 held tokens a 2048-token prompt may be passed by 0.5 x (3072 + 2048) = 2560 tokens beyond
-    what arrival order puts ahead of it; and passing one request passes the older ones behind it too, so each of
-    their budgets binds: b and c, each held behind less, stop the shorts sooner than d's own budget would."""
+    """A request held behind more prefill may be passed by more: b, held first, by 0.5 x 1024 = 512 tokens; c,
+    behind b's 1024, by 1024 + 0.5 x (1024 + 1024) = 2048 of release. Passing c passes b too, so each budget
+    binds in turn: the shorts stop at b's, and after b at what is left of c's."""
     s, clock = _director()
     _scrape(s, clock, [1, 1])
     rel = Released()
@@ -449,10 +455,7 @@ def test_the_prefill_held_ahead_of_a_request_widens_what_may_pass_it():
     assert flow is not None
     budgets = [h.budget for b in flow._bands.values() for h in b.values()]
     assert budgets == [512.0, 2048.0]
-    shorts = [f"s{i:02d}" for i in range(40)]
-    for i, rid in enumerate(shorts):
-        req = request(rid, list(range(10_000_000 + 1000 * i, 10_000_000 + 1000 * i + 64)), max_tokens=8)
-        assert s.decide_or_hold(req, rel) is None
+    shorts = _shorts(s, rel, 40)
     # b's budget: 8 shorts (512 tokens) pass it; then b goes (1024 released more), and c's budget 2048 leaves
     # room for 2048 - 512 - 1024 = 512: 8 more; then c, and the rest in arrival order among themselves
     assert _release_order(s, clock, ["b", "c", *shorts], rel) == [*shorts[:8], "b", *shorts[8:16], "c", *shorts[16:]]
