@@ -31,7 +31,9 @@ compare``'s report: table, plots against the offered load, TTFT CDFs) and a summ
 workload, load and router, the medians over repetitions and where kvswitch misses the issue's bar against
 the best peer, plus 4-panel plots against load / knee (req/s, TTFT p90, TTFT p99, hit rate), and every
 router beside its virtual-time twin (``twins``). ``--plan-from DIR`` re-runs routers on an earlier set's plan
-and judges kvswitch against that set's other routers.
+and judges kvswitch against that set's other routers. ``--report DIR --variants V.json`` replays picker variants
+on a set's points in virtual time and judges them against its real peers (``variant_twins``): minutes, where a
+real re-run of kvswitch alone takes an hour.
 """
 
 from __future__ import annotations
@@ -330,18 +332,73 @@ def twins(out: Path, log: Any = print) -> Path:
                 twin = TWINS.get(router)
                 if twin is None:
                     continue
-                got = [vcurve.run_point(w, twin, rep, rate, p["requests"], as_aiperf_sends=True, access_log=True)
-                       for rep in range(meta["repetitions"])]
+                got = _twin_runs(w, twin, rate, p["requests"], meta["repetitions"])
                 rows.append({"workload": w, "load": round(rate / knees[w], 2), "router": router, "twin": twin,
-                             "req_s": float(np.median([g["throughput_req_s"] for g in got])),
-                             "p90": 1e3 * float(np.median([g["ttft_p90_s"] for g in got])),
-                             "p99": 1e3 * float(np.median([g["ttft_p99_s"] for g in got])),
+                             **_twin_medians(got),
                              "late": 1e3 * float(np.median([g["ttft_p90_late_s"] for g in got])),
                              "hit": float(np.median([g["prefix_hit_rate"] for g in got]))})
         log(f"twins: {w} in {time.monotonic() - started:.0f} s")
     summary["twins"] = rows
     path.write_text(json.dumps(summary, indent=1))
     return path
+
+
+def _twin_runs(w: str, router: str, rate: float, requests: int, repetitions: int,
+               variants: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """One virtual-time replay per repetition of a set's point, as the real runs were sent: repetition k's trace
+    (seed k), the prompts' blocks as aiperf sends them, first tokens heard at each request's end (the access log)."""
+    return [vcurve.run_point(w, router, rep, rate, requests, variants=variants, as_aiperf_sends=True,
+                             access_log=True) for rep in range(repetitions)]
+
+
+def _twin_medians(got: list[dict[str, Any]]) -> dict[str, float]:
+    """Medians over repetitions of req/s and TTFT p90 / p99 (ms), keyed as ``_medians``' real ones."""
+    return {"req_s": float(np.median([g["throughput_req_s"] for g in got])),
+            "p90": 1e3 * float(np.median([g["ttft_p90_s"] for g in got])),
+            "p99": 1e3 * float(np.median([g["ttft_p99_s"] for g in got]))}
+
+
+def variant_twins(out: Path, variants: dict[str, dict[str, Any]], log: Any = print) -> list[str]:
+    """What a change to the picker would have done at a real-time set's points, before it is run there: each
+    variant (``vcurve`` variants: router name -> picker config with its ``profile``) replayed in virtual time on
+    every point of the set in ``out`` as the set's twins are (``_twin_runs``), and judged by the issue's bar
+    against the set's real peers (every router but kvswitch), and against their twins where the set has them.
+    Returns the report's lines (markdown); nothing is written into the set. Where the set's kvswitch and its
+    twin agree, a variant's twin is a fair guess at its real run; the real run is still what counts."""
+    summary = json.loads((out / "curves.json").read_text())
+    meta = summary["meta"]
+    med = _medians(out, summary)
+    lines = [f"Variants' virtual-time twins at {out.name}'s points ({meta['repetitions']} repetitions, medians; "
+             "the bar against the set's real peers, and against those peers' twins):", "",
+             "| workload | load | router | req/s | TTFT p90 ms | TTFT p99 ms | vs real peers | vs peers' twins |",
+             "|---|---|---|---|---|---|---|---|"]
+    for p in meta["plans"]:
+        w = p["workload"]
+        for rate in p["rates"]:
+            ld = round(rate / p["knee_req_s"], 2)
+            real = {r: m for (w2, l2, r), m in med.items() if (w2, l2) == (w, ld)}
+            if not real:
+                continue
+            twins_here = {t["router"]: t for t in summary.get("twins", []) if (t["workload"], t["load"]) == (w, ld)}
+            twin_peers = {r: t for r, t in twins_here.items() if r != "kvswitch"}
+            started = time.monotonic()
+            rows = [(f"kvswitch ({kind})", m) for kind, m in (("real", real.get("kvswitch")),
+                                                             ("its twin", twins_here.get("kvswitch"))) if m]
+            for name in variants:
+                rows.append((name, _twin_medians(_twin_runs(w, name, rate, p["requests"], meta["repetitions"],
+                                                            variants))))
+            for name, m in rows:
+                cells = [_bar_cell({**real, "kvswitch": m}, w, ld),
+                         _bar_cell({**twin_peers, "kvswitch": m}, w, ld) if twin_peers else "-"]
+                lines.append(f"| {w} | {ld:g}x | {name} | {m['req_s']:.3f} | {m['p90']:.0f} | {m['p99']:.0f} | "
+                             f"{cells[0]} | {cells[1]} |")
+            log(f"variant twins: {w} {ld:g}x in {time.monotonic() - started:.0f} s")
+    return [*lines, ""]
+
+
+def _bar_cell(by_router: dict[str, dict[str, float]], w: str, ld: float) -> str:
+    """``verdict`` of kvswitch against the other routers of ``by_router`` (one point's medians by router)."""
+    return verdict({(w, ld, r): m for r, m in by_router.items()}, w, ld)
 
 
 def _twin_lines(summary: dict[str, Any], med: dict[tuple[str, float, str], dict[str, float]], w: str) -> list[str]:
@@ -575,6 +632,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", type=Path, default=None, help="only re-render the summary of a curves folder")
     p.add_argument("--twins", action="store_true",
                    help="with --report: (re)compute every run's virtual-time twin first (a set runs them itself)")
+    p.add_argument("--variants", type=Path, default=None,
+                   help="with --report: JSON {name: picker config with its 'profile'}; print each variant's "
+                        "virtual-time twins at the set's points, judged against its real peers (nothing written)")
     p.add_argument("--send-times", action="store_true",
                    help="with --report: give every run recorded without its requests' send times those of its "
                         "aiperf export under raw/ and render each workload's report again (its TTFT p90 late column "
@@ -583,6 +643,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="run --routers on the plan of an earlier set (its knees, rates, time scales, requests and "
                         "traces) and judge kvswitch against that set's other routers")
     a = p.parse_args(argv)
+    if a.variants is not None and a.report is None:
+        print("kvswitch bench curves: --variants goes with --report DIR (a set to replay them on)", file=sys.stderr)
+        return 2
     if a.report:
         if a.send_times:  # the set's own README may hold hand-written sections: only the workloads' are rendered
             from e2e.bench.report import add_send_times, render
@@ -591,6 +654,15 @@ def main(argv: list[str] | None = None) -> int:
             for rel in doc["workloads"].values():
                 print(f"{rel}: send times added to {add_send_times(a.report / rel)} runs; report "
                       f"{render(a.report / rel)}", flush=True)
+            return 0
+        if a.variants is not None:
+            try:
+                variants = vcurve.read_variants(a.variants)
+            except ValueError as exc:
+                print(f"kvswitch bench curves: --variants {a.variants}: {exc}", file=sys.stderr)
+                return 2
+            print("\n".join(variant_twins(a.report, variants, log=lambda line: print(line, file=sys.stderr,
+                                                                                      flush=True))))
             return 0
         if a.twins:
             twins(a.report, log=lambda line: print(line, flush=True))

@@ -435,6 +435,31 @@ def _plots(doc: dict[str, Any], med: dict, out: Path) -> None:
         plt.close(fig)
 
 
+def read_variants(path: Path) -> dict[str, dict[str, Any]]:
+    """``--variants``: a JSON object {router name: picker config with its ``profile`` (default: "default")}. Each
+    config is built once here, over no pods, so that a bad one is refused before hours of replays; ValueError
+    says which and why."""
+    from prometheus_client import CollectorRegistry
+
+    from pickers.config import ConfigError, build_scheduler
+
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read it: {exc}") from None
+    if not isinstance(doc, dict) or not doc:
+        raise ValueError("expected a JSON object {router name: picker config}, with at least one variant")
+    for name, cfg in doc.items():
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{name!r}: expected a picker config (an object), got {type(cfg).__name__}")
+        try:
+            build_scheduler({**cfg, "profile": cfg.get("profile", "default")}, [], network=False,
+                            registry=CollectorRegistry())
+        except ConfigError as exc:
+            raise ValueError(f"{name!r}: {exc}") from None
+    return doc
+
+
 def _results_json(path: Path | None) -> Path | None:
     """A set's results.json: ``path`` itself, or the one in the folder ``path``."""
     return path / "results.json" if path is not None and path.is_dir() else path
@@ -464,7 +489,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="JSON {router name: picker config with its 'profile'} (profiles under test)")
     a = p.parse_args(argv)
     if a.variants:
-        VARIANTS.update(json.loads(a.variants.read_text()))
+        try:
+            VARIANTS.update(read_variants(a.variants))
+        except ValueError as exc:
+            print(f"kvswitch bench curve: --variants {a.variants}: {exc}", file=sys.stderr)
+            return 2
     # a report's folder names its results.json; a missing one is refused before hours of runs
     a.against, a.peers_from = (_results_json(x) for x in (a.against, a.peers_from))
     for flag, given in (("--against", a.against), ("--peers-from", a.peers_from)):

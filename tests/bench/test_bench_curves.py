@@ -8,6 +8,7 @@ traces at the asked rate, and the summary's verdict applies the issue's bar.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import replace
 
@@ -417,3 +418,74 @@ def test_send_times_are_added_to_a_recorded_set_without_touching_its_readme(tmp_
     late = float(np.percentile([t for i, t in enumerate(run["ttft_ms"]) if i * 0.025 >= (n - 1) * 0.025 / 2], 90))
     text = rtcurve.render_summary(out, plots=False).read_text()
     assert f"| 2x | kvswitch | 2.696 | 23918 | 30774 | {late:.0f} |" in text
+
+
+def test_a_variants_twins_are_judged_against_a_sets_real_peers_and_nothing_is_written(tmp_path, capsys):
+    """``--report DIR --variants V.json``: each variant replayed on the set's traces as its twins are, its medians
+    judged by the bar with the set's real peers; the set's own kvswitch row keeps the set's verdict."""
+    out = tmp_path / "set"
+    shutil.copytree(rtcurve.RESULTS_DIR / "2026-12-05-curves-no-sharing-1x-240-ts4", out)
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    logs: list[str] = []
+    variants = {"same": {"profile": "default"}, "li": {"profile": "least-inflight"}}
+    lines = rtcurve.variant_twins(out, variants, log=logs.append)
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert logs == [logs[0]] and logs[0].startswith("variant twins: no-sharing 1x in ")
+    rows = {cells[3].strip(): cells for line in lines if (cells := line.split("|")) and len(cells) > 8
+            and cells[1].strip() == "no-sharing"}
+    assert rows["kvswitch (real)"][7].strip() == "req/s 5.067 < 5.163; p90 370 > 340 ms"
+    # the variant of the default profile with nothing changed is the default's twin, run for run
+    doc = json.loads((out / "curves.json").read_text())
+    plan = doc["meta"]["plans"][0]
+    got = [vcurve.run_point("no-sharing", "default", rep, plan["rates"][0], plan["requests"], as_aiperf_sends=True,
+                            access_log=True) for rep in range(3)]
+    req_s = float(np.median([g["throughput_req_s"] for g in got]))
+    p90 = 1e3 * float(np.median([g["ttft_p90_s"] for g in got]))
+    assert rows["same"][4].strip() == f"{req_s:.3f}" and rows["same"][5].strip() == f"{p90:.0f}"
+    med = rtcurve._medians(out, doc)
+    mine = {k: v for k, v in med.items() if k[2] != "kvswitch"}
+    mine[("no-sharing", 1.0, "kvswitch")] = {"req_s": req_s, "p90": p90,
+                                             "p99": 1e3 * float(np.median([g["ttft_p99_s"] for g in got]))}
+    assert rows["same"][7].strip() == rtcurve.verdict(mine, "no-sharing", 1.0)
+    assert rows["same"][8].strip() != "-"  # the set has its peers' twins: judged against them too
+    # a variant's config is the one built: "li" routes as the least-inflight profile does, not as the default
+    li = [vcurve.run_point("no-sharing", "least-inflight", rep, plan["rates"][0], plan["requests"],
+                           as_aiperf_sends=True, access_log=True) for rep in range(3)]
+    assert rows["li"][4].strip() == f"{np.median([g['throughput_req_s'] for g in li]):.3f}"
+    assert rows["li"][5].strip() == f"{1e3 * np.median([g['ttft_p90_s'] for g in li]):.0f}" != rows["same"][5].strip()
+    # through the command line: the table on stdout, progress on stderr; --variants needs a set
+    assert rtcurve.main(["--report", str(out), "--variants", str(_write(tmp_path / "v.json", variants))]) == 0
+    cap = capsys.readouterr()
+    assert "| no-sharing | 1x | same |" in cap.out and "variant twins: no-sharing 1x" in cap.err
+    assert rtcurve.main(["--variants", str(tmp_path / "v.json")]) == 2
+    assert "--variants goes with --report DIR" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("{", "cannot read it"),
+    ("[]", "expected a JSON object"),
+    ("{}", "expected a JSON object"),
+    ('{"a": 3}', "'a': expected a picker config (an object), got int"),
+    ('{"a": {"profile": "nope"}}', "'a': scheduler.profile: unknown profile 'nope'"),
+    ('{"a": {"profiles": {"default": {"scorers": [{"type": "ttft", "weight": "x"}]}}}}',
+     "'a': scheduler.profiles.default.scorers[0].weight: expected a number, got 'x'"),
+])
+def test_a_bad_variants_file_is_refused_before_any_replay(tmp_path, capsys, text, says):
+    """Each variant is built once, over no pods, when the file is read: a typo fails in a second, not after an
+    hour of replays. Both curve commands refuse it with status 2 and say which variant and why."""
+    path = tmp_path / "v.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(says)):
+        vcurve.read_variants(path)
+    assert vcurve.main(["--variants", str(path), "--workloads", "no-sharing"]) == 2
+    assert says in capsys.readouterr().err
+    assert rtcurve.main(["--report", str(rtcurve.RESULTS_DIR / "2026-12-05-curves-no-sharing-1x-240-ts4"),
+                         "--variants", str(path)]) == 2
+    assert says in capsys.readouterr().err
+    assert vcurve.read_variants(_write(tmp_path / "ok.json", {"a": {"profile": "least-inflight"}})) == {
+        "a": {"profile": "least-inflight"}}
+
+
+def _write(path, doc):
+    path.write_text(json.dumps(doc))
+    return path
