@@ -41,7 +41,7 @@ from e2e.support.envoy import EnvoyProcess
 from e2e.support.picker import wait_grpc_health
 from e2e.support.ports import free_port
 from extproc.contextcap import context_cap_bytes
-from extproc.envoyconfig.builder import EnvoyConfigOptions, to_dict
+from extproc.envoyconfig.builder import EnvoyConfigOptions, listener_hcm, to_dict
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "sim-model"
@@ -54,7 +54,7 @@ def render_with_bypass(opts: EnvoyConfigOptions, fmt: str = "yaml") -> str:
     """The generated bootstrap plus one route first: POST /v1/completions with an ``x-bench-bypass`` header goes
     to the pool like the API route but with ext_proc off (round robin), to time Envoy without the picker."""
     doc = to_dict(opts)
-    hcm = doc["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
+    hcm = listener_hcm(doc)
     routes = hcm["routeConfig"]["virtualHosts"][0]["routes"]
     api = next(r for r in routes if r.get("name") == "POST /v1/completions")
     bypass = copy.deepcopy(api)

@@ -443,10 +443,15 @@ def build_bootstrap(opts: EnvoyConfigOptions) -> Bootstrap:
 def to_dict(opts: EnvoyConfigOptions) -> dict[str, Any]:
     """The bootstrap as proto3 JSON (camelCase), with any test-only filters spliced in before ext_proc."""
     doc = build_bootstrap(opts).to_dict()
-    if opts.extra_http_filters:
-        hcm = doc["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
-        hcm["httpFilters"][0:0] = list(opts.extra_http_filters)  # the client's headers are stripped earlier
+    if opts.extra_http_filters:  # the client's headers are stripped earlier
+        listener_hcm(doc)["httpFilters"][0:0] = list(opts.extra_http_filters)
     return doc
+
+
+def listener_hcm(doc: dict[str, Any]) -> dict[str, Any]:
+    """The HTTP connection manager's typed config in a ``to_dict`` bootstrap: its one listener's one filter."""
+    hcm: dict[str, Any] = doc["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
+    return hcm
 
 
 def render(opts: EnvoyConfigOptions, fmt: str = "yaml") -> str:

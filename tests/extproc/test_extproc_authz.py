@@ -112,7 +112,7 @@ def test_a_request_is_held_until_just_before_envoys_call_gives_up():
     """Flow control holds a request asked over ext_authz up to the call's timeout less 2 s, the timeout being
     what `kvswitch envoy-config` writes by default (past the knee a hold outlasts the old 10 s call: the
     request then went to a pod's first-come queue, undoing the release order)."""
-    from extproc.envoyconfig.builder import EnvoyConfigOptions, to_dict
+    from extproc.envoyconfig.builder import EnvoyConfigOptions, listener_hcm, to_dict
     from extproc.server import Server
 
     def hold(server: dict) -> float | None:
@@ -128,7 +128,7 @@ def test_a_request_is_held_until_just_before_envoys_call_gives_up():
     assert hold({}) == envoy_default - 2.0 and 60.0 < envoy_default < 300.0
     assert hold({"decide_timeout_s": 30}) == 28.0
     doc = to_dict(EnvoyConfigOptions(endpoints=PODS, picker_protocol="ext-authz", decide_timeout_s=30))
-    hcm = doc["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
+    hcm = listener_hcm(doc)
     authz = next(f for f in hcm["httpFilters"] if f["name"] == "envoy.filters.http.ext_authz")
     assert authz["typedConfig"]["httpService"]["serverUri"]["timeout"] == "30s"
 

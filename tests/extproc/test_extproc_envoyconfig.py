@@ -8,7 +8,7 @@ import pytest
 
 from e2e.support.envoy import envoy_binary
 from extproc.envoyconfig import cli
-from extproc.envoyconfig.builder import EnvoyConfigOptions, render, to_dict
+from extproc.envoyconfig.builder import EnvoyConfigOptions, listener_hcm, render, to_dict
 from extproc.envoyconfig.examples import ENVOY_DIR, rendered
 
 
@@ -46,7 +46,7 @@ def test_cli_writes_config_with_chosen_options(tmp_path):
 
 def test_ext_proc_filter_contract():
     doc = to_dict(EnvoyConfigOptions(endpoints=["10.0.0.1:8000"]))  # the default: access-log
-    hcm = doc["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
+    hcm = listener_hcm(doc)
     ext = hcm["httpFilters"][0]["typedConfig"]
     assert ext["processingMode"] == {  # nothing of the response: Envoy ends the stream once routed
         "requestHeaderMode": "SEND", "responseHeaderMode": "SKIP",
@@ -61,7 +61,7 @@ def test_ext_proc_filter_contract():
     assert common["grpcService"]["envoyGrpc"]["clusterName"] == "kvswitch_picker"
     assert common["bufferSizeBytes"] == 16 * 1024 and common["transportApiVersion"] == "V3"
     observe = to_dict(EnvoyConfigOptions(endpoints=["10.0.0.1:8000"], response_body="observe"))
-    ohcm = observe["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
+    ohcm = listener_hcm(observe)
     assert ohcm["httpFilters"][0]["typedConfig"]["processingMode"] == {
         "requestHeaderMode": "SEND", "responseHeaderMode": "SEND",
         "requestBodyMode": "FULL_DUPLEX_STREAMED", "responseBodyMode": "FULL_DUPLEX_STREAMED",
@@ -91,7 +91,7 @@ def test_access_log_goes_to_every_listed_replica_and_to_the_service_otherwise():
     cluster) per replica; behind one DNS name a single logger to the picker cluster."""
     doc = to_dict(EnvoyConfigOptions(endpoints=["10.0.0.1:8000"], picker="10.1.1.1:9002",
                                      pickers=["10.1.1.2:9002", "10.1.1.3:9002"]))
-    hcm = doc["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
+    hcm = listener_hcm(doc)
     targets = [a["typedConfig"]["commonConfig"]["grpcService"]["envoyGrpc"]["clusterName"] for a in hcm["accessLog"]]
     clusters = {c["name"]: c for c in doc["staticResources"]["clusters"]}
     assert targets == ["kvswitch_picker_log_0", "kvswitch_picker_log_1", "kvswitch_picker_log_2"]
@@ -99,7 +99,7 @@ def test_access_log_goes_to_every_listed_replica_and_to_the_service_otherwise():
              ["address"] for t in targets]
     assert hosts == ["10.1.1.1", "10.1.1.2", "10.1.1.3"]
     dns = to_dict(EnvoyConfigOptions(endpoints=["10.0.0.1:8000"], picker="kvswitch-picker.ns.svc:9002"))
-    dhcm = dns["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
+    dhcm = listener_hcm(dns)
     assert [a["typedConfig"]["commonConfig"]["grpcService"]["envoyGrpc"]["clusterName"]
             for a in dhcm["accessLog"]] == ["kvswitch_picker"]
 
@@ -110,7 +110,7 @@ def test_access_log_is_batched_by_default_and_unbatched_when_asked(tmp_path):
     interval, 0 sends each entry as its request ends, and the results are configs Envoy accepts; a negative
     interval is refused."""
     def common(opts):
-        hcm = to_dict(opts)["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
+        hcm = listener_hcm(to_dict(opts))
         return [a["typedConfig"]["commonConfig"] for a in hcm["accessLog"]]
 
     base = dict(endpoints=["10.0.0.1:8000"])
@@ -127,3 +127,4 @@ def test_access_log_is_batched_by_default_and_unbatched_when_asked(tmp_path):
     assert "0.050s" in out.read_text()
     r = _validate(out)
     assert r.returncode == 0, r.stdout + r.stderr
+
