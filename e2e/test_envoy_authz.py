@@ -8,6 +8,7 @@ test_envoy_response_body.py."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import aiohttp
@@ -158,3 +159,38 @@ async def test_a_held_request_is_decided_before_envoys_call_gives_up(fake_pods, 
         else:  # Envoy gave up at its 3 s; the picker's 8 s were never reached
             assert 2.5 < waited < 8.0
             assert sum(len(p.seen) for p in fake_pods) == 0
+
+
+async def test_more_requests_than_envoys_default_pool_can_be_held_by_the_picker_at_once(fake_pods):
+    """Each decision in flight over ext_authz holds one HTTP/1.1 connection from Envoy to the picker's decide
+    port. Past the knee flow control holds requests by the thousand, so Envoy must open as many connections as
+    the picker's front accepts (extproc.http1.MAX_CONNECTIONS), and the front must take a burst of them. With
+    Envoy's default circuit breaker (1,024 connections) 1,022 of 1,100 reached the picker, the rest waited in
+    Envoy's pool, unseen by flow control, and 78 failed there; with the connections allowed but asyncio's accept
+    queue of 100, 32 connects outlived Envoy's 1-s connect timeout (503). Here 1,100 requests are held at once,
+    all of them in the picker, then served."""
+    n = 1100
+    pool = [p.address for p in fake_pods]
+    scheduler = {**LEAST_INFLIGHT, "flow_control": {"enabled": True, "tick_ms": 5}}
+    async with envoy_stack(pool, envoy=AUTHZ, scheduler=scheduler) as stack, \
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+        flow = stack.scheduler.inner.flow
+        assert flow is not None
+        room = flow.usable
+        flow.usable = lambda: Room(room().usable, np.zeros_like(room().roomy))  # no pod has room: all held
+
+        async def one() -> int:
+            async with s.post(stack.url + "/v1/completions", json=DOC) as r:
+                await r.read()
+                return r.status
+
+        sent = [asyncio.ensure_future(one()) for _ in range(n)]
+        try:
+            await until(lambda: flow.queued == n, timeout=60.0)
+        except TimeoutError:
+            raise AssertionError(f"{flow.queued} of {n} requests reached the picker") from None
+        finally:
+            flow.usable = room  # room again: every held request is released
+            statuses = await asyncio.gather(*sent)
+        assert statuses == [200] * n
+        assert flow.held_total == n and sum(len(p.seen) for p in fake_pods) == n

@@ -14,6 +14,7 @@ import pytest
 from e2e.support.envoy import EnvoyProcess
 from e2e.support.picker import LEAST_INFLIGHT, picker_config, running_picker
 from e2e.support.stack import envoy_stack
+from e2e.support.waits import until
 from extproc.envoyconfig.builder import EnvoyConfigOptions
 
 pytestmark = pytest.mark.envoy
@@ -221,3 +222,31 @@ async def test_token_ids_out_of_range_are_a_400_that_says_why(fake_pods):
                 err = _openai_error(await r.read())
                 assert err["param"] == "prompt" and "token ids" in err["message"]
         assert all(p.seen == [] for p in fake_pods)
+
+
+async def test_more_requests_than_envoys_default_circuit_breaker_are_in_flight_at_the_pods_at_once(fake_pods):
+    """A fleet of a few dozen pods runs thousands of streams at once; Envoy's default circuit breaker let the
+    pool cluster hold 1,024 requests in flight (the next 1,024 waited, then 503) and retry 3 at once. The pool
+    takes what the pods take (vLLM's scheduler and the picker's flow control bound the load): here 1,100
+    requests are in flight at the two pods at once, then all answered."""
+    n = 1100
+    gate = asyncio.Event()
+    for pod in fake_pods:
+        pod.gate = gate
+    async with envoy_stack([p.address for p in fake_pods]) as stack, \
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+
+        async def one() -> int:
+            async with s.post(stack.url + "/v1/completions", json=GOOD) as r:
+                await r.read()
+                return r.status
+
+        sent = [asyncio.ensure_future(one()) for _ in range(n)]
+        try:
+            await until(lambda: sum(p.holding for p in fake_pods) == n, timeout=60.0)
+        except TimeoutError:
+            raise AssertionError(f"{sum(p.holding for p in fake_pods)} of {n} requests in flight at once") from None
+        finally:
+            gate.set()
+            statuses = await asyncio.gather(*sent)
+        assert statuses == [200] * n

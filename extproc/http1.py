@@ -93,9 +93,13 @@ class HttpServer:
         self._server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> int:
-        """Listen; returns the port (``port`` 0: one the system chose)."""
+        """Listen; returns the port (``port`` 0: one the system chose). The accept queue is as long as the
+        connections allowed (the kernel caps it at net.core.somaxconn): Envoy opens one connection per decision
+        in flight, and with asyncio's default of 100 a burst of them overflowed it, the connects were retried
+        by the kernel after a second, and Envoy's 1-s connect timeout failed them (503; e2e/test_envoy_authz.py)."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Connection(self), host, port, reuse_address=True)
+        self._server = await loop.create_server(lambda: _Connection(self), host, port, reuse_address=True,
+                                                backlog=self.max_connections)
         return int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self, grace: float) -> None:

@@ -35,6 +35,7 @@ class FakeUpstream:
     seen: list[Seen] = field(default_factory=list)
     max_seen: int = 1000
     holding: int = 0  # POSTs not yet answered (reported as vllm:num_requests_waiting)
+    gate: asyncio.Event | None = None  # answer only once it is set (every request held in flight here until then)
     _runner: web.AppRunner | None = None
 
     @property
@@ -71,6 +72,8 @@ class FakeUpstream:
             self.seen.append(Seen(request.path, {k.lower(): v for k, v in request.headers.items()}, body))
         if self.stall:
             await asyncio.Event().wait()  # cancelled when the client or Envoy gives up
+        if self.gate is not None:
+            await self.gate.wait()
         if self.fail_status is not None:
             return web.json_response({"error": {"message": "pod failure", "type": "server_error", "param": None,
                                                 "code": None}}, status=self.fail_status,

@@ -284,11 +284,13 @@ def _pool_cluster(opts: EnvoyConfigOptions) -> Cluster:
             connect_timeout=_seconds(1),
             per_connection_buffer_limit_bytes=opts.buffer_limit_bytes,
             original_dst_lb_config=ClusterOriginalDstLbConfig(use_http_header=True, http_header_name=DESTINATION),
+            circuit_breakers=hardening.pool_circuit_breakers(),
         )
     if not opts.ext_proc:
         return Cluster(name=POOL_CLUSTER, type=ClusterDiscoveryType.STATIC, connect_timeout=_seconds(1),
                        per_connection_buffer_limit_bytes=opts.buffer_limit_bytes,
-                       load_assignment=_load_assignment(POOL_CLUSTER, opts.endpoints))
+                       load_assignment=_load_assignment(POOL_CLUSTER, opts.endpoints),
+                       circuit_breakers=hardening.pool_circuit_breakers())
     if opts.lb != "override-host":
         raise ValueError(f"lb must be override-host or original-dst, got {opts.lb!r}")
     if not opts.endpoints:
@@ -311,6 +313,7 @@ def _pool_cluster(opts: EnvoyConfigOptions) -> Cluster:
         load_balancing_policy=LoadBalancingPolicy(policies=[LoadBalancingPolicyPolicy(
             typed_extension_config=TypedExtensionConfig(
                 name="envoy.load_balancing_policies.override_host", typed_config=_pack(policy)))]),
+        circuit_breakers=hardening.pool_circuit_breakers(),
     )
 
 

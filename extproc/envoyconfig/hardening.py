@@ -19,6 +19,9 @@ Kept apart from ``builder.py`` (which assembles listeners and clusters) so each 
 - ``retry_policy``: a request that failed before any response byte reached the client (connect failure,
   reset, refused stream, a 5xx answer, a per-try timeout) is retried on the next endpoint of the picker's
   fallback list, a bounded number of times; a per-try idle timeout abandons a pod that stalls.
+- ``pool_circuit_breakers`` / ``picker_circuit_breakers``: Envoy's per-cluster defaults (1,024 connections,
+  requests and pending requests; 3 retries at once) would cap a fleet, and the requests flow control holds
+  over ext_authz, at 1,024 in flight, and fail retries past the third.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from envoy_data_plane.envoy.config.accesslog.v3 import (
 from envoy_data_plane.envoy.config.cluster.v3 import (
     CircuitBreakers,
     CircuitBreakersThresholds,
+    CircuitBreakersThresholdsRetryBudget,
     OutlierDetection,
 )
 from envoy_data_plane.envoy.config.common.mutation_rules.v3 import HeaderMutation as RuleHeaderMutation
@@ -71,9 +75,11 @@ from envoy_data_plane.envoy.extensions.http.early_header_mutation.header_mutatio
 )
 from envoy_data_plane.envoy.extensions.retry.host.previous_hosts.v3 import PreviousHostsPredicate
 from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
-from envoy_data_plane.envoy.type.v3 import Int64Range
+from envoy_data_plane.envoy.type.v3 import Int64Range, Percent
 from envoy_data_plane.google.protobuf import Any as AnyProto
 from envoy_data_plane.google.protobuf import Struct
+
+from extproc.http1 import MAX_CONNECTIONS
 
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 
@@ -257,11 +263,42 @@ def picker_grpc_retry() -> CoreRetryPolicy:
     )
 
 
+POOL_RETRY_BUDGET_PERCENT = 20.0  # Envoy's own default budget, of the requests active and pending on the pool
+POOL_MIN_RETRY_CONCURRENCY = 64  # a pod that dies with its batch queued: each request before its first byte
+
+
+def pool_circuit_breakers() -> CircuitBreakers:
+    """No cap on the pool's connections and requests from Envoy: what a pod takes is bounded by its own
+    scheduler (vLLM's max_num_seqs and its queue) and by the picker's flow control, which hold requests in
+    priority order, not by a FIFO in Envoy's pool. With Envoy's default of 1,024 requests in flight per cluster,
+    a fleet of a few dozen pods running more streams than that had the next ones wait in the pool and then
+    fail (503 overflow; measured through the real Envoy: 1,024 of 1,100 in flight at once,
+    e2e/test_envoy_hardening.py). Retries get a budget instead of Envoy's 3 at once: a pod that dies with its
+    queued requests has each of them retried on its fallback, a fifth of the active requests or 64 at once."""
+    many = 100_000
+    return CircuitBreakers(thresholds=[CircuitBreakersThresholds(
+        max_connections=many, max_pending_requests=many, max_requests=many,
+        retry_budget=CircuitBreakersThresholdsRetryBudget(
+            budget_percent=Percent(value=POOL_RETRY_BUDGET_PERCENT),
+            min_retry_concurrency=POOL_MIN_RETRY_CONCURRENCY))])
+
+
 def picker_circuit_breakers() -> CircuitBreakers:
-    """Room for every stream to retry at once: when a replica dies, each ext_proc stream Envoy was opening on
-    it needs its retry, and Envoy's default of 3 concurrent retries per cluster would fail the rest (500)."""
-    return CircuitBreakers(thresholds=[CircuitBreakersThresholds(max_retries=100_000, max_pending_requests=100_000,
-                                                                 max_requests=100_000)])
+    """Envoy's defaults (3 retries, 1,024 connections, pending and requests per cluster) sized for the picker:
+
+    - retries: when a replica dies, each ext_proc stream Envoy was opening on it needs its retry, and 3 at once
+      per cluster would fail the rest (500);
+    - connections: over ext_authz every decision in flight holds one HTTP/1.1 connection to a decide port, and
+      past the knee flow control holds requests by the thousand. At 1,024 connections the next requests waited
+      in Envoy's pool, unseen by the picker, and failed with the pool's connection errors (measured through the
+      real Envoy: 1,022 of 1,100 held requests reached the picker, 78 failed; e2e/test_envoy_authz.py). Each
+      replica now takes as many as its front accepts (``extproc.http1.MAX_CONNECTIONS``, per host), the cluster
+      as many as its replicas do; over gRPC the streams share a connection and this changes nothing."""
+    many = 100_000
+    return CircuitBreakers(
+        thresholds=[CircuitBreakersThresholds(max_retries=many, max_pending_requests=many, max_requests=many,
+                                              max_connections=many)],
+        per_host_thresholds=[CircuitBreakersThresholds(max_connections=MAX_CONNECTIONS)])
 
 
 def picker_outlier_detection() -> OutlierDetection:

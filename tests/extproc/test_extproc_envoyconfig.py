@@ -128,3 +128,28 @@ def test_access_log_is_batched_by_default_and_unbatched_when_asked(tmp_path):
     r = _validate(out)
     assert r.returncode == 0, r.stdout + r.stderr
 
+
+@pytest.mark.parametrize("opts", [
+    EnvoyConfigOptions(endpoints=["10.0.0.1:8000"]),
+    EnvoyConfigOptions(endpoints=["10.0.0.1:8000"], lb="original-dst"),
+    EnvoyConfigOptions(endpoints=["10.0.0.1:8000"], picker_protocol="ext-authz", picker_decide=["10.1.1.1:9003"]),
+], ids=["override-host", "original-dst", "ext-authz"])
+def test_no_cluster_keeps_envoys_default_circuit_breakers(opts):
+    """Envoy's per-cluster defaults (1,024 connections, requests and pending; 3 retries at once) would cap the
+    fleet's requests in flight and the decisions flow control holds (e2e/test_envoy_hardening.py and
+    test_envoy_authz.py measure both through the real Envoy). The pool's retries get a budget; each picker
+    replica takes as many decide connections as its HTTP/1.1 front accepts."""
+    from extproc.http1 import MAX_CONNECTIONS
+
+    clusters = {c["name"]: c for c in to_dict(opts)["staticResources"]["clusters"]}
+    for name, cluster in clusters.items():
+        (limits,) = cluster["circuitBreakers"]["thresholds"]
+        assert limits["maxConnections"] >= 100_000 and limits["maxRequests"] >= 100_000, name
+        assert limits["maxPendingRequests"] >= 100_000, name
+        if name == "inference_pool":
+            assert "maxRetries" not in limits  # the budget decides: a fifth of what is active, at least 64
+            assert limits["retryBudget"] == {"budgetPercent": {"value": 20.0}, "minRetryConcurrency": 64}
+        else:
+            assert limits["maxRetries"] >= 100_000, name
+            assert cluster["circuitBreakers"]["perHostThresholds"] == [{"maxConnections": MAX_CONNECTIONS}]
+    assert ("kvswitch_picker_decide" in clusters) == (opts.picker_protocol == "ext-authz")
