@@ -274,7 +274,7 @@ def pool_circuit_breakers() -> CircuitBreakers:
     a fleet of a few dozen pods running more streams than that had the next ones wait in the pool and then
     fail (503 overflow; measured through the real Envoy: 1,024 of 1,100 in flight at once,
     e2e/test_envoy_hardening.py). Retries get a budget instead of Envoy's 3 at once: a pod that dies with its
-    queued requests has each of them retried on its fallback, a fifth of the active requests or 64 at once."""
+    queued requests has each of them retried on its fallback: a fifth of the active requests at once, at least 64."""
     many = 100_000
     return CircuitBreakers(thresholds=[CircuitBreakersThresholds(
         max_connections=many, max_pending_requests=many, max_requests=many,
