@@ -8,7 +8,6 @@ test_envoy_response_body.py."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import aiohttp
@@ -18,7 +17,7 @@ import pytest
 
 from e2e.support.picker import LEAST_INFLIGHT
 from e2e.support.stack import envoy_stack
-from e2e.support.waits import until
+from e2e.support.waits import all_held_at_once, until
 from pickers.flowcontrol import Room
 
 pytestmark = pytest.mark.envoy
@@ -184,13 +183,8 @@ async def test_more_requests_than_envoys_default_pool_can_be_held_by_the_picker_
                 await r.read()
                 return r.status
 
-        sent = [asyncio.ensure_future(one()) for _ in range(n)]
-        try:
-            await until(lambda: flow.queued == n, timeout=60.0)
-        except TimeoutError:
-            raise AssertionError(f"{flow.queued} of {n} requests reached the picker") from None
-        finally:
-            flow.usable = room  # room again: every held request is released
-            statuses = await asyncio.gather(*sent)
-        assert statuses == [200] * n
+        def room_again() -> None:  # every held request is released
+            flow.usable = room
+
+        assert await all_held_at_once(one, n, lambda: flow.queued, room_again, "the picker") == [200] * n
         assert flow.held_total == n and sum(len(p.seen) for p in fake_pods) == n

@@ -14,7 +14,7 @@ import pytest
 from e2e.support.envoy import EnvoyProcess
 from e2e.support.picker import LEAST_INFLIGHT, picker_config, running_picker
 from e2e.support.stack import envoy_stack
-from e2e.support.waits import until
+from e2e.support.waits import all_held_at_once
 from extproc.envoyconfig.builder import EnvoyConfigOptions
 
 pytestmark = pytest.mark.envoy
@@ -228,7 +228,8 @@ async def test_more_requests_than_envoys_default_circuit_breaker_are_in_flight_a
     """A fleet of a few dozen pods runs thousands of streams at once; Envoy's default circuit breaker let the
     pool cluster hold 1,024 requests in flight (the next 1,024 waited, then 503) and retry 3 at once. The pool
     takes what the pods take (vLLM's scheduler and the picker's flow control bound the load): here 1,100
-    requests are in flight at the two pods at once, then all answered."""
+    requests are in flight at the two pods at once, then all answered. They arrive 100 at a time: a burst of
+    1,100 new ext_proc streams on a saturated 2-core machine is another test's question (the picker's)."""
     n = 1100
     gate = asyncio.Event()
     for pod in fake_pods:
@@ -241,12 +242,6 @@ async def test_more_requests_than_envoys_default_circuit_breaker_are_in_flight_a
                 await r.read()
                 return r.status
 
-        sent = [asyncio.ensure_future(one()) for _ in range(n)]
-        try:
-            await until(lambda: sum(p.holding for p in fake_pods) == n, timeout=60.0)
-        except TimeoutError:
-            raise AssertionError(f"{sum(p.holding for p in fake_pods)} of {n} requests in flight at once") from None
-        finally:
-            gate.set()
-            statuses = await asyncio.gather(*sent)
+        statuses = await all_held_at_once(one, n, lambda: sum(p.holding for p in fake_pods), gate.set, "the pods",
+                                          wave=100)
         assert statuses == [200] * n

@@ -47,7 +47,9 @@ class FakeUpstream:
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port).start()
+        # a real server's accept queue (uvicorn, which vLLM serves with: 2048), not aiohttp's 128: a burst of
+        # Envoy's connections overflowed 128, and the kernel's retry outlived Envoy's 1-s connect timeout (503)
+        await web.TCPSite(self._runner, self.host, self.port, backlog=2048).start()
 
     async def stop(self) -> None:
         if self._runner is not None:

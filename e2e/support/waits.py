@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 async def until(predicate: Callable[[], object], timeout: float = 10.0, every: float = 0.01) -> None:
@@ -14,3 +18,26 @@ async def until(predicate: Callable[[], object], timeout: float = 10.0, every: f
         if loop.time() > deadline:
             raise TimeoutError(f"condition not met within {timeout}s")
         await asyncio.sleep(every)
+
+
+async def all_held_at_once(send: Callable[[], Awaitable[T]], n: int, held: Callable[[], int],
+                           release: Callable[[], None], where: str, wave: int | None = None,
+                           timeout: float = 60.0) -> list[T]:
+    """Start ``n`` sends and wait until ``held()`` counts all of them held ``where`` (the picker, the pods), then
+    ``release()`` them and return what each send returned. ``wave``: start them that many at a time, each wave
+    once the ones before are held (a limit on how many may be held, not how fast they come); None: all at once.
+    Released and gathered whatever happens; if they never were all held, AssertionError says how many were (where
+    a limit on the way stopped them) and what the sends already answered."""
+    sent: list[asyncio.Future[T]] = []
+    try:
+        while len(sent) < n:
+            sent += [asyncio.ensure_future(send()) for _ in range(min(wave or n, n - len(sent)))]
+            await until(lambda started=len(sent): held() == started, timeout=timeout)
+    except TimeoutError:
+        answered = Counter(repr(f.exception() or f.result()) for f in sent if f.done() and not f.cancelled())
+        raise AssertionError(f"{held()} of {n} requests held at once at {where}; answered before: "
+                             f"{dict(answered)}") from None
+    finally:
+        release()
+        got = await asyncio.gather(*sent)
+    return got
