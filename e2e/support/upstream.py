@@ -47,8 +47,8 @@ class FakeUpstream:
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        # a real server's accept queue (uvicorn, which vLLM serves with: 2048), not aiohttp's 128: a burst of
-        # Envoy's connections overflowed 128, and the kernel's retry outlived Envoy's 1-s connect timeout (503)
+        # the accept queue of the server vLLM runs on (uvicorn: 2048), not aiohttp's 128, so that a burst of
+        # Envoy's connections is taken as a pod takes it
         await web.TCPSite(self._runner, self.host, self.port, backlog=2048).start()
 
     async def stop(self) -> None:
