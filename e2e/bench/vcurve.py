@@ -169,7 +169,7 @@ def run_point(workload: str, router: str, seed: int, rate: float, requests: int,
     reqs = _to_requests(wl, as_aiperf_sends)
     spec = fleet_from_flags(fleet.pods, fleet.accelerator, fleet.model_profile, max_model_len=fleet.max_model_len)
     variant = (variants if variants is not None else VARIANTS).get(router)
-    policy = router if variant is None else str(variant.get("profile", "default"))
+    policy = router if variant is None else variant_profile(variant)
     res, wall = replay(reqs, spec, policy, seed=seed, blocks=BlockTokens(), picker_config=variant,
                        access_log=access_log)
     s = summarize(res, wall)
@@ -435,12 +435,18 @@ def _plots(doc: dict[str, Any], med: dict, out: Path) -> None:
         plt.close(fig)
 
 
+def variant_profile(variant: dict[str, Any]) -> str:
+    """The picker profile a variant's config runs (its ``profile``, "default" without one)."""
+    return str(variant.get("profile", "default"))
+
+
 def read_variants(path: Path) -> dict[str, dict[str, Any]]:
     """``--variants``: a JSON object {router name: picker config with its ``profile`` (default: "default")}. Each
     config is built once here, over no pods, so that a bad one is refused before hours of replays; ValueError
     says which and why."""
     from prometheus_client import CollectorRegistry
 
+    from engine.sim.cluster.routers import scheduler_config
     from pickers.config import ConfigError, build_scheduler
 
     try:
@@ -453,7 +459,7 @@ def read_variants(path: Path) -> dict[str, dict[str, Any]]:
         if not isinstance(cfg, dict):
             raise ValueError(f"{name!r}: expected a picker config (an object), got {type(cfg).__name__}")
         try:
-            build_scheduler({**cfg, "profile": cfg.get("profile", "default")}, [], network=False,
+            build_scheduler(scheduler_config(variant_profile(cfg), cfg), [], network=False,
                             registry=CollectorRegistry())
         except ConfigError as exc:
             raise ValueError(f"{name!r}: {exc}") from None

@@ -263,6 +263,7 @@ def picker_grpc_retry() -> CoreRetryPolicy:
     )
 
 
+UNCAPPED = 100_000  # a circuit-breaker threshold no gateway replica reaches: Envoy does not cap, what is behind it does
 POOL_RETRY_BUDGET_PERCENT = 20.0  # Envoy's own default budget, of the requests active and pending on the pool
 POOL_MIN_RETRY_CONCURRENCY = 64  # a pod that dies with its batch queued: each request before its first byte
 
@@ -275,9 +276,8 @@ def pool_circuit_breakers() -> CircuitBreakers:
     fail (503 overflow; measured through the real Envoy: 1,024 of 1,100 in flight at once,
     e2e/test_envoy_hardening.py). Retries get a budget instead of Envoy's 3 at once: a pod that dies with its
     queued requests has each of them retried on its fallback: a fifth of the active requests at once, at least 64."""
-    many = 100_000
     return CircuitBreakers(thresholds=[CircuitBreakersThresholds(
-        max_connections=many, max_pending_requests=many, max_requests=many,
+        max_connections=UNCAPPED, max_pending_requests=UNCAPPED, max_requests=UNCAPPED,
         retry_budget=CircuitBreakersThresholdsRetryBudget(
             budget_percent=Percent(value=POOL_RETRY_BUDGET_PERCENT),
             min_retry_concurrency=POOL_MIN_RETRY_CONCURRENCY))])
@@ -294,10 +294,9 @@ def picker_circuit_breakers() -> CircuitBreakers:
       real Envoy: 1,022 of 1,100 held requests reached the picker, 78 failed; e2e/test_envoy_authz.py). Each
       replica now takes as many as its front accepts (``extproc.http1.MAX_CONNECTIONS``, per host), the cluster
       as many as its replicas do; over gRPC the streams share a connection and this changes nothing."""
-    many = 100_000
     return CircuitBreakers(
-        thresholds=[CircuitBreakersThresholds(max_retries=many, max_pending_requests=many, max_requests=many,
-                                              max_connections=many)],
+        thresholds=[CircuitBreakersThresholds(max_retries=UNCAPPED, max_pending_requests=UNCAPPED,
+                                              max_requests=UNCAPPED, max_connections=UNCAPPED)],
         per_host_thresholds=[CircuitBreakersThresholds(max_connections=MAX_CONNECTIONS)])
 
 

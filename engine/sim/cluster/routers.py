@@ -371,6 +371,22 @@ PEERS = ("sglang:cache_aware", "vllm:cache_aware", "vllm:kv_aware", "tree:smalle
 BUILTIN = ("round-robin", "envoy:round_robin", *PEERS)
 
 
+def scheduler_config(profile: str, config: dict[str, Any] | None = None,
+                     scrape_interval: float = 0.05) -> dict[str, Any]:
+    """The ``scheduler:`` section a picker profile runs with in virtual time: ``config`` (or, for a whole picker
+    config file, its scheduler section) with ``profile`` (``picker:NAME`` for NAME) and the simulator's scrape
+    interval unless the config sets one. What ``make_router`` builds, and what a check of a config ahead of the
+    replays must build to refuse the same."""
+    raw = dict(config or {})
+    if isinstance(raw.get("scheduler"), dict):  # a whole picker config file: take its scheduler section
+        raw = dict(raw["scheduler"])
+    raw["profile"] = profile.removeprefix("picker:")
+    dl = dict(raw.get("datalayer") or {})
+    dl.setdefault("scrape_interval_ms", scrape_interval * 1000.0)
+    raw["datalayer"] = dl
+    return raw
+
+
 def make_router(name: str, endpoints: list[Endpoint], clock: ManualClock, seed: int = 0,
                 config: dict[str, Any] | None = None, scrape_interval: float = 0.05,
                 access_log: bool = False) -> Router:
@@ -391,13 +407,7 @@ def make_router(name: str, endpoints: list[Endpoint], clock: ManualClock, seed: 
         return make_peer(name, endpoints)
     if name == "least-loaded":
         name = "least-inflight"
-    raw = dict(config or {})
-    if isinstance(raw.get("scheduler"), dict):  # a whole picker config file: take its scheduler section
-        raw = dict(raw["scheduler"])
-    raw["profile"] = name.removeprefix("picker:")
-    dl = dict(raw.get("datalayer") or {})
-    dl.setdefault("scrape_interval_ms", scrape_interval * 1000.0)
-    raw["datalayer"] = dl
+    raw = scheduler_config(name, config, scrape_interval)
     # Plugins without a configured seed (max-score's tie-break, random pickers) seed themselves from the
     # random module when built: seed it for the build, so the same seed replays the same decisions.
     saved = random.getstate()
