@@ -44,10 +44,21 @@ EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 HEALTH_SERVICES = ("", "liveness", "readiness", EXT_PROC_SERVICE)
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# Calls that reached the server and wait for the application to take them: a burst of new ext_proc streams
+# (one per request) while the event loop is busy. Past gRPC core's default of 1,000 such calls, core drops new
+# ones at random, surely at its hard limit (3,000): the client reads CANCELLED, Envoy a reset stream, and the
+# request gets the fail-closed 500, before kvswitch sees it. Measured (grpc 1.85.3, the loop blocked 3 s while
+# a client sent its calls): 5 of 1,100 and 52 of 1,500 dropped; through the real Envoy with both cores busy,
+# 2-4 of 1,100 requests sent at once (e2e/test_envoy_hardening.py then sent them all at once). Envoy lets
+# hardening.UNCAPPED requests through to a picker; these calls are held in core's memory, so the queue stays
+# bounded: drops begin past 16,384 waiting calls, and every call past 32,768 is dropped.
+MAX_PENDING_CALLS = 16_384
 _GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
     ("grpc.so_reuseport", 0),
+    ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+    ("grpc.server.max_pending_requests_hard_limit", 2 * MAX_PENDING_CALLS),
 ]
 
 
