@@ -19,7 +19,8 @@ Invariants:
   ``InferenceRequest.hold_limit_s`` (the gateway's deadline for the routing answer), room or not.
 - Release order: higher priority first, then arrival, except that within a band a request with under
   1/``pass_ratio`` of the oldest's prefill may go before it; no request is passed over more than ``window``
-  times, nor by more prefill than ``pass_slack`` x (what was held ahead of it when it was held + its own). A
+  times, nor by more prefill than ``pass_slack`` x (what was held ahead of it when it was held, in its band and
+  the higher ones, + its own). A
   request whose candidates (the gateway's subset hint) have no room does not hold up one behind it whose
   candidates do; one whose candidates have no healthy decode pod left is released at once (its decision
   answers with the 503).
@@ -73,7 +74,8 @@ class FlowControlSettings:
     # of its prefill (the smallest such goes first); a request is passed over at most ``window`` times. 1: arrival order
     window: int = 256
     pass_ratio: float = 4.0
-    # and only while what goes before a request stays within what was held ahead of it when it was held, plus
+    # and only while what goes before a request stays within what was held ahead of it when it was held (in its
+    # priority band and the higher ones: a lower band goes after it whatever is passed), plus
     # ``pass_slack`` x that and its own prefill (in prefill tokens): its wait stays near the one arrival order would
     # give it, in a burst that drains as in sustained overload (inf, or in effect 1e6: the ``window`` bound alone)
     pass_slack: float = 0.5
@@ -113,6 +115,7 @@ class FlowControl:
         self._count = 0
         self.overflowed = 0  # requests decided at once because ``max_queued`` were held
         self._held_work = 0.0  # the prefill of the requests held now
+        self._band_work: dict[int, float] = {}  # the same per priority band (absent once a band is empty)
         self.released_work = 0.0  # the prefill of every request released so far (cancelled ones left out)
         self.held_total = 0  # requests ever held
 
@@ -199,23 +202,26 @@ class FlowControl:
         self._seq += 1
         prio = state.slo.priority
         subset = state.candidates if state.request.subset is not None else None
-        h = Held(state, prio, self._seq, now, now + limit, subset, release, work, self._budget(work))
+        h = Held(state, prio, self._seq, now, now + limit, subset, release, work, self._budget(work, prio))
         self._held_work += work
+        self._band_work[prio] = self._band_work.get(prio, 0.0) + work
         self._bands.setdefault(prio, {})[h.seq] = h
         self._counted(1)
         self.held_total += 1
         heapq.heappush(self._deadlines, (h.deadline, prio, h.seq))
         return h
 
-    def _budget(self, work: float) -> float:
-        """A request held now with ``work`` prefill: the released prefill past which none may pass it. Arrival order
-        would release exactly what is held now before it, and start it in about the time that takes plus its own
-        prefill; passing may add ``pass_slack`` of both (so a long prompt at the head of an empty queue can still be
-        passed by a few much shorter ones, which is where shortest-first gains most)."""
+    def _budget(self, work: float, priority: int) -> float:
+        """A request of ``priority`` held now with ``work`` prefill: the released prefill past which none may pass
+        it. Arrival order would release what is held now in its band and the higher ones before it (a lower band
+        only after it), and start it in about the time that takes plus its own prefill; passing may add
+        ``pass_slack`` of both (so a long prompt at the head of an empty queue can still be passed by a few much
+        shorter ones, which is where shortest-first gains most)."""
         slack = self.settings.pass_slack
         if math.isinf(slack):
             return math.inf
-        return self.released_work + self._held_work + slack * (self._held_work + work)
+        ahead = sum(w for p, w in self._band_work.items() if p >= priority)
+        return self.released_work + ahead + slack * (ahead + work)
 
     def cancel(self, h: Held) -> bool:
         """Take ``h`` out (its client went away); False when it was already released. Its prefill leaves the held
@@ -305,6 +311,7 @@ class FlowControl:
         self._deadlines.clear()
         self._counted(-self._count)
         self._held_work = 0.0
+        self._band_work.clear()
         return out
 
     def _pop(self, prio: int, seq: int, released: bool = True) -> Held | None:
@@ -313,10 +320,12 @@ class FlowControl:
         if h is not None:
             self._counted(-1)
             self._held_work = self._held_work - h.work if self._count else 0.0  # no drift once empty
+            self._band_work[prio] -= h.work
             if released:
                 self.released_work += h.work
             if not band:
                 del self._bands[prio]
+                del self._band_work[prio]  # no drift once a band is empty
         return h
 
 

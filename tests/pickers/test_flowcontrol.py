@@ -377,10 +377,11 @@ def test_a_pod_on_probation_has_no_room():
     assert s.decide_or_hold(_req("a"), Released()) is None
 
 
-def _sized(rid: str, tokens: int):
+def _sized(rid: str, tokens: int, objective: str | None = None):
     """A request with a prompt of ``tokens`` tokens of its own (nothing cached anywhere)."""
     base = 100_000 * (ord(rid[0]) - ord("a") + 1)
-    return request(rid, list(range(base, base + tokens)), max_tokens=8)
+    headers = {"x-gateway-inference-objective": objective} if objective else {}
+    return request(rid, list(range(base, base + tokens)), max_tokens=8, headers=headers)
 
 
 def _shorts(s, rel: Released, n: int) -> list[str]:
@@ -460,6 +461,24 @@ def test_the_prefill_held_ahead_of_a_request_widens_what_may_pass_it():
     # room for 2048 - 512 - 1024 = 512: 8 more; then c, and the rest in arrival order among themselves
     assert _release_order(s, clock, ["b", "c", *shorts], rel) == [*shorts[:8], "b", *shorts[8:16], "c", *shorts[16:]]
     assert flow.released_work == 2 * 1024 + 40 * 64 and flow._held_work == 0.0
+
+
+def test_only_the_prefill_held_in_its_own_band_and_higher_ones_widens_what_may_pass_a_request():
+    """A lower band goes after a request whatever passes it, so its prefill is not ahead of it: b (priority 0),
+    held behind a batch request's 8,192 tokens (priority -1), may be passed by 0.5 x 1024 = 512 tokens, as if
+    nothing were held, not by 8,192 + 0.5 x (8,192 + 1,024); a goes last, after every request of the band above."""
+    s, clock = _director()
+    _scrape(s, clock, [1, 1])
+    rel = Released()
+    assert s.decide_or_hold(_sized("a", 8192, "batch"), rel) is None
+    assert s.decide_or_hold(_sized("b", 1024), rel) is None
+    flow = s.flow
+    assert flow is not None
+    budgets = {h.state.key: h.budget for b in flow._bands.values() for h in b.values()}
+    assert budgets == {"a": 4096.0, "b": 512.0}
+    shorts = _shorts(s, rel, 20)
+    assert _release_order(s, clock, ["a", "b", *shorts], rel) == [*shorts[:8], "b", *shorts[8:], "a"]
+    assert flow._held_work == 0.0 and not flow._band_work
 
 
 def test_a_cancelled_request_went_before_no_one():
