@@ -48,10 +48,11 @@ _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # (one per request) while the event loop is busy. Past gRPC core's default of 1,000 such calls, core drops new
 # ones at random, surely at its hard limit (3,000): the client reads CANCELLED, Envoy a reset stream, and the
 # request gets the fail-closed 500, before kvswitch sees it. Measured (grpc 1.85.3, the loop blocked 3 s while
-# a client sent its calls): 5 of 1,100 and 52 of 1,500 dropped; through the real Envoy with both cores busy,
-# 2-4 of 1,100 requests sent at once (e2e/test_envoy_hardening.py then sent them all at once). Envoy lets
-# hardening.UNCAPPED requests through to a picker; these calls are held in core's memory, so the queue stays
-# bounded: drops begin past 16,384 waiting calls, and every call past 32,768 is dropped.
+# a client sent its calls): 5 of 1,100 and 52-63 of 1,500 dropped; through the real Envoy with both cores
+# busy, 1-2 of 1,100 requests sent at once in 4 of 10 runs (e2e/test_envoy_hardening.py's pool test sending
+# them all at once), none in 10 runs with this queue. Envoy lets hardening.UNCAPPED requests through to a
+# picker; these calls are held in core's memory, so the queue stays bounded: drops begin past 16,384 waiting
+# calls, and every call past 32,768 is dropped.
 MAX_PENDING_CALLS = 16_384
 _GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),

@@ -19,11 +19,10 @@ Invariants:
   ``InferenceRequest.hold_limit_s`` (the gateway's deadline for the routing answer), room or not.
 - Release order: higher priority first, then arrival, except that within a band a request with under
   1/``pass_ratio`` of the oldest's prefill may go before it; no request is passed over more than ``window``
-  times, nor by more prefill than ``pass_slack`` x (what was held ahead of it when it was held, in its band and
-  the higher ones, + its own). A
-  request whose candidates (the gateway's subset hint) have no room does not hold up one behind it whose
-  candidates do; one whose candidates have no healthy decode pod left is released at once (its decision
-  answers with the 503).
+  times, nor by more prefill than ``pass_slack`` x (what was held ahead of it when it was held, in its band
+  and the higher ones, + its own). A request whose candidates (the gateway's subset hint) have no room does
+  not hold up one behind it whose candidates do; one whose candidates have no healthy decode pod left is
+  released at once (its decision answers with the 503).
 - Never held: requests with latency targets (admission and the slo-fit scorer weigh their wait on each pod,
   which a queue here would hide from them), and requests of a handler that runs prefill legs (room there is
   the prefill pool's; not modelled yet).

@@ -59,7 +59,7 @@ async def test_ext_proc_stream_over_grpc_and_drain():
 async def test_a_burst_of_calls_that_arrives_while_the_loop_is_busy_is_served_whole():
     """1,500 calls reach the picker while its event loop is busy and none is taking them: gRPC core queues
     them until the loop takes them, and all are served. With core's default queue (1,000, then random drops
-    towards 3,000) 52 of 1,500 failed here as CANCELLED; behind Envoy each was a fail-closed 500
+    towards 3,000) 52-63 of 1,500 failed here as CANCELLED; behind Envoy each was a fail-closed 500
     (extproc/server.py, MAX_PENDING_CALLS)."""
     import threading
     import time
