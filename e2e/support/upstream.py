@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import orjson
 from aiohttp import web
 
+from engine import VLLM_LISTEN_BACKLOG
+
 
 @dataclass
 class Seen:
@@ -47,9 +49,8 @@ class FakeUpstream:
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        # the accept queue of the server vLLM runs on (uvicorn: 2048), not aiohttp's 128, so that a burst of
-        # Envoy's connections is taken as a pod takes it
-        await web.TCPSite(self._runner, self.host, self.port, backlog=2048).start()
+        # a pod's accept queue, not aiohttp's 128: a burst of Envoy's connections is taken as a pod takes it
+        await web.TCPSite(self._runner, self.host, self.port, backlog=VLLM_LISTEN_BACKLOG).start()
 
     async def stop(self) -> None:
         if self._runner is not None:

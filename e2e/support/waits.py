@@ -41,3 +41,45 @@ async def all_held_at_once(send: Callable[[], Awaitable[T]], n: int, held: Calla
         release()
         got = await asyncio.gather(*sent)
     return got
+
+
+async def connects_while_busy(address: str, n: int, busy_s: float = 2.0, connect_timeout_s: float = 1.0) -> int:
+    """Open ``n`` TCP connections to ``address`` at once (64 client threads, each connect given
+    ``connect_timeout_s``, Envoy's cluster connect timeout) while the calling event loop, the server's, is
+    blocked for ``busy_s`` and accepts nothing: they wait in the server's accept queue. How many connected;
+    every socket is closed before it returns. A connect the kernel dropped from a full queue is retried after a
+    second, so with a queue shorter than the burst some of them time out."""
+    import socket
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    host, _, port = address.rpartition(":")
+    opened: list[socket.socket] = []
+    connected = 0
+
+    def one(_: int) -> bool:
+        s = socket.socket()
+        opened.append(s)
+        s.settimeout(connect_timeout_s)
+        try:
+            s.connect((host, int(port)))
+            return True
+        except OSError:
+            return False
+
+    def burst() -> None:
+        nonlocal connected
+        with ThreadPoolExecutor(64) as pool:
+            connected = sum(pool.map(one, range(n)))
+
+    thread = threading.Thread(target=burst)
+    thread.start()
+    try:
+        time.sleep(busy_s)  # the loop is busy: nothing is accepted
+    finally:
+        while thread.is_alive():
+            await asyncio.sleep(0.05)
+        for s in opened:
+            s.close()
+    return connected

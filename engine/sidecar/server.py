@@ -22,6 +22,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from engine import VLLM_LISTEN_BACKLOG
 from engine.sidecar.allowlist import SIGNATURE_HEADER, AddressError, PrefillAllowList, normalize_address
 from engine.sidecar.config import SidecarConfig
 from engine.sidecar.errors import as_openai_error, error_response
@@ -105,7 +106,8 @@ class Sidecar:
         app.router.add_route("*", "/{tail:.*}", self._passthrough)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
         await runner.setup()
-        site = web.TCPSite(runner, self.config.host, self.config.port, reuse_address=True)
+        # the engine's own accept queue: Envoy's connections reach the sidecar as they would reach vLLM
+        site = web.TCPSite(runner, self.config.host, self.config.port, reuse_address=True, backlog=VLLM_LISTEN_BACKLOG)
         try:
             await site.start()
         except BaseException:

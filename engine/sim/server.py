@@ -32,6 +32,7 @@ import msgspec
 import orjson
 from aiohttp import web
 
+from engine import VLLM_LISTEN_BACKLOG
 from engine.costmodel import CostModel, Deployment
 from engine.costmodel.dataparallel import DataParallelCost
 from engine.sim import openai_api as api
@@ -231,7 +232,8 @@ class SimPod:
         ])
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, self.spec.host, self.port, reuse_address=True)
+        self._site = web.TCPSite(self._runner, self.spec.host, self.port, reuse_address=True,
+                                 backlog=VLLM_LISTEN_BACKLOG)
         await self._site.start()
         if self.port == 0:
             server = self._site._server

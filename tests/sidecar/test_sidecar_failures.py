@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from e2e.support.ports import free_port
+from e2e.support.waits import connects_while_busy
 from engine.sidecar import PrefillAllowList, normalize_address, sign
 from engine.sidecar.allowlist import AddressError
 from engine.sidecar.cli import main as cli_main
@@ -28,6 +29,14 @@ def assert_openai_error(answer: dict, *words: str) -> None:
     assert set(answer["error"]) == {"message", "type", "param", "code"}
     for w in words:
         assert w in answer["error"]["message"]
+
+
+async def test_a_burst_of_connections_while_the_loop_is_busy_waits_in_the_engines_accept_queue(fakes, sidecars):
+    """Envoy opens connections to the sidecar as requests come; 1,000 that arrive while its loop is busy all
+    connect within Envoy's 1-s connect timeout, as they would reach vLLM (engine.VLLM_LISTEN_BACKLOG). With
+    aiohttp's queue of 128, 184-307 of 1,000 did not (3 runs)."""
+    sc = await sidecars(await fakes(decode_json))
+    assert await connects_while_busy(sc.address, 1000) == 1000
 
 
 async def test_target_outside_allow_list_reaches_nothing(fakes, sidecars):
