@@ -113,14 +113,18 @@ class FlowControl:
         self._seq = 0
         self._count = 0
         self.overflowed = 0  # requests decided at once because ``max_queued`` were held
-        self._held_work = 0.0  # the prefill of the requests held now
-        self._band_work: dict[int, float] = {}  # the same per priority band (absent once a band is empty)
+        self._band_work: dict[int, float] = {}  # the prefill held now, per priority band (absent once empty)
         self.released_work = 0.0  # the prefill of every request released so far (cancelled ones left out)
         self.held_total = 0  # requests ever held
 
     @property
     def queued(self) -> int:
         return self._count
+
+    @property
+    def held_work(self) -> float:
+        """The prefill of the requests held now (exactly 0 once none is: an emptied band's sum is dropped)."""
+        return sum(self._band_work.values())
 
     def _counted(self, delta: int) -> None:
         """Held count; the data layer carries it (``held_requests``) for the saturation rules, for which the
@@ -202,7 +206,6 @@ class FlowControl:
         prio = state.slo.priority
         subset = state.candidates if state.request.subset is not None else None
         h = Held(state, prio, self._seq, now, now + limit, subset, release, work, self._budget(work, prio))
-        self._held_work += work
         self._band_work[prio] = self._band_work.get(prio, 0.0) + work
         self._bands.setdefault(prio, {})[h.seq] = h
         self._counted(1)
@@ -309,7 +312,6 @@ class FlowControl:
         self._bands.clear()
         self._deadlines.clear()
         self._counted(-self._count)
-        self._held_work = 0.0
         self._band_work.clear()
         return out
 
@@ -318,7 +320,6 @@ class FlowControl:
         h = band.pop(seq, None) if band is not None else None
         if h is not None:
             self._counted(-1)
-            self._held_work = self._held_work - h.work if self._count else 0.0  # no drift once empty
             self._band_work[prio] -= h.work
             if released:
                 self.released_work += h.work

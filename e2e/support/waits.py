@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -43,20 +44,45 @@ async def all_held_at_once(send: Callable[[], Awaitable[T]], n: int, held: Calla
     return got
 
 
+async def beside_a_blocked_loop(work: Callable[[], T], blocked_s: float,
+                                after: threading.Event | None = None) -> T:
+    """Run ``work`` in a thread while the calling event loop (a server's, in-process) is blocked, so that the
+    server takes nothing meanwhile: blocked until ``after`` is set, when given, then ``blocked_s`` more. Then the
+    loop runs again until ``work`` ends; its result (or its exception)."""
+    import time
+    from concurrent.futures import Future
+
+    done: Future[T] = Future()
+
+    def run() -> None:
+        try:
+            done.set_result(work())
+        except BaseException as exc:  # handed to the caller below
+            done.set_exception(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        if after is not None:
+            after.wait(timeout=60.0)
+        time.sleep(blocked_s)  # the loop is busy: nothing is accepted
+    finally:
+        while thread.is_alive():
+            await asyncio.sleep(0.05)
+    return done.result()
+
+
 async def connects_while_busy(address: str, n: int, busy_s: float = 2.0, connect_timeout_s: float = 1.0) -> int:
     """Open ``n`` TCP connections to ``address`` at once (64 client threads, each connect given
     ``connect_timeout_s``, Envoy's cluster connect timeout) while the calling event loop, the server's, is
-    blocked for ``busy_s`` and accepts nothing: they wait in the server's accept queue. How many connected;
-    every socket is closed before it returns. A connect the kernel dropped from a full queue is retried after a
-    second, so with a queue shorter than the burst some of them time out."""
+    blocked for ``busy_s`` and accepts nothing (``beside_a_blocked_loop``): they wait in the server's accept
+    queue. How many connected; every socket is closed before it returns. A connect the kernel dropped from a
+    full queue is retried after a second, so with a queue shorter than the burst some of them time out."""
     import socket
-    import threading
-    import time
     from concurrent.futures import ThreadPoolExecutor
 
     host, _, port = address.rpartition(":")
     opened: list[socket.socket] = []
-    connected = 0
 
     def one(_: int) -> bool:
         s = socket.socket()
@@ -68,18 +94,12 @@ async def connects_while_busy(address: str, n: int, busy_s: float = 2.0, connect
         except OSError:
             return False
 
-    def burst() -> None:
-        nonlocal connected
+    def burst() -> int:
         with ThreadPoolExecutor(64) as pool:
-            connected = sum(pool.map(one, range(n)))
+            return sum(pool.map(one, range(n)))
 
-    thread = threading.Thread(target=burst)
-    thread.start()
     try:
-        time.sleep(busy_s)  # the loop is busy: nothing is accepted
+        return await beside_a_blocked_loop(burst, busy_s)
     finally:
-        while thread.is_alive():
-            await asyncio.sleep(0.05)
         for s in opened:
             s.close()
-    return connected

@@ -277,20 +277,12 @@ def _pool_cluster(opts: EnvoyConfigOptions) -> Cluster:
                          "would go wherever it names itself; use --lb override-host (fail-open goes round robin "
                          "over the listed pool) or --fail-closed")
     if opts.lb == "original-dst":
-        return Cluster(
-            name=POOL_CLUSTER,
-            type=ClusterDiscoveryType.ORIGINAL_DST,
-            lb_policy=ClusterLbPolicy.CLUSTER_PROVIDED,
-            connect_timeout=_seconds(1),
-            per_connection_buffer_limit_bytes=opts.buffer_limit_bytes,
-            original_dst_lb_config=ClusterOriginalDstLbConfig(use_http_header=True, http_header_name=DESTINATION),
-            circuit_breakers=hardening.pool_circuit_breakers(),
-        )
+        return _pool(opts, type=ClusterDiscoveryType.ORIGINAL_DST, lb_policy=ClusterLbPolicy.CLUSTER_PROVIDED,
+                     original_dst_lb_config=ClusterOriginalDstLbConfig(use_http_header=True,
+                                                                       http_header_name=DESTINATION))
     if not opts.ext_proc:
-        return Cluster(name=POOL_CLUSTER, type=ClusterDiscoveryType.STATIC, connect_timeout=_seconds(1),
-                       per_connection_buffer_limit_bytes=opts.buffer_limit_bytes,
-                       load_assignment=_load_assignment(POOL_CLUSTER, opts.endpoints),
-                       circuit_breakers=hardening.pool_circuit_breakers())
+        return _pool(opts, type=ClusterDiscoveryType.STATIC,
+                     load_assignment=_load_assignment(POOL_CLUSTER, opts.endpoints))
     if opts.lb != "override-host":
         raise ValueError(f"lb must be override-host or original-dst, got {opts.lb!r}")
     if not opts.endpoints:
@@ -304,17 +296,19 @@ def _pool_cluster(opts: EnvoyConfigOptions) -> Cluster:
             typed_extension_config=TypedExtensionConfig(
                 name="envoy.load_balancing_policies.round_robin", typed_config=_pack(RoundRobin())))]),
     )
-    return Cluster(
-        name=POOL_CLUSTER,
-        type=ClusterDiscoveryType.STATIC,
-        connect_timeout=_seconds(1),
-        per_connection_buffer_limit_bytes=opts.buffer_limit_bytes,
-        load_assignment=_load_assignment(POOL_CLUSTER, opts.endpoints),
-        load_balancing_policy=LoadBalancingPolicy(policies=[LoadBalancingPolicyPolicy(
-            typed_extension_config=TypedExtensionConfig(
-                name="envoy.load_balancing_policies.override_host", typed_config=_pack(policy)))]),
-        circuit_breakers=hardening.pool_circuit_breakers(),
-    )
+    return _pool(opts, type=ClusterDiscoveryType.STATIC,
+                 load_assignment=_load_assignment(POOL_CLUSTER, opts.endpoints),
+                 load_balancing_policy=LoadBalancingPolicy(policies=[LoadBalancingPolicyPolicy(
+                     typed_extension_config=TypedExtensionConfig(
+                         name="envoy.load_balancing_policies.override_host", typed_config=_pack(policy)))]))
+
+
+def _pool(opts: EnvoyConfigOptions, **how: Any) -> Cluster:
+    """The pool cluster, whichever way it finds its pods (``how``): what every way shares (its name, the
+    connect timeout, the per-connection buffer and the circuit breakers, hardening.pool_circuit_breakers)."""
+    return Cluster(name=POOL_CLUSTER, connect_timeout=_seconds(1),
+                   per_connection_buffer_limit_bytes=opts.buffer_limit_bytes,
+                   circuit_breakers=hardening.pool_circuit_breakers(), **how)
 
 
 def _picker_cluster(opts: EnvoyConfigOptions) -> Cluster:

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from e2e.support.extproc_fakes import REQUEST_HEADERS, body, headers
 from e2e.support.picker import LEAST_INFLIGHT, picker_config, running_picker
-from e2e.support.waits import until
+from e2e.support.waits import beside_a_blocked_loop, until
 from pickers.clock import MonotonicClock
 from pickers.config import build_scheduler as build_director
 from pickers.datalayer import PodMetrics
@@ -62,15 +62,14 @@ async def test_a_burst_of_calls_that_arrives_while_the_loop_is_busy_is_served_wh
     towards 3,000) 52-63 of 1,500 failed here as CANCELLED; behind Envoy each was a fail-closed 500
     (extproc/server.py, MAX_PENDING_CALLS)."""
     import threading
-    import time
     from collections import Counter
 
     n = 1500
-    outcomes: Counter[str] = Counter()
     sent = threading.Event()
     async with running_picker(picker_config(["10.0.0.1:8000"])) as srv:
 
-        def client() -> None:
+        def client() -> Counter[str]:
+            outcomes: Counter[str] = Counter()
             with grpc.insecure_channel(srv.address) as ch:
                 grpc.channel_ready_future(ch).result(timeout=10)
                 stub = health_pb2_grpc.HealthStub(ch)
@@ -82,17 +81,11 @@ async def test_a_burst_of_calls_that_arrives_while_the_loop_is_busy_is_served_wh
                         outcomes["SERVING" if c.result().status == SERVING else "other"] += 1
                     except grpc.RpcError as e:
                         outcomes[e.code().name] += 1
+            return outcomes
 
-        thread = threading.Thread(target=client)
-        thread.start()
-        try:
-            # the loop is busy (blocked, on purpose): no call is taken until every one has been sent and
-            # has had time to arrive
-            assert sent.wait(timeout=30)
-            time.sleep(1.0)
-        finally:
-            while thread.is_alive():
-                await asyncio.sleep(0.05)
+        # no call is taken until every one has been sent and has had a second to arrive
+        outcomes = await beside_a_blocked_loop(client, 1.0, after=sent)
+    assert sent.is_set()
     assert outcomes == {"SERVING": n}
 
 

@@ -460,7 +460,7 @@ def test_the_prefill_held_ahead_of_a_request_widens_what_may_pass_it():
     # b's budget: 8 shorts (512 tokens) pass it; then b goes (1024 released more), and c's budget 2048 leaves
     # room for 2048 - 512 - 1024 = 512: 8 more; then c, and the rest in arrival order among themselves
     assert _release_order(s, clock, ["b", "c", *shorts], rel) == [*shorts[:8], "b", *shorts[8:16], "c", *shorts[16:]]
-    assert flow.released_work == 2 * 1024 + 40 * 64 and flow._held_work == 0.0
+    assert flow.released_work == 2 * 1024 + 40 * 64 and flow.held_work == 0.0
 
 
 def test_only_the_prefill_held_in_its_own_band_and_higher_ones_widens_what_may_pass_a_request():
@@ -478,7 +478,7 @@ def test_only_the_prefill_held_in_its_own_band_and_higher_ones_widens_what_may_p
     assert budgets == {"a": 4096.0, "b": 512.0}
     shorts = _shorts(s, rel, 20)
     assert _release_order(s, clock, ["a", "b", *shorts], rel) == [*shorts[:8], "b", *shorts[8:], "a"]
-    assert flow._held_work == 0.0 and not flow._band_work
+    assert flow.held_work == 0.0 and not flow._band_work
 
 
 def test_a_cancelled_request_went_before_no_one():
@@ -491,7 +491,7 @@ def test_a_cancelled_request_went_before_no_one():
     assert flow is not None
     (held,) = [h for b in flow._bands.values() for h in b.values()]
     assert flow.cancel(held) and flow.queued == 0
-    assert flow.released_work == 0.0 and flow._held_work == 0.0
+    assert flow.released_work == 0.0 and flow.held_work == 0.0
 
 
 def test_no_request_is_passed_over_more_than_window_times():
