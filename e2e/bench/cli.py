@@ -5,6 +5,7 @@
         --rates 2,4,8 --pods 4 --time-scale 1 --repetitions 3 --seed 0 [--param groups=8 ...] [--out DIR]
     kvswitch bench curve ...                                    (load curves in virtual time)
     kvswitch bench curves [--budget-min 120] [--smoke|--plan]   (the real-time curves: make bench-curves)
+    kvswitch bench standing DIR/manifest.json                   (the real-time curve from its dated sets)
     kvswitch bench report DIR/results.json                      (re-render the report)
     kvswitch bench workload --workload multi-turn --rate 2 --out trace.jsonl   (write a trace only)
     kvswitch bench peers                                        (is the peers' environment there?)
@@ -85,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     rc = sub.add_parser("curves", help="the real-time load curves: every workload, router, load and repetition "
                                        "within a wall-clock budget (make bench-curves)", add_help=False)
     rc.add_argument("rest", nargs=argparse.REMAINDER)
+    st = sub.add_parser("standing", help="where the real-time curve stands: each point from the dated set that "
+                                         "holds its runs, judged by the bar (e2e/bench/standing.py)", add_help=False)
+    st.add_argument("rest", nargs=argparse.REMAINDER)
     r = sub.add_parser("report", help="re-render README.md and plots from a results.json")
     r.add_argument("results", type=Path)
     r.add_argument("--no-plots", action="store_true")
@@ -183,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         from e2e.bench.rtcurve import main as curves_main
 
         return curves_main(args[1:])
+    if args[:1] == ["standing"]:
+        from e2e.bench.standing import main as standing_main
+
+        return standing_main(args[1:])
     a = _parser().parse_args(args)
     if a.cmd == "compare":
         return _compare(a)

@@ -159,10 +159,10 @@ def _config(p: WorkloadPlan, routers: list[str], repetitions: int, out: Path) ->
 def plans_of(base: Path, workloads: list[str]) -> tuple[list[WorkloadPlan], list[float]]:
     """The plans (and loads) of the earlier set in ``base`` for ``workloads``, to re-run routers on exactly its
     knees, rates, time scales, requests and traces. A set from before per-load time scales kept one for every
-    rate (``_plan_scales``)."""
+    rate (``plan_scales``)."""
     meta = json.loads((base / "curves.json").read_text())["meta"]
     plans = [WorkloadPlan(**{k: v for k, v in x.items() if k not in ("time_scale", "time_scales")},
-                          time_scales=_plan_scales(x))
+                          time_scales=plan_scales(x))
              for x in meta["plans"] if x["workload"] in workloads]
     missing = sorted(set(workloads) - {x.workload for x in plans})
     if missing:
@@ -352,7 +352,7 @@ def _twin_runs(w: str, router: str, rate: float, requests: int, repetitions: int
 
 
 def _twin_medians(got: list[dict[str, Any]]) -> dict[str, float]:
-    """Medians over repetitions of req/s and TTFT p90 / p99 (ms), keyed as ``_medians``' real ones."""
+    """Medians over repetitions of req/s and TTFT p90 / p99 (ms), keyed as ``medians``' real ones."""
     return {"req_s": float(np.median([g["throughput_req_s"] for g in got])),
             "p90": 1e3 * float(np.median([g["ttft_p90_s"] for g in got])),
             "p99": 1e3 * float(np.median([g["ttft_p99_s"] for g in got]))}
@@ -367,7 +367,7 @@ def variant_twins(out: Path, variants: dict[str, dict[str, Any]], log: Any = pri
     twin agree, a variant's twin is a fair guess at its real run; the real run is still what counts."""
     summary = json.loads((out / "curves.json").read_text())
     meta = summary["meta"]
-    med = _medians(out, summary)
+    med = medians(out, summary)
     lines = [f"Variants' virtual-time twins at {out.name}'s points ({meta['repetitions']} repetitions, medians; "
              "the bar against the set's real peers, and against those peers' twins):", "",
              "| workload | load | router | req/s | TTFT p90 ms | TTFT p99 ms | vs real peers | vs peers' twins |",
@@ -436,7 +436,7 @@ def _kv_index_lines(out: Path, summary: dict[str, Any], w: str) -> list[str]:
 
 
 # ---- summary -------------------------------------------------------------------------------------------
-def _medians(out: Path, summary: dict[str, Any]) -> dict[tuple[str, float, str], dict[str, float]]:
+def medians(out: Path, summary: dict[str, Any]) -> dict[tuple[str, float, str], dict[str, float]]:
     """(workload, load, router) -> medians over repetitions of req/s, TTFT p90/p99 (ms), hit rate."""
     from e2e.bench.client import percentile
     from e2e.bench.report import load
@@ -494,7 +494,7 @@ def _beside(base: dict[tuple[str, float, str], dict[str, float]], mine: dict[tup
     return got
 
 
-def _plan_scales(p: dict[str, Any]) -> list[float]:
+def plan_scales(p: dict[str, Any]) -> list[float]:
     """A stored plan's time scale per rate (sets before per-load scales kept one for every rate)."""
     return p.get("time_scales") or [p["time_scale"]] * len(p["rates"])
 
@@ -505,8 +505,8 @@ def runs_differ(base: dict[str, Any], mine: dict[str, Any]) -> str | None:
     scale at a rate is another load on the machine's CPUs."""
     if base["requests"] != mine["requests"]:
         return f"{base['requests']} requests per run there, {mine['requests']} here"
-    there = dict(zip(base["rates"], _plan_scales(base), strict=True))
-    for rate, ts in zip(mine["rates"], _plan_scales(mine), strict=True):
+    there = dict(zip(base["rates"], plan_scales(base), strict=True))
+    for rate, ts in zip(mine["rates"], plan_scales(mine), strict=True):
         if there.get(rate) != ts:
             return f"time scale {there.get(rate)} there at {rate:g} req/s, {ts:g} here"
     return None
@@ -515,13 +515,13 @@ def runs_differ(base: dict[str, Any], mine: dict[str, Any]) -> str | None:
 def render_summary(out: Path, plots: bool = True) -> Path:
     summary = json.loads((out / "curves.json").read_text())
     meta = summary["meta"]
-    med = _medians(out, summary)
+    med = medians(out, summary)
     base_med: dict[tuple[str, float, str], dict[str, float]] = {}
     base_plans: dict[str, dict[str, Any]] = {}
     if meta.get("base"):
         base = Path(meta["base"])
         base_doc = json.loads((base / "curves.json").read_text())
-        base_med = _medians(base, base_doc)
+        base_med = medians(base, base_doc)
         base_plans = {x["workload"]: x for x in base_doc["meta"]["plans"]}
     routers = meta["routers"]
     lines = [f"# Load curves in real time ({meta['date']})", "",

@@ -442,7 +442,7 @@ def test_a_variants_twins_are_judged_against_a_sets_real_peers_and_nothing_is_wr
     req_s = float(np.median([g["throughput_req_s"] for g in got]))
     p90 = 1e3 * float(np.median([g["ttft_p90_s"] for g in got]))
     assert rows["same"][4].strip() == f"{req_s:.3f}" and rows["same"][5].strip() == f"{p90:.0f}"
-    med = rtcurve._medians(out, doc)
+    med = rtcurve.medians(out, doc)
     mine = {k: v for k, v in med.items() if k[2] != "kvswitch"}
     mine[("no-sharing", 1.0, "kvswitch")] = {"req_s": req_s, "p90": p90,
                                              "p99": 1e3 * float(np.median([g["ttft_p99_s"] for g in got]))}
