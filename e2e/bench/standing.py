@@ -117,7 +117,17 @@ def _plan_at(doc: dict[str, Any], where: Path, workload: str, load: float) -> di
 
 def assess(point: Point) -> Standing:
     """The point's medians per router (kvswitch from its set, every other router from the peers' set) and the
-    bar's verdict. Raises ValueError where the two sets' runs are not the same or a side has no runs."""
+    bar's verdict. Raises ValueError where the two sets' runs are not the same, a side has no runs, or a set's
+    curves.json or results lack what a curve set holds."""
+    try:
+        return _assess(point)
+    except (KeyError, TypeError) as exc:
+        sets = {point.kvswitch.name, point.peers.name}
+        raise ValueError(f"{point.workload} at {point.load:g}x: {' or '.join(sorted(sets))} is not a curve set "
+                         f"({type(exc).__name__}: {exc})") from exc
+
+
+def _assess(point: Point) -> Standing:
     w, ld = point.workload, point.load
     mine_doc = json.loads((point.kvswitch / "curves.json").read_text())
     peers_doc = mine_doc if point.peers == point.kvswitch else json.loads((point.peers / "curves.json").read_text())

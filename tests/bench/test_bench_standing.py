@@ -109,3 +109,13 @@ def test_kvswitch_bench_standing_writes_the_report_beside_the_manifest(tmp_path,
     assert "1/1 mooncake 3x: met" in out.err  # progress, a line per point
     assert "**1 of 1 points meet the bar.**" in (tmp_path / "README.md").read_text()
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_a_folder_whose_curves_json_is_not_a_curve_sets_is_refused(tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "curves.json").write_text('{"meta": {"plans": [{"workload": "no-sharing"}]}}')
+    path = _manifest(tmp_path, [{"workload": "no-sharing", "load": 1, "kvswitch": "broken"}])
+    assert standing.main([str(path), "--no-plots"]) == 2
+    assert "no-sharing at 1x: broken is not a curve set (KeyError: 'rates')" in capsys.readouterr().err
+    assert not (tmp_path / "README.md").exists()
