@@ -388,15 +388,15 @@ def variant_twins(out: Path, variants: dict[str, dict[str, Any]], log: Any = pri
                 rows.append((name, _twin_medians(_twin_runs(w, name, rate, p["requests"], meta["repetitions"],
                                                             variants))))
             for name, m in rows:
-                cells = [_bar_cell({**real, "kvswitch": m}, w, ld),
-                         _bar_cell({**twin_peers, "kvswitch": m}, w, ld) if twin_peers else "-"]
+                cells = [point_verdict({**real, "kvswitch": m}, w, ld),
+                         point_verdict({**twin_peers, "kvswitch": m}, w, ld) if twin_peers else "-"]
                 lines.append(f"| {w} | {ld:g}x | {name} | {m['req_s']:.3f} | {m['p90']:.0f} | {m['p99']:.0f} | "
                              f"{cells[0]} | {cells[1]} |")
             log(f"variant twins: {w} {ld:g}x in {time.monotonic() - started:.0f} s")
     return [*lines, ""]
 
 
-def _bar_cell(by_router: dict[str, dict[str, float]], w: str, ld: float) -> str:
+def point_verdict(by_router: dict[str, dict[str, float]], w: str, ld: float) -> str:
     """``verdict`` of kvswitch against the other routers of ``by_router`` (one point's medians by router)."""
     return verdict({(w, ld, r): m for r, m in by_router.items()}, w, ld)
 
@@ -571,13 +571,15 @@ def render_summary(out: Path, plots: bool = True) -> Path:
         lines += _twin_lines(summary, med, w)
         lines += _kv_index_lines(out, summary, w)
         if plots:
-            _plot(out, w, p["knee_req_s"], routers, med)
+            plot_curve(out, w, p["knee_req_s"], routers, med)
     path = out / "README.md"
     path.write_text("\n".join(lines))
     return path
 
 
-def _plot(out: Path, w: str, knee: float, routers: list[str], med: dict) -> None:
+def plot_curve(out: Path, w: str, knee: float, routers: list[str], med: dict, note: str = "") -> None:
+    """``<w>-curve.png`` in ``out``: req/s, TTFT p90 and p99, and hit rate against load / knee, a line per router
+    (medians ``med`` keyed (workload, load, router)); ``note`` is added to the title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -590,7 +592,7 @@ def _plot(out: Path, w: str, knee: float, routers: list[str], med: dict) -> None
         vcurve.curve_panel(ax, med, w, routers, key, label, knee, log, highlight="kvswitch")
     if axes[0].get_legend_handles_labels()[0]:  # a set stopped before its first run has no curve to name
         axes[0].legend(fontsize=8)
-    fig.suptitle(f"{w}: real time through Envoy and the real peers, medians over repetitions")
+    fig.suptitle(f"{w}: real time through Envoy and the real peers, medians over repetitions{note}")
     fig.tight_layout()
     fig.savefig(out / f"{w}-curve.png", dpi=90)
     plt.close(fig)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from e2e.bench import rtcurve, vcurve
+from e2e.bench import rtcurve
 
 KVSWITCH = "kvswitch"
 _POINT_KEYS = {"workload", "load", "kvswitch", "peers", "code"}
@@ -144,7 +144,7 @@ def _assess(point: Point) -> Standing:
     if not peers:
         raise ValueError(f"{point.peers} has no peers' runs of {w} at {ld:g}x")
     by_router = {KVSWITCH: mine[(w, ld, KVSWITCH)], **dict(sorted(peers.items(), key=lambda kv: _order(kv[0])))}
-    verdict = rtcurve.verdict({(w, ld, r): m for r, m in by_router.items()}, w, ld)
+    verdict = rtcurve.point_verdict(by_router, w, ld)
     return Standing(point, mine_plan["knee_req_s"], mine_plan["rates"][0], mine_plan["requests"],
                     mine_plan["time_scales"][0], by_router, verdict)
 
@@ -202,25 +202,10 @@ def render(standings: list[Standing], about: str, out: Path, plots: bool = True)
 
 
 def _plot(out: Path, w: str, knee: float, standings: list[Standing]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     med = {(w, s.point.load, r): m for s in standings for r, m in s.by_router.items()}
     routers = sorted({r for s in standings for r in s.by_router}, key=_order)
-    panels = [("req_s", "completed req/s", False), ("p90", "TTFT p90 (ms)", True), ("p99", "TTFT p99 (ms)", True),
-              ("hit", "prefix hit rate", False)]
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
-    for ax, (key, label, log) in zip(axes, panels):
-        vcurve.curve_panel(ax, med, w, routers, key, label, knee, log, highlight=KVSWITCH)
-    axes[0].legend(fontsize=8)
     lengths = "/".join(str(s.requests) for s in standings)
-    fig.suptitle(f"{w}: real time through Envoy and the real peers, medians over repetitions "
-                 f"({lengths} requests per run by load)")
-    fig.tight_layout()
-    fig.savefig(out / f"{w}-curve.png", dpi=90)
-    plt.close(fig)
+    rtcurve.plot_curve(out, w, knee, routers, med, note=f" ({lengths} requests per run by load)")
 
 
 def main(argv: list[str] | None = None) -> int:

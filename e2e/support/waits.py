@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -49,9 +52,6 @@ async def beside_a_blocked_loop(work: Callable[[], T], blocked_s: float,
     """Run ``work`` in a thread while the calling event loop (a server's, in-process) is blocked, so that the
     server takes nothing meanwhile: blocked until ``after`` is set, when given, then ``blocked_s`` more. Then the
     loop runs again until ``work`` ends; its result (or its exception)."""
-    import time
-    from concurrent.futures import Future
-
     done: Future[T] = Future()
 
     def run() -> None:
@@ -78,9 +78,6 @@ async def connects_while_busy(address: str, n: int, busy_s: float = 2.0, connect
     blocked for ``busy_s`` and accepts nothing (``beside_a_blocked_loop``): they wait in the server's accept
     queue. How many connected; every socket is closed before it returns. A connect the kernel dropped from a
     full queue is retried after a second, so with a queue shorter than the burst some of them time out."""
-    import socket
-    from concurrent.futures import ThreadPoolExecutor
-
     host, _, port = address.rpartition(":")
     opened: list[socket.socket] = []
 
